@@ -1,0 +1,201 @@
+//! Types shared by the eBPF programs and the user side.
+//!
+//! Every type here is `#[repr(C)]` with fixed-width fields and explicit padding so the
+//! kernel and user side agree on the layout byte for byte; flags are `u32`, never `bool`.
+//! The `user` feature adds `aya::Pod` so the user side can read the maps.
+#![no_std]
+
+/// Stack id stored when the kernel gave none (collision or error); counted separately.
+pub const NO_STACK: u32 = u32::MAX;
+
+/// Size recorded at an entry probe whose size is only known once a nested `malloc` runs
+/// (`strdup`, `strndup`).
+pub const SIZE_FROM_NESTED: u64 = u64::MAX;
+
+/// Which allocator entry point a thread is inside; decides how the return probe reads
+/// the result.
+pub mod kind {
+    /// Returns the new block; the size came from the arguments.
+    pub const MALLOC: u32 = 1;
+    /// `realloc(old, size)`: releases `old` only when it succeeds (or when `size == 0`).
+    pub const REALLOC: u32 = 2;
+    /// `posix_memalign(memptr, align, size)`: returns 0 and writes the block to `*memptr`.
+    pub const POSIX_MEMALIGN: u32 = 3;
+}
+
+/// Per-thread state between an allocator's entry and its return. Keyed by thread id.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct InFlight {
+    /// Requested bytes, or [`SIZE_FROM_NESTED`].
+    pub size: u64,
+    /// `realloc`'s old block.
+    pub old_ptr: u64,
+    /// `posix_memalign`'s out-pointer.
+    pub memptr: u64,
+    /// User stack pointer at the outermost entry; a deeper call has a lower one, so an
+    /// entry at a higher stack pointer means this state is stale (the return never came).
+    pub sp: u64,
+    /// One of [`kind`].
+    pub kind: u32,
+    /// Nested allocator calls under the outermost one (counted once, at the outermost).
+    pub depth: u32,
+}
+
+/// Key of the live-allocation table: one block of one process.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Hash)]
+pub struct LiveKey {
+    pub tgid: u32,
+    pub _pad: u32,
+    pub addr: u64,
+}
+
+/// One unfreed block.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct LiveAlloc {
+    pub size: u64,
+    /// `bpf_ktime_get_boot_ns() / 1_000_000` at allocation.
+    pub ts_ms: u64,
+    pub stack_id: u32,
+    /// Process image generation (bumped on exec) the block belongs to.
+    pub gen: u32,
+}
+
+/// Key of the per-stack totals: one call stack of one process image.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Hash, PartialOrd, Ord)]
+pub struct TotalsKey {
+    pub tgid: u32,
+    pub gen: u32,
+    pub stack_id: u32,
+    pub _pad: u32,
+}
+
+/// Unfreed bytes and blocks of one stack; changed only together with the live table.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct Totals {
+    pub bytes: u64,
+    pub allocs: u64,
+    /// Sum of the live blocks' `ts_ms`: the mean age is `now - ts_ms_sum / allocs`
+    /// without walking the live table.
+    pub ts_ms_sum: u64,
+}
+
+/// A traced process. Present in the map means traced.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct ProcState {
+    /// Image generation: bumped on exec so blocks of the old image are told apart.
+    pub gen: u32,
+    /// [`proc_flags`].
+    pub flags: u32,
+}
+
+pub mod proc_flags {
+    /// A table was full for this process: some of its allocations are not counted.
+    pub const INCOMPLETE: u32 = 1;
+}
+
+/// Index of each failure counter in the per-CPU counter array.
+pub mod counter {
+    /// The live-allocation table was full; the block is not counted.
+    pub const LIVE_FULL: u32 = 0;
+    /// The per-stack totals table was full; the block is not counted.
+    pub const TOTALS_FULL: u32 = 1;
+    /// Two stacks hashed to one bucket of the stack map; the block is counted without a stack.
+    pub const STACK_COLLISION: u32 = 2;
+    /// The kernel could not take a stack for another reason; counted without a stack.
+    pub const STACK_ERROR: u32 = 3;
+    /// The per-thread entry table was full; that call is not counted.
+    pub const INFLIGHT_FULL: u32 = 4;
+    /// The process table was full; the process is not traced.
+    pub const PROC_FULL: u32 = 5;
+    /// The lifecycle ring buffer was full; the event is lost.
+    pub const EVENTS_LOST: u32 = 6;
+    /// An entry probe found stale state of a call whose return never came.
+    pub const INFLIGHT_STALE: u32 = 7;
+    /// A new block landed on an address still in the live table (a free was missed).
+    pub const LIVE_REPLACED: u32 = 8;
+    /// `posix_memalign` succeeded but its out-pointer could not be read.
+    pub const READ_ERROR: u32 = 9;
+    pub const COUNT: u32 = 10;
+}
+
+/// Lifecycle event kinds sent through the ring buffer.
+pub mod event {
+    /// A traced process forked a traced child.
+    pub const FORK: u32 = 1;
+    /// A traced process replaced its image; `gen` is the new generation.
+    pub const EXEC: u32 = 2;
+    /// A traced process exited (its last thread).
+    pub const EXIT: u32 = 3;
+}
+
+/// A rare event userspace must see (never sent on the allocation path).
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct LifecycleEvent {
+    pub kind: u32,
+    pub tgid: u32,
+    /// FORK: the child's pid.
+    pub child: u32,
+    pub gen: u32,
+    pub comm: [u8; 16],
+}
+
+/// Tracepoint field offsets, read by userspace from tracefs `format` files and passed as
+/// globals so the programs do not hard-code one kernel's layout.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct TracepointOffsets {
+    /// `task:task_newtask` `pid`.
+    pub newtask_pid: u32,
+    /// `task:task_newtask` `clone_flags`.
+    pub newtask_clone_flags: u32,
+    /// `sched:sched_process_exit` `group_dead`.
+    pub exit_group_dead: u32,
+    pub _pad: u32,
+}
+
+impl Default for TracepointOffsets {
+    fn default() -> Self {
+        Self { newtask_pid: 8, newtask_clone_flags: 32, exit_group_dead: 32, _pad: 0 }
+    }
+}
+
+/// `CLONE_THREAD` from the kernel ABI: a new thread, not a new process.
+pub const CLONE_THREAD: u64 = 0x0001_0000;
+
+#[cfg(feature = "user")]
+mod pod {
+    // SAFETY: all of these are repr(C), fixed-width, with explicit padding fields.
+    unsafe impl aya::Pod for super::InFlight {}
+    unsafe impl aya::Pod for super::LiveKey {}
+    unsafe impl aya::Pod for super::LiveAlloc {}
+    unsafe impl aya::Pod for super::TotalsKey {}
+    unsafe impl aya::Pod for super::Totals {}
+    unsafe impl aya::Pod for super::ProcState {}
+    unsafe impl aya::Pod for super::LifecycleEvent {}
+    unsafe impl aya::Pod for super::TracepointOffsets {}
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use core::mem::size_of;
+
+    #[test]
+    fn layouts_have_no_implicit_padding() {
+        assert_eq!(size_of::<InFlight>(), 40);
+        assert_eq!(size_of::<LiveKey>(), 16);
+        assert_eq!(size_of::<LiveAlloc>(), 24);
+        assert_eq!(size_of::<TotalsKey>(), 16);
+        assert_eq!(size_of::<Totals>(), 24);
+        assert_eq!(size_of::<ProcState>(), 8);
+        assert_eq!(size_of::<LifecycleEvent>(), 32);
+        assert_eq!(size_of::<TracepointOffsets>(), 16);
+    }
+}

@@ -1,0 +1,88 @@
+//! Process lifecycle: follow forks of traced processes, start a new image generation on
+//! exec, and tell userspace when a traced process is gone.
+//!
+//! Hooks: `task:task_newtask`, `sched:sched_process_exec`, `sched:sched_process_exit`.
+//! Maps: reads/writes `PROCS`, writes `EVENTS`. On a full ring buffer the event is
+//! counted (`EVENTS_LOST`) and userspace falls back to checking /proc.
+
+use aya_ebpf::{
+    bindings::BPF_NOEXIST,
+    helpers::{bpf_get_current_comm, bpf_get_current_pid_tgid},
+    macros::tracepoint,
+    programs::TracePointContext,
+};
+use leakmon_common::{counter, event, LifecycleEvent, ProcState, CLONE_THREAD};
+
+use crate::maps::{count, tp_offsets, EVENTS, PROCS};
+
+fn emit(kind: u32, tgid: u32, child: u32, gen: u32) {
+    let comm = bpf_get_current_comm().unwrap_or([0; 16]);
+    let ev = LifecycleEvent { kind, tgid, child, gen, comm };
+    if EVENTS.output::<LifecycleEvent>(&ev, 0).is_err() {
+        count(counter::EVENTS_LOST);
+    }
+}
+
+/// A traced process's new child (not a thread) is traced from its first instruction:
+/// this runs in the parent, before the child can run.
+#[tracepoint]
+pub fn lifecycle_newtask(ctx: TracePointContext) -> u32 {
+    let parent = (bpf_get_current_pid_tgid() >> 32) as u32;
+    if PROCS.get_ptr(&parent).is_none() {
+        return 0;
+    }
+    let off = tp_offsets();
+    // SAFETY: offsets come from this kernel's tracefs format file.
+    let Ok(flags) = (unsafe { ctx.read_at::<u64>(off.newtask_clone_flags as usize) }) else {
+        return 0;
+    };
+    if flags & CLONE_THREAD != 0 {
+        return 0;
+    }
+    // SAFETY: as above.
+    let Ok(child) = (unsafe { ctx.read_at::<i32>(off.newtask_pid as usize) }) else {
+        return 0;
+    };
+    let child = child as u32;
+    if PROCS.insert(&child, &ProcState::default(), u64::from(BPF_NOEXIST)).is_err() {
+        count(counter::PROC_FULL);
+        return 0;
+    }
+    emit(event::FORK, parent, child, 0);
+    0
+}
+
+/// A new image: blocks of the old one can no longer be freed, so they belong to an
+/// older generation that userspace drops.
+#[tracepoint]
+pub fn lifecycle_exec(_ctx: TracePointContext) -> u32 {
+    let tgid = (bpf_get_current_pid_tgid() >> 32) as u32;
+    let Some(state) = PROCS.get_ptr_mut(&tgid) else {
+        return 0;
+    };
+    // SAFETY: pointer into the map value; exec runs on one thread of the process.
+    let gen = unsafe {
+        (*state).gen += 1;
+        (*state).gen
+    };
+    emit(event::EXEC, tgid, 0, gen);
+    0
+}
+
+#[tracepoint]
+pub fn lifecycle_exit(ctx: TracePointContext) -> u32 {
+    let off = tp_offsets();
+    // SAFETY: offset from this kernel's tracefs format file.
+    let group_dead = unsafe { ctx.read_at::<u8>(off.exit_group_dead as usize) }.unwrap_or(0);
+    if group_dead == 0 {
+        return 0;
+    }
+    let tgid = (bpf_get_current_pid_tgid() >> 32) as u32;
+    let Some(state) = PROCS.get_ptr(&tgid) else {
+        return 0;
+    };
+    // SAFETY: pointer into the map value.
+    let gen = unsafe { (*state).gen };
+    emit(event::EXIT, tgid, 0, gen);
+    0
+}

@@ -1,0 +1,89 @@
+//! The maps, their sizes and why, plus the globals userspace sets at load time.
+//!
+//! Sizes here are defaults; userspace resizes `LIVE`, `TOTALS`, `PROCS` and `STACKS`
+//! from its configuration before loading.
+
+use aya_ebpf::{
+    macros::map,
+    maps::{HashMap, LruHashMap, PerCpuArray, RingBuf, StackTrace},
+};
+use leakmon_common::{
+    counter, InFlight, LiveAlloc, LiveKey, ProcState, Totals, TotalsKey, TracepointOffsets,
+};
+
+/// Entry→return state per thread. LRU so a thread that dies inside malloc cannot pin
+/// an entry forever; 16 Ki threads inside an allocator at once is far above real use.
+#[map]
+pub static INFLIGHT: LruHashMap<u32, InFlight> = LruHashMap::with_max_entries(16384, 0);
+
+/// Traced processes. Presence means traced; in trace-all mode entries are created on
+/// a process's first allocation. Hash (not array) because pids are sparse.
+#[map]
+pub static PROCS: HashMap<u32, ProcState> = HashMap::with_max_entries(32768, 0);
+
+/// Every unfreed block of every traced process. Plain (not LRU) hash: an evicted entry
+/// would leave its bytes in `TOTALS` for ever, a phantom leak.
+#[map]
+pub static LIVE: HashMap<LiveKey, LiveAlloc> = HashMap::with_max_entries(262_144, 0);
+
+/// Unfreed bytes per (process, image generation, stack): what reports and metrics read,
+/// small enough to scan often.
+#[map]
+pub static TOTALS: HashMap<TotalsKey, Totals> = HashMap::with_max_entries(65536, 0);
+
+/// User stacks of allocation sites. Never `BPF_F_REUSE_STACKID`: on a collision that
+/// flag silently hands back another stack; we count the collision instead.
+#[map]
+pub static STACKS: StackTrace = StackTrace::with_max_entries(16384, 0);
+
+/// Failure counters (see `leakmon_common::counter`), per CPU so the hot path never
+/// contends on one cache line.
+#[map]
+pub static COUNTERS: PerCpuArray<u64> = PerCpuArray::with_max_entries(counter::COUNT, 0);
+
+/// Lifecycle events only (fork/exec/exit of traced processes): rare, so 256 KiB holds
+/// thousands of them between two drains.
+#[map]
+pub static EVENTS: RingBuf = RingBuf::with_byte_size(256 * 1024, 0);
+
+/// leakmon's own process: never traced, so its allocations cannot feed back.
+#[unsafe(no_mangle)]
+static SELF_TGID: u32 = 0;
+
+/// 1: trace every process that maps a probed library; 0: only those in `PROCS`.
+#[unsafe(no_mangle)]
+static TRACE_ALL: u32 = 0;
+
+#[unsafe(no_mangle)]
+static TP_OFFSETS: TracepointOffsets = TracepointOffsets {
+    newtask_pid: 8,
+    newtask_clone_flags: 32,
+    exit_group_dead: 32,
+    _pad: 0,
+};
+
+#[inline(always)]
+pub fn self_tgid() -> u32 {
+    // SAFETY: a plain read of a global that userspace fills in before load.
+    unsafe { core::ptr::read_volatile(&raw const SELF_TGID) }
+}
+
+#[inline(always)]
+pub fn trace_all() -> bool {
+    // SAFETY: as above.
+    unsafe { core::ptr::read_volatile(&raw const TRACE_ALL) != 0 }
+}
+
+#[inline(always)]
+pub fn tp_offsets() -> TracepointOffsets {
+    // SAFETY: as above.
+    unsafe { core::ptr::read_volatile(&raw const TP_OFFSETS) }
+}
+
+#[inline(always)]
+pub fn count(index: u32) {
+    if let Some(slot) = COUNTERS.get_ptr_mut(index) {
+        // SAFETY: per-CPU slot, and programs on one CPU do not preempt each other.
+        unsafe { *slot += 1 };
+    }
+}

@@ -1,0 +1,334 @@
+//! Allocator probes: entry uprobes remember the request per thread, the shared return
+//! probe records the block, the `free` uprobe releases it.
+//!
+//! Maps: `INFLIGHT` (per-thread entry state), `PROCS` (is the process traced, its image
+//! generation), `LIVE` and `TOTALS` (changed together), `STACKS`, `COUNTERS`.
+//! On failure: a full table or a missing stack is counted in `COUNTERS`, a full table
+//! also marks the process `INCOMPLETE`; bytes are never counted without a live entry.
+//!
+//! Nested allocator calls (`realloc(NULL, n)` → `malloc`, `strdup` → `malloc`,
+//! `valloc` → `memalign`, the `free` inside a moving `realloc`) are counted once, at the
+//! outermost call: its return lands in the caller's code, so the stack taken there
+//! starts at the real allocation site.
+
+use core::intrinsics::{atomic_xadd, AtomicOrdering};
+
+use aya_ebpf::{
+    bindings::{BPF_ANY, BPF_F_USER_STACK, BPF_NOEXIST},
+    helpers::{bpf_get_current_pid_tgid, bpf_ktime_get_ns, bpf_probe_read_user},
+    macros::{uprobe, uretprobe},
+    programs::{tracing::StackIdContext as _, ProbeContext, RetProbeContext},
+};
+use leakmon_common::{
+    counter, kind, proc_flags, InFlight, LiveAlloc, LiveKey, ProcState, Totals, TotalsKey,
+    NO_STACK, SIZE_FROM_NESTED,
+};
+
+use crate::maps::{
+    count, self_tgid, trace_all, INFLIGHT, LIVE, PROCS, STACKS, TOTALS,
+};
+
+const EEXIST: i32 = 17;
+
+/// The traced state of `tgid`, creating it in trace-all mode.
+#[inline(always)]
+fn traced(tgid: u32, create: bool) -> Option<*mut ProcState> {
+    if tgid == self_tgid() {
+        return None;
+    }
+    if let Some(state) = PROCS.get_ptr_mut(&tgid) {
+        return Some(state);
+    }
+    if !create || !trace_all() {
+        return None;
+    }
+    // EEXIST means another thread created it first: fine, look it up again.
+    if let Err(err) = PROCS.insert(&tgid, &ProcState::default(), u64::from(BPF_NOEXIST)) {
+        if err as i32 != -EEXIST {
+            count(counter::PROC_FULL);
+            return None;
+        }
+    }
+    PROCS.get_ptr_mut(&tgid)
+}
+
+#[inline(always)]
+fn user_sp(ctx: &impl aya_ebpf::EbpfContext) -> u64 {
+    let regs = ctx.as_ptr() as *const aya_ebpf::bindings::pt_regs;
+    // SAFETY: uprobe contexts are the user registers.
+    unsafe { (*regs).rsp }
+}
+
+/// Remember one allocator call of this thread, or count a nested one.
+#[inline(always)]
+fn enter(ctx: &ProbeContext, call_kind: u32, size: u64, old_ptr: u64, memptr: u64) -> u32 {
+    let id = bpf_get_current_pid_tgid();
+    let (tgid, tid) = ((id >> 32) as u32, id as u32);
+    if traced(tgid, true).is_none() {
+        return 0;
+    }
+    let sp = user_sp(ctx);
+    if let Some(outer) = INFLIGHT.get_ptr_mut(&tid) {
+        // SAFETY: pointer into this thread's own map value.
+        unsafe {
+            // A deeper (or tail-called, same-sp) call is nested in the outer one.
+            if sp <= (*outer).sp {
+                (*outer).depth += 1;
+                if (*outer).size == SIZE_FROM_NESTED && call_kind == kind::MALLOC {
+                    (*outer).size = size;
+                }
+                return 0;
+            }
+        }
+        count(counter::INFLIGHT_STALE);
+    }
+    let state = InFlight { size, old_ptr, memptr, sp, kind: call_kind, depth: 0 };
+    if INFLIGHT.insert(&tid, &state, u64::from(BPF_ANY)).is_err() {
+        count(counter::INFLIGHT_FULL);
+    }
+    0
+}
+
+#[inline(always)]
+fn arg(ctx: &ProbeContext, n: usize) -> u64 {
+    ctx.arg::<u64>(n).unwrap_or(0)
+}
+
+/// `a * b`, or a non-zero size that no allocation can have when it overflows (libc then
+/// fails the call, and a failed `realloc` must not look like `realloc(p, 0)`).
+#[inline(always)]
+fn product(a: u64, b: u64) -> u64 {
+    // Not `checked_mul` nor a division test: LLVM turns both into a 128-bit multiply,
+    // which the bpf target lacks. Multiply by 32-bit halves instead.
+    const OVERFLOW: u64 = u64::MAX - 1;
+    let (ah, al, bh, bl) = (a >> 32, a & 0xffff_ffff, b >> 32, b & 0xffff_ffff);
+    if ah != 0 && bh != 0 {
+        return OVERFLOW;
+    }
+    let cross = ah * bl + al * bh;
+    if cross >> 32 != 0 {
+        return OVERFLOW;
+    }
+    match (cross << 32).overflowing_add(al * bl) {
+        (_, true) => OVERFLOW,
+        (product, false) => product,
+    }
+}
+
+/// malloc, valloc, pvalloc, operator new: `(size, ...)`.
+#[uprobe]
+pub fn alloc_malloc(ctx: ProbeContext) -> u32 {
+    enter(&ctx, kind::MALLOC, arg(&ctx, 0), 0, 0)
+}
+
+/// calloc: `(nmemb, size)`.
+#[uprobe]
+pub fn alloc_calloc(ctx: ProbeContext) -> u32 {
+    enter(&ctx, kind::MALLOC, product(arg(&ctx, 0), arg(&ctx, 1)), 0, 0)
+}
+
+/// realloc: `(ptr, size)`.
+#[uprobe]
+pub fn alloc_realloc(ctx: ProbeContext) -> u32 {
+    enter(&ctx, kind::REALLOC, arg(&ctx, 1), arg(&ctx, 0), 0)
+}
+
+/// reallocarray: `(ptr, nmemb, size)`.
+#[uprobe]
+pub fn alloc_reallocarray(ctx: ProbeContext) -> u32 {
+    enter(&ctx, kind::REALLOC, product(arg(&ctx, 1), arg(&ctx, 2)), arg(&ctx, 0), 0)
+}
+
+/// aligned_alloc, memalign: `(alignment, size)`.
+#[uprobe]
+pub fn alloc_memalign(ctx: ProbeContext) -> u32 {
+    enter(&ctx, kind::MALLOC, arg(&ctx, 1), 0, 0)
+}
+
+/// posix_memalign: `(memptr, alignment, size)`.
+#[uprobe]
+pub fn alloc_posix_memalign(ctx: ProbeContext) -> u32 {
+    enter(&ctx, kind::POSIX_MEMALIGN, arg(&ctx, 2), 0, arg(&ctx, 0))
+}
+
+/// strdup, strndup: the size is the nested malloc's.
+#[uprobe]
+pub fn alloc_strdup(ctx: ProbeContext) -> u32 {
+    enter(&ctx, kind::MALLOC, SIZE_FROM_NESTED, 0, 0)
+}
+
+/// Shared return probe of every allocation entry point above.
+#[uretprobe]
+pub fn alloc_return(ctx: RetProbeContext) -> u32 {
+    let id = bpf_get_current_pid_tgid();
+    let (tgid, tid) = ((id >> 32) as u32, id as u32);
+    let Some(outer) = INFLIGHT.get_ptr_mut(&tid) else {
+        return 0;
+    };
+    // SAFETY: pointer into this thread's own map value.
+    let call = unsafe {
+        if (*outer).depth > 0 {
+            (*outer).depth -= 1;
+            return 0;
+        }
+        *outer
+    };
+    let _ = INFLIGHT.remove(&tid);
+    let Some(state) = traced(tgid, false) else {
+        return 0;
+    };
+    let ret: u64 = ctx.ret();
+    let size = if call.size == SIZE_FROM_NESTED { 0 } else { call.size };
+    match call.kind {
+        kind::MALLOC => {
+            if ret != 0 {
+                record(&ctx, tgid, state, ret, size);
+            }
+        }
+        kind::REALLOC => {
+            if ret != 0 {
+                if call.old_ptr != 0 {
+                    release(tgid, call.old_ptr);
+                }
+                record(&ctx, tgid, state, ret, size);
+            } else if size == 0 && call.old_ptr != 0 {
+                // glibc's realloc(p, 0) frees p and returns NULL.
+                release(tgid, call.old_ptr);
+            }
+        }
+        kind::POSIX_MEMALIGN => {
+            if ret as u32 == 0 {
+                // SAFETY: a user pointer; the helper checks it.
+                match unsafe { bpf_probe_read_user(call.memptr as *const u64) } {
+                    Ok(block) if block != 0 => record(&ctx, tgid, state, block, size),
+                    Ok(_) => {}
+                    Err(_) => count(counter::READ_ERROR),
+                }
+            }
+        }
+        _ => {}
+    }
+    0
+}
+
+/// free: `(ptr)`.
+#[uprobe]
+pub fn free_enter(ctx: ProbeContext) -> u32 {
+    let ptr = arg(&ctx, 0);
+    if ptr == 0 {
+        return 0;
+    }
+    let id = bpf_get_current_pid_tgid();
+    let (tgid, tid) = ((id >> 32) as u32, id as u32);
+    if traced(tgid, false).is_none() {
+        return 0;
+    }
+    if let Some(outer) = INFLIGHT.get_ptr(&tid) {
+        // SAFETY: pointer into this thread's own map value.
+        if user_sp(&ctx) <= unsafe { (*outer).sp } {
+            // The free inside a realloc: its return settles the old block.
+            return 0;
+        }
+    }
+    release(tgid, ptr);
+    0
+}
+
+#[inline(always)]
+fn mark_incomplete(state: *mut ProcState) {
+    // SAFETY: pointer into the map value; a lost race only repeats the same bit.
+    unsafe { (*state).flags |= proc_flags::INCOMPLETE };
+}
+
+#[inline(always)]
+fn totals_of(key: &TotalsKey) -> Option<*mut Totals> {
+    if let Some(totals) = TOTALS.get_ptr_mut(key) {
+        return Some(totals);
+    }
+    let _ = TOTALS.insert(key, &Totals::default(), u64::from(BPF_NOEXIST));
+    TOTALS.get_ptr_mut(key)
+}
+
+/// An atomic add whose result is unused, so it lowers to one BPF atomic instruction.
+/// (`AtomicU64::fetch_add` is not available on the bpf target.)
+#[inline(always)]
+unsafe fn xadd(dst: *mut u64, value: u64) {
+    // SAFETY: the caller passes a pointer into a map value.
+    unsafe { atomic_xadd::<u64, u64, { AtomicOrdering::Relaxed }>(dst, value) };
+}
+
+#[inline(always)]
+fn add(totals: *mut Totals, bytes: u64, ts_ms: u64) {
+    // SAFETY: pointer into a map value; atomics because threads of a process share it.
+    unsafe {
+        xadd(&raw mut (*totals).bytes, bytes);
+        xadd(&raw mut (*totals).allocs, 1);
+        xadd(&raw mut (*totals).ts_ms_sum, ts_ms);
+    }
+}
+
+#[inline(always)]
+fn sub(tgid: u32, block: &LiveAlloc) {
+    let key = TotalsKey { tgid, gen: block.gen, stack_id: block.stack_id, _pad: 0 };
+    if let Some(totals) = TOTALS.get_ptr_mut(&key) {
+        // SAFETY: as in `add`; the wrapping add of a negated value is a subtraction.
+        unsafe {
+            xadd(&raw mut (*totals).bytes, block.size.wrapping_neg());
+            xadd(&raw mut (*totals).allocs, u64::MAX);
+            xadd(&raw mut (*totals).ts_ms_sum, block.ts_ms.wrapping_neg());
+        }
+    }
+}
+
+/// Count one new block: live entry first, totals only once it exists.
+#[inline(always)]
+fn record(ctx: &RetProbeContext, tgid: u32, state: *mut ProcState, addr: u64, size: u64) {
+    let stack_id = match ctx.get_stackid(&STACKS, u64::from(BPF_F_USER_STACK)) {
+        Ok(id) => id as u32,
+        Err(err) if err == -EEXIST => {
+            count(counter::STACK_COLLISION);
+            NO_STACK
+        }
+        Err(_) => {
+            count(counter::STACK_ERROR);
+            NO_STACK
+        }
+    };
+    // SAFETY: pointer into the map value.
+    let gen = unsafe { (*state).gen };
+    let Some(totals) = totals_of(&TotalsKey { tgid, gen, stack_id, _pad: 0 }) else {
+        count(counter::TOTALS_FULL);
+        mark_incomplete(state);
+        return;
+    };
+    let key = LiveKey { tgid, _pad: 0, addr };
+    // SAFETY: copied out before the update below can replace it.
+    let stale = unsafe { LIVE.get(&key).copied() };
+    // SAFETY: a helper with no arguments.
+    let ts_ms = unsafe { bpf_ktime_get_ns() } / 1_000_000;
+    let block = LiveAlloc { size, ts_ms, stack_id, gen };
+    if LIVE.insert(&key, &block, u64::from(BPF_ANY)).is_err() {
+        count(counter::LIVE_FULL);
+        mark_incomplete(state);
+        return;
+    }
+    if let Some(stale) = stale {
+        // A free we never saw: that block is gone now, take it out of its totals.
+        count(counter::LIVE_REPLACED);
+        sub(tgid, &stale);
+    }
+    add(totals, size, ts_ms);
+}
+
+/// Uncount one block, if it is live; only the caller that removes the entry does.
+#[inline(always)]
+fn release(tgid: u32, addr: u64) {
+    let key = LiveKey { tgid, _pad: 0, addr };
+    // SAFETY: copied out before removal.
+    let Some(block) = (unsafe { LIVE.get(&key).copied() }) else {
+        return;
+    };
+    if LIVE.remove(&key).is_ok() {
+        sub(tgid, &block);
+    }
+}
