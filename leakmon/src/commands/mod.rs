@@ -1,0 +1,66 @@
+//! The CLI's commands, wiring the data path together.
+
+pub mod report;
+pub mod run;
+
+use std::sync::atomic::{AtomicUsize, Ordering};
+
+use anyhow::{anyhow, Result};
+
+use crate::{
+    capabilities,
+    cli::TableArgs,
+    probes::{ProbeError, Probes, Settings},
+};
+
+/// Checks privileges and kernel features, then loads the programs.
+pub(crate) fn load_probes(tables: &TableArgs, trace_all: bool) -> Result<Probes> {
+    capabilities::check()?;
+    let settings = Settings {
+        trace_all,
+        max_live: tables.max_live.get(),
+        max_totals: tables.max_totals.get(),
+        max_stacks: tables.max_stacks.get(),
+    };
+    Probes::load(&settings).map_err(|e| {
+        if e.is_permission() {
+            anyhow!("the kernel refused to load leakmon's eBPF programs (permission denied): run as root, or grant CAP_BPF, CAP_PERFMON and CAP_SYS_ADMIN")
+        } else {
+            anyhow!(e)
+        }
+    })
+}
+
+/// Attach errors other than a vanished file are worth a line but not a stop.
+pub(crate) fn attach_all(probes: &mut Probes, libraries: impl IntoIterator<Item = std::path::PathBuf>) -> Result<usize> {
+    let mut attached = 0;
+    for lib in libraries {
+        match probes.attach_library(&lib) {
+            Ok(n) => attached += usize::from(n > 0),
+            Err(ProbeError::Stat { .. }) => {}
+            Err(e) => return Err(anyhow!(e)),
+        }
+    }
+    Ok(attached)
+}
+
+static SIGNALS: AtomicUsize = AtomicUsize::new(0);
+
+extern "C" fn on_signal(_: libc::c_int) {
+    SIGNALS.fetch_add(1, Ordering::SeqCst);
+}
+
+/// Counts SIGINT and SIGTERM instead of dying on them.
+pub(crate) fn count_signals() {
+    use nix::sys::signal::{sigaction, SaFlags, SigAction, SigHandler, SigSet, Signal};
+    let action = SigAction::new(SigHandler::Handler(on_signal), SaFlags::SA_RESTART, SigSet::empty());
+    for signal in [Signal::SIGINT, Signal::SIGTERM] {
+        // SAFETY: the handler only touches an atomic.
+        unsafe { sigaction(signal, &action) }.expect("install signal handler");
+    }
+}
+
+/// SIGINT/SIGTERM received so far.
+pub(crate) fn signals_received() -> usize {
+    SIGNALS.load(Ordering::SeqCst)
+}

@@ -1,0 +1,24 @@
+//! leakmon: exact unfreed-allocation accounting with eBPF.
+//!
+//! The data path, top to bottom: `probes` (the eBPF programs and the only holder of
+//! `aya::Ebpf`) → `store` (per-process, per-stack totals) → `symbolize` → `report`.
+//! `discovery`, `procfs` and `tracer` feed the probes with libraries and processes;
+//! `commands` wire it together for the CLI.
+
+pub mod capabilities;
+pub mod cli;
+pub mod commands;
+pub mod discovery;
+pub mod ingest;
+pub mod probes;
+pub mod procfs;
+pub mod report;
+pub mod store;
+pub mod symbolize;
+pub mod tracer;
+
+/// Milliseconds on the monotonic clock, the clock of the kernel's allocation stamps.
+pub fn monotonic_ms() -> u64 {
+    let ts = nix::time::clock_gettime(nix::time::ClockId::CLOCK_MONOTONIC).expect("monotonic clock");
+    ts.tv_sec() as u64 * 1000 + ts.tv_nsec() as u64 / 1_000_000
+}

@@ -1,0 +1,353 @@
+//! The probe layer: the only module that touches `aya::Ebpf`.
+//!
+//! In: settings (trace everything or chosen processes, table sizes). Out: narrow
+//! handles the rest of leakmon uses: attach to a library file, start tracing a process,
+//! read per-stack totals, stacks and failure counters, take the lifecycle ring buffer,
+//! forget a process. Dropping [`Probes`] detaches every probe.
+
+pub mod targets;
+pub mod tracefs;
+
+use std::{
+    collections::HashSet,
+    os::unix::fs::MetadataExt as _,
+    path::{Path, PathBuf},
+};
+
+use aya::{
+    maps::{HashMap, MapData, MapError, PerCpuArray, RingBuf, StackTraceMap},
+    programs::{
+        uprobe::{UProbeAttachLocation, UProbeScope},
+        ProgramError, TracePoint, UProbe,
+    },
+    Ebpf, EbpfError, EbpfLoader,
+};
+use leakmon_common::{counter, LiveAlloc, LiveKey, ProcState, Totals, TotalsKey};
+use tracing::{debug, info, warn};
+
+use self::targets::{entry_points, Handler, TargetError};
+
+/// The eBPF object built by build.rs; empty when built without bpf-linker.
+static OBJECT: &[u8] = aya::include_bytes_aligned!(concat!(env!("OUT_DIR"), "/leakmon-probes"));
+
+/// Errors of the probe layer.
+#[derive(Debug, thiserror::Error)]
+pub enum ProbeError {
+    /// The binary was built without its eBPF object.
+    #[error("this leakmon binary was built without its eBPF programs (bpf-linker was missing at build time); build it with `cargo xtask build`")]
+    NotBuilt,
+    /// The kernel refused to load the programs or create the maps.
+    #[error("load the eBPF programs: {0}")]
+    Load(#[source] Box<EbpfError>),
+    /// A program could not be loaded or attached.
+    #[error("{action} program {program}: {source}")]
+    Program { action: &'static str, program: String, #[source] source: Box<ProgramError> },
+    /// A map operation failed.
+    #[error("{action} map {map}: {source}")]
+    Map { action: &'static str, map: &'static str, #[source] source: Box<MapError> },
+    /// A library's entry points could not be found.
+    #[error(transparent)]
+    Target(#[from] TargetError),
+    /// A library file could not be inspected.
+    #[error("stat {path}: {source}")]
+    Stat { path: PathBuf, source: std::io::Error },
+}
+
+impl ProbeError {
+    /// Whether the kernel said no because of missing privileges.
+    pub fn is_permission(&self) -> bool {
+        let text = format!("{self:?}");
+        text.contains("EPERM") || text.contains("PermissionDenied") || text.contains("os error 1)")
+    }
+}
+
+fn map_err(action: &'static str, map: &'static str) -> impl FnOnce(MapError) -> ProbeError {
+    move |source| ProbeError::Map { action, map, source: Box::new(source) }
+}
+
+fn prog_err(action: &'static str, program: &str) -> impl FnOnce(ProgramError) -> ProbeError {
+    let program = program.to_owned();
+    move |source| ProbeError::Program { action, program, source: Box::new(source) }
+}
+
+/// How the probes are set up.
+#[derive(Clone, Debug)]
+pub struct Settings {
+    /// Trace every process that maps a probed library, not only those given to
+    /// [`Probes::trace`] (and their children).
+    pub trace_all: bool,
+    /// Live-allocation table entries (all processes together).
+    pub max_live: u32,
+    /// Per-stack totals entries.
+    pub max_totals: u32,
+    /// Distinct stacks.
+    pub max_stacks: u32,
+}
+
+impl Default for Settings {
+    fn default() -> Self {
+        Self { trace_all: false, max_live: 262_144, max_totals: 65_536, max_stacks: 16_384 }
+    }
+}
+
+/// A (device, inode) pair: one file however many paths lead to it.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
+pub struct FileId {
+    pub dev: u64,
+    pub ino: u64,
+}
+
+/// The failure counters, summed over CPUs; indexed by `leakmon_common::counter`.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct Counters(pub [u64; counter::COUNT as usize]);
+
+impl Counters {
+    pub const NAMES: [&'static str; counter::COUNT as usize] = [
+        "live_table_full",
+        "totals_table_full",
+        "stack_collision",
+        "stack_error",
+        "inflight_table_full",
+        "process_table_full",
+        "events_lost",
+        "inflight_stale",
+        "live_replaced",
+        "read_error",
+    ];
+
+    /// Non-zero counters with their names.
+    pub fn nonzero(&self) -> impl Iterator<Item = (&'static str, u64)> + '_ {
+        Self::NAMES.iter().zip(self.0).filter(|(_, v)| *v != 0).map(|(n, v)| (*n, v))
+    }
+}
+
+const ENTRY_PROGRAMS: [Handler; 8] = [
+    Handler::Malloc,
+    Handler::Calloc,
+    Handler::Realloc,
+    Handler::ReallocArray,
+    Handler::Memalign,
+    Handler::PosixMemalign,
+    Handler::Strdup,
+    Handler::Free,
+];
+const RETURN_PROGRAM: &str = "alloc_return";
+const TRACEPOINTS: [(&str, &str, &str); 3] = [
+    ("lifecycle_newtask", "task", "task_newtask"),
+    ("lifecycle_exec", "sched", "sched_process_exec"),
+    ("lifecycle_exit", "sched", "sched_process_exit"),
+];
+
+/// Loaded and (partly) attached probes.
+pub struct Probes {
+    ebpf: Ebpf,
+    attached: HashSet<FileId>,
+}
+
+impl Probes {
+    /// Loads the programs and attaches the lifecycle tracepoints; no uprobe yet.
+    pub fn load(settings: &Settings) -> Result<Self, ProbeError> {
+        if OBJECT.is_empty() {
+            return Err(ProbeError::NotBuilt);
+        }
+        raise_memlock_limit();
+        if let Err(err) = tracefs::ensure_mounted() {
+            warn!("could not mount tracefs at /sys/kernel/tracing: {err}");
+        }
+        let self_tgid = std::process::id();
+        let trace_all = u32::from(settings.trace_all);
+        let offsets = tracefs::tracepoint_offsets();
+        let mut ebpf = EbpfLoader::new()
+            .override_global("SELF_TGID", &self_tgid, true)
+            .override_global("TRACE_ALL", &trace_all, true)
+            .override_global("TP_OFFSETS", &offsets, true)
+            .map_max_entries("LIVE", settings.max_live)
+            .map_max_entries("TOTALS", settings.max_totals)
+            .map_max_entries("STACKS", settings.max_stacks)
+            .load(OBJECT)
+            .map_err(|e| ProbeError::Load(Box::new(e)))?;
+        for handler in ENTRY_PROGRAMS {
+            uprobe(&mut ebpf, handler.program())?.load().map_err(prog_err("load", handler.program()))?;
+        }
+        uprobe(&mut ebpf, RETURN_PROGRAM)?.load().map_err(prog_err("load", RETURN_PROGRAM))?;
+        for (program, category, name) in TRACEPOINTS {
+            let tp: &mut TracePoint = ebpf
+                .program_mut(program)
+                .ok_or_else(|| missing_program(program))?
+                .try_into()
+                .map_err(prog_err("find", program))?;
+            tp.load().map_err(prog_err("load", program))?;
+            tp.attach(category, name).map_err(prog_err("attach", program))?;
+        }
+        Ok(Self { ebpf, attached: HashSet::new() })
+    }
+
+    /// Attaches the allocator probes to one library file, for every process that maps
+    /// it now or later. A file already attached (by any path) is skipped. Returns the
+    /// number of entry points probed.
+    pub fn attach_library(&mut self, path: &Path) -> Result<usize, ProbeError> {
+        let meta = std::fs::metadata(path)
+            .map_err(|source| ProbeError::Stat { path: path.to_owned(), source })?;
+        let id = FileId { dev: meta.dev(), ino: meta.ino() };
+        if self.attached.contains(&id) {
+            return Ok(0);
+        }
+        let points = entry_points(path)?;
+        for point in &points {
+            let location = || UProbeAttachLocation::AbsoluteOffset(point.file_offset);
+            let program = point.handler.program();
+            uprobe(&mut self.ebpf, program)?
+                .attach(location(), path, UProbeScope::AllProcesses)
+                .map_err(prog_err("attach", program))?;
+            if point.handler.needs_return() {
+                uprobe(&mut self.ebpf, RETURN_PROGRAM)?
+                    .attach(location(), path, UProbeScope::AllProcesses)
+                    .map_err(prog_err("attach", RETURN_PROGRAM))?;
+            }
+            debug!(library = %path.display(), symbol = point.symbol, offset = point.file_offset, "probe attached");
+        }
+        self.attached.insert(id);
+        info!(library = %path.display(), entry_points = points.len(), "allocator probes attached");
+        Ok(points.len())
+    }
+
+    /// Number of library files attached.
+    pub fn attached_files(&self) -> usize {
+        self.attached.len()
+    }
+
+    /// Starts tracing `pid` (and, through the fork tracepoint, its future children).
+    pub fn trace(&mut self, pid: u32) -> Result<(), ProbeError> {
+        let mut procs = self.procs_mut()?;
+        procs.insert(pid, ProcState::default(), 0).map_err(map_err("insert", "PROCS"))
+    }
+
+    /// The traced state of one process, if traced.
+    pub fn proc_state(&self, pid: u32) -> Option<ProcState> {
+        let procs: HashMap<&MapData, u32, ProcState> = HashMap::try_from(self.ebpf.map("PROCS")?).ok()?;
+        procs.get(&pid, 0).ok()
+    }
+
+    /// Every traced process.
+    pub fn traced(&self) -> Result<Vec<(u32, ProcState)>, ProbeError> {
+        let procs: HashMap<&MapData, u32, ProcState> =
+            HashMap::try_from(self.ebpf.map("PROCS").ok_or_else(|| missing_map("PROCS"))?)
+                .map_err(map_err("open", "PROCS"))?;
+        procs.iter().collect::<Result<_, _>>().map_err(map_err("read", "PROCS"))
+    }
+
+    /// Per-stack totals of the processes `keep` selects, with non-zero allocations.
+    pub fn totals(&self, keep: impl Fn(&TotalsKey) -> bool) -> Result<Vec<(TotalsKey, Totals)>, ProbeError> {
+        let totals: HashMap<&MapData, TotalsKey, Totals> =
+            HashMap::try_from(self.ebpf.map("TOTALS").ok_or_else(|| missing_map("TOTALS"))?)
+                .map_err(map_err("open", "TOTALS"))?;
+        let mut out = Vec::new();
+        for entry in totals.iter() {
+            let (key, value) = entry.map_err(map_err("read", "TOTALS"))?;
+            if keep(&key) && value.allocs != 0 {
+                out.push((key, value));
+            }
+        }
+        Ok(out)
+    }
+
+    /// The user stack `id`, innermost frame first.
+    pub fn stack(&self, id: u32) -> Option<Vec<u64>> {
+        let stacks = StackTraceMap::try_from(self.ebpf.map("STACKS")?).ok()?;
+        let trace = stacks.get(&id, 0).ok()?;
+        Some(trace.frames().iter().map(|f| f.ip).collect())
+    }
+
+    /// The failure counters, summed over CPUs.
+    pub fn counters(&self) -> Result<Counters, ProbeError> {
+        let array: PerCpuArray<&MapData, u64> =
+            PerCpuArray::try_from(self.ebpf.map("COUNTERS").ok_or_else(|| missing_map("COUNTERS"))?)
+                .map_err(map_err("open", "COUNTERS"))?;
+        let mut counters = Counters::default();
+        for (i, slot) in counters.0.iter_mut().enumerate() {
+            let values = array.get(&(i as u32), 0).map_err(map_err("read", "COUNTERS"))?;
+            *slot = values.iter().sum();
+        }
+        Ok(counters)
+    }
+
+    /// The lifecycle ring buffer; can be taken once.
+    pub fn take_events(&mut self) -> Result<RingBuf<MapData>, ProbeError> {
+        let map = self.ebpf.take_map("EVENTS").ok_or_else(|| missing_map("EVENTS"))?;
+        RingBuf::try_from(map).map_err(map_err("open", "EVENTS"))
+    }
+
+    /// Drops every entry of the processes (or process images) `stale` selects: their
+    /// totals, their live blocks, and, for `forget_process`, the process itself.
+    /// One pass over each table, so callers batch exits and execs.
+    pub fn purge(
+        &mut self,
+        stale: impl Fn(u32, u32) -> bool,
+        forget_process: impl Fn(u32) -> bool,
+    ) -> Result<usize, ProbeError> {
+        let mut removed = 0;
+        {
+            let mut totals: HashMap<&mut MapData, TotalsKey, Totals> =
+                HashMap::try_from(self.ebpf.map_mut("TOTALS").ok_or_else(|| missing_map("TOTALS"))?)
+                    .map_err(map_err("open", "TOTALS"))?;
+            let keys: Vec<TotalsKey> = totals.keys().filter_map(Result::ok).filter(|k| stale(k.tgid, k.gen)).collect();
+            for key in keys {
+                removed += usize::from(totals.remove(&key).is_ok());
+            }
+        }
+        {
+            let mut live: HashMap<&mut MapData, LiveKey, LiveAlloc> =
+                HashMap::try_from(self.ebpf.map_mut("LIVE").ok_or_else(|| missing_map("LIVE"))?)
+                    .map_err(map_err("open", "LIVE"))?;
+            let keys: Vec<LiveKey> = live
+                .iter()
+                .filter_map(Result::ok)
+                .filter(|(k, v)| stale(k.tgid, v.gen))
+                .map(|(k, _)| k)
+                .collect();
+            for key in keys {
+                removed += usize::from(live.remove(&key).is_ok());
+            }
+        }
+        let mut procs = self.procs_mut()?;
+        let gone: Vec<u32> = procs.keys().filter_map(Result::ok).filter(|p| forget_process(*p)).collect();
+        for pid in gone {
+            let _ = procs.remove(&pid);
+        }
+        Ok(removed)
+    }
+
+    fn procs_mut(&mut self) -> Result<HashMap<&mut MapData, u32, ProcState>, ProbeError> {
+        HashMap::try_from(self.ebpf.map_mut("PROCS").ok_or_else(|| missing_map("PROCS"))?)
+            .map_err(map_err("open", "PROCS"))
+    }
+}
+
+fn uprobe<'a>(ebpf: &'a mut Ebpf, name: &str) -> Result<&'a mut UProbe, ProbeError> {
+    ebpf.program_mut(name)
+        .ok_or_else(|| missing_program(name))?
+        .try_into()
+        .map_err(prog_err("find", name))
+}
+
+fn missing_program(name: &str) -> ProbeError {
+    ProbeError::Program {
+        action: "find",
+        program: name.to_owned(),
+        source: Box::new(ProgramError::UnexpectedProgramType),
+    }
+}
+
+fn missing_map(name: &'static str) -> ProbeError {
+    ProbeError::Map { action: "find", map: name, source: Box::new(MapError::InvalidName { name: name.to_owned() }) }
+}
+
+/// Older kernels charge BPF memory to RLIMIT_MEMLOCK; newer ones to the cgroup. Raise
+/// the limit where allowed and go on where not.
+fn raise_memlock_limit() {
+    let limit = libc::rlimit { rlim_cur: libc::RLIM_INFINITY, rlim_max: libc::RLIM_INFINITY };
+    // SAFETY: plain syscall with a valid struct.
+    if unsafe { libc::setrlimit(libc::RLIMIT_MEMLOCK, &limit) } != 0 {
+        debug!("could not raise RLIMIT_MEMLOCK ({}); relying on cgroup accounting of BPF memory", std::io::Error::last_os_error());
+    }
+}

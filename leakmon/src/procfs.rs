@@ -1,0 +1,192 @@
+//! Readers of /proc: a process's mappings, name and existence.
+//!
+//! Every reader takes the proc root as a parameter so tests can point it at a fixture
+//! tree. Mapped files are opened through `/proc/PID/root` so a process in another
+//! mount namespace resolves to its own files, not ours.
+
+use std::{
+    fs, io,
+    path::{Path, PathBuf},
+};
+
+/// Errors reading /proc.
+#[derive(Debug, thiserror::Error)]
+pub enum ProcError {
+    /// The process does not exist (or has exited).
+    #[error("no process with pid {pid}")]
+    NoSuchProcess { pid: u32 },
+    /// Any other read failure.
+    #[error("read {path}: {source}")]
+    Read { path: PathBuf, source: io::Error },
+}
+
+/// One file-backed mapping of a process.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct Mapping {
+    pub start: u64,
+    pub end: u64,
+    /// File offset of `start`.
+    pub offset: u64,
+    pub executable: bool,
+    pub dev_major: u32,
+    pub dev_minor: u32,
+    pub inode: u64,
+    /// The path as the process sees it.
+    pub path: PathBuf,
+}
+
+impl Mapping {
+    /// The file offset of `addr`, which must lie in this mapping.
+    pub fn file_offset(&self, addr: u64) -> u64 {
+        addr - self.start + self.offset
+    }
+}
+
+/// Where /proc is; `/proc` outside tests.
+#[derive(Clone, Debug)]
+pub struct ProcRoot(PathBuf);
+
+impl Default for ProcRoot {
+    fn default() -> Self {
+        Self(PathBuf::from("/proc"))
+    }
+}
+
+impl ProcRoot {
+    pub fn new(path: impl Into<PathBuf>) -> Self {
+        Self(path.into())
+    }
+
+    fn read(&self, pid: u32, file: &str) -> Result<String, ProcError> {
+        let path = self.0.join(pid.to_string()).join(file);
+        fs::read_to_string(&path).map_err(|source| match source.kind() {
+            io::ErrorKind::NotFound => ProcError::NoSuchProcess { pid },
+            _ if source.raw_os_error() == Some(libc::ESRCH) => ProcError::NoSuchProcess { pid },
+            _ => ProcError::Read { path, source },
+        })
+    }
+
+    pub fn exists(&self, pid: u32) -> bool {
+        self.0.join(pid.to_string()).join("stat").exists()
+    }
+
+    /// The process's file-backed mappings, in address order.
+    pub fn maps(&self, pid: u32) -> Result<Vec<Mapping>, ProcError> {
+        Ok(self.read(pid, "maps")?.lines().filter_map(parse_maps_line).collect())
+    }
+
+    /// The process's short name (`comm`), without the newline.
+    pub fn comm(&self, pid: u32) -> Result<String, ProcError> {
+        Ok(self.read(pid, "comm")?.trim_end().to_owned())
+    }
+
+    /// A path inside the process's mount namespace, as seen from ours.
+    pub fn in_root(&self, pid: u32, path: &Path) -> PathBuf {
+        let relative = path.strip_prefix("/").unwrap_or(path);
+        self.0.join(pid.to_string()).join("root").join(relative)
+    }
+
+    /// Every numeric entry: the pids of all processes.
+    pub fn pids(&self) -> Result<Vec<u32>, ProcError> {
+        let dir = fs::read_dir(&self.0)
+            .map_err(|source| ProcError::Read { path: self.0.clone(), source })?;
+        Ok(dir
+            .filter_map(|e| e.ok()?.file_name().to_str()?.parse().ok())
+            .collect())
+    }
+}
+
+/// Parses one line of /proc/PID/maps; `None` for anonymous or special mappings.
+pub fn parse_maps_line(line: &str) -> Option<Mapping> {
+    let mut fields = line.splitn(6, ' ');
+    let range = fields.next()?;
+    let perms = fields.next()?;
+    let offset = fields.next()?;
+    let dev = fields.next()?;
+    let inode: u64 = fields.next()?.parse().ok()?;
+    let path = fields.next()?.trim_start();
+    if inode == 0 || !path.starts_with('/') {
+        return None;
+    }
+    // A file deleted while mapped still resolves through /proc/PID/map_files, but its
+    // path no longer names it.
+    let path = path.strip_suffix(" (deleted)").unwrap_or(path);
+    let (start, end) = range.split_once('-')?;
+    let (major, minor) = dev.split_once(':')?;
+    Some(Mapping {
+        start: u64::from_str_radix(start, 16).ok()?,
+        end: u64::from_str_radix(end, 16).ok()?,
+        offset: u64::from_str_radix(offset, 16).ok()?,
+        executable: perms.as_bytes().get(2) == Some(&b'x'),
+        dev_major: u32::from_str_radix(major, 16).ok()?,
+        dev_minor: u32::from_str_radix(minor, 16).ok()?,
+        inode,
+        path: PathBuf::from(path),
+    })
+}
+
+/// The mapping that contains `addr`, from a list in address order.
+pub fn find_mapping(maps: &[Mapping], addr: u64) -> Option<&Mapping> {
+    let i = maps.partition_point(|m| m.start <= addr);
+    maps[..i].last().filter(|m| addr < m.end)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    const LINES: &str = "\
+55d0c0a00000-55d0c0a01000 r--p 00000000 fe:01 1234 /usr/bin/fixture
+55d0c0a01000-55d0c0a02000 r-xp 00001000 fe:01 1234 /usr/bin/fixture
+7f0000000000-7f0000021000 rw-p 00000000 00:00 0 [heap]
+7f1000028000-7f10001bd000 r-xp 00028000 fe:01 99 /usr/lib/x86_64-linux-gnu/libc.so.6
+7f2000000000-7f2000001000 r-xp 00000000 fe:01 77 /tmp/gone (deleted)
+";
+
+    fn maps() -> Vec<Mapping> {
+        LINES.lines().filter_map(parse_maps_line).collect()
+    }
+
+    #[test]
+    fn parses_file_mappings_and_skips_anonymous() {
+        let maps = maps();
+        assert_eq!(maps.len(), 4);
+        let libc = &maps[2];
+        assert_eq!(libc.start, 0x7f10_0002_8000);
+        assert_eq!(libc.offset, 0x28000);
+        assert!(libc.executable);
+        assert_eq!((libc.dev_major, libc.dev_minor, libc.inode), (0xfe, 1, 99));
+        assert_eq!(libc.path, Path::new("/usr/lib/x86_64-linux-gnu/libc.so.6"));
+        assert!(!maps[0].executable);
+        assert_eq!(maps[3].path, Path::new("/tmp/gone"));
+    }
+
+    #[test]
+    fn finds_the_mapping_of_an_address() {
+        let maps = maps();
+        let m = find_mapping(&maps, 0x55d0_c0a0_1abc).expect("in text");
+        assert_eq!(m.file_offset(0x55d0_c0a0_1abc), 0x1abc);
+        assert!(find_mapping(&maps, 0x55d0_c0a0_2000).is_none());
+        assert!(find_mapping(&maps, 0x10).is_none());
+    }
+
+    #[test]
+    fn reads_a_fixture_tree() {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let pid_dir = dir.path().join("42");
+        fs::create_dir_all(&pid_dir).expect("mkdir");
+        fs::write(pid_dir.join("maps"), LINES).expect("maps");
+        fs::write(pid_dir.join("comm"), "fixture\n").expect("comm");
+        fs::write(pid_dir.join("stat"), "42 (fixture) S").expect("stat");
+        let root = ProcRoot::new(dir.path());
+        assert_eq!(root.maps(42).expect("maps").len(), 4);
+        assert_eq!(root.comm(42).expect("comm"), "fixture");
+        assert!(root.exists(42));
+        assert!(matches!(root.comm(43), Err(ProcError::NoSuchProcess { pid: 43 })));
+        assert_eq!(root.pids().expect("pids"), vec![42]);
+        assert_eq!(
+            root.in_root(42, Path::new("/usr/lib/libc.so.6")),
+            dir.path().join("42/root/usr/lib/libc.so.6")
+        );
+    }
+}

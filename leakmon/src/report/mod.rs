@@ -1,0 +1,180 @@
+//! Reports of unfreed memory for people (table) and programs (JSON).
+//!
+//! In: grouped totals from the store, what is known of each process (name, mappings),
+//! a stack lookup and the symbolizer. Out: a [`Report`], rendered by [`table`] or
+//! serialized as JSON with the documented shape.
+
+pub mod table;
+
+use std::{collections::HashMap, path::PathBuf};
+
+use serde::Serialize;
+
+use crate::{
+    procfs::Mapping,
+    store::ProcessTotals,
+    symbolize::{Frame, Symbolizer},
+};
+
+/// What is known of a process beyond its totals.
+#[derive(Clone, Debug, Default)]
+pub struct ProcessInfo {
+    pub comm: String,
+    /// Mappings captured while the process lived (at its exit, or now).
+    pub maps: Vec<Mapping>,
+    /// `/proc/PID/root` while the process lives.
+    pub root: Option<PathBuf>,
+    /// A table was full for this process: its figures are lower bounds.
+    pub incomplete: bool,
+}
+
+#[derive(Clone, Debug, PartialEq, Serialize)]
+pub struct Report {
+    pub processes: Vec<ProcessReport>,
+}
+
+#[derive(Clone, Debug, PartialEq, Serialize)]
+pub struct ProcessReport {
+    pub pid: u32,
+    pub comm: String,
+    pub outstanding_bytes: u64,
+    pub outstanding_allocations: u64,
+    /// Some allocations could not be counted (a table was full).
+    pub incomplete: bool,
+    pub stacks: Vec<StackReport>,
+}
+
+#[derive(Clone, Debug, PartialEq, Serialize)]
+pub struct StackReport {
+    pub bytes: u64,
+    pub allocations: u64,
+    pub mean_age_seconds: f64,
+    /// Innermost first.
+    pub frames: Vec<FrameReport>,
+}
+
+#[derive(Clone, Debug, PartialEq, Eq, Serialize)]
+pub struct FrameReport {
+    pub function: String,
+    pub file: Option<String>,
+    pub line: Option<u32>,
+    pub address: String,
+}
+
+impl From<Frame> for FrameReport {
+    fn from(f: Frame) -> Self {
+        Self {
+            function: f.function.unwrap_or_else(|| "??".to_owned()),
+            file: f.file,
+            line: f.line,
+            address: format!("{:#x}", f.address),
+        }
+    }
+}
+
+impl Report {
+    /// Builds the report. `stack` looks up a stack id's addresses; processes without
+    /// info keep their pid with an empty name and unresolved frames.
+    pub fn build(
+        totals: Vec<ProcessTotals>,
+        info: &HashMap<u32, ProcessInfo>,
+        stack: impl Fn(u32) -> Option<Vec<u64>>,
+        symbolizer: &Symbolizer,
+        now_ms: u64,
+    ) -> Self {
+        let empty = ProcessInfo::default();
+        let processes = totals
+            .into_iter()
+            .map(|p| {
+                let pinfo = info.get(&p.pid).unwrap_or(&empty);
+                let stacks = p
+                    .stacks
+                    .iter()
+                    .map(|s| StackReport {
+                        bytes: s.bytes,
+                        allocations: s.allocations,
+                        mean_age_seconds: s.mean_age_seconds(now_ms),
+                        frames: stack(s.stack_id)
+                            .map(|ips| symbolizer.frames(&pinfo.maps, pinfo.root.as_deref(), &ips))
+                            .unwrap_or_default()
+                            .into_iter()
+                            .map(FrameReport::from)
+                            .collect(),
+                    })
+                    .collect();
+                ProcessReport {
+                    pid: p.pid,
+                    comm: pinfo.comm.clone(),
+                    outstanding_bytes: p.bytes,
+                    outstanding_allocations: p.allocations,
+                    incomplete: pinfo.incomplete,
+                    stacks,
+                }
+            })
+            .collect();
+        Self { processes }
+    }
+
+    /// Adds processes that were watched but left nothing unfreed, so a clean run
+    /// says "0 bytes" instead of saying nothing.
+    pub fn include_clean(&mut self, watched: &HashMap<u32, ProcessInfo>) {
+        for (&pid, info) in watched {
+            if !self.processes.iter().any(|p| p.pid == pid) {
+                self.processes.push(ProcessReport {
+                    pid,
+                    comm: info.comm.clone(),
+                    outstanding_bytes: 0,
+                    outstanding_allocations: 0,
+                    incomplete: info.incomplete,
+                    stacks: Vec::new(),
+                });
+            }
+        }
+        self.processes.sort_by(|a, b| b.outstanding_bytes.cmp(&a.outstanding_bytes).then(a.pid.cmp(&b.pid)));
+    }
+
+    pub fn to_json(&self) -> String {
+        serde_json::to_string_pretty(self).expect("report serializes")
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::store::StackTotals;
+
+    #[test]
+    fn json_has_the_documented_shape() {
+        let totals = vec![ProcessTotals {
+            pid: 7,
+            gen: 0,
+            bytes: 48_000,
+            allocations: 1000,
+            stacks: vec![StackTotals { stack_id: 3, bytes: 48_000, allocations: 1000, ts_ms_sum: 1000 * 500 }],
+        }];
+        let info = HashMap::from([(7, ProcessInfo { comm: "fixture".into(), ..ProcessInfo::default() })]);
+        let mut report = Report::build(totals, &info, |_| Some(vec![0x1234]), &Symbolizer::default(), 2500);
+        report.include_clean(&HashMap::from([(8, ProcessInfo { comm: "child".into(), ..ProcessInfo::default() })]));
+        let json: serde_json::Value = serde_json::from_str(&report.to_json()).expect("valid JSON");
+        let p = &json["processes"][0];
+        assert_eq!(p["pid"], 7);
+        assert_eq!(p["comm"], "fixture");
+        assert_eq!(p["outstanding_bytes"], 48_000);
+        assert_eq!(p["outstanding_allocations"], 1000);
+        assert_eq!(p["stacks"][0]["bytes"], 48_000);
+        assert_eq!(p["stacks"][0]["allocations"], 1000);
+        assert_eq!(p["stacks"][0]["mean_age_seconds"], 2.0);
+        // No mapping covers 0x1234: the stack ends there, no garbage frame.
+        assert_eq!(p["stacks"][0]["frames"].as_array().map(Vec::len), Some(0));
+        assert_eq!(json["processes"][1]["pid"], 8);
+        assert_eq!(json["processes"][1]["outstanding_bytes"], 0);
+    }
+
+    #[test]
+    fn frames_render_hex_addresses_and_unknown_names() {
+        let f = FrameReport::from(Frame { address: 0xdead, ..Frame::default() });
+        assert_eq!(f.address, "0xdead");
+        assert_eq!(f.function, "??");
+        assert_eq!(f.file, None);
+    }
+}

@@ -1,0 +1,120 @@
+//! The human-readable view: a profiler-style top list of unfreed memory per process,
+//! one row per stack with the allocation site first and its callers indented below.
+
+use std::fmt::Write as _;
+
+use super::{FrameReport, Report};
+
+/// Frames shown under each stack; the JSON has them all.
+const MAX_FRAMES: usize = 8;
+
+/// Renders `report` as text.
+pub fn render(report: &Report) -> String {
+    let total_bytes: u64 = report.processes.iter().map(|p| p.outstanding_bytes).sum();
+    let total_allocs: u64 = report.processes.iter().map(|p| p.outstanding_allocations).sum();
+    let mut out = String::new();
+    let _ = writeln!(
+        out,
+        "leakmon: {} unfreed in {} allocations across {} process{}",
+        bytes(total_bytes),
+        total_allocs,
+        report.processes.len(),
+        if report.processes.len() == 1 { "" } else { "es" }
+    );
+    for p in &report.processes {
+        let _ = writeln!(
+            out,
+            "\npid {} ({}): {} unfreed in {} allocations{}",
+            p.pid,
+            if p.comm.is_empty() { "?" } else { &p.comm },
+            bytes(p.outstanding_bytes),
+            p.outstanding_allocations,
+            if p.incomplete { "  [INCOMPLETE: a table was full, figures are lower bounds]" } else { "" }
+        );
+        if p.stacks.is_empty() {
+            continue;
+        }
+        let _ = writeln!(out, "  {:>12} {:>9} {:>6}  allocation site / callers", "bytes", "allocs", "%");
+        for s in &p.stacks {
+            let share = if p.outstanding_bytes == 0 { 0.0 } else { 100.0 * s.bytes as f64 / p.outstanding_bytes as f64 };
+            let mut frames = s.frames.iter();
+            let first = frames.next().map_or_else(|| "[no stack]".to_owned(), frame);
+            let _ = writeln!(out, "  {:>12} {:>9} {:>5.1}%  {first}", s.bytes, s.allocations, share);
+            for f in frames.by_ref().take(MAX_FRAMES - 1) {
+                let _ = writeln!(out, "  {:>30}  {}", "", frame(f));
+            }
+            let rest = s.frames.len().saturating_sub(MAX_FRAMES);
+            if rest > 0 {
+                let _ = writeln!(out, "  {:>30}  ... {rest} more", "");
+            }
+        }
+    }
+    out
+}
+
+fn frame(f: &FrameReport) -> String {
+    match (&f.file, f.line) {
+        (Some(file), Some(line)) => format!("{} ({}:{line})", f.function, short(file)),
+        (Some(file), None) => format!("{} ({})", f.function, short(file)),
+        _ => format!("{} [{}]", f.function, f.address),
+    }
+}
+
+fn short(path: &str) -> &str {
+    path.rsplit('/').next().unwrap_or(path)
+}
+
+/// Bytes with binary units, exact below 1 KiB.
+pub fn bytes(n: u64) -> String {
+    const UNITS: [&str; 5] = ["B", "KiB", "MiB", "GiB", "TiB"];
+    let mut value = n as f64;
+    let mut unit = 0;
+    while value >= 1024.0 && unit < UNITS.len() - 1 {
+        value /= 1024.0;
+        unit += 1;
+    }
+    if unit == 0 { format!("{n} B") } else { format!("{value:.1} {} ({n} B)", UNITS[unit]) }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::report::{ProcessReport, StackReport};
+
+    #[test]
+    fn renders_sites_largest_first_with_callers() {
+        let frame = |function: &str, line| FrameReport {
+            function: function.into(),
+            file: Some("/src/fixture.c".into()),
+            line: Some(line),
+            address: "0x1".into(),
+        };
+        let report = Report {
+            processes: vec![ProcessReport {
+                pid: 42,
+                comm: "fixture".into(),
+                outstanding_bytes: 48_000,
+                outstanding_allocations: 1000,
+                incomplete: false,
+                stacks: vec![StackReport {
+                    bytes: 48_000,
+                    allocations: 1000,
+                    mean_age_seconds: 1.0,
+                    frames: vec![frame("leak_small", 12), frame("main", 40)],
+                }],
+            }],
+        };
+        let text = render(&report);
+        assert!(text.starts_with("leakmon: 46.9 KiB (48000 B) unfreed in 1000 allocations across 1 process\n"), "{text}");
+        assert!(text.contains("pid 42 (fixture): 46.9 KiB (48000 B) unfreed in 1000 allocations\n"), "{text}");
+        assert!(text.contains("         48000      1000 100.0%  leak_small (fixture.c:12)\n"), "{text}");
+        assert!(text.contains("  main (fixture.c:40)\n"), "{text}");
+    }
+
+    #[test]
+    fn byte_units() {
+        assert_eq!(bytes(0), "0 B");
+        assert_eq!(bytes(1023), "1023 B");
+        assert_eq!(bytes(1536), "1.5 KiB (1536 B)");
+    }
+}

@@ -1,0 +1,100 @@
+//! Symbolization: user stack addresses → function, file and line, with blazesym.
+//!
+//! In: a process's mappings (captured while it was alive) and the addresses of one
+//! stack. Out: frames. Lookups go by file and file offset, not through the live
+//! process, so stacks of processes that have exited still resolve as long as their
+//! binaries exist. blazesym caches each parsed binary, so a binary is read once.
+
+use std::path::{Path, PathBuf};
+
+use blazesym::symbolize::{source::Elf, source::Source, Input, Symbolized, Symbolizer as Blaze};
+
+use crate::procfs::{find_mapping, Mapping};
+
+/// One resolved stack frame.
+#[derive(Clone, Debug, Default, PartialEq, Eq, serde::Serialize)]
+pub struct Frame {
+    /// Demangled function name; `None` when no symbol covers the address.
+    pub function: Option<String>,
+    pub file: Option<String>,
+    pub line: Option<u32>,
+    /// The address as the process saw it.
+    pub address: u64,
+    /// The binary the address lies in.
+    #[serde(skip)]
+    pub object: Option<PathBuf>,
+}
+
+/// Shared symbolizer with its per-binary cache.
+pub struct Symbolizer {
+    blaze: Blaze,
+}
+
+impl Default for Symbolizer {
+    fn default() -> Self {
+        Self { blaze: Blaze::new() }
+    }
+}
+
+impl Symbolizer {
+    /// Resolves a stack of return addresses, innermost first. The stack ends at the
+    /// first address outside any executable file mapping: past that, frame-pointer
+    /// walks through code without frame pointers read garbage. `root` maps the
+    /// process's paths into our mount namespace (its `/proc/PID/root`) while it lives.
+    pub fn frames(&self, maps: &[Mapping], root: Option<&Path>, stack: &[u64]) -> Vec<Frame> {
+        let mut frames = Vec::with_capacity(stack.len());
+        for &address in stack {
+            // Every frame is a return address: look up the call instruction before it.
+            let Some(mapping) = find_mapping(maps, address.saturating_sub(1)).filter(|m| m.executable)
+            else {
+                break;
+            };
+            let offset = mapping.file_offset(address - 1);
+            let path = resolve(root, &mapping.path);
+            let mut frame = Frame { address, object: Some(mapping.path.clone()), ..Frame::default() };
+            let src = Source::Elf(Elf::new(&path));
+            if let Ok(result) = self.blaze.symbolize(&src, Input::FileOffset(&[offset])) {
+                if let Some(Symbolized::Sym(sym)) = result.into_iter().next() {
+                    frame.function = Some(sym.name.into_owned());
+                    if let Some(info) = sym.code_info {
+                        frame.file = Some(info.to_path().display().to_string());
+                        frame.line = info.line;
+                    }
+                }
+            }
+            frames.push(frame);
+        }
+        frames
+    }
+}
+
+fn resolve(root: Option<&Path>, path: &Path) -> PathBuf {
+    match root {
+        Some(root) if root.join(path.strip_prefix("/").unwrap_or(path)).exists() => {
+            root.join(path.strip_prefix("/").unwrap_or(path))
+        }
+        _ => path.to_owned(),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::procfs::ProcRoot;
+
+    #[inline(never)]
+    #[no_mangle]
+    extern "C" fn leakmon_symbolize_probe_target() -> u64 {
+        std::hint::black_box(7)
+    }
+
+    #[test]
+    fn resolves_a_function_of_this_binary() {
+        let address = leakmon_symbolize_probe_target as usize as u64 + 1;
+        let maps = ProcRoot::default().maps(std::process::id()).expect("maps");
+        let frames = Symbolizer::default().frames(&maps, None, &[address, 0x10, address]);
+        assert_eq!(frames.len(), 1, "the stack ends at the unmapped address: {frames:?}");
+        assert_eq!(frames[0].function.as_deref(), Some("leakmon_symbolize_probe_target"));
+        assert_eq!(frames[0].address, address);
+    }
+}

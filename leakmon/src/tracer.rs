@@ -1,0 +1,141 @@
+//! Holding traced processes at their exit, so their mappings can still be read.
+//!
+//! A process's memory map vanishes with it, and with it the means to turn its stack
+//! addresses into names. ptrace's exit stop (`PTRACE_O_TRACEEXIT`) holds each process
+//! of a `report` session just before its address space is torn down; the caller reads
+//! /proc/PID/maps then. Only fork, exec and exit stop the tracee: no syscall tracing,
+//! so the cost is nil between those events.
+//!
+//! All ptrace calls must come from the thread that attached; callers keep the tracer on
+//! one thread.
+
+use std::{
+    collections::HashSet,
+    ffi::OsString,
+    os::unix::process::CommandExt as _,
+    process::Command,
+};
+
+use nix::{
+    errno::Errno,
+    sys::{
+        ptrace::{self, Options},
+        signal::Signal,
+        wait::{waitpid, WaitPidFlag, WaitStatus},
+    },
+    unistd::Pid,
+};
+
+/// Errors of the tracer.
+#[derive(Debug, thiserror::Error)]
+pub enum TracerError {
+    /// The command could not be started.
+    #[error("cannot start command {command}: {source}")]
+    Spawn { command: String, source: std::io::Error },
+    /// A ptrace or wait call failed.
+    #[error("{call} pid {pid}: {source}")]
+    Ptrace { call: &'static str, pid: i32, source: Errno },
+}
+
+fn err(call: &'static str, pid: Pid) -> impl FnOnce(Errno) -> TracerError {
+    move |source| TracerError::Ptrace { call, pid: pid.as_raw(), source }
+}
+
+/// How the root process ended.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum RootExit {
+    Code(i32),
+    Signal(Signal),
+}
+
+/// The processes of one session.
+pub struct Tracer {
+    root: Pid,
+    /// Processes whose first stop was seen (a new child's first stop is its attach
+    /// stop, to be swallowed, not a signal to deliver).
+    seen: HashSet<Pid>,
+    root_exit: Option<RootExit>,
+}
+
+const OPTIONS: Options = Options::PTRACE_O_TRACEFORK
+    .union(Options::PTRACE_O_TRACEVFORK)
+    .union(Options::PTRACE_O_TRACEEXEC)
+    .union(Options::PTRACE_O_TRACEEXIT);
+
+impl Tracer {
+    /// Starts `command` stopped just after its exec, before its first instruction.
+    /// Call [`Tracer::resume`] once probes are in place.
+    pub fn spawn(command: &[OsString]) -> Result<Self, TracerError> {
+        let (program, args) = command.split_first().expect("clap requires a command");
+        let mut cmd = Command::new(program);
+        cmd.args(args);
+        // SAFETY: traceme is async-signal-safe (a single syscall).
+        unsafe {
+            cmd.pre_exec(|| ptrace::traceme().map_err(std::io::Error::from));
+        }
+        let child = cmd.spawn().map_err(|source| TracerError::Spawn {
+            command: program.to_string_lossy().into_owned(),
+            source,
+        })?;
+        let root = Pid::from_raw(i32::try_from(child.id()).expect("pid fits"));
+        // The exec stop.
+        waitpid(root, Some(WaitPidFlag::__WALL)).map_err(err("waitpid", root))?;
+        ptrace::setoptions(root, OPTIONS).map_err(err("setoptions", root))?;
+        Ok(Self { root, seen: HashSet::from([root]), root_exit: None })
+    }
+
+    /// Attaches to a running process without stopping it.
+    pub fn seize(pid: u32) -> Result<Self, TracerError> {
+        let root = Pid::from_raw(i32::try_from(pid).expect("pid fits"));
+        ptrace::seize(root, OPTIONS).map_err(err("seize", root))?;
+        Ok(Self { root, seen: HashSet::from([root]), root_exit: None })
+    }
+
+    pub fn root(&self) -> u32 {
+        self.root.as_raw() as u32
+    }
+
+    /// Lets the spawned command run.
+    pub fn resume(&mut self) -> Result<(), TracerError> {
+        ptrace::cont(self.root, None).map_err(err("cont", self.root))
+    }
+
+    /// How the root process ended, once it has.
+    pub fn root_exit(&self) -> Option<RootExit> {
+        self.root_exit
+    }
+
+    /// Handles every pending stop without blocking. `at_exit(pid)` runs while `pid` is
+    /// held at its exit stop, its address space still in place.
+    pub fn poll(&mut self, mut at_exit: impl FnMut(u32)) -> Result<(), TracerError> {
+        loop {
+            let status = match waitpid(None, Some(WaitPidFlag::__WALL | WaitPidFlag::WNOHANG)) {
+                Ok(WaitStatus::StillAlive) | Err(Errno::ECHILD) => return Ok(()),
+                Ok(status) => status,
+                Err(e) => return Err(TracerError::Ptrace { call: "waitpid", pid: -1, source: e }),
+            };
+            match status {
+                WaitStatus::PtraceEvent(pid, _, event) => {
+                    self.seen.insert(pid);
+                    if event == libc::PTRACE_EVENT_EXIT {
+                        at_exit(pid.as_raw() as u32);
+                    }
+                    // A process may vanish (SIGKILL) between its stop and this call.
+                    let _ = ptrace::cont(pid, None);
+                }
+                WaitStatus::Stopped(pid, signal) => {
+                    let first = self.seen.insert(pid);
+                    let deliver = (!(first && signal == Signal::SIGSTOP)).then_some(signal);
+                    let _ = ptrace::cont(pid, deliver);
+                }
+                WaitStatus::Exited(pid, code) if pid == self.root => {
+                    self.root_exit = Some(RootExit::Code(code));
+                }
+                WaitStatus::Signaled(pid, signal, _) if pid == self.root => {
+                    self.root_exit = Some(RootExit::Signal(signal));
+                }
+                _ => {}
+            }
+        }
+    }
+}
