@@ -1,1 +1,222 @@
-fn main() {}
+//! Project tasks: set up the build chain, build, run, test.
+//!
+//! Every task first runs the idempotent set-up, so a fresh Debian machine needs nothing
+//! but cargo: Debian's LLVM 22 (for bpf-linker), the pinned nightly with rust-src, and
+//! bpf-linker itself, all at the versions pinned in the workspace `Cargo.toml`
+//! (`[workspace.metadata.leakmon]`).
+
+use std::{
+    env,
+    ffi::OsString,
+    path::{Path, PathBuf},
+    process::Command,
+    time::Instant,
+};
+
+use anyhow::{bail, Context as _, Result};
+use clap::{Parser, Subcommand};
+
+#[derive(Parser)]
+#[command(name = "xtask", about = "leakmon project tasks")]
+struct Cli {
+    #[command(subcommand)]
+    task: Task,
+}
+
+#[derive(Subcommand)]
+enum Task {
+    /// Install what the build needs (idempotent): Debian packages, the pinned nightly
+    /// with rust-src, bpf-linker.
+    Setup {
+        /// Also install what the tests need (C/C++ compilers, valgrind, bpftool).
+        #[arg(long)]
+        tests: bool,
+    },
+    /// Build leakmon with its eBPF programs embedded.
+    Build {
+        #[arg(long)]
+        release: bool,
+    },
+    /// Set up, build (release) and start leakmon as root. Arguments after `--` go to
+    /// leakmon; the default is `run`.
+    Run {
+        #[arg(last = true)]
+        args: Vec<OsString>,
+    },
+    /// Set up and run every test, the real-eBPF ones included (needs root).
+    Test {
+        /// Extra arguments for `cargo test`, after `--`.
+        #[arg(last = true)]
+        args: Vec<OsString>,
+    },
+}
+
+/// The pinned build chain, from the workspace manifest.
+struct Pins {
+    toolchain: String,
+    bpf_linker: String,
+    llvm: String,
+}
+
+fn main() -> Result<()> {
+    let cli = Cli::parse();
+    let root = workspace_root();
+    env::set_current_dir(&root).context("enter the workspace")?;
+    let pins = pins()?;
+    match cli.task {
+        Task::Setup { tests } => setup(&pins, tests),
+        Task::Build { release } => {
+            setup(&pins, false)?;
+            build(release)
+        }
+        Task::Run { args } => {
+            setup(&pins, false)?;
+            build(true)?;
+            require_root("leakmon loads eBPF programs")?;
+            let args = if args.is_empty() { vec![OsString::from("run")] } else { args };
+            let status = Command::new(root.join("target/release/leakmon")).args(args).status()?;
+            std::process::exit(status.code().unwrap_or(1));
+        }
+        Task::Test { args } => {
+            setup(&pins, true)?;
+            require_root("the tests load real eBPF programs into the kernel")?;
+            let started = Instant::now();
+            // The default members: the eBPF crate only builds for the bpf target (build.rs
+            // builds it), so `--workspace` would try to compile it for the host.
+            run(cargo().arg("test").args(&args))?;
+            eprintln!("xtask: tests finished in {:.0?}", started.elapsed());
+            Ok(())
+        }
+    }
+}
+
+fn workspace_root() -> PathBuf {
+    Path::new(env!("CARGO_MANIFEST_DIR")).parent().expect("xtask lives in the workspace").to_owned()
+}
+
+fn pins() -> Result<Pins> {
+    let metadata = cargo_metadata::MetadataCommand::new().no_deps().exec().context("cargo metadata")?;
+    let get = |key: &str| -> Result<String> {
+        metadata.workspace_metadata["leakmon"][key]
+            .as_str()
+            .map(str::to_owned)
+            .with_context(|| format!("[workspace.metadata.leakmon] {key} is missing"))
+    };
+    Ok(Pins { toolchain: get("ebpf-toolchain")?, bpf_linker: get("bpf-linker")?, llvm: get("llvm-major")? })
+}
+
+fn cargo_bin() -> PathBuf {
+    env::var_os("CARGO_HOME")
+        .map_or_else(|| home().join(".cargo"), PathBuf::from)
+        .join("bin")
+}
+
+fn home() -> PathBuf {
+    env::var_os("HOME").map_or_else(|| PathBuf::from("/root"), PathBuf::from)
+}
+
+/// PATH with cargo's bin directory first, where bpf-linker is installed.
+fn path_with_cargo_bin() -> OsString {
+    let mut paths = vec![cargo_bin()];
+    paths.extend(env::split_paths(&env::var_os("PATH").unwrap_or_default()));
+    env::join_paths(paths).expect("valid PATH")
+}
+
+fn cargo() -> Command {
+    let mut cmd = Command::new(env::var_os("CARGO").unwrap_or_else(|| "cargo".into()));
+    cmd.env("PATH", path_with_cargo_bin());
+    cmd
+}
+
+fn run(cmd: &mut Command) -> Result<()> {
+    let status = cmd.status().with_context(|| format!("start {cmd:?}"))?;
+    if !status.success() {
+        bail!("{cmd:?} failed: {status}");
+    }
+    Ok(())
+}
+
+fn output(cmd: &mut Command) -> Option<String> {
+    let out = cmd.output().ok()?;
+    out.status.success().then(|| String::from_utf8_lossy(&out.stdout).into_owned())
+}
+
+fn require_root(why: &str) -> Result<()> {
+    // SAFETY: geteuid has no preconditions.
+    if unsafe { libc::geteuid() } != 0 {
+        bail!("{why}: run as root");
+    }
+    Ok(())
+}
+
+fn setup(pins: &Pins, tests: bool) -> Result<()> {
+    let llvm = &pins.llvm;
+    let mut packages = vec![
+        format!("llvm-{llvm}-dev"),
+        format!("libpolly-{llvm}-dev"),
+        "zlib1g-dev".to_owned(),
+        "libzstd-dev".to_owned(),
+        "gcc".to_owned(),
+    ];
+    if tests {
+        packages.extend(["g++", "valgrind", "bpftool"].map(str::to_owned));
+    }
+    apt_install(&packages)?;
+
+    let toolchains = output(Command::new("rustup").args(["toolchain", "list"])).unwrap_or_default();
+    if !toolchains.lines().any(|l| l.starts_with(&pins.toolchain)) {
+        eprintln!("xtask: installing Rust {} with rust-src", pins.toolchain);
+        run(Command::new("rustup").args(["toolchain", "install", &pins.toolchain, "--profile", "minimal", "--component", "rust-src"]))?;
+    }
+    let components = output(Command::new("rustup").args(["component", "list", "--installed", "--toolchain", &pins.toolchain])).unwrap_or_default();
+    if !components.lines().any(|l| l.starts_with("rust-src")) {
+        run(Command::new("rustup").args(["component", "add", "rust-src", "--toolchain", &pins.toolchain]))?;
+    }
+
+    let linker = cargo_bin().join("bpf-linker");
+    let have = output(Command::new(&linker).arg("--version")).unwrap_or_default();
+    if !have.split_whitespace().any(|w| w == pins.bpf_linker) {
+        eprintln!("xtask: building bpf-linker {} against LLVM {llvm}", pins.bpf_linker);
+        let llvm_prefix = format!("/usr/lib/llvm-{llvm}");
+        let mut path = vec![PathBuf::from(&llvm_prefix).join("bin")];
+        path.extend(env::split_paths(&path_with_cargo_bin()));
+        run(cargo()
+            .env("PATH", env::join_paths(path)?)
+            .env(format!("LLVM_SYS_{llvm}1_PREFIX"), &llvm_prefix)
+            .args(["install", "bpf-linker", "--version", &pins.bpf_linker, "--no-default-features", "--features", &format!("llvm-{llvm}")]))?;
+    }
+    Ok(())
+}
+
+fn apt_install(packages: &[String]) -> Result<()> {
+    let missing: Vec<&String> = packages
+        .iter()
+        .filter(|p| {
+            output(Command::new("dpkg-query").args(["-W", "-f=${Status}", p.as_str()]))
+                .is_none_or(|s| !s.contains("install ok installed"))
+        })
+        .collect();
+    if missing.is_empty() {
+        return Ok(());
+    }
+    eprintln!("xtask: installing Debian packages: {}", missing.iter().map(|s| s.as_str()).collect::<Vec<_>>().join(" "));
+    require_root("installing Debian packages")?;
+    run(Command::new("apt-get").args(["update", "-qq"]))?;
+    run(Command::new("apt-get")
+        .env("DEBIAN_FRONTEND", "noninteractive")
+        .args(["install", "-y", "-qq", "--no-install-recommends"])
+        .args(missing))
+}
+
+fn build(release: bool) -> Result<()> {
+    let started = Instant::now();
+    let mut cmd = cargo();
+    cmd.args(["build", "--package", "leakmon"]);
+    if release {
+        cmd.arg("--release");
+    }
+    run(&mut cmd)?;
+    let profile = if release { "release" } else { "debug" };
+    eprintln!("xtask: built target/{profile}/leakmon in {:.0?}", started.elapsed());
+    Ok(())
+}

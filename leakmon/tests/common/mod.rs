@@ -1,0 +1,95 @@
+//! Shared helpers of the real-eBPF tests: build C fixtures, run leakmon, read its JSON.
+#![allow(dead_code, reason = "each test binary uses a different subset")]
+
+use std::{
+    collections::BTreeMap,
+    path::{Path, PathBuf},
+    process::{Command, Output},
+    sync::OnceLock,
+};
+
+use serde_json::Value;
+
+pub fn leakmon() -> Command {
+    let mut cmd = Command::new(env!("CARGO_BIN_EXE_leakmon"));
+    cmd.env_remove("RUST_LOG");
+    cmd
+}
+
+fn fixtures_dir() -> PathBuf {
+    Path::new(env!("CARGO_MANIFEST_DIR")).join("tests/fixtures")
+}
+
+fn build_dir() -> &'static Path {
+    static DIR: OnceLock<PathBuf> = OnceLock::new();
+    DIR.get_or_init(|| {
+        let dir = Path::new(env!("CARGO_TARGET_TMPDIR")).join("fixtures");
+        std::fs::create_dir_all(&dir).expect("create fixture build dir");
+        dir
+    })
+}
+
+/// Compiles `tests/fixtures/<source>` with frame pointers and without the builtins that
+/// would let the compiler delete malloc/free pairs. Returns the binary's path.
+pub fn build_fixture(source: &str, extra: &[&str]) -> PathBuf {
+    let src = fixtures_dir().join(source);
+    let stem = Path::new(source).file_stem().expect("stem").to_string_lossy().into_owned();
+    let tag = if extra.is_empty() { String::new() } else { format!("-{}", extra.join("").replace(['-', '='], "")) };
+    let out = build_dir().join(format!("{stem}{tag}"));
+    let compiler = if source.ends_with(".cpp") { "g++" } else { "gcc" };
+    let status = Command::new(compiler)
+        .args(["-O2", "-g", "-fno-omit-frame-pointer", "-fno-optimize-sibling-calls", "-fno-builtin", "-pthread", "-o"])
+        .arg(&out)
+        .arg(&src)
+        .args(extra)
+        .status()
+        .unwrap_or_else(|e| panic!("run {compiler}: {e}"));
+    assert!(status.success(), "{compiler} failed on {source}");
+    out
+}
+
+/// Runs `leakmon report --format json -- <command>` and parses its report.
+pub fn report_json(command: &[&std::ffi::OsStr]) -> Value {
+    let out = leakmon().args(["report", "--format", "json", "--"]).args(command).output().expect("run leakmon");
+    parse_report(&out)
+}
+
+pub fn parse_report(out: &Output) -> Value {
+    assert!(
+        out.status.success(),
+        "leakmon failed: {}\nstderr:\n{}",
+        out.status,
+        String::from_utf8_lossy(&out.stderr)
+    );
+    serde_json::from_slice(&out.stdout).unwrap_or_else(|e| {
+        panic!("report is not JSON ({e}):\n{}", String::from_utf8_lossy(&out.stdout))
+    })
+}
+
+/// Per function of the fixture source `file`: (bytes, allocations), each stack
+/// attributed to its innermost frame in that file.
+pub fn by_function(process: &Value, file: &str) -> BTreeMap<String, (u64, u64)> {
+    let mut out = BTreeMap::new();
+    for stack in process["stacks"].as_array().expect("stacks") {
+        let Some(frame) = stack["frames"]
+            .as_array()
+            .expect("frames")
+            .iter()
+            .find(|f| f["file"].as_str().is_some_and(|p| p.ends_with(file)))
+        else {
+            continue;
+        };
+        let entry = out.entry(frame["function"].as_str().expect("function").to_owned()).or_insert((0, 0));
+        entry.0 += stack["bytes"].as_u64().expect("bytes");
+        entry.1 += stack["allocations"].as_u64().expect("allocations");
+    }
+    out
+}
+
+pub fn processes(report: &Value) -> &Vec<Value> {
+    report["processes"].as_array().expect("processes")
+}
+
+pub fn expected(rows: &[(&str, u64, u64)]) -> BTreeMap<String, (u64, u64)> {
+    rows.iter().map(|&(f, b, n)| (f.to_owned(), (b, n))).collect()
+}

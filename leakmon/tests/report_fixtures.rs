@@ -1,0 +1,137 @@
+//! `leakmon report` on real processes, with real eBPF programs in the kernel: every
+//! leaking function's bytes and allocation count must come out exactly.
+
+mod common;
+
+use std::{collections::BTreeMap, process::Command};
+
+use common::{build_fixture, by_function, expected, processes, report_json};
+
+const LEAKS: &[(&str, u64, u64)] = &[
+    ("leak_small", 48_000, 1000),
+    ("leak_calloc", 32_000, 100),
+    ("leak_realloc_chain", 2_621_440, 10),
+    ("leak_realloc_null", 1000, 10),
+    ("leak_posix_memalign", 12_800, 50),
+    ("leak_aligned_alloc", 10_240, 20),
+    ("leak_memalign", 5000, 5),
+    ("leak_strdup", 2800, 200),
+    ("leak_in_thread", 128_000, 2000),
+];
+
+#[test]
+fn c_fixture_is_reported_exactly_per_function() {
+    let fixture = build_fixture("leaks.c", &[]);
+    let report = report_json(&[fixture.as_os_str()]);
+    let procs = processes(&report);
+    assert_eq!(procs.len(), 1, "one process: {report:#}");
+    let got = by_function(&procs[0], "leaks.c");
+    // Exactly the leaking functions: the cross-thread frees, the failed huge malloc and
+    // the 300,000 balanced calls leave nothing.
+    assert_eq!(got, expected(LEAKS), "per-function unfreed (bytes, allocations)");
+    assert_eq!(procs[0]["comm"], "leaks");
+    assert_eq!(procs[0]["incomplete"], false);
+}
+
+/// valgrind's memcheck, on the same binary: definitely-lost bytes per function.
+fn valgrind_definitely_lost(binary: &std::path::Path, file: &str) -> BTreeMap<String, u64> {
+    let xml = tempfile::NamedTempFile::new().expect("temp file");
+    // valgrind executes code from the process's pages, where other tests' uprobes have
+    // put breakpoints (int3) in libc: give it a private copy of libc, a file no probe
+    // is attached to.
+    let private = tempfile::tempdir().expect("temp dir");
+    let libc = leakmon::discovery::libraries_of(&leakmon::procfs::ProcRoot::default(), std::process::id())
+        .into_iter()
+        .find(|p| p.to_string_lossy().contains("libc.so"))
+        .expect("libc");
+    std::fs::copy(&libc, private.path().join("libc.so.6")).expect("copy libc");
+    let status = Command::new("valgrind")
+        .env("LD_LIBRARY_PATH", private.path())
+        .args(["--leak-check=full", "--xml=yes"])
+        .arg(format!("--xml-file={}", xml.path().display()))
+        .arg(binary)
+        .status()
+        .expect("run valgrind");
+    assert!(status.success(), "valgrind failed");
+    let text = std::fs::read_to_string(xml.path()).expect("read valgrind xml");
+    let doc = roxmltree::Document::parse(&text).expect("valgrind xml parses");
+    let mut out = BTreeMap::new();
+    for error in doc.descendants().filter(|n| n.has_tag_name("error")) {
+        let child = |name: &str| error.children().find(|c| c.has_tag_name(name));
+        if child("kind").and_then(|k| k.text()) != Some("Leak_DefinitelyLost") {
+            continue;
+        }
+        let bytes: u64 = child("xwhat")
+            .and_then(|x| x.children().find(|c| c.has_tag_name("leakedbytes")))
+            .and_then(|b| b.text())
+            .and_then(|t| t.parse().ok())
+            .expect("leakedbytes");
+        let function = child("stack")
+            .into_iter()
+            .flat_map(|s| s.children().filter(|f| f.has_tag_name("frame")))
+            .find(|f| f.children().any(|c| c.has_tag_name("file") && c.text() == Some(file)))
+            .and_then(|f| f.children().find(|c| c.has_tag_name("fn")).and_then(|n| n.text()))
+            .expect("a frame in the fixture")
+            .to_owned();
+        *out.entry(function).or_insert(0) += bytes;
+    }
+    out
+}
+
+#[test]
+fn matches_valgrind_definitely_lost_bytes_per_function() {
+    let fixture = build_fixture("leaks.c", &[]);
+    let valgrind = valgrind_definitely_lost(&fixture, "leaks.c");
+    let report = report_json(&[fixture.as_os_str()]);
+    let leakmon: BTreeMap<String, u64> =
+        by_function(&processes(&report)[0], "leaks.c").into_iter().map(|(f, (bytes, _))| (f, bytes)).collect();
+    assert!(!valgrind.is_empty());
+    assert_eq!(leakmon, valgrind, "leakmon vs valgrind definitely lost, per function");
+}
+
+#[test]
+fn cpp_new_is_seen_through_operator_new() {
+    let fixture = build_fixture("new_leaks.cpp", &[]);
+    let report = report_json(&[fixture.as_os_str()]);
+    let got = by_function(&processes(&report)[0], "new_leaks.cpp");
+    assert_eq!(got, expected(&[("leak_new()", 4000, 100), ("leak_new_array()", 5000, 50)]));
+}
+
+#[test]
+fn forked_parent_and_child_are_reported_separately() {
+    let fixture = build_fixture("fork_leaks.c", &[]);
+    let report = report_json(&[fixture.as_os_str()]);
+    let procs = processes(&report);
+    assert_eq!(procs.len(), 2, "parent and child: {report:#}");
+    let mut seen: Vec<_> = procs.iter().map(|p| by_function(p, "fork_leaks.c")).collect();
+    seen.sort();
+    let mut want = vec![expected(&[("leak_in_child", 4000, 20)]), expected(&[("leak_in_parent", 1000, 10)])];
+    want.sort();
+    assert_eq!(seen, want);
+    assert_ne!(procs[0]["pid"], procs[1]["pid"]);
+}
+
+#[test]
+fn exec_drops_the_old_image() {
+    // The shell allocates before it execs the fixture: none of that may count.
+    let fixture = build_fixture("leaks.c", &[]);
+    let script = format!("exec {}", fixture.display());
+    let report = report_json(&["sh".as_ref(), "-c".as_ref(), script.as_ref()]);
+    let procs = processes(&report);
+    assert_eq!(procs.len(), 1, "{report:#}");
+    assert_eq!(procs[0]["comm"], "leaks");
+    assert_eq!(by_function(&procs[0], "leaks.c"), expected(LEAKS));
+    let fixture_bytes: u64 = LEAKS.iter().map(|l| l.1).sum();
+    // All that is left besides the fixture's own leaks is libc's thread bookkeeping.
+    let total = procs[0]["outstanding_bytes"].as_u64().expect("bytes");
+    assert!(total >= fixture_bytes && total < fixture_bytes + 4096, "total {total}");
+}
+
+#[test]
+fn a_clean_command_reports_zero() {
+    let report = report_json(&["true".as_ref()]);
+    let procs = processes(&report);
+    assert_eq!(procs.len(), 1);
+    assert_eq!(procs[0]["outstanding_bytes"], 0, "{report:#}");
+    assert_eq!(procs[0]["stacks"].as_array().map(Vec::len), Some(0));
+}
