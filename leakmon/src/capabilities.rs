@@ -8,7 +8,7 @@ use std::{fs, path::PathBuf};
 /// A missing privilege or kernel feature.
 #[derive(Debug, thiserror::Error, PartialEq, Eq)]
 pub enum PreflightError {
-    #[error("leakmon needs root (or CAP_BPF, CAP_PERFMON and CAP_SYS_ADMIN) to load eBPF programs and attach uprobes; run it with sudo")]
+    #[error("needs root (or CAP_BPF, CAP_PERFMON and CAP_SYS_ADMIN) to load eBPF programs and attach uprobes; run it with sudo")]
     NotPrivileged,
     #[error("this kernel has no BTF (/sys/kernel/btf/vmlinux is missing); leakmon needs a kernel built with CONFIG_DEBUG_INFO_BTF=y")]
     NoBtf,

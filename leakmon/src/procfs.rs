@@ -16,7 +16,7 @@ pub enum ProcError {
     #[error("no process with pid {pid}")]
     NoSuchProcess { pid: u32 },
     /// Any other read failure.
-    #[error("read {path}: {source}")]
+    #[error("read {path}")]
     Read { path: PathBuf, source: io::Error },
 }
 

@@ -30,10 +30,10 @@ use nix::{
 #[derive(Debug, thiserror::Error)]
 pub enum TracerError {
     /// The command could not be started.
-    #[error("cannot start command {command}: {source}")]
+    #[error("cannot start command {command}")]
     Spawn { command: String, source: std::io::Error },
     /// A ptrace or wait call failed.
-    #[error("{call} pid {pid}: {source}")]
+    #[error("{call} pid {pid}")]
     Ptrace { call: &'static str, pid: i32, source: Errno },
 }
 

@@ -135,3 +135,18 @@ fn a_clean_command_reports_zero() {
     assert_eq!(procs[0]["outstanding_bytes"], 0, "{report:#}");
     assert_eq!(procs[0]["stacks"].as_array().map(Vec::len), Some(0));
 }
+
+#[test]
+fn table_is_the_default_format() {
+    let fixture = build_fixture("leaks.c", &[]);
+    let out = common::leakmon().arg("report").arg("--").arg(&fixture).output().expect("run leakmon");
+    assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+    let text = String::from_utf8_lossy(&out.stdout);
+    assert!(text.starts_with("leakmon: "), "{text}");
+    let row = text.lines().find(|l| l.contains("leak_small (leaks.c:")).expect("a leak_small row");
+    let cols: Vec<&str> = row.split_whitespace().collect();
+    assert_eq!(&cols[..2], ["48000", "1000"], "{row}");
+    // Largest first: the realloc chains lead.
+    let first = text.lines().find(|l| l.contains('%')  && !l.contains("allocation site")).expect("rows");
+    assert!(first.contains("leak_realloc_chain"), "{first}");
+}

@@ -37,19 +37,19 @@ pub enum ProbeError {
     #[error("this leakmon binary was built without its eBPF programs (bpf-linker was missing at build time); build it with `cargo xtask build`")]
     NotBuilt,
     /// The kernel refused to load the programs or create the maps.
-    #[error("load the eBPF programs: {0}")]
+    #[error("load the eBPF programs")]
     Load(#[source] Box<EbpfError>),
     /// A program could not be loaded or attached.
-    #[error("{action} program {program}: {source}")]
+    #[error("{action} program {program}")]
     Program { action: &'static str, program: String, #[source] source: Box<ProgramError> },
     /// A map operation failed.
-    #[error("{action} map {map}: {source}")]
+    #[error("{action} map {map}")]
     Map { action: &'static str, map: &'static str, #[source] source: Box<MapError> },
     /// A library's entry points could not be found.
     #[error(transparent)]
     Target(#[from] TargetError),
     /// A library file could not be inspected.
-    #[error("stat {path}: {source}")]
+    #[error("stat {path}")]
     Stat { path: PathBuf, source: std::io::Error },
 }
 

@@ -72,9 +72,9 @@ const ENTRY_POINTS: &[(&str, Handler)] = &[
 /// Errors finding entry points.
 #[derive(Debug, thiserror::Error)]
 pub enum TargetError {
-    #[error("read {path}: {source}")]
+    #[error("read {path}")]
     Read { path: String, source: std::io::Error },
-    #[error("parse ELF {path}: {source}")]
+    #[error("parse ELF {path}")]
     Parse { path: String, source: object::Error },
 }
 

@@ -93,3 +93,27 @@ pub fn processes(report: &Value) -> &Vec<Value> {
 pub fn expected(rows: &[(&str, u64, u64)]) -> BTreeMap<String, (u64, u64)> {
     rows.iter().map(|&(f, b, n)| (f.to_owned(), (b, n))).collect()
 }
+
+/// Kills and reaps a helper process when the test ends, passed or failed, so a failed
+/// test leaves no process behind holding the test's output pipes.
+pub struct Reap(pub std::process::Child);
+
+impl Drop for Reap {
+    fn drop(&mut self) {
+        let _ = self.0.kill();
+        let _ = self.0.wait();
+    }
+}
+
+impl std::ops::Deref for Reap {
+    type Target = std::process::Child;
+    fn deref(&self) -> &Self::Target {
+        &self.0
+    }
+}
+
+impl std::ops::DerefMut for Reap {
+    fn deref_mut(&mut self) -> &mut Self::Target {
+        &mut self.0
+    }
+}

@@ -1,0 +1,80 @@
+//! `leakmon report --pid`: a window on a running process.
+
+mod common;
+
+use std::{
+    io::{BufRead as _, BufReader, Read as _},
+    process::{Child, ChildStderr, Command, Stdio},
+    time::{Duration, Instant},
+};
+
+use common::{build_fixture, by_function, expected, processes, Reap};
+
+/// Starts the fixture and waits until it has made its pre-window leak.
+fn start_fixture() -> Reap {
+    let fixture = build_fixture("wait_then_leak.c", &[]);
+    let mut child = Command::new(fixture).stdout(Stdio::piped()).spawn().expect("start fixture");
+    let mut line = String::new();
+    BufReader::new(child.stdout.as_mut().expect("stdout")).read_line(&mut line).expect("read");
+    assert_eq!(line, "ready\n");
+    Reap(child)
+}
+
+/// Starts `leakmon report --pid` and waits until its probes are in place.
+fn watch(pid: u32, duration: &str) -> (Child, BufReader<ChildStderr>) {
+    let mut leakmon = common::leakmon()
+        .env("RUST_LOG", "info")
+        .args(["report", "--format", "json", "--duration", duration, "--pid", &pid.to_string()])
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .spawn()
+        .expect("start leakmon");
+    let mut stderr = BufReader::new(leakmon.stderr.take().expect("stderr"));
+    let mut line = String::new();
+    loop {
+        line.clear();
+        assert!(stderr.read_line(&mut line).expect("read stderr") > 0, "leakmon ended before watching");
+        if line.contains("watching") {
+            break;
+        }
+    }
+    (leakmon, stderr)
+}
+
+fn finish(leakmon: Child, mut stderr: BufReader<ChildStderr>) -> serde_json::Value {
+    let mut rest = String::new();
+    stderr.read_to_string(&mut rest).expect("drain stderr");
+    let out = leakmon.wait_with_output().expect("wait leakmon");
+    assert!(out.status.success(), "leakmon failed: {rest}");
+    serde_json::from_slice(&out.stdout).expect("JSON report")
+}
+
+#[test]
+fn counts_only_the_window_and_reports_when_the_process_exits() {
+    let mut fixture = start_fixture();
+    let started = Instant::now();
+    let (leakmon, stderr) = watch(fixture.id(), "60");
+    nix::sys::signal::kill(nix::unistd::Pid::from_raw(fixture.id() as i32), nix::sys::signal::Signal::SIGUSR1)
+        .expect("signal fixture");
+    assert!(fixture.wait().expect("wait fixture").success());
+    let report = finish(leakmon, stderr);
+    assert!(started.elapsed() < Duration::from_secs(30), "reported at exit, not at the end of the window");
+    let procs = processes(&report);
+    assert_eq!(procs.len(), 1, "{report:#}");
+    assert_eq!(procs[0]["pid"], fixture.id());
+    // leak_before_watch happened before the window: not counted.
+    assert_eq!(by_function(&procs[0], "wait_then_leak.c"), expected(&[("leak_in_window", 16_000, 500)]));
+}
+
+#[test]
+fn reports_when_the_window_ends() {
+    let fixture = start_fixture();
+    let started = Instant::now();
+    let (leakmon, stderr) = watch(fixture.id(), "1");
+    let report = finish(leakmon, stderr);
+    assert!(started.elapsed() < Duration::from_secs(20));
+    let procs = processes(&report);
+    assert_eq!(procs.len(), 1, "{report:#}");
+    assert_eq!(procs[0]["outstanding_bytes"], 0, "nothing allocated inside the window");
+    assert_eq!(procs[0]["comm"], "wait_then_leak");
+}

@@ -1,0 +1,81 @@
+//! `leakmon run`: the daemon traces processes started after it, drops their state when
+//! they exit, and leaves no probe behind when stopped.
+
+mod common;
+
+use std::{
+    io::{BufRead as _, BufReader},
+    process::{Command, Stdio},
+    sync::mpsc,
+    time::{Duration, Instant},
+};
+
+use common::{build_fixture, Reap};
+use nix::{sys::signal::{kill, Signal}, unistd::Pid};
+
+fn leakmon_programs_loaded() -> usize {
+    let out = Command::new("bpftool").args(["prog", "show"]).output().expect("run bpftool");
+    String::from_utf8_lossy(&out.stdout)
+        .lines()
+        .filter(|l| l.contains(" name alloc_malloc ") || l.contains(" name free_enter "))
+        .count()
+}
+
+#[test]
+fn traces_new_processes_purges_exits_and_detaches_on_sigterm() {
+    let before = leakmon_programs_loaded();
+    let fixture = build_fixture("wait_then_leak.c", &[]);
+    let mut daemon = Reap(common::leakmon()
+        .env("RUST_LOG", "info")
+        .args(["run", "--interval", "1", "--top", "1000"])
+        .stderr(Stdio::piped())
+        .spawn()
+        .expect("start leakmon run"));
+    let (tx, lines) = mpsc::channel::<(Instant, String)>();
+    let stderr = daemon.stderr.take().expect("stderr");
+    let reader = std::thread::spawn(move || {
+        for line in BufReader::new(stderr).lines().map_while(Result::ok) {
+            let _ = tx.send((Instant::now(), line));
+        }
+    });
+    let wait_for = |pred: &dyn Fn(&str) -> bool, within: Duration| -> Option<(Instant, String)> {
+        let deadline = Instant::now() + within;
+        while let Some(left) = deadline.checked_duration_since(Instant::now()) {
+            match lines.recv_timeout(left) {
+                Ok((at, line)) if pred(&line) => return Some((at, line)),
+                Ok(_) => {}
+                Err(_) => return None,
+            }
+        }
+        None
+    };
+    wait_for(&|l| l.contains("leakmon running"), Duration::from_secs(60)).expect("daemon starts");
+    assert!(leakmon_programs_loaded() > before, "programs loaded while running");
+
+    let mut child = Reap(Command::new(&fixture).stdout(Stdio::piped()).spawn().expect("start fixture"));
+    let mut ready = String::new();
+    BufReader::new(child.stdout.as_mut().expect("stdout")).read_line(&mut ready).expect("read");
+    let pid = child.id();
+    let tag = format!("pid={pid} ");
+    let seen = wait_for(&|l| l.contains("top process") && l.contains(&tag), Duration::from_secs(30));
+    let (_, line) = seen.expect("the fixture, started after the daemon, shows in a summary");
+    assert!(line.contains("comm=wait_then_leak"), "{line}");
+
+    kill(Pid::from_raw(pid as i32), Signal::SIGUSR1).expect("signal fixture");
+    assert!(child.wait().expect("wait").success());
+    let exited = Instant::now();
+    // After the purge interval (5 s) no summary may list the exited process.
+    std::thread::sleep(Duration::from_secs(8));
+    let stale = wait_for(&|l| l.contains("top process") && l.contains(&tag), Duration::from_secs(3));
+    if let Some((at, line)) = stale {
+        assert!(at < exited + Duration::from_secs(6), "exited process still listed: {line}");
+    }
+
+    let stop = Instant::now();
+    kill(Pid::from_raw(daemon.id() as i32), Signal::SIGTERM).expect("SIGTERM");
+    let status = daemon.wait().expect("wait daemon");
+    assert!(status.success(), "clean exit: {status}");
+    assert!(stop.elapsed() < Duration::from_secs(5), "stops within seconds");
+    reader.join().expect("reader");
+    assert_eq!(leakmon_programs_loaded(), before, "no program left loaded after SIGTERM");
+}
