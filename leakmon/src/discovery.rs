@@ -30,13 +30,18 @@ pub fn libraries_in_linker_cache() -> Vec<PathBuf> {
     parse_ldconfig(&String::from_utf8_lossy(&out.stdout))
 }
 
-/// Parses `ldconfig -p` output: the native (x86-64 or the build's arch) entries only.
+/// Parses `ldconfig -p` output: entries of this build's architecture only (ldconfig
+/// tags them `(libc6,x86-64)`, `(libc6,AArch64)`; 32-bit ones carry no such tag).
 pub fn parse_ldconfig(text: &str) -> Vec<PathBuf> {
-    let native = if cfg!(target_arch = "x86_64") { "x86-64" } else { std::env::consts::ARCH };
+    let native = match std::env::consts::ARCH {
+        "x86_64" => "x86-64",
+        "aarch64" => "AArch64",
+        other => other,
+    };
     text.lines()
         .filter_map(|line| {
             let (left, path) = line.split_once(" => ")?;
-            (left.contains(native) || !left.contains(',')).then(|| PathBuf::from(path.trim()))
+            left.contains(native).then(|| PathBuf::from(path.trim()))
         })
         .filter(|p| is_allocator_library(p))
         .collect()

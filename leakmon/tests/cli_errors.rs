@@ -90,3 +90,10 @@ fn help_explains_both_report_modes() {
     assert!(help.contains("leakmon report -- COMMAND"), "{help}");
     assert!(help.contains("--duration"), "{help}");
 }
+
+#[test]
+fn duration_without_pid() {
+    let out = leakmon().args(["report", "--duration", "1", "--", "true"]).output().expect("run");
+    let err = one_line_error(&out, 1);
+    assert!(err.contains("--duration goes with --pid"), "{err}");
+}

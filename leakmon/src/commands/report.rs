@@ -35,6 +35,9 @@ pub fn report(args: &ReportArgs) -> Result<()> {
             bail!("leakmon does not trace itself");
         }
     }
+    if args.duration.is_some() && args.pid.is_none() {
+        bail!("--duration goes with --pid; a command is watched until it exits");
+    }
     if let Some(d) = args.duration {
         if !(d.is_finite() && d > 0.0) {
             bail!("--duration must be a positive number of seconds, not {d}");

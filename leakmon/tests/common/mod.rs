@@ -5,7 +5,7 @@ use std::{
     collections::BTreeMap,
     path::{Path, PathBuf},
     process::{Command, Output},
-    sync::OnceLock,
+    sync::{Mutex, OnceLock},
 };
 
 use serde_json::Value;
@@ -30,21 +30,32 @@ fn build_dir() -> &'static Path {
 }
 
 /// Compiles `tests/fixtures/<source>` with frame pointers and without the builtins that
-/// would let the compiler delete malloc/free pairs. Returns the binary's path.
+/// would let the compiler delete malloc/free pairs. Returns the binary's path. Each
+/// fixture is built once per test binary, into a temporary name renamed into place, so
+/// a test never executes a file another is still writing.
 pub fn build_fixture(source: &str, extra: &[&str]) -> PathBuf {
+    static BUILT: Mutex<BTreeMap<String, PathBuf>> = Mutex::new(BTreeMap::new());
+    let key = format!("{source} {}", extra.join(" "));
+    let mut built = BUILT.lock().unwrap_or_else(std::sync::PoisonError::into_inner);
+    if let Some(path) = built.get(&key) {
+        return path.clone();
+    }
     let src = fixtures_dir().join(source);
     let stem = Path::new(source).file_stem().expect("stem").to_string_lossy().into_owned();
     let tag = if extra.is_empty() { String::new() } else { format!("-{}", extra.join("").replace(['-', '='], "")) };
     let out = build_dir().join(format!("{stem}{tag}"));
+    let tmp = build_dir().join(format!(".{stem}{tag}.{}", std::process::id()));
     let compiler = if source.ends_with(".cpp") { "g++" } else { "gcc" };
     let status = Command::new(compiler)
         .args(["-O2", "-g", "-fno-omit-frame-pointer", "-fno-optimize-sibling-calls", "-fno-builtin", "-pthread", "-o"])
-        .arg(&out)
+        .arg(&tmp)
         .arg(&src)
         .args(extra)
         .status()
         .unwrap_or_else(|e| panic!("run {compiler}: {e}"));
     assert!(status.success(), "{compiler} failed on {source}");
+    std::fs::rename(&tmp, &out).expect("move fixture into place");
+    built.insert(key, out.clone());
     out
 }
 
