@@ -1,5 +1,5 @@
 //! Builds the eBPF object with the nightly pinned in the workspace's
-//! `[workspace.metadata.leakmon]` and leaves it in OUT_DIR for `include_bytes!`.
+//! `[workspace.metadata.leakmon]` and leaves it in `OUT_DIR` for `include_bytes!`.
 //!
 //! Without bpf-linker on PATH (plain `cargo check`/`clippy` on a machine not set up
 //! yet) it writes an empty stub instead, with a warning; the binary then refuses to
@@ -15,10 +15,7 @@ const EBPF_OBJECT: &str = "leakmon-probes";
 fn main() -> anyhow::Result<()> {
     println!("cargo:rerun-if-env-changed=LEAKMON_SKIP_EBPF");
     println!("cargo:rerun-if-env-changed=PATH");
-    let metadata = cargo_metadata::MetadataCommand::new()
-        .no_deps()
-        .exec()
-        .context("cargo metadata")?;
+    let metadata = cargo_metadata::MetadataCommand::new().no_deps().exec().context("cargo metadata")?;
     let toolchain = metadata.workspace_metadata["leakmon"]["ebpf-toolchain"]
         .as_str()
         .ok_or_else(|| anyhow!("workspace metadata leakmon.ebpf-toolchain is missing"))?
@@ -36,9 +33,8 @@ fn main() -> anyhow::Result<()> {
         .to_owned();
 
     let skip = env::var_os("LEAKMON_SKIP_EBPF").is_some_and(|v| v == "1");
-    let have_linker = env::var_os("PATH").is_some_and(|paths| {
-        env::split_paths(&paths).any(|dir| dir.join("bpf-linker").is_file())
-    });
+    let have_linker = env::var_os("PATH")
+        .is_some_and(|paths| env::split_paths(&paths).any(|dir| dir.join("bpf-linker").is_file()));
     if skip || !have_linker {
         println!(
             "cargo:warning=building without the eBPF object ({}); run `cargo xtask build` for a working binary",

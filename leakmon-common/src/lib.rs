@@ -4,6 +4,8 @@
 //! kernel and user side agree on the layout byte for byte; flags are `u32`, never `bool`.
 //! The `user` feature adds `aya::Pod` so the user side can read the maps.
 #![no_std]
+// Padding fields are public so both sides can build the structs with literals.
+#![allow(clippy::pub_underscore_fields)]
 
 /// Stack id stored when the kernel gave none (collision or error); counted separately.
 pub const NO_STACK: u32 = u32::MAX;

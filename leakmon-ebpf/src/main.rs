@@ -17,9 +17,9 @@
 #![feature(core_intrinsics)]
 #![allow(internal_features)]
 
+mod lifecycle;
 mod maps;
 mod probes;
-mod lifecycle;
 
 #[cfg(not(test))]
 #[panic_handler]

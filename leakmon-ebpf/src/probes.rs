@@ -20,13 +20,11 @@ use aya_ebpf::{
     programs::{tracing::StackIdContext as _, ProbeContext, RetProbeContext},
 };
 use leakmon_common::{
-    counter, kind, proc_flags, InFlight, LiveAlloc, LiveKey, ProcState, Totals, TotalsKey,
-    NO_STACK, SIZE_FROM_NESTED,
+    counter, kind, proc_flags, InFlight, LiveAlloc, LiveKey, ProcState, Totals, TotalsKey, NO_STACK,
+    SIZE_FROM_NESTED,
 };
 
-use crate::maps::{
-    count, self_tgid, trace_all, INFLIGHT, LIVE, PROCS, STACKS, TOTALS,
-};
+use crate::maps::{count, self_tgid, trace_all, INFLIGHT, LIVE, PROCS, STACKS, TOTALS};
 
 const EEXIST: i32 = 17;
 

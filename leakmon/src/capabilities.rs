@@ -12,7 +12,9 @@ pub enum PreflightError {
     NotPrivileged,
     #[error("this kernel has no BTF (/sys/kernel/btf/vmlinux is missing); leakmon needs a kernel built with CONFIG_DEBUG_INFO_BTF=y")]
     NoBtf,
-    #[error("this kernel has no uprobes (no uprobe event source in sysfs); leakmon needs CONFIG_UPROBE_EVENTS=y")]
+    #[error(
+        "this kernel has no uprobes (no uprobe event source in sysfs); leakmon needs CONFIG_UPROBE_EVENTS=y"
+    )]
     NoUprobes,
 }
 

@@ -6,8 +6,8 @@ use clap::{Parser, Subcommand, ValueEnum};
 
 /// leakmon: find memory that processes allocate and never free, with eBPF.
 ///
-/// It probes the allocator functions (malloc, calloc, realloc, free, posix_memalign,
-/// operator new, ...) of the C library in the kernel and keeps, per process and per call
+/// It probes the allocator functions (`malloc`, `calloc`, `realloc`, `free`, `posix_memalign`,
+/// `operator new`, ...) of the C library in the kernel and keeps, per process and per call
 /// stack, the bytes still unfreed. Needs root (loading eBPF programs and attaching
 /// uprobes).
 #[derive(Debug, Parser)]
@@ -100,7 +100,8 @@ mod tests {
     fn report_needs_a_pid_or_a_command_not_both() {
         assert!(Cli::try_parse_from(["leakmon", "report"]).is_err());
         assert!(Cli::try_parse_from(["leakmon", "report", "--pid", "1", "--", "true"]).is_err());
-        let cli = Cli::try_parse_from(["leakmon", "report", "--format", "json", "--", "ls", "-l"]).expect("parses");
+        let cli =
+            Cli::try_parse_from(["leakmon", "report", "--format", "json", "--", "ls", "-l"]).expect("parses");
         let Cmd::Report(args) = cli.command else { panic!("report") };
         assert_eq!(args.command, vec![OsString::from("ls"), OsString::from("-l")]);
         assert_eq!(args.format, Format::Json);

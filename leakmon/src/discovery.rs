@@ -61,7 +61,10 @@ mod tests {
 ";
         assert_eq!(
             parse_ldconfig(text),
-            vec![PathBuf::from("/lib/x86_64-linux-gnu/libstdc++.so.6"), PathBuf::from("/lib/x86_64-linux-gnu/libc.so.6")]
+            vec![
+                PathBuf::from("/lib/x86_64-linux-gnu/libstdc++.so.6"),
+                PathBuf::from("/lib/x86_64-linux-gnu/libc.so.6")
+            ]
         );
     }
 

@@ -88,11 +88,8 @@ impl ProcRoot {
 
     /// Every numeric entry: the pids of all processes.
     pub fn pids(&self) -> Result<Vec<u32>, ProcError> {
-        let dir = fs::read_dir(&self.0)
-            .map_err(|source| ProcError::Read { path: self.0.clone(), source })?;
-        Ok(dir
-            .filter_map(|e| e.ok()?.file_name().to_str()?.parse().ok())
-            .collect())
+        let dir = fs::read_dir(&self.0).map_err(|source| ProcError::Read { path: self.0.clone(), source })?;
+        Ok(dir.filter_map(|e| e.ok()?.file_name().to_str()?.parse().ok()).collect())
     }
 }
 

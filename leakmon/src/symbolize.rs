@@ -45,8 +45,7 @@ impl Symbolizer {
         let mut frames = Vec::with_capacity(stack.len());
         for &address in stack {
             // Every frame is a return address: look up the call instruction before it.
-            let Some(mapping) = find_mapping(maps, address.saturating_sub(1)).filter(|m| m.executable)
-            else {
+            let Some(mapping) = find_mapping(maps, address.saturating_sub(1)).filter(|m| m.executable) else {
                 break;
             };
             let offset = mapping.file_offset(address - 1);
@@ -90,7 +89,7 @@ mod tests {
 
     #[test]
     fn resolves_a_function_of_this_binary() {
-        let address = leakmon_symbolize_probe_target as usize as u64 + 1;
+        let address = leakmon_symbolize_probe_target as *const () as u64 + 1;
         let maps = ProcRoot::default().maps(std::process::id()).expect("maps");
         let frames = Symbolizer::default().frames(&maps, None, &[address, 0x10, address]);
         assert_eq!(frames.len(), 1, "the stack ends at the unmapped address: {frames:?}");

@@ -9,12 +9,7 @@
 //! All ptrace calls must come from the thread that attached; callers keep the tracer on
 //! one thread.
 
-use std::{
-    collections::HashSet,
-    ffi::OsString,
-    os::unix::process::CommandExt as _,
-    process::Command,
-};
+use std::{collections::HashSet, ffi::OsString, os::unix::process::CommandExt as _, process::Command};
 
 use nix::{
     errno::Errno,

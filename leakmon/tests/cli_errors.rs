@@ -67,7 +67,8 @@ fn not_root() {
 #[test]
 fn kernel_without_btf() {
     let sysfs = tempfile::tempdir().expect("tempdir");
-    let out = leakmon().env("LEAKMON_SYSFS", sysfs.path()).args(["report", "--", "true"]).output().expect("run");
+    let out =
+        leakmon().env("LEAKMON_SYSFS", sysfs.path()).args(["report", "--", "true"]).output().expect("run");
     let err = one_line_error(&out, 1);
     assert!(err.contains("no BTF"), "{err}");
 }
@@ -77,7 +78,8 @@ fn kernel_without_uprobes() {
     let sysfs = tempfile::tempdir().expect("tempdir");
     std::fs::create_dir_all(sysfs.path().join("kernel/btf")).expect("mkdir");
     std::fs::write(sysfs.path().join("kernel/btf/vmlinux"), b"").expect("btf");
-    let out = leakmon().env("LEAKMON_SYSFS", sysfs.path()).args(["report", "--", "true"]).output().expect("run");
+    let out =
+        leakmon().env("LEAKMON_SYSFS", sysfs.path()).args(["report", "--", "true"]).output().expect("run");
     let err = one_line_error(&out, 1);
     assert!(err.contains("no uprobes"), "{err}");
 }

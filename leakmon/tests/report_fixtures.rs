@@ -83,8 +83,10 @@ fn matches_valgrind_definitely_lost_bytes_per_function() {
     let fixture = build_fixture("leaks.c", &[]);
     let valgrind = valgrind_definitely_lost(&fixture, "leaks.c");
     let report = report_json(&[fixture.as_os_str()]);
-    let leakmon: BTreeMap<String, u64> =
-        by_function(&processes(&report)[0], "leaks.c").into_iter().map(|(f, (bytes, _))| (f, bytes)).collect();
+    let leakmon: BTreeMap<String, u64> = by_function(&processes(&report)[0], "leaks.c")
+        .into_iter()
+        .map(|(f, (bytes, _))| (f, bytes))
+        .collect();
     assert!(!valgrind.is_empty());
     assert_eq!(leakmon, valgrind, "leakmon vs valgrind definitely lost, per function");
 }
@@ -147,6 +149,6 @@ fn table_is_the_default_format() {
     let cols: Vec<&str> = row.split_whitespace().collect();
     assert_eq!(&cols[..2], ["48000", "1000"], "{row}");
     // Largest first: the realloc chains lead.
-    let first = text.lines().find(|l| l.contains('%')  && !l.contains("allocation site")).expect("rows");
+    let first = text.lines().find(|l| l.contains('%') && !l.contains("allocation site")).expect("rows");
     assert!(first.contains("leak_realloc_chain"), "{first}");
 }

@@ -54,8 +54,11 @@ fn counts_only_the_window_and_reports_when_the_process_exits() {
     let mut fixture = start_fixture();
     let started = Instant::now();
     let (leakmon, stderr) = watch(fixture.id(), "60");
-    nix::sys::signal::kill(nix::unistd::Pid::from_raw(fixture.id() as i32), nix::sys::signal::Signal::SIGUSR1)
-        .expect("signal fixture");
+    nix::sys::signal::kill(
+        nix::unistd::Pid::from_raw(fixture.id() as i32),
+        nix::sys::signal::Signal::SIGUSR1,
+    )
+    .expect("signal fixture");
     assert!(fixture.wait().expect("wait fixture").success());
     let report = finish(leakmon, stderr);
     assert!(started.elapsed() < Duration::from_secs(30), "reported at exit, not at the end of the window");

@@ -11,7 +11,10 @@ use std::{
 };
 
 use common::{build_fixture, Reap};
-use nix::{sys::signal::{kill, Signal}, unistd::Pid};
+use nix::{
+    sys::signal::{kill, Signal},
+    unistd::Pid,
+};
 
 fn leakmon_programs_loaded() -> usize {
     let out = Command::new("bpftool").args(["prog", "show"]).output().expect("run bpftool");
@@ -25,12 +28,14 @@ fn leakmon_programs_loaded() -> usize {
 fn traces_new_processes_purges_exits_and_detaches_on_sigterm() {
     let before = leakmon_programs_loaded();
     let fixture = build_fixture("wait_then_leak.c", &[]);
-    let mut daemon = Reap(common::leakmon()
-        .env("RUST_LOG", "info")
-        .args(["run", "--interval", "1", "--top", "1000"])
-        .stderr(Stdio::piped())
-        .spawn()
-        .expect("start leakmon run"));
+    let mut daemon = Reap(
+        common::leakmon()
+            .env("RUST_LOG", "info")
+            .args(["run", "--interval", "1", "--top", "1000"])
+            .stderr(Stdio::piped())
+            .spawn()
+            .expect("start leakmon run"),
+    );
     let (tx, lines) = mpsc::channel::<(Instant, String)>();
     let stderr = daemon.stderr.take().expect("stderr");
     let reader = std::thread::spawn(move || {
@@ -49,7 +54,7 @@ fn traces_new_processes_purges_exits_and_detaches_on_sigterm() {
         }
         None
     };
-    wait_for(&|l| l.contains("leakmon running"), Duration::from_secs(60)).expect("daemon starts");
+    wait_for(&|l| l.contains("leakmon running"), Duration::from_mins(1)).expect("daemon starts");
     assert!(leakmon_programs_loaded() > before, "programs loaded while running");
 
     let mut child = Reap(Command::new(&fixture).stdout(Stdio::piped()).spawn().expect("start fixture"));

@@ -83,8 +83,12 @@ fn main() -> Result<()> {
             let started = Instant::now();
             // The default members: the eBPF crate only builds for the bpf target (build.rs
             // builds it), so `--workspace` would try to compile it for the host.
-            run(cargo().arg("test").args(&args))?;
+            let (passed, failed) = run_tests(cargo().args(["test", "--no-fail-fast"]).args(&args))?;
             eprintln!("xtask: tests finished in {:.0?}", started.elapsed());
+            println!("tests: {passed} passed, {failed} failed");
+            if failed > 0 || passed == 0 {
+                bail!("tests failed");
+            }
             Ok(())
         }
     }
@@ -106,9 +110,7 @@ fn pins() -> Result<Pins> {
 }
 
 fn cargo_bin() -> PathBuf {
-    env::var_os("CARGO_HOME")
-        .map_or_else(|| home().join(".cargo"), PathBuf::from)
-        .join("bin")
+    env::var_os("CARGO_HOME").map_or_else(|| home().join(".cargo"), PathBuf::from).join("bin")
 }
 
 fn home() -> PathBuf {
@@ -134,6 +136,38 @@ fn run(cmd: &mut Command) -> Result<()> {
         bail!("{cmd:?} failed: {status}");
     }
     Ok(())
+}
+
+/// Runs `cargo test`, passing its output through, and adds up its result lines.
+fn run_tests(cmd: &mut Command) -> Result<(u64, u64)> {
+    use std::io::{BufRead as _, BufReader};
+    let mut child =
+        cmd.stdout(std::process::Stdio::piped()).spawn().with_context(|| format!("start {cmd:?}"))?;
+    let (mut passed, mut failed) = (0, 0);
+    for line in BufReader::new(child.stdout.take().expect("piped")).lines() {
+        let line = line.context("read cargo test output")?;
+        println!("{line}");
+        if let Some(rest) = line.strip_prefix("test result: ") {
+            let count = |word: &str| -> u64 {
+                rest.split(';')
+                    .find_map(|part| {
+                        part.trim()
+                            .trim_start_matches("ok. ")
+                            .trim_start_matches("FAILED. ")
+                            .strip_suffix(word)
+                    })
+                    .and_then(|n| n.trim().parse().ok())
+                    .unwrap_or(0)
+            };
+            passed += count(" passed");
+            failed += count(" failed");
+        }
+    }
+    let status = child.wait()?;
+    if !status.success() && failed == 0 {
+        bail!("{cmd:?} failed: {status}");
+    }
+    Ok((passed, failed))
 }
 
 fn output(cmd: &mut Command) -> Option<String> {
@@ -166,9 +200,24 @@ fn setup(pins: &Pins, tests: bool) -> Result<()> {
     let toolchains = output(Command::new("rustup").args(["toolchain", "list"])).unwrap_or_default();
     if !toolchains.lines().any(|l| l.starts_with(&pins.toolchain)) {
         eprintln!("xtask: installing Rust {} with rust-src", pins.toolchain);
-        run(Command::new("rustup").args(["toolchain", "install", &pins.toolchain, "--profile", "minimal", "--component", "rust-src"]))?;
+        run(Command::new("rustup").args([
+            "toolchain",
+            "install",
+            &pins.toolchain,
+            "--profile",
+            "minimal",
+            "--component",
+            "rust-src",
+        ]))?;
     }
-    let components = output(Command::new("rustup").args(["component", "list", "--installed", "--toolchain", &pins.toolchain])).unwrap_or_default();
+    let components = output(Command::new("rustup").args([
+        "component",
+        "list",
+        "--installed",
+        "--toolchain",
+        &pins.toolchain,
+    ]))
+    .unwrap_or_default();
     if !components.lines().any(|l| l.starts_with("rust-src")) {
         run(Command::new("rustup").args(["component", "add", "rust-src", "--toolchain", &pins.toolchain]))?;
     }
@@ -183,7 +232,15 @@ fn setup(pins: &Pins, tests: bool) -> Result<()> {
         run(cargo()
             .env("PATH", env::join_paths(path)?)
             .env(format!("LLVM_SYS_{llvm}1_PREFIX"), &llvm_prefix)
-            .args(["install", "bpf-linker", "--version", &pins.bpf_linker, "--no-default-features", "--features", &format!("llvm-{llvm}")]))?;
+            .args([
+                "install",
+                "bpf-linker",
+                "--version",
+                &pins.bpf_linker,
+                "--no-default-features",
+                "--features",
+                &format!("llvm-{llvm}"),
+            ]))?;
     }
     Ok(())
 }
@@ -199,7 +256,10 @@ fn apt_install(packages: &[String]) -> Result<()> {
     if missing.is_empty() {
         return Ok(());
     }
-    eprintln!("xtask: installing Debian packages: {}", missing.iter().map(|s| s.as_str()).collect::<Vec<_>>().join(" "));
+    eprintln!(
+        "xtask: installing Debian packages: {}",
+        missing.iter().map(|s| s.as_str()).collect::<Vec<_>>().join(" ")
+    );
     require_root("installing Debian packages")?;
     run(Command::new("apt-get").args(["update", "-qq"]))?;
     run(Command::new("apt-get")

@@ -32,7 +32,10 @@ pub(crate) fn load_probes(tables: &TableArgs, trace_all: bool) -> Result<Probes>
 }
 
 /// Attach errors other than a vanished file are worth a line but not a stop.
-pub(crate) fn attach_all(probes: &mut Probes, libraries: impl IntoIterator<Item = std::path::PathBuf>) -> Result<usize> {
+pub(crate) fn attach_all(
+    probes: &mut Probes,
+    libraries: impl IntoIterator<Item = std::path::PathBuf>,
+) -> Result<usize> {
     let mut attached = 0;
     for lib in libraries {
         match probes.attach_library(&lib) {

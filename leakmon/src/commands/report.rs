@@ -46,26 +46,25 @@ pub fn report(args: &ReportArgs) -> Result<()> {
     let mut probes = load_probes(&args.tables, false)?;
     let self_pid = std::process::id();
     let watched = args.pid.unwrap_or(self_pid);
-    let libs = discovery::libraries_of(&proc_root, watched).into_iter().chain(discovery::libraries_in_linker_cache());
+    let libs = discovery::libraries_of(&proc_root, watched)
+        .into_iter()
+        .chain(discovery::libraries_in_linker_cache());
     attach_all(&mut probes, libs)?;
     if probes.attached_files() == 0 {
         bail!("found no allocator library (libc) to probe for pid {watched}");
     }
     count_signals();
 
-    let mut tracer = match args.pid {
-        Some(pid) => {
-            probes.trace(pid)?;
-            Tracer::seize(pid)
-                .map_err(|e| warn!("cannot hold pid {pid} at exit ({e}); its stacks resolve only while it runs"))
-                .ok()
-        }
-        None => {
-            let mut tracer = Tracer::spawn(&args.command)?;
-            probes.trace(tracer.root())?;
-            tracer.resume()?;
-            Some(tracer)
-        }
+    let mut tracer = if let Some(pid) = args.pid {
+        probes.trace(pid)?;
+        Tracer::seize(pid)
+            .map_err(|e| warn!("cannot hold pid {pid} at exit ({e}); its stacks resolve only while it runs"))
+            .ok()
+    } else {
+        let mut tracer = Tracer::spawn(&args.command)?;
+        probes.trace(tracer.root())?;
+        tracer.resume()?;
+        Some(tracer)
     };
     let root = args.pid.or(tracer.as_ref().map(Tracer::root)).expect("a pid or a command");
     info!(pid = root, "watching");
@@ -119,14 +118,20 @@ fn capture(proc_root: &ProcRoot, pid: u32, alive: bool) -> ProcessInfo {
     }
 }
 
-fn build_report(probes: &Probes, proc_root: &ProcRoot, mut infos: HashMap<u32, ProcessInfo>) -> Result<Report> {
+fn build_report(
+    probes: &Probes,
+    proc_root: &ProcRoot,
+    mut infos: HashMap<u32, ProcessInfo>,
+) -> Result<Report> {
     let traced: HashMap<u32, _> = probes.traced()?.into_iter().collect();
     for (&pid, state) in &traced {
         let info = infos.entry(pid).or_insert_with(|| capture(proc_root, pid, true));
         info.incomplete = state.flags & proc_flags::INCOMPLETE != 0;
     }
-    let totals = store::group(probes.totals(|k| traced.contains_key(&k.tgid))?, |pid| traced.get(&pid).map(|s| s.gen));
-    let mut report = Report::build(totals, &infos, |id| probes.stack(id), &Symbolizer::default(), crate::monotonic_ms());
+    let totals =
+        store::group(probes.totals(|k| traced.contains_key(&k.tgid))?, |pid| traced.get(&pid).map(|s| s.gen));
+    let mut report =
+        Report::build(totals, &infos, |id| probes.stack(id), &Symbolizer::default(), crate::monotonic_ms());
     infos.retain(|pid, _| traced.contains_key(pid));
     report.include_clean(&infos);
     Ok(report)

@@ -8,7 +8,11 @@ use std::{
 
 use anyhow::{bail, Context as _, Result};
 use leakmon_common::event;
-use tokio::{io::unix::AsyncFd, signal::unix::{signal, SignalKind}, time::interval};
+use tokio::{
+    io::unix::AsyncFd,
+    signal::unix::{signal, SignalKind},
+    time::interval,
+};
 use tracing::{info, warn};
 
 use super::{attach_all, load_probes};
@@ -123,7 +127,8 @@ fn libraries(proc_root: &ProcRoot, pids: &[u32]) -> Vec<std::path::PathBuf> {
 }
 
 fn log_summary(probes: &Probes, proc_root: &ProcRoot, names: &mut HashMap<u32, String>, top: usize) {
-    let traced: HashMap<u32, u32> = probes.traced().unwrap_or_default().into_iter().map(|(p, s)| (p, s.gen)).collect();
+    let traced: HashMap<u32, u32> =
+        probes.traced().unwrap_or_default().into_iter().map(|(p, s)| (p, s.gen)).collect();
     let Ok(entries) = probes.totals(|_| true) else { return };
     let groups = store::group(entries, |pid| traced.get(&pid).copied());
     let total: u64 = groups.iter().map(|g| g.bytes).sum();

@@ -41,10 +41,20 @@ pub enum ProbeError {
     Load(#[source] Box<EbpfError>),
     /// A program could not be loaded or attached.
     #[error("{action} program {program}")]
-    Program { action: &'static str, program: String, #[source] source: Box<ProgramError> },
+    Program {
+        action: &'static str,
+        program: String,
+        #[source]
+        source: Box<ProgramError>,
+    },
     /// A map operation failed.
     #[error("{action} map {map}")]
-    Map { action: &'static str, map: &'static str, #[source] source: Box<MapError> },
+    Map {
+        action: &'static str,
+        map: &'static str,
+        #[source]
+        source: Box<MapError>,
+    },
     /// A library's entry points could not be found.
     #[error(transparent)]
     Target(#[from] TargetError),
@@ -186,8 +196,8 @@ impl Probes {
     /// it now or later. A file already attached (by any path) is skipped. Returns the
     /// number of entry points probed.
     pub fn attach_library(&mut self, path: &Path) -> Result<usize, ProbeError> {
-        let meta = std::fs::metadata(path)
-            .map_err(|source| ProbeError::Stat { path: path.to_owned(), source })?;
+        let meta =
+            std::fs::metadata(path).map_err(|source| ProbeError::Stat { path: path.to_owned(), source })?;
         let id = FileId { dev: meta.dev(), ino: meta.ino() };
         if self.attached.contains(&id) {
             return Ok(0);
@@ -242,7 +252,7 @@ impl Probes {
             HashMap::try_from(self.ebpf.map("TOTALS").ok_or_else(|| missing_map("TOTALS"))?)
                 .map_err(map_err("open", "TOTALS"))?;
         let mut out = Vec::new();
-        for entry in totals.iter() {
+        for entry in &totals {
             let (key, value) = entry.map_err(map_err("read", "TOTALS"))?;
             if keep(&key) && value.allocs != 0 {
                 out.push((key, value));
@@ -290,7 +300,8 @@ impl Probes {
             let mut totals: HashMap<&mut MapData, TotalsKey, Totals> =
                 HashMap::try_from(self.ebpf.map_mut("TOTALS").ok_or_else(|| missing_map("TOTALS"))?)
                     .map_err(map_err("open", "TOTALS"))?;
-            let keys: Vec<TotalsKey> = totals.keys().filter_map(Result::ok).filter(|k| stale(k.tgid, k.gen)).collect();
+            let keys: Vec<TotalsKey> =
+                totals.keys().filter_map(Result::ok).filter(|k| stale(k.tgid, k.gen)).collect();
             for key in keys {
                 removed += usize::from(totals.remove(&key).is_ok());
             }
@@ -324,10 +335,7 @@ impl Probes {
 }
 
 fn uprobe<'a>(ebpf: &'a mut Ebpf, name: &str) -> Result<&'a mut UProbe, ProbeError> {
-    ebpf.program_mut(name)
-        .ok_or_else(|| missing_program(name))?
-        .try_into()
-        .map_err(prog_err("find", name))
+    ebpf.program_mut(name).ok_or_else(|| missing_program(name))?.try_into().map_err(prog_err("find", name))
 }
 
 fn missing_program(name: &str) -> ProbeError {
@@ -339,15 +347,22 @@ fn missing_program(name: &str) -> ProbeError {
 }
 
 fn missing_map(name: &'static str) -> ProbeError {
-    ProbeError::Map { action: "find", map: name, source: Box::new(MapError::InvalidName { name: name.to_owned() }) }
+    ProbeError::Map {
+        action: "find",
+        map: name,
+        source: Box::new(MapError::InvalidName { name: name.to_owned() }),
+    }
 }
 
-/// Older kernels charge BPF memory to RLIMIT_MEMLOCK; newer ones to the cgroup. Raise
+/// Older kernels charge BPF memory to `RLIMIT_MEMLOCK`; newer ones to the cgroup. Raise
 /// the limit where allowed and go on where not.
 fn raise_memlock_limit() {
     let limit = libc::rlimit { rlim_cur: libc::RLIM_INFINITY, rlim_max: libc::RLIM_INFINITY };
     // SAFETY: plain syscall with a valid struct.
-    if unsafe { libc::setrlimit(libc::RLIMIT_MEMLOCK, &limit) } != 0 {
-        debug!("could not raise RLIMIT_MEMLOCK ({}); relying on cgroup accounting of BPF memory", std::io::Error::last_os_error());
+    if unsafe { libc::setrlimit(libc::RLIMIT_MEMLOCK, &raw const limit) } != 0 {
+        debug!(
+            "could not raise RLIMIT_MEMLOCK ({}); relying on cgroup accounting of BPF memory",
+            std::io::Error::last_os_error()
+        );
     }
 }

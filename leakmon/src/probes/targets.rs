@@ -116,8 +116,7 @@ pub fn entry_points_in(data: &[u8]) -> Result<Vec<EntryPoint>, object::Error> {
         if found[i].is_some() {
             continue;
         }
-        let Some(section) = symbol.section_index().and_then(|s| file.section_by_index(s).ok())
-        else {
+        let Some(section) = symbol.section_index().and_then(|s| file.section_by_index(s).ok()) else {
             continue;
         };
         let Some((section_offset, _)) = section.file_range() else { continue };
@@ -140,10 +139,7 @@ mod tests {
 
     fn system_libc() -> std::path::PathBuf {
         let maps = crate::procfs::ProcRoot::default().maps(std::process::id()).expect("maps");
-        maps.into_iter()
-            .find(|m| is_allocator_library(&m.path))
-            .expect("this test binary maps libc")
-            .path
+        maps.into_iter().find(|m| is_allocator_library(&m.path)).expect("this test binary maps libc").path
     }
 
     #[test]
@@ -159,7 +155,18 @@ mod tests {
     fn finds_the_whole_family_in_libc_at_distinct_offsets() {
         let points = entry_points(&system_libc()).expect("libc parses");
         let names: Vec<_> = points.iter().map(|p| p.symbol).collect();
-        for want in ["malloc", "calloc", "realloc", "reallocarray", "free", "posix_memalign", "valloc", "pvalloc", "strdup", "strndup"] {
+        for want in [
+            "malloc",
+            "calloc",
+            "realloc",
+            "reallocarray",
+            "free",
+            "posix_memalign",
+            "valloc",
+            "pvalloc",
+            "strdup",
+            "strndup",
+        ] {
             assert!(names.contains(&want), "{want} missing from {names:?}");
         }
         // glibc 2.36 makes aligned_alloc an alias of memalign: one probe serves both.

@@ -9,19 +9,11 @@ const TRACEFS: &str = "/sys/kernel/tracing";
 
 /// Mounts tracefs at /sys/kernel/tracing unless it (or the debugfs copy) is there.
 pub fn ensure_mounted() -> io::Result<()> {
-    if Path::new(TRACEFS).join("events").is_dir()
-        || Path::new("/sys/kernel/debug/tracing/events").is_dir()
-    {
+    if Path::new(TRACEFS).join("events").is_dir() || Path::new("/sys/kernel/debug/tracing/events").is_dir() {
         return Ok(());
     }
-    nix::mount::mount(
-        Some("tracefs"),
-        TRACEFS,
-        Some("tracefs"),
-        nix::mount::MsFlags::empty(),
-        None::<&str>,
-    )
-    .map_err(io::Error::from)
+    nix::mount::mount(Some("tracefs"), TRACEFS, Some("tracefs"), nix::mount::MsFlags::empty(), None::<&str>)
+        .map_err(io::Error::from)
 }
 
 fn events_dir() -> &'static Path {

@@ -150,11 +150,19 @@ mod tests {
             gen: 0,
             bytes: 48_000,
             allocations: 1000,
-            stacks: vec![StackTotals { stack_id: 3, bytes: 48_000, allocations: 1000, ts_ms_sum: 1000 * 500 }],
+            stacks: vec![StackTotals {
+                stack_id: 3,
+                bytes: 48_000,
+                allocations: 1000,
+                ts_ms_sum: 1000 * 500,
+            }],
         }];
         let info = HashMap::from([(7, ProcessInfo { comm: "fixture".into(), ..ProcessInfo::default() })]);
         let mut report = Report::build(totals, &info, |_| Some(vec![0x1234]), &Symbolizer::default(), 2500);
-        report.include_clean(&HashMap::from([(8, ProcessInfo { comm: "child".into(), ..ProcessInfo::default() })]));
+        report.include_clean(&HashMap::from([(
+            8,
+            ProcessInfo { comm: "child".into(), ..ProcessInfo::default() },
+        )]));
         let json: serde_json::Value = serde_json::from_str(&report.to_json()).expect("valid JSON");
         let p = &json["processes"][0];
         assert_eq!(p["pid"], 7);

@@ -36,7 +36,11 @@ pub fn render(report: &Report) -> String {
         }
         let _ = writeln!(out, "  {:>12} {:>9} {:>6}  allocation site / callers", "bytes", "allocs", "%");
         for s in &p.stacks {
-            let share = if p.outstanding_bytes == 0 { 0.0 } else { 100.0 * s.bytes as f64 / p.outstanding_bytes as f64 };
+            let share = if p.outstanding_bytes == 0 {
+                0.0
+            } else {
+                100.0 * s.bytes as f64 / p.outstanding_bytes as f64
+            };
             let mut frames = s.frames.iter();
             let first = frames.next().map_or_else(|| "[no stack]".to_owned(), frame);
             let _ = writeln!(out, "  {:>12} {:>9} {:>5.1}%  {first}", s.bytes, s.allocations, share);
@@ -73,7 +77,11 @@ pub fn bytes(n: u64) -> String {
         value /= 1024.0;
         unit += 1;
     }
-    if unit == 0 { format!("{n} B") } else { format!("{value:.1} {} ({n} B)", UNITS[unit]) }
+    if unit == 0 {
+        format!("{n} B")
+    } else {
+        format!("{value:.1} {} ({n} B)", UNITS[unit])
+    }
 }
 
 #[cfg(test)]
@@ -105,8 +113,14 @@ mod tests {
             }],
         };
         let text = render(&report);
-        assert!(text.starts_with("leakmon: 46.9 KiB (48000 B) unfreed in 1000 allocations across 1 process\n"), "{text}");
-        assert!(text.contains("pid 42 (fixture): 46.9 KiB (48000 B) unfreed in 1000 allocations\n"), "{text}");
+        assert!(
+            text.starts_with("leakmon: 46.9 KiB (48000 B) unfreed in 1000 allocations across 1 process\n"),
+            "{text}"
+        );
+        assert!(
+            text.contains("pid 42 (fixture): 46.9 KiB (48000 B) unfreed in 1000 allocations\n"),
+            "{text}"
+        );
         assert!(text.contains("         48000      1000 100.0%  leak_small (fixture.c:12)\n"), "{text}");
         assert!(text.contains("  main (fixture.c:40)\n"), "{text}");
     }

@@ -93,10 +93,10 @@ mod tests {
 
     #[test]
     fn groups_per_process_largest_first() {
-        let groups = group(
-            [entry(10, 0, 1, 100, 2), entry(10, 0, 2, 4800, 100), entry(20, 0, 1, 9000, 1)],
-            |_| Some(0),
-        );
+        let groups =
+            group([entry(10, 0, 1, 100, 2), entry(10, 0, 2, 4800, 100), entry(20, 0, 1, 9000, 1)], |_| {
+                Some(0)
+            });
         assert_eq!(groups.len(), 2);
         assert_eq!((groups[0].pid, groups[0].bytes, groups[0].allocations), (20, 9000, 1));
         assert_eq!((groups[1].pid, groups[1].bytes, groups[1].allocations), (10, 4900, 102));
@@ -105,10 +105,9 @@ mod tests {
 
     #[test]
     fn drops_blocks_of_a_replaced_image_and_freed_stacks() {
-        let groups = group(
-            [entry(10, 0, 1, 100, 2), entry(10, 1, 1, 50, 1), entry(10, 1, 3, 0, 0)],
-            |pid| (pid == 10).then_some(1),
-        );
+        let groups = group([entry(10, 0, 1, 100, 2), entry(10, 1, 1, 50, 1), entry(10, 1, 3, 0, 0)], |pid| {
+            (pid == 10).then_some(1)
+        });
         assert_eq!(groups.len(), 1);
         assert_eq!((groups[0].gen, groups[0].bytes, groups[0].stacks.len()), (1, 50, 1));
         // Unknown generation: the newest one seen counts.
@@ -121,6 +120,6 @@ mod tests {
         let s = StackTotals { stack_id: 1, bytes: 10, allocations: 2, ts_ms_sum: 1000 + 3000 };
         assert!((s.mean_age_seconds(12_000) - 10.0).abs() < 1e-9);
         let empty = StackTotals { stack_id: 1, bytes: 0, allocations: 0, ts_ms_sum: 0 };
-        assert_eq!(empty.mean_age_seconds(5), 0.0);
+        assert!(empty.mean_age_seconds(5).abs() < f64::EPSILON);
     }
 }

@@ -42,12 +42,22 @@ pub fn build_fixture(source: &str, extra: &[&str]) -> PathBuf {
     }
     let src = fixtures_dir().join(source);
     let stem = Path::new(source).file_stem().expect("stem").to_string_lossy().into_owned();
-    let tag = if extra.is_empty() { String::new() } else { format!("-{}", extra.join("").replace(['-', '='], "")) };
+    let tag =
+        if extra.is_empty() { String::new() } else { format!("-{}", extra.join("").replace(['-', '='], "")) };
     let out = build_dir().join(format!("{stem}{tag}"));
     let tmp = build_dir().join(format!(".{stem}{tag}.{}", std::process::id()));
-    let compiler = if source.ends_with(".cpp") { "g++" } else { "gcc" };
+    let cpp = Path::new(source).extension().is_some_and(|e| e.eq_ignore_ascii_case("cpp"));
+    let compiler = if cpp { "g++" } else { "gcc" };
     let status = Command::new(compiler)
-        .args(["-O2", "-g", "-fno-omit-frame-pointer", "-fno-optimize-sibling-calls", "-fno-builtin", "-pthread", "-o"])
+        .args([
+            "-O2",
+            "-g",
+            "-fno-omit-frame-pointer",
+            "-fno-optimize-sibling-calls",
+            "-fno-builtin",
+            "-pthread",
+            "-o",
+        ])
         .arg(&tmp)
         .arg(&src)
         .args(extra)
@@ -61,7 +71,8 @@ pub fn build_fixture(source: &str, extra: &[&str]) -> PathBuf {
 
 /// Runs `leakmon report --format json -- <command>` and parses its report.
 pub fn report_json(command: &[&std::ffi::OsStr]) -> Value {
-    let out = leakmon().args(["report", "--format", "json", "--"]).args(command).output().expect("run leakmon");
+    let out =
+        leakmon().args(["report", "--format", "json", "--"]).args(command).output().expect("run leakmon");
     parse_report(&out)
 }
 
@@ -72,9 +83,8 @@ pub fn parse_report(out: &Output) -> Value {
         out.status,
         String::from_utf8_lossy(&out.stderr)
     );
-    serde_json::from_slice(&out.stdout).unwrap_or_else(|e| {
-        panic!("report is not JSON ({e}):\n{}", String::from_utf8_lossy(&out.stdout))
-    })
+    serde_json::from_slice(&out.stdout)
+        .unwrap_or_else(|e| panic!("report is not JSON ({e}):\n{}", String::from_utf8_lossy(&out.stdout)))
 }
 
 /// Per function of the fixture source `file`: (bytes, allocations), each stack
