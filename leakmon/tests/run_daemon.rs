@@ -76,6 +76,10 @@ fn traces_new_processes_purges_exits_and_detaches_on_sigterm() {
         assert!(at < exited + Duration::from_secs(6), "exited process still listed: {line}");
     }
 
+    // leakmon never traces itself.
+    let own = format!("pid={} ", daemon.id());
+    assert!(wait_for(&|l| l.contains("top process") && l.contains(&own), Duration::from_secs(3)).is_none());
+
     let stop = Instant::now();
     kill(Pid::from_raw(daemon.id() as i32), Signal::SIGTERM).expect("SIGTERM");
     let status = daemon.wait().expect("wait daemon");
