@@ -1,6 +1,6 @@
 //! Command-line interface.
 
-use std::{ffi::OsString, num::NonZeroU32};
+use std::{ffi::OsString, num::NonZeroU32, time::Duration};
 
 use clap::{Parser, Subcommand, ValueEnum};
 
@@ -19,8 +19,8 @@ pub struct Cli {
 
 #[derive(Debug, Subcommand)]
 pub enum Cmd {
-    /// Run as a daemon: trace every process on the host and log the largest unfreed
-    /// totals periodically. Stops cleanly on SIGINT/SIGTERM.
+    /// Run as a daemon: sample the memory of every process, flag steady growth, and
+    /// serve the verdicts as Prometheus metrics and JSON. Stops cleanly on SIGINT/SIGTERM.
     Run(RunArgs),
     /// Report what one command (or a running process) left unfreed, by call stack.
     ///
@@ -34,17 +34,67 @@ pub enum Cmd {
 
 #[derive(Debug, clap::Args)]
 pub struct RunArgs {
-    /// Seconds between two summaries in the log.
-    #[arg(long, default_value = "10", value_name = "SECONDS")]
+    /// Time between two memory samples of every process (`500ms`, `0.5s`, `10s`, `1m`).
+    #[arg(long, default_value = "10s", value_name = "DURATION", value_parser = parse_duration)]
+    pub sample_interval: Duration,
+    /// The analysis window: growth must be steady and significant over this long to be
+    /// flagged, and a flag clears within one window after growth stops.
+    #[arg(long, default_value = "10m", value_name = "DURATION", value_parser = parse_duration)]
+    pub window: Duration,
+    /// Allocator attribution: `none` (resident memory of every process only; no
+    /// per-allocation cost), `all` (probe every process's allocations: a trap per
+    /// malloc/free), `pids` (only the processes given with --pid, and their children).
+    /// Default: `pids` when --pid is given, else `none`.
+    #[arg(long, value_enum, value_name = "MODE")]
+    pub attach: Option<Attach>,
+    /// A process to attribute allocations for (with --attach pids); repeatable.
+    #[arg(long = "pid", value_name = "PID")]
+    pub pids: Vec<u32>,
+    /// Where to serve /metrics, /api/v1/leaks, /api/v1/processes and /healthz.
+    #[arg(long = "web.listen-address", default_value = "127.0.0.1:9473", value_name = "ADDR")]
+    pub listen: std::net::SocketAddr,
+    /// Allocation stacks exported per service and command (heap signal).
+    #[arg(long, default_value = "5", value_name = "K")]
+    pub top_stacks: usize,
+    /// Most series kept (service, command and signal); new ones beyond are counted
+    /// in leakmon_series_dropped_total and not kept.
+    #[arg(long, default_value = "10000", value_name = "N")]
+    pub max_series: usize,
+    /// Seconds between two summaries of the largest unfreed totals in the log (with
+    /// allocator attribution).
+    #[arg(long, default_value = "60", value_name = "SECONDS")]
     pub interval: NonZeroU32,
     /// Processes listed in each summary.
     #[arg(long, default_value = "5", value_name = "N")]
     pub top: usize,
-    /// Trace only these processes (and their children); repeatable. Default: all.
-    #[arg(long = "pid", value_name = "PID")]
-    pub pids: Vec<u32>,
     #[command(flatten)]
     pub tables: TableArgs,
+}
+
+#[derive(Clone, Copy, Debug, PartialEq, Eq, ValueEnum)]
+pub enum Attach {
+    None,
+    All,
+    Pids,
+}
+
+/// `500ms`, `0.5s`, `30s`, `10m`, `1h`, or a bare number of seconds.
+pub fn parse_duration(text: &str) -> Result<Duration, String> {
+    let text = text.trim();
+    let split = text.find(|c: char| !(c.is_ascii_digit() || c == '.')).unwrap_or(text.len());
+    let (number, unit) = text.split_at(split);
+    let value: f64 = number.parse().map_err(|_| format!("{text:?} is not a duration (try 500ms, 0.5s, 10m)"))?;
+    let seconds = match unit {
+        "ms" => value / 1000.0,
+        "" | "s" => value,
+        "m" => value * 60.0,
+        "h" => value * 3600.0,
+        _ => return Err(format!("unknown unit {unit:?} in {text:?} (use ms, s, m or h)")),
+    };
+    if !(seconds.is_finite() && seconds > 0.0) {
+        return Err(format!("{text:?} must be longer than zero"));
+    }
+    Ok(Duration::from_secs_f64(seconds))
 }
 
 #[derive(Debug, clap::Args)]
@@ -94,6 +144,17 @@ mod tests {
     #[test]
     fn cli_is_consistent() {
         Cli::command().debug_assert();
+    }
+
+    #[test]
+    fn durations() {
+        assert_eq!(parse_duration("0.5s"), Ok(Duration::from_millis(500)));
+        assert_eq!(parse_duration("500ms"), Ok(Duration::from_millis(500)));
+        assert_eq!(parse_duration("10m"), Ok(Duration::from_secs(600)));
+        assert_eq!(parse_duration("2"), Ok(Duration::from_secs(2)));
+        assert!(parse_duration("0s").is_err());
+        assert!(parse_duration("5 parsecs").is_err());
+        assert!(parse_duration("fast").is_err());
     }
 
     #[test]

@@ -66,6 +66,11 @@ impl ProcRoot {
         })
     }
 
+    /// The proc root itself.
+    pub fn path(&self) -> &Path {
+        &self.0
+    }
+
     pub fn exists(&self, pid: u32) -> bool {
         self.0.join(pid.to_string()).join("stat").exists()
     }

@@ -2,3 +2,4 @@
 //! a growth rate and a time to exhaustion.
 
 pub mod trend;
+pub mod history;

@@ -1,24 +1,43 @@
-//! `leakmon run`: the daemon. Traces every process (or the chosen ones), purges the
-//! state of processes that exit or exec, and logs the largest unfreed totals.
+//! `leakmon run`: the daemon. Samples every process's memory (tier 0), attributes
+//! allocations with the probes when asked (tier 1), analyses every series, serves the
+//! verdicts, and purges the kernel state of processes that exit or exec.
 
 use std::{
     collections::{HashMap, HashSet},
-    time::Duration,
+    sync::Arc,
+    time::{Duration, Instant},
 };
 
 use anyhow::{bail, Context as _, Result};
 use leakmon_common::event;
+use serde_json::json;
 use tokio::{
     io::unix::AsyncFd,
     signal::unix::{signal, SignalKind},
-    time::interval,
+    sync::RwLock,
+    time::{interval, MissedTickBehavior},
 };
 use tracing::{info, warn};
 
 use super::{attach_all, load_probes};
-use crate::{cli::RunArgs, discovery, ingest, probes::Probes, procfs::ProcRoot, report::table::bytes, store};
+use crate::{
+    analysis::{history::Change, trend::Params},
+    cli::{Attach, RunArgs},
+    discovery,
+    export::{
+        http::{self, Published, Shared},
+        metrics::Metrics,
+        SeriesView,
+    },
+    ingest,
+    monitor::Monitor,
+    probes::Probes,
+    procfs::ProcRoot,
+    report::table::bytes,
+    sampler, store,
+};
 
-/// How often exited processes' state is dropped: one pass over the tables per tick.
+/// How often exited processes' kernel state is dropped: one pass over the tables.
 const PURGE_EVERY: Duration = Duration::from_secs(5);
 /// How often new library files (new containers, upgrades) are looked for.
 const RESCAN_EVERY: Duration = Duration::from_secs(30);
@@ -30,34 +49,63 @@ pub fn run(args: &RunArgs) -> Result<()> {
             bail!("no process with pid {pid}");
         }
     }
+    let attach = args.attach.unwrap_or(if args.pids.is_empty() { Attach::None } else { Attach::Pids });
+    if attach == Attach::Pids && args.pids.is_empty() {
+        bail!("--attach pids needs at least one --pid");
+    }
+    if args.window < args.sample_interval * 10 {
+        bail!("--window must hold at least 10 samples (--sample-interval {:?}, --window {:?})", args.sample_interval, args.window);
+    }
     tokio::runtime::Builder::new_multi_thread()
         .worker_threads(2)
         .enable_all()
         .build()
         .context("start the async runtime")?
-        .block_on(daemon(args, proc_root))
+        .block_on(daemon(args, attach, proc_root))
 }
 
-async fn daemon(args: &RunArgs, proc_root: ProcRoot) -> Result<()> {
-    let trace_all = args.pids.is_empty();
-    let mut probes = load_probes(&args.tables, trace_all)?;
-    attach_all(&mut probes, libraries(&proc_root, &args.pids))?;
-    for &pid in &args.pids {
-        probes.trace(pid)?;
-    }
+async fn daemon(args: &RunArgs, attach: Attach, proc_root: ProcRoot) -> Result<()> {
+    let published: Shared = Arc::new(RwLock::new(Published::default()));
+    let server = http::serve(args.listen, published.clone()).await?;
+
+    let mut probes = match attach {
+        Attach::None => None,
+        Attach::All | Attach::Pids => {
+            let mut probes = load_probes(&args.tables, attach == Attach::All)?;
+            attach_all(&mut probes, libraries(&proc_root, &args.pids))?;
+            for &pid in &args.pids {
+                probes.trace(pid)?;
+            }
+            Some(probes)
+        }
+    };
+    let mut events = match probes.as_mut() {
+        Some(p) => {
+            let ring = p.take_events()?;
+            // SAFETY: the ring buffer owns its fd and outlives the registration (both
+            // dropped together at the end of this function).
+            Some(unsafe { AsyncFd::register(ring) }.map_err(|e| anyhow::anyhow!("watch the event ring buffer: {e}"))?)
+        }
+        None => None,
+    };
     info!(
-        libraries = probes.attached_files(),
-        mode = if trace_all { "all processes" } else { "chosen processes" },
+        listen = %args.listen,
+        attach = ?attach,
+        libraries = probes.as_ref().map_or(0, Probes::attached_files),
+        sample_interval = ?args.sample_interval,
+        window = ?args.window,
         "leakmon running"
     );
 
-    let ring = probes.take_events()?;
-    // SAFETY: the ring buffer owns its fd and outlives the registration (both dropped
-    // together at the end of this function).
-    let mut events = unsafe { AsyncFd::register(ring) }
-        .map_err(|e| anyhow::anyhow!("watch the event ring buffer: {e}"))?;
+    let params = Params { window: args.window.as_secs_f64(), ..Params::default() };
+    let mut monitor = Monitor::new(params, args.max_series, args.top_stacks, proc_root.clone());
+    let mut metrics = Metrics::new();
+    let started = Instant::now();
+
     let mut sigterm = signal(SignalKind::terminate()).context("install SIGTERM handler")?;
     let mut sigint = signal(SignalKind::interrupt()).context("install SIGINT handler")?;
+    let mut sample = interval(args.sample_interval);
+    sample.set_missed_tick_behavior(MissedTickBehavior::Delay);
     let mut summary = interval(Duration::from_secs(u64::from(args.interval.get())));
     let mut purge = interval(PURGE_EVERY);
     let mut rescan = interval(RESCAN_EVERY);
@@ -69,7 +117,7 @@ async fn daemon(args: &RunArgs, proc_root: ProcRoot) -> Result<()> {
         tokio::select! {
             _ = sigint.recv() => break,
             _ = sigterm.recv() => break,
-            guard = events.readable_mut() => {
+            guard = async { events.as_mut().expect("guarded").readable_mut().await }, if events.is_some() => {
                 let mut guard = guard.context("wait for events")?;
                 while let Some(record) = guard.get_inner_mut().next() {
                     let Some(ev) = ingest::decode(&record) else {
@@ -88,12 +136,29 @@ async fn daemon(args: &RunArgs, proc_root: ProcRoot) -> Result<()> {
                 }
                 guard.clear_ready();
             }
-            _ = summary.tick() => log_summary(&probes, &proc_root, &mut names, args.top),
-            _ = purge.tick() => {
-                let traced = probes.traced().unwrap_or_default();
+            _ = sample.tick() => {
+                let now = started.elapsed().as_secs_f64();
+                let procs = sampler::sample_all(&proc_root);
+                let heap = probes.as_ref().and_then(|p| heap_totals(p).ok());
+                let stack = |id: u32| probes.as_ref().and_then(|p| p.stack(id));
+                let (views, changes) = monitor.tick(now, &procs, heap.as_deref(), &stack);
+                log_changes(&changes);
+                let counters = probes.as_ref().and_then(|p| p.counters().ok());
+                let attached = probes.as_ref().and_then(|p| p.traced().ok()).map_or(0, |t| t.len());
+                metrics.update(&views, counters, attached, monitor.series_dropped());
+                publish(&published, &metrics, &views).await;
+            }
+            _ = summary.tick(), if probes.is_some() => {
+                if let Some(p) = probes.as_ref() {
+                    log_summary(p, &proc_root, &mut names, args.top);
+                }
+            }
+            _ = purge.tick(), if probes.is_some() => {
+                let p = probes.as_mut().expect("guarded");
+                let traced = p.traced().unwrap_or_default();
                 exited.extend(traced.iter().map(|(pid, _)| *pid).filter(|pid| !proc_root.exists(*pid)));
                 if !exited.is_empty() || !replaced.is_empty() {
-                    let removed = probes.purge(
+                    let removed = p.purge(
                         |tgid, gen| exited.contains(&tgid) || replaced.get(&tgid).is_some_and(|g| gen < *g),
                         |tgid| exited.contains(&tgid),
                     )?;
@@ -103,17 +168,49 @@ async fn daemon(args: &RunArgs, proc_root: ProcRoot) -> Result<()> {
                     replaced.clear();
                 }
             }
-            _ = rescan.tick() => {
-                if let Err(e) = attach_all(&mut probes, libraries(&proc_root, &args.pids)) {
+            _ = rescan.tick(), if probes.is_some() => {
+                let p = probes.as_mut().expect("guarded");
+                if let Err(e) = attach_all(p, libraries(&proc_root, &args.pids)) {
                     warn!("attach to new libraries: {e:#}");
                 }
             }
         }
     }
     info!("stopping: detaching probes");
+    server.abort();
     drop(events);
     drop(probes);
     Ok(())
+}
+
+fn heap_totals(probes: &Probes) -> Result<Vec<store::ProcessTotals>> {
+    let traced: HashMap<u32, u32> = probes.traced()?.into_iter().map(|(p, s)| (p, s.gen)).collect();
+    Ok(store::group(probes.totals(|k| traced.contains_key(&k.tgid))?, |pid| traced.get(&pid).copied()))
+}
+
+fn log_changes(changes: &[Change]) {
+    for change in changes {
+        match change {
+            Change::Suspected(k, a) => warn!(
+                service = %k.service, comm = %k.comm, signal = k.signal.as_str(),
+                growth_per_second = %bytes(a.slope.max(0.0) as u64), z = a.z, "leak suspected"
+            ),
+            Change::Cleared(k, v) => info!(
+                service = %k.service, comm = %k.comm, signal = k.signal.as_str(), verdict = v.as_str(), "leak suspicion cleared"
+            ),
+        }
+    }
+}
+
+async fn publish(published: &Shared, metrics: &Metrics, views: &[SeriesView]) {
+    let leaks: Vec<&SeriesView> = views.iter().filter(|v| v.suspected).collect();
+    let snapshot = Published {
+        metrics: metrics.render(),
+        leaks: json!({ "leaks": leaks }).to_string(),
+        processes: json!({ "series": views }).to_string(),
+        ready: true,
+    };
+    *published.write().await = snapshot;
 }
 
 fn libraries(proc_root: &ProcRoot, pids: &[u32]) -> Vec<std::path::PathBuf> {
@@ -127,10 +224,7 @@ fn libraries(proc_root: &ProcRoot, pids: &[u32]) -> Vec<std::path::PathBuf> {
 }
 
 fn log_summary(probes: &Probes, proc_root: &ProcRoot, names: &mut HashMap<u32, String>, top: usize) {
-    let traced: HashMap<u32, u32> =
-        probes.traced().unwrap_or_default().into_iter().map(|(p, s)| (p, s.gen)).collect();
-    let Ok(entries) = probes.totals(|_| true) else { return };
-    let groups = store::group(entries, |pid| traced.get(&pid).copied());
+    let Ok(groups) = heap_totals(probes) else { return };
     let total: u64 = groups.iter().map(|g| g.bytes).sum();
     info!(processes = groups.len(), unfreed = %bytes(total), "summary");
     for g in groups.iter().take(top) {

@@ -1,0 +1,205 @@
+//! Sample history per series and the verdict of each.
+//!
+//! A series is one signal (resident memory, or live heap bytes when probes are
+//! attached) of one identity: the service and command, never the pid, so a service that
+//! is restarted keeps one history and its growth stays visible. Each series keeps the
+//! samples of one window; the number of series is capped and what the cap turns away
+//! is counted.
+
+use std::collections::{BTreeMap, VecDeque};
+
+use serde::Serialize;
+
+use super::trend::{analyse, Analysis, Params, Sample, Verdict};
+
+/// What a series measures.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, PartialOrd, Ord, Hash, Serialize)]
+#[serde(rename_all = "snake_case")]
+pub enum Signal {
+    /// Resident memory (tier 0, every process).
+    Rss,
+    /// Bytes allocated and not freed (allocator probes).
+    Heap,
+}
+
+impl Signal {
+    pub const fn as_str(self) -> &'static str {
+        match self {
+            Self::Rss => "rss",
+            Self::Heap => "heap",
+        }
+    }
+}
+
+/// A series' identity.
+#[derive(Clone, Debug, PartialEq, Eq, PartialOrd, Ord, Hash, Serialize)]
+pub struct SeriesKey {
+    pub service: String,
+    pub comm: String,
+    pub signal: Signal,
+}
+
+/// One series: its window of samples and its latest verdict.
+#[derive(Clone, Debug, Default)]
+pub struct Series {
+    samples: VecDeque<Sample>,
+    analysis: Option<Analysis>,
+    /// Time the current suspicion started.
+    suspected_since: Option<f64>,
+}
+
+impl Series {
+    pub fn latest(&self) -> Option<Sample> {
+        self.samples.back().copied()
+    }
+
+    pub fn analysis(&self) -> Option<Analysis> {
+        self.analysis
+    }
+
+    pub fn suspected_since(&self) -> Option<f64> {
+        self.suspected_since
+    }
+
+    pub fn samples(&self) -> impl Iterator<Item = &Sample> {
+        self.samples.iter()
+    }
+}
+
+/// Every series, capped.
+#[derive(Debug)]
+pub struct History {
+    params: Params,
+    max_series: usize,
+    series: BTreeMap<SeriesKey, Series>,
+    dropped: u64,
+}
+
+/// A change of verdict worth telling.
+#[derive(Clone, Debug, PartialEq)]
+pub enum Change {
+    Suspected(SeriesKey, Analysis),
+    Cleared(SeriesKey, Verdict),
+}
+
+impl History {
+    pub fn new(params: Params, max_series: usize) -> Self {
+        Self { params, max_series, series: BTreeMap::new(), dropped: 0 }
+    }
+
+    /// Adds one sample; a new series beyond the cap is turned away and counted.
+    pub fn record(&mut self, key: SeriesKey, t: f64, v: f64) {
+        let window = self.params.window;
+        let len = self.series.len();
+        let series = match self.series.get_mut(&key) {
+            Some(s) => s,
+            None if len >= self.max_series => {
+                self.dropped += 1;
+                return;
+            }
+            None => self.series.entry(key).or_default(),
+        };
+        series.samples.push_back(Sample { t, v });
+        while series.samples.front().is_some_and(|s| s.t < t - window) {
+            series.samples.pop_front();
+        }
+    }
+
+    /// Re-analyses every series at time `now`; series without a sample for a whole
+    /// window (every process of it gone) are dropped. Returns the changes of suspicion.
+    pub fn analyse(&mut self, now: f64) -> Vec<Change> {
+        let window = self.params.window;
+        self.series.retain(|_, s| s.latest().is_some_and(|l| l.t >= now - window));
+        let mut changes = Vec::new();
+        for (key, series) in &mut self.series {
+            let samples: Vec<Sample> = series.samples.iter().copied().collect();
+            let a = analyse(&samples, &self.params);
+            let was = series.suspected_since.is_some();
+            if a.verdict.suspected() && !was {
+                series.suspected_since = Some(now);
+                changes.push(Change::Suspected(key.clone(), a));
+            } else if !a.verdict.suspected() && was && a.verdict != Verdict::Insufficient {
+                series.suspected_since = None;
+                changes.push(Change::Cleared(key.clone(), a.verdict));
+            }
+            series.analysis = Some(a);
+        }
+        changes
+    }
+
+    pub fn iter(&self) -> impl Iterator<Item = (&SeriesKey, &Series)> {
+        self.series.iter()
+    }
+
+    pub fn len(&self) -> usize {
+        self.series.len()
+    }
+
+    pub fn is_empty(&self) -> bool {
+        self.series.is_empty()
+    }
+
+    /// New series turned away by the cap, in all.
+    pub fn dropped(&self) -> u64 {
+        self.dropped
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn key(comm: &str) -> SeriesKey {
+        SeriesKey { service: "svc".into(), comm: comm.into(), signal: Signal::Rss }
+    }
+
+    fn params() -> Params {
+        Params { window: 10.0, min_samples: 5, ..Params::default() }
+    }
+
+    #[test]
+    fn keeps_one_window_and_caps_series() {
+        let mut h = History::new(params(), 2);
+        for i in 0..100 {
+            h.record(key("a"), f64::from(i), 1.0);
+        }
+        h.record(key("b"), 99.0, 1.0);
+        h.record(key("c"), 99.0, 1.0);
+        assert_eq!(h.len(), 2);
+        assert_eq!(h.dropped(), 1);
+        let a = h.iter().next().expect("a").1;
+        assert_eq!(a.samples().count(), 11, "samples within [89, 99]");
+    }
+
+    #[test]
+    fn suspicion_rises_and_clears_once_growth_stops() {
+        let mut h = History::new(params(), 10);
+        let mut changes = Vec::new();
+        let mut v = 1e6;
+        for i in 0..80 {
+            let t = f64::from(i) * 0.5;
+            if t < 20.0 {
+                v += 100_000.0;
+            }
+            h.record(key("leaky"), t, v);
+            changes.extend(h.analyse(t).into_iter().map(|c| (t, c)));
+        }
+        assert_eq!(changes.len(), 2, "{changes:?}");
+        let (t_on, on) = &changes[0];
+        assert!(matches!(on, Change::Suspected(k, _) if k.comm == "leaky"));
+        assert!(*t_on <= 10.0, "flagged once the window is covered, at {t_on}");
+        let (t_off, off) = &changes[1];
+        assert!(matches!(off, Change::Cleared(_, v) if *v != Verdict::SteadyGrowth));
+        assert!(*t_off > 20.0 && *t_off <= 32.0, "cleared within a window after the leak stopped, at {t_off}");
+    }
+
+    #[test]
+    fn series_of_gone_processes_expire_after_a_window() {
+        let mut h = History::new(params(), 10);
+        h.record(key("gone"), 0.0, 1.0);
+        h.analyse(5.0);
+        assert_eq!(h.len(), 1);
+        h.analyse(10.5);
+        assert!(h.is_empty());
+    }
+}

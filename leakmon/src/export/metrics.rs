@@ -1,0 +1,215 @@
+//! The Prometheus metric families, filled from the series views each tick.
+//!
+//! Labels: `service` and `comm` (never the pid or command line: unbounded, and command
+//! lines hold secrets); `signal` = rss|heap; `stack`, a short stable hash, for the top
+//! stacks only.
+
+use prometheus::{
+    core::Collector, Encoder as _, GaugeVec, IntCounter, IntCounterVec, IntGauge, IntGaugeVec, Opts, Registry,
+    TextEncoder,
+};
+
+use super::SeriesView;
+use crate::probes::Counters;
+
+/// Every family leakmon exports.
+pub struct Metrics {
+    registry: Registry,
+    rss: IntGaugeVec,
+    heap_bytes: IntGaugeVec,
+    heap_allocs: IntGaugeVec,
+    growth: GaugeVec,
+    suspected: IntGaugeVec,
+    tte: GaugeVec,
+    limit: IntGaugeVec,
+    stack_bytes: IntGaugeVec,
+    stack_info: IntGaugeVec,
+    events_lost: IntCounterVec,
+    map_errors: IntCounterVec,
+    attached: IntGauge,
+    series_dropped: IntCounter,
+    last_counters: Counters,
+    last_dropped: u64,
+}
+
+fn register<C: Collector + Clone + 'static>(registry: &Registry, c: C) -> C {
+    registry.register(Box::new(c.clone())).expect("metric names are unique");
+    c
+}
+
+impl Default for Metrics {
+    fn default() -> Self {
+        Self::new()
+    }
+}
+
+impl Metrics {
+    pub fn new() -> Self {
+        let registry = Registry::new();
+        let gauge = |name: &str, help: &str, labels: &[&str]| {
+            register(&registry, IntGaugeVec::new(Opts::new(name, help), labels).expect("valid"))
+        };
+        let fgauge = |name: &str, help: &str, labels: &[&str]| {
+            register(&registry, GaugeVec::new(Opts::new(name, help), labels).expect("valid"))
+        };
+        let sc = &["service", "comm"];
+        let scs = &["service", "comm", "signal"];
+        let m = Self {
+            rss: gauge("leakmon_memory_rss_bytes", "Resident memory of the processes of a service and command.", sc),
+            heap_bytes: gauge("leakmon_heap_live_bytes", "Bytes allocated and not freed (allocator probes).", sc),
+            heap_allocs: gauge("leakmon_heap_live_allocations", "Allocations not freed (allocator probes).", sc),
+            growth: fgauge("leakmon_growth_bytes_per_second", "Robust (Theil-Sen) growth rate over the analysis window.", scs),
+            suspected: gauge("leakmon_leak_suspected", "1 while growth is steady and significant over the window.", scs),
+            tte: fgauge("leakmon_time_to_exhaustion_seconds", "Seconds until the memory limit at the current growth rate.", scs),
+            limit: gauge("leakmon_memory_limit_bytes", "The limit used for time to exhaustion: cgroup memory.max, else host memory.", sc),
+            stack_bytes: gauge("leakmon_stack_live_bytes", "Unfreed bytes of one of the top allocation stacks.", &["service", "comm", "stack"]),
+            stack_info: gauge("leakmon_stack_info", "Allocation site of a stack hash; always 1.", &["stack", "function", "location"]),
+            events_lost: register(
+                &registry,
+                IntCounterVec::new(Opts::new("leakmon_events_lost_total", "Kernel events leakmon could not receive."), &["source"]).expect("valid"),
+            ),
+            map_errors: register(
+                &registry,
+                IntCounterVec::new(
+                    Opts::new("leakmon_bpf_map_errors_total", "Allocations not fully accounted because a kernel table was full or a stack was lost."),
+                    &["map"],
+                )
+                .expect("valid"),
+            ),
+            attached: register(&registry, IntGauge::new("leakmon_attached_processes", "Processes traced by the allocator probes.").expect("valid")),
+            series_dropped: register(
+                &registry,
+                IntCounter::new("leakmon_series_dropped_total", "New series turned away by the series cap.").expect("valid"),
+            ),
+            last_counters: Counters::default(),
+            last_dropped: 0,
+            registry,
+        };
+        let build = register(
+            &m.registry,
+            IntGaugeVec::new(Opts::new("leakmon_build_info", "leakmon's version; always 1."), &["version"]).expect("valid"),
+        );
+        build.with_label_values(&[env!("CARGO_PKG_VERSION")]).set(1);
+        #[cfg(target_os = "linux")]
+        m.registry
+            .register(Box::new(prometheus::process_collector::ProcessCollector::for_self()))
+            .expect("process collector");
+        m
+    }
+
+    /// Replaces every per-series value with those of `views`.
+    pub fn update(&mut self, views: &[SeriesView], counters: Option<Counters>, attached: usize, dropped: u64) {
+        for g in [&self.rss, &self.heap_bytes, &self.heap_allocs, &self.limit, &self.suspected, &self.stack_bytes, &self.stack_info] {
+            g.reset();
+        }
+        self.growth.reset();
+        self.tte.reset();
+        for v in views {
+            let sc = [v.service.as_str(), v.comm.as_str()];
+            let scs = [v.service.as_str(), v.comm.as_str(), v.signal];
+            let bytes = i64::try_from(v.current_bytes).unwrap_or(i64::MAX);
+            if v.signal == "rss" {
+                self.rss.with_label_values(&sc).set(bytes);
+                if let Some(limit) = v.limit_bytes {
+                    self.limit.with_label_values(&sc).set(i64::try_from(limit).unwrap_or(i64::MAX));
+                }
+            } else {
+                self.heap_bytes.with_label_values(&sc).set(bytes);
+                self.heap_allocs.with_label_values(&sc).set(v.allocations.unwrap_or(0) as i64);
+            }
+            self.growth.with_label_values(&scs).set(v.growth_bytes_per_second);
+            self.suspected.with_label_values(&scs).set(i64::from(v.suspected));
+            if let Some(t) = v.time_to_exhaustion_seconds {
+                self.tte.with_label_values(&scs).set(t);
+            }
+            for s in &v.stacks {
+                self.stack_bytes.with_label_values(&[v.service.as_str(), v.comm.as_str(), s.stack.as_str()]).set(s.bytes as i64);
+                self.stack_info.with_label_values(&[s.stack.as_str(), s.function.as_str(), s.location.as_str()]).set(1);
+            }
+        }
+        if let Some(c) = counters {
+            let delta = |i: u32| c.0[i as usize].saturating_sub(self.last_counters.0[i as usize]);
+            use leakmon_common::counter as k;
+            self.events_lost.with_label_values(&["lifecycle_ring"]).inc_by(delta(k::EVENTS_LOST));
+            for (map, idx) in [
+                ("live", k::LIVE_FULL),
+                ("totals", k::TOTALS_FULL),
+                ("stacks", k::STACK_COLLISION),
+                ("stacks", k::STACK_ERROR),
+                ("inflight", k::INFLIGHT_FULL),
+                ("procs", k::PROC_FULL),
+            ] {
+                self.map_errors.with_label_values(&[map]).inc_by(delta(idx));
+            }
+            self.last_counters = c;
+        }
+        self.attached.set(attached as i64);
+        self.series_dropped.inc_by(dropped.saturating_sub(self.last_dropped));
+        self.last_dropped = dropped;
+    }
+
+    /// The text exposition format.
+    pub fn render(&self) -> String {
+        let mut out = Vec::new();
+        TextEncoder::new().encode(&self.registry.gather(), &mut out).expect("encode metrics");
+        String::from_utf8(out).expect("exposition is UTF-8")
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::{analysis::trend::Verdict, export::StackView};
+
+    fn view(signal: &'static str) -> SeriesView {
+        SeriesView {
+            service: "leaky.service".into(),
+            comm: "leaky".into(),
+            signal,
+            pids: vec![1],
+            current_bytes: 4096,
+            allocations: (signal == "heap").then_some(7),
+            growth_bytes_per_second: 4096.5,
+            trend_z: 5.0,
+            verdict: Verdict::SteadyGrowth,
+            suspected: true,
+            suspected_for_seconds: Some(1.0),
+            limit_bytes: Some(1 << 30),
+            time_to_exhaustion_seconds: Some(3600.0),
+            samples: 60,
+            stacks: vec![StackView {
+                stack: "0123456789ab".into(),
+                bytes: 4000,
+                allocations: 7,
+                function: "leak_small".into(),
+                location: "leaks.c:20".into(),
+                frames: Vec::new(),
+            }],
+        }
+    }
+
+    #[test]
+    fn renders_the_families_with_their_labels() {
+        let mut m = Metrics::new();
+        m.update(&[view("rss"), view("heap")], Some(Counters::default()), 3, 2);
+        let text = m.render();
+        for line in [
+            "leakmon_memory_rss_bytes{comm=\"leaky\",service=\"leaky.service\"} 4096",
+            "leakmon_heap_live_allocations{comm=\"leaky\",service=\"leaky.service\"} 7",
+            "leakmon_leak_suspected{comm=\"leaky\",service=\"leaky.service\",signal=\"rss\"} 1",
+            "leakmon_growth_bytes_per_second{comm=\"leaky\",service=\"leaky.service\",signal=\"heap\"} 4096.5",
+            "leakmon_time_to_exhaustion_seconds{comm=\"leaky\",service=\"leaky.service\",signal=\"rss\"} 3600",
+            "leakmon_stack_live_bytes{comm=\"leaky\",service=\"leaky.service\",stack=\"0123456789ab\"} 4000",
+            "leakmon_stack_info{function=\"leak_small\",location=\"leaks.c:20\",stack=\"0123456789ab\"} 1",
+            "leakmon_attached_processes 3",
+            "leakmon_series_dropped_total 2",
+            "leakmon_build_info{version=\"",
+            "process_resident_memory_bytes ",
+        ] {
+            assert!(text.contains(line), "missing {line:?} in\n{text}");
+        }
+        // A series that went away leaves no stale value behind.
+        m.update(&[], None, 0, 2);
+        assert!(!m.render().contains("leakmon_memory_rss_bytes{"));
+    }
+}

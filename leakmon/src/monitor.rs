@@ -1,0 +1,244 @@
+//! One sampling tick of the daemon: samples in, verdicts and views out.
+//!
+//! In: the tier-0 samples of every process and, when probes are attached, the
+//! per-process heap totals. It groups processes by (service, command), records one
+//! sample per group and signal, re-analyses, and builds the [`SeriesView`]s that the
+//! exporter and the JSON API show. Symbolized top stacks are cached per process stack.
+
+use std::{
+    collections::{BTreeMap, HashMap},
+    path::PathBuf,
+};
+
+use crate::{
+    analysis::{
+        history::{Change, History, SeriesKey, Signal},
+        trend::{time_to_exhaustion, Params},
+    },
+    export::{stable_hash, SeriesView, StackView},
+    procfs::ProcRoot,
+    report::FrameReport,
+    sampler::{memory_limit, ProcSample},
+    store::ProcessTotals,
+    symbolize::Symbolizer,
+};
+
+/// Processes of one (service, command) at one tick.
+#[derive(Debug, Default)]
+struct Group {
+    pids: Vec<u32>,
+    rss: u64,
+    cgroup: String,
+    heap: Option<(u64, u64)>,
+}
+
+/// State kept across ticks.
+pub struct Monitor {
+    history: History,
+    top_stacks: usize,
+    proc_root: ProcRoot,
+    cgroup_root: PathBuf,
+    symbolizer: Symbolizer,
+    /// (pid, stack id) → symbolized frames; cleared when it grows past its bound.
+    frames: HashMap<(u32, u32), Vec<FrameReport>>,
+}
+
+const MAX_CACHED_STACKS: usize = 50_000;
+
+impl Monitor {
+    pub fn new(params: Params, max_series: usize, top_stacks: usize, proc_root: ProcRoot) -> Self {
+        Self {
+            history: History::new(params, max_series),
+            top_stacks,
+            proc_root,
+            cgroup_root: PathBuf::from("/sys/fs/cgroup"),
+            symbolizer: Symbolizer::default(),
+            frames: HashMap::new(),
+        }
+    }
+
+    pub fn series_dropped(&self) -> u64 {
+        self.history.dropped()
+    }
+
+    /// Records one tick at `now` seconds and returns the views and the changes of
+    /// suspicion. `heap` holds the probes' totals per process, `stack` resolves a
+    /// stack id.
+    pub fn tick(
+        &mut self,
+        now: f64,
+        procs: &[ProcSample],
+        heap: Option<&[ProcessTotals]>,
+        stack: &dyn Fn(u32) -> Option<Vec<u64>>,
+    ) -> (Vec<SeriesView>, Vec<Change>) {
+        let mut groups: BTreeMap<(String, String), Group> = BTreeMap::new();
+        let mut key_of: HashMap<u32, (String, String)> = HashMap::new();
+        for p in procs {
+            let key = (p.service.clone(), p.comm.clone());
+            let g = groups.entry(key.clone()).or_default();
+            g.pids.push(p.pid);
+            g.rss += p.rss_bytes;
+            if g.cgroup.is_empty() {
+                g.cgroup.clone_from(&p.cgroup);
+            }
+            key_of.insert(p.pid, key);
+        }
+        let mut heap_by_group: HashMap<(String, String), Vec<&ProcessTotals>> = HashMap::new();
+        for t in heap.unwrap_or_default() {
+            if let Some(key) = key_of.get(&t.pid) {
+                let g = groups.get_mut(key).expect("grouped above");
+                let (b, a) = g.heap.get_or_insert((0, 0));
+                *b += t.bytes;
+                *a += t.allocations;
+                heap_by_group.entry(key.clone()).or_default().push(t);
+            }
+        }
+        for ((service, comm), g) in &groups {
+            let key = |signal| SeriesKey { service: service.clone(), comm: comm.clone(), signal };
+            self.history.record(key(Signal::Rss), now, g.rss as f64);
+            if let Some((bytes, _)) = g.heap {
+                self.history.record(key(Signal::Heap), now, bytes as f64);
+            }
+        }
+        let changes = self.history.analyse(now);
+
+        let meminfo = std::fs::read_to_string(self.proc_root.path().join("meminfo")).unwrap_or_default();
+        let mut limits: HashMap<String, Option<u64>> = HashMap::new();
+        let mut views = Vec::new();
+        let entries: Vec<(SeriesKey, _, _, _)> = self
+            .history
+            .iter()
+            .filter_map(|(k, s)| Some((k.clone(), s.analysis()?, s.latest()?, s.suspected_since())))
+            .collect();
+        for (key, analysis, latest, since) in entries {
+            let gkey = (key.service.clone(), key.comm.clone());
+            let group = groups.get(&gkey);
+            let cgroup = group.map(|g| g.cgroup.clone()).unwrap_or_default();
+            let limit = *limits
+                .entry(cgroup.clone())
+                .or_insert_with(|| memory_limit(&self.cgroup_root, &cgroup, &meminfo));
+            let rss = group.map_or(0, |g| g.rss) as f64;
+            let suspected = analysis.verdict.suspected();
+            let stacks = if key.signal == Signal::Heap {
+                self.top_stacks(heap_by_group.get(&gkey).map(Vec::as_slice).unwrap_or_default(), stack)
+            } else {
+                Vec::new()
+            };
+            views.push(SeriesView {
+                service: key.service,
+                comm: key.comm,
+                signal: key.signal.as_str(),
+                pids: group.map(|g| g.pids.clone()).unwrap_or_default(),
+                current_bytes: latest.v as u64,
+                allocations: if key.signal == Signal::Heap { group.and_then(|g| g.heap).map(|h| h.1) } else { None },
+                growth_bytes_per_second: analysis.slope,
+                trend_z: analysis.z,
+                verdict: analysis.verdict,
+                suspected,
+                suspected_for_seconds: since.map(|s| now - s),
+                limit_bytes: limit,
+                time_to_exhaustion_seconds: if suspected {
+                    limit.and_then(|l| time_to_exhaustion(rss, l as f64, analysis.slope))
+                } else {
+                    None
+                },
+                samples: analysis.samples,
+                stacks,
+            });
+        }
+        if self.frames.len() > MAX_CACHED_STACKS {
+            self.frames.clear();
+        }
+        (views, changes)
+    }
+
+    /// The group's largest stacks, merged across its processes by their symbolized
+    /// frames (the same site in two workers is one stack).
+    fn top_stacks(&mut self, totals: &[&ProcessTotals], stack: &dyn Fn(u32) -> Option<Vec<u64>>) -> Vec<StackView> {
+        let mut candidates: Vec<(u32, &crate::store::StackTotals)> =
+            totals.iter().flat_map(|t| t.stacks.iter().map(move |s| (t.pid, s))).collect();
+        candidates.sort_by(|a, b| b.1.bytes.cmp(&a.1.bytes));
+        let mut merged: Vec<StackView> = Vec::new();
+        for (pid, s) in candidates.into_iter().take(self.top_stacks * 4) {
+            let frames = match self.frames.get(&(pid, s.stack_id)) {
+                Some(f) => f.clone(),
+                None => {
+                    let maps = self.proc_root.maps(pid).unwrap_or_default();
+                    let root = self.proc_root.in_root(pid, std::path::Path::new("/"));
+                    let frames: Vec<FrameReport> = stack(s.stack_id)
+                        .map(|ips| self.symbolizer.frames(&maps, Some(&root), &ips))
+                        .unwrap_or_default()
+                        .into_iter()
+                        .map(FrameReport::from)
+                        .collect();
+                    self.frames.insert((pid, s.stack_id), frames.clone());
+                    frames
+                }
+            };
+            let hash = stable_hash(frames.iter().map(|f| f.function.as_str()));
+            if let Some(m) = merged.iter_mut().find(|m| m.stack == hash) {
+                m.bytes += s.bytes;
+                m.allocations += s.allocations;
+                continue;
+            }
+            let site = frames.first();
+            merged.push(StackView {
+                stack: hash,
+                bytes: s.bytes,
+                allocations: s.allocations,
+                function: site.map_or_else(|| "[unknown]".to_owned(), |f| f.function.clone()),
+                location: site
+                    .and_then(|f| Some(format!("{}:{}", f.file.as_deref()?.rsplit('/').next()?, f.line?)))
+                    .unwrap_or_default(),
+                frames,
+            });
+        }
+        merged.sort_by(|a, b| b.bytes.cmp(&a.bytes));
+        merged.truncate(self.top_stacks);
+        merged
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::analysis::trend::Verdict;
+
+    fn proc(pid: u32, comm: &str, rss: u64) -> ProcSample {
+        ProcSample {
+            pid,
+            start: 1,
+            comm: comm.into(),
+            service: format!("{comm}.service"),
+            cgroup: "/".into(),
+            rss_bytes: rss,
+            anon_bytes: rss,
+        }
+    }
+
+    #[test]
+    fn groups_by_service_and_command_across_restarts() {
+        let params = Params { window: 10.0, min_samples: 5, ..Params::default() };
+        let mut m = Monitor::new(params, 100, 5, ProcRoot::default());
+        let none = |_: u32| None;
+        let mut last = Vec::new();
+        for i in 0..40u32 {
+            let t = f64::from(i) * 0.5;
+            // Two workers, restarted (new pid) half way: one series, summed.
+            let base = if i < 20 { 10 } else { 20 };
+            let rss = 1_000_000 + u64::from(i) * 50_000;
+            let procs = [proc(base + 1, "worker", rss), proc(base + 2, "worker", rss), proc(99, "flat", 5_000_000)];
+            last = m.tick(t, &procs, None, &none).0;
+        }
+        assert_eq!(last.len(), 2);
+        let worker = last.iter().find(|v| v.comm == "worker").expect("worker");
+        assert_eq!(worker.pids, vec![21, 22]);
+        assert_eq!(worker.current_bytes, 2 * (1_000_000 + 39 * 50_000));
+        assert_eq!(worker.verdict, Verdict::SteadyGrowth);
+        assert!(worker.suspected && worker.time_to_exhaustion_seconds.is_some());
+        assert!((worker.growth_bytes_per_second - 200_000.0).abs() < 1.0);
+        let flat = last.iter().find(|v| v.comm == "flat").expect("flat");
+        assert_eq!(flat.verdict, Verdict::Flat);
+        assert!(!flat.suspected && flat.time_to_exhaustion_seconds.is_none());
+    }
+}
