@@ -134,6 +134,8 @@ pub mod event {
     pub const EXEC: u32 = 2;
     /// A traced process exited (its last thread).
     pub const EXIT: u32 = 3;
+    /// The OOM killer chose `tgid` (any process, traced or not).
+    pub const OOM: u32 = 4;
 }
 
 /// A rare event userspace must see (never sent on the allocation path).
@@ -159,12 +161,13 @@ pub struct TracepointOffsets {
     pub newtask_clone_flags: u32,
     /// `sched:sched_process_exit` `group_dead`.
     pub exit_group_dead: u32,
-    pub _pad: u32,
+    /// `oom:mark_victim` `pid`.
+    pub oom_victim_pid: u32,
 }
 
 impl Default for TracepointOffsets {
     fn default() -> Self {
-        Self { newtask_pid: 8, newtask_clone_flags: 32, exit_group_dead: 32, _pad: 0 }
+        Self { newtask_pid: 8, newtask_clone_flags: 32, exit_group_dead: 32, oom_victim_pid: 8 }
     }
 }
 

@@ -1,7 +1,8 @@
 //! Process lifecycle: follow forks of traced processes, start a new image generation on
 //! exec, and tell userspace when a traced process is gone.
 //!
-//! Hooks: `task:task_newtask`, `sched:sched_process_exec`, `sched:sched_process_exit`.
+//! Hooks: `task:task_newtask`, `sched:sched_process_exec`, `sched:sched_process_exit`,
+//! `oom:mark_victim` (every OOM kill, so restarts by the OOM killer are counted).
 //! Maps: reads/writes `PROCS`, writes `EVENTS`. On a full ring buffer the event is
 //! counted (`EVENTS_LOST`) and userspace falls back to checking /proc.
 
@@ -84,5 +85,17 @@ pub fn lifecycle_exit(ctx: TracePointContext) -> u32 {
     // SAFETY: pointer into the map value.
     let gen = unsafe { (*state).gen };
     emit(event::EXIT, tgid, 0, gen);
+    0
+}
+
+/// The OOM killer picked a victim: count it for its service, traced or not.
+#[tracepoint]
+pub fn lifecycle_oom(ctx: TracePointContext) -> u32 {
+    let off = tp_offsets();
+    // SAFETY: offset from this kernel's tracefs format file.
+    let Ok(victim) = (unsafe { ctx.read_at::<i32>(off.oom_victim_pid as usize) }) else {
+        return 0;
+    };
+    emit(event::OOM, victim as u32, 0, 0);
     0
 }

@@ -56,7 +56,7 @@ static TRACE_ALL: u32 = 0;
 
 #[unsafe(no_mangle)]
 static TP_OFFSETS: TracepointOffsets =
-    TracepointOffsets { newtask_pid: 8, newtask_clone_flags: 32, exit_group_dead: 32, _pad: 0 };
+    TracepointOffsets { newtask_pid: 8, newtask_clone_flags: 32, exit_group_dead: 32, oom_victim_pid: 8 };
 
 #[inline(always)]
 pub fn self_tgid() -> u32 {

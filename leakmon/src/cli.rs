@@ -57,7 +57,7 @@ pub struct RunArgs {
     #[arg(long, default_value = "5", value_name = "K")]
     pub top_stacks: usize,
     /// Most series kept (service, command and signal); new ones beyond are counted
-    /// in leakmon_series_dropped_total and not kept.
+    /// in `leakmon_series_dropped_total` and not kept.
     #[arg(long, default_value = "10000", value_name = "N")]
     pub max_series: usize,
     /// Seconds between two summaries of the largest unfreed totals in the log (with
@@ -83,7 +83,8 @@ pub fn parse_duration(text: &str) -> Result<Duration, String> {
     let text = text.trim();
     let split = text.find(|c: char| !(c.is_ascii_digit() || c == '.')).unwrap_or(text.len());
     let (number, unit) = text.split_at(split);
-    let value: f64 = number.parse().map_err(|_| format!("{text:?} is not a duration (try 500ms, 0.5s, 10m)"))?;
+    let value: f64 =
+        number.parse().map_err(|_| format!("{text:?} is not a duration (try 500ms, 0.5s, 10m)"))?;
     let seconds = match unit {
         "ms" => value / 1000.0,
         "" | "s" => value,

@@ -27,8 +27,10 @@ use crate::{
 #[derive(Debug, Default)]
 struct Group {
     pids: Vec<u32>,
+    /// (pid, start time) of each process: tells a restart from a steady set.
+    identities: Vec<(u32, u64)>,
     rss: u64,
-    cgroup: String,
+    cgroup: crate::sampler::MemCgroup,
     heap: Option<(u64, u64)>,
 }
 
@@ -41,6 +43,25 @@ pub struct Monitor {
     symbolizer: Symbolizer,
     /// (pid, stack id) → symbolized frames; cleared when it grows past its bound.
     frames: HashMap<(u32, u32), Vec<FrameReport>>,
+    /// Per (service, command): the processes seen last tick, their resident total, and
+    /// the offset that stitches incarnations together.
+    incarnations: HashMap<(String, String), Incarnation>,
+    /// pid → (service, command) at the last tick: who a process was, even once gone.
+    last_seen: HashMap<u32, (String, String)>,
+}
+
+/// Restarts hide leaks: each new process starts small, so a service that leaks and is
+/// restarted (or OOM-killed) over and over looks like a sawtooth with a flat floor.
+/// When a group's processes are replaced and its memory drops, the drop is added to an
+/// offset that the analysed series carries from then on, so growth across restarts
+/// reads as the steady slope it is. Shown values stay the real ones.
+#[derive(Debug, Default)]
+struct Incarnation {
+    identities: Vec<(u32, u64)>,
+    last_rss: u64,
+    offset: f64,
+    restarts: u64,
+    seen: f64,
 }
 
 const MAX_CACHED_STACKS: usize = 50_000;
@@ -54,7 +75,19 @@ impl Monitor {
             cgroup_root: PathBuf::from("/sys/fs/cgroup"),
             symbolizer: Symbolizer::default(),
             frames: HashMap::new(),
+            incarnations: HashMap::new(),
+            last_seen: HashMap::new(),
         }
+    }
+
+    /// The (service, command) a pid had at the last tick.
+    pub fn identity_of(&self, pid: u32) -> Option<&(String, String)> {
+        self.last_seen.get(&pid)
+    }
+
+    /// Restarts seen per (service, command) since leakmon started.
+    pub fn restarts(&self) -> impl Iterator<Item = (&(String, String), u64)> {
+        self.incarnations.iter().map(|(k, i)| (k, i.restarts))
     }
 
     pub fn series_dropped(&self) -> u64 {
@@ -77,8 +110,9 @@ impl Monitor {
             let key = (p.service.clone(), p.comm.clone());
             let g = groups.entry(key.clone()).or_default();
             g.pids.push(p.pid);
+            g.identities.push((p.pid, p.start));
             g.rss += p.rss_bytes;
-            if g.cgroup.is_empty() {
+            if g.pids.len() == 1 {
                 g.cgroup.clone_from(&p.cgroup);
             }
             key_of.insert(p.pid, key);
@@ -93,17 +127,33 @@ impl Monitor {
                 heap_by_group.entry(key.clone()).or_default().push(t);
             }
         }
-        for ((service, comm), g) in &groups {
+        let window = self.history.window();
+        self.incarnations.retain(|_, i| i.seen >= now - window);
+        for ((service, comm), g) in &mut groups {
+            let inc = self.incarnations.entry((service.clone(), comm.clone())).or_default();
+            g.identities.sort_unstable();
+            let replaced =
+                !inc.identities.is_empty() && !g.identities.iter().any(|id| inc.identities.contains(id));
+            if replaced {
+                inc.restarts += 1;
+                if g.rss < inc.last_rss {
+                    inc.offset += (inc.last_rss - g.rss) as f64;
+                }
+            }
+            inc.identities.clone_from(&g.identities);
+            inc.last_rss = g.rss;
+            inc.seen = now;
             let key = |signal| SeriesKey { service: service.clone(), comm: comm.clone(), signal };
-            self.history.record(key(Signal::Rss), now, g.rss as f64);
+            self.history.record(key(Signal::Rss), now, g.rss as f64 + inc.offset);
             if let Some((bytes, _)) = g.heap {
                 self.history.record(key(Signal::Heap), now, bytes as f64);
             }
         }
         let changes = self.history.analyse(now);
+        self.last_seen = key_of;
 
         let meminfo = std::fs::read_to_string(self.proc_root.path().join("meminfo")).unwrap_or_default();
-        let mut limits: HashMap<String, Option<u64>> = HashMap::new();
+        let mut limits: HashMap<crate::sampler::MemCgroup, Option<u64>> = HashMap::new();
         let mut views = Vec::new();
         let entries: Vec<(SeriesKey, _, _, _)> = self
             .history
@@ -129,8 +179,12 @@ impl Monitor {
                 comm: key.comm,
                 signal: key.signal.as_str(),
                 pids: group.map(|g| g.pids.clone()).unwrap_or_default(),
-                current_bytes: latest.v as u64,
-                allocations: if key.signal == Signal::Heap { group.and_then(|g| g.heap).map(|h| h.1) } else { None },
+                current_bytes: if key.signal == Signal::Rss { rss as u64 } else { latest.v as u64 },
+                allocations: if key.signal == Signal::Heap {
+                    group.and_then(|g| g.heap).map(|h| h.1)
+                } else {
+                    None
+                },
                 growth_bytes_per_second: analysis.slope,
                 trend_z: analysis.z,
                 verdict: analysis.verdict,
@@ -154,7 +208,11 @@ impl Monitor {
 
     /// The group's largest stacks, merged across its processes by their symbolized
     /// frames (the same site in two workers is one stack).
-    fn top_stacks(&mut self, totals: &[&ProcessTotals], stack: &dyn Fn(u32) -> Option<Vec<u64>>) -> Vec<StackView> {
+    fn top_stacks(
+        &mut self,
+        totals: &[&ProcessTotals],
+        stack: &dyn Fn(u32) -> Option<Vec<u64>>,
+    ) -> Vec<StackView> {
         let mut candidates: Vec<(u32, &crate::store::StackTotals)> =
             totals.iter().flat_map(|t| t.stacks.iter().map(move |s| (t.pid, s))).collect();
         candidates.sort_by(|a, b| b.1.bytes.cmp(&a.1.bytes));
@@ -210,10 +268,30 @@ mod tests {
             start: 1,
             comm: comm.into(),
             service: format!("{comm}.service"),
-            cgroup: "/".into(),
+            cgroup: crate::sampler::MemCgroup { path: "/".into(), v1: false },
             rss_bytes: rss,
             anon_bytes: rss,
         }
+    }
+
+    #[test]
+    fn a_leak_hidden_by_restarts_is_still_seen() {
+        let params = Params { window: 20.0, min_samples: 5, ..Params::default() };
+        let mut m = Monitor::new(params, 100, 5, ProcRoot::default());
+        let none = |_: u32| None;
+        let mut last = Vec::new();
+        for i in 0..80u32 {
+            // Restarted every 5 s (new pid, new start), growing 1 MB/s from 2 MB each time.
+            let incarnation = i / 10;
+            let rss = 2_000_000 + u64::from(i % 10) * 500_000;
+            let mut p = proc(100 + incarnation, "crashy", rss);
+            p.start = u64::from(incarnation) + 1;
+            last = m.tick(f64::from(i) * 0.5, &[p], None, &none).0;
+        }
+        let v = last.iter().find(|v| v.comm == "crashy").expect("crashy");
+        assert_eq!(v.verdict, Verdict::SteadyGrowth, "{v:?}");
+        assert!(v.current_bytes < 7_000_000, "shown value is the real one: {}", v.current_bytes);
+        assert_eq!(m.restarts().find(|(k, _)| k.1 == "crashy").map(|(_, n)| n), Some(7));
     }
 
     #[test]
@@ -227,7 +305,8 @@ mod tests {
             // Two workers, restarted (new pid) half way: one series, summed.
             let base = if i < 20 { 10 } else { 20 };
             let rss = 1_000_000 + u64::from(i) * 50_000;
-            let procs = [proc(base + 1, "worker", rss), proc(base + 2, "worker", rss), proc(99, "flat", 5_000_000)];
+            let procs =
+                [proc(base + 1, "worker", rss), proc(base + 2, "worker", rss), proc(99, "flat", 5_000_000)];
             last = m.tick(t, &procs, None, &none).0;
         }
         assert_eq!(last.len(), 2);

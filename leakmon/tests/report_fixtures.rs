@@ -170,7 +170,10 @@ fn a_full_live_table_undercounts_and_says_so_never_invents() {
     let got = by_function(&procs[0], "leaks.c");
     for (function, (bytes, allocs)) in &got {
         let (max_bytes, max_allocs) = exact.get(function).copied().unwrap_or((0, 0));
-        assert!(*bytes <= max_bytes && *allocs <= max_allocs, "{function}: {bytes} B / {allocs} is more than the truth");
+        assert!(
+            *bytes <= max_bytes && *allocs <= max_allocs,
+            "{function}: {bytes} B / {allocs} is more than the truth"
+        );
     }
     // The table holds at most 64 blocks at a time, so no more than that can be unfreed.
     assert!(procs[0]["outstanding_allocations"].as_u64().expect("allocs") <= 64);
@@ -180,11 +183,19 @@ fn a_full_live_table_undercounts_and_says_so_never_invents() {
 fn stack_collisions_lose_attribution_not_bytes() {
     let fixture = build_fixture("leaks.c", &[]);
     let total = |extra: &[&str]| {
-        let out =
-            common::leakmon().args(["report", "--format", "json"]).args(extra).arg("--").arg(&fixture).output().expect("run");
+        let out = common::leakmon()
+            .args(["report", "--format", "json"])
+            .args(extra)
+            .arg("--")
+            .arg(&fixture)
+            .output()
+            .expect("run");
         let report = common::parse_report(&out);
         let p = &processes(&report)[0];
-        (p["outstanding_bytes"].as_u64().expect("bytes"), p["outstanding_allocations"].as_u64().expect("allocs"))
+        (
+            p["outstanding_bytes"].as_u64().expect("bytes"),
+            p["outstanding_allocations"].as_u64().expect("allocs"),
+        )
     };
     let fixture_bytes: u64 = LEAKS.iter().map(|l| l.1).sum();
     let (bytes, allocs) = total(&["--max-stacks", "2"]);

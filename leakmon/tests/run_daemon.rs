@@ -31,7 +31,17 @@ fn traces_new_processes_purges_exits_and_detaches_on_sigterm() {
     let mut daemon = Reap(
         common::leakmon()
             .env("RUST_LOG", "info")
-            .args(["run", "--attach", "all", "--interval", "1", "--top", "1000", "--web.listen-address", "127.0.0.1:19473"])
+            .args([
+                "run",
+                "--attach",
+                "all",
+                "--interval",
+                "1",
+                "--top",
+                "1000",
+                "--web.listen-address",
+                "127.0.0.1:19473",
+            ])
             .stderr(Stdio::piped())
             .spawn()
             .expect("start leakmon run"),

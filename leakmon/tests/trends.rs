@@ -30,7 +30,9 @@ fn http_get(addr: &str, path: &str) -> Option<String> {
     let mut out = String::new();
     s.read_to_string(&mut out).ok()?;
     let (head, body) = out.split_once("\r\n\r\n")?;
-    head.starts_with("HTTP/1.1 200").then(|| body.to_owned()).or_else(|| head.starts_with("HTTP/1.0 200").then(|| body.to_owned()))
+    head.starts_with("HTTP/1.1 200")
+        .then(|| body.to_owned())
+        .or_else(|| head.starts_with("HTTP/1.0 200").then(|| body.to_owned()))
 }
 
 /// Copies the fixture under another name, so each shape is its own series (comm).
@@ -98,7 +100,16 @@ fn verdicts_and_detection_times_on_real_workloads() {
     let mut first_flag: BTreeMap<String, f64> = BTreeMap::new();
     let mut cleared_at: BTreeMap<String, f64> = BTreeMap::new();
     let mut verdicts: BTreeMap<String, String> = BTreeMap::new();
-    let watched = ["grow_leak", "grow_stop", "grow_plateau", "grow_cache", "grow_sawtooth", "grow_flat", "python3", "node"];
+    let watched = [
+        "grow_leak",
+        "grow_stop",
+        "grow_plateau",
+        "grow_cache",
+        "grow_sawtooth",
+        "grow_flat",
+        "python3",
+        "node",
+    ];
     while start.elapsed() < Duration::from_secs(95) {
         std::thread::sleep(Duration::from_millis(500));
         let Some(body) = http_get(LISTEN, "/api/v1/processes") else { continue };
@@ -151,7 +162,8 @@ fn verdicts_and_detection_times_on_real_workloads() {
     assert_eq!(verdicts["grow_leak"], "steady_growth");
 
     // Prometheus has the suspicion, by PromQL.
-    let query = "/api/v1/query?query=leakmon_leak_suspected%7Bcomm%3D%22grow_leak%22%2Csignal%3D%22rss%22%7D%3D%3D1";
+    let query =
+        "/api/v1/query?query=leakmon_leak_suspected%7Bcomm%3D%22grow_leak%22%2Csignal%3D%22rss%22%7D%3D%3D1";
     let answer = http_get(PROMETHEUS, query).expect("query Prometheus");
     let answer: Value = serde_json::from_str(&answer).expect("Prometheus JSON");
     assert_eq!(answer["status"], "success", "{answer}");
@@ -168,8 +180,14 @@ fn verdicts_and_detection_times_on_real_workloads() {
         .stderr(Stdio::piped())
         .spawn()
         .expect("run promtool");
-    std::io::Write::write_all(&mut promtool.stdin.take().expect("stdin"), scrape.as_bytes()).expect("feed promtool");
+    std::io::Write::write_all(&mut promtool.stdin.take().expect("stdin"), scrape.as_bytes())
+        .expect("feed promtool");
     let out = promtool.wait_with_output().expect("promtool");
-    assert!(out.status.success(), "promtool check metrics: {}{}", String::from_utf8_lossy(&out.stdout), String::from_utf8_lossy(&out.stderr));
+    assert!(
+        out.status.success(),
+        "promtool check metrics: {}{}",
+        String::from_utf8_lossy(&out.stdout),
+        String::from_utf8_lossy(&out.stderr)
+    );
     drop(workloads);
 }

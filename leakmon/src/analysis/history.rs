@@ -127,6 +127,11 @@ impl History {
         changes
     }
 
+    /// The window in seconds.
+    pub fn window(&self) -> f64 {
+        self.params.window
+    }
+
     pub fn iter(&self) -> impl Iterator<Item = (&SeriesKey, &Series)> {
         self.series.iter()
     }
@@ -190,7 +195,10 @@ mod tests {
         assert!(*t_on <= 10.0, "flagged once the window is covered, at {t_on}");
         let (t_off, off) = &changes[1];
         assert!(matches!(off, Change::Cleared(_, v) if *v != Verdict::SteadyGrowth));
-        assert!(*t_off > 20.0 && *t_off <= 32.0, "cleared within a window after the leak stopped, at {t_off}");
+        assert!(
+            *t_off > 20.0 && *t_off <= 32.0,
+            "cleared within a window after the leak stopped, at {t_off}"
+        );
     }
 
     #[test]

@@ -1,5 +1,5 @@
 //! Analysis: from a history of memory samples to a verdict (leak suspected or not),
 //! a growth rate and a time to exhaustion.
 
-pub mod trend;
 pub mod history;
+pub mod trend;

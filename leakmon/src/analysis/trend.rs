@@ -193,12 +193,18 @@ pub fn mann_kendall(samples: &[Sample]) -> f64 {
 /// Sharp drops: falls between consecutive samples larger than `ratio` of the range and
 /// than `min_bytes` (noise on a flat series has a small range, and drops of its size).
 fn sharp_drops(samples: &[Sample], ratio: f64, min_bytes: f64) -> Vec<usize> {
-    let (lo, hi) = samples.iter().fold((f64::INFINITY, f64::NEG_INFINITY), |(lo, hi), s| (lo.min(s.v), hi.max(s.v)));
+    let (lo, hi) =
+        samples.iter().fold((f64::INFINITY, f64::NEG_INFINITY), |(lo, hi), s| (lo.min(s.v), hi.max(s.v)));
     let range = hi - lo;
     if range <= 0.0 {
         return Vec::new();
     }
-    samples.windows(2).enumerate().filter(|(_, w)| w[0].v - w[1].v > (ratio * range).max(min_bytes)).map(|(i, _)| i + 1).collect()
+    samples
+        .windows(2)
+        .enumerate()
+        .filter(|(_, w)| w[0].v - w[1].v > (ratio * range).max(min_bytes))
+        .map(|(i, _)| i + 1)
+        .collect()
 }
 
 /// Analyses one window of samples, oldest first.
@@ -313,7 +319,10 @@ mod tests {
         // Warm-up: fast growth that plateaus a third of the way in.
         assert_eq!(verdict(&series(|t| 50.0 * mib + 4.0 * mib * t.min(10.0))), Verdict::LevelingOff);
         // Bounded cache: grows towards a cap exponentially.
-        assert_eq!(verdict(&series(|t| 10.0 * mib + 40.0 * mib * (1.0 - (-t / 4.0).exp()))), Verdict::LevelingOff);
+        assert_eq!(
+            verdict(&series(|t| 10.0 * mib + 40.0 * mib * (1.0 - (-t / 4.0).exp()))),
+            Verdict::LevelingOff
+        );
         // Sawtooth: fills for 5 s, then is flushed, with no rising floor.
         assert_eq!(verdict(&series(|t| 10.0 * mib + 1.0 * mib * (t % 5.0))), Verdict::Sawtooth);
         // Shrinking.

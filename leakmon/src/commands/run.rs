@@ -54,7 +54,11 @@ pub fn run(args: &RunArgs) -> Result<()> {
         bail!("--attach pids needs at least one --pid");
     }
     if args.window < args.sample_interval * 10 {
-        bail!("--window must hold at least 10 samples (--sample-interval {:?}, --window {:?})", args.sample_interval, args.window);
+        bail!(
+            "--window must hold at least 10 samples (--sample-interval {:?}, --window {:?})",
+            args.sample_interval,
+            args.window
+        );
     }
     tokio::runtime::Builder::new_multi_thread()
         .worker_threads(2)
@@ -64,12 +68,20 @@ pub fn run(args: &RunArgs) -> Result<()> {
         .block_on(daemon(args, attach, proc_root))
 }
 
+#[expect(
+    clippy::too_many_lines,
+    reason = "one select loop over the daemon's event sources reads best in one place"
+)]
 async fn daemon(args: &RunArgs, attach: Attach, proc_root: ProcRoot) -> Result<()> {
     let published: Shared = Arc::new(RwLock::new(Published::default()));
     let server = http::serve(args.listen, published.clone()).await?;
 
+    // The lifecycle tracepoints (exits, execs, OOM kills) cost nothing per allocation,
+    // so they are loaded in every mode; the allocator uprobes only when attributing.
     let mut probes = match attach {
-        Attach::None => None,
+        Attach::None => {
+            load_probes(&args.tables, false).map_err(|e| warn!("OOM kills will not be counted: {e:#}")).ok()
+        }
         Attach::All | Attach::Pids => {
             let mut probes = load_probes(&args.tables, attach == Attach::All)?;
             attach_all(&mut probes, libraries(&proc_root, &args.pids))?;
@@ -79,12 +91,16 @@ async fn daemon(args: &RunArgs, attach: Attach, proc_root: ProcRoot) -> Result<(
             Some(probes)
         }
     };
+    let attributing = attach != Attach::None;
     let mut events = match probes.as_mut() {
         Some(p) => {
             let ring = p.take_events()?;
             // SAFETY: the ring buffer owns its fd and outlives the registration (both
             // dropped together at the end of this function).
-            Some(unsafe { AsyncFd::register(ring) }.map_err(|e| anyhow::anyhow!("watch the event ring buffer: {e}"))?)
+            Some(
+                unsafe { AsyncFd::register(ring) }
+                    .map_err(|e| anyhow::anyhow!("watch the event ring buffer: {e}"))?,
+            )
         }
         None => None,
     };
@@ -131,6 +147,16 @@ async fn daemon(args: &RunArgs, attach: Attach, proc_root: ProcRoot) -> Result<(
                             names.insert(ev.tgid, ingest::comm(&ev));
                         }
                         event::FORK => { names.insert(ev.child, ingest::comm(&ev)); }
+                        event::OOM => {
+                            // Who it was at the last sample: by now it may be gone.
+                            let (service, comm) = monitor
+                                .identity_of(ev.tgid)
+                                .cloned()
+                                .or_else(|| sampler::sample(&proc_root, ev.tgid).map(|v| (v.service, v.comm)))
+                                .unwrap_or_else(|| ("unknown".to_owned(), ingest::comm(&ev)));
+                            warn!(pid = ev.tgid, service = %service, comm = %comm, "OOM kill");
+                            metrics.oom_kill(&service, &comm);
+                        }
                         _ => {}
                     }
                 }
@@ -139,16 +165,17 @@ async fn daemon(args: &RunArgs, attach: Attach, proc_root: ProcRoot) -> Result<(
             _ = sample.tick() => {
                 let now = started.elapsed().as_secs_f64();
                 let procs = sampler::sample_all(&proc_root);
-                let heap = probes.as_ref().and_then(|p| heap_totals(p).ok());
+                let heap = probes.as_ref().filter(|_| attributing).and_then(|p| heap_totals(p).ok());
                 let stack = |id: u32| probes.as_ref().and_then(|p| p.stack(id));
                 let (views, changes) = monitor.tick(now, &procs, heap.as_deref(), &stack);
                 log_changes(&changes);
                 let counters = probes.as_ref().and_then(|p| p.counters().ok());
                 let attached = probes.as_ref().and_then(|p| p.traced().ok()).map_or(0, |t| t.len());
                 metrics.update(&views, counters, attached, monitor.series_dropped());
+                metrics.restarts(monitor.restarts());
                 publish(&published, &metrics, &views).await;
             }
-            _ = summary.tick(), if probes.is_some() => {
+            _ = summary.tick(), if attributing => {
                 if let Some(p) = probes.as_ref() {
                     log_summary(p, &proc_root, &mut names, args.top);
                 }
@@ -168,7 +195,7 @@ async fn daemon(args: &RunArgs, attach: Attach, proc_root: ProcRoot) -> Result<(
                     replaced.clear();
                 }
             }
-            _ = rescan.tick(), if probes.is_some() => {
+            _ = rescan.tick(), if attributing => {
                 let p = probes.as_mut().expect("guarded");
                 if let Err(e) = attach_all(p, libraries(&proc_root, &args.pids)) {
                     warn!("attach to new libraries: {e:#}");

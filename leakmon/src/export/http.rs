@@ -27,7 +27,10 @@ pub fn router(state: Shared) -> Router {
                 ([(header::CONTENT_TYPE, prometheus::TEXT_FORMAT)], s.read().await.metrics.clone())
             }),
         )
-        .route("/api/v1/leaks", get(|s: axum::extract::State<Shared>| async move { json(s.read().await.leaks.clone()) }))
+        .route(
+            "/api/v1/leaks",
+            get(|s: axum::extract::State<Shared>| async move { json(s.read().await.leaks.clone()) }),
+        )
         .route(
             "/api/v1/processes",
             get(|s: axum::extract::State<Shared>| async move { json(s.read().await.processes.clone()) }),
@@ -51,9 +54,8 @@ fn json(body: String) -> impl IntoResponse {
 
 /// Binds `addr` (failing at once, with the address, if it is taken) and serves.
 pub async fn serve(addr: SocketAddr, state: Shared) -> anyhow::Result<tokio::task::JoinHandle<()>> {
-    let listener = tokio::net::TcpListener::bind(addr)
-        .await
-        .map_err(|e| anyhow::anyhow!("listen on {addr}: {e}"))?;
+    let listener =
+        tokio::net::TcpListener::bind(addr).await.map_err(|e| anyhow::anyhow!("listen on {addr}: {e}"))?;
     Ok(tokio::spawn(async move {
         if let Err(e) = axum::serve(listener, router(state)).await {
             tracing::error!("web server stopped: {e}");

@@ -5,8 +5,8 @@
 //! stacks only.
 
 use prometheus::{
-    core::Collector, Encoder as _, GaugeVec, IntCounter, IntCounterVec, IntGauge, IntGaugeVec, Opts, Registry,
-    TextEncoder,
+    core::Collector, Encoder as _, GaugeVec, IntCounter, IntCounterVec, IntGauge, IntGaugeVec, Opts,
+    Registry, TextEncoder,
 };
 
 use super::SeriesView;
@@ -28,6 +28,9 @@ pub struct Metrics {
     map_errors: IntCounterVec,
     attached: IntGauge,
     series_dropped: IntCounter,
+    oom_kills: IntCounterVec,
+    restarts: IntCounterVec,
+    last_restarts: std::collections::HashMap<(String, String), u64>,
     last_counters: Counters,
     last_dropped: u64,
 }
@@ -81,13 +84,28 @@ impl Metrics {
                 &registry,
                 IntCounter::new("leakmon_series_dropped_total", "New series turned away by the series cap.").expect("valid"),
             ),
+            oom_kills: register(
+                &registry,
+                IntCounterVec::new(Opts::new("leakmon_oom_kills_total", "Processes of a service and command killed by the OOM killer."), sc)
+                    .expect("valid"),
+            ),
+            restarts: register(
+                &registry,
+                IntCounterVec::new(
+                    Opts::new("leakmon_restarts_total", "Times every process of a service and command was replaced by new ones."),
+                    sc,
+                )
+                .expect("valid"),
+            ),
+            last_restarts: std::collections::HashMap::new(),
             last_counters: Counters::default(),
             last_dropped: 0,
             registry,
         };
         let build = register(
             &m.registry,
-            IntGaugeVec::new(Opts::new("leakmon_build_info", "leakmon's version; always 1."), &["version"]).expect("valid"),
+            IntGaugeVec::new(Opts::new("leakmon_build_info", "leakmon's version; always 1."), &["version"])
+                .expect("valid"),
         );
         build.with_label_values(&[env!("CARGO_PKG_VERSION")]).set(1);
         #[cfg(target_os = "linux")]
@@ -98,8 +116,23 @@ impl Metrics {
     }
 
     /// Replaces every per-series value with those of `views`.
-    pub fn update(&mut self, views: &[SeriesView], counters: Option<Counters>, attached: usize, dropped: u64) {
-        for g in [&self.rss, &self.heap_bytes, &self.heap_allocs, &self.limit, &self.suspected, &self.stack_bytes, &self.stack_info] {
+    pub fn update(
+        &mut self,
+        views: &[SeriesView],
+        counters: Option<Counters>,
+        attached: usize,
+        dropped: u64,
+    ) {
+        use leakmon_common::counter as k;
+        for g in [
+            &self.rss,
+            &self.heap_bytes,
+            &self.heap_allocs,
+            &self.limit,
+            &self.suspected,
+            &self.stack_bytes,
+            &self.stack_info,
+        ] {
             g.reset();
         }
         self.growth.reset();
@@ -123,13 +156,16 @@ impl Metrics {
                 self.tte.with_label_values(&scs).set(t);
             }
             for s in &v.stacks {
-                self.stack_bytes.with_label_values(&[v.service.as_str(), v.comm.as_str(), s.stack.as_str()]).set(s.bytes as i64);
-                self.stack_info.with_label_values(&[s.stack.as_str(), s.function.as_str(), s.location.as_str()]).set(1);
+                self.stack_bytes
+                    .with_label_values(&[v.service.as_str(), v.comm.as_str(), s.stack.as_str()])
+                    .set(s.bytes as i64);
+                self.stack_info
+                    .with_label_values(&[s.stack.as_str(), s.function.as_str(), s.location.as_str()])
+                    .set(1);
             }
         }
         if let Some(c) = counters {
             let delta = |i: u32| c.0[i as usize].saturating_sub(self.last_counters.0[i as usize]);
-            use leakmon_common::counter as k;
             self.events_lost.with_label_values(&["lifecycle_ring"]).inc_by(delta(k::EVENTS_LOST));
             for (map, idx) in [
                 ("live", k::LIVE_FULL),
@@ -146,6 +182,22 @@ impl Metrics {
         self.attached.set(attached as i64);
         self.series_dropped.inc_by(dropped.saturating_sub(self.last_dropped));
         self.last_dropped = dropped;
+    }
+
+    /// Counts one OOM kill.
+    pub fn oom_kill(&self, service: &str, comm: &str) {
+        self.oom_kills.with_label_values(&[service, comm]).inc();
+    }
+
+    /// Brings the restart counters up to the monitor's totals.
+    pub fn restarts<'a>(&mut self, totals: impl Iterator<Item = (&'a (String, String), u64)>) {
+        for (key, n) in totals {
+            let last = self.last_restarts.entry(key.clone()).or_insert(0);
+            if n > *last {
+                self.restarts.with_label_values(&[key.0.as_str(), key.1.as_str()]).inc_by(n - *last);
+                *last = n;
+            }
+        }
     }
 
     /// The text exposition format.

@@ -74,6 +74,9 @@ mod tests {
         assert_ne!(stable_hash(["ab", "c"]), stable_hash(["a", "bc"]));
         assert_eq!(stable_hash(["x"]).len(), 12);
         // Pinned: a change of hash would break every dashboard's stack label.
-        assert_eq!(stable_hash(["leak_small", "main"]), stable_hash(vec!["leak_small".to_owned(), "main".to_owned()]));
+        assert_eq!(
+            stable_hash(["leak_small", "main"]),
+            stable_hash(vec!["leak_small".to_owned(), "main".to_owned()])
+        );
     }
 }

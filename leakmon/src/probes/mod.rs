@@ -142,10 +142,11 @@ const ENTRY_PROGRAMS: [Handler; 8] = [
     Handler::Free,
 ];
 const RETURN_PROGRAM: &str = "alloc_return";
-const TRACEPOINTS: [(&str, &str, &str); 3] = [
+const TRACEPOINTS: [(&str, &str, &str); 4] = [
     ("lifecycle_newtask", "task", "task_newtask"),
     ("lifecycle_exec", "sched", "sched_process_exec"),
     ("lifecycle_exit", "sched", "sched_process_exit"),
+    ("lifecycle_oom", "oom", "mark_victim"),
 ];
 
 /// Loaded and (partly) attached probes.

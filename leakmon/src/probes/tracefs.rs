@@ -43,6 +43,7 @@ pub fn tracepoint_offsets() -> TracepointOffsets {
     let read = |event: &str| fs::read_to_string(events_dir().join(event).join("format")).unwrap_or_default();
     let newtask = read("task/task_newtask");
     let exit = read("sched/sched_process_exit");
+    let oom = read("oom/mark_victim");
     let mut offsets = TracepointOffsets::default();
     if let Some(o) = field_offset(&newtask, "pid") {
         offsets.newtask_pid = o;
@@ -52,6 +53,9 @@ pub fn tracepoint_offsets() -> TracepointOffsets {
     }
     if let Some(o) = field_offset(&exit, "group_dead") {
         offsets.exit_group_dead = o;
+    }
+    if let Some(o) = field_offset(&oom, "pid") {
+        offsets.oom_victim_pid = o;
     }
     offsets
 }
