@@ -215,12 +215,13 @@ impl Monitor {
     ) -> Vec<StackView> {
         let mut candidates: Vec<(u32, &crate::store::StackTotals)> =
             totals.iter().flat_map(|t| t.stacks.iter().map(move |s| (t.pid, s))).collect();
-        candidates.sort_by(|a, b| b.1.bytes.cmp(&a.1.bytes));
+        candidates.sort_by_key(|c| std::cmp::Reverse(c.1.bytes));
         let mut merged: Vec<StackView> = Vec::new();
         for (pid, s) in candidates.into_iter().take(self.top_stacks * 4) {
-            let frames = match self.frames.get(&(pid, s.stack_id)) {
-                Some(f) => f.clone(),
-                None => {
+            let frames = if let Some(f) = self.frames.get(&(pid, s.stack_id)) {
+                f.clone()
+            } else {
+                {
                     let maps = self.proc_root.maps(pid).unwrap_or_default();
                     let root = self.proc_root.in_root(pid, std::path::Path::new("/"));
                     let frames: Vec<FrameReport> = stack(s.stack_id)
@@ -251,7 +252,7 @@ impl Monitor {
                 frames,
             });
         }
-        merged.sort_by(|a, b| b.bytes.cmp(&a.bytes));
+        merged.sort_by_key(|m| std::cmp::Reverse(m.bytes));
         merged.truncate(self.top_stacks);
         merged
     }

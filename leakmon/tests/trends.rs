@@ -47,6 +47,7 @@ fn spawn(cmd: &mut Command) -> Reap {
 }
 
 #[test]
+#[expect(clippy::too_many_lines, reason = "one scenario, start to end, reads best in one place")]
 fn verdicts_and_detection_times_on_real_workloads() {
     let grow = build_fixture("grow.c", &[]);
     let fixtures = Path::new(env!("CARGO_MANIFEST_DIR")).join("tests/fixtures");

@@ -106,7 +106,15 @@ pub fn identity_path(text: &str) -> String {
 pub fn service_of(cgroup: &str, comm: &str) -> String {
     cgroup
         .rsplit('/')
-        .find(|part| part.ends_with(".service") || part.ends_with(".scope"))
+        // systemd unit names are case-sensitive: `.Service` is not a unit.
+        .find(|part| {
+            #[expect(
+                clippy::case_sensitive_file_extension_comparisons,
+                reason = "unit suffixes are case-sensitive"
+            )]
+            let unit = part.ends_with(".service") || part.ends_with(".scope");
+            unit
+        })
         .or_else(|| cgroup.rsplit('/').find(|p| !p.is_empty()))
         .map_or_else(|| comm.to_owned(), str::to_owned)
 }
