@@ -30,10 +30,26 @@ pub enum Cmd {
     /// and reports allocations made and not freed within the window; it reports when
     /// the window ends, when the process exits, or on Ctrl-C.
     Report(ReportArgs),
+    /// Work with the configuration file.
+    #[command(subcommand)]
+    Config(ConfigCmd),
+}
+
+#[derive(Debug, Subcommand)]
+pub enum ConfigCmd {
+    /// Check a configuration file: every problem, each with its line.
+    Check {
+        /// The file, e.g. /etc/leakmon/leakmon.toml.
+        file: std::path::PathBuf,
+    },
 }
 
 #[derive(Debug, clap::Args)]
 pub struct RunArgs {
+    /// A TOML file setting any of these options (keys as the long options, with
+    /// `listen-address` under `[web]`); options given here win over the file.
+    #[arg(long, value_name = "FILE")]
+    pub config: Option<std::path::PathBuf>,
     /// Time between two memory samples of every process (`500ms`, `0.5s`, `10s`, `1m`).
     #[arg(long, default_value = "10s", value_name = "DURATION", value_parser = parse_duration)]
     pub sample_interval: Duration,
@@ -135,6 +151,50 @@ pub enum Format {
     Table,
     /// `{"processes":[{"pid":..,"comm":..,"outstanding_bytes":..,"stacks":[..]}]}`.
     Json,
+}
+
+impl RunArgs {
+    /// Fills every option not given on the command line from the file's values.
+    pub fn merge(&mut self, file: crate::config::FileConfig, matches: &clap::ArgMatches) {
+        let from_file = |id: &str| matches.value_source(id) != Some(clap::parser::ValueSource::CommandLine);
+        if let (true, Some(v)) = (from_file("sample_interval"), file.sample_interval) {
+            self.sample_interval = v;
+        }
+        if let (true, Some(v)) = (from_file("window"), file.window) {
+            self.window = v;
+        }
+        if let (true, Some(v)) = (from_file("attach"), file.attach) {
+            self.attach = Some(v);
+        }
+        if let (true, Some(v)) = (from_file("pids"), file.pids) {
+            self.pids = v;
+        }
+        if let (true, Some(v)) = (from_file("listen"), file.listen) {
+            self.listen = v;
+        }
+        if let (true, Some(v)) = (from_file("top_stacks"), file.top_stacks) {
+            self.top_stacks = v;
+        }
+        if let (true, Some(v)) = (from_file("max_series"), file.max_series) {
+            self.max_series = v;
+        }
+        if let (true, Some(v)) = (from_file("top"), file.top) {
+            self.top = v;
+        }
+        let nonzero = |v: u32| NonZeroU32::new(v).expect("checked non-zero");
+        if let (true, Some(v)) = (from_file("interval"), file.interval) {
+            self.interval = nonzero(v);
+        }
+        if let (true, Some(v)) = (from_file("max_live"), file.max_live) {
+            self.tables.max_live = nonzero(v);
+        }
+        if let (true, Some(v)) = (from_file("max_totals"), file.max_totals) {
+            self.tables.max_totals = nonzero(v);
+        }
+        if let (true, Some(v)) = (from_file("max_stacks"), file.max_stacks) {
+            self.tables.max_stacks = nonzero(v);
+        }
+    }
 }
 
 #[cfg(test)]

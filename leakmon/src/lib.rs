@@ -9,6 +9,7 @@ pub mod analysis;
 pub mod capabilities;
 pub mod cli;
 pub mod commands;
+pub mod config;
 pub mod discovery;
 pub mod export;
 pub mod ingest;

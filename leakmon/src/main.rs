@@ -1,26 +1,50 @@
 use std::{io::IsTerminal as _, process::ExitCode};
 
-use clap::{error::ErrorKind, Parser as _};
+use clap::{error::ErrorKind, CommandFactory as _, FromArgMatches as _};
 use leakmon::cli::{Cli, Cmd};
 use tracing_subscriber::EnvFilter;
 
 fn main() -> ExitCode {
-    let cli = match Cli::try_parse() {
+    let matches = match Cli::command().try_get_matches() {
+        Ok(m) => m,
+        Err(err) => return usage_error(&err),
+    };
+    let mut cli = match Cli::from_arg_matches(&matches) {
         Ok(cli) => cli,
         Err(err) => return usage_error(&err),
     };
     let default_level = match cli.command {
         Cmd::Run(_) => "info",
-        Cmd::Report(_) => "warn",
+        Cmd::Report(_) | Cmd::Config(_) => "warn",
     };
     tracing_subscriber::fmt()
         .with_env_filter(EnvFilter::try_from_default_env().unwrap_or_else(|_| EnvFilter::new(default_level)))
         .with_writer(std::io::stderr)
         .with_ansi(std::io::stderr().is_terminal())
         .init();
+    if let Cmd::Run(args) = &mut cli.command {
+        if let Some(path) = args.config.clone() {
+            match leakmon::config::load(&path) {
+                Ok((file, problems)) if problems.is_empty() => {
+                    args.merge(file, matches.subcommand_matches("run").expect("run subcommand"));
+                }
+                Ok((_, problems)) => {
+                    for p in problems {
+                        eprintln!("leakmon: {}:{}: {}", path.display(), p.line, p.message);
+                    }
+                    return ExitCode::FAILURE;
+                }
+                Err(e) => {
+                    eprintln!("leakmon: read config {}: {e}", path.display());
+                    return ExitCode::FAILURE;
+                }
+            }
+        }
+    }
     let result = match cli.command {
         Cmd::Run(args) => leakmon::commands::run::run(&args),
         Cmd::Report(args) => leakmon::commands::report::report(&args),
+        Cmd::Config(leakmon::cli::ConfigCmd::Check { file }) => return config_check(&file),
     };
     match result {
         Ok(()) => ExitCode::SUCCESS,
@@ -51,4 +75,24 @@ fn usage_error(err: &clap::Error) -> ExitCode {
     let message = message.join(" ");
     eprintln!("leakmon: {} (see `leakmon --help`)", message.strip_prefix("error: ").unwrap_or(&message));
     ExitCode::from(2)
+}
+
+/// `leakmon config check FILE`: every problem, one line each, `FILE:LINE: message`.
+fn config_check(path: &std::path::Path) -> ExitCode {
+    match leakmon::config::load(path) {
+        Ok((_, problems)) if problems.is_empty() => {
+            println!("{}: ok", path.display());
+            ExitCode::SUCCESS
+        }
+        Ok((_, problems)) => {
+            for p in problems {
+                eprintln!("{}:{}: {}", path.display(), p.line, p.message);
+            }
+            ExitCode::FAILURE
+        }
+        Err(e) => {
+            eprintln!("leakmon: read config {}: {e}", path.display());
+            ExitCode::FAILURE
+        }
+    }
 }

@@ -10,6 +10,7 @@ mod common;
 
 use std::{
     collections::BTreeMap,
+    fmt::Write as _,
     net::TcpStream,
     path::Path,
     process::{Command, Stdio},
@@ -134,8 +135,9 @@ fn verdicts_and_detection_times_on_real_workloads() {
 
     let mut table = String::from("shape            verdict         flagged at   cleared at\n");
     for comm in watched {
-        table += &format!(
-            "{comm:<16} {:<15} {:>10} {:>12}\n",
+        let _ = writeln!(
+            table,
+            "{comm:<16} {:<15} {:>10} {:>12}",
             verdicts.get(comm).map_or("-", String::as_str),
             first_flag.get(comm).map_or("-".to_owned(), |t| format!("{t:.1}s")),
             cleared_at.get(comm).map_or("-".to_owned(), |t| format!("{t:.1}s")),

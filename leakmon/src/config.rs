@@ -1,0 +1,245 @@
+//! The configuration file (TOML): every `leakmon run` option, settable in a file.
+//!
+//! In: the file's text. Out: the values it sets, and every problem found, each with its
+//! line: syntax errors, unknown keys, wrong types, impossible values. Options given on
+//! the command line win over the file.
+
+use std::{net::SocketAddr, path::Path, time::Duration};
+
+use toml_edit::{Item, Table, Value};
+
+use crate::cli::{parse_duration, Attach};
+
+/// Values the file sets; `None` where it is silent.
+#[derive(Clone, Debug, Default, PartialEq)]
+pub struct FileConfig {
+    pub sample_interval: Option<Duration>,
+    pub window: Option<Duration>,
+    pub attach: Option<Attach>,
+    pub pids: Option<Vec<u32>>,
+    pub listen: Option<SocketAddr>,
+    pub top_stacks: Option<usize>,
+    pub max_series: Option<usize>,
+    pub interval: Option<u32>,
+    pub top: Option<usize>,
+    pub max_live: Option<u32>,
+    pub max_totals: Option<u32>,
+    pub max_stacks: Option<u32>,
+}
+
+/// One problem in the file.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct Problem {
+    pub line: usize,
+    pub message: String,
+}
+
+/// The keys of the top level, for "did you mean" and the unknown-key check.
+const KEYS: &[&str] = &[
+    "sample-interval",
+    "window",
+    "attach",
+    "pid",
+    "top-stacks",
+    "max-series",
+    "interval",
+    "top",
+    "max-live",
+    "max-totals",
+    "max-stacks",
+    "web",
+];
+
+fn line_of(text: &str, offset: usize) -> usize {
+    text[..offset.min(text.len())].bytes().filter(|&b| b == b'\n').count() + 1
+}
+
+/// Reads and checks a file.
+pub fn load(path: &Path) -> Result<(FileConfig, Vec<Problem>), std::io::Error> {
+    let text = std::fs::read_to_string(path)?;
+    Ok(check(&text))
+}
+
+/// Parses `text`, collecting every problem rather than stopping at the first.
+pub fn check(text: &str) -> (FileConfig, Vec<Problem>) {
+    let mut config = FileConfig::default();
+    let mut problems = Vec::new();
+    let doc = match toml_edit::Document::parse(text) {
+        Ok(doc) => doc,
+        Err(e) => {
+            let line = e.span().map_or(1, |s| line_of(text, s.start));
+            let message = e.message().trim().to_owned();
+            return (config, vec![Problem { line, message: format!("syntax error: {message}") }]);
+        }
+    };
+    let root: &Table = doc.as_table();
+    let mut p = |item: &Item, message: String| {
+        problems.push(Problem { line: item.span().map_or(1, |s| line_of(text, s.start)), message });
+    };
+    let mut unknown = Vec::new();
+    for (key, item) in root {
+        let value = item.as_value();
+        match key {
+            "sample-interval" => config.sample_interval = duration(key, value).map_err(|m| p(item, m)).ok(),
+            "window" => config.window = duration(key, value).map_err(|m| p(item, m)).ok(),
+            "attach" => {
+                config.attach = match value.and_then(Value::as_str) {
+                    Some("none") => Some(Attach::None),
+                    Some("all") => Some(Attach::All),
+                    Some("pids") => Some(Attach::Pids),
+                    _ => {
+                        p(item, "attach must be \"none\", \"all\" or \"pids\"".to_owned());
+                        None
+                    }
+                }
+            }
+            "pid" => {
+                let pids: Option<Vec<u32>> = value.and_then(Value::as_array).and_then(|a| {
+                    a.iter().map(|v| v.as_integer().and_then(|i| u32::try_from(i).ok())).collect()
+                });
+                if pids.is_none() {
+                    p(item, "pid must be a list of process ids, like [1234, 5678]".to_owned());
+                }
+                config.pids = pids;
+            }
+            "top-stacks" => config.top_stacks = count(key, value, 0).map_err(|m| p(item, m)).ok(),
+            "max-series" => config.max_series = count(key, value, 1).map_err(|m| p(item, m)).ok(),
+            "top" => config.top = count(key, value, 0).map_err(|m| p(item, m)).ok(),
+            "interval" => {
+                config.interval = count(key, value, 1).map_err(|m| p(item, m)).ok().map(|v| v as u32)
+            }
+            "max-live" => {
+                config.max_live = count(key, value, 1).map_err(|m| p(item, m)).ok().map(|v| v as u32)
+            }
+            "max-totals" => {
+                config.max_totals = count(key, value, 1).map_err(|m| p(item, m)).ok().map(|v| v as u32)
+            }
+            "max-stacks" => {
+                config.max_stacks = count(key, value, 1).map_err(|m| p(item, m)).ok().map(|v| v as u32)
+            }
+            "web" => {
+                match item.as_table() {
+                    Some(web) => {
+                        for (k, it) in web {
+                            if k == "listen-address" {
+                                config.listen =
+                                    it.as_value().and_then(Value::as_str).and_then(|a| a.parse().ok());
+                                if config.listen.is_none() {
+                                    p(it, "web.listen-address must be an address and port, like \"127.0.0.1:9473\"".to_owned());
+                                }
+                            } else {
+                                p(it, format!("unknown key web.{k} (known: web.listen-address)"));
+                            }
+                        }
+                    }
+                    None => {
+                        p(item, "web must be a table: [web] with listen-address = \"ADDR:PORT\"".to_owned())
+                    }
+                }
+            }
+            _ => unknown.push(key),
+        }
+    }
+    for key in unknown {
+        let line = root.key(key).and_then(toml_edit::Key::span).map_or(1, |s| line_of(text, s.start));
+        problems.push(Problem { line, message: format!("unknown key {key} (known: {})", KEYS.join(", ")) });
+    }
+    if let (Some(window), Some(interval)) = (config.window, config.sample_interval) {
+        if window < interval * 10 {
+            let item = root.get("window").expect("window was read");
+            problems.push(Problem {
+                line: item.span().map_or(1, |s| line_of(text, s.start)),
+                message: "window must hold at least 10 samples (10 × sample-interval)".to_owned(),
+            });
+        }
+    }
+    problems.sort_by_key(|p| p.line);
+    (config, problems)
+}
+
+fn duration(key: &str, value: Option<&Value>) -> Result<Duration, String> {
+    let text = value
+        .and_then(Value::as_str)
+        .ok_or_else(|| format!("{key} must be a duration string, like \"10s\""))?;
+    parse_duration(text).map_err(|e| format!("{key}: {e}"))
+}
+
+fn count(key: &str, value: Option<&Value>, min: i64) -> Result<usize, String> {
+    let n = value.and_then(Value::as_integer).ok_or_else(|| format!("{key} must be a whole number"))?;
+    if n < min || n > i64::from(u32::MAX) {
+        return Err(format!("{key} must be between {min} and {}, not {n}", u32::MAX));
+    }
+    Ok(n as usize)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn reads_every_option() {
+        let text = r#"
+sample-interval = "0.5s"
+window = "30s"
+attach = "pids"
+pid = [1, 2]
+top-stacks = 3
+max-series = 100
+interval = 30
+top = 7
+max-live = 1024
+max-totals = 512
+max-stacks = 256
+
+[web]
+listen-address = "127.0.0.1:9999"
+"#;
+        let (c, problems) = check(text);
+        assert_eq!(problems, vec![]);
+        assert_eq!(c.sample_interval, Some(Duration::from_millis(500)));
+        assert_eq!(c.window, Some(Duration::from_secs(30)));
+        assert_eq!(c.attach, Some(Attach::Pids));
+        assert_eq!(c.pids, Some(vec![1, 2]));
+        assert_eq!(c.listen, Some("127.0.0.1:9999".parse().expect("addr")));
+        assert_eq!((c.top_stacks, c.max_series, c.interval, c.top), (Some(3), Some(100), Some(30), Some(7)));
+        assert_eq!((c.max_live, c.max_totals, c.max_stacks), (Some(1024), Some(512), Some(256)));
+    }
+
+    #[test]
+    fn reports_every_problem_with_its_line() {
+        let text = "window = \"5s\"\nsample-interval = 3\nattach = \"most\"\nbogus = 1\nmax-live = 0\n[web]\nlisten-address = \"nowhere\"\nport = 1\n";
+        let (_, problems) = check(text);
+        let lines: Vec<(usize, &str)> = problems.iter().map(|p| (p.line, p.message.as_str())).collect();
+        assert_eq!(
+            lines,
+            vec![
+                (2, "sample-interval must be a duration string, like \"10s\""),
+                (3, "attach must be \"none\", \"all\" or \"pids\""),
+                (4, "unknown key bogus (known: sample-interval, window, attach, pid, top-stacks, max-series, interval, top, max-live, max-totals, max-stacks, web)"),
+                (5, "max-live must be between 1 and 4294967295, not 0"),
+                (7, "web.listen-address must be an address and port, like \"127.0.0.1:9473\""),
+                (8, "unknown key web.port (known: web.listen-address)"),
+            ]
+        );
+    }
+
+    #[test]
+    fn syntax_errors_have_a_line() {
+        let (_, problems) = check("window = \"10s\"\n\nattach = = \"all\"\n");
+        assert_eq!(problems.len(), 1);
+        assert_eq!(problems[0].line, 3);
+        assert!(problems[0].message.starts_with("syntax error"), "{:?}", problems[0]);
+    }
+
+    #[test]
+    fn a_window_too_short_for_its_samples() {
+        let (_, problems) = check("sample-interval = \"10s\"\nwindow = \"20s\"\n");
+        assert_eq!(
+            problems,
+            vec![Problem {
+                line: 2,
+                message: "window must hold at least 10 samples (10 × sample-interval)".into()
+            }]
+        );
+    }
+}
