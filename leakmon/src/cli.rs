@@ -58,11 +58,19 @@ pub struct RunArgs {
     #[arg(long, default_value = "10m", value_name = "DURATION", value_parser = parse_duration)]
     pub window: Duration,
     /// Allocator attribution: `none` (resident memory of every process only; no
-    /// per-allocation cost), `all` (probe every process's allocations: a trap per
-    /// malloc/free), `pids` (only the processes given with --pid, and their children).
-    /// Default: `pids` when --pid is given, else `none`.
+    /// per-allocation cost), `suspects` (probe, for --suspect-duration, the processes
+    /// whose resident memory shows steady growth, at most --max-suspects at once; no
+    /// other process pays anything), `all` (probe every process's allocations: a trap
+    /// per malloc/free), `pids` (only the processes given with --pid, and their
+    /// children). Default: `pids` when --pid is given, else `none`.
     #[arg(long, value_enum, value_name = "MODE")]
     pub attach: Option<Attach>,
+    /// With --attach suspects: how long a suspect's allocations are attributed.
+    #[arg(long, default_value = "10m", value_name = "DURATION", value_parser = parse_duration)]
+    pub suspect_duration: Duration,
+    /// With --attach suspects: most processes attributed at once.
+    #[arg(long, default_value = "4", value_name = "N")]
+    pub max_suspects: usize,
     /// A process to attribute allocations for (with --attach pids); repeatable.
     #[arg(long = "pid", value_name = "PID")]
     pub pids: Vec<u32>,
@@ -92,6 +100,7 @@ pub enum Attach {
     None,
     All,
     Pids,
+    Suspects,
 }
 
 /// `500ms`, `0.5s`, `30s`, `10m`, `1h`, or a bare number of seconds.
@@ -165,6 +174,12 @@ impl RunArgs {
         }
         if let (true, Some(v)) = (from_file("attach"), file.attach) {
             self.attach = Some(v);
+        }
+        if let (true, Some(v)) = (from_file("suspect_duration"), file.suspect_duration) {
+            self.suspect_duration = v;
+        }
+        if let (true, Some(v)) = (from_file("max_suspects"), file.max_suspects) {
+            self.max_suspects = v;
         }
         if let (true, Some(v)) = (from_file("pids"), file.pids) {
             self.pids = v;

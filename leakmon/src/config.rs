@@ -16,6 +16,8 @@ pub struct FileConfig {
     pub sample_interval: Option<Duration>,
     pub window: Option<Duration>,
     pub attach: Option<Attach>,
+    pub suspect_duration: Option<Duration>,
+    pub max_suspects: Option<usize>,
     pub pids: Option<Vec<u32>>,
     pub listen: Option<SocketAddr>,
     pub top_stacks: Option<usize>,
@@ -39,6 +41,8 @@ const KEYS: &[&str] = &[
     "sample-interval",
     "window",
     "attach",
+    "suspect-duration",
+    "max-suspects",
     "pid",
     "top-stacks",
     "max-series",
@@ -82,13 +86,16 @@ pub fn check(text: &str) -> (FileConfig, Vec<Problem>) {
         match key {
             "sample-interval" => config.sample_interval = duration(key, value).map_err(|m| p(item, m)).ok(),
             "window" => config.window = duration(key, value).map_err(|m| p(item, m)).ok(),
+            "suspect-duration" => config.suspect_duration = duration(key, value).map_err(|m| p(item, m)).ok(),
+            "max-suspects" => config.max_suspects = count(key, value, 1).map_err(|m| p(item, m)).ok(),
             "attach" => {
                 config.attach = match value.and_then(Value::as_str) {
                     Some("none") => Some(Attach::None),
                     Some("all") => Some(Attach::All),
                     Some("pids") => Some(Attach::Pids),
+                    Some("suspects") => Some(Attach::Suspects),
                     _ => {
-                        p(item, "attach must be \"none\", \"all\" or \"pids\"".to_owned());
+                        p(item, "attach must be \"none\", \"suspects\", \"all\" or \"pids\"".to_owned());
                         None
                     }
                 }
@@ -214,8 +221,8 @@ listen-address = "127.0.0.1:9999"
             lines,
             vec![
                 (2, "sample-interval must be a duration string, like \"10s\""),
-                (3, "attach must be \"none\", \"all\" or \"pids\""),
-                (4, "unknown key bogus (known: sample-interval, window, attach, pid, top-stacks, max-series, interval, top, max-live, max-totals, max-stacks, web)"),
+                (3, "attach must be \"none\", \"suspects\", \"all\" or \"pids\""),
+                (4, "unknown key bogus (known: sample-interval, window, attach, suspect-duration, max-suspects, pid, top-stacks, max-series, interval, top, max-live, max-totals, max-stacks, web)"),
                 (5, "max-live must be between 1 and 4294967295, not 0"),
                 (7, "web.listen-address must be an address and port, like \"127.0.0.1:9473\""),
                 (8, "unknown key web.port (known: web.listen-address)"),

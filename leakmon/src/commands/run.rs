@@ -82,6 +82,7 @@ async fn daemon(args: &RunArgs, attach: Attach, proc_root: ProcRoot) -> Result<(
         Attach::None => {
             load_probes(&args.tables, false).map_err(|e| warn!("OOM kills will not be counted: {e:#}")).ok()
         }
+        Attach::Suspects => Some(load_probes(&args.tables, false)?),
         Attach::All | Attach::Pids => {
             let mut probes = load_probes(&args.tables, attach == Attach::All)?;
             attach_all(&mut probes, libraries(&proc_root, &args.pids))?;
@@ -92,6 +93,8 @@ async fn daemon(args: &RunArgs, attach: Attach, proc_root: ProcRoot) -> Result<(
         }
     };
     let attributing = attach != Attach::None;
+    let system_wide = matches!(attach, Attach::All | Attach::Pids);
+    let mut suspects = Suspects::default();
     let mut events = match probes.as_mut() {
         Some(p) => {
             let ring = p.take_events()?;
@@ -169,6 +172,11 @@ async fn daemon(args: &RunArgs, attach: Attach, proc_root: ProcRoot) -> Result<(
                 let stack = |id: u32| probes.as_ref().and_then(|p| p.stack(id));
                 let (views, changes) = monitor.tick(now, &procs, heap.as_deref(), &stack);
                 log_changes(&changes);
+                if attach == Attach::Suspects {
+                    if let Some(p) = probes.as_mut() {
+                        suspects.update(p, &proc_root, &views, args.suspect_duration, args.max_suspects);
+                    }
+                }
                 let counters = probes.as_ref().and_then(|p| p.counters().ok());
                 let attached = probes.as_ref().and_then(|p| p.traced().ok()).map_or(0, |t| t.len());
                 metrics.update(&views, counters, attached, monitor.series_dropped());
@@ -195,7 +203,7 @@ async fn daemon(args: &RunArgs, attach: Attach, proc_root: ProcRoot) -> Result<(
                     replaced.clear();
                 }
             }
-            _ = rescan.tick(), if attributing => {
+            _ = rescan.tick(), if system_wide => {
                 let p = probes.as_mut().expect("guarded");
                 if let Err(e) = attach_all(p, libraries(&proc_root, &args.pids)) {
                     warn!("attach to new libraries: {e:#}");
@@ -208,6 +216,63 @@ async fn daemon(args: &RunArgs, attach: Attach, proc_root: ProcRoot) -> Result<(
     drop(events);
     drop(probes);
     Ok(())
+}
+
+/// `--attach suspects`: which processes have probes of their own, since when.
+#[derive(Default)]
+struct Suspects {
+    active: HashMap<u32, Instant>,
+    /// Processes whose attribution ran its course: not attached again.
+    done: HashSet<u32>,
+}
+
+impl Suspects {
+    /// Ends expired attributions and starts new ones on processes whose resident
+    /// memory is suspected, within the budget.
+    fn update(
+        &mut self,
+        probes: &mut Probes,
+        proc_root: &ProcRoot,
+        views: &[SeriesView],
+        duration: Duration,
+        max: usize,
+    ) {
+        let expired: Vec<u32> = self
+            .active
+            .iter()
+            .filter(|(pid, since)| since.elapsed() >= duration || !proc_root.exists(**pid))
+            .map(|(pid, _)| *pid)
+            .collect();
+        for pid in expired {
+            self.active.remove(&pid);
+            self.done.insert(pid);
+            match probes.detach_process(pid) {
+                Ok(()) => info!(pid, "allocation attribution ended"),
+                Err(e) => warn!(pid, "detach: {e:#}"),
+            }
+        }
+        for v in views.iter().filter(|v| v.suspected && v.signal == "rss") {
+            for &pid in &v.pids {
+                if self.active.len() >= max || self.active.contains_key(&pid) || self.done.contains(&pid) {
+                    continue;
+                }
+                let libs = discovery::libraries_of(proc_root, pid);
+                match probes.attach_process(pid, &libs) {
+                    Ok(n) if n > 0 => {
+                        info!(pid, service = %v.service, comm = %v.comm, probes = n, "attributing the allocations of a suspect");
+                        self.active.insert(pid, Instant::now());
+                    }
+                    Ok(_) => {
+                        self.done.insert(pid);
+                    }
+                    Err(e) => {
+                        warn!(pid, "attach to suspect: {e:#}");
+                        self.done.insert(pid);
+                    }
+                }
+            }
+        }
+    }
 }
 
 fn heap_totals(probes: &Probes) -> Result<Vec<store::ProcessTotals>> {

@@ -9,7 +9,8 @@ pub mod targets;
 pub mod tracefs;
 
 use std::{
-    collections::HashSet,
+    collections::{HashMap as StdHashMap, HashSet},
+    num::NonZeroU32,
     os::unix::fs::MetadataExt as _,
     path::{Path, PathBuf},
 };
@@ -17,7 +18,7 @@ use std::{
 use aya::{
     maps::{HashMap, MapData, MapError, PerCpuArray, RingBuf, StackTraceMap},
     programs::{
-        uprobe::{UProbeAttachLocation, UProbeScope},
+        uprobe::{UProbeAttachLocation, UProbeLinkId, UProbeScope},
         ProgramError, TracePoint, UProbe,
     },
     Ebpf, EbpfError, EbpfLoader,
@@ -153,6 +154,8 @@ const TRACEPOINTS: [(&str, &str, &str); 4] = [
 pub struct Probes {
     ebpf: Ebpf,
     attached: HashSet<FileId>,
+    /// Probes attached for one process only (suspects), to detach when its time is up.
+    per_process: StdHashMap<u32, Vec<(&'static str, UProbeLinkId)>>,
 }
 
 impl Probes {
@@ -190,7 +193,7 @@ impl Probes {
             tp.load().map_err(prog_err("load", program))?;
             tp.attach(category, name).map_err(prog_err("attach", program))?;
         }
-        Ok(Self { ebpf, attached: HashSet::new() })
+        Ok(Self { ebpf, attached: HashSet::new(), per_process: StdHashMap::new() })
     }
 
     /// Attaches the allocator probes to one library file, for every process that maps
@@ -220,6 +223,63 @@ impl Probes {
         self.attached.insert(id);
         info!(library = %path.display(), entry_points = points.len(), "allocator probes attached");
         Ok(points.len())
+    }
+
+    /// Attaches the allocator probes to `libraries` for `pid` alone (the kernel puts
+    /// breakpoints in that process only, so no other process pays for them) and starts
+    /// tracing it. Returns the number of entry points probed.
+    pub fn attach_process(&mut self, pid: u32, libraries: &[PathBuf]) -> Result<usize, ProbeError> {
+        let Some(nz) = NonZeroU32::new(pid) else { return Ok(0) };
+        let scope = UProbeScope::OneProcess(nz);
+        let mut links = Vec::new();
+        let mut seen = HashSet::new();
+        let mut result = Ok(());
+        'libs: for path in libraries {
+            let Ok(meta) = std::fs::metadata(path) else { continue };
+            if !seen.insert(FileId { dev: meta.dev(), ino: meta.ino() }) {
+                continue;
+            }
+            for point in entry_points(path)? {
+                let location = || UProbeAttachLocation::AbsoluteOffset(point.file_offset);
+                let mut programs = vec![point.handler.program()];
+                if point.handler.needs_return() {
+                    programs.push(RETURN_PROGRAM);
+                }
+                for program in programs {
+                    match uprobe(&mut self.ebpf, program)?.attach(location(), path, scope) {
+                        Ok(id) => links.push((program, id)),
+                        Err(e) => {
+                            result = Err(prog_err("attach", program)(e));
+                            break 'libs;
+                        }
+                    }
+                }
+            }
+        }
+        let count = links.len();
+        self.per_process.entry(pid).or_default().extend(links);
+        if let Err(e) = result {
+            // Never leave half a set of probes: an entry probe without its return probe
+            // would leave calls in flight for ever.
+            let _ = self.detach_process(pid);
+            return Err(e);
+        }
+        self.trace(pid)?;
+        Ok(count)
+    }
+
+    /// Detaches the probes attached for `pid` alone and drops everything traced for it.
+    pub fn detach_process(&mut self, pid: u32) -> Result<(), ProbeError> {
+        for (program, id) in self.per_process.remove(&pid).unwrap_or_default() {
+            uprobe(&mut self.ebpf, program)?.detach(id).map_err(prog_err("detach", program))?;
+        }
+        self.purge(|tgid, _| tgid == pid, |tgid| tgid == pid)?;
+        Ok(())
+    }
+
+    /// Processes with probes of their own.
+    pub fn processes_attached(&self) -> impl Iterator<Item = u32> + '_ {
+        self.per_process.keys().copied()
     }
 
     /// Number of library files attached.
