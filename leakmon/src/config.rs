@@ -113,16 +113,16 @@ pub fn check(text: &str) -> (FileConfig, Vec<Problem>) {
             "max-series" => config.max_series = count(key, value, 1).map_err(|m| p(item, m)).ok(),
             "top" => config.top = count(key, value, 0).map_err(|m| p(item, m)).ok(),
             "interval" => {
-                config.interval = count(key, value, 1).map_err(|m| p(item, m)).ok().map(|v| v as u32)
+                config.interval = count(key, value, 1).map_err(|m| p(item, m)).ok().map(|v| v as u32);
             }
             "max-live" => {
-                config.max_live = count(key, value, 1).map_err(|m| p(item, m)).ok().map(|v| v as u32)
+                config.max_live = count(key, value, 1).map_err(|m| p(item, m)).ok().map(|v| v as u32);
             }
             "max-totals" => {
-                config.max_totals = count(key, value, 1).map_err(|m| p(item, m)).ok().map(|v| v as u32)
+                config.max_totals = count(key, value, 1).map_err(|m| p(item, m)).ok().map(|v| v as u32);
             }
             "max-stacks" => {
-                config.max_stacks = count(key, value, 1).map_err(|m| p(item, m)).ok().map(|v| v as u32)
+                config.max_stacks = count(key, value, 1).map_err(|m| p(item, m)).ok().map(|v| v as u32);
             }
             "web" => {
                 match item.as_table() {
