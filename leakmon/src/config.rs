@@ -140,7 +140,7 @@ pub fn check(text: &str) -> (FileConfig, Vec<Problem>) {
                         }
                     }
                     None => {
-                        p(item, "web must be a table: [web] with listen-address = \"ADDR:PORT\"".to_owned())
+                        p(item, "web must be a table: [web] with listen-address = \"ADDR:PORT\"".to_owned());
                     }
                 }
             }
