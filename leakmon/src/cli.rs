@@ -62,7 +62,7 @@ pub struct RunArgs {
     /// whose resident memory shows steady growth, at most --max-suspects at once; no
     /// other process pays anything), `all` (probe every process's allocations: a trap
     /// per malloc/free), `pids` (only the processes given with --pid, and their
-    /// children). Default: `pids` when --pid is given, else `none`.
+    /// children). Default: `pids` when --pid, --comm or --cgroup is given, else `none`.
     #[arg(long, value_enum, value_name = "MODE")]
     pub attach: Option<Attach>,
     /// With --attach suspects: how long a suspect's allocations are attributed.
@@ -74,6 +74,14 @@ pub struct RunArgs {
     /// A process to attribute allocations for (with --attach pids); repeatable.
     #[arg(long = "pid", value_name = "PID")]
     pub pids: Vec<u32>,
+    /// Attribute the allocations of processes with this name (`comm`), now and later
+    /// (with --attach pids); repeatable.
+    #[arg(long = "comm", value_name = "NAME")]
+    pub comms: Vec<String>,
+    /// Attribute the allocations of processes in this cgroup or below it, e.g.
+    /// `/system.slice/nginx.service` (with --attach pids); repeatable.
+    #[arg(long = "cgroup", value_name = "PATH")]
+    pub cgroups: Vec<String>,
     /// Where to serve /metrics, /api/v1/leaks, /api/v1/processes and /healthz.
     #[arg(long = "web.listen-address", default_value = "127.0.0.1:9473", value_name = "ADDR")]
     pub listen: std::net::SocketAddr,
@@ -163,6 +171,11 @@ pub enum Format {
 }
 
 impl RunArgs {
+    /// Whether any process selector (--pid, --comm, --cgroup) is given.
+    pub fn selects(&self) -> bool {
+        !(self.pids.is_empty() && self.comms.is_empty() && self.cgroups.is_empty())
+    }
+
     /// Fills every option not given on the command line from the file's values.
     pub fn merge(&mut self, file: crate::config::FileConfig, matches: &clap::ArgMatches) {
         let from_file = |id: &str| matches.value_source(id) != Some(clap::parser::ValueSource::CommandLine);
@@ -183,6 +196,12 @@ impl RunArgs {
         }
         if let (true, Some(v)) = (from_file("pids"), file.pids) {
             self.pids = v;
+        }
+        if let (true, Some(v)) = (from_file("comms"), file.comms) {
+            self.comms = v;
+        }
+        if let (true, Some(v)) = (from_file("cgroups"), file.cgroups) {
+            self.cgroups = v;
         }
         if let (true, Some(v)) = (from_file("listen"), file.listen) {
             self.listen = v;

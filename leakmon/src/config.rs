@@ -19,6 +19,8 @@ pub struct FileConfig {
     pub suspect_duration: Option<Duration>,
     pub max_suspects: Option<usize>,
     pub pids: Option<Vec<u32>>,
+    pub comms: Option<Vec<String>>,
+    pub cgroups: Option<Vec<String>>,
     pub listen: Option<SocketAddr>,
     pub top_stacks: Option<usize>,
     pub max_series: Option<usize>,
@@ -44,6 +46,8 @@ const KEYS: &[&str] = &[
     "suspect-duration",
     "max-suspects",
     "pid",
+    "comm",
+    "cgroup",
     "top-stacks",
     "max-series",
     "interval",
@@ -65,6 +69,7 @@ pub fn load(path: &Path) -> Result<(FileConfig, Vec<Problem>), std::io::Error> {
 }
 
 /// Parses `text`, collecting every problem rather than stopping at the first.
+#[expect(clippy::too_many_lines, reason = "one match arm per key reads as the file's schema")]
 pub fn check(text: &str) -> (FileConfig, Vec<Problem>) {
     let mut config = FileConfig::default();
     let mut problems = Vec::new();
@@ -108,6 +113,19 @@ pub fn check(text: &str) -> (FileConfig, Vec<Problem>) {
                     p(item, "pid must be a list of process ids, like [1234, 5678]".to_owned());
                 }
                 config.pids = pids;
+            }
+            "comm" | "cgroup" => {
+                let list: Option<Vec<String>> = value
+                    .and_then(Value::as_array)
+                    .and_then(|a| a.iter().map(|v| v.as_str().map(str::to_owned)).collect());
+                if list.is_none() {
+                    p(item, format!("{key} must be a list of strings, like [\"nginx\"]"));
+                }
+                if key == "comm" {
+                    config.comms = list;
+                } else {
+                    config.cgroups = list;
+                }
             }
             "top-stacks" => config.top_stacks = count(key, value, 0).map_err(|m| p(item, m)).ok(),
             "max-series" => config.max_series = count(key, value, 1).map_err(|m| p(item, m)).ok(),
@@ -222,7 +240,7 @@ listen-address = "127.0.0.1:9999"
             vec![
                 (2, "sample-interval must be a duration string, like \"10s\""),
                 (3, "attach must be \"none\", \"suspects\", \"all\" or \"pids\""),
-                (4, "unknown key bogus (known: sample-interval, window, attach, suspect-duration, max-suspects, pid, top-stacks, max-series, interval, top, max-live, max-totals, max-stacks, web)"),
+                (4, "unknown key bogus (known: sample-interval, window, attach, suspect-duration, max-suspects, pid, comm, cgroup, top-stacks, max-series, interval, top, max-live, max-totals, max-stacks, web)"),
                 (5, "max-live must be between 1 and 4294967295, not 0"),
                 (7, "web.listen-address must be an address and port, like \"127.0.0.1:9473\""),
                 (8, "unknown key web.port (known: web.listen-address)"),

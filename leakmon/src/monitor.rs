@@ -270,6 +270,7 @@ mod tests {
             comm: comm.into(),
             service: format!("{comm}.service"),
             cgroup: crate::sampler::MemCgroup { path: "/".into(), v1: false },
+            identity: "/".into(),
             rss_bytes: rss,
             anon_bytes: rss,
         }

@@ -95,6 +95,18 @@ fn a_growing_process_gets_probes_for_a_while_and_a_flat_one_never() {
     assert_eq!(heap["stacks"][0]["function"], "touch", "{heap:#}");
     assert!(heap["allocations"].as_u64().expect("allocations") > 0);
     let attached_at = attached_at.expect("one process attributed");
+    // /api/v1/leaks shows the suspicion with the stacks found by attribution.
+    let listed: Value = serde_json::from_str(&get("/api/v1/leaks").expect("leaks")).expect("JSON");
+    let leak = listed["leaks"]
+        .as_array()
+        .expect("leaks")
+        .iter()
+        .find(|l| l["comm"] == "grow_suspect" && l["signal"] == "rss")
+        .unwrap_or_else(|| panic!("the leak is listed: {listed:#}"));
+    assert_eq!(leak["verdict"], "steady_growth");
+    assert!(leak["growth_bytes_per_second"].as_f64().expect("slope") > 1000.0, "{leak:#}");
+    assert!(leak["time_to_exhaustion_seconds"].as_f64().is_some(), "{leak:#}");
+    assert_eq!(leak["stacks"][0]["function"], "touch", "{leak:#}");
 
     // The budget ends: probes off, nothing attributed.
     while attached() != Some(0) {

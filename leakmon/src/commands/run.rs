@@ -49,9 +49,9 @@ pub fn run(args: &RunArgs) -> Result<()> {
             bail!("no process with pid {pid}");
         }
     }
-    let attach = args.attach.unwrap_or(if args.pids.is_empty() { Attach::None } else { Attach::Pids });
-    if attach == Attach::Pids && args.pids.is_empty() {
-        bail!("--attach pids needs at least one --pid");
+    let attach = args.attach.unwrap_or(if args.selects() { Attach::Pids } else { Attach::None });
+    if attach == Attach::Pids && !args.selects() {
+        bail!("--attach pids needs at least one --pid, --comm or --cgroup");
     }
     if args.window < args.sample_interval * 10 {
         bail!(
@@ -85,8 +85,9 @@ async fn daemon(args: &RunArgs, attach: Attach, proc_root: ProcRoot) -> Result<(
         Attach::Suspects => Some(load_probes(&args.tables, false)?),
         Attach::All | Attach::Pids => {
             let mut probes = load_probes(&args.tables, attach == Attach::All)?;
-            attach_all(&mut probes, libraries(&proc_root, &args.pids))?;
-            for &pid in &args.pids {
+            let selected = selected(args, &proc_root);
+            attach_all(&mut probes, libraries(&proc_root, attach, &selected))?;
+            for &pid in &selected {
                 probes.trace(pid)?;
             }
             Some(probes)
@@ -168,6 +169,17 @@ async fn daemon(args: &RunArgs, attach: Attach, proc_root: ProcRoot) -> Result<(
             _ = sample.tick() => {
                 let now = started.elapsed().as_secs_f64();
                 let procs = sampler::sample_all(&proc_root);
+                if attach == Attach::Pids && !(args.comms.is_empty() && args.cgroups.is_empty()) {
+                    // Processes matching --comm/--cgroup that started since the last tick.
+                    let p = probes.as_mut().expect("loaded with --attach pids");
+                    let new: Vec<u32> = selected_in(args, &procs).into_iter().filter(|pid| p.proc_state(*pid).is_none()).collect();
+                    for pid in new {
+                        match p.trace(pid) {
+                            Ok(()) => info!(pid, "attributing the allocations of a selected process"),
+                            Err(e) => warn!(pid, "trace: {e:#}"),
+                        }
+                    }
+                }
                 let heap = probes.as_ref().filter(|_| attributing).and_then(|p| heap_totals(p).ok());
                 let stack = |id: u32| probes.as_ref().and_then(|p| p.stack(id));
                 let (views, changes) = monitor.tick(now, &procs, heap.as_deref(), &stack);
@@ -205,7 +217,8 @@ async fn daemon(args: &RunArgs, attach: Attach, proc_root: ProcRoot) -> Result<(
             }
             _ = rescan.tick(), if system_wide => {
                 let p = probes.as_mut().expect("guarded");
-                if let Err(e) = attach_all(p, libraries(&proc_root, &args.pids)) {
+                let selected = selected(args, &proc_root);
+                if let Err(e) = attach_all(p, libraries(&proc_root, attach, &selected)) {
                     warn!("attach to new libraries: {e:#}");
                 }
             }
@@ -295,7 +308,22 @@ fn log_changes(changes: &[Change]) {
 }
 
 async fn publish(published: &Shared, metrics: &Metrics, views: &[SeriesView]) {
-    let leaks: Vec<&SeriesView> = views.iter().filter(|v| v.suspected).collect();
+    // A leak flagged on resident memory shows the stacks its heap series has, if any.
+    let leaks: Vec<SeriesView> = views
+        .iter()
+        .filter(|v| v.suspected)
+        .map(|v| {
+            let mut v = v.clone();
+            if v.stacks.is_empty() {
+                if let Some(heap) =
+                    views.iter().find(|h| h.signal == "heap" && h.service == v.service && h.comm == v.comm)
+                {
+                    v.stacks.clone_from(&heap.stacks);
+                }
+            }
+            v
+        })
+        .collect();
     let snapshot = Published {
         metrics: metrics.render(),
         leaks: json!({ "leaks": leaks }).to_string(),
@@ -305,13 +333,42 @@ async fn publish(published: &Shared, metrics: &Metrics, views: &[SeriesView]) {
     *published.write().await = snapshot;
 }
 
-fn libraries(proc_root: &ProcRoot, pids: &[u32]) -> Vec<std::path::PathBuf> {
-    if pids.is_empty() {
+/// The processes the selectors name: --pid as given, --comm and --cgroup resolved
+/// against `procs`.
+fn selected_in(args: &RunArgs, procs: &[sampler::ProcSample]) -> Vec<u32> {
+    let mut pids = args.pids.clone();
+    let in_cgroup = |path: &str| {
+        args.cgroups.iter().any(|c| {
+            let c = c.trim_end_matches('/');
+            path == c || path.starts_with(&format!("{c}/"))
+        })
+    };
+    pids.extend(
+        procs.iter().filter(|p| args.comms.contains(&p.comm) || in_cgroup(&p.identity)).map(|p| p.pid),
+    );
+    pids.retain(|&p| p != std::process::id());
+    pids.sort_unstable();
+    pids.dedup();
+    pids
+}
+
+fn selected(args: &RunArgs, proc_root: &ProcRoot) -> Vec<u32> {
+    if args.comms.is_empty() && args.cgroups.is_empty() {
+        return selected_in(args, &[]);
+    }
+    selected_in(args, &sampler::sample_all(proc_root))
+}
+
+fn libraries(proc_root: &ProcRoot, attach: Attach, pids: &[u32]) -> Vec<std::path::PathBuf> {
+    if attach == Attach::All {
         let mut libs = discovery::libraries_of_all(proc_root);
         libs.extend(discovery::libraries_in_linker_cache());
         libs
     } else {
-        pids.iter().flat_map(|&pid| discovery::libraries_of(proc_root, pid)).collect()
+        let mut libs: Vec<_> = pids.iter().flat_map(|&pid| discovery::libraries_of(proc_root, pid)).collect();
+        // Selected processes started later load the host's libraries.
+        libs.extend(discovery::libraries_in_linker_cache());
+        libs
     }
 }
 

@@ -20,6 +20,8 @@ pub struct ProcSample {
     pub service: String,
     /// The memory cgroup: its path and whether it is on a v1 hierarchy.
     pub cgroup: MemCgroup,
+    /// The cgroup path that names the service (see [`identity_path`]).
+    pub identity: String,
     pub rss_bytes: u64,
     pub anon_bytes: u64,
 }
@@ -39,8 +41,9 @@ pub fn sample(root: &ProcRoot, pid: u32) -> Option<ProcSample> {
     let (comm, start) = parse_stat(&stat_text)?;
     let text = fs::read_to_string(dir.join("cgroup")).unwrap_or_default();
     let cgroup = parse_cgroup(&text);
-    let service = service_of(&identity_path(&text), &comm);
-    Some(ProcSample { pid, start, comm, service, cgroup, rss_bytes, anon_bytes })
+    let identity = identity_path(&text);
+    let service = service_of(&identity, &comm);
+    Some(ProcSample { pid, start, comm, service, cgroup, identity, rss_bytes, anon_bytes })
 }
 
 /// A `Key:   123 kB` line of /proc/PID/status, in KiB.
