@@ -85,6 +85,11 @@ pub struct RunArgs {
     /// Where to serve /metrics, /api/v1/leaks, /api/v1/processes and /healthz.
     #[arg(long = "web.listen-address", default_value = "127.0.0.1:9473", value_name = "ADDR")]
     pub listen: std::net::SocketAddr,
+    /// One series per process, with a `pid` label, instead of one per service and
+    /// command. Off by default: pids are unbounded over time, and a restart then starts
+    /// a new series (restarts no longer stitch).
+    #[arg(long = "metrics.pid-label")]
+    pub pid_label: bool,
     /// Allocation stacks exported per service and command (heap signal).
     #[arg(long, default_value = "5", value_name = "K")]
     pub top_stacks: usize,
@@ -205,6 +210,9 @@ impl RunArgs {
         }
         if let (true, Some(v)) = (from_file("listen"), file.listen) {
             self.listen = v;
+        }
+        if let (true, Some(v)) = (from_file("pid_label"), file.pid_label) {
+            self.pid_label = v;
         }
         if let (true, Some(v)) = (from_file("top_stacks"), file.top_stacks) {
             self.top_stacks = v;

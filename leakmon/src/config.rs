@@ -22,6 +22,7 @@ pub struct FileConfig {
     pub comms: Option<Vec<String>>,
     pub cgroups: Option<Vec<String>>,
     pub listen: Option<SocketAddr>,
+    pub pid_label: Option<bool>,
     pub top_stacks: Option<usize>,
     pub max_series: Option<usize>,
     pub interval: Option<u32>,
@@ -56,6 +57,7 @@ const KEYS: &[&str] = &[
     "max-totals",
     "max-stacks",
     "web",
+    "metrics",
 ];
 
 fn line_of(text: &str, offset: usize) -> usize {
@@ -162,6 +164,21 @@ pub fn check(text: &str) -> (FileConfig, Vec<Problem>) {
                     }
                 }
             }
+            "metrics" => match item.as_table() {
+                Some(metrics) => {
+                    for (k, it) in metrics {
+                        if k == "pid-label" {
+                            config.pid_label = it.as_value().and_then(Value::as_bool);
+                            if config.pid_label.is_none() {
+                                p(it, "metrics.pid-label must be true or false".to_owned());
+                            }
+                        } else {
+                            p(it, format!("unknown key metrics.{k} (known: metrics.pid-label)"));
+                        }
+                    }
+                }
+                None => p(item, "metrics must be a table: [metrics] with pid-label = true|false".to_owned()),
+            },
             _ => unknown.push(key),
         }
     }
@@ -218,6 +235,9 @@ max-stacks = 256
 
 [web]
 listen-address = "127.0.0.1:9999"
+
+[metrics]
+pid-label = true
 "#;
         let (c, problems) = check(text);
         assert_eq!(problems, vec![]);
@@ -226,6 +246,7 @@ listen-address = "127.0.0.1:9999"
         assert_eq!(c.attach, Some(Attach::Pids));
         assert_eq!(c.pids, Some(vec![1, 2]));
         assert_eq!(c.listen, Some("127.0.0.1:9999".parse().expect("addr")));
+        assert_eq!(c.pid_label, Some(true));
         assert_eq!((c.top_stacks, c.max_series, c.interval, c.top), (Some(3), Some(100), Some(30), Some(7)));
         assert_eq!((c.max_live, c.max_totals, c.max_stacks), (Some(1024), Some(512), Some(256)));
     }
@@ -240,7 +261,7 @@ listen-address = "127.0.0.1:9999"
             vec![
                 (2, "sample-interval must be a duration string, like \"10s\""),
                 (3, "attach must be \"none\", \"suspects\", \"all\" or \"pids\""),
-                (4, "unknown key bogus (known: sample-interval, window, attach, suspect-duration, max-suspects, pid, comm, cgroup, top-stacks, max-series, interval, top, max-live, max-totals, max-stacks, web)"),
+                (4, "unknown key bogus (known: sample-interval, window, attach, suspect-duration, max-suspects, pid, comm, cgroup, top-stacks, max-series, interval, top, max-live, max-totals, max-stacks, web, metrics)"),
                 (5, "max-live must be between 1 and 4294967295, not 0"),
                 (7, "web.listen-address must be an address and port, like \"127.0.0.1:9473\""),
                 (8, "unknown key web.port (known: web.listen-address)"),

@@ -35,8 +35,13 @@ struct Group {
 }
 
 /// State kept across ticks.
+/// (service, command, pid when series are per process).
+type GroupKey = (String, String, Option<u32>);
+
 pub struct Monitor {
     history: History,
+    /// One series per process instead of per (service, command).
+    by_pid: bool,
     top_stacks: usize,
     proc_root: ProcRoot,
     cgroup_root: PathBuf,
@@ -45,7 +50,7 @@ pub struct Monitor {
     frames: HashMap<(u32, u32), Vec<FrameReport>>,
     /// Per (service, command): the processes seen last tick, their resident total, and
     /// the offset that stitches incarnations together.
-    incarnations: HashMap<(String, String), Incarnation>,
+    incarnations: HashMap<GroupKey, Incarnation>,
     /// pid → (service, command) at the last tick: who a process was, even once gone.
     last_seen: HashMap<u32, (String, String)>,
 }
@@ -70,6 +75,7 @@ impl Monitor {
     pub fn new(params: Params, max_series: usize, top_stacks: usize, proc_root: ProcRoot) -> Self {
         Self {
             history: History::new(params, max_series),
+            by_pid: false,
             top_stacks,
             proc_root,
             cgroup_root: PathBuf::from("/sys/fs/cgroup"),
@@ -80,13 +86,20 @@ impl Monitor {
         }
     }
 
+    /// One series per process (a `pid` label), instead of per service and command.
+    #[must_use]
+    pub fn per_process(mut self, on: bool) -> Self {
+        self.by_pid = on;
+        self
+    }
+
     /// The (service, command) a pid had at the last tick.
     pub fn identity_of(&self, pid: u32) -> Option<&(String, String)> {
         self.last_seen.get(&pid)
     }
 
     /// Restarts seen per (service, command) since leakmon started.
-    pub fn restarts(&self) -> impl Iterator<Item = (&(String, String), u64)> {
+    pub fn restarts(&self) -> impl Iterator<Item = (&GroupKey, u64)> {
         self.incarnations.iter().map(|(k, i)| (k, i.restarts))
     }
 
@@ -97,6 +110,10 @@ impl Monitor {
     /// Records one tick at `now` seconds and returns the views and the changes of
     /// suspicion. `heap` holds the probes' totals per process, `stack` resolves a
     /// stack id.
+    #[expect(
+        clippy::too_many_lines,
+        reason = "group, record, analyse, view: one pass reads best in one place"
+    )]
     pub fn tick(
         &mut self,
         now: f64,
@@ -104,10 +121,10 @@ impl Monitor {
         heap: Option<&[ProcessTotals]>,
         stack: &dyn Fn(u32) -> Option<Vec<u64>>,
     ) -> (Vec<SeriesView>, Vec<Change>) {
-        let mut groups: BTreeMap<(String, String), Group> = BTreeMap::new();
-        let mut key_of: HashMap<u32, (String, String)> = HashMap::new();
+        let mut groups: BTreeMap<GroupKey, Group> = BTreeMap::new();
+        let mut key_of: HashMap<u32, GroupKey> = HashMap::new();
         for p in procs {
-            let key = (p.service.clone(), p.comm.clone());
+            let key = (p.service.clone(), p.comm.clone(), self.by_pid.then_some(p.pid));
             let g = groups.entry(key.clone()).or_default();
             g.pids.push(p.pid);
             g.identities.push((p.pid, p.start));
@@ -117,7 +134,7 @@ impl Monitor {
             }
             key_of.insert(p.pid, key);
         }
-        let mut heap_by_group: HashMap<(String, String), Vec<&ProcessTotals>> = HashMap::new();
+        let mut heap_by_group: HashMap<GroupKey, Vec<&ProcessTotals>> = HashMap::new();
         for t in heap.unwrap_or_default() {
             if let Some(key) = key_of.get(&t.pid) {
                 let g = groups.get_mut(key).expect("grouped above");
@@ -129,8 +146,9 @@ impl Monitor {
         }
         let window = self.history.window();
         self.incarnations.retain(|_, i| i.seen >= now - window);
-        for ((service, comm), g) in &mut groups {
-            let inc = self.incarnations.entry((service.clone(), comm.clone())).or_default();
+        for (gkey, g) in &mut groups {
+            let (service, comm, pid) = gkey;
+            let inc = self.incarnations.entry(gkey.clone()).or_default();
             g.identities.sort_unstable();
             let replaced =
                 !inc.identities.is_empty() && !g.identities.iter().any(|id| inc.identities.contains(id));
@@ -143,14 +161,14 @@ impl Monitor {
             inc.identities.clone_from(&g.identities);
             inc.last_rss = g.rss;
             inc.seen = now;
-            let key = |signal| SeriesKey { service: service.clone(), comm: comm.clone(), signal };
+            let key = |signal| SeriesKey { service: service.clone(), comm: comm.clone(), pid: *pid, signal };
             self.history.record(key(Signal::Rss), now, g.rss as f64 + inc.offset);
             if let Some((bytes, _)) = g.heap {
                 self.history.record(key(Signal::Heap), now, bytes as f64);
             }
         }
         let changes = self.history.analyse(now);
-        self.last_seen = key_of;
+        self.last_seen = key_of.into_iter().map(|(pid, (service, comm, _))| (pid, (service, comm))).collect();
 
         let meminfo = std::fs::read_to_string(self.proc_root.path().join("meminfo")).unwrap_or_default();
         let mut limits: HashMap<crate::sampler::MemCgroup, Option<u64>> = HashMap::new();
@@ -161,7 +179,7 @@ impl Monitor {
             .filter_map(|(k, s)| Some((k.clone(), s.analysis()?, s.latest()?, s.suspected_since())))
             .collect();
         for (key, analysis, latest, since) in entries {
-            let gkey = (key.service.clone(), key.comm.clone());
+            let gkey = (key.service.clone(), key.comm.clone(), key.pid);
             let group = groups.get(&gkey);
             let cgroup = group.map(|g| g.cgroup.clone()).unwrap_or_default();
             let limit = *limits
@@ -177,6 +195,7 @@ impl Monitor {
             views.push(SeriesView {
                 service: key.service,
                 comm: key.comm,
+                pid: key.pid,
                 signal: key.signal.as_str(),
                 pids: group.map(|g| g.pids.clone()).unwrap_or_default(),
                 current_bytes: if key.signal == Signal::Rss { rss as u64 } else { latest.v as u64 },

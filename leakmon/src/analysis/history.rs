@@ -36,6 +36,8 @@ impl Signal {
 pub struct SeriesKey {
     pub service: String,
     pub comm: String,
+    /// Only with per-process series (`--metrics.pid-label`).
+    pub pid: Option<u32>,
     pub signal: Signal,
 }
 
@@ -155,7 +157,7 @@ mod tests {
     use super::*;
 
     fn key(comm: &str) -> SeriesKey {
-        SeriesKey { service: "svc".into(), comm: comm.into(), signal: Signal::Rss }
+        SeriesKey { service: "svc".into(), comm: comm.into(), pid: None, signal: Signal::Rss }
     }
 
     fn params() -> Params {

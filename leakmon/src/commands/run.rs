@@ -118,8 +118,9 @@ async fn daemon(args: &RunArgs, attach: Attach, proc_root: ProcRoot) -> Result<(
     );
 
     let params = Params { window: args.window.as_secs_f64(), ..Params::default() };
-    let mut monitor = Monitor::new(params, args.max_series, args.top_stacks, proc_root.clone());
-    let mut metrics = Metrics::new();
+    let mut monitor =
+        Monitor::new(params, args.max_series, args.top_stacks, proc_root.clone()).per_process(args.pid_label);
+    let mut metrics = Metrics::new(args.pid_label);
     let started = Instant::now();
 
     let mut sigterm = signal(SignalKind::terminate()).context("install SIGTERM handler")?;
@@ -159,7 +160,7 @@ async fn daemon(args: &RunArgs, attach: Attach, proc_root: ProcRoot) -> Result<(
                                 .or_else(|| sampler::sample(&proc_root, ev.tgid).map(|v| (v.service, v.comm)))
                                 .unwrap_or_else(|| ("unknown".to_owned(), ingest::comm(&ev)));
                             warn!(pid = ev.tgid, service = %service, comm = %comm, "OOM kill");
-                            metrics.oom_kill(&service, &comm);
+                            metrics.oom_kill(&service, &comm, ev.tgid);
                         }
                         _ => {}
                     }

@@ -30,7 +30,8 @@ pub struct Metrics {
     series_dropped: IntCounter,
     oom_kills: IntCounterVec,
     restarts: IntCounterVec,
-    last_restarts: std::collections::HashMap<(String, String), u64>,
+    last_restarts: std::collections::HashMap<(String, String, Option<u32>), u64>,
+    pid_label: bool,
     last_counters: Counters,
     last_dropped: u64,
 }
@@ -42,12 +43,14 @@ fn register<C: Collector + Clone + 'static>(registry: &Registry, c: C) -> C {
 
 impl Default for Metrics {
     fn default() -> Self {
-        Self::new()
+        Self::new(false)
     }
 }
 
 impl Metrics {
-    pub fn new() -> Self {
+    /// `pid_label`: per-process series carry a `pid` label (off by default: pids are
+    /// unbounded over time and split a service's history at every restart).
+    pub fn new(pid_label: bool) -> Self {
         let registry = Registry::new();
         let gauge = |name: &str, help: &str, labels: &[&str]| {
             register(&registry, IntGaugeVec::new(Opts::new(name, help), labels).expect("valid"))
@@ -55,8 +58,11 @@ impl Metrics {
         let fgauge = |name: &str, help: &str, labels: &[&str]| {
             register(&registry, GaugeVec::new(Opts::new(name, help), labels).expect("valid"))
         };
-        let sc = &["service", "comm"];
-        let scs = &["service", "comm", "signal"];
+        let sc: &[&str] = if pid_label { &["service", "comm", "pid"] } else { &["service", "comm"] };
+        let scs: &[&str] =
+            if pid_label { &["service", "comm", "pid", "signal"] } else { &["service", "comm", "signal"] };
+        let scst: &[&str] =
+            if pid_label { &["service", "comm", "pid", "stack"] } else { &["service", "comm", "stack"] };
         let m = Self {
             rss: gauge("leakmon_memory_rss_bytes", "Resident memory of the processes of a service and command.", sc),
             heap_bytes: gauge("leakmon_heap_live_bytes", "Bytes allocated and not freed (allocator probes).", sc),
@@ -65,7 +71,7 @@ impl Metrics {
             suspected: gauge("leakmon_leak_suspected", "1 while growth is steady and significant over the window.", scs),
             tte: fgauge("leakmon_time_to_exhaustion_seconds", "Seconds until the memory limit at the current growth rate.", scs),
             limit: gauge("leakmon_memory_limit_bytes", "The limit used for time to exhaustion: cgroup memory.max, else host memory.", sc),
-            stack_bytes: gauge("leakmon_stack_live_bytes", "Unfreed bytes of one of the top allocation stacks.", &["service", "comm", "stack"]),
+            stack_bytes: gauge("leakmon_stack_live_bytes", "Unfreed bytes of one of the top allocation stacks.", scst),
             stack_info: gauge("leakmon_stack_info", "Allocation site of a stack hash; always 1.", &["stack", "function", "location"]),
             events_lost: register(
                 &registry,
@@ -98,6 +104,7 @@ impl Metrics {
                 .expect("valid"),
             ),
             last_restarts: std::collections::HashMap::new(),
+            pid_label,
             last_counters: Counters::default(),
             last_dropped: 0,
             registry,
@@ -138,8 +145,12 @@ impl Metrics {
         self.growth.reset();
         self.tte.reset();
         for v in views {
-            let sc = [v.service.as_str(), v.comm.as_str()];
-            let scs = [v.service.as_str(), v.comm.as_str(), v.signal];
+            let pid = v.pid.map(|p| p.to_string()).unwrap_or_default();
+            let mut sc = vec![v.service.as_str(), v.comm.as_str()];
+            if self.pid_label {
+                sc.push(pid.as_str());
+            }
+            let scs = [sc.as_slice(), &[v.signal]].concat();
             let bytes = i64::try_from(v.current_bytes).unwrap_or(i64::MAX);
             if v.signal == "rss" {
                 self.rss.with_label_values(&sc).set(bytes);
@@ -156,9 +167,8 @@ impl Metrics {
                 self.tte.with_label_values(&scs).set(t);
             }
             for s in &v.stacks {
-                self.stack_bytes
-                    .with_label_values(&[v.service.as_str(), v.comm.as_str(), s.stack.as_str()])
-                    .set(s.bytes as i64);
+                let labels = [sc.as_slice(), &[s.stack.as_str()]].concat();
+                self.stack_bytes.with_label_values(&labels).set(s.bytes as i64);
                 self.stack_info
                     .with_label_values(&[s.stack.as_str(), s.function.as_str(), s.location.as_str()])
                     .set(1);
@@ -185,16 +195,24 @@ impl Metrics {
     }
 
     /// Counts one OOM kill.
-    pub fn oom_kill(&self, service: &str, comm: &str) {
-        self.oom_kills.with_label_values(&[service, comm]).inc();
+    pub fn oom_kill(&self, service: &str, comm: &str, pid: u32) {
+        let pid = pid.to_string();
+        let labels: &[&str] = if self.pid_label { &[service, comm, &pid] } else { &[service, comm] };
+        self.oom_kills.with_label_values(labels).inc();
     }
 
     /// Brings the restart counters up to the monitor's totals.
-    pub fn restarts<'a>(&mut self, totals: impl Iterator<Item = (&'a (String, String), u64)>) {
+    pub fn restarts<'a>(&mut self, totals: impl Iterator<Item = (&'a (String, String, Option<u32>), u64)>) {
         for (key, n) in totals {
             let last = self.last_restarts.entry(key.clone()).or_insert(0);
             if n > *last {
-                self.restarts.with_label_values(&[key.0.as_str(), key.1.as_str()]).inc_by(n - *last);
+                let pid = key.2.map(|p| p.to_string()).unwrap_or_default();
+                let labels: &[&str] = if self.pid_label {
+                    &[key.0.as_str(), key.1.as_str(), &pid]
+                } else {
+                    &[key.0.as_str(), key.1.as_str()]
+                };
+                self.restarts.with_label_values(labels).inc_by(n - *last);
                 *last = n;
             }
         }
@@ -217,6 +235,7 @@ mod tests {
         SeriesView {
             service: "leaky.service".into(),
             comm: "leaky".into(),
+            pid: Some(42),
             signal,
             pids: vec![1],
             current_bytes: 4096,
@@ -242,7 +261,7 @@ mod tests {
 
     #[test]
     fn renders_the_families_with_their_labels() {
-        let mut m = Metrics::new();
+        let mut m = Metrics::new(false);
         m.update(&[view("rss"), view("heap")], Some(Counters::default()), 3, 2);
         let text = m.render();
         for line in [
@@ -260,6 +279,16 @@ mod tests {
         ] {
             assert!(text.contains(line), "missing {line:?} in\n{text}");
         }
+        assert!(!text.contains("pid=\"42\""), "no pid label unless configured");
+        let mut with_pid = Metrics::new(true);
+        with_pid.update(&[view("rss")], None, 0, 0);
+        assert!(
+            with_pid.render().contains(
+                "leakmon_memory_rss_bytes{comm=\"leaky\",pid=\"42\",service=\"leaky.service\"} 4096"
+            ),
+            "{}",
+            with_pid.render()
+        );
         // A series that went away leaves no stale value behind.
         m.update(&[], None, 0, 2);
         assert!(!m.render().contains("leakmon_memory_rss_bytes{"));

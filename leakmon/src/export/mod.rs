@@ -16,6 +16,8 @@ use crate::{analysis::trend::Verdict, report::FrameReport};
 pub struct SeriesView {
     pub service: String,
     pub comm: String,
+    /// Set only with per-process series (`--metrics.pid-label`).
+    pub pid: Option<u32>,
     pub signal: &'static str,
     pub pids: Vec<u32>,
     pub current_bytes: u64,
