@@ -4,26 +4,14 @@
 mod common;
 
 use std::{
-    io::{Read as _, Write as _},
-    net::TcpStream,
     path::PathBuf,
-    process::{Command, Stdio},
+    process::Command,
     time::{Duration, Instant},
 };
 
-use common::{build_fixture, Reap};
+use common::build_fixture;
 
 const LISTEN: &str = "127.0.0.1:19475";
-
-fn get(path: &str) -> Option<String> {
-    let mut s = TcpStream::connect(LISTEN).ok()?;
-    s.set_read_timeout(Some(Duration::from_secs(5))).ok()?;
-    write!(s, "GET {path} HTTP/1.0\r\nHost: x\r\n\r\n").ok()?;
-    let mut out = String::new();
-    s.read_to_string(&mut out).ok()?;
-    let (head, body) = out.split_once("\r\n\r\n")?;
-    head.contains(" 200 ").then(|| body.to_owned())
-}
 
 /// A cgroup of its own, removed at the end.
 struct Cgroup(PathBuf);
@@ -48,21 +36,9 @@ fn oom_kills_are_counted_per_service() {
     std::fs::write(cgroup.0.join(limit_file), "67108864").expect("set the memory limit");
     let _ = std::fs::write(cgroup.0.join("memory.swap.max"), "0");
     let grow = build_fixture("grow.c", &[]);
-    let victim = grow.with_file_name("grow_oom");
-    std::fs::copy(&grow, &victim).expect("copy fixture");
+    let victim = common::named(&grow, "grow_oom");
 
-    let _daemon = Reap(
-        common::leakmon()
-            .args(["run", "--sample-interval", "0.2s", "--window", "10s", "--web.listen-address", LISTEN])
-            .stderr(Stdio::null())
-            .spawn()
-            .expect("start leakmon"),
-    );
-    let up = Instant::now();
-    while get("/healthz").is_none() {
-        assert!(up.elapsed() < Duration::from_secs(30), "daemon did not come up");
-        std::thread::sleep(Duration::from_millis(100));
-    }
+    let _daemon = common::start_daemon(&["--sample-interval", "0.2s", "--window", "10s"], LISTEN);
     std::thread::sleep(Duration::from_secs(1));
 
     let procs = cgroup.0.join("cgroup.procs");
@@ -78,7 +54,7 @@ fn oom_kills_are_counted_per_service() {
     let mut text = String::new();
     let mut saw_limit = false;
     while Instant::now() < deadline {
-        text = get("/metrics").unwrap_or_default();
+        text = common::http_get(LISTEN, "/metrics").unwrap_or_default();
         saw_limit |= text.contains(&limit);
         if text.contains(&want) {
             break;

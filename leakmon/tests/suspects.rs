@@ -4,8 +4,6 @@
 mod common;
 
 use std::{
-    io::{Read as _, Write as _},
-    net::TcpStream,
     process::{Command, Stdio},
     time::{Duration, Instant},
 };
@@ -15,27 +13,17 @@ use serde_json::Value;
 
 const LISTEN: &str = "127.0.0.1:19477";
 
-fn get(path: &str) -> Option<String> {
-    let mut s = TcpStream::connect(LISTEN).ok()?;
-    s.set_read_timeout(Some(Duration::from_secs(5))).ok()?;
-    write!(s, "GET {path} HTTP/1.0\r\nHost: x\r\n\r\n").ok()?;
-    let mut out = String::new();
-    s.read_to_string(&mut out).ok()?;
-    let (head, body) = out.split_once("\r\n\r\n")?;
-    head.contains(" 200 ").then(|| body.to_owned())
-}
-
 fn attached() -> Option<u64> {
-    get("/metrics")?.lines().find_map(|l| l.strip_prefix("leakmon_attached_processes ")?.trim().parse().ok())
+    common::http_get(LISTEN, "/metrics")?
+        .lines()
+        .find_map(|l| l.strip_prefix("leakmon_attached_processes ")?.trim().parse().ok())
 }
 
 #[test]
 fn a_growing_process_gets_probes_for_a_while_and_a_flat_one_never() {
     let grow = build_fixture("grow.c", &[]);
-    let leaky = grow.with_file_name("grow_suspect");
-    let calm = grow.with_file_name("grow_calm");
-    std::fs::copy(&grow, &leaky).expect("copy");
-    std::fs::copy(&grow, &calm).expect("copy");
+    let leaky = common::named(&grow, "grow_suspect");
+    let calm = common::named(&grow, "grow_calm");
 
     let _daemon = Reap(
         common::leakmon()
@@ -57,7 +45,7 @@ fn a_growing_process_gets_probes_for_a_while_and_a_flat_one_never() {
             .expect("start leakmon"),
     );
     let up = Instant::now();
-    while get("/healthz").is_none() {
+    while common::http_get(LISTEN, "/healthz").is_none() {
         assert!(up.elapsed() < Duration::from_secs(30), "daemon did not come up");
         std::thread::sleep(Duration::from_millis(100));
     }
@@ -75,7 +63,7 @@ fn a_growing_process_gets_probes_for_a_while_and_a_flat_one_never() {
         if attached_at.is_none() && attached() == Some(1) {
             attached_at = Some(Instant::now());
         }
-        let Some(body) = get("/api/v1/processes") else { continue };
+        let Some(body) = common::http_get(LISTEN, "/api/v1/processes") else { continue };
         let doc: Value = serde_json::from_str(&body).expect("JSON");
         let series = doc["series"].as_array().expect("series");
         assert!(
@@ -96,7 +84,8 @@ fn a_growing_process_gets_probes_for_a_while_and_a_flat_one_never() {
     assert!(heap["allocations"].as_u64().expect("allocations") > 0);
     let attached_at = attached_at.expect("one process attributed");
     // /api/v1/leaks shows the suspicion with the stacks found by attribution.
-    let listed: Value = serde_json::from_str(&get("/api/v1/leaks").expect("leaks")).expect("JSON");
+    let listed: Value =
+        serde_json::from_str(&common::http_get(LISTEN, "/api/v1/leaks").expect("leaks")).expect("JSON");
     let leak = listed["leaks"]
         .as_array()
         .expect("leaks")

@@ -11,7 +11,6 @@ mod common;
 use std::{
     collections::BTreeMap,
     fmt::Write as _,
-    net::TcpStream,
     path::Path,
     process::{Command, Stdio},
     time::{Duration, Instant},
@@ -23,26 +22,6 @@ use serde_json::Value;
 const LISTEN: &str = "127.0.0.1:19474";
 const PROMETHEUS: &str = "127.0.0.1:19090";
 
-fn http_get(addr: &str, path: &str) -> Option<String> {
-    use std::io::{Read as _, Write as _};
-    let mut s = TcpStream::connect(addr).ok()?;
-    s.set_read_timeout(Some(Duration::from_secs(5))).ok()?;
-    write!(s, "GET {path} HTTP/1.0\r\nHost: {addr}\r\n\r\n").ok()?;
-    let mut out = String::new();
-    s.read_to_string(&mut out).ok()?;
-    let (head, body) = out.split_once("\r\n\r\n")?;
-    head.starts_with("HTTP/1.1 200")
-        .then(|| body.to_owned())
-        .or_else(|| head.starts_with("HTTP/1.0 200").then(|| body.to_owned()))
-}
-
-/// Copies the fixture under another name, so each shape is its own series (comm).
-fn named(binary: &Path, name: &str) -> std::path::PathBuf {
-    let path = binary.with_file_name(name);
-    std::fs::copy(binary, &path).expect("copy fixture");
-    path
-}
-
 fn spawn(cmd: &mut Command) -> Reap {
     Reap(cmd.stdout(Stdio::null()).stderr(Stdio::null()).spawn().expect("start workload"))
 }
@@ -53,18 +32,7 @@ fn verdicts_and_detection_times_on_real_workloads() {
     let grow = build_fixture("grow.c", &[]);
     let fixtures = Path::new(env!("CARGO_MANIFEST_DIR")).join("tests/fixtures");
 
-    let _daemon = Reap(
-        common::leakmon()
-            .args(["run", "--sample-interval", "0.5s", "--window", "30s", "--web.listen-address", LISTEN])
-            .stderr(Stdio::null())
-            .spawn()
-            .expect("start leakmon run"),
-    );
-    let up = Instant::now();
-    while http_get(LISTEN, "/healthz").is_none() {
-        assert!(up.elapsed() < Duration::from_secs(30), "daemon did not come up");
-        std::thread::sleep(Duration::from_millis(100));
-    }
+    let _daemon = common::start_daemon(&["--sample-interval", "0.5s", "--window", "30s"], LISTEN);
 
     // A real Prometheus scraping the daemon every second.
     let tsdb = tempfile::tempdir().expect("tsdb dir");
@@ -83,12 +51,12 @@ fn verdicts_and_detection_times_on_real_workloads() {
 
     let start = Instant::now();
     let mut workloads = vec![
-        spawn(Command::new(named(&grow, "grow_leak")).arg("leak")),
-        spawn(Command::new(named(&grow, "grow_stop")).args(["stop", "35"])),
-        spawn(Command::new(named(&grow, "grow_plateau")).arg("plateau")),
-        spawn(Command::new(named(&grow, "grow_cache")).arg("cache")),
-        spawn(Command::new(named(&grow, "grow_sawtooth")).arg("sawtooth")),
-        spawn(Command::new(named(&grow, "grow_flat")).arg("flat")),
+        spawn(Command::new(common::named(&grow, "grow_leak")).arg("leak")),
+        spawn(Command::new(common::named(&grow, "grow_stop")).args(["stop", "35"])),
+        spawn(Command::new(common::named(&grow, "grow_plateau")).arg("plateau")),
+        spawn(Command::new(common::named(&grow, "grow_cache")).arg("cache")),
+        spawn(Command::new(common::named(&grow, "grow_sawtooth")).arg("sawtooth")),
+        spawn(Command::new(common::named(&grow, "grow_flat")).arg("flat")),
         spawn(Command::new("/usr/bin/python3").arg(fixtures.join("py_cache.py"))),
     ];
     let node = Command::new("node").arg("--version").output().is_ok_and(|o| o.status.success());
@@ -114,7 +82,7 @@ fn verdicts_and_detection_times_on_real_workloads() {
     ];
     while start.elapsed() < Duration::from_secs(95) {
         std::thread::sleep(Duration::from_millis(500));
-        let Some(body) = http_get(LISTEN, "/api/v1/processes") else { continue };
+        let Some(body) = common::http_get(LISTEN, "/api/v1/processes") else { continue };
         let doc: Value = serde_json::from_str(&body).expect("processes JSON");
         let t = start.elapsed().as_secs_f64();
         for s in doc["series"].as_array().expect("series") {
@@ -167,7 +135,7 @@ fn verdicts_and_detection_times_on_real_workloads() {
     // Prometheus has the suspicion, by PromQL.
     let query =
         "/api/v1/query?query=leakmon_leak_suspected%7Bcomm%3D%22grow_leak%22%2Csignal%3D%22rss%22%7D%3D%3D1";
-    let answer = http_get(PROMETHEUS, query).expect("query Prometheus");
+    let answer = common::http_get(PROMETHEUS, query).expect("query Prometheus");
     let answer: Value = serde_json::from_str(&answer).expect("Prometheus JSON");
     assert_eq!(answer["status"], "success", "{answer}");
     let result = answer["data"]["result"].as_array().expect("result");
@@ -175,7 +143,7 @@ fn verdicts_and_detection_times_on_real_workloads() {
     assert_eq!(result[0]["metric"]["comm"], "grow_leak");
 
     // A real scrape passes promtool's lint.
-    let scrape = http_get(LISTEN, "/metrics").expect("scrape");
+    let scrape = common::http_get(LISTEN, "/metrics").expect("scrape");
     let mut promtool = Command::new("promtool")
         .args(["check", "metrics"])
         .stdin(Stdio::piped())

@@ -138,3 +138,41 @@ impl std::ops::DerefMut for Reap {
         &mut self.0
     }
 }
+
+/// GET `path` from `addr` over plain HTTP/1.0; the body of a 200 answer.
+pub fn http_get(addr: &str, path: &str) -> Option<String> {
+    use std::io::{Read as _, Write as _};
+    let mut s = std::net::TcpStream::connect(addr).ok()?;
+    s.set_read_timeout(Some(std::time::Duration::from_secs(5))).ok()?;
+    write!(s, "GET {path} HTTP/1.0\r\nHost: {addr}\r\n\r\n").ok()?;
+    let mut out = String::new();
+    s.read_to_string(&mut out).ok()?;
+    let (head, body) = out.split_once("\r\n\r\n")?;
+    head.contains(" 200 ").then(|| body.to_owned())
+}
+
+/// Starts `leakmon run ARGS --web.listen-address LISTEN` and waits until it serves.
+pub fn start_daemon(args: &[&str], listen: &str) -> Reap {
+    let daemon = Reap(
+        leakmon()
+            .arg("run")
+            .args(args)
+            .args(["--web.listen-address", listen])
+            .stderr(std::process::Stdio::null())
+            .spawn()
+            .expect("start leakmon run"),
+    );
+    let up = std::time::Instant::now();
+    while http_get(listen, "/healthz").is_none() {
+        assert!(up.elapsed() < std::time::Duration::from_secs(30), "the daemon did not come up on {listen}");
+        std::thread::sleep(std::time::Duration::from_millis(100));
+    }
+    daemon
+}
+
+/// A copy of a fixture binary under another name, so it runs with that `comm`.
+pub fn named(binary: &Path, name: &str) -> PathBuf {
+    let path = binary.with_file_name(name);
+    std::fs::copy(binary, &path).expect("copy fixture");
+    path
+}
