@@ -206,23 +206,11 @@ impl Probes {
         if self.attached.contains(&id) {
             return Ok(0);
         }
-        let points = entry_points(path)?;
-        for point in &points {
-            let location = || UProbeAttachLocation::AbsoluteOffset(point.file_offset);
-            let program = point.handler.program();
-            uprobe(&mut self.ebpf, program)?
-                .attach(location(), path, UProbeScope::AllProcesses)
-                .map_err(prog_err("attach", program))?;
-            if point.handler.needs_return() {
-                uprobe(&mut self.ebpf, RETURN_PROGRAM)?
-                    .attach(location(), path, UProbeScope::AllProcesses)
-                    .map_err(prog_err("attach", RETURN_PROGRAM))?;
-            }
-            debug!(library = %path.display(), symbol = point.symbol, offset = point.file_offset, "probe attached");
-        }
+        // System-wide links stay with their programs until the probes are dropped.
+        let entry_points = entry_count(&self.attach_points(path, UProbeScope::AllProcesses)?);
         self.attached.insert(id);
-        info!(library = %path.display(), entry_points = points.len(), "allocator probes attached");
-        Ok(points.len())
+        info!(library = %path.display(), entry_points, "allocator probes attached");
+        Ok(entry_points)
     }
 
     /// Attaches the allocator probes to `libraries` for `pid` alone (the kernel puts
@@ -230,49 +218,69 @@ impl Probes {
     /// tracing it. Returns the number of entry points probed.
     pub fn attach_process(&mut self, pid: u32, libraries: &[PathBuf]) -> Result<usize, ProbeError> {
         let Some(nz) = NonZeroU32::new(pid) else { return Ok(0) };
-        let scope = UProbeScope::OneProcess(nz);
-        let mut links = Vec::new();
         let mut seen = HashSet::new();
-        let mut result = Ok(());
-        'libs: for path in libraries {
+        let mut entry_points = 0;
+        for path in libraries {
             let Ok(meta) = std::fs::metadata(path) else { continue };
             if !seen.insert(FileId { dev: meta.dev(), ino: meta.ino() }) {
                 continue;
             }
-            for point in entry_points(path)? {
-                let location = || UProbeAttachLocation::AbsoluteOffset(point.file_offset);
-                let mut programs = vec![point.handler.program()];
-                if point.handler.needs_return() {
-                    programs.push(RETURN_PROGRAM);
+            match self.attach_points(path, UProbeScope::OneProcess(nz)) {
+                Ok(links) => {
+                    entry_points += entry_count(&links);
+                    self.per_process.entry(pid).or_default().extend(links);
                 }
-                for program in programs {
-                    match uprobe(&mut self.ebpf, program)?.attach(location(), path, scope) {
-                        Ok(id) => links.push((program, id)),
-                        Err(e) => {
-                            result = Err(prog_err("attach", program)(e));
-                            break 'libs;
-                        }
-                    }
+                Err(e) => {
+                    // Not half a set: drop what the earlier libraries attached too.
+                    let _ = self.detach_process(pid);
+                    return Err(e);
                 }
             }
         }
-        let count = links.len();
-        self.per_process.entry(pid).or_default().extend(links);
-        if let Err(e) = result {
-            // Never leave half a set of probes: an entry probe without its return probe
-            // would leave calls in flight for ever.
-            let _ = self.detach_process(pid);
-            return Err(e);
-        }
         self.trace(pid)?;
-        Ok(count)
+        Ok(entry_points)
+    }
+
+    /// Attaches the entry probe, and the return probe where needed, at every allocator
+    /// entry point of `path`. On a failure, what this call attached is detached again:
+    /// an entry probe without its return probe would leave calls in flight for ever.
+    fn attach_points(
+        &mut self,
+        path: &Path,
+        scope: UProbeScope,
+    ) -> Result<Vec<(&'static str, UProbeLinkId)>, ProbeError> {
+        let mut links = Vec::new();
+        for point in entry_points(path)? {
+            let programs =
+                [Some(point.handler.program()), point.handler.needs_return().then_some(RETURN_PROGRAM)];
+            for program in programs.into_iter().flatten() {
+                let location = UProbeAttachLocation::AbsoluteOffset(point.file_offset);
+                let attached = uprobe(&mut self.ebpf, program)
+                    .and_then(|p| p.attach(location, path, scope).map_err(prog_err("attach", program)));
+                match attached {
+                    Ok(id) => links.push((program, id)),
+                    Err(e) => {
+                        let _ = self.detach_links(links);
+                        return Err(e);
+                    }
+                }
+            }
+            debug!(library = %path.display(), symbol = point.symbol, offset = point.file_offset, "probe attached");
+        }
+        Ok(links)
+    }
+
+    fn detach_links(&mut self, links: Vec<(&'static str, UProbeLinkId)>) -> Result<(), ProbeError> {
+        for (program, id) in links {
+            uprobe(&mut self.ebpf, program)?.detach(id).map_err(prog_err("detach", program))?;
+        }
+        Ok(())
     }
 
     /// Detaches the probes attached for `pid` alone and drops everything traced for it.
     pub fn detach_process(&mut self, pid: u32) -> Result<(), ProbeError> {
-        for (program, id) in self.per_process.remove(&pid).unwrap_or_default() {
-            uprobe(&mut self.ebpf, program)?.detach(id).map_err(prog_err("detach", program))?;
-        }
+        let links = self.per_process.remove(&pid).unwrap_or_default();
+        self.detach_links(links)?;
         self.purge(|tgid, _| tgid == pid, |tgid| tgid == pid)?;
         Ok(())
     }
@@ -393,6 +401,11 @@ impl Probes {
         HashMap::try_from(self.ebpf.map_mut("PROCS").ok_or_else(|| missing_map("PROCS"))?)
             .map_err(map_err("open", "PROCS"))
     }
+}
+
+/// Entry points among attached links (the shared return probe is not one).
+fn entry_count(links: &[(&'static str, UProbeLinkId)]) -> usize {
+    links.iter().filter(|(program, _)| *program != RETURN_PROGRAM).count()
 }
 
 fn uprobe<'a>(ebpf: &'a mut Ebpf, name: &str) -> Result<&'a mut UProbe, ProbeError> {
