@@ -31,6 +31,15 @@ pub(crate) fn load_probes(tables: &TableArgs, trace_all: bool) -> Result<Probes>
     })
 }
 
+/// Per-process unfreed totals of the traced processes, each at its current image.
+pub(crate) fn unfreed(
+    probes: &Probes,
+    traced: &std::collections::HashMap<u32, leakmon_common::ProcState>,
+) -> Result<Vec<crate::store::ProcessTotals>> {
+    let totals = probes.totals(|k| traced.contains_key(&k.tgid))?;
+    Ok(crate::store::group(totals, |pid| traced.get(&pid).map(|s| s.gen)))
+}
+
 /// Attach errors other than a vanished file are worth a line but not a stop.
 pub(crate) fn attach_all(
     probes: &mut Probes,

@@ -11,14 +11,13 @@ use anyhow::{bail, Context as _, Result};
 use leakmon_common::proc_flags;
 use tracing::{info, warn};
 
-use super::{attach_all, count_signals, load_probes, signals_received};
+use super::{attach_all, count_signals, load_probes, signals_received, unfreed};
 use crate::{
     cli::{Format, ReportArgs},
     discovery,
     probes::Probes,
     procfs::ProcRoot,
     report::{table, ProcessInfo, Report},
-    store,
     symbolize::Symbolizer,
     tracer::{RootExit, Tracer},
 };
@@ -128,8 +127,7 @@ fn build_report(
         let info = infos.entry(pid).or_insert_with(|| capture(proc_root, pid, true));
         info.incomplete = state.flags & proc_flags::INCOMPLETE != 0;
     }
-    let totals =
-        store::group(probes.totals(|k| traced.contains_key(&k.tgid))?, |pid| traced.get(&pid).map(|s| s.gen));
+    let totals = unfreed(probes, &traced)?;
     let mut report =
         Report::build(totals, &infos, |id| probes.stack(id), &Symbolizer::default(), crate::monotonic_ms());
     infos.retain(|pid, _| traced.contains_key(pid));

@@ -9,7 +9,7 @@ use std::{
 };
 
 use anyhow::{bail, Context as _, Result};
-use leakmon_common::event;
+use leakmon_common::{event, ProcState};
 use serde_json::json;
 use tokio::{
     io::unix::AsyncFd,
@@ -19,7 +19,7 @@ use tokio::{
 };
 use tracing::{info, warn};
 
-use super::{attach_all, load_probes};
+use super::{attach_all, load_probes, unfreed};
 use crate::{
     analysis::{history::Change, trend::Params},
     cli::{Attach, RunArgs},
@@ -34,7 +34,7 @@ use crate::{
     probes::Probes,
     procfs::ProcRoot,
     report::table::bytes,
-    sampler, store,
+    sampler,
 };
 
 /// How often exited processes' kernel state is dropped: one pass over the tables.
@@ -181,7 +181,10 @@ async fn daemon(args: &RunArgs, attach: Attach, proc_root: ProcRoot) -> Result<(
                         }
                     }
                 }
-                let heap = probes.as_ref().filter(|_| attributing).and_then(|p| heap_totals(p).ok());
+                // One read of the process table serves the heap totals and the count.
+                let traced: HashMap<u32, ProcState> =
+                    probes.as_ref().and_then(|p| p.traced().ok()).unwrap_or_default().into_iter().collect();
+                let heap = probes.as_ref().filter(|_| attributing).and_then(|p| unfreed(p, &traced).ok());
                 let stack = |id: u32| probes.as_ref().and_then(|p| p.stack(id));
                 let (views, changes) = monitor.tick(now, &procs, heap.as_deref(), &stack);
                 log_changes(&changes);
@@ -191,7 +194,7 @@ async fn daemon(args: &RunArgs, attach: Attach, proc_root: ProcRoot) -> Result<(
                     }
                 }
                 let counters = probes.as_ref().and_then(|p| p.counters().ok());
-                let attached = probes.as_ref().and_then(|p| p.traced().ok()).map_or(0, |t| t.len());
+                let attached = traced.len();
                 metrics.update(&views, counters, attached, monitor.series_dropped());
                 metrics.restarts(monitor.restarts());
                 publish(&published, &metrics, &views).await;
@@ -289,11 +292,6 @@ impl Suspects {
     }
 }
 
-fn heap_totals(probes: &Probes) -> Result<Vec<store::ProcessTotals>> {
-    let traced: HashMap<u32, u32> = probes.traced()?.into_iter().map(|(p, s)| (p, s.gen)).collect();
-    Ok(store::group(probes.totals(|k| traced.contains_key(&k.tgid))?, |pid| traced.get(&pid).copied()))
-}
-
 fn log_changes(changes: &[Change]) {
     for change in changes {
         match change {
@@ -374,7 +372,8 @@ fn libraries(proc_root: &ProcRoot, attach: Attach, pids: &[u32]) -> Vec<std::pat
 }
 
 fn log_summary(probes: &Probes, proc_root: &ProcRoot, names: &mut HashMap<u32, String>, top: usize) {
-    let Ok(groups) = heap_totals(probes) else { return };
+    let traced: HashMap<u32, ProcState> = probes.traced().unwrap_or_default().into_iter().collect();
+    let Ok(groups) = unfreed(probes, &traced) else { return };
     let total: u64 = groups.iter().map(|g| g.bytes).sum();
     info!(processes = groups.len(), unfreed = %bytes(total), "summary");
     for g in groups.iter().take(top) {
