@@ -7,8 +7,46 @@
 // Padding fields are public so both sides can build the structs with literals.
 #![allow(clippy::pub_underscore_fields)]
 
-/// Stack id stored when the kernel gave none (collision or error); counted separately.
-pub const NO_STACK: u32 = u32::MAX;
+/// Stack id stored when no stack could be taken or kept; counted separately. Real ids
+/// are hashes of the frames and never take this value.
+pub const NO_STACK: u64 = 0;
+
+/// Frames kept per stack: the kernel's default `perf_event_max_stack`.
+pub const MAX_STACK_DEPTH: usize = 127;
+
+/// One user call stack, innermost frame first; unused slots are zero.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct Stack {
+    pub ips: [u64; MAX_STACK_DEPTH],
+}
+
+impl Default for Stack {
+    fn default() -> Self {
+        Self { ips: [0; MAX_STACK_DEPTH] }
+    }
+}
+
+impl Stack {
+    /// The frames taken, without the zero fill.
+    #[must_use]
+    pub fn frames(&self) -> &[u64] {
+        let depth = self.ips.iter().position(|&ip| ip == 0).unwrap_or(MAX_STACK_DEPTH);
+        &self.ips[..depth]
+    }
+}
+
+/// The id of a stack: a 64-bit FNV-1a hash of its frames (the same on both sides), so
+/// equal stacks share one entry and distinct ones practically never meet (unlike the
+/// kernel's stack map, whose bucket index collides once a few hundred stacks exist).
+#[inline]
+#[must_use]
+pub fn stack_hash_step(hash: u64, ip: u64) -> u64 {
+    (hash ^ ip).wrapping_mul(0x0000_0100_0000_01b3)
+}
+
+/// Seed of [`stack_hash_step`].
+pub const STACK_HASH_SEED: u64 = 0xcbf2_9ce4_8422_2325;
 
 /// Size recorded at an entry probe whose size is only known once a nested `malloc` runs
 /// (`strdup`, `strndup`).
@@ -60,9 +98,10 @@ pub struct LiveAlloc {
     pub size: u64,
     /// `bpf_ktime_get_boot_ns() / 1_000_000` at allocation.
     pub ts_ms: u64,
-    pub stack_id: u32,
+    pub stack_id: u64,
     /// Process image generation (bumped on exec) the block belongs to.
     pub gen: u32,
+    pub _pad: u32,
 }
 
 /// Key of the per-stack totals: one call stack of one process image.
@@ -71,8 +110,7 @@ pub struct LiveAlloc {
 pub struct TotalsKey {
     pub tgid: u32,
     pub gen: u32,
-    pub stack_id: u32,
-    pub _pad: u32,
+    pub stack_id: u64,
 }
 
 /// Unfreed bytes and blocks of one stack; changed only together with the live table.
@@ -107,8 +145,8 @@ pub mod counter {
     pub const LIVE_FULL: u32 = 0;
     /// The per-stack totals table was full; the block is not counted.
     pub const TOTALS_FULL: u32 = 1;
-    /// Two stacks hashed to one bucket of the stack map; the block is counted without a stack.
-    pub const STACK_COLLISION: u32 = 2;
+    /// The stack table was full; the block is counted without a stack.
+    pub const STACKS_FULL: u32 = 2;
     /// The kernel could not take a stack for another reason; counted without a stack.
     pub const STACK_ERROR: u32 = 3;
     /// The per-thread entry table was full; that call is not counted.
@@ -185,6 +223,7 @@ mod pod {
     unsafe impl aya::Pod for super::ProcState {}
     unsafe impl aya::Pod for super::LifecycleEvent {}
     unsafe impl aya::Pod for super::TracepointOffsets {}
+    unsafe impl aya::Pod for super::Stack {}
 }
 
 #[cfg(test)]
@@ -196,11 +235,20 @@ mod tests {
     fn layouts_have_no_implicit_padding() {
         assert_eq!(size_of::<InFlight>(), 40);
         assert_eq!(size_of::<LiveKey>(), 16);
-        assert_eq!(size_of::<LiveAlloc>(), 24);
+        assert_eq!(size_of::<LiveAlloc>(), 32);
         assert_eq!(size_of::<TotalsKey>(), 16);
         assert_eq!(size_of::<Totals>(), 24);
         assert_eq!(size_of::<ProcState>(), 8);
         assert_eq!(size_of::<LifecycleEvent>(), 32);
         assert_eq!(size_of::<TracepointOffsets>(), 16);
+        assert_eq!(size_of::<Stack>(), MAX_STACK_DEPTH * 8);
+    }
+
+    #[test]
+    fn stack_frames_stop_at_the_zero_fill() {
+        let mut stack = Stack::default();
+        stack.ips[..3].copy_from_slice(&[1, 2, 3]);
+        assert_eq!(stack.frames(), &[1, 2, 3]);
+        assert_eq!(Stack::default().frames(), &[] as &[u64]);
     }
 }

@@ -15,16 +15,17 @@ use core::intrinsics::{atomic_xadd, AtomicOrdering};
 
 use aya_ebpf::{
     bindings::{BPF_ANY, BPF_F_USER_STACK, BPF_NOEXIST},
-    helpers::{bpf_get_current_pid_tgid, bpf_ktime_get_ns, bpf_probe_read_user},
+    helpers::{bpf_get_current_pid_tgid, bpf_get_stack, bpf_ktime_get_ns, bpf_probe_read_user},
     macros::{uprobe, uretprobe},
-    programs::{tracing::StackIdContext as _, ProbeContext, RetProbeContext},
+    programs::{ProbeContext, RetProbeContext},
+    EbpfContext as _,
 };
 use leakmon_common::{
-    counter, kind, proc_flags, InFlight, LiveAlloc, LiveKey, ProcState, Totals, TotalsKey, NO_STACK,
-    SIZE_FROM_NESTED,
+    counter, kind, proc_flags, stack_hash_step, InFlight, LiveAlloc, LiveKey, ProcState, Stack, Totals,
+    TotalsKey, MAX_STACK_DEPTH, NO_STACK, SIZE_FROM_NESTED, STACK_HASH_SEED,
 };
 
-use crate::maps::{count, self_tgid, trace_all, INFLIGHT, LIVE, PROCS, STACKS, TOTALS};
+use crate::maps::{count, self_tgid, trace_all, INFLIGHT, LIVE, PROCS, STACKS, STACK_SCRATCH, TOTALS};
 
 const EEXIST: i32 = 17;
 
@@ -267,7 +268,7 @@ fn add(totals: *mut Totals, bytes: u64, ts_ms: u64) {
 
 #[inline(always)]
 fn sub(tgid: u32, block: &LiveAlloc) {
-    let key = TotalsKey { tgid, gen: block.gen, stack_id: block.stack_id, _pad: 0 };
+    let key = TotalsKey { tgid, gen: block.gen, stack_id: block.stack_id };
     if let Some(totals) = TOTALS.get_ptr_mut(&key) {
         // SAFETY: as in `add`; the wrapping add of a negated value is a subtraction.
         unsafe {
@@ -278,23 +279,61 @@ fn sub(tgid: u32, block: &LiveAlloc) {
     }
 }
 
+/// The id of the current user stack, stored in `STACKS` on its first use.
+#[inline(always)]
+fn stack_id(ctx: &RetProbeContext) -> u64 {
+    let Some(buf) = STACK_SCRATCH.get_ptr_mut(0) else {
+        count(counter::STACK_ERROR);
+        return NO_STACK;
+    };
+    // SAFETY: the buffer is this CPU's scratch slot, `size_of::<Stack>()` bytes; the
+    // helper zero-fills what the stack does not use.
+    let len = unsafe {
+        bpf_get_stack(
+            ctx.as_ptr(),
+            buf.cast(),
+            core::mem::size_of::<Stack>() as u32,
+            u64::from(BPF_F_USER_STACK),
+        )
+    };
+    if len <= 0 {
+        count(counter::STACK_ERROR);
+        return NO_STACK;
+    }
+    let depth = len as usize / 8;
+    let mut hash = STACK_HASH_SEED;
+    for i in 0..MAX_STACK_DEPTH {
+        if i >= depth {
+            break;
+        }
+        // SAFETY: `i` is below the array length.
+        hash = stack_hash_step(hash, unsafe { (*buf).ips[i] });
+    }
+    if hash == NO_STACK {
+        hash = 1;
+    }
+    if STACKS.get_ptr(&hash).is_none() {
+        // SAFETY: the scratch slot is a valid `Stack`.
+        match STACKS.insert(&hash, unsafe { &*buf }, u64::from(BPF_NOEXIST)) {
+            Ok(()) => {}
+            // Another CPU stored the same stack first.
+            Err(err) if err as i32 == -EEXIST => {}
+            Err(_) => {
+                count(counter::STACKS_FULL);
+                return NO_STACK;
+            }
+        }
+    }
+    hash
+}
+
 /// Count one new block: live entry first, totals only once it exists.
 #[inline(always)]
 fn record(ctx: &RetProbeContext, tgid: u32, state: *mut ProcState, addr: u64, size: u64) {
-    let stack_id = match ctx.get_stackid(&STACKS, u64::from(BPF_F_USER_STACK)) {
-        Ok(id) => id as u32,
-        Err(err) if err == -EEXIST => {
-            count(counter::STACK_COLLISION);
-            NO_STACK
-        }
-        Err(_) => {
-            count(counter::STACK_ERROR);
-            NO_STACK
-        }
-    };
+    let stack_id = stack_id(ctx);
     // SAFETY: pointer into the map value.
     let gen = unsafe { (*state).gen };
-    let Some(totals) = totals_of(&TotalsKey { tgid, gen, stack_id, _pad: 0 }) else {
+    let Some(totals) = totals_of(&TotalsKey { tgid, gen, stack_id }) else {
         count(counter::TOTALS_FULL);
         mark_incomplete(state);
         return;
@@ -304,7 +343,7 @@ fn record(ctx: &RetProbeContext, tgid: u32, state: *mut ProcState, addr: u64, si
     let stale = unsafe { LIVE.get(&key).copied() };
     // SAFETY: a helper with no arguments.
     let ts_ms = unsafe { bpf_ktime_get_ns() } / 1_000_000;
-    let block = LiveAlloc { size, ts_ms, stack_id, gen };
+    let block = LiveAlloc { size, ts_ms, stack_id, gen, _pad: 0 };
     if LIVE.insert(&key, &block, u64::from(BPF_ANY)).is_err() {
         count(counter::LIVE_FULL);
         mark_incomplete(state);

@@ -144,7 +144,8 @@ pub struct TableArgs {
     /// Capacity of the per-stack totals table.
     #[arg(long, default_value = "65536", value_name = "N")]
     pub max_totals: NonZeroU32,
-    /// Capacity of the stack table (distinct call stacks).
+    /// Capacity of the stack table (distinct call stacks, about 1 KiB each, allocated as
+    /// they are first seen).
     #[arg(long, default_value = "16384", value_name = "N")]
     pub max_stacks: NonZeroU32,
 }

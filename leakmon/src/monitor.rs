@@ -47,7 +47,7 @@ pub struct Monitor {
     cgroup_root: PathBuf,
     symbolizer: Symbolizer,
     /// (pid, stack id) → symbolized frames; cleared when it grows past its bound.
-    frames: HashMap<(u32, u32), Vec<FrameReport>>,
+    frames: HashMap<(u32, u64), Vec<FrameReport>>,
     /// Per (service, command): the processes seen last tick, their resident total, and
     /// the offset that stitches incarnations together.
     incarnations: HashMap<GroupKey, Incarnation>,
@@ -119,7 +119,7 @@ impl Monitor {
         now: f64,
         procs: &[ProcSample],
         heap: Option<&[ProcessTotals]>,
-        stack: &dyn Fn(u32) -> Option<Vec<u64>>,
+        stack: &dyn Fn(u64) -> Option<Vec<u64>>,
     ) -> (Vec<SeriesView>, Vec<Change>) {
         let mut groups: BTreeMap<GroupKey, Group> = BTreeMap::new();
         let mut key_of: HashMap<u32, GroupKey> = HashMap::new();
@@ -230,7 +230,7 @@ impl Monitor {
     fn top_stacks(
         &mut self,
         totals: &[&ProcessTotals],
-        stack: &dyn Fn(u32) -> Option<Vec<u64>>,
+        stack: &dyn Fn(u64) -> Option<Vec<u64>>,
     ) -> Vec<StackView> {
         let mut candidates: Vec<(u32, &crate::store::StackTotals)> =
             totals.iter().flat_map(|t| t.stacks.iter().map(move |s| (t.pid, s))).collect();
@@ -299,7 +299,7 @@ mod tests {
     fn a_leak_hidden_by_restarts_is_still_seen() {
         let params = Params { window: 20.0, min_samples: 5, ..Params::default() };
         let mut m = Monitor::new(params, 100, 5, ProcRoot::default());
-        let none = |_: u32| None;
+        let none = |_: u64| None;
         let mut last = Vec::new();
         for i in 0..80u32 {
             // Restarted every 5 s (new pid, new start), growing 1 MB/s from 2 MB each time.
@@ -319,7 +319,7 @@ mod tests {
     fn groups_by_service_and_command_across_restarts() {
         let params = Params { window: 10.0, min_samples: 5, ..Params::default() };
         let mut m = Monitor::new(params, 100, 5, ProcRoot::default());
-        let none = |_: u32| None;
+        let none = |_: u64| None;
         let mut last = Vec::new();
         for i in 0..40u32 {
             let t = f64::from(i) * 0.5;

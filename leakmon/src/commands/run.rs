@@ -185,7 +185,7 @@ async fn daemon(args: &RunArgs, attach: Attach, proc_root: ProcRoot) -> Result<(
                 let traced: HashMap<u32, ProcState> =
                     probes.as_ref().and_then(|p| p.traced().ok()).unwrap_or_default().into_iter().collect();
                 let heap = probes.as_ref().filter(|_| attributing).and_then(|p| unfreed(p, &traced).ok());
-                let stack = |id: u32| probes.as_ref().and_then(|p| p.stack(id));
+                let stack = |id: u64| probes.as_ref().and_then(|p| p.stack(id));
                 let (views, changes) = monitor.tick(now, &procs, heap.as_deref(), &stack);
                 log_changes(&changes);
                 if attach == Attach::Suspects {
@@ -217,6 +217,8 @@ async fn daemon(args: &RunArgs, attach: Attach, proc_root: ProcRoot) -> Result<(
                     names.retain(|pid, _| !exited.contains(pid));
                     exited.clear();
                     replaced.clear();
+                } else {
+                    p.purge_stacks()?;
                 }
             }
             _ = rescan.tick(), if system_wide => {

@@ -180,7 +180,7 @@ impl Metrics {
             for (map, idx) in [
                 ("live", k::LIVE_FULL),
                 ("totals", k::TOTALS_FULL),
-                ("stacks", k::STACK_COLLISION),
+                ("stacks", k::STACKS_FULL),
                 ("stacks", k::STACK_ERROR),
                 ("inflight", k::INFLIGHT_FULL),
                 ("procs", k::PROC_FULL),

@@ -16,14 +16,14 @@ use std::{
 };
 
 use aya::{
-    maps::{HashMap, MapData, MapError, PerCpuArray, RingBuf, StackTraceMap},
+    maps::{HashMap, MapData, MapError, PerCpuArray, RingBuf},
     programs::{
         uprobe::{UProbeAttachLocation, UProbeLinkId, UProbeScope},
         ProgramError, TracePoint, UProbe,
     },
     Ebpf, EbpfError, EbpfLoader,
 };
-use leakmon_common::{counter, LiveAlloc, LiveKey, ProcState, Totals, TotalsKey};
+use leakmon_common::{counter, LiveAlloc, LiveKey, ProcState, Stack, Totals, TotalsKey};
 use tracing::{debug, info, warn};
 
 use self::targets::{entry_points, Handler, TargetError};
@@ -116,7 +116,7 @@ impl Counters {
     pub const NAMES: [&'static str; counter::COUNT as usize] = [
         "live_table_full",
         "totals_table_full",
-        "stack_collision",
+        "stacks_table_full",
         "stack_error",
         "inflight_table_full",
         "process_table_full",
@@ -156,6 +156,10 @@ pub struct Probes {
     attached: HashSet<FileId>,
     /// Probes attached for one process only (suspects), to detach when its time is up.
     per_process: StdHashMap<u32, Vec<(&'static str, UProbeLinkId)>>,
+    /// Stacks no totals entry referred to at the last purge. The kernel stores a stack
+    /// just before the totals entry that names it, so a stack is dropped only when it
+    /// was unreferenced at two purges in a row, never in that window.
+    unreferenced_stacks: HashSet<u64>,
 }
 
 impl Probes {
@@ -193,7 +197,12 @@ impl Probes {
             tp.load().map_err(prog_err("load", program))?;
             tp.attach(category, name).map_err(prog_err("attach", program))?;
         }
-        Ok(Self { ebpf, attached: HashSet::new(), per_process: StdHashMap::new() })
+        Ok(Self {
+            ebpf,
+            attached: HashSet::new(),
+            per_process: StdHashMap::new(),
+            unreferenced_stacks: HashSet::new(),
+        })
     }
 
     /// Attaches the allocator probes to one library file, for every process that maps
@@ -331,10 +340,10 @@ impl Probes {
     }
 
     /// The user stack `id`, innermost frame first.
-    pub fn stack(&self, id: u32) -> Option<Vec<u64>> {
-        let stacks = StackTraceMap::try_from(self.ebpf.map("STACKS")?).ok()?;
-        let trace = stacks.get(&id, 0).ok()?;
-        Some(trace.frames().iter().map(|f| f.ip).collect())
+    pub fn stack(&self, id: u64) -> Option<Vec<u64>> {
+        let stacks: HashMap<&MapData, u64, Stack> = HashMap::try_from(self.ebpf.map("STACKS")?).ok()?;
+        let stack = stacks.get(&id, 0).ok()?;
+        Some(stack.frames().to_vec())
     }
 
     /// The failure counters, summed over CPUs.
@@ -394,7 +403,30 @@ impl Probes {
         for pid in gone {
             let _ = procs.remove(&pid);
         }
+        self.purge_stacks()?;
         Ok(removed)
+    }
+
+    /// Drops the stacks that no totals entry has named at this call and the one before
+    /// (also part of [`Probes::purge`]). Call it periodically: stacks outlive the
+    /// blocks that named them.
+    pub fn purge_stacks(&mut self) -> Result<(), ProbeError> {
+        let referenced: HashSet<u64> = {
+            let totals: HashMap<&MapData, TotalsKey, Totals> =
+                HashMap::try_from(self.ebpf.map("TOTALS").ok_or_else(|| missing_map("TOTALS"))?)
+                    .map_err(map_err("open", "TOTALS"))?;
+            totals.keys().filter_map(Result::ok).map(|k| k.stack_id).collect()
+        };
+        let mut stacks: HashMap<&mut MapData, u64, Stack> =
+            HashMap::try_from(self.ebpf.map_mut("STACKS").ok_or_else(|| missing_map("STACKS"))?)
+                .map_err(map_err("open", "STACKS"))?;
+        let unreferenced: HashSet<u64> =
+            stacks.keys().filter_map(Result::ok).filter(|id| !referenced.contains(id)).collect();
+        for id in unreferenced.intersection(&self.unreferenced_stacks) {
+            let _ = stacks.remove(id);
+        }
+        self.unreferenced_stacks = unreferenced;
+        Ok(())
     }
 
     fn procs_mut(&mut self) -> Result<HashMap<&mut MapData, u32, ProcState>, ProbeError> {

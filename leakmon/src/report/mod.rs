@@ -78,7 +78,7 @@ impl Report {
     pub fn build(
         totals: Vec<ProcessTotals>,
         info: &HashMap<u32, ProcessInfo>,
-        stack: impl Fn(u32) -> Option<Vec<u64>>,
+        stack: impl Fn(u64) -> Option<Vec<u64>>,
         symbolizer: &Symbolizer,
         now_ms: u64,
     ) -> Self {

@@ -11,7 +11,7 @@ use leakmon_common::{Totals, TotalsKey};
 /// Unfreed memory of one call stack.
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub struct StackTotals {
-    pub stack_id: u32,
+    pub stack_id: u64,
     pub bytes: u64,
     pub allocations: u64,
     /// Sum of the blocks' allocation times (ms, monotonic clock): mean age without a
@@ -87,8 +87,8 @@ pub fn group(
 mod tests {
     use super::*;
 
-    fn entry(tgid: u32, gen: u32, stack_id: u32, bytes: u64, allocs: u64) -> (TotalsKey, Totals) {
-        (TotalsKey { tgid, gen, stack_id, _pad: 0 }, Totals { bytes, allocs, ts_ms_sum: allocs * 1000 })
+    fn entry(tgid: u32, gen: u32, stack_id: u64, bytes: u64, allocs: u64) -> (TotalsKey, Totals) {
+        (TotalsKey { tgid, gen, stack_id }, Totals { bytes, allocs, ts_ms_sum: allocs * 1000 })
     }
 
     #[test]
