@@ -15,7 +15,7 @@ use crate::{
         history::{Change, History, SeriesKey, Signal},
         trend::{time_to_exhaustion, Params},
     },
-    export::{stable_hash, SeriesView, StackView},
+    export::{stable_hash, SeriesView, StackTrend, StackView},
     procfs::ProcRoot,
     report::FrameReport,
     sampler::{memory_limit, ProcSample},
@@ -144,6 +144,10 @@ impl Monitor {
                 heap_by_group.entry(key.clone()).or_default().push(t);
             }
         }
+        let mut stacks_by_group: HashMap<GroupKey, Vec<StackView>> = HashMap::new();
+        for (gkey, totals) in &heap_by_group {
+            stacks_by_group.insert(gkey.clone(), self.top_stacks(totals, stack));
+        }
         let window = self.history.window();
         self.incarnations.retain(|_, i| i.seen >= now - window);
         for (gkey, g) in &mut groups {
@@ -161,10 +165,19 @@ impl Monitor {
             inc.identities.clone_from(&g.identities);
             inc.last_rss = g.rss;
             inc.seen = now;
-            let key = |signal| SeriesKey { service: service.clone(), comm: comm.clone(), pid: *pid, signal };
-            self.history.record(key(Signal::Rss), now, g.rss as f64 + inc.offset);
+            let key = |signal, stack: Option<&str>| SeriesKey {
+                service: service.clone(),
+                comm: comm.clone(),
+                pid: *pid,
+                signal,
+                stack: stack.map(str::to_owned),
+            };
+            self.history.record(key(Signal::Rss, None), now, g.rss as f64 + inc.offset);
             if let Some((bytes, _)) = g.heap {
-                self.history.record(key(Signal::Heap), now, bytes as f64);
+                self.history.record(key(Signal::Heap, None), now, bytes as f64);
+            }
+            for s in stacks_by_group.get(gkey).into_iter().flatten() {
+                self.history.record(key(Signal::Heap, Some(&s.stack)), now, s.bytes as f64);
             }
         }
         let changes = self.history.analyse(now);
@@ -176,6 +189,7 @@ impl Monitor {
         let entries: Vec<(SeriesKey, _, _, _)> = self
             .history
             .iter()
+            .filter(|(k, _)| k.stack.is_none())
             .filter_map(|(k, s)| Some((k.clone(), s.analysis()?, s.latest()?, s.suspected_since())))
             .collect();
         for (key, analysis, latest, since) in entries {
@@ -187,11 +201,23 @@ impl Monitor {
                 .or_insert_with(|| memory_limit(&self.cgroup_root, &cgroup, &meminfo));
             let rss = group.map_or(0, |g| g.rss) as f64;
             let suspected = analysis.verdict.suspected();
-            let stacks = if key.signal == Signal::Heap {
-                self.top_stacks(heap_by_group.get(&gkey).map(Vec::as_slice).unwrap_or_default(), stack)
+            let mut stacks = if key.signal == Signal::Heap {
+                stacks_by_group.remove(&gkey).unwrap_or_default()
             } else {
                 Vec::new()
             };
+            for s in &mut stacks {
+                let stack_key = SeriesKey { stack: Some(s.stack.clone()), ..key.clone() };
+                s.trend = self.history.get(&stack_key).and_then(|series| {
+                    let a = series.analysis()?;
+                    Some(StackTrend {
+                        growth_bytes_per_second: a.slope,
+                        trend_z: a.z,
+                        verdict: a.verdict,
+                        suspected: a.verdict.suspected(),
+                    })
+                });
+            }
             views.push(SeriesView {
                 service: key.service,
                 comm: key.comm,
@@ -269,6 +295,7 @@ impl Monitor {
                     .and_then(|f| Some(format!("{}:{}", f.file.as_deref()?.rsplit('/').next()?, f.line?)))
                     .unwrap_or_default(),
                 frames,
+                trend: None,
             });
         }
         merged.sort_by_key(|m| std::cmp::Reverse(m.bytes));
@@ -340,5 +367,56 @@ mod tests {
         let flat = last.iter().find(|v| v.comm == "flat").expect("flat");
         assert_eq!(flat.verdict, Verdict::Flat);
         assert!(!flat.suspected && flat.time_to_exhaustion_seconds.is_none());
+    }
+
+    #[inline(never)]
+    fn flat_site() -> u64 {
+        std::hint::black_box(1)
+    }
+
+    #[inline(never)]
+    fn growing_site() -> u64 {
+        std::hint::black_box(2)
+    }
+
+    #[test]
+    fn each_top_stack_has_its_own_verdict() {
+        use crate::store::StackTotals;
+        // Real code addresses of this test binary, so the stacks symbolize to two sites.
+        let pid = std::process::id();
+        let sites = [flat_site as usize as u64 + 1, growing_site as usize as u64 + 1];
+        let stack = move |id: u64| Some(vec![sites[id as usize - 1]]);
+        let params = Params { window: 10.0, min_samples: 5, ..Params::default() };
+        let mut m = Monitor::new(params, 100, 5, ProcRoot::default());
+        let mut last = Vec::new();
+        for i in 0..40u32 {
+            // The big stack is flat; the small one grows 10 kB per 0.5 s tick.
+            let growing = 10_000 * u64::from(i);
+            let stacks = vec![
+                StackTotals { stack_id: 1, bytes: 10_000_000, allocations: 10, ts_ms_sum: 0 },
+                StackTotals { stack_id: 2, bytes: growing, allocations: u64::from(i), ts_ms_sum: 0 },
+            ];
+            let heap = [ProcessTotals {
+                pid,
+                gen: 0,
+                bytes: 10_000_000 + growing,
+                allocations: 10 + u64::from(i),
+                stacks,
+            }];
+            last = m.tick(f64::from(i) * 0.5, &[proc(pid, "svc", 20_000_000)], Some(&heap), &stack).0;
+        }
+        let heap = last.iter().find(|v| v.signal == "heap").expect("heap series");
+        assert_eq!(heap.stacks.len(), 2, "{heap:#?}");
+        let flat = &heap.stacks[0];
+        assert!(flat.function.contains("flat_site"), "{flat:?}");
+        let flat_trend = flat.trend.expect("flat stack analysed");
+        assert_eq!((flat_trend.verdict, flat_trend.suspected), (Verdict::Flat, false));
+        let growing = &heap.stacks[1];
+        assert!(growing.function.contains("growing_site"), "{growing:?}");
+        let trend = growing.trend.expect("growing stack analysed");
+        assert_eq!((trend.verdict, trend.suspected), (Verdict::SteadyGrowth, true));
+        assert!((trend.growth_bytes_per_second - 20_000.0).abs() < 1e-6, "{trend:?}");
+        // Stack series are analysed but are not views of their own.
+        assert_eq!(last.len(), 2, "rss and heap only");
     }
 }

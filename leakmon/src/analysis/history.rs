@@ -2,7 +2,9 @@
 //!
 //! A series is one signal (resident memory, or live heap bytes when probes are
 //! attached) of one identity: the service and command, never the pid, so a service that
-//! is restarted keeps one history and its growth stays visible. Each series keeps the
+//! is restarted keeps one history and its growth stays visible. Each of a group's top
+//! allocation stacks has a heap series of its own, so the stack that grows is told
+//! apart from the large one that does not. Each series keeps the
 //! samples of one window; the number of series is capped and what the cap turns away
 //! is counted.
 
@@ -39,6 +41,8 @@ pub struct SeriesKey {
     /// Only with per-process series (`--metrics.pid-label`).
     pub pid: Option<u32>,
     pub signal: Signal,
+    /// One allocation stack's heap series: the stack's stable hash.
+    pub stack: Option<String>,
 }
 
 /// One series: its window of samples and its latest verdict.
@@ -134,6 +138,10 @@ impl History {
         self.params.window
     }
 
+    pub fn get(&self, key: &SeriesKey) -> Option<&Series> {
+        self.series.get(key)
+    }
+
     pub fn iter(&self) -> impl Iterator<Item = (&SeriesKey, &Series)> {
         self.series.iter()
     }
@@ -157,7 +165,7 @@ mod tests {
     use super::*;
 
     fn key(comm: &str) -> SeriesKey {
-        SeriesKey { service: "svc".into(), comm: comm.into(), pid: None, signal: Signal::Rss }
+        SeriesKey { service: "svc".into(), comm: comm.into(), pid: None, signal: Signal::Rss, stack: None }
     }
 
     fn params() -> Params {

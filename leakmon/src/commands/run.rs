@@ -298,11 +298,11 @@ fn log_changes(changes: &[Change]) {
     for change in changes {
         match change {
             Change::Suspected(k, a) => warn!(
-                service = %k.service, comm = %k.comm, signal = k.signal.as_str(),
+                service = %k.service, comm = %k.comm, signal = k.signal.as_str(), stack = k.stack.as_deref(),
                 growth_per_second = %bytes(a.slope.max(0.0) as u64), z = a.z, "leak suspected"
             ),
             Change::Cleared(k, v) => info!(
-                service = %k.service, comm = %k.comm, signal = k.signal.as_str(), verdict = v.as_str(), "leak suspicion cleared"
+                service = %k.service, comm = %k.comm, signal = k.signal.as_str(), stack = k.stack.as_deref(), verdict = v.as_str(), "leak suspicion cleared"
             ),
         }
     }

@@ -24,6 +24,8 @@ pub struct Metrics {
     limit: IntGaugeVec,
     stack_bytes: IntGaugeVec,
     stack_info: IntGaugeVec,
+    stack_growth: GaugeVec,
+    stack_suspected: IntGaugeVec,
     events_lost: IntCounterVec,
     map_errors: IntCounterVec,
     attached: IntGauge,
@@ -73,6 +75,8 @@ impl Metrics {
             limit: gauge("leakmon_memory_limit_bytes", "The limit used for time to exhaustion: cgroup memory.max, else host memory.", sc),
             stack_bytes: gauge("leakmon_stack_live_bytes", "Unfreed bytes of one of the top allocation stacks.", scst),
             stack_info: gauge("leakmon_stack_info", "Allocation site of a stack hash; always 1.", &["stack", "function", "location"]),
+            stack_growth: fgauge("leakmon_stack_growth_bytes_per_second", "Robust (Theil-Sen) growth rate of one top stack's unfreed bytes over the window.", scst),
+            stack_suspected: gauge("leakmon_stack_leak_suspected", "1 while one top stack's unfreed bytes grow steadily and significantly.", scst),
             events_lost: register(
                 &registry,
                 IntCounterVec::new(Opts::new("leakmon_events_lost_total", "Kernel events leakmon could not receive."), &["source"]).expect("valid"),
@@ -139,10 +143,12 @@ impl Metrics {
             &self.suspected,
             &self.stack_bytes,
             &self.stack_info,
+            &self.stack_suspected,
         ] {
             g.reset();
         }
         self.growth.reset();
+        self.stack_growth.reset();
         self.tte.reset();
         for v in views {
             let pid = v.pid.map(|p| p.to_string()).unwrap_or_default();
@@ -172,6 +178,10 @@ impl Metrics {
                 self.stack_info
                     .with_label_values(&[s.stack.as_str(), s.function.as_str(), s.location.as_str()])
                     .set(1);
+                if let Some(t) = s.trend {
+                    self.stack_growth.with_label_values(&labels).set(t.growth_bytes_per_second);
+                    self.stack_suspected.with_label_values(&labels).set(i64::from(t.suspected));
+                }
             }
         }
         if let Some(c) = counters {
@@ -229,7 +239,10 @@ impl Metrics {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::{analysis::trend::Verdict, export::StackView};
+    use crate::{
+        analysis::trend::Verdict,
+        export::{StackTrend, StackView},
+    };
 
     fn view(signal: &'static str) -> SeriesView {
         SeriesView {
@@ -255,6 +268,12 @@ mod tests {
                 function: "leak_small".into(),
                 location: "leaks.c:20".into(),
                 frames: Vec::new(),
+                trend: Some(StackTrend {
+                    growth_bytes_per_second: 512.0,
+                    trend_z: 4.0,
+                    verdict: Verdict::SteadyGrowth,
+                    suspected: true,
+                }),
             }],
         }
     }
@@ -272,6 +291,8 @@ mod tests {
             "leakmon_time_to_exhaustion_seconds{comm=\"leaky\",service=\"leaky.service\",signal=\"rss\"} 3600",
             "leakmon_stack_live_bytes{comm=\"leaky\",service=\"leaky.service\",stack=\"0123456789ab\"} 4000",
             "leakmon_stack_info{function=\"leak_small\",location=\"leaks.c:20\",stack=\"0123456789ab\"} 1",
+            "leakmon_stack_growth_bytes_per_second{comm=\"leaky\",service=\"leaky.service\",stack=\"0123456789ab\"} 512",
+            "leakmon_stack_leak_suspected{comm=\"leaky\",service=\"leaky.service\",stack=\"0123456789ab\"} 1",
             "leakmon_attached_processes 3",
             "leakmon_series_dropped_total 2",
             "leakmon_build_info{version=\"",

@@ -49,6 +49,17 @@ pub struct StackView {
     pub function: String,
     pub location: String,
     pub frames: Vec<FrameReport>,
+    /// The stack's own trend, once its series has a verdict.
+    pub trend: Option<StackTrend>,
+}
+
+/// Slope and verdict of one stack's unfreed bytes over the window.
+#[derive(Clone, Copy, Debug, PartialEq, Serialize)]
+pub struct StackTrend {
+    pub growth_bytes_per_second: f64,
+    pub trend_z: f64,
+    pub verdict: Verdict,
+    pub suspected: bool,
 }
 
 /// FNV-1a, 64 bits: a hash that is the same in every build and on every host, unlike
