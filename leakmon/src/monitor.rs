@@ -384,7 +384,7 @@ mod tests {
         use crate::store::StackTotals;
         // Real code addresses of this test binary, so the stacks symbolize to two sites.
         let pid = std::process::id();
-        let sites = [flat_site as usize as u64 + 1, growing_site as usize as u64 + 1];
+        let sites = [flat_site as *const () as u64 + 1, growing_site as *const () as u64 + 1];
         let stack = move |id: u64| Some(vec![sites[id as usize - 1]]);
         let params = Params { window: 10.0, min_samples: 5, ..Params::default() };
         let mut m = Monitor::new(params, 100, 5, ProcRoot::default());
