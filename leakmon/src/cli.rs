@@ -44,7 +44,7 @@ pub enum ConfigCmd {
     },
 }
 
-#[derive(Debug, clap::Args)]
+#[derive(Clone, Debug, PartialEq, clap::Args)]
 pub struct RunArgs {
     /// A TOML file setting any of these options (keys as the long options, with
     /// `listen-address` under `[web]`); options given here win over the file.
@@ -136,7 +136,7 @@ pub fn parse_duration(text: &str) -> Result<Duration, String> {
     Ok(Duration::from_secs_f64(seconds))
 }
 
-#[derive(Debug, clap::Args)]
+#[derive(Clone, Debug, PartialEq, Eq, clap::Args)]
 pub struct TableArgs {
     /// Capacity of the live-allocation table (blocks tracked at once, all processes).
     #[arg(long, default_value = "262144", value_name = "N")]
@@ -237,6 +237,29 @@ impl RunArgs {
         if let (true, Some(v)) = (from_file("max_stacks"), file.max_stacks) {
             self.tables.max_stacks = nonzero(v);
         }
+    }
+}
+
+impl RunArgs {
+    /// The options of `run` as given: the command line over the `--config` file.
+    /// Read at start and again on SIGHUP; `matches` are the `run` subcommand's. Errors
+    /// are one line each (`FILE:LINE: problem` for the file).
+    pub fn resolve(matches: &clap::ArgMatches) -> Result<Self, Vec<String>> {
+        use clap::FromArgMatches as _;
+        let mut args = Self::from_arg_matches(matches).map_err(|e| vec![e.to_string()])?;
+        if let Some(path) = args.config.clone() {
+            match crate::config::load(&path) {
+                Ok((file, problems)) if problems.is_empty() => args.merge(file, matches),
+                Ok((_, problems)) => {
+                    return Err(problems
+                        .into_iter()
+                        .map(|p| format!("{}:{}: {}", path.display(), p.line, p.message))
+                        .collect());
+                }
+                Err(e) => return Err(vec![format!("read config {}: {e}", path.display())]),
+            }
+        }
+        Ok(args)
     }
 }
 

@@ -9,7 +9,7 @@ fn main() -> ExitCode {
         Ok(m) => m,
         Err(err) => return usage_error(&err),
     };
-    let mut cli = match Cli::from_arg_matches(&matches) {
+    let cli = match Cli::from_arg_matches(&matches) {
         Ok(cli) => cli,
         Err(err) => return usage_error(&err),
     };
@@ -22,27 +22,20 @@ fn main() -> ExitCode {
         .with_writer(std::io::stderr)
         .with_ansi(std::io::stderr().is_terminal())
         .init();
-    if let Cmd::Run(args) = &mut cli.command {
-        if let Some(path) = args.config.clone() {
-            match leakmon::config::load(&path) {
-                Ok((file, problems)) if problems.is_empty() => {
-                    args.merge(file, matches.subcommand_matches("run").expect("run subcommand"));
-                }
-                Ok((_, problems)) => {
+    let result = match cli.command {
+        Cmd::Run(_) => {
+            let run = matches.subcommand_matches("run").expect("run subcommand");
+            let args = match leakmon::cli::RunArgs::resolve(run) {
+                Ok(args) => args,
+                Err(problems) => {
                     for p in problems {
-                        eprintln!("leakmon: {}:{}: {}", path.display(), p.line, p.message);
+                        eprintln!("leakmon: {p}");
                     }
                     return ExitCode::FAILURE;
                 }
-                Err(e) => {
-                    eprintln!("leakmon: read config {}: {e}", path.display());
-                    return ExitCode::FAILURE;
-                }
-            }
+            };
+            leakmon::commands::run::run(&args, &|| leakmon::cli::RunArgs::resolve(run))
         }
-    }
-    let result = match cli.command {
-        Cmd::Run(args) => leakmon::commands::run::run(&args),
         Cmd::Report(args) => leakmon::commands::report::report(&args),
         Cmd::Config(leakmon::cli::ConfigCmd::Check { file }) => return config_check(&file),
     };

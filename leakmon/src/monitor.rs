@@ -93,6 +93,12 @@ impl Monitor {
         self
     }
 
+    /// New analysis settings (a configuration reload); the history is kept.
+    pub fn reconfigure(&mut self, params: Params, max_series: usize, top_stacks: usize) {
+        self.history.reconfigure(params, max_series);
+        self.top_stacks = top_stacks;
+    }
+
     /// The (service, command) a pid had at the last tick.
     pub fn identity_of(&self, pid: u32) -> Option<&(String, String)> {
         self.last_seen.get(&pid)

@@ -93,6 +93,13 @@ impl History {
         Self { params, max_series, series: BTreeMap::new(), dropped: 0 }
     }
 
+    /// New settings; the samples are kept (a shorter window trims them at the next
+    /// sample, a longer one fills up from now on).
+    pub fn reconfigure(&mut self, params: Params, max_series: usize) {
+        self.params = params;
+        self.max_series = max_series;
+    }
+
     /// Adds one sample; a new series beyond the cap is turned away and counted.
     pub fn record(&mut self, key: SeriesKey, t: f64, v: f64) {
         let window = self.params.window;

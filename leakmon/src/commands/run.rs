@@ -42,8 +42,22 @@ const PURGE_EVERY: Duration = Duration::from_secs(5);
 /// How often new library files (new containers, upgrades) are looked for.
 const RESCAN_EVERY: Duration = Duration::from_secs(30);
 
-pub fn run(args: &RunArgs) -> Result<()> {
+/// Re-reads the options (command line over config file) on SIGHUP.
+pub type Reload<'a> = &'a dyn Fn() -> Result<RunArgs, Vec<String>>;
+
+pub fn run(args: &RunArgs, reload: Reload<'_>) -> Result<()> {
     let proc_root = ProcRoot::default();
+    let attach = validate(args, &proc_root)?;
+    tokio::runtime::Builder::new_multi_thread()
+        .worker_threads(2)
+        .enable_all()
+        .build()
+        .context("start the async runtime")?
+        .block_on(daemon(args.clone(), attach, proc_root, reload))
+}
+
+/// Checks options that clap cannot check alone; returns the attach mode they mean.
+fn validate(args: &RunArgs, proc_root: &ProcRoot) -> Result<Attach> {
     for &pid in &args.pids {
         if !proc_root.exists(pid) {
             bail!("no process with pid {pid}");
@@ -60,19 +74,14 @@ pub fn run(args: &RunArgs) -> Result<()> {
             args.window
         );
     }
-    tokio::runtime::Builder::new_multi_thread()
-        .worker_threads(2)
-        .enable_all()
-        .build()
-        .context("start the async runtime")?
-        .block_on(daemon(args, attach, proc_root))
+    Ok(attach)
 }
 
 #[expect(
     clippy::too_many_lines,
     reason = "one select loop over the daemon's event sources reads best in one place"
 )]
-async fn daemon(args: &RunArgs, attach: Attach, proc_root: ProcRoot) -> Result<()> {
+async fn daemon(mut args: RunArgs, attach: Attach, proc_root: ProcRoot, reload: Reload<'_>) -> Result<()> {
     let published: Shared = Arc::new(RwLock::new(Published::default()));
     let server = http::serve(args.listen, published.clone()).await?;
 
@@ -85,7 +94,7 @@ async fn daemon(args: &RunArgs, attach: Attach, proc_root: ProcRoot) -> Result<(
         Attach::Suspects => Some(load_probes(&args.tables, false)?),
         Attach::All | Attach::Pids => {
             let mut probes = load_probes(&args.tables, attach == Attach::All)?;
-            let selected = selected(args, &proc_root);
+            let selected = selected(&args, &proc_root);
             attach_all(&mut probes, libraries(&proc_root, attach, &selected))?;
             for &pid in &selected {
                 probes.trace(pid)?;
@@ -125,6 +134,11 @@ async fn daemon(args: &RunArgs, attach: Attach, proc_root: ProcRoot) -> Result<(
 
     let mut sigterm = signal(SignalKind::terminate()).context("install SIGTERM handler")?;
     let mut sigint = signal(SignalKind::interrupt()).context("install SIGINT handler")?;
+    let mut sighup = signal(SignalKind::hangup()).context("install SIGHUP handler")?;
+    // systemd's watchdog: pinged from this loop, so a loop that hangs gets restarted.
+    let mut watchdog_usec = 0;
+    let mut watchdog = sd_notify::watchdog_enabled(false, &mut watchdog_usec)
+        .then(|| interval(Duration::from_micros(watchdog_usec) / 2));
     let mut sample = interval(args.sample_interval);
     sample.set_missed_tick_behavior(MissedTickBehavior::Delay);
     let mut summary = interval(Duration::from_secs(u64::from(args.interval.get())));
@@ -134,10 +148,55 @@ async fn daemon(args: &RunArgs, attach: Attach, proc_root: ProcRoot) -> Result<(
     let mut replaced: HashMap<u32, u32> = HashMap::new();
     let mut names: HashMap<u32, String> = HashMap::new();
 
+    notify(sd_notify::NotifyState::Ready);
     loop {
         tokio::select! {
             _ = sigint.recv() => break,
             _ = sigterm.recv() => break,
+            _ = async { watchdog.as_mut().expect("guarded").tick().await }, if watchdog.is_some() => {
+                notify(sd_notify::NotifyState::Watchdog);
+            }
+            _ = sighup.recv() => {
+                notify(sd_notify::NotifyState::Reloading);
+                let next = reload().map_err(|problems| problems.join("; ")).and_then(|next| {
+                    validate(&next, &proc_root).map(|a| (next, a)).map_err(|e| format!("{e:#}"))
+                });
+                match next {
+                    Ok((next, next_attach)) => {
+                        for what in restart_needed(&args, &next, attach, next_attach) {
+                            warn!("{what} changes only at restart; keeping the running value");
+                        }
+                        if next.sample_interval != args.sample_interval {
+                            sample = interval(next.sample_interval);
+                            sample.set_missed_tick_behavior(MissedTickBehavior::Delay);
+                        }
+                        if next.interval != args.interval {
+                            summary = interval(Duration::from_secs(u64::from(next.interval.get())));
+                        }
+                        monitor.reconfigure(
+                            Params { window: next.window.as_secs_f64(), ..Params::default() },
+                            next.max_series,
+                            next.top_stacks,
+                        );
+                        if let Some(p) = probes.as_mut().filter(|_| attach == Attach::Pids) {
+                            for pid in next.pids.iter().filter(|pid| !args.pids.contains(pid)) {
+                                if let Err(e) = p.trace(*pid) {
+                                    warn!(pid, "trace: {e:#}");
+                                }
+                            }
+                        }
+                        let (listen, tables, pid_label) = (args.listen, args.tables.clone(), args.pid_label);
+                        args = RunArgs { listen, tables, pid_label, attach: args.attach, ..next };
+                        info!(
+                            sample_interval = ?args.sample_interval,
+                            window = ?args.window,
+                            "configuration reloaded"
+                        );
+                    }
+                    Err(e) => warn!("reload failed, keeping the running configuration: {e}"),
+                }
+                notify(sd_notify::NotifyState::Ready);
+            }
             guard = async { events.as_mut().expect("guarded").readable_mut().await }, if events.is_some() => {
                 let mut guard = guard.context("wait for events")?;
                 while let Some(record) = guard.get_inner_mut().next() {
@@ -173,7 +232,7 @@ async fn daemon(args: &RunArgs, attach: Attach, proc_root: ProcRoot) -> Result<(
                 if attach == Attach::Pids && !(args.comms.is_empty() && args.cgroups.is_empty()) {
                     // Processes matching --comm/--cgroup that started since the last tick.
                     let p = probes.as_mut().expect("loaded with --attach pids");
-                    let new: Vec<u32> = selected_in(args, &procs).into_iter().filter(|pid| p.proc_state(*pid).is_none()).collect();
+                    let new: Vec<u32> = selected_in(&args, &procs).into_iter().filter(|pid| p.proc_state(*pid).is_none()).collect();
                     for pid in new {
                         match p.trace(pid) {
                             Ok(()) => info!(pid, "attributing the allocations of a selected process"),
@@ -223,18 +282,68 @@ async fn daemon(args: &RunArgs, attach: Attach, proc_root: ProcRoot) -> Result<(
             }
             _ = rescan.tick(), if system_wide => {
                 let p = probes.as_mut().expect("guarded");
-                let selected = selected(args, &proc_root);
+                let selected = selected(&args, &proc_root);
                 if let Err(e) = attach_all(p, libraries(&proc_root, attach, &selected)) {
                     warn!("attach to new libraries: {e:#}");
                 }
             }
         }
     }
+    notify(sd_notify::NotifyState::Stopping);
     info!("stopping: detaching probes");
     server.abort();
     drop(events);
     drop(probes);
     Ok(())
+}
+
+/// Tells the service manager (systemd `Type=notify`), if there is one. The message
+/// goes through a small queue to a thread of its own: a manager that stops reading
+/// its socket must not stall the sampling loop (a full datagram queue blocks the
+/// sender), so when the queue is full the message is dropped.
+fn notify(state: sd_notify::NotifyState<'static>) {
+    static QUEUE: std::sync::OnceLock<Option<std::sync::mpsc::SyncSender<sd_notify::NotifyState<'static>>>> =
+        std::sync::OnceLock::new();
+    let queue = QUEUE.get_or_init(|| {
+        std::env::var_os("NOTIFY_SOCKET")?;
+        let (tx, rx) = std::sync::mpsc::sync_channel::<sd_notify::NotifyState<'static>>(16);
+        std::thread::Builder::new()
+            .name("sd-notify".into())
+            .spawn(move || {
+                for state in rx {
+                    if let Err(e) = sd_notify::notify(false, &[state]) {
+                        warn!("notify the service manager: {e}");
+                    }
+                }
+            })
+            .map_err(|e| warn!("start the service manager notifier: {e}"))
+            .ok()?;
+        Some(tx)
+    });
+    if let Some(tx) = queue {
+        if tx.try_send(state).is_err() {
+            tracing::debug!("service manager not reading its socket; notification dropped");
+        }
+    }
+}
+
+/// Options that a reload cannot change while running (they shape the kernel tables,
+/// the listening socket or the metric labels).
+fn restart_needed(now: &RunArgs, next: &RunArgs, attach: Attach, next_attach: Attach) -> Vec<&'static str> {
+    let mut out = Vec::new();
+    if attach != next_attach {
+        out.push("attach");
+    }
+    if now.listen != next.listen {
+        out.push("web.listen-address");
+    }
+    if now.tables != next.tables {
+        out.push("max-live/max-totals/max-stacks");
+    }
+    if now.pid_label != next.pid_label {
+        out.push("metrics.pid-label");
+    }
+    out
 }
 
 /// `--attach suspects`: which processes have probes of their own, since when.
