@@ -193,7 +193,8 @@ fn setup(pins: &Pins, tests: bool) -> Result<()> {
         "gcc".to_owned(),
     ];
     if tests {
-        packages.extend(["g++", "valgrind", "bpftool", "prometheus", "python3"].map(str::to_owned));
+        packages
+            .extend(["g++", "valgrind", "bpftool", "prometheus", "python3", "systemd"].map(str::to_owned));
     }
     apt_install(&packages)?;
 

@@ -38,6 +38,9 @@ pub struct Metrics {
     last_dropped: u64,
 }
 
+/// The `map` label values of `leakmon_bpf_map_errors_total`.
+const MAP_LABELS: [&str; 5] = ["live", "totals", "stacks", "inflight", "procs"];
+
 fn register<C: Collector + Clone + 'static>(registry: &Registry, c: C) -> C {
     registry.register(Box::new(c.clone())).expect("metric names are unique");
     c
@@ -119,6 +122,12 @@ impl Metrics {
                 .expect("valid"),
         );
         build.with_label_values(&[env!("CARGO_PKG_VERSION")]).set(1);
+        // Counters with known labels start at 0, so `increase()` sees their first loss
+        // and dashboards and alerts find the series before anything went wrong.
+        m.events_lost.with_label_values(&["lifecycle_ring"]);
+        for map in MAP_LABELS {
+            m.map_errors.with_label_values(&[map]);
+        }
         #[cfg(target_os = "linux")]
         m.registry
             .register(Box::new(prometheus::process_collector::ProcessCollector::for_self()))
@@ -294,6 +303,8 @@ mod tests {
             "leakmon_stack_growth_bytes_per_second{comm=\"leaky\",service=\"leaky.service\",stack=\"0123456789ab\"} 512",
             "leakmon_stack_leak_suspected{comm=\"leaky\",service=\"leaky.service\",stack=\"0123456789ab\"} 1",
             "leakmon_attached_processes 3",
+            "leakmon_bpf_map_errors_total{map=\"stacks\"} 0",
+            "leakmon_events_lost_total{source=\"lifecycle_ring\"} 0",
             "leakmon_series_dropped_total 2",
             "leakmon_build_info{version=\"",
             "process_resident_memory_bytes ",
