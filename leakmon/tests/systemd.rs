@@ -60,6 +60,7 @@ fn the_unit_verifies_and_is_hardened() {
 const LISTEN: &str = "127.0.0.1:19480";
 
 #[test]
+#[expect(clippy::too_many_lines, reason = "one daemon's life, start to stop")]
 fn notify_watchdog_and_reload_without_losing_history() {
     let dir = tempfile::tempdir().expect("tempdir");
     let socket_path = dir.path().join("notify.sock");
