@@ -300,3 +300,67 @@ fn rules_and_dashboard_read_only_what_leakmon_exports() {
         .collect();
     assert_eq!(comms, BTreeSet::from(["grow_dep_oom", "grow_deploy"]), "{replacements}");
 }
+
+#[test]
+fn the_scrape_config_example_passes_promtool() {
+    // The example names the rules where the package installs them; check it against
+    // the ones in the tree.
+    let dir = tempfile::tempdir().expect("tempdir");
+    let example = std::fs::read_to_string(deploy("prometheus/prometheus.yml")).expect("read");
+    let shipped = "/usr/share/leakmon/prometheus/leakmon.rules.yml";
+    assert!(example.contains(shipped));
+    let rules = deploy("prometheus/leakmon.rules.yml");
+    let config = dir.path().join("prometheus.yml");
+    std::fs::write(&config, example.replace(shipped, &rules.display().to_string())).expect("write");
+    let out = promtool(&["check", "config", &config.display().to_string()], dir.path());
+    assert!(out.contains("is valid prometheus config file syntax"), "{out}");
+}
+
+#[test]
+fn the_kubernetes_manifest_validates_and_matches_the_unit() {
+    let manifest = deploy("kubernetes/leakmon.yaml");
+    let out = Command::new("python3")
+        .args(["-m", "kubernetes_validate", "--strict"])
+        .arg(&manifest)
+        .output()
+        .expect("run kubernetes-validate (installed by `cargo xtask test`)");
+    let text = format!("{}{}", String::from_utf8_lossy(&out.stdout), String::from_utf8_lossy(&out.stderr));
+    assert!(out.status.success(), "{text}");
+    assert!(text.contains("passed for resource daemonset/leakmon"), "{text}");
+
+    let yaml = std::fs::read_to_string(&manifest).expect("read");
+    assert!(yaml.contains("hostPID: true"), "every process of the node");
+    // The DaemonSet grants exactly the unit's capabilities.
+    let added: BTreeSet<String> = yaml
+        .lines()
+        .find_map(|l| l.trim().strip_prefix("add: "))
+        .expect("capabilities.add")
+        .trim_matches(|c| c == '[' || c == ']')
+        .split(',')
+        .map(|c| format!("CAP_{}", c.trim().trim_matches('"')))
+        .collect();
+    let unit = std::fs::read_to_string(deploy("systemd/leakmon.service")).expect("unit");
+    let bounding: BTreeSet<String> = unit
+        .lines()
+        .find_map(|l| l.strip_prefix("CapabilityBoundingSet="))
+        .expect("CapabilityBoundingSet")
+        .split_whitespace()
+        .map(str::to_owned)
+        .collect();
+    assert_eq!(added, bounding);
+
+    // Its configuration passes `leakmon config check`.
+    let toml: String = yaml
+        .lines()
+        .skip_while(|l| !l.trim_start().starts_with("leakmon.toml: |"))
+        .skip(1)
+        .take_while(|l| l.starts_with("    "))
+        .map(|l| format!("{}\n", &l[4..]))
+        .collect();
+    assert!(toml.contains("listen-address"), "{toml}");
+    let dir = tempfile::tempdir().expect("tempdir");
+    let file = dir.path().join("leakmon.toml");
+    std::fs::write(&file, toml).expect("write");
+    let out = common::leakmon().args(["config", "check"]).arg(&file).output().expect("run");
+    assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+}

@@ -193,10 +193,15 @@ fn setup(pins: &Pins, tests: bool) -> Result<()> {
         "gcc".to_owned(),
     ];
     if tests {
-        packages
-            .extend(["g++", "valgrind", "bpftool", "prometheus", "python3", "systemd"].map(str::to_owned));
+        packages.extend(
+            ["g++", "valgrind", "bpftool", "prometheus", "python3", "python3-pip", "systemd"]
+                .map(str::to_owned),
+        );
     }
     apt_install(&packages)?;
+    if tests {
+        pip_install("kubernetes_validate", "kubernetes-validate")?;
+    }
 
     let toolchains = output(Command::new("rustup").args(["toolchain", "list"])).unwrap_or_default();
     if !toolchains.lines().any(|l| l.starts_with(&pins.toolchain)) {
@@ -244,6 +249,24 @@ fn setup(pins: &Pins, tests: bool) -> Result<()> {
             ]))?;
     }
     Ok(())
+}
+
+/// A Python tool the tests use, from PyPI, unless it is already importable.
+fn pip_install(module: &str, package: &str) -> Result<()> {
+    if output(Command::new("python3").args(["-c", &format!("import {module}")])).is_some() {
+        return Ok(());
+    }
+    eprintln!("xtask: installing {package} from PyPI");
+    let pip = || {
+        let mut cmd = Command::new("python3");
+        cmd.args(["-m", "pip", "install", "--quiet", package]);
+        cmd
+    };
+    // Debian's own python3 marks itself externally managed; a tool for tests may go in.
+    if output(&mut pip()).is_some() {
+        return Ok(());
+    }
+    run(pip().arg("--break-system-packages"))
 }
 
 fn apt_install(packages: &[String]) -> Result<()> {
