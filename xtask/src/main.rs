@@ -251,7 +251,7 @@ fn setup(pins: &Pins, tests: bool) -> Result<()> {
     Ok(())
 }
 
-/// A Python tool the tests use, from PyPI, unless it is already importable.
+/// A Python tool the tests use, from `PyPI`, unless it is already importable.
 fn pip_install(module: &str, package: &str) -> Result<()> {
     if output(Command::new("python3").args(["-c", &format!("import {module}")])).is_some() {
         return Ok(());
