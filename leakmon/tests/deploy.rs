@@ -355,7 +355,7 @@ fn the_kubernetes_manifest_validates_and_matches_the_unit() {
         .skip_while(|l| !l.trim_start().starts_with("leakmon.toml: |"))
         .skip(1)
         .take_while(|l| l.starts_with("    "))
-        .map(|l| format!("{}\n", &l[4..]))
+        .flat_map(|l| [&l[4..], "\n"])
         .collect();
     assert!(toml.contains("listen-address"), "{toml}");
     let dir = tempfile::tempdir().expect("tempdir");
