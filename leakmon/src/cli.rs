@@ -174,6 +174,13 @@ pub enum Format {
     Table,
     /// `{"processes":[{"pid":..,"comm":..,"outstanding_bytes":..,"stacks":[..]}]}`.
     Json,
+    /// Folded stacks (`process;outer;...;inner bytes`), for flame graph tools.
+    Folded,
+    /// A flame graph of unfreed bytes (SVG).
+    Svg,
+    /// A gzipped pprof profile (in-use space and objects), for `go tool pprof` and
+    /// profile stores.
+    Pprof,
 }
 
 impl RunArgs {

@@ -27,3 +27,10 @@ pub fn monotonic_ms() -> u64 {
     let ts = nix::time::clock_gettime(nix::time::ClockId::CLOCK_MONOTONIC).expect("monotonic clock");
     ts.tv_sec() as u64 * 1000 + ts.tv_nsec() as u64 / 1_000_000
 }
+
+/// Wall-clock time in nanoseconds since the Unix epoch (profile timestamps).
+pub fn unix_nanos() -> i64 {
+    std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map_or(0, |d| i64::try_from(d.as_nanos()).unwrap_or(i64::MAX))
+}

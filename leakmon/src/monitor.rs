@@ -104,6 +104,14 @@ impl Monitor {
         self.last_seen.get(&pid)
     }
 
+    /// The processes of `service` at the last tick.
+    pub fn pids_of_service(&self, service: &str) -> Vec<u32> {
+        let mut pids: Vec<u32> =
+            self.last_seen.iter().filter(|(_, (s, _))| s == service).map(|(pid, _)| *pid).collect();
+        pids.sort_unstable();
+        pids
+    }
+
     /// Restarts seen per (service, command) since leakmon started.
     pub fn restarts(&self) -> impl Iterator<Item = (&GroupKey, u64)> {
         self.incarnations.iter().map(|(k, i)| (k, i.restarts))

@@ -194,7 +194,7 @@ fn setup(pins: &Pins, tests: bool) -> Result<()> {
     ];
     if tests {
         packages.extend(
-            ["g++", "valgrind", "bpftool", "prometheus", "python3", "python3-pip", "systemd"]
+            ["g++", "valgrind", "bpftool", "prometheus", "python3", "python3-pip", "systemd", "golang-go"]
                 .map(str::to_owned),
         );
     }

@@ -40,6 +40,20 @@ pub(crate) fn unfreed(
     Ok(crate::store::group(totals, |pid| traced.get(&pid).map(|s| s.gen)))
 }
 
+/// Name and mappings of a process; `alive` adds its root for symbolizing through it.
+pub(crate) fn capture(
+    proc_root: &crate::procfs::ProcRoot,
+    pid: u32,
+    alive: bool,
+) -> crate::report::ProcessInfo {
+    crate::report::ProcessInfo {
+        comm: proc_root.comm(pid).unwrap_or_default(),
+        maps: proc_root.maps(pid).unwrap_or_default(),
+        root: alive.then(|| proc_root.in_root(pid, std::path::Path::new("/"))),
+        incomplete: false,
+    }
+}
+
 /// Attach errors other than a vanished file are worth a line but not a stop.
 pub(crate) fn attach_all(
     probes: &mut Probes,

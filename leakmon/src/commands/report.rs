@@ -11,13 +11,13 @@ use anyhow::{bail, Context as _, Result};
 use leakmon_common::proc_flags;
 use tracing::{info, warn};
 
-use super::{attach_all, count_signals, load_probes, signals_received, unfreed};
+use super::{attach_all, capture, count_signals, load_probes, signals_received, unfreed};
 use crate::{
     cli::{Format, ReportArgs},
     discovery,
     probes::Probes,
     procfs::ProcRoot,
-    report::{table, ProcessInfo, Report},
+    report::{flamegraph, folded, pprof, table, ProcessInfo, Report},
     symbolize::Symbolizer,
     tracer::{RootExit, Tracer},
 };
@@ -41,6 +41,9 @@ pub fn report(args: &ReportArgs) -> Result<()> {
         if !(d.is_finite() && d > 0.0) {
             bail!("--duration must be a positive number of seconds, not {d}");
         }
+    }
+    if args.format == Format::Pprof && std::io::IsTerminal::is_terminal(&std::io::stdout()) {
+        bail!("--format pprof writes a binary profile: redirect it to a file (> heap.pb.gz)");
     }
     let mut probes = load_probes(&args.tables, false)?;
     let self_pid = std::process::id();
@@ -99,22 +102,15 @@ pub fn report(args: &ReportArgs) -> Result<()> {
     for (name, value) in counters.nonzero() {
         warn!(counter = name, value, "allocations not fully accounted");
     }
-    let text = match args.format {
-        Format::Table => table::render(&report),
-        Format::Json => report.to_json() + "\n",
+    let out: Vec<u8> = match args.format {
+        Format::Table => table::render(&report).into_bytes(),
+        Format::Json => (report.to_json() + "\n").into_bytes(),
+        Format::Folded => folded::render(&report).into_bytes(),
+        Format::Svg => flamegraph::render(&report, "Unfreed memory").context("draw the flame graph")?,
+        Format::Pprof => pprof::encode(&pprof::profile(&report, crate::unix_nanos())),
     };
-    std::io::stdout().write_all(text.as_bytes()).context("write report")?;
+    std::io::stdout().write_all(&out).context("write report")?;
     Ok(())
-}
-
-/// Name and mappings of a process; `alive` adds its root for symbolizing through it.
-fn capture(proc_root: &ProcRoot, pid: u32, alive: bool) -> ProcessInfo {
-    ProcessInfo {
-        comm: proc_root.comm(pid).unwrap_or_default(),
-        maps: proc_root.maps(pid).unwrap_or_default(),
-        root: alive.then(|| proc_root.in_root(pid, std::path::Path::new("/"))),
-        incomplete: false,
-    }
 }
 
 fn build_report(

@@ -19,13 +19,13 @@ use tokio::{
 };
 use tracing::{info, warn};
 
-use super::{attach_all, load_probes, unfreed};
+use super::{attach_all, capture, load_probes, unfreed};
 use crate::{
     analysis::{history::Change, trend::Params},
     cli::{Attach, RunArgs},
     discovery,
     export::{
-        http::{self, Published, Shared},
+        http::{self, ProfileKind, ProfileRequest, Published, Selector, Shared},
         metrics::Metrics,
         SeriesView,
     },
@@ -33,8 +33,9 @@ use crate::{
     monitor::Monitor,
     probes::Probes,
     procfs::ProcRoot,
-    report::table::bytes,
+    report::{flamegraph, pprof, table::bytes, ProcessInfo, Report},
     sampler,
+    symbolize::Symbolizer,
 };
 
 /// How often exited processes' kernel state is dropped: one pass over the tables.
@@ -83,7 +84,9 @@ fn validate(args: &RunArgs, proc_root: &ProcRoot) -> Result<Attach> {
 )]
 async fn daemon(mut args: RunArgs, attach: Attach, proc_root: ProcRoot, reload: Reload<'_>) -> Result<()> {
     let published: Shared = Arc::new(RwLock::new(Published::default()));
-    let server = http::serve(args.listen, published.clone()).await?;
+    let (profile_tx, mut profile_requests) = tokio::sync::mpsc::channel::<ProfileRequest>(8);
+    let server = http::serve(args.listen, published.clone(), profile_tx).await?;
+    let symbolizer = Symbolizer::default();
 
     // The lifecycle tracepoints (exits, execs, OOM kills) cost nothing per allocation,
     // so they are loaded in every mode; the allocator uprobes only when attributing.
@@ -155,6 +158,10 @@ async fn daemon(mut args: RunArgs, attach: Attach, proc_root: ProcRoot, reload: 
             _ = sigterm.recv() => break,
             _ = async { watchdog.as_mut().expect("guarded").tick().await }, if watchdog.is_some() => {
                 notify(sd_notify::NotifyState::Watchdog);
+            }
+            Some(request) = profile_requests.recv() => {
+                let built = build_profile(probes.as_ref().filter(|_| attributing), &proc_root, &monitor, &symbolizer, &request);
+                let _ = request.reply.send(built);
             }
             _ = sighup.recv() => {
                 notify(sd_notify::NotifyState::Reloading);
@@ -295,6 +302,53 @@ async fn daemon(mut args: RunArgs, attach: Attach, proc_root: ProcRoot, reload: 
     drop(events);
     drop(probes);
     Ok(())
+}
+
+/// A profile of the unfreed memory of the processes `request` selects.
+fn build_profile(
+    probes: Option<&Probes>,
+    proc_root: &ProcRoot,
+    monitor: &Monitor,
+    symbolizer: &Symbolizer,
+    request: &ProfileRequest,
+) -> Result<Vec<u8>, http::ProfileError> {
+    use axum::http::StatusCode;
+    let Some(probes) = probes else {
+        return Err((
+            StatusCode::SERVICE_UNAVAILABLE,
+            "allocation attribution is off (--attach none): there is no heap to profile".to_owned(),
+        ));
+    };
+    let traced: HashMap<u32, ProcState> = probes
+        .traced()
+        .map_err(|e| (StatusCode::INTERNAL_SERVER_ERROR, format!("read the traced processes: {e}")))?
+        .into_iter()
+        .collect();
+    let (pids, title): (Vec<u32>, String) = match &request.selector {
+        Selector::Pid(pid) => (vec![*pid], format!("Unfreed memory of pid {pid}")),
+        Selector::Service(service) => {
+            (monitor.pids_of_service(service), format!("Unfreed memory of {service}"))
+        }
+    };
+    let pids: Vec<u32> = pids.into_iter().filter(|p| traced.contains_key(p)).collect();
+    if pids.is_empty() {
+        let what = match &request.selector {
+            Selector::Pid(pid) => format!("pid {pid} is not traced"),
+            Selector::Service(service) => format!("no traced process of service {service:?}"),
+        };
+        return Err((StatusCode::NOT_FOUND, what));
+    }
+    let selected: HashMap<u32, ProcState> = pids.iter().map(|p| (*p, traced[p])).collect();
+    let totals =
+        unfreed(probes, &selected).map_err(|e| (StatusCode::INTERNAL_SERVER_ERROR, format!("{e:#}")))?;
+    let infos: HashMap<u32, ProcessInfo> = pids.iter().map(|&p| (p, capture(proc_root, p, true))).collect();
+    let mut report = Report::build(totals, &infos, |id| probes.stack(id), symbolizer, crate::monotonic_ms());
+    report.include_clean(&infos);
+    match request.kind {
+        ProfileKind::Pprof => Ok(pprof::encode(&pprof::profile(&report, crate::unix_nanos()))),
+        ProfileKind::FlameGraph => flamegraph::render(&report, &title)
+            .map_err(|e| (StatusCode::INTERNAL_SERVER_ERROR, format!("draw the flame graph: {e}"))),
+    }
 }
 
 /// Tells the service manager (systemd `Type=notify`), if there is one. The message

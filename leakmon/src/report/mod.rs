@@ -4,6 +4,9 @@
 //! a stack lookup and the symbolizer. Out: a [`Report`], rendered by [`table`] or
 //! serialized as JSON with the documented shape.
 
+pub mod flamegraph;
+pub mod folded;
+pub mod pprof;
 pub mod table;
 
 use std::{collections::HashMap, path::PathBuf};

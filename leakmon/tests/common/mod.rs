@@ -141,14 +141,20 @@ impl std::ops::DerefMut for Reap {
 
 /// GET `path` from `addr` over plain HTTP/1.0; the body of a 200 answer.
 pub fn http_get(addr: &str, path: &str) -> Option<String> {
+    let (head, body) = http_get_raw(addr, path)?;
+    head.contains(" 200 ").then_some(body)
+}
+
+/// GET `path` from `addr` over plain HTTP/1.0: the head and the body, whatever the status.
+pub fn http_get_raw(addr: &str, path: &str) -> Option<(String, String)> {
     use std::io::{Read as _, Write as _};
     let mut s = std::net::TcpStream::connect(addr).ok()?;
-    s.set_read_timeout(Some(std::time::Duration::from_secs(5))).ok()?;
+    s.set_read_timeout(Some(std::time::Duration::from_secs(10))).ok()?;
     write!(s, "GET {path} HTTP/1.0\r\nHost: {addr}\r\n\r\n").ok()?;
     let mut out = String::new();
     s.read_to_string(&mut out).ok()?;
     let (head, body) = out.split_once("\r\n\r\n")?;
-    head.contains(" 200 ").then(|| body.to_owned())
+    Some((head.to_owned(), body.to_owned()))
 }
 
 /// Starts `leakmon run ARGS --web.listen-address LISTEN` and waits until it serves.
