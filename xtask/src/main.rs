@@ -1,4 +1,4 @@
-//! Project tasks: set up the build chain, build, run, test.
+//! Project tasks: set up the build chain, build, run, test, package.
 //!
 //! Every task first runs the idempotent set-up, so a fresh Debian machine needs nothing
 //! but cargo: Debian's LLVM 22 (for bpf-linker), the pinned nightly with rust-src, and
@@ -43,7 +43,11 @@ enum Task {
         #[arg(last = true)]
         args: Vec<OsString>,
     },
-    /// Set up and run every test, the real-eBPF ones included (needs root).
+    /// Build the Debian package (cargo-deb, installed at the pinned version if
+    /// missing): target/debian/leakmon_VERSION-1_ARCH.deb.
+    Deb,
+    /// Set up and run every test, the real-eBPF ones included (needs root). The
+    /// Debian package is built first; its test checks and installs it.
     Test {
         /// Extra arguments for `cargo test`, after `--`.
         #[arg(last = true)]
@@ -56,6 +60,7 @@ struct Pins {
     toolchain: String,
     bpf_linker: String,
     llvm: String,
+    cargo_deb: String,
 }
 
 fn main() -> Result<()> {
@@ -77,13 +82,21 @@ fn main() -> Result<()> {
             let status = Command::new(root.join("target/release/leakmon")).args(args).status()?;
             std::process::exit(status.code().unwrap_or(1));
         }
+        Task::Deb => {
+            setup(&pins, false)?;
+            let deb = deb(&pins)?;
+            println!("{}", deb.display());
+            Ok(())
+        }
         Task::Test { args } => {
             setup(&pins, true)?;
             require_root("the tests load real eBPF programs into the kernel")?;
             let started = Instant::now();
+            let package = deb(&pins)?;
             // The default members: the eBPF crate only builds for the bpf target (build.rs
             // builds it), so `--workspace` would try to compile it for the host.
-            let (passed, failed) = run_tests(cargo().args(["test", "--no-fail-fast"]).args(&args))?;
+            let (passed, failed) =
+                run_tests(cargo().args(["test", "--no-fail-fast"]).args(&args).env("LEAKMON_DEB", &package))?;
             eprintln!("xtask: tests finished in {:.0?}", started.elapsed());
             println!("tests: {passed} passed, {failed} failed");
             if failed > 0 || passed == 0 {
@@ -92,6 +105,34 @@ fn main() -> Result<()> {
             Ok(())
         }
     }
+}
+
+/// Builds the .deb with cargo-deb (installed at the pinned version first) and returns
+/// its path.
+fn deb(pins: &Pins) -> Result<PathBuf> {
+    let tool = cargo_bin().join("cargo-deb");
+    let have = output(Command::new(&tool).arg("--version")).unwrap_or_default();
+    if !have.split_whitespace().any(|w| w == pins.cargo_deb) {
+        eprintln!("xtask: installing cargo-deb {}", pins.cargo_deb);
+        run(cargo().args(["install", "--locked", "cargo-deb", "--version", &pins.cargo_deb]))?;
+    }
+    let started = Instant::now();
+    let out = cargo()
+        .args(["deb", "--package", "leakmon"])
+        .stderr(std::process::Stdio::inherit())
+        .output()
+        .context("start cargo deb")?;
+    if !out.status.success() {
+        bail!("cargo deb failed");
+    }
+    let path = String::from_utf8_lossy(&out.stdout)
+        .lines()
+        .rev()
+        .find(|l| l.trim_end().ends_with(".deb"))
+        .map(|l| PathBuf::from(l.trim()))
+        .context("cargo deb printed no package path")?;
+    eprintln!("xtask: built {} in {:.0?}", path.display(), started.elapsed());
+    Ok(path)
 }
 
 fn workspace_root() -> PathBuf {
@@ -106,7 +147,12 @@ fn pins() -> Result<Pins> {
             .map(str::to_owned)
             .with_context(|| format!("[workspace.metadata.leakmon] {key} is missing"))
     };
-    Ok(Pins { toolchain: get("ebpf-toolchain")?, bpf_linker: get("bpf-linker")?, llvm: get("llvm-major")? })
+    Ok(Pins {
+        toolchain: get("ebpf-toolchain")?,
+        bpf_linker: get("bpf-linker")?,
+        llvm: get("llvm-major")?,
+        cargo_deb: get("cargo-deb")?,
+    })
 }
 
 fn cargo_bin() -> PathBuf {
