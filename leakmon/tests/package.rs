@@ -10,7 +10,7 @@ use std::{
     process::Command,
 };
 
-/// The package `cargo xtask test` built (LEAKMON_DEB), or one built here with
+/// The package `cargo xtask test` built (`LEAKMON_DEB`), or one built here with
 /// cargo-deb into a target directory of its own (cargo's lock on this one is held).
 fn package() -> PathBuf {
     if let Some(path) = std::env::var_os("LEAKMON_DEB") {
@@ -25,7 +25,8 @@ fn package() -> PathBuf {
         .expect("run cargo deb (`cargo xtask deb` installs it)");
     assert!(out.status.success(), "cargo deb: {}", String::from_utf8_lossy(&out.stderr));
     let stdout = String::from_utf8_lossy(&out.stdout);
-    PathBuf::from(stdout.lines().rev().find(|l| l.trim().ends_with(".deb")).expect("package path").trim())
+    let path = stdout.lines().rev().find(|l| Path::new(l.trim()).extension().is_some_and(|e| e == "deb"));
+    PathBuf::from(path.expect("package path").trim())
 }
 
 fn dpkg(root: &Path, args: &[&str]) -> String {

@@ -128,7 +128,7 @@ fn deb(pins: &Pins) -> Result<PathBuf> {
     let path = String::from_utf8_lossy(&out.stdout)
         .lines()
         .rev()
-        .find(|l| l.trim_end().ends_with(".deb"))
+        .find(|l| Path::new(l.trim()).extension().is_some_and(|e| e == "deb"))
         .map(|l| PathBuf::from(l.trim()))
         .context("cargo deb printed no package path")?;
     eprintln!("xtask: built {} in {:.0?}", path.display(), started.elapsed());
