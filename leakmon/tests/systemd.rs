@@ -166,8 +166,10 @@ fn notify_watchdog_and_reload_without_losing_history() {
     let line = wait_log("configuration reloaded");
     assert!(line.contains("window=20s"), "{line}");
     let after = samples();
+    // A tick between the first count and the reload may still trim one sample to the
+    // old 5 s window; a lost history would start again from one.
     assert!(
-        after >= before,
+        after + 1 >= before,
         "history kept across the reload: {before} then {after}: {}",
         http_get(LISTEN, "/api/v1/processes").unwrap_or_default()
     );
