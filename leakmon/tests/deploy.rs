@@ -133,6 +133,48 @@ fn the_dashboard_is_well_formed() {
     }
 }
 
+/// Grafana's own dashboard schema, as its published TypeScript types (@grafana/schema):
+/// the dashboard, as an object literal typed `Dashboard`, must compile under `tsc
+/// --strict` (wrong types, unknown fields and missing required ones all fail).
+#[test]
+fn the_dashboard_matches_grafanas_schema() {
+    let tools = Path::new(env!("CARGO_MANIFEST_DIR")).join("../target/grafana-schema");
+    let tsc = tools.join("node_modules/.bin/tsc");
+    assert!(tsc.exists(), "{} is missing: `cargo xtask test` installs it", tsc.display());
+    let json = std::fs::read_to_string(deploy("grafana/leakmon.json")).expect("read");
+    // A string cannot stand for a TypeScript enum member: name the one enum used.
+    let literal = json.replace("\"mode\": \"absolute\"", "\"mode\": ThresholdsMode.Absolute");
+    let check = tools.join(format!("check-{}.ts", std::process::id()));
+    std::fs::write(
+        &check,
+        format!(
+            "import {{ Dashboard, ThresholdsMode }} from '@grafana/schema';\nconst dashboard: Dashboard = {literal};\nexport default dashboard;\n"
+        ),
+    )
+    .expect("write check");
+    let out = Command::new(&tsc)
+        .args([
+            "--noEmit",
+            "--strict",
+            "--skipLibCheck",
+            "--moduleResolution",
+            "node",
+            "--module",
+            "commonjs",
+        ])
+        .args(["--target", "es2020"])
+        .arg(&check)
+        .current_dir(&tools)
+        .output()
+        .expect("run tsc");
+    let _ = std::fs::remove_file(&check);
+    assert!(
+        out.status.success(),
+        "the dashboard does not match Grafana's schema:\n{}",
+        String::from_utf8_lossy(&out.stdout)
+    );
+}
+
 /// A cgroup of its own with a small memory limit, removed at the end.
 struct Cgroup(PathBuf);
 

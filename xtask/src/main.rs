@@ -61,6 +61,8 @@ struct Pins {
     bpf_linker: String,
     llvm: String,
     cargo_deb: String,
+    grafana_schema: String,
+    typescript: String,
 }
 
 fn main() -> Result<()> {
@@ -152,6 +154,8 @@ fn pins() -> Result<Pins> {
         bpf_linker: get("bpf-linker")?,
         llvm: get("llvm-major")?,
         cargo_deb: get("cargo-deb")?,
+        grafana_schema: get("grafana-schema")?,
+        typescript: get("typescript")?,
     })
 }
 
@@ -247,6 +251,10 @@ fn setup(pins: &Pins, tests: bool) -> Result<()> {
     apt_install(&packages)?;
     if tests {
         pip_install("kubernetes_validate", "kubernetes-validate")?;
+        npm_install(
+            Path::new("target/grafana-schema"),
+            &[format!("typescript@{}", pins.typescript), format!("@grafana/schema@{}", pins.grafana_schema)],
+        )?;
     }
 
     let toolchains = output(Command::new("rustup").args(["toolchain", "list"])).unwrap_or_default();
@@ -295,6 +303,22 @@ fn setup(pins: &Pins, tests: bool) -> Result<()> {
             ]))?;
     }
     Ok(())
+}
+
+/// Node packages the tests use, into `dir`, unless a previous run put them there.
+fn npm_install(dir: &Path, packages: &[String]) -> Result<()> {
+    let stamp = dir.join(".installed");
+    let want = packages.join(" ");
+    if std::fs::read_to_string(&stamp).is_ok_and(|s| s == want) {
+        return Ok(());
+    }
+    eprintln!("xtask: installing {want} from npm");
+    std::fs::create_dir_all(dir).with_context(|| format!("create {}", dir.display()))?;
+    run(Command::new("npm")
+        .args(["install", "--silent", "--no-audit", "--no-fund", "--prefix"])
+        .arg(dir)
+        .args(packages))?;
+    std::fs::write(&stamp, want).with_context(|| format!("write {}", stamp.display()))
 }
 
 /// A Python tool the tests use, from `PyPI`, unless it is already importable.
