@@ -5,6 +5,7 @@
 //! read per-stack totals, stacks and failure counters, take the lifecycle ring buffer,
 //! forget a process. Dropping [`Probes`] detaches every probe.
 
+pub mod placement;
 pub mod targets;
 pub mod tracefs;
 
@@ -263,7 +264,10 @@ impl Probes {
             let programs =
                 [Some(point.handler.program()), point.handler.needs_return().then_some(RETURN_PROGRAM)];
             for program in programs.into_iter().flatten() {
-                let location = UProbeAttachLocation::AbsoluteOffset(point.file_offset);
+                // The return probe must be at the first byte, where the return address is
+                // on top of the stack.
+                let offset = if program == RETURN_PROGRAM { point.file_offset } else { point.probe_offset };
+                let location = UProbeAttachLocation::AbsoluteOffset(offset);
                 let attached = uprobe(&mut self.ebpf, program)
                     .and_then(|p| p.attach(location, path, scope).map_err(prog_err("attach", program)));
                 match attached {
@@ -274,7 +278,13 @@ impl Probes {
                     }
                 }
             }
-            debug!(library = %path.display(), symbol = point.symbol, offset = point.file_offset, "probe attached");
+            debug!(
+                library = %path.display(),
+                symbol = point.symbol,
+                offset = point.file_offset,
+                probe_offset = point.probe_offset,
+                "probe attached"
+            );
         }
         Ok(links)
     }

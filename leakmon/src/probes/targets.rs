@@ -83,7 +83,11 @@ pub enum TargetError {
 pub struct EntryPoint {
     pub symbol: &'static str,
     pub handler: Handler,
+    /// The function's first byte: where a return probe goes, and the alias key.
     pub file_offset: u64,
+    /// Where the entry probe goes: the first byte, or a cheaper instruction a little
+    /// further that every call that matters reaches (see [`super::placement`]).
+    pub probe_offset: u64,
 }
 
 /// Whether a mapped file is one whose allocator entry points we probe.
@@ -104,7 +108,7 @@ pub fn entry_points(path: &Path) -> Result<Vec<EntryPoint>, TargetError> {
 /// The allocator entry points defined by the ELF image `data`.
 pub fn entry_points_in(data: &[u8]) -> Result<Vec<EntryPoint>, object::Error> {
     let file = object::File::parse(data)?;
-    let mut found: Vec<Option<u64>> = vec![None; ENTRY_POINTS.len()];
+    let mut found: Vec<Option<(u64, u64)>> = vec![None; ENTRY_POINTS.len()];
     for symbol in file.dynamic_symbols().chain(file.symbols()) {
         if !symbol.is_definition() || symbol.address() == 0 {
             continue;
@@ -120,15 +124,24 @@ pub fn entry_points_in(data: &[u8]) -> Result<Vec<EntryPoint>, object::Error> {
             continue;
         };
         let Some((section_offset, _)) = section.file_range() else { continue };
-        found[i] = Some(symbol.address() - section.address() + section_offset);
+        let start = symbol.address() - section.address();
+        let skip = match ENTRY_POINTS[i].1 {
+            Handler::Free => section
+                .data()
+                .ok()
+                .and_then(|d| d.get(usize::try_from(start).ok()?..))
+                .map_or(0, super::placement::pointer_release_offset),
+            _ => 0,
+        };
+        found[i] = Some((start + section_offset, start + section_offset + skip));
     }
     let mut seen = HashSet::new();
     Ok(ENTRY_POINTS
         .iter()
         .zip(found)
-        .filter_map(|(&(symbol, handler), offset)| {
-            let file_offset = offset?;
-            seen.insert(file_offset).then_some(EntryPoint { symbol, handler, file_offset })
+        .filter_map(|(&(symbol, handler), offsets)| {
+            let (file_offset, probe_offset) = offsets?;
+            seen.insert(file_offset).then_some(EntryPoint { symbol, handler, file_offset, probe_offset })
         })
         .collect())
 }
@@ -178,6 +191,19 @@ mod tests {
         let malloc = points.iter().find(|p| p.symbol == "malloc").expect("malloc");
         let first = data[usize::try_from(malloc.file_offset).expect("fits")];
         assert!(matches!(first, 0xf3 | 0x41 | 0x53 | 0x55 | 0x48), "unexpected first byte {first:#x}");
+    }
+
+    #[test]
+    fn free_is_probed_past_its_null_test_on_this_libc() {
+        let points = entry_points(&system_libc()).expect("libc parses");
+        let free = points.iter().find(|p| p.symbol == "free").expect("free");
+        let data = fs::read(system_libc()).expect("read libc");
+        let at = |o: u64| data[usize::try_from(o).expect("fits")];
+        // This machine's glibc: `test rdi, rdi; je ...; push rbp`.
+        assert_eq!(free.probe_offset, free.file_offset + 9, "free probed at its push");
+        assert_eq!(at(free.probe_offset), 0x55, "push rbp");
+        let malloc = points.iter().find(|p| p.symbol == "malloc").expect("malloc");
+        assert_eq!(malloc.probe_offset, malloc.file_offset, "others at their first byte");
     }
 
     #[test]
