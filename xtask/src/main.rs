@@ -1,4 +1,4 @@
-//! Project tasks: set up the build chain, build, run, test, package.
+//! Project tasks: set up the build chain, build, run, test, package, benchmark.
 //!
 //! Every task first runs the idempotent set-up, so a fresh Debian machine needs nothing
 //! but cargo: Debian's LLVM 22 (for bpf-linker), the pinned nightly with rust-src, and
@@ -15,6 +15,8 @@ use std::{
 
 use anyhow::{bail, Context as _, Result};
 use clap::{Parser, Subcommand};
+
+mod bench;
 
 #[derive(Parser)]
 #[command(name = "xtask", about = "leakmon project tasks")]
@@ -42,6 +44,17 @@ enum Task {
     Run {
         #[arg(last = true)]
         args: Vec<OsString>,
+    },
+    /// Measure the cost of one malloc+free pair under leakmon and its peers (no probes,
+    /// the bpftrace uprobe floor, a memleak-equivalent bpftrace script, heaptrack), in
+    /// one run, conditions alternated; prints a table and writes JSON to target/bench.
+    Bench {
+        /// Rounds; each runs every workload under every condition once.
+        #[arg(long, default_value_t = 5)]
+        rounds: usize,
+        /// malloc+free pairs per run (half as many for the realloc workload).
+        #[arg(long, default_value_t = 100_000)]
+        pairs: u64,
     },
     /// Build the Debian package (cargo-deb, installed at the pinned version if
     /// missing): target/debian/leakmon_VERSION-1_ARCH.deb.
@@ -83,6 +96,13 @@ fn main() -> Result<()> {
             let args = if args.is_empty() { vec![OsString::from("run")] } else { args };
             let status = Command::new(root.join("target/release/leakmon")).args(args).status()?;
             std::process::exit(status.code().unwrap_or(1));
+        }
+        Task::Bench { rounds, pairs } => {
+            setup(&pins, false)?;
+            apt_install(&["bpftrace", "heaptrack", "gcc"].map(str::to_owned))?;
+            build(true)?;
+            require_root("the benchmark loads eBPF programs")?;
+            bench::bench(&root, rounds.max(1), pairs.max(1000))
         }
         Task::Deb => {
             setup(&pins, false)?;

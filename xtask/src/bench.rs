@@ -1,0 +1,381 @@
+//! `cargo xtask bench`: the cost of one malloc+free pair under each tool, measured in
+//! one run with the conditions alternated round by round so machine drift cancels.
+//!
+//! Conditions: no probes; the naive uprobe floor (bpftrace probes on malloc's entry and
+//! return and on free that only count); a memleak-equivalent bpftrace script (bcc's
+//! memleak cannot run without kernel headers); heaptrack (`LD_PRELOAD`, no traps); and
+//! leakmon: `report` tracing the workload, the daemon with `--attach all`, and the
+//! daemon with `--attach none` (the always-on tier). Prints a table with medians, the
+//! overhead of each condition over no probes, and leakmon's ratios to the peers, and
+//! writes every figure as JSON under target/bench/.
+
+use std::{
+    collections::BTreeMap,
+    io::{BufRead as _, BufReader},
+    os::unix::process::CommandExt as _,
+    path::{Path, PathBuf},
+    process::{Child, Command, Stdio},
+    time::{Duration, Instant},
+};
+
+use std::fmt::Write as _;
+
+use anyhow::{bail, Context as _, Result};
+
+/// One workload: `alloc_bench MODE PAIRS THREADS`.
+#[derive(Clone, Copy)]
+struct Workload {
+    name: &'static str,
+    mode: &'static str,
+    threads: u32,
+}
+
+const WORKLOADS: [Workload; 3] = [
+    Workload { name: "pairs, 1 thread", mode: "pairs", threads: 1 },
+    Workload { name: "pairs, 2 threads", mode: "pairs", threads: 2 },
+    Workload { name: "malloc+realloc+free, 1 thread", mode: "mixed", threads: 1 },
+];
+
+#[derive(Clone, Copy, PartialEq, Eq, PartialOrd, Ord, Debug)]
+enum Condition {
+    None,
+    Floor,
+    Memleak,
+    Heaptrack,
+    LeakmonReport,
+    LeakmonAll,
+    LeakmonTier0,
+}
+
+impl Condition {
+    const ALL: [Self; 7] = [
+        Self::None,
+        Self::Floor,
+        Self::Memleak,
+        Self::Heaptrack,
+        Self::LeakmonReport,
+        Self::LeakmonAll,
+        Self::LeakmonTier0,
+    ];
+
+    const fn label(self) -> &'static str {
+        match self {
+            Self::None => "no probes",
+            Self::Floor => "uprobe floor (bpftrace, count only)",
+            Self::Memleak => "memleak-equivalent (bpftrace)",
+            Self::Heaptrack => "heaptrack (LD_PRELOAD)",
+            Self::LeakmonReport => "leakmon report (traced, exact)",
+            Self::LeakmonAll => "leakmon run --attach all",
+            Self::LeakmonTier0 => "leakmon run --attach none",
+        }
+    }
+
+    const fn key(self) -> &'static str {
+        match self {
+            Self::None => "none",
+            Self::Floor => "floor",
+            Self::Memleak => "memleak",
+            Self::Heaptrack => "heaptrack",
+            Self::LeakmonReport => "leakmon_report",
+            Self::LeakmonAll => "leakmon_all",
+            Self::LeakmonTier0 => "leakmon_tier0",
+        }
+    }
+}
+
+struct Setup {
+    workload_bin: PathBuf,
+    leakmon: PathBuf,
+    libc: PathBuf,
+    scripts: PathBuf,
+    out: PathBuf,
+}
+
+/// The daemon's own cost while it ran one measurement.
+#[derive(Default, Clone, Copy)]
+struct DaemonCost {
+    cpu_seconds: f64,
+    peak_rss_kib: u64,
+}
+
+pub fn bench(root: &Path, rounds: usize, pairs: u64) -> Result<()> {
+    let out = root.join("target/bench");
+    std::fs::create_dir_all(&out).context("create target/bench")?;
+    let workload_bin = out.join("alloc_bench");
+    let status = Command::new("gcc")
+        .args(["-O2", "-g", "-fno-builtin", "-fno-omit-frame-pointer", "-pthread", "-o"])
+        .arg(&workload_bin)
+        .arg(root.join("bench/alloc_bench.c"))
+        .status()
+        .context("run gcc")?;
+    if !status.success() {
+        bail!("gcc failed on bench/alloc_bench.c");
+    }
+    let setup = Setup {
+        workload_bin,
+        leakmon: root.join("target/release/leakmon"),
+        libc: own_libc()?,
+        scripts: root.join("bench"),
+        out,
+    };
+
+    let mut samples: BTreeMap<(usize, Condition), Vec<f64>> = BTreeMap::new();
+    let mut daemon_costs: Vec<DaemonCost> = Vec::new();
+    let started = Instant::now();
+    for round in 0..rounds {
+        for (w, workload) in WORKLOADS.iter().enumerate() {
+            // Alternate the order each round so a slow spell does not hit one condition.
+            let mut order = Condition::ALL.to_vec();
+            if round % 2 == 1 {
+                order.reverse();
+            }
+            for condition in order {
+                let (ns, cost) = measure(&setup, *workload, condition, pairs)
+                    .with_context(|| format!("{} under {}", workload.name, condition.label()))?;
+                samples.entry((w, condition)).or_default().push(ns);
+                if let Some(cost) = cost {
+                    daemon_costs.push(cost);
+                }
+            }
+        }
+        eprintln!("xtask: bench round {}/{rounds} done after {:.0?}", round + 1, started.elapsed());
+    }
+    report(&setup, &samples, &daemon_costs, rounds, pairs)
+}
+
+/// The libc this machine's programs use (xtask's own, from its mappings).
+fn own_libc() -> Result<PathBuf> {
+    let maps = std::fs::read_to_string("/proc/self/maps").context("read /proc/self/maps")?;
+    maps.lines()
+        .filter_map(|l| l.split_whitespace().nth(5))
+        .find(|p| Path::new(p).file_name().is_some_and(|n| n.to_string_lossy().starts_with("libc.so")))
+        .map(PathBuf::from)
+        .context("no libc in xtask's own mappings")
+}
+
+/// Runs the workload once under `condition`: ns per pair, and the daemon's cost.
+fn measure(s: &Setup, w: Workload, condition: Condition, pairs: u64) -> Result<(f64, Option<DaemonCost>)> {
+    let pairs = if w.mode == "mixed" { pairs / 2 } else { pairs };
+    let args = [w.mode.to_owned(), pairs.to_string(), w.threads.to_string()];
+    let workload = || {
+        let mut cmd = Command::new(&s.workload_bin);
+        cmd.args(&args);
+        cmd
+    };
+    match condition {
+        Condition::None => Ok((ns_per_pair(workload())?, None)),
+        Condition::Heaptrack => {
+            let mut cmd = Command::new("heaptrack");
+            cmd.arg("-o").arg(s.out.join("heaptrack.out")).arg(&s.workload_bin).args(&args);
+            Ok((ns_per_pair(cmd)?, None))
+        }
+        Condition::Floor | Condition::Memleak => {
+            let script =
+                s.scripts.join(if condition == Condition::Floor { "floor.bt" } else { "memleak.bt" });
+            let text =
+                std::fs::read_to_string(&script).with_context(|| format!("read {}", script.display()))?;
+            let resolved = s.out.join(script.file_name().expect("file name"));
+            std::fs::write(&resolved, text.replace("LIBC", &s.libc.display().to_string()))?;
+            let mut tracer = Command::new("bpftrace");
+            tracer.arg(&resolved);
+            let helper = Helper::start(tracer, "Attaching")?;
+            // bpftrace says "Attaching" just before it attaches.
+            std::thread::sleep(Duration::from_secs(1));
+            let ns = ns_per_pair(workload());
+            helper.stop();
+            Ok((ns?, None))
+        }
+        Condition::LeakmonReport => {
+            let mut cmd = Command::new(&s.leakmon);
+            cmd.args(["report", "--format", "json", "--"]).arg(&s.workload_bin).args(&args);
+            Ok((ns_per_pair(cmd)?, None))
+        }
+        Condition::LeakmonAll | Condition::LeakmonTier0 => {
+            let attach = if condition == Condition::LeakmonAll { "all" } else { "none" };
+            let mut daemon = Command::new(&s.leakmon);
+            daemon
+                .args(["run", "--attach", attach, "--web.listen-address", "127.0.0.1:19599"])
+                .env("RUST_LOG", "info");
+            let helper = Helper::start(daemon, "leakmon running")?;
+            let before = cpu_seconds(helper.pid());
+            let ns = ns_per_pair(workload());
+            let cost = DaemonCost {
+                cpu_seconds: cpu_seconds(helper.pid()) - before,
+                peak_rss_kib: peak_rss_kib(helper.pid()),
+            };
+            helper.stop();
+            Ok((ns?, Some(cost).filter(|_| condition == Condition::LeakmonAll)))
+        }
+    }
+}
+
+/// Runs `cmd` and reads the `ns_per_pair=F` line it prints.
+fn ns_per_pair(mut cmd: Command) -> Result<f64> {
+    let out = cmd.stderr(Stdio::null()).output().with_context(|| format!("run {cmd:?}"))?;
+    let text = String::from_utf8_lossy(&out.stdout);
+    text.lines()
+        .find_map(|l| l.strip_prefix("ns_per_pair="))
+        .and_then(|v| v.trim().parse().ok())
+        .with_context(|| format!("no ns_per_pair in the output of {cmd:?}: {text}"))
+}
+
+/// A tool that runs beside the workload, stopped with SIGINT like a person would.
+struct Helper(Child);
+
+impl Helper {
+    /// Starts `cmd` in its own process group and waits for `ready` on its output.
+    fn start(mut cmd: Command, ready: &str) -> Result<Self> {
+        let mut child = cmd
+            .process_group(0)
+            .stdout(Stdio::piped())
+            .stderr(Stdio::piped())
+            .spawn()
+            .with_context(|| format!("start {cmd:?}"))?;
+        let (tx, rx) = std::sync::mpsc::channel::<String>();
+        for pipe in [
+            child.stdout.take().map(|p| Box::new(p) as Box<dyn std::io::Read + Send>),
+            child.stderr.take().map(|p| Box::new(p) as Box<dyn std::io::Read + Send>),
+        ]
+        .into_iter()
+        .flatten()
+        {
+            let tx = tx.clone();
+            std::thread::spawn(move || {
+                for line in BufReader::new(pipe).lines().map_while(Result::ok) {
+                    let _ = tx.send(line);
+                }
+            });
+        }
+        let deadline = Instant::now() + Duration::from_mins(1);
+        let mut seen = Vec::new();
+        while let Some(left) = deadline.checked_duration_since(Instant::now()) {
+            match rx.recv_timeout(left) {
+                Ok(line) if line.contains(ready) => return Ok(Self(child)),
+                Ok(line) => seen.push(line),
+                Err(_) => break,
+            }
+        }
+        let _ = child.kill();
+        let _ = child.wait();
+        bail!("{cmd:?} did not say {ready:?}: {}", seen.join(" | "))
+    }
+
+    fn pid(&self) -> u32 {
+        self.0.id()
+    }
+
+    fn stop(mut self) {
+        // SAFETY: signals a child we own.
+        unsafe { libc::kill(self.0.id() as i32, libc::SIGINT) };
+        let deadline = Instant::now() + Duration::from_secs(20);
+        while Instant::now() < deadline {
+            if matches!(self.0.try_wait(), Ok(Some(_))) {
+                return;
+            }
+            std::thread::sleep(Duration::from_millis(50));
+        }
+        let _ = self.0.kill();
+        let _ = self.0.wait();
+    }
+}
+
+fn cpu_seconds(pid: u32) -> f64 {
+    let stat = std::fs::read_to_string(format!("/proc/{pid}/stat")).unwrap_or_default();
+    // Fields after the command name (which may hold spaces): utime is 14th, stime 15th.
+    let rest = stat.rsplit_once(") ").map_or("", |(_, r)| r);
+    let fields: Vec<&str> = rest.split_whitespace().collect();
+    let ticks = |i: usize| fields.get(i).and_then(|v| v.parse::<f64>().ok()).unwrap_or(0.0);
+    // SAFETY: sysconf has no preconditions.
+    let hz = unsafe { libc::sysconf(libc::_SC_CLK_TCK) } as f64;
+    (ticks(11) + ticks(12)) / hz
+}
+
+fn peak_rss_kib(pid: u32) -> u64 {
+    std::fs::read_to_string(format!("/proc/{pid}/status"))
+        .unwrap_or_default()
+        .lines()
+        .find_map(|l| l.strip_prefix("VmHWM:"))
+        .and_then(|v| v.split_whitespace().next()?.parse().ok())
+        .unwrap_or(0)
+}
+
+fn median(v: &[f64]) -> f64 {
+    let mut s = v.to_vec();
+    s.sort_by(f64::total_cmp);
+    let n = s.len();
+    if n % 2 == 1 {
+        s[n / 2]
+    } else {
+        f64::midpoint(s[n / 2 - 1], s[n / 2])
+    }
+}
+
+fn report(
+    s: &Setup,
+    samples: &BTreeMap<(usize, Condition), Vec<f64>>,
+    daemon_costs: &[DaemonCost],
+    rounds: usize,
+    pairs: u64,
+) -> Result<()> {
+    let mut text = String::new();
+    let mut json = String::from("{\n  \"workloads\": [\n");
+    for (w, workload) in WORKLOADS.iter().enumerate() {
+        let med = |c: Condition| samples.get(&(w, c)).map_or(f64::NAN, |v| median(v));
+        let base = med(Condition::None);
+        let _ = write!(
+            text,
+            "\n{} ({} rounds, {} pairs per run), ns per pair\n{:<40} {:>10} {:>10} {:>10} {:>12}\n",
+            workload.name, rounds, pairs, "condition", "median", "min", "max", "overhead"
+        );
+        let mut entries = Vec::new();
+        for c in Condition::ALL {
+            let v = samples.get(&(w, c)).cloned().unwrap_or_default();
+            let (min, max) = v.iter().fold((f64::INFINITY, 0.0_f64), |(a, b), &x| (a.min(x), b.max(x)));
+            let m = median(&v);
+            let _ = writeln!(text, "{:<40} {m:>10.1} {min:>10.1} {max:>10.1} {:>12.1}", c.label(), m - base);
+            entries.push(format!(
+                "      \"{}\": {{\"median\": {m:.1}, \"min\": {min:.1}, \"max\": {max:.1}, \"overhead\": {:.1}, \"runs\": {:?}}}",
+                c.key(),
+                m - base,
+                v
+            ));
+        }
+        let over = |c: Condition| med(c) - base;
+        let lm = over(Condition::LeakmonReport);
+        let ratios = [
+            ("leakmon / memleak-equivalent", lm / over(Condition::Memleak), "target <= 0.3"),
+            ("leakmon / uprobe floor", lm / over(Condition::Floor), "target <= 0.5"),
+            ("leakmon / heaptrack", lm / over(Condition::Heaptrack), "stretch <= 5"),
+        ];
+        for (name, r, target) in ratios {
+            let _ = writeln!(text, "{name:<40} {r:>10.2}   ({target}; overheads, leakmon report)");
+        }
+        let _ = write!(
+            json,
+            "    {{\n      \"name\": \"{}\",\n{},\n      \"ratio_memleak\": {:.3},\n      \"ratio_floor\": {:.3},\n      \"ratio_heaptrack\": {:.3}\n    }}{}\n",
+            workload.name,
+            entries.join(",\n"),
+            ratios[0].1,
+            ratios[1].1,
+            ratios[2].1,
+            if w + 1 < WORKLOADS.len() { "," } else { "" }
+        );
+    }
+    let cpu: f64 = daemon_costs.iter().map(|c| c.cpu_seconds).sum::<f64>() / daemon_costs.len().max(1) as f64;
+    let rss = daemon_costs.iter().map(|c| c.peak_rss_kib).max().unwrap_or(0);
+    let _ = write!(
+        text,
+        "\nleakmon run --attach all, per measurement: {cpu:.3} s CPU (mean), peak RSS {:.1} MiB\n",
+        rss as f64 / 1024.0
+    );
+    let _ = write!(
+            json,
+        "  ],\n  \"leakmon_daemon\": {{\"cpu_seconds_mean\": {cpu:.4}, \"peak_rss_kib\": {rss}}},\n  \"rounds\": {rounds},\n  \"pairs\": {pairs}\n}}\n"
+    );
+    print!("{text}");
+    let stamp = std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).map_or(0, |d| d.as_secs());
+    let path = s.out.join(format!("bench-{stamp}.json"));
+    std::fs::write(&path, json).with_context(|| format!("write {}", path.display()))?;
+    println!("\nwritten: {}", path.display());
+    Ok(())
+}
