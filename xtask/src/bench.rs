@@ -98,7 +98,7 @@ struct DaemonCost {
     peak_rss_kib: u64,
 }
 
-pub fn bench(root: &Path, rounds: usize, pairs: u64) -> Result<()> {
+pub fn bench(root: &Path, rounds: usize, pairs: u64, scale: bool) -> Result<()> {
     let out = root.join("target/bench");
     std::fs::create_dir_all(&out).context("create target/bench")?;
     let workload_bin = out.join("alloc_bench");
@@ -140,7 +140,138 @@ pub fn bench(root: &Path, rounds: usize, pairs: u64) -> Result<()> {
         }
         eprintln!("xtask: bench round {}/{rounds} done after {:.0?}", round + 1, started.elapsed());
     }
-    report(&setup, &samples, &daemon_costs, rounds, pairs)
+    report(&setup, &samples, &daemon_costs, rounds, pairs)?;
+    if scale {
+        scale_figures(root, &setup)?;
+    }
+    Ok(())
+}
+
+/// The daemon at host scale: the always-on tier's CPU with 1,000 extra idle
+/// processes, and, attributing everything, its memory with one million live blocks
+/// and 2^17 distinct stacks, and the latency of a /metrics scrape.
+fn scale_figures(root: &Path, s: &Setup) -> Result<()> {
+    let hold = s.out.join("hold");
+    let status = Command::new("gcc")
+        .args(["-O2", "-g", "-fno-builtin", "-fno-omit-frame-pointer", "-fno-optimize-sibling-calls", "-o"])
+        .arg(&hold)
+        .arg(root.join("bench/hold.c"))
+        .status()
+        .context("run gcc")?;
+    if !status.success() {
+        bail!("gcc failed on bench/hold.c");
+    }
+    let start_hold = |args: &[&str]| {
+        let mut cmd = Command::new(&hold);
+        cmd.args(args);
+        Helper::start(cmd, "ready")
+    };
+    const LISTEN: &str = "127.0.0.1:19598";
+    let daemon = |extra: &[&str]| {
+        let mut cmd = Command::new(&s.leakmon);
+        cmd.args(["run", "--sample-interval", "1s", "--web.listen-address", LISTEN]).args(extra);
+        cmd.env("RUST_LOG", "info");
+        Helper::start(cmd, "leakmon running")
+    };
+    let processes = std::fs::read_dir("/proc")
+        .map(|d| {
+            d.filter_map(Result::ok)
+                .filter(|e| e.file_name().to_string_lossy().parse::<u32>().is_ok())
+                .count()
+        })
+        .unwrap_or(0);
+
+    // Always-on tier: resident memory of every process, sampled each second.
+    let idle = start_hold(&["idle", "1000"])?;
+    let tier0 = daemon(&["--attach", "none"])?;
+    std::thread::sleep(Duration::from_secs(3));
+    let window = Duration::from_secs(20);
+    let before = cpu_seconds(tier0.pid());
+    std::thread::sleep(window);
+    let tier0_cpu = (cpu_seconds(tier0.pid()) - before) / window.as_secs_f64();
+    let tier0_rss = peak_rss_kib(tier0.pid());
+    tier0.stop();
+
+    // Attribution of everything, with a million live blocks and 2^17 stacks.
+    let full = daemon(&[
+        "--attach",
+        "all",
+        "--max-live",
+        "1500000",
+        "--max-totals",
+        "400000",
+        "--max-stacks",
+        "200000",
+    ])?;
+    let million = start_hold(&["million"])?;
+    let stacks = start_hold(&["stacks"])?;
+    std::thread::sleep(Duration::from_secs(5));
+    let mut latencies = Vec::new();
+    let mut metrics_bytes = 0;
+    for _ in 0..20 {
+        let started = Instant::now();
+        let body = http_get(LISTEN, "/metrics").context("scrape /metrics")?;
+        latencies.push(started.elapsed().as_secs_f64() * 1000.0);
+        metrics_bytes = body.len();
+        std::thread::sleep(Duration::from_millis(100));
+    }
+    let before = cpu_seconds(full.pid());
+    std::thread::sleep(Duration::from_secs(10));
+    let full_cpu = (cpu_seconds(full.pid()) - before) / 10.0;
+    let rss = current_rss_kib(full.pid());
+    let peak = peak_rss_kib(full.pid());
+    let lost = http_get(LISTEN, "/metrics")
+        .unwrap_or_default()
+        .lines()
+        .filter(|l| {
+            l.starts_with("leakmon_bpf_map_errors_total") || l.starts_with("leakmon_events_lost_total")
+        })
+        .filter(|l| !l.ends_with(" 0"))
+        .map(str::to_owned)
+        .collect::<Vec<_>>();
+    full.stop();
+    million.kill_group();
+    stacks.kill_group();
+    idle.kill_group();
+
+    println!(
+        "\nhost scale ({processes} processes on the host, 1,000 of them idle helpers):\n\
+         always-on tier, 1 s samples:          {:.2}% of one core, peak RSS {:.1} MiB\n\
+         attributing all, 1M live blocks and 131,072 stacks: RSS {:.1} MiB (peak {:.1} MiB), {:.2}% of one core\n\
+         /metrics scrape: median {:.2} ms, max {:.2} ms ({} bytes)\n\
+         losses: {}",
+        tier0_cpu * 100.0,
+        tier0_rss as f64 / 1024.0,
+        rss as f64 / 1024.0,
+        peak as f64 / 1024.0,
+        full_cpu * 100.0,
+        median(&latencies),
+        latencies.iter().copied().fold(0.0, f64::max),
+        metrics_bytes,
+        if lost.is_empty() { "none".to_owned() } else { lost.join(", ") }
+    );
+    Ok(())
+}
+
+fn current_rss_kib(pid: u32) -> u64 {
+    std::fs::read_to_string(format!("/proc/{pid}/status"))
+        .unwrap_or_default()
+        .lines()
+        .find_map(|l| l.strip_prefix("VmRSS:"))
+        .and_then(|v| v.split_whitespace().next()?.parse().ok())
+        .unwrap_or(0)
+}
+
+/// GET over plain HTTP/1.0; the body of a 200 answer.
+fn http_get(addr: &str, path: &str) -> Option<String> {
+    use std::io::{Read as _, Write as _};
+    let mut stream = std::net::TcpStream::connect(addr).ok()?;
+    stream.set_read_timeout(Some(Duration::from_secs(10))).ok()?;
+    write!(stream, "GET {path} HTTP/1.0\r\nHost: {addr}\r\n\r\n").ok()?;
+    let mut out = String::new();
+    stream.read_to_string(&mut out).ok()?;
+    let (head, body) = out.split_once("\r\n\r\n")?;
+    head.contains(" 200 ").then(|| body.to_owned())
 }
 
 /// The libc this machine's programs use (xtask's own, from its mappings).
@@ -262,6 +393,13 @@ impl Helper {
 
     fn pid(&self) -> u32 {
         self.0.id()
+    }
+
+    /// Kills the helper's whole process group (it is the group's leader).
+    fn kill_group(mut self) {
+        // SAFETY: signals a process group we created.
+        unsafe { libc::kill(-(self.0.id() as i32), libc::SIGKILL) };
+        let _ = self.0.wait();
     }
 
     fn stop(mut self) {

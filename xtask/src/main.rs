@@ -55,6 +55,10 @@ enum Task {
         /// malloc+free pairs per run (half as many for the realloc workload).
         #[arg(long, default_value_t = 100_000)]
         pairs: u64,
+        /// Skip the host-scale figures (1,000 idle processes, a million live blocks,
+        /// 2^17 stacks, scrape latency).
+        #[arg(long)]
+        skip_scale: bool,
     },
     /// Build the Debian package (cargo-deb, installed at the pinned version if
     /// missing): target/debian/leakmon_VERSION-1_ARCH.deb.
@@ -97,12 +101,12 @@ fn main() -> Result<()> {
             let status = Command::new(root.join("target/release/leakmon")).args(args).status()?;
             std::process::exit(status.code().unwrap_or(1));
         }
-        Task::Bench { rounds, pairs } => {
+        Task::Bench { rounds, pairs, skip_scale } => {
             setup(&pins, false)?;
             apt_install(&["bpftrace", "heaptrack", "gcc"].map(str::to_owned))?;
             build(true)?;
             require_root("the benchmark loads eBPF programs")?;
-            bench::bench(&root, rounds.max(1), pairs.max(1000))
+            bench::bench(&root, rounds.max(1), pairs.max(1000), !skip_scale)
         }
         Task::Deb => {
             setup(&pins, false)?;

@@ -1,0 +1,50 @@
+/* Memory held for the daemon-scale benchmark. Usage: hold MODE
+ *   idle N     fork N children that sleep (processes for the always-on tier)
+ *   million    one million live 16-byte blocks
+ *   stacks     one 24-byte block from each of 2^17 distinct call paths
+ * Prints `ready` once done, then sleeps until killed (children die with the parent's
+ * process group). Built with -fno-builtin and frame pointers. */
+#include <signal.h>
+#include <stdio.h>
+#include <stdlib.h>
+#include <string.h>
+#include <unistd.h>
+
+#define NOINLINE __attribute__((noinline))
+#define LEVELS 17
+
+static void **blocks;
+
+NOINLINE void *step(unsigned path, int level);
+NOINLINE void *left(unsigned path, int level) { return step(path, level + 1); }
+NOINLINE void *right(unsigned path, int level) { return step(path, level + 1); }
+NOINLINE void *step(unsigned path, int level) {
+    if (level == LEVELS) return malloc(24);
+    return (path >> level) & 1 ? right(path, level) : left(path, level);
+}
+
+int main(int argc, char **argv) {
+    const char *mode = argc > 1 ? argv[1] : "";
+    if (!strcmp(mode, "idle") && argc > 2) {
+        int n = atoi(argv[2]);
+        for (int i = 0; i < n; i++) {
+            pid_t pid = fork();
+            if (pid == 0) {
+                for (;;) pause();
+            }
+            if (pid < 0) return 1;
+        }
+    } else if (!strcmp(mode, "million")) {
+        blocks = malloc(1000000 * sizeof(void *));
+        for (int i = 0; i < 1000000; i++) blocks[i] = malloc(16);
+    } else if (!strcmp(mode, "stacks")) {
+        blocks = malloc((1u << LEVELS) * sizeof(void *));
+        for (unsigned p = 0; p < (1u << LEVELS); p++) blocks[p] = step(p, 0);
+    } else {
+        fprintf(stderr, "usage: hold idle N | million | stacks\n");
+        return 2;
+    }
+    printf("ready\n");
+    fflush(stdout);
+    for (;;) pause();
+}
