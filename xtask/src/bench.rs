@@ -151,6 +151,7 @@ pub fn bench(root: &Path, rounds: usize, pairs: u64, scale: bool) -> Result<()> 
 /// processes, and, attributing everything, its memory with one million live blocks
 /// and 2^17 distinct stacks, and the latency of a /metrics scrape.
 fn scale_figures(root: &Path, s: &Setup) -> Result<()> {
+    const LISTEN: &str = "127.0.0.1:19598";
     let hold = s.out.join("hold");
     let status = Command::new("gcc")
         .args(["-O2", "-g", "-fno-builtin", "-fno-omit-frame-pointer", "-fno-optimize-sibling-calls", "-o"])
@@ -166,20 +167,15 @@ fn scale_figures(root: &Path, s: &Setup) -> Result<()> {
         cmd.args(args);
         Helper::start(cmd, "ready")
     };
-    const LISTEN: &str = "127.0.0.1:19598";
     let daemon = |extra: &[&str]| {
         let mut cmd = Command::new(&s.leakmon);
         cmd.args(["run", "--sample-interval", "1s", "--web.listen-address", LISTEN]).args(extra);
         cmd.env("RUST_LOG", "info");
         Helper::start(cmd, "leakmon running")
     };
-    let processes = std::fs::read_dir("/proc")
-        .map(|d| {
-            d.filter_map(Result::ok)
-                .filter(|e| e.file_name().to_string_lossy().parse::<u32>().is_ok())
-                .count()
-        })
-        .unwrap_or(0);
+    let processes = std::fs::read_dir("/proc").map_or(0, |d| {
+        d.filter_map(Result::ok).filter(|e| e.file_name().to_string_lossy().parse::<u32>().is_ok()).count()
+    });
 
     // Always-on tier: resident memory of every process, sampled each second.
     let idle = start_hold(&["idle", "1000"])?;
