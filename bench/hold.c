@@ -2,9 +2,13 @@
  *   idle N     fork N children that sleep (processes for the always-on tier)
  *   million    one million live 16-byte blocks
  *   stacks     one 24-byte block from each of 2^17 distinct call paths
+ *   storm N    fork N children that allocate, exec nothing and exit at once, then
+ *              print `processes_per_second=F` (the lifecycle event rate)
  * Prints `ready` once done, then sleeps until killed (children die with the parent's
  * process group). Built with -fno-builtin and frame pointers. */
 #include <signal.h>
+#include <sys/wait.h>
+#include <time.h>
 #include <stdio.h>
 #include <stdlib.h>
 #include <string.h>
@@ -34,6 +38,24 @@ int main(int argc, char **argv) {
             }
             if (pid < 0) return 1;
         }
+    } else if (!strcmp(mode, "storm") && argc > 2) {
+        int n = atoi(argv[2]);
+        struct timespec a, b;
+        clock_gettime(CLOCK_MONOTONIC, &a);
+        for (int i = 0; i < n; i++) {
+            pid_t pid = fork();
+            if (pid == 0) {
+                free(malloc(64));
+                _exit(0);
+            }
+            if (pid < 0) return 1;
+            if (i % 64 == 63) while (waitpid(-1, NULL, WNOHANG) > 0) {}
+        }
+        while (wait(NULL) > 0) {}
+        clock_gettime(CLOCK_MONOTONIC, &b);
+        double s = (b.tv_sec - a.tv_sec) + (b.tv_nsec - a.tv_nsec) / 1e9;
+        printf("processes_per_second=%.0f\n", n / s);
+        return 0;
     } else if (!strcmp(mode, "million")) {
         blocks = malloc(1000000 * sizeof(void *));
         for (int i = 0; i < 1000000; i++) blocks[i] = malloc(16);

@@ -12,7 +12,6 @@ use anyhow::{bail, Context as _, Result};
 use leakmon_common::{event, ProcState};
 use serde_json::json;
 use tokio::{
-    io::unix::AsyncFd,
     signal::unix::{signal, SignalKind},
     sync::RwLock,
     time::{interval, MissedTickBehavior},
@@ -108,17 +107,15 @@ async fn daemon(mut args: RunArgs, attach: Attach, proc_root: ProcRoot, reload: 
     let attributing = attach != Attach::None;
     let system_wide = matches!(attach, Attach::All | Attach::Pids);
     let mut suspects = Suspects::default();
-    let mut events = match probes.as_mut() {
+    let queue_dropped = Arc::new(std::sync::atomic::AtomicU64::new(0));
+    let malformed = Arc::new(std::sync::atomic::AtomicU64::new(0));
+    let (event_reader, mut events) = match probes.as_mut() {
         Some(p) => {
-            let ring = p.take_events()?;
-            // SAFETY: the ring buffer owns its fd and outlives the registration (both
-            // dropped together at the end of this function).
-            Some(
-                unsafe { AsyncFd::register(ring) }
-                    .map_err(|e| anyhow::anyhow!("watch the event ring buffer: {e}"))?,
-            )
+            let (task, rx) = ingest::spawn_reader(p.take_events()?, queue_dropped.clone(), malformed.clone())
+                .map_err(|e| anyhow::anyhow!("watch the event ring buffer: {e}"))?;
+            (Some(task), Some(rx))
         }
-        None => None,
+        None => (None, None),
     };
     info!(
         listen = %args.listen,
@@ -204,34 +201,26 @@ async fn daemon(mut args: RunArgs, attach: Attach, proc_root: ProcRoot, reload: 
                 }
                 notify(sd_notify::NotifyState::Ready);
             }
-            guard = async { events.as_mut().expect("guarded").readable_mut().await }, if events.is_some() => {
-                let mut guard = guard.context("wait for events")?;
-                while let Some(record) = guard.get_inner_mut().next() {
-                    let Some(ev) = ingest::decode(&record) else {
-                        warn!(len = record.len(), "malformed lifecycle record");
-                        continue;
-                    };
-                    match ev.kind {
-                        event::EXIT => { exited.insert(ev.tgid); }
-                        event::EXEC => {
-                            replaced.insert(ev.tgid, ev.gen);
-                            names.insert(ev.tgid, ingest::comm(&ev));
-                        }
-                        event::FORK => { names.insert(ev.child, ingest::comm(&ev)); }
-                        event::OOM => {
-                            // Who it was at the last sample: by now it may be gone.
-                            let (service, comm) = monitor
-                                .identity_of(ev.tgid)
-                                .cloned()
-                                .or_else(|| sampler::sample(&proc_root, ev.tgid).map(|v| (v.service, v.comm)))
-                                .unwrap_or_else(|| ("unknown".to_owned(), ingest::comm(&ev)));
-                            warn!(pid = ev.tgid, service = %service, comm = %comm, "OOM kill");
-                            metrics.oom_kill(&service, &comm, ev.tgid);
-                        }
-                        _ => {}
+            Some(ev) = async { events.as_mut().expect("guarded").recv().await }, if events.is_some() => {
+                match ev.kind {
+                    event::EXIT => { exited.insert(ev.tgid); }
+                    event::EXEC => {
+                        replaced.insert(ev.tgid, ev.gen);
+                        names.insert(ev.tgid, ingest::comm(&ev));
                     }
+                    event::FORK => { names.insert(ev.child, ingest::comm(&ev)); }
+                    event::OOM => {
+                        // Who it was at the last sample: by now it may be gone.
+                        let (service, comm) = monitor
+                            .identity_of(ev.tgid)
+                            .cloned()
+                            .or_else(|| sampler::sample(&proc_root, ev.tgid).map(|v| (v.service, v.comm)))
+                            .unwrap_or_else(|| ("unknown".to_owned(), ingest::comm(&ev)));
+                        warn!(pid = ev.tgid, service = %service, comm = %comm, "OOM kill");
+                        metrics.oom_kill(&service, &comm, ev.tgid);
+                    }
+                    _ => {}
                 }
-                guard.clear_ready();
             }
             _ = sample.tick() => {
                 let now = started.elapsed().as_secs_f64();
@@ -262,6 +251,10 @@ async fn daemon(mut args: RunArgs, attach: Attach, proc_root: ProcRoot, reload: 
                 let counters = probes.as_ref().and_then(|p| p.counters().ok());
                 let attached = traced.len();
                 metrics.update(&views, counters, attached, monitor.series_dropped());
+                metrics.queue_losses(
+                    queue_dropped.load(std::sync::atomic::Ordering::Relaxed),
+                    malformed.load(std::sync::atomic::Ordering::Relaxed),
+                );
                 metrics.restarts(monitor.restarts());
                 publish(&published, &metrics, &views).await;
             }
@@ -299,6 +292,9 @@ async fn daemon(mut args: RunArgs, attach: Attach, proc_root: ProcRoot, reload: 
     notify(sd_notify::NotifyState::Stopping);
     info!("stopping: detaching probes");
     server.abort();
+    if let Some(task) = event_reader {
+        task.abort();
+    }
     drop(events);
     drop(probes);
     Ok(())

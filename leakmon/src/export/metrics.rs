@@ -124,7 +124,9 @@ impl Metrics {
         build.with_label_values(&[env!("CARGO_PKG_VERSION")]).set(1);
         // Counters with known labels start at 0, so `increase()` sees their first loss
         // and dashboards and alerts find the series before anything went wrong.
-        m.events_lost.with_label_values(&["lifecycle_ring"]);
+        for source in ["lifecycle_ring", "lifecycle_queue", "lifecycle_malformed"] {
+            m.events_lost.with_label_values(&[source]);
+        }
         for map in MAP_LABELS {
             m.map_errors.with_label_values(&[map]);
         }
@@ -211,6 +213,15 @@ impl Metrics {
         self.attached.set(attached as i64);
         self.series_dropped.inc_by(dropped.saturating_sub(self.last_dropped));
         self.last_dropped = dropped;
+    }
+
+    /// Events lost in userspace: the queue behind the ring reader was full, or a
+    /// record had the wrong size. Both totals since start.
+    pub fn queue_losses(&mut self, dropped: u64, malformed: u64) {
+        let queue = self.events_lost.with_label_values(&["lifecycle_queue"]);
+        queue.inc_by(dropped.saturating_sub(queue.get()));
+        let bad = self.events_lost.with_label_values(&["lifecycle_malformed"]);
+        bad.inc_by(malformed.saturating_sub(bad.get()));
     }
 
     /// Counts one OOM kill.
