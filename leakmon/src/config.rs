@@ -288,4 +288,53 @@ pid-label = true
             }]
         );
     }
+
+    mod fuzz {
+        use proptest::prelude::*;
+
+        use super::super::check;
+
+        /// Lines built from the real keys, values of every TOML kind (and broken ones),
+        /// and sections: the parser sees plausible files, not only noise.
+        fn line() -> impl Strategy<Value = String> {
+            let key = prop::sample::select(super::super::KEYS.to_vec()).prop_map(str::to_owned);
+            let value = prop_oneof![
+                any::<i64>().prop_map(|v| v.to_string()),
+                any::<f64>().prop_map(|v| v.to_string()),
+                "\"[0-9a-z. :]{0,12}\"",
+                Just("true".to_owned()),
+                Just("[1, \"x\"]".to_owned()),
+                Just("{ a = 1 }".to_owned()),
+                "[^\n]{0,16}",
+            ];
+            prop_oneof![
+                (key, value).prop_map(|(k, v)| format!("{k} = {v}")),
+                Just("[web]".to_owned()),
+                Just("[metrics]".to_owned()),
+                "[^\n]{0,24}",
+            ]
+        }
+
+        proptest! {
+            #![proptest_config(ProptestConfig::with_cases(2000))]
+
+            /// Whatever the file, the checker answers (never panics), and every problem
+            /// it reports names a line that exists.
+            #[test]
+            fn never_panics_and_problems_have_real_lines(lines in prop::collection::vec(line(), 0..12)) {
+                let text = lines.join("\n");
+                let (_, problems) = check(&text);
+                let count = text.lines().count().max(1);
+                for p in problems {
+                    prop_assert!(p.line >= 1 && p.line <= count + 1, "line {} of {count}: {}", p.line, p.message);
+                    prop_assert!(!p.message.is_empty());
+                }
+            }
+
+            #[test]
+            fn arbitrary_bytes_never_panic(text in "\\PC{0,200}") {
+                let _ = check(&text);
+            }
+        }
+    }
 }

@@ -90,4 +90,16 @@ mod tests {
         assert!(decode(&bytes[..31]).is_none());
         assert!(decode(&[0u8; 33]).is_none());
     }
+
+    proptest::proptest! {
+        /// Any record: decoded only when it has an event's exact size, never a panic.
+        #[test]
+        fn any_record_decodes_only_at_the_exact_size(record in proptest::collection::vec(proptest::prelude::any::<u8>(), 0..100)) {
+            let decoded = decode(&record);
+            proptest::prop_assert_eq!(decoded.is_some(), record.len() == std::mem::size_of::<LifecycleEvent>());
+            if let Some(ev) = decoded {
+                let _ = comm(&ev);
+            }
+        }
+    }
 }
