@@ -40,6 +40,33 @@ pub(crate) fn unfreed(
     Ok(crate::store::group(totals, |pid| traced.get(&pid).map(|s| s.gen)))
 }
 
+/// The report of the `traced` processes: their unfreed stacks, symbolized, and the
+/// clean ones with zero. `infos` holds what was captured of processes already gone;
+/// the others are captured now, alive.
+pub(crate) fn report_of(
+    probes: &Probes,
+    proc_root: &crate::procfs::ProcRoot,
+    traced: &std::collections::HashMap<u32, leakmon_common::ProcState>,
+    mut infos: std::collections::HashMap<u32, crate::report::ProcessInfo>,
+    symbolizer: &crate::symbolize::Symbolizer,
+) -> Result<crate::report::Report> {
+    for (&pid, state) in traced {
+        let info = infos.entry(pid).or_insert_with(|| capture(proc_root, pid, true));
+        info.incomplete = state.flags & leakmon_common::proc_flags::INCOMPLETE != 0;
+    }
+    let totals = unfreed(probes, traced)?;
+    let mut report = crate::report::Report::build(
+        totals,
+        &infos,
+        |id| probes.stack(id),
+        symbolizer,
+        crate::monotonic_ms(),
+    );
+    infos.retain(|pid, _| traced.contains_key(pid));
+    report.include_clean(&infos);
+    Ok(report)
+}
+
 /// Name and mappings of a process; `alive` adds its root for symbolizing through it.
 pub(crate) fn capture(
     proc_root: &crate::procfs::ProcRoot,

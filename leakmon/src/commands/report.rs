@@ -8,10 +8,9 @@ use std::{
 };
 
 use anyhow::{bail, Context as _, Result};
-use leakmon_common::proc_flags;
 use tracing::{info, warn};
 
-use super::{attach_all, capture, count_signals, load_probes, signals_received, unfreed};
+use super::{attach_all, capture, count_signals, load_probes, report_of, signals_received};
 use crate::{
     cli::{Format, ReportArgs},
     discovery,
@@ -113,20 +112,7 @@ pub fn report(args: &ReportArgs) -> Result<()> {
     Ok(())
 }
 
-fn build_report(
-    probes: &Probes,
-    proc_root: &ProcRoot,
-    mut infos: HashMap<u32, ProcessInfo>,
-) -> Result<Report> {
+fn build_report(probes: &Probes, proc_root: &ProcRoot, infos: HashMap<u32, ProcessInfo>) -> Result<Report> {
     let traced: HashMap<u32, _> = probes.traced()?.into_iter().collect();
-    for (&pid, state) in &traced {
-        let info = infos.entry(pid).or_insert_with(|| capture(proc_root, pid, true));
-        info.incomplete = state.flags & proc_flags::INCOMPLETE != 0;
-    }
-    let totals = unfreed(probes, &traced)?;
-    let mut report =
-        Report::build(totals, &infos, |id| probes.stack(id), &Symbolizer::default(), crate::monotonic_ms());
-    infos.retain(|pid, _| traced.contains_key(pid));
-    report.include_clean(&infos);
-    Ok(report)
+    report_of(probes, proc_root, &traced, infos, &Symbolizer::default())
 }

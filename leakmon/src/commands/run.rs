@@ -18,7 +18,7 @@ use tokio::{
 };
 use tracing::{info, warn};
 
-use super::{attach_all, capture, load_probes, unfreed};
+use super::{attach_all, load_probes, report_of, unfreed};
 use crate::{
     analysis::{history::Change, trend::Params},
     cli::{Attach, RunArgs},
@@ -32,7 +32,7 @@ use crate::{
     monitor::Monitor,
     probes::Probes,
     procfs::ProcRoot,
-    report::{flamegraph, pprof, table::bytes, ProcessInfo, Report},
+    report::{flamegraph, pprof, table::bytes},
     sampler,
     symbolize::Symbolizer,
 };
@@ -335,11 +335,8 @@ fn build_profile(
         return Err((StatusCode::NOT_FOUND, what));
     }
     let selected: HashMap<u32, ProcState> = pids.iter().map(|p| (*p, traced[p])).collect();
-    let totals =
-        unfreed(probes, &selected).map_err(|e| (StatusCode::INTERNAL_SERVER_ERROR, format!("{e:#}")))?;
-    let infos: HashMap<u32, ProcessInfo> = pids.iter().map(|&p| (p, capture(proc_root, p, true))).collect();
-    let mut report = Report::build(totals, &infos, |id| probes.stack(id), symbolizer, crate::monotonic_ms());
-    report.include_clean(&infos);
+    let report = report_of(probes, proc_root, &selected, HashMap::new(), symbolizer)
+        .map_err(|e| (StatusCode::INTERNAL_SERVER_ERROR, format!("{e:#}")))?;
     match request.kind {
         ProfileKind::Pprof => Ok(pprof::encode(&pprof::profile(&report, crate::unix_nanos()))),
         ProfileKind::FlameGraph => flamegraph::render(&report, &title)
