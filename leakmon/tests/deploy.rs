@@ -8,7 +8,7 @@ mod common;
 use std::{
     collections::BTreeSet,
     path::{Path, PathBuf},
-    process::{Command, Stdio},
+    process::Command,
     time::{Duration, Instant},
 };
 
@@ -175,15 +175,6 @@ fn the_dashboard_matches_grafanas_schema() {
     );
 }
 
-/// A cgroup of its own with a small memory limit, removed at the end.
-struct Cgroup(PathBuf);
-
-impl Drop for Cgroup {
-    fn drop(&mut self) {
-        let _ = std::fs::remove_dir(&self.0);
-    }
-}
-
 #[test]
 #[expect(clippy::too_many_lines, reason = "one scenario, start to end")]
 fn rules_and_dashboard_read_only_what_leakmon_exports() {
@@ -195,26 +186,8 @@ fn rules_and_dashboard_read_only_what_leakmon_exports() {
         LISTEN,
     );
 
-    let tsdb = tempfile::tempdir().expect("tsdb dir");
-    let config = tsdb.path().join("prometheus.yml");
-    std::fs::write(
-        &config,
-        format!(
-            "global:\n  scrape_interval: 1s\n  evaluation_interval: 1s\nrule_files:\n  - {}\nscrape_configs:\n  - job_name: leakmon\n    static_configs:\n      - targets: ['{LISTEN}']\n",
-            deploy("prometheus/leakmon.rules.yml").display()
-        ),
-    )
-    .expect("write config");
-    let _prometheus = Reap(
-        Command::new("prometheus")
-            .arg(format!("--config.file={}", config.display()))
-            .arg(format!("--storage.tsdb.path={}", tsdb.path().join("data").display()))
-            .arg(format!("--web.listen-address={PROMETHEUS}"))
-            .stdout(Stdio::null())
-            .stderr(Stdio::null())
-            .spawn()
-            .expect("start prometheus"),
-    );
+    let rules = deploy("prometheus/leakmon.rules.yml");
+    let _prometheus = common::start_prometheus(PROMETHEUS, LISTEN, Some(&rules));
 
     // A leak that is restarted once (restarts_total), with stacks (heap and stack
     // families), and one OOM kill in a small cgroup (oom_kills_total).
@@ -222,18 +195,8 @@ fn rules_and_dashboard_read_only_what_leakmon_exports() {
     std::thread::sleep(Duration::from_secs(4));
     drop(first);
     let _second = Reap(Command::new(&leaky).arg("two_sites").spawn().expect("start"));
-    let (dir, limit_file) = if Path::new("/sys/fs/cgroup/cgroup.controllers").exists() {
-        (PathBuf::from("/sys/fs/cgroup"), "memory.max")
-    } else {
-        (PathBuf::from("/sys/fs/cgroup/memory"), "memory.limit_in_bytes")
-    };
-    let cgroup = Cgroup(dir.join(format!("leakmon-deploy-test-{}", std::process::id())));
-    std::fs::create_dir(&cgroup.0).expect("create cgroup");
-    std::fs::write(cgroup.0.join(limit_file), "33554432").expect("set the memory limit");
-    let _ = std::fs::write(cgroup.0.join("memory.swap.max"), "0");
-    let script =
-        format!("echo $$ > {} && exec {} oom", cgroup.0.join("cgroup.procs").display(), victim.display());
-    let status = Command::new("sh").args(["-c", &script]).status().expect("run victim");
+    let cgroup = common::Cgroup::with_limit(&format!("leakmon-deploy-test-{}", std::process::id()), 32 << 20);
+    let status = cgroup.run(&victim, "oom");
     assert!(!status.success(), "the victim is OOM-killed");
 
     // Wait until the scrape has every family we expect to see.

@@ -10,21 +10,8 @@ use std::{
     time::{Duration, Instant},
 };
 
-use common::{build_fixture, http_get, http_get_raw, leakmon, Reap};
+use common::{build_fixture, http_get, http_get_raw, leakmon, Reap, LEAKS};
 use serde_json::Value;
-
-/// The fixture's leaks per function: (bytes, allocations).
-const LEAKS: &[(&str, u64, u64)] = &[
-    ("leak_small", 48_000, 1000),
-    ("leak_calloc", 32_000, 100),
-    ("leak_realloc_chain", 2_621_440, 10),
-    ("leak_realloc_null", 1000, 10),
-    ("leak_posix_memalign", 12_800, 50),
-    ("leak_aligned_alloc", 10_240, 20),
-    ("leak_memalign", 5000, 5),
-    ("leak_strdup", 2800, 200),
-    ("leak_in_thread", 128_000, 2000),
-];
 
 /// `go tool pprof -top` of one sample type: flat value per function, and the total.
 fn go_pprof_top(source: &str, sample_index: &str) -> (BTreeMap<String, u64>, u64) {

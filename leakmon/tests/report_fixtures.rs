@@ -5,19 +5,7 @@ mod common;
 
 use std::{collections::BTreeMap, process::Command};
 
-use common::{build_fixture, by_function, expected, processes, report_json};
-
-const LEAKS: &[(&str, u64, u64)] = &[
-    ("leak_small", 48_000, 1000),
-    ("leak_calloc", 32_000, 100),
-    ("leak_realloc_chain", 2_621_440, 10),
-    ("leak_realloc_null", 1000, 10),
-    ("leak_posix_memalign", 12_800, 50),
-    ("leak_aligned_alloc", 10_240, 20),
-    ("leak_memalign", 5000, 5),
-    ("leak_strdup", 2800, 200),
-    ("leak_in_thread", 128_000, 2000),
-];
+use common::{build_fixture, by_function, expected, processes, report_json, LEAKS};
 
 #[test]
 fn c_fixture_is_reported_exactly_per_function() {

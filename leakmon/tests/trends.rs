@@ -35,19 +35,7 @@ fn verdicts_and_detection_times_on_real_workloads() {
     let _daemon = common::start_daemon(&["--sample-interval", "0.5s", "--window", "30s"], LISTEN);
 
     // A real Prometheus scraping the daemon every second.
-    let tsdb = tempfile::tempdir().expect("tsdb dir");
-    let config = tsdb.path().join("prometheus.yml");
-    std::fs::write(
-        &config,
-        format!("global:\n  scrape_interval: 1s\nscrape_configs:\n  - job_name: leakmon\n    static_configs:\n      - targets: ['{LISTEN}']\n"),
-    )
-    .expect("write config");
-    let _prometheus = spawn(
-        Command::new("prometheus")
-            .arg(format!("--config.file={}", config.display()))
-            .arg(format!("--storage.tsdb.path={}", tsdb.path().join("data").display()))
-            .arg(format!("--web.listen-address={PROMETHEUS}")),
-    );
+    let _prometheus = common::start_prometheus(PROMETHEUS, LISTEN, None);
 
     let start = Instant::now();
     let mut workloads = vec![

@@ -101,16 +101,7 @@ struct DaemonCost {
 pub fn bench(root: &Path, rounds: usize, pairs: u64, scale: bool) -> Result<()> {
     let out = root.join("target/bench");
     std::fs::create_dir_all(&out).context("create target/bench")?;
-    let workload_bin = out.join("alloc_bench");
-    let status = Command::new("gcc")
-        .args(["-O2", "-g", "-fno-builtin", "-fno-omit-frame-pointer", "-pthread", "-o"])
-        .arg(&workload_bin)
-        .arg(root.join("bench/alloc_bench.c"))
-        .status()
-        .context("run gcc")?;
-    if !status.success() {
-        bail!("gcc failed on bench/alloc_bench.c");
-    }
+    let workload_bin = compile(root, "alloc_bench", &out, &["-pthread"])?;
     let setup = Setup {
         workload_bin,
         leakmon: root.join("target/release/leakmon"),
@@ -150,19 +141,9 @@ pub fn bench(root: &Path, rounds: usize, pairs: u64, scale: bool) -> Result<()> 
 /// The daemon at host scale: the always-on tier's CPU with 1,000 extra idle
 /// processes, and, attributing everything, its memory with one million live blocks
 /// and 2^17 distinct stacks, and the latency of a /metrics scrape.
-#[expect(clippy::too_many_lines, reason = "one scenario, its set-up and its printout")]
 fn scale_figures(root: &Path, s: &Setup) -> Result<()> {
     const LISTEN: &str = "127.0.0.1:19598";
-    let hold = s.out.join("hold");
-    let status = Command::new("gcc")
-        .args(["-O2", "-g", "-fno-builtin", "-fno-omit-frame-pointer", "-fno-optimize-sibling-calls", "-o"])
-        .arg(&hold)
-        .arg(root.join("bench/hold.c"))
-        .status()
-        .context("run gcc")?;
-    if !status.success() {
-        bail!("gcc failed on bench/hold.c");
-    }
+    let hold = compile(root, "hold", &s.out, &["-fno-optimize-sibling-calls"])?;
     let start_hold = |args: &[&str]| {
         let mut cmd = Command::new(&hold);
         cmd.args(args);
@@ -281,6 +262,24 @@ fn http_get(addr: &str, path: &str) -> Option<String> {
     stream.read_to_string(&mut out).ok()?;
     let (head, body) = out.split_once("\r\n\r\n")?;
     head.contains(" 200 ").then(|| body.to_owned())
+}
+
+/// Builds bench/NAME.c into `out` the way the fixtures are built: every allocator call
+/// kept (`-fno-builtin`), frame pointers for stacks.
+fn compile(root: &Path, name: &str, out: &Path, extra: &[&str]) -> Result<PathBuf> {
+    let binary = out.join(name);
+    let status = Command::new("gcc")
+        .args(["-O2", "-g", "-fno-builtin", "-fno-omit-frame-pointer"])
+        .args(extra)
+        .arg("-o")
+        .arg(&binary)
+        .arg(root.join(format!("bench/{name}.c")))
+        .status()
+        .context("run gcc")?;
+    if !status.success() {
+        bail!("gcc failed on bench/{name}.c");
+    }
+    Ok(binary)
 }
 
 /// The libc this machine's programs use (xtask's own, from its mappings).

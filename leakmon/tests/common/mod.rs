@@ -182,3 +182,77 @@ pub fn named(binary: &Path, name: &str) -> PathBuf {
     std::fs::copy(binary, &path).expect("copy fixture");
     path
 }
+
+/// What tests/fixtures/leaks.c leaks, per function: (bytes, allocations).
+pub const LEAKS: &[(&str, u64, u64)] = &[
+    ("leak_small", 48_000, 1000),
+    ("leak_calloc", 32_000, 100),
+    ("leak_realloc_chain", 2_621_440, 10),
+    ("leak_realloc_null", 1000, 10),
+    ("leak_posix_memalign", 12_800, 50),
+    ("leak_aligned_alloc", 10_240, 20),
+    ("leak_memalign", 5000, 5),
+    ("leak_strdup", 2800, 200),
+    ("leak_in_thread", 128_000, 2000),
+];
+
+/// A memory cgroup of its own with a limit, in the unified hierarchy where the host
+/// has one, else in v1's memory controller; removed when dropped.
+pub struct Cgroup(pub PathBuf);
+
+impl Cgroup {
+    pub fn with_limit(name: &str, bytes: u64) -> Self {
+        let (dir, limit_file) = if Path::new("/sys/fs/cgroup/cgroup.controllers").exists() {
+            (PathBuf::from("/sys/fs/cgroup"), "memory.max")
+        } else {
+            (PathBuf::from("/sys/fs/cgroup/memory"), "memory.limit_in_bytes")
+        };
+        let cgroup = Self(dir.join(name));
+        std::fs::create_dir(&cgroup.0).unwrap_or_else(|e| panic!("create {}: {e}", cgroup.0.display()));
+        std::fs::write(cgroup.0.join(limit_file), bytes.to_string()).expect("set the memory limit");
+        let _ = std::fs::write(cgroup.0.join("memory.swap.max"), "0");
+        cgroup
+    }
+
+    /// Runs `program arg` inside the cgroup (a shell moves itself in, then execs it).
+    pub fn run(&self, program: &Path, arg: &str) -> std::process::ExitStatus {
+        let script = format!(
+            "echo $$ > {} && exec {} {arg}",
+            self.0.join("cgroup.procs").display(),
+            program.display()
+        );
+        Command::new("sh").args(["-c", &script]).status().expect("run in the cgroup")
+    }
+}
+
+impl Drop for Cgroup {
+    fn drop(&mut self) {
+        let _ = std::fs::remove_dir(&self.0);
+    }
+}
+
+/// A real Prometheus on `listen`, scraping `target` (job `leakmon`) and evaluating
+/// `rules` every second. Keep both values: the directory holds its database.
+pub fn start_prometheus(listen: &str, target: &str, rules: Option<&Path>) -> (tempfile::TempDir, Reap) {
+    let tsdb = tempfile::tempdir().expect("tsdb dir");
+    let config = tsdb.path().join("prometheus.yml");
+    let rule_files = rules.map(|r| format!("rule_files:\n  - {}\n", r.display())).unwrap_or_default();
+    std::fs::write(
+        &config,
+        format!(
+            "global:\n  scrape_interval: 1s\n  evaluation_interval: 1s\n{rule_files}scrape_configs:\n  - job_name: leakmon\n    static_configs:\n      - targets: ['{target}']\n"
+        ),
+    )
+    .expect("write config");
+    let prometheus = Reap(
+        Command::new("prometheus")
+            .arg(format!("--config.file={}", config.display()))
+            .arg(format!("--storage.tsdb.path={}", tsdb.path().join("data").display()))
+            .arg(format!("--web.listen-address={listen}"))
+            .stdout(std::process::Stdio::null())
+            .stderr(std::process::Stdio::null())
+            .spawn()
+            .expect("start prometheus"),
+    );
+    (tsdb, prometheus)
+}
