@@ -238,6 +238,7 @@ impl Monitor {
                 pid: key.pid,
                 signal: key.signal.as_str(),
                 pids: group.map(|g| g.pids.clone()).unwrap_or_default(),
+                allocator: None,
                 current_bytes: if key.signal == Signal::Rss { rss as u64 } else { latest.v as u64 },
                 allocations: if key.signal == Signal::Heap {
                     group.and_then(|g| g.heap).map(|h| h.1)

@@ -36,6 +36,16 @@ fn err(call: &'static str, pid: Pid) -> impl FnOnce(Errno) -> TracerError {
     move |source| TracerError::Ptrace { call, pid: pid.as_raw(), source }
 }
 
+/// A stop at which the caller may look at a process before it goes on.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Stop {
+    /// Just after an exec: the new executable and the dynamic linker are mapped, no
+    /// library yet, no instruction of the program has run.
+    Exec,
+    /// Just before exit: the address space is still in place.
+    Exit,
+}
+
 /// How the root process ended.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub enum RootExit {
@@ -100,9 +110,9 @@ impl Tracer {
         self.root_exit
     }
 
-    /// Handles every pending stop without blocking. `at_exit(pid)` runs while `pid` is
-    /// held at its exit stop, its address space still in place.
-    pub fn poll(&mut self, mut at_exit: impl FnMut(u32)) -> Result<(), TracerError> {
+    /// Handles every pending stop without blocking. `at_stop(pid, stop)` runs while
+    /// `pid` is held at an exec or exit stop.
+    pub fn poll(&mut self, mut at_stop: impl FnMut(u32, Stop)) -> Result<(), TracerError> {
         loop {
             let status = match waitpid(None, Some(WaitPidFlag::__WALL | WaitPidFlag::WNOHANG)) {
                 Ok(WaitStatus::StillAlive) | Err(Errno::ECHILD) => return Ok(()),
@@ -112,8 +122,10 @@ impl Tracer {
             match status {
                 WaitStatus::PtraceEvent(pid, _, event) => {
                     self.seen.insert(pid);
-                    if event == libc::PTRACE_EVENT_EXIT {
-                        at_exit(pid.as_raw() as u32);
+                    match event {
+                        libc::PTRACE_EVENT_EXIT => at_stop(pid.as_raw() as u32, Stop::Exit),
+                        libc::PTRACE_EVENT_EXEC => at_stop(pid.as_raw() as u32, Stop::Exec),
+                        _ => {}
                     }
                     // A process may vanish (SIGKILL) between its stop and this call.
                     let _ = ptrace::cont(pid, None);

@@ -28,10 +28,7 @@ fn valgrind_definitely_lost(binary: &std::path::Path, file: &str) -> BTreeMap<St
     // put breakpoints (int3) in libc: give it a private copy of libc, a file no probe
     // is attached to.
     let private = tempfile::tempdir().expect("temp dir");
-    let libc = leakmon::discovery::libraries_of(&leakmon::procfs::ProcRoot::default(), std::process::id())
-        .into_iter()
-        .find(|p| p.to_string_lossy().contains("libc.so"))
-        .expect("libc");
+    let libc = common::system_libc();
     std::fs::copy(&libc, private.path().join("libc.so.6")).expect("copy libc");
     let status = Command::new("valgrind")
         .env("LD_LIBRARY_PATH", private.path())

@@ -10,11 +10,7 @@ use std::{
 };
 
 use common::{build_fixture, Reap};
-use leakmon::{
-    discovery,
-    probes::{Probes, Settings},
-    procfs::ProcRoot,
-};
+use leakmon::probes::{Probes, Settings};
 use nix::{
     sys::signal::{kill, Signal},
     unistd::Pid,
@@ -24,10 +20,7 @@ use nix::{
 fn stacks_of_a_purged_process_go_at_the_second_purge() {
     let fixture = build_fixture("wait_then_leak.c", &[]);
     let mut probes = Probes::load(&Settings::default()).expect("load probes");
-    let libc = discovery::libraries_of(&ProcRoot::default(), std::process::id())
-        .into_iter()
-        .find(|p| p.to_string_lossy().contains("libc.so"))
-        .expect("libc");
+    let libc = common::system_libc();
     probes.attach_library(&libc).expect("attach libc");
 
     let mut child = Reap(Command::new(&fixture).stdout(Stdio::piped()).spawn().expect("start fixture"));

@@ -30,7 +30,8 @@ enum Task {
     /// Install what the build needs (idempotent): Debian packages, the pinned nightly
     /// with rust-src, bpf-linker.
     Setup {
-        /// Also install what the tests need (C/C++ compilers, valgrind, bpftool).
+        /// Also install what the tests need (C/C++ compilers, valgrind, bpftool, other
+        /// allocators, redis).
         #[arg(long)]
         tests: bool,
     },
@@ -268,8 +269,24 @@ fn setup(pins: &Pins, tests: bool) -> Result<()> {
     ];
     if tests {
         packages.extend(
-            ["g++", "valgrind", "bpftool", "prometheus", "python3", "python3-pip", "systemd", "golang-go"]
-                .map(str::to_owned),
+            [
+                "g++",
+                "valgrind",
+                "bpftool",
+                "prometheus",
+                "python3",
+                "python3-pip",
+                "systemd",
+                "golang-go",
+                // Allocators other than glibc's, and a server that links one.
+                "musl-tools",
+                "libjemalloc2",
+                "libtcmalloc-minimal4",
+                "libmimalloc2.0",
+                "redis-server",
+                "redis-tools",
+            ]
+            .map(str::to_owned),
         );
     }
     apt_install(&packages)?;

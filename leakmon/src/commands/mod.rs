@@ -45,13 +45,13 @@ pub(crate) fn unfreed(
 /// the others are captured now, alive.
 pub(crate) fn report_of(
     probes: &Probes,
-    proc_root: &crate::procfs::ProcRoot,
+    discovery: &mut crate::discovery::Discovery,
     traced: &std::collections::HashMap<u32, leakmon_common::ProcState>,
     mut infos: std::collections::HashMap<u32, crate::report::ProcessInfo>,
     symbolizer: &crate::symbolize::Symbolizer,
 ) -> Result<crate::report::Report> {
     for (&pid, state) in traced {
-        let info = infos.entry(pid).or_insert_with(|| capture(proc_root, pid, true));
+        let info = infos.entry(pid).or_insert_with(|| capture(discovery, pid, true));
         info.incomplete = state.flags & leakmon_common::proc_flags::INCOMPLETE != 0;
     }
     let totals = unfreed(probes, traced)?;
@@ -67,15 +67,19 @@ pub(crate) fn report_of(
     Ok(report)
 }
 
-/// Name and mappings of a process; `alive` adds its root for symbolizing through it.
+/// Name, mappings and allocator of a process; `alive` adds its root for symbolizing
+/// through it.
 pub(crate) fn capture(
-    proc_root: &crate::procfs::ProcRoot,
+    discovery: &mut crate::discovery::Discovery,
     pid: u32,
     alive: bool,
 ) -> crate::report::ProcessInfo {
+    let proc_root = discovery.proc_root().clone();
+    let maps = proc_root.maps(pid).unwrap_or_default();
     crate::report::ProcessInfo {
         comm: proc_root.comm(pid).unwrap_or_default(),
-        maps: proc_root.maps(pid).unwrap_or_default(),
+        allocator: discovery.of_maps(pid, &maps).allocator,
+        maps,
         root: alive.then(|| proc_root.in_root(pid, std::path::Path::new("/"))),
         incomplete: false,
     }

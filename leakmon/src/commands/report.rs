@@ -13,15 +13,17 @@ use tracing::{info, warn};
 use super::{attach_all, capture, count_signals, load_probes, report_of, signals_received};
 use crate::{
     cli::{Format, ReportArgs},
-    discovery,
+    discovery::Discovery,
     probes::Probes,
     procfs::ProcRoot,
     report::{flamegraph, folded, pprof, table, ProcessInfo, Report},
     symbolize::Symbolizer,
-    tracer::{RootExit, Tracer},
+    tracer::{RootExit, Stop, Tracer},
 };
 
 const POLL: Duration = Duration::from_millis(10);
+/// How often the traced processes' mappings are read again for new allocator files.
+const RESCAN: Duration = Duration::from_millis(500);
 
 pub fn report(args: &ReportArgs) -> Result<()> {
     let proc_root = ProcRoot::default();
@@ -45,14 +47,9 @@ pub fn report(args: &ReportArgs) -> Result<()> {
         bail!("--format pprof writes a binary profile: redirect it to a file (> heap.pb.gz)");
     }
     let mut probes = load_probes(&args.tables, false)?;
-    let self_pid = std::process::id();
-    let watched = args.pid.unwrap_or(self_pid);
-    let libs = discovery::libraries_of(&proc_root, watched)
-        .into_iter()
-        .chain(discovery::libraries_in_linker_cache());
-    attach_all(&mut probes, libs)?;
-    if probes.attached_files() == 0 {
-        bail!("found no allocator library (libc) to probe for pid {watched}");
+    let mut discovery = Discovery::new(proc_root.clone());
+    if let Some(pid) = args.pid {
+        attach_all(&mut probes, discovery.process(pid).files)?;
     }
     count_signals();
 
@@ -63,22 +60,39 @@ pub fn report(args: &ReportArgs) -> Result<()> {
             .ok()
     } else {
         let mut tracer = Tracer::spawn(&args.command)?;
+        // Stopped at its exec, before its first instruction: probe its executable (a
+        // static allocator), the libraries it will load and what LD_PRELOAD names.
+        attach_all(&mut probes, discovery.image(tracer.root()))?;
         probes.trace(tracer.root())?;
         tracer.resume()?;
         Some(tracer)
     };
+    if probes.attached_files() == 0 {
+        bail!("found no allocator (libc or another malloc) to probe");
+    }
     let root = args.pid.or(tracer.as_ref().map(Tracer::root)).expect("a pid or a command");
     info!(pid = root, "watching");
 
     let mut infos: HashMap<u32, ProcessInfo> = HashMap::new();
+    let mut last_scan = Instant::now();
     let deadline = args.duration.map(|d| Instant::now() + Duration::from_secs_f64(d));
     // With a command, the first Ctrl-C reaches it too (same terminal): wait for it to
     // exit. A second one reports at once.
     let signals_to_stop = if args.pid.is_some() { 1 } else { 2 };
     loop {
         if let Some(t) = tracer.as_mut() {
-            t.poll(|pid| {
-                infos.insert(pid, capture(&proc_root, pid, false));
+            t.poll(|pid, stop| match stop {
+                Stop::Exit => {
+                    infos.insert(pid, capture(&mut discovery, pid, false));
+                }
+                // A new image may bring its own allocator or preload one (`env
+                // LD_PRELOAD=... cmd`): probe it while it is held, before its first
+                // instruction.
+                Stop::Exec => {
+                    if let Err(e) = attach_all(&mut probes, discovery.image(pid)) {
+                        warn!(pid, "attach to the allocator of a new image: {e:#}");
+                    }
+                }
             })?;
             if let Some(exit) = t.root_exit() {
                 match exit {
@@ -93,10 +107,18 @@ pub fn report(args: &ReportArgs) -> Result<()> {
         if deadline.is_some_and(|d| Instant::now() >= d) || signals_received() >= signals_to_stop {
             break;
         }
+        if last_scan.elapsed() >= RESCAN {
+            // Allocator libraries loaded with dlopen, and the images of children's execs.
+            last_scan = Instant::now();
+            for (pid, _) in probes.traced().unwrap_or_default() {
+                let files = discovery.process(pid).files;
+                attach_all(&mut probes, files)?;
+            }
+        }
         std::thread::sleep(POLL);
     }
 
-    let report = build_report(&probes, &proc_root, infos)?;
+    let report = build_report(&probes, &mut discovery, infos)?;
     let counters = probes.counters()?;
     for (name, value) in counters.nonzero() {
         warn!(counter = name, value, "allocations not fully accounted");
@@ -112,7 +134,11 @@ pub fn report(args: &ReportArgs) -> Result<()> {
     Ok(())
 }
 
-fn build_report(probes: &Probes, proc_root: &ProcRoot, infos: HashMap<u32, ProcessInfo>) -> Result<Report> {
+fn build_report(
+    probes: &Probes,
+    discovery: &mut Discovery,
+    infos: HashMap<u32, ProcessInfo>,
+) -> Result<Report> {
     let traced: HashMap<u32, _> = probes.traced()?.into_iter().collect();
-    report_of(probes, proc_root, &traced, infos, &Symbolizer::default())
+    report_of(probes, discovery, &traced, infos, &Symbolizer::default())
 }

@@ -22,7 +22,7 @@ use super::{attach_all, load_probes, report_of, unfreed};
 use crate::{
     analysis::{history::Change, trend::Params},
     cli::{Attach, RunArgs},
-    discovery,
+    discovery::Discovery,
     export::{
         http::{self, ProfileKind, ProfileRequest, Published, Selector, Shared},
         metrics::Metrics,
@@ -30,7 +30,7 @@ use crate::{
     },
     ingest,
     monitor::Monitor,
-    probes::Probes,
+    probes::{targets::Allocator, Probes},
     procfs::ProcRoot,
     report::{flamegraph, pprof, table::bytes},
     sampler,
@@ -41,6 +41,9 @@ use crate::{
 const PURGE_EVERY: Duration = Duration::from_secs(5);
 /// How often new library files (new containers, upgrades) are looked for.
 const RESCAN_EVERY: Duration = Duration::from_secs(30);
+/// How long after its exec a process's mappings are read for allocator files: by then
+/// the dynamic linker has mapped its libraries and preloads.
+const AFTER_EXEC: Duration = Duration::from_millis(100);
 
 /// Re-reads the options (command line over config file) on SIGHUP.
 pub type Reload<'a> = &'a dyn Fn() -> Result<RunArgs, Vec<String>>;
@@ -86,6 +89,9 @@ async fn daemon(mut args: RunArgs, attach: Attach, proc_root: ProcRoot, reload: 
     let (profile_tx, mut profile_requests) = tokio::sync::mpsc::channel::<ProfileRequest>(8);
     let server = http::serve(args.listen, published.clone(), profile_tx).await?;
     let symbolizer = Symbolizer::default();
+    let mut discovery = Discovery::new(proc_root.clone());
+    // The allocator each process's malloc reaches, as last read from its mappings.
+    let mut allocators: HashMap<u32, Allocator> = HashMap::new();
 
     // The lifecycle tracepoints (exits, execs, OOM kills) cost nothing per allocation,
     // so they are loaded in every mode; the allocator uprobes only when attributing.
@@ -97,7 +103,7 @@ async fn daemon(mut args: RunArgs, attach: Attach, proc_root: ProcRoot, reload: 
         Attach::All | Attach::Pids => {
             let mut probes = load_probes(&args.tables, attach == Attach::All)?;
             let selected = selected(&args, &proc_root);
-            attach_all(&mut probes, libraries(&proc_root, attach, &selected))?;
+            attach_all(&mut probes, libraries(&mut discovery, attach, &selected, &mut allocators))?;
             for &pid in &selected {
                 probes.trace(pid)?;
             }
@@ -147,6 +153,8 @@ async fn daemon(mut args: RunArgs, attach: Attach, proc_root: ProcRoot, reload: 
     let mut exited: HashSet<u32> = HashSet::new();
     let mut replaced: HashMap<u32, u32> = HashMap::new();
     let mut names: HashMap<u32, String> = HashMap::new();
+    // Processes that exec'd, to read for allocator files once their libraries are in.
+    let mut execed: HashMap<u32, Instant> = HashMap::new();
 
     notify(sd_notify::NotifyState::Ready);
     loop {
@@ -157,7 +165,7 @@ async fn daemon(mut args: RunArgs, attach: Attach, proc_root: ProcRoot, reload: 
                 notify(sd_notify::NotifyState::Watchdog);
             }
             Some(request) = profile_requests.recv() => {
-                let built = build_profile(probes.as_ref().filter(|_| attributing), &proc_root, &monitor, &symbolizer, &request);
+                let built = build_profile(probes.as_ref().filter(|_| attributing), &mut discovery, &monitor, &symbolizer, &request);
                 let _ = request.reply.send(built);
             }
             _ = sighup.recv() => {
@@ -206,6 +214,9 @@ async fn daemon(mut args: RunArgs, attach: Attach, proc_root: ProcRoot, reload: 
                     event::EXIT => { exited.insert(ev.tgid); }
                     event::EXEC => {
                         replaced.insert(ev.tgid, ev.gen);
+                        if system_wide {
+                            execed.insert(ev.tgid, Instant::now());
+                        }
                         names.insert(ev.tgid, ingest::comm(&ev));
                     }
                     event::FORK => { names.insert(ev.child, ingest::comm(&ev)); }
@@ -225,6 +236,21 @@ async fn daemon(mut args: RunArgs, attach: Attach, proc_root: ProcRoot, reload: 
             _ = sample.tick() => {
                 let now = started.elapsed().as_secs_f64();
                 let procs = sampler::sample_all(&proc_root);
+                if let Some(p) = probes.as_mut().filter(|_| system_wide) {
+                    // New images: a static allocator in the executable, a preloaded one.
+                    let due: Vec<u32> = execed.iter().filter(|(_, at)| at.elapsed() >= AFTER_EXEC).map(|(pid, _)| *pid).collect();
+                    for pid in due {
+                        execed.remove(&pid);
+                        let found = discovery.process(pid);
+                        match found.allocator {
+                            Some(a) => { allocators.insert(pid, a); }
+                            None => { allocators.remove(&pid); }
+                        }
+                        if let Err(e) = attach_all(p, found.files) {
+                            warn!(pid, "attach to a new image's allocator: {e:#}");
+                        }
+                    }
+                }
                 if attach == Attach::Pids && !(args.comms.is_empty() && args.cgroups.is_empty()) {
                     // Processes matching --comm/--cgroup that started since the last tick.
                     let p = probes.as_mut().expect("loaded with --attach pids");
@@ -241,11 +267,14 @@ async fn daemon(mut args: RunArgs, attach: Attach, proc_root: ProcRoot, reload: 
                     probes.as_ref().and_then(|p| p.traced().ok()).unwrap_or_default().into_iter().collect();
                 let heap = probes.as_ref().filter(|_| attributing).and_then(|p| unfreed(p, &traced).ok());
                 let stack = |id: u64| probes.as_ref().and_then(|p| p.stack(id));
-                let (views, changes) = monitor.tick(now, &procs, heap.as_deref(), &stack);
+                let (mut views, changes) = monitor.tick(now, &procs, heap.as_deref(), &stack);
+                for v in &mut views {
+                    v.allocator = v.pids.iter().find_map(|pid| allocators.get(pid)).map(|a| a.name());
+                }
                 log_changes(&changes);
                 if attach == Attach::Suspects {
                     if let Some(p) = probes.as_mut() {
-                        suspects.update(p, &proc_root, &views, args.suspect_duration, args.max_suspects);
+                        suspects.update(p, &mut discovery, &views, args.suspect_duration, args.max_suspects);
                     }
                 }
                 let counters = probes.as_ref().and_then(|p| p.counters().ok());
@@ -274,6 +303,8 @@ async fn daemon(mut args: RunArgs, attach: Attach, proc_root: ProcRoot, reload: 
                     )?;
                     tracing::debug!(processes = exited.len(), images = replaced.len(), removed, "purged");
                     names.retain(|pid, _| !exited.contains(pid));
+                    allocators.retain(|pid, _| !exited.contains(pid));
+                    execed.retain(|pid, _| !exited.contains(pid));
                     exited.clear();
                     replaced.clear();
                 } else {
@@ -283,7 +314,7 @@ async fn daemon(mut args: RunArgs, attach: Attach, proc_root: ProcRoot, reload: 
             _ = rescan.tick(), if system_wide => {
                 let p = probes.as_mut().expect("guarded");
                 let selected = selected(&args, &proc_root);
-                if let Err(e) = attach_all(p, libraries(&proc_root, attach, &selected)) {
+                if let Err(e) = attach_all(p, libraries(&mut discovery, attach, &selected, &mut allocators)) {
                     warn!("attach to new libraries: {e:#}");
                 }
             }
@@ -303,7 +334,7 @@ async fn daemon(mut args: RunArgs, attach: Attach, proc_root: ProcRoot, reload: 
 /// A profile of the unfreed memory of the processes `request` selects.
 fn build_profile(
     probes: Option<&Probes>,
-    proc_root: &ProcRoot,
+    discovery: &mut Discovery,
     monitor: &Monitor,
     symbolizer: &Symbolizer,
     request: &ProfileRequest,
@@ -335,7 +366,7 @@ fn build_profile(
         return Err((StatusCode::NOT_FOUND, what));
     }
     let selected: HashMap<u32, ProcState> = pids.iter().map(|p| (*p, traced[p])).collect();
-    let report = report_of(probes, proc_root, &selected, HashMap::new(), symbolizer)
+    let report = report_of(probes, discovery, &selected, HashMap::new(), symbolizer)
         .map_err(|e| (StatusCode::INTERNAL_SERVER_ERROR, format!("{e:#}")))?;
     match request.kind {
         ProfileKind::Pprof => Ok(pprof::encode(&pprof::profile(&report, crate::unix_nanos()))),
@@ -407,7 +438,7 @@ impl Suspects {
     fn update(
         &mut self,
         probes: &mut Probes,
-        proc_root: &ProcRoot,
+        discovery: &mut Discovery,
         views: &[SeriesView],
         duration: Duration,
         max: usize,
@@ -415,7 +446,7 @@ impl Suspects {
         let expired: Vec<u32> = self
             .active
             .iter()
-            .filter(|(pid, since)| since.elapsed() >= duration || !proc_root.exists(**pid))
+            .filter(|(pid, since)| since.elapsed() >= duration || !discovery.proc_root().exists(**pid))
             .map(|(pid, _)| *pid)
             .collect();
         for pid in expired {
@@ -431,7 +462,7 @@ impl Suspects {
                 if self.active.len() >= max || self.active.contains_key(&pid) || self.done.contains(&pid) {
                     continue;
                 }
-                let libs = discovery::libraries_of(proc_root, pid);
+                let libs = discovery.process(pid).files;
                 match probes.attach_process(pid, &libs) {
                     Ok(n) if n > 0 => {
                         info!(pid, service = %v.service, comm = %v.comm, probes = n, "attributing the allocations of a suspect");
@@ -516,17 +547,30 @@ fn selected(args: &RunArgs, proc_root: &ProcRoot) -> Vec<u32> {
     selected_in(args, &sampler::sample_all(proc_root))
 }
 
-fn libraries(proc_root: &ProcRoot, attach: Attach, pids: &[u32]) -> Vec<std::path::PathBuf> {
+/// The allocator files to attach to: every process's (`--attach all`) or the selected
+/// ones' (processes started later are read after their exec). Records each scanned
+/// process's allocator in `allocators`.
+fn libraries(
+    discovery: &mut Discovery,
+    attach: Attach,
+    pids: &[u32],
+    allocators: &mut HashMap<u32, Allocator>,
+) -> Vec<std::path::PathBuf> {
+    let mut libs = Vec::new();
     if attach == Attach::All {
-        let mut libs = discovery::libraries_of_all(proc_root);
-        libs.extend(discovery::libraries_in_linker_cache());
-        libs
+        let (files, found) = discovery.all();
+        libs.extend(files);
+        *allocators = found;
     } else {
-        let mut libs: Vec<_> = pids.iter().flat_map(|&pid| discovery::libraries_of(proc_root, pid)).collect();
-        // Selected processes started later load the host's libraries.
-        libs.extend(discovery::libraries_in_linker_cache());
-        libs
+        for &pid in pids {
+            let found = discovery.process(pid);
+            libs.extend(found.files);
+            if let Some(a) = found.allocator {
+                allocators.insert(pid, a);
+            }
+        }
     }
+    libs
 }
 
 fn log_summary(probes: &Probes, proc_root: &ProcRoot, names: &mut HashMap<u32, String>, top: usize) {

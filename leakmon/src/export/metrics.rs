@@ -26,6 +26,7 @@ pub struct Metrics {
     stack_info: IntGaugeVec,
     stack_growth: GaugeVec,
     stack_suspected: IntGaugeVec,
+    allocator: IntGaugeVec,
     events_lost: IntCounterVec,
     map_errors: IntCounterVec,
     attached: IntGauge,
@@ -80,6 +81,11 @@ impl Metrics {
             stack_info: gauge("leakmon_stack_info", "Allocation site of a stack hash; always 1.", &["stack", "function", "location"]),
             stack_growth: fgauge("leakmon_stack_growth_bytes_per_second", "Robust (Theil-Sen) growth rate of one top stack's unfreed bytes over the window.", scst),
             stack_suspected: gauge("leakmon_stack_leak_suspected", "1 while one top stack's unfreed bytes grow steadily and significantly.", scst),
+            allocator: gauge(
+                "leakmon_allocator_info",
+                "The allocator (glibc, musl, jemalloc, tcmalloc, mimalloc, other) that a service and command's malloc calls reach; always 1.",
+                &[sc, &["allocator"]].concat(),
+            ),
             events_lost: register(
                 &registry,
                 IntCounterVec::new(Opts::new("leakmon_events_lost_total", "Kernel events leakmon could not receive."), &["source"]).expect("valid"),
@@ -155,6 +161,7 @@ impl Metrics {
             &self.stack_bytes,
             &self.stack_info,
             &self.stack_suspected,
+            &self.allocator,
         ] {
             g.reset();
         }
@@ -169,6 +176,9 @@ impl Metrics {
             }
             let scs = [sc.as_slice(), &[v.signal]].concat();
             let bytes = i64::try_from(v.current_bytes).unwrap_or(i64::MAX);
+            if let Some(allocator) = v.allocator.filter(|_| v.signal == "rss") {
+                self.allocator.with_label_values(&[sc.as_slice(), &[allocator]].concat()).set(1);
+            }
             if v.signal == "rss" {
                 self.rss.with_label_values(&sc).set(bytes);
                 if let Some(limit) = v.limit_bytes {
@@ -271,6 +281,7 @@ mod tests {
             pid: Some(42),
             signal,
             pids: vec![1],
+            allocator: Some("jemalloc"),
             current_bytes: 4096,
             allocations: (signal == "heap").then_some(7),
             growth_bytes_per_second: 4096.5,
@@ -313,6 +324,7 @@ mod tests {
             "leakmon_stack_info{function=\"leak_small\",location=\"leaks.c:20\",stack=\"0123456789ab\"} 1",
             "leakmon_stack_growth_bytes_per_second{comm=\"leaky\",service=\"leaky.service\",stack=\"0123456789ab\"} 512",
             "leakmon_stack_leak_suspected{comm=\"leaky\",service=\"leaky.service\",stack=\"0123456789ab\"} 1",
+            "leakmon_allocator_info{allocator=\"jemalloc\",comm=\"leaky\",service=\"leaky.service\"} 1",
             "leakmon_attached_processes 3",
             "leakmon_bpf_map_errors_total{map=\"stacks\"} 0",
             "leakmon_events_lost_total{source=\"lifecycle_ring\"} 0",

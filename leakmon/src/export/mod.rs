@@ -20,6 +20,9 @@ pub struct SeriesView {
     pub pid: Option<u32>,
     pub signal: &'static str,
     pub pids: Vec<u32>,
+    /// The allocator the processes' malloc calls reach (glibc, jemalloc, ...), when
+    /// their mappings were read (allocation attribution on).
+    pub allocator: Option<&'static str>,
     pub current_bytes: u64,
     /// Live allocations (heap signal only).
     pub allocations: Option<u64>,

@@ -54,6 +54,9 @@ const ENTRY_POINTS: &[(&str, Handler)] = &[
     ("memalign", Handler::Memalign),
     ("valloc", Handler::Malloc),
     ("pvalloc", Handler::Malloc),
+    // C23's sized frees (glibc 2.40+, jemalloc, tcmalloc): `(ptr, size[, alignment])`.
+    ("free_sized", Handler::Free),
+    ("free_aligned_sized", Handler::Free),
     // The string duplicators allocate on their caller's behalf; probing them as the
     // outermost call puts the caller, not libc, on top of the stack.
     ("strdup", Handler::Strdup),
@@ -67,7 +70,137 @@ const ENTRY_POINTS: &[(&str, Handler)] = &[
     ("_ZnamSt11align_val_t", Handler::Malloc),
     ("_ZnwmSt11align_val_tRKSt9nothrow_t", Handler::Malloc),
     ("_ZnamSt11align_val_tRKSt9nothrow_t", Handler::Malloc),
+    // jemalloc's own API (redis, Rust's jemallocator): `mallocx(size, flags)`,
+    // `rallocx(ptr, size, flags)`, `dallocx(ptr, flags)`, `sdallocx(ptr, size, flags)`,
+    // unprefixed, with the `je_` prefix of a bundled build, and with tikv-jemallocator's
+    // `_rjem_` prefix.
+    ("mallocx", Handler::Malloc),
+    ("rallocx", Handler::Realloc),
+    ("dallocx", Handler::Free),
+    ("sdallocx", Handler::Free),
+    ("je_malloc", Handler::Malloc),
+    ("je_calloc", Handler::Calloc),
+    ("je_realloc", Handler::Realloc),
+    ("je_free", Handler::Free),
+    ("je_posix_memalign", Handler::PosixMemalign),
+    ("je_aligned_alloc", Handler::Memalign),
+    ("je_memalign", Handler::Memalign),
+    ("je_valloc", Handler::Malloc),
+    ("je_mallocx", Handler::Malloc),
+    ("je_rallocx", Handler::Realloc),
+    ("je_dallocx", Handler::Free),
+    ("je_sdallocx", Handler::Free),
+    ("_rjem_malloc", Handler::Malloc),
+    ("_rjem_calloc", Handler::Calloc),
+    ("_rjem_realloc", Handler::Realloc),
+    ("_rjem_free", Handler::Free),
+    ("_rjem_posix_memalign", Handler::PosixMemalign),
+    ("_rjem_aligned_alloc", Handler::Memalign),
+    ("_rjem_memalign", Handler::Memalign),
+    ("_rjem_mallocx", Handler::Malloc),
+    ("_rjem_rallocx", Handler::Realloc),
+    ("_rjem_dallocx", Handler::Free),
+    ("_rjem_sdallocx", Handler::Free),
+    // tcmalloc's and mimalloc's names; in their Debian builds aliases of the above.
+    ("tc_malloc", Handler::Malloc),
+    ("tc_calloc", Handler::Calloc),
+    ("tc_realloc", Handler::Realloc),
+    ("tc_free", Handler::Free),
+    ("tc_memalign", Handler::Memalign),
+    ("tc_posix_memalign", Handler::PosixMemalign),
+    ("mi_malloc", Handler::Malloc),
+    ("mi_zalloc", Handler::Malloc),
+    ("mi_calloc", Handler::Calloc),
+    ("mi_realloc", Handler::Realloc),
+    ("mi_free", Handler::Free),
+    ("mi_strdup", Handler::Strdup),
+    ("mi_strndup", Handler::Strdup),
 ];
+
+/// operator delete and delete[] (plain, sized, aligned, nothrow), probed only in a file
+/// that implements an allocator: libstdc++'s call `free`, already probed, but
+/// jemalloc's, tcmalloc's and mimalloc's release the block themselves.
+const DELETE_POINTS: &[&str] = &[
+    "_ZdlPv",
+    "_ZdaPv",
+    "_ZdlPvm",
+    "_ZdaPvm",
+    "_ZdlPvRKSt9nothrow_t",
+    "_ZdaPvRKSt9nothrow_t",
+    "_ZdlPvSt11align_val_t",
+    "_ZdaPvSt11align_val_t",
+    "_ZdlPvmSt11align_val_t",
+    "_ZdaPvmSt11align_val_t",
+    "_ZdlPvSt11align_val_tRKSt9nothrow_t",
+    "_ZdaPvSt11align_val_tRKSt9nothrow_t",
+];
+
+/// Which allocator implementation a file carries.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, serde::Serialize)]
+#[serde(rename_all = "lowercase")]
+pub enum Allocator {
+    Glibc,
+    Musl,
+    Jemalloc,
+    Tcmalloc,
+    Mimalloc,
+    /// A `malloc` of a program's or library's own.
+    Other,
+}
+
+impl Allocator {
+    pub const fn name(self) -> &'static str {
+        match self {
+            Self::Glibc => "glibc",
+            Self::Musl => "musl",
+            Self::Jemalloc => "jemalloc",
+            Self::Tcmalloc => "tcmalloc",
+            Self::Mimalloc => "mimalloc",
+            Self::Other => "other",
+        }
+    }
+
+    /// A C library's allocator: the one a process uses when nothing interposes.
+    pub const fn is_libc(self) -> bool {
+        matches!(self, Self::Glibc | Self::Musl)
+    }
+
+    /// Recognises the implementation from the names a file defines; `None` for a file
+    /// with no allocator of its own (libstdc++'s operator new calls malloc).
+    fn recognise(defined: &HashSet<&str>) -> Option<Self> {
+        let any = |names: &[&str]| names.iter().any(|n| defined.contains(n));
+        if any(&["mallocx", "je_mallocx", "_rjem_mallocx", "je_malloc", "_rjem_malloc"]) {
+            Some(Self::Jemalloc)
+        } else if any(&["tc_malloc"]) {
+            Some(Self::Tcmalloc)
+        } else if any(&["mi_malloc"]) {
+            Some(Self::Mimalloc)
+        } else if any(&["gnu_get_libc_version", "malloc_trim"]) {
+            // malloc_trim lives in glibc's malloc.o, so a static glibc program has it too.
+            Some(Self::Glibc)
+        } else if any(&["__libc_start_main"]) && any(&["malloc"]) {
+            // musl's libc.so and static musl programs: a C library that is not glibc.
+            Some(Self::Musl)
+        } else if any(&["malloc"]) {
+            Some(Self::Other)
+        } else {
+            None
+        }
+    }
+}
+
+/// What one file offers to probe.
+#[derive(Clone, Debug, Default, PartialEq, Eq)]
+pub struct FileTargets {
+    /// The allocator the file implements, if any.
+    pub allocator: Option<Allocator>,
+    /// Whether it defines plain `malloc`, so that a process loading it before libc (an
+    /// executable, `LD_PRELOAD`, a library linked first) allocates through it.
+    pub interposes: bool,
+    pub entry_points: Vec<EntryPoint>,
+    /// The libraries it names as `DT_NEEDED`, in order.
+    pub needed: Vec<String>,
+}
 
 /// Errors finding entry points.
 #[derive(Debug, thiserror::Error)]
@@ -90,34 +223,48 @@ pub struct EntryPoint {
     pub probe_offset: u64,
 }
 
-/// Whether a mapped file is one whose allocator entry points we probe.
-pub fn is_allocator_library(path: &Path) -> bool {
-    let Some(name) = path.file_name().and_then(|n| n.to_str()) else {
-        return false;
-    };
-    name.starts_with("libc.so") || name.starts_with("libc-2.") || name.starts_with("libstdc++.so")
-}
-
 /// The allocator entry points `path` defines.
 pub fn entry_points(path: &Path) -> Result<Vec<EntryPoint>, TargetError> {
+    Ok(file_targets(path)?.entry_points)
+}
+
+/// What `path` offers to probe. The file is mapped, not read: executables can be large.
+pub fn file_targets(path: &Path) -> Result<FileTargets, TargetError> {
     let display = path.display().to_string();
-    let data = fs::read(path).map_err(|source| TargetError::Read { path: display.clone(), source })?;
-    entry_points_in(&data).map_err(|source| TargetError::Parse { path: display, source })
+    let file = fs::File::open(path).map_err(|source| TargetError::Read { path: display.clone(), source })?;
+    // SAFETY: a read-only private mapping; a file changed underneath would only give
+    // wrong symbols, which the parse tolerates.
+    let data = unsafe { memmap2::Mmap::map(&file) }
+        .map_err(|source| TargetError::Read { path: display.clone(), source })?;
+    targets_in(&data).map_err(|source| TargetError::Parse { path: display, source })
 }
 
 /// The allocator entry points defined by the ELF image `data`.
 pub fn entry_points_in(data: &[u8]) -> Result<Vec<EntryPoint>, object::Error> {
+    Ok(targets_in(data)?.entry_points)
+}
+
+/// What the ELF image `data` offers to probe.
+pub fn targets_in(data: &[u8]) -> Result<FileTargets, object::Error> {
     let file = object::File::parse(data)?;
-    let mut found: Vec<Option<(u64, u64)>> = vec![None; ENTRY_POINTS.len()];
+    let mut defined: HashSet<&str> = HashSet::new();
+    // name -> (function start, probe offset), file offsets.
+    let mut offsets: std::collections::HashMap<&str, (u64, u64)> = std::collections::HashMap::new();
     for symbol in file.dynamic_symbols().chain(file.symbols()) {
         if !symbol.is_definition() || symbol.address() == 0 {
             continue;
         }
         let Ok(name) = symbol.name() else { continue };
-        let Some(i) = ENTRY_POINTS.iter().position(|(n, _)| *n == name) else {
-            continue;
+        let handler = match ENTRY_POINTS.iter().find(|(n, _)| *n == name) {
+            Some(&(_, handler)) => Some(handler),
+            None if DELETE_POINTS.contains(&name) => Some(Handler::Free),
+            None => None,
         };
-        if found[i].is_some() {
+        if matches!(name, "gnu_get_libc_version" | "malloc_trim" | "__libc_start_main") {
+            defined.insert(name);
+        }
+        let Some(handler) = handler else { continue };
+        if offsets.contains_key(name) {
             continue;
         }
         let Some(section) = symbol.section_index().and_then(|s| file.section_by_index(s).ok()) else {
@@ -125,7 +272,7 @@ pub fn entry_points_in(data: &[u8]) -> Result<Vec<EntryPoint>, object::Error> {
         };
         let Some((section_offset, _)) = section.file_range() else { continue };
         let start = symbol.address() - section.address();
-        let skip = match ENTRY_POINTS[i].1 {
+        let skip = match handler {
             Handler::Free => section
                 .data()
                 .ok()
@@ -133,17 +280,41 @@ pub fn entry_points_in(data: &[u8]) -> Result<Vec<EntryPoint>, object::Error> {
                 .map_or(0, super::placement::pointer_release_offset),
             _ => 0,
         };
-        found[i] = Some((start + section_offset, start + section_offset + skip));
+        defined.insert(name);
+        offsets.insert(name, (start + section_offset, start + section_offset + skip));
     }
+    let allocator = Allocator::recognise(&defined);
+    let deletes: Vec<(&'static str, Handler)> = if allocator.is_some_and(|a| !a.is_libc()) {
+        DELETE_POINTS.iter().map(|&n| (n, Handler::Free)).collect()
+    } else {
+        Vec::new()
+    };
     let mut seen = HashSet::new();
-    Ok(ENTRY_POINTS
+    let entry_points = ENTRY_POINTS
         .iter()
-        .zip(found)
-        .filter_map(|(&(symbol, handler), offsets)| {
-            let (file_offset, probe_offset) = offsets?;
+        .copied()
+        .chain(deletes)
+        .filter_map(|(symbol, handler)| {
+            let &(file_offset, probe_offset) = offsets.get(symbol)?;
             seen.insert(file_offset).then_some(EntryPoint { symbol, handler, file_offset, probe_offset })
         })
-        .collect())
+        .collect();
+    Ok(FileTargets { allocator, interposes: defined.contains("malloc"), entry_points, needed: needed(data) })
+}
+
+/// The `DT_NEEDED` names of a 64-bit ELF image; none for anything else.
+fn needed(data: &[u8]) -> Vec<String> {
+    use object::read::elf::{ElfFile64, FileHeader as _};
+    let Ok(elf) = ElfFile64::<object::Endianness>::parse(data) else { return Vec::new() };
+    let endian = elf.endian();
+    let Ok(sections) = elf.elf_header().sections(endian, data) else { return Vec::new() };
+    let Ok(table) = sections.dynamic_table(endian, data) else { return Vec::new() };
+    table
+        .iter()
+        .filter(|d| d.tag == object::elf::DT_NEEDED)
+        .filter_map(|d| table.string(d).ok())
+        .map(|name| String::from_utf8_lossy(name).into_owned())
+        .collect()
 }
 
 #[cfg(test)]
@@ -152,16 +323,10 @@ mod tests {
 
     fn system_libc() -> std::path::PathBuf {
         let maps = crate::procfs::ProcRoot::default().maps(std::process::id()).expect("maps");
-        maps.into_iter().find(|m| is_allocator_library(&m.path)).expect("this test binary maps libc").path
-    }
-
-    #[test]
-    fn recognises_allocator_libraries() {
-        assert!(is_allocator_library(Path::new("/usr/lib/x86_64-linux-gnu/libc.so.6")));
-        assert!(is_allocator_library(Path::new("/lib/libc-2.31.so")));
-        assert!(is_allocator_library(Path::new("/usr/lib/libstdc++.so.6.0.30")));
-        assert!(!is_allocator_library(Path::new("/usr/lib/libcap.so.2")));
-        assert!(!is_allocator_library(Path::new("/usr/lib/libcrypto.so.3")));
+        maps.into_iter()
+            .find(|m| m.path.to_string_lossy().contains("/libc.so"))
+            .expect("this test binary maps libc")
+            .path
     }
 
     #[test]

@@ -63,6 +63,7 @@ mod tests {
             processes: vec![ProcessReport {
                 pid: 7,
                 comm: "leaks".into(),
+                allocator: None,
                 outstanding_bytes: 0,
                 outstanding_allocations: 0,
                 incomplete: false,

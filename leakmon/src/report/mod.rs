@@ -14,6 +14,7 @@ use std::{collections::HashMap, path::PathBuf};
 use serde::Serialize;
 
 use crate::{
+    probes::targets::Allocator,
     procfs::Mapping,
     store::ProcessTotals,
     symbolize::{Frame, Symbolizer},
@@ -29,6 +30,8 @@ pub struct ProcessInfo {
     pub root: Option<PathBuf>,
     /// A table was full for this process: its figures are lower bounds.
     pub incomplete: bool,
+    /// The allocator its `malloc` calls reach.
+    pub allocator: Option<Allocator>,
 }
 
 #[derive(Clone, Debug, PartialEq, Serialize)]
@@ -40,6 +43,8 @@ pub struct Report {
 pub struct ProcessReport {
     pub pid: u32,
     pub comm: String,
+    /// glibc, musl, jemalloc, tcmalloc, mimalloc or other; null when unknown.
+    pub allocator: Option<Allocator>,
     pub outstanding_bytes: u64,
     pub outstanding_allocations: u64,
     /// Some allocations could not be counted (a table was full).
@@ -108,6 +113,7 @@ impl Report {
                 ProcessReport {
                     pid: p.pid,
                     comm: pinfo.comm.clone(),
+                    allocator: pinfo.allocator,
                     outstanding_bytes: p.bytes,
                     outstanding_allocations: p.allocations,
                     incomplete: pinfo.incomplete,
@@ -126,6 +132,7 @@ impl Report {
                 self.processes.push(ProcessReport {
                     pid,
                     comm: info.comm.clone(),
+                    allocator: info.allocator,
                     outstanding_bytes: 0,
                     outstanding_allocations: 0,
                     incomplete: info.incomplete,

@@ -24,9 +24,10 @@ pub fn render(report: &Report) -> String {
     for p in &report.processes {
         let _ = writeln!(
             out,
-            "\npid {} ({}): {} unfreed in {} allocations{}",
+            "\npid {} ({}{}): {} unfreed in {} allocations{}",
             p.pid,
             if p.comm.is_empty() { "?" } else { &p.comm },
+            p.allocator.map(|a| format!(", {}", a.name())).unwrap_or_default(),
             bytes(p.outstanding_bytes),
             p.outstanding_allocations,
             if p.incomplete { "  [INCOMPLETE: a table was full, figures are lower bounds]" } else { "" }
@@ -101,6 +102,7 @@ mod tests {
             processes: vec![ProcessReport {
                 pid: 42,
                 comm: "fixture".into(),
+                allocator: None,
                 outstanding_bytes: 48_000,
                 outstanding_allocations: 1000,
                 incomplete: false,

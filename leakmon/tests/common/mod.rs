@@ -34,20 +34,30 @@ fn build_dir() -> &'static Path {
 /// fixture is built once per test binary, into a temporary name renamed into place, so
 /// a test never executes a file another is still writing.
 pub fn build_fixture(source: &str, extra: &[&str]) -> PathBuf {
+    let cpp = Path::new(source).extension().is_some_and(|e| e.eq_ignore_ascii_case("cpp"));
+    build_fixture_with(if cpp { "g++" } else { "gcc" }, source, extra)
+}
+
+/// [`build_fixture`] with another compiler driver (`musl-gcc`).
+pub fn build_fixture_with(compiler: &str, source: &str, extra: &[&str]) -> PathBuf {
     static BUILT: Mutex<BTreeMap<String, PathBuf>> = Mutex::new(BTreeMap::new());
-    let key = format!("{source} {}", extra.join(" "));
+    let key = format!("{compiler} {source} {}", extra.join(" "));
     let mut built = BUILT.lock().unwrap_or_else(std::sync::PoisonError::into_inner);
     if let Some(path) = built.get(&key) {
         return path.clone();
     }
     let src = fixtures_dir().join(source);
     let stem = Path::new(source).file_stem().expect("stem").to_string_lossy().into_owned();
-    let tag =
-        if extra.is_empty() { String::new() } else { format!("-{}", extra.join("").replace(['-', '='], "")) };
+    let mut tag = if extra.is_empty() {
+        String::new()
+    } else {
+        format!("-{}", extra.join("").replace(['-', '=', '/'], ""))
+    };
+    if !matches!(compiler, "gcc" | "g++") {
+        tag = format!("-{compiler}{tag}");
+    }
     let out = build_dir().join(format!("{stem}{tag}"));
     let tmp = build_dir().join(format!(".{stem}{tag}.{}", std::process::id()));
-    let cpp = Path::new(source).extension().is_some_and(|e| e.eq_ignore_ascii_case("cpp"));
-    let compiler = if cpp { "g++" } else { "gcc" };
     let status = Command::new(compiler)
         .args([
             "-O2",
@@ -255,4 +265,14 @@ pub fn start_prometheus(listen: &str, target: &str, rules: Option<&Path>) -> (te
             .expect("start prometheus"),
     );
     (tsdb, prometheus)
+}
+
+/// The C library this test process maps, as leakmon would probe it.
+pub fn system_libc() -> PathBuf {
+    leakmon::discovery::Discovery::new(leakmon::procfs::ProcRoot::default())
+        .process(std::process::id())
+        .files
+        .into_iter()
+        .find(|p| p.to_string_lossy().contains("libc.so"))
+        .expect("this process maps libc")
 }
