@@ -54,6 +54,8 @@ pub const SIZE_FROM_NESTED: u64 = u64::MAX;
 
 /// Which allocator entry point a thread is inside; decides how the return probe reads
 /// the result.
+pub mod sampling;
+
 pub mod kind {
     /// Returns the new block; the size came from the arguments.
     pub const MALLOC: u32 = 1;

@@ -43,6 +43,10 @@ pub static STACKS: HashMap<u64, Stack> = HashMap::with_max_entries(16384, BPF_F_
 #[map]
 pub static STACK_SCRATCH: PerCpuArray<Stack> = PerCpuArray::with_max_entries(1, 0);
 
+/// Bytes left before the next sampled allocation on this CPU (sampling mode only).
+#[map]
+pub static SAMPLE_COUNTDOWN: PerCpuArray<u64> = PerCpuArray::with_max_entries(1, 0);
+
 /// Failure counters (see `leakmon_common::counter`), per CPU so the hot path never
 /// contends on one cache line.
 #[map]
@@ -61,6 +65,10 @@ static SELF_TGID: u32 = 0;
 #[unsafe(no_mangle)]
 static TRACE_ALL: u32 = 0;
 
+/// Mean bytes between sampled allocations; 0: every allocation is tracked exactly.
+#[unsafe(no_mangle)]
+static SAMPLE_BYTES: u64 = 0;
+
 #[unsafe(no_mangle)]
 static TP_OFFSETS: TracepointOffsets =
     TracepointOffsets { newtask_pid: 8, newtask_clone_flags: 32, exit_group_dead: 32, oom_victim_pid: 8 };
@@ -75,6 +83,12 @@ pub fn self_tgid() -> u32 {
 pub fn trace_all() -> bool {
     // SAFETY: as above.
     unsafe { core::ptr::read_volatile(&raw const TRACE_ALL) != 0 }
+}
+
+#[inline(always)]
+pub fn sample_bytes() -> u64 {
+    // SAFETY: as above.
+    unsafe { core::ptr::read_volatile(&raw const SAMPLE_BYTES) }
 }
 
 #[inline(always)]

@@ -15,17 +15,22 @@ use core::intrinsics::{atomic_xadd, AtomicOrdering};
 
 use aya_ebpf::{
     bindings::{BPF_ANY, BPF_F_USER_STACK, BPF_NOEXIST},
-    helpers::{bpf_get_current_pid_tgid, bpf_get_stack, bpf_ktime_get_ns, bpf_probe_read_user},
+    helpers::{
+        bpf_get_current_pid_tgid, bpf_get_prandom_u32, bpf_get_stack, bpf_ktime_get_ns, bpf_probe_read_user,
+    },
     macros::{uprobe, uretprobe},
     programs::{ProbeContext, RetProbeContext},
     EbpfContext as _,
 };
 use leakmon_common::{
-    counter, kind, proc_flags, stack_hash_step, InFlight, LiveAlloc, LiveKey, ProcState, Stack, Totals,
-    TotalsKey, MAX_STACK_DEPTH, NO_STACK, SIZE_FROM_NESTED, STACK_HASH_SEED,
+    counter, kind, proc_flags, sampling, stack_hash_step, InFlight, LiveAlloc, LiveKey, ProcState, Stack,
+    Totals, TotalsKey, MAX_STACK_DEPTH, NO_STACK, SIZE_FROM_NESTED, STACK_HASH_SEED,
 };
 
-use crate::maps::{count, self_tgid, trace_all, INFLIGHT, LIVE, PROCS, STACKS, STACK_SCRATCH, TOTALS};
+use crate::maps::{
+    count, sample_bytes, self_tgid, trace_all, INFLIGHT, LIVE, PROCS, SAMPLE_COUNTDOWN, STACKS,
+    STACK_SCRATCH, TOTALS,
+};
 
 const EEXIST: i32 = 17;
 
@@ -327,9 +332,35 @@ fn stack_id(ctx: &RetProbeContext) -> u64 {
     hash
 }
 
+/// In sampling mode, whether a block of `size` bytes is sampled, and the bytes it then
+/// stands for; in exact mode, always, at its size. See `leakmon_common::sampling`.
+#[inline(always)]
+fn charge(size: u64) -> Option<u64> {
+    let rate = sample_bytes();
+    if rate == 0 {
+        return Some(size);
+    }
+    let left = SAMPLE_COUNTDOWN.get_ptr_mut(0)?;
+    // SAFETY: this CPU's slot; programs on one CPU do not preempt each other.
+    unsafe {
+        if *left == 0 {
+            *left = sampling::countdown(bpf_get_prandom_u32(), rate);
+        }
+        if size < *left {
+            *left -= size;
+            return None;
+        }
+        *left = sampling::countdown(bpf_get_prandom_u32(), rate);
+    }
+    Some(sampling::weight(size, rate))
+}
+
 /// Count one new block: live entry first, totals only once it exists.
 #[inline(always)]
 fn record(ctx: &RetProbeContext, tgid: u32, state: *mut ProcState, addr: u64, size: u64) {
+    let Some(size) = charge(size) else {
+        return;
+    };
     let stack_id = stack_id(ctx);
     // SAFETY: pointer into the map value.
     let gen = unsafe { (*state).gen };

@@ -148,6 +148,34 @@ pub struct TableArgs {
     /// they are first seen).
     #[arg(long, default_value = "16384", value_name = "N")]
     pub max_stacks: NonZeroU32,
+    /// Track a byte-weighted sample of the allocations instead of every one: on average
+    /// one sampled block per SIZE bytes allocated (e.g. 512KiB), each standing for the
+    /// bytes it represents, so totals are unbiased estimates (as jemalloc's heap
+    /// profiler does). Smaller tables and less work per allocation; the trap of each
+    /// probe remains. 0: exact.
+    #[arg(long, default_value = "0", value_name = "SIZE", value_parser = parse_bytes)]
+    pub sample_bytes: u64,
+}
+
+/// A byte count: a number, optionally with B, KiB, MiB or GiB.
+pub fn parse_bytes(text: &str) -> Result<u64, String> {
+    let t = text.trim();
+    let split = t.find(|c: char| !c.is_ascii_digit()).unwrap_or(t.len());
+    let (number, unit) = t.split_at(split);
+    let number: u64 =
+        number.parse().map_err(|_| format!("{text:?} is not a byte count (like 65536 or 512KiB)"))?;
+    let scale: u64 = match unit.trim() {
+        "" | "B" => 1,
+        "KiB" | "K" | "k" => 1 << 10,
+        "MiB" | "M" => 1 << 20,
+        "GiB" | "G" => 1 << 30,
+        other => return Err(format!("unknown unit {other:?} in {text:?} (use B, KiB, MiB or GiB)")),
+    };
+    let bytes = number.checked_mul(scale).ok_or_else(|| format!("{text:?} is too large"))?;
+    if bytes > leakmon_common::sampling::MAX_RATE {
+        return Err(format!("{text:?} is above the largest sampling interval, 1GiB"));
+    }
+    Ok(bytes)
 }
 
 #[derive(Debug, clap::Args)]

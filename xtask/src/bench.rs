@@ -43,17 +43,19 @@ enum Condition {
     Memleak,
     Heaptrack,
     LeakmonReport,
+    LeakmonSampled,
     LeakmonAll,
     LeakmonTier0,
 }
 
 impl Condition {
-    const ALL: [Self; 7] = [
+    const ALL: [Self; 8] = [
         Self::None,
         Self::Floor,
         Self::Memleak,
         Self::Heaptrack,
         Self::LeakmonReport,
+        Self::LeakmonSampled,
         Self::LeakmonAll,
         Self::LeakmonTier0,
     ];
@@ -65,6 +67,7 @@ impl Condition {
             Self::Memleak => "memleak-equivalent (bpftrace)",
             Self::Heaptrack => "heaptrack (LD_PRELOAD)",
             Self::LeakmonReport => "leakmon report (traced, exact)",
+            Self::LeakmonSampled => "leakmon report --sample-bytes 512KiB",
             Self::LeakmonAll => "leakmon run --attach all",
             Self::LeakmonTier0 => "leakmon run --attach none",
         }
@@ -77,18 +80,19 @@ impl Condition {
             Self::Memleak => "memleak",
             Self::Heaptrack => "heaptrack",
             Self::LeakmonReport => "leakmon_report",
+            Self::LeakmonSampled => "leakmon_sampled",
             Self::LeakmonAll => "leakmon_all",
             Self::LeakmonTier0 => "leakmon_tier0",
         }
     }
 }
 
-struct Setup {
+pub(crate) struct Setup {
     workload_bin: PathBuf,
-    leakmon: PathBuf,
+    pub(crate) leakmon: PathBuf,
     libc: PathBuf,
-    scripts: PathBuf,
-    out: PathBuf,
+    pub(crate) scripts: PathBuf,
+    pub(crate) out: PathBuf,
 }
 
 /// The daemon's own cost while it ran one measurement.
@@ -132,6 +136,8 @@ pub fn bench(root: &Path, rounds: usize, pairs: u64, scale: bool) -> Result<()> 
         eprintln!("xtask: bench round {}/{rounds} done after {:.0?}", round + 1, started.elapsed());
     }
     report(&setup, &samples, &daemon_costs, rounds, pairs)?;
+    crate::bench_sampling::accuracy(root, &setup)?;
+    crate::bench_server::server(&setup, rounds.min(3))?;
     if scale {
         scale_figures(root, &setup)?;
     }
@@ -324,9 +330,13 @@ fn measure(s: &Setup, w: Workload, condition: Condition, pairs: u64) -> Result<(
             helper.stop();
             Ok((ns?, None))
         }
-        Condition::LeakmonReport => {
+        Condition::LeakmonReport | Condition::LeakmonSampled => {
             let mut cmd = Command::new(&s.leakmon);
-            cmd.args(["report", "--format", "json", "--"]).arg(&s.workload_bin).args(&args);
+            cmd.args(["report", "--format", "json"]);
+            if condition == Condition::LeakmonSampled {
+                cmd.args(["--sample-bytes", "512KiB"]);
+            }
+            cmd.arg("--").arg(&s.workload_bin).args(&args);
             Ok((ns_per_pair(cmd)?, None))
         }
         Condition::LeakmonAll | Condition::LeakmonTier0 => {
@@ -359,11 +369,11 @@ fn ns_per_pair(mut cmd: Command) -> Result<f64> {
 }
 
 /// A tool that runs beside the workload, stopped with SIGINT like a person would.
-struct Helper(Child);
+pub(crate) struct Helper(Child);
 
 impl Helper {
     /// Starts `cmd` in its own process group and waits for `ready` on its output.
-    fn start(mut cmd: Command, ready: &str) -> Result<Self> {
+    pub(crate) fn start(mut cmd: Command, ready: &str) -> Result<Self> {
         let mut child = cmd
             .process_group(0)
             .stdout(Stdio::piped())
@@ -399,18 +409,18 @@ impl Helper {
         bail!("{cmd:?} did not say {ready:?}: {}", seen.join(" | "))
     }
 
-    fn pid(&self) -> u32 {
+    pub(crate) fn pid(&self) -> u32 {
         self.0.id()
     }
 
     /// Kills the helper's whole process group (it is the group's leader).
-    fn kill_group(mut self) {
+    pub(crate) fn kill_group(mut self) {
         // SAFETY: signals a process group we created.
         unsafe { libc::kill(-(self.0.id() as i32), libc::SIGKILL) };
         let _ = self.0.wait();
     }
 
-    fn stop(mut self) {
+    pub(crate) fn stop(mut self) {
         // SAFETY: signals a child we own.
         unsafe { libc::kill(self.0.id() as i32, libc::SIGINT) };
         let deadline = Instant::now() + Duration::from_secs(20);
@@ -425,7 +435,7 @@ impl Helper {
     }
 }
 
-fn cpu_seconds(pid: u32) -> f64 {
+pub(crate) fn cpu_seconds(pid: u32) -> f64 {
     let stat = std::fs::read_to_string(format!("/proc/{pid}/stat")).unwrap_or_default();
     // Fields after the command name (which may hold spaces): utime is 14th, stime 15th.
     let rest = stat.rsplit_once(") ").map_or("", |(_, r)| r);
@@ -436,7 +446,7 @@ fn cpu_seconds(pid: u32) -> f64 {
     (ticks(11) + ticks(12)) / hz
 }
 
-fn peak_rss_kib(pid: u32) -> u64 {
+pub(crate) fn peak_rss_kib(pid: u32) -> u64 {
     std::fs::read_to_string(format!("/proc/{pid}/status"))
         .unwrap_or_default()
         .lines()
@@ -445,7 +455,7 @@ fn peak_rss_kib(pid: u32) -> u64 {
         .unwrap_or(0)
 }
 
-fn median(v: &[f64]) -> f64 {
+pub(crate) fn median(v: &[f64]) -> f64 {
     let mut s = v.to_vec();
     s.sort_by(f64::total_cmp);
     let n = s.len();

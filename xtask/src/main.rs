@@ -17,6 +17,8 @@ use anyhow::{bail, Context as _, Result};
 use clap::{Parser, Subcommand};
 
 mod bench;
+mod bench_sampling;
+mod bench_server;
 
 #[derive(Parser)]
 #[command(name = "xtask", about = "leakmon project tasks")]

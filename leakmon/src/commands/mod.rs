@@ -21,6 +21,7 @@ pub(crate) fn load_probes(tables: &TableArgs, trace_all: bool) -> Result<Probes>
         max_live: tables.max_live.get(),
         max_totals: tables.max_totals.get(),
         max_stacks: tables.max_stacks.get(),
+        sample_bytes: tables.sample_bytes,
     };
     Probes::load(&settings).map_err(|e| {
         if e.is_permission() {

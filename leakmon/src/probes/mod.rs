@@ -94,11 +94,13 @@ pub struct Settings {
     pub max_totals: u32,
     /// Distinct stacks.
     pub max_stacks: u32,
+    /// Byte-weighted sampling interval; 0 tracks every allocation.
+    pub sample_bytes: u64,
 }
 
 impl Default for Settings {
     fn default() -> Self {
-        Self { trace_all: false, max_live: 262_144, max_totals: 65_536, max_stacks: 16_384 }
+        Self { trace_all: false, max_live: 262_144, max_totals: 65_536, max_stacks: 16_384, sample_bytes: 0 }
     }
 }
 
@@ -180,6 +182,7 @@ impl Probes {
             .override_global("SELF_TGID", &self_tgid, true)
             .override_global("TRACE_ALL", &trace_all, true)
             .override_global("TP_OFFSETS", &offsets, true)
+            .override_global("SAMPLE_BYTES", &settings.sample_bytes, true)
             .map_max_entries("LIVE", settings.max_live)
             .map_max_entries("TOTALS", settings.max_totals)
             .map_max_entries("STACKS", settings.max_stacks)

@@ -1,0 +1,69 @@
+//! Byte-weighted sampling (`--sample-bytes`): on real probes, each sampled block stands
+//! for `s / (1 - exp(-s / rate))` bytes, so the per-function estimates scatter around
+//! the exact figures with a spread the sampling theory predicts, blocks far above the
+//! rate are exact, and far fewer blocks are tracked.
+
+mod common;
+
+use common::{build_fixture, by_function, leakmon, parse_report, processes, LEAKS};
+
+/// Variance of the estimate of `n` blocks of `s` bytes: `n * s^2 * (1 - p) / p`.
+fn variance(n: f64, s: f64, rate: f64) -> f64 {
+    let p = 1.0 - (-s / rate).exp();
+    n * s * s * (1.0 - p) / p
+}
+
+fn sampled_report(rate: u64) -> serde_json::Value {
+    let fixture = build_fixture("leaks.c", &[]);
+    let out = leakmon()
+        .args(["report", "--format", "json", "--sample-bytes", &rate.to_string(), "--"])
+        .arg(&fixture)
+        .output()
+        .expect("run leakmon");
+    parse_report(&out)
+}
+
+#[test]
+fn sampled_totals_are_unbiased_within_their_predicted_spread() {
+    let rate = 4096.0;
+    let exact_total: u64 = LEAKS.iter().map(|(_, bytes, _)| bytes).sum();
+    let sigma = LEAKS
+        .iter()
+        .map(|&(_, bytes, n)| variance(n as f64, bytes as f64 / n as f64, rate))
+        .sum::<f64>()
+        .sqrt();
+    let mut estimates = Vec::new();
+    for _ in 0..3 {
+        let report = sampled_report(4096);
+        let procs = processes(&report);
+        assert_eq!(procs.len(), 1);
+        let got = by_function(&procs[0], "leaks.c");
+        let total: u64 = got.values().map(|(b, _)| b).sum();
+        let sampled: u64 = got.values().map(|(_, n)| n).sum();
+        // Blocks of 256 KiB, 64 times the rate, are always sampled at their size.
+        assert_eq!(got.get("leak_realloc_chain"), Some(&(2_621_440, 10)), "{got:?}");
+        // 3,395 blocks exactly; about 740 KB of small blocks / 4 KiB ≈ 70 sampled.
+        assert!(sampled < 200, "{sampled} blocks tracked");
+        // Nothing from the 300,000 balanced calls, nor from functions that leak nothing.
+        assert!(got.keys().all(|f| LEAKS.iter().any(|(name, _, _)| name == f)), "{got:?}");
+        let error = total as f64 - exact_total as f64;
+        assert!(
+            error.abs() < 5.0 * sigma,
+            "estimate {total} vs exact {exact_total}: off by {error}, sigma {sigma:.0}"
+        );
+        estimates.push(total);
+    }
+    eprintln!("exact {exact_total}, sigma {sigma:.0}, estimates {estimates:?}");
+}
+
+#[test]
+fn bad_sampling_intervals_are_refused_in_one_line() {
+    for (value, want) in
+        [("lots", "not a byte count"), ("2GiB", "above the largest"), ("5PiB", "unknown unit")]
+    {
+        let out = leakmon().args(["report", "--sample-bytes", value, "--", "true"]).output().expect("run");
+        assert!(!out.status.success());
+        let stderr = String::from_utf8_lossy(&out.stderr);
+        assert!(stderr.contains(want), "{value}: {stderr}");
+    }
+}

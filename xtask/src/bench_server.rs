@@ -1,0 +1,211 @@
+//! A real server under load: Debian's redis-server (jemalloc) driven by
+//! redis-benchmark over a unix socket, requests per second under each tool. The bpftrace
+//! peers probe jemalloc's malloc and free, the allocator redis really calls.
+
+use std::{
+    collections::BTreeMap,
+    fmt::Write as _,
+    path::{Path, PathBuf},
+    process::{Command, Stdio},
+    time::{Duration, Instant},
+};
+
+use anyhow::{bail, Context as _, Result};
+
+use crate::bench::{cpu_seconds, median, Helper, Setup};
+
+const REQUESTS: &str = "50000";
+
+#[derive(Clone, Copy, PartialEq, Eq, PartialOrd, Ord, Debug)]
+enum Tool {
+    None,
+    Floor,
+    Memleak,
+    Heaptrack,
+    Leakmon,
+    LeakmonSampled,
+}
+
+impl Tool {
+    const ALL: [Self; 6] =
+        [Self::None, Self::Floor, Self::Memleak, Self::Heaptrack, Self::Leakmon, Self::LeakmonSampled];
+
+    const fn label(self) -> &'static str {
+        match self {
+            Self::None => "no probes",
+            Self::Floor => "uprobe floor (bpftrace, count only)",
+            Self::Memleak => "memleak-equivalent (bpftrace)",
+            Self::Heaptrack => "heaptrack (LD_PRELOAD, restarted)",
+            Self::Leakmon => "leakmon report --pid (exact)",
+            Self::LeakmonSampled => "leakmon report --pid --sample-bytes 512KiB",
+        }
+    }
+}
+
+struct Run {
+    rps: f64,
+    /// leakmon's own CPU, in cores, while the load ran.
+    tool_cpu: Option<f64>,
+}
+
+pub fn server(setup: &Setup, rounds: usize) -> Result<()> {
+    if Command::new("redis-benchmark").arg("--version").output().is_err() {
+        eprintln!(
+            "xtask: redis-benchmark not installed (cargo xtask setup --tests); server workload skipped"
+        );
+        return Ok(());
+    }
+    let mut results: BTreeMap<Tool, Vec<Run>> = BTreeMap::new();
+    for round in 0..rounds {
+        let mut order = Tool::ALL.to_vec();
+        if round % 2 == 1 {
+            order.reverse();
+        }
+        for tool in order {
+            let run = run_once(setup, tool).with_context(|| format!("redis under {}", tool.label()))?;
+            results.entry(tool).or_default().push(run);
+        }
+        eprintln!("xtask: server round {}/{rounds} done", round + 1);
+    }
+    let rps = |t: Tool| median(&results[&t].iter().map(|r| r.rps).collect::<Vec<_>>());
+    let base = rps(Tool::None);
+    // Added time per request, in microseconds: what each tool costs the server.
+    let added = |t: Tool| 1e6 / rps(t) - 1e6 / base;
+    let mut text = format!(
+        "\nredis-server (jemalloc) under redis-benchmark -t set,get,lpush,lpop -n {REQUESTS} -c 8, {rounds} rounds\n{:<44} {:>12} {:>12} {:>16}\n",
+        "condition", "req/s", "slowdown", "added us/req"
+    );
+    let mut json = String::from("{\n");
+    for tool in Tool::ALL {
+        let r = rps(tool);
+        let _ = writeln!(
+            text,
+            "{:<44} {r:>12.0} {:>11.1}% {:>16.2}",
+            tool.label(),
+            100.0 * (1.0 - r / base),
+            added(tool)
+        );
+        let _ = writeln!(
+            json,
+            "  \"{tool:?}\": {{\"rps_median\": {r:.0}, \"runs\": {:?}}},",
+            results[&tool].iter().map(|r| r.rps.round()).collect::<Vec<_>>()
+        );
+    }
+    let cpu: Vec<f64> = results[&Tool::Leakmon].iter().filter_map(|r| r.tool_cpu).collect();
+    let ratios = [
+        ("leakmon / memleak-equivalent", added(Tool::Leakmon) / added(Tool::Memleak)),
+        ("leakmon / uprobe floor", added(Tool::Leakmon) / added(Tool::Floor)),
+        ("leakmon / heaptrack", added(Tool::Leakmon) / added(Tool::Heaptrack)),
+    ];
+    for (name, r) in ratios {
+        let _ = writeln!(text, "{name:<44} {r:>12.2}   (added time per request)");
+    }
+    let _ = writeln!(text, "leakmon's own CPU while tracing redis: {:.1}% of one core", 100.0 * median(&cpu));
+    let _ = write!(
+        json,
+        "  \"ratio_memleak\": {:.3},\n  \"ratio_floor\": {:.3},\n  \"ratio_heaptrack\": {:.3}\n}}\n",
+        ratios[0].1, ratios[1].1, ratios[2].1
+    );
+    print!("{text}");
+    let stamp = std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).map_or(0, |d| d.as_secs());
+    let path = setup.out.join(format!("server-{stamp}.json"));
+    std::fs::write(&path, json).with_context(|| format!("write {}", path.display()))?;
+    println!("written: {}", path.display());
+    Ok(())
+}
+
+fn run_once(setup: &Setup, tool: Tool) -> Result<Run> {
+    let dir = setup.out.join("redis");
+    let _ = std::fs::remove_dir_all(&dir);
+    std::fs::create_dir_all(&dir).context("create the redis directory")?;
+    let socket = dir.join("redis.sock");
+    let mut cmd = if tool == Tool::Heaptrack {
+        let mut c = Command::new("heaptrack");
+        c.arg("-o").arg(setup.out.join("heaptrack-redis")).arg("redis-server");
+        c
+    } else {
+        Command::new("redis-server")
+    };
+    cmd.args(["--port", "0", "--save", "", "--appendonly", "no", "--dir"])
+        .arg(&dir)
+        .arg("--unixsocket")
+        .arg(&socket);
+    let server = Helper::start(cmd, "Ready to accept connections")?;
+    let pid = redis_pid(server.pid()).context("find redis-server's pid")?;
+    let (helper, tracer_pid) = match tool {
+        Tool::None | Tool::Heaptrack => (None, None),
+        Tool::Floor | Tool::Memleak => {
+            let script = setup.scripts.join(if tool == Tool::Floor { "floor.bt" } else { "memleak.bt" });
+            let text =
+                std::fs::read_to_string(&script).with_context(|| format!("read {}", script.display()))?;
+            let jemalloc = mapped_library(pid, "libjemalloc").context("redis maps no jemalloc")?;
+            let resolved =
+                setup.out.join(format!("redis-{}", script.file_name().expect("name").to_string_lossy()));
+            std::fs::write(&resolved, text.replace("LIBC", &jemalloc.display().to_string()))?;
+            let mut tracer = Command::new("bpftrace");
+            tracer.arg(&resolved);
+            let helper = Helper::start(tracer, "Attaching")?;
+            std::thread::sleep(Duration::from_secs(1));
+            (Some(helper), None)
+        }
+        Tool::Leakmon | Tool::LeakmonSampled => {
+            let mut c = Command::new(&setup.leakmon);
+            c.args(["report", "--format", "json", "--pid", &pid.to_string()]).env("RUST_LOG", "info");
+            if tool == Tool::LeakmonSampled {
+                c.args(["--sample-bytes", "512KiB"]);
+            }
+            let helper = Helper::start(c, "watching")?;
+            let p = helper.pid();
+            (Some(helper), Some(p))
+        }
+    };
+    let cpu_before = tracer_pid.map(cpu_seconds);
+    let started = Instant::now();
+    let out = Command::new("redis-benchmark")
+        .arg("-s")
+        .arg(&socket)
+        .args(["-t", "set,get,lpush,lpop", "-n", REQUESTS, "-c", "8", "-r", "100000", "-q", "--csv"])
+        .stderr(Stdio::null())
+        .output()
+        .context("run redis-benchmark")?;
+    let elapsed = started.elapsed().as_secs_f64();
+    let tool_cpu = tracer_pid.zip(cpu_before).map(|(p, before)| (cpu_seconds(p) - before) / elapsed);
+    if let Some(h) = helper {
+        h.stop();
+    }
+    server.kill_group();
+    let text = String::from_utf8_lossy(&out.stdout);
+    let rates: Vec<f64> =
+        text.lines().filter_map(|l| l.split(',').nth(1)?.trim_matches('"').parse().ok()).collect();
+    if rates.is_empty() {
+        bail!("redis-benchmark printed no rates: {text}");
+    }
+    Ok(Run { rps: rates.iter().sum::<f64>() / rates.len() as f64, tool_cpu })
+}
+
+/// redis-server's pid: the helper itself, or under heaptrack its descendant.
+fn redis_pid(helper: u32) -> Option<u32> {
+    let deadline = Instant::now() + Duration::from_secs(10);
+    while Instant::now() < deadline {
+        let found = std::fs::read_dir("/proc").ok()?.filter_map(Result::ok).find_map(|e| {
+            let pid: u32 = e.file_name().to_str()?.parse().ok()?;
+            let comm = std::fs::read_to_string(e.path().join("comm")).ok()?;
+            let stat = std::fs::read_to_string(e.path().join("stat")).ok()?;
+            let parent: u32 = stat.rsplit_once(')')?.1.split_whitespace().nth(1)?.parse().ok()?;
+            (comm.trim() == "redis-server" && (pid == helper || parent == helper)).then_some(pid)
+        });
+        if found.is_some() {
+            return found;
+        }
+        std::thread::sleep(Duration::from_millis(50));
+    }
+    None
+}
+
+fn mapped_library(pid: u32, name: &str) -> Option<PathBuf> {
+    let maps = std::fs::read_to_string(format!("/proc/{pid}/maps")).ok()?;
+    maps.lines()
+        .filter_map(|l| l.split_whitespace().nth(5))
+        .find(|p| Path::new(p).file_name().is_some_and(|n| n.to_string_lossy().starts_with(name)))
+        .map(PathBuf::from)
+}
