@@ -102,7 +102,7 @@ struct DaemonCost {
     peak_rss_kib: u64,
 }
 
-pub fn bench(root: &Path, rounds: usize, pairs: u64, scale: bool) -> Result<()> {
+pub fn bench(root: &Path, rounds: usize, pairs: u64, scale: bool, server_only: bool) -> Result<()> {
     let out = root.join("target/bench");
     std::fs::create_dir_all(&out).context("create target/bench")?;
     let workload_bin = compile(root, "alloc_bench", &out, &["-pthread"])?;
@@ -113,6 +113,9 @@ pub fn bench(root: &Path, rounds: usize, pairs: u64, scale: bool) -> Result<()> 
         scripts: root.join("bench"),
         out,
     };
+    if server_only {
+        return crate::bench_server::server(&setup, rounds);
+    }
 
     let mut samples: BTreeMap<(usize, Condition), Vec<f64>> = BTreeMap::new();
     let mut daemon_costs: Vec<DaemonCost> = Vec::new();

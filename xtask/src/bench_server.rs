@@ -130,7 +130,8 @@ fn run_once(setup: &Setup, tool: Tool) -> Result<Run> {
         .arg(&dir)
         .arg("--unixsocket")
         .arg(&socket);
-    let server = Helper::start(cmd, "Ready to accept connections")?;
+    // "Ready to accept connections" on TCP, "ready to accept connections at PATH" on a socket.
+    let server = Helper::start(cmd, "eady to accept connections")?;
     let pid = redis_pid(server.pid()).context("find redis-server's pid")?;
     let (helper, tracer_pid) = match tool {
         Tool::None | Tool::Heaptrack => (None, None),

@@ -62,6 +62,9 @@ enum Task {
         /// 2^17 stacks, scrape latency).
         #[arg(long)]
         skip_scale: bool,
+        /// Only the server workload (redis-server under redis-benchmark).
+        #[arg(long)]
+        server_only: bool,
     },
     /// Build the Debian package (cargo-deb, installed at the pinned version if
     /// missing): target/debian/leakmon_VERSION-1_ARCH.deb.
@@ -104,12 +107,12 @@ fn main() -> Result<()> {
             let status = Command::new(root.join("target/release/leakmon")).args(args).status()?;
             std::process::exit(status.code().unwrap_or(1));
         }
-        Task::Bench { rounds, pairs, skip_scale } => {
+        Task::Bench { rounds, pairs, skip_scale, server_only } => {
             setup(&pins, false)?;
-            apt_install(&["bpftrace", "heaptrack", "gcc"].map(str::to_owned))?;
+            apt_install(&["bpftrace", "heaptrack", "gcc", "redis-server", "redis-tools"].map(str::to_owned))?;
             build(true)?;
             require_root("the benchmark loads eBPF programs")?;
-            bench::bench(&root, rounds.max(1), pairs.max(1000), !skip_scale)
+            bench::bench(&root, rounds.max(1), pairs.max(1000), !skip_scale, server_only)
         }
         Task::Deb => {
             setup(&pins, false)?;
