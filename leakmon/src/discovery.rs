@@ -178,6 +178,18 @@ impl Discovery {
         (files, allocators)
     }
 
+    /// The host's C and C++ runtime libraries from the linker cache: what a process
+    /// started later will almost surely map, attached up front so it is seen from its
+    /// first allocation (its lifecycle events reach leakmon only once it is traced).
+    pub fn host_libraries(&mut self) -> Vec<PathBuf> {
+        linker_cache_names()
+            .into_iter()
+            .filter(|(name, _)| name == "libc.so.6" || name == "libstdc++.so.6")
+            .map(|(_, path)| path)
+            .filter(|p| self.classify(p).is_some_and(|i| i.probe))
+            .collect()
+    }
+
     /// The allocator files among the libraries `file` needs, directly or through other
     /// libraries, found as the dynamic linker would through its cache: what a program
     /// held at its exec will load before its first instruction.

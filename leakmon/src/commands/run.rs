@@ -570,6 +570,7 @@ fn libraries(
             }
         }
     }
+    libs.extend(discovery.host_libraries());
     libs
 }
 
