@@ -63,11 +63,13 @@ pub struct ProcessFiles {
 pub struct Discovery {
     proc_root: ProcRoot,
     files: HashMap<FileKey, FileInfo>,
+    /// The linker cache by library name, read once (`ldconfig -p` is a process spawn).
+    linker_cache: Option<HashMap<String, PathBuf>>,
 }
 
 impl Discovery {
     pub fn new(proc_root: ProcRoot) -> Self {
-        Self { proc_root, files: HashMap::new() }
+        Self { proc_root, files: HashMap::new(), linker_cache: None }
     }
 
     pub fn proc_root(&self) -> &ProcRoot {
@@ -182,12 +184,11 @@ impl Discovery {
     /// started later will almost surely map, attached up front so it is seen from its
     /// first allocation (its lifecycle events reach leakmon only once it is traced).
     pub fn host_libraries(&mut self) -> Vec<PathBuf> {
-        linker_cache_names()
+        let runtimes: Vec<PathBuf> = ["libc.so.6", "libstdc++.so.6"]
             .into_iter()
-            .filter(|(name, _)| name == "libc.so.6" || name == "libstdc++.so.6")
-            .map(|(_, path)| path)
-            .filter(|p| self.classify(p).is_some_and(|i| i.probe))
-            .collect()
+            .filter_map(|name| self.linker_cache().get(name).cloned())
+            .collect();
+        runtimes.into_iter().filter(|p| self.classify(p).is_some_and(|i| i.probe)).collect()
     }
 
     /// The allocator files among the libraries `file` needs, directly or through other
@@ -195,7 +196,7 @@ impl Discovery {
     /// held at its exec will load before its first instruction.
     pub fn needed_by(&mut self, file: &Path) -> Vec<PathBuf> {
         const MAX_LIBRARIES: usize = 512;
-        let cache = linker_cache_names();
+        let cache = self.linker_cache().clone();
         let mut queue: Vec<PathBuf> = vec![file.to_owned()];
         let mut visited: BTreeSet<PathBuf> = BTreeSet::new();
         let mut found = Vec::new();
@@ -228,6 +229,12 @@ impl Discovery {
 fn strip_deleted(path: &Path) -> PathBuf {
     let s = path.to_string_lossy();
     PathBuf::from(s.strip_suffix(" (deleted)").unwrap_or(&s))
+}
+
+impl Discovery {
+    fn linker_cache(&mut self) -> &HashMap<String, PathBuf> {
+        self.linker_cache.get_or_insert_with(linker_cache_names)
+    }
 }
 
 /// Every library of the dynamic linker's cache by name, for this architecture.

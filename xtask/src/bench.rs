@@ -361,6 +361,15 @@ fn measure(s: &Setup, w: Workload, condition: Condition, pairs: u64) -> Result<(
     }
 }
 
+/// Writes one section's figures to `out/PREFIX-UNIXTIME.json`, so runs can be compared.
+pub(crate) fn write_json(out: &Path, prefix: &str, json: &str) -> Result<()> {
+    let stamp = std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).map_or(0, |d| d.as_secs());
+    let path = out.join(format!("{prefix}-{stamp}.json"));
+    std::fs::write(&path, json).with_context(|| format!("write {}", path.display()))?;
+    println!("written: {}", path.display());
+    Ok(())
+}
+
 /// Runs `cmd` and reads the `ns_per_pair=F` line it prints.
 fn ns_per_pair(mut cmd: Command) -> Result<f64> {
     let out = cmd.stderr(Stdio::null()).output().with_context(|| format!("run {cmd:?}"))?;
@@ -532,9 +541,6 @@ fn report(
         "  ],\n  \"leakmon_daemon\": {{\"cpu_seconds_mean\": {cpu:.4}, \"peak_rss_kib\": {rss}}},\n  \"rounds\": {rounds},\n  \"pairs\": {pairs}\n}}\n"
     );
     print!("{text}");
-    let stamp = std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).map_or(0, |d| d.as_secs());
-    let path = s.out.join(format!("bench-{stamp}.json"));
-    std::fs::write(&path, json).with_context(|| format!("write {}", path.display()))?;
-    println!("\nwritten: {}", path.display());
+    write_json(&s.out, "bench", &json)?;
     Ok(())
 }

@@ -5,7 +5,7 @@ use std::{collections::BTreeMap, fmt::Write as _, path::Path, process::Command};
 
 use anyhow::{bail, Context as _, Result};
 
-use crate::bench::Setup;
+use crate::bench::{write_json, Setup};
 
 const RUNS: usize = 10;
 const RATES: [(u64, &str); 2] = [(4096, "4KiB"), (65536, "64KiB")];
@@ -102,9 +102,6 @@ pub fn accuracy(root: &Path, setup: &Setup) -> Result<()> {
     }
     let _ = write!(json, "  \"exact_total\": {exact_total:.0}\n}}\n");
     print!("{text}");
-    let stamp = std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).map_or(0, |d| d.as_secs());
-    let path = setup.out.join(format!("sampling-{stamp}.json"));
-    std::fs::write(&path, json).with_context(|| format!("write {}", path.display()))?;
-    println!("written: {}", path.display());
+    write_json(&setup.out, "sampling", &json)?;
     Ok(())
 }

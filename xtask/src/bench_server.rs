@@ -12,7 +12,7 @@ use std::{
 
 use anyhow::{bail, Context as _, Result};
 
-use crate::bench::{cpu_seconds, median, Helper, Setup};
+use crate::bench::{cpu_seconds, median, write_json, Helper, Setup};
 
 const REQUESTS: &str = "50000";
 
@@ -107,10 +107,7 @@ pub fn server(setup: &Setup, rounds: usize) -> Result<()> {
         ratios[0].1, ratios[1].1, ratios[2].1
     );
     print!("{text}");
-    let stamp = std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).map_or(0, |d| d.as_secs());
-    let path = setup.out.join(format!("server-{stamp}.json"));
-    std::fs::write(&path, json).with_context(|| format!("write {}", path.display()))?;
-    println!("written: {}", path.display());
+    write_json(&setup.out, "server", &json)?;
     Ok(())
 }
 
