@@ -52,10 +52,11 @@ pub const STACK_HASH_SEED: u64 = 0xcbf2_9ce4_8422_2325;
 /// (`strdup`, `strndup`).
 pub const SIZE_FROM_NESTED: u64 = u64::MAX;
 
+pub mod sampling;
+pub mod unwind;
+
 /// Which allocator entry point a thread is inside; decides how the return probe reads
 /// the result.
-pub mod sampling;
-
 pub mod kind {
     /// Returns the new block; the size came from the arguments.
     pub const MALLOC: u32 = 1;
@@ -226,6 +227,8 @@ mod pod {
     unsafe impl aya::Pod for super::LifecycleEvent {}
     unsafe impl aya::Pod for super::TracepointOffsets {}
     unsafe impl aya::Pod for super::Stack {}
+    unsafe impl aya::Pod for super::unwind::Row {}
+    unsafe impl aya::Pod for super::unwind::ProcUnwind {}
 }
 
 #[cfg(test)]
@@ -244,6 +247,9 @@ mod tests {
         assert_eq!(size_of::<LifecycleEvent>(), 32);
         assert_eq!(size_of::<TracepointOffsets>(), 16);
         assert_eq!(size_of::<Stack>(), MAX_STACK_DEPTH * 8);
+        assert_eq!(size_of::<unwind::Row>(), 12);
+        assert_eq!(size_of::<unwind::Mapping>(), 32);
+        assert_eq!(size_of::<unwind::ProcUnwind>(), 8 + 32 * unwind::MAX_MAPPINGS);
     }
 
     #[test]

@@ -3,18 +3,22 @@
 //!
 //! Hooks: `task:task_newtask`, `sched:sched_process_exec`, `sched:sched_process_exit`,
 //! `oom:mark_victim` (every OOM kill, so restarts by the OOM killer are counted).
-//! Maps: reads/writes `PROCS`, writes `EVENTS`. On a full ring buffer the event is
+//! Maps: reads/writes `PROCS` and `UNWIND_PROCS` (a child starts with its parent's
+//! mappings, a new image with none), writes `EVENTS`. On a full ring buffer the event is
 //! counted (`EVENTS_LOST`) and userspace falls back to checking /proc.
 
 use aya_ebpf::{
-    bindings::BPF_NOEXIST,
+    bindings::{BPF_ANY, BPF_NOEXIST},
     helpers::{bpf_get_current_comm, bpf_get_current_pid_tgid},
     macros::tracepoint,
     programs::TracePointContext,
 };
 use leakmon_common::{counter, event, LifecycleEvent, ProcState, CLONE_THREAD};
 
-use crate::maps::{count, tp_offsets, EVENTS, PROCS};
+use crate::{
+    maps::{count, tp_offsets, EVENTS, PROCS},
+    unwind::UNWIND_PROCS,
+};
 
 fn emit(kind: u32, tgid: u32, child: u32, gen: u32) {
     let comm = bpf_get_current_comm().unwrap_or([0; 16]);
@@ -49,6 +53,11 @@ pub fn lifecycle_newtask(ctx: TracePointContext) -> u32 {
         count(counter::PROC_FULL);
         return 0;
     }
+    // The child has its parent's mappings until it execs.
+    if let Some(mappings) = UNWIND_PROCS.get_ptr(&parent) {
+        // SAFETY: pointer into the parent's map value, copied by the helper.
+        let _ = UNWIND_PROCS.insert(&child, unsafe { &*mappings }, u64::from(BPF_ANY));
+    }
     emit(event::FORK, parent, child, 0);
     0
 }
@@ -61,6 +70,9 @@ pub fn lifecycle_exec(_ctx: TracePointContext) -> u32 {
     let Some(state) = PROCS.get_ptr_mut(&tgid) else {
         return 0;
     };
+    // The old image's tables would misread the new one; frame pointers until userspace
+    // gives the new image's.
+    let _ = UNWIND_PROCS.remove(&tgid);
     // SAFETY: pointer into the map value; exec runs on one thread of the process.
     let gen = unsafe {
         (*state).gen += 1;
@@ -84,6 +96,7 @@ pub fn lifecycle_exit(ctx: TracePointContext) -> u32 {
     };
     // SAFETY: pointer into the map value.
     let gen = unsafe { (*state).gen };
+    let _ = UNWIND_PROCS.remove(&tgid);
     emit(event::EXIT, tgid, 0, gen);
     0
 }

@@ -27,9 +27,12 @@ use leakmon_common::{
     Totals, TotalsKey, MAX_STACK_DEPTH, NO_STACK, SIZE_FROM_NESTED, STACK_HASH_SEED,
 };
 
-use crate::maps::{
-    count, sample_bytes, self_tgid, trace_all, INFLIGHT, LIVE, PROCS, SAMPLE_COUNTDOWN, STACKS,
-    STACK_SCRATCH, TOTALS,
+use crate::{
+    maps::{
+        count, sample_bytes, self_tgid, trace_all, INFLIGHT, LIVE, PROCS, SAMPLE_COUNTDOWN, STACKS,
+        STACK_SCRATCH, TOTALS,
+    },
+    unwind,
 };
 
 const EEXIST: i32 = 17;
@@ -284,28 +287,40 @@ fn sub(tgid: u32, block: &LiveAlloc) {
     }
 }
 
-/// The id of the current user stack, stored in `STACKS` on its first use.
+/// The id of the current user stack, stored in `STACKS` on its first use. Walked through
+/// the unwind tables where the process has them, else by frame pointers.
 #[inline(always)]
-fn stack_id(ctx: &RetProbeContext) -> u64 {
+fn stack_id(ctx: &RetProbeContext, tgid: u32) -> u64 {
     let Some(buf) = STACK_SCRATCH.get_ptr_mut(0) else {
         count(counter::STACK_ERROR);
         return NO_STACK;
     };
-    // SAFETY: the buffer is this CPU's scratch slot, `size_of::<Stack>()` bytes; the
-    // helper zero-fills what the stack does not use.
-    let len = unsafe {
-        bpf_get_stack(
-            ctx.as_ptr(),
-            buf.cast(),
-            core::mem::size_of::<Stack>() as u32,
-            u64::from(BPF_F_USER_STACK),
-        )
+    let regs = ctx.as_ptr() as *const aya_ebpf::bindings::pt_regs;
+    let (depth, tables) = match unwind::walk(tgid, regs, buf) {
+        Some(walk) => {
+            if walk.stale {
+                unwind::mark_stale(tgid);
+            }
+            (walk.depth, true)
+        }
+        None => {
+            // SAFETY: the buffer is this CPU's scratch slot, `size_of::<Stack>()` bytes;
+            // the helper zero-fills what the stack does not use.
+            let len = unsafe {
+                bpf_get_stack(
+                    ctx.as_ptr(),
+                    buf.cast(),
+                    core::mem::size_of::<Stack>() as u32,
+                    u64::from(BPF_F_USER_STACK),
+                )
+            };
+            (if len > 0 { len as usize / 8 } else { 0 }, false)
+        }
     };
-    if len <= 0 {
+    if depth == 0 {
         count(counter::STACK_ERROR);
         return NO_STACK;
     }
-    let depth = len as usize / 8;
     let mut hash = STACK_HASH_SEED;
     for i in 0..MAX_STACK_DEPTH {
         if i >= depth {
@@ -318,6 +333,15 @@ fn stack_id(ctx: &RetProbeContext) -> u64 {
         hash = 1;
     }
     if STACKS.get_ptr(&hash).is_none() {
+        if tables {
+            // The walk leaves older frames past its depth; stored stacks end in zeros.
+            for i in 0..MAX_STACK_DEPTH {
+                if i >= depth {
+                    // SAFETY: `i` is below the array length.
+                    unsafe { (*buf).ips[i] = 0 };
+                }
+            }
+        }
         // SAFETY: the scratch slot is a valid `Stack`.
         match STACKS.insert(&hash, unsafe { &*buf }, u64::from(BPF_NOEXIST)) {
             Ok(()) => {}
@@ -361,7 +385,7 @@ fn record(ctx: &RetProbeContext, tgid: u32, state: *mut ProcState, addr: u64, si
     let Some(size) = charge(size) else {
         return;
     };
-    let stack_id = stack_id(ctx);
+    let stack_id = stack_id(ctx, tgid);
     // SAFETY: pointer into the map value.
     let gen = unsafe { (*state).gen };
     let Some(totals) = totals_of(&TotalsKey { tgid, gen, stack_id }) else {

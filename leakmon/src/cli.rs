@@ -155,6 +155,22 @@ pub struct TableArgs {
     /// probe remains. 0: exact.
     #[arg(long, default_value = "0", value_name = "SIZE", value_parser = parse_bytes)]
     pub sample_bytes: u64,
+    /// Capacity of the unwind tables that give full stacks for code built without frame
+    /// pointers (rows of each mapped file's call-frame information; 12 bytes each,
+    /// allocated at start; a libc takes about 28,000). Stacks stop at a file that does
+    /// not fit. 0: frame pointers only.
+    #[arg(long, default_value = "1048576", value_name = "N")]
+    pub unwind_rows: u32,
+    /// A function that only passes allocations on; stacks are named by their first
+    /// frame outside such wrappers. Adds to a built-in list (xmalloc, zmalloc, GLib's,
+    /// CPython's, operator new, jemalloc's and tcmalloc's own entry points). A trailing
+    /// star makes a prefix. Repeatable.
+    #[arg(long = "wrapper", value_name = "NAME", value_parser = parse_wrapper)]
+    pub wrappers: Vec<String>,
+}
+
+fn parse_wrapper(text: &str) -> Result<String, String> {
+    crate::wrappers::validate(text).map(|()| text.to_owned())
 }
 
 /// A byte count: a number, optionally with B, KiB, MiB or GiB.
@@ -271,6 +287,12 @@ impl RunArgs {
         }
         if let (true, Some(v)) = (from_file("max_stacks"), file.max_stacks) {
             self.tables.max_stacks = nonzero(v);
+        }
+        if let (true, Some(v)) = (from_file("unwind_rows"), file.unwind_rows) {
+            self.tables.unwind_rows = v;
+        }
+        if let (true, Some(v)) = (from_file("wrappers"), file.wrappers) {
+            self.tables.wrappers = v;
         }
     }
 }

@@ -30,6 +30,8 @@ pub struct FileConfig {
     pub max_live: Option<u32>,
     pub max_totals: Option<u32>,
     pub max_stacks: Option<u32>,
+    pub unwind_rows: Option<u32>,
+    pub wrappers: Option<Vec<String>>,
 }
 
 /// One problem in the file.
@@ -143,6 +145,25 @@ pub fn check(text: &str) -> (FileConfig, Vec<Problem>) {
             }
             "max-stacks" => {
                 config.max_stacks = count(key, value, 1).map_err(|m| p(item, m)).ok().map(|v| v as u32);
+            }
+            "wrappers" => {
+                let list: Option<Vec<String>> = value
+                    .and_then(Value::as_array)
+                    .and_then(|a| a.iter().map(|v| v.as_str().map(str::to_owned)).collect());
+                match list {
+                    None => p(
+                        item,
+                        "wrappers must be a list of function names, like [\"my_alloc\", \"pool_*\"]"
+                            .to_owned(),
+                    ),
+                    Some(list) => match list.iter().try_for_each(|w| crate::wrappers::validate(w)) {
+                        Ok(()) => config.wrappers = Some(list),
+                        Err(m) => p(item, m),
+                    },
+                }
+            }
+            "unwind-rows" => {
+                config.unwind_rows = count(key, value, 0).map_err(|m| p(item, m)).ok().map(|v| v as u32);
             }
             "web" => {
                 match item.as_table() {

@@ -21,6 +21,7 @@ pub mod sampler;
 pub mod store;
 pub mod symbolize;
 pub mod tracer;
+pub mod wrappers;
 
 /// Milliseconds on the monotonic clock, the clock of the kernel's allocation stamps.
 pub fn monotonic_ms() -> u64 {

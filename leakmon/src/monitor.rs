@@ -72,6 +72,13 @@ struct Incarnation {
 const MAX_CACHED_STACKS: usize = 50_000;
 
 impl Monitor {
+    /// Names stacks by their allocation site past these wrappers.
+    #[must_use]
+    pub fn wrappers(mut self, wrappers: crate::wrappers::Wrappers) -> Self {
+        self.symbolizer = Symbolizer::new(wrappers);
+        self
+    }
+
     pub fn new(params: Params, max_series: usize, top_stacks: usize, proc_root: ProcRoot) -> Self {
         Self {
             history: History::new(params, max_series),
@@ -284,12 +291,10 @@ impl Monitor {
                 {
                     let maps = self.proc_root.maps(pid).unwrap_or_default();
                     let root = self.proc_root.in_root(pid, std::path::Path::new("/"));
-                    let frames: Vec<FrameReport> = stack(s.stack_id)
+                    let frames = stack(s.stack_id)
                         .map(|ips| self.symbolizer.frames(&maps, Some(&root), &ips))
-                        .unwrap_or_default()
-                        .into_iter()
-                        .map(FrameReport::from)
-                        .collect();
+                        .unwrap_or_default();
+                    let frames: Vec<FrameReport> = frames.into_iter().map(FrameReport::from).collect();
                     self.frames.insert((pid, s.stack_id), frames.clone());
                     frames
                 }
@@ -300,7 +305,9 @@ impl Monitor {
                 m.allocations += s.allocations;
                 continue;
             }
-            let site = frames.first();
+            // The allocation site, past the wrappers: what the metrics name a stack by.
+            let site =
+                frames.get(self.symbolizer.wrappers().site(frames.iter().map(|f| Some(f.function.as_str()))));
             merged.push(StackView {
                 stack: hash,
                 bytes: s.bytes,

@@ -9,7 +9,10 @@ use std::path::{Path, PathBuf};
 
 use blazesym::symbolize::{source::Elf, source::Source, Input, Symbolized, Symbolizer as Blaze};
 
-use crate::procfs::{find_mapping, Mapping};
+use crate::{
+    procfs::{find_mapping, Mapping},
+    wrappers::Wrappers,
+};
 
 /// One resolved stack frame.
 #[derive(Clone, Debug, Default, PartialEq, Eq, serde::Serialize)]
@@ -25,18 +28,33 @@ pub struct Frame {
     pub object: Option<PathBuf>,
 }
 
-/// Shared symbolizer with its per-binary cache.
+/// Shared symbolizer with its per-binary cache, and the allocation wrappers that decide
+/// which frame of a stack is its allocation site.
 pub struct Symbolizer {
     blaze: Blaze,
+    wrappers: Wrappers,
 }
 
 impl Default for Symbolizer {
     fn default() -> Self {
-        Self { blaze: Blaze::new() }
+        Self::new(Wrappers::default())
     }
 }
 
 impl Symbolizer {
+    pub fn new(wrappers: Wrappers) -> Self {
+        Self { blaze: Blaze::new(), wrappers }
+    }
+
+    pub fn wrappers(&self) -> &Wrappers {
+        &self.wrappers
+    }
+
+    /// Index of the allocation site in `frames`: the first frame outside the wrappers.
+    pub fn site(&self, frames: &[Frame]) -> usize {
+        self.wrappers.site(frames.iter().map(|f| f.function.as_deref()))
+    }
+
     /// Resolves a stack of return addresses, innermost first. The stack ends at the
     /// first address outside any executable file mapping: past that, frame-pointer
     /// walks through code without frame pointers read garbage. `root` maps the

@@ -3,13 +3,20 @@
 //! A process's memory map vanishes with it, and with it the means to turn its stack
 //! addresses into names. ptrace's exit stop (`PTRACE_O_TRACEEXIT`) holds each process
 //! of a `report` session just before its address space is torn down; the caller reads
-//! /proc/PID/maps then. Only fork, exec and exit stop the tracee: no syscall tracing,
-//! so the cost is nil between those events.
+//! /proc/PID/maps then. Only fork, exec and exit stop the tracee, plus one breakpoint
+//! at each new image's entry point (its libraries are mapped by then and its own code
+//! has not run: the moment to read its mappings for stack unwinding). No syscall
+//! tracing, so the cost is nil between those events.
 //!
 //! All ptrace calls must come from the thread that attached; callers keep the tracer on
 //! one thread.
 
-use std::{collections::HashSet, ffi::OsString, os::unix::process::CommandExt as _, process::Command};
+use std::{
+    collections::{HashMap, HashSet},
+    ffi::OsString,
+    os::unix::process::CommandExt as _,
+    process::Command,
+};
 
 use nix::{
     errno::Errno,
@@ -42,6 +49,9 @@ pub enum Stop {
     /// Just after an exec: the new executable and the dynamic linker are mapped, no
     /// library yet, no instruction of the program has run.
     Exec,
+    /// At the new image's entry point: the dynamic linker has mapped its libraries and
+    /// run their constructors; the program's own code has not run.
+    Entry,
     /// Just before exit: the address space is still in place.
     Exit,
 }
@@ -60,6 +70,8 @@ pub struct Tracer {
     /// stop, to be swallowed, not a signal to deliver).
     seen: HashSet<Pid>,
     root_exit: Option<RootExit>,
+    /// Entry-point breakpoints in place: the address and the word the int3 replaced.
+    breakpoints: HashMap<Pid, (u64, i64)>,
 }
 
 const OPTIONS: Options = Options::PTRACE_O_TRACEFORK
@@ -86,14 +98,17 @@ impl Tracer {
         // The exec stop.
         waitpid(root, Some(WaitPidFlag::__WALL)).map_err(err("waitpid", root))?;
         ptrace::setoptions(root, OPTIONS).map_err(err("setoptions", root))?;
-        Ok(Self { root, seen: HashSet::from([root]), root_exit: None })
+        let mut tracer =
+            Self { root, seen: HashSet::from([root]), root_exit: None, breakpoints: HashMap::new() };
+        tracer.break_at_entry(root);
+        Ok(tracer)
     }
 
     /// Attaches to a running process without stopping it.
     pub fn seize(pid: u32) -> Result<Self, TracerError> {
         let root = Pid::from_raw(i32::try_from(pid).expect("pid fits"));
         ptrace::seize(root, OPTIONS).map_err(err("seize", root))?;
-        Ok(Self { root, seen: HashSet::from([root]), root_exit: None })
+        Ok(Self { root, seen: HashSet::from([root]), root_exit: None, breakpoints: HashMap::new() })
     }
 
     pub fn root(&self) -> u32 {
@@ -123,11 +138,21 @@ impl Tracer {
                 WaitStatus::PtraceEvent(pid, _, event) => {
                     self.seen.insert(pid);
                     match event {
-                        libc::PTRACE_EVENT_EXIT => at_stop(pid.as_raw() as u32, Stop::Exit),
-                        libc::PTRACE_EVENT_EXEC => at_stop(pid.as_raw() as u32, Stop::Exec),
+                        libc::PTRACE_EVENT_EXIT => {
+                            self.breakpoints.remove(&pid);
+                            at_stop(pid.as_raw() as u32, Stop::Exit);
+                        }
+                        libc::PTRACE_EVENT_EXEC => {
+                            at_stop(pid.as_raw() as u32, Stop::Exec);
+                            self.break_at_entry(pid);
+                        }
                         _ => {}
                     }
                     // A process may vanish (SIGKILL) between its stop and this call.
+                    let _ = ptrace::cont(pid, None);
+                }
+                WaitStatus::Stopped(pid, Signal::SIGTRAP) if self.at_breakpoint(pid) => {
+                    at_stop(pid.as_raw() as u32, Stop::Entry);
                     let _ = ptrace::cont(pid, None);
                 }
                 WaitStatus::Stopped(pid, signal) => {
@@ -145,4 +170,38 @@ impl Tracer {
             }
         }
     }
+
+    /// Puts an int3 at the entry point of `pid`'s new image (from its auxiliary
+    /// vector). Best effort: without it the caller sees no [`Stop::Entry`].
+    fn break_at_entry(&mut self, pid: Pid) {
+        let Some(entry) = entry_point(pid) else { return };
+        let addr = entry as ptrace::AddressType;
+        let Ok(word) = ptrace::read(pid, addr) else { return };
+        if ptrace::write(pid, addr, (word & !0xff) | 0xcc).is_ok() {
+            self.breakpoints.insert(pid, (entry, word));
+        }
+    }
+
+    /// Whether `pid` stopped at its entry breakpoint; if so, the original instruction is
+    /// back and the program counter on it, ready to go on.
+    fn at_breakpoint(&mut self, pid: Pid) -> bool {
+        let Some(&(entry, word)) = self.breakpoints.get(&pid) else { return false };
+        let Ok(mut regs) = ptrace::getregs(pid) else { return false };
+        if regs.rip != entry + 1 {
+            return false;
+        }
+        self.breakpoints.remove(&pid);
+        let restored = ptrace::write(pid, entry as ptrace::AddressType, word).is_ok();
+        regs.rip = entry;
+        restored && ptrace::setregs(pid, regs).is_ok()
+    }
+}
+
+/// `AT_ENTRY` of a process's auxiliary vector: where its executable starts.
+fn entry_point(pid: Pid) -> Option<u64> {
+    let auxv = std::fs::read(format!("/proc/{pid}/auxv")).ok()?;
+    auxv.chunks_exact(16).find_map(|pair| {
+        let key = u64::from_ne_bytes(pair[..8].try_into().ok()?);
+        (key == libc::AT_ENTRY).then(|| u64::from_ne_bytes(pair[8..].try_into().expect("8 bytes")))
+    })
 }

@@ -6,12 +6,24 @@ pub mod run;
 use std::sync::atomic::{AtomicUsize, Ordering};
 
 use anyhow::{anyhow, Result};
+use tracing::debug;
 
 use crate::{
     capabilities,
     cli::TableArgs,
     probes::{ProbeError, Probes, Settings},
+    procfs::ProcRoot,
 };
+
+/// Gives the kernel unwind tables for `pid`'s executable mappings as they are now, so
+/// its stacks are walked through `.eh_frame`; a failure costs only stack depth.
+pub(crate) fn refresh_unwind(probes: &mut Probes, proc_root: &ProcRoot, pid: u32) {
+    let Ok(maps) = proc_root.maps(pid) else { return };
+    let root = proc_root.path().join(pid.to_string()).join("root");
+    if let Err(e) = probes.unwind_process(pid, &maps, &root) {
+        debug!(pid, "unwind tables: {e:#}");
+    }
+}
 
 /// Checks privileges and kernel features, then loads the programs.
 pub(crate) fn load_probes(tables: &TableArgs, trace_all: bool) -> Result<Probes> {
@@ -22,6 +34,7 @@ pub(crate) fn load_probes(tables: &TableArgs, trace_all: bool) -> Result<Probes>
         max_totals: tables.max_totals.get(),
         max_stacks: tables.max_stacks.get(),
         sample_bytes: tables.sample_bytes,
+        unwind_rows: tables.unwind_rows,
     };
     Probes::load(&settings).map_err(|e| {
         if e.is_permission() {

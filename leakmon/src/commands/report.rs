@@ -10,7 +10,7 @@ use std::{
 use anyhow::{bail, Context as _, Result};
 use tracing::{info, warn};
 
-use super::{attach_all, capture, count_signals, load_probes, report_of, signals_received};
+use super::{attach_all, capture, count_signals, load_probes, refresh_unwind, report_of, signals_received};
 use crate::{
     cli::{Format, ReportArgs},
     discovery::Discovery,
@@ -19,6 +19,7 @@ use crate::{
     report::{flamegraph, folded, pprof, table, ProcessInfo, Report},
     symbolize::Symbolizer,
     tracer::{RootExit, Stop, Tracer},
+    wrappers::Wrappers,
 };
 
 const POLL: Duration = Duration::from_millis(10);
@@ -27,25 +28,7 @@ const RESCAN: Duration = Duration::from_millis(500);
 
 pub fn report(args: &ReportArgs) -> Result<()> {
     let proc_root = ProcRoot::default();
-    if let Some(pid) = args.pid {
-        if !proc_root.exists(pid) {
-            bail!("no process with pid {pid}");
-        }
-        if pid == std::process::id() {
-            bail!("leakmon does not trace itself");
-        }
-    }
-    if args.duration.is_some() && args.pid.is_none() {
-        bail!("--duration goes with --pid; a command is watched until it exits");
-    }
-    if let Some(d) = args.duration {
-        if !(d.is_finite() && d > 0.0) {
-            bail!("--duration must be a positive number of seconds, not {d}");
-        }
-    }
-    if args.format == Format::Pprof && std::io::IsTerminal::is_terminal(&std::io::stdout()) {
-        bail!("--format pprof writes a binary profile: redirect it to a file (> heap.pb.gz)");
-    }
+    check(args, &proc_root)?;
     let mut probes = load_probes(&args.tables, false)?;
     let mut discovery = Discovery::new(proc_root.clone());
     if let Some(pid) = args.pid {
@@ -55,6 +38,7 @@ pub fn report(args: &ReportArgs) -> Result<()> {
 
     let mut tracer = if let Some(pid) = args.pid {
         probes.trace(pid)?;
+        refresh_unwind(&mut probes, &proc_root, pid);
         Tracer::seize(pid)
             .map_err(|e| warn!("cannot hold pid {pid} at exit ({e}); its stacks resolve only while it runs"))
             .ok()
@@ -93,6 +77,8 @@ pub fn report(args: &ReportArgs) -> Result<()> {
                         warn!(pid, "attach to the allocator of a new image: {e:#}");
                     }
                 }
+                // Its libraries are mapped: their unwind tables before its main runs.
+                Stop::Entry => refresh_unwind(&mut probes, &proc_root, pid),
             })?;
             if let Some(exit) = t.root_exit() {
                 match exit {
@@ -107,18 +93,22 @@ pub fn report(args: &ReportArgs) -> Result<()> {
         if deadline.is_some_and(|d| Instant::now() >= d) || signals_received() >= signals_to_stop {
             break;
         }
+        for pid in probes.unwind_stale() {
+            refresh_unwind(&mut probes, &proc_root, pid);
+        }
         if last_scan.elapsed() >= RESCAN {
             // Allocator libraries loaded with dlopen, and the images of children's execs.
             last_scan = Instant::now();
             for (pid, _) in probes.traced().unwrap_or_default() {
                 let files = discovery.process(pid).files;
                 attach_all(&mut probes, files)?;
+                refresh_unwind(&mut probes, &proc_root, pid);
             }
         }
         std::thread::sleep(POLL);
     }
 
-    let report = build_report(&probes, &mut discovery, infos)?;
+    let report = build_report(&probes, &mut discovery, infos, &args.tables.wrappers)?;
     let counters = probes.counters()?;
     for (name, value) in counters.nonzero() {
         warn!(counter = name, value, "allocations not fully accounted");
@@ -134,11 +124,36 @@ pub fn report(args: &ReportArgs) -> Result<()> {
     Ok(())
 }
 
+/// Refuses arguments that cannot work, before anything is loaded.
+fn check(args: &ReportArgs, proc_root: &ProcRoot) -> Result<()> {
+    if let Some(pid) = args.pid {
+        if !proc_root.exists(pid) {
+            bail!("no process with pid {pid}");
+        }
+        if pid == std::process::id() {
+            bail!("leakmon does not trace itself");
+        }
+    }
+    if args.duration.is_some() && args.pid.is_none() {
+        bail!("--duration goes with --pid; a command is watched until it exits");
+    }
+    if let Some(d) = args.duration {
+        if !(d.is_finite() && d > 0.0) {
+            bail!("--duration must be a positive number of seconds, not {d}");
+        }
+    }
+    if args.format == Format::Pprof && std::io::IsTerminal::is_terminal(&std::io::stdout()) {
+        bail!("--format pprof writes a binary profile: redirect it to a file (> heap.pb.gz)");
+    }
+    Ok(())
+}
+
 fn build_report(
     probes: &Probes,
     discovery: &mut Discovery,
     infos: HashMap<u32, ProcessInfo>,
+    wrappers: &[String],
 ) -> Result<Report> {
     let traced: HashMap<u32, _> = probes.traced()?.into_iter().collect();
-    report_of(probes, discovery, &traced, infos, &Symbolizer::default())
+    report_of(probes, discovery, &traced, infos, &Symbolizer::new(Wrappers::new(wrappers)))
 }

@@ -18,7 +18,7 @@ use tokio::{
 };
 use tracing::{info, warn};
 
-use super::{attach_all, load_probes, report_of, unfreed};
+use super::{attach_all, load_probes, refresh_unwind, report_of, unfreed};
 use crate::{
     analysis::{history::Change, trend::Params},
     cli::{Attach, RunArgs},
@@ -35,6 +35,7 @@ use crate::{
     report::{flamegraph, pprof, table::bytes},
     sampler,
     symbolize::Symbolizer,
+    wrappers::Wrappers,
 };
 
 /// How often exited processes' kernel state is dropped: one pass over the tables.
@@ -88,7 +89,7 @@ async fn daemon(mut args: RunArgs, attach: Attach, proc_root: ProcRoot, reload: 
     let published: Shared = Arc::new(RwLock::new(Published::default()));
     let (profile_tx, mut profile_requests) = tokio::sync::mpsc::channel::<ProfileRequest>(8);
     let server = http::serve(args.listen, published.clone(), profile_tx).await?;
-    let symbolizer = Symbolizer::default();
+    let symbolizer = Symbolizer::new(Wrappers::new(&args.tables.wrappers));
     let mut discovery = Discovery::new(proc_root.clone());
     // The allocator each process's malloc reaches, as last read from its mappings.
     let mut allocators: HashMap<u32, Allocator> = HashMap::new();
@@ -133,8 +134,9 @@ async fn daemon(mut args: RunArgs, attach: Attach, proc_root: ProcRoot, reload: 
     );
 
     let params = Params { window: args.window.as_secs_f64(), ..Params::default() };
-    let mut monitor =
-        Monitor::new(params, args.max_series, args.top_stacks, proc_root.clone()).per_process(args.pid_label);
+    let mut monitor = Monitor::new(params, args.max_series, args.top_stacks, proc_root.clone())
+        .per_process(args.pid_label)
+        .wrappers(Wrappers::new(&args.tables.wrappers));
     let mut metrics = Metrics::new(args.pid_label);
     let started = Instant::now();
 
@@ -214,6 +216,10 @@ async fn daemon(mut args: RunArgs, attach: Attach, proc_root: ProcRoot, reload: 
                     event::EXIT => { exited.insert(ev.tgid); }
                     event::EXEC => {
                         replaced.insert(ev.tgid, ev.gen);
+                        // The kernel dropped the old image's tables; new ones at the next tick.
+                        if let Some(p) = probes.as_mut() {
+                            p.forget_unwind(ev.tgid);
+                        }
                         if system_wide {
                             execed.insert(ev.tgid, Instant::now());
                         }
@@ -265,6 +271,15 @@ async fn daemon(mut args: RunArgs, attach: Attach, proc_root: ProcRoot, reload: 
                 // One read of the process table serves the heap totals and the count.
                 let traced: HashMap<u32, ProcState> =
                     probes.as_ref().and_then(|p| p.traced().ok()).unwrap_or_default().into_iter().collect();
+                if let Some(p) = probes.as_mut() {
+                    // Unwind tables for processes traced since the last tick, and for those
+                    // whose stacks reached a library loaded since their tables were made.
+                    let mut due: Vec<u32> = traced.keys().copied().filter(|pid| !p.has_unwind(*pid)).collect();
+                    due.extend(p.unwind_stale());
+                    for pid in due {
+                        refresh_unwind(p, &proc_root, pid);
+                    }
+                }
                 let heap = probes.as_ref().filter(|_| attributing).and_then(|p| unfreed(p, &traced).ok());
                 let stack = |id: u64| probes.as_ref().and_then(|p| p.stack(id));
                 let (mut views, changes) = monitor.tick(now, &procs, heap.as_deref(), &stack);
@@ -580,7 +595,12 @@ fn log_summary(probes: &Probes, proc_root: &ProcRoot, names: &mut HashMap<u32, S
     let total: u64 = groups.iter().map(|g| g.bytes).sum();
     info!(processes = groups.len(), unfreed = %bytes(total), "summary");
     for g in groups.iter().take(top) {
-        let name = names.entry(g.pid).or_insert_with(|| proc_root.comm(g.pid).unwrap_or_default());
+        // The live name first: a child's exec event may still be queued behind its fork's,
+        // which named it after its parent. The remembered one for a process gone since.
+        if let Ok(live) = proc_root.comm(g.pid) {
+            names.insert(g.pid, live);
+        }
+        let name = names.get(&g.pid).map_or("", String::as_str);
         info!(pid = g.pid, comm = %name, unfreed = %bytes(g.bytes), allocations = g.allocations, stacks = g.stacks.len(), "top process");
     }
     if let Ok(counters) = probes.counters() {

@@ -8,6 +8,7 @@
 pub mod placement;
 pub mod targets;
 pub mod tracefs;
+pub mod unwind;
 
 use std::{
     collections::{HashMap as StdHashMap, HashSet},
@@ -17,17 +18,22 @@ use std::{
 };
 
 use aya::{
-    maps::{HashMap, MapData, MapError, PerCpuArray, RingBuf},
+    maps::{Array, HashMap, MapData, MapError, PerCpuArray, RingBuf},
     programs::{
         uprobe::{UProbeAttachLocation, UProbeLinkId, UProbeScope},
         ProgramError, TracePoint, UProbe,
     },
     Ebpf, EbpfError, EbpfLoader,
 };
-use leakmon_common::{counter, LiveAlloc, LiveKey, ProcState, Stack, Totals, TotalsKey};
+use leakmon_common::{
+    counter,
+    unwind::{Mapping as UnwindMapping, ProcUnwind, Row, MAX_MAPPINGS},
+    LiveAlloc, LiveKey, ProcState, Stack, Totals, TotalsKey,
+};
 use tracing::{debug, info, warn};
 
 use self::targets::{entry_points, Handler, TargetError};
+use crate::procfs::Mapping;
 
 /// The eBPF object built by build.rs; empty when built without bpf-linker.
 static OBJECT: &[u8] = aya::include_bytes_aligned!(concat!(env!("OUT_DIR"), "/leakmon-probes"));
@@ -69,6 +75,10 @@ impl ProbeError {
     /// Whether the kernel said no because of missing privileges.
     pub fn is_permission(&self) -> bool {
         let text = format!("{self:?}");
+        // The verifier's rejections come as EACCES too, with its log: not privileges.
+        if text.contains("verifier_log") && text.contains("processed") {
+            return false;
+        }
         text.contains("EPERM") || text.contains("PermissionDenied") || text.contains("os error 1)")
     }
 }
@@ -96,13 +106,25 @@ pub struct Settings {
     pub max_stacks: u32,
     /// Byte-weighted sampling interval; 0 tracks every allocation.
     pub sample_bytes: u64,
+    /// Unwind-table rows, all files together (12 bytes each, allocated at load).
+    pub unwind_rows: u32,
 }
 
 impl Default for Settings {
     fn default() -> Self {
-        Self { trace_all: false, max_live: 262_144, max_totals: 65_536, max_stacks: 16_384, sample_bytes: 0 }
+        Self {
+            trace_all: false,
+            max_live: 262_144,
+            max_totals: 65_536,
+            max_stacks: 16_384,
+            sample_bytes: 0,
+            unwind_rows: DEFAULT_UNWIND_ROWS,
+        }
     }
 }
+
+/// Unwind rows by default: about 30 files the size of libc (12 MiB of kernel memory).
+pub const DEFAULT_UNWIND_ROWS: u32 = 1 << 20;
 
 /// A (device, inode) pair: one file however many paths lead to it.
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
@@ -163,6 +185,7 @@ pub struct Probes {
     /// just before the totals entry that names it, so a stack is dropped only when it
     /// was unreferenced at two purges in a row, never in that window.
     unreferenced_stacks: HashSet<u64>,
+    unwind: unwind::Tables,
 }
 
 impl Probes {
@@ -186,6 +209,7 @@ impl Probes {
             .map_max_entries("LIVE", settings.max_live)
             .map_max_entries("TOTALS", settings.max_totals)
             .map_max_entries("STACKS", settings.max_stacks)
+            .map_max_entries("UNWIND_ROWS", settings.unwind_rows.max(1))
             .load(OBJECT)
             .map_err(|e| ProbeError::Load(Box::new(e)))?;
         for handler in ENTRY_PROGRAMS {
@@ -206,6 +230,7 @@ impl Probes {
             attached: HashSet::new(),
             per_process: StdHashMap::new(),
             unreferenced_stacks: HashSet::new(),
+            unwind: unwind::Tables::new(settings.unwind_rows),
         })
     }
 
@@ -413,8 +438,11 @@ impl Probes {
         }
         let mut procs = self.procs_mut()?;
         let gone: Vec<u32> = procs.keys().filter_map(Result::ok).filter(|p| forget_process(*p)).collect();
+        for pid in &gone {
+            let _ = procs.remove(pid);
+        }
         for pid in gone {
-            let _ = procs.remove(&pid);
+            self.forget_unwind(pid);
         }
         self.purge_stacks()?;
         Ok(removed)
@@ -440,6 +468,115 @@ impl Probes {
         }
         self.unreferenced_stacks = unreferenced;
         Ok(())
+    }
+
+    /// Gives the kernel unwind tables for the executable mappings of `pid` (`maps`, read
+    /// now; paths opened through `root`, its `/proc/PID/root`), so its stacks are walked
+    /// through `.eh_frame` instead of frame pointers. Each file's rows are built and
+    /// stored once; a process whose mappings did not change since its last refresh
+    /// costs nothing. Returns the mappings with tables.
+    pub fn unwind_process(&mut self, pid: u32, maps: &[Mapping], root: &Path) -> Result<usize, ProbeError> {
+        if self.unwind.capacity == 0 {
+            return Ok(0);
+        }
+        let exec: Vec<&Mapping> = maps.iter().filter(|m| m.executable && m.inode != 0).collect();
+        let signature: Vec<_> =
+            exec.iter().map(|m| (m.start, m.end, (m.dev_major, m.dev_minor, m.inode))).collect();
+        if self.unwind.processes.get(&pid) == Some(&signature) {
+            return Ok(0);
+        }
+        let mut entry = ProcUnwind::default();
+        let mut with_tables = 0;
+        for m in exec.iter().take(MAX_MAPPINGS) {
+            let file = (m.dev_major, m.dev_minor, m.inode);
+            if !self.unwind.files.contains_key(&file) {
+                let path = root.join(m.path.strip_prefix("/").unwrap_or(&m.path));
+                let stored = self.store_rows(&path)?;
+                self.unwind.files.insert(file, stored);
+            }
+            let Some(Some(stored)) = self.unwind.files.get(&file) else { continue };
+            let table = unwind::FileTable { rows: Vec::new(), segments: stored.segments.clone() };
+            let Some(bias) = table.bias(m.start, m.offset) else { continue };
+            entry.mappings[entry.count as usize] = UnwindMapping {
+                start: m.start,
+                end: m.end,
+                bias,
+                first_row: stored.first_row,
+                rows: stored.rows,
+            };
+            entry.count += 1;
+            with_tables += 1;
+        }
+        let mut procs: HashMap<&mut MapData, u32, ProcUnwind> =
+            HashMap::try_from(self.ebpf.map_mut("UNWIND_PROCS").ok_or_else(|| missing_map("UNWIND_PROCS"))?)
+                .map_err(map_err("open", "UNWIND_PROCS"))?;
+        procs.insert(pid, entry, 0).map_err(map_err("insert", "UNWIND_PROCS"))?;
+        self.unwind.processes.insert(pid, signature);
+        Ok(with_tables)
+    }
+
+    /// Builds and stores one file's rows; `None` when it has none or they do not fit.
+    fn store_rows(&mut self, path: &Path) -> Result<Option<unwind::Stored>, ProbeError> {
+        let table = match unwind::file_table(path) {
+            Ok(table) => table,
+            Err(e) => {
+                debug!("no unwind tables: {e}");
+                return Ok(None);
+            }
+        };
+        let Some(first_row) = self.unwind.reserve(table.rows.len()) else {
+            if std::mem::replace(&mut self.unwind.warned_full, true) {
+                debug!(file = %path.display(), "no room for unwind tables");
+                return Ok(None);
+            }
+            warn!(
+                file = %path.display(),
+                rows = table.rows.len(),
+                capacity = self.unwind.capacity,
+                "the unwind-row table is full: stacks through this file and others that do not fit stop there (raise unwind-rows)"
+            );
+            return Ok(None);
+        };
+        let mut rows: Array<&mut MapData, Row> =
+            Array::try_from(self.ebpf.map_mut("UNWIND_ROWS").ok_or_else(|| missing_map("UNWIND_ROWS"))?)
+                .map_err(map_err("open", "UNWIND_ROWS"))?;
+        for (i, row) in table.rows.iter().enumerate() {
+            rows.set(first_row + i as u32, row, 0).map_err(map_err("write", "UNWIND_ROWS"))?;
+        }
+        debug!(file = %path.display(), rows = table.rows.len(), "unwind tables stored");
+        Ok(Some(unwind::Stored { first_row, rows: table.rows.len() as u32, segments: table.segments }))
+    }
+
+    /// Processes whose stacks reached code their tables do not cover, since the last
+    /// call; refresh them with [`Probes::unwind_process`].
+    pub fn unwind_stale(&mut self) -> Vec<u32> {
+        let Some(map) = self.ebpf.map_mut("UNWIND_STALE") else { return Vec::new() };
+        let Ok(mut stale) = HashMap::<&mut MapData, u32, u32>::try_from(map) else { return Vec::new() };
+        let pids: Vec<u32> = stale.keys().filter_map(Result::ok).collect();
+        for pid in &pids {
+            let _ = stale.remove(pid);
+        }
+        pids
+    }
+
+    /// Unwind-table rows in use and their capacity.
+    pub fn unwind_rows(&self) -> (u32, u32) {
+        (self.unwind.rows_used(), self.unwind.capacity)
+    }
+
+    /// Whether `pid` has unwind tables from an earlier [`Probes::unwind_process`].
+    pub fn has_unwind(&self, pid: u32) -> bool {
+        self.unwind.processes.contains_key(&pid)
+    }
+
+    /// Drops `pid`'s unwind tables (its image was replaced, or it is gone).
+    pub fn forget_unwind(&mut self, pid: u32) {
+        self.unwind.processes.remove(&pid);
+        if let Some(map) = self.ebpf.map_mut("UNWIND_PROCS") {
+            if let Ok(mut procs) = HashMap::<&mut MapData, u32, ProcUnwind>::try_from(map) {
+                let _ = procs.remove(&pid);
+            }
+        }
     }
 
     fn procs_mut(&mut self) -> Result<HashMap<&mut MapData, u32, ProcState>, ProbeError> {

@@ -57,6 +57,7 @@ mod tests {
             bytes,
             allocations: 1,
             mean_age_seconds: 0.0,
+            site: None,
             frames: frames.iter().map(|f| frame(f)).collect(),
         };
         let report = Report {

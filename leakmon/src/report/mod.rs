@@ -57,7 +57,10 @@ pub struct StackReport {
     pub bytes: u64,
     pub allocations: u64,
     pub mean_age_seconds: f64,
-    /// Innermost first.
+    /// The allocation site: the first frame outside the allocation wrappers (the
+    /// innermost frame when none is a wrapper); null without a stack.
+    pub site: Option<FrameReport>,
+    /// Innermost first, wrappers included.
     pub frames: Vec<FrameReport>,
 }
 
@@ -98,16 +101,18 @@ impl Report {
                 let stacks = p
                     .stacks
                     .iter()
-                    .map(|s| StackReport {
-                        bytes: s.bytes,
-                        allocations: s.allocations,
-                        mean_age_seconds: s.mean_age_seconds(now_ms),
-                        frames: stack(s.stack_id)
+                    .map(|s| {
+                        let frames = stack(s.stack_id)
                             .map(|ips| symbolizer.frames(&pinfo.maps, pinfo.root.as_deref(), &ips))
-                            .unwrap_or_default()
-                            .into_iter()
-                            .map(FrameReport::from)
-                            .collect(),
+                            .unwrap_or_default();
+                        let site = frames.get(symbolizer.site(&frames)).cloned().map(FrameReport::from);
+                        StackReport {
+                            bytes: s.bytes,
+                            allocations: s.allocations,
+                            mean_age_seconds: s.mean_age_seconds(now_ms),
+                            site,
+                            frames: frames.into_iter().map(FrameReport::from).collect(),
+                        }
                     })
                     .collect();
                 ProcessReport {

@@ -42,13 +42,20 @@ pub fn render(report: &Report) -> String {
             } else {
                 100.0 * s.bytes as f64 / p.outstanding_bytes as f64
             };
-            let mut frames = s.frames.iter();
-            let first = frames.next().map_or_else(|| "[no stack]".to_owned(), frame);
+            // The allocation site first, naming the wrappers it called through; then its
+            // callers.
+            let at = s.site.as_ref().and_then(|site| s.frames.iter().position(|f| f == site)).unwrap_or(0);
+            let mut frames = s.frames.iter().skip(at);
+            let mut first = frames.next().map_or_else(|| "[no stack]".to_owned(), frame);
+            if at > 0 {
+                let via: Vec<&str> = s.frames[..at].iter().rev().map(|f| f.function.as_str()).collect();
+                first = format!("{first}  via {}", via.join(" > "));
+            }
             let _ = writeln!(out, "  {:>12} {:>9} {:>5.1}%  {first}", s.bytes, s.allocations, share);
             for f in frames.by_ref().take(MAX_FRAMES - 1) {
                 let _ = writeln!(out, "  {:>30}  {}", "", frame(f));
             }
-            let rest = s.frames.len().saturating_sub(MAX_FRAMES);
+            let rest = s.frames.len().saturating_sub(at + MAX_FRAMES);
             if rest > 0 {
                 let _ = writeln!(out, "  {:>30}  ... {rest} more", "");
             }
@@ -110,7 +117,8 @@ mod tests {
                     bytes: 48_000,
                     allocations: 1000,
                     mean_age_seconds: 1.0,
-                    frames: vec![frame("leak_small", 12), frame("main", 40)],
+                    site: Some(frame("leak_small", 12)),
+                    frames: vec![frame("xmalloc", 3), frame("leak_small", 12), frame("main", 40)],
                 }],
             }],
         };
@@ -123,7 +131,10 @@ mod tests {
             text.contains("pid 42 (fixture): 46.9 KiB (48000 B) unfreed in 1000 allocations\n"),
             "{text}"
         );
-        assert!(text.contains("         48000      1000 100.0%  leak_small (fixture.c:12)\n"), "{text}");
+        assert!(
+            text.contains("         48000      1000 100.0%  leak_small (fixture.c:12)  via xmalloc\n"),
+            "the site past the wrapper: {text}"
+        );
         assert!(text.contains("  main (fixture.c:40)\n"), "{text}");
     }
 

@@ -97,19 +97,16 @@ pub fn parse_report(out: &Output) -> Value {
         .unwrap_or_else(|e| panic!("report is not JSON ({e}):\n{}", String::from_utf8_lossy(&out.stdout)))
 }
 
-/// Per function of the fixture source `file`: (bytes, allocations), each stack
-/// attributed to its innermost frame in that file.
+/// Per allocation site in the fixture source `file`: (bytes, allocations). Stacks whose
+/// site lies elsewhere (libc's own blocks, the dynamic linker's thread storage) are left
+/// out.
 pub fn by_function(process: &Value, file: &str) -> BTreeMap<String, (u64, u64)> {
     let mut out = BTreeMap::new();
     for stack in process["stacks"].as_array().expect("stacks") {
-        let Some(frame) = stack["frames"]
-            .as_array()
-            .expect("frames")
-            .iter()
-            .find(|f| f["file"].as_str().is_some_and(|p| p.ends_with(file)))
-        else {
+        let frame = &stack["site"];
+        if !frame["file"].as_str().is_some_and(|p| p.ends_with(file)) {
             continue;
-        };
+        }
         let entry = out.entry(frame["function"].as_str().expect("function").to_owned()).or_insert((0, 0));
         entry.0 += stack["bytes"].as_u64().expect("bytes");
         entry.1 += stack["allocations"].as_u64().expect("allocations");

@@ -1,0 +1,154 @@
+//! User stacks from DWARF call-frame information, for code without frame pointers.
+//!
+//! Maps: `UNWIND_ROWS` (every file's rows, filled by userspace), `UNWIND_PROCS` (per
+//! process: its executable mappings and their rows), `UNWIND_STALE` (processes whose
+//! walk left the mappings with tables). Called from the return probe, whose registers
+//! are the caller's at the instruction after the call, so the walk starts at the
+//! allocation site itself. See `leakmon_common::unwind` for the scheme.
+//!
+//! On failure: a process without tables falls back to the kernel's frame-pointer walk
+//! (the caller's job); a frame outside every mapping with tables, or without a rule,
+//! ends the stack (the frame itself is kept: the walk up to it was sound), and the
+//! former marks the process so userspace refreshes its tables.
+
+use aya_ebpf::{
+    bindings::{pt_regs, BPF_F_NO_PREALLOC},
+    helpers::bpf_probe_read_user,
+    macros::map,
+    maps::{Array, HashMap, LruHashMap},
+};
+use leakmon_common::{
+    unwind::{cfa, Mapping, ProcUnwind, Row, MAPPING_STEPS, MAX_FRAMES, MAX_MAPPINGS, SEARCH_STEPS},
+    Stack,
+};
+
+/// Rows of every file with tables, each file's rows contiguous and sorted. An array
+/// because lookups by index are inlined by the verifier (a binary search step costs a
+/// few instructions); sized by userspace at load (`unwind-rows` in the config).
+#[map]
+pub static UNWIND_ROWS: Array<Row> = Array::with_max_entries(1, 0);
+
+/// Executable mappings with tables, per traced process. Not preallocated: an entry is
+/// 2 KiB and only processes being traced have one.
+#[map]
+pub static UNWIND_PROCS: HashMap<u32, ProcUnwind> = HashMap::with_max_entries(8192, BPF_F_NO_PREALLOC);
+
+/// Processes whose stack walk reached code outside their mappings with tables (a
+/// library loaded since): userspace refreshes their tables and deletes the entry. LRU
+/// so a flood of them can never fail the insert.
+#[map]
+pub static UNWIND_STALE: LruHashMap<u32, u32> = LruHashMap::with_max_entries(1024, 0);
+
+/// Marks `tgid` for a refresh of its tables; one lookup once marked.
+#[inline(always)]
+pub fn mark_stale(tgid: u32) {
+    if UNWIND_STALE.get_ptr(&tgid).is_none() {
+        let _ = UNWIND_STALE.insert(&tgid, &1, 0);
+    }
+}
+
+/// The outcome of a walk.
+pub struct Walk {
+    /// Frames written, innermost first.
+    pub depth: usize,
+    /// A frame lay outside every mapping with tables.
+    pub stale: bool,
+}
+
+/// All ones when `a <= b`, else zero, without a branch. Both are below 2^63 (the
+/// callers pass 32-bit row addresses and user-space addresses). The sign bit goes
+/// through memory because LLVM would otherwise see a comparison and turn the masking
+/// into a select, which the bpf target lowers to a branch: each branch in a search
+/// doubles the states the verifier walks, past its limit over a whole stack.
+#[inline(always)]
+fn all_ones_if_le(a: u64, b: u64) -> u64 {
+    let above = b.wrapping_sub(a) >> 63;
+    // SAFETY: a read of a local.
+    let above = unsafe { core::ptr::read_volatile(&raw const above) };
+    above.wrapping_sub(1)
+}
+
+/// The mapping holding `addr`: a branch-free binary search over the sorted mappings.
+#[inline(always)]
+fn mapping_of(procs: &ProcUnwind, addr: u64) -> Option<&Mapping> {
+    // Indexes are masked, not compared: LLVM folds a comparison into the loop's bounds
+    // and the verifier then sees an unbounded index.
+    const MASK: usize = MAX_MAPPINGS - 1;
+    let count = (procs.count as usize).min(MAX_MAPPINGS);
+    if count == 0 {
+        return None;
+    }
+    // The last index whose start is at or below `addr` (0 if none is).
+    let (mut base, mut len) = (0usize, count);
+    for _ in 0..MAPPING_STEPS {
+        let half = len / 2;
+        let m = &procs.mappings[(base + half) & MASK];
+        base += half & all_ones_if_le(m.start, addr) as usize;
+        len -= half;
+    }
+    let m = &procs.mappings[base & MASK];
+    (m.start <= addr && addr < m.end).then_some(m)
+}
+
+/// The last row of `m` starting at or before the file address `vaddr`: the same
+/// branch-free search over the shared row array.
+#[inline(always)]
+fn row_of(m: &Mapping, vaddr: u64) -> Option<Row> {
+    if m.rows == 0 || vaddr > u64::from(u32::MAX) {
+        return None;
+    }
+    let (mut base, mut len) = (0u32, m.rows);
+    for _ in 0..SEARCH_STEPS {
+        let half = len / 2;
+        let row = UNWIND_ROWS.get(m.first_row.wrapping_add(base + half))?;
+        base += half & all_ones_if_le(u64::from(row.pc), vaddr) as u32;
+        len -= half;
+    }
+    let row = *UNWIND_ROWS.get(m.first_row.wrapping_add(base))?;
+    (u64::from(row.pc) <= vaddr).then_some(row)
+}
+
+/// Walks the user stack of `tgid` from `regs` into `out`; `None` when the process has
+/// no tables. Slots past `depth` keep whatever they held.
+#[inline(always)]
+pub fn walk(tgid: u32, regs: *const pt_regs, out: *mut Stack) -> Option<Walk> {
+    let procs = UNWIND_PROCS.get_ptr(&tgid)?;
+    // SAFETY: uprobe contexts are the user registers; `procs` points into a map value.
+    let (procs, mut ip, mut sp, mut bp) = unsafe { (&*procs, (*regs).rip, (*regs).rsp, (*regs).rbp) };
+    let mut walk = Walk { depth: 0, stale: false };
+    for i in 0..MAX_FRAMES {
+        if ip == 0 {
+            break;
+        }
+        // SAFETY: `i` is below `MAX_FRAMES`, which is below the array length.
+        unsafe { (*out).ips[i] = ip };
+        walk.depth = i + 1;
+        // Every frame is a return address: its call instruction is the byte before.
+        let at = ip - 1;
+        let Some(m) = mapping_of(procs, at) else {
+            walk.stale = true;
+            break;
+        };
+        let Some(row) = row_of(m, at.wrapping_sub(m.bias)) else { break };
+        let frame = match row.cfa {
+            cfa::RSP => sp.wrapping_add(row.cfa_offset as i64 as u64),
+            cfa::RBP => bp.wrapping_add(row.cfa_offset as i64 as u64),
+            _ => break,
+        };
+        // SAFETY: user addresses; the helper checks them.
+        let Ok(ret) = (unsafe { bpf_probe_read_user((frame - 8) as *const u64) }) else { break };
+        if row.rbp_offset != 0 {
+            let saved = frame.wrapping_add(row.rbp_offset as i64 as u64);
+            // SAFETY: as above.
+            let Ok(saved) = (unsafe { bpf_probe_read_user(saved as *const u64) }) else { break };
+            bp = saved;
+        }
+        // A caller's frame is above its callee's: anything else is a bad rule.
+        if frame <= sp {
+            break;
+        }
+        sp = frame;
+        ip = ret;
+    }
+    Some(walk)
+}

@@ -1,0 +1,92 @@
+//! Full stacks for code built without frame pointers, walked in the kernel through the
+//! binaries' own unwind tables, and allocation sites named past wrappers.
+
+mod common;
+
+use common::{build_fixture, by_function, expected, processes, report_json, LEAKS};
+use serde_json::Value;
+
+/// `-fomit-frame-pointer` after the fixtures' default `-fno-omit-frame-pointer`.
+const NO_FP: &[&str] = &["-fomit-frame-pointer"];
+
+fn functions(stack: &Value) -> Vec<&str> {
+    stack["frames"]
+        .as_array()
+        .expect("frames")
+        .iter()
+        .map(|f| f["function"].as_str().expect("name"))
+        .collect()
+}
+
+fn stack_of<'a>(process: &'a Value, site: &str) -> Vec<&'a Value> {
+    process["stacks"].as_array().expect("stacks").iter().filter(|s| s["site"]["function"] == site).collect()
+}
+
+#[test]
+fn without_frame_pointers_the_same_leaks_come_out_exactly_with_full_stacks() {
+    let with_fp = build_fixture("leaks.c", &[]);
+    let without_fp = build_fixture("leaks.c", NO_FP);
+    for binary in [&with_fp, &without_fp] {
+        let report = report_json(&[binary.as_os_str()]);
+        let process = &processes(&report)[0];
+        assert_eq!(by_function(process, "leaks.c"), expected(LEAKS), "{}", binary.display());
+        // One call site, one stack, reaching through main to the C runtime.
+        let small = stack_of(process, "leak_small");
+        assert_eq!(small.len(), 1, "leak_small is one stack: {small:#?}");
+        let frames = functions(small[0]);
+        assert!(frames.len() >= 4, "{}: {frames:?}", binary.display());
+        assert_eq!(&frames[..2], &["leak_small", "main"], "{}", binary.display());
+        // Threads' stacks end at their start routine's caller, not in garbage.
+        let thread = stack_of(process, "leak_in_thread");
+        assert_eq!(thread.len(), 1, "{thread:#?}");
+        assert_eq!(functions(thread[0])[..2], ["leak_in_thread", "start_thread"]);
+    }
+}
+
+#[test]
+fn leaks_through_a_wrapper_are_split_by_their_callers() {
+    let binary = build_fixture("wrapped.c", NO_FP);
+    let report = report_json(&[binary.as_os_str()]);
+    let process = &processes(&report)[0];
+    let sites = by_function(process, "wrapped.c");
+    // pool_get is not a known wrapper: its 6400 bytes are its own.
+    assert_eq!(
+        sites,
+        expected(&[
+            ("parse_header", 3200, 100),
+            ("cache_entry", 12_800, 200),
+            ("session_new", 4800, 300),
+            ("pool_get", 6400, 50)
+        ]),
+        "{report:#}"
+    );
+    for site in ["parse_header", "cache_entry", "session_new"] {
+        let stacks = stack_of(process, site);
+        assert_eq!(stacks.len(), 1, "{site}: {stacks:#?}");
+        // The full stack keeps the wrapper, below the site, and reaches main.
+        assert_eq!(&functions(stacks[0])[..5], &["xmalloc", site, "serve", "run", "main"]);
+    }
+}
+
+#[test]
+fn a_configured_wrapper_moves_the_site_to_its_callers() {
+    let binary = build_fixture("wrapped.c", NO_FP);
+    let out = common::leakmon()
+        .args(["report", "--format", "json", "--wrapper", "pool_*", "--"])
+        .arg(&binary)
+        .output()
+        .expect("run leakmon");
+    let report = common::parse_report(&out);
+    let sites = by_function(&processes(&report)[0], "wrapped.c");
+    assert_eq!(sites.get("pooled_buffer"), Some(&(6400, 50)), "{sites:?}");
+    assert!(!sites.contains_key("pool_get"), "{sites:?}");
+}
+
+#[test]
+fn a_bad_wrapper_name_is_refused_in_one_line() {
+    let out =
+        common::leakmon().args(["report", "--wrapper", "a*b*", "--", "true"]).output().expect("run leakmon");
+    assert!(!out.status.success());
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert!(stderr.contains("prefix ending in one `*`"), "{stderr}");
+}
