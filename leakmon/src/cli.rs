@@ -162,8 +162,8 @@ pub struct TableArgs {
     #[arg(long, default_value = "1048576", value_name = "N")]
     pub unwind_rows: u32,
     /// A function that only passes allocations on; stacks are named by their first
-    /// frame outside such wrappers. Adds to a built-in list (xmalloc, zmalloc, GLib's,
-    /// CPython's, operator new, jemalloc's and tcmalloc's own entry points). A trailing
+    /// frame outside such wrappers. Adds to a built-in list (xmalloc, zmalloc, the glib
+    /// and python ones, operator new, jemalloc and tcmalloc entry points). A trailing
     /// star makes a prefix. Repeatable.
     #[arg(long = "wrapper", value_name = "NAME", value_parser = parse_wrapper)]
     pub wrappers: Vec<String>,

@@ -29,6 +29,15 @@ pub const BUILTIN: &[&str] = &[
     "ztryrealloc*",
     "zstrdup",
     "zmalloc_usable",
+    // Redis's string library: its constructors are strdup's kin.
+    "sdsnewlen",
+    "_sdsnewlen",
+    "sdstrynewlen",
+    "sdsnew",
+    "sdsempty",
+    "sdsdup",
+    "sdsMakeRoomFor*",
+    "_sdsMakeRoomFor",
     // GLib.
     "g_malloc*",
     "g_malloc0*",

@@ -166,6 +166,37 @@ fn redis_server_with_jemalloc_is_accounted_and_its_frees_seen() {
     assert!(bytes >= 20_000 * 100, "{bytes}");
     assert!((80_000..84_000).contains(&allocations), "{allocations} allocations");
     assert!((20_000 * 160..20_000 * 200).contains(&bytes), "{bytes} bytes");
+
+    // Redis (built without frame pointers) allocates through zmalloc: the sites are the
+    // Redis functions that made the keys and values, past the wrappers.
+    let stacks = process["stacks"].as_array().expect("stacks");
+    for s in stacks.iter().take(5) {
+        let frames: Vec<&str> = s["frames"]
+            .as_array()
+            .expect("frames")
+            .iter()
+            .map(|f| f["function"].as_str().unwrap_or(""))
+            .collect();
+        eprintln!(
+            "{:>9} B {:>6} allocs  site {}  stack {}",
+            s["bytes"],
+            s["allocations"],
+            s["site"]["function"],
+            frames.join(" < ")
+        );
+    }
+    let top = &stacks[0];
+    let site = top["site"]["function"].as_str().expect("site");
+    assert!(
+        !site.starts_with('z') && !site.starts_with("sds") && !site.starts_with("_sds") && site != "??",
+        "top site {site}: {top:#}"
+    );
+    let frames = top["frames"].as_array().expect("frames");
+    assert!(frames.len() >= 4, "a full stack: {top:#}");
+    assert!(
+        frames.iter().any(|f| f["function"].as_str().is_some_and(|n| n.contains("Command"))),
+        "reaches the command that populated the keys: {top:#}"
+    );
 }
 
 trait WaitKeep {

@@ -90,3 +90,42 @@ fn a_bad_wrapper_name_is_refused_in_one_line() {
     let stderr = String::from_utf8_lossy(&out.stderr);
     assert!(stderr.contains("prefix ending in one `*`"), "{stderr}");
 }
+
+#[test]
+fn cpp_without_frame_pointers_is_named_past_operator_new() {
+    let binary = build_fixture("new_leaks.cpp", NO_FP);
+    let report = report_json(&[binary.as_os_str()]);
+    let process = &processes(&report)[0];
+    let got = by_function(process, "new_leaks.cpp");
+    assert_eq!(got, expected(&[("leak_new()", 4000, 100), ("leak_new_array()", 5000, 50)]));
+    for stack in stack_of(process, "leak_new()") {
+        assert!(functions(stack).contains(&"main"), "reaches main: {stack:#}");
+    }
+}
+
+/// What CPython itself says the kept strings take: `sys.getsizeof` of each.
+fn python_string_bytes() -> u64 {
+    let out = std::process::Command::new("/usr/bin/python3")
+        .args(["-c", "import sys; print(sum(sys.getsizeof('x' * 6400 + str(i)) for i in range(1000)))"])
+        .output()
+        .expect("run python3");
+    String::from_utf8_lossy(&out.stdout).trim().parse().expect("a number")
+}
+
+#[test]
+fn python_strings_are_attributed_to_the_interpreter_function_that_made_them() {
+    let script = common::fixtures_dir().join("py_leak.py");
+    let report = report_json(&["/usr/bin/python3".as_ref(), script.as_os_str()]);
+    let process = &processes(&report)[0];
+    // The interpreter specializes the loop's `+` after a few rounds: two call sites in
+    // the eval loop, both in PyUnicode_Concat, past CPython's allocator layers.
+    let stacks = stack_of(process, "PyUnicode_Concat");
+    let bytes: u64 = stacks.iter().map(|s| s["bytes"].as_u64().expect("bytes")).sum();
+    let allocations: u64 = stacks.iter().map(|s| s["allocations"].as_u64().expect("allocations")).sum();
+    assert_eq!((bytes, allocations), (python_string_bytes(), 1000), "{stacks:#?}");
+    for stack in stacks {
+        let frames = functions(stack);
+        assert_eq!(frames[1], "_PyEval_EvalFrameDefault", "{frames:?}");
+        assert!(frames.contains(&"Py_BytesMain"), "reaches the interpreter's main: {frames:?}");
+    }
+}

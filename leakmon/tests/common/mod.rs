@@ -16,7 +16,7 @@ pub fn leakmon() -> Command {
     cmd
 }
 
-fn fixtures_dir() -> PathBuf {
+pub fn fixtures_dir() -> PathBuf {
     Path::new(env!("CARGO_MANIFEST_DIR")).join("tests/fixtures")
 }
 
