@@ -58,6 +58,8 @@ const KEYS: &[&str] = &[
     "max-live",
     "max-totals",
     "max-stacks",
+    "unwind-rows",
+    "wrappers",
     "web",
     "metrics",
 ];
@@ -253,6 +255,8 @@ top = 7
 max-live = 1024
 max-totals = 512
 max-stacks = 256
+unwind-rows = 0
+wrappers = ["my_alloc", "pool_*"]
 
 [web]
 listen-address = "127.0.0.1:9999"
@@ -270,6 +274,16 @@ pid-label = true
         assert_eq!(c.pid_label, Some(true));
         assert_eq!((c.top_stacks, c.max_series, c.interval, c.top), (Some(3), Some(100), Some(30), Some(7)));
         assert_eq!((c.max_live, c.max_totals, c.max_stacks), (Some(1024), Some(512), Some(256)));
+        assert_eq!(c.unwind_rows, Some(0));
+        assert_eq!(c.wrappers, Some(vec!["my_alloc".to_owned(), "pool_*".to_owned()]));
+    }
+
+    #[test]
+    fn a_bad_wrapper_is_refused_with_its_line() {
+        let (_, problems) = check("top = 3\nwrappers = [\"ok\", \"two stars**\"]\n");
+        assert_eq!(problems.len(), 1, "{problems:?}");
+        assert_eq!(problems[0].line, 2);
+        assert!(problems[0].message.contains("prefix ending in one"), "{problems:?}");
     }
 
     #[test]
@@ -282,7 +296,7 @@ pid-label = true
             vec![
                 (2, "sample-interval must be a duration string, like \"10s\""),
                 (3, "attach must be \"none\", \"suspects\", \"all\" or \"pids\""),
-                (4, "unknown key bogus (known: sample-interval, window, attach, suspect-duration, max-suspects, pid, comm, cgroup, top-stacks, max-series, interval, top, max-live, max-totals, max-stacks, web, metrics)"),
+                (4, "unknown key bogus (known: sample-interval, window, attach, suspect-duration, max-suspects, pid, comm, cgroup, top-stacks, max-series, interval, top, max-live, max-totals, max-stacks, unwind-rows, wrappers, web, metrics)"),
                 (5, "max-live must be between 1 and 4294967295, not 0"),
                 (7, "web.listen-address must be an address and port, like \"127.0.0.1:9473\""),
                 (8, "unknown key web.port (known: web.listen-address)"),

@@ -103,7 +103,7 @@ fn cpp_without_frame_pointers_is_named_past_operator_new() {
     }
 }
 
-/// What CPython itself says the kept strings take: `sys.getsizeof` of each.
+/// What the interpreter itself says the kept strings take (`sys.getsizeof` of each).
 fn python_string_bytes() -> u64 {
     let out = std::process::Command::new("/usr/bin/python3")
         .args(["-c", "import sys; print(sum(sys.getsizeof('x' * 6400 + str(i)) for i in range(1000)))"])

@@ -43,18 +43,20 @@ enum Condition {
     Memleak,
     Heaptrack,
     LeakmonReport,
+    LeakmonFramePointers,
     LeakmonSampled,
     LeakmonAll,
     LeakmonTier0,
 }
 
 impl Condition {
-    const ALL: [Self; 8] = [
+    const ALL: [Self; 9] = [
         Self::None,
         Self::Floor,
         Self::Memleak,
         Self::Heaptrack,
         Self::LeakmonReport,
+        Self::LeakmonFramePointers,
         Self::LeakmonSampled,
         Self::LeakmonAll,
         Self::LeakmonTier0,
@@ -67,6 +69,7 @@ impl Condition {
             Self::Memleak => "memleak-equivalent (bpftrace)",
             Self::Heaptrack => "heaptrack (LD_PRELOAD)",
             Self::LeakmonReport => "leakmon report (traced, exact)",
+            Self::LeakmonFramePointers => "leakmon report --unwind-rows 0 (fp)",
             Self::LeakmonSampled => "leakmon report --sample-bytes 512KiB",
             Self::LeakmonAll => "leakmon run --attach all",
             Self::LeakmonTier0 => "leakmon run --attach none",
@@ -80,6 +83,7 @@ impl Condition {
             Self::Memleak => "memleak",
             Self::Heaptrack => "heaptrack",
             Self::LeakmonReport => "leakmon_report",
+            Self::LeakmonFramePointers => "leakmon_frame_pointers",
             Self::LeakmonSampled => "leakmon_sampled",
             Self::LeakmonAll => "leakmon_all",
             Self::LeakmonTier0 => "leakmon_tier0",
@@ -205,6 +209,13 @@ fn scale_figures(root: &Path, s: &Setup) -> Result<()> {
     let before = cpu_seconds(full.pid());
     std::thread::sleep(Duration::from_secs(10));
     let full_cpu = (cpu_seconds(full.pid()) - before) / 10.0;
+    // The unwind tables of every traced process on the host, by then.
+    let scrape = http_get(LISTEN, "/metrics").unwrap_or_default();
+    let gauge = |prefix: &str| {
+        scrape.lines().find_map(|l| l.strip_prefix(prefix)?.trim().parse::<f64>().ok()).unwrap_or(f64::NAN)
+    };
+    let unwind_rows = gauge("leakmon_unwind_rows{state=\"used\"} ");
+    let unwind_processes = gauge("leakmon_unwind_processes ");
     let rss = current_rss_kib(full.pid());
     let peak = peak_rss_kib(full.pid());
     // A fork storm: every child allocates (so it is traced) and exits at once, a fork
@@ -234,6 +245,7 @@ fn scale_figures(root: &Path, s: &Setup) -> Result<()> {
         "\nhost scale ({processes} processes on the host, 1,000 of them idle helpers):\n\
          always-on tier, 1 s samples:          {:.2}% of one core, peak RSS {:.1} MiB\n\
          attributing all, 1M live blocks and 131,072 stacks: RSS {:.1} MiB (peak {:.1} MiB), {:.2}% of one core\n\
+         unwind tables for {unwind_processes} traced processes: {unwind_rows} rows, {:.1} MiB of kernel memory\n\
          /metrics scrape: median {:.2} ms, max {:.2} ms ({} bytes)\n\
          fork storm: 20,000 traced processes at {:.0}/s ({:.0} lifecycle events/s)\n\
          losses: {}",
@@ -242,6 +254,7 @@ fn scale_figures(root: &Path, s: &Setup) -> Result<()> {
         rss as f64 / 1024.0,
         peak as f64 / 1024.0,
         full_cpu * 100.0,
+        unwind_rows * 12.0 / 1_048_576.0,
         median(&latencies),
         latencies.iter().copied().fold(0.0, f64::max),
         metrics_bytes,
@@ -333,11 +346,14 @@ fn measure(s: &Setup, w: Workload, condition: Condition, pairs: u64) -> Result<(
             helper.stop();
             Ok((ns?, None))
         }
-        Condition::LeakmonReport | Condition::LeakmonSampled => {
+        Condition::LeakmonReport | Condition::LeakmonSampled | Condition::LeakmonFramePointers => {
             let mut cmd = Command::new(&s.leakmon);
             cmd.args(["report", "--format", "json"]);
             if condition == Condition::LeakmonSampled {
                 cmd.args(["--sample-bytes", "512KiB"]);
+            }
+            if condition == Condition::LeakmonFramePointers {
+                cmd.args(["--unwind-rows", "0"]);
             }
             cmd.arg("--").arg(&s.workload_bin).args(&args);
             Ok((ns_per_pair(cmd)?, None))
@@ -518,11 +534,18 @@ fn report(
         for (name, r, target) in ratios {
             let _ = writeln!(text, "{name:<40} {r:>10.2}   ({target}; overheads, leakmon report)");
         }
+        let unwind = lm - over(Condition::LeakmonFramePointers);
+        let _ = writeln!(
+            text,
+            "{:<40} {unwind:>10.1}   (ns per pair: .eh_frame walk minus frame-pointer walk)",
+            "unwinding cost"
+        );
         let _ = write!(
             json,
-            "    {{\n      \"name\": \"{}\",\n{},\n      \"ratio_memleak\": {:.3},\n      \"ratio_floor\": {:.3},\n      \"ratio_heaptrack\": {:.3}\n    }}{}\n",
+            "    {{\n      \"name\": \"{}\",\n{},\n      \"unwind_ns\": {:.1},\n      \"ratio_memleak\": {:.3},\n      \"ratio_floor\": {:.3},\n      \"ratio_heaptrack\": {:.3}\n    }}{}\n",
             workload.name,
             entries.join(",\n"),
+            lm - over(Condition::LeakmonFramePointers),
             ratios[0].1,
             ratios[1].1,
             ratios[2].1,

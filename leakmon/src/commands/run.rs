@@ -292,6 +292,10 @@ async fn daemon(mut args: RunArgs, attach: Attach, proc_root: ProcRoot, reload: 
                         suspects.update(p, &mut discovery, &views, args.suspect_duration, args.max_suspects);
                     }
                 }
+                if let Some(p) = probes.as_ref() {
+                    let (used, capacity) = p.unwind_rows();
+                    metrics.unwind(used, capacity, p.unwind_processes());
+                }
                 let counters = probes.as_ref().and_then(|p| p.counters().ok());
                 let attached = traced.len();
                 metrics.update(&views, counters, attached, monitor.series_dropped());

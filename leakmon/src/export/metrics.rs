@@ -30,6 +30,8 @@ pub struct Metrics {
     events_lost: IntCounterVec,
     map_errors: IntCounterVec,
     attached: IntGauge,
+    unwind_rows: IntGaugeVec,
+    unwind_processes: IntGauge,
     series_dropped: IntCounter,
     oom_kills: IntCounterVec,
     restarts: IntCounterVec,
@@ -56,6 +58,13 @@ impl Default for Metrics {
 impl Metrics {
     /// `pid_label`: per-process series carry a `pid` label (off by default: pids are
     /// unbounded over time and split a service's history at every restart).
+    /// The unwind tables' fill: rows used and allocated, processes with tables.
+    pub fn unwind(&self, rows_used: u32, rows_capacity: u32, processes: usize) {
+        self.unwind_rows.with_label_values(&["used"]).set(i64::from(rows_used));
+        self.unwind_rows.with_label_values(&["capacity"]).set(i64::from(rows_capacity));
+        self.unwind_processes.set(processes as i64);
+    }
+
     pub fn new(pid_label: bool) -> Self {
         let registry = Registry::new();
         let gauge = |name: &str, help: &str, labels: &[&str]| {
@@ -99,6 +108,16 @@ impl Metrics {
                 .expect("valid"),
             ),
             attached: register(&registry, IntGauge::new("leakmon_attached_processes", "Processes traced by the allocator probes.").expect("valid")),
+            unwind_rows: gauge(
+                "leakmon_unwind_rows",
+                "Unwind-table rows in the kernel (12 bytes each): used, and the capacity allocated at start.",
+                &["state"],
+            ),
+            unwind_processes: register(
+                &registry,
+                IntGauge::new("leakmon_unwind_processes", "Traced processes whose stacks are walked through unwind tables.")
+                    .expect("valid"),
+            ),
             series_dropped: register(
                 &registry,
                 IntCounter::new("leakmon_series_dropped_total", "New series turned away by the series cap.").expect("valid"),

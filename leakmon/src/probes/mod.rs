@@ -564,6 +564,11 @@ impl Probes {
         (self.unwind.rows_used(), self.unwind.capacity)
     }
 
+    /// Processes given unwind tables (and not forgotten since).
+    pub fn unwind_processes(&self) -> usize {
+        self.unwind.processes.len()
+    }
+
     /// Whether `pid` has unwind tables from an earlier [`Probes::unwind_process`].
     pub fn has_unwind(&self, pid: u32) -> bool {
         self.unwind.processes.contains_key(&pid)
