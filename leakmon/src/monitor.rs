@@ -15,12 +15,12 @@ use crate::{
         history::{Change, History, SeriesKey, Signal},
         trend::{time_to_exhaustion, Params},
     },
-    export::{stable_hash, SeriesView, StackTrend, StackView},
+    export::{SeriesView, StackTrend, StackView},
     procfs::ProcRoot,
     report::FrameReport,
     sampler::{memory_limit, ProcSample},
     store::ProcessTotals,
-    symbolize::Symbolizer,
+    symbolize::{stable_id, Symbolizer},
 };
 
 /// Processes of one (service, command) at one tick.
@@ -46,8 +46,8 @@ pub struct Monitor {
     proc_root: ProcRoot,
     cgroup_root: PathBuf,
     symbolizer: Symbolizer,
-    /// (pid, stack id) → symbolized frames; cleared when it grows past its bound.
-    frames: HashMap<(u32, u64), Vec<FrameReport>>,
+    /// (pid, stack id) → stable id and symbolized frames; cleared past its bound.
+    frames: HashMap<(u32, u64), (String, Vec<FrameReport>)>,
     /// Per (service, command): the processes seen last tick, their resident total, and
     /// the offset that stitches incarnations together.
     incarnations: HashMap<GroupKey, Incarnation>,
@@ -285,21 +285,19 @@ impl Monitor {
         candidates.sort_by_key(|c| std::cmp::Reverse(c.1.bytes));
         let mut merged: Vec<StackView> = Vec::new();
         for (pid, s) in candidates.into_iter().take(self.top_stacks * 4) {
-            let frames = if let Some(f) = self.frames.get(&(pid, s.stack_id)) {
-                f.clone()
+            let (hash, frames) = if let Some(known) = self.frames.get(&(pid, s.stack_id)) {
+                known.clone()
             } else {
-                {
-                    let maps = self.proc_root.maps(pid).unwrap_or_default();
-                    let root = self.proc_root.in_root(pid, std::path::Path::new("/"));
-                    let frames = stack(s.stack_id)
-                        .map(|ips| self.symbolizer.frames(&maps, Some(&root), &ips))
-                        .unwrap_or_default();
-                    let frames: Vec<FrameReport> = frames.into_iter().map(FrameReport::from).collect();
-                    self.frames.insert((pid, s.stack_id), frames.clone());
-                    frames
-                }
+                let maps = self.proc_root.maps(pid).unwrap_or_default();
+                let root = self.proc_root.in_root(pid, std::path::Path::new("/"));
+                let frames = stack(s.stack_id)
+                    .map(|ips| self.symbolizer.frames(&maps, Some(&root), &ips))
+                    .unwrap_or_default();
+                let known =
+                    (stable_id(&frames), frames.into_iter().map(FrameReport::from).collect::<Vec<_>>());
+                self.frames.insert((pid, s.stack_id), known.clone());
+                known
             };
-            let hash = stable_hash(frames.iter().map(|f| f.function.as_str()));
             if let Some(m) = merged.iter_mut().find(|m| m.stack == hash) {
                 m.bytes += s.bytes;
                 m.allocations += s.allocations;

@@ -5,7 +5,11 @@
 //! process, so stacks of processes that have exited still resolve as long as their
 //! binaries exist. blazesym caches each parsed binary, so a binary is read once.
 
-use std::path::{Path, PathBuf};
+use std::{
+    collections::HashMap,
+    path::{Path, PathBuf},
+    sync::Mutex,
+};
 
 use blazesym::symbolize::{source::Elf, source::Source, Input, Symbolized, Symbolizer as Blaze};
 
@@ -26,6 +30,23 @@ pub struct Frame {
     /// The binary the address lies in.
     #[serde(skip)]
     pub object: Option<PathBuf>,
+    /// Its GNU build id (hex), when it has one.
+    #[serde(skip)]
+    pub build_id: Option<String>,
+    /// The file offset of the call instruction (the return address's byte before).
+    #[serde(skip)]
+    pub file_offset: u64,
+}
+
+/// A stack's id that does not depend on where things were loaded: a hash of each
+/// frame's binary (its build id, else its path) and file offset. The same call path in
+/// the same build gets the same id in every process, after restarts and on every host;
+/// the exporter's `stack` label and the report's `id` are this.
+pub fn stable_id(frames: &[Frame]) -> String {
+    crate::export::stable_hash(frames.iter().map(|f| {
+        let object = f.build_id.clone().or_else(|| f.object.as_ref().map(|p| p.display().to_string()));
+        format!("{}+{:x}", object.unwrap_or_default(), f.file_offset)
+    }))
 }
 
 /// Shared symbolizer with its per-binary cache, and the allocation wrappers that decide
@@ -33,7 +54,12 @@ pub struct Frame {
 pub struct Symbolizer {
     blaze: Blaze,
     wrappers: Wrappers,
+    /// Build ids by binary, read once each; cleared past [`MAX_BUILD_IDS`].
+    build_ids: Mutex<HashMap<PathBuf, Option<String>>>,
 }
+
+/// Binaries whose build id is remembered.
+const MAX_BUILD_IDS: usize = 4096;
 
 impl Default for Symbolizer {
     fn default() -> Self {
@@ -43,7 +69,23 @@ impl Default for Symbolizer {
 
 impl Symbolizer {
     pub fn new(wrappers: Wrappers) -> Self {
-        Self { blaze: Blaze::new(), wrappers }
+        Self { blaze: Blaze::new(), wrappers, build_ids: Mutex::new(HashMap::new()) }
+    }
+
+    fn build_id(&self, path: &Path) -> Option<String> {
+        let mut ids = self.build_ids.lock().unwrap_or_else(std::sync::PoisonError::into_inner);
+        if let Some(id) = ids.get(path) {
+            return id.clone();
+        }
+        if ids.len() >= MAX_BUILD_IDS {
+            ids.clear();
+        }
+        let id = blazesym::helper::read_elf_build_id(&path)
+            .ok()
+            .flatten()
+            .map(|id| id.iter().map(|b| format!("{b:02x}")).collect::<String>());
+        ids.insert(path.to_owned(), id.clone());
+        id
     }
 
     pub fn wrappers(&self) -> &Wrappers {
@@ -68,7 +110,13 @@ impl Symbolizer {
             };
             let offset = mapping.file_offset(address - 1);
             let path = resolve(root, &mapping.path);
-            let mut frame = Frame { address, object: Some(mapping.path.clone()), ..Frame::default() };
+            let mut frame = Frame {
+                address,
+                object: Some(mapping.path.clone()),
+                build_id: self.build_id(&path),
+                file_offset: offset,
+                ..Frame::default()
+            };
             let src = Source::Elf(Elf::new(&path));
             if let Ok(result) = self.blaze.symbolize(&src, Input::FileOffset(&[offset])) {
                 if let Some(Symbolized::Sym(sym)) = result.into_iter().next() {

@@ -129,3 +129,23 @@ fn python_strings_are_attributed_to_the_interpreter_function_that_made_them() {
         assert!(frames.contains(&"Py_BytesMain"), "reaches the interpreter's main: {frames:?}");
     }
 }
+
+#[test]
+fn a_site_keeps_its_stack_id_across_runs_while_its_addresses_move() {
+    let binary = build_fixture("wrapped.c", NO_FP);
+    let run = || {
+        let report = report_json(&[binary.as_os_str()]);
+        let process = processes(&report)[0].clone();
+        ["parse_header", "cache_entry", "session_new"].map(|site| {
+            let stack = stack_of(&process, site)[0].clone();
+            (stack["id"].as_str().expect("id").to_owned(), stack["frames"][1]["address"].clone())
+        })
+    };
+    let (first, second) = (run(), run());
+    for ((id1, addr1), (id2, addr2)) in first.iter().zip(&second) {
+        assert_eq!(id1, id2, "same site, same id");
+        assert_ne!(addr1, addr2, "address randomization moved the code between runs");
+    }
+    let ids: std::collections::HashSet<_> = first.iter().map(|(id, _)| id).collect();
+    assert_eq!(ids.len(), 3, "three sites, three ids: {first:?}");
+}

@@ -54,6 +54,7 @@ mod tests {
     #[test]
     fn outermost_first_rooted_at_the_process_and_merged() {
         let stack = |bytes, frames: &[&str]| StackReport {
+            id: String::new(),
             bytes,
             allocations: 1,
             mean_age_seconds: 0.0,

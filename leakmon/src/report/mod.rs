@@ -54,6 +54,9 @@ pub struct ProcessReport {
 
 #[derive(Clone, Debug, PartialEq, Serialize)]
 pub struct StackReport {
+    /// Stable id: the same call path of the same build has it everywhere (see
+    /// `symbolize::stable_id`); the `stack` label of the metrics.
+    pub id: String,
     pub bytes: u64,
     pub allocations: u64,
     pub mean_age_seconds: f64,
@@ -107,6 +110,7 @@ impl Report {
                             .unwrap_or_default();
                         let site = frames.get(symbolizer.site(&frames)).cloned().map(FrameReport::from);
                         StackReport {
+                            id: crate::symbolize::stable_id(&frames),
                             bytes: s.bytes,
                             allocations: s.allocations,
                             mean_age_seconds: s.mean_age_seconds(now_ms),

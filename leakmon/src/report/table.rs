@@ -114,6 +114,7 @@ mod tests {
                 outstanding_allocations: 1000,
                 incomplete: false,
                 stacks: vec![StackReport {
+                    id: String::new(),
                     bytes: 48_000,
                     allocations: 1000,
                     mean_age_seconds: 1.0,
