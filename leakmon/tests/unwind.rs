@@ -149,3 +149,30 @@ fn a_site_keeps_its_stack_id_across_runs_while_its_addresses_move() {
     let ids: std::collections::HashSet<_> = first.iter().map(|(id, _)| id).collect();
     assert_eq!(ids.len(), 3, "three sites, three ids: {first:?}");
 }
+
+#[test]
+fn full_unwind_tables_are_rebuilt_for_the_live_processes() {
+    let binary = build_fixture("wrapped.c", NO_FP);
+    // A private copy of libc is another file: with the system's, two libcs (28,000 rows
+    // each) do not fit in 40,000 rows. The first run's process is gone when the second
+    // needs room, so the tables start over with what live processes map.
+    let private = tempfile::tempdir().expect("temp dir");
+    std::fs::copy(common::system_libc(), private.path().join("libc.so.6")).expect("copy libc");
+    let script = format!("{0}; LD_LIBRARY_PATH={1} {0}", binary.display(), private.path().display());
+    let out = common::leakmon()
+        .args(["report", "--format", "json", "--unwind-rows", "40000", "--", "sh", "-c", &script])
+        .output()
+        .expect("run leakmon");
+    let report = common::parse_report(&out);
+    let name = binary.file_name().expect("name").to_string_lossy();
+    let comm = &name[..name.len().min(15)];
+    let runs: Vec<&Value> = processes(&report).iter().filter(|p| p["comm"] == comm).collect();
+    assert_eq!(runs.len(), 2, "{report:#}");
+    for run in runs {
+        // The second run's libc, found through LD_LIBRARY_PATH, is probed at its entry.
+        assert_eq!(by_function(run, "wrapped.c")["parse_header"], (3200, 100), "{run:#}");
+        let stack = stack_of(run, "parse_header")[0];
+        let frames = functions(stack);
+        assert_eq!(frames.last(), Some(&"_start"), "a full stack in each run: {frames:?}");
+    }
+}

@@ -77,8 +77,15 @@ pub fn report(args: &ReportArgs) -> Result<()> {
                         warn!(pid, "attach to the allocator of a new image: {e:#}");
                     }
                 }
-                // Its libraries are mapped: their unwind tables before its main runs.
-                Stop::Entry => refresh_unwind(&mut probes, &proc_root, pid),
+                // Its libraries are mapped, wherever the dynamic linker found them
+                // (LD_LIBRARY_PATH, rpath): probe the allocators among them and give
+                // the kernel their unwind tables before its main runs.
+                Stop::Entry => {
+                    if let Err(e) = attach_all(&mut probes, discovery.process(pid).files) {
+                        warn!(pid, "attach to the allocator of a new image: {e:#}");
+                    }
+                    refresh_unwind(&mut probes, &proc_root, pid);
+                }
             })?;
             if let Some(exit) = t.root_exit() {
                 match exit {

@@ -123,6 +123,13 @@ impl Default for Settings {
     }
 }
 
+/// What became of one file's rows.
+enum Stored {
+    Rows(unwind::Stored),
+    NoTables,
+    Full,
+}
+
 /// Unwind rows by default: about 30 files the size of libc (12 MiB of kernel memory).
 pub const DEFAULT_UNWIND_ROWS: u32 = 1 << 20;
 
@@ -485,16 +492,51 @@ impl Probes {
         if self.unwind.processes.get(&pid) == Some(&signature) {
             return Ok(0);
         }
-        let mut entry = ProcUnwind::default();
-        let mut with_tables = 0;
+        let entry = match self.unwind_entry(&exec, root)? {
+            Some(entry) => entry,
+            // The rows are full. Most of them may belong to files no live process maps
+            // any more: start over (every process falls back to frame pointers until
+            // its next refresh gives it tables again), at most once per interval.
+            None if self.unwind.may_compact() => {
+                self.reset_unwind()?;
+                self.unwind_entry(&exec, root)?.unwrap_or_else(|| self.partial_entry(&exec))
+            }
+            None => self.partial_entry(&exec),
+        };
+        let with_tables = entry.count as usize;
+        let mut procs: HashMap<&mut MapData, u32, ProcUnwind> =
+            HashMap::try_from(self.ebpf.map_mut("UNWIND_PROCS").ok_or_else(|| missing_map("UNWIND_PROCS"))?)
+                .map_err(map_err("open", "UNWIND_PROCS"))?;
+        procs.insert(pid, entry, 0).map_err(map_err("insert", "UNWIND_PROCS"))?;
+        self.unwind.processes.insert(pid, signature);
+        Ok(with_tables)
+    }
+
+    /// The kernel entry for these mappings, storing the rows of files not stored yet;
+    /// `None` when a file's rows do not fit.
+    fn unwind_entry(&mut self, exec: &[&Mapping], root: &Path) -> Result<Option<ProcUnwind>, ProbeError> {
         for m in exec.iter().take(MAX_MAPPINGS) {
             let file = (m.dev_major, m.dev_minor, m.inode);
-            if !self.unwind.files.contains_key(&file) {
-                let path = root.join(m.path.strip_prefix("/").unwrap_or(&m.path));
-                let stored = self.store_rows(&path)?;
-                self.unwind.files.insert(file, stored);
+            if self.unwind.files.contains_key(&file) {
+                continue;
             }
-            let Some(Some(stored)) = self.unwind.files.get(&file) else { continue };
+            let path = root.join(m.path.strip_prefix("/").unwrap_or(&m.path));
+            match self.store_rows(&path)? {
+                Stored::Rows(stored) => self.unwind.files.insert(file, Some(stored)),
+                Stored::NoTables => self.unwind.files.insert(file, None),
+                Stored::Full => return Ok(None),
+            };
+        }
+        Ok(Some(self.partial_entry(exec)))
+    }
+
+    /// The kernel entry for the mappings whose files have rows stored.
+    fn partial_entry(&self, exec: &[&Mapping]) -> ProcUnwind {
+        let mut entry = ProcUnwind::default();
+        for m in exec.iter().take(MAX_MAPPINGS) {
+            let Some(Some(stored)) = self.unwind.files.get(&(m.dev_major, m.dev_minor, m.inode)) else {
+                continue;
+            };
             let table = unwind::FileTable { rows: Vec::new(), segments: stored.segments.clone() };
             let Some(bias) = table.bias(m.start, m.offset) else { continue };
             entry.mappings[entry.count as usize] = UnwindMapping {
@@ -505,37 +547,47 @@ impl Probes {
                 rows: stored.rows,
             };
             entry.count += 1;
-            with_tables += 1;
         }
+        entry
+    }
+
+    /// Forgets every file's rows and every process's tables, in the kernel too.
+    fn reset_unwind(&mut self) -> Result<(), ProbeError> {
         let mut procs: HashMap<&mut MapData, u32, ProcUnwind> =
             HashMap::try_from(self.ebpf.map_mut("UNWIND_PROCS").ok_or_else(|| missing_map("UNWIND_PROCS"))?)
                 .map_err(map_err("open", "UNWIND_PROCS"))?;
-        procs.insert(pid, entry, 0).map_err(map_err("insert", "UNWIND_PROCS"))?;
-        self.unwind.processes.insert(pid, signature);
-        Ok(with_tables)
+        let pids: Vec<u32> = procs.keys().filter_map(Result::ok).collect();
+        for pid in pids {
+            let _ = procs.remove(&pid);
+        }
+        info!(
+            rows = self.unwind.rows_used(),
+            files = self.unwind.files.len(),
+            "unwind tables full: starting over with the files live processes map"
+        );
+        self.unwind.reset();
+        Ok(())
     }
 
-    /// Builds and stores one file's rows; `None` when it has none or they do not fit.
-    fn store_rows(&mut self, path: &Path) -> Result<Option<unwind::Stored>, ProbeError> {
+    /// Builds and stores one file's rows.
+    fn store_rows(&mut self, path: &Path) -> Result<Stored, ProbeError> {
         let table = match unwind::file_table(path) {
             Ok(table) => table,
             Err(e) => {
                 debug!("no unwind tables: {e}");
-                return Ok(None);
+                return Ok(Stored::NoTables);
             }
         };
         let Some(first_row) = self.unwind.reserve(table.rows.len()) else {
-            if std::mem::replace(&mut self.unwind.warned_full, true) {
-                debug!(file = %path.display(), "no room for unwind tables");
-                return Ok(None);
+            if !std::mem::replace(&mut self.unwind.warned_full, true) {
+                warn!(
+                    file = %path.display(),
+                    rows = table.rows.len(),
+                    capacity = self.unwind.capacity,
+                    "the unwind-row table is full: stacks stop at files that do not fit (raise unwind-rows)"
+                );
             }
-            warn!(
-                file = %path.display(),
-                rows = table.rows.len(),
-                capacity = self.unwind.capacity,
-                "the unwind-row table is full: stacks through this file and others that do not fit stop there (raise unwind-rows)"
-            );
-            return Ok(None);
+            return Ok(Stored::Full);
         };
         let mut rows: Array<&mut MapData, Row> =
             Array::try_from(self.ebpf.map_mut("UNWIND_ROWS").ok_or_else(|| missing_map("UNWIND_ROWS"))?)
@@ -544,7 +596,11 @@ impl Probes {
             rows.set(first_row + i as u32, row, 0).map_err(map_err("write", "UNWIND_ROWS"))?;
         }
         debug!(file = %path.display(), rows = table.rows.len(), "unwind tables stored");
-        Ok(Some(unwind::Stored { first_row, rows: table.rows.len() as u32, segments: table.segments }))
+        Ok(Stored::Rows(unwind::Stored {
+            first_row,
+            rows: table.rows.len() as u32,
+            segments: table.segments,
+        }))
     }
 
     /// Processes whose stacks reached code their tables do not cover, since the last

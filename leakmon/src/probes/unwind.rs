@@ -225,6 +225,9 @@ mod tests {
     }
 }
 
+/// The shortest time between two rebuilds of the rows.
+pub const COMPACT_EVERY: std::time::Duration = std::time::Duration::from_secs(600);
+
 /// A mapped file: (device major, device minor, inode) as `/proc/PID/maps` gives them.
 pub type MappedFile = (u32, u32, u64);
 
@@ -245,8 +248,10 @@ pub struct Tables {
     pub files: std::collections::HashMap<MappedFile, Option<Stored>>,
     pub next_row: u32,
     pub capacity: u32,
-    /// The table filled up and the log said so (once).
+    /// The table filled up and the log said so (once per fill).
     pub warned_full: bool,
+    /// When the rows were last dropped and rebuilt.
+    pub compacted: Option<std::time::Instant>,
     /// Per process, the executable mappings its tables were built from.
     pub processes: std::collections::HashMap<u32, Vec<(u64, u64, MappedFile)>>,
 }
@@ -254,6 +259,25 @@ pub struct Tables {
 impl Tables {
     pub fn new(capacity: u32) -> Self {
         Self { capacity, ..Self::default() }
+    }
+
+    /// Whether the rows may be dropped and rebuilt now: at most once per
+    /// [`COMPACT_EVERY`], so a host whose live files do not fit does not rebuild at
+    /// every refresh.
+    pub fn may_compact(&mut self) -> bool {
+        let due = self.compacted.is_none_or(|at| at.elapsed() >= COMPACT_EVERY);
+        if due {
+            self.compacted = Some(std::time::Instant::now());
+        }
+        due
+    }
+
+    /// Forgets every file and process (the kernel side is the caller's job).
+    pub fn reset(&mut self) {
+        self.files.clear();
+        self.processes.clear();
+        self.next_row = 0;
+        self.warned_full = false;
     }
 
     /// Rows in the kernel's array.
