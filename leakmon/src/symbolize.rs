@@ -83,7 +83,12 @@ impl Symbolizer {
         let id = blazesym::helper::read_elf_build_id(&path)
             .ok()
             .flatten()
-            .map(|id| id.iter().map(|b| format!("{b:02x}")).collect::<String>());
+            .map(|id| {
+                id.iter().fold(String::new(), |mut hex, b| {
+                    let _ = std::fmt::Write::write_fmt(&mut hex, format_args!("{b:02x}"));
+                    hex
+                })
+            });
         ids.insert(path.to_owned(), id.clone());
         id
     }

@@ -226,7 +226,7 @@ mod tests {
 }
 
 /// The shortest time between two rebuilds of the rows.
-pub const COMPACT_EVERY: std::time::Duration = std::time::Duration::from_secs(600);
+pub const COMPACT_EVERY: std::time::Duration = std::time::Duration::from_mins(10);
 
 /// A mapped file: (device major, device minor, inode) as `/proc/PID/maps` gives them.
 pub type MappedFile = (u32, u32, u64);
