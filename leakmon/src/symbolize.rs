@@ -80,15 +80,12 @@ impl Symbolizer {
         if ids.len() >= MAX_BUILD_IDS {
             ids.clear();
         }
-        let id = blazesym::helper::read_elf_build_id(&path)
-            .ok()
-            .flatten()
-            .map(|id| {
-                id.iter().fold(String::new(), |mut hex, b| {
-                    let _ = std::fmt::Write::write_fmt(&mut hex, format_args!("{b:02x}"));
-                    hex
-                })
-            });
+        let id = blazesym::helper::read_elf_build_id(&path).ok().flatten().map(|id| {
+            id.iter().fold(String::new(), |mut hex, b| {
+                let _ = std::fmt::Write::write_fmt(&mut hex, format_args!("{b:02x}"));
+                hex
+            })
+        });
         ids.insert(path.to_owned(), id.clone());
         id
     }

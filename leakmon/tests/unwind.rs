@@ -176,3 +176,25 @@ fn full_unwind_tables_are_rebuilt_for_the_live_processes() {
         assert_eq!(frames.last(), Some(&"_start"), "a full stack in each run: {frames:?}");
     }
 }
+
+#[test]
+fn a_stripped_binary_is_named_through_its_debug_link() {
+    let built = build_fixture("wrapped.c", NO_FP);
+    let dir = tempfile::tempdir().expect("temp dir");
+    let binary = dir.path().join("wrapped");
+    let debug = dir.path().join("wrapped.debug");
+    std::fs::copy(&built, &binary).expect("copy");
+    let run = |cmd: &str, args: &[&std::ffi::OsStr]| {
+        let status = std::process::Command::new(cmd).args(args).status().expect(cmd);
+        assert!(status.success(), "{cmd} failed");
+    };
+    run("objcopy", &["--only-keep-debug".as_ref(), binary.as_os_str(), debug.as_os_str()]);
+    run("strip", &["--strip-all".as_ref(), binary.as_os_str()]);
+    let link = format!("--add-gnu-debuglink={}", debug.display());
+    run("objcopy", &[link.as_ref(), binary.as_os_str()]);
+    let report = report_json(&[binary.as_os_str()]);
+    let process = &processes(&report)[0];
+    assert_eq!(by_function(process, "wrapped.c")["cache_entry"], (12_800, 200), "{report:#}");
+    let site = &stack_of(process, "cache_entry")[0]["site"];
+    assert!(site["line"].as_u64().is_some(), "file and line from the debug file: {site:#}");
+}
