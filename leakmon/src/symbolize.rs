@@ -3,7 +3,9 @@
 //! In: a process's mappings (captured while it was alive) and the addresses of one
 //! stack. Out: frames. Lookups go by file and file offset, not through the live
 //! process, so stacks of processes that have exited still resolve as long as their
-//! binaries exist. blazesym caches each parsed binary, so a binary is read once.
+//! binaries exist. blazesym caches each parsed binary, so a binary is read once; the
+//! cache starts over past [`MAX_BINARIES`] binaries, and build ids past
+//! [`MAX_BUILD_IDS`], so a long-running daemon's memory stays bounded.
 
 use std::{
     collections::HashMap,
@@ -52,14 +54,18 @@ pub fn stable_id(frames: &[Frame]) -> String {
 /// Shared symbolizer with its per-binary cache, and the allocation wrappers that decide
 /// which frame of a stack is its allocation site.
 pub struct Symbolizer {
-    blaze: Blaze,
+    /// blazesym's symbolizer and the binaries its cache holds.
+    blaze: Mutex<(Blaze, usize)>,
     wrappers: Wrappers,
     /// Build ids by binary, read once each; cleared past [`MAX_BUILD_IDS`].
     build_ids: Mutex<HashMap<PathBuf, Option<String>>>,
 }
 
 /// Binaries whose build id is remembered.
-const MAX_BUILD_IDS: usize = 4096;
+pub const MAX_BUILD_IDS: usize = 4096;
+
+/// Binaries whose parsed symbols blazesym keeps.
+pub const MAX_BINARIES: usize = 256;
 
 impl Default for Symbolizer {
     fn default() -> Self {
@@ -69,7 +75,7 @@ impl Default for Symbolizer {
 
 impl Symbolizer {
     pub fn new(wrappers: Wrappers) -> Self {
-        Self { blaze: Blaze::new(), wrappers, build_ids: Mutex::new(HashMap::new()) }
+        Self { blaze: Mutex::new((Blaze::new(), 0)), wrappers, build_ids: Mutex::new(HashMap::new()) }
     }
 
     fn build_id(&self, path: &Path) -> Option<String> {
@@ -79,6 +85,14 @@ impl Symbolizer {
         }
         if ids.len() >= MAX_BUILD_IDS {
             ids.clear();
+        }
+        // A binary not seen before: blazesym will cache it too.
+        {
+            let mut blaze = self.blaze.lock().unwrap_or_else(std::sync::PoisonError::into_inner);
+            blaze.1 += 1;
+            if blaze.1 > MAX_BINARIES {
+                *blaze = (Blaze::new(), 1);
+            }
         }
         let id = blazesym::helper::read_elf_build_id(&path).ok().flatten().map(|id| {
             id.iter().fold(String::new(), |mut hex, b| {
@@ -120,7 +134,8 @@ impl Symbolizer {
                 ..Frame::default()
             };
             let src = Source::Elf(Elf::new(&path));
-            if let Ok(result) = self.blaze.symbolize(&src, Input::FileOffset(&[offset])) {
+            let blaze = self.blaze.lock().unwrap_or_else(std::sync::PoisonError::into_inner);
+            if let Ok(result) = blaze.0.symbolize(&src, Input::FileOffset(&[offset])) {
                 if let Some(Symbolized::Sym(sym)) = result.into_iter().next() {
                     frame.function = Some(sym.name.into_owned());
                     if let Some(info) = sym.code_info {
@@ -129,6 +144,7 @@ impl Symbolizer {
                     }
                 }
             }
+            drop(blaze);
             frames.push(frame);
         }
         frames
