@@ -1,6 +1,7 @@
 /* Allocation workloads for `cargo xtask bench`. Usage: alloc_bench MODE PAIRS THREADS
  *   pairs  malloc(16..256) + free in a tight loop
  *   mixed  malloc, realloc to another size, free (sizes 16 B to 64 KiB)
+ *   deep   as pairs, from 20 nested calls down (what a stack walk costs per frame)
  * Each thread first runs WARMUP untimed pairs (a preloaded tool initialises lazily on
  * the first calls), then times its own loop; prints `ns_per_pair=F` (mean over
  * threads) so the steady cost of one malloc+free pair (for mixed:
@@ -15,6 +16,8 @@
 
 static long pairs_per_thread;
 static int mixed;
+static int deep;
+static volatile int depth_sink;
 
 static double now(void) {
     struct timespec t;
@@ -22,7 +25,7 @@ static double now(void) {
     return t.tv_sec * 1e9 + t.tv_nsec;
 }
 
-static void *worker(void *out) {
+static __attribute__((noinline)) void timed_loop(double *out) {
     /* Per thread: a shared sink would hand one thread's block to another's free. */
     void *volatile sink;
     unsigned x = 12345;
@@ -39,16 +42,30 @@ static void *worker(void *out) {
             free(sink);
         }
     }
-    *(double *)out = (now() - start) / pairs_per_thread;
+    *out = (now() - start) / pairs_per_thread;
+}
+
+/* n calls deep, then the loop; the store after the call keeps it from being a jump. */
+static __attribute__((noinline)) void nest(int n, double *out) {
+    if (n == 0)
+        timed_loop(out);
+    else
+        nest(n - 1, out);
+    depth_sink = n;
+}
+
+static void *worker(void *out) {
+    nest(deep ? 20 : 0, out);
     return NULL;
 }
 
 int main(int argc, char **argv) {
     if (argc != 4) {
-        fprintf(stderr, "usage: alloc_bench pairs|mixed PAIRS THREADS\n");
+        fprintf(stderr, "usage: alloc_bench pairs|mixed|deep PAIRS THREADS\n");
         return 2;
     }
     mixed = strcmp(argv[1], "mixed") == 0;
+    deep = strcmp(argv[1], "deep") == 0;
     long pairs = atol(argv[2]);
     int threads = atoi(argv[3]);
     if (pairs <= 0 || threads <= 0 || threads > 64) {

@@ -30,10 +30,11 @@ struct Workload {
     threads: u32,
 }
 
-const WORKLOADS: [Workload; 3] = [
+const WORKLOADS: [Workload; 4] = [
     Workload { name: "pairs, 1 thread", mode: "pairs", threads: 1 },
     Workload { name: "pairs, 2 threads", mode: "pairs", threads: 2 },
     Workload { name: "malloc+realloc+free, 1 thread", mode: "mixed", threads: 1 },
+    Workload { name: "pairs, 1 thread, 20 calls deeper", mode: "deep", threads: 1 },
 ];
 
 #[derive(Clone, Copy, PartialEq, Eq, PartialOrd, Ord, Debug)]
