@@ -53,6 +53,8 @@ pub struct Monitor {
     incarnations: HashMap<GroupKey, Incarnation>,
     /// pid → (service, command) at the last tick: who a process was, even once gone.
     last_seen: HashMap<u32, (String, String)>,
+    /// Processes whose allocations could not all be counted (a kernel table was full).
+    incomplete: std::collections::HashSet<u32>,
 }
 
 /// Restarts hide leaks: each new process starts small, so a service that leaks and is
@@ -90,7 +92,14 @@ impl Monitor {
             frames: HashMap::new(),
             incarnations: HashMap::new(),
             last_seen: HashMap::new(),
+            incomplete: std::collections::HashSet::new(),
         }
+    }
+
+    /// The processes whose heap data is incomplete, for the next tick: their groups'
+    /// heap series get no verdict.
+    pub fn set_incomplete(&mut self, pids: impl IntoIterator<Item = u32>) {
+        self.incomplete = pids.into_iter().collect();
     }
 
     /// One series per process (a `pid` label), instead of per service and command.
@@ -194,11 +203,18 @@ impl Monitor {
                 stack: stack.map(str::to_owned),
             };
             self.history.record(key(Signal::Rss, None), now, g.rss as f64 + inc.offset);
+            let incomplete = g.pids.iter().any(|p| self.incomplete.contains(p));
             if let Some((bytes, _)) = g.heap {
                 self.history.record(key(Signal::Heap, None), now, bytes as f64);
+                if incomplete {
+                    self.history.mark_incomplete(&key(Signal::Heap, None));
+                }
             }
             for s in stacks_by_group.get(gkey).into_iter().flatten() {
                 self.history.record(key(Signal::Heap, Some(&s.stack)), now, s.bytes as f64);
+                if incomplete {
+                    self.history.mark_incomplete(&key(Signal::Heap, Some(&s.stack)));
+                }
             }
         }
         let changes = self.history.analyse(now);
@@ -207,13 +223,15 @@ impl Monitor {
         let meminfo = std::fs::read_to_string(self.proc_root.path().join("meminfo")).unwrap_or_default();
         let mut limits: HashMap<crate::sampler::MemCgroup, Option<u64>> = HashMap::new();
         let mut views = Vec::new();
-        let entries: Vec<(SeriesKey, _, _, _)> = self
+        let entries: Vec<(SeriesKey, _, _, _, _)> = self
             .history
             .iter()
             .filter(|(k, _)| k.stack.is_none())
-            .filter_map(|(k, s)| Some((k.clone(), s.analysis()?, s.latest()?, s.suspected_since())))
+            .filter_map(|(k, s)| {
+                Some((k.clone(), s.analysis()?, s.latest()?, s.suspected_since(), s.incomplete()))
+            })
             .collect();
-        for (key, analysis, latest, since) in entries {
+        for (key, analysis, latest, since, incomplete) in entries {
             let gkey = (key.service.clone(), key.comm.clone(), key.pid);
             let group = groups.get(&gkey);
             let cgroup = group.map(|g| g.cgroup.clone()).unwrap_or_default();
@@ -246,6 +264,7 @@ impl Monitor {
                 signal: key.signal.as_str(),
                 pids: group.map(|g| g.pids.clone()).unwrap_or_default(),
                 allocator: None,
+                incomplete,
                 current_bytes: if key.signal == Signal::Rss { rss as u64 } else { latest.v as u64 },
                 allocations: if key.signal == Signal::Heap {
                     group.and_then(|g| g.heap).map(|h| h.1)

@@ -52,6 +52,8 @@ pub struct Series {
     analysis: Option<Analysis>,
     /// Time the current suspicion started.
     suspected_since: Option<f64>,
+    /// Its data is incomplete (sticky): the verdict is withheld.
+    incomplete: bool,
 }
 
 impl Series {
@@ -61,6 +63,10 @@ impl Series {
 
     pub fn analysis(&self) -> Option<Analysis> {
         self.analysis
+    }
+
+    pub fn incomplete(&self) -> bool {
+        self.incomplete
     }
 
     pub fn suspected_since(&self) -> Option<f64> {
@@ -118,6 +124,13 @@ impl History {
         }
     }
 
+    /// Marks a series' data incomplete: from now on its verdict is withheld.
+    pub fn mark_incomplete(&mut self, key: &SeriesKey) {
+        if let Some(series) = self.series.get_mut(key) {
+            series.incomplete = true;
+        }
+    }
+
     /// Re-analyses every series at time `now`; series without a sample for a whole
     /// window (every process of it gone) are dropped. Returns the changes of suspicion.
     pub fn analyse(&mut self, now: f64) -> Vec<Change> {
@@ -126,7 +139,10 @@ impl History {
         let mut changes = Vec::new();
         for (key, series) in &mut self.series {
             let samples: Vec<Sample> = series.samples.iter().copied().collect();
-            let a = analyse(&samples, &self.params);
+            let mut a = analyse(&samples, &self.params);
+            if series.incomplete {
+                a.verdict = Verdict::Withheld;
+            }
             let was = series.suspected_since.is_some();
             if a.verdict.suspected() && !was {
                 series.suspected_since = Some(now);
@@ -216,6 +232,26 @@ mod tests {
             *t_off > 20.0 && *t_off <= 32.0,
             "cleared within a window after the leak stopped, at {t_off}"
         );
+    }
+
+    #[test]
+    fn incomplete_data_withholds_the_verdict_and_clears_a_suspicion() {
+        let mut h = History::new(params(), 10);
+        let mut changes = Vec::new();
+        for i in 0..80 {
+            let t = f64::from(i) * 0.5;
+            h.record(key("leaky"), t, 1e6 + 100_000.0 * f64::from(i));
+            if t >= 20.0 {
+                h.mark_incomplete(&key("leaky"));
+            }
+            changes.extend(h.analyse(t).into_iter().map(|c| (t, c)));
+        }
+        assert_eq!(changes.len(), 2, "{changes:?}");
+        assert!(matches!(changes[0].1, Change::Suspected(..)));
+        assert!(matches!(changes[1], (20.0, Change::Cleared(_, Verdict::Withheld))), "{changes:?}");
+        let series = h.get(&key("leaky")).expect("series");
+        assert!(series.incomplete());
+        assert_eq!(series.analysis().expect("analysed").verdict, Verdict::Withheld);
     }
 
     #[test]

@@ -35,6 +35,9 @@ pub enum Verdict {
     Sawtooth,
     /// Significant decrease.
     Shrinking,
+    /// Some of the series' allocations could not be counted (a kernel table was full):
+    /// its figures are lower bounds, and no verdict is given rather than a guess.
+    Withheld,
 }
 
 impl Verdict {
@@ -50,6 +53,7 @@ impl Verdict {
             Self::LevelingOff => "leveling_off",
             Self::Sawtooth => "sawtooth",
             Self::Shrinking => "shrinking",
+            Self::Withheld => "withheld",
         }
     }
 }

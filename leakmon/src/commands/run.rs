@@ -281,6 +281,9 @@ async fn daemon(mut args: RunArgs, attach: Attach, proc_root: ProcRoot, reload: 
                     }
                 }
                 let heap = probes.as_ref().filter(|_| attributing).and_then(|p| unfreed(p, &traced).ok());
+                monitor.set_incomplete(
+                    traced.iter().filter(|(_, s)| s.flags & leakmon_common::proc_flags::INCOMPLETE != 0).map(|(pid, _)| *pid),
+                );
                 let stack = |id: u64| probes.as_ref().and_then(|p| p.stack(id));
                 let (mut views, changes) = monitor.tick(now, &procs, heap.as_deref(), &stack);
                 for v in &mut views {

@@ -17,6 +17,7 @@ pub struct Metrics {
     registry: Registry,
     rss: IntGaugeVec,
     heap_bytes: IntGaugeVec,
+    heap_incomplete: IntGaugeVec,
     heap_allocs: IntGaugeVec,
     growth: GaugeVec,
     suspected: IntGaugeVec,
@@ -81,6 +82,11 @@ impl Metrics {
         let m = Self {
             rss: gauge("leakmon_memory_rss_bytes", "Resident memory of the processes of a service and command.", sc),
             heap_bytes: gauge("leakmon_heap_live_bytes", "Bytes allocated and not freed (allocator probes).", sc),
+            heap_incomplete: gauge(
+                "leakmon_heap_incomplete",
+                "1 when some allocations of a service and command could not be counted (a kernel table was full): its heap figures are lower bounds and its heap verdict is withheld.",
+                sc,
+            ),
             heap_allocs: gauge("leakmon_heap_live_allocations", "Allocations not freed (allocator probes).", sc),
             growth: fgauge("leakmon_growth_bytes_per_second", "Robust (Theil-Sen) growth rate over the analysis window.", scs),
             suspected: gauge("leakmon_leak_suspected", "1 while growth is steady and significant over the window.", scs),
@@ -174,6 +180,7 @@ impl Metrics {
         for g in [
             &self.rss,
             &self.heap_bytes,
+            &self.heap_incomplete,
             &self.heap_allocs,
             &self.limit,
             &self.suspected,
@@ -205,6 +212,7 @@ impl Metrics {
                 }
             } else {
                 self.heap_bytes.with_label_values(&sc).set(bytes);
+                self.heap_incomplete.with_label_values(&sc).set(i64::from(v.incomplete));
                 self.heap_allocs.with_label_values(&sc).set(v.allocations.unwrap_or(0) as i64);
             }
             self.growth.with_label_values(&scs).set(v.growth_bytes_per_second);
@@ -301,6 +309,7 @@ mod tests {
             signal,
             pids: vec![1],
             allocator: Some("jemalloc"),
+            incomplete: signal == "heap",
             current_bytes: 4096,
             allocations: (signal == "heap").then_some(7),
             growth_bytes_per_second: 4096.5,
@@ -335,6 +344,7 @@ mod tests {
         let text = m.render();
         for line in [
             "leakmon_memory_rss_bytes{comm=\"leaky\",service=\"leaky.service\"} 4096",
+            "leakmon_heap_incomplete{comm=\"leaky\",service=\"leaky.service\"} 1",
             "leakmon_heap_live_allocations{comm=\"leaky\",service=\"leaky.service\"} 7",
             "leakmon_leak_suspected{comm=\"leaky\",service=\"leaky.service\",signal=\"rss\"} 1",
             "leakmon_growth_bytes_per_second{comm=\"leaky\",service=\"leaky.service\",signal=\"heap\"} 4096.5",

@@ -23,6 +23,9 @@ pub struct SeriesView {
     /// The allocator the processes' malloc calls reach (glibc, jemalloc, ...), when
     /// their mappings were read (allocation attribution on).
     pub allocator: Option<&'static str>,
+    /// Some allocations could not be counted (heap signal): the figures are lower
+    /// bounds and the verdict is withheld.
+    pub incomplete: bool,
     pub current_bytes: u64,
     /// Live allocations (heap signal only).
     pub allocations: Option<u64>,
