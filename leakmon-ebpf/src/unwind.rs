@@ -99,6 +99,13 @@ fn row_of(m: &Mapping, vaddr: u64) -> Option<Row> {
     }
     let (mut base, mut len) = (0u32, m.rows);
     for _ in 0..SEARCH_STEPS {
+        // As many steps as this file's rows need (a small executable takes 7, libc 15),
+        // not all 22. Leaving early keeps the verifier linear: the loop's count and
+        // `len` are dead afterwards and `base` only keys a map lookup, so the states
+        // after each possible exit are pruned as one.
+        if len <= 1 {
+            break;
+        }
         let half = len / 2;
         let row = UNWIND_ROWS.get(m.first_row.wrapping_add(base + half))?;
         base += half & all_ones_if_le(u64::from(row.pc), vaddr) as u32;
