@@ -9,7 +9,9 @@ use common::{build_fixture, by_function, expected, processes, report_json, LEAKS
 #[test]
 fn a_namespaced_process_with_a_bind_mounted_libc_is_accounted_exactly() {
     let fixture = build_fixture("leaks.c", &[]);
-    let libc = common::system_libc();
+    // The host's own path for it (discovery names it through /proc/PID/root, which the
+    // new namespace's /proc does not have).
+    let libc = std::fs::canonicalize(common::system_libc()).expect("resolve libc");
     let dir = tempfile::tempdir().expect("temp dir");
     let copy = dir.path().join("libc.so.6");
     std::fs::copy(&libc, &copy).expect("copy libc");
