@@ -123,7 +123,7 @@ impl Discovery {
             if !seen.insert((m.dev_major, m.dev_minor, m.inode)) {
                 continue;
             }
-            let path = self.proc_root.in_root(pid, &m.path);
+            let path = m.open_path(&self.proc_root.in_root(pid, Path::new("/")));
             let Some(info) = self.classify(&path) else { continue };
             if info.probe {
                 files.push(path);

@@ -33,9 +33,22 @@ pub struct Mapping {
     pub inode: u64,
     /// The path as the process sees it.
     pub path: PathBuf,
+    /// The file was deleted (or replaced) since it was mapped: `path` no longer names it.
+    pub deleted: bool,
 }
 
 impl Mapping {
+    /// Where to open the file from outside the process, given its `/proc/PID/root`:
+    /// through that root, or, once deleted, through `/proc/PID/map_files`, which still
+    /// reaches the mapped file itself.
+    pub fn open_path(&self, root: &Path) -> PathBuf {
+        if self.deleted {
+            root.with_file_name("map_files").join(format!("{:x}-{:x}", self.start, self.end))
+        } else {
+            root.join(self.path.strip_prefix("/").unwrap_or(&self.path))
+        }
+    }
+
     /// The file offset of `addr`, which must lie in this mapping.
     pub fn file_offset(&self, addr: u64) -> u64 {
         addr - self.start + self.offset
@@ -112,7 +125,7 @@ pub fn parse_maps_line(line: &str) -> Option<Mapping> {
     }
     // A file deleted while mapped still resolves through /proc/PID/map_files, but its
     // path no longer names it.
-    let path = path.strip_suffix(" (deleted)").unwrap_or(path);
+    let (path, deleted) = path.strip_suffix(" (deleted)").map_or((path, false), |p| (p, true));
     let (start, end) = range.split_once('-')?;
     let (major, minor) = dev.split_once(':')?;
     Some(Mapping {
@@ -124,6 +137,7 @@ pub fn parse_maps_line(line: &str) -> Option<Mapping> {
         dev_minor: u32::from_str_radix(minor, 16).ok()?,
         inode,
         path: PathBuf::from(path),
+        deleted,
     })
 }
 
@@ -161,6 +175,11 @@ mod tests {
         assert_eq!(libc.path, Path::new("/usr/lib/x86_64-linux-gnu/libc.so.6"));
         assert!(!maps[0].executable);
         assert_eq!(maps[3].path, Path::new("/tmp/gone"));
+        // Deleted: opened through the mapping itself, not its old path.
+        assert!(maps[3].deleted && !libc.deleted);
+        let root = Path::new("/proc/42/root");
+        assert_eq!(maps[3].open_path(root), Path::new("/proc/42/map_files/7f2000000000-7f2000001000"));
+        assert_eq!(libc.open_path(root), Path::new("/proc/42/root/usr/lib/x86_64-linux-gnu/libc.so.6"));
     }
 
     #[test]

@@ -125,7 +125,11 @@ impl Symbolizer {
                 break;
             };
             let offset = mapping.file_offset(address - 1);
-            let path = resolve(root, &mapping.path);
+            let path = match root {
+                // Deleted since it was mapped: only /proc/PID/map_files still reaches it.
+                Some(root) if mapping.deleted => mapping.open_path(root),
+                _ => resolve(root, &mapping.path),
+            };
             let mut frame = Frame {
                 address,
                 object: Some(mapping.path.clone()),

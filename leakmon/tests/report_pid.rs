@@ -81,3 +81,27 @@ fn reports_when_the_window_ends() {
     assert_eq!(procs[0]["outstanding_bytes"], 0, "nothing allocated inside the window");
     assert_eq!(procs[0]["comm"], "wait_then_leak");
 }
+
+#[test]
+fn a_process_whose_binary_was_deleted_is_still_named_and_walked() {
+    // A private copy, deleted once running (as an upgrade replaces a binary).
+    let dir = tempfile::tempdir().expect("temp dir");
+    let binary = dir.path().join("wait_then_leak");
+    std::fs::copy(build_fixture("wait_then_leak.c", &["-fomit-frame-pointer"]), &binary).expect("copy");
+    let mut child = Command::new(&binary).stdout(Stdio::piped()).spawn().expect("start fixture");
+    let mut line = String::new();
+    BufReader::new(child.stdout.as_mut().expect("stdout")).read_line(&mut line).expect("read");
+    let mut fixture = Reap(child);
+    std::fs::remove_file(&binary).expect("delete the binary");
+    let (leakmon, stderr) = watch(fixture.id(), "60");
+    nix::sys::signal::kill(nix::unistd::Pid::from_raw(fixture.id() as i32), nix::sys::signal::Signal::SIGUSR1)
+        .expect("signal fixture");
+    assert!(fixture.wait().expect("wait fixture").success());
+    let report = finish(leakmon, stderr);
+    let process = &processes(&report)[0];
+    assert_eq!(by_function(process, "wait_then_leak.c"), expected(&[("leak_in_window", 16_000, 500)]), "{report:#}");
+    // Its unwind tables came through /proc/PID/map_files too: the stack reaches _start.
+    let stack = &process["stacks"].as_array().expect("stacks")[0];
+    let last = stack["frames"].as_array().expect("frames").last().expect("a frame")["function"].clone();
+    assert_eq!(last, "_start", "{stack:#}");
+}

@@ -520,7 +520,7 @@ impl Probes {
             if self.unwind.files.contains_key(&file) {
                 continue;
             }
-            let path = root.join(m.path.strip_prefix("/").unwrap_or(&m.path));
+            let path = m.open_path(root);
             match self.store_rows(&path)? {
                 Stored::Rows(stored) => self.unwind.files.insert(file, Some(stored)),
                 Stored::NoTables => self.unwind.files.insert(file, None),
