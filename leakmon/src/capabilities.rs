@@ -18,7 +18,65 @@ pub enum PreflightError {
     NoUprobes,
 }
 
+const CAP_DAC_READ_SEARCH: u32 = 2;
+const CAP_SYS_PTRACE: u32 = 19;
 const CAP_SYS_ADMIN: u32 = 21;
+const CAP_PERFMON: u32 = 38;
+const CAP_BPF: u32 = 39;
+
+/// What leakmon still needs once it runs: attach and detach probes and read their maps
+/// (SYS_ADMIN, BPF, PERFMON), read other users' /proc entries and binaries
+/// (SYS_PTRACE, DAC_READ_SEARCH), hold processes under ptrace (SYS_PTRACE).
+pub const KEPT: u64 = (1 << CAP_DAC_READ_SEARCH)
+    | (1 << CAP_SYS_PTRACE)
+    | (1 << CAP_SYS_ADMIN)
+    | (1 << CAP_PERFMON)
+    | (1 << CAP_BPF);
+
+/// Drops every capability outside [`KEPT`] from the effective, permitted, inheritable
+/// and bounding sets, once the listener is bound and the programs loaded, so a bug in
+/// leakmon cannot use the rest (binding low ports, changing owners, killing
+/// processes, loading modules). Best effort: where the kernel refuses, it says why and
+/// leakmon goes on.
+pub fn drop_unneeded() -> Result<u64, std::io::Error> {
+    let last = fs::read_to_string("/proc/sys/kernel/cap_last_cap")
+        .ok()
+        .and_then(|s| s.trim().parse::<u32>().ok())
+        .unwrap_or(40);
+    for cap in (0..=last).filter(|c| KEPT & (1 << c) == 0) {
+        // SAFETY: prctl with integer arguments only.
+        if unsafe { libc::prctl(libc::PR_CAPBSET_DROP, libc::c_ulong::from(cap), 0, 0, 0) } != 0 {
+            return Err(std::io::Error::last_os_error());
+        }
+    }
+    let kept = effective_caps() & KEPT;
+    // _LINUX_CAPABILITY_VERSION_3: two 32-bit words per set.
+    let mut header = CapHeader { version: 0x2008_0522, pid: 0 };
+    let low = (kept & 0xffff_ffff) as u32;
+    let high = (kept >> 32) as u32;
+    let data = [
+        CapData { effective: low, permitted: low, inheritable: 0 },
+        CapData { effective: high, permitted: high, inheritable: 0 },
+    ];
+    // SAFETY: capset with a valid version-3 header and two data words.
+    if unsafe { libc::syscall(libc::SYS_capset, &raw mut header, data.as_ptr()) } != 0 {
+        return Err(std::io::Error::last_os_error());
+    }
+    Ok(kept)
+}
+
+#[repr(C)]
+struct CapHeader {
+    version: u32,
+    pid: i32,
+}
+
+#[repr(C)]
+struct CapData {
+    effective: u32,
+    permitted: u32,
+    inheritable: u32,
+}
 
 fn sysfs() -> PathBuf {
     std::env::var_os("LEAKMON_SYSFS").map_or_else(|| PathBuf::from("/sys"), PathBuf::from)

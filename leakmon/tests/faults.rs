@@ -110,3 +110,28 @@ fn bad_and_abusive_requests_get_answers_not_crashes() {
     assert_eq!(answered, 32 * 25);
     assert!(http_get(LISTEN_HTTP, "/healthz").is_some(), "still serving");
 }
+
+const LISTEN_CAPS: &str = "127.0.0.1:19490";
+
+/// The daemon keeps only the capabilities it still needs once running.
+#[test]
+fn the_running_daemon_holds_only_the_capabilities_it_needs() {
+    let daemon = common::start_daemon(&["--attach", "all"], LISTEN_CAPS);
+    let status = std::fs::read_to_string(format!("/proc/{}/status", daemon.0.id())).expect("status");
+    let set = |name: &str| {
+        status
+            .lines()
+            .find_map(|l| l.strip_prefix(name))
+            .and_then(|v| u64::from_str_radix(v.trim(), 16).ok())
+            .unwrap_or_else(|| panic!("{name} in {status}"))
+    };
+    // CAP_DAC_READ_SEARCH, CAP_SYS_PTRACE, CAP_SYS_ADMIN, CAP_PERFMON, CAP_BPF.
+    let kept = (1 << 2) | (1 << 19) | (1 << 21) | (1 << 38) | (1 << 39);
+    assert_eq!(leakmon::capabilities::KEPT, kept);
+    for name in ["CapEff:", "CapPrm:", "CapBnd:"] {
+        assert_eq!(set(name), kept, "{name} {:#x}", set(name));
+    }
+    assert_eq!(set("CapInh:"), 0);
+    // And it still works: the probes serve metrics.
+    assert!(http_get(LISTEN_CAPS, "/metrics").is_some_and(|m| m.contains("leakmon_attached_processes")));
+}

@@ -124,6 +124,14 @@ async fn daemon(mut args: RunArgs, attach: Attach, proc_root: ProcRoot, reload: 
         }
         None => (None, None),
     };
+    // The listener is bound and the programs loaded: keep only what attaching, reading
+    // maps and /proc still need.
+    if probes.is_some() {
+        match crate::capabilities::drop_unneeded() {
+            Ok(kept) => tracing::debug!(capabilities = format!("{kept:#x}"), "dropped the capabilities not needed"),
+            Err(e) => warn!("could not drop unneeded capabilities: {e}"),
+        }
+    }
     info!(
         listen = %args.listen,
         attach = ?attach,
