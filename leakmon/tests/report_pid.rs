@@ -94,12 +94,19 @@ fn a_process_whose_binary_was_deleted_is_still_named_and_walked() {
     let mut fixture = Reap(child);
     std::fs::remove_file(&binary).expect("delete the binary");
     let (leakmon, stderr) = watch(fixture.id(), "60");
-    nix::sys::signal::kill(nix::unistd::Pid::from_raw(fixture.id() as i32), nix::sys::signal::Signal::SIGUSR1)
-        .expect("signal fixture");
+    nix::sys::signal::kill(
+        nix::unistd::Pid::from_raw(fixture.id() as i32),
+        nix::sys::signal::Signal::SIGUSR1,
+    )
+    .expect("signal fixture");
     assert!(fixture.wait().expect("wait fixture").success());
     let report = finish(leakmon, stderr);
     let process = &processes(&report)[0];
-    assert_eq!(by_function(process, "wait_then_leak.c"), expected(&[("leak_in_window", 16_000, 500)]), "{report:#}");
+    assert_eq!(
+        by_function(process, "wait_then_leak.c"),
+        expected(&[("leak_in_window", 16_000, 500)]),
+        "{report:#}"
+    );
     // Its unwind tables came through /proc/PID/map_files too: the stack reaches _start.
     let stack = &process["stacks"].as_array().expect("stacks")[0];
     let last = stack["frames"].as_array().expect("frames").last().expect("a frame")["function"].clone();

@@ -89,13 +89,31 @@ pub(crate) fn capture(
     alive: bool,
 ) -> crate::report::ProcessInfo {
     let proc_root = discovery.proc_root().clone();
-    let maps = proc_root.maps(pid).unwrap_or_default();
+    let mut maps = proc_root.maps(pid).unwrap_or_default();
+    let allocator = discovery.of_maps(pid, &maps).allocator;
+    let root = proc_root.in_root(pid, std::path::Path::new("/"));
+    // A file deleted since it was mapped is reachable only through the process, which
+    // is about to go: hold it open and name it by our descriptor, for symbols later.
+    let mut held = Vec::new();
+    if !alive {
+        for m in maps.iter_mut().filter(|m| m.deleted && m.executable) {
+            if let Ok(file) = std::fs::File::open(m.open_path(&root)) {
+                m.path = std::path::PathBuf::from(format!(
+                    "/proc/self/fd/{}",
+                    std::os::fd::AsRawFd::as_raw_fd(&file)
+                ));
+                m.deleted = false;
+                held.push(std::sync::Arc::new(file));
+            }
+        }
+    }
     crate::report::ProcessInfo {
         comm: proc_root.comm(pid).unwrap_or_default(),
-        allocator: discovery.of_maps(pid, &maps).allocator,
+        allocator,
         maps,
-        root: alive.then(|| proc_root.in_root(pid, std::path::Path::new("/"))),
+        root: alive.then_some(root),
         incomplete: false,
+        held,
     }
 }
 

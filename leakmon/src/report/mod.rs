@@ -28,6 +28,8 @@ pub struct ProcessInfo {
     pub maps: Vec<Mapping>,
     /// `/proc/PID/root` while the process lives.
     pub root: Option<PathBuf>,
+    /// Deleted binaries held open (their mappings name `/proc/self/fd/N`).
+    pub held: Vec<std::sync::Arc<std::fs::File>>,
     /// A table was full for this process: its figures are lower bounds.
     pub incomplete: bool,
     /// The allocator its `malloc` calls reach.
