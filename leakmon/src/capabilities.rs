@@ -25,8 +25,8 @@ const CAP_PERFMON: u32 = 38;
 const CAP_BPF: u32 = 39;
 
 /// What leakmon still needs once it runs: attach and detach probes and read their maps
-/// (SYS_ADMIN, BPF, PERFMON), read other users' /proc entries and binaries
-/// (SYS_PTRACE, DAC_READ_SEARCH), hold processes under ptrace (SYS_PTRACE).
+/// (`CAP_SYS_ADMIN`, `CAP_BPF`, `CAP_PERFMON`), read other users' /proc entries and
+/// binaries (`CAP_SYS_PTRACE`, `CAP_DAC_READ_SEARCH`), hold processes under ptrace.
 pub const KEPT: u64 = (1 << CAP_DAC_READ_SEARCH)
     | (1 << CAP_SYS_PTRACE)
     | (1 << CAP_SYS_ADMIN)
