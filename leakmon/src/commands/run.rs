@@ -128,9 +128,7 @@ async fn daemon(mut args: RunArgs, attach: Attach, proc_root: ProcRoot, reload: 
     // maps and /proc still need.
     if probes.is_some() {
         match crate::capabilities::drop_unneeded() {
-            Ok(kept) => {
-                tracing::debug!(capabilities = format!("{kept:#x}"), "dropped the capabilities not needed")
-            }
+            Ok(kept) => tracing::debug!(capabilities = kept, "dropped the capabilities not needed"),
             Err(e) => warn!("could not drop unneeded capabilities: {e}"),
         }
     }
