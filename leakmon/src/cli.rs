@@ -85,6 +85,11 @@ pub struct RunArgs {
     /// Where to serve /metrics, /api/v1/leaks, /api/v1/processes and /healthz.
     #[arg(long = "web.listen-address", default_value = "127.0.0.1:9473", value_name = "ADDR")]
     pub listen: std::net::SocketAddr,
+    /// TLS and basic authentication for the web endpoints, from a Prometheus exporter
+    /// web configuration file (`tls_server_config` with `cert_file` and `key_file`;
+    /// `basic_auth_users` with bcrypt hashes), as `node_exporter` takes.
+    #[arg(long = "web.config.file", value_name = "FILE")]
+    pub web_config: Option<std::path::PathBuf>,
     /// One series per process, with a `pid` label, instead of one per service and
     /// command. Off by default: pids are unbounded over time, and a restart then starts
     /// a new series (restarts no longer stitch).
@@ -259,6 +264,9 @@ impl RunArgs {
         }
         if let (true, Some(v)) = (from_file("cgroups"), file.cgroups) {
             self.cgroups = v;
+        }
+        if let (true, Some(v)) = (from_file("web_config"), file.web_config) {
+            self.web_config = Some(v);
         }
         if let (true, Some(v)) = (from_file("listen"), file.listen) {
             self.listen = v;

@@ -4,7 +4,11 @@
 //! line: syntax errors, unknown keys, wrong types, impossible values. Options given on
 //! the command line win over the file.
 
-use std::{net::SocketAddr, path::Path, time::Duration};
+use std::{
+    net::SocketAddr,
+    path::{Path, PathBuf},
+    time::Duration,
+};
 
 use toml_edit::{Item, Table, Value};
 
@@ -32,6 +36,7 @@ pub struct FileConfig {
     pub max_stacks: Option<u32>,
     pub unwind_rows: Option<u32>,
     pub wrappers: Option<Vec<String>>,
+    pub web_config: Option<PathBuf>,
 }
 
 /// One problem in the file.
@@ -177,8 +182,22 @@ pub fn check(text: &str) -> (FileConfig, Vec<Problem>) {
                                 if config.listen.is_none() {
                                     p(it, "web.listen-address must be an address and port, like \"127.0.0.1:9473\"".to_owned());
                                 }
+                            } else if k == "config-file" {
+                                config.web_config = it.as_value().and_then(Value::as_str).map(PathBuf::from);
+                                if config.web_config.is_none() {
+                                    p(
+                                        it,
+                                        "web.config-file must be a path, like \"/etc/leakmon/web.yml\""
+                                            .to_owned(),
+                                    );
+                                }
                             } else {
-                                p(it, format!("unknown key web.{k} (known: web.listen-address)"));
+                                p(
+                                    it,
+                                    format!(
+                                        "unknown key web.{k} (known: web.listen-address, web.config-file)"
+                                    ),
+                                );
                             }
                         }
                     }
@@ -299,7 +318,7 @@ pid-label = true
                 (4, "unknown key bogus (known: sample-interval, window, attach, suspect-duration, max-suspects, pid, comm, cgroup, top-stacks, max-series, interval, top, max-live, max-totals, max-stacks, unwind-rows, wrappers, web, metrics)"),
                 (5, "max-live must be between 1 and 4294967295, not 0"),
                 (7, "web.listen-address must be an address and port, like \"127.0.0.1:9473\""),
-                (8, "unknown key web.port (known: web.listen-address)"),
+                (8, "unknown key web.port (known: web.listen-address, web.config-file)"),
             ]
         );
     }

@@ -88,7 +88,8 @@ fn validate(args: &RunArgs, proc_root: &ProcRoot) -> Result<Attach> {
 async fn daemon(mut args: RunArgs, attach: Attach, proc_root: ProcRoot, reload: Reload<'_>) -> Result<()> {
     let published: Shared = Arc::new(RwLock::new(Published::default()));
     let (profile_tx, mut profile_requests) = tokio::sync::mpsc::channel::<ProfileRequest>(8);
-    let server = http::serve(args.listen, published.clone(), profile_tx).await?;
+    let web = args.web_config.as_deref().map(crate::export::web_config::WebConfig::load).transpose()?;
+    let server = http::serve(args.listen, published.clone(), profile_tx, web).await?;
     let symbolizer = Symbolizer::new(Wrappers::new(&args.tables.wrappers));
     let mut discovery = Discovery::new(proc_root.clone());
     // The allocator each process's malloc reaches, as last read from its mappings.

@@ -17,6 +17,8 @@ use axum::{
 };
 use tokio::sync::{mpsc, oneshot, RwLock};
 
+use super::web_config::WebConfig;
+
 /// What the endpoints serve, replaced as a whole each tick.
 #[derive(Clone, Debug, Default)]
 pub struct Published {
@@ -141,17 +143,68 @@ fn json(body: String) -> impl IntoResponse {
     ([(header::CONTENT_TYPE, "application/json")], body)
 }
 
-/// Binds `addr` (failing at once, with the address, if it is taken) and serves.
+/// Binds `addr` (failing at once, with the address, if it is taken) and serves, over
+/// TLS and behind basic authentication where `web` says so.
 pub async fn serve(
     addr: SocketAddr,
     state: Shared,
     profiles: mpsc::Sender<ProfileRequest>,
+    web: Option<WebConfig>,
 ) -> anyhow::Result<tokio::task::JoinHandle<()>> {
     let listener =
         tokio::net::TcpListener::bind(addr).await.map_err(|e| anyhow::anyhow!("listen on {addr}: {e}"))?;
+    let mut app = router(state, profiles);
+    let web = web.unwrap_or(WebConfig { tls: None, users: None });
+    if let Some(users) = web.users {
+        app = app.layer(axum::middleware::from_fn(
+            move |req: axum::extract::Request, next: axum::middleware::Next| {
+                let users = users.clone();
+                async move {
+                    let authorization =
+                        req.headers().get(header::AUTHORIZATION).and_then(|v| v.to_str().ok());
+                    if users.allows(authorization) {
+                        next.run(req).await
+                    } else {
+                        (StatusCode::UNAUTHORIZED, [(header::WWW_AUTHENTICATE, "Basic")], "unauthorized\n")
+                            .into_response()
+                    }
+                }
+            },
+        ));
+    }
+    let Some(tls) = web.tls else {
+        return Ok(tokio::spawn(async move {
+            if let Err(e) = axum::serve(listener, app).await {
+                tracing::error!("web server stopped: {e}");
+            }
+        }));
+    };
+    let acceptor = tokio_rustls::TlsAcceptor::from(tls);
     Ok(tokio::spawn(async move {
-        if let Err(e) = axum::serve(listener, router(state, profiles)).await {
-            tracing::error!("web server stopped: {e}");
+        loop {
+            let (tcp, peer) = match listener.accept().await {
+                Ok(conn) => conn,
+                Err(e) => {
+                    tracing::warn!("accept: {e}");
+                    continue;
+                }
+            };
+            let (acceptor, app) = (acceptor.clone(), app.clone());
+            tokio::spawn(async move {
+                // A client that fails the handshake is its own problem, not the server's.
+                let Ok(stream) = acceptor.accept(tcp).await else {
+                    tracing::debug!(%peer, "TLS handshake failed");
+                    return;
+                };
+                let service =
+                    hyper::service::service_fn(move |req: hyper::Request<hyper::body::Incoming>| {
+                        use tower::ServiceExt as _;
+                        app.clone().oneshot(req.map(axum::body::Body::new))
+                    });
+                let _ = hyper_util::server::conn::auto::Builder::new(hyper_util::rt::TokioExecutor::new())
+                    .serve_connection(hyper_util::rt::TokioIo::new(stream), service)
+                    .await;
+            });
         }
     }))
 }

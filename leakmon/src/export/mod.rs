@@ -6,6 +6,7 @@
 
 pub mod http;
 pub mod metrics;
+pub mod web_config;
 
 use serde::Serialize;
 
