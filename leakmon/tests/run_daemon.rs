@@ -94,7 +94,9 @@ fn traces_new_processes_purges_exits_and_detaches_on_sigterm() {
     kill(Pid::from_raw(daemon.id() as i32), Signal::SIGTERM).expect("SIGTERM");
     let status = daemon.wait().expect("wait daemon");
     assert!(status.success(), "clean exit: {status}");
-    assert!(stop.elapsed() < Duration::from_secs(5), "stops within seconds");
+    // Closing each uprobe waits for an RCU grace period (about 0.1 s, one at a time),
+    // and `--attach all` probes every allocator mapped on the host: seconds, not more.
+    assert!(stop.elapsed() < Duration::from_secs(10), "stops within seconds: {:?}", stop.elapsed());
     reader.join().expect("reader");
     assert_eq!(leakmon_programs_loaded(), before, "no program left loaded after SIGTERM");
 }
