@@ -137,9 +137,27 @@ pub struct ProcState {
     pub flags: u32,
 }
 
+impl ProcState {
+    /// Whether the process behind this entry has exited.
+    pub const fn exited(self) -> bool {
+        self.flags & proc_flags::EXITED != 0
+    }
+
+    /// The state of another process that got an exited process's pid: a generation of
+    /// its own, so the dead one's blocks (until they are purged) are never taken for its
+    /// own, nor purged with them.
+    #[must_use]
+    pub const fn reborn(self) -> Self {
+        Self { gen: self.gen.wrapping_add(1), flags: 0 }
+    }
+}
+
 pub mod proc_flags {
     /// A table was full for this process: some of its allocations are not counted.
     pub const INCOMPLETE: u32 = 1;
+    /// The process has exited (set by the kernel at its exit). Its entry stays until
+    /// userspace purges it; a new process at the same pid starts a new generation.
+    pub const EXITED: u32 = 2;
 }
 
 /// Index of each failure counter in the per-CPU counter array.

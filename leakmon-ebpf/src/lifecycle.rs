@@ -13,7 +13,7 @@ use aya_ebpf::{
     macros::tracepoint,
     programs::TracePointContext,
 };
-use leakmon_common::{counter, event, LifecycleEvent, ProcState, CLONE_THREAD};
+use leakmon_common::{counter, event, proc_flags, LifecycleEvent, ProcState, CLONE_THREAD};
 
 use crate::{
     maps::{count, tp_offsets, EVENTS, PROCS},
@@ -50,8 +50,20 @@ pub fn lifecycle_newtask(ctx: TracePointContext) -> u32 {
     };
     let child = child as u32;
     if PROCS.insert(&child, &ProcState::default(), u64::from(BPF_NOEXIST)).is_err() {
-        count(counter::PROC_FULL);
-        return 0;
+        match PROCS.get_ptr_mut(&child) {
+            // SAFETY: pointer into the map value; the child has not run yet.
+            Some(state) => unsafe {
+                // An exited process's entry at the reused pid: the child is another
+                // process, in a generation of its own.
+                if (*state).exited() {
+                    *state = (*state).reborn();
+                }
+            },
+            None => {
+                count(counter::PROC_FULL);
+                return 0;
+            }
+        }
     }
     // The child has its parent's mappings until it execs.
     if let Some(mappings) = UNWIND_PROCS.get_ptr(&parent) {
@@ -70,6 +82,11 @@ pub fn lifecycle_exec(_ctx: TracePointContext) -> u32 {
     let Some(state) = PROCS.get_ptr_mut(&tgid) else {
         return 0;
     };
+    // SAFETY: pointer into the map value.
+    if unsafe { (*state).exited() } {
+        // A new process at a dead one's pid, not traced (yet).
+        return 0;
+    }
     // The old image's tables would misread the new one; frame pointers until userspace
     // gives the new image's.
     let _ = UNWIND_PROCS.remove(&tgid);
@@ -91,11 +108,16 @@ pub fn lifecycle_exit(ctx: TracePointContext) -> u32 {
         return 0;
     }
     let tgid = (bpf_get_current_pid_tgid() >> 32) as u32;
-    let Some(state) = PROCS.get_ptr(&tgid) else {
+    let Some(state) = PROCS.get_ptr_mut(&tgid) else {
         return 0;
     };
-    // SAFETY: pointer into the map value.
-    let gen = unsafe { (*state).gen };
+    // SAFETY: pointer into the map value; the last thread of the process is exiting.
+    // Marked rather than deleted: the pid may come back as another process before
+    // userspace purges this one's blocks, and must not take them over.
+    let gen = unsafe {
+        (*state).flags |= proc_flags::EXITED;
+        (*state).gen
+    };
     let _ = UNWIND_PROCS.remove(&tgid);
     emit(event::EXIT, tgid, 0, gen);
     0

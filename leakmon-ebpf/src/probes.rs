@@ -44,6 +44,17 @@ fn traced(tgid: u32, create: bool) -> Option<*mut ProcState> {
         return None;
     }
     if let Some(state) = PROCS.get_ptr_mut(&tgid) {
+        // SAFETY: pointer into the map value.
+        if unsafe { (*state).exited() } {
+            // The pid came back as another process. It is traced only in trace-all
+            // mode (a selected process gets its entry from userspace or its parent),
+            // and then in a generation of its own.
+            if !create || !trace_all() {
+                return None;
+            }
+            // SAFETY: as above; a new process has one thread until it clones.
+            unsafe { *state = (*state).reborn() };
+        }
         return Some(state);
     }
     if !create || !trace_all() {

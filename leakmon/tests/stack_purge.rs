@@ -38,7 +38,7 @@ fn stacks_of_a_purged_process_go_at_the_second_purge() {
     assert!(ids.iter().all(|&id| probes.stack(id).is_some_and(|f| !f.is_empty())), "stacks stored");
 
     let gone = |tgid: u32| tgid == pid;
-    probes.purge(|tgid, _| gone(tgid), gone).expect("purge");
+    probes.purge(|tgid, _| gone(tgid), |tgid, _| gone(tgid)).expect("purge");
     assert!(probes.totals(|k| k.tgid == pid).expect("totals").is_empty(), "totals purged");
     // A stack unreferenced at one purge may be about to be named by a totals entry the
     // kernel is writing: it stays until the next one.

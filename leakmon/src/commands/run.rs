@@ -161,7 +161,9 @@ async fn daemon(mut args: RunArgs, attach: Attach, proc_root: ProcRoot, reload: 
     let mut summary = interval(Duration::from_secs(u64::from(args.interval.get())));
     let mut purge = interval(PURGE_EVERY);
     let mut rescan = interval(RESCAN_EVERY);
-    let mut exited: HashSet<u32> = HashSet::new();
+    // Exited processes by pid, with their generation at exit: a process that got the
+    // pid since runs in a later generation and keeps its blocks through the purge.
+    let mut exited: HashMap<u32, u32> = HashMap::new();
     let mut replaced: HashMap<u32, u32> = HashMap::new();
     let mut names: HashMap<u32, String> = HashMap::new();
     // Processes that exec'd, to read for allocator files once their libraries are in.
@@ -222,7 +224,14 @@ async fn daemon(mut args: RunArgs, attach: Attach, proc_root: ProcRoot, reload: 
             }
             Some(ev) = async { events.as_mut().expect("guarded").recv().await }, if events.is_some() => {
                 match ev.kind {
-                    event::EXIT => { exited.insert(ev.tgid); }
+                    event::EXIT => {
+                        exited.insert(ev.tgid, ev.gen);
+                        // The kernel dropped its tables; a process at the same pid gets
+                        // its own at the next tick.
+                        if let Some(p) = probes.as_mut() {
+                            p.forget_unwind(ev.tgid);
+                        }
+                    }
                     event::EXEC => {
                         replaced.insert(ev.tgid, ev.gen);
                         // The kernel dropped the old image's tables; new ones at the next tick.
@@ -326,16 +335,23 @@ async fn daemon(mut args: RunArgs, attach: Attach, proc_root: ProcRoot, reload: 
             _ = purge.tick(), if probes.is_some() => {
                 let p = probes.as_mut().expect("guarded");
                 let traced = p.traced().unwrap_or_default();
-                exited.extend(traced.iter().map(|(pid, _)| *pid).filter(|pid| !proc_root.exists(*pid)));
+                // Exits whose event was lost: marked in the kernel, or gone from /proc.
+                exited.extend(
+                    traced.iter().filter(|(pid, s)| s.exited() || !proc_root.exists(*pid)).map(|(pid, s)| (*pid, s.gen)),
+                );
                 if !exited.is_empty() || !replaced.is_empty() {
                     let removed = p.purge(
-                        |tgid, gen| exited.contains(&tgid) || replaced.get(&tgid).is_some_and(|g| gen < *g),
-                        |tgid| exited.contains(&tgid),
+                        |tgid, gen| {
+                            exited.get(&tgid).is_some_and(|g| gen <= *g) || replaced.get(&tgid).is_some_and(|g| gen < *g)
+                        },
+                        // Not a pid taken since by a process traced in a later generation.
+                        |tgid, state| exited.get(&tgid).is_some_and(|g| state.exited() || state.gen <= *g),
                     )?;
                     tracing::debug!(processes = exited.len(), images = replaced.len(), removed, "purged");
-                    names.retain(|pid, _| !exited.contains(pid));
-                    allocators.retain(|pid, _| !exited.contains(pid));
-                    execed.retain(|pid, _| !exited.contains(pid));
+                    let gone = |pid: &u32| exited.contains_key(pid) && p.proc_state(*pid).is_none();
+                    names.retain(|pid, _| !gone(pid));
+                    allocators.retain(|pid, _| !gone(pid));
+                    execed.retain(|pid, _| !gone(pid));
                     exited.clear();
                     replaced.clear();
                 } else {

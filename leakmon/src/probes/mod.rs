@@ -335,7 +335,7 @@ impl Probes {
     pub fn detach_process(&mut self, pid: u32) -> Result<(), ProbeError> {
         let links = self.per_process.remove(&pid).unwrap_or_default();
         self.detach_links(links)?;
-        self.purge(|tgid, _| tgid == pid, |tgid| tgid == pid)?;
+        self.purge(|tgid, _| tgid == pid, |tgid, _| tgid == pid)?;
         Ok(())
     }
 
@@ -350,18 +350,25 @@ impl Probes {
     }
 
     /// Starts tracing `pid` (and, through the fork tracepoint, its future children).
+    /// A process already traced keeps its state; one at the pid of an exited process
+    /// not yet purged starts a generation of its own.
     pub fn trace(&mut self, pid: u32) -> Result<(), ProbeError> {
         let mut procs = self.procs_mut()?;
-        procs.insert(pid, ProcState::default(), 0).map_err(map_err("insert", "PROCS"))
+        let state = match procs.get(&pid, 0) {
+            Ok(old) if old.exited() => old.reborn(),
+            Ok(_) => return Ok(()),
+            Err(_) => ProcState::default(),
+        };
+        procs.insert(pid, state, 0).map_err(map_err("insert", "PROCS"))
     }
 
-    /// The traced state of one process, if traced.
+    /// The traced state of one live process, if traced.
     pub fn proc_state(&self, pid: u32) -> Option<ProcState> {
         let procs: HashMap<&MapData, u32, ProcState> = HashMap::try_from(self.ebpf.map("PROCS")?).ok()?;
-        procs.get(&pid, 0).ok()
+        procs.get(&pid, 0).ok().filter(|s| !s.exited())
     }
 
-    /// Every traced process.
+    /// Every traced process, with those that exited and are not purged yet.
     pub fn traced(&self) -> Result<Vec<(u32, ProcState)>, ProbeError> {
         let procs: HashMap<&MapData, u32, ProcState> =
             HashMap::try_from(self.ebpf.map("PROCS").ok_or_else(|| missing_map("PROCS"))?)
@@ -410,13 +417,13 @@ impl Probes {
         RingBuf::try_from(map).map_err(map_err("open", "EVENTS"))
     }
 
-    /// Drops every entry of the processes (or process images) `stale` selects: their
-    /// totals, their live blocks, and, for `forget_process`, the process itself.
-    /// One pass over each table, so callers batch exits and execs.
+    /// Drops every entry of the processes (or process images) `stale` selects by pid
+    /// and generation: their totals, their live blocks, and, for `forget_process`, the
+    /// process itself. One pass over each table, so callers batch exits and execs.
     pub fn purge(
         &mut self,
         stale: impl Fn(u32, u32) -> bool,
-        forget_process: impl Fn(u32) -> bool,
+        forget_process: impl Fn(u32, ProcState) -> bool,
     ) -> Result<usize, ProbeError> {
         let mut removed = 0;
         {
@@ -444,7 +451,12 @@ impl Probes {
             }
         }
         let mut procs = self.procs_mut()?;
-        let gone: Vec<u32> = procs.keys().filter_map(Result::ok).filter(|p| forget_process(*p)).collect();
+        let gone: Vec<u32> = procs
+            .iter()
+            .filter_map(Result::ok)
+            .filter(|(p, s)| forget_process(*p, *s))
+            .map(|(p, _)| p)
+            .collect();
         for pid in &gone {
             let _ = procs.remove(pid);
         }
