@@ -137,15 +137,27 @@ impl Symbolizer {
                 file_offset: offset,
                 ..Frame::default()
             };
-            let src = Source::Elf(Elf::new(&path));
+            // blazesym follows a .gnu_debuglink itself; a stripped file without one is
+            // found by its build id under /usr/lib/debug, as debuggers do.
+            // Its segments hold no bytes, so it is asked by the address in the file.
+            let by_build_id = frame
+                .build_id
+                .as_deref()
+                .map(|id| resolve(root, &build_id_debug_file(id)))
+                .filter(|f| f.exists())
+                .and_then(|f| Some((f, Input::VirtOffset(virt_offset(&path, offset)?))));
             let blaze = self.blaze.lock().unwrap_or_else(std::sync::PoisonError::into_inner);
-            if let Ok(result) = blaze.0.symbolize(&src, Input::FileOffset(&[offset])) {
-                if let Some(Symbolized::Sym(sym)) = result.into_iter().next() {
+            let first = (path.clone(), Input::FileOffset(offset));
+            for (file, input) in std::iter::once(first).chain(by_build_id) {
+                let src = Source::Elf(Elf::new(&file));
+                let Ok(result) = blaze.0.symbolize_single(&src, input) else { continue };
+                if let Symbolized::Sym(sym) = result {
                     frame.function = Some(sym.name.into_owned());
                     if let Some(info) = sym.code_info {
                         frame.file = Some(info.to_path().display().to_string());
                         frame.line = info.line;
                     }
+                    break;
                 }
             }
             drop(blaze);
@@ -153,6 +165,28 @@ impl Symbolizer {
         }
         frames
     }
+}
+
+/// Where distributions install the debug file of the build `id` (hex).
+fn build_id_debug_file(id: &str) -> PathBuf {
+    let (dir, rest) = id.split_at(id.len().min(2));
+    Path::new("/usr/lib/debug/.build-id").join(dir).join(format!("{rest}.debug"))
+}
+
+/// The address, as laid out in the ELF file `path` (no load bias), of its byte at
+/// `offset`: from its program headers, which lie near the start of the file.
+fn virt_offset(path: &Path, offset: u64) -> Option<u64> {
+    use object::{elf::FileHeader64, read::elf::FileHeader as _, read::elf::ProgramHeader as _, Endianness};
+    use std::io::Read as _;
+    let mut head = Vec::with_capacity(64 * 1024);
+    std::fs::File::open(path).ok()?.take(64 * 1024).read_to_end(&mut head).ok()?;
+    let header = FileHeader64::<Endianness>::parse(head.as_slice()).ok()?;
+    let endian = header.endian().ok()?;
+    header.program_headers(endian, head.as_slice()).ok()?.iter().find_map(|ph| {
+        let (start, size) = (ph.p_offset(endian), ph.p_filesz(endian));
+        (ph.p_type(endian) == object::elf::PT_LOAD && (start..start + size).contains(&offset))
+            .then(|| offset - start + ph.p_vaddr(endian))
+    })
 }
 
 fn resolve(root: Option<&Path>, path: &Path) -> PathBuf {

@@ -66,6 +66,18 @@ pub const BUILTIN: &[&str] = &[
     "std::__new_allocator*",
     "std::allocator*",
     "std::allocator_traits*",
+    // Rust: the global allocator's shims (legacy and v0 names) and the growth paths of
+    // the standard collections (Vec, String, VecDeque, HashMap's table).
+    "__rust_alloc",
+    "__rust_alloc_zeroed",
+    "__rust_realloc",
+    "__rdl_*",
+    "__rustc::__rust_*",
+    "__rustc::__rdl_*",
+    "alloc::alloc::*",
+    "<alloc::alloc::Global as core::alloc::Allocator>::*",
+    "alloc::raw_vec::*",
+    "hashbrown::raw::*",
     // Allocators' own entry points and internals.
     "malloc",
     "calloc",
@@ -169,6 +181,12 @@ mod tests {
         assert_eq!(w.site([Some("ztrymalloc_usable_internal"), Some("zmalloc"), Some("createObject")]), 2);
         assert_eq!(w.site([Some("operator new(unsigned long)"), Some("Cache::put(int)")]), 1);
         assert_eq!(w.site([Some("leak_small"), Some("main")]), 0);
+        let grown = [
+            Some("alloc::raw_vec::RawVecInner<A>::finish_grow"),
+            Some("alloc::raw_vec::RawVec<T,A>::grow_one"),
+            Some("app::Cache::insert"),
+        ];
+        assert_eq!(w.site(grown), 2, "a Vec's growth is named by the code that pushed");
         assert_eq!(w.site([None, Some("main")]), 0, "an unnamed frame is the site");
         assert_eq!(w.site([Some("xmalloc"), Some("zmalloc")]), 1, "all wrappers: the outermost");
         assert_eq!(w.site(std::iter::empty()), 0);

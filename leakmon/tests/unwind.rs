@@ -198,3 +198,66 @@ fn a_stripped_binary_is_named_through_its_debug_link() {
     let site = &stack_of(process, "cache_entry")[0]["site"];
     assert!(site["line"].as_u64().is_some(), "file and line from the debug file: {site:#}");
 }
+
+/// Removes a file when the test ends, passed or failed.
+struct RemoveOnDrop(std::path::PathBuf);
+
+impl Drop for RemoveOnDrop {
+    fn drop(&mut self) {
+        let _ = std::fs::remove_file(&self.0);
+    }
+}
+
+#[test]
+fn a_stripped_binary_is_named_through_its_build_id_under_usr_lib_debug() {
+    // A build id of this test's own, so the debug file it installs serves no other.
+    const BUILD_ID: &str = "1eacb0d1d00dfeed5eed0000000000000000b001";
+    let built =
+        build_fixture("wrapped.c", &["-fomit-frame-pointer", &format!("-Wl,--build-id=0x{BUILD_ID}")]);
+    let dir = tempfile::tempdir().expect("temp dir");
+    let binary = dir.path().join("wrapped_bid");
+    std::fs::copy(&built, &binary).expect("copy");
+    let debug_dir = std::path::Path::new("/usr/lib/debug/.build-id").join(&BUILD_ID[..2]);
+    std::fs::create_dir_all(&debug_dir).expect("create the build-id directory");
+    let debug = RemoveOnDrop(debug_dir.join(format!("{}.debug", &BUILD_ID[2..])));
+    let run = |cmd: &str, args: &[&std::ffi::OsStr]| {
+        let status = std::process::Command::new(cmd).args(args).status().expect(cmd);
+        assert!(status.success(), "{cmd} failed");
+    };
+    run("objcopy", &["--only-keep-debug".as_ref(), binary.as_os_str(), debug.0.as_os_str()]);
+    // No debug link: the build id is the only way to the debug file.
+    run("strip", &["--strip-all".as_ref(), binary.as_os_str()]);
+    let report = report_json(&[binary.as_os_str()]);
+    let process = &processes(&report)[0];
+    assert_eq!(by_function(process, "wrapped.c")["cache_entry"], (12_800, 200), "{report:#}");
+    let stack = stack_of(process, "cache_entry")[0];
+    assert!(stack["site"]["line"].as_u64().is_some(), "file and line from the debug file: {stack:#}");
+    assert_eq!(&functions(stack)[..3], &["xmalloc", "cache_entry", "serve"]);
+}
+
+#[test]
+fn rust_names_are_demangled_and_sites_named_past_the_global_allocator() {
+    let binary = common::build_rust_fixture("rust_leaks.rs");
+    let report = report_json(&[binary.as_os_str()]);
+    let process = &processes(&report)[0];
+    assert_eq!(
+        by_function(process, "rust_leaks.rs"),
+        expected(&[
+            ("rust_leaks::leak_boxes", 19_200, 400),
+            ("rust_leaks::leak_vecs", 12_800, 100),
+            // 1024 u64 pushed: the last of its reallocations holds 8 KiB.
+            ("rust_leaks::leak_grown", 8192, 1),
+        ]),
+        "{report:#}"
+    );
+    for site in ["rust_leaks::leak_boxes", "rust_leaks::leak_vecs", "rust_leaks::leak_grown"] {
+        let stacks = stack_of(process, site);
+        assert_eq!(stacks.len(), 1, "{site}: {stacks:#?}");
+        let frames = functions(stacks[0]);
+        let at = frames.iter().position(|f| *f == site).expect("the site is a frame");
+        assert_eq!(frames[at + 1], "rust_leaks::main", "{site}: {frames:?}");
+    }
+    // The vector's growth path stays in the full stack, below its site.
+    let grown = functions(stack_of(process, "rust_leaks::leak_grown")[0]);
+    assert!(grown[0].starts_with("alloc::raw_vec::"), "{grown:?}");
+}

@@ -183,6 +183,29 @@ pub fn start_daemon(args: &[&str], listen: &str) -> Reap {
     daemon
 }
 
+/// Compiles the Rust fixture `tests/fixtures/<source>` with rustc's release defaults
+/// (no frame pointers) and debug info. Returns the binary's path.
+pub fn build_rust_fixture(source: &str) -> PathBuf {
+    static BUILT: Mutex<BTreeMap<String, PathBuf>> = Mutex::new(BTreeMap::new());
+    let mut built = BUILT.lock().unwrap_or_else(std::sync::PoisonError::into_inner);
+    if let Some(path) = built.get(source) {
+        return path.clone();
+    }
+    let stem = Path::new(source).file_stem().expect("stem").to_string_lossy().into_owned();
+    let out = build_dir().join(&stem);
+    let tmp = build_dir().join(format!(".{stem}.{}", std::process::id()));
+    let status = Command::new(std::env::var_os("RUSTC").unwrap_or_else(|| "rustc".into()))
+        .args(["-O", "-C", "debuginfo=2", "-o"])
+        .arg(&tmp)
+        .arg(fixtures_dir().join(source))
+        .status()
+        .expect("run rustc");
+    assert!(status.success(), "rustc failed on {source}");
+    std::fs::rename(&tmp, &out).expect("move fixture into place");
+    built.insert(source.to_owned(), out.clone());
+    out
+}
+
 /// A copy of a fixture binary under another name, so it runs with that `comm`.
 pub fn named(binary: &Path, name: &str) -> PathBuf {
     let path = binary.with_file_name(name);
