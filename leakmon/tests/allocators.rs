@@ -58,6 +58,29 @@ fn preloaded_allocators_are_accounted_exactly() {
 }
 
 #[test]
+fn libraries_loaded_with_dlopen_are_probed_and_walked() {
+    let plugin = build_fixture("plugin.c", &["-shared", "-fPIC"]);
+    let binary = build_fixture("dlopen_leaks.c", &["-fomit-frame-pointer", "-ldl"]);
+    let report = report_json(&[binary.as_os_str(), plugin.as_os_str()]);
+    let process = the_process(&report);
+    // tcmalloc, dlopened and called through dlsym, is found and probed; the plugin's
+    // libc blocks are named in the plugin, walked through its unwind tables to main.
+    assert_eq!(by_function(process, "dlopen_leaks.c"), expected(&[("leak_tc", 28_800, 300)]), "{process:#}");
+    assert_eq!(by_function(process, "plugin.c"), expected(&[("plugin_leak", 12_800, 200)]), "{process:#}");
+    for stack in process["stacks"].as_array().expect("stacks") {
+        if stack["site"]["function"] == "plugin_leak" {
+            let names: Vec<&str> = stack["frames"]
+                .as_array()
+                .expect("frames")
+                .iter()
+                .filter_map(|f| f["function"].as_str())
+                .collect();
+            assert!(names.contains(&"main"), "the plugin's stack reaches main: {names:?}");
+        }
+    }
+}
+
+#[test]
 fn a_preload_inherited_by_the_command_is_probed_before_it_runs() {
     let fixture = build_fixture("leaks.c", &[]);
     let out = leakmon()
