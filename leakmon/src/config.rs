@@ -390,5 +390,34 @@ pid-label = true
                 let _ = check(&text);
             }
         }
+
+        /// The kept corpus, `tests/corpus/config`: inputs that once mattered (each kind
+        /// of mistake, sizes past any integer, deep nesting, invalid UTF-8). Every file
+        /// is answered without a panic: `good-*` with no problem, `bad-*` with at least
+        /// one, each on a line of the file, or (not text at all) an I/O error.
+        #[test]
+        fn the_corpus_replays() {
+            let dir = std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("tests/corpus/config");
+            let mut files = 0;
+            for entry in std::fs::read_dir(&dir).expect("corpus directory") {
+                let path = entry.expect("corpus entry").path();
+                let name = path.file_name().expect("name").to_string_lossy().into_owned();
+                let good = name.starts_with("good-");
+                assert!(good || name.starts_with("bad-"), "{name}: corpus files are good-* or bad-*");
+                match super::super::load(&path) {
+                    Ok((_, problems)) => {
+                        assert_eq!(problems.is_empty(), good, "{name}: {problems:?}");
+                        let text = std::fs::read_to_string(&path).expect("text");
+                        let count = text.lines().count().max(1);
+                        for p in problems {
+                            assert!(p.line >= 1 && p.line <= count + 1, "{name}: line {} of {count}", p.line);
+                        }
+                    }
+                    Err(e) => assert!(!good && e.kind() == std::io::ErrorKind::InvalidData, "{name}: {e}"),
+                }
+                files += 1;
+            }
+            assert!(files >= 20, "{files} corpus files");
+        }
     }
 }

@@ -91,6 +91,25 @@ mod tests {
         assert!(decode(&[0u8; 33]).is_none());
     }
 
+    /// The kept corpus, `tests/corpus/events`: real records of each kind and malformed
+    /// ones (short, long, empty, unknown kind, a name without its NUL, invalid UTF-8).
+    #[test]
+    fn the_corpus_replays() {
+        let dir = std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("tests/corpus/events");
+        let mut files = 0;
+        for entry in std::fs::read_dir(&dir).expect("corpus directory") {
+            let path = entry.expect("corpus entry").path();
+            let record = std::fs::read(&path).expect("read record");
+            let decoded = decode(&record);
+            assert_eq!(decoded.is_some(), record.len() == std::mem::size_of::<LifecycleEvent>(), "{path:?}");
+            if let Some(ev) = decoded {
+                assert!(comm(&ev).chars().count() <= 16, "{path:?}");
+            }
+            files += 1;
+        }
+        assert!(files >= 8, "{files} corpus files");
+    }
+
     proptest::proptest! {
         /// Any record: decoded only when it has an event's exact size, never a panic.
         #[test]
