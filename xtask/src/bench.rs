@@ -219,6 +219,7 @@ fn scale_figures(root: &Path, s: &Setup) -> Result<()> {
     let unwind_processes = gauge("leakmon_unwind_processes ");
     let rss = current_rss_kib(full.pid());
     let peak = peak_rss_kib(full.pid());
+    let alloc_events = alloc_event_rate(s)?;
     // A fork storm: every child allocates (so it is traced) and exits at once, a fork
     // and an exit event each.
     let storm = Command::new(&hold).args(["storm", "20000"]).output().context("run the fork storm")?;
@@ -228,15 +229,7 @@ fn scale_figures(root: &Path, s: &Setup) -> Result<()> {
         .and_then(|v| v.trim().parse().ok())
         .context("the fork storm printed no rate")?;
     std::thread::sleep(Duration::from_secs(2));
-    let lost = http_get(LISTEN, "/metrics")
-        .unwrap_or_default()
-        .lines()
-        .filter(|l| {
-            l.starts_with("leakmon_bpf_map_errors_total") || l.starts_with("leakmon_events_lost_total")
-        })
-        .filter(|l| !l.ends_with(" 0"))
-        .map(str::to_owned)
-        .collect::<Vec<_>>();
+    let lost = losses(LISTEN);
     full.stop();
     million.kill_group();
     stacks.kill_group();
@@ -248,6 +241,7 @@ fn scale_figures(root: &Path, s: &Setup) -> Result<()> {
          attributing all, 1M live blocks and 131,072 stacks: RSS {:.1} MiB (peak {:.1} MiB), {:.2}% of one core\n\
          unwind tables for {unwind_processes} traced processes: {unwind_rows} rows, {:.1} MiB of kernel memory\n\
          /metrics scrape: median {:.2} ms, max {:.2} ms ({} bytes)\n\
+         allocation events: {:.0}/s (2 threads of malloc+free pairs, each call probed)\n\
          fork storm: 20,000 traced processes at {:.0}/s ({:.0} lifecycle events/s)\n\
          losses: {}",
         tier0_cpu * 100.0,
@@ -259,11 +253,35 @@ fn scale_figures(root: &Path, s: &Setup) -> Result<()> {
         median(&latencies),
         latencies.iter().copied().fold(0.0, f64::max),
         metrics_bytes,
+        alloc_events,
         storm_rate,
         storm_rate * 2.0,
         if lost.is_empty() { "none".to_owned() } else { lost.join(", ") }
     );
     Ok(())
+}
+
+/// The daemon's non-zero loss counters (full tables, lost lifecycle events).
+fn losses(listen: &str) -> Vec<String> {
+    http_get(listen, "/metrics")
+        .unwrap_or_default()
+        .lines()
+        .filter(|l| {
+            l.starts_with("leakmon_bpf_map_errors_total") || l.starts_with("leakmon_events_lost_total")
+        })
+        .filter(|l| !l.ends_with(" 0"))
+        .map(str::to_owned)
+        .collect()
+}
+
+/// Allocation events (allocations and frees) per second as fast as this machine's
+/// traps let two threads make them: malloc+free pairs, every call probed and accounted.
+/// Run beside the daemon's million blocks; any loss shows in its counters.
+fn alloc_event_rate(s: &Setup) -> Result<f64> {
+    let mut cmd = Command::new(&s.workload_bin);
+    cmd.args(["pairs", "2000000", "2"]);
+    // Each of the two threads makes a pair (two events) every `ns_per_pair`.
+    Ok(2.0 * 2.0 * 1e9 / ns_per_pair(cmd)?)
 }
 
 fn current_rss_kib(pid: u32) -> u64 {
