@@ -286,6 +286,9 @@ impl Monitor {
                 stacks,
             });
         }
+        // Stacks of processes gone since: under process churn every new process brings
+        // new entries, which would otherwise pile up to the bound over hours.
+        self.frames.retain(|(pid, _), _| self.last_seen.contains_key(pid));
         if self.frames.len() > MAX_CACHED_STACKS {
             self.frames.clear();
         }
@@ -457,5 +460,9 @@ mod tests {
         assert!((trend.growth_bytes_per_second - 20_000.0).abs() < 1e-6, "{trend:?}");
         // Stack series are analysed but are not views of their own.
         assert_eq!(last.len(), 2, "rss and heap only");
+        assert_eq!(m.frames.len(), 2, "the process's two stacks are cached");
+        // The process is gone: its symbolized stacks go with it, not at the bound.
+        m.tick(20.0, &[proc(pid + 1, "svc", 20_000_000)], Some(&[]), &stack);
+        assert!(m.frames.is_empty(), "{:?}", m.frames.keys());
     }
 }

@@ -59,6 +59,9 @@ pub struct Symbolizer {
     wrappers: Wrappers,
     /// Build ids by binary, read once each; cleared past [`MAX_BUILD_IDS`].
     build_ids: Mutex<HashMap<PathBuf, Option<String>>>,
+    /// The path each file is symbolized by, by (device, inode); cleared past
+    /// [`MAX_BUILD_IDS`].
+    paths: Mutex<HashMap<(u64, u64), PathBuf>>,
 }
 
 /// Binaries whose build id is remembered.
@@ -75,7 +78,31 @@ impl Default for Symbolizer {
 
 impl Symbolizer {
     pub fn new(wrappers: Wrappers) -> Self {
-        Self { blaze: Mutex::new((Blaze::new(), 0)), wrappers, build_ids: Mutex::new(HashMap::new()) }
+        Self {
+            blaze: Mutex::new((Blaze::new(), 0)),
+            wrappers,
+            build_ids: Mutex::new(HashMap::new()),
+            paths: Mutex::new(HashMap::new()),
+        }
+    }
+
+    /// One path per file (device and inode): the first seen that still reaches it.
+    /// Processes reach their files through their own `/proc/PID/root`, a new path for
+    /// every process; without this each one would be parsed and cached again, and the
+    /// caches would churn through their bounds under process churn.
+    fn canonical(&self, path: PathBuf) -> PathBuf {
+        use std::os::unix::fs::MetadataExt as _;
+        let identity = |p: &Path| std::fs::metadata(p).ok().map(|m| (m.dev(), m.ino()));
+        let Some(file) = identity(&path) else { return path };
+        let mut paths = self.paths.lock().unwrap_or_else(std::sync::PoisonError::into_inner);
+        if let Some(known) = paths.get(&file).filter(|known| identity(known) == Some(file)) {
+            return known.clone();
+        }
+        if paths.len() >= MAX_BUILD_IDS {
+            paths.clear();
+        }
+        paths.insert(file, path.clone());
+        path
     }
 
     fn build_id(&self, path: &Path) -> Option<String> {
@@ -125,11 +152,11 @@ impl Symbolizer {
                 break;
             };
             let offset = mapping.file_offset(address - 1);
-            let path = match root {
+            let path = self.canonical(match root {
                 // Deleted since it was mapped: only /proc/PID/map_files still reaches it.
                 Some(root) if mapping.deleted => mapping.open_path(root),
                 _ => resolve(root, &mapping.path),
-            };
+            });
             let mut frame = Frame {
                 address,
                 object: Some(mapping.path.clone()),
@@ -207,6 +234,17 @@ mod tests {
     #[no_mangle]
     extern "C" fn leakmon_symbolize_probe_target() -> u64 {
         std::hint::black_box(7)
+    }
+
+    #[test]
+    fn a_file_reached_by_two_paths_is_symbolized_by_one() {
+        let symbolizer = Symbolizer::default();
+        let exe = std::env::current_exe().expect("own path");
+        let via_root = Path::new("/proc/self/root").join(exe.strip_prefix("/").expect("absolute"));
+        assert_eq!(symbolizer.canonical(exe.clone()), exe);
+        assert_eq!(symbolizer.canonical(via_root), exe, "the first path seen serves both");
+        let missing = PathBuf::from("/nonexistent/binary");
+        assert_eq!(symbolizer.canonical(missing.clone()), missing);
     }
 
     #[test]
