@@ -4,6 +4,8 @@
  *   stacks     one 24-byte block from each of 2^17 distinct call paths
  *   storm N    fork N children that allocate, exec nothing and exit at once, then
  *              print `processes_per_second=F` (the lifecycle event rate)
+ *   churn N MS after 2 s (a watcher attaches), one million live blocks, then a storm
+ *              of N children every MS ms for ever: a soak's churn from one process
  * Prints `ready` once done, then sleeps until killed (children die with the parent's
  * process group). Built with -fno-builtin and frame pointers. */
 #include <signal.h>
@@ -38,6 +40,26 @@ int main(int argc, char **argv) {
             }
             if (pid < 0) return 1;
         }
+    } else if (!strcmp(mode, "churn") && argc > 3) {
+        int n = atoi(argv[2]), ms = atoi(argv[3]);
+        sleep(2);
+        blocks = malloc(1000000 * sizeof(void *));
+        for (int i = 0; i < 1000000; i++) blocks[i] = malloc(16);
+        printf("ready\n");
+        fflush(stdout);
+        for (;;) {
+            for (int i = 0; i < n; i++) {
+                pid_t pid = fork();
+                if (pid == 0) {
+                    free(malloc(64));
+                    _exit(0);
+                }
+                if (pid < 0) return 1;
+                if (i % 64 == 63) while (waitpid(-1, NULL, WNOHANG) > 0) {}
+            }
+            while (wait(NULL) > 0) {}
+            usleep(ms * 1000);
+        }
     } else if (!strcmp(mode, "storm") && argc > 2) {
         int n = atoi(argv[2]);
         struct timespec a, b;
@@ -63,7 +85,7 @@ int main(int argc, char **argv) {
         blocks = malloc((1u << LEVELS) * sizeof(void *));
         for (unsigned p = 0; p < (1u << LEVELS); p++) blocks[p] = step(p, 0);
     } else {
-        fprintf(stderr, "usage: hold idle N | million | stacks\n");
+        fprintf(stderr, "usage: hold idle N | million | stacks | storm N | churn N MS\n");
         return 2;
     }
     printf("ready\n");

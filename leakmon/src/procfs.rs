@@ -88,6 +88,15 @@ impl ProcRoot {
         self.0.join(pid.to_string()).join("stat").exists()
     }
 
+    /// Whether the process still runs: it exists and is not a zombie waiting to be
+    /// reaped (its memory, mappings and threads are gone).
+    pub fn running(&self, pid: u32) -> bool {
+        let Ok(stat) = self.read(pid, "stat") else { return false };
+        // The state follows the name, which is in parentheses and may hold any byte.
+        let state = stat.rsplit_once(") ").and_then(|(_, rest)| rest.chars().next());
+        !matches!(state, None | Some('Z' | 'X' | 'x'))
+    }
+
     /// The process's file-backed mappings, in address order.
     pub fn maps(&self, pid: u32) -> Result<Vec<Mapping>, ProcError> {
         Ok(self.read(pid, "maps")?.lines().filter_map(parse_maps_line).collect())
@@ -203,6 +212,13 @@ mod tests {
         assert_eq!(root.maps(42).expect("maps").len(), 4);
         assert_eq!(root.comm(42).expect("comm"), "fixture");
         assert!(root.exists(42));
+        assert!(root.running(42) && !root.running(43));
+        // A zombie, whose name holds ") Z": the state is read after the last one.
+        let zombie = dir.path().join("44");
+        fs::create_dir_all(&zombie).expect("mkdir");
+        fs::write(zombie.join("stat"), "44 (a) S (b) Z 1 44").expect("stat");
+        assert!(root.exists(44) && !root.running(44));
+        fs::remove_dir_all(&zombie).expect("rm");
         assert!(matches!(root.comm(43), Err(ProcError::NoSuchProcess { pid: 43 })));
         assert_eq!(root.pids().expect("pids"), vec![42]);
         assert_eq!(

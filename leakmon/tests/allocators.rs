@@ -81,6 +81,39 @@ fn libraries_loaded_with_dlopen_are_probed_and_walked() {
 }
 
 #[test]
+fn a_library_without_symbols_is_walked_and_its_unnamed_site_counted() {
+    let built = build_fixture("plugin_hidden.c", &["-shared", "-fPIC"]);
+    let dir = tempfile::tempdir().expect("temp dir");
+    let plugin = dir.path().join("libhidden.so");
+    std::fs::copy(&built, &plugin).expect("copy");
+    assert!(Command::new("strip").arg("--strip-all").arg(&plugin).status().expect("strip").success());
+    let binary = build_fixture("dlopen_leaks.c", &["-fomit-frame-pointer", "-ldl"]);
+    let report = report_json(&[binary.as_os_str(), plugin.as_os_str()]);
+    let process = the_process(&report);
+    let through_plugin: Vec<&serde_json::Value> = process["stacks"]
+        .as_array()
+        .expect("stacks")
+        .iter()
+        .filter(|s| s["frames"].as_array().expect("frames").iter().any(|f| f["function"] == "plugin_leak"))
+        .collect();
+    let total = |key: &str| through_plugin.iter().map(|s| s[key].as_u64().expect(key)).sum::<u64>();
+    assert_eq!((total("bytes"), total("allocations")), (16_000, 200), "{process:#}");
+    for stack in through_plugin {
+        // The hidden function has no name: it is the site, by its address, and the walk
+        // goes on through its unwind table to the exported caller and main.
+        let site = &stack["site"];
+        assert!(site["function"] == "??" && site["address"].is_string(), "{stack:#}");
+        let names: Vec<&str> = stack["frames"]
+            .as_array()
+            .expect("frames")
+            .iter()
+            .filter_map(|f| f["function"].as_str())
+            .collect();
+        assert!(names.contains(&"main"), "{names:?}");
+    }
+}
+
+#[test]
 fn a_preload_inherited_by_the_command_is_probed_before_it_runs() {
     let fixture = build_fixture("leaks.c", &[]);
     let out = leakmon()

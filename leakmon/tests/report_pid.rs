@@ -112,3 +112,35 @@ fn a_process_whose_binary_was_deleted_is_still_named_and_walked() {
     let last = stack["frames"].as_array().expect("frames").last().expect("a frame")["function"].clone();
     assert_eq!(last, "_start", "{stack:#}");
 }
+
+/// A process that exits at any moment of leakmon's start (before its check, while the
+/// programs load, while its libraries are attached, after): one answer each time, a
+/// report or a one-line error, promptly, and nothing left attached.
+#[test]
+fn a_process_that_exits_while_leakmon_attaches_gets_an_answer() {
+    for lifetime in ["0", "0.05", "0.2", "0.5", "1"] {
+        let target = Reap(Command::new("sleep").arg(lifetime).spawn().expect("start sleep"));
+        let pid = target.id().to_string();
+        let started = Instant::now();
+        let out = common::leakmon()
+            .args(["report", "--format", "json", "--duration", "20", "--pid", &pid])
+            .output()
+            .expect("run leakmon");
+        assert!(
+            started.elapsed() < Duration::from_secs(15),
+            "{lifetime}: the process's exit ends the window"
+        );
+        let stderr = String::from_utf8_lossy(&out.stderr);
+        if out.status.success() {
+            let report: serde_json::Value = serde_json::from_slice(&out.stdout).expect("JSON report");
+            assert!(processes(&report).len() <= 1, "{lifetime}: {report:#}");
+        } else {
+            let lines: Vec<&str> = stderr.lines().collect();
+            assert_eq!(lines.len(), 1, "{lifetime}: one line: {stderr}");
+            // Gone before the check, or while leakmon was attaching: said as such.
+            let said = lines[0].contains("no process with pid") || lines[0].contains("exited");
+            assert!(lines[0].contains(&pid) && said, "{lifetime}: {stderr}");
+        }
+        drop(target);
+    }
+}

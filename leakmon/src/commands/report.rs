@@ -36,12 +36,18 @@ pub fn report(args: &ReportArgs) -> Result<()> {
     }
     count_signals();
 
+    let exited = |pid: u32| anyhow::anyhow!("pid {pid} exited while leakmon was attaching");
     let mut tracer = if let Some(pid) = args.pid {
         probes.trace(pid)?;
         refresh_unwind(&mut probes, &proc_root, pid);
-        Tracer::seize(pid)
-            .map_err(|e| warn!("cannot hold pid {pid} at exit ({e}); its stacks resolve only while it runs"))
-            .ok()
+        match Tracer::seize(pid) {
+            Ok(tracer) => Some(tracer),
+            Err(_) if !proc_root.running(pid) => return Err(exited(pid)),
+            Err(e) => {
+                warn!("cannot hold pid {pid} at exit ({e}); its stacks resolve only while it runs");
+                None
+            }
+        }
     } else {
         let mut tracer = Tracer::spawn(&args.command)?;
         // Stopped at its exec, before its first instruction: probe its executable (a
@@ -52,6 +58,9 @@ pub fn report(args: &ReportArgs) -> Result<()> {
         Some(tracer)
     };
     if probes.attached_files() == 0 {
+        if let Some(pid) = args.pid.filter(|pid| !proc_root.running(*pid)) {
+            return Err(exited(pid));
+        }
         bail!("found no allocator (libc or another malloc) to probe");
     }
     let root = args.pid.or(tracer.as_ref().map(Tracer::root)).expect("a pid or a command");
