@@ -169,12 +169,12 @@ fn scale_figures(root: &Path, s: &Setup) -> Result<()> {
         cmd.env("RUST_LOG", "info");
         Helper::start(cmd, "leakmon running")
     };
+    // Always-on tier: resident memory of every process, sampled each second.
+    let idle = start_hold(&["idle", "1000"])?;
+    // Counted with the idle helpers, which the tier samples too.
     let processes = std::fs::read_dir("/proc").map_or(0, |d| {
         d.filter_map(Result::ok).filter(|e| e.file_name().to_string_lossy().parse::<u32>().is_ok()).count()
     });
-
-    // Always-on tier: resident memory of every process, sampled each second.
-    let idle = start_hold(&["idle", "1000"])?;
     let tier0 = daemon(&["--attach", "none"])?;
     std::thread::sleep(Duration::from_secs(3));
     let window = Duration::from_secs(20);
