@@ -29,6 +29,22 @@ NOINLINE void *step(unsigned path, int level) {
     return (path >> level) & 1 ? right(path, level) : left(path, level);
 }
 
+/* N children that allocate (so they are traced), exec nothing and exit at once; all
+ * reaped. Returns -1 if a fork fails. */
+static int storm(int n) {
+    for (int i = 0; i < n; i++) {
+        pid_t pid = fork();
+        if (pid == 0) {
+            free(malloc(64));
+            _exit(0);
+        }
+        if (pid < 0) return -1;
+        if (i % 64 == 63) while (waitpid(-1, NULL, WNOHANG) > 0) {}
+    }
+    while (wait(NULL) > 0) {}
+    return 0;
+}
+
 int main(int argc, char **argv) {
     const char *mode = argc > 1 ? argv[1] : "";
     if (!strcmp(mode, "idle") && argc > 2) {
@@ -48,32 +64,14 @@ int main(int argc, char **argv) {
         printf("ready\n");
         fflush(stdout);
         for (;;) {
-            for (int i = 0; i < n; i++) {
-                pid_t pid = fork();
-                if (pid == 0) {
-                    free(malloc(64));
-                    _exit(0);
-                }
-                if (pid < 0) return 1;
-                if (i % 64 == 63) while (waitpid(-1, NULL, WNOHANG) > 0) {}
-            }
-            while (wait(NULL) > 0) {}
+            if (storm(n) != 0) return 1;
             usleep(ms * 1000);
         }
     } else if (!strcmp(mode, "storm") && argc > 2) {
         int n = atoi(argv[2]);
         struct timespec a, b;
         clock_gettime(CLOCK_MONOTONIC, &a);
-        for (int i = 0; i < n; i++) {
-            pid_t pid = fork();
-            if (pid == 0) {
-                free(malloc(64));
-                _exit(0);
-            }
-            if (pid < 0) return 1;
-            if (i % 64 == 63) while (waitpid(-1, NULL, WNOHANG) > 0) {}
-        }
-        while (wait(NULL) > 0) {}
+        if (storm(n) != 0) return 1;
         clock_gettime(CLOCK_MONOTONIC, &b);
         double s = (b.tv_sec - a.tv_sec) + (b.tv_nsec - a.tv_nsec) / 1e9;
         printf("processes_per_second=%.0f\n", n / s);

@@ -35,6 +35,11 @@ fn the_process(report: &serde_json::Value) -> &serde_json::Value {
     &procs[0]
 }
 
+/// The named functions of a stack's frames, innermost first.
+fn function_names(stack: &serde_json::Value) -> Vec<&str> {
+    stack["frames"].as_array().expect("frames").iter().filter_map(|f| f["function"].as_str()).collect()
+}
+
 #[test]
 fn preloaded_allocators_are_accounted_exactly() {
     let fixture = build_fixture("leaks.c", &[]);
@@ -69,12 +74,7 @@ fn libraries_loaded_with_dlopen_are_probed_and_walked() {
     assert_eq!(by_function(process, "plugin.c"), expected(&[("plugin_leak", 12_800, 200)]), "{process:#}");
     for stack in process["stacks"].as_array().expect("stacks") {
         if stack["site"]["function"] == "plugin_leak" {
-            let names: Vec<&str> = stack["frames"]
-                .as_array()
-                .expect("frames")
-                .iter()
-                .filter_map(|f| f["function"].as_str())
-                .collect();
+            let names = function_names(stack);
             assert!(names.contains(&"main"), "the plugin's stack reaches main: {names:?}");
         }
     }
@@ -103,12 +103,7 @@ fn a_library_without_symbols_is_walked_and_its_unnamed_site_counted() {
         // goes on through its unwind table to the exported caller and main.
         let site = &stack["site"];
         assert!(site["function"] == "??" && site["address"].is_string(), "{stack:#}");
-        let names: Vec<&str> = stack["frames"]
-            .as_array()
-            .expect("frames")
-            .iter()
-            .filter_map(|f| f["function"].as_str())
-            .collect();
+        let names = function_names(stack);
         assert!(names.contains(&"main"), "{names:?}");
     }
 }
