@@ -167,12 +167,15 @@ impl Symbolizer {
             // blazesym follows a .gnu_debuglink itself; a stripped file without one is
             // found by its build id under /usr/lib/debug, as debuggers do.
             // Its segments hold no bytes, so it is asked by the address in the file.
-            let by_build_id = frame
-                .build_id
-                .as_deref()
-                .map(|id| resolve(root, &build_id_debug_file(id)))
-                .filter(|f| f.exists())
-                .and_then(|f| Some((f, Input::VirtOffset(virt_offset(&path, offset)?))));
+            // Looked for only once the binary itself named nothing: no stat or header
+            // read for the frames that resolve at once.
+            let build_id = frame.build_id.clone();
+            let by_build_id = std::iter::from_fn(|| {
+                let file = resolve(root, &build_id_debug_file(build_id.as_deref()?));
+                file.exists().then_some(())?;
+                Some((file, Input::VirtOffset(virt_offset(&path, offset)?)))
+            })
+            .take(1);
             let blaze = self.blaze.lock().unwrap_or_else(std::sync::PoisonError::into_inner);
             let first = (path.clone(), Input::FileOffset(offset));
             for (file, input) in std::iter::once(first).chain(by_build_id) {
