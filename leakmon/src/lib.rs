@@ -14,6 +14,7 @@ pub mod discovery;
 pub mod export;
 pub mod ingest;
 pub mod monitor;
+pub mod own_memory;
 pub mod probes;
 pub mod procfs;
 pub mod report;

@@ -30,6 +30,7 @@ use crate::{
     },
     ingest,
     monitor::Monitor,
+    own_memory,
     probes::{targets::Allocator, Probes},
     procfs::ProcRoot,
     report::{flamegraph, pprof, table::bytes},
@@ -325,6 +326,7 @@ async fn daemon(mut args: RunArgs, attach: Attach, proc_root: ProcRoot, reload: 
                     malformed.load(std::sync::atomic::Ordering::Relaxed),
                 );
                 metrics.restarts(monitor.restarts());
+                metrics.own_heap(own_memory::heap_in_use());
                 publish(&published, &metrics, &views).await;
             }
             _ = summary.tick(), if attributing => {
@@ -349,7 +351,6 @@ async fn daemon(mut args: RunArgs, attach: Attach, proc_root: ProcRoot, reload: 
                     )?;
                     tracing::debug!(processes = exited.len(), images = replaced.len(), removed, "purged");
                     let gone = |pid: &u32| exited.contains_key(pid) && p.proc_state(*pid).is_none();
-                    names.retain(|pid, _| !gone(pid));
                     allocators.retain(|pid, _| !gone(pid));
                     execed.retain(|pid, _| !gone(pid));
                     exited.clear();
@@ -357,6 +358,10 @@ async fn daemon(mut args: RunArgs, attach: Attach, proc_root: ProcRoot, reload: 
                 } else {
                     p.purge_stacks()?;
                 }
+                // Names come from the events of traced processes alone, so the process
+                // table bounds them, whichever event was missed.
+                let traced: HashSet<u32> = p.traced().unwrap_or_default().into_iter().map(|(pid, _)| pid).collect();
+                names.retain(|pid, _| traced.contains(pid));
             }
             _ = rescan.tick(), if system_wide => {
                 let p = probes.as_mut().expect("guarded");

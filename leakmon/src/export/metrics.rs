@@ -33,6 +33,7 @@ pub struct Metrics {
     attached: IntGauge,
     unwind_rows: IntGaugeVec,
     unwind_processes: IntGauge,
+    own_heap: IntGauge,
     series_dropped: IntCounter,
     oom_kills: IntCounterVec,
     restarts: IntCounterVec,
@@ -57,8 +58,6 @@ impl Default for Metrics {
 }
 
 impl Metrics {
-    /// `pid_label`: per-process series carry a `pid` label (off by default: pids are
-    /// unbounded over time and split a service's history at every restart).
     /// The unwind tables' fill: rows used and allocated, processes with tables.
     pub fn unwind(&self, rows_used: u32, rows_capacity: u32, processes: usize) {
         self.unwind_rows.with_label_values(&["used"]).set(i64::from(rows_used));
@@ -66,6 +65,15 @@ impl Metrics {
         self.unwind_processes.set(processes as i64);
     }
 
+    /// leakmon's own heap in use, when its C library can say.
+    pub fn own_heap(&self, bytes: Option<u64>) {
+        if let Some(bytes) = bytes {
+            self.own_heap.set(i64::try_from(bytes).unwrap_or(i64::MAX));
+        }
+    }
+
+    /// `pid_label`: per-process series carry a `pid` label (off by default: pids are
+    /// unbounded over time and split a service's history at every restart).
     pub fn new(pid_label: bool) -> Self {
         let registry = Registry::new();
         let gauge = |name: &str, help: &str, labels: &[&str]| {
@@ -74,6 +82,7 @@ impl Metrics {
         let fgauge = |name: &str, help: &str, labels: &[&str]| {
             register(&registry, GaugeVec::new(Opts::new(name, help), labels).expect("valid"))
         };
+        let single = |name: &str, help: &str| register(&registry, IntGauge::new(name, help).expect("valid"));
         let sc: &[&str] = if pid_label { &["service", "comm", "pid"] } else { &["service", "comm"] };
         let scs: &[&str] =
             if pid_label { &["service", "comm", "pid", "signal"] } else { &["service", "comm", "signal"] };
@@ -113,16 +122,16 @@ impl Metrics {
                 )
                 .expect("valid"),
             ),
-            attached: register(&registry, IntGauge::new("leakmon_attached_processes", "Processes traced by the allocator probes.").expect("valid")),
+            attached: single("leakmon_attached_processes", "Processes traced by the allocator probes."),
             unwind_rows: gauge(
                 "leakmon_unwind_rows",
                 "Unwind-table rows in the kernel (12 bytes each): used, and the capacity allocated at start.",
                 &["state"],
             ),
-            unwind_processes: register(
-                &registry,
-                IntGauge::new("leakmon_unwind_processes", "Traced processes whose stacks are walked through unwind tables.")
-                    .expect("valid"),
+            unwind_processes: single("leakmon_unwind_processes", "Traced processes whose stacks are walked through unwind tables."),
+            own_heap: single(
+                "leakmon_self_heap_bytes",
+                "leakmon's own heap in use (allocated and not freed), beside process_resident_memory_bytes, which also counts freed memory kept by the allocator and mapped files.",
             ),
             series_dropped: register(
                 &registry,
