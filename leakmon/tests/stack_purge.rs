@@ -37,9 +37,13 @@ fn stacks_of_a_purged_process_go_at_the_second_purge() {
     let ids: Vec<u64> = totals.iter().map(|(k, _)| k.stack_id).collect();
     assert!(ids.iter().all(|&id| probes.stack(id).is_some_and(|f| !f.is_empty())), "stacks stored");
 
+    assert_eq!(probes.live_blocks(pid).expect("live"), 500);
+
     let gone = |tgid: u32| tgid == pid;
     probes.purge(|tgid, _| gone(tgid), |tgid, _| gone(tgid)).expect("purge");
     assert!(probes.totals(|k| k.tgid == pid).expect("totals").is_empty(), "totals purged");
+    // The purge walks the live table only for processes with unfreed blocks: this one.
+    assert_eq!(probes.live_blocks(pid).expect("live"), 0, "live blocks purged");
     // A stack unreferenced at one purge may be about to be named by a totals entry the
     // kernel is writing: it stays until the next one.
     assert!(ids.iter().all(|&id| probes.stack(id).is_some()), "kept after one purge");

@@ -327,6 +327,9 @@ async fn daemon(mut args: RunArgs, attach: Attach, proc_root: ProcRoot, reload: 
                 );
                 metrics.restarts(monitor.restarts());
                 metrics.own_heap(own_memory::heap_in_use());
+                if let Some(events) = events.as_ref() {
+                    metrics.queued(events.len());
+                }
                 publish(&published, &metrics, &views).await;
             }
             _ = summary.tick(), if attributing => {

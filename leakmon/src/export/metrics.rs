@@ -34,6 +34,7 @@ pub struct Metrics {
     unwind_rows: IntGaugeVec,
     unwind_processes: IntGauge,
     own_heap: IntGauge,
+    queued: IntGauge,
     series_dropped: IntCounter,
     oom_kills: IntCounterVec,
     restarts: IntCounterVec,
@@ -83,6 +84,9 @@ impl Metrics {
             register(&registry, GaugeVec::new(Opts::new(name, help), labels).expect("valid"))
         };
         let single = |name: &str, help: &str| register(&registry, IntGauge::new(name, help).expect("valid"));
+        let counter = |name: &str, help: &str, labels: &[&str]| {
+            register(&registry, IntCounterVec::new(Opts::new(name, help), labels).expect("valid"))
+        };
         let sc: &[&str] = if pid_label { &["service", "comm", "pid"] } else { &["service", "comm"] };
         let scs: &[&str] =
             if pid_label { &["service", "comm", "pid", "signal"] } else { &["service", "comm", "signal"] };
@@ -110,17 +114,11 @@ impl Metrics {
                 "The allocator (glibc, musl, jemalloc, tcmalloc, mimalloc, other) that a service and command's malloc calls reach; always 1.",
                 &[sc, &["allocator"]].concat(),
             ),
-            events_lost: register(
-                &registry,
-                IntCounterVec::new(Opts::new("leakmon_events_lost_total", "Kernel events leakmon could not receive."), &["source"]).expect("valid"),
-            ),
-            map_errors: register(
-                &registry,
-                IntCounterVec::new(
-                    Opts::new("leakmon_bpf_map_errors_total", "Allocations not fully accounted because a kernel table was full or a stack was lost."),
-                    &["map"],
-                )
-                .expect("valid"),
+            events_lost: counter("leakmon_events_lost_total", "Kernel events leakmon could not receive.", &["source"]),
+            map_errors: counter(
+                "leakmon_bpf_map_errors_total",
+                "Allocations not fully accounted because a kernel table was full or a stack was lost.",
+                &["map"],
             ),
             attached: single("leakmon_attached_processes", "Processes traced by the allocator probes."),
             unwind_rows: gauge(
@@ -129,6 +127,10 @@ impl Metrics {
                 &["state"],
             ),
             unwind_processes: single("leakmon_unwind_processes", "Traced processes whose stacks are walked through unwind tables."),
+            queued: single(
+                "leakmon_lifecycle_events_queued",
+                "Fork, exec and exit events received and not yet handled: a backlog that keeps growing means the daemon cannot keep up with process churn.",
+            ),
             own_heap: single(
                 "leakmon_self_heap_bytes",
                 "leakmon's own heap in use (allocated and not freed), beside process_resident_memory_bytes, which also counts freed memory kept by the allocator and mapped files.",
@@ -137,18 +139,11 @@ impl Metrics {
                 &registry,
                 IntCounter::new("leakmon_series_dropped_total", "New series turned away by the series cap.").expect("valid"),
             ),
-            oom_kills: register(
-                &registry,
-                IntCounterVec::new(Opts::new("leakmon_oom_kills_total", "Processes of a service and command killed by the OOM killer."), sc)
-                    .expect("valid"),
-            ),
-            restarts: register(
-                &registry,
-                IntCounterVec::new(
-                    Opts::new("leakmon_restarts_total", "Times every process of a service and command was replaced by new ones."),
-                    sc,
-                )
-                .expect("valid"),
+            oom_kills: counter("leakmon_oom_kills_total", "Processes of a service and command killed by the OOM killer.", sc),
+            restarts: counter(
+                "leakmon_restarts_total",
+                "Times every process of a service and command was replaced by new ones.",
+                sc,
             ),
             last_restarts: std::collections::HashMap::new(),
             pid_label,
@@ -261,6 +256,11 @@ impl Metrics {
         self.last_dropped = dropped;
     }
 
+    /// Lifecycle events waiting to be handled.
+    pub fn queued(&self, events: usize) {
+        self.queued.set(i64::try_from(events).unwrap_or(i64::MAX));
+    }
+
     /// Events lost in userspace: the queue behind the ring reader was full, or a
     /// record had the wrong size. Both totals since start.
     pub fn queue_losses(&mut self, dropped: u64, malformed: u64) {
@@ -277,21 +277,40 @@ impl Metrics {
         self.oom_kills.with_label_values(labels).inc();
     }
 
-    /// Brings the restart counters up to the monitor's totals.
+    /// Brings the restart counters up to the monitor's totals. A group the monitor has
+    /// forgotten (gone for a whole window) loses its counter, so groups that came and
+    /// went do not pile up for the daemon's lifetime; if it comes back, its counter
+    /// starts again, which Prometheus reads as a counter reset.
     pub fn restarts<'a>(&mut self, totals: impl Iterator<Item = (&'a (String, String, Option<u32>), u64)>) {
+        let pid_label = self.pid_label;
+        let labels_of = |key: &(String, String, Option<u32>)| -> Vec<String> {
+            let mut labels = vec![key.0.clone(), key.1.clone()];
+            if pid_label {
+                labels.push(key.2.map(|p| p.to_string()).unwrap_or_default());
+            }
+            labels
+        };
+        let mut current = std::collections::HashSet::new();
         for (key, n) in totals {
+            current.insert(key.clone());
             let last = self.last_restarts.entry(key.clone()).or_insert(0);
             if n > *last {
-                let pid = key.2.map(|p| p.to_string()).unwrap_or_default();
-                let labels: &[&str] = if self.pid_label {
-                    &[key.0.as_str(), key.1.as_str(), &pid]
-                } else {
-                    &[key.0.as_str(), key.1.as_str()]
-                };
-                self.restarts.with_label_values(labels).inc_by(n - *last);
+                let labels = labels_of(key);
+                let labels: Vec<&str> = labels.iter().map(String::as_str).collect();
+                self.restarts.with_label_values(&labels).inc_by(n - *last);
                 *last = n;
             }
         }
+        let restarts = &self.restarts;
+        self.last_restarts.retain(|key, n| {
+            let keep = current.contains(key);
+            if !keep && *n > 0 {
+                let labels = labels_of(key);
+                let labels: Vec<&str> = labels.iter().map(String::as_str).collect();
+                let _ = restarts.remove_label_values(&labels);
+            }
+            keep
+        });
     }
 
     /// The text exposition format.
@@ -344,6 +363,28 @@ mod tests {
                 }),
             }],
         }
+    }
+
+    #[test]
+    fn a_restart_counter_lasts_as_long_as_the_monitor_knows_its_group() {
+        let mut m = Metrics::new(false);
+        let a = ("a.service".to_owned(), "a".to_owned(), None);
+        let b = ("b.service".to_owned(), "b".to_owned(), None);
+        let line = |name: &str, n: u64| {
+            format!("leakmon_restarts_total{{comm=\"{name}\",service=\"{name}.service\"}} {n}")
+        };
+        m.restarts([(&a, 2), (&b, 1)].into_iter());
+        m.restarts([(&a, 3), (&b, 1)].into_iter());
+        let text = m.render();
+        assert!(text.contains(&line("a", 3)) && text.contains(&line("b", 1)), "{text}");
+        // b gone for a window: its counter goes, a's stays.
+        m.restarts([(&a, 3)].into_iter());
+        let text = m.render();
+        assert!(text.contains(&line("a", 3)) && !text.contains("comm=\"b\""), "{text}");
+        assert_eq!(m.last_restarts.len(), 1);
+        // b back, its count started again by the monitor.
+        m.restarts([(&a, 3), (&b, 1)].into_iter());
+        assert!(m.render().contains(&line("b", 1)));
     }
 
     #[test]

@@ -391,6 +391,15 @@ impl Probes {
         Ok(out)
     }
 
+    /// The blocks of `tgid` in the live table. Walks the whole table: for tests and
+    /// diagnostics, not for a tick.
+    pub fn live_blocks(&self, tgid: u32) -> Result<usize, ProbeError> {
+        let live: HashMap<&MapData, LiveKey, LiveAlloc> =
+            HashMap::try_from(self.ebpf.map("LIVE").ok_or_else(|| missing_map("LIVE"))?)
+                .map_err(map_err("open", "LIVE"))?;
+        Ok(live.keys().filter_map(Result::ok).filter(|k| k.tgid == tgid).count())
+    }
+
     /// The user stack `id`, innermost frame first.
     pub fn stack(&self, id: u64) -> Option<Vec<u64>> {
         let stacks: HashMap<&MapData, u64, Stack> = HashMap::try_from(self.ebpf.map("STACKS")?).ok()?;
@@ -426,17 +435,30 @@ impl Probes {
         forget_process: impl Fn(u32, ProcState) -> bool,
     ) -> Result<usize, ProbeError> {
         let mut removed = 0;
+        // The kernel makes a block's totals entry before its live entry and counts it
+        // there once the live entry exists, so a stale image with no unfreed allocation
+        // in its totals has no live block. Most processes that exit freed everything
+        // (or never allocated), and the live table can hold millions of other blocks:
+        // it is only walked when there is something in it to drop.
+        let mut live_blocks = false;
         {
             let mut totals: HashMap<&mut MapData, TotalsKey, Totals> =
                 HashMap::try_from(self.ebpf.map_mut("TOTALS").ok_or_else(|| missing_map("TOTALS"))?)
                     .map_err(map_err("open", "TOTALS"))?;
-            let keys: Vec<TotalsKey> =
-                totals.keys().filter_map(Result::ok).filter(|k| stale(k.tgid, k.gen)).collect();
+            let keys: Vec<TotalsKey> = totals
+                .iter()
+                .filter_map(Result::ok)
+                .filter(|(k, _)| stale(k.tgid, k.gen))
+                .map(|(k, v)| {
+                    live_blocks |= v.allocs != 0;
+                    k
+                })
+                .collect();
             for key in keys {
                 removed += usize::from(totals.remove(&key).is_ok());
             }
         }
-        {
+        if live_blocks {
             let mut live: HashMap<&mut MapData, LiveKey, LiveAlloc> =
                 HashMap::try_from(self.ebpf.map_mut("LIVE").ok_or_else(|| missing_map("LIVE"))?)
                     .map_err(map_err("open", "LIVE"))?;
