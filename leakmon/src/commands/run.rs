@@ -344,15 +344,17 @@ async fn daemon(mut args: RunArgs, attach: Attach, proc_root: ProcRoot, reload: 
                 exited.extend(
                     traced.iter().filter(|(pid, s)| s.exited() || !proc_root.exists(*pid)).map(|(pid, s)| (*pid, s.gen)),
                 );
+                let mut forgotten = HashSet::new();
                 if !exited.is_empty() || !replaced.is_empty() {
-                    let removed = p.purge(
+                    let purged = p.purge(
                         |tgid, gen| {
                             exited.get(&tgid).is_some_and(|g| gen <= *g) || replaced.get(&tgid).is_some_and(|g| gen < *g)
                         },
                         // Not a pid taken since by a process traced in a later generation.
                         |tgid, state| exited.get(&tgid).is_some_and(|g| state.exited() || state.gen <= *g),
                     )?;
-                    tracing::debug!(processes = exited.len(), images = replaced.len(), removed, "purged");
+                    tracing::debug!(processes = exited.len(), images = replaced.len(), removed = purged.entries, "purged");
+                    forgotten = purged.forgotten;
                     let gone = |pid: &u32| exited.contains_key(pid) && p.proc_state(*pid).is_none();
                     allocators.retain(|pid, _| !gone(pid));
                     execed.retain(|pid, _| !gone(pid));
@@ -361,10 +363,11 @@ async fn daemon(mut args: RunArgs, attach: Attach, proc_root: ProcRoot, reload: 
                 } else {
                     p.purge_stacks()?;
                 }
-                // Names come from the events of traced processes alone, so the process
-                // table bounds them, whichever event was missed.
-                let traced: HashSet<u32> = p.traced().unwrap_or_default().into_iter().map(|(pid, _)| pid).collect();
-                names.retain(|pid, _| traced.contains(pid));
+                // Names come from the events of traced processes alone, and a fork's
+                // event may be handled after its child was purged: only what the process
+                // table holds after this purge keeps its name.
+                let table: HashSet<u32> = traced.iter().map(|(pid, _)| *pid).filter(|pid| !forgotten.contains(pid)).collect();
+                names.retain(|pid, _| table.contains(pid));
             }
             _ = rescan.tick(), if system_wide => {
                 let p = probes.as_mut().expect("guarded");

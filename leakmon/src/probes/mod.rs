@@ -433,14 +433,14 @@ impl Probes {
         &mut self,
         stale: impl Fn(u32, u32) -> bool,
         forget_process: impl Fn(u32, ProcState) -> bool,
-    ) -> Result<usize, ProbeError> {
+    ) -> Result<Purged, ProbeError> {
         let mut removed = 0;
         // The kernel makes a block's totals entry before its live entry and counts it
         // there once the live entry exists, so a stale image with no unfreed allocation
         // in its totals has no live block. Most processes that exit freed everything
         // (or never allocated), and the live table can hold millions of other blocks:
         // it is only walked when there is something in it to drop.
-        let mut live_blocks = false;
+        let mut has_live_blocks = false;
         {
             let mut totals: HashMap<&mut MapData, TotalsKey, Totals> =
                 HashMap::try_from(self.ebpf.map_mut("TOTALS").ok_or_else(|| missing_map("TOTALS"))?)
@@ -450,7 +450,7 @@ impl Probes {
                 .filter_map(Result::ok)
                 .filter(|(k, _)| stale(k.tgid, k.gen))
                 .map(|(k, v)| {
-                    live_blocks |= v.allocs != 0;
+                    has_live_blocks |= v.allocs != 0;
                     k
                 })
                 .collect();
@@ -458,7 +458,7 @@ impl Probes {
                 removed += usize::from(totals.remove(&key).is_ok());
             }
         }
-        if live_blocks {
+        if has_live_blocks {
             let mut live: HashMap<&mut MapData, LiveKey, LiveAlloc> =
                 HashMap::try_from(self.ebpf.map_mut("LIVE").ok_or_else(|| missing_map("LIVE"))?)
                     .map_err(map_err("open", "LIVE"))?;
@@ -473,20 +473,20 @@ impl Probes {
             }
         }
         let mut procs = self.procs_mut()?;
-        let gone: Vec<u32> = procs
+        let forgotten: HashSet<u32> = procs
             .iter()
             .filter_map(Result::ok)
             .filter(|(p, s)| forget_process(*p, *s))
             .map(|(p, _)| p)
             .collect();
-        for pid in &gone {
+        for pid in &forgotten {
             let _ = procs.remove(pid);
         }
-        for pid in gone {
-            self.forget_unwind(pid);
+        for pid in &forgotten {
+            self.forget_unwind(*pid);
         }
         self.purge_stacks()?;
-        Ok(removed)
+        Ok(Purged { entries: removed, forgotten })
     }
 
     /// Drops the stacks that no totals entry has named at this call and the one before
@@ -678,6 +678,15 @@ impl Probes {
         HashMap::try_from(self.ebpf.map_mut("PROCS").ok_or_else(|| missing_map("PROCS"))?)
             .map_err(map_err("open", "PROCS"))
     }
+}
+
+/// What [`Probes::purge`] dropped.
+#[derive(Debug, Default)]
+pub struct Purged {
+    /// Totals and live-block entries.
+    pub entries: usize,
+    /// The processes taken out of the process table.
+    pub forgotten: HashSet<u32>,
 }
 
 /// Entry points among attached links (the shared return probe is not one).
