@@ -169,13 +169,12 @@ impl Symbolizer {
             // Its segments hold no bytes, so it is asked by the address in the file.
             // Looked for only once the binary itself named nothing: no stat or header
             // read for the frames that resolve at once.
-            let build_id = frame.build_id.clone();
-            let by_build_id = std::iter::from_fn(|| {
-                let file = resolve(root, &build_id_debug_file(build_id.as_deref()?));
+            let by_build_id = std::iter::once_with(|| {
+                let file = resolve(root, &build_id_debug_file(frame.build_id.as_deref()?));
                 file.exists().then_some(())?;
                 Some((file, Input::VirtOffset(virt_offset(&path, offset)?)))
             })
-            .take(1);
+            .flatten();
             let blaze = self.blaze.lock().unwrap_or_else(std::sync::PoisonError::into_inner);
             let first = (path.clone(), Input::FileOffset(offset));
             for (file, input) in std::iter::once(first).chain(by_build_id) {

@@ -12,7 +12,11 @@ use std::{
 };
 
 use common::Reap;
-use leakmon::analysis::trend::{analyse, theil_sen, Params, Sample, Verdict};
+use leakmon::{
+    analysis::trend::{analyse, theil_sen, Params, Sample, Verdict},
+    procfs::ProcRoot,
+    sampler,
+};
 
 const LISTEN: &str = "127.0.0.1:19489";
 /// Long enough for several purge, rescan and summary cycles.
@@ -21,8 +25,8 @@ const SOAK: Duration = Duration::from_mins(4);
 /// processes seen at once, not the steady state.
 const WARM_UP: Duration = Duration::from_mins(2);
 
-/// The daemon's memory at one moment: resident (anonymous and file-backed, from
-/// /proc) and its heap in use (its own metric).
+/// The daemon's memory at one moment: resident (anonymous, and the rest of it: file
+/// pages, as it maps no shared memory) and its heap in use (its own metric).
 #[derive(Clone, Copy, Debug)]
 struct Memory {
     t: f64,
@@ -30,14 +34,6 @@ struct Memory {
     file: f64,
     heap: f64,
     queued: f64,
-}
-
-fn status_kib(pid: u32, field: &str) -> f64 {
-    std::fs::read_to_string(format!("/proc/{pid}/status"))
-        .unwrap_or_default()
-        .lines()
-        .find_map(|l| l.strip_prefix(field)?.strip_prefix(':')?.split_whitespace().next()?.parse().ok())
-        .unwrap_or(0.0)
 }
 
 fn metric(metrics: &str, name: &str) -> Option<f64> {
@@ -118,10 +114,11 @@ fn the_daemons_memory_levels_off_under_process_churn_and_a_million_blocks() {
     while start.elapsed() < SOAK {
         std::thread::sleep(Duration::from_millis(1500));
         let metrics = common::http_get(LISTEN, "/metrics").expect("the daemon still serves");
+        let resident = sampler::sample(&ProcRoot::default(), pid).expect("the daemon runs");
         memory.push(Memory {
             t: start.elapsed().as_secs_f64(),
-            anon: status_kib(pid, "RssAnon") * 1024.0,
-            file: status_kib(pid, "RssFile") * 1024.0,
+            anon: resident.anon_bytes as f64,
+            file: (resident.rss_bytes - resident.anon_bytes) as f64,
             heap: metric(&metrics, "leakmon_self_heap_bytes").expect("the daemon's own heap"),
             queued: metric(&metrics, "leakmon_lifecycle_events_queued").expect("the event backlog"),
         });

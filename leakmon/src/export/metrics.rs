@@ -47,6 +47,15 @@ pub struct Metrics {
 /// The `map` label values of `leakmon_bpf_map_errors_total`.
 const MAP_LABELS: [&str; 5] = ["live", "totals", "stacks", "inflight", "procs"];
 
+/// The `service`, `comm` and, with `pid_label`, `pid` label values of a group's series.
+fn group_labels(pid_label: bool, service: &str, comm: &str, pid: Option<u32>) -> Vec<String> {
+    let mut labels = vec![service.to_owned(), comm.to_owned()];
+    if pid_label {
+        labels.push(pid.map(|p| p.to_string()).unwrap_or_default());
+    }
+    labels
+}
+
 fn register<C: Collector + Clone + 'static>(registry: &Registry, c: C) -> C {
     registry.register(Box::new(c.clone())).expect("metric names are unique");
     c
@@ -272,9 +281,7 @@ impl Metrics {
 
     /// Counts one OOM kill.
     pub fn oom_kill(&self, service: &str, comm: &str, pid: u32) {
-        let pid = pid.to_string();
-        let labels: &[&str] = if self.pid_label { &[service, comm, &pid] } else { &[service, comm] };
-        self.oom_kills.with_label_values(labels).inc();
+        self.oom_kills.with_label_values(&group_labels(self.pid_label, service, comm, Some(pid))).inc();
     }
 
     /// Brings the restart counters up to the monitor's totals. A group the monitor has
@@ -283,21 +290,13 @@ impl Metrics {
     /// starts again, which Prometheus reads as a counter reset.
     pub fn restarts<'a>(&mut self, totals: impl Iterator<Item = (&'a (String, String, Option<u32>), u64)>) {
         let pid_label = self.pid_label;
-        let labels_of = |key: &(String, String, Option<u32>)| -> Vec<String> {
-            let mut labels = vec![key.0.clone(), key.1.clone()];
-            if pid_label {
-                labels.push(key.2.map(|p| p.to_string()).unwrap_or_default());
-            }
-            labels
-        };
+        let labels_of = |key: &(String, String, Option<u32>)| group_labels(pid_label, &key.0, &key.1, key.2);
         let mut current = std::collections::HashSet::new();
         for (key, n) in totals {
-            current.insert(key.clone());
+            current.insert(key);
             let last = self.last_restarts.entry(key.clone()).or_insert(0);
             if n > *last {
-                let labels = labels_of(key);
-                let labels: Vec<&str> = labels.iter().map(String::as_str).collect();
-                self.restarts.with_label_values(&labels).inc_by(n - *last);
+                self.restarts.with_label_values(&labels_of(key)).inc_by(n - *last);
                 *last = n;
             }
         }
@@ -305,9 +304,7 @@ impl Metrics {
         self.last_restarts.retain(|key, n| {
             let keep = current.contains(key);
             if !keep && *n > 0 {
-                let labels = labels_of(key);
-                let labels: Vec<&str> = labels.iter().map(String::as_str).collect();
-                let _ = restarts.remove_label_values(&labels);
+                let _ = restarts.remove_label_values(&labels_of(key));
             }
             keep
         });
