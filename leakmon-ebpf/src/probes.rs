@@ -37,6 +37,37 @@ use crate::{
 
 const EEXIST: i32 = 17;
 
+/// Declares each allocator program twice: as `uprobe.multi` (one link carries a file's
+/// whole set of entry points, kernel 6.6+) and as a plain uprobe attached through perf
+/// events, the fallback on older kernels. Userspace loads only the set it attaches.
+macro_rules! programs {
+    ($($kind:ident $ctx:ident $body:ident => $multi:ident, $perf:ident;)*) => {$(
+        #[$kind(multi)]
+        pub fn $multi(ctx: $ctx) -> u32 {
+            $body(ctx)
+        }
+
+        #[$kind]
+        pub fn $perf(ctx: $ctx) -> u32 {
+            $body(ctx)
+        }
+    )*};
+}
+
+// The names userspace attaches (`leakmon::probes::targets::Handler`): the perf-event
+// variant carries a `_perf` suffix.
+programs! {
+    uprobe ProbeContext on_malloc => alloc_malloc, alloc_malloc_perf;
+    uprobe ProbeContext on_calloc => alloc_calloc, alloc_calloc_perf;
+    uprobe ProbeContext on_realloc => alloc_realloc, alloc_realloc_perf;
+    uprobe ProbeContext on_reallocarray => alloc_reallocarray, alloc_reallocarray_perf;
+    uprobe ProbeContext on_memalign => alloc_memalign, alloc_memalign_perf;
+    uprobe ProbeContext on_posix_memalign => alloc_posix_memalign, alloc_posix_memalign_perf;
+    uprobe ProbeContext on_strdup => alloc_strdup, alloc_strdup_perf;
+    uretprobe RetProbeContext on_return => alloc_return, alloc_return_perf;
+    uprobe ProbeContext on_free => free_enter, free_enter_perf;
+}
+
 /// The traced state of `tgid`, creating it in trace-all mode.
 #[inline(always)]
 fn traced(tgid: u32, create: bool) -> Option<*mut ProcState> {
@@ -134,50 +165,50 @@ fn product(a: u64, b: u64) -> u64 {
 }
 
 /// malloc, valloc, pvalloc, operator new: `(size, ...)`.
-#[uprobe]
-pub fn alloc_malloc(ctx: ProbeContext) -> u32 {
+#[inline(always)]
+fn on_malloc(ctx: ProbeContext) -> u32 {
     enter(&ctx, kind::MALLOC, arg(&ctx, 0), 0, 0)
 }
 
 /// calloc: `(nmemb, size)`.
-#[uprobe]
-pub fn alloc_calloc(ctx: ProbeContext) -> u32 {
+#[inline(always)]
+fn on_calloc(ctx: ProbeContext) -> u32 {
     enter(&ctx, kind::MALLOC, product(arg(&ctx, 0), arg(&ctx, 1)), 0, 0)
 }
 
 /// realloc: `(ptr, size)`.
-#[uprobe]
-pub fn alloc_realloc(ctx: ProbeContext) -> u32 {
+#[inline(always)]
+fn on_realloc(ctx: ProbeContext) -> u32 {
     enter(&ctx, kind::REALLOC, arg(&ctx, 1), arg(&ctx, 0), 0)
 }
 
 /// reallocarray: `(ptr, nmemb, size)`.
-#[uprobe]
-pub fn alloc_reallocarray(ctx: ProbeContext) -> u32 {
+#[inline(always)]
+fn on_reallocarray(ctx: ProbeContext) -> u32 {
     enter(&ctx, kind::REALLOC, product(arg(&ctx, 1), arg(&ctx, 2)), arg(&ctx, 0), 0)
 }
 
 /// aligned_alloc, memalign: `(alignment, size)`.
-#[uprobe]
-pub fn alloc_memalign(ctx: ProbeContext) -> u32 {
+#[inline(always)]
+fn on_memalign(ctx: ProbeContext) -> u32 {
     enter(&ctx, kind::MALLOC, arg(&ctx, 1), 0, 0)
 }
 
 /// posix_memalign: `(memptr, alignment, size)`.
-#[uprobe]
-pub fn alloc_posix_memalign(ctx: ProbeContext) -> u32 {
+#[inline(always)]
+fn on_posix_memalign(ctx: ProbeContext) -> u32 {
     enter(&ctx, kind::POSIX_MEMALIGN, arg(&ctx, 2), 0, arg(&ctx, 0))
 }
 
 /// strdup, strndup: the size is the nested malloc's.
-#[uprobe]
-pub fn alloc_strdup(ctx: ProbeContext) -> u32 {
+#[inline(always)]
+fn on_strdup(ctx: ProbeContext) -> u32 {
     enter(&ctx, kind::MALLOC, SIZE_FROM_NESTED, 0, 0)
 }
 
 /// Shared return probe of every allocation entry point above.
-#[uretprobe]
-pub fn alloc_return(ctx: RetProbeContext) -> u32 {
+#[inline(always)]
+fn on_return(ctx: RetProbeContext) -> u32 {
     let id = bpf_get_current_pid_tgid();
     let (tgid, tid) = ((id >> 32) as u32, id as u32);
     let Some(outer) = INFLIGHT.get_ptr_mut(&tid) else {
@@ -230,8 +261,8 @@ pub fn alloc_return(ctx: RetProbeContext) -> u32 {
 }
 
 /// free: `(ptr)`.
-#[uprobe]
-pub fn free_enter(ctx: ProbeContext) -> u32 {
+#[inline(always)]
+fn on_free(ctx: ProbeContext) -> u32 {
     let ptr = arg(&ctx, 0);
     if ptr == 0 {
         return 0;

@@ -80,6 +80,9 @@ enum Task {
 
 /// The pinned build chain, from the workspace manifest.
 struct Pins {
+    /// Builds leakmon, the tests and cargo's tools.
+    host_toolchain: String,
+    /// Builds the eBPF programs.
     toolchain: String,
     bpf_linker: String,
     llvm: String,
@@ -93,6 +96,9 @@ fn main() -> Result<()> {
     let root = workspace_root();
     env::set_current_dir(&root).context("enter the workspace")?;
     let pins = pins()?;
+    // Every cargo this task starts builds with the pinned host toolchain, whichever one
+    // built xtask itself.
+    env::set_var("RUSTUP_TOOLCHAIN", &pins.host_toolchain);
     match cli.task {
         Task::Setup { tests } => setup(&pins, tests),
         Task::Build { release } => {
@@ -180,6 +186,7 @@ fn pins() -> Result<Pins> {
             .with_context(|| format!("[workspace.metadata.leakmon] {key} is missing"))
     };
     Ok(Pins {
+        host_toolchain: get("host-toolchain")?,
         toolchain: get("ebpf-toolchain")?,
         bpf_linker: get("bpf-linker")?,
         llvm: get("llvm-major")?,
@@ -204,8 +211,10 @@ fn path_with_cargo_bin() -> OsString {
     env::join_paths(paths).expect("valid PATH")
 }
 
+/// cargo through rustup's proxy, so that `RUSTUP_TOOLCHAIN` picks the pinned toolchain
+/// (`$CARGO` is the cargo of whichever toolchain built xtask).
 fn cargo() -> Command {
-    let mut cmd = Command::new(env::var_os("CARGO").unwrap_or_else(|| "cargo".into()));
+    let mut cmd = Command::new("cargo");
     cmd.env("PATH", path_with_cargo_bin());
     cmd
 }
@@ -304,6 +313,18 @@ fn setup(pins: &Pins, tests: bool) -> Result<()> {
     }
 
     let toolchains = output(Command::new("rustup").args(["toolchain", "list"])).unwrap_or_default();
+    if !toolchains.lines().any(|l| l.starts_with(&pins.host_toolchain)) {
+        eprintln!("xtask: installing Rust {}", pins.host_toolchain);
+        run(Command::new("rustup").args([
+            "toolchain",
+            "install",
+            &pins.host_toolchain,
+            "--profile",
+            "minimal",
+            "--component",
+            "clippy,rustfmt",
+        ]))?;
+    }
     if !toolchains.lines().any(|l| l.starts_with(&pins.toolchain)) {
         eprintln!("xtask: installing Rust {} with rust-src", pins.toolchain);
         run(Command::new("rustup").args([

@@ -182,12 +182,63 @@ const TRACEPOINTS: [(&str, &str, &str); 4] = [
     ("lifecycle_oom", "oom", "mark_victim"),
 ];
 
+/// How uprobes are attached. Each allocator program exists in the object twice, as
+/// `uprobe.multi` and as a perf-event uprobe (`_perf` suffix); only the kinds in use
+/// are loaded.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum AttachKind {
+    /// One `uprobe_multi` link per file and program (kernel 6.6+): a file's whole
+    /// set attaches in a handful of syscalls and detaches with one RCU grace period.
+    Multi,
+    /// One perf event per entry point; each one closed waits for a grace period.
+    PerfEvent,
+}
+
+impl AttachKind {
+    /// The program's name in the eBPF object for this kind.
+    fn program(self, base: &'static str) -> String {
+        match self {
+            Self::Multi => base.to_owned(),
+            Self::PerfEvent => format!("{base}_perf"),
+        }
+    }
+}
+
+/// The attach kinds this kernel allows: system-wide, and for one process (early
+/// `uprobe_multi` kernels filtered a pid on one thread, not the whole process).
+fn attach_kinds() -> (AttachKind, AttachKind) {
+    use aya::sys::{is_uprobe_multi_supported, UProbeMultiFeature};
+    let multi = is_uprobe_multi_supported(UProbeMultiFeature::LinkCreation).unwrap_or(false);
+    let scoped =
+        multi && is_uprobe_multi_supported(UProbeMultiFeature::ProcessScopedPidFilter).unwrap_or(false);
+    let kind = |ok: bool| if ok { AttachKind::Multi } else { AttachKind::PerfEvent };
+    if !multi {
+        info!("this kernel has no uprobe_multi links: attaching one perf-event uprobe per entry point");
+    } else if !scoped {
+        info!("this kernel's uprobe_multi links filter one thread, not a process: per-process probes use perf events");
+    }
+    (kind(multi), kind(scoped))
+}
+
+/// One attached program on one file: a `uprobe_multi` link holding all its entry
+/// points, or the perf events standing in for one.
+#[derive(Debug)]
+struct Link {
+    program: String,
+    /// Entry points it covers (0 for the shared return probe).
+    entry_points: usize,
+    id: UProbeLinkId,
+}
+
 /// Loaded and (partly) attached probes.
 pub struct Probes {
     ebpf: Ebpf,
     attached: HashSet<FileId>,
     /// Probes attached for one process only (suspects), to detach when its time is up.
-    per_process: StdHashMap<u32, Vec<(&'static str, UProbeLinkId)>>,
+    per_process: StdHashMap<u32, Vec<Link>>,
+    /// How system-wide and per-process probes are attached on this kernel.
+    system_kind: AttachKind,
+    process_kind: AttachKind,
     /// Stacks no totals entry referred to at the last purge. The kernel stores a stack
     /// just before the totals entry that names it, so a stack is dropped only when it
     /// was unreferenced at two purges in a row, never in that window.
@@ -219,10 +270,17 @@ impl Probes {
             .map_max_entries("UNWIND_ROWS", settings.unwind_rows.max(1))
             .load(OBJECT)
             .map_err(|e| ProbeError::Load(Box::new(e)))?;
-        for handler in ENTRY_PROGRAMS {
-            uprobe(&mut ebpf, handler.program())?.load().map_err(prog_err("load", handler.program()))?;
+        let (system_kind, process_kind) = attach_kinds();
+        let mut kinds = vec![system_kind];
+        if process_kind != system_kind {
+            kinds.push(process_kind);
         }
-        uprobe(&mut ebpf, RETURN_PROGRAM)?.load().map_err(prog_err("load", RETURN_PROGRAM))?;
+        for kind in kinds {
+            let bases = ENTRY_PROGRAMS.iter().map(|h| h.program()).chain([RETURN_PROGRAM]);
+            for name in bases.map(|base| kind.program(base)) {
+                uprobe(&mut ebpf, &name)?.load().map_err(prog_err("load", &name))?;
+            }
+        }
         for (program, category, name) in TRACEPOINTS {
             let tp: &mut TracePoint = ebpf
                 .program_mut(program)
@@ -236,6 +294,8 @@ impl Probes {
             ebpf,
             attached: HashSet::new(),
             per_process: StdHashMap::new(),
+            system_kind,
+            process_kind,
             unreferenced_stacks: HashSet::new(),
             unwind: unwind::Tables::new(settings.unwind_rows),
         })
@@ -252,7 +312,8 @@ impl Probes {
             return Ok(0);
         }
         // System-wide links stay with their programs until the probes are dropped.
-        let entry_points = entry_count(&self.attach_points(path, UProbeScope::AllProcesses)?);
+        let entry_points =
+            entry_count(&self.attach_points(path, UProbeScope::AllProcesses, self.system_kind)?);
         self.attached.insert(id);
         info!(library = %path.display(), entry_points, "allocator probes attached");
         Ok(entry_points)
@@ -270,7 +331,7 @@ impl Probes {
             if !seen.insert(FileId { dev: meta.dev(), ino: meta.ino() }) {
                 continue;
             }
-            match self.attach_points(path, UProbeScope::OneProcess(nz)) {
+            match self.attach_points(path, UProbeScope::OneProcess(nz), self.process_kind) {
                 Ok(links) => {
                     entry_points += entry_count(&links);
                     self.per_process.entry(pid).or_default().extend(links);
@@ -286,49 +347,63 @@ impl Probes {
         Ok(entry_points)
     }
 
-    /// Attaches the entry probe, and the return probe where needed, at every allocator
-    /// entry point of `path`. On a failure, what this call attached is detached again:
-    /// an entry probe without its return probe would leave calls in flight for ever.
+    /// Attaches every allocator entry point of `path`: per program, one link holding
+    /// all its entry points. The shared return probe goes first and leaves last, so no
+    /// entry can be recorded without its return probe in place (an entry without its
+    /// return would stay in flight). On a failure, what this call attached is detached.
     fn attach_points(
         &mut self,
         path: &Path,
         scope: UProbeScope,
-    ) -> Result<Vec<(&'static str, UProbeLinkId)>, ProbeError> {
+        kind: AttachKind,
+    ) -> Result<Vec<Link>, ProbeError> {
+        let points = entry_points(path)?;
+        // The return probe must be at the first byte, where the return address is on top
+        // of the stack; an entry probe may sit a little further (see `placement`).
+        let mut groups: Vec<(&'static str, Vec<u64>)> = vec![(
+            RETURN_PROGRAM,
+            points.iter().filter(|p| p.handler.needs_return()).map(|p| p.file_offset).collect(),
+        )];
+        for handler in ENTRY_PROGRAMS {
+            let offsets: Vec<u64> =
+                points.iter().filter(|p| p.handler == handler).map(|p| p.probe_offset).collect();
+            groups.push((handler.program(), offsets));
+        }
         let mut links = Vec::new();
-        for point in entry_points(path)? {
-            let programs =
-                [Some(point.handler.program()), point.handler.needs_return().then_some(RETURN_PROGRAM)];
-            for program in programs.into_iter().flatten() {
-                // The return probe must be at the first byte, where the return address is
-                // on top of the stack.
-                let offset = if program == RETURN_PROGRAM { point.file_offset } else { point.probe_offset };
-                let location = UProbeAttachLocation::AbsoluteOffset(offset);
-                let attached = uprobe(&mut self.ebpf, program)
-                    .and_then(|p| p.attach(location, path, scope).map_err(prog_err("attach", program)));
-                match attached {
-                    Ok(id) => links.push((program, id)),
-                    Err(e) => {
-                        let _ = self.detach_links(links);
-                        return Err(e);
-                    }
+        for (base, offsets) in groups {
+            if offsets.is_empty() {
+                continue;
+            }
+            let program = kind.program(base);
+            let locations = offsets.iter().map(|&o| UProbeAttachLocation::AbsoluteOffset(o));
+            let attached = uprobe(&mut self.ebpf, &program)
+                .and_then(|p| p.attach(locations, path, scope).map_err(prog_err("attach", &program)));
+            match attached {
+                Ok(id) => {
+                    let entry_points = if base == RETURN_PROGRAM { 0 } else { offsets.len() };
+                    links.push(Link { program, entry_points, id });
+                }
+                Err(e) => {
+                    let _ = self.detach_links(links);
+                    return Err(e);
                 }
             }
-            debug!(
-                library = %path.display(),
-                symbol = point.symbol,
-                offset = point.file_offset,
-                probe_offset = point.probe_offset,
-                "probe attached"
-            );
         }
+        debug!(library = %path.display(), entry_points = points.len(), ?kind, "probes attached");
         Ok(links)
     }
 
-    fn detach_links(&mut self, links: Vec<(&'static str, UProbeLinkId)>) -> Result<(), ProbeError> {
-        for (program, id) in links {
-            uprobe(&mut self.ebpf, program)?.detach(id).map_err(prog_err("detach", program))?;
+    /// Detaches entry probes before the return probe they share.
+    fn detach_links(&mut self, links: Vec<Link>) -> Result<(), ProbeError> {
+        let mut first_error = None;
+        for link in links.into_iter().rev() {
+            let detached = uprobe(&mut self.ebpf, &link.program)
+                .and_then(|p| p.detach(link.id).map_err(prog_err("detach", &link.program)));
+            if let Err(e) = detached {
+                first_error.get_or_insert(e);
+            }
         }
-        Ok(())
+        first_error.map_or(Ok(()), Err)
     }
 
     /// Detaches the probes attached for `pid` alone and drops everything traced for it.
@@ -359,7 +434,7 @@ impl Probes {
             Ok(_) => return Ok(()),
             Err(_) => ProcState::default(),
         };
-        procs.insert(pid, state, 0).map_err(map_err("insert", "PROCS"))
+        procs.insert(&pid, &state, 0).map_err(map_err("insert", "PROCS"))
     }
 
     /// The traced state of one live process, if traced.
@@ -541,7 +616,7 @@ impl Probes {
         let mut procs: HashMap<&mut MapData, u32, ProcUnwind> =
             HashMap::try_from(self.ebpf.map_mut("UNWIND_PROCS").ok_or_else(|| missing_map("UNWIND_PROCS"))?)
                 .map_err(map_err("open", "UNWIND_PROCS"))?;
-        procs.insert(pid, entry, 0).map_err(map_err("insert", "UNWIND_PROCS"))?;
+        procs.insert(&pid, &entry, 0).map_err(map_err("insert", "UNWIND_PROCS"))?;
         self.unwind.processes.insert(pid, signature);
         Ok(with_tables)
     }
@@ -690,8 +765,8 @@ pub struct Purged {
 }
 
 /// Entry points among attached links (the shared return probe is not one).
-fn entry_count(links: &[(&'static str, UProbeLinkId)]) -> usize {
-    links.iter().filter(|(program, _)| *program != RETURN_PROGRAM).count()
+fn entry_count(links: &[Link]) -> usize {
+    links.iter().map(|l| l.entry_points).sum()
 }
 
 fn uprobe<'a>(ebpf: &'a mut Ebpf, name: &str) -> Result<&'a mut UProbe, ProbeError> {
