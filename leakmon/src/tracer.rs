@@ -52,6 +52,8 @@ pub enum Stop {
     /// At the new image's entry point: the dynamic linker has mapped its libraries and
     /// run their constructors; the program's own code has not run.
     Entry,
+    /// A new child's first stop, before its first instruction.
+    Fork,
     /// Just before exit: the address space is still in place.
     Exit,
 }
@@ -126,7 +128,7 @@ impl Tracer {
     }
 
     /// Handles every pending stop without blocking. `at_stop(pid, stop)` runs while
-    /// `pid` is held at an exec or exit stop.
+    /// `pid` is held at that stop.
     pub fn poll(&mut self, mut at_stop: impl FnMut(u32, Stop)) -> Result<(), TracerError> {
         loop {
             let status = match waitpid(None, Some(WaitPidFlag::__WALL | WaitPidFlag::WNOHANG)) {
@@ -136,8 +138,10 @@ impl Tracer {
             };
             match status {
                 WaitStatus::PtraceEvent(pid, _, event) => {
-                    self.seen.insert(pid);
+                    let first = self.seen.insert(pid);
                     match event {
+                        // A seized tracee's new children start with this stop, not SIGSTOP.
+                        libc::PTRACE_EVENT_STOP if first => at_stop(pid.as_raw() as u32, Stop::Fork),
                         libc::PTRACE_EVENT_EXIT => {
                             self.breakpoints.remove(&pid);
                             at_stop(pid.as_raw() as u32, Stop::Exit);
@@ -157,6 +161,9 @@ impl Tracer {
                 }
                 WaitStatus::Stopped(pid, signal) => {
                     let first = self.seen.insert(pid);
+                    if first && signal == Signal::SIGSTOP {
+                        at_stop(pid.as_raw() as u32, Stop::Fork);
+                    }
                     let deliver = (!(first && signal == Signal::SIGSTOP)).then_some(signal);
                     let _ = ptrace::cont(pid, deliver);
                 }

@@ -31,8 +31,21 @@ pub fn report(args: &ReportArgs) -> Result<()> {
     check(args, &proc_root)?;
     let mut probes = load_probes(&args.tables, false)?;
     let mut discovery = Discovery::new(proc_root.clone());
+    // A running process (and the children it forks while watched) gets probes of its
+    // own: the kernel puts breakpoints in those processes only, and the rest of the
+    // host pays nothing. A command's process tree, which may fork and exec many
+    // times, shares system-wide probes on its allocator files.
+    let per_process = args.pid.is_some();
+    let attach = |probes: &mut Probes, pid: u32, files: Vec<std::path::PathBuf>| -> Result<()> {
+        if per_process {
+            probes.attach_process(pid, &files)?;
+        } else {
+            attach_all(probes, files)?;
+        }
+        Ok(())
+    };
     if let Some(pid) = args.pid {
-        attach_all(&mut probes, discovery.process(pid).files)?;
+        attach(&mut probes, pid, discovery.process(pid).files)?;
     }
     count_signals();
 
@@ -52,7 +65,7 @@ pub fn report(args: &ReportArgs) -> Result<()> {
         let mut tracer = Tracer::spawn(&args.command)?;
         // Stopped at its exec, before its first instruction: probe its executable (a
         // static allocator), the libraries it will load and what LD_PRELOAD names.
-        attach_all(&mut probes, discovery.image(tracer.root()))?;
+        attach(&mut probes, tracer.root(), discovery.image(tracer.root()))?;
         probes.trace(tracer.root())?;
         tracer.resume()?;
         Some(tracer)
@@ -82,7 +95,7 @@ pub fn report(args: &ReportArgs) -> Result<()> {
                 // LD_PRELOAD=... cmd`): probe it while it is held, before its first
                 // instruction.
                 Stop::Exec => {
-                    if let Err(e) = attach_all(&mut probes, discovery.image(pid)) {
+                    if let Err(e) = attach(&mut probes, pid, discovery.image(pid)) {
                         warn!(pid, "attach to the allocator of a new image: {e:#}");
                     }
                 }
@@ -90,11 +103,19 @@ pub fn report(args: &ReportArgs) -> Result<()> {
                 // (LD_LIBRARY_PATH, rpath): probe the allocators among them and give
                 // the kernel their unwind tables before its main runs.
                 Stop::Entry => {
-                    if let Err(e) = attach_all(&mut probes, discovery.process(pid).files) {
+                    if let Err(e) = attach(&mut probes, pid, discovery.process(pid).files) {
                         warn!(pid, "attach to the allocator of a new image: {e:#}");
                     }
                     refresh_unwind(&mut probes, &proc_root, pid);
                 }
+                // A child of a process with probes of its own needs its own before it
+                // runs (the parent's do not fire in it).
+                Stop::Fork if per_process => {
+                    if let Err(e) = attach(&mut probes, pid, discovery.process(pid).files) {
+                        warn!(pid, "attach to a new child: {e:#}");
+                    }
+                }
+                Stop::Fork => {}
             })?;
             if let Some(exit) = t.root_exit() {
                 match exit {
@@ -115,9 +136,18 @@ pub fn report(args: &ReportArgs) -> Result<()> {
         if last_scan.elapsed() >= RESCAN {
             // Allocator libraries loaded with dlopen, and the images of children's execs.
             last_scan = Instant::now();
-            for (pid, _) in probes.traced().unwrap_or_default() {
+            for (pid, state) in probes.traced().unwrap_or_default() {
+                if state.exited() {
+                    continue;
+                }
                 let files = discovery.process(pid).files;
-                attach_all(&mut probes, files)?;
+                // A child may exit between the scan and the attach.
+                if let Err(e) = attach(&mut probes, pid, files) {
+                    if pid == root {
+                        return Err(e);
+                    }
+                    warn!(pid, "attach to the allocator of a new image: {e:#}");
+                }
                 refresh_unwind(&mut probes, &proc_root, pid);
             }
         }

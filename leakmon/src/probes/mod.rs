@@ -206,9 +206,11 @@ impl AttachKind {
 
 /// The attach kinds this kernel allows: system-wide, and for one process (early
 /// `uprobe_multi` kernels filtered a pid on one thread, not the whole process).
+/// `LEAKMON_PERF_UPROBES=1` takes the fallback on any kernel, for its tests.
 fn attach_kinds() -> (AttachKind, AttachKind) {
     use aya::sys::{is_uprobe_multi_supported, UProbeMultiFeature};
-    let multi = is_uprobe_multi_supported(UProbeMultiFeature::LinkCreation).unwrap_or(false);
+    let forced = std::env::var_os("LEAKMON_PERF_UPROBES").is_some_and(|v| v == "1");
+    let multi = !forced && is_uprobe_multi_supported(UProbeMultiFeature::LinkCreation).unwrap_or(false);
     let scoped =
         multi && is_uprobe_multi_supported(UProbeMultiFeature::ProcessScopedPidFilter).unwrap_or(false);
     let kind = |ok: bool| if ok { AttachKind::Multi } else { AttachKind::PerfEvent };
@@ -235,7 +237,9 @@ pub struct Probes {
     ebpf: Ebpf,
     attached: HashSet<FileId>,
     /// Probes attached for one process only (suspects), to detach when its time is up.
-    per_process: StdHashMap<u32, Vec<Link>>,
+    per_process: StdHashMap<u32, ProcessLinks>,
+    /// System-wide links, kept to close them side by side when the probes go.
+    system_links: Vec<Link>,
     /// How system-wide and per-process probes are attached on this kernel.
     system_kind: AttachKind,
     process_kind: AttachKind,
@@ -294,6 +298,7 @@ impl Probes {
             ebpf,
             attached: HashSet::new(),
             per_process: StdHashMap::new(),
+            system_links: Vec::new(),
             system_kind,
             process_kind,
             unreferenced_stacks: HashSet::new(),
@@ -311,9 +316,9 @@ impl Probes {
         if self.attached.contains(&id) {
             return Ok(0);
         }
-        // System-wide links stay with their programs until the probes are dropped.
-        let entry_points =
-            entry_count(&self.attach_points(path, UProbeScope::AllProcesses, self.system_kind)?);
+        let links = self.attach_points(path, UProbeScope::AllProcesses, self.system_kind)?;
+        let entry_points = entry_count(&links);
+        self.system_links.extend(links);
         self.attached.insert(id);
         info!(library = %path.display(), entry_points, "allocator probes attached");
         Ok(entry_points)
@@ -321,27 +326,37 @@ impl Probes {
 
     /// Attaches the allocator probes to `libraries` for `pid` alone (the kernel puts
     /// breakpoints in that process only, so no other process pays for them) and starts
-    /// tracing it. Returns the number of entry points probed.
+    /// tracing it. Files already attached for `pid` are skipped, so a caller may pass
+    /// a process's whole list again as it loads more. Returns the number of entry
+    /// points probed by this call.
     pub fn attach_process(&mut self, pid: u32, libraries: &[PathBuf]) -> Result<usize, ProbeError> {
         let Some(nz) = NonZeroU32::new(pid) else { return Ok(0) };
-        let mut seen = HashSet::new();
         let mut entry_points = 0;
+        let mut added = Vec::new();
         for path in libraries {
             let Ok(meta) = std::fs::metadata(path) else { continue };
-            if !seen.insert(FileId { dev: meta.dev(), ino: meta.ino() }) {
+            let id = FileId { dev: meta.dev(), ino: meta.ino() };
+            if self.per_process.get(&pid).is_some_and(|p| p.files.contains(&id)) {
                 continue;
             }
             match self.attach_points(path, UProbeScope::OneProcess(nz), self.process_kind) {
                 Ok(links) => {
                     entry_points += entry_count(&links);
-                    self.per_process.entry(pid).or_default().extend(links);
+                    added.push((id, links));
                 }
                 Err(e) => {
-                    // Not half a set: drop what the earlier libraries attached too.
-                    let _ = self.detach_process(pid);
+                    // Not half a set: drop what this call attached too (what earlier
+                    // calls attached, and what they counted, stays).
+                    let links = added.into_iter().flat_map(|(_, links)| links).collect();
+                    let _ = self.detach_links(links);
                     return Err(e);
                 }
             }
+        }
+        let process = self.per_process.entry(pid).or_default();
+        for (id, links) in added {
+            process.files.insert(id);
+            process.links.extend(links);
         }
         self.trace(pid)?;
         Ok(entry_points)
@@ -393,22 +408,36 @@ impl Probes {
         Ok(links)
     }
 
-    /// Detaches entry probes before the return probe they share.
+    /// Closes `links`: entry probes before the return probe they share. Each close
+    /// waits for an RCU grace period, and waits that overlap share one, so the links
+    /// of each round are closed side by side (one after another, a redis-server's 27
+    /// links took 1.2 s).
     fn detach_links(&mut self, links: Vec<Link>) -> Result<(), ProbeError> {
         let mut first_error = None;
-        for link in links.into_iter().rev() {
-            let detached = uprobe(&mut self.ebpf, &link.program)
-                .and_then(|p| p.detach(link.id).map_err(prog_err("detach", &link.program)));
-            if let Err(e) = detached {
-                first_error.get_or_insert(e);
+        let (returns, entries): (Vec<Link>, Vec<Link>) = links.into_iter().partition(|l| {
+            l.program == self.system_kind.program(RETURN_PROGRAM)
+                || l.program == self.process_kind.program(RETURN_PROGRAM)
+        });
+        for round in [entries, returns] {
+            let mut taken = Vec::with_capacity(round.len());
+            for link in round {
+                match uprobe(&mut self.ebpf, &link.program)
+                    .and_then(|p| p.take_link(link.id).map_err(prog_err("detach", &link.program)))
+                {
+                    Ok(owned) => taken.push(owned),
+                    Err(e) => {
+                        first_error.get_or_insert(e);
+                    }
+                }
             }
+            close_side_by_side(taken);
         }
         first_error.map_or(Ok(()), Err)
     }
 
     /// Detaches the probes attached for `pid` alone and drops everything traced for it.
     pub fn detach_process(&mut self, pid: u32) -> Result<(), ProbeError> {
-        let links = self.per_process.remove(&pid).unwrap_or_default();
+        let links = self.per_process.remove(&pid).unwrap_or_default().links;
         self.detach_links(links)?;
         self.purge(|tgid, _| tgid == pid, |tgid, _| tgid == pid)?;
         Ok(())
@@ -419,9 +448,10 @@ impl Probes {
         self.per_process.keys().copied()
     }
 
-    /// Number of library files attached.
+    /// Number of library files attached, system-wide or for some process.
     pub fn attached_files(&self) -> usize {
-        self.attached.len()
+        let per_process = self.per_process.values().flat_map(|p| &p.files);
+        self.attached.iter().chain(per_process).collect::<HashSet<_>>().len()
     }
 
     /// Starts tracing `pid` (and, through the fork tracepoint, its future children).
@@ -753,6 +783,40 @@ impl Probes {
         HashMap::try_from(self.ebpf.map_mut("PROCS").ok_or_else(|| missing_map("PROCS"))?)
             .map_err(map_err("open", "PROCS"))
     }
+}
+
+impl Drop for Probes {
+    /// Closes every link side by side before the programs go (aya would close them one
+    /// after another, a grace period each).
+    fn drop(&mut self) {
+        let mut links = std::mem::take(&mut self.system_links);
+        for (_, process) in std::mem::take(&mut self.per_process) {
+            links.extend(process.links);
+        }
+        if let Err(e) = self.detach_links(links) {
+            debug!("detach at exit: {e}");
+        }
+    }
+}
+
+/// The links attached for one process, and the files they cover.
+#[derive(Debug, Default)]
+struct ProcessLinks {
+    files: HashSet<FileId>,
+    links: Vec<Link>,
+}
+
+/// Drops each link on a thread of its own, so that their grace periods overlap.
+fn close_side_by_side(links: Vec<aya::programs::uprobe::UProbeLink>) {
+    if links.len() < 2 {
+        return drop(links);
+    }
+    std::thread::scope(|scope| {
+        for link in links {
+            // A thread that cannot start leaves its link to be closed here.
+            let _ = std::thread::Builder::new().spawn_scoped(scope, move || drop(link));
+        }
+    });
 }
 
 /// What [`Probes::purge`] dropped.
