@@ -100,3 +100,35 @@ fn traces_new_processes_purges_exits_and_detaches_on_sigterm() {
     reader.join().expect("reader");
     assert_eq!(leakmon_programs_loaded(), before, "no program left loaded after SIGTERM");
 }
+
+/// Every answer `/metrics` gives from the moment the port opens carries leakmon's own
+/// families: an empty 200 reads to Prometheus as a healthy target with no series.
+#[test]
+fn metrics_are_never_an_empty_answer_even_before_the_first_sample() {
+    const LISTEN: &str = "127.0.0.1:19496";
+    let _daemon = Reap(
+        common::leakmon()
+            .args(["run", "--sample-interval", "2s", "--window", "60s", "--web.listen-address", LISTEN])
+            .stderr(Stdio::null())
+            .spawn()
+            .expect("start leakmon run"),
+    );
+    let start = Instant::now();
+    let mut answers = 0;
+    while start.elapsed() < Duration::from_secs(20) {
+        let Some((head, body)) = common::http_get_raw(LISTEN, "/metrics") else {
+            std::thread::sleep(Duration::from_millis(5));
+            continue;
+        };
+        answers += 1;
+        assert!(head.contains(" 200 "), "answer {answers}: {head}");
+        assert!(body.contains("leakmon_build_info{"), "answer {answers} lacks leakmon's own families:\n{body}");
+        let processes = common::http_get(LISTEN, "/api/v1/processes").expect("processes answer");
+        serde_json::from_str::<serde_json::Value>(&processes).expect("processes is JSON from the start");
+        if common::http_get(LISTEN, "/healthz").is_some() {
+            break;
+        }
+    }
+    assert!(answers > 0, "the daemon never answered");
+    assert!(common::http_get(LISTEN, "/healthz").is_some(), "the first sample came within 20 s");
+}

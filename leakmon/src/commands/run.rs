@@ -87,7 +87,16 @@ fn validate(args: &RunArgs, proc_root: &ProcRoot) -> Result<Attach> {
     reason = "one select loop over the daemon's event sources reads best in one place"
 )]
 async fn daemon(mut args: RunArgs, attach: Attach, proc_root: ProcRoot, reload: Reload<'_>) -> Result<()> {
-    let published: Shared = Arc::new(RwLock::new(Published::default()));
+    // From the first request on, /metrics carries leakmon's own families (build info,
+    // process_*, its counters at zero) and the JSON endpoints valid empty documents:
+    // an empty 200 would read as a healthy target with no series.
+    let mut metrics = Metrics::new(args.pid_label);
+    let published: Shared = Arc::new(RwLock::new(Published {
+        metrics: metrics.render(),
+        leaks: json!({ "leaks": [] }).to_string(),
+        processes: json!({ "series": [] }).to_string(),
+        ready: false,
+    }));
     let (profile_tx, mut profile_requests) = tokio::sync::mpsc::channel::<ProfileRequest>(8);
     let web = args.web_config.as_deref().map(crate::export::web_config::WebConfig::load).transpose()?;
     let server = http::serve(args.listen, published.clone(), profile_tx, web).await?;
@@ -147,7 +156,6 @@ async fn daemon(mut args: RunArgs, attach: Attach, proc_root: ProcRoot, reload: 
     let mut monitor = Monitor::new(params, args.max_series, args.top_stacks, proc_root.clone())
         .per_process(args.pid_label)
         .wrappers(Wrappers::new(&args.tables.wrappers));
-    let mut metrics = Metrics::new(args.pid_label);
     let started = Instant::now();
 
     let mut sigterm = signal(SignalKind::terminate()).context("install SIGTERM handler")?;
