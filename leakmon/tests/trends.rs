@@ -3,7 +3,8 @@
 //!
 //! `--sample-interval 0.5s --window 30s`. A steady native leak of 4 KiB/s must be
 //! flagged within 60 s; a Python dict cache (64 KB/s) and a Node.js object cache
-//! (640 KB/s) within 75 s; a warm-up, a bounded cache, a sawtooth and flat high memory
+//! (640 KB/s) within 75 s; a warm-up, a bounded cache, two sawtooths (one whose 8 s
+//! period was flagged before the floor was judged per tooth) and flat high memory
 //! never; a leak that stops must clear within a window after it stops.
 
 mod common;
@@ -44,6 +45,7 @@ fn verdicts_and_detection_times_on_real_workloads() {
         spawn(Command::new(common::named(&grow, "grow_plateau")).arg("plateau")),
         spawn(Command::new(common::named(&grow, "grow_cache")).arg("cache")),
         spawn(Command::new(common::named(&grow, "grow_sawtooth")).arg("sawtooth")),
+        spawn(Command::new(common::named(&grow, "grow_saw8")).arg("sawtooth8")),
         spawn(Command::new(common::named(&grow, "grow_flat")).arg("flat")),
         spawn(Command::new("/usr/bin/python3").arg(fixtures.join("py_cache.py"))),
     ];
@@ -64,6 +66,7 @@ fn verdicts_and_detection_times_on_real_workloads() {
         "grow_plateau",
         "grow_cache",
         "grow_sawtooth",
+        "grow_saw8",
         "grow_flat",
         "python3",
         "node",
@@ -110,7 +113,7 @@ fn verdicts_and_detection_times_on_real_workloads() {
     if node {
         flagged_within("node", 75.0);
     }
-    for comm in ["grow_plateau", "grow_cache", "grow_sawtooth", "grow_flat"] {
+    for comm in ["grow_plateau", "grow_cache", "grow_sawtooth", "grow_saw8", "grow_flat"] {
         assert!(!first_flag.contains_key(comm), "{comm} was flagged\n{table}");
     }
     // The stopping leak: flagged while it leaked, cleared within a window (+ one

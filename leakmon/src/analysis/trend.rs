@@ -194,21 +194,54 @@ pub fn mann_kendall(samples: &[Sample]) -> f64 {
     }
 }
 
-/// Sharp drops: falls between consecutive samples larger than `ratio` of the range and
-/// than `min_bytes` (noise on a flat series has a small range, and drops of its size).
+/// Sharp drops: falls between consecutive samples, once the largest is larger than
+/// `ratio` of the range and than `min_bytes` (noise on a flat series has a small range,
+/// and drops of its size), every fall of at least half the largest. Not `ratio` of the
+/// range for each: on a rising floor the range grows with the leak, and teeth whose
+/// drop was sampled a little late would fall under it, leaving too few teeth to judge.
 fn sharp_drops(samples: &[Sample], ratio: f64, min_bytes: f64) -> Vec<usize> {
     let (lo, hi) =
         samples.iter().fold((f64::INFINITY, f64::NEG_INFINITY), |(lo, hi), s| (lo.min(s.v), hi.max(s.v)));
     let range = hi - lo;
-    if range <= 0.0 {
+    let largest = samples.windows(2).map(|w| w[0].v - w[1].v).fold(0.0, f64::max);
+    if range <= 0.0 || largest <= (ratio * range).max(min_bytes) {
         return Vec::new();
     }
     samples
         .windows(2)
         .enumerate()
-        .filter(|(_, w)| w[0].v - w[1].v > (ratio * range).max(min_bytes))
+        .filter(|(_, w)| w[0].v - w[1].v >= (0.5 * largest).max(min_bytes))
         .map(|(i, _)| i + 1)
         .collect()
+}
+
+/// A series with sharp drops in it: a leak only when the floor the drops return to
+/// rises. Each tooth's floor is its lowest sample, which a sample taken a little after
+/// the drop overstates by up to one sampling step of the fill: so floors must rise by
+/// more than twice that step (and more than `threshold`), over at least three teeth.
+/// One or two drops cannot show a floor's trend: such a window reads as a sawtooth,
+/// and a window several periods long is what tells a rising floor.
+fn sawtooth_verdict(samples: &[Sample], drops: &[usize], threshold: f64) -> Verdict {
+    if drops.len() < 3 {
+        return Verdict::Sawtooth;
+    }
+    let floors: Vec<Sample> = drops
+        .iter()
+        .enumerate()
+        .map(|(k, &start)| {
+            let end = drops.get(k + 1).copied().unwrap_or(samples.len());
+            samples[start..end].iter().copied().min_by(|a, b| a.v.total_cmp(&b.v)).expect("a tooth has a sample")
+        })
+        .collect();
+    let floor_slope = theil_sen(&floors).unwrap_or(0.0);
+    let floor_growth = floor_slope * (floors[floors.len() - 1].t - floors[0].t);
+    let mut rises: Vec<f64> = samples.windows(2).map(|w| w[1].v - w[0].v).filter(|d| *d > 0.0).collect();
+    let step = if rises.is_empty() { 0.0 } else { median(&mut rises) };
+    if floor_slope > 0.0 && floor_growth > threshold.max(2.0 * step) {
+        Verdict::SteadyGrowth
+    } else {
+        Verdict::Sawtooth
+    }
 }
 
 /// Analyses one window of samples, oldest first.
@@ -229,16 +262,12 @@ pub fn analyse(samples: &[Sample], p: &Params) -> Analysis {
     let growth = slope * span;
     let done = |verdict| Analysis { verdict, slope, z, samples: n };
 
-    let drops = sharp_drops(samples, p.drop_ratio, threshold);
-    if drops.len() >= 2 {
-        // A sawtooth leaks when its floor rises: judge the samples right after each drop.
-        let floors: Vec<Sample> = drops.iter().map(|&i| samples[i]).collect();
-        let floor_slope = theil_sen(&floors).unwrap_or(0.0);
-        let floor_growth = floor_slope * (floors[floors.len() - 1].t - floors[0].t);
-        if floors.len() >= 3 && floor_growth > threshold && floor_slope > 0.0 {
-            return done(Verdict::SteadyGrowth);
-        }
-        return done(Verdict::Sawtooth);
+    // A drop counts from a quarter of the growth that would matter: a tooth that small
+    // with a period of a quarter window or more cannot show that growth inside the
+    // window, and shorter periods leave no trend across their teeth.
+    let drops = sharp_drops(samples, p.drop_ratio, threshold / 4.0);
+    if !drops.is_empty() {
+        return done(sawtooth_verdict(samples, &drops, threshold));
     }
     if z <= -p.z_critical && -growth > threshold {
         return done(Verdict::Shrinking);
@@ -276,6 +305,14 @@ mod tests {
     /// A window of 0.5 s samples over 30 s from a shape function.
     fn series(shape: impl Fn(f64) -> f64) -> Vec<Sample> {
         (0..=60).map(|i| f64::from(i) * 0.5).map(|t| Sample { t, v: shape(t) }).collect()
+    }
+
+    /// 0.5 s samples over 30 s, each taken up to 0.25 s late (a loaded host).
+    fn jittered(seed: u32, shape: impl Fn(f64) -> f64) -> Vec<Sample> {
+        (0..=60)
+            .map(|i| f64::from(i) * 0.5 + 0.125 * (1.0 + noise(f64::from(i) + f64::from(seed) * 7.3)))
+            .map(|t| Sample { t, v: shape(t) })
+            .collect()
     }
 
     /// Deterministic noise in [-1, 1].
@@ -377,6 +414,38 @@ mod tests {
             let s = series(|t| 1e6 + 1e5 * noise(t + f64::from(seed)) + 1e3 * t);
             let reversed: Vec<Sample> = s.iter().rev().enumerate().map(|(i, x)| Sample { t: i as f64, v: x.v }).collect();
             prop_assert!((mann_kendall(&s) + mann_kendall(&reversed)).abs() < 1e-9);
+        }
+
+        /// Regression: a process filling 1 MiB/s for 8 s, then freeing it all, was
+        /// flagged beside other workloads (sample times stretched, each tooth's floor
+        /// sampled at another phase of its fill). Any period from 2 s to the window,
+        /// any phase, jittered sample times: never a leak.
+        #[test]
+        fn a_sawtooth_with_a_flat_floor_is_never_a_leak(
+            period in 2.0f64..30.0,
+            phase in 0.0f64..1.0,
+            rate in (64.0 * KIB)..(4.0 * KIB * KIB),
+            base in (KIB * KIB)..(1024.0 * KIB * KIB),
+            seed in 0u32..10_000,
+        ) {
+            let s = jittered(seed, |t| base + rate * ((t + phase * period) % period) + 4.0 * KIB * noise(t));
+            let v = verdict(&s);
+            prop_assert!(!v.suspected(), "{v:?}");
+        }
+
+        /// ... while the same shape on a rising floor is one.
+        #[test]
+        fn a_sawtooth_on_a_rising_floor_is_a_leak(
+            period in 2.0f64..7.0,
+            phase in 0.0f64..1.0,
+            rate in (256.0 * KIB)..(2.0 * KIB * KIB),
+            leak_share in 0.3f64..1.0,
+            base in (KIB * KIB)..(16.0 * KIB * KIB),
+            seed in 0u32..10_000,
+        ) {
+            let leak = leak_share * rate;
+            let s = jittered(seed, |t| base + leak * t + rate * ((t + phase * period) % period));
+            prop_assert_eq!(verdict(&s), Verdict::SteadyGrowth);
         }
 
         #[test]
