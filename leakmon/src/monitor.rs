@@ -29,9 +29,39 @@ struct Group {
     pids: Vec<u32>,
     /// (pid, start time) of each process: tells a restart from a steady set.
     identities: Vec<(u32, u64)>,
-    rss: u64,
+    memory: Resident,
     cgroup: crate::sampler::MemCgroup,
     heap: Option<(u64, u64)>,
+}
+
+/// A group's memory as /proc tells it, summed over its processes.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, serde::Serialize)]
+pub struct Resident {
+    /// `VmRSS`: everything resident, file-backed pages included.
+    pub rss: u64,
+    /// `RssAnon`.
+    pub anon: u64,
+    /// `VmSwap`.
+    pub swap: u64,
+    /// `RssFile`: file cache the kernel can drop; shown, never judged.
+    pub file: u64,
+    /// `RssShmem`.
+    pub shmem: u64,
+}
+
+impl Resident {
+    fn add(&mut self, p: &ProcSample) {
+        self.rss += p.rss_bytes;
+        self.anon += p.anon_bytes;
+        self.swap += p.swap_bytes;
+        self.file += p.file_bytes;
+        self.shmem += p.shmem_bytes;
+    }
+
+    /// The leak signal's value: anonymous memory, resident or swapped out.
+    pub fn unreclaimable(&self) -> u64 {
+        self.anon + self.swap
+    }
 }
 
 /// State kept across ticks.
@@ -65,7 +95,7 @@ pub struct Monitor {
 #[derive(Debug, Default)]
 struct Incarnation {
     identities: Vec<(u32, u64)>,
-    last_rss: u64,
+    last_anon: u64,
     offset: f64,
     restarts: u64,
     seen: f64,
@@ -158,7 +188,7 @@ impl Monitor {
             let g = groups.entry(key.clone()).or_default();
             g.pids.push(p.pid);
             g.identities.push((p.pid, p.start));
-            g.rss += p.rss_bytes;
+            g.memory.add(p);
             if g.pids.len() == 1 {
                 g.cgroup.clone_from(&p.cgroup);
             }
@@ -188,12 +218,13 @@ impl Monitor {
                 !inc.identities.is_empty() && !g.identities.iter().any(|id| inc.identities.contains(id));
             if replaced {
                 inc.restarts += 1;
-                if g.rss < inc.last_rss {
-                    inc.offset += (inc.last_rss - g.rss) as f64;
+                let anon = g.memory.unreclaimable();
+                if anon < inc.last_anon {
+                    inc.offset += (inc.last_anon - anon) as f64;
                 }
             }
             inc.identities.clone_from(&g.identities);
-            inc.last_rss = g.rss;
+            inc.last_anon = g.memory.unreclaimable();
             inc.seen = now;
             let key = |signal, stack: Option<&str>| SeriesKey {
                 service: service.clone(),
@@ -202,7 +233,12 @@ impl Monitor {
                 signal,
                 stack: stack.map(str::to_owned),
             };
-            self.history.record(key(Signal::Rss, None), now, g.rss as f64 + inc.offset);
+            self.history.record(key(Signal::Anon, None), now, g.memory.unreclaimable() as f64 + inc.offset);
+            // Shared memory often outlives a restart (a segment, a tmpfs file): not
+            // stitched. Recorded once a process has some, so most groups have no series.
+            if g.memory.shmem > 0 || self.history.get(&key(Signal::Shmem, None)).is_some() {
+                self.history.record(key(Signal::Shmem, None), now, g.memory.shmem as f64);
+            }
             let incomplete = g.pids.iter().any(|p| self.incomplete.contains(p));
             if let Some((bytes, _)) = g.heap {
                 self.history.record(key(Signal::Heap, None), now, bytes as f64);
@@ -238,7 +274,13 @@ impl Monitor {
             let limit = *limits
                 .entry(cgroup.clone())
                 .or_insert_with(|| memory_limit(&self.cgroup_root, &cgroup, &meminfo));
-            let rss = group.map_or(0, |g| g.rss) as f64;
+            let memory = group.map(|g| g.memory);
+            // Shown values are the real ones, not the stitched series.
+            let current = match key.signal {
+                Signal::Anon => memory.map_or(0, |m| m.unreclaimable()),
+                Signal::Shmem => memory.map_or(0, |m| m.shmem),
+                Signal::Heap => latest.v as u64,
+            };
             let suspected = analysis.verdict.suspected();
             let mut stacks = if key.signal == Signal::Heap {
                 stacks_by_group.remove(&gkey).unwrap_or_default()
@@ -265,7 +307,8 @@ impl Monitor {
                 pids: group.map(|g| g.pids.clone()).unwrap_or_default(),
                 allocator: None,
                 incomplete,
-                current_bytes: if key.signal == Signal::Rss { rss as u64 } else { latest.v as u64 },
+                current_bytes: current,
+                memory: memory.filter(|_| key.signal == Signal::Anon),
                 allocations: if key.signal == Signal::Heap {
                     group.and_then(|g| g.heap).map(|h| h.1)
                 } else {
@@ -278,7 +321,7 @@ impl Monitor {
                 suspected_for_seconds: since.map(|s| now - s),
                 limit_bytes: limit,
                 time_to_exhaustion_seconds: if suspected {
-                    limit.and_then(|l| time_to_exhaustion(rss, l as f64, analysis.slope))
+                    limit.and_then(|l| time_to_exhaustion(current as f64, l as f64, analysis.slope))
                 } else {
                     None
                 },
@@ -361,6 +404,9 @@ mod tests {
             identity: "/".into(),
             rss_bytes: rss,
             anon_bytes: rss,
+            swap_bytes: 0,
+            file_bytes: 0,
+            shmem_bytes: 0,
         }
     }
 
@@ -382,6 +428,42 @@ mod tests {
         assert_eq!(v.verdict, Verdict::SteadyGrowth, "{v:?}");
         assert!(v.current_bytes < 7_000_000, "shown value is the real one: {}", v.current_bytes);
         assert_eq!(m.restarts().find(|(k, _)| k.1 == "crashy").map(|(_, n)| n), Some(7));
+    }
+
+    #[test]
+    fn leaks_are_judged_on_anonymous_memory_with_swap_never_on_file_cache() {
+        let params = Params { window: 20.0, min_samples: 5, ..Params::default() };
+        let mut m = Monitor::new(params, 100, 5, ProcRoot::default());
+        let none = |_: u64| None;
+        let mut last = Vec::new();
+        for i in 0..60u64 {
+            // Leaking 1 MB/s under memory pressure: the kernel swaps out as much, so its
+            // resident size stays flat while its leak grows in swap.
+            let mut swapping = proc(1, "swapping", 50_000_000);
+            swapping.swap_bytes = i * 500_000;
+            // Reading a file through mmap at 8 MB/s: resident, but cache.
+            let mut reader = proc(2, "reader", 10_000_000);
+            reader.file_bytes = i * 4_000_000;
+            reader.rss_bytes += reader.file_bytes;
+            // Filling a tmpfs file: its own signal.
+            let mut shm = proc(3, "shm", 10_000_000);
+            shm.shmem_bytes = 1_000_000 + i * 500_000;
+            last = m.tick(i as f64 * 0.5, &[swapping, reader, shm], None, &none).0;
+        }
+        let verdict = |comm: &str, signal: &str| {
+            last.iter()
+                .find(|v| v.comm == comm && v.signal == signal)
+                .unwrap_or_else(|| panic!("{comm} {signal} in {last:#?}"))
+                .verdict
+        };
+        assert_eq!(verdict("swapping", "anon"), Verdict::SteadyGrowth);
+        assert_eq!(verdict("reader", "anon"), Verdict::Flat);
+        assert!(!last.iter().any(|v| v.comm == "reader" && v.suspected), "file cache is never a leak");
+        assert_eq!(verdict("shm", "shmem"), Verdict::SteadyGrowth);
+        assert_eq!(verdict("shm", "anon"), Verdict::Flat);
+        let reader = last.iter().find(|v| v.comm == "reader" && v.signal == "anon").expect("reader");
+        let memory = reader.memory.expect("the breakdown");
+        assert_eq!((memory.file, memory.rss), (59 * 4_000_000, 10_000_000 + 59 * 4_000_000));
     }
 
     #[test]

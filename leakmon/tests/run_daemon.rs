@@ -122,7 +122,10 @@ fn metrics_are_never_an_empty_answer_even_before_the_first_sample() {
         };
         answers += 1;
         assert!(head.contains(" 200 "), "answer {answers}: {head}");
-        assert!(body.contains("leakmon_build_info{"), "answer {answers} lacks leakmon's own families:\n{body}");
+        assert!(
+            body.contains("leakmon_build_info{"),
+            "answer {answers} lacks leakmon's own families:\n{body}"
+        );
         let processes = common::http_get(LISTEN, "/api/v1/processes").expect("processes answer");
         serde_json::from_str::<serde_json::Value>(&processes).expect("processes is JSON from the start");
         if common::http_get(LISTEN, "/healthz").is_some() {

@@ -90,7 +90,7 @@ fn a_growing_process_gets_probes_for_a_while_and_a_flat_one_never() {
         .as_array()
         .expect("leaks")
         .iter()
-        .find(|l| l["comm"] == "grow_suspect" && l["signal"] == "rss")
+        .find(|l| l["comm"] == "grow_suspect" && l["signal"] == "anon")
         .unwrap_or_else(|| panic!("the leak is listed: {listed:#}"));
     assert_eq!(leak["verdict"], "steady_growth");
     assert!(leak["growth_bytes_per_second"].as_f64().expect("slope") > 1000.0, "{leak:#}");

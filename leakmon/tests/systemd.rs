@@ -151,7 +151,7 @@ fn notify_watchdog_and_reload_without_losing_history() {
             .iter()
             .find(|s| {
                 s["pids"].as_array().is_some_and(|p| p.contains(&Value::from(daemon_pid)))
-                    && s["signal"] == "rss"
+                    && s["signal"] == "anon"
             })
             .map_or(0, |s| s["samples"].as_u64().expect("samples"))
     };

@@ -78,7 +78,7 @@ fn verdicts_and_detection_times_on_real_workloads() {
         let t = start.elapsed().as_secs_f64();
         for s in doc["series"].as_array().expect("series") {
             let comm = s["comm"].as_str().expect("comm");
-            if !watched.contains(&comm) || s["signal"] != "rss" {
+            if !watched.contains(&comm) || s["signal"] != "anon" {
                 continue;
             }
             let suspected = s["suspected"].as_bool().expect("suspected");

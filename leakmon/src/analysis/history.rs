@@ -18,8 +18,13 @@ use super::trend::{analyse, Analysis, Params, Sample, Verdict};
 #[derive(Clone, Copy, Debug, PartialEq, Eq, PartialOrd, Ord, Hash, Serialize)]
 #[serde(rename_all = "snake_case")]
 pub enum Signal {
-    /// Resident memory (tier 0, every process).
-    Rss,
+    /// Memory the kernel cannot drop: anonymous resident plus swapped out (tier 0,
+    /// every process). Not `VmRSS`: a process reading a file through mmap grows that
+    /// with cache the kernel may reclaim at will, and a leak under memory pressure
+    /// moves to swap, where `VmRSS` stops seeing it.
+    Anon,
+    /// Resident shared memory (tmpfs, shm segments, memfd), judged on its own.
+    Shmem,
     /// Bytes allocated and not freed (allocator probes).
     Heap,
 }
@@ -27,7 +32,8 @@ pub enum Signal {
 impl Signal {
     pub const fn as_str(self) -> &'static str {
         match self {
-            Self::Rss => "rss",
+            Self::Anon => "anon",
+            Self::Shmem => "shmem",
             Self::Heap => "heap",
         }
     }
@@ -188,7 +194,7 @@ mod tests {
     use super::*;
 
     fn key(comm: &str) -> SeriesKey {
-        SeriesKey { service: "svc".into(), comm: comm.into(), pid: None, signal: Signal::Rss, stack: None }
+        SeriesKey { service: "svc".into(), comm: comm.into(), pid: None, signal: Signal::Anon, stack: None }
     }
 
     fn params() -> Params {

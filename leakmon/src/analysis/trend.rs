@@ -230,7 +230,11 @@ fn sawtooth_verdict(samples: &[Sample], drops: &[usize], threshold: f64) -> Verd
         .enumerate()
         .map(|(k, &start)| {
             let end = drops.get(k + 1).copied().unwrap_or(samples.len());
-            samples[start..end].iter().copied().min_by(|a, b| a.v.total_cmp(&b.v)).expect("a tooth has a sample")
+            samples[start..end]
+                .iter()
+                .copied()
+                .min_by(|a, b| a.v.total_cmp(&b.v))
+                .expect("a tooth has a sample")
         })
         .collect();
     let floor_slope = theil_sen(&floors).unwrap_or(0.0);

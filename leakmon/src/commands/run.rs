@@ -523,7 +523,7 @@ impl Suspects {
                 Err(e) => warn!(pid, "detach: {e:#}"),
             }
         }
-        for v in views.iter().filter(|v| v.suspected && v.signal == "rss") {
+        for v in views.iter().filter(|v| v.suspected && v.signal == "anon") {
             for &pid in &v.pids {
                 if self.active.len() >= max || self.active.contains_key(&pid) || self.done.contains(&pid) {
                     continue;

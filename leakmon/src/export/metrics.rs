@@ -1,7 +1,7 @@
 //! The Prometheus metric families, filled from the series views each tick.
 //!
 //! Labels: `service` and `comm` (never the pid or command line: unbounded, and command
-//! lines hold secrets); `signal` = rss|heap; `stack`, a short stable hash, for the top
+//! lines hold secrets); `signal` = anon|shmem|heap; `stack`, a short stable hash, for the top
 //! stacks only.
 
 use prometheus::{
@@ -16,6 +16,10 @@ use crate::probes::Counters;
 pub struct Metrics {
     registry: Registry,
     rss: IntGaugeVec,
+    anon: IntGaugeVec,
+    swap: IntGaugeVec,
+    file: IntGaugeVec,
+    shmem: IntGaugeVec,
     heap_bytes: IntGaugeVec,
     heap_incomplete: IntGaugeVec,
     heap_allocs: IntGaugeVec,
@@ -102,7 +106,11 @@ impl Metrics {
         let scst: &[&str] =
             if pid_label { &["service", "comm", "pid", "stack"] } else { &["service", "comm", "stack"] };
         let m = Self {
-            rss: gauge("leakmon_memory_rss_bytes", "Resident memory of the processes of a service and command.", sc),
+            rss: gauge("leakmon_memory_rss_bytes", "Resident memory (VmRSS, file-backed pages included) of the processes of a service and command.", sc),
+            anon: gauge("leakmon_memory_anon_bytes", "Anonymous resident memory (RssAnon); with swap, the signal judged for leaks.", sc),
+            swap: gauge("leakmon_memory_swap_bytes", "Anonymous memory swapped out (VmSwap).", sc),
+            file: gauge("leakmon_memory_file_bytes", "File-backed resident pages (RssFile): cache the kernel can drop, never judged as a leak.", sc),
+            shmem: gauge("leakmon_memory_shmem_bytes", "Resident shared memory (RssShmem), judged as a signal of its own.", sc),
             heap_bytes: gauge("leakmon_heap_live_bytes", "Bytes allocated and not freed (allocator probes).", sc),
             heap_incomplete: gauge(
                 "leakmon_heap_incomplete",
@@ -192,6 +200,10 @@ impl Metrics {
         use leakmon_common::counter as k;
         for g in [
             &self.rss,
+            &self.anon,
+            &self.swap,
+            &self.file,
+            &self.shmem,
             &self.heap_bytes,
             &self.heap_incomplete,
             &self.heap_allocs,
@@ -215,15 +227,21 @@ impl Metrics {
             }
             let scs = [sc.as_slice(), &[v.signal]].concat();
             let bytes = i64::try_from(v.current_bytes).unwrap_or(i64::MAX);
-            if let Some(allocator) = v.allocator.filter(|_| v.signal == "rss") {
+            if let Some(allocator) = v.allocator.filter(|_| v.signal == "anon") {
                 self.allocator.with_label_values(&[sc.as_slice(), &[allocator]].concat()).set(1);
             }
-            if v.signal == "rss" {
-                self.rss.with_label_values(&sc).set(bytes);
+            let gauge_bytes = |b: u64| i64::try_from(b).unwrap_or(i64::MAX);
+            if v.signal == "anon" {
+                let m = v.memory.unwrap_or_default();
+                self.rss.with_label_values(&sc).set(gauge_bytes(m.rss));
+                self.anon.with_label_values(&sc).set(gauge_bytes(m.anon));
+                self.swap.with_label_values(&sc).set(gauge_bytes(m.swap));
+                self.file.with_label_values(&sc).set(gauge_bytes(m.file));
+                self.shmem.with_label_values(&sc).set(gauge_bytes(m.shmem));
                 if let Some(limit) = v.limit_bytes {
-                    self.limit.with_label_values(&sc).set(i64::try_from(limit).unwrap_or(i64::MAX));
+                    self.limit.with_label_values(&sc).set(gauge_bytes(limit));
                 }
-            } else {
+            } else if v.signal == "heap" {
                 self.heap_bytes.with_label_values(&sc).set(bytes);
                 self.heap_incomplete.with_label_values(&sc).set(i64::from(v.incomplete));
                 self.heap_allocs.with_label_values(&sc).set(v.allocations.unwrap_or(0) as i64);
@@ -336,6 +354,13 @@ mod tests {
             allocator: Some("jemalloc"),
             incomplete: signal == "heap",
             current_bytes: 4096,
+            memory: (signal == "anon").then_some(crate::monitor::Resident {
+                rss: 4096,
+                anon: 3072,
+                swap: 1024,
+                file: 512,
+                shmem: 256,
+            }),
             allocations: (signal == "heap").then_some(7),
             growth_bytes_per_second: 4096.5,
             trend_z: 5.0,
@@ -387,15 +412,19 @@ mod tests {
     #[test]
     fn renders_the_families_with_their_labels() {
         let mut m = Metrics::new(false);
-        m.update(&[view("rss"), view("heap")], Some(Counters::default()), 3, 2);
+        m.update(&[view("anon"), view("heap")], Some(Counters::default()), 3, 2);
         let text = m.render();
         for line in [
             "leakmon_memory_rss_bytes{comm=\"leaky\",service=\"leaky.service\"} 4096",
+            "leakmon_memory_anon_bytes{comm=\"leaky\",service=\"leaky.service\"} 3072",
+            "leakmon_memory_swap_bytes{comm=\"leaky\",service=\"leaky.service\"} 1024",
+            "leakmon_memory_file_bytes{comm=\"leaky\",service=\"leaky.service\"} 512",
+            "leakmon_memory_shmem_bytes{comm=\"leaky\",service=\"leaky.service\"} 256",
             "leakmon_heap_incomplete{comm=\"leaky\",service=\"leaky.service\"} 1",
             "leakmon_heap_live_allocations{comm=\"leaky\",service=\"leaky.service\"} 7",
-            "leakmon_leak_suspected{comm=\"leaky\",service=\"leaky.service\",signal=\"rss\"} 1",
+            "leakmon_leak_suspected{comm=\"leaky\",service=\"leaky.service\",signal=\"anon\"} 1",
             "leakmon_growth_bytes_per_second{comm=\"leaky\",service=\"leaky.service\",signal=\"heap\"} 4096.5",
-            "leakmon_time_to_exhaustion_seconds{comm=\"leaky\",service=\"leaky.service\",signal=\"rss\"} 3600",
+            "leakmon_time_to_exhaustion_seconds{comm=\"leaky\",service=\"leaky.service\",signal=\"anon\"} 3600",
             "leakmon_stack_live_bytes{comm=\"leaky\",service=\"leaky.service\",stack=\"0123456789ab\"} 4000",
             "leakmon_stack_info{function=\"leak_small\",location=\"leaks.c:20\",stack=\"0123456789ab\"} 1",
             "leakmon_stack_growth_bytes_per_second{comm=\"leaky\",service=\"leaky.service\",stack=\"0123456789ab\"} 512",
@@ -412,7 +441,7 @@ mod tests {
         }
         assert!(!text.contains("pid=\"42\""), "no pid label unless configured");
         let mut with_pid = Metrics::new(true);
-        with_pid.update(&[view("rss")], None, 0, 0);
+        with_pid.update(&[view("anon")], None, 0, 0);
         assert!(
             with_pid.render().contains(
                 "leakmon_memory_rss_bytes{comm=\"leaky\",pid=\"42\",service=\"leaky.service\"} 4096"

@@ -28,6 +28,9 @@ pub struct SeriesView {
     /// bounds and the verdict is withheld.
     pub incomplete: bool,
     pub current_bytes: u64,
+    /// The breakdown of resident memory (the `anon` signal only).
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub memory: Option<crate::monitor::Resident>,
     /// Live allocations (heap signal only).
     pub allocations: Option<u64>,
     /// Theil–Sen slope over the window.

@@ -22,8 +22,23 @@ pub struct ProcSample {
     pub cgroup: MemCgroup,
     /// The cgroup path that names the service (see [`identity_path`]).
     pub identity: String,
+    /// Resident memory, file-backed pages included (`VmRSS`).
     pub rss_bytes: u64,
+    /// Anonymous resident memory (`RssAnon`).
     pub anon_bytes: u64,
+    /// Swapped-out anonymous memory (`VmSwap`): where a leak goes under pressure.
+    pub swap_bytes: u64,
+    /// File-backed resident pages (`RssFile`): cache the kernel can drop.
+    pub file_bytes: u64,
+    /// Resident shared memory (`RssShmem`: tmpfs, shm segments, memfd).
+    pub shmem_bytes: u64,
+}
+
+impl ProcSample {
+    /// The leak signal: memory the kernel cannot drop, resident or swapped out.
+    pub fn unreclaimable_bytes(&self) -> u64 {
+        self.anon_bytes + self.swap_bytes
+    }
 }
 
 /// Reads every user-space process (kernel threads have no resident memory line).
@@ -36,14 +51,28 @@ pub fn sample(root: &ProcRoot, pid: u32) -> Option<ProcSample> {
     let dir = root.path().join(pid.to_string());
     let status = fs::read_to_string(dir.join("status")).ok()?;
     let rss_bytes = status_kib(&status, "VmRSS:")? * 1024;
-    let anon_bytes = status_kib(&status, "RssAnon:").unwrap_or(0) * 1024;
+    let kib = |key| status_kib(&status, key).unwrap_or(0) * 1024;
+    let (anon_bytes, swap_bytes, file_bytes, shmem_bytes) =
+        (kib("RssAnon:"), kib("VmSwap:"), kib("RssFile:"), kib("RssShmem:"));
     let stat_text = fs::read_to_string(dir.join("stat")).ok()?;
     let (comm, start) = parse_stat(&stat_text)?;
     let text = fs::read_to_string(dir.join("cgroup")).unwrap_or_default();
     let cgroup = parse_cgroup(&text);
     let identity = identity_path(&text);
     let service = service_of(&identity, &comm);
-    Some(ProcSample { pid, start, comm, service, cgroup, identity, rss_bytes, anon_bytes })
+    Some(ProcSample {
+        pid,
+        start,
+        comm,
+        service,
+        cgroup,
+        identity,
+        rss_bytes,
+        anon_bytes,
+        swap_bytes,
+        file_bytes,
+        shmem_bytes,
+    })
 }
 
 /// A `Key:   123 kB` line of /proc/PID/status, in KiB.
