@@ -172,6 +172,12 @@ pub struct TableArgs {
     /// star makes a prefix. Repeatable.
     #[arg(long = "wrapper", value_name = "NAME", value_parser = parse_wrapper)]
     pub wrappers: Vec<String>,
+    /// A function whose allocations the program keeps by design; stacks through it are
+    /// set apart on a "runtime-internal" line of their own, out of the leak table.
+    /// Adds to a built-in list (glibc's thread-local storage and dynamic-linker
+    /// bookkeeping). A trailing star makes a prefix. Repeatable.
+    #[arg(long = "suppress", value_name = "NAME", value_parser = parse_wrapper)]
+    pub suppress: Vec<String>,
 }
 
 fn parse_wrapper(text: &str) -> Result<String, String> {
@@ -301,6 +307,9 @@ impl RunArgs {
         }
         if let (true, Some(v)) = (from_file("wrappers"), file.wrappers) {
             self.tables.wrappers = v;
+        }
+        if let (true, Some(v)) = (from_file("suppress"), file.suppress) {
+            self.tables.suppress = v;
         }
     }
 }

@@ -36,6 +36,7 @@ pub struct FileConfig {
     pub max_stacks: Option<u32>,
     pub unwind_rows: Option<u32>,
     pub wrappers: Option<Vec<String>>,
+    pub suppress: Option<Vec<String>>,
     pub web_config: Option<PathBuf>,
 }
 
@@ -65,6 +66,7 @@ const KEYS: &[&str] = &[
     "max-stacks",
     "unwind-rows",
     "wrappers",
+    "suppress",
     "web",
     "metrics",
 ];
@@ -165,6 +167,22 @@ pub fn check(text: &str) -> (FileConfig, Vec<Problem>) {
                     ),
                     Some(list) => match list.iter().try_for_each(|w| crate::wrappers::validate(w)) {
                         Ok(()) => config.wrappers = Some(list),
+                        Err(m) => p(item, m),
+                    },
+                }
+            }
+            "suppress" => {
+                let list: Option<Vec<String>> = value
+                    .and_then(Value::as_array)
+                    .and_then(|a| a.iter().map(|v| v.as_str().map(str::to_owned)).collect());
+                match list {
+                    None => p(
+                        item,
+                        "suppress must be a list of function names, like [\"my_pool_init\", \"arena_*\"]"
+                            .to_owned(),
+                    ),
+                    Some(list) => match list.iter().try_for_each(|w| crate::wrappers::validate(w)) {
+                        Ok(()) => config.suppress = Some(list),
                         Err(m) => p(item, m),
                     },
                 }

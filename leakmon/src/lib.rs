@@ -20,6 +20,7 @@ pub mod procfs;
 pub mod report;
 pub mod sampler;
 pub mod store;
+pub mod suppressions;
 pub mod symbolize;
 pub mod tracer;
 pub mod wrappers;

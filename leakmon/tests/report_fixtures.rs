@@ -216,3 +216,60 @@ fn a_thousand_call_sites_are_a_thousand_stacks() {
         .sum();
     assert_eq!(anonymous, 0, "every block keeps its stack");
 }
+
+/// glibc's per-thread TLS vectors (`allocate_dtv` under `pthread_create`) are kept by
+/// design: set apart on a line of their own, never in the leak table, never dropped.
+/// `--suppress` adds a function, and moves exactly its bytes.
+#[test]
+fn the_runtimes_own_blocks_are_set_apart_never_dropped() {
+    let fixture = build_fixture("leaks.c", &[]);
+    let run = |extra: &[&str]| {
+        let out = common::leakmon()
+            .args(["report", "--format", "json"])
+            .args(extra)
+            .arg("--")
+            .arg(&fixture)
+            .output()
+            .expect("run leakmon");
+        let report = common::parse_report(&out);
+        processes(&report)[0].clone()
+    };
+    let plain = run(&[]);
+    let internal = &plain["runtime_internal"];
+    let functions: Vec<&str> =
+        internal["functions"].as_array().expect("functions").iter().filter_map(|f| f.as_str()).collect();
+    assert!(functions.contains(&"allocate_dtv"), "the threads' TLS vectors are named: {internal:#}");
+    assert!(internal["bytes"].as_u64().expect("bytes") > 0);
+    let in_table =
+        |p: &serde_json::Value| {
+            p["stacks"].as_array().expect("stacks").iter().any(|s| {
+                s["frames"].as_array().expect("frames").iter().any(|f| f["function"] == "allocate_dtv")
+            })
+        };
+    assert!(!in_table(&plain), "no allocate_dtv stack in the leak table");
+    assert_eq!(by_function(&plain, "leaks.c"), expected(LEAKS));
+
+    let suppressed = run(&["--suppress", "leak_small"]);
+    let delta = |key: &str, field: &str| {
+        suppressed[key][field].as_u64().expect("number") as i64
+            - plain[key][field].as_u64().expect("number") as i64
+    };
+    assert_eq!(
+        (delta("runtime_internal", "bytes"), delta("runtime_internal", "allocations")),
+        (48_000, 1000)
+    );
+    let outstanding = |p: &serde_json::Value, f: &str| p[f].as_u64().expect("number") as i64;
+    assert_eq!(
+        outstanding(&plain, "outstanding_bytes") - outstanding(&suppressed, "outstanding_bytes"),
+        48_000
+    );
+    let rest: Vec<_> = LEAKS.iter().copied().filter(|(f, _, _)| *f != "leak_small").collect();
+    assert_eq!(by_function(&suppressed, "leaks.c"), expected(&rest));
+
+    let table = common::leakmon().arg("report").arg("--").arg(&fixture).output().expect("run leakmon");
+    let text = String::from_utf8_lossy(&table.stdout);
+    assert!(
+        text.lines().any(|l| l.trim_start().starts_with("runtime-internal: ") && l.contains("allocate_dtv")),
+        "{text}"
+    );
+}

@@ -154,7 +154,8 @@ pub fn report(args: &ReportArgs) -> Result<()> {
         std::thread::sleep(POLL);
     }
 
-    let report = build_report(&probes, &mut discovery, infos, &args.tables.wrappers)?;
+    let mut report = build_report(&probes, &mut discovery, infos, &args.tables.wrappers)?;
+    report.set_apart(&crate::suppressions::Suppressions::new(&args.tables.suppress));
     let counters = probes.counters()?;
     for (name, value) in counters.nonzero() {
         warn!(counter = name, value, "allocations not fully accounted");

@@ -101,6 +101,7 @@ async fn daemon(mut args: RunArgs, attach: Attach, proc_root: ProcRoot, reload: 
     let web = args.web_config.as_deref().map(crate::export::web_config::WebConfig::load).transpose()?;
     let server = http::serve(args.listen, published.clone(), profile_tx, web).await?;
     let symbolizer = Symbolizer::new(Wrappers::new(&args.tables.wrappers));
+    let suppressions = crate::suppressions::Suppressions::new(&args.tables.suppress);
     let mut discovery = Discovery::new(proc_root.clone());
     // The allocator each process's malloc reaches, as last read from its mappings.
     let mut allocators: HashMap<u32, Allocator> = HashMap::new();
@@ -187,7 +188,7 @@ async fn daemon(mut args: RunArgs, attach: Attach, proc_root: ProcRoot, reload: 
                 notify(sd_notify::NotifyState::Watchdog);
             }
             Some(request) = profile_requests.recv() => {
-                let built = build_profile(probes.as_ref().filter(|_| attributing), &mut discovery, &monitor, &symbolizer, &request);
+                let built = build_profile(probes.as_ref().filter(|_| attributing), &mut discovery, &monitor, (&symbolizer, &suppressions), &request);
                 let _ = request.reply.send(built);
             }
             _ = sighup.recv() => {
@@ -402,7 +403,7 @@ fn build_profile(
     probes: Option<&Probes>,
     discovery: &mut Discovery,
     monitor: &Monitor,
-    symbolizer: &Symbolizer,
+    (symbolizer, suppressions): (&Symbolizer, &crate::suppressions::Suppressions),
     request: &ProfileRequest,
 ) -> Result<Vec<u8>, http::ProfileError> {
     use axum::http::StatusCode;
@@ -432,8 +433,9 @@ fn build_profile(
         return Err((StatusCode::NOT_FOUND, what));
     }
     let selected: HashMap<u32, ProcState> = pids.iter().map(|p| (*p, traced[p])).collect();
-    let report = report_of(probes, discovery, &selected, HashMap::new(), symbolizer)
+    let mut report = report_of(probes, discovery, &selected, HashMap::new(), symbolizer)
         .map_err(|e| (StatusCode::INTERNAL_SERVER_ERROR, format!("{e:#}")))?;
+    report.set_apart(suppressions);
     match request.kind {
         ProfileKind::Pprof => Ok(pprof::encode(&pprof::profile(&report, crate::unix_nanos()))),
         ProfileKind::FlameGraph => flamegraph::render(&report, &title)

@@ -52,6 +52,17 @@ pub struct ProcessReport {
     /// Some allocations could not be counted (a table was full).
     pub incomplete: bool,
     pub stacks: Vec<StackReport>,
+    /// What the runtime keeps for itself by design (see `suppressions`), set apart:
+    /// not in the totals above nor in `stacks`.
+    pub runtime_internal: RuntimeInternal,
+}
+
+/// Bytes set apart as the runtime's own, and the functions that named them.
+#[derive(Clone, Debug, Default, PartialEq, Serialize)]
+pub struct RuntimeInternal {
+    pub bytes: u64,
+    pub allocations: u64,
+    pub functions: Vec<String>,
 }
 
 #[derive(Clone, Debug, PartialEq, Serialize)]
@@ -129,6 +140,7 @@ impl Report {
                     outstanding_allocations: p.allocations,
                     incomplete: pinfo.incomplete,
                     stacks,
+                    runtime_internal: RuntimeInternal::default(),
                 }
             })
             .collect();
@@ -148,8 +160,34 @@ impl Report {
                     outstanding_allocations: 0,
                     incomplete: info.incomplete,
                     stacks: Vec::new(),
+                    runtime_internal: RuntimeInternal::default(),
                 });
             }
+        }
+        self.processes.sort_by(|a, b| b.outstanding_bytes.cmp(&a.outstanding_bytes).then(a.pid.cmp(&b.pid)));
+    }
+
+    /// Moves the stacks with a suppressed frame out of each process's table and totals
+    /// into its `runtime_internal` line.
+    pub fn set_apart(&mut self, suppressions: &crate::suppressions::Suppressions) {
+        for p in &mut self.processes {
+            let mut kept = Vec::with_capacity(p.stacks.len());
+            for s in std::mem::take(&mut p.stacks) {
+                let Some(function) = suppressions.matching(s.frames.iter().map(|f| f.function.as_str()))
+                else {
+                    kept.push(s);
+                    continue;
+                };
+                let internal = &mut p.runtime_internal;
+                if !internal.functions.iter().any(|f| f == function) {
+                    internal.functions.push(function.to_owned());
+                }
+                internal.bytes += s.bytes;
+                internal.allocations += s.allocations;
+                p.outstanding_bytes -= s.bytes.min(p.outstanding_bytes);
+                p.outstanding_allocations -= s.allocations.min(p.outstanding_allocations);
+            }
+            p.stacks = kept;
         }
         self.processes.sort_by(|a, b| b.outstanding_bytes.cmp(&a.outstanding_bytes).then(a.pid.cmp(&b.pid)));
     }

@@ -32,6 +32,16 @@ pub fn render(report: &Report) -> String {
             p.outstanding_allocations,
             if p.incomplete { "  [INCOMPLETE: a table was full, figures are lower bounds]" } else { "" }
         );
+        let internal = &p.runtime_internal;
+        if internal.bytes > 0 {
+            let _ = writeln!(
+                out,
+                "  runtime-internal: {} in {} allocations, kept by the runtime by design, not counted above ({})",
+                bytes(internal.bytes),
+                internal.allocations,
+                internal.functions.join(", ")
+            );
+        }
         if p.stacks.is_empty() {
             continue;
         }
