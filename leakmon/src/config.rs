@@ -333,7 +333,7 @@ pid-label = true
             vec![
                 (2, "sample-interval must be a duration string, like \"10s\""),
                 (3, "attach must be \"none\", \"suspects\", \"all\" or \"pids\""),
-                (4, "unknown key bogus (known: sample-interval, window, attach, suspect-duration, max-suspects, pid, comm, cgroup, top-stacks, max-series, interval, top, max-live, max-totals, max-stacks, unwind-rows, wrappers, web, metrics)"),
+                (4, "unknown key bogus (known: sample-interval, window, attach, suspect-duration, max-suspects, pid, comm, cgroup, top-stacks, max-series, interval, top, max-live, max-totals, max-stacks, unwind-rows, wrappers, suppress, web, metrics)"),
                 (5, "max-live must be between 1 and 4294967295, not 0"),
                 (7, "web.listen-address must be an address and port, like \"127.0.0.1:9473\""),
                 (8, "unknown key web.port (known: web.listen-address, web.config-file)"),

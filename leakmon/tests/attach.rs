@@ -107,7 +107,7 @@ fn alone() -> std::sync::MutexGuard<'static, ()> {
     ONE_AT_A_TIME.lock().unwrap_or_else(std::sync::PoisonError::into_inner)
 }
 
-/// uprobe_multi links on the host, by the kernel's own account (a bpftool older than
+/// `uprobe_multi` links on the host, by the kernel's own account (a bpftool older than
 /// the link type names it by number: `BPF_LINK_TYPE_UPROBE_MULTI` is 12).
 fn multi_links() -> usize {
     let out = Command::new("bpftool").args(["link", "show"]).output().expect("run bpftool");

@@ -69,6 +69,7 @@ mod tests {
                 outstanding_bytes: 0,
                 outstanding_allocations: 0,
                 incomplete: false,
+                runtime_internal: crate::report::RuntimeInternal::default(),
                 stacks: vec![
                     stack(48, &["leak_small", "main"]),
                     stack(2, &["leak_small", "main"]),

@@ -123,6 +123,7 @@ mod tests {
                 outstanding_bytes: 48_000,
                 outstanding_allocations: 1000,
                 incomplete: false,
+                runtime_internal: crate::report::RuntimeInternal::default(),
                 stacks: vec![StackReport {
                     id: String::new(),
                     bytes: 48_000,
