@@ -41,6 +41,7 @@ const WORKLOADS: [Workload; 4] = [
 enum Condition {
     None,
     Floor,
+    SameTraps,
     Memleak,
     Heaptrack,
     LeakmonReport,
@@ -51,9 +52,10 @@ enum Condition {
 }
 
 impl Condition {
-    const ALL: [Self; 9] = [
+    const ALL: [Self; 10] = [
         Self::None,
         Self::Floor,
+        Self::SameTraps,
         Self::Memleak,
         Self::Heaptrack,
         Self::LeakmonReport,
@@ -67,6 +69,7 @@ impl Condition {
         match self {
             Self::None => "no probes",
             Self::Floor => "uprobe floor (bpftrace, count only)",
+            Self::SameTraps => "same-traps floor (bpftrace at leakmon's addresses)",
             Self::Memleak => "memleak-equivalent (bpftrace)",
             Self::Heaptrack => "heaptrack (LD_PRELOAD)",
             Self::LeakmonReport => "leakmon report (traced, exact)",
@@ -81,6 +84,7 @@ impl Condition {
         match self {
             Self::None => "none",
             Self::Floor => "floor",
+            Self::SameTraps => "same_traps",
             Self::Memleak => "memleak",
             Self::Heaptrack => "heaptrack",
             Self::LeakmonReport => "leakmon_report",
@@ -98,6 +102,9 @@ pub(crate) struct Setup {
     libc: PathBuf,
     pub(crate) scripts: PathBuf,
     pub(crate) out: PathBuf,
+    /// Bytes into `free` where leakmon puts its probe (an instruction the kernel can
+    /// emulate), as leakmon itself reports it.
+    free_skip: u64,
 }
 
 /// The daemon's own cost while it ran one measurement.
@@ -117,7 +124,9 @@ pub fn bench(root: &Path, rounds: usize, pairs: u64, scale: bool, server_only: b
         libc: own_libc()?,
         scripts: root.join("bench"),
         out,
+        free_skip: 0,
     };
+    let setup = Setup { free_skip: free_skip(&setup)?, ..setup };
     if server_only {
         return crate::bench_server::server(&setup, rounds);
     }
@@ -333,6 +342,27 @@ fn own_libc() -> Result<PathBuf> {
         .context("no libc in xtask's own mappings")
 }
 
+/// Where leakmon probes `free` in the bench's libc, bytes past its first: read from
+/// leakmon's own account of its entry points (`report` on `true`, debug log).
+fn free_skip(s: &Setup) -> Result<u64> {
+    let out = Command::new(&s.leakmon)
+        .env("RUST_LOG", "leakmon::probes=debug")
+        .args(["report", "--format", "json", "--", "true"])
+        .output()
+        .context("run leakmon to read its probe placement")?;
+    let log = String::from_utf8_lossy(&out.stderr);
+    let libc = s.libc.file_name().expect("file name").to_string_lossy().into_owned();
+    log.lines()
+        .filter(|l| l.contains("entry point") && l.contains(&libc) && l.contains("symbol=\"free\""))
+        .find_map(|l| {
+            let field = |name: &str| -> Option<u64> {
+                l.split_whitespace().find_map(|w| w.strip_prefix(name))?.parse().ok()
+            };
+            Some(field("probe_offset=")? - field("offset=")?)
+        })
+        .with_context(|| format!("leakmon named no free probe in {libc}:\n{log}"))
+}
+
 /// Runs the workload once under `condition`: ns per pair, and the daemon's cost.
 fn measure(s: &Setup, w: Workload, condition: Condition, pairs: u64) -> Result<(f64, Option<DaemonCost>)> {
     let pairs = if w.mode == "mixed" { pairs / 2 } else { pairs };
@@ -349,14 +379,25 @@ fn measure(s: &Setup, w: Workload, condition: Condition, pairs: u64) -> Result<(
             cmd.arg("-o").arg(s.out.join("heaptrack.out")).arg(&s.workload_bin).args(&args);
             Ok((ns_per_pair(cmd)?, None))
         }
-        Condition::Floor | Condition::Memleak => {
-            let script =
-                s.scripts.join(if condition == Condition::Floor { "floor.bt" } else { "memleak.bt" });
+        Condition::Floor | Condition::Memleak | Condition::SameTraps => {
+            let script = s.scripts.join(match condition {
+                Condition::Floor => "floor.bt",
+                Condition::SameTraps => "same_traps.bt",
+                _ => "memleak.bt",
+            });
             let text =
                 std::fs::read_to_string(&script).with_context(|| format!("read {}", script.display()))?;
             let resolved = s.out.join(script.file_name().expect("file name"));
-            std::fs::write(&resolved, text.replace("LIBC", &s.libc.display().to_string()))?;
+            let text = text
+                .replace("LIBC", &s.libc.display().to_string())
+                .replace("FREE_SKIP", &s.free_skip.to_string());
+            std::fs::write(&resolved, text)?;
             let mut tracer = Command::new("bpftrace");
+            // leakmon's free probe sits on an instruction inside free, which bpftrace
+            // cannot always check for a boundary itself.
+            if condition == Condition::SameTraps {
+                tracer.arg("--unsafe");
+            }
             tracer.arg(&resolved);
             let helper = Helper::start(tracer, "Attaching")?;
             // bpftrace says "Attaching" just before it attaches.
@@ -548,6 +589,7 @@ fn report(
         let ratios = [
             ("leakmon / memleak-equivalent", lm / over(Condition::Memleak), "target <= 0.3"),
             ("leakmon / uprobe floor", lm / over(Condition::Floor), "target <= 0.5"),
+            ("leakmon / same-traps floor", lm / over(Condition::SameTraps), "target <= 1.3"),
             ("leakmon / heaptrack", lm / over(Condition::Heaptrack), "stretch <= 5"),
         ];
         for (name, r, target) in ratios {
@@ -561,13 +603,14 @@ fn report(
         );
         let _ = write!(
             json,
-            "    {{\n      \"name\": \"{}\",\n{},\n      \"unwind_ns\": {:.1},\n      \"ratio_memleak\": {:.3},\n      \"ratio_floor\": {:.3},\n      \"ratio_heaptrack\": {:.3}\n    }}{}\n",
+            "    {{\n      \"name\": \"{}\",\n{},\n      \"unwind_ns\": {:.1},\n      \"ratio_memleak\": {:.3},\n      \"ratio_floor\": {:.3},\n      \"ratio_same_traps\": {:.3},\n      \"ratio_heaptrack\": {:.3}\n    }}{}\n",
             workload.name,
             entries.join(",\n"),
             lm - over(Condition::LeakmonFramePointers),
             ratios[0].1,
             ratios[1].1,
             ratios[2].1,
+            ratios[3].1,
             if w + 1 < WORKLOADS.len() { "," } else { "" }
         );
     }

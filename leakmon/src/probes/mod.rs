@@ -373,6 +373,16 @@ impl Probes {
         kind: AttachKind,
     ) -> Result<Vec<Link>, ProbeError> {
         let points = entry_points(path)?;
+        for point in &points {
+            // The bench reads these to put its same-traps floor where leakmon probes.
+            debug!(
+                library = %path.display(),
+                symbol = point.symbol,
+                offset = point.file_offset,
+                probe_offset = point.probe_offset,
+                "entry point"
+            );
+        }
         // The return probe must be at the first byte, where the return address is on top
         // of the stack; an entry probe may sit a little further (see `placement`).
         let mut groups: Vec<(&'static str, Vec<u64>)> = vec![(
