@@ -122,6 +122,11 @@ pub enum Attach {
 }
 
 /// `500ms`, `0.5s`, `30s`, `10m`, `1h`, or a bare number of seconds.
+/// The longest duration any option takes: a year. Longer ones are surely a mistake, and
+/// a bound keeps every product of them (`10 × sample-interval`) far from overflow.
+pub const MAX_DURATION: Duration = Duration::from_secs(365 * 24 * 3600);
+
+/// A duration from the command line or the configuration: `500ms`, `0.5s`, `10m`, `2h`.
 pub fn parse_duration(text: &str) -> Result<Duration, String> {
     let text = text.trim();
     let split = text.find(|c: char| !(c.is_ascii_digit() || c == '.')).unwrap_or(text.len());
@@ -138,7 +143,13 @@ pub fn parse_duration(text: &str) -> Result<Duration, String> {
     if !(seconds.is_finite() && seconds > 0.0) {
         return Err(format!("{text:?} must be longer than zero"));
     }
-    Ok(Duration::from_secs_f64(seconds))
+    if seconds > MAX_DURATION.as_secs_f64() {
+        return Err(format!("{text:?} is longer than a year"));
+    }
+    match Duration::from_secs_f64(seconds) {
+        d if d.is_zero() => Err(format!("{text:?} is shorter than a nanosecond")),
+        d => Ok(d),
+    }
 }
 
 #[derive(Clone, Debug, PartialEq, Eq, clap::Args)]
@@ -356,6 +367,31 @@ mod tests {
         assert!(parse_duration("0s").is_err());
         assert!(parse_duration("5 parsecs").is_err());
         assert!(parse_duration("fast").is_err());
+        // Regressions: these panicked in Duration::from_secs_f64.
+        for huge in ["99999999999999999999s", "1e300s", "9999999999999999h", "400d"] {
+            assert!(parse_duration(huge).is_err(), "{huge}");
+        }
+        assert_eq!(
+            parse_duration("365d"),
+            Err("unknown unit \"d\" in \"365d\" (use ms, s, m or h)".to_owned())
+        );
+        assert_eq!(parse_duration("8760h"), Ok(MAX_DURATION));
+        assert!(parse_duration("8761h").is_err());
+    }
+
+    proptest::proptest! {
+        /// Any number with any unit: an answer, never a panic, and never past the bound.
+        #[test]
+        fn any_duration_text_is_answered(number in proptest::num::f64::ANY, unit in "(ms|s|m|h|)") {
+            if let Ok(d) = parse_duration(&format!("{number}{unit}")) {
+                proptest::prop_assert!(d <= MAX_DURATION && !d.is_zero());
+            }
+        }
+
+        #[test]
+        fn any_digits_are_answered(digits in "[0-9]{1,40}(\\.[0-9]{0,40})?", unit in "(ms|s|m|h|)") {
+            let _ = parse_duration(&format!("{digits}{unit}"));
+        }
     }
 
     #[test]

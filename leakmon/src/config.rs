@@ -247,7 +247,7 @@ pub fn check(text: &str) -> (FileConfig, Vec<Problem>) {
         problems.push(Problem { line, message: format!("unknown key {key} (known: {})", KEYS.join(", ")) });
     }
     if let (Some(window), Some(interval)) = (config.window, config.sample_interval) {
-        if window < interval * 10 {
+        if interval.checked_mul(10).is_none_or(|ten| window < ten) {
             let item = root.get("window").expect("window was read");
             problems.push(Problem {
                 line: item.span().map_or(1, |s| line_of(text, s.start)),
@@ -374,6 +374,9 @@ pid-label = true
                 any::<i64>().prop_map(|v| v.to_string()),
                 any::<f64>().prop_map(|v| v.to_string()),
                 "\"[0-9a-z. :]{0,12}\"",
+                // Durations of any size: 40 digits overflow every integer and Duration.
+                "\"[0-9]{1,40}(\\.[0-9]{0,20})?(ms|s|m|h|)\"",
+                any::<f64>().prop_map(|v| format!("\"{v}s\"")),
                 Just("true".to_owned()),
                 Just("[1, \"x\"]".to_owned()),
                 Just("{ a = 1 }".to_owned()),

@@ -44,6 +44,30 @@ fn bad_duration() {
     assert!(err.contains("--duration must be a positive number of seconds"), "{err}");
 }
 
+/// Regressions: each of these panicked (a duration overflow), one after the probes
+/// were loaded.
+#[test]
+fn huge_durations_are_one_line_not_a_panic() {
+    let out = leakmon().args(["report", "--pid", "1", "--duration", "1e20"]).output().expect("run");
+    assert_eq!(one_line_error(&out, 1), "leakmon: --duration 100000000000000000000 is longer than a year\n");
+    let out = leakmon().args(["run", "--sample-interval", "99999999999999999999s"]).output().expect("run");
+    let err = one_line_error(&out, 2);
+    assert!(err.contains("\"99999999999999999999s\" is longer than a year"), "{err}");
+    let out =
+        leakmon().args(["run", "--window", "8760h", "--sample-interval", "8000h"]).output().expect("run");
+    let err = one_line_error(&out, 1);
+    assert!(err.contains("--window must hold at least 10 samples"), "{err}");
+    let dir = tempfile::tempdir().expect("temp dir");
+    let file = dir.path().join("leakmon.toml");
+    std::fs::write(&file, "sample-interval = \"99999999999999999999s\"\nwindow = \"8760h\"\n")
+        .expect("write");
+    let out = leakmon().args(["config", "check"]).arg(&file).output().expect("run");
+    let text = String::from_utf8_lossy(&out.stdout).into_owned() + &String::from_utf8_lossy(&out.stderr);
+    assert_eq!(out.status.code(), Some(1), "{text}");
+    assert!(text.contains("longer than a year"), "{text}");
+    assert!(!text.contains("panicked"), "{text}");
+}
+
 #[test]
 fn command_that_cannot_start() {
     let out = leakmon().args(["report", "--", "/nonexistent/leakmon-fixture"]).output().expect("run");

@@ -188,6 +188,9 @@ fn check(args: &ReportArgs, proc_root: &ProcRoot) -> Result<()> {
         if !(d.is_finite() && d > 0.0) {
             bail!("--duration must be a positive number of seconds, not {d}");
         }
+        if d > crate::cli::MAX_DURATION.as_secs_f64() {
+            bail!("--duration {d} is longer than a year");
+        }
     }
     if args.format == Format::Pprof && std::io::IsTerminal::is_terminal(&std::io::stdout()) {
         bail!("--format pprof writes a binary profile: redirect it to a file (> heap.pb.gz)");

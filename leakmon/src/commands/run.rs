@@ -72,7 +72,7 @@ fn validate(args: &RunArgs, proc_root: &ProcRoot) -> Result<Attach> {
     if attach == Attach::Pids && !args.selects() {
         bail!("--attach pids needs at least one --pid, --comm or --cgroup");
     }
-    if args.window < args.sample_interval * 10 {
+    if args.sample_interval.checked_mul(10).is_none_or(|ten| args.window < ten) {
         bail!(
             "--window must hold at least 10 samples (--sample-interval {:?}, --window {:?})",
             args.sample_interval,
