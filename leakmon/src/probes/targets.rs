@@ -270,8 +270,14 @@ pub fn targets_in(data: &[u8]) -> Result<FileTargets, object::Error> {
         let Some(section) = symbol.section_index().and_then(|s| file.section_by_index(s).ok()) else {
             continue;
         };
-        let Some((section_offset, _)) = section.file_range() else { continue };
-        let start = symbol.address() - section.address();
+        let Some((section_offset, section_size)) = section.file_range() else { continue };
+        // A symbol outside its own section (a corrupt or crafted file in some traced
+        // process) names no code of that file: never a probe offset.
+        let Some(start) = symbol.address().checked_sub(section.address()).filter(|s| *s < section_size)
+        else {
+            continue;
+        };
+        let Some(file_offset) = start.checked_add(section_offset) else { continue };
         let skip = match handler {
             Handler::Free => section
                 .data()
@@ -281,7 +287,7 @@ pub fn targets_in(data: &[u8]) -> Result<FileTargets, object::Error> {
             _ => 0,
         };
         defined.insert(name);
-        offsets.insert(name, (start + section_offset, start + section_offset + skip));
+        offsets.insert(name, (file_offset, file_offset.saturating_add(skip)));
     }
     let allocator = Allocator::recognise(&defined);
     let deletes: Vec<(&'static str, Handler)> = if allocator.is_some_and(|a| !a.is_libc()) {
@@ -320,6 +326,47 @@ fn needed(data: &[u8]) -> Vec<String> {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    /// A shared object defining `malloc`, with `malloc`'s dynamic symbol value replaced
+    /// by `value`: a crafted file, as a traced process might map.
+    fn crafted(value: u64) -> Vec<u8> {
+        let dir = tempfile::tempdir().expect("temp dir");
+        let src = dir.path().join("m.c");
+        std::fs::write(
+            &src,
+            "void *malloc(unsigned long n) { (void)n; return 0; }\nvoid free(void *p) { (void)p; }\n",
+        )
+        .expect("write source");
+        let lib = dir.path().join("libm.so");
+        let status = std::process::Command::new("gcc")
+            .args(["-shared", "-fPIC", "-O1", "-s", "-o"])
+            .arg(&lib)
+            .arg(&src)
+            .status()
+            .expect("run gcc");
+        assert!(status.success());
+        let mut data = std::fs::read(&lib).expect("read");
+        let file = object::File::parse(&*data).expect("parse");
+        let at = file.dynamic_symbols().find(|s| s.name() == Ok("malloc")).expect("malloc symbol").index().0;
+        let (dynsym, _) =
+            file.section_by_name(".dynsym").expect(".dynsym").file_range().expect("in the file");
+        // Elf64_Sym: name (4), info (1), other (1), shndx (2), value (8), size (8).
+        let entry = dynsym as usize + at * 24 + 8;
+        data[entry..entry + 8].copy_from_slice(&value.to_le_bytes());
+        data
+    }
+
+    #[test]
+    fn a_symbol_outside_its_section_is_no_probe_and_no_panic() {
+        for value in [0x10, u64::MAX - 3, u64::MAX, 1 << 40] {
+            let points = entry_points_in(&crafted(value)).expect("still an ELF");
+            assert!(
+                points.iter().all(|p| p.symbol != "malloc"),
+                "a malloc at {value:#x} is outside .text: {points:?}"
+            );
+            assert!(points.iter().any(|p| p.symbol == "free"), "the genuine free is still found");
+        }
+    }
 
     fn system_libc() -> std::path::PathBuf {
         let maps = crate::procfs::ProcRoot::default().maps(std::process::id()).expect("maps");
@@ -363,10 +410,31 @@ mod tests {
         let points = entry_points(&system_libc()).expect("libc parses");
         let free = points.iter().find(|p| p.symbol == "free").expect("free");
         let data = fs::read(system_libc()).expect("read libc");
-        let at = |o: u64| data[usize::try_from(o).expect("fits")];
-        // This machine's glibc: `test rdi, rdi; je ...; push rbp`.
-        assert_eq!(free.probe_offset, free.file_offset + 9, "free probed at its push");
-        assert_eq!(at(free.probe_offset), 0x55, "push rbp");
+        // What the file says, not what one glibc build compiled: decoding from free's
+        // first byte, the probe lands on an instruction boundary after the test of its
+        // argument (rdi) and the conditional jump that returns on NULL.
+        assert!(free.probe_offset > free.file_offset, "free probed past its first byte");
+        let start = usize::try_from(free.file_offset).expect("fits");
+        let end = usize::try_from(free.probe_offset).expect("fits");
+        let mut decoder = iced_x86::Decoder::with_ip(64, &data[start..], free.file_offset, 0);
+        let mut seen = Vec::new();
+        while decoder.ip() < free.probe_offset {
+            seen.push(decoder.decode());
+        }
+        assert_eq!(decoder.ip(), free.probe_offset, "an instruction boundary: {seen:?}");
+        let tests_rdi = seen.iter().position(|i| {
+            matches!(i.mnemonic(), iced_x86::Mnemonic::Test | iced_x86::Mnemonic::Cmp)
+                && i.op0_kind() == iced_x86::OpKind::Register
+                && i.op0_register() == iced_x86::Register::RDI
+        });
+        let jumps = seen
+            .iter()
+            .rposition(|i| matches!(i.mnemonic(), iced_x86::Mnemonic::Je | iced_x86::Mnemonic::Jne));
+        assert!(
+            tests_rdi.zip(jumps).is_some_and(|(t, j)| t < j),
+            "a NULL test and its jump come before the probe ({} bytes in): {seen:?}",
+            end - start
+        );
         let malloc = points.iter().find(|p| p.symbol == "malloc").expect("malloc");
         assert_eq!(malloc.probe_offset, malloc.file_offset, "others at their first byte");
     }
