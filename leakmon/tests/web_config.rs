@@ -118,3 +118,83 @@ fn a_bad_web_config_stops_the_daemon_with_one_line() {
     let line = stderr.lines().find(|l| l.contains("web config")).unwrap_or_else(|| panic!("{stderr}"));
     assert!(line.contains("client_auth_type") && line.contains("web.yml"), "{line}");
 }
+
+/// GET /metrics with basic authentication over plain HTTP: the status and how long the
+/// answer took.
+fn timed_get(user: &str, password: &str) -> (u16, Duration) {
+    use base64::Engine as _;
+    use std::io::{Read as _, Write as _};
+    let started = Instant::now();
+    let token = base64::engine::general_purpose::STANDARD.encode(format!("{user}:{password}"));
+    let Ok(mut s) = std::net::TcpStream::connect(FLOOD) else { return (0, started.elapsed()) };
+    let _ = s.set_read_timeout(Some(Duration::from_secs(30)));
+    let _ = write!(s, "GET /metrics HTTP/1.0\r\nHost: {FLOOD}\r\nAuthorization: Basic {token}\r\n\r\n");
+    let mut out = String::new();
+    let _ = s.read_to_string(&mut out);
+    let status = out.split_whitespace().nth(1).and_then(|c| c.parse().ok()).unwrap_or(0);
+    (status, started.elapsed())
+}
+
+const FLOOD: &str = "127.0.0.1:19493";
+
+/// Regression: bcrypt ran under a lock on the async threads, so a burst of wrong
+/// passwords (each a deliberately slow verification) stalled every scrape behind it.
+#[test]
+fn a_flood_of_wrong_passwords_does_not_stall_a_good_scrape() {
+    let dir = tempfile::tempdir().expect("temp dir");
+    // Cost 10, as htpasswd -B makes: tens of milliseconds a verification.
+    let hash = bcrypt::hash("s3cret", 10).expect("hash");
+    let web = dir.path().join("web.yml");
+    std::fs::write(&web, format!("basic_auth_users:\n  alice: '{hash}'\n")).expect("write web config");
+    let _daemon = Reap(
+        common::leakmon()
+            .args(["run", "--attach", "none", "--sample-interval", "1s", "--web.listen-address", FLOOD])
+            .arg("--web.config.file")
+            .arg(&web)
+            .stderr(Stdio::null())
+            .spawn()
+            .expect("start leakmon"),
+    );
+    let up = Instant::now();
+    while timed_get("alice", "s3cret").0 != 200 {
+        assert!(up.elapsed() < Duration::from_secs(30), "the daemon did not come up");
+        std::thread::sleep(Duration::from_millis(100));
+    }
+    // The good credentials are verified once; their usual answer time:
+    let mut usual: Vec<Duration> = (0..10).map(|_| timed_get("alice", "s3cret").1).collect();
+    usual.sort();
+    let usual = usual[5];
+
+    let stop = std::sync::Arc::new(std::sync::atomic::AtomicBool::new(false));
+    let flooders: Vec<_> = (0..16)
+        .map(|i| {
+            let stop = stop.clone();
+            std::thread::spawn(move || {
+                let mut refused = 0;
+                while !stop.load(std::sync::atomic::Ordering::Relaxed) {
+                    let (status, _) = timed_get("alice", &format!("wrong{i}"));
+                    assert!(status == 401 || status == 0, "a wrong password got {status}");
+                    refused += 1;
+                }
+                refused
+            })
+        })
+        .collect();
+    std::thread::sleep(Duration::from_millis(300));
+    let mut during = Vec::new();
+    for _ in 0..20 {
+        let (status, took) = timed_get("alice", "s3cret");
+        assert_eq!(status, 200);
+        during.push(took);
+        std::thread::sleep(Duration::from_millis(50));
+    }
+    stop.store(true, std::sync::atomic::Ordering::Relaxed);
+    let refused: usize = flooders.into_iter().map(|f| f.join().expect("flooder")).sum();
+    during.sort();
+    let worst = *during.last().expect("answers");
+    eprintln!("good scrape: usual {usual:?}, worst during {refused} wrong logins {worst:?}");
+    assert!(refused >= 8, "the flood happened: {refused}");
+    // Before the fix each good scrape queued behind the verifications under way: 16
+    // flooders at tens of milliseconds each held it for most of a second or more.
+    assert!(worst < Duration::from_millis(250).max(usual * 20), "worst {worst:?}, usual {usual:?}");
+}

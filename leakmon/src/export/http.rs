@@ -160,9 +160,12 @@ pub async fn serve(
             move |req: axum::extract::Request, next: axum::middleware::Next| {
                 let users = users.clone();
                 async move {
-                    let authorization =
-                        req.headers().get(header::AUTHORIZATION).and_then(|v| v.to_str().ok());
-                    if users.allows(authorization) {
+                    let authorization = req
+                        .headers()
+                        .get(header::AUTHORIZATION)
+                        .and_then(|v| v.to_str().ok())
+                        .map(str::to_owned);
+                    if users.allows_async(authorization.as_deref()).await {
                         next.run(req).await
                     } else {
                         (StatusCode::UNAUTHORIZED, [(header::WWW_AUTHENTICATE, "Basic")], "unauthorized\n")

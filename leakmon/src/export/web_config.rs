@@ -77,6 +77,7 @@ impl WebConfig {
             Some(Users {
                 hashes: Arc::new(file.basic_auth_users),
                 verified: Arc::new(Mutex::new(HashSet::new())),
+                verifying: Arc::new(tokio::sync::Semaphore::new(1)),
             })
         };
         Ok(Self { tls, users })
@@ -108,35 +109,89 @@ pub struct Users {
     /// Credentials already checked against their hash: bcrypt is slow on purpose, and
     /// Prometheus sends the same ones every scrape. Bounded.
     verified: Arc<Mutex<HashSet<(String, String)>>>,
+    /// One bcrypt verification at a time, on a blocking thread: a flood of wrong
+    /// passwords queues here, and neither holds the lock nor stalls the async threads
+    /// that answer everyone else.
+    verifying: Arc<tokio::sync::Semaphore>,
 }
 
 /// Credentials remembered as verified at most.
 const MAX_VERIFIED: usize = 64;
 
+/// What an `Authorization` header asks, once decoded.
+enum Claim {
+    /// Malformed, or an unknown user: no.
+    Refused,
+    /// Checked before: yes, without bcrypt.
+    Known,
+    /// A user, a password and the hash to verify it against.
+    Unverified { key: (String, String), hash: String },
+}
+
 impl Users {
-    /// Whether an `Authorization` header value names a user with the right password.
-    pub fn allows(&self, authorization: Option<&str>) -> bool {
+    fn claim(&self, authorization: Option<&str>) -> Claim {
         use base64::Engine as _;
-        let Some(encoded) = authorization.and_then(|a| a.strip_prefix("Basic ")) else { return false };
-        let Ok(decoded) = base64::engine::general_purpose::STANDARD.decode(encoded.trim()) else {
-            return false;
+        let Some(encoded) = authorization.and_then(|a| a.strip_prefix("Basic ")) else {
+            return Claim::Refused;
         };
-        let Ok(text) = String::from_utf8(decoded) else { return false };
-        let Some((user, password)) = text.split_once(':') else { return false };
-        let Some(hash) = self.hashes.get(user) else { return false };
+        let Ok(decoded) = base64::engine::general_purpose::STANDARD.decode(encoded.trim()) else {
+            return Claim::Refused;
+        };
+        let Ok(text) = String::from_utf8(decoded) else { return Claim::Refused };
+        let Some((user, password)) = text.split_once(':') else { return Claim::Refused };
+        let Some(hash) = self.hashes.get(user) else { return Claim::Refused };
         let key = (user.to_owned(), password.to_owned());
+        // The lock is held for a set lookup only, never across bcrypt.
+        if self.verified.lock().unwrap_or_else(std::sync::PoisonError::into_inner).contains(&key) {
+            return Claim::Known;
+        }
+        Claim::Unverified { key, hash: hash.clone() }
+    }
+
+    fn remember(&self, key: (String, String)) {
         let mut verified = self.verified.lock().unwrap_or_else(std::sync::PoisonError::into_inner);
-        if verified.contains(&key) {
-            return true;
-        }
-        if !bcrypt::verify(password, hash).unwrap_or(false) {
-            return false;
-        }
         if verified.len() >= MAX_VERIFIED {
             verified.clear();
         }
         verified.insert(key);
-        true
+    }
+
+    /// Whether an `Authorization` header value names a user with the right password;
+    /// bcrypt runs on this thread (tests, and callers off the async runtime).
+    pub fn allows(&self, authorization: Option<&str>) -> bool {
+        match self.claim(authorization) {
+            Claim::Refused => false,
+            Claim::Known => true,
+            Claim::Unverified { key, hash } => {
+                let ok = bcrypt::verify(&key.1, &hash).unwrap_or(false);
+                if ok {
+                    self.remember(key);
+                }
+                ok
+            }
+        }
+    }
+
+    /// [`Users::allows`] for the web server: bcrypt on a blocking thread, one at a time.
+    pub async fn allows_async(&self, authorization: Option<&str>) -> bool {
+        match self.claim(authorization) {
+            Claim::Refused => false,
+            Claim::Known => true,
+            Claim::Unverified { key, hash } => {
+                let Ok(permit) = self.verifying.clone().acquire_owned().await else { return false };
+                let password = key.1.clone();
+                let ok = tokio::task::spawn_blocking(move || {
+                    let _one_at_a_time = permit;
+                    bcrypt::verify(password, &hash).unwrap_or(false)
+                })
+                .await
+                .unwrap_or(false);
+                if ok {
+                    self.remember(key);
+                }
+                ok
+            }
+        }
     }
 }
 
