@@ -355,13 +355,22 @@ async fn daemon(mut args: RunArgs, attach: Attach, proc_root: ProcRoot, reload: 
                 );
                 let mut forgotten = HashSet::new();
                 if !exited.is_empty() || !replaced.is_empty() {
-                    let purged = p.purge(
+                    // A monitoring daemon keeps running: a purge that fails is counted,
+                    // said, and tried again at the next turn with the same processes.
+                    let purged = match p.purge(
                         |tgid, gen| {
                             exited.get(&tgid).is_some_and(|g| gen <= *g) || replaced.get(&tgid).is_some_and(|g| gen < *g)
                         },
                         // Not a pid taken since by a process traced in a later generation.
                         |tgid, state| exited.get(&tgid).is_some_and(|g| state.exited() || state.gen <= *g),
-                    )?;
+                    ) {
+                        Ok(purged) => purged,
+                        Err(e) => {
+                            warn!("purge exited processes' kernel state: {e:#}");
+                            metrics.error("purge");
+                            continue;
+                        }
+                    };
                     tracing::debug!(processes = exited.len(), images = replaced.len(), removed = purged.entries, "purged");
                     forgotten = purged.forgotten;
                     let gone = |pid: &u32| exited.contains_key(pid) && p.proc_state(*pid).is_none();
@@ -369,8 +378,9 @@ async fn daemon(mut args: RunArgs, attach: Attach, proc_root: ProcRoot, reload: 
                     execed.retain(|pid, _| !gone(pid));
                     exited.clear();
                     replaced.clear();
-                } else {
-                    p.purge_stacks()?;
+                } else if let Err(e) = p.purge_stacks() {
+                    warn!("purge unreferenced stacks: {e:#}");
+                    metrics.error("purge");
                 }
                 // Names come from the events of traced processes alone, and a fork's
                 // event may be handled after its child was purged: only what the process

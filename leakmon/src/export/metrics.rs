@@ -40,6 +40,7 @@ pub struct Metrics {
     own_heap: IntGauge,
     queued: IntGauge,
     series_dropped: IntCounter,
+    errors: IntCounterVec,
     oom_kills: IntCounterVec,
     restarts: IntCounterVec,
     last_restarts: std::collections::HashMap<(String, String, Option<u32>), u64>,
@@ -156,6 +157,11 @@ impl Metrics {
                 &registry,
                 IntCounter::new("leakmon_series_dropped_total", "New series turned away by the series cap.").expect("valid"),
             ),
+            errors: counter(
+                "leakmon_errors_total",
+                "Operations of the daemon that failed and were left for their next turn (a purge of exited processes' kernel state, a profile).",
+                &["operation"],
+            ),
             oom_kills: counter("leakmon_oom_kills_total", "Processes of a service and command killed by the OOM killer.", sc),
             restarts: counter(
                 "leakmon_restarts_total",
@@ -186,6 +192,8 @@ impl Metrics {
         m.registry
             .register(Box::new(prometheus::process_collector::ProcessCollector::for_self()))
             .expect("process collector");
+        // Present from the start, so a rate over it works before the first failure.
+        m.errors.with_label_values(&["purge"]);
         m
     }
 
@@ -281,6 +289,11 @@ impl Metrics {
         self.attached.set(attached as i64);
         self.series_dropped.inc_by(dropped.saturating_sub(self.last_dropped));
         self.last_dropped = dropped;
+    }
+
+    /// One failed operation of the daemon, which goes on.
+    pub fn error(&self, operation: &str) {
+        self.errors.with_label_values(&[operation]).inc();
     }
 
     /// Lifecycle events waiting to be handled.
@@ -434,6 +447,7 @@ mod tests {
             "leakmon_bpf_map_errors_total{map=\"stacks\"} 0",
             "leakmon_events_lost_total{source=\"lifecycle_ring\"} 0",
             "leakmon_series_dropped_total 2",
+            "leakmon_errors_total{operation=\"purge\"} 0",
             "leakmon_build_info{version=\"",
             "process_resident_memory_bytes ",
         ] {
