@@ -18,7 +18,7 @@ use tokio::{
 };
 use tracing::{info, warn};
 
-use super::{attach_all, load_probes, refresh_unwind, report_of, unfreed};
+use super::{attach_all, load_probes, refresh_unwind, unfreed};
 use crate::{
     analysis::{history::Change, trend::Params},
     cli::{Attach, RunArgs},
@@ -100,8 +100,7 @@ async fn daemon(mut args: RunArgs, attach: Attach, proc_root: ProcRoot, reload: 
     let (profile_tx, mut profile_requests) = tokio::sync::mpsc::channel::<ProfileRequest>(8);
     let web = args.web_config.as_deref().map(crate::export::web_config::WebConfig::load).transpose()?;
     let server = http::serve(args.listen, published.clone(), profile_tx, web).await?;
-    let symbolizer = Symbolizer::new(Wrappers::new(&args.tables.wrappers));
-    let suppressions = crate::suppressions::Suppressions::new(&args.tables.suppress);
+    let profiles = spawn_profile_renderer(&args.tables.wrappers, &args.tables.suppress)?;
     let mut discovery = Discovery::new(proc_root.clone());
     // The allocator each process's malloc reaches, as last read from its mappings.
     let mut allocators: HashMap<u32, Allocator> = HashMap::new();
@@ -188,8 +187,18 @@ async fn daemon(mut args: RunArgs, attach: Attach, proc_root: ProcRoot, reload: 
                 notify(sd_notify::NotifyState::Watchdog);
             }
             Some(request) = profile_requests.recv() => {
-                let built = build_profile(probes.as_ref().filter(|_| attributing), &mut discovery, &monitor, (&symbolizer, &suppressions), &request);
-                let _ = request.reply.send(built);
+                // Only the kernel tables and /proc are read here; symbolizing and
+                // rendering, the slow part, run off the loop, which keeps sampling.
+                match profile_snapshot(probes.as_ref().filter(|_| attributing), &mut discovery, &monitor, &request) {
+                    Ok(snapshot) => {
+                        // A renderer gone (it panicked) drops the reply: the client
+                        // gets its error from the HTTP side.
+                        let _ = profiles.send((snapshot, request.reply));
+                    }
+                    Err(e) => {
+                        let _ = request.reply.send(Err(e));
+                    }
+                }
             }
             _ = sighup.recv() => {
                 notify(sd_notify::NotifyState::Reloading);
@@ -408,14 +417,71 @@ async fn daemon(mut args: RunArgs, attach: Attach, proc_root: ProcRoot, reload: 
     Ok(())
 }
 
-/// A profile of the unfreed memory of the processes `request` selects.
-fn build_profile(
+/// What a profile is made of, read from the kernel tables and /proc in the loop;
+/// [`ProfileSnapshot::render`] does the rest elsewhere.
+struct ProfileSnapshot {
+    totals: Vec<crate::store::ProcessTotals>,
+    infos: HashMap<u32, crate::report::ProcessInfo>,
+    stacks: HashMap<u64, Vec<u64>>,
+    kind: ProfileKind,
+    title: String,
+}
+
+impl ProfileSnapshot {
+    fn render(
+        self,
+        symbolizer: &Symbolizer,
+        suppressions: &crate::suppressions::Suppressions,
+    ) -> Result<Vec<u8>, http::ProfileError> {
+        use axum::http::StatusCode;
+        let Self { totals, infos, stacks, kind, title } = self;
+        let mut report = crate::report::Report::build(
+            totals,
+            &infos,
+            |id| stacks.get(&id).cloned(),
+            symbolizer,
+            crate::monotonic_ms(),
+        );
+        report.include_clean(&infos);
+        report.set_apart(suppressions);
+        match kind {
+            ProfileKind::Pprof => Ok(pprof::encode(&pprof::profile(&report, crate::unix_nanos()))),
+            ProfileKind::FlameGraph => flamegraph::render(&report, &title)
+                .map_err(|e| (StatusCode::INTERNAL_SERVER_ERROR, format!("draw the flame graph: {e}"))),
+        }
+    }
+}
+
+type Reply = tokio::sync::oneshot::Sender<Result<Vec<u8>, http::ProfileError>>;
+
+/// A thread that symbolizes and renders profile snapshots, one after another, with a
+/// symbolizer of its own (blazesym's stays on the thread that made it).
+fn spawn_profile_renderer(
+    wrappers: &[String],
+    suppress: &[String],
+) -> Result<std::sync::mpsc::Sender<(ProfileSnapshot, Reply)>> {
+    let (tx, rx) = std::sync::mpsc::channel::<(ProfileSnapshot, Reply)>();
+    let (wrappers, suppress) = (wrappers.to_vec(), suppress.to_vec());
+    std::thread::Builder::new()
+        .name("profiles".into())
+        .spawn(move || {
+            let symbolizer = Symbolizer::new(Wrappers::new(&wrappers));
+            let suppressions = crate::suppressions::Suppressions::new(&suppress);
+            for (snapshot, reply) in rx {
+                let _ = reply.send(snapshot.render(&symbolizer, &suppressions));
+            }
+        })
+        .context("start the profile renderer")?;
+    Ok(tx)
+}
+
+/// The snapshot of a profile of the unfreed memory of the processes `request` selects.
+fn profile_snapshot(
     probes: Option<&Probes>,
     discovery: &mut Discovery,
     monitor: &Monitor,
-    (symbolizer, suppressions): (&Symbolizer, &crate::suppressions::Suppressions),
     request: &ProfileRequest,
-) -> Result<Vec<u8>, http::ProfileError> {
+) -> Result<ProfileSnapshot, http::ProfileError> {
     use axum::http::StatusCode;
     let Some(probes) = probes else {
         return Err((
@@ -443,14 +509,20 @@ fn build_profile(
         return Err((StatusCode::NOT_FOUND, what));
     }
     let selected: HashMap<u32, ProcState> = pids.iter().map(|p| (*p, traced[p])).collect();
-    let mut report = report_of(probes, discovery, &selected, HashMap::new(), symbolizer)
-        .map_err(|e| (StatusCode::INTERNAL_SERVER_ERROR, format!("{e:#}")))?;
-    report.set_apart(suppressions);
-    match request.kind {
-        ProfileKind::Pprof => Ok(pprof::encode(&pprof::profile(&report, crate::unix_nanos()))),
-        ProfileKind::FlameGraph => flamegraph::render(&report, &title)
-            .map_err(|e| (StatusCode::INTERNAL_SERVER_ERROR, format!("draw the flame graph: {e}"))),
+    let mut infos = HashMap::new();
+    for (&pid, state) in &selected {
+        let mut info = super::capture(discovery, pid, true);
+        info.incomplete = state.flags & leakmon_common::proc_flags::INCOMPLETE != 0;
+        infos.insert(pid, info);
     }
+    let totals = super::unfreed(probes, &selected)
+        .map_err(|e| (StatusCode::INTERNAL_SERVER_ERROR, format!("{e:#}")))?;
+    let stacks = totals
+        .iter()
+        .flat_map(|p| &p.stacks)
+        .filter_map(|s| Some((s.stack_id, probes.stack(s.stack_id)?)))
+        .collect();
+    Ok(ProfileSnapshot { totals, infos, stacks, kind: request.kind, title })
 }
 
 /// Tells the service manager (systemd `Type=notify`), if there is one. The message
