@@ -133,12 +133,17 @@ fn main() -> Result<()> {
             let package = deb(&pins)?;
             // The default members: the eBPF crate only builds for the bpf target (build.rs
             // builds it), so `--workspace` would try to compile it for the host.
-            let (passed, failed) =
+            let Outcome { passed, failed, ignored } =
                 run_tests(cargo().args(["test", "--no-fail-fast"]).args(&args).env("LEAKMON_DEB", &package))?;
             eprintln!("xtask: tests finished in {:.0?}", started.elapsed());
-            println!("tests: {passed} passed, {failed} failed");
+            println!("tests: {} run, {passed} passed, {failed} failed, {ignored} skipped", passed + failed);
             if failed > 0 || passed == 0 {
                 bail!("tests failed");
+            }
+            // A test that cannot run here is a missing set-up step, not a pass: tests
+            // panic rather than return early, and an ignored one fails the run too.
+            if ignored > 0 {
+                bail!("{ignored} tests were skipped (ignored): every test must run");
             }
             Ok(())
         }
@@ -227,12 +232,19 @@ fn run(cmd: &mut Command) -> Result<()> {
     Ok(())
 }
 
+/// What `cargo test` said, added up over its result lines.
+struct Outcome {
+    passed: u64,
+    failed: u64,
+    ignored: u64,
+}
+
 /// Runs `cargo test`, passing its output through, and adds up its result lines.
-fn run_tests(cmd: &mut Command) -> Result<(u64, u64)> {
+fn run_tests(cmd: &mut Command) -> Result<Outcome> {
     use std::io::{BufRead as _, BufReader};
     let mut child =
         cmd.stdout(std::process::Stdio::piped()).spawn().with_context(|| format!("start {cmd:?}"))?;
-    let (mut passed, mut failed) = (0, 0);
+    let (mut passed, mut failed, mut ignored) = (0, 0, 0);
     for line in BufReader::new(child.stdout.take().expect("piped")).lines() {
         let line = line.context("read cargo test output")?;
         println!("{line}");
@@ -250,13 +262,14 @@ fn run_tests(cmd: &mut Command) -> Result<(u64, u64)> {
             };
             passed += count(" passed");
             failed += count(" failed");
+            ignored += count(" ignored");
         }
     }
     let status = child.wait()?;
     if !status.success() && failed == 0 {
         bail!("{cmd:?} failed: {status}");
     }
-    Ok((passed, failed))
+    Ok(Outcome { passed, failed, ignored })
 }
 
 fn output(cmd: &mut Command) -> Option<String> {
@@ -299,11 +312,20 @@ fn setup(pins: &Pins, tests: bool) -> Result<()> {
                 "libmimalloc2.0",
                 "redis-server",
                 "redis-tools",
+                // The trend tests' Node.js workload.
+                "nodejs",
+                // The signals test turns swap on in a file of its own.
+                "util-linux",
             ]
             .map(str::to_owned),
         );
     }
     apt_install(&packages)?;
+    if tests && output(Command::new("npm").arg("--version")).is_none() {
+        // NodeSource's nodejs carries npm; Debian's wants its own package (which
+        // conflicts with NodeSource's, hence only when npm is missing).
+        apt_install(&["npm".to_owned()])?;
+    }
     if tests {
         pip_install("kubernetes_validate", "kubernetes-validate")?;
         npm_install(
