@@ -52,18 +52,27 @@ fn a_fork_storm_beside_a_busy_sampling_loop_loses_no_event() {
     let storm = Command::new(&hold).args(["storm", "20000"]).output().expect("run the storm");
     let rate = String::from_utf8_lossy(&storm.stdout).trim().to_owned();
     let deadline = Instant::now() + Duration::from_secs(10);
-    let lost = loop {
-        let metrics = http_get(LISTEN, "/metrics").unwrap_or_default();
-        let lost: u64 = metrics
-            .lines()
-            .filter(|l| l.starts_with("leakmon_events_lost_total{"))
-            .filter_map(|l| l.rsplit(' ').next()?.parse::<u64>().ok())
-            .sum();
-        if Instant::now() > deadline || lost > 0 {
-            break lost;
+    let (lost, queued) = loop {
+        // A daemon that died, or a renamed metric, must not read as "nothing lost".
+        let metrics = http_get(LISTEN, "/metrics").expect("the daemon answers a scrape after the storm");
+        let values = |family: &str| -> Vec<u64> {
+            metrics
+                .lines()
+                .filter(|l| l.starts_with(family))
+                .filter_map(|l| l.rsplit(' ').next()?.parse::<u64>().ok())
+                .collect()
+        };
+        let lost = values("leakmon_events_lost_total{");
+        let queued = values("leakmon_lifecycle_events_queued ");
+        assert!(!lost.is_empty() && queued.len() == 1, "the event metrics are in the scrape:\n{metrics}");
+        let (lost, queued) = (lost.iter().sum::<u64>(), queued[0]);
+        // Done once every event of the storm was handled (none waits in the queue).
+        if Instant::now() > deadline || lost > 0 || queued == 0 {
+            break (lost, queued);
         }
         std::thread::sleep(Duration::from_millis(500));
     };
-    eprintln!("storm: {rate}, events lost: {lost}");
+    eprintln!("storm: {rate}, events lost: {lost}, still queued: {queued}");
     assert_eq!(lost, 0, "events lost during the storm ({rate})");
+    assert_eq!(queued, 0, "every event of the storm was handled within 10 s ({rate})");
 }

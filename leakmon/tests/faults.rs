@@ -33,8 +33,14 @@ fn wait_until(what: &str, within: Duration, mut done: impl FnMut() -> bool) {
 
 const LISTEN_KILL: &str = "127.0.0.1:19485";
 
+/// Tests here that load allocator programs run one at a time, so that the count of
+/// programs taken before one starts is exact: another test's daemon cannot load or
+/// unload its own programs in between.
+static PROGRAMS: std::sync::Mutex<()> = std::sync::Mutex::new(());
+
 #[test]
 fn sigkill_leaves_nothing_attached_and_a_restart_picks_up() {
+    let _alone = PROGRAMS.lock().unwrap_or_else(std::sync::PoisonError::into_inner);
     let before = loaded_programs();
     let start = || {
         Reap(
@@ -116,6 +122,7 @@ const LISTEN_CAPS: &str = "127.0.0.1:19490";
 /// The daemon keeps only the capabilities it still needs once running.
 #[test]
 fn the_running_daemon_holds_only_the_capabilities_it_needs() {
+    let _alone = PROGRAMS.lock().unwrap_or_else(std::sync::PoisonError::into_inner);
     let daemon = common::start_daemon(&["--attach", "all"], LISTEN_CAPS);
     let status = std::fs::read_to_string(format!("/proc/{}/status", daemon.0.id())).expect("status");
     let set = |name: &str| {

@@ -10,6 +10,21 @@ use std::{
 
 use common::{build_fixture, by_function, expected, processes, Reap};
 
+/// The tests here run one at a time: one of them counts the kernel's programs before
+/// and after, which another test's leakmon would change in between.
+static ALONE: std::sync::Mutex<()> = std::sync::Mutex::new(());
+
+fn alone() -> std::sync::MutexGuard<'static, ()> {
+    ALONE.lock().unwrap_or_else(std::sync::PoisonError::into_inner)
+}
+
+/// leakmon's shared return program loaded in the kernel, by the kernel's own account.
+fn loaded_programs() -> usize {
+    let out = Command::new("bpftool").args(["prog", "show"]).output().expect("run bpftool");
+    assert!(out.status.success(), "bpftool prog show failed");
+    String::from_utf8_lossy(&out.stdout).lines().filter(|l| l.contains(" name alloc_return ")).count()
+}
+
 /// Starts the fixture and waits until it has made its pre-window leak.
 fn start_fixture() -> Reap {
     let fixture = build_fixture("wait_then_leak.c", &[]);
@@ -51,6 +66,7 @@ fn finish(leakmon: Child, mut stderr: BufReader<ChildStderr>) -> serde_json::Val
 
 #[test]
 fn counts_only_the_window_and_reports_when_the_process_exits() {
+    let _alone = alone();
     let mut fixture = start_fixture();
     let started = Instant::now();
     let (leakmon, stderr) = watch(fixture.id(), "60");
@@ -71,6 +87,7 @@ fn counts_only_the_window_and_reports_when_the_process_exits() {
 
 #[test]
 fn reports_when_the_window_ends() {
+    let _alone = alone();
     let fixture = start_fixture();
     let started = Instant::now();
     let (leakmon, stderr) = watch(fixture.id(), "1");
@@ -84,6 +101,7 @@ fn reports_when_the_window_ends() {
 
 #[test]
 fn a_process_whose_binary_was_deleted_is_still_named_and_walked() {
+    let _alone = alone();
     // A private copy, deleted once running (as an upgrade replaces a binary).
     let dir = tempfile::tempdir().expect("temp dir");
     let binary = dir.path().join("wait_then_leak");
@@ -118,6 +136,8 @@ fn a_process_whose_binary_was_deleted_is_still_named_and_walked() {
 /// report or a one-line error, promptly, and nothing left attached.
 #[test]
 fn a_process_that_exits_while_leakmon_attaches_gets_an_answer() {
+    let _alone = alone();
+    let before = loaded_programs();
     for lifetime in ["0", "0.05", "0.2", "0.5", "1"] {
         let target = Reap(Command::new("sleep").arg(lifetime).spawn().expect("start sleep"));
         let pid = target.id().to_string();
@@ -142,5 +162,11 @@ fn a_process_that_exits_while_leakmon_attaches_gets_an_answer() {
             assert!(lines[0].contains(&pid) && said, "{lifetime}: {stderr}");
         }
         drop(target);
+        // Nothing left attached: leakmon's programs are gone with it.
+        let gone = Instant::now();
+        while loaded_programs() != before {
+            assert!(gone.elapsed() < Duration::from_secs(10), "{lifetime}: programs left in the kernel");
+            std::thread::sleep(Duration::from_millis(100));
+        }
     }
 }
