@@ -316,6 +316,9 @@ impl RunArgs {
         if let (true, Some(v)) = (from_file("unwind_rows"), file.unwind_rows) {
             self.tables.unwind_rows = v;
         }
+        if let (true, Some(v)) = (from_file("sample_bytes"), file.sample_bytes) {
+            self.tables.sample_bytes = v;
+        }
         if let (true, Some(v)) = (from_file("wrappers"), file.wrappers) {
             self.tables.wrappers = v;
         }

@@ -35,6 +35,7 @@ pub struct FileConfig {
     pub max_totals: Option<u32>,
     pub max_stacks: Option<u32>,
     pub unwind_rows: Option<u32>,
+    pub sample_bytes: Option<u64>,
     pub wrappers: Option<Vec<String>>,
     pub suppress: Option<Vec<String>>,
     pub web_config: Option<PathBuf>,
@@ -65,6 +66,7 @@ const KEYS: &[&str] = &[
     "max-totals",
     "max-stacks",
     "unwind-rows",
+    "sample-bytes",
     "wrappers",
     "suppress",
     "web",
@@ -78,7 +80,15 @@ fn line_of(text: &str, offset: usize) -> usize {
 /// Reads and checks a file.
 pub fn load(path: &Path) -> Result<(FileConfig, Vec<Problem>), std::io::Error> {
     let text = std::fs::read_to_string(path)?;
-    Ok(check(&text))
+    let (mut config, problems) = check(&text);
+    // A relative web configuration is next to this file, as the certificates a web
+    // configuration names are next to it: a service's working directory is `/`.
+    if let (Some(web), Some(dir)) = (config.web_config.as_mut(), path.parent()) {
+        if web.is_relative() {
+            *web = dir.join(&*web);
+        }
+    }
+    Ok((config, problems))
 }
 
 /// Parses `text`, collecting every problem rather than stopping at the first.
@@ -186,6 +196,18 @@ pub fn check(text: &str) -> (FileConfig, Vec<Problem>) {
                         Err(m) => p(item, m),
                     },
                 }
+            }
+            "sample-bytes" => {
+                let parsed = match value {
+                    Some(Value::String(s)) => {
+                        crate::cli::parse_bytes(s.value()).map_err(|e| format!("sample-bytes: {e}"))
+                    }
+                    Some(v) if v.as_integer().is_some_and(|n| n >= 0) => {
+                        Ok(v.as_integer().expect("an integer") as u64)
+                    }
+                    _ => Err("sample-bytes must be a size, like \"512KiB\", or 0 for exact".to_owned()),
+                };
+                config.sample_bytes = parsed.map_err(|m| p(item, m)).ok();
             }
             "unwind-rows" => {
                 config.unwind_rows = count(key, value, 0).map_err(|m| p(item, m)).ok().map(|v| v as u32);
@@ -333,7 +355,7 @@ pid-label = true
             vec![
                 (2, "sample-interval must be a duration string, like \"10s\""),
                 (3, "attach must be \"none\", \"suspects\", \"all\" or \"pids\""),
-                (4, "unknown key bogus (known: sample-interval, window, attach, suspect-duration, max-suspects, pid, comm, cgroup, top-stacks, max-series, interval, top, max-live, max-totals, max-stacks, unwind-rows, wrappers, suppress, web, metrics)"),
+                (4, "unknown key bogus (known: sample-interval, window, attach, suspect-duration, max-suspects, pid, comm, cgroup, top-stacks, max-series, interval, top, max-live, max-totals, max-stacks, unwind-rows, sample-bytes, wrappers, suppress, web, metrics)"),
                 (5, "max-live must be between 1 and 4294967295, not 0"),
                 (7, "web.listen-address must be an address and port, like \"127.0.0.1:9473\""),
                 (8, "unknown key web.port (known: web.listen-address, web.config-file)"),

@@ -64,3 +64,71 @@ fn run_takes_its_options_from_the_file() {
         std::thread::sleep(Duration::from_millis(100));
     }
 }
+
+/// Every key of the file reaches the options `run` uses, through the same resolution
+/// (command line over file) that `run --config` and its SIGHUP reload call.
+#[test]
+fn every_key_of_the_file_reaches_run() {
+    use leakmon::cli::{Attach, Cli, RunArgs};
+    let dir = tempfile::tempdir().expect("tempdir");
+    let file = dir.path().join("leakmon.toml");
+    std::fs::write(
+        &file,
+        r#"sample-interval = "250ms"
+window = "7m"
+attach = "suspects"
+suspect-duration = "3m"
+max-suspects = 2
+pid = [4242]
+comm = ["redis-server"]
+cgroup = ["/system.slice/app.service"]
+top-stacks = 9
+max-series = 321
+interval = 17
+top = 11
+max-live = 1234
+max-totals = 2345
+max-stacks = 3456
+unwind-rows = 4567
+sample-bytes = "64KiB"
+wrappers = ["my_alloc", "pool_*"]
+suppress = ["arena_init"]
+
+[web]
+listen-address = "127.0.0.1:19999"
+config-file = "web.yml"
+
+[metrics]
+pid-label = true
+"#,
+    )
+    .expect("write");
+    let matches = <Cli as clap::CommandFactory>::command()
+        .try_get_matches_from(["leakmon", "run", "--window", "8m", "--config", file.to_str().expect("utf-8")])
+        .expect("matches");
+    let (_, run) = matches.subcommand().expect("run");
+    let args = RunArgs::resolve(run).expect("a valid file");
+    let secs = Duration::from_secs;
+    assert_eq!(args.sample_interval, Duration::from_millis(250));
+    assert_eq!(args.window, secs(480), "the command line wins over the file");
+    assert_eq!(args.attach, Some(Attach::Suspects));
+    assert_eq!(args.suspect_duration, secs(180));
+    assert_eq!(args.max_suspects, 2);
+    assert_eq!(args.pids, [4242]);
+    assert_eq!(args.comms, ["redis-server"]);
+    assert_eq!(args.cgroups, ["/system.slice/app.service"]);
+    assert_eq!(args.top_stacks, 9);
+    assert_eq!(args.max_series, 321);
+    assert_eq!(args.interval.get(), 17);
+    assert_eq!(args.top, 11);
+    assert_eq!(args.tables.max_live.get(), 1234);
+    assert_eq!(args.tables.max_totals.get(), 2345);
+    assert_eq!(args.tables.max_stacks.get(), 3456);
+    assert_eq!(args.tables.unwind_rows, 4567);
+    assert_eq!(args.tables.sample_bytes, 64 << 10);
+    assert_eq!(args.tables.wrappers, ["my_alloc", "pool_*"]);
+    assert_eq!(args.tables.suppress, ["arena_init"]);
+    assert_eq!(args.listen, "127.0.0.1:19999".parse().expect("address"));
+    assert_eq!(args.web_config, Some(dir.path().join("web.yml")), "relative to the file");
+    assert!(args.pid_label);
+}
