@@ -78,6 +78,11 @@ pub const BUILTIN: &[&str] = &[
     "<alloc::alloc::Global as core::alloc::Allocator>::*",
     "alloc::raw_vec::*",
     "hashbrown::raw::*",
+    // The same as v0 symbols demangle them (rustc 1.9x): `<alloc::raw_vec::RawVecInner>::
+    // finish_grow`, `<alloc::raw_vec::RawVec<u64>>::grow_one`.
+    "<alloc::raw_vec::*",
+    "<hashbrown::raw::*",
+    "<alloc::alloc::*",
     // Allocators' own entry points and internals.
     "malloc",
     "calloc",
@@ -187,6 +192,14 @@ mod tests {
             Some("app::Cache::insert"),
         ];
         assert_eq!(w.site(grown), 2, "a Vec's growth is named by the code that pushed");
+        // The same frames as rustc's v0 symbols demangle (regression: rustc 1.99).
+        let grown_v0 = [
+            Some("<alloc::raw_vec::RawVecInner>::finish_grow"),
+            Some("<alloc::raw_vec::RawVecInner>::grow_amortized"),
+            Some("<alloc::raw_vec::RawVec<u64>>::grow_one"),
+            Some("rust_leaks::leak_grown"),
+        ];
+        assert_eq!(w.site(grown_v0), 3);
         assert_eq!(w.site([None, Some("main")]), 0, "an unnamed frame is the site");
         assert_eq!(w.site([Some("xmalloc"), Some("zmalloc")]), 1, "all wrappers: the outermost");
         assert_eq!(w.site(std::iter::empty()), 0);

@@ -121,7 +121,7 @@ fn verdicts_and_detection_times_on_real_workloads() {
 
     // Prometheus has the suspicion, by PromQL.
     let query =
-        "/api/v1/query?query=leakmon_leak_suspected%7Bcomm%3D%22grow_leak%22%2Csignal%3D%22rss%22%7D%3D%3D1";
+        "/api/v1/query?query=leakmon_leak_suspected%7Bcomm%3D%22grow_leak%22%2Csignal%3D%22anon%22%7D%3D%3D1";
     let answer = common::http_get(PROMETHEUS, query).expect("query Prometheus");
     let answer: Value = serde_json::from_str(&answer).expect("Prometheus JSON");
     assert_eq!(answer["status"], "success", "{answer}");
