@@ -66,9 +66,15 @@ fn notify_watchdog_and_reload_without_losing_history() {
     let socket_path = dir.path().join("notify.sock");
     let socket = UnixDatagram::bind(&socket_path).expect("bind notify socket");
     let config = dir.path().join("leakmon.toml");
+    // A web configuration next to it (nothing in it but a comment, so plain HTTP).
+    let web = dir.path().join("web.yml");
+    std::fs::write(&web, "# no TLS, no users\n").expect("write web config");
     let write_config = |window: &str| {
-        std::fs::write(&config, format!("sample-interval = \"0.5s\"\nwindow = \"{window}\"\n"))
-            .expect("write");
+        std::fs::write(
+            &config,
+            format!("sample-interval = \"0.5s\"\nwindow = \"{window}\"\n[web]\nconfig-file = \"web.yml\"\n"),
+        )
+        .expect("write");
     };
     write_config("5s");
 
@@ -160,9 +166,14 @@ fn notify_watchdog_and_reload_without_losing_history() {
     assert!((10..=11).contains(&before), "samples in a 5 s window: {before}");
 
     write_config("20s");
+    // The web configuration is set when the listener starts: a change is said to need a
+    // restart, never silently ignored.
+    std::fs::write(&web, "# still no TLS, but changed\n").expect("change web config");
     kill(pid, Signal::SIGHUP).expect("SIGHUP");
     wait_message("RELOADING=1");
     wait_message("READY=1");
+    let line = wait_log("web.config-file");
+    assert!(line.contains("changes only at restart"), "{line}");
     let line = wait_log("configuration reloaded");
     assert!(line.contains("window=20s"), "{line}");
     let after = samples();

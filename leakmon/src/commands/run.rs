@@ -99,6 +99,9 @@ async fn daemon(mut args: RunArgs, attach: Attach, proc_root: ProcRoot, reload: 
     }));
     let (profile_tx, mut profile_requests) = tokio::sync::mpsc::channel::<ProfileRequest>(8);
     let web = args.web_config.as_deref().map(crate::export::web_config::WebConfig::load).transpose()?;
+    // What the server was started with, to tell a reload that changes it (TLS and users
+    // are set when the listener starts).
+    let web_in_use = web_config_text(args.web_config.as_deref());
     let server = http::serve(args.listen, published.clone(), profile_tx, web).await?;
     let profiles = spawn_profile_renderer(&args.tables.wrappers, &args.tables.suppress)?;
     let mut discovery = Discovery::new(proc_root.clone());
@@ -210,6 +213,11 @@ async fn daemon(mut args: RunArgs, attach: Attach, proc_root: ProcRoot, reload: 
                         for what in restart_needed(&args, &next, attach, next_attach) {
                             warn!("{what} changes only at restart; keeping the running value");
                         }
+                        if (next.web_config.as_deref(), web_config_text(next.web_config.as_deref()))
+                            != (args.web_config.as_deref(), web_in_use.clone())
+                        {
+                            warn!("web.config-file (TLS, users) changes only at restart; keeping the running one");
+                        }
                         if next.sample_interval != args.sample_interval {
                             sample = interval(next.sample_interval);
                             sample.set_missed_tick_behavior(MissedTickBehavior::Delay);
@@ -228,9 +236,18 @@ async fn daemon(mut args: RunArgs, attach: Attach, proc_root: ProcRoot, reload: 
                                     warn!(pid, "trace: {e:#}");
                                 }
                             }
+                            // A pid taken off the list stops being traced, and what was
+                            // counted for it goes (its children, traced on their own, stay).
+                            for pid in args.pids.iter().filter(|pid| !next.pids.contains(pid)) {
+                                match p.detach_process(*pid) {
+                                    Ok(()) => info!(pid, "no longer traced"),
+                                    Err(e) => warn!(pid, "stop tracing: {e:#}"),
+                                }
+                            }
                         }
                         let (listen, tables, pid_label) = (args.listen, args.tables.clone(), args.pid_label);
-                        args = RunArgs { listen, tables, pid_label, attach: args.attach, ..next };
+                        let web_config = args.web_config.clone();
+                        args = RunArgs { listen, tables, pid_label, web_config, attach: args.attach, ..next };
                         info!(
                             sample_interval = ?args.sample_interval,
                             window = ?args.window,
@@ -557,6 +574,11 @@ fn notify(state: sd_notify::NotifyState<'static>) {
 
 /// Options that a reload cannot change while running (they shape the kernel tables,
 /// the listening socket or the metric labels).
+/// The web configuration file's bytes, to tell whether a reload changed it.
+fn web_config_text(path: Option<&std::path::Path>) -> Option<Vec<u8>> {
+    std::fs::read(path?).ok()
+}
+
 fn restart_needed(now: &RunArgs, next: &RunArgs, attach: Attach, next_attach: Attach) -> Vec<&'static str> {
     let mut out = Vec::new();
     if attach != next_attach {
