@@ -91,6 +91,20 @@ fn pprof_refuses_to_write_to_a_terminal_only() {
     let out = leakmon().args(["report", "--format", "pprof", "--", "true"]).output().expect("run");
     assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
     assert_eq!(&out.stdout[..2], &[0x1f, 0x8b]);
+    // A terminal (a pty, through script(1)): refused in one line, nothing written.
+    let command = format!("{} report --format pprof -- true", env!("CARGO_BIN_EXE_leakmon"));
+    let out = Command::new("script")
+        .args(["--quiet", "--return", "--command", &command, "/dev/null"])
+        .env_remove("RUST_LOG")
+        .output()
+        .expect("run script");
+    let text = String::from_utf8_lossy(&out.stdout);
+    assert_eq!(out.status.code(), Some(1), "refused: {text}");
+    assert_eq!(
+        text.trim_end(),
+        "leakmon: --format pprof writes a binary profile: redirect it to a file (> heap.pb.gz)",
+        "one line on the terminal, no binary"
+    );
 }
 
 const LISTEN: &str = "127.0.0.1:19483";
