@@ -106,9 +106,59 @@ pub fn server(setup: &Setup, rounds: usize) -> Result<()> {
         "  \"ratio_memleak\": {:.3},\n  \"ratio_floor\": {:.3},\n  \"ratio_heaptrack\": {:.3}\n}}\n",
         ratios[0].1, ratios[1].1, ratios[2].1
     );
+    let walls = report_wall_times(setup, 3)?;
+    let _ = writeln!(
+        text,
+        "leakmon report --pid --duration 3 on the loaded redis, wall time: {:.2} s median of {walls:.2?} (attach and detach included; target <= 5 s)",
+        median(&walls)
+    );
+    let json = json.replace("\n}\n", &format!(",\n  \"report_pid_3s_wall_seconds\": {walls:?}\n}}\n"));
     print!("{text}");
     write_json(&setup.out, "server", &json)?;
     Ok(())
+}
+
+/// Wall time of `leakmon report --pid --duration 3` on a redis-server under load, from
+/// start to exit: loading, attaching (jemalloc, libc, libstdc++), the 3 s window, the
+/// report and detaching.
+fn report_wall_times(setup: &Setup, runs: usize) -> Result<Vec<f64>> {
+    let dir = setup.out.join("redis-wall");
+    let _ = std::fs::remove_dir_all(&dir);
+    std::fs::create_dir_all(&dir).context("create the redis directory")?;
+    let socket = dir.join("redis.sock");
+    let mut cmd = Command::new("redis-server");
+    cmd.args(["--port", "0", "--save", "", "--appendonly", "no", "--dir"])
+        .arg(&dir)
+        .arg("--unixsocket")
+        .arg(&socket);
+    let server = Helper::start(cmd, "eady to accept connections")?;
+    let pid = redis_pid(server.pid()).context("find redis-server's pid")?;
+    let mut load = Command::new("redis-benchmark");
+    load.arg("-s")
+        .arg(&socket)
+        .args(["-t", "set,get", "-n", "100000000", "-c", "8", "-r", "100000", "-q"])
+        .stdout(Stdio::null())
+        .stderr(Stdio::null());
+    let mut load = load.spawn().context("start redis-benchmark")?;
+    std::thread::sleep(Duration::from_secs(1));
+    let mut walls = Vec::with_capacity(runs);
+    for _ in 0..runs {
+        let started = Instant::now();
+        let out = Command::new(&setup.leakmon)
+            .args(["report", "--format", "json", "--duration", "3", "--pid", &pid.to_string()])
+            .output()
+            .context("run leakmon report --pid")?;
+        walls.push(started.elapsed().as_secs_f64());
+        if !out.status.success() {
+            let _ = load.kill();
+            server.kill_group();
+            bail!("leakmon report --pid failed: {}", String::from_utf8_lossy(&out.stderr));
+        }
+    }
+    let _ = load.kill();
+    let _ = load.wait();
+    server.kill_group();
+    Ok(walls)
 }
 
 fn run_once(setup: &Setup, tool: Tool) -> Result<Run> {
