@@ -69,7 +69,7 @@ impl Condition {
         match self {
             Self::None => "no probes",
             Self::Floor => "uprobe floor (bpftrace, count only)",
-            Self::SameTraps => "same-traps floor (bpftrace at leakmon's addresses)",
+            Self::SameTraps => "same-traps floor (uprobes at leakmon's addresses)",
             Self::Memleak => "memleak-equivalent (bpftrace)",
             Self::Heaptrack => "heaptrack (LD_PRELOAD)",
             Self::LeakmonReport => "leakmon report (traced, exact)",
@@ -102,9 +102,10 @@ pub(crate) struct Setup {
     libc: PathBuf,
     pub(crate) scripts: PathBuf,
     pub(crate) out: PathBuf,
-    /// Bytes into `free` where leakmon puts its probe (an instruction the kernel can
-    /// emulate), as leakmon itself reports it.
-    free_skip: u64,
+    /// Where leakmon probes the workload's libc, as leakmon itself reports it: per
+    /// symbol, the function's first byte (return probes) and the entry probe's offset
+    /// (`free`'s is an instruction past its NULL test that the kernel emulates).
+    probe_points: BTreeMap<String, (u64, u64)>,
 }
 
 /// The daemon's own cost while it ran one measurement.
@@ -124,9 +125,9 @@ pub fn bench(root: &Path, rounds: usize, pairs: u64, scale: bool, server_only: b
         libc: own_libc()?,
         scripts: root.join("bench"),
         out,
-        free_skip: 0,
+        probe_points: BTreeMap::new(),
     };
-    let setup = Setup { free_skip: free_skip(&setup)?, ..setup };
+    let setup = Setup { probe_points: probe_points(&setup)?, ..setup };
     if server_only {
         return crate::bench_server::server(&setup, rounds);
     }
@@ -342,9 +343,9 @@ fn own_libc() -> Result<PathBuf> {
         .context("no libc in xtask's own mappings")
 }
 
-/// Where leakmon probes `free` in the bench's libc, bytes past its first: read from
-/// leakmon's own account of its entry points (`report` on `true`, debug log).
-fn free_skip(s: &Setup) -> Result<u64> {
+/// Where leakmon probes the bench's libc: read from leakmon's own account of its entry
+/// points (`report` on `true`, debug log).
+fn probe_points(s: &Setup) -> Result<BTreeMap<String, (u64, u64)>> {
     let out = Command::new(&s.leakmon)
         .env("RUST_LOG", "leakmon::probes=debug")
         .args(["report", "--format", "json", "--", "true"])
@@ -352,15 +353,80 @@ fn free_skip(s: &Setup) -> Result<u64> {
         .context("run leakmon to read its probe placement")?;
     let log = String::from_utf8_lossy(&out.stderr);
     let libc = s.libc.file_name().expect("file name").to_string_lossy().into_owned();
-    log.lines()
-        .filter(|l| l.contains("entry point") && l.contains(&libc) && l.contains("symbol=\"free\""))
-        .find_map(|l| {
-            let field = |name: &str| -> Option<u64> {
-                l.split_whitespace().find_map(|w| w.strip_prefix(name))?.parse().ok()
-            };
-            Some(field("probe_offset=")? - field("offset=")?)
+    let points: BTreeMap<String, (u64, u64)> = log
+        .lines()
+        .filter(|l| l.contains("entry point") && l.contains(&libc))
+        .filter_map(|l| {
+            let field = |name: &str| l.split_whitespace().find_map(|w| w.strip_prefix(name));
+            let symbol = field("symbol=")?.trim_matches('"').to_owned();
+            Some((symbol, (field("offset=")?.parse().ok()?, field("probe_offset=")?.parse().ok()?)))
         })
-        .with_context(|| format!("leakmon named no free probe in {libc}:\n{log}"))
+        .collect();
+    for want in ["malloc", "realloc", "free"] {
+        if !points.contains_key(want) {
+            bail!("leakmon named no {want} probe in {libc}:\n{log}");
+        }
+    }
+    Ok(points)
+}
+
+/// The same-traps floor: the kernel's own uprobe events (no BPF program, tracing off,
+/// so each hit is the trap and nothing else) at exactly the addresses leakmon probes
+/// for the workload's calls: malloc's and realloc's entries and returns, and `free` at
+/// leakmon's emulated offset. Removed again when dropped.
+struct SameTraps {
+    tracefs: PathBuf,
+}
+
+impl SameTraps {
+    const GROUP: &'static str = "leakmon_floor";
+
+    fn start(s: &Setup) -> Result<Self> {
+        let tracefs = PathBuf::from("/sys/kernel/tracing");
+        let floor = Self { tracefs };
+        let events = floor.tracefs.join("uprobe_events");
+        let libc = s.libc.display();
+        let mut defs = String::new();
+        for symbol in ["malloc", "realloc"] {
+            let (start, probe) = s.probe_points[symbol];
+            let _ = writeln!(defs, "p:{}/{symbol} {libc}:{probe:#x}", Self::GROUP);
+            let _ = writeln!(defs, "r:{}/{symbol}_ret {libc}:{start:#x}", Self::GROUP);
+        }
+        let (_, free) = s.probe_points["free"];
+        let _ = writeln!(defs, "p:{}/free {libc}:{free:#x}", Self::GROUP);
+        for line in defs.lines() {
+            let mut file = std::fs::OpenOptions::new()
+                .append(true)
+                .open(&events)
+                .with_context(|| format!("open {}", events.display()))?;
+            std::io::Write::write_all(&mut file, format!("{line}\n").as_bytes())
+                .with_context(|| format!("define {line}"))?;
+        }
+        std::fs::write(floor.tracefs.join("tracing_on"), "0").context("turn tracing off")?;
+        std::fs::write(floor.tracefs.join("events").join(Self::GROUP).join("enable"), "1")
+            .context("enable the floor's uprobe events")?;
+        Ok(floor)
+    }
+}
+
+impl Drop for SameTraps {
+    fn drop(&mut self) {
+        let _ = std::fs::write(self.tracefs.join("events").join(Self::GROUP).join("enable"), "0");
+        let Ok(defined) = std::fs::read_to_string(self.tracefs.join("uprobe_events")) else { return };
+        for line in defined.lines().filter(|l| l.contains(Self::GROUP)) {
+            let Some(name) =
+                line.split_whitespace().next().and_then(|n| n.split_once(':')).map(|(_, n)| n.to_owned())
+            else {
+                continue;
+            };
+            if let Ok(mut file) =
+                std::fs::OpenOptions::new().append(true).open(self.tracefs.join("uprobe_events"))
+            {
+                let _ = std::io::Write::write_all(&mut file, format!("-:{name}\n").as_bytes());
+            }
+        }
+        let _ = std::fs::write(self.tracefs.join("tracing_on"), "1");
+    }
 }
 
 /// Runs the workload once under `condition`: ns per pair, and the daemon's cost.
@@ -379,25 +445,20 @@ fn measure(s: &Setup, w: Workload, condition: Condition, pairs: u64) -> Result<(
             cmd.arg("-o").arg(s.out.join("heaptrack.out")).arg(&s.workload_bin).args(&args);
             Ok((ns_per_pair(cmd)?, None))
         }
-        Condition::Floor | Condition::Memleak | Condition::SameTraps => {
-            let script = s.scripts.join(match condition {
-                Condition::Floor => "floor.bt",
-                Condition::SameTraps => "same_traps.bt",
-                _ => "memleak.bt",
-            });
+        Condition::SameTraps => {
+            let floor = SameTraps::start(s)?;
+            let ns = ns_per_pair(workload());
+            drop(floor);
+            Ok((ns?, None))
+        }
+        Condition::Floor | Condition::Memleak => {
+            let script =
+                s.scripts.join(if condition == Condition::Floor { "floor.bt" } else { "memleak.bt" });
             let text =
                 std::fs::read_to_string(&script).with_context(|| format!("read {}", script.display()))?;
             let resolved = s.out.join(script.file_name().expect("file name"));
-            let text = text
-                .replace("LIBC", &s.libc.display().to_string())
-                .replace("FREE_SKIP", &s.free_skip.to_string());
-            std::fs::write(&resolved, text)?;
+            std::fs::write(&resolved, text.replace("LIBC", &s.libc.display().to_string()))?;
             let mut tracer = Command::new("bpftrace");
-            // leakmon's free probe sits on an instruction inside free, which bpftrace
-            // cannot always check for a boundary itself.
-            if condition == Condition::SameTraps {
-                tracer.arg("--unsafe");
-            }
             tracer.arg(&resolved);
             let helper = Helper::start(tracer, "Attaching")?;
             // bpftrace says "Attaching" just before it attaches.
