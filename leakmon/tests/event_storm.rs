@@ -51,7 +51,9 @@ fn a_fork_storm_beside_a_busy_sampling_loop_loses_no_event() {
 
     let storm = Command::new(&hold).args(["storm", "20000"]).output().expect("run the storm");
     let rate = String::from_utf8_lossy(&storm.stdout).trim().to_owned();
-    let deadline = Instant::now() + Duration::from_secs(10);
+    // Lost events show at once; the backlog of 60,000 fork, exec and exit events
+    // drains at the loop's pace (a debug build beside 2^17 stacks: tens of seconds).
+    let deadline = Instant::now() + Duration::from_secs(120);
     let (lost, queued) = loop {
         // A daemon that died, or a renamed metric, must not read as "nothing lost".
         let metrics = http_get(LISTEN, "/metrics").expect("the daemon answers a scrape after the storm");
@@ -74,5 +76,5 @@ fn a_fork_storm_beside_a_busy_sampling_loop_loses_no_event() {
     };
     eprintln!("storm: {rate}, events lost: {lost}, still queued: {queued}");
     assert_eq!(lost, 0, "events lost during the storm ({rate})");
-    assert_eq!(queued, 0, "every event of the storm was handled within 10 s ({rate})");
+    assert_eq!(queued, 0, "every event of the storm was handled within 120 s ({rate})");
 }
