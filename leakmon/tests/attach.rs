@@ -3,58 +3,13 @@
 
 mod common;
 
-use std::{
-    fs::File,
-    io::{BufRead as _, BufReader, Read as _},
-    os::unix::fs::FileExt as _,
-    path::PathBuf,
-    process::{Child, ChildStderr, Command, Stdio},
-};
+use std::{fs::File, os::unix::fs::FileExt as _, path::PathBuf, process::Command};
 
 use common::{build_fixture, by_function, expected, processes, report_json, Reap, LEAKS};
 use leakmon::{
     probes::targets::{entry_points, Handler},
     procfs::ProcRoot,
 };
-
-/// Starts `wait_then_leak` (with `args`) and waits until it is ready to be watched.
-fn start_fixture(args: &[&str]) -> Reap {
-    let fixture = build_fixture("wait_then_leak.c", &[]);
-    let mut child = Command::new(fixture).args(args).stdout(Stdio::piped()).spawn().expect("start fixture");
-    let mut line = String::new();
-    BufReader::new(child.stdout.as_mut().expect("stdout")).read_line(&mut line).expect("read");
-    assert_eq!(line, "ready\n");
-    Reap(child)
-}
-
-/// Starts `leakmon report --pid` and waits until its probes are in place.
-fn watch(pid: u32) -> (Child, BufReader<ChildStderr>) {
-    let mut leakmon = common::leakmon()
-        .env("RUST_LOG", "info")
-        .args(["report", "--format", "json", "--duration", "60", "--pid", &pid.to_string()])
-        .stdout(Stdio::piped())
-        .stderr(Stdio::piped())
-        .spawn()
-        .expect("start leakmon");
-    let mut stderr = BufReader::new(leakmon.stderr.take().expect("stderr"));
-    let mut line = String::new();
-    loop {
-        line.clear();
-        assert!(stderr.read_line(&mut line).expect("read stderr") > 0, "leakmon ended before watching");
-        if line.contains("watching") {
-            break;
-        }
-    }
-    (leakmon, stderr)
-}
-
-fn finish(leakmon: Child, mut stderr: BufReader<ChildStderr>) -> serde_json::Value {
-    let mut rest = String::new();
-    stderr.read_to_string(&mut rest).expect("drain stderr");
-    let out = leakmon.wait_with_output().expect("wait leakmon");
-    assert!(out.status.success(), "leakmon failed: {rest}");
-    serde_json::from_slice(&out.stdout).expect("JSON report")
-}
 
 fn release(fixture: &mut Reap) {
     let pid = nix::unistd::Pid::from_raw(fixture.id() as i32);
@@ -122,14 +77,14 @@ fn multi_links() -> usize {
 fn a_watched_process_alone_gets_breakpoints_and_its_forked_child_is_counted_exactly() {
     let _alone = alone();
     let links_before = multi_links();
-    let mut watched = start_fixture(&["fork"]);
-    let bystander = start_fixture(&[]);
+    let mut watched = common::start_wait_then_leak(&["fork"]);
+    let bystander = common::start_wait_then_leak(&[]);
     let (_, malloc_watched) = malloc_in(watched.id());
     let (_, malloc_bystander) = malloc_in(bystander.id());
     let original = byte_at(bystander.id(), malloc_bystander);
     assert_ne!(original, INT3, "the bystander's malloc is unprobed before leakmon starts");
 
-    let (leakmon, stderr) = watch(watched.id());
+    let (leakmon, stderr) = common::watch_pid(watched.id(), "60");
     assert_eq!(byte_at(watched.id(), malloc_watched), INT3, "the watched process has its breakpoint");
     assert_eq!(
         byte_at(bystander.id(), malloc_bystander),
@@ -139,7 +94,7 @@ fn a_watched_process_alone_gets_breakpoints_and_its_forked_child_is_counted_exac
     assert!(multi_links() > links_before, "attached through uprobe_multi links");
 
     release(&mut watched);
-    let report = finish(leakmon, stderr);
+    let report = common::finish_report(leakmon, stderr);
     let procs = processes(&report);
     assert_eq!(procs.len(), 2, "the process and the child it forked while watched: {report:#}");
     let of = |pid: Option<u32>| {

@@ -7,7 +7,7 @@ mod common;
 use std::{
     io::{Read as _, Write as _},
     net::TcpStream,
-    process::{Command, Stdio},
+    process::Stdio,
     time::{Duration, Instant},
 };
 
@@ -16,12 +16,6 @@ use nix::{
     sys::signal::{kill, Signal},
     unistd::Pid,
 };
-
-/// leakmon's return probe programs loaded in the kernel, by the kernel's own account.
-fn loaded_programs() -> usize {
-    let out = Command::new("bpftool").args(["prog", "show"]).output().expect("run bpftool");
-    String::from_utf8_lossy(&out.stdout).lines().filter(|l| l.contains(" name alloc_return ")).count()
-}
 
 fn wait_until(what: &str, within: Duration, mut done: impl FnMut() -> bool) {
     let start = Instant::now();
@@ -41,7 +35,7 @@ static PROGRAMS: std::sync::Mutex<()> = std::sync::Mutex::new(());
 #[test]
 fn sigkill_leaves_nothing_attached_and_a_restart_picks_up() {
     let _alone = PROGRAMS.lock().unwrap_or_else(std::sync::PoisonError::into_inner);
-    let before = loaded_programs();
+    let before = common::bpf_programs_named(&["alloc_return"]);
     let start = || {
         Reap(
             leakmon()
@@ -53,26 +47,30 @@ fn sigkill_leaves_nothing_attached_and_a_restart_picks_up() {
     };
     let mut daemon = start();
     wait_until("the daemon serves", Duration::from_secs(30), || http_get(LISTEN_KILL, "/healthz").is_some());
-    assert!(loaded_programs() > before, "programs loaded while running");
+    assert!(common::bpf_programs_named(&["alloc_return"]) > before, "programs loaded while running");
 
     kill(Pid::from_raw(daemon.0.id() as i32), Signal::SIGKILL).expect("SIGKILL");
     let _ = daemon.0.wait();
     // The kernel closes a dead process's perf-event uprobes one RCU grace period each
     // (about 0.1 s; every allocator library mapped on the host is probed), so allow
     // for a busy host.
-    wait_until("the kernel drops the programs", Duration::from_mins(1), || loaded_programs() == before);
+    wait_until("the kernel drops the programs", Duration::from_mins(1), || {
+        common::bpf_programs_named(&["alloc_return"]) == before
+    });
 
     // A restart needs nothing from an operator: same address, probes again.
     let mut again = start();
     wait_until("the restarted daemon serves", Duration::from_secs(30), || {
         http_get(LISTEN_KILL, "/healthz").is_some()
     });
-    assert!(loaded_programs() > before);
+    assert!(common::bpf_programs_named(&["alloc_return"]) > before);
     kill(Pid::from_raw(again.0.id() as i32), Signal::SIGTERM).expect("SIGTERM");
     let stopped = Instant::now();
     assert!(again.0.wait().expect("wait").success());
     assert!(stopped.elapsed() < Duration::from_secs(10), "SIGTERM took {:?}", stopped.elapsed());
-    wait_until("a clean stop detaches", Duration::from_secs(10), || loaded_programs() == before);
+    wait_until("a clean stop detaches", Duration::from_secs(10), || {
+        common::bpf_programs_named(&["alloc_return"]) == before
+    });
 }
 
 const LISTEN_HTTP: &str = "127.0.0.1:19486";

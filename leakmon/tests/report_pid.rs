@@ -3,8 +3,8 @@
 mod common;
 
 use std::{
-    io::{BufRead as _, BufReader, Read as _},
-    process::{Child, ChildStderr, Command, Stdio},
+    io::{BufRead as _, BufReader},
+    process::{Command, Stdio},
     time::{Duration, Instant},
 };
 
@@ -18,65 +18,19 @@ fn alone() -> std::sync::MutexGuard<'static, ()> {
     ALONE.lock().unwrap_or_else(std::sync::PoisonError::into_inner)
 }
 
-/// leakmon's shared return program loaded in the kernel, by the kernel's own account.
-fn loaded_programs() -> usize {
-    let out = Command::new("bpftool").args(["prog", "show"]).output().expect("run bpftool");
-    assert!(out.status.success(), "bpftool prog show failed");
-    String::from_utf8_lossy(&out.stdout).lines().filter(|l| l.contains(" name alloc_return ")).count()
-}
-
-/// Starts the fixture and waits until it has made its pre-window leak.
-fn start_fixture() -> Reap {
-    let fixture = build_fixture("wait_then_leak.c", &[]);
-    let mut child = Command::new(fixture).stdout(Stdio::piped()).spawn().expect("start fixture");
-    let mut line = String::new();
-    BufReader::new(child.stdout.as_mut().expect("stdout")).read_line(&mut line).expect("read");
-    assert_eq!(line, "ready\n");
-    Reap(child)
-}
-
-/// Starts `leakmon report --pid` and waits until its probes are in place.
-fn watch(pid: u32, duration: &str) -> (Child, BufReader<ChildStderr>) {
-    let mut leakmon = common::leakmon()
-        .env("RUST_LOG", "info")
-        .args(["report", "--format", "json", "--duration", duration, "--pid", &pid.to_string()])
-        .stdout(Stdio::piped())
-        .stderr(Stdio::piped())
-        .spawn()
-        .expect("start leakmon");
-    let mut stderr = BufReader::new(leakmon.stderr.take().expect("stderr"));
-    let mut line = String::new();
-    loop {
-        line.clear();
-        assert!(stderr.read_line(&mut line).expect("read stderr") > 0, "leakmon ended before watching");
-        if line.contains("watching") {
-            break;
-        }
-    }
-    (leakmon, stderr)
-}
-
-fn finish(leakmon: Child, mut stderr: BufReader<ChildStderr>) -> serde_json::Value {
-    let mut rest = String::new();
-    stderr.read_to_string(&mut rest).expect("drain stderr");
-    let out = leakmon.wait_with_output().expect("wait leakmon");
-    assert!(out.status.success(), "leakmon failed: {rest}");
-    serde_json::from_slice(&out.stdout).expect("JSON report")
-}
-
 #[test]
 fn counts_only_the_window_and_reports_when_the_process_exits() {
     let _alone = alone();
-    let mut fixture = start_fixture();
+    let mut fixture = common::start_wait_then_leak(&[]);
     let started = Instant::now();
-    let (leakmon, stderr) = watch(fixture.id(), "60");
+    let (leakmon, stderr) = common::watch_pid(fixture.id(), "60");
     nix::sys::signal::kill(
         nix::unistd::Pid::from_raw(fixture.id() as i32),
         nix::sys::signal::Signal::SIGUSR1,
     )
     .expect("signal fixture");
     assert!(fixture.wait().expect("wait fixture").success());
-    let report = finish(leakmon, stderr);
+    let report = common::finish_report(leakmon, stderr);
     assert!(started.elapsed() < Duration::from_secs(30), "reported at exit, not at the end of the window");
     let procs = processes(&report);
     assert_eq!(procs.len(), 1, "{report:#}");
@@ -88,10 +42,10 @@ fn counts_only_the_window_and_reports_when_the_process_exits() {
 #[test]
 fn reports_when_the_window_ends() {
     let _alone = alone();
-    let fixture = start_fixture();
+    let fixture = common::start_wait_then_leak(&[]);
     let started = Instant::now();
-    let (leakmon, stderr) = watch(fixture.id(), "1");
-    let report = finish(leakmon, stderr);
+    let (leakmon, stderr) = common::watch_pid(fixture.id(), "1");
+    let report = common::finish_report(leakmon, stderr);
     assert!(started.elapsed() < Duration::from_secs(20));
     let procs = processes(&report);
     assert_eq!(procs.len(), 1, "{report:#}");
@@ -111,14 +65,14 @@ fn a_process_whose_binary_was_deleted_is_still_named_and_walked() {
     BufReader::new(child.stdout.as_mut().expect("stdout")).read_line(&mut line).expect("read");
     let mut fixture = Reap(child);
     std::fs::remove_file(&binary).expect("delete the binary");
-    let (leakmon, stderr) = watch(fixture.id(), "60");
+    let (leakmon, stderr) = common::watch_pid(fixture.id(), "60");
     nix::sys::signal::kill(
         nix::unistd::Pid::from_raw(fixture.id() as i32),
         nix::sys::signal::Signal::SIGUSR1,
     )
     .expect("signal fixture");
     assert!(fixture.wait().expect("wait fixture").success());
-    let report = finish(leakmon, stderr);
+    let report = common::finish_report(leakmon, stderr);
     let process = &processes(&report)[0];
     assert_eq!(
         by_function(process, "wait_then_leak.c"),
@@ -137,7 +91,7 @@ fn a_process_whose_binary_was_deleted_is_still_named_and_walked() {
 #[test]
 fn a_process_that_exits_while_leakmon_attaches_gets_an_answer() {
     let _alone = alone();
-    let before = loaded_programs();
+    let before = common::bpf_programs_named(&["alloc_return"]);
     for lifetime in ["0", "0.05", "0.2", "0.5", "1"] {
         let target = Reap(Command::new("sleep").arg(lifetime).spawn().expect("start sleep"));
         let pid = target.id().to_string();
@@ -164,7 +118,7 @@ fn a_process_that_exits_while_leakmon_attaches_gets_an_answer() {
         drop(target);
         // Nothing left attached: leakmon's programs are gone with it.
         let gone = Instant::now();
-        while loaded_programs() != before {
+        while common::bpf_programs_named(&["alloc_return"]) != before {
             assert!(gone.elapsed() < Duration::from_secs(10), "{lifetime}: programs left in the kernel");
             std::thread::sleep(Duration::from_millis(100));
         }

@@ -16,17 +16,9 @@ use nix::{
     unistd::Pid,
 };
 
-fn leakmon_programs_loaded() -> usize {
-    let out = Command::new("bpftool").args(["prog", "show"]).output().expect("run bpftool");
-    String::from_utf8_lossy(&out.stdout)
-        .lines()
-        .filter(|l| l.contains(" name alloc_malloc ") || l.contains(" name free_enter "))
-        .count()
-}
-
 #[test]
 fn traces_new_processes_purges_exits_and_detaches_on_sigterm() {
-    let before = leakmon_programs_loaded();
+    let before = common::bpf_programs_named(&["alloc_malloc", "free_enter"]);
     let fixture = build_fixture("wait_then_leak.c", &[]);
     let mut daemon = Reap(
         common::leakmon()
@@ -65,7 +57,10 @@ fn traces_new_processes_purges_exits_and_detaches_on_sigterm() {
         None
     };
     wait_for(&|l| l.contains("leakmon running"), Duration::from_mins(1)).expect("daemon starts");
-    assert!(leakmon_programs_loaded() > before, "programs loaded while running");
+    assert!(
+        common::bpf_programs_named(&["alloc_malloc", "free_enter"]) > before,
+        "programs loaded while running"
+    );
 
     let mut child = Reap(Command::new(&fixture).stdout(Stdio::piped()).spawn().expect("start fixture"));
     let mut ready = String::new();
@@ -106,7 +101,11 @@ fn traces_new_processes_purges_exits_and_detaches_on_sigterm() {
     // and `--attach all` probes every allocator mapped on the host: seconds, not more.
     assert!(stop.elapsed() < Duration::from_secs(10), "stops within seconds: {:?}", stop.elapsed());
     reader.join().expect("reader");
-    assert_eq!(leakmon_programs_loaded(), before, "no program left loaded after SIGTERM");
+    assert_eq!(
+        common::bpf_programs_named(&["alloc_malloc", "free_enter"]),
+        before,
+        "no program left loaded after SIGTERM"
+    );
 }
 
 /// Every answer `/metrics` gives from the moment the port opens carries leakmon's own

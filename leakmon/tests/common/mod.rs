@@ -296,3 +296,66 @@ pub fn system_libc() -> PathBuf {
         .find(|p| p.to_string_lossy().contains("libc.so"))
         .expect("this process maps libc")
 }
+
+/// Starts `wait_then_leak` with `args` and waits until it has made its pre-window leak
+/// and is ready to be watched.
+pub fn start_wait_then_leak(args: &[&str]) -> Reap {
+    use std::io::BufRead as _;
+    let fixture = build_fixture("wait_then_leak.c", &[]);
+    let mut child =
+        Command::new(fixture).args(args).stdout(std::process::Stdio::piped()).spawn().expect("start fixture");
+    let mut line = String::new();
+    std::io::BufReader::new(child.stdout.as_mut().expect("stdout")).read_line(&mut line).expect("read");
+    assert_eq!(line, "ready\n");
+    Reap(child)
+}
+
+/// Starts `leakmon report --format json --pid PID --duration DURATION` and waits until
+/// its probes are in place; finish it with [`finish_report`].
+pub fn watch_pid(
+    pid: u32,
+    duration: &str,
+) -> (std::process::Child, std::io::BufReader<std::process::ChildStderr>) {
+    use std::io::BufRead as _;
+    let mut leakmon = leakmon()
+        .env("RUST_LOG", "info")
+        .args(["report", "--format", "json", "--duration", duration, "--pid", &pid.to_string()])
+        .stdout(std::process::Stdio::piped())
+        .stderr(std::process::Stdio::piped())
+        .spawn()
+        .expect("start leakmon");
+    let mut stderr = std::io::BufReader::new(leakmon.stderr.take().expect("stderr"));
+    let mut line = String::new();
+    loop {
+        line.clear();
+        assert!(stderr.read_line(&mut line).expect("read stderr") > 0, "leakmon ended before watching");
+        if line.contains("watching") {
+            break;
+        }
+    }
+    (leakmon, stderr)
+}
+
+/// Waits for a [`watch_pid`] leakmon to end and parses its report.
+pub fn finish_report(
+    leakmon: std::process::Child,
+    mut stderr: std::io::BufReader<std::process::ChildStderr>,
+) -> Value {
+    use std::io::Read as _;
+    let mut rest = String::new();
+    stderr.read_to_string(&mut rest).expect("drain stderr");
+    let out = leakmon.wait_with_output().expect("wait leakmon");
+    assert!(out.status.success(), "leakmon failed: {rest}");
+    serde_json::from_slice(&out.stdout).expect("JSON report")
+}
+
+/// BPF programs loaded in the kernel whose name is one of `names`, by the kernel's own
+/// account (bpftool).
+pub fn bpf_programs_named(names: &[&str]) -> usize {
+    let out = Command::new("bpftool").args(["prog", "show"]).output().expect("run bpftool");
+    assert!(out.status.success(), "bpftool prog show failed");
+    String::from_utf8_lossy(&out.stdout)
+        .lines()
+        .filter(|l| names.iter().any(|n| l.contains(&format!(" name {n} "))))
+        .count()
+}
