@@ -166,36 +166,12 @@ pub fn check(text: &str) -> (FileConfig, Vec<Problem>) {
                 config.max_stacks = count(key, value, 1).map_err(|m| p(item, m)).ok().map(|v| v as u32);
             }
             "wrappers" => {
-                let list: Option<Vec<String>> = value
-                    .and_then(Value::as_array)
-                    .and_then(|a| a.iter().map(|v| v.as_str().map(str::to_owned)).collect());
-                match list {
-                    None => p(
-                        item,
-                        "wrappers must be a list of function names, like [\"my_alloc\", \"pool_*\"]"
-                            .to_owned(),
-                    ),
-                    Some(list) => match list.iter().try_for_each(|w| crate::wrappers::validate(w)) {
-                        Ok(()) => config.wrappers = Some(list),
-                        Err(m) => p(item, m),
-                    },
-                }
+                config.wrappers =
+                    function_names(key, value, r#"["my_alloc", "pool_*"]"#).map_err(|m| p(item, m)).ok();
             }
             "suppress" => {
-                let list: Option<Vec<String>> = value
-                    .and_then(Value::as_array)
-                    .and_then(|a| a.iter().map(|v| v.as_str().map(str::to_owned)).collect());
-                match list {
-                    None => p(
-                        item,
-                        "suppress must be a list of function names, like [\"my_pool_init\", \"arena_*\"]"
-                            .to_owned(),
-                    ),
-                    Some(list) => match list.iter().try_for_each(|w| crate::wrappers::validate(w)) {
-                        Ok(()) => config.suppress = Some(list),
-                        Err(m) => p(item, m),
-                    },
-                }
+                config.suppress =
+                    function_names(key, value, r#"["my_pool_init", "arena_*"]"#).map_err(|m| p(item, m)).ok();
             }
             "sample-bytes" => {
                 let parsed = match value {
@@ -286,6 +262,17 @@ fn duration(key: &str, value: Option<&Value>) -> Result<Duration, String> {
         .and_then(Value::as_str)
         .ok_or_else(|| format!("{key} must be a duration string, like \"10s\""))?;
     parse_duration(text).map_err(|e| format!("{key}: {e}"))
+}
+
+/// A list of function names (a trailing `*` makes a prefix), as `wrappers` and
+/// `suppress` take.
+fn function_names(key: &str, value: Option<&Value>, example: &str) -> Result<Vec<String>, String> {
+    let list: Vec<String> = value
+        .and_then(Value::as_array)
+        .and_then(|a| a.iter().map(|v| v.as_str().map(str::to_owned)).collect())
+        .ok_or_else(|| format!("{key} must be a list of function names, like {example}"))?;
+    list.iter().try_for_each(|name| crate::wrappers::validate(name))?;
+    Ok(list)
 }
 
 fn count(key: &str, value: Option<&Value>, min: i64) -> Result<usize, String> {
