@@ -7,7 +7,7 @@
 //!
 //! In: symbolized frames of a stack. Out: whether any of them is a suppressed function.
 
-use std::collections::HashSet;
+use crate::wrappers::Patterns;
 
 /// Built-in suppressions: exact names, and prefixes ending in `*`.
 pub const BUILTIN: &[&str] = &[
@@ -28,10 +28,7 @@ pub const BUILTIN: &[&str] = &[
 
 /// The suppressions in effect: the built-in ones plus the configured names.
 #[derive(Clone, Debug)]
-pub struct Suppressions {
-    exact: HashSet<String>,
-    prefixes: Vec<String>,
-}
+pub struct Suppressions(Patterns);
 
 impl Default for Suppressions {
     fn default() -> Self {
@@ -42,26 +39,12 @@ impl Default for Suppressions {
 impl Suppressions {
     /// The built-in list plus `extra` (a name, or a prefix ending in `*`).
     pub fn new<S: AsRef<str>>(extra: impl IntoIterator<Item = S>) -> Self {
-        let mut s = Self { exact: HashSet::new(), prefixes: Vec::new() };
-        for name in
-            BUILTIN.iter().copied().map(str::to_owned).chain(extra.into_iter().map(|e| e.as_ref().to_owned()))
-        {
-            match name.strip_suffix('*') {
-                Some(prefix) => s.prefixes.push(prefix.to_owned()),
-                None => {
-                    s.exact.insert(name);
-                }
-            }
-        }
-        s
+        Self(Patterns::new(BUILTIN, extra))
     }
 
     /// The first suppressed function among `functions`, if any.
     pub fn matching<'a>(&self, functions: impl IntoIterator<Item = &'a str>) -> Option<&'a str> {
-        functions.into_iter().find(|f| {
-            let name = f.split_once('(').map_or(*f, |(n, _)| n);
-            self.exact.contains(name) || self.prefixes.iter().any(|p| f.starts_with(p.as_str()))
-        })
+        functions.into_iter().find(|f| self.0.matches(f))
     }
 }
 

@@ -109,12 +109,42 @@ pub const BUILTIN: &[&str] = &[
     "mi_*",
 ];
 
-/// The wrapper list in effect: the built-in one plus the configured names.
+/// A list of function names: exact names, and prefixes ending in `*`. The wrapper list
+/// and the suppression list (`crate::suppressions`) are both one.
 #[derive(Clone, Debug)]
-pub struct Wrappers {
+pub struct Patterns {
     exact: HashSet<String>,
     prefixes: Vec<String>,
 }
+
+impl Patterns {
+    /// `builtin` plus `extra`, both in the same syntax.
+    pub fn new<S: AsRef<str>>(builtin: &[&str], extra: impl IntoIterator<Item = S>) -> Self {
+        let mut patterns = Self { exact: HashSet::new(), prefixes: Vec::new() };
+        for name in
+            builtin.iter().copied().map(str::to_owned).chain(extra.into_iter().map(|s| s.as_ref().to_owned()))
+        {
+            match name.strip_suffix('*') {
+                Some(prefix) => patterns.prefixes.push(prefix.to_owned()),
+                None => {
+                    patterns.exact.insert(name);
+                }
+            }
+        }
+        patterns
+    }
+
+    /// Whether `function` (a demangled name) is on the list.
+    pub fn matches(&self, function: &str) -> bool {
+        // Demangled C++ names carry their parameters: match on the name before them.
+        let name = function.split_once('(').map_or(function, |(n, _)| n);
+        self.exact.contains(name) || self.prefixes.iter().any(|p| function.starts_with(p.as_str()))
+    }
+}
+
+/// The wrapper list in effect: the built-in one plus the configured names.
+#[derive(Clone, Debug)]
+pub struct Wrappers(Patterns);
 
 impl Default for Wrappers {
     fn default() -> Self {
@@ -125,25 +155,12 @@ impl Default for Wrappers {
 impl Wrappers {
     /// The built-in list plus `extra` (same syntax: a name, or a prefix ending in `*`).
     pub fn new<S: AsRef<str>>(extra: impl IntoIterator<Item = S>) -> Self {
-        let mut wrappers = Self { exact: HashSet::new(), prefixes: Vec::new() };
-        for name in
-            BUILTIN.iter().copied().map(str::to_owned).chain(extra.into_iter().map(|s| s.as_ref().to_owned()))
-        {
-            match name.strip_suffix('*') {
-                Some(prefix) => wrappers.prefixes.push(prefix.to_owned()),
-                None => {
-                    wrappers.exact.insert(name);
-                }
-            }
-        }
-        wrappers
+        Self(Patterns::new(BUILTIN, extra))
     }
 
     /// Whether `function` (a demangled name) only passes allocations on.
     pub fn is_wrapper(&self, function: &str) -> bool {
-        // Demangled C++ names carry their parameters: match on the name before them.
-        let name = function.split_once('(').map_or(function, |(n, _)| n);
-        self.exact.contains(name) || self.prefixes.iter().any(|p| function.starts_with(p.as_str()))
+        self.0.matches(function)
     }
 
     /// Index of the allocation site among `functions` (innermost first): the first one
