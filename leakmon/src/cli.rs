@@ -124,7 +124,7 @@ pub enum Attach {
 /// `500ms`, `0.5s`, `30s`, `10m`, `1h`, or a bare number of seconds.
 /// The longest duration any option takes: a year. Longer ones are surely a mistake, and
 /// a bound keeps every product of them (`10 × sample-interval`) far from overflow.
-pub const MAX_DURATION: Duration = Duration::from_secs(365 * 24 * 3600);
+pub const MAX_DURATION: Duration = Duration::from_hours(365 * 24);
 
 /// A duration from the command line or the configuration: `500ms`, `0.5s`, `10m`, `2h`.
 pub fn parse_duration(text: &str) -> Result<Duration, String> {

@@ -54,31 +54,62 @@ pub(crate) fn unfreed(
     Ok(crate::store::group(totals, |pid| traced.get(&pid).map(|s| s.gen)))
 }
 
-/// The report of the `traced` processes: their unfreed stacks, symbolized, and the
-/// clean ones with zero. `infos` holds what was captured of processes already gone;
-/// the others are captured now, alive.
+/// What a report of the `traced` processes is made of, read from the kernel tables and
+/// /proc: their unfreed totals and stacks, and what is known of each process. `infos`
+/// holds what was captured of processes already gone; the others are captured now,
+/// alive. Symbolizing it ([`Snapshot::into_report`]) may happen later, on another
+/// thread.
+pub(crate) struct Snapshot {
+    totals: Vec<crate::store::ProcessTotals>,
+    infos: std::collections::HashMap<u32, crate::report::ProcessInfo>,
+    stacks: std::collections::HashMap<u64, Vec<u64>>,
+}
+
+impl Snapshot {
+    pub(crate) fn take(
+        probes: &Probes,
+        discovery: &mut crate::discovery::Discovery,
+        traced: &std::collections::HashMap<u32, leakmon_common::ProcState>,
+        mut infos: std::collections::HashMap<u32, crate::report::ProcessInfo>,
+    ) -> Result<Self> {
+        for (&pid, state) in traced {
+            let info = infos.entry(pid).or_insert_with(|| capture(discovery, pid, true));
+            info.incomplete = state.flags & leakmon_common::proc_flags::INCOMPLETE != 0;
+        }
+        infos.retain(|pid, _| traced.contains_key(pid));
+        let totals = unfreed(probes, traced)?;
+        let stacks = totals
+            .iter()
+            .flat_map(|p| &p.stacks)
+            .filter_map(|s| Some((s.stack_id, probes.stack(s.stack_id)?)))
+            .collect();
+        Ok(Self { totals, infos, stacks })
+    }
+
+    /// The report: stacks symbolized, and the clean processes with zero.
+    pub(crate) fn into_report(self, symbolizer: &crate::symbolize::Symbolizer) -> crate::report::Report {
+        let Self { totals, infos, stacks } = self;
+        let mut report = crate::report::Report::build(
+            totals,
+            &infos,
+            |id| stacks.get(&id).cloned(),
+            symbolizer,
+            crate::monotonic_ms(),
+        );
+        report.include_clean(&infos);
+        report
+    }
+}
+
+/// The report of the `traced` processes, symbolized now (see [`Snapshot`]).
 pub(crate) fn report_of(
     probes: &Probes,
     discovery: &mut crate::discovery::Discovery,
     traced: &std::collections::HashMap<u32, leakmon_common::ProcState>,
-    mut infos: std::collections::HashMap<u32, crate::report::ProcessInfo>,
+    infos: std::collections::HashMap<u32, crate::report::ProcessInfo>,
     symbolizer: &crate::symbolize::Symbolizer,
 ) -> Result<crate::report::Report> {
-    for (&pid, state) in traced {
-        let info = infos.entry(pid).or_insert_with(|| capture(discovery, pid, true));
-        info.incomplete = state.flags & leakmon_common::proc_flags::INCOMPLETE != 0;
-    }
-    let totals = unfreed(probes, traced)?;
-    let mut report = crate::report::Report::build(
-        totals,
-        &infos,
-        |id| probes.stack(id),
-        symbolizer,
-        crate::monotonic_ms(),
-    );
-    infos.retain(|pid, _| traced.contains_key(pid));
-    report.include_clean(&infos);
-    Ok(report)
+    Ok(Snapshot::take(probes, discovery, traced, infos)?.into_report(symbolizer))
 }
 
 /// Name, mappings and allocator of a process; `alive` adds its root for symbolizing

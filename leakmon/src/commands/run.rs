@@ -437,9 +437,7 @@ async fn daemon(mut args: RunArgs, attach: Attach, proc_root: ProcRoot, reload: 
 /// What a profile is made of, read from the kernel tables and /proc in the loop;
 /// [`ProfileSnapshot::render`] does the rest elsewhere.
 struct ProfileSnapshot {
-    totals: Vec<crate::store::ProcessTotals>,
-    infos: HashMap<u32, crate::report::ProcessInfo>,
-    stacks: HashMap<u64, Vec<u64>>,
+    snapshot: super::Snapshot,
     kind: ProfileKind,
     title: String,
 }
@@ -451,19 +449,11 @@ impl ProfileSnapshot {
         suppressions: &crate::suppressions::Suppressions,
     ) -> Result<Vec<u8>, http::ProfileError> {
         use axum::http::StatusCode;
-        let Self { totals, infos, stacks, kind, title } = self;
-        let mut report = crate::report::Report::build(
-            totals,
-            &infos,
-            |id| stacks.get(&id).cloned(),
-            symbolizer,
-            crate::monotonic_ms(),
-        );
-        report.include_clean(&infos);
+        let mut report = self.snapshot.into_report(symbolizer);
         report.set_apart(suppressions);
-        match kind {
+        match self.kind {
             ProfileKind::Pprof => Ok(pprof::encode(&pprof::profile(&report, crate::unix_nanos()))),
-            ProfileKind::FlameGraph => flamegraph::render(&report, &title)
+            ProfileKind::FlameGraph => flamegraph::render(&report, &self.title)
                 .map_err(|e| (StatusCode::INTERNAL_SERVER_ERROR, format!("draw the flame graph: {e}"))),
         }
     }
@@ -526,20 +516,9 @@ fn profile_snapshot(
         return Err((StatusCode::NOT_FOUND, what));
     }
     let selected: HashMap<u32, ProcState> = pids.iter().map(|p| (*p, traced[p])).collect();
-    let mut infos = HashMap::new();
-    for (&pid, state) in &selected {
-        let mut info = super::capture(discovery, pid, true);
-        info.incomplete = state.flags & leakmon_common::proc_flags::INCOMPLETE != 0;
-        infos.insert(pid, info);
-    }
-    let totals = super::unfreed(probes, &selected)
+    let snapshot = super::Snapshot::take(probes, discovery, &selected, HashMap::new())
         .map_err(|e| (StatusCode::INTERNAL_SERVER_ERROR, format!("{e:#}")))?;
-    let stacks = totals
-        .iter()
-        .flat_map(|p| &p.stacks)
-        .filter_map(|s| Some((s.stack_id, probes.stack(s.stack_id)?)))
-        .collect();
-    Ok(ProfileSnapshot { totals, infos, stacks, kind: request.kind, title })
+    Ok(ProfileSnapshot { snapshot, kind: request.kind, title })
 }
 
 /// Tells the service manager (systemd `Type=notify`), if there is one. The message

@@ -424,10 +424,8 @@ impl Probes {
     /// links took 1.2 s).
     fn detach_links(&mut self, links: Vec<Link>) -> Result<(), ProbeError> {
         let mut first_error = None;
-        let (returns, entries): (Vec<Link>, Vec<Link>) = links.into_iter().partition(|l| {
-            l.program == self.system_kind.program(RETURN_PROGRAM)
-                || l.program == self.process_kind.program(RETURN_PROGRAM)
-        });
+        // The shared return probe is the link that covers no entry point.
+        let (returns, entries): (Vec<Link>, Vec<Link>) = links.into_iter().partition(|l| l.entry_points == 0);
         for round in [entries, returns] {
             let mut taken = Vec::with_capacity(round.len());
             for link in round {
