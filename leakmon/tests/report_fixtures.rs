@@ -164,19 +164,24 @@ fn a_full_live_table_undercounts_and_says_so_never_invents() {
     assert!(procs[0]["outstanding_allocations"].as_u64().expect("allocs") <= 64);
 }
 
+/// `leakmon report --format json EXTRA -- leaks`: its one process, and leakmon's stderr.
+fn leaks_process(extra: &[&str]) -> (serde_json::Value, String) {
+    let fixture = build_fixture("leaks.c", &[]);
+    let out = common::leakmon()
+        .args(["report", "--format", "json"])
+        .args(extra)
+        .arg("--")
+        .arg(&fixture)
+        .output()
+        .expect("run leakmon");
+    let report = common::parse_report(&out);
+    (processes(&report)[0].clone(), String::from_utf8_lossy(&out.stderr).into_owned())
+}
+
 #[test]
 fn a_full_stack_table_loses_attribution_not_bytes() {
-    let fixture = build_fixture("leaks.c", &[]);
     let run = |extra: &[&str]| {
-        let out = common::leakmon()
-            .args(["report", "--format", "json"])
-            .args(extra)
-            .arg("--")
-            .arg(&fixture)
-            .output()
-            .expect("run");
-        let report = common::parse_report(&out);
-        let p = &processes(&report)[0];
+        let (p, stderr) = leaks_process(extra);
         // Everything unfreed: a stack that could not be stored cannot be told to be the
         // runtime's own, so what is set apart moves between the two, never out.
         let number = |v: &serde_json::Value| v.as_u64().expect("number");
@@ -184,7 +189,7 @@ fn a_full_stack_table_loses_attribution_not_bytes() {
             number(&p["outstanding_bytes"]) + number(&p["runtime_internal"]["bytes"]),
             number(&p["outstanding_allocations"]) + number(&p["runtime_internal"]["allocations"]),
         );
-        (totals, String::from_utf8_lossy(&out.stderr).into_owned())
+        (totals, stderr)
     };
     let fixture_bytes: u64 = LEAKS.iter().map(|l| l.1).sum();
     let (small, stderr) = run(&["--max-stacks", "2"]);
@@ -226,17 +231,7 @@ fn a_thousand_call_sites_are_a_thousand_stacks() {
 #[test]
 fn the_runtimes_own_blocks_are_set_apart_never_dropped() {
     let fixture = build_fixture("leaks.c", &[]);
-    let run = |extra: &[&str]| {
-        let out = common::leakmon()
-            .args(["report", "--format", "json"])
-            .args(extra)
-            .arg("--")
-            .arg(&fixture)
-            .output()
-            .expect("run leakmon");
-        let report = common::parse_report(&out);
-        processes(&report)[0].clone()
-    };
+    let run = |extra: &[&str]| leaks_process(extra).0;
     let plain = run(&[]);
     let internal = &plain["runtime_internal"];
     let functions: Vec<&str> =
