@@ -122,17 +122,7 @@ pub fn server(setup: &Setup, rounds: usize) -> Result<()> {
 /// start to exit: loading, attaching (jemalloc, libc, libstdc++), the 3 s window, the
 /// report and detaching.
 fn report_wall_times(setup: &Setup, runs: usize) -> Result<Vec<f64>> {
-    let dir = setup.out.join("redis-wall");
-    let _ = std::fs::remove_dir_all(&dir);
-    std::fs::create_dir_all(&dir).context("create the redis directory")?;
-    let socket = dir.join("redis.sock");
-    let mut cmd = Command::new("redis-server");
-    cmd.args(["--port", "0", "--save", "", "--appendonly", "no", "--dir"])
-        .arg(&dir)
-        .arg("--unixsocket")
-        .arg(&socket);
-    let server = Helper::start(cmd, "eady to accept connections")?;
-    let pid = redis_pid(server.pid()).context("find redis-server's pid")?;
+    let (server, pid, socket) = start_redis(setup, "redis-wall", false)?;
     let mut load = Command::new("redis-benchmark");
     load.arg("-s")
         .arg(&socket)
@@ -162,24 +152,7 @@ fn report_wall_times(setup: &Setup, runs: usize) -> Result<Vec<f64>> {
 }
 
 fn run_once(setup: &Setup, tool: Tool) -> Result<Run> {
-    let dir = setup.out.join("redis");
-    let _ = std::fs::remove_dir_all(&dir);
-    std::fs::create_dir_all(&dir).context("create the redis directory")?;
-    let socket = dir.join("redis.sock");
-    let mut cmd = if tool == Tool::Heaptrack {
-        let mut c = Command::new("heaptrack");
-        c.arg("-o").arg(setup.out.join("heaptrack-redis")).arg("redis-server");
-        c
-    } else {
-        Command::new("redis-server")
-    };
-    cmd.args(["--port", "0", "--save", "", "--appendonly", "no", "--dir"])
-        .arg(&dir)
-        .arg("--unixsocket")
-        .arg(&socket);
-    // "Ready to accept connections" on TCP, "ready to accept connections at PATH" on a socket.
-    let server = Helper::start(cmd, "eady to accept connections")?;
-    let pid = redis_pid(server.pid()).context("find redis-server's pid")?;
+    let (server, pid, socket) = start_redis(setup, "redis", tool == Tool::Heaptrack)?;
     let (helper, tracer_pid) = match tool {
         Tool::None | Tool::Heaptrack => (None, None),
         Tool::Floor | Tool::Memleak => {
@@ -229,6 +202,30 @@ fn run_once(setup: &Setup, tool: Tool) -> Result<Run> {
         bail!("redis-benchmark printed no rates: {text}");
     }
     Ok(Run { rps: rates.iter().sum::<f64>() / rates.len() as f64, tool_cpu })
+}
+
+/// A redis-server of its own in `setup.out/NAME`, on a unix socket, under heaptrack if
+/// asked: the helper that started it, its pid, and its socket.
+fn start_redis(setup: &Setup, name: &str, heaptrack: bool) -> Result<(Helper, u32, PathBuf)> {
+    let dir = setup.out.join(name);
+    let _ = std::fs::remove_dir_all(&dir);
+    std::fs::create_dir_all(&dir).context("create the redis directory")?;
+    let socket = dir.join("redis.sock");
+    let mut cmd = if heaptrack {
+        let mut c = Command::new("heaptrack");
+        c.arg("-o").arg(setup.out.join("heaptrack-redis")).arg("redis-server");
+        c
+    } else {
+        Command::new("redis-server")
+    };
+    cmd.args(["--port", "0", "--save", "", "--appendonly", "no", "--dir"])
+        .arg(&dir)
+        .arg("--unixsocket")
+        .arg(&socket);
+    // "Ready to accept connections" on TCP, "ready to accept connections at PATH" on a socket.
+    let server = Helper::start(cmd, "eady to accept connections")?;
+    let pid = redis_pid(server.pid()).context("find redis-server's pid")?;
+    Ok((server, pid, socket))
 }
 
 /// redis-server's pid: the helper itself, or under heaptrack its descendant.
