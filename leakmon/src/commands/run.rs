@@ -46,6 +46,10 @@ const RESCAN_EVERY: Duration = Duration::from_secs(30);
 /// How long after its exec a process's mappings are read for allocator files: by then
 /// the dynamic linker has mapped its libraries and preloads.
 const AFTER_EXEC: Duration = Duration::from_millis(100);
+/// Lifecycle events handled per wake-up of the loop. One per wake-up drained a fork
+/// storm's backlog at about one event per sampling tick whenever a tick took longer
+/// than the interval (each wake-up is a coin toss between the ready branches).
+const EVENT_BATCH: usize = 4096;
 
 /// Re-reads the options (command line over config file) on SIGHUP.
 pub type Reload<'a> = &'a dyn Fn() -> Result<RunArgs, Vec<String>>;
@@ -180,6 +184,7 @@ async fn daemon(mut args: RunArgs, attach: Attach, proc_root: ProcRoot, reload: 
     let mut names: HashMap<u32, String> = HashMap::new();
     // Processes that exec'd, to read for allocator files once their libraries are in.
     let mut execed: HashMap<u32, Instant> = HashMap::new();
+    let mut batch = Vec::with_capacity(EVENT_BATCH);
 
     notify(sd_notify::NotifyState::Ready);
     loop {
@@ -258,39 +263,45 @@ async fn daemon(mut args: RunArgs, attach: Attach, proc_root: ProcRoot, reload: 
                 }
                 notify(sd_notify::NotifyState::Ready);
             }
-            Some(ev) = async { events.as_mut().expect("guarded").recv().await }, if events.is_some() => {
-                match ev.kind {
-                    event::EXIT => {
-                        exited.insert(ev.tgid, ev.gen);
-                        // The kernel dropped its tables; a process at the same pid gets
-                        // its own at the next tick.
-                        if let Some(p) = probes.as_mut() {
-                            p.forget_unwind(ev.tgid);
+            received = async { events.as_mut().expect("guarded").recv_many(&mut batch, EVENT_BATCH).await }, if events.is_some() => {
+                // A reader gone (it panicked) closes the queue: stop polling it.
+                if received == 0 {
+                    events = None;
+                }
+                for ev in batch.drain(..) {
+                    match ev.kind {
+                        event::EXIT => {
+                            exited.insert(ev.tgid, ev.gen);
+                            // The kernel dropped its tables; a process at the same pid gets
+                            // its own at the next tick.
+                            if let Some(p) = probes.as_mut() {
+                                p.forget_unwind(ev.tgid);
+                            }
                         }
-                    }
-                    event::EXEC => {
-                        replaced.insert(ev.tgid, ev.gen);
-                        // The kernel dropped the old image's tables; new ones at the next tick.
-                        if let Some(p) = probes.as_mut() {
-                            p.forget_unwind(ev.tgid);
+                        event::EXEC => {
+                            replaced.insert(ev.tgid, ev.gen);
+                            // The kernel dropped the old image's tables; new ones at the next tick.
+                            if let Some(p) = probes.as_mut() {
+                                p.forget_unwind(ev.tgid);
+                            }
+                            if system_wide {
+                                execed.insert(ev.tgid, Instant::now());
+                            }
+                            names.insert(ev.tgid, ingest::comm(&ev));
                         }
-                        if system_wide {
-                            execed.insert(ev.tgid, Instant::now());
+                        event::FORK => { names.insert(ev.child, ingest::comm(&ev)); }
+                        event::OOM => {
+                            // Who it was at the last sample: by now it may be gone.
+                            let (service, comm) = monitor
+                                .identity_of(ev.tgid)
+                                .cloned()
+                                .or_else(|| sampler::sample(&proc_root, ev.tgid).map(|v| (v.service, v.comm)))
+                                .unwrap_or_else(|| ("unknown".to_owned(), ingest::comm(&ev)));
+                            warn!(pid = ev.tgid, service = %service, comm = %comm, "OOM kill");
+                            metrics.oom_kill(&service, &comm, ev.tgid);
                         }
-                        names.insert(ev.tgid, ingest::comm(&ev));
+                        _ => {}
                     }
-                    event::FORK => { names.insert(ev.child, ingest::comm(&ev)); }
-                    event::OOM => {
-                        // Who it was at the last sample: by now it may be gone.
-                        let (service, comm) = monitor
-                            .identity_of(ev.tgid)
-                            .cloned()
-                            .or_else(|| sampler::sample(&proc_root, ev.tgid).map(|v| (v.service, v.comm)))
-                            .unwrap_or_else(|| ("unknown".to_owned(), ingest::comm(&ev)));
-                        warn!(pid = ev.tgid, service = %service, comm = %comm, "OOM kill");
-                        metrics.oom_kill(&service, &comm, ev.tgid);
-                    }
-                    _ => {}
                 }
             }
             _ = sample.tick() => {
@@ -366,6 +377,9 @@ async fn daemon(mut args: RunArgs, attach: Attach, proc_root: ProcRoot, reload: 
                     metrics.queued(events.len());
                 }
                 publish(&published, &metrics, &views).await;
+                // The next tick a whole interval after this one ended: a tick slower than
+                // the interval must not leave the loop no time for anything else.
+                sample.reset();
             }
             _ = summary.tick(), if attributing => {
                 if let Some(p) = probes.as_ref() {
