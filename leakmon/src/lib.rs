@@ -5,6 +5,7 @@
 //! `discovery`, `procfs` and `tracer` feed the probes with libraries and processes;
 //! `commands` wire it together for the CLI.
 
+pub mod agent;
 pub mod analysis;
 pub mod capabilities;
 pub mod cli;

@@ -151,6 +151,10 @@ impl Symbolizer {
             let Some(mapping) = find_mapping(maps, address.saturating_sub(1)).filter(|m| m.executable) else {
                 break;
             };
+            // The agent's hook and marker are leakmon's frames, not the program's.
+            if frames.is_empty() && crate::agent::is_agent(&mapping.path) {
+                continue;
+            }
             let offset = mapping.file_offset(address - 1);
             let path = self.canonical(match root {
                 // Deleted since it was mapped: only /proc/PID/map_files still reaches it.

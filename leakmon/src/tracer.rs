@@ -84,10 +84,10 @@ const OPTIONS: Options = Options::PTRACE_O_TRACEFORK
 impl Tracer {
     /// Starts `command` stopped just after its exec, before its first instruction.
     /// Call [`Tracer::resume`] once probes are in place.
-    pub fn spawn(command: &[OsString]) -> Result<Self, TracerError> {
+    pub fn spawn(command: &[OsString], env: &[(OsString, OsString)]) -> Result<Self, TracerError> {
         let (program, args) = command.split_first().expect("clap requires a command");
         let mut cmd = Command::new(program);
-        cmd.args(args);
+        cmd.args(args).envs(env.iter().map(|(k, v)| (k, v)));
         // SAFETY: traceme is async-signal-safe (a single syscall).
         unsafe {
             cmd.pre_exec(|| ptrace::traceme().map_err(std::io::Error::from));
@@ -175,6 +175,35 @@ impl Tracer {
                 }
                 _ => {}
             }
+        }
+    }
+
+    /// Lets every process of the session go on untraced. Each is stopped first (a
+    /// running tracee cannot be detached) and its entry breakpoint, if any, taken out;
+    /// a signal that arrived meanwhile is delivered on the way out.
+    pub fn release(mut self) {
+        for pid in std::mem::take(&mut self.seen) {
+            if ptrace::interrupt(pid).is_err() {
+                continue;
+            }
+            let deadline = std::time::Instant::now() + std::time::Duration::from_secs(1);
+            let mut signal = None;
+            loop {
+                match waitpid(pid, Some(WaitPidFlag::__WALL | WaitPidFlag::WNOHANG)) {
+                    Ok(WaitStatus::StillAlive) if std::time::Instant::now() < deadline => {
+                        std::thread::sleep(std::time::Duration::from_millis(1));
+                    }
+                    Ok(WaitStatus::Stopped(_, sig)) => {
+                        signal = (!self.at_breakpoint(pid)).then_some(sig);
+                        break;
+                    }
+                    _ => break,
+                }
+            }
+            if let Some((entry, word)) = self.breakpoints.remove(&pid) {
+                let _ = ptrace::write(pid, entry as ptrace::AddressType, word);
+            }
+            let _ = ptrace::detach(pid, signal);
         }
     }
 

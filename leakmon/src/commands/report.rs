@@ -36,8 +36,16 @@ pub fn report(args: &ReportArgs) -> Result<()> {
     // host pays nothing. A command's process tree, which may fork and exec many
     // times, shares system-wide probes on its allocator files.
     let per_process = args.pid.is_some();
+    // With the agent, its two markers are the only probes: the process samples itself.
+    let agent = args.agent.then(crate::agent::install).transpose()?;
+    let sample_bytes = match (&agent, args.tables.sample_bytes) {
+        (Some(_), 0) => crate::agent::DEFAULT_SAMPLE_BYTES,
+        (_, bytes) => bytes,
+    };
     let attach = |probes: &mut Probes, pid: u32, files: Vec<std::path::PathBuf>| -> Result<()> {
-        if per_process {
+        if let Some(agent) = agent.as_deref() {
+            probes.attach_agent(per_process.then_some(pid), agent)?;
+        } else if per_process {
             probes.attach_process(pid, &files)?;
         } else {
             attach_all(probes, files)?;
@@ -52,6 +60,12 @@ pub fn report(args: &ReportArgs) -> Result<()> {
     let exited = |pid: u32| anyhow::anyhow!("pid {pid} exited while leakmon was attaching");
     let mut tracer = if let Some(pid) = args.pid {
         probes.trace(pid)?;
+        if let Some(agent) = agent.as_deref() {
+            // Markers first, then the agent: no sample fires unprobed.
+            let slots = crate::agent::inject::load(&proc_root, pid, agent, sample_bytes)
+                .with_context(|| format!("load the agent into pid {pid}"))?;
+            info!(pid, slots, sample_bytes, "agent loaded");
+        }
         refresh_unwind(&mut probes, &proc_root, pid);
         match Tracer::seize(pid) {
             Ok(tracer) => Some(tracer),
@@ -62,7 +76,14 @@ pub fn report(args: &ReportArgs) -> Result<()> {
             }
         }
     } else {
-        let mut tracer = Tracer::spawn(&args.command)?;
+        let env = match agent.as_deref() {
+            Some(agent) => vec![
+                ("LD_PRELOAD".into(), crate::agent::preload(agent, std::env::var_os("LD_PRELOAD"))),
+                (crate::agent::SAMPLE_BYTES_ENV.into(), sample_bytes.to_string().into()),
+            ],
+            None => Vec::new(),
+        };
+        let mut tracer = Tracer::spawn(&args.command, &env)?;
         // Stopped at its exec, before its first instruction: probe its executable (a
         // static allocator), the libraries it will load and what LD_PRELOAD names.
         attach(&mut probes, tracer.root(), discovery.image(tracer.root()))?;
@@ -156,6 +177,20 @@ pub fn report(args: &ReportArgs) -> Result<()> {
 
     let mut report = build_report(&probes, &mut discovery, infos, &args.tables.wrappers)?;
     report.set_apart(&crate::suppressions::Suppressions::new(&args.tables.suppress));
+    report.sample_bytes = sample_bytes;
+    if let Some(agent) = agent.as_deref() {
+        report.method = crate::report::Method::Agent;
+        if let Some(pid) = args.pid.filter(|pid| proc_root.running(*pid)) {
+            // The agent's redirections are undone; its code stays mapped, idle.
+            if let Some(t) = tracer.take() {
+                t.release();
+            }
+            match crate::agent::inject::unload(&proc_root, pid, agent) {
+                Ok(slots) => info!(pid, slots, "agent stopped"),
+                Err(e) => warn!(pid, "stop the agent: {e:#}"),
+            }
+        }
+    }
     let counters = probes.counters()?;
     for (name, value) in counters.nonzero() {
         warn!(counter = name, value, "allocations not fully accounted");

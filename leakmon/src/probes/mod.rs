@@ -32,7 +32,7 @@ use leakmon_common::{
 };
 use tracing::{debug, info, warn};
 
-use self::targets::{entry_points, Handler, TargetError};
+use self::targets::{agent_points, entry_points, EntryPoint, Handler, TargetError};
 use crate::procfs::Mapping;
 
 /// The eBPF object built by build.rs; empty when built without bpf-linker.
@@ -164,7 +164,7 @@ impl Counters {
     }
 }
 
-const ENTRY_PROGRAMS: [Handler; 8] = [
+const ENTRY_PROGRAMS: [Handler; 9] = [
     Handler::Malloc,
     Handler::Calloc,
     Handler::Realloc,
@@ -173,6 +173,7 @@ const ENTRY_PROGRAMS: [Handler; 8] = [
     Handler::PosixMemalign,
     Handler::Strdup,
     Handler::Free,
+    Handler::AgentAlloc,
 ];
 const RETURN_PROGRAM: &str = "alloc_return";
 const TRACEPOINTS: [(&str, &str, &str); 4] = [
@@ -316,7 +317,8 @@ impl Probes {
         if self.attached.contains(&id) {
             return Ok(0);
         }
-        let links = self.attach_points(path, UProbeScope::AllProcesses, self.system_kind)?;
+        let points = entry_points(path)?;
+        let links = self.attach_points(path, &points, UProbeScope::AllProcesses, self.system_kind)?;
         let entry_points = entry_count(&links);
         self.system_links.extend(links);
         self.attached.insert(id);
@@ -339,7 +341,15 @@ impl Probes {
             if self.per_process.get(&pid).is_some_and(|p| p.files.contains(&id)) {
                 continue;
             }
-            match self.attach_points(path, UProbeScope::OneProcess(nz), self.process_kind) {
+            let points = match self::targets::entry_points(path) {
+                Ok(points) => points,
+                Err(e) => {
+                    let links = added.into_iter().flat_map(|(_, links)| links).collect();
+                    let _ = self.detach_links(links);
+                    return Err(e.into());
+                }
+            };
+            match self.attach_points(path, &points, UProbeScope::OneProcess(nz), self.process_kind) {
                 Ok(links) => {
                     entry_points += entry_count(&links);
                     added.push((id, links));
@@ -362,6 +372,46 @@ impl Probes {
         Ok(entry_points)
     }
 
+    /// Attaches to the in-process agent's markers in the agent file at `path`: for `pid`
+    /// alone, or for every process that maps it (a command's tree, which preloads it).
+    /// The agent samples in-process, so the kernel side records every marker hit at the
+    /// weight the agent passes. Returns the number of markers probed.
+    pub fn attach_agent(&mut self, pid: Option<u32>, path: &Path) -> Result<usize, ProbeError> {
+        let meta =
+            std::fs::metadata(path).map_err(|source| ProbeError::Stat { path: path.to_owned(), source })?;
+        let id = FileId { dev: meta.dev(), ino: meta.ino() };
+        let points = agent_points(path)?;
+        match pid.and_then(NonZeroU32::new) {
+            Some(nz) => {
+                let pid = nz.get();
+                if self.per_process.get(&pid).is_some_and(|p| p.files.contains(&id)) {
+                    return Ok(0);
+                }
+                let links =
+                    self.attach_points(path, &points, UProbeScope::OneProcess(nz), self.process_kind)?;
+                let process = self.per_process.entry(pid).or_default();
+                process.files.insert(id);
+                process.links.extend(links);
+                self.trace(pid)?;
+            }
+            None => {
+                if !self.attached.insert(id) {
+                    return Ok(0);
+                }
+                let links =
+                    match self.attach_points(path, &points, UProbeScope::AllProcesses, self.system_kind) {
+                        Ok(links) => links,
+                        Err(e) => {
+                            self.attached.remove(&id);
+                            return Err(e);
+                        }
+                    };
+                self.system_links.extend(links);
+            }
+        }
+        Ok(points.len())
+    }
+
     /// Attaches every allocator entry point of `path`: per program, one link holding
     /// all its entry points. The shared return probe goes first and leaves last, so no
     /// entry can be recorded without its return probe in place (an entry without its
@@ -369,11 +419,11 @@ impl Probes {
     fn attach_points(
         &mut self,
         path: &Path,
+        points: &[EntryPoint],
         scope: UProbeScope,
         kind: AttachKind,
     ) -> Result<Vec<Link>, ProbeError> {
-        let points = entry_points(path)?;
-        for point in &points {
+        for point in points {
             // The bench reads these to put its same-traps floor where leakmon probes.
             debug!(
                 library = %path.display(),

@@ -19,6 +19,8 @@ pub enum Handler {
     PosixMemalign,
     Strdup,
     Free,
+    /// The agent's marker for a block it sampled: `(block, weight)`.
+    AgentAlloc,
 }
 
 impl Handler {
@@ -33,12 +35,13 @@ impl Handler {
             Self::PosixMemalign => "alloc_posix_memalign",
             Self::Strdup => "alloc_strdup",
             Self::Free => "free_enter",
+            Self::AgentAlloc => "agent_alloc",
         }
     }
 
     /// Whether the shared return probe goes on this entry point too.
     pub const fn needs_return(self) -> bool {
-        !matches!(self, Self::Free)
+        !matches!(self, Self::Free | Self::AgentAlloc)
     }
 }
 
@@ -209,6 +212,8 @@ pub enum TargetError {
     Read { path: String, source: std::io::Error },
     #[error("parse ELF {path}")]
     Parse { path: String, source: object::Error },
+    #[error("{path} is not leakmon's agent: its marker functions are missing")]
+    NotAgent { path: String },
 }
 
 /// One probe location in a file.
@@ -267,23 +272,9 @@ pub fn targets_in(data: &[u8]) -> Result<FileTargets, object::Error> {
         if offsets.contains_key(name) {
             continue;
         }
-        let Some(section) = symbol.section_index().and_then(|s| file.section_by_index(s).ok()) else {
-            continue;
-        };
-        let Some((section_offset, section_size)) = section.file_range() else { continue };
-        // A symbol outside its own section (a corrupt or crafted file in some traced
-        // process) names no code of that file: never a probe offset.
-        let Some(start) = symbol.address().checked_sub(section.address()).filter(|s| *s < section_size)
-        else {
-            continue;
-        };
-        let Some(file_offset) = start.checked_add(section_offset) else { continue };
+        let Some((file_offset, code)) = code_of(&file, &symbol) else { continue };
         let skip = match handler {
-            Handler::Free => section
-                .data()
-                .ok()
-                .and_then(|d| d.get(usize::try_from(start).ok()?..))
-                .map_or(0, super::placement::pointer_release_offset),
+            Handler::Free => super::placement::pointer_release_offset(code),
             _ => 0,
         };
         defined.insert(name);
@@ -306,6 +297,63 @@ pub fn targets_in(data: &[u8]) -> Result<FileTargets, object::Error> {
         })
         .collect();
     Ok(FileTargets { allocator, interposes: defined.contains("malloc"), entry_points, needed: needed(data) })
+}
+
+/// A defined function's file offset and its code, to the end of its section; `None`
+/// for a symbol outside its own section (a corrupt or crafted file in some traced
+/// process names no code of that file: never a probe offset).
+fn code_of<'data>(
+    file: &object::File<'data>,
+    symbol: &object::Symbol<'data, '_>,
+) -> Option<(u64, &'data [u8])> {
+    let section = file.section_by_index(symbol.section_index()?).ok()?;
+    let (section_offset, section_size) = section.file_range()?;
+    let start = symbol.address().checked_sub(section.address()).filter(|s| *s < section_size)?;
+    let file_offset = start.checked_add(section_offset)?;
+    let code = section.data().ok()?.get(usize::try_from(start).ok()?..).unwrap_or_default();
+    Some((file_offset, code))
+}
+
+/// The in-process agent's markers, and the programs that go on them: a sampled block,
+/// and its free.
+const AGENT_POINTS: [(&str, Handler); 2] =
+    [("leakmon_agent_sampled_alloc", Handler::AgentAlloc), ("leakmon_agent_sampled_free", Handler::Free)];
+
+/// The agent's marker functions in the agent file at `path`. Each starts with a 5-byte
+/// NOP, the probe site.
+pub fn agent_points(path: &Path) -> Result<Vec<EntryPoint>, TargetError> {
+    let display = path.display().to_string();
+    let data = fs::read(path).map_err(|source| TargetError::Read { path: display.clone(), source })?;
+    let file =
+        object::File::parse(&*data).map_err(|source| TargetError::Parse { path: display.clone(), source })?;
+    let mut points = Vec::new();
+    for (symbol, handler) in AGENT_POINTS {
+        let found = file
+            .dynamic_symbols()
+            .find(|s| s.is_definition() && s.name() == Ok(symbol))
+            .and_then(|s| code_of(&file, &s));
+        let Some((file_offset, _)) = found else {
+            return Err(TargetError::NotAgent { path: display });
+        };
+        points.push(EntryPoint { symbol, handler, file_offset, probe_offset: file_offset });
+    }
+    Ok(points)
+}
+
+/// The file offset of the function `symbol` that the file at `path` defines.
+pub fn function_offset(path: &Path, symbol: &str) -> Result<Option<u64>, TargetError> {
+    let display = path.display().to_string();
+    let file = fs::File::open(path).map_err(|source| TargetError::Read { path: display.clone(), source })?;
+    // SAFETY: a read-only private mapping, as in `file_targets`.
+    let data = unsafe { memmap2::Mmap::map(&file) }
+        .map_err(|source| TargetError::Read { path: display.clone(), source })?;
+    let file = object::File::parse(&*data).map_err(|source| TargetError::Parse { path: display, source })?;
+    Ok(file
+        .dynamic_symbols()
+        .chain(file.symbols())
+        .filter(|s| s.is_definition() && s.address() != 0 && s.name() == Ok(symbol))
+        .find_map(|s| code_of(&file, &s))
+        .map(|(offset, _)| offset))
 }
 
 /// The `DT_NEEDED` names of a 64-bit ELF image; none for anything else.

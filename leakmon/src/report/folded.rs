@@ -62,6 +62,8 @@ mod tests {
             frames: frames.iter().map(|f| frame(f)).collect(),
         };
         let report = Report {
+            method: super::Method::Uprobes,
+            sample_bytes: 0,
             processes: vec![ProcessReport {
                 pid: 7,
                 comm: "leaks".into(),

@@ -38,7 +38,20 @@ pub struct ProcessInfo {
 
 #[derive(Clone, Debug, PartialEq, Serialize)]
 pub struct Report {
+    /// How allocations were seen: `uprobes` (the kernel traps every allocator call)
+    /// or `agent` (leakmon's agent in the process samples, the kernel sees samples).
+    pub method: Method,
+    /// The byte-weighted sampling interval; 0 for exact figures.
+    pub sample_bytes: u64,
     pub processes: Vec<ProcessReport>,
+}
+
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Serialize)]
+#[serde(rename_all = "lowercase")]
+pub enum Method {
+    #[default]
+    Uprobes,
+    Agent,
 }
 
 #[derive(Clone, Debug, PartialEq, Serialize)]
@@ -144,7 +157,7 @@ impl Report {
                 }
             })
             .collect();
-        Self { processes }
+        Self { method: Method::default(), sample_bytes: 0, processes }
     }
 
     /// Adds processes that were watched but left nothing unfreed, so a clean run

@@ -116,6 +116,8 @@ mod tests {
             address: "0x1".into(),
         };
         let report = Report {
+            method: super::Method::Uprobes,
+            sample_bytes: 0,
             processes: vec![ProcessReport {
                 pid: 42,
                 comm: "fixture".into(),

@@ -1,0 +1,496 @@
+/*
+ * leakmon's in-process sampling agent.
+ *
+ * Loaded into a process (LD_PRELOAD at start, or dlopen driven through ptrace in a
+ * running one), it redirects the allocator entry points every loaded object calls
+ * through its GOT to the hooks below. Each hook runs the real allocator, then takes
+ * the same byte-weighted sampling decision as leakmon's kernel side (the tables come
+ * from leakmon-common, generated into sampling_tables.h). Only a sampled block, and
+ * later its free, call a marker function on which leakmon has a uprobe: the kernel
+ * pays for samples only, and walks the stack and keeps the tables as in exact mode.
+ *
+ * Rules this file keeps, because it runs inside somebody else's process:
+ *  - it never allocates through the allocator it wraps (its tables are mmap'd);
+ *  - its thread-local state is initial-exec TLS, which needs no allocation (a dlopened
+ *    library's dynamic TLS is allocated with malloc on first use);
+ *  - a hook entered again from inside the real allocator (operator new calling malloc,
+ *    strdup calling malloc) passes straight through: one block is counted once, at
+ *    the outermost call, as the uprobes count it;
+ *  - stopping restores every redirected slot; the code stays mapped, since a thread
+ *    may still be inside a hook.
+ */
+#define _GNU_SOURCE
+#include <dlfcn.h>
+#include <elf.h>
+#include <link.h>
+#include <pthread.h>
+#include <stdint.h>
+#include <stdlib.h>
+#include <string.h>
+#include <sys/mman.h>
+#include <unistd.h>
+
+#include "sampling_tables.h"
+
+#define EXPORT __attribute__((visibility("default")))
+#define TLS __thread __attribute__((tls_model("initial-exec")))
+#define LIKELY(x) __builtin_expect(!!(x), 1)
+#define UNLIKELY(x) __builtin_expect(!!(x), 0)
+
+/* ---- markers: the probe sites ------------------------------------------------ */
+
+/*
+ * A 5-byte NOP first (a kernel with optimized uprobes turns a probe there into a call
+ * instead of a trap), then ret. Written in assembly so that no compiler puts anything
+ * before the NOP, with call frame information for the kernel's unwinder. Its frame 0
+ * is the marker's own address, which unwinders (taking every frame for a return
+ * address) look up one byte early: the int3 before each marker, never executed, is
+ * there so that byte has the marker's frame rule too.
+ */
+#define MARKER(name)                                     \
+    ".globl " #name "\n"                                 \
+    ".type " #name ", @function\n"                       \
+    ".cfi_startproc\n"                                   \
+    "  int3\n"                                           \
+    #name ":\n"                                          \
+    "  .byte 0x0f, 0x1f, 0x44, 0x00, 0x00\n"             \
+    "  ret\n"                                            \
+    ".cfi_endproc\n"                                     \
+    ".size " #name ", .-" #name "\n"
+__asm__(".text\n" MARKER(leakmon_agent_sampled_alloc) MARKER(leakmon_agent_sampled_free));
+
+/* (block, bytes it stands for) */
+EXPORT void leakmon_agent_sampled_alloc(void *block, uint64_t weight);
+/* (block) */
+EXPORT void leakmon_agent_sampled_free(void *block);
+
+/* ---- sampling (the same arithmetic as leakmon_common::sampling) ----------------- */
+
+EXPORT uint64_t leakmon_agent_countdown(uint32_t random, uint64_t rate) {
+    uint64_t ln = LEAKMON_NEG_LN[random & 1023];
+    uint64_t v = (rate * ln) >> 16;
+    return v == 0 ? 1 : v;
+}
+
+EXPORT uint64_t leakmon_agent_weight(uint64_t size, uint64_t rate) {
+    if (rate == 0 || size >= 16 * rate)
+        return size;
+    if (size < rate)
+        return rate + size / 2 + size * size / (12 * rate);
+    uint64_t scaled = size * 16;
+    uint64_t i = scaled / rate;
+    uint64_t rem = scaled % rate;
+    uint64_t lo = LEAKMON_INV_P[i - 16];
+    uint64_t hi = i - 15 < LEAKMON_INV_P_LEN ? LEAKMON_INV_P[i - 15] : 65536;
+    uint64_t drop = lo > hi ? lo - hi : 0;
+    uint64_t factor = lo - drop * rem / rate;
+    return (size * factor) >> 16;
+}
+
+/* The sampling interval in bytes; 0 while stopped (hooks then pass through). */
+static volatile uint64_t rate;
+
+struct thread_state {
+    uint64_t left; /* bytes to the next sample; 0: draw a new countdown */
+    uint64_t rng;  /* xorshift64* state; 0: not seeded yet */
+    uint32_t busy; /* inside a hook: nested hooks pass through */
+};
+static TLS struct thread_state ts;
+
+static uint32_t next_random(void) {
+    if (UNLIKELY(ts.rng == 0)) {
+        uint32_t lo, hi;
+        __asm__ volatile("rdtsc" : "=a"(lo), "=d"(hi));
+        ts.rng = (((uint64_t)hi << 32) | lo) ^ (uint64_t)(uintptr_t)&ts ^ 0x9e3779b97f4a7c15ull;
+        if (ts.rng == 0)
+            ts.rng = 1;
+    }
+    uint64_t x = ts.rng;
+    x ^= x >> 12;
+    x ^= x << 25;
+    x ^= x >> 27;
+    ts.rng = x;
+    return (uint32_t)((x * 0x2545f4914f6cdd1dull) >> 32);
+}
+
+/* The bytes a block of `size` stands for if it is sampled, else 0. */
+static inline uint64_t charge(uint64_t size, uint64_t r) {
+    if (UNLIKELY(ts.left == 0))
+        ts.left = leakmon_agent_countdown(next_random(), r);
+    if (LIKELY(size < ts.left)) {
+        ts.left -= size;
+        return 0;
+    }
+    ts.left = leakmon_agent_countdown(next_random(), r);
+    return leakmon_agent_weight(size, r);
+}
+
+/* ---- sampled blocks: which frees leakmon must hear of -------------------------- */
+
+/*
+ * An open-addressing set of sampled addresses, and in front of it a counting filter
+ * small enough to stay in cache, so that a free of an unsampled block (nearly all of
+ * them) costs one load of a byte. Both mmap'd.
+ */
+#define SET_BITS 20
+#define SET_SLOTS (1u << SET_BITS)
+#define PROBES 64
+#define FILTER_SLOTS (1u << 16)
+#define TOMBSTONE ((uintptr_t)1)
+
+static uintptr_t *set;
+static uint8_t *filter;
+EXPORT volatile uint64_t leakmon_agent_set_full;
+
+static inline uint64_t mix(uintptr_t p) {
+    return (uint64_t)(p >> 4) * 0x9e3779b97f4a7c15ull;
+}
+
+static int set_insert(uintptr_t p) {
+    uint64_t h = mix(p) >> (64 - SET_BITS);
+    for (unsigned i = 0; i < PROBES; i++) {
+        uintptr_t *slot = &set[(h + i) & (SET_SLOTS - 1)];
+        uintptr_t seen = __atomic_load_n(slot, __ATOMIC_RELAXED);
+        if (seen != 0 && seen != TOMBSTONE)
+            continue;
+        if (__atomic_compare_exchange_n(slot, &seen, p, 0, __ATOMIC_RELAXED, __ATOMIC_RELAXED)) {
+            uint8_t *f = &filter[mix(p) & (FILTER_SLOTS - 1)];
+            /* Saturates: a filter slot at 255 stays "maybe" for good. */
+            uint8_t c = __atomic_load_n(f, __ATOMIC_RELAXED);
+            while (c != 255 && !__atomic_compare_exchange_n(f, &c, c + 1, 0, __ATOMIC_RELAXED, __ATOMIC_RELAXED))
+                ;
+            return 1;
+        }
+    }
+    __atomic_fetch_add(&leakmon_agent_set_full, 1, __ATOMIC_RELAXED);
+    return 0;
+}
+
+/* Takes `p` out of the set; whether it was there. */
+static inline int set_remove(uintptr_t p) {
+    uint8_t *f = &filter[mix(p) & (FILTER_SLOTS - 1)];
+    if (LIKELY(__atomic_load_n(f, __ATOMIC_RELAXED) == 0))
+        return 0;
+    uint64_t h = mix(p) >> (64 - SET_BITS);
+    for (unsigned i = 0; i < PROBES; i++) {
+        uintptr_t *slot = &set[(h + i) & (SET_SLOTS - 1)];
+        uintptr_t seen = __atomic_load_n(slot, __ATOMIC_RELAXED);
+        if (seen == 0)
+            return 0;
+        if (seen == p) {
+            if (!__atomic_compare_exchange_n(slot, &seen, TOMBSTONE, 0, __ATOMIC_RELAXED, __ATOMIC_RELAXED))
+                return 0;
+            uint8_t c = __atomic_load_n(f, __ATOMIC_RELAXED);
+            while (c != 255 && c != 0 && !__atomic_compare_exchange_n(f, &c, c - 1, 0, __ATOMIC_RELAXED, __ATOMIC_RELAXED))
+                ;
+            return 1;
+        }
+    }
+    return 0;
+}
+
+static void sampled(uintptr_t block, uint64_t size, uint64_t r) {
+    uint64_t weight = charge(size, r);
+    if (LIKELY(weight == 0) || block == 0)
+        return;
+    if (set_insert(block))
+        leakmon_agent_sampled_alloc((void *)block, weight);
+}
+
+static inline void released(uintptr_t block) {
+    if (block != 0 && set_remove(block))
+        leakmon_agent_sampled_free((void *)block);
+}
+
+/* ---- hooks --------------------------------------------------------------------- */
+
+enum kind { K_MALLOC, K_CALLOC, K_REALLOC, K_REALLOCARRAY, K_MEMALIGN, K_POSIX_MEMALIGN, K_STRDUP, K_FREE, K_DLOPEN };
+
+/* name, kind: every entry point leakmon's uprobes know, and dlopen. */
+#define HOOKS(X)                                                                                    \
+    X(malloc, K_MALLOC) X(calloc, K_CALLOC) X(realloc, K_REALLOC) X(reallocarray, K_REALLOCARRAY)   \
+    X(free, K_FREE) X(cfree, K_FREE) X(posix_memalign, K_POSIX_MEMALIGN)                             \
+    X(aligned_alloc, K_MEMALIGN) X(memalign, K_MEMALIGN) X(valloc, K_MALLOC) X(pvalloc, K_MALLOC)    \
+    X(free_sized, K_FREE) X(free_aligned_sized, K_FREE) X(strdup, K_STRDUP) X(strndup, K_STRDUP)     \
+    X(_Znwm, K_MALLOC) X(_Znam, K_MALLOC) X(_ZnwmRKSt9nothrow_t, K_MALLOC)                          \
+    X(_ZnamRKSt9nothrow_t, K_MALLOC) X(_ZnwmSt11align_val_t, K_MALLOC)                              \
+    X(_ZnamSt11align_val_t, K_MALLOC) X(_ZnwmSt11align_val_tRKSt9nothrow_t, K_MALLOC)               \
+    X(_ZnamSt11align_val_tRKSt9nothrow_t, K_MALLOC) X(_ZdlPv, K_FREE) X(_ZdaPv, K_FREE)             \
+    X(_ZdlPvm, K_FREE) X(_ZdaPvm, K_FREE) X(_ZdlPvRKSt9nothrow_t, K_FREE)                           \
+    X(_ZdaPvRKSt9nothrow_t, K_FREE) X(_ZdlPvSt11align_val_t, K_FREE) X(_ZdaPvSt11align_val_t, K_FREE) \
+    X(_ZdlPvmSt11align_val_t, K_FREE) X(_ZdaPvmSt11align_val_t, K_FREE)                             \
+    X(mallocx, K_MALLOC) X(rallocx, K_REALLOC) X(dallocx, K_FREE) X(sdallocx, K_FREE)               \
+    X(je_malloc, K_MALLOC) X(je_calloc, K_CALLOC) X(je_realloc, K_REALLOC) X(je_free, K_FREE)       \
+    X(je_posix_memalign, K_POSIX_MEMALIGN) X(je_aligned_alloc, K_MEMALIGN) X(je_mallocx, K_MALLOC)  \
+    X(je_rallocx, K_REALLOC) X(je_dallocx, K_FREE) X(je_sdallocx, K_FREE)                           \
+    X(tc_malloc, K_MALLOC) X(tc_calloc, K_CALLOC) X(tc_realloc, K_REALLOC) X(tc_free, K_FREE)       \
+    X(mi_malloc, K_MALLOC) X(mi_zalloc, K_MALLOC) X(mi_calloc, K_CALLOC) X(mi_realloc, K_REALLOC)   \
+    X(mi_free, K_FREE) X(dlopen, K_DLOPEN)
+
+#define ENUM(name, kind) H_##name,
+enum { HOOKS(ENUM) N_HOOKS };
+
+typedef uintptr_t (*entry_fn)(uintptr_t, uintptr_t, uintptr_t, uintptr_t);
+/* The real function behind each hook, as the global scope resolves it. */
+static entry_fn real[N_HOOKS];
+static void patch_all(void);
+
+static inline uint64_t product(uint64_t a, uint64_t b) {
+    uint64_t p;
+    return __builtin_mul_overflow(a, b, &p) ? UINT64_MAX : p;
+}
+
+/*
+ * One body for every hook (inlined into each): arguments are passed on untouched, as
+ * four integer registers, which is what each of these functions takes at most.
+ */
+static inline __attribute__((always_inline)) uintptr_t
+hook(int index, enum kind kind, uintptr_t a, uintptr_t b, uintptr_t c, uintptr_t d) {
+    entry_fn fn = real[index];
+    uint64_t r = rate;
+    if (kind == K_DLOPEN) {
+        uintptr_t handle = fn(a, b, c, d);
+        /* Objects it brought in call the allocator through GOTs of their own. */
+        if (handle != 0 && r != 0)
+            patch_all();
+        return handle;
+    }
+    if (ts.busy || r == 0)
+        return fn(a, b, c, d);
+    ts.busy = 1;
+    uintptr_t ret;
+    switch (kind) {
+    case K_FREE:
+        released(a);
+        ret = fn(a, b, c, d);
+        break;
+    case K_REALLOC:
+    case K_REALLOCARRAY: {
+        uint64_t size = kind == K_REALLOC ? b : product(b, c);
+        released(a);
+        ret = fn(a, b, c, d);
+        if (ret != 0)
+            sampled(ret, size, r);
+        break;
+    }
+    case K_POSIX_MEMALIGN:
+        ret = fn(a, b, c, d);
+        if ((int)ret == 0)
+            sampled(*(uintptr_t *)a, c, r);
+        break;
+    case K_STRDUP:
+        ret = fn(a, b, c, d);
+        if (ret != 0)
+            sampled(ret, strlen((const char *)ret) + 1, r);
+        break;
+    case K_CALLOC:
+        ret = fn(a, b, c, d);
+        sampled(ret, product(a, b), r);
+        break;
+    case K_MEMALIGN:
+        ret = fn(a, b, c, d);
+        sampled(ret, b, r);
+        break;
+    default:
+        ret = fn(a, b, c, d);
+        sampled(ret, a, r);
+        break;
+    }
+    ts.busy = 0;
+    return ret;
+}
+
+#define DEFINE(name, kind)                                                                        \
+    __attribute__((noinline)) static uintptr_t leakmon_agent_hook_##name(uintptr_t a, uintptr_t b, \
+                                                                         uintptr_t c, uintptr_t d) { \
+        return hook(H_##name, kind, a, b, c, d);                                                   \
+    }
+HOOKS(DEFINE)
+
+struct hook_entry {
+    const char *name;
+    void *hook;
+};
+#define ENTRY(name, kind) {#name, (void *)leakmon_agent_hook_##name},
+static const struct hook_entry hooks[N_HOOKS] = {HOOKS(ENTRY)};
+
+/* ---- GOT redirection ------------------------------------------------------------ */
+
+/* Every slot redirected, with what it held: stopping writes those values back. */
+struct patched {
+    uintptr_t *slot;
+    uintptr_t original;
+    int read_only;
+};
+#define MAX_PATCHED (1u << 16)
+static struct patched *patched;
+static unsigned n_patched;
+static pthread_mutex_t patch_lock = PTHREAD_MUTEX_INITIALIZER;
+static uintptr_t self_base;
+
+static int is_hook(uintptr_t value) {
+    for (int i = 0; i < N_HOOKS; i++)
+        if ((uintptr_t)hooks[i].hook == value)
+            return 1;
+    return 0;
+}
+
+/* Writes `value` to `slot`, making a read-only (RELRO) page writable for the store. */
+static int store(uintptr_t *slot, uintptr_t value, int read_only) {
+    if (!read_only) {
+        __atomic_store_n(slot, value, __ATOMIC_RELEASE);
+        return 1;
+    }
+    long page = sysconf(_SC_PAGESIZE);
+    uintptr_t start = (uintptr_t)slot & ~(uintptr_t)(page - 1);
+    if (mprotect((void *)start, (size_t)page, PROT_READ | PROT_WRITE) != 0)
+        return 0;
+    __atomic_store_n(slot, value, __ATOMIC_RELEASE);
+    mprotect((void *)start, (size_t)page, PROT_READ);
+    return 1;
+}
+
+/* A dynamic-section address: glibc relocates most in place, the vDSO's are not. */
+static uintptr_t dyn_ptr(uintptr_t base, uintptr_t value) {
+    return value < base ? base + value : value;
+}
+
+static void patch_relocations(uintptr_t base, const ElfW(Rela) * rela, size_t size, const ElfW(Sym) * symtab,
+                              const char *strtab, uintptr_t relro_start, uintptr_t relro_end) {
+    for (size_t i = 0; i < size / sizeof(ElfW(Rela)); i++) {
+        unsigned type = ELF64_R_TYPE(rela[i].r_info);
+        if (type != R_X86_64_JUMP_SLOT && type != R_X86_64_GLOB_DAT)
+            continue;
+        const char *name = strtab + symtab[ELF64_R_SYM(rela[i].r_info)].st_name;
+        for (int h = 0; h < N_HOOKS; h++) {
+            if (real[h] == NULL || strcmp(name, hooks[h].name) != 0)
+                continue;
+            uintptr_t *slot = (uintptr_t *)(base + rela[i].r_offset);
+            uintptr_t original = *slot;
+            if (is_hook(original) || n_patched >= MAX_PATCHED)
+                break;
+            int read_only = (uintptr_t)slot >= relro_start && (uintptr_t)slot < relro_end;
+            if (store(slot, (uintptr_t)hooks[h].hook, read_only)) {
+                patched[n_patched].slot = slot;
+                patched[n_patched].original = original;
+                patched[n_patched].read_only = read_only;
+                n_patched++;
+            }
+            break;
+        }
+    }
+}
+
+static int patch_object(struct dl_phdr_info *info, size_t size, void *data) {
+    (void)size;
+    (void)data;
+    uintptr_t base = info->dlpi_addr;
+    if (base == self_base || info->dlpi_name == NULL || strstr(info->dlpi_name, "linux-vdso") != NULL)
+        return 0;
+    const ElfW(Dyn) *dyn = NULL;
+    uintptr_t relro_start = 0, relro_end = 0;
+    for (int i = 0; i < info->dlpi_phnum; i++) {
+        const ElfW(Phdr) *ph = &info->dlpi_phdr[i];
+        if (ph->p_type == PT_DYNAMIC)
+            dyn = (const ElfW(Dyn) *)(base + ph->p_vaddr);
+        if (ph->p_type == PT_GNU_RELRO) {
+            relro_start = base + ph->p_vaddr;
+            relro_end = relro_start + ph->p_memsz;
+        }
+    }
+    if (dyn == NULL)
+        return 0;
+    const ElfW(Sym) *symtab = NULL;
+    const char *strtab = NULL;
+    const ElfW(Rela) *jmprel = NULL, *rela = NULL;
+    size_t jmprel_size = 0, rela_size = 0;
+    for (; dyn->d_tag != DT_NULL; dyn++) {
+        switch (dyn->d_tag) {
+        case DT_SYMTAB: symtab = (const ElfW(Sym) *)dyn_ptr(base, dyn->d_un.d_ptr); break;
+        case DT_STRTAB: strtab = (const char *)dyn_ptr(base, dyn->d_un.d_ptr); break;
+        case DT_JMPREL: jmprel = (const ElfW(Rela) *)dyn_ptr(base, dyn->d_un.d_ptr); break;
+        case DT_PLTRELSZ: jmprel_size = dyn->d_un.d_val; break;
+        case DT_RELA: rela = (const ElfW(Rela) *)dyn_ptr(base, dyn->d_un.d_ptr); break;
+        case DT_RELASZ: rela_size = dyn->d_un.d_val; break;
+        }
+    }
+    if (symtab == NULL || strtab == NULL)
+        return 0;
+    if (jmprel != NULL)
+        patch_relocations(base, jmprel, jmprel_size, symtab, strtab, relro_start, relro_end);
+    if (rela != NULL)
+        patch_relocations(base, rela, rela_size, symtab, strtab, relro_start, relro_end);
+    return 0;
+}
+
+static void patch_all(void) {
+    pthread_mutex_lock(&patch_lock);
+    if (rate != 0)
+        dl_iterate_phdr(patch_object, NULL);
+    pthread_mutex_unlock(&patch_lock);
+}
+
+/* ---- control --------------------------------------------------------------------- */
+
+static void *map_zeroed(size_t bytes) {
+    void *p = mmap(NULL, bytes, PROT_READ | PROT_WRITE, MAP_PRIVATE | MAP_ANONYMOUS | MAP_NORESERVE, -1, 0);
+    return p == MAP_FAILED ? NULL : p;
+}
+
+/*
+ * Starts sampling every `sample_bytes` bytes on average and redirects every loaded
+ * object's calls. Returns the number of slots redirected, or a negative number: -1
+ * for a bad interval, -2 when the tables cannot be mapped. Calling it again changes
+ * the interval and redirects objects loaded since.
+ */
+EXPORT long leakmon_agent_start(uint64_t sample_bytes) {
+    if (sample_bytes == 0 || sample_bytes > LEAKMON_MAX_RATE)
+        return -1;
+    pthread_mutex_lock(&patch_lock);
+    if (set == NULL) {
+        set = map_zeroed(SET_SLOTS * sizeof(uintptr_t));
+        filter = map_zeroed(FILTER_SLOTS);
+        patched = map_zeroed(MAX_PATCHED * sizeof(struct patched));
+        if (set == NULL || filter == NULL || patched == NULL) {
+            pthread_mutex_unlock(&patch_lock);
+            return -2;
+        }
+        Dl_info self;
+        if (dladdr((void *)leakmon_agent_start, &self) != 0)
+            self_base = (uintptr_t)self.dli_fbase;
+        for (int i = 0; i < N_HOOKS; i++)
+            real[i] = (entry_fn)dlsym(RTLD_DEFAULT, hooks[i].name);
+    }
+    rate = sample_bytes;
+    pthread_mutex_unlock(&patch_lock);
+    patch_all();
+    return (long)n_patched;
+}
+
+/*
+ * Writes every redirected slot back and stops sampling; returns how many slots were
+ * restored. Blocks sampled before stay in the set: a later start still hears of
+ * their frees.
+ */
+EXPORT long leakmon_agent_stop(void) {
+    pthread_mutex_lock(&patch_lock);
+    rate = 0;
+    long restored = 0;
+    for (unsigned i = 0; i < n_patched; i++) {
+        if (store(patched[i].slot, patched[i].original, patched[i].read_only))
+            restored++;
+    }
+    n_patched = 0;
+    pthread_mutex_unlock(&patch_lock);
+    return restored;
+}
+
+/* Preloaded: the interval comes from the environment leakmon gave the command. */
+__attribute__((constructor)) static void leakmon_agent_preloaded(void) {
+    const char *value = getenv("LEAKMON_AGENT_SAMPLE_BYTES");
+    if (value == NULL)
+        return;
+    uint64_t bytes = strtoull(value, NULL, 10);
+    if (bytes != 0)
+        leakmon_agent_start(bytes);
+}

@@ -1,0 +1,498 @@
+//! Calling a function inside a running process, through ptrace: how the agent is
+//! loaded (`dlopen`), started and stopped without a restart.
+//!
+//! The process must come out exactly as it went in, whatever happens to leakmon:
+//! - One thread is borrowed, the main one, and only at a point where it holds no
+//!   allocator or loader lock: blocked in (or entering) a syscall that waits, such as
+//!   `epoll_wait` or `nanosleep`. A thread stopped inside `malloc` would deadlock on its
+//!   own arena lock as soon as `dlopen` allocates. Other threads keep running (stopping
+//!   them could leave the lock we need with one of them).
+//! - The call runs in a trampoline written into a fresh mapping of the process: it
+//!   saves the extended register state, calls the function, stores the result, restores
+//!   every register and jumps back to where the thread was, on its own. leakmon detaches
+//!   before the call runs and only reads the result afterwards, so a leakmon killed at
+//!   any point after that leaves a process that simply goes on. The short window before
+//!   (one `mmap` run in the thread) is the only one in which a SIGKILLed leakmon leaves
+//!   the borrowed thread at the wrong place.
+//! - A syscall the thread was interrupted in is restarted as the kernel would have.
+
+use std::{
+    fs::File,
+    os::unix::fs::FileExt as _,
+    path::Path,
+    time::{Duration, Instant},
+};
+
+use anyhow::{anyhow, bail, Context as _, Result};
+use nix::{
+    errno::Errno,
+    sys::{
+        ptrace::{self, Options},
+        signal::Signal,
+        wait::{waitpid, WaitPidFlag, WaitStatus},
+    },
+    unistd::Pid,
+};
+
+use crate::procfs::{Mapping, ProcRoot};
+
+/// How long a thread may take to reach a syscall that waits.
+const SAFE_POINT_WAIT: Duration = Duration::from_secs(3);
+/// How long the called function may run (`dlopen` of a small library: milliseconds).
+const CALL_WAIT: Duration = Duration::from_secs(30);
+
+/// Syscalls in which a thread waits without holding a lock of the C library or the
+/// dynamic loader. `futex` is not one: it may be waiting for exactly such a lock.
+const WAITING_SYSCALLS: &[i64] = &[
+    0,   // read
+    7,   // poll
+    23,  // select
+    34,  // pause
+    35,  // nanosleep
+    43,  // accept
+    45,  // recvfrom
+    47,  // recvmsg
+    61,  // wait4
+    128, // rt_sigtimedwait
+    130, // rt_sigsuspend
+    230, // clock_nanosleep
+    232, // epoll_wait
+    247, // waitid
+    270, // pselect6
+    271, // ppoll
+    281, // epoll_pwait
+    288, // accept4
+    441, // epoll_pwait2
+];
+
+const ENOSYS: i64 = 38;
+const EINTR: i64 = 4;
+const ERESTARTSYS: i64 = 512;
+const ERESTARTNOINTR: i64 = 513;
+const ERESTARTNOHAND: i64 = 514;
+const ERESTART_RESTARTBLOCK: i64 = 516;
+const NR_MMAP: u64 = 9;
+const NR_RESTART_SYSCALL: u64 = 219;
+
+/// The trampoline's mapping: code, then its data, then the extended state area.
+const REGION: u64 = 0x4000;
+const DATA: u64 = 0x800;
+const STRING: u64 = 0xa00;
+const SAVED: u64 = 0x900;
+const XSAVE: u64 = 0x1000;
+const XSAVE_MAX: u32 = (REGION - XSAVE) as u32;
+
+/// Where the allocator functions the agent needs live in a process.
+pub struct Remote {
+    pid: u32,
+    mem: File,
+}
+
+impl Remote {
+    pub fn new(proc_root: &ProcRoot, pid: u32) -> Result<Self> {
+        let status = std::fs::read_to_string(proc_root.path().join(pid.to_string()).join("status"))
+            .map_err(|_| anyhow!("no process with pid {pid}"))?;
+        if let Some(tracer) = status.lines().find_map(|l| l.strip_prefix("TracerPid:")).map(str::trim) {
+            if tracer != "0" {
+                bail!("pid {pid} is already traced by pid {tracer} (a debugger?): the agent cannot be loaded into it");
+            }
+        }
+        let mem = std::fs::OpenOptions::new()
+            .read(true)
+            .write(true)
+            .open(proc_root.path().join(pid.to_string()).join("mem"))
+            .with_context(|| format!("open the memory of pid {pid}"))?;
+        Ok(Self { pid, mem })
+    }
+
+    /// The address of `symbol`, a function defined by a file the process maps
+    /// executable (the first such file, in map order, that defines it).
+    pub fn symbol(&self, maps: &[Mapping], root: &Path, symbol: &str, in_file: Option<&Path>) -> Option<u64> {
+        let mut seen = std::collections::HashSet::new();
+        for m in maps.iter().filter(|m| m.executable && m.path.is_absolute()) {
+            if in_file.is_some_and(|f| f != m.path) || !seen.insert(&m.path) {
+                continue;
+            }
+            let Ok(offset) = crate::probes::targets::function_offset(&m.open_path(root), symbol) else {
+                continue;
+            };
+            let Some(offset) = offset else { continue };
+            // The executable mapping of that file that holds the offset.
+            let hit = maps.iter().find(|x| {
+                x.path == m.path
+                    && x.executable
+                    && offset >= x.offset
+                    && offset < x.offset + (x.end - x.start)
+            });
+            if let Some(x) = hit {
+                return Some(x.start + (offset - x.offset));
+            }
+        }
+        None
+    }
+
+    /// Runs `function(args...)` on the process's main thread and returns what it
+    /// returned. See the module documentation for how the process is kept safe.
+    pub fn call(&self, function: u64, args: [u64; 3], string: Option<&[u8]>) -> Result<u64> {
+        let tid = Pid::from_raw(self.pid as i32);
+        let xsave_size = xsave_size();
+        if xsave_size > XSAVE_MAX {
+            bail!(
+                "this CPU's register state ({xsave_size} bytes) is larger than leakmon's trampoline allows"
+            );
+        }
+        match ptrace::seize(tid, Options::PTRACE_O_TRACESYSGOOD) {
+            Ok(()) => {}
+            Err(Errno::EPERM) => bail!(
+                "ptrace of pid {} was refused (another tracer, kernel.yama.ptrace_scope, or a missing CAP_SYS_PTRACE)",
+                self.pid
+            ),
+            Err(Errno::ESRCH) => bail!("pid {} exited", self.pid),
+            Err(e) => bail!("ptrace seize pid {}: {e}", self.pid),
+        }
+        self.call_held(Held { tid, released: false, pending: None }, function, args, string)
+    }
+
+    fn call_held(&self, mut held: Held, function: u64, args: [u64; 3], string: Option<&[u8]>) -> Result<u64> {
+        let tid = held.tid;
+        let (regs, resume) = held.safe_point()?;
+        // One syscall run in the thread itself: a mapping for the trampoline.
+        let mut sys = regs;
+        sys.rip = resume.syscall_at;
+        sys.rax = NR_MMAP;
+        sys.orig_rax = u64::MAX;
+        sys.rdi = 0;
+        sys.rsi = REGION;
+        sys.rdx = (libc::PROT_READ | libc::PROT_WRITE | libc::PROT_EXEC) as u64;
+        sys.r10 = (libc::MAP_PRIVATE | libc::MAP_ANONYMOUS) as u64;
+        sys.r8 = u64::MAX;
+        sys.r9 = 0;
+        let region = match held.syscall(sys) {
+            Ok(addr) if (addr as i64) < 0 && (addr as i64) > -4096 => {
+                held.restore(&resume.regs)?;
+                bail!("mmap in pid {} failed: {}", self.pid, Errno::from_raw(-(addr as i64) as i32));
+            }
+            Ok(addr) => addr,
+            Err(e) => {
+                let _ = held.restore(&resume.regs);
+                return Err(e);
+            }
+        };
+        let mut args = args;
+        if let Some(s) = string {
+            if s.len() >= (XSAVE - STRING) as usize {
+                held.restore(&resume.regs)?;
+                bail!("the path of the agent is longer than {} bytes", XSAVE - STRING - 1);
+            }
+            let mut bytes = s.to_vec();
+            bytes.push(0);
+            self.write(region + STRING, &bytes)?;
+            args[0] = region + STRING;
+        }
+        let code = trampoline(region, function, args, &resume.regs);
+        self.write(region, &code)?;
+        self.write(region + SAVED, &saved_block(&resume.regs))?;
+        // Off it goes: into the trampoline, which comes back to `resume` by itself.
+        let mut call = resume.regs;
+        call.rip = region;
+        call.orig_rax = u64::MAX;
+        call.rsp = (resume.regs.rsp - 128 - 256) & !0xf;
+        ptrace::setregs(tid, call).context("set the registers of the call")?;
+        held.release()?;
+        let deadline = Instant::now() + CALL_WAIT;
+        loop {
+            let mut done = [0u8; 16];
+            self.mem
+                .read_exact_at(&mut done, region + DATA)
+                .map_err(|_| anyhow!("pid {} exited during the call", self.pid))?;
+            if done[8] == 1 {
+                return Ok(u64::from_le_bytes(done[..8].try_into().expect("8 bytes")));
+            }
+            if Instant::now() > deadline {
+                bail!("the call in pid {} has not returned after {CALL_WAIT:?}", self.pid);
+            }
+            std::thread::sleep(Duration::from_millis(2));
+        }
+    }
+
+    fn write(&self, addr: u64, bytes: &[u8]) -> Result<()> {
+        self.mem.write_all_at(bytes, addr).with_context(|| format!("write the memory of pid {}", self.pid))
+    }
+}
+
+/// A seized thread; detached when dropped, whatever happened.
+struct Held {
+    tid: Pid,
+    released: bool,
+    /// A signal that arrived while it was held, delivered when it is let go.
+    pending: Option<Signal>,
+}
+
+/// Where the borrowed thread goes back to, and the `syscall` instruction it was at.
+struct Resume {
+    regs: libc::user_regs_struct,
+    syscall_at: u64,
+}
+
+impl Held {
+    /// Stops the thread at a syscall that waits; returns its registers there and the
+    /// registers to go back to (the syscall re-issued where the kernel would restart
+    /// it).
+    fn safe_point(&mut self) -> Result<(libc::user_regs_struct, Resume)> {
+        let tid = self.tid;
+        ptrace::interrupt(tid).context("interrupt")?;
+        let deadline = Instant::now() + SAFE_POINT_WAIT;
+        loop {
+            let status = self.wait(deadline)?;
+            match status {
+                WaitStatus::PtraceEvent(_, _, e) if e == libc::PTRACE_EVENT_STOP => {
+                    let regs = ptrace::getregs(tid).context("read registers")?;
+                    if let Some(resume) = interrupted_in_wait(&regs) {
+                        return Ok((regs, resume));
+                    }
+                }
+                WaitStatus::PtraceSyscall(_) => {
+                    let regs = ptrace::getregs(tid).context("read registers")?;
+                    let entering = regs.rax as i64 == -ENOSYS;
+                    if entering && WAITING_SYSCALLS.contains(&(regs.orig_rax as i64)) {
+                        // Not run yet: going back means issuing it again.
+                        let mut back = regs;
+                        back.rip -= 2;
+                        back.rax = regs.orig_rax;
+                        back.orig_rax = u64::MAX;
+                        return Ok((regs, Resume { regs: back, syscall_at: regs.rip - 2 }));
+                    }
+                }
+                WaitStatus::Stopped(_, signal) => {
+                    // A signal on its way: it is delivered when the thread goes.
+                    self.pending = Some(signal);
+                }
+                WaitStatus::Exited(..) | WaitStatus::Signaled(..) => {
+                    self.released = true;
+                    bail!("the process exited");
+                }
+                _ => {}
+            }
+            if Instant::now() > deadline {
+                bail!(
+                    "its main thread did not wait in a syscall within {SAFE_POINT_WAIT:?} (busy computing, or inside the allocator): nothing was changed"
+                );
+            }
+            ptrace::syscall(tid, self.pending.take()).context("resume to the next syscall")?;
+        }
+    }
+
+    /// Runs one syscall set up in `regs` (at a `syscall` instruction) and returns its
+    /// result; the thread stays stopped after it.
+    fn syscall(&mut self, regs: libc::user_regs_struct) -> Result<u64> {
+        let tid = self.tid;
+        ptrace::setregs(tid, regs).context("set registers")?;
+        let deadline = Instant::now() + SAFE_POINT_WAIT;
+        let nr = regs.rax;
+        loop {
+            ptrace::syscall(tid, None).context("run a syscall")?;
+            match self.wait(deadline)? {
+                // From a syscall-entry stop, the skipped syscall's exit comes first;
+                // then this one's entry, then its exit.
+                WaitStatus::PtraceSyscall(_) => {
+                    let now = ptrace::getregs(tid).context("read registers")?;
+                    if now.orig_rax == nr && now.rax as i64 != -ENOSYS {
+                        return Ok(now.rax);
+                    }
+                }
+                WaitStatus::Stopped(_, signal) => self.pending = Some(signal),
+                WaitStatus::Exited(..) | WaitStatus::Signaled(..) => {
+                    self.released = true;
+                    bail!("the process exited");
+                }
+                _ => {}
+            }
+        }
+    }
+
+    fn restore(&mut self, regs: &libc::user_regs_struct) -> Result<()> {
+        ptrace::setregs(self.tid, *regs).context("restore registers")?;
+        self.release()
+    }
+
+    fn release(&mut self) -> Result<()> {
+        self.released = true;
+        ptrace::detach(self.tid, self.pending.take()).context("detach")
+    }
+
+    fn wait(&mut self, deadline: Instant) -> Result<WaitStatus> {
+        loop {
+            match waitpid(self.tid, Some(WaitPidFlag::__WALL | WaitPidFlag::WNOHANG)) {
+                Ok(WaitStatus::StillAlive) => {}
+                Ok(status) => return Ok(status),
+                Err(e) => return Err(anyhow!("wait for pid {}: {e}", self.tid)),
+            }
+            if Instant::now() > deadline {
+                return Err(anyhow!("pid {} did not stop within {SAFE_POINT_WAIT:?}", self.tid));
+            }
+            std::thread::sleep(Duration::from_micros(200));
+        }
+    }
+}
+
+impl Drop for Held {
+    fn drop(&mut self) {
+        if !self.released {
+            // Stopped with its own registers (nothing was set yet, or they were put
+            // back): letting it go leaves it as it was.
+            let _ = ptrace::detach(self.tid, self.pending.take());
+        }
+    }
+}
+
+/// The thread was stopped while blocked in a syscall that waits: the registers to go
+/// back to, with the syscall restarted where the kernel restarts it.
+fn interrupted_in_wait(regs: &libc::user_regs_struct) -> Option<Resume> {
+    let nr = regs.orig_rax as i64;
+    if nr < 0 || !WAITING_SYSCALLS.contains(&nr) {
+        return None;
+    }
+    let mut back = *regs;
+    match -(regs.rax as i64) {
+        ERESTARTSYS | ERESTARTNOINTR | ERESTARTNOHAND => {
+            back.rip -= 2;
+            back.rax = regs.orig_rax;
+        }
+        ERESTART_RESTARTBLOCK => {
+            back.rip -= 2;
+            back.rax = NR_RESTART_SYSCALL;
+        }
+        EINTR => {}
+        _ => return None,
+    }
+    back.orig_rax = u64::MAX;
+    Some(Resume { regs: back, syscall_at: regs.rip - 2 })
+}
+
+/// Bytes of the extended register state `xsave` writes here (all enabled features).
+fn xsave_size() -> u32 {
+    std::arch::x86_64::__cpuid_count(0xd, 0).ebx
+}
+
+/// The registers the trampoline pops before it jumps back, in pop order.
+fn saved_block(r: &libc::user_regs_struct) -> Vec<u8> {
+    [
+        r.r15, r.r14, r.r13, r.r12, r.r11, r.r10, r.r9, r.r8, r.rbp, r.rdi, r.rsi, r.rdx, r.rcx, r.rbx,
+        r.rax, r.eflags,
+    ]
+    .iter()
+    .flat_map(|v| v.to_le_bytes())
+    .collect()
+}
+
+/// x86-64 code at `region`: save the extended state, call `function(args)`, store the
+/// result and a done flag, restore everything and jump back to `back.rip` with
+/// `back.rsp`.
+fn trampoline(region: u64, function: u64, args: [u64; 3], back: &libc::user_regs_struct) -> Vec<u8> {
+    let mut c: Vec<u8> = Vec::new();
+    let mov_imm = |c: &mut Vec<u8>, prefix: &[u8], v: u64| {
+        c.extend_from_slice(prefix);
+        c.extend_from_slice(&v.to_le_bytes());
+    };
+    let xsave_area = region + XSAVE;
+    // xsave64 [r11] with edx:eax = all features.
+    mov_imm(&mut c, &[0x49, 0xbb], xsave_area); // mov r11, imm64
+    c.extend_from_slice(&[0xb8, 0xff, 0xff, 0xff, 0xff]); // mov eax, -1
+    c.extend_from_slice(&[0xba, 0xff, 0xff, 0xff, 0xff]); // mov edx, -1
+    c.extend_from_slice(&[0x49, 0x0f, 0xae, 0x23]); // xsave64 [r11]
+    mov_imm(&mut c, &[0x48, 0xbf], args[0]); // mov rdi
+    mov_imm(&mut c, &[0x48, 0xbe], args[1]); // mov rsi
+    mov_imm(&mut c, &[0x48, 0xba], args[2]); // mov rdx
+    mov_imm(&mut c, &[0x48, 0xb8], function); // mov rax
+    c.push(0xfc); // cld: the ABI's direction flag at a call
+    c.extend_from_slice(&[0xff, 0xd0]); // call rax
+    mov_imm(&mut c, &[0x49, 0xbb], region + DATA); // mov r11, result slot
+    c.extend_from_slice(&[0x49, 0x89, 0x03]); // mov [r11], rax
+    mov_imm(&mut c, &[0x49, 0xbb], xsave_area);
+    c.extend_from_slice(&[0xb8, 0xff, 0xff, 0xff, 0xff]);
+    c.extend_from_slice(&[0xba, 0xff, 0xff, 0xff, 0xff]);
+    c.extend_from_slice(&[0x49, 0x0f, 0xae, 0x2b]); // xrstor64 [r11]
+    mov_imm(&mut c, &[0x48, 0xbc], region + SAVED); // mov rsp, saved registers
+    for pop in [
+        &[0x41, 0x5f][..], // r15
+        &[0x41, 0x5e],     // r14
+        &[0x41, 0x5d],     // r13
+        &[0x41, 0x5c],     // r12
+        &[0x41, 0x5b],     // r11
+        &[0x41, 0x5a],     // r10
+        &[0x41, 0x59],     // r9
+        &[0x41, 0x58],     // r8
+        &[0x5d],           // rbp
+        &[0x5f],           // rdi
+        &[0x5e],           // rsi
+        &[0x5a],           // rdx
+        &[0x59],           // rcx
+        &[0x5b],           // rbx
+        &[0x58],           // rax
+        &[0x9d],           // popfq
+    ] {
+        c.extend_from_slice(pop);
+    }
+    // mov rsp, [rip + rsp slot]; mov byte [rip + done], 1; jmp [rip + rip slot]
+    let rsp_slot = region + DATA + 16;
+    let rip_slot = region + DATA + 24;
+    let done = region + DATA + 8;
+    let rel = |at_end: u64, target: u64| (target.wrapping_sub(at_end) as i64 as i32).to_le_bytes();
+    let here = region + c.len() as u64;
+    c.extend_from_slice(&[0x48, 0x8b, 0x25]);
+    c.extend_from_slice(&rel(here + 7, rsp_slot));
+    let here = region + c.len() as u64;
+    c.extend_from_slice(&[0xc6, 0x05]);
+    c.extend_from_slice(&rel(here + 7, done));
+    c.push(1);
+    let here = region + c.len() as u64;
+    c.extend_from_slice(&[0xff, 0x25]);
+    c.extend_from_slice(&rel(here + 6, rip_slot));
+    assert!(c.len() < DATA as usize);
+    c.resize(DATA as usize, 0xcc);
+    // Data: result, done, rsp, rip.
+    c.extend_from_slice(&0u64.to_le_bytes());
+    c.extend_from_slice(&0u64.to_le_bytes());
+    c.extend_from_slice(&back.rsp.to_le_bytes());
+    c.extend_from_slice(&back.rip.to_le_bytes());
+    c
+}
+
+/// Loads the agent at `agent` into `pid` (unless it is there already) and starts it
+/// sampling every `sample_bytes`; returns the number of call slots it redirected.
+pub fn load(proc_root: &ProcRoot, pid: u32, agent: &Path, sample_bytes: u64) -> Result<u64> {
+    let remote = Remote::new(proc_root, pid)?;
+    let root = proc_root.path().join(pid.to_string()).join("root");
+    let maps = proc_root.maps(pid).with_context(|| format!("read the mappings of pid {pid}"))?;
+    if !maps.iter().any(|m| m.path == agent) {
+        let dlopen = remote.symbol(&maps, &root, "dlopen", None).ok_or_else(|| {
+            anyhow!("pid {pid} has no dynamic loader to load the agent with (a statically linked program?)")
+        })?;
+        let path = agent.as_os_str().as_encoded_bytes();
+        let handle = remote.call(dlopen, [0, libc::RTLD_NOW as u64, 0], Some(path))?;
+        if handle == 0 {
+            bail!("dlopen of the agent failed in pid {pid}");
+        }
+    }
+    let maps = proc_root.maps(pid).with_context(|| format!("read the mappings of pid {pid}"))?;
+    let start = remote
+        .symbol(&maps, &root, "leakmon_agent_start", Some(agent))
+        .ok_or_else(|| anyhow!("the agent is not mapped in pid {pid} after dlopen"))?;
+    let slots = remote.call(start, [sample_bytes, 0, 0], None)? as i64;
+    if slots < 0 {
+        bail!("the agent in pid {pid} refused to start ({slots})");
+    }
+    Ok(slots as u64)
+}
+
+/// Stops the agent in `pid`: every redirected slot is written back; the library stays
+/// mapped (a thread may be inside it). Returns the number of slots restored.
+pub fn unload(proc_root: &ProcRoot, pid: u32, agent: &Path) -> Result<u64> {
+    let remote = Remote::new(proc_root, pid)?;
+    let root = proc_root.path().join(pid.to_string()).join("root");
+    let maps = proc_root.maps(pid).with_context(|| format!("read the mappings of pid {pid}"))?;
+    let stop = remote
+        .symbol(&maps, &root, "leakmon_agent_stop", Some(agent))
+        .ok_or_else(|| anyhow!("the agent is not loaded in pid {pid}"))?;
+    Ok(remote.call(stop, [0, 0, 0], None)?)
+}

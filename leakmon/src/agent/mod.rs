@@ -1,0 +1,138 @@
+//! The in-process sampling agent: a small shared library (`agent/agent.c`, built by
+//! build.rs and embedded here) that takes the sampling decision inside the process,
+//! so that only sampled allocations and their frees reach a uprobe (see the C file for
+//! what it does in the process, and the rules it keeps there).
+//!
+//! This module writes the library where processes can map it, and loads it: into a
+//! command at its start (`LD_PRELOAD`), or into a running process ([`inject`]).
+
+pub mod inject;
+
+use std::{
+    ffi::OsString,
+    io::Write as _,
+    os::unix::fs::PermissionsExt as _,
+    path::{Path, PathBuf},
+};
+
+use anyhow::{Context as _, Result};
+
+/// The agent library, as built for this binary.
+pub const LIBRARY: &[u8] = include_bytes!(concat!(env!("OUT_DIR"), "/libleakmon_agent.so"));
+
+/// The interval with the agent when none is given: one sample per 512 KiB allocated.
+pub const DEFAULT_SAMPLE_BYTES: u64 = 512 * 1024;
+
+/// The environment variable the preloaded agent reads its interval from.
+pub const SAMPLE_BYTES_ENV: &str = "LEAKMON_AGENT_SAMPLE_BYTES";
+
+const FILE_PREFIX: &str = "leakmon-agent-";
+
+/// Whether `path` names a copy of the agent (its frames are leakmon's own, never shown).
+pub fn is_agent(path: &Path) -> bool {
+    path.file_name()
+        .and_then(|n| n.to_str())
+        .is_some_and(|n| n.starts_with(FILE_PREFIX) && n.ends_with(".so"))
+}
+
+/// Writes the agent to `/run/leakmon` (or the temporary directory where that is not
+/// writable) under a name made from its content, readable by every user (a process
+/// of any user maps it), unless that file is already there. Returns its path.
+pub fn install() -> Result<PathBuf> {
+    let name = format!("{FILE_PREFIX}{:016x}.so", fnv1a(LIBRARY));
+    let run = Path::new("/run/leakmon");
+    let dir = if std::fs::create_dir_all(run).is_ok() && writable(run) {
+        run.to_owned()
+    } else {
+        std::env::temp_dir()
+    };
+    let path = dir.join(&name);
+    if std::fs::read(&path).is_ok_and(|bytes| bytes == LIBRARY) {
+        return Ok(path);
+    }
+    // Written aside and renamed: a process never maps half a library.
+    let partial = dir.join(format!(".{name}.{}", std::process::id()));
+    let mut file = std::fs::File::create(&partial)
+        .with_context(|| format!("write the agent to {}", partial.display()))?;
+    file.write_all(LIBRARY).with_context(|| format!("write the agent to {}", partial.display()))?;
+    file.set_permissions(std::fs::Permissions::from_mode(0o644)).context("make the agent readable")?;
+    drop(file);
+    std::fs::rename(&partial, &path).with_context(|| format!("put the agent at {}", path.display()))?;
+    Ok(path)
+}
+
+fn writable(dir: &Path) -> bool {
+    nix::unistd::access(dir, nix::unistd::AccessFlags::W_OK).is_ok()
+}
+
+/// `LD_PRELOAD` for a command: the agent first, then what the command had.
+pub fn preload(agent: &Path, existing: Option<OsString>) -> OsString {
+    let mut value = agent.as_os_str().to_owned();
+    if let Some(existing) = existing.filter(|e| !e.is_empty()) {
+        value.push(":");
+        value.push(existing);
+    }
+    value
+}
+
+/// FNV-1a: a stable name for the library's content.
+fn fnv1a(bytes: &[u8]) -> u64 {
+    bytes.iter().fold(0xcbf2_9ce4_8422_2325, |h, &b| (h ^ u64::from(b)).wrapping_mul(0x0100_0000_01b3))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn agent_files_are_told_by_name() {
+        assert!(is_agent(Path::new("/run/leakmon/leakmon-agent-0123456789abcdef.so")));
+        assert!(!is_agent(Path::new("/usr/lib/x86_64-linux-gnu/libc.so.6")));
+        assert!(!is_agent(Path::new("/tmp/leakmon-agent-notes.txt")));
+    }
+
+    #[test]
+    fn preload_puts_the_agent_first() {
+        let agent = Path::new("/run/leakmon/leakmon-agent-1.so");
+        assert_eq!(preload(agent, None), "/run/leakmon/leakmon-agent-1.so");
+        assert_eq!(preload(agent, Some("".into())), "/run/leakmon/leakmon-agent-1.so");
+        assert_eq!(
+            preload(agent, Some("/usr/lib/libjemalloc.so.2".into())),
+            "/run/leakmon/leakmon-agent-1.so:/usr/lib/libjemalloc.so.2"
+        );
+    }
+
+    /// The agent decides with the same numbers as the kernel side: its countdown and
+    /// weight functions, called in the library itself, agree with leakmon-common's.
+    #[test]
+    fn the_agent_samples_with_leakmon_commons_tables() {
+        use leakmon_common::sampling::{countdown, weight};
+        let dir = tempfile::tempdir().expect("tempdir");
+        let path = dir.path().join("leakmon-agent-test.so");
+        std::fs::write(&path, LIBRARY).expect("write the agent");
+        // SAFETY: loading the agent only runs its constructor, which does nothing
+        // without its environment variable; the two functions are pure.
+        unsafe {
+            let lib = libc::dlopen(c"".as_ptr().cast(), libc::RTLD_NOW);
+            assert!(!lib.is_null());
+            let path_c = std::ffi::CString::new(path.as_os_str().as_encoded_bytes()).expect("path");
+            let agent = libc::dlopen(path_c.as_ptr(), libc::RTLD_NOW | libc::RTLD_LOCAL);
+            assert!(!agent.is_null(), "dlopen the agent");
+            let c = libc::dlsym(agent, c"leakmon_agent_countdown".as_ptr());
+            let w = libc::dlsym(agent, c"leakmon_agent_weight".as_ptr());
+            assert!(!c.is_null() && !w.is_null());
+            let c: extern "C" fn(u32, u64) -> u64 = std::mem::transmute(c);
+            let w: extern "C" fn(u64, u64) -> u64 = std::mem::transmute(w);
+            for rate in [1u64, 4096, 512 * 1024, 1 << 30] {
+                for random in (0..1024u32).chain([u32::MAX, 0x8000_0000]) {
+                    assert_eq!(c(random, rate), countdown(random, rate), "countdown({random}, {rate})");
+                }
+                for size in
+                    (0..40u64).chain((1..200).map(|i| i * rate / 8 + 3)).chain([16 * rate, u32::MAX as u64])
+                {
+                    assert_eq!(w(size, rate), weight(size, rate), "weight({size}, {rate})");
+                }
+            }
+        }
+    }
+}
