@@ -20,7 +20,7 @@ use aya_ebpf::{
     },
     macros::{uprobe, uretprobe},
     programs::{ProbeContext, RetProbeContext},
-    EbpfContext as _,
+    EbpfContext,
 };
 use leakmon_common::{
     counter, kind, proc_flags, sampling, stack_hash_step, InFlight, LiveAlloc, LiveKey, ProcState, Stack,
@@ -66,6 +66,7 @@ programs! {
     uprobe ProbeContext on_strdup => alloc_strdup, alloc_strdup_perf;
     uretprobe RetProbeContext on_return => alloc_return, alloc_return_perf;
     uprobe ProbeContext on_free => free_enter, free_enter_perf;
+    uprobe ProbeContext on_agent_alloc => agent_alloc, agent_alloc_perf;
 }
 
 /// The traced state of `tgid`, creating it in trace-all mode.
@@ -260,6 +261,23 @@ fn on_return(ctx: RetProbeContext) -> u32 {
     0
 }
 
+/// The in-process agent's marker for a block it sampled: `(block, weight)`, the weight
+/// already the bytes the block stands for (the agent took the sampling decision). Its
+/// frees come through the `free` program on the agent's other marker.
+#[inline(always)]
+fn on_agent_alloc(ctx: ProbeContext) -> u32 {
+    let block = arg(&ctx, 0);
+    if block == 0 {
+        return 0;
+    }
+    let tgid = (bpf_get_current_pid_tgid() >> 32) as u32;
+    let Some(state) = traced(tgid, true) else {
+        return 0;
+    };
+    store(&ctx, tgid, state, block, arg(&ctx, 1));
+    0
+}
+
 /// free: `(ptr)`.
 #[inline(always)]
 fn on_free(ctx: ProbeContext) -> u32 {
@@ -332,7 +350,7 @@ fn sub(tgid: u32, block: &LiveAlloc) {
 /// The id of the current user stack, stored in `STACKS` on its first use. Walked through
 /// the unwind tables where the process has them, else by frame pointers.
 #[inline(always)]
-fn stack_id(ctx: &RetProbeContext, tgid: u32) -> u64 {
+fn stack_id<C: EbpfContext>(ctx: &C, tgid: u32) -> u64 {
     let Some(buf) = STACK_SCRATCH.get_ptr_mut(0) else {
         count(counter::STACK_ERROR);
         return NO_STACK;
@@ -421,12 +439,17 @@ fn charge(size: u64) -> Option<u64> {
     Some(sampling::weight(size, rate))
 }
 
-/// Count one new block: live entry first, totals only once it exists.
+/// Count one new block, if sampled (see `charge`).
 #[inline(always)]
 fn record(ctx: &RetProbeContext, tgid: u32, state: *mut ProcState, addr: u64, size: u64) {
-    let Some(size) = charge(size) else {
-        return;
-    };
+    if let Some(size) = charge(size) {
+        store(ctx, tgid, state, addr, size);
+    }
+}
+
+/// Count one new block of `size` bytes: live entry first, totals only once it exists.
+#[inline(always)]
+fn store<C: EbpfContext>(ctx: &C, tgid: u32, state: *mut ProcState, addr: u64, size: u64) {
     let stack_id = stack_id(ctx, tgid);
     // SAFETY: pointer into the map value.
     let gen = unsafe { (*state).gen };

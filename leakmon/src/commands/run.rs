@@ -48,7 +48,8 @@ const RESCAN_EVERY: Duration = Duration::from_secs(30);
 const AFTER_EXEC: Duration = Duration::from_millis(100);
 /// Lifecycle events handled per wake-up of the loop. One per wake-up drained a fork
 /// storm's backlog at about one event per sampling tick whenever a tick took longer
-/// than the interval (each wake-up is a coin toss between the ready branches).
+/// than the interval (the tick is then always ready, and each wake-up is a coin toss
+/// between the ready branches).
 const EVENT_BATCH: usize = 4096;
 
 /// Re-reads the options (command line over config file) on SIGHUP.
@@ -377,9 +378,6 @@ async fn daemon(mut args: RunArgs, attach: Attach, proc_root: ProcRoot, reload: 
                     metrics.queued(events.len());
                 }
                 publish(&published, &metrics, &views).await;
-                // The next tick a whole interval after this one ended: a tick slower than
-                // the interval must not leave the loop no time for anything else.
-                sample.reset();
             }
             _ = summary.tick(), if attributing => {
                 if let Some(p) = probes.as_ref() {
