@@ -228,7 +228,7 @@ pub struct ReportArgs {
     #[arg(long, value_enum, default_value_t = Format::Table)]
     pub format: Format,
     /// Sample inside the process instead of trapping every allocator call: load
-    /// leakmon's agent into it (at the command's start through LD_PRELOAD, or into the
+    /// leakmon's agent into it (at the command's start through `LD_PRELOAD`, or into the
     /// running --pid through ptrace, without a restart). Only sampled blocks and their
     /// frees reach the kernel, so the process keeps nearly its full speed. Sampling is
     /// byte-weighted: --sample-bytes, default 512KiB with the agent. On exit of the

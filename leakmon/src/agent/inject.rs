@@ -465,9 +465,10 @@ pub fn load(proc_root: &ProcRoot, pid: u32, agent: &Path, sample_bytes: u64) -> 
     let root = proc_root.path().join(pid.to_string()).join("root");
     let maps = proc_root.maps(pid).with_context(|| format!("read the mappings of pid {pid}"))?;
     if !maps.iter().any(|m| m.path == agent) {
-        let dlopen = remote.symbol(&maps, &root, "dlopen", None).ok_or_else(|| {
-            anyhow!("pid {pid} has no dynamic loader to load the agent with (a statically linked program?)")
-        })?;
+        glibc_loader(proc_root, pid, &maps)?;
+        let dlopen = remote
+            .symbol(&maps, &root, "dlopen", None)
+            .ok_or_else(|| anyhow!("pid {pid} has no dlopen to load the agent with"))?;
         let path = agent.as_os_str().as_encoded_bytes();
         let handle = remote.call(dlopen, [0, libc::RTLD_NOW as u64, 0], Some(path))?;
         if handle == 0 {
@@ -494,5 +495,28 @@ pub fn unload(proc_root: &ProcRoot, pid: u32, agent: &Path) -> Result<u64> {
     let stop = remote
         .symbol(&maps, &root, "leakmon_agent_stop", Some(agent))
         .ok_or_else(|| anyhow!("the agent is not loaded in pid {pid}"))?;
-    Ok(remote.call(stop, [0, 0, 0], None)?)
+    remote.call(stop, [0, 0, 0], None)
+}
+
+/// Refuses a process without glibc's dynamic loader: a statically linked program (its
+/// own copy of the C library would meet the agent's), or one of another C library.
+fn glibc_loader(proc_root: &ProcRoot, pid: u32, maps: &[Mapping]) -> Result<()> {
+    let auxv = std::fs::read(proc_root.path().join(pid.to_string()).join("auxv"))
+        .with_context(|| format!("read the auxiliary vector of pid {pid}"))?;
+    let base = auxv.chunks_exact(16).find_map(|pair| {
+        let key = u64::from_ne_bytes(pair[..8].try_into().ok()?);
+        (key == libc::AT_BASE).then(|| u64::from_ne_bytes(pair[8..].try_into().expect("8 bytes")))
+    });
+    let Some(base) = base.filter(|b| *b != 0) else {
+        bail!("pid {pid} is statically linked: there is no dynamic loader to load the agent with");
+    };
+    let loader = maps.iter().find(|m| m.start == base).map(|m| m.path.clone()).unwrap_or_default();
+    let name = loader.file_name().and_then(|n| n.to_str()).unwrap_or("");
+    if !name.starts_with("ld-linux") {
+        bail!(
+            "pid {pid} runs with the dynamic loader {}, not glibc's: the agent is built for glibc",
+            loader.display()
+        );
+    }
+    Ok(())
 }

@@ -113,8 +113,6 @@ mod tests {
         // SAFETY: loading the agent only runs its constructor, which does nothing
         // without its environment variable; the two functions are pure.
         unsafe {
-            let lib = libc::dlopen(c"".as_ptr().cast(), libc::RTLD_NOW);
-            assert!(!lib.is_null());
             let path_c = std::ffi::CString::new(path.as_os_str().as_encoded_bytes()).expect("path");
             let agent = libc::dlopen(path_c.as_ptr(), libc::RTLD_NOW | libc::RTLD_LOCAL);
             assert!(!agent.is_null(), "dlopen the agent");

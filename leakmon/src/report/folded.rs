@@ -62,7 +62,7 @@ mod tests {
             frames: frames.iter().map(|f| frame(f)).collect(),
         };
         let report = Report {
-            method: super::Method::Uprobes,
+            method: crate::report::Method::Uprobes,
             sample_bytes: 0,
             processes: vec![ProcessReport {
                 pid: 7,

@@ -116,7 +116,7 @@ mod tests {
             address: "0x1".into(),
         };
         let report = Report {
-            method: super::Method::Uprobes,
+            method: crate::report::Method::Uprobes,
             sample_bytes: 0,
             processes: vec![ProcessReport {
                 pid: 42,
