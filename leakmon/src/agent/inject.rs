@@ -243,7 +243,11 @@ impl Held {
         ptrace::interrupt(tid).context("interrupt")?;
         let deadline = Instant::now() + SAFE_POINT_WAIT;
         loop {
-            let status = self.wait(deadline)?;
+            let Some(status) = self.wait(deadline)? else {
+                bail!(
+                    "its main thread did not wait in a syscall within {SAFE_POINT_WAIT:?} (busy computing, or inside the allocator): nothing was changed"
+                );
+            };
             match status {
                 WaitStatus::PtraceEvent(_, _, e) if e == libc::PTRACE_EVENT_STOP => {
                     let regs = ptrace::getregs(tid).context("read registers")?;
@@ -291,7 +295,10 @@ impl Held {
         let nr = regs.rax;
         loop {
             ptrace::syscall(tid, None).context("run a syscall")?;
-            match self.wait(deadline)? {
+            let Some(status) = self.wait(deadline)? else {
+                bail!("pid {} did not finish a syscall within {SAFE_POINT_WAIT:?}", self.tid);
+            };
+            match status {
                 // From a syscall-entry stop, the skipped syscall's exit comes first;
                 // then this one's entry, then its exit.
                 WaitStatus::PtraceSyscall(_) => {
@@ -320,15 +327,16 @@ impl Held {
         ptrace::detach(self.tid, self.pending.take()).context("detach")
     }
 
-    fn wait(&mut self, deadline: Instant) -> Result<WaitStatus> {
+    /// The thread's next stop, or `None` once `deadline` passes.
+    fn wait(&mut self, deadline: Instant) -> Result<Option<WaitStatus>> {
         loop {
             match waitpid(self.tid, Some(WaitPidFlag::__WALL | WaitPidFlag::WNOHANG)) {
                 Ok(WaitStatus::StillAlive) => {}
-                Ok(status) => return Ok(status),
+                Ok(status) => return Ok(Some(status)),
                 Err(e) => return Err(anyhow!("wait for pid {}: {e}", self.tid)),
             }
             if Instant::now() > deadline {
-                return Err(anyhow!("pid {} did not stop within {SAFE_POINT_WAIT:?}", self.tid));
+                return Ok(None);
             }
             std::thread::sleep(Duration::from_micros(200));
         }
@@ -337,10 +345,21 @@ impl Held {
 
 impl Drop for Held {
     fn drop(&mut self) {
-        if !self.released {
-            // Stopped with its own registers (nothing was set yet, or they were put
-            // back): letting it go leaves it as it was.
-            let _ = ptrace::detach(self.tid, self.pending.take());
+        if self.released {
+            return;
+        }
+        // With its own registers (nothing was set yet, or they were put back): letting
+        // it go leaves it as it was. A running tracee (resumed to look for a syscall)
+        // must stop before it can be detached.
+        if ptrace::detach(self.tid, self.pending.take()) == Err(Errno::ESRCH)
+            && ptrace::interrupt(self.tid).is_ok()
+        {
+            let deadline = Instant::now() + Duration::from_secs(1);
+            let mut signal = None;
+            if let Ok(Some(WaitStatus::Stopped(_, s))) = self.wait(deadline) {
+                signal = Some(s);
+            }
+            let _ = ptrace::detach(self.tid, signal);
         }
     }
 }

@@ -52,12 +52,15 @@ pub fn report(args: &ReportArgs) -> Result<()> {
         }
         Ok(())
     };
+    let exited = |pid: u32| anyhow::anyhow!("pid {pid} exited while leakmon was attaching");
     if let Some(pid) = args.pid {
-        attach(&mut probes, pid, discovery.process(pid).files)?;
+        // A process that ends meanwhile makes the kernel refuse its links: say so.
+        if let Err(e) = attach(&mut probes, pid, discovery.process(pid).files) {
+            return Err(if proc_root.running(pid) { e } else { exited(pid) });
+        }
     }
     count_signals();
 
-    let exited = |pid: u32| anyhow::anyhow!("pid {pid} exited while leakmon was attaching");
     let mut tracer = if let Some(pid) = args.pid {
         probes.trace(pid)?;
         if let Some(agent) = agent.as_deref() {
