@@ -33,6 +33,20 @@ pub enum Cmd {
     /// Work with the configuration file.
     #[command(subcommand)]
     Config(ConfigCmd),
+    /// Internal: holds the agent loaded into one running process for the leakmon that
+    /// started it, and unloads it when that leakmon stops or dies.
+    #[command(hide = true)]
+    AgentSession(AgentSessionArgs),
+}
+
+#[derive(Debug, clap::Args)]
+pub struct AgentSessionArgs {
+    #[arg(long)]
+    pub pid: u32,
+    #[arg(long)]
+    pub agent: std::path::PathBuf,
+    #[arg(long)]
+    pub sample_bytes: u64,
 }
 
 #[derive(Debug, Subcommand)]

@@ -14,17 +14,14 @@ use std::{
     time::{Duration, Instant},
 };
 
-use common::{build_fixture, by_function, leakmon, parse_report, processes, Reap, LEAKS};
+use common::{
+    build_fixture, by_function, finish_report, leakmon, parse_report, processes, sampling_variance,
+    watch_pid_with, Reap, LEAKS,
+};
 use nix::{
     sys::{ptrace, signal::Signal, wait::waitpid},
     unistd::Pid,
 };
-
-/// Variance of the estimate of `n` blocks of `s` bytes: `n * s^2 * (1 - p) / p`.
-fn variance(n: f64, s: f64, rate: f64) -> f64 {
-    let p = 1.0 - (-s / rate).exp();
-    n * s * s * (1.0 - p) / p
-}
 
 fn signal(pid: u32, signal: Signal) {
     nix::sys::signal::kill(Pid::from_raw(pid as i32), signal).expect("signal the fixture");
@@ -81,42 +78,22 @@ fn a_running_process_is_sampled_in_process_and_left_as_it_was() {
     let slot = got_slot(pid, &fixture, "malloc");
     let original = read_u64(pid, slot);
 
-    let mut report = leakmon()
-        .env("RUST_LOG", "info")
-        .args(["report", "--agent", "--sample-bytes", "4KiB", "--format", "json", "--duration", "8"])
-        .args(["--pid", &pid.to_string()])
-        .stdout(Stdio::piped())
-        .stderr(Stdio::piped())
-        .spawn()
-        .expect("start leakmon");
-    let mut stderr = BufReader::new(report.stderr.take().expect("stderr"));
-    let mut line = String::new();
-    loop {
-        line.clear();
-        assert!(stderr.read_line(&mut line).expect("read stderr") > 0, "leakmon ended before watching");
-        if line.contains("watching") {
-            break;
-        }
-    }
+    let (report, stderr) = watch_pid_with(pid, "8", &["--agent", "--sample-bytes", "4KiB"]);
     // Loaded: malloc's slot now leads into the agent.
     assert!(agent_mapped(pid), "the agent is mapped");
     assert_ne!(read_u64(pid, slot), original, "malloc's GOT slot is redirected");
     assert_eq!(tracer_of(pid), report.id().to_string(), "only report's own tracer holds it while watching");
     signal(pid, Signal::SIGUSR1);
     assert_eq!(lines.next().expect("a line").expect("read"), "leaked 1");
-    let mut rest = String::new();
-    std::io::Read::read_to_string(&mut stderr, &mut rest).expect("drain stderr");
-    let out = report.wait_with_output().expect("wait leakmon");
-    assert!(out.status.success(), "leakmon failed: {rest}");
-    let json: serde_json::Value = serde_json::from_slice(&out.stdout).expect("JSON report");
+    let json = finish_report(report, stderr);
     assert_eq!(json["method"], "agent");
     assert_eq!(json["sample_bytes"], 4096);
     let process = processes(&json).iter().find(|p| p["pid"] == pid).expect("the fixture's process");
     let got = by_function(process, "agent_target.c");
     // 1 MiB is 256 times the interval: always sampled, at its own size.
-    assert_eq!(got.get("leak_big_block"), Some(&(1_048_576, 1)), "{got:?}\n{rest}");
+    assert_eq!(got.get("leak_big_block"), Some(&(1_048_576, 1)), "{got:?}");
     let small = got.get("leak_small_blocks").map_or(0, |(b, _)| *b) as f64;
-    let sigma = variance(2000.0, 512.0, 4096.0).sqrt();
+    let sigma = sampling_variance(2000.0, 512.0, 4096.0).sqrt();
     assert!(
         (small - 1_024_000.0).abs() < 5.0 * sigma,
         "leak_small_blocks {small} vs 1024000 (sigma {sigma:.0})"
@@ -153,7 +130,7 @@ fn a_command_with_the_agent_preloaded_reports_leaks_within_the_sampling_spread()
     let exact_total: u64 = LEAKS.iter().map(|(_, bytes, _)| bytes).sum();
     let sigma = LEAKS
         .iter()
-        .map(|&(_, bytes, n)| variance(n as f64, bytes as f64 / n as f64, rate))
+        .map(|&(_, bytes, n)| sampling_variance(n as f64, bytes as f64 / n as f64, rate))
         .sum::<f64>()
         .sqrt();
     let mut sums: std::collections::BTreeMap<String, f64> = std::collections::BTreeMap::new();
@@ -251,4 +228,167 @@ fn a_process_under_a_debugger_is_refused_in_one_line() {
     assert_eq!(stderr.trim().lines().count(), 1, "{stderr}");
     assert!(stderr.contains("already traced"), "{stderr}");
     assert!(!agent_mapped(target.0.id()));
+}
+
+/// Whether a guardian (`leakmon agent-session`) for `pid` is still running.
+fn guardian_of(pid: u32) -> Option<u32> {
+    std::fs::read_dir("/proc").expect("/proc").flatten().find_map(|e| {
+        let other: u32 = e.file_name().to_str()?.parse().ok()?;
+        let cmdline = std::fs::read(e.path().join("cmdline")).ok()?;
+        let args: Vec<&[u8]> = cmdline.split(|b| *b == 0).collect();
+        let ours = args.iter().any(|a| *a == b"agent-session")
+            && args.windows(2).any(|w| w[0] == b"--pid" && w[1] == pid.to_string().as_bytes());
+        ours.then_some(other)
+    })
+}
+
+/// Waits until `pid` is back as it was before any load: untraced, `malloc`'s slot
+/// holding `original`, no guardian left, not stopped.
+fn wait_restored(pid: u32, slot: u64, original: u64) {
+    let deadline = Instant::now() + Duration::from_secs(20);
+    loop {
+        let state = std::fs::read_to_string(format!("/proc/{pid}/stat")).expect("stat");
+        let state = state.rsplit(") ").next().and_then(|s| s.split(' ').next()).unwrap_or("?").to_owned();
+        let restored = tracer_of(pid) == "0"
+            && read_u64(pid, slot) == original
+            && guardian_of(pid).is_none()
+            && (state == "S" || state == "R");
+        if restored {
+            return;
+        }
+        assert!(
+            Instant::now() < deadline,
+            "pid {pid} not restored: tracer {}, slot {:#x} (was {original:#x}), guardian {:?}, state {state}",
+            tracer_of(pid),
+            read_u64(pid, slot),
+            guardian_of(pid)
+        );
+        std::thread::sleep(Duration::from_millis(20));
+    }
+}
+
+/// leakmon SIGKILLed while the agent is being loaded (its guardian holds the process
+/// through ptrace), and again while it watches with the agent loaded: each time the
+/// process comes back as it was (every slot restored, untraced, running) and works.
+#[test]
+fn leakmon_killed_mid_load_or_while_loaded_leaves_the_process_as_it_was() {
+    let fixture = build_fixture("agent_target.c", &[]);
+    let mut target = Reap(Command::new(&fixture).stdout(Stdio::piped()).spawn().expect("start the fixture"));
+    let pid = target.0.id();
+    let mut lines = BufReader::new(target.0.stdout.take().expect("stdout")).lines();
+    assert_eq!(lines.next().expect("a line").expect("read"), "ready");
+    let slot = got_slot(pid, &fixture, "malloc");
+    let original = read_u64(pid, slot);
+    let mut leaked = 0;
+    for moment in ["mid-load", "while watching", "at once"] {
+        let mut report = Reap(
+            leakmon()
+                .env("RUST_LOG", "info")
+                .args([
+                    "report",
+                    "--agent",
+                    "--format",
+                    "json",
+                    "--duration",
+                    "60",
+                    "--pid",
+                    &pid.to_string(),
+                ])
+                .stdout(Stdio::null())
+                .stderr(Stdio::piped())
+                .spawn()
+                .expect("start leakmon"),
+        );
+        let leakmon_pid = report.0.id();
+        match moment {
+            // The first tracer that is not leakmon itself is the guardian, loading.
+            "mid-load" => {
+                let deadline = Instant::now() + Duration::from_secs(20);
+                loop {
+                    let tracer = tracer_of(pid);
+                    if tracer != "0" && tracer != leakmon_pid.to_string() {
+                        break;
+                    }
+                    assert!(Instant::now() < deadline, "no guardian ever traced pid {pid}");
+                    std::thread::sleep(Duration::from_micros(200));
+                }
+            }
+            "while watching" => {
+                let mut stderr = BufReader::new(report.0.stderr.take().expect("stderr"));
+                let mut line = String::new();
+                while !line.contains("watching") {
+                    line.clear();
+                    assert!(stderr.read_line(&mut line).expect("read") > 0, "leakmon ended before watching");
+                }
+                assert!(agent_mapped(pid));
+                assert_ne!(read_u64(pid, slot), original, "loaded: the slot is redirected");
+            }
+            _ => std::thread::sleep(Duration::from_millis(30)),
+        }
+        signal(leakmon_pid, Signal::SIGKILL);
+        report.0.wait().expect("reap leakmon");
+        wait_restored(pid, slot, original);
+        signal(pid, Signal::SIGUSR1);
+        leaked += 1;
+        assert_eq!(
+            lines.next().expect("a line").expect("read"),
+            format!("leaked {leaked}"),
+            "after {moment}"
+        );
+    }
+}
+
+/// Loaded while four threads allocate and free without pause; then, with the agent in
+/// place, a new thread, a fork, an exec and a dlopen'd library. The threads' blocks stay
+/// intact, the child and the exec'd program run normally, and the 1 MiB leaks of the
+/// new thread, the child and the library (far above the interval) are reported exactly.
+#[test]
+fn threads_in_malloc_during_load_and_fork_exec_threads_dlopen_after_it() {
+    use std::io::Write as _;
+    let fixture = build_fixture("agent_lifecycle.c", &[]);
+    let plugin = build_fixture("agent_plugin.c", &["-shared", "-fPIC"]);
+    let mut target = Reap(
+        Command::new(&fixture)
+            .stdin(Stdio::piped())
+            .stdout(Stdio::piped())
+            .spawn()
+            .expect("start the fixture"),
+    );
+    let pid = target.0.id();
+    let mut stdin = target.0.stdin.take().expect("stdin");
+    let mut lines = BufReader::new(target.0.stdout.take().expect("stdout")).lines();
+    assert_eq!(lines.next().expect("a line").expect("read"), "ready");
+    let mut ask = |command: &str| -> String {
+        writeln!(stdin, "{command}").expect("write a command");
+        lines.next().expect("an answer").expect("read")
+    };
+    assert_eq!(ask("churn"), "churning");
+    let slot = got_slot(pid, &fixture, "malloc");
+    let original = read_u64(pid, slot);
+    std::thread::sleep(Duration::from_millis(200));
+
+    let (report, stderr) = watch_pid_with(pid, "6", &["--agent", "--sample-bytes", "4KiB"]);
+    assert_eq!(ask("thread"), "thread leaked");
+    assert_eq!(ask(&format!("dlopen {}", plugin.display())), "plugin leaked");
+    assert_eq!(ask("fork"), "forked 0");
+    assert_eq!(ask("exec"), "exec 7");
+    let json = finish_report(report, stderr);
+    let answer = ask("join");
+    let bad = answer.split(['=', ' ']).nth(2).expect("bad=");
+    assert_eq!(bad, "0", "{answer}");
+    assert!(!answer.ends_with("pairs=0"), "{answer}");
+
+    let parent = processes(&json).iter().find(|p| p["pid"] == pid).expect("the fixture's process");
+    let got = by_function(parent, "agent_lifecycle.c");
+    assert_eq!(got.get("leak_in_new_thread"), Some(&(1_048_576, 1)), "{got:?}");
+    let got = by_function(parent, "agent_plugin.c");
+    assert_eq!(got.get("plugin_leak"), Some(&(1_048_576, 1)), "{got:?}");
+    let child = processes(&json)
+        .iter()
+        .find(|p| p["pid"] != pid && !by_function(p, "agent_lifecycle.c").is_empty())
+        .expect("the forked child in the report");
+    assert_eq!(by_function(child, "agent_lifecycle.c").get("leak_in_child"), Some(&(1_048_576, 1)));
+    wait_restored(pid, slot, original);
+    assert_eq!(ask("churn"), "churning");
+    assert!(ask("join").starts_with("joined bad=0 "));
 }

@@ -5,13 +5,7 @@
 
 mod common;
 
-use common::{build_fixture, by_function, leakmon, parse_report, processes, LEAKS};
-
-/// Variance of the estimate of `n` blocks of `s` bytes: `n * s^2 * (1 - p) / p`.
-fn variance(n: f64, s: f64, rate: f64) -> f64 {
-    let p = 1.0 - (-s / rate).exp();
-    n * s * s * (1.0 - p) / p
-}
+use common::{build_fixture, by_function, leakmon, parse_report, processes, sampling_variance, LEAKS};
 
 fn sampled_report(rate: u64) -> serde_json::Value {
     let fixture = build_fixture("leaks.c", &[]);
@@ -29,7 +23,7 @@ fn sampled_totals_are_unbiased_within_their_predicted_spread() {
     let exact_total: u64 = LEAKS.iter().map(|(_, bytes, _)| bytes).sum();
     let sigma = LEAKS
         .iter()
-        .map(|&(_, bytes, n)| variance(n as f64, bytes as f64 / n as f64, rate))
+        .map(|&(_, bytes, n)| sampling_variance(n as f64, bytes as f64 / n as f64, rate))
         .sum::<f64>()
         .sqrt();
     let mut estimates = Vec::new();
@@ -82,7 +76,7 @@ fn each_functions_estimate_is_unbiased_within_its_own_spread() {
     let mut worst: f64 = 0.0;
     for &(function, bytes, n) in LEAKS {
         let size = bytes as f64 / n as f64;
-        let sigma_of_mean = (variance(n as f64, size, rate) / RUNS as f64).sqrt();
+        let sigma_of_mean = (sampling_variance(n as f64, size, rate) / RUNS as f64).sqrt();
         let mean = sums.get(function).copied().unwrap_or(0.0) / RUNS as f64;
         let z = if sigma_of_mean > 0.0 { (mean - bytes as f64) / sigma_of_mean } else { 0.0 };
         table += &format!("{function:<22} exact {bytes:>8} mean {mean:>10.0} z {z:>6.2}\n");

@@ -7,6 +7,7 @@
 //! command at its start (`LD_PRELOAD`), or into a running process ([`inject`]).
 
 pub mod inject;
+pub mod session;
 
 use std::{
     ffi::OsString,

@@ -12,6 +12,7 @@ use tracing::{info, warn};
 
 use super::{attach_all, capture, count_signals, load_probes, refresh_unwind, report_of, signals_received};
 use crate::{
+    agent::session::Session,
     cli::{Format, ReportArgs},
     discovery::Discovery,
     probes::Probes,
@@ -61,13 +62,15 @@ pub fn report(args: &ReportArgs) -> Result<()> {
     }
     count_signals();
 
+    let mut session = None;
     let mut tracer = if let Some(pid) = args.pid {
         probes.trace(pid)?;
         if let Some(agent) = agent.as_deref() {
             // Markers first, then the agent: no sample fires unprobed.
-            let slots = crate::agent::inject::load(&proc_root, pid, agent, sample_bytes)
+            let (loaded, slots) = Session::start(pid, agent, sample_bytes)
                 .with_context(|| format!("load the agent into pid {pid}"))?;
             info!(pid, slots, sample_bytes, "agent loaded");
+            session = Some(loaded);
         }
         refresh_unwind(&mut probes, &proc_root, pid);
         match Tracer::seize(pid) {
@@ -181,14 +184,15 @@ pub fn report(args: &ReportArgs) -> Result<()> {
     let mut report = build_report(&probes, &mut discovery, infos, &args.tables.wrappers)?;
     report.set_apart(&crate::suppressions::Suppressions::new(&args.tables.suppress));
     report.sample_bytes = sample_bytes;
-    if let Some(agent) = agent.as_deref() {
+    if agent.is_some() {
         report.method = crate::report::Method::Agent;
-        if let Some(pid) = args.pid.filter(|pid| proc_root.running(*pid)) {
+        if let Some(session) = session.take() {
             // The agent's redirections are undone; its code stays mapped, idle.
             if let Some(t) = tracer.take() {
                 t.release();
             }
-            match crate::agent::inject::unload(&proc_root, pid, agent) {
+            let pid = session.pid();
+            match session.stop() {
                 Ok(slots) => info!(pid, slots, "agent stopped"),
                 Err(e) => warn!(pid, "stop the agent: {e:#}"),
             }

@@ -316,10 +316,20 @@ pub fn watch_pid(
     pid: u32,
     duration: &str,
 ) -> (std::process::Child, std::io::BufReader<std::process::ChildStderr>) {
+    watch_pid_with(pid, duration, &[])
+}
+
+/// [`watch_pid`] with more options of `report` (`--agent`, `--sample-bytes`).
+pub fn watch_pid_with(
+    pid: u32,
+    duration: &str,
+    options: &[&str],
+) -> (std::process::Child, std::io::BufReader<std::process::ChildStderr>) {
     use std::io::BufRead as _;
     let mut leakmon = leakmon()
         .env("RUST_LOG", "info")
         .args(["report", "--format", "json", "--duration", duration, "--pid", &pid.to_string()])
+        .args(options)
         .stdout(std::process::Stdio::piped())
         .stderr(std::process::Stdio::piped())
         .spawn()
@@ -358,4 +368,11 @@ pub fn bpf_programs_named(names: &[&str]) -> usize {
         .lines()
         .filter(|l| names.iter().any(|n| l.contains(&format!(" name {n} "))))
         .count()
+}
+
+/// Variance of a byte-weighted sample's estimate of `n` blocks of `s` bytes at one
+/// sample per `rate` bytes: `n * s^2 * (1 - p) / p`, `p` the chance a block is sampled.
+pub fn sampling_variance(n: f64, s: f64, rate: f64) -> f64 {
+    let p = 1.0 - (-s / rate).exp();
+    n * s * s * (1.0 - p) / p
 }

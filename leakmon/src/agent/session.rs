@@ -1,0 +1,147 @@
+//! An agent loaded into a running process, held by a guardian: a `leakmon
+//! agent-session` process of its own that loads the agent, and unloads it when told
+//! to, or when the leakmon that started it is gone, however it went.
+//!
+//! Why a second process: a leakmon that is SIGKILLed runs no cleanup, and the process
+//! it loaded into would keep its redirected slots, or, killed in the middle of a
+//! ptrace call, a thread at the wrong place. The guardian ignores the signals a
+//! terminal or a service manager sends to stop leakmon and finishes what it started:
+//! the load, then the unload as soon as its standard input closes, which the kernel
+//! does for a leakmon that dies.
+
+use std::{
+    io::{BufRead as _, BufReader, Write as _},
+    path::Path,
+    process::{Child, ChildStdin, ChildStdout, Command, ExitCode, Stdio},
+    time::{Duration, Instant},
+};
+
+use anyhow::{anyhow, bail, Context as _, Result};
+
+use super::inject;
+use crate::procfs::ProcRoot;
+
+/// How long the guardian waits for another tracer (leakmon's hold on the process at
+/// exit) to let go before it unloads.
+const TRACER_WAIT: Duration = Duration::from_secs(10);
+
+/// The agent, loaded into one running process and sampling there.
+pub struct Session {
+    pid: u32,
+    child: Child,
+    stdin: Option<ChildStdin>,
+    stdout: BufReader<ChildStdout>,
+}
+
+impl Session {
+    /// Loads `agent` into `pid`, sampling every `sample_bytes`, through a guardian.
+    /// Returns the session and the number of call slots the agent redirected.
+    pub fn start(pid: u32, agent: &Path, sample_bytes: u64) -> Result<(Self, u64)> {
+        let exe = std::env::current_exe().context("find leakmon's own executable")?;
+        let mut child = Command::new(exe)
+            .args(["agent-session", "--pid", &pid.to_string(), "--sample-bytes", &sample_bytes.to_string()])
+            .arg("--agent")
+            .arg(agent)
+            .stdin(Stdio::piped())
+            .stdout(Stdio::piped())
+            .spawn()
+            .context("start the agent's guardian")?;
+        let stdin = child.stdin.take();
+        let stdout = BufReader::new(child.stdout.take().expect("piped"));
+        let mut session = Self { pid, child, stdin, stdout };
+        let slots = session.answer("loaded")?;
+        Ok((session, slots))
+    }
+
+    pub fn pid(&self) -> u32 {
+        self.pid
+    }
+
+    /// Undoes the agent's redirections (its code stays mapped: a thread may be inside
+    /// it) and ends the guardian. Returns the number of slots restored.
+    pub fn stop(mut self) -> Result<u64> {
+        if let Some(mut stdin) = self.stdin.take() {
+            // A guardian that is gone cannot be told; its answer says what happened.
+            let _ = stdin.write_all(b"stop\n");
+        }
+        let restored = self.answer("stopped");
+        let _ = self.child.wait();
+        restored
+    }
+
+    /// The guardian's next line: `<word> N`, or `error <why>`.
+    fn answer(&mut self, word: &str) -> Result<u64> {
+        let mut line = String::new();
+        self.stdout.read_line(&mut line).context("read the agent guardian's answer")?;
+        let line = line.trim_end();
+        if let Some(why) = line.strip_prefix("error ") {
+            bail!("{why}");
+        }
+        line.strip_prefix(word).and_then(|n| n.trim().parse().ok()).ok_or_else(|| {
+            anyhow!("the agent's guardian ended without a word (pid {} untouched or restored)", self.pid)
+        })
+    }
+}
+
+impl Drop for Session {
+    /// A session dropped without [`Session::stop`] (an error path): closing the
+    /// guardian's input makes it unload on its own.
+    fn drop(&mut self) {
+        self.stdin.take();
+    }
+}
+
+/// `leakmon agent-session`: the guardian's side. Loads, answers, waits for `stop` or
+/// the end of its input, unloads, answers, ends.
+pub fn guard(pid: u32, agent: &Path, sample_bytes: u64) -> ExitCode {
+    use nix::sys::signal::{signal, SigHandler, Signal};
+    for s in [Signal::SIGINT, Signal::SIGTERM, Signal::SIGHUP, Signal::SIGPIPE, Signal::SIGQUIT] {
+        // SAFETY: ignoring a signal installs no handler.
+        let _ = unsafe { signal(s, SigHandler::SigIgn) };
+    }
+    let proc_root = ProcRoot::default();
+    // Every answer may meet a leakmon gone already: the work goes on regardless.
+    let say = |line: String| {
+        let mut out = std::io::stdout().lock();
+        let _ = writeln!(out, "{line}").and_then(|()| out.flush());
+    };
+    match inject::load(&proc_root, pid, agent, sample_bytes) {
+        Ok(slots) => say(format!("loaded {slots}")),
+        Err(e) => {
+            say(format!("error {e:#}"));
+            return ExitCode::FAILURE;
+        }
+    }
+    let mut line = String::new();
+    loop {
+        line.clear();
+        match std::io::stdin().read_line(&mut line) {
+            Ok(0) | Err(_) => break,
+            Ok(_) if line.trim() == "stop" => break,
+            Ok(_) => {}
+        }
+    }
+    let deadline = Instant::now() + TRACER_WAIT;
+    while traced_by_another(&proc_root, pid) && Instant::now() < deadline {
+        std::thread::sleep(Duration::from_millis(10));
+    }
+    if !proc_root.running(pid) {
+        say("stopped 0".to_owned());
+        return ExitCode::SUCCESS;
+    }
+    match inject::unload(&proc_root, pid, agent) {
+        Ok(slots) => {
+            say(format!("stopped {slots}"));
+            ExitCode::SUCCESS
+        }
+        Err(e) => {
+            say(format!("error {e:#}"));
+            ExitCode::FAILURE
+        }
+    }
+}
+
+fn traced_by_another(proc_root: &ProcRoot, pid: u32) -> bool {
+    std::fs::read_to_string(proc_root.path().join(pid.to_string()).join("status"))
+        .is_ok_and(|s| s.lines().find_map(|l| l.strip_prefix("TracerPid:")).is_some_and(|t| t.trim() != "0"))
+}
