@@ -79,6 +79,14 @@ pub struct RunArgs {
     /// children). Default: `pids` when --pid, --comm or --cgroup is given, else `none`.
     #[arg(long, value_enum, value_name = "MODE")]
     pub attach: Option<Attach>,
+    /// Attribute in-process instead of trapping every allocator call: load leakmon's
+    /// agent into each attributed process (with --attach pids or suspects; never all),
+    /// without a restart. Only sampled blocks and their frees reach the kernel, so a
+    /// busy server keeps nearly its full speed; --sample-bytes sets the interval
+    /// (default 512KiB). On stop, every redirection the agent made is undone, even if
+    /// leakmon is killed.
+    #[arg(long)]
+    pub agent: bool,
     /// With --attach suspects: how long a suspect's allocations are attributed.
     #[arg(long, default_value = "10m", value_name = "DURATION", value_parser = parse_duration)]
     pub suspect_duration: Duration,
@@ -288,6 +296,9 @@ impl RunArgs {
         }
         if let (true, Some(v)) = (from_file("attach"), file.attach) {
             self.attach = Some(v);
+        }
+        if let (true, Some(v)) = (from_file("agent"), file.agent) {
+            self.agent = v;
         }
         if let (true, Some(v)) = (from_file("suspect_duration"), file.suspect_duration) {
             self.suspect_duration = v;

@@ -20,6 +20,7 @@ pub struct FileConfig {
     pub sample_interval: Option<Duration>,
     pub window: Option<Duration>,
     pub attach: Option<Attach>,
+    pub agent: Option<bool>,
     pub suspect_duration: Option<Duration>,
     pub max_suspects: Option<usize>,
     pub pids: Option<Vec<u32>>,
@@ -53,6 +54,7 @@ const KEYS: &[&str] = &[
     "sample-interval",
     "window",
     "attach",
+    "agent",
     "suspect-duration",
     "max-suspects",
     "pid",
@@ -126,6 +128,12 @@ pub fn check(text: &str) -> (FileConfig, Vec<Problem>) {
                         p(item, "attach must be \"none\", \"suspects\", \"all\" or \"pids\"".to_owned());
                         None
                     }
+                }
+            }
+            "agent" => {
+                config.agent = value.and_then(Value::as_bool);
+                if config.agent.is_none() {
+                    p(item, "agent must be true or false".to_owned());
                 }
             }
             "pid" => {
@@ -342,7 +350,7 @@ pid-label = true
             vec![
                 (2, "sample-interval must be a duration string, like \"10s\""),
                 (3, "attach must be \"none\", \"suspects\", \"all\" or \"pids\""),
-                (4, "unknown key bogus (known: sample-interval, window, attach, suspect-duration, max-suspects, pid, comm, cgroup, top-stacks, max-series, interval, top, max-live, max-totals, max-stacks, unwind-rows, sample-bytes, wrappers, suppress, web, metrics)"),
+                (4, "unknown key bogus (known: sample-interval, window, attach, agent, suspect-duration, max-suspects, pid, comm, cgroup, top-stacks, max-series, interval, top, max-live, max-totals, max-stacks, unwind-rows, sample-bytes, wrappers, suppress, web, metrics)"),
                 (5, "max-live must be between 1 and 4294967295, not 0"),
                 (7, "web.listen-address must be an address and port, like \"127.0.0.1:9473\""),
                 (8, "unknown key web.port (known: web.listen-address, web.config-file)"),

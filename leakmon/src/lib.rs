@@ -2,8 +2,10 @@
 //!
 //! The data path, top to bottom: `probes` (the eBPF programs and the only holder of
 //! `aya::Ebpf`) → `store` (per-process, per-stack totals) → `symbolize` → `report`.
-//! `discovery`, `procfs` and `tracer` feed the probes with libraries and processes;
-//! `commands` wire it together for the CLI.
+//! `sources` are where the daemon's data comes from: the /proc sampler (every
+//! process's memory) and the two ways of attributing allocations (uprobes, the
+//! in-process agent). `discovery`, `procfs` and `tracer` feed the probes with libraries
+//! and processes; `commands` wire it together for the CLI.
 
 pub mod agent;
 pub mod analysis;
@@ -19,7 +21,7 @@ pub mod own_memory;
 pub mod probes;
 pub mod procfs;
 pub mod report;
-pub mod sampler;
+pub mod sources;
 pub mod store;
 pub mod suppressions;
 pub mod symbolize;

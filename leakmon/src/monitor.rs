@@ -18,7 +18,7 @@ use crate::{
     export::{SeriesView, StackTrend, StackView},
     procfs::ProcRoot,
     report::FrameReport,
-    sampler::{memory_limit, ProcSample},
+    sources::proc_sampler::{memory_limit, ProcSample},
     store::ProcessTotals,
     symbolize::{stable_id, Symbolizer},
 };
@@ -30,7 +30,7 @@ struct Group {
     /// (pid, start time) of each process: tells a restart from a steady set.
     identities: Vec<(u32, u64)>,
     memory: Resident,
-    cgroup: crate::sampler::MemCgroup,
+    cgroup: crate::sources::proc_sampler::MemCgroup,
     heap: Option<(u64, u64)>,
 }
 
@@ -257,7 +257,7 @@ impl Monitor {
         self.last_seen = key_of.into_iter().map(|(pid, (service, comm, _))| (pid, (service, comm))).collect();
 
         let meminfo = std::fs::read_to_string(self.proc_root.path().join("meminfo")).unwrap_or_default();
-        let mut limits: HashMap<crate::sampler::MemCgroup, Option<u64>> = HashMap::new();
+        let mut limits: HashMap<crate::sources::proc_sampler::MemCgroup, Option<u64>> = HashMap::new();
         let mut views = Vec::new();
         let entries: Vec<(SeriesKey, _, _, _, _)> = self
             .history
@@ -400,7 +400,7 @@ mod tests {
             start: 1,
             comm: comm.into(),
             service: format!("{comm}.service"),
-            cgroup: crate::sampler::MemCgroup { path: "/".into(), v1: false },
+            cgroup: crate::sources::proc_sampler::MemCgroup { path: "/".into(), v1: false },
             identity: "/".into(),
             rss_bytes: rss,
             anon_bytes: rss,

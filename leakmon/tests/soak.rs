@@ -15,7 +15,7 @@ use common::Reap;
 use leakmon::{
     analysis::trend::{analyse, theil_sen, Params, Sample, Verdict},
     procfs::ProcRoot,
-    sampler,
+    sources::proc_sampler as sampler,
 };
 
 const LISTEN: &str = "127.0.0.1:19489";

@@ -28,7 +28,8 @@ const TRACER_WAIT: Duration = Duration::from_secs(10);
 /// The agent, loaded into one running process and sampling there.
 pub struct Session {
     pid: u32,
-    child: Child,
+    /// Waited for on stop, or by a thread of its own when dropped (no zombie).
+    child: Option<Child>,
     stdin: Option<ChildStdin>,
     stdout: BufReader<ChildStdout>,
 }
@@ -48,7 +49,7 @@ impl Session {
             .context("start the agent's guardian")?;
         let stdin = child.stdin.take();
         let stdout = BufReader::new(child.stdout.take().expect("piped"));
-        let mut session = Self { pid, child, stdin, stdout };
+        let mut session = Self { pid, child: Some(child), stdin, stdout };
         let slots = session.answer("loaded")?;
         Ok((session, slots))
     }
@@ -65,7 +66,9 @@ impl Session {
             let _ = stdin.write_all(b"stop\n");
         }
         let restored = self.answer("stopped");
-        let _ = self.child.wait();
+        if let Some(mut child) = self.child.take() {
+            let _ = child.wait();
+        }
         restored
     }
 
@@ -88,6 +91,9 @@ impl Drop for Session {
     /// guardian's input makes it unload on its own.
     fn drop(&mut self) {
         self.stdin.take();
+        if let Some(mut child) = self.child.take() {
+            let _ = std::thread::Builder::new().name("agent-guardian".into()).spawn(move || child.wait());
+        }
     }
 }
 

@@ -11,7 +11,7 @@ use tracing::debug;
 use crate::{
     capabilities,
     cli::TableArgs,
-    probes::{ProbeError, Probes, Settings},
+    probes::{Probes, Settings},
     procfs::ProcRoot,
 };
 
@@ -148,20 +148,12 @@ pub(crate) fn capture(
     }
 }
 
-/// Attach errors other than a vanished file are worth a line but not a stop.
+/// Attaches to each allocator file of `libraries` (see [`Probes::attach_libraries`]).
 pub(crate) fn attach_all(
     probes: &mut Probes,
     libraries: impl IntoIterator<Item = std::path::PathBuf>,
 ) -> Result<usize> {
-    let mut attached = 0;
-    for lib in libraries {
-        match probes.attach_library(&lib) {
-            Ok(n) => attached += usize::from(n > 0),
-            Err(ProbeError::Stat { .. }) => {}
-            Err(e) => return Err(anyhow!(e)),
-        }
-    }
-    Ok(attached)
+    probes.attach_libraries(libraries).map_err(|e| anyhow!(e))
 }
 
 static SIGNALS: AtomicUsize = AtomicUsize::new(0);

@@ -372,6 +372,23 @@ impl Probes {
         Ok(entry_points)
     }
 
+    /// Attaches to each allocator file of `libraries` for every process; a file gone
+    /// meanwhile is skipped (worth no stop). Returns the number of files newly attached.
+    pub fn attach_libraries(
+        &mut self,
+        libraries: impl IntoIterator<Item = PathBuf>,
+    ) -> Result<usize, ProbeError> {
+        let mut attached = 0;
+        for lib in libraries {
+            match self.attach_library(&lib) {
+                Ok(n) => attached += usize::from(n > 0),
+                Err(ProbeError::Stat { .. }) => {}
+                Err(e) => return Err(e),
+            }
+        }
+        Ok(attached)
+    }
+
     /// Attaches to the in-process agent's markers in the agent file at `path`: for `pid`
     /// alone, or for every process that maps it (a command's tree, which preloads it).
     /// The agent samples in-process, so the kernel side records every marker hit at the

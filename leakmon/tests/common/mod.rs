@@ -10,6 +10,8 @@ use std::{
 
 use serde_json::Value;
 
+pub mod agent_state;
+
 pub fn leakmon() -> Command {
     let mut cmd = Command::new(env!("CARGO_BIN_EXE_leakmon"));
     cmd.env_remove("RUST_LOG");

@@ -1,0 +1,523 @@
+//! `leakmon run`: the daemon. It wires the data path and nothing else:
+//! sources (the /proc sampler, an allocation [`Attribution`] when asked, the kernel's
+//! lifecycle events) → store (the kernel tables, the [`Monitor`]'s series) → analysis
+//! → export (metrics, JSON, profiles). Each branch of its loop is one method below.
+
+mod lifecycle;
+mod notify;
+mod profiles;
+
+use std::{
+    collections::HashMap,
+    sync::{atomic::AtomicU64, Arc},
+    time::{Duration, Instant},
+};
+
+use anyhow::{bail, Context as _, Result};
+use leakmon_common::ProcState;
+use serde_json::json;
+use tokio::{
+    signal::unix::{signal, SignalKind},
+    sync::RwLock,
+    time::{interval, Interval, MissedTickBehavior},
+};
+use tracing::{info, warn};
+
+use super::{load_probes, refresh_unwind, unfreed};
+use crate::{
+    analysis::{history::Change, trend::Params},
+    cli::{Attach, RunArgs},
+    discovery::Discovery,
+    export::{
+        http::{self, ProfileRequest, Published, Shared},
+        metrics::Metrics,
+        SeriesView,
+    },
+    ingest,
+    monitor::Monitor,
+    own_memory,
+    probes::Probes,
+    procfs::ProcRoot,
+    report::table::bytes,
+    sources::{
+        agent::{self, Agent},
+        proc_sampler,
+        selection::{Named, Suspects},
+        uprobes::{self, Uprobes},
+        Attribution,
+    },
+    wrappers::Wrappers,
+};
+use lifecycle::Lifecycle;
+use notify::notify;
+
+/// How often exited processes' kernel state is dropped: one pass over the tables.
+const PURGE_EVERY: Duration = Duration::from_secs(5);
+/// How often new library files (new containers, upgrades) are looked for.
+const RESCAN_EVERY: Duration = Duration::from_secs(30);
+/// Lifecycle events handled per wake-up of the loop. One per wake-up drained a fork
+/// storm's backlog at about one event per sampling tick whenever a tick took longer
+/// than the interval (the tick is then always ready, and each wake-up is a coin toss
+/// between the ready branches).
+const EVENT_BATCH: usize = 4096;
+
+/// Re-reads the options (command line over config file) on SIGHUP.
+pub type Reload<'a> = &'a dyn Fn() -> Result<RunArgs, Vec<String>>;
+
+pub fn run(args: &RunArgs, reload: Reload<'_>) -> Result<()> {
+    let proc_root = ProcRoot::default();
+    let attach = validate(args, &proc_root)?;
+    tokio::runtime::Builder::new_multi_thread()
+        .worker_threads(2)
+        .enable_all()
+        .build()
+        .context("start the async runtime")?
+        .block_on(daemon(args.clone(), attach, proc_root, reload))
+}
+
+/// Checks options that clap cannot check alone; returns the attach mode they mean.
+fn validate(args: &RunArgs, proc_root: &ProcRoot) -> Result<Attach> {
+    for &pid in &args.pids {
+        if !proc_root.exists(pid) {
+            bail!("no process with pid {pid}");
+        }
+    }
+    let attach = args.attach.unwrap_or(if args.selects() { Attach::Pids } else { Attach::None });
+    if attach == Attach::Pids && !args.selects() {
+        bail!("--attach pids needs at least one --pid, --comm or --cgroup");
+    }
+    if args.agent {
+        match attach {
+            Attach::All => bail!(
+                "--attach all --agent is refused: it would load code into every process on the host; \
+                 name the processes (--pid, --comm, --cgroup) or use --attach suspects"
+            ),
+            Attach::None => {
+                bail!("--agent needs processes to load into: --pid, --comm, --cgroup or --attach suspects")
+            }
+            Attach::Pids | Attach::Suspects => {}
+        }
+    }
+    if args.sample_interval.checked_mul(10).is_none_or(|ten| args.window < ten) {
+        bail!(
+            "--window must hold at least 10 samples (--sample-interval {:?}, --window {:?})",
+            args.sample_interval,
+            args.window
+        );
+    }
+    Ok(attach)
+}
+
+fn named(args: &RunArgs) -> Named {
+    Named { pids: args.pids.clone(), comms: args.comms.clone(), cgroups: args.cgroups.clone() }
+}
+
+/// The attribution `attach` and `--agent` ask for, started: probes attached, the agent
+/// loaded into the processes named.
+fn attribution(
+    args: &RunArgs,
+    attach: Attach,
+    probes: &mut Probes,
+    proc_root: &ProcRoot,
+) -> Result<Option<Box<dyn Attribution + Send>>> {
+    let suspects = || Suspects::new(args.suspect_duration, args.max_suspects);
+    if args.agent {
+        let coverage = match attach {
+            Attach::Pids => agent::Coverage::Named(named(args)),
+            Attach::Suspects => agent::Coverage::Suspects(suspects()),
+            Attach::All | Attach::None => unreachable!("refused by validate"),
+        };
+        let sample_bytes = match args.tables.sample_bytes {
+            0 => crate::agent::DEFAULT_SAMPLE_BYTES,
+            bytes => bytes,
+        };
+        return Ok(Some(Box::new(Agent::start(probes, coverage, proc_root, sample_bytes)?)));
+    }
+    let coverage = match attach {
+        Attach::None => return Ok(None),
+        Attach::All => uprobes::Coverage::All,
+        Attach::Pids => uprobes::Coverage::Named(named(args)),
+        Attach::Suspects => uprobes::Coverage::Suspects(suspects()),
+    };
+    Ok(Some(Box::new(Uprobes::start(probes, coverage, proc_root)?)))
+}
+
+/// The daemon's state between the branches of its loop.
+struct Daemon<'r> {
+    args: RunArgs,
+    attach: Attach,
+    proc_root: ProcRoot,
+    reload: Reload<'r>,
+    /// The kernel side: programs, tables, lifecycle events. Loaded in every mode (the
+    /// lifecycle tracepoints cost nothing per allocation); absent only where the
+    /// kernel refused them and nothing is attributed.
+    probes: Option<Probes>,
+    attribution: Option<Box<dyn Attribution + Send>>,
+    monitor: Monitor,
+    metrics: Metrics,
+    published: Shared,
+    lifecycle: Lifecycle,
+    /// For profiles: process names, mappings and allocators.
+    discovery: Discovery,
+    profiles: std::sync::mpsc::Sender<(profiles::ProfileSnapshot, profiles::Reply)>,
+    queue_dropped: Arc<AtomicU64>,
+    malformed: Arc<AtomicU64>,
+    started: Instant,
+    web_in_use: Option<Vec<u8>>,
+}
+
+async fn daemon(args: RunArgs, attach: Attach, proc_root: ProcRoot, reload: Reload<'_>) -> Result<()> {
+    // From the first request on, /metrics carries leakmon's own families (build info,
+    // process_*, its counters at zero) and the JSON endpoints valid empty documents:
+    // an empty 200 would read as a healthy target with no series.
+    let metrics = Metrics::new(args.pid_label);
+    let published: Shared = Arc::new(RwLock::new(Published {
+        metrics: metrics.render(),
+        leaks: json!({ "leaks": [] }).to_string(),
+        processes: json!({ "series": [] }).to_string(),
+        ready: false,
+    }));
+    let (profile_tx, mut profile_requests) = tokio::sync::mpsc::channel::<ProfileRequest>(8);
+    let web = args.web_config.as_deref().map(crate::export::web_config::WebConfig::load).transpose()?;
+    // What the server was started with, to tell a reload that changes it (TLS and users
+    // are set when the listener starts).
+    let web_in_use = web_config_text(args.web_config.as_deref());
+    let server = http::serve(args.listen, published.clone(), profile_tx, web).await?;
+    let profiles = profiles::spawn_profile_renderer(&args.tables.wrappers, &args.tables.suppress)?;
+
+    let mut probes = if attach == Attach::None {
+        load_probes(&args.tables, false).map_err(|e| warn!("OOM kills will not be counted: {e:#}")).ok()
+    } else {
+        Some(load_probes(&args.tables, attach == Attach::All)?)
+    };
+    let attribution = match probes.as_mut() {
+        Some(p) => attribution(&args, attach, p, &proc_root)?,
+        None => None,
+    };
+    let queue_dropped = Arc::new(AtomicU64::new(0));
+    let malformed = Arc::new(AtomicU64::new(0));
+    let (event_reader, mut events) = match probes.as_mut() {
+        Some(p) => {
+            let (task, rx) = ingest::spawn_reader(p.take_events()?, queue_dropped.clone(), malformed.clone())
+                .map_err(|e| anyhow::anyhow!("watch the event ring buffer: {e}"))?;
+            (Some(task), Some(rx))
+        }
+        None => (None, None),
+    };
+    // The listener is bound and the programs loaded: keep only what attaching, reading
+    // maps and /proc still need.
+    if probes.is_some() {
+        match crate::capabilities::drop_unneeded() {
+            Ok(kept) => tracing::debug!(capabilities = kept, "dropped the capabilities not needed"),
+            Err(e) => warn!("could not drop unneeded capabilities: {e}"),
+        }
+    }
+    info!(
+        listen = %args.listen,
+        attach = ?attach,
+        method = ?attribution.as_ref().map(|a| a.method()),
+        libraries = probes.as_ref().map_or(0, Probes::attached_files),
+        sample_interval = ?args.sample_interval,
+        window = ?args.window,
+        "leakmon running"
+    );
+
+    let params = Params { window: args.window.as_secs_f64(), ..Params::default() };
+    let monitor = Monitor::new(params, args.max_series, args.top_stacks, proc_root.clone())
+        .per_process(args.pid_label)
+        .wrappers(Wrappers::new(&args.tables.wrappers));
+    let mut d = Daemon {
+        attach,
+        reload,
+        probes,
+        attribution,
+        monitor,
+        metrics,
+        published,
+        lifecycle: Lifecycle::default(),
+        discovery: Discovery::new(proc_root.clone()),
+        proc_root,
+        profiles,
+        queue_dropped,
+        malformed,
+        started: Instant::now(),
+        web_in_use,
+        args,
+    };
+
+    let mut sigterm = signal(SignalKind::terminate()).context("install SIGTERM handler")?;
+    let mut sigint = signal(SignalKind::interrupt()).context("install SIGINT handler")?;
+    let mut sighup = signal(SignalKind::hangup()).context("install SIGHUP handler")?;
+    // systemd's watchdog: pinged from this loop, so a loop that hangs gets restarted.
+    let mut watchdog_usec = 0;
+    let mut watchdog = sd_notify::watchdog_enabled(false, &mut watchdog_usec)
+        .then(|| interval(Duration::from_micros(watchdog_usec) / 2));
+    let mut sample = sampling(d.args.sample_interval);
+    let mut summary = interval(Duration::from_secs(u64::from(d.args.interval.get())));
+    let mut purge = interval(PURGE_EVERY);
+    let mut rescan = interval(RESCAN_EVERY);
+    let mut batch = Vec::with_capacity(EVENT_BATCH);
+    let attributing = d.attribution.is_some();
+
+    notify(sd_notify::NotifyState::Ready);
+    loop {
+        tokio::select! {
+            _ = sigint.recv() => break,
+            _ = sigterm.recv() => break,
+            _ = async { watchdog.as_mut().expect("guarded").tick().await }, if watchdog.is_some() => {
+                notify(sd_notify::NotifyState::Watchdog);
+            }
+            Some(request) = profile_requests.recv() => d.profile(request),
+            _ = sighup.recv() => {
+                let before = d.args.clone();
+                d.reconfigure();
+                if d.args.sample_interval != before.sample_interval {
+                    sample = sampling(d.args.sample_interval);
+                }
+                if d.args.interval != before.interval {
+                    summary = interval(Duration::from_secs(u64::from(d.args.interval.get())));
+                }
+            }
+            received = async { events.as_mut().expect("guarded").recv_many(&mut batch, EVENT_BATCH).await }, if events.is_some() => {
+                // A reader gone (it panicked) closes the queue: stop polling it.
+                if received == 0 {
+                    events = None;
+                }
+                for ev in batch.drain(..) {
+                    d.lifecycle_event(&ev);
+                }
+            }
+            _ = sample.tick() => {
+                d.sample(events.as_ref().map_or(0, tokio::sync::mpsc::Receiver::len)).await;
+            }
+            _ = summary.tick(), if attributing => {
+                if let Some(p) = d.probes.as_ref() {
+                    log_summary(p, &d.proc_root, &mut d.lifecycle.names, d.args.top);
+                }
+            }
+            _ = purge.tick(), if d.probes.is_some() => d.purge(),
+            _ = rescan.tick(), if attributing => {
+                if let (Some(a), Some(p)) = (d.attribution.as_mut(), d.probes.as_mut()) {
+                    a.rescan(p);
+                }
+            }
+        }
+    }
+    notify(sd_notify::NotifyState::Stopping);
+    info!("stopping: detaching probes");
+    server.abort();
+    if let (Some(a), Some(p)) = (d.attribution.as_mut(), d.probes.as_mut()) {
+        a.shutdown(p);
+    }
+    if let Some(task) = event_reader {
+        task.abort();
+    }
+    drop(events);
+    drop(d);
+    Ok(())
+}
+
+fn sampling(every: Duration) -> Interval {
+    let mut sample = interval(every);
+    sample.set_missed_tick_behavior(MissedTickBehavior::Delay);
+    sample
+}
+
+impl Daemon<'_> {
+    /// One sampling turn: /proc read, attribution told, kernel totals read, every
+    /// series analysed, the results published.
+    async fn sample(&mut self, queued: usize) {
+        let now = self.started.elapsed().as_secs_f64();
+        let procs = proc_sampler::sample_all(&self.proc_root);
+        if let (Some(a), Some(p)) = (self.attribution.as_mut(), self.probes.as_mut()) {
+            a.sampled(p, &procs);
+        }
+        // One read of the process table serves the heap totals and the count.
+        let traced: HashMap<u32, ProcState> =
+            self.probes.as_ref().and_then(|p| p.traced().ok()).unwrap_or_default().into_iter().collect();
+        if let Some(p) = self.probes.as_mut() {
+            // Unwind tables for processes traced since the last turn, and for those
+            // whose stacks reached a library loaded since their tables were made.
+            let mut due: Vec<u32> = traced.keys().copied().filter(|pid| !p.has_unwind(*pid)).collect();
+            due.extend(p.unwind_stale());
+            for pid in due {
+                refresh_unwind(p, &self.proc_root, pid);
+            }
+        }
+        let attributing = self.attribution.is_some();
+        let heap = self.probes.as_ref().filter(|_| attributing).and_then(|p| unfreed(p, &traced).ok());
+        self.monitor.set_incomplete(
+            traced
+                .iter()
+                .filter(|(_, s)| s.flags & leakmon_common::proc_flags::INCOMPLETE != 0)
+                .map(|(pid, _)| *pid),
+        );
+        let probes = self.probes.as_ref();
+        let stack = |id: u64| probes.and_then(|p| p.stack(id));
+        let (mut views, changes) = self.monitor.tick(now, &procs, heap.as_deref(), &stack);
+        if let Some(a) = self.attribution.as_ref() {
+            for v in &mut views {
+                v.allocator = v.pids.iter().find_map(|pid| a.allocator(*pid));
+            }
+        }
+        log_changes(&changes);
+        if let (Some(a), Some(p)) = (self.attribution.as_mut(), self.probes.as_mut()) {
+            a.analysed(p, &views);
+        }
+        if let Some(p) = self.probes.as_ref() {
+            let (used, capacity) = p.unwind_rows();
+            self.metrics.unwind(used, capacity, p.unwind_processes());
+        }
+        let counters = self.probes.as_ref().and_then(|p| p.counters().ok());
+        self.metrics.update(&views, counters, traced.len(), self.monitor.series_dropped());
+        self.metrics.queue_losses(
+            self.queue_dropped.load(std::sync::atomic::Ordering::Relaxed),
+            self.malformed.load(std::sync::atomic::Ordering::Relaxed),
+        );
+        self.metrics.restarts(self.monitor.restarts());
+        self.metrics.own_heap(own_memory::heap_in_use());
+        if self.probes.is_some() {
+            self.metrics.queued(queued);
+        }
+        publish(&self.published, &self.metrics, &views).await;
+    }
+
+    /// Only the kernel tables and /proc are read here; symbolizing and rendering, the
+    /// slow part, run off the loop, which keeps sampling.
+    fn profile(&mut self, request: ProfileRequest) {
+        let probes = self.probes.as_ref().filter(|_| self.attribution.is_some());
+        match profiles::profile_snapshot(probes, &mut self.discovery, &self.monitor, &request) {
+            // A renderer gone (it panicked) drops the reply: the client gets its error
+            // from the HTTP side.
+            Ok(snapshot) => {
+                let _ = self.profiles.send((snapshot, request.reply));
+            }
+            Err(e) => {
+                let _ = request.reply.send(Err(e));
+            }
+        }
+    }
+
+    /// SIGHUP: the options read again; what can change while running changes.
+    fn reconfigure(&mut self) {
+        notify(sd_notify::NotifyState::Reloading);
+        let next = (self.reload)().map_err(|problems| problems.join("; ")).and_then(|next| {
+            validate(&next, &self.proc_root).map(|a| (next, a)).map_err(|e| format!("{e:#}"))
+        });
+        match next {
+            Ok((next, next_attach)) => {
+                for what in restart_needed(&self.args, &next, self.attach, next_attach) {
+                    warn!("{what} changes only at restart; keeping the running value");
+                }
+                if (next.web_config.as_deref(), web_config_text(next.web_config.as_deref()))
+                    != (self.args.web_config.as_deref(), self.web_in_use.clone())
+                {
+                    warn!("web.config-file (TLS, users) changes only at restart; keeping the running one");
+                }
+                self.monitor.reconfigure(
+                    Params { window: next.window.as_secs_f64(), ..Params::default() },
+                    next.max_series,
+                    next.top_stacks,
+                );
+                if let (Some(a), Some(p)) = (self.attribution.as_mut(), self.probes.as_mut()) {
+                    a.reselect(p, named(&next));
+                }
+                let args = &self.args;
+                let (listen, tables, pid_label) = (args.listen, args.tables.clone(), args.pid_label);
+                let (web_config, attach, agent) = (args.web_config.clone(), args.attach, args.agent);
+                self.args = RunArgs { listen, tables, pid_label, web_config, attach, agent, ..next };
+                info!(sample_interval = ?self.args.sample_interval, window = ?self.args.window, "configuration reloaded");
+            }
+            Err(e) => warn!("reload failed, keeping the running configuration: {e}"),
+        }
+        notify(sd_notify::NotifyState::Ready);
+    }
+}
+
+/// Options that a reload cannot change while running (they shape the kernel tables,
+/// the listening socket or the metric labels).
+/// The web configuration file's bytes, to tell whether a reload changed it.
+fn web_config_text(path: Option<&std::path::Path>) -> Option<Vec<u8>> {
+    std::fs::read(path?).ok()
+}
+
+fn restart_needed(now: &RunArgs, next: &RunArgs, attach: Attach, next_attach: Attach) -> Vec<&'static str> {
+    let mut out = Vec::new();
+    if attach != next_attach {
+        out.push("attach");
+    }
+    if now.agent != next.agent {
+        out.push("agent");
+    }
+    if now.listen != next.listen {
+        out.push("web.listen-address");
+    }
+    if now.tables != next.tables {
+        out.push("max-live/max-totals/max-stacks");
+    }
+    if now.pid_label != next.pid_label {
+        out.push("metrics.pid-label");
+    }
+    out
+}
+
+fn log_changes(changes: &[Change]) {
+    for change in changes {
+        match change {
+            Change::Suspected(k, a) => warn!(
+                service = %k.service, comm = %k.comm, signal = k.signal.as_str(), stack = k.stack.as_deref(),
+                growth_per_second = %bytes(a.slope.max(0.0) as u64), z = a.z, "leak suspected"
+            ),
+            Change::Cleared(k, v) => info!(
+                service = %k.service, comm = %k.comm, signal = k.signal.as_str(), stack = k.stack.as_deref(), verdict = v.as_str(), "leak suspicion cleared"
+            ),
+        }
+    }
+}
+
+async fn publish(published: &Shared, metrics: &Metrics, views: &[SeriesView]) {
+    // A leak flagged on resident memory shows the stacks its heap series has, if any.
+    let leaks: Vec<SeriesView> = views
+        .iter()
+        .filter(|v| v.suspected)
+        .map(|v| {
+            let mut v = v.clone();
+            if v.stacks.is_empty() {
+                if let Some(heap) =
+                    views.iter().find(|h| h.signal == "heap" && h.service == v.service && h.comm == v.comm)
+                {
+                    v.stacks.clone_from(&heap.stacks);
+                }
+            }
+            v
+        })
+        .collect();
+    let snapshot = Published {
+        metrics: metrics.render(),
+        leaks: json!({ "leaks": leaks }).to_string(),
+        processes: json!({ "series": views }).to_string(),
+        ready: true,
+    };
+    *published.write().await = snapshot;
+}
+
+fn log_summary(probes: &Probes, proc_root: &ProcRoot, names: &mut HashMap<u32, String>, top: usize) {
+    let traced: HashMap<u32, ProcState> = probes.traced().unwrap_or_default().into_iter().collect();
+    let Ok(groups) = unfreed(probes, &traced) else { return };
+    let total: u64 = groups.iter().map(|g| g.bytes).sum();
+    info!(processes = groups.len(), unfreed = %bytes(total), "summary");
+    for g in groups.iter().take(top) {
+        // The live name first: a child's exec event may still be queued behind its fork's,
+        // which named it after its parent. The remembered one for a process gone since.
+        if let Ok(live) = proc_root.comm(g.pid) {
+            names.insert(g.pid, live);
+        }
+        let name = names.get(&g.pid).map_or("", String::as_str);
+        info!(pid = g.pid, comm = %name, unfreed = %bytes(g.bytes), allocations = g.allocations, stacks = g.stacks.len(), "top process");
+    }
+    if let Ok(counters) = probes.counters() {
+        for (name, value) in counters.nonzero() {
+            warn!(counter = name, value, "allocations not fully accounted");
+        }
+    }
+}

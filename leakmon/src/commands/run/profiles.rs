@@ -1,0 +1,105 @@
+//! Profiles served over HTTP: the kernel tables and /proc are read in the daemon's
+//! loop (a snapshot); symbolizing and rendering, the slow part, run on a thread of
+//! their own, so the loop keeps sampling.
+
+use std::collections::HashMap;
+
+use anyhow::{Context as _, Result};
+use leakmon_common::ProcState;
+
+use crate::{
+    discovery::Discovery,
+    export::http::{self, ProfileKind, ProfileRequest, Selector},
+    monitor::Monitor,
+    probes::Probes,
+    report::{flamegraph, pprof},
+    symbolize::Symbolizer,
+    wrappers::Wrappers,
+};
+
+/// What a profile is made of, read from the kernel tables and /proc in the loop;
+/// [`ProfileSnapshot::render`] does the rest elsewhere.
+pub(super) struct ProfileSnapshot {
+    snapshot: crate::commands::Snapshot,
+    kind: ProfileKind,
+    title: String,
+}
+
+impl ProfileSnapshot {
+    fn render(
+        self,
+        symbolizer: &Symbolizer,
+        suppressions: &crate::suppressions::Suppressions,
+    ) -> Result<Vec<u8>, http::ProfileError> {
+        use axum::http::StatusCode;
+        let mut report = self.snapshot.into_report(symbolizer);
+        report.set_apart(suppressions);
+        match self.kind {
+            ProfileKind::Pprof => Ok(pprof::encode(&pprof::profile(&report, crate::unix_nanos()))),
+            ProfileKind::FlameGraph => flamegraph::render(&report, &self.title)
+                .map_err(|e| (StatusCode::INTERNAL_SERVER_ERROR, format!("draw the flame graph: {e}"))),
+        }
+    }
+}
+
+pub(super) type Reply = tokio::sync::oneshot::Sender<Result<Vec<u8>, http::ProfileError>>;
+
+/// A thread that symbolizes and renders profile snapshots, one after another, with a
+/// symbolizer of its own (blazesym's stays on the thread that made it).
+pub(super) fn spawn_profile_renderer(
+    wrappers: &[String],
+    suppress: &[String],
+) -> Result<std::sync::mpsc::Sender<(ProfileSnapshot, Reply)>> {
+    let (tx, rx) = std::sync::mpsc::channel::<(ProfileSnapshot, Reply)>();
+    let (wrappers, suppress) = (wrappers.to_vec(), suppress.to_vec());
+    std::thread::Builder::new()
+        .name("profiles".into())
+        .spawn(move || {
+            let symbolizer = Symbolizer::new(Wrappers::new(&wrappers));
+            let suppressions = crate::suppressions::Suppressions::new(&suppress);
+            for (snapshot, reply) in rx {
+                let _ = reply.send(snapshot.render(&symbolizer, &suppressions));
+            }
+        })
+        .context("start the profile renderer")?;
+    Ok(tx)
+}
+
+/// The snapshot of a profile of the unfreed memory of the processes `request` selects.
+pub(super) fn profile_snapshot(
+    probes: Option<&Probes>,
+    discovery: &mut Discovery,
+    monitor: &Monitor,
+    request: &ProfileRequest,
+) -> Result<ProfileSnapshot, http::ProfileError> {
+    use axum::http::StatusCode;
+    let Some(probes) = probes else {
+        return Err((
+            StatusCode::SERVICE_UNAVAILABLE,
+            "allocation attribution is off (--attach none): there is no heap to profile".to_owned(),
+        ));
+    };
+    let traced: HashMap<u32, ProcState> = probes
+        .traced()
+        .map_err(|e| (StatusCode::INTERNAL_SERVER_ERROR, format!("read the traced processes: {e}")))?
+        .into_iter()
+        .collect();
+    let (pids, title): (Vec<u32>, String) = match &request.selector {
+        Selector::Pid(pid) => (vec![*pid], format!("Unfreed memory of pid {pid}")),
+        Selector::Service(service) => {
+            (monitor.pids_of_service(service), format!("Unfreed memory of {service}"))
+        }
+    };
+    let pids: Vec<u32> = pids.into_iter().filter(|p| traced.contains_key(p)).collect();
+    if pids.is_empty() {
+        let what = match &request.selector {
+            Selector::Pid(pid) => format!("pid {pid} is not traced"),
+            Selector::Service(service) => format!("no traced process of service {service:?}"),
+        };
+        return Err((StatusCode::NOT_FOUND, what));
+    }
+    let selected: HashMap<u32, ProcState> = pids.iter().map(|p| (*p, traced[p])).collect();
+    let snapshot = crate::commands::Snapshot::take(probes, discovery, &selected, HashMap::new())
+        .map_err(|e| (StatusCode::INTERNAL_SERVER_ERROR, format!("{e:#}")))?;
+    Ok(ProfileSnapshot { snapshot, kind: request.kind, title })
+}

@@ -1,0 +1,197 @@
+//! Attribution by the in-process agent: loaded into each attributed process (through
+//! a guardian, see [`crate::agent::session`]), it samples there, and only sampled
+//! blocks and their frees reach the kernel, through probes on its two markers. Those
+//! probes are shared: only processes that map the agent ever hit them.
+//!
+//! Never for every process (`--attach all` is refused with the agent): it loads code
+//! into the processes named, or into suspects for a while each.
+
+use std::{
+    collections::{HashMap, HashSet},
+    path::PathBuf,
+    time::{Duration, Instant},
+};
+
+use anyhow::{Context as _, Result};
+use tracing::{info, warn};
+
+use super::{
+    proc_sampler::ProcSample,
+    selection::{Named, Suspects},
+    Attribution,
+};
+use crate::{agent::session::Session, export::SeriesView, probes::Probes, procfs::ProcRoot, report::Method};
+
+/// How long after its exec a named process gets the agent again: its libraries are
+/// mapped and its allocator's slots bound by then.
+const AFTER_EXEC: Duration = Duration::from_millis(500);
+
+pub enum Coverage {
+    Named(Named),
+    Suspects(Suspects),
+}
+
+pub struct Agent {
+    coverage: Coverage,
+    proc_root: ProcRoot,
+    path: PathBuf,
+    sample_bytes: u64,
+    sessions: HashMap<u32, Session>,
+    /// Processes the agent could not be loaded into: said once, not tried again.
+    refused: HashSet<u32>,
+    /// Named processes that exec'd (the agent went with the old image).
+    execed: HashMap<u32, Instant>,
+}
+
+impl Agent {
+    /// Writes the agent out, probes its markers, and loads it into the processes named.
+    pub fn start(
+        kernel: &mut Probes,
+        coverage: Coverage,
+        proc_root: &ProcRoot,
+        sample_bytes: u64,
+    ) -> Result<Self> {
+        let path = crate::agent::install()?;
+        kernel.attach_agent(None, &path).context("probe the agent's markers")?;
+        let mut source = Self {
+            coverage,
+            proc_root: proc_root.clone(),
+            path,
+            sample_bytes,
+            sessions: HashMap::new(),
+            refused: HashSet::new(),
+            execed: HashMap::new(),
+        };
+        if let Coverage::Named(named) = &source.coverage {
+            for pid in named.now(proc_root) {
+                source.load(kernel, pid);
+            }
+        }
+        Ok(source)
+    }
+
+    /// Traces `pid` and loads the agent into it; a process that cannot take it gets
+    /// one line, is untraced and is not tried again. Whether it is loaded.
+    fn load(&mut self, kernel: &mut Probes, pid: u32) -> bool {
+        if self.sessions.contains_key(&pid) || self.refused.contains(&pid) {
+            return self.sessions.contains_key(&pid);
+        }
+        // Traced first: no sample may fire unrecorded.
+        let loaded = kernel.trace(pid).map_err(anyhow::Error::from).and_then(|()| {
+            tokio::task::block_in_place(|| Session::start(pid, &self.path, self.sample_bytes))
+        });
+        match loaded {
+            Ok((session, slots)) => {
+                info!(pid, slots, sample_bytes = self.sample_bytes, "agent loaded");
+                self.sessions.insert(pid, session);
+                true
+            }
+            Err(e) => {
+                warn!(pid, "load the agent: {e:#}");
+                self.refused.insert(pid);
+                let _ = kernel.detach_process(pid);
+                false
+            }
+        }
+    }
+
+    /// Undoes the agent's redirections in `pid` and drops what was counted for it.
+    fn unload(&mut self, kernel: &mut Probes, pid: u32) {
+        if let Some(session) = self.sessions.remove(&pid) {
+            match tokio::task::block_in_place(|| session.stop()) {
+                Ok(slots) => info!(pid, slots, "agent stopped"),
+                Err(e) => warn!(pid, "stop the agent: {e:#}"),
+            }
+        }
+        if let Err(e) = kernel.detach_process(pid) {
+            warn!(pid, "stop tracing: {e:#}");
+        }
+    }
+}
+
+impl Attribution for Agent {
+    fn method(&self) -> Method {
+        Method::Agent
+    }
+
+    fn sampled(&mut self, kernel: &mut Probes, procs: &[ProcSample]) {
+        let Coverage::Named(named) = &self.coverage else { return };
+        let mut due: Vec<u32> =
+            self.execed.iter().filter(|(_, at)| at.elapsed() >= AFTER_EXEC).map(|(pid, _)| *pid).collect();
+        self.execed.retain(|pid, _| !due.contains(pid));
+        if named.open_ended() {
+            due.extend(named.among(procs).into_iter().filter(|pid| !self.sessions.contains_key(pid)));
+        }
+        for pid in due {
+            if self.proc_root.running(pid) {
+                self.load(kernel, pid);
+            }
+        }
+    }
+
+    fn analysed(&mut self, kernel: &mut Probes, views: &[SeriesView]) {
+        let Coverage::Suspects(suspects) = &mut self.coverage else { return };
+        let expired = suspects.expired(&self.proc_root);
+        let candidates: Vec<(u32, String, String)> = suspects
+            .candidates(views)
+            .into_iter()
+            .map(|(pid, v)| (pid, v.service.clone(), v.comm.clone()))
+            .collect();
+        for pid in expired {
+            self.unload(kernel, pid);
+            info!(pid, "allocation attribution ended");
+        }
+        for (pid, service, comm) in candidates {
+            let loaded = self.load(kernel, pid);
+            let Coverage::Suspects(suspects) = &mut self.coverage else { unreachable!() };
+            if loaded {
+                info!(pid, service = %service, comm = %comm, "attributing the allocations of a suspect, in-process");
+                suspects.started(pid);
+            } else {
+                suspects.refused(pid);
+            }
+        }
+    }
+
+    fn exec(&mut self, pid: u32) {
+        // The agent went with the old image; the guardian finds nothing to undo.
+        if self.sessions.remove(&pid).is_some() && matches!(self.coverage, Coverage::Named(_)) {
+            self.execed.insert(pid, Instant::now());
+        }
+    }
+
+    fn rescan(&mut self, _kernel: &mut Probes) {}
+
+    fn reselect(&mut self, kernel: &mut Probes, next: Named) {
+        let Coverage::Named(named) = &self.coverage else { return };
+        let added: Vec<u32> = next.pids.iter().filter(|pid| !named.pids.contains(pid)).copied().collect();
+        let removed: Vec<u32> = named.pids.iter().filter(|pid| !next.pids.contains(pid)).copied().collect();
+        self.coverage = Coverage::Named(next);
+        for pid in removed {
+            self.unload(kernel, pid);
+            info!(pid, "no longer traced");
+        }
+        for pid in added {
+            self.refused.remove(&pid);
+            self.load(kernel, pid);
+        }
+    }
+
+    fn allocator(&self, _pid: u32) -> Option<&'static str> {
+        None
+    }
+
+    fn forget(&mut self, gone: &dyn Fn(u32) -> bool) {
+        // A guardian whose process is gone has nothing to undo and ends.
+        self.sessions.retain(|pid, _| !gone(*pid));
+        self.refused.retain(|pid| !gone(*pid));
+        self.execed.retain(|pid, _| !gone(*pid));
+    }
+
+    fn shutdown(&mut self, kernel: &mut Probes) {
+        let pids: Vec<u32> = self.sessions.keys().copied().collect();
+        for pid in pids {
+            self.unload(kernel, pid);
+        }
+    }
+}

@@ -1,0 +1,146 @@
+//! Which processes get their allocations attributed: those named on the command line
+//! or in the config, or the suspects the analysis flags, each for a bounded time.
+
+use std::{
+    collections::{HashMap, HashSet},
+    time::{Duration, Instant},
+};
+
+use super::proc_sampler::{self, ProcSample};
+use crate::{export::SeriesView, procfs::ProcRoot};
+
+/// Processes named by pid, by name (`comm`) or by cgroup (that one or below it).
+#[derive(Clone, Debug, Default, PartialEq, Eq)]
+pub struct Named {
+    pub pids: Vec<u32>,
+    pub comms: Vec<String>,
+    pub cgroups: Vec<String>,
+}
+
+impl Named {
+    /// Whether names or cgroups select processes that may start later.
+    pub fn open_ended(&self) -> bool {
+        !(self.comms.is_empty() && self.cgroups.is_empty())
+    }
+
+    /// The processes named, among `procs` for names and cgroups; never leakmon itself.
+    pub fn among(&self, procs: &[ProcSample]) -> Vec<u32> {
+        let mut pids = self.pids.clone();
+        let in_cgroup = |path: &str| {
+            self.cgroups.iter().any(|c| {
+                let c = c.trim_end_matches('/');
+                path == c || path.starts_with(&format!("{c}/"))
+            })
+        };
+        pids.extend(
+            procs.iter().filter(|p| self.comms.contains(&p.comm) || in_cgroup(&p.identity)).map(|p| p.pid),
+        );
+        pids.retain(|&p| p != std::process::id());
+        pids.sort_unstable();
+        pids.dedup();
+        pids
+    }
+
+    /// The processes named, as /proc shows them now.
+    pub fn now(&self, proc_root: &ProcRoot) -> Vec<u32> {
+        if self.open_ended() {
+            self.among(&proc_sampler::sample_all(proc_root))
+        } else {
+            self.among(&[])
+        }
+    }
+}
+
+/// `--attach suspects`: which processes are attributed, since when, and which had
+/// their turn. A process is attributed once, for `duration`, and at most `max` at once.
+pub struct Suspects {
+    active: HashMap<u32, Instant>,
+    done: HashSet<u32>,
+    duration: Duration,
+    max: usize,
+}
+
+impl Suspects {
+    pub fn new(duration: Duration, max: usize) -> Self {
+        Self { active: HashMap::new(), done: HashSet::new(), duration, max }
+    }
+
+    /// The attributions that end now: their time is up or the process is gone.
+    pub fn expired(&mut self, proc_root: &ProcRoot) -> Vec<u32> {
+        let expired: Vec<u32> = self
+            .active
+            .iter()
+            .filter(|(pid, since)| since.elapsed() >= self.duration || !proc_root.exists(**pid))
+            .map(|(pid, _)| *pid)
+            .collect();
+        for pid in &expired {
+            self.active.remove(pid);
+            self.done.insert(*pid);
+        }
+        expired
+    }
+
+    /// Processes of series suspected on resident memory that may start now, with
+    /// their series, within the budget; each must then be [`Suspects::started`] or
+    /// [`Suspects::refused`].
+    pub fn candidates<'v>(&self, views: &'v [SeriesView]) -> Vec<(u32, &'v SeriesView)> {
+        let mut out = Vec::new();
+        for v in views.iter().filter(|v| v.suspected && v.signal == "anon") {
+            for &pid in &v.pids {
+                if self.active.len() + out.len() >= self.max
+                    || self.active.contains_key(&pid)
+                    || self.done.contains(&pid)
+                    || out.iter().any(|(p, _)| *p == pid)
+                {
+                    continue;
+                }
+                out.push((pid, v));
+            }
+        }
+        out
+    }
+
+    pub fn started(&mut self, pid: u32) {
+        self.active.insert(pid, Instant::now());
+    }
+
+    /// Nothing to attribute in `pid`, or it cannot be: not tried again.
+    pub fn refused(&mut self, pid: u32) {
+        self.done.insert(pid);
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn names_and_cgroups_select_among_the_sampled() {
+        let named = Named {
+            pids: vec![7],
+            comms: vec!["redis".into()],
+            cgroups: vec!["/system.slice/a.service/".into()],
+        };
+        let proc = |pid, comm: &str, identity: &str| ProcSample {
+            pid,
+            start: 0,
+            comm: comm.into(),
+            service: String::new(),
+            cgroup: proc_sampler::MemCgroup::default(),
+            identity: identity.into(),
+            rss_bytes: 0,
+            anon_bytes: 0,
+            swap_bytes: 0,
+            file_bytes: 0,
+            shmem_bytes: 0,
+        };
+        let procs = [
+            proc(1, "redis", "/"),
+            proc(2, "nginx", "/system.slice/a.service"),
+            proc(3, "nginx", "/system.slice/a.service/x"),
+            proc(4, "nginx", "/system.slice/ab.service"),
+        ];
+        assert_eq!(named.among(&procs), [1, 2, 3, 7]);
+        assert!(named.open_ended());
+    }
+}

@@ -1,0 +1,212 @@
+//! Attribution by uprobes on the allocator functions: every call of an attributed
+//! process traps into the kernel, which records it exactly (or samples it with
+//! `--sample-bytes`, trap still taken).
+//!
+//! Everyone (`--attach all`) and named processes (`--attach pids`) share probes on the
+//! allocator files, which the kernel fires for traced processes only; a suspect gets
+//! probes of its own, in its process alone, so nobody else pays.
+
+use std::{
+    collections::HashMap,
+    path::PathBuf,
+    time::{Duration, Instant},
+};
+
+use anyhow::Result;
+use tracing::{info, warn};
+
+use super::{
+    proc_sampler::ProcSample,
+    selection::{Named, Suspects},
+    Attribution,
+};
+use crate::{
+    discovery::Discovery,
+    export::SeriesView,
+    probes::{targets::Allocator, Probes},
+    procfs::ProcRoot,
+    report::Method,
+};
+
+/// How long after its exec a process's mappings are read for allocator files: by then
+/// the dynamic linker has mapped its libraries and preloads.
+const AFTER_EXEC: Duration = Duration::from_millis(100);
+
+pub enum Coverage {
+    All,
+    Named(Named),
+    Suspects(Suspects),
+}
+
+pub struct Uprobes {
+    coverage: Coverage,
+    discovery: Discovery,
+    /// The allocator each process's malloc reaches, as last read from its mappings.
+    allocators: HashMap<u32, Allocator>,
+    /// Processes that exec'd, to read for allocator files once their libraries are in.
+    execed: HashMap<u32, Instant>,
+}
+
+impl Uprobes {
+    /// Attaches to the allocator files of the processes covered now, and traces the
+    /// named ones.
+    pub fn start(kernel: &mut Probes, coverage: Coverage, proc_root: &ProcRoot) -> Result<Self> {
+        let mut source = Self {
+            coverage,
+            discovery: Discovery::new(proc_root.clone()),
+            allocators: HashMap::new(),
+            execed: HashMap::new(),
+        };
+        if source.shares_probes() {
+            let files = source.files();
+            kernel.attach_libraries(files)?;
+            if let Coverage::Named(named) = &source.coverage {
+                for pid in named.now(proc_root) {
+                    kernel.trace(pid)?;
+                }
+            }
+        }
+        Ok(source)
+    }
+
+    /// Whether processes share probes on allocator files (everyone, named ones).
+    fn shares_probes(&self) -> bool {
+        !matches!(self.coverage, Coverage::Suspects(_))
+    }
+
+    /// The allocator files to attach to: every process's, or the named ones' (those
+    /// started later are read after their exec), and the host's. Records each scanned
+    /// process's allocator.
+    fn files(&mut self) -> Vec<PathBuf> {
+        let mut libs = Vec::new();
+        match &self.coverage {
+            Coverage::All => {
+                let (files, found) = self.discovery.all();
+                libs.extend(files);
+                self.allocators = found;
+            }
+            Coverage::Named(named) => {
+                for pid in named.now(self.discovery.proc_root()) {
+                    let found = self.discovery.process(pid);
+                    libs.extend(found.files);
+                    if let Some(a) = found.allocator {
+                        self.allocators.insert(pid, a);
+                    }
+                }
+            }
+            Coverage::Suspects(_) => {}
+        }
+        libs.extend(self.discovery.host_libraries());
+        libs
+    }
+}
+
+impl Attribution for Uprobes {
+    fn method(&self) -> Method {
+        Method::Uprobes
+    }
+
+    fn sampled(&mut self, kernel: &mut Probes, procs: &[ProcSample]) {
+        if self.shares_probes() {
+            // New images: a static allocator in the executable, a preloaded one.
+            let due: Vec<u32> = self
+                .execed
+                .iter()
+                .filter(|(_, at)| at.elapsed() >= AFTER_EXEC)
+                .map(|(pid, _)| *pid)
+                .collect();
+            for pid in due {
+                self.execed.remove(&pid);
+                let found = self.discovery.process(pid);
+                match found.allocator {
+                    Some(a) => self.allocators.insert(pid, a),
+                    None => self.allocators.remove(&pid),
+                };
+                if let Err(e) = kernel.attach_libraries(found.files) {
+                    warn!(pid, "attach to a new image's allocator: {e:#}");
+                }
+            }
+        }
+        if let Coverage::Named(named) = &self.coverage {
+            if named.open_ended() {
+                // Processes matching --comm/--cgroup that started since the last turn.
+                let new: Vec<u32> =
+                    named.among(procs).into_iter().filter(|pid| kernel.proc_state(*pid).is_none()).collect();
+                for pid in new {
+                    match kernel.trace(pid) {
+                        Ok(()) => info!(pid, "attributing the allocations of a selected process"),
+                        Err(e) => warn!(pid, "trace: {e:#}"),
+                    }
+                }
+            }
+        }
+    }
+
+    fn analysed(&mut self, kernel: &mut Probes, views: &[SeriesView]) {
+        let Coverage::Suspects(suspects) = &mut self.coverage else { return };
+        for pid in suspects.expired(self.discovery.proc_root()) {
+            match kernel.detach_process(pid) {
+                Ok(()) => info!(pid, "allocation attribution ended"),
+                Err(e) => warn!(pid, "detach: {e:#}"),
+            }
+        }
+        for (pid, v) in suspects.candidates(views) {
+            let libs = self.discovery.process(pid).files;
+            match kernel.attach_process(pid, &libs) {
+                Ok(n) if n > 0 => {
+                    info!(pid, service = %v.service, comm = %v.comm, probes = n, "attributing the allocations of a suspect");
+                    suspects.started(pid);
+                }
+                Ok(_) => suspects.refused(pid),
+                Err(e) => {
+                    warn!(pid, "attach to suspect: {e:#}");
+                    suspects.refused(pid);
+                }
+            }
+        }
+    }
+
+    fn exec(&mut self, pid: u32) {
+        if self.shares_probes() {
+            self.execed.insert(pid, Instant::now());
+        }
+    }
+
+    fn rescan(&mut self, kernel: &mut Probes) {
+        if self.shares_probes() {
+            let files = self.files();
+            if let Err(e) = kernel.attach_libraries(files) {
+                warn!("attach to new libraries: {e:#}");
+            }
+        }
+    }
+
+    fn reselect(&mut self, kernel: &mut Probes, next: Named) {
+        let Coverage::Named(named) = &mut self.coverage else { return };
+        for pid in next.pids.iter().filter(|pid| !named.pids.contains(pid)) {
+            if let Err(e) = kernel.trace(*pid) {
+                warn!(pid, "trace: {e:#}");
+            }
+        }
+        // A pid taken off the list stops being traced, and what was counted for it
+        // goes (its children, traced on their own, stay).
+        for pid in named.pids.iter().filter(|pid| !next.pids.contains(pid)) {
+            match kernel.detach_process(*pid) {
+                Ok(()) => info!(pid, "no longer traced"),
+                Err(e) => warn!(pid, "stop tracing: {e:#}"),
+            }
+        }
+        *named = next;
+    }
+
+    fn allocator(&self, pid: u32) -> Option<&'static str> {
+        self.allocators.get(&pid).map(|a| a.name())
+    }
+
+    fn forget(&mut self, gone: &dyn Fn(u32) -> bool) {
+        self.allocators.retain(|pid, _| !gone(*pid));
+        self.execed.retain(|pid, _| !gone(*pid));
+    }
+
+    fn shutdown(&mut self, _kernel: &mut Probes) {}
+}

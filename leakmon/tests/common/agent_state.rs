@@ -1,0 +1,85 @@
+//! The state of a process the agent is loaded into, read from outside: its GOT
+//! slots, its tracer, its mappings, its guardian.
+
+use std::{
+    os::unix::fs::FileExt as _,
+    time::{Duration, Instant},
+};
+
+/// The address of `symbol`'s GOT slot in the running executable `pid` (a PIE).
+pub fn got_slot(pid: u32, exe: &std::path::Path, symbol: &str) -> u64 {
+    use object::{Object as _, ObjectSymbol as _};
+    let data = std::fs::read(exe).expect("read the fixture");
+    let file = object::File::parse(&*data).expect("parse the fixture");
+    let index = file
+        .dynamic_symbols()
+        .find(|s| s.name() == Ok(symbol))
+        .map(|s| s.index())
+        .unwrap_or_else(|| panic!("{symbol} is not imported"));
+    let offset = file
+        .dynamic_relocations()
+        .expect("relocations")
+        .find(|(_, r)| r.target() == object::RelocationTarget::Symbol(index))
+        .map(|(offset, _)| offset)
+        .expect("a relocation for the symbol");
+    let maps = std::fs::read_to_string(format!("/proc/{pid}/maps")).expect("maps");
+    let base = maps
+        .lines()
+        .find(|l| l.ends_with(exe.to_str().expect("utf-8 path")))
+        .and_then(|l| u64::from_str_radix(l.split('-').next()?, 16).ok())
+        .expect("the executable's first mapping");
+    base + offset
+}
+
+pub fn read_u64(pid: u32, addr: u64) -> u64 {
+    let mem = std::fs::File::open(format!("/proc/{pid}/mem")).expect("open mem");
+    let mut bytes = [0u8; 8];
+    mem.read_exact_at(&mut bytes, addr).expect("read mem");
+    u64::from_le_bytes(bytes)
+}
+
+pub fn agent_mapped(pid: u32) -> bool {
+    std::fs::read_to_string(format!("/proc/{pid}/maps")).expect("maps").contains("leakmon-agent-")
+}
+
+pub fn tracer_of(pid: u32) -> String {
+    let status = std::fs::read_to_string(format!("/proc/{pid}/status")).expect("status");
+    status.lines().find_map(|l| l.strip_prefix("TracerPid:")).expect("TracerPid").trim().to_owned()
+}
+
+/// Whether a guardian (`leakmon agent-session`) for `pid` is still running.
+pub fn guardian_of(pid: u32) -> Option<u32> {
+    std::fs::read_dir("/proc").expect("/proc").flatten().find_map(|e| {
+        let other: u32 = e.file_name().to_str()?.parse().ok()?;
+        let cmdline = std::fs::read(e.path().join("cmdline")).ok()?;
+        let args: Vec<&[u8]> = cmdline.split(|b| *b == 0).collect();
+        let ours = args.iter().any(|a| *a == b"agent-session")
+            && args.windows(2).any(|w| w[0] == b"--pid" && w[1] == pid.to_string().as_bytes());
+        ours.then_some(other)
+    })
+}
+
+/// Waits until `pid` is back as it was before any load: untraced, `malloc`'s slot
+/// holding `original`, no guardian left, not stopped.
+pub fn wait_restored(pid: u32, slot: u64, original: u64) {
+    let deadline = Instant::now() + Duration::from_secs(20);
+    loop {
+        let state = std::fs::read_to_string(format!("/proc/{pid}/stat")).expect("stat");
+        let state = state.rsplit(") ").next().and_then(|s| s.split(' ').next()).unwrap_or("?").to_owned();
+        let restored = tracer_of(pid) == "0"
+            && read_u64(pid, slot) == original
+            && guardian_of(pid).is_none()
+            && (state == "S" || state == "R");
+        if restored {
+            return;
+        }
+        assert!(
+            Instant::now() < deadline,
+            "pid {pid} not restored: tracer {}, slot {:#x} (was {original:#x}), guardian {:?}, state {state}",
+            tracer_of(pid),
+            read_u64(pid, slot),
+            guardian_of(pid)
+        );
+        std::thread::sleep(Duration::from_millis(20));
+    }
+}
