@@ -14,7 +14,7 @@ use std::{
 };
 
 use common::{
-    agent_state::{agent_mapped, got_slot, read_u64, tracer_of, wait_restored},
+    agent_state::{agent_mapped, got_slot, guardian_of, read_u64, tracer_of, wait_restored, AgentTarget},
     build_fixture, by_function, finish_report, leakmon, parse_report, processes, sampling_variance,
     watch_pid_with, Reap, LEAKS,
 };
@@ -29,21 +29,15 @@ fn signal(pid: u32, signal: Signal) {
 
 #[test]
 fn a_running_process_is_sampled_in_process_and_left_as_it_was() {
-    let fixture = build_fixture("agent_target.c", &[]);
-    let mut target = Reap(Command::new(&fixture).stdout(Stdio::piped()).spawn().expect("start the fixture"));
-    let pid = target.0.id();
-    let mut lines = BufReader::new(target.0.stdout.take().expect("stdout")).lines();
-    assert_eq!(lines.next().expect("a line").expect("read"), "ready");
-    let slot = got_slot(pid, &fixture, "malloc");
-    let original = read_u64(pid, slot);
+    let mut target = AgentTarget::start();
+    let (pid, slot, original) = (target.pid, target.slot, target.original);
 
     let (report, stderr) = watch_pid_with(pid, "8", &["--agent", "--sample-bytes", "4KiB"]);
     // Loaded: malloc's slot now leads into the agent.
     assert!(agent_mapped(pid), "the agent is mapped");
     assert_ne!(read_u64(pid, slot), original, "malloc's GOT slot is redirected");
     assert_eq!(tracer_of(pid), report.id().to_string(), "only report's own tracer holds it while watching");
-    signal(pid, Signal::SIGUSR1);
-    assert_eq!(lines.next().expect("a line").expect("read"), "leaked 1");
+    target.leak();
     let json = finish_report(report, stderr);
     assert_eq!(json["method"], "agent");
     assert_eq!(json["sample_bytes"], 4096);
@@ -70,8 +64,7 @@ fn a_running_process_is_sampled_in_process_and_left_as_it_was() {
     // Gone: the slot holds what it held, nobody traces the process, and it works.
     assert_eq!(read_u64(pid, slot), original, "malloc's GOT slot is restored");
     assert_eq!(tracer_of(pid), "0");
-    signal(pid, Signal::SIGUSR1);
-    assert_eq!(lines.next().expect("a line").expect("read"), "leaked 2");
+    target.leak();
     eprintln!("leak_small_blocks {small} (sigma {sigma:.0}), churn {churn}, {got:?}");
 }
 
@@ -194,14 +187,8 @@ fn a_process_under_a_debugger_is_refused_in_one_line() {
 /// process comes back as it was (every slot restored, untraced, running) and works.
 #[test]
 fn leakmon_killed_mid_load_or_while_loaded_leaves_the_process_as_it_was() {
-    let fixture = build_fixture("agent_target.c", &[]);
-    let mut target = Reap(Command::new(&fixture).stdout(Stdio::piped()).spawn().expect("start the fixture"));
-    let pid = target.0.id();
-    let mut lines = BufReader::new(target.0.stdout.take().expect("stdout")).lines();
-    assert_eq!(lines.next().expect("a line").expect("read"), "ready");
-    let slot = got_slot(pid, &fixture, "malloc");
-    let original = read_u64(pid, slot);
-    let mut leaked = 0;
+    let mut target = AgentTarget::start();
+    let (pid, slot, original) = (target.pid, target.slot, target.original);
     for moment in ["mid-load", "while watching", "at once"] {
         let mut report = Reap(
             leakmon()
@@ -223,16 +210,14 @@ fn leakmon_killed_mid_load_or_while_loaded_leaves_the_process_as_it_was() {
         );
         let leakmon_pid = report.0.id();
         match moment {
-            // The first tracer that is not leakmon itself is the guardian, loading.
+            // The guardian is loading from its start: leakmon dies as soon as it exists.
+            // (Its ptrace holds last a millisecond each, between which the borrowed
+            // thread runs dlopen on its own: watching for them would miss most.)
             "mid-load" => {
                 let deadline = Instant::now() + Duration::from_secs(20);
-                loop {
-                    let tracer = tracer_of(pid);
-                    if tracer != "0" && tracer != leakmon_pid.to_string() {
-                        break;
-                    }
-                    assert!(Instant::now() < deadline, "no guardian ever traced pid {pid}");
-                    std::thread::sleep(Duration::from_micros(200));
+                while guardian_of(pid).is_none() {
+                    assert!(Instant::now() < deadline, "no guardian was started for pid {pid}");
+                    assert!(report.0.try_wait().expect("poll leakmon").is_none(), "leakmon ended early");
                 }
             }
             "while watching" => {
@@ -249,14 +234,8 @@ fn leakmon_killed_mid_load_or_while_loaded_leaves_the_process_as_it_was() {
         }
         signal(leakmon_pid, Signal::SIGKILL);
         report.0.wait().expect("reap leakmon");
-        wait_restored(pid, slot, original);
-        signal(pid, Signal::SIGUSR1);
-        leaked += 1;
-        assert_eq!(
-            lines.next().expect("a line").expect("read"),
-            format!("leaked {leaked}"),
-            "after {moment}"
-        );
+        target.wait_restored();
+        target.leak();
     }
 }
 

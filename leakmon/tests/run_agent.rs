@@ -6,13 +6,12 @@
 mod common;
 
 use std::{
-    io::{BufRead as _, BufReader},
     process::{Command, Stdio},
     time::{Duration, Instant},
 };
 
 use common::{
-    agent_state::{agent_mapped, got_slot, read_u64, tracer_of, wait_restored},
+    agent_state::{agent_mapped, read_u64, tracer_of, AgentTarget},
     build_fixture, http_get, leakmon, Reap,
 };
 use nix::{sys::signal::Signal, unistd::Pid};
@@ -64,13 +63,8 @@ fn heap_stack(listen: &str, comm: &str, found: impl Fn(&Value) -> bool, within: 
 #[test]
 fn a_named_process_is_attributed_in_process_and_restored_when_the_daemon_stops() {
     const LISTEN: &str = "127.0.0.1:19496";
-    let fixture = build_fixture("agent_target.c", &[]);
-    let mut target = Reap(Command::new(&fixture).stdout(Stdio::piped()).spawn().expect("start the fixture"));
-    let pid = target.0.id();
-    let mut lines = BufReader::new(target.0.stdout.take().expect("stdout")).lines();
-    assert_eq!(lines.next().expect("a line").expect("read"), "ready");
-    let slot = got_slot(pid, &fixture, "malloc");
-    let original = read_u64(pid, slot);
+    let mut target = AgentTarget::start();
+    let (pid, slot, original) = (target.pid, target.slot, target.original);
 
     let mut daemon = Reap(
         leakmon()
@@ -87,8 +81,7 @@ fn a_named_process_is_attributed_in_process_and_restored_when_the_daemon_stops()
         std::thread::sleep(Duration::from_millis(50));
     }
     assert_eq!(tracer_of(pid), "0", "loaded, and nobody holds the process");
-    signal(pid, Signal::SIGUSR1);
-    assert_eq!(lines.next().expect("a line").expect("read"), "leaked 1");
+    target.leak();
     let big =
         heap_stack(LISTEN, "agent_target", |s| s["function"] == "leak_big_block", Duration::from_secs(20));
     assert_eq!((big["bytes"].as_u64(), big["allocations"].as_u64()), (Some(1_048_576), Some(1)), "{big:#}");
@@ -96,9 +89,8 @@ fn a_named_process_is_attributed_in_process_and_restored_when_the_daemon_stops()
 
     signal(daemon.0.id(), Signal::SIGTERM);
     assert!(daemon.0.wait().expect("wait leakmon").success(), "the daemon stops cleanly");
-    wait_restored(pid, slot, original);
-    signal(pid, Signal::SIGUSR1);
-    assert_eq!(lines.next().expect("a line").expect("read"), "leaked 2");
+    target.wait_restored();
+    target.leak();
 }
 
 /// A process whose resident memory grows steadily gets the agent for the suspect

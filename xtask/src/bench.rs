@@ -4,8 +4,9 @@
 //! Conditions: no probes; the naive uprobe floor (bpftrace probes on malloc's entry and
 //! return and on free that only count); a memleak-equivalent bpftrace script (bcc's
 //! memleak cannot run without kernel headers); heaptrack (`LD_PRELOAD`, no traps); and
-//! leakmon: `report` tracing the workload, the daemon with `--attach all`, and the
-//! daemon with `--attach none` (the always-on tier). Prints a table with medians, the
+//! leakmon: `report` tracing the workload (exact, sampled, and with the in-process
+//! agent at 4 KiB and 512 KiB), the daemon with `--attach all`, and the daemon with
+//! `--attach none` (the always-on tier). Prints a table with medians, the
 //! overhead of each condition over no probes, and leakmon's ratios to the peers, and
 //! writes every figure as JSON under target/bench/.
 
@@ -47,12 +48,14 @@ enum Condition {
     LeakmonReport,
     LeakmonFramePointers,
     LeakmonSampled,
+    LeakmonAgent4K,
+    LeakmonAgent,
     LeakmonAll,
     LeakmonTier0,
 }
 
 impl Condition {
-    const ALL: [Self; 10] = [
+    const ALL: [Self; 12] = [
         Self::None,
         Self::Floor,
         Self::SameTraps,
@@ -61,6 +64,8 @@ impl Condition {
         Self::LeakmonReport,
         Self::LeakmonFramePointers,
         Self::LeakmonSampled,
+        Self::LeakmonAgent4K,
+        Self::LeakmonAgent,
         Self::LeakmonAll,
         Self::LeakmonTier0,
     ];
@@ -75,6 +80,8 @@ impl Condition {
             Self::LeakmonReport => "leakmon report (traced, exact)",
             Self::LeakmonFramePointers => "leakmon report --unwind-rows 0 (fp)",
             Self::LeakmonSampled => "leakmon report --sample-bytes 512KiB",
+            Self::LeakmonAgent4K => "leakmon report --agent --sample-bytes 4KiB",
+            Self::LeakmonAgent => "leakmon report --agent (512KiB)",
             Self::LeakmonAll => "leakmon run --attach all",
             Self::LeakmonTier0 => "leakmon run --attach none",
         }
@@ -90,6 +97,8 @@ impl Condition {
             Self::LeakmonReport => "leakmon_report",
             Self::LeakmonFramePointers => "leakmon_frame_pointers",
             Self::LeakmonSampled => "leakmon_sampled",
+            Self::LeakmonAgent4K => "leakmon_agent_4k",
+            Self::LeakmonAgent => "leakmon_agent_512k",
             Self::LeakmonAll => "leakmon_all",
             Self::LeakmonTier0 => "leakmon_tier0",
         }
@@ -467,11 +476,24 @@ fn measure(s: &Setup, w: Workload, condition: Condition, pairs: u64) -> Result<(
             helper.stop();
             Ok((ns?, None))
         }
-        Condition::LeakmonReport | Condition::LeakmonSampled | Condition::LeakmonFramePointers => {
+        Condition::LeakmonReport
+        | Condition::LeakmonSampled
+        | Condition::LeakmonFramePointers
+        | Condition::LeakmonAgent4K
+        | Condition::LeakmonAgent => {
             let mut cmd = Command::new(&s.leakmon);
             cmd.args(["report", "--format", "json"]);
-            if condition == Condition::LeakmonSampled {
-                cmd.args(["--sample-bytes", "512KiB"]);
+            match condition {
+                Condition::LeakmonSampled => {
+                    cmd.args(["--sample-bytes", "512KiB"]);
+                }
+                Condition::LeakmonAgent4K => {
+                    cmd.args(["--agent", "--sample-bytes", "4KiB"]);
+                }
+                Condition::LeakmonAgent => {
+                    cmd.arg("--agent");
+                }
+                _ => {}
             }
             if condition == Condition::LeakmonFramePointers {
                 cmd.args(["--unwind-rows", "0"]);
@@ -656,6 +678,10 @@ fn report(
         for (name, r, target) in ratios {
             let _ = writeln!(text, "{name:<40} {r:>10.2}   ({target}; overheads, leakmon report)");
         }
+        let agent = over(Condition::LeakmonAgent) / over(Condition::Heaptrack);
+        let agent_4k = over(Condition::LeakmonAgent4K) / over(Condition::Heaptrack);
+        let _ = writeln!(text, "{:<40} {agent:>10.2}   (target <= 1; overheads)", "agent 512KiB / heaptrack");
+        let _ = writeln!(text, "{:<40} {agent_4k:>10.2}   (overheads)", "agent 4KiB / heaptrack");
         let unwind = lm - over(Condition::LeakmonFramePointers);
         let _ = writeln!(
             text,
@@ -664,7 +690,7 @@ fn report(
         );
         let _ = write!(
             json,
-            "    {{\n      \"name\": \"{}\",\n{},\n      \"unwind_ns\": {:.1},\n      \"ratio_memleak\": {:.3},\n      \"ratio_floor\": {:.3},\n      \"ratio_same_traps\": {:.3},\n      \"ratio_heaptrack\": {:.3}\n    }}{}\n",
+            "    {{\n      \"name\": \"{}\",\n{},\n      \"unwind_ns\": {:.1},\n      \"ratio_memleak\": {:.3},\n      \"ratio_floor\": {:.3},\n      \"ratio_same_traps\": {:.3},\n      \"ratio_heaptrack\": {:.3},\n      \"ratio_agent_heaptrack\": {:.3},\n      \"ratio_agent_4k_heaptrack\": {:.3}\n    }}{}\n",
             workload.name,
             entries.join(",\n"),
             lm - over(Condition::LeakmonFramePointers),
@@ -672,6 +698,8 @@ fn report(
             ratios[1].1,
             ratios[2].1,
             ratios[3].1,
+            agent,
+            agent_4k,
             if w + 1 < WORKLOADS.len() { "," } else { "" }
         );
     }

@@ -24,11 +24,19 @@ enum Tool {
     Heaptrack,
     Leakmon,
     LeakmonSampled,
+    LeakmonAgent,
 }
 
 impl Tool {
-    const ALL: [Self; 6] =
-        [Self::None, Self::Floor, Self::Memleak, Self::Heaptrack, Self::Leakmon, Self::LeakmonSampled];
+    const ALL: [Self; 7] = [
+        Self::None,
+        Self::Floor,
+        Self::Memleak,
+        Self::Heaptrack,
+        Self::Leakmon,
+        Self::LeakmonSampled,
+        Self::LeakmonAgent,
+    ];
 
     const fn label(self) -> &'static str {
         match self {
@@ -38,12 +46,15 @@ impl Tool {
             Self::Heaptrack => "heaptrack (LD_PRELOAD, restarted)",
             Self::Leakmon => "leakmon report --pid (exact)",
             Self::LeakmonSampled => "leakmon report --pid --sample-bytes 512KiB",
+            Self::LeakmonAgent => "leakmon report --pid --agent (512KiB)",
         }
     }
 }
 
 struct Run {
     rps: f64,
+    /// The same server again once the tool is gone (the agent's redirections undone).
+    rps_after: Option<f64>,
     /// leakmon's own CPU, in cores, while the load ran.
     tool_cpu: Option<f64>,
 }
@@ -101,9 +112,29 @@ pub fn server(setup: &Setup, rounds: usize) -> Result<()> {
         let _ = writeln!(text, "{name:<44} {r:>12.2}   (added time per request)");
     }
     let _ = writeln!(text, "leakmon's own CPU while tracing redis: {:.1}% of one core", 100.0 * median(&cpu));
+    let after: Vec<f64> = results[&Tool::LeakmonAgent].iter().filter_map(|r| r.rps_after).collect();
+    let agent_ratio = rps(Tool::LeakmonAgent) / base;
+    let after_ratio = median(&after) / base;
+    let _ = writeln!(
+        text,
+        "{:<44} {agent_ratio:>12.3}   (target >= 0.95; medians of {rounds}, alternated with no probes)",
+        "agent / no probes (throughput)"
+    );
+    let _ = writeln!(
+        text,
+        "{:<44} {after_ratio:>12.3}   (after the agent is unloaded)",
+        "after detach / no probes"
+    );
+    let (attributed, top) = agent_attribution(setup)?;
+    let _ = writeln!(
+        text,
+        "agent on redis under random-key SETs for 20 s: {:.1} MB attributed (target >= 20); largest stacks: {}",
+        attributed as f64 / 1e6,
+        top.join(", ")
+    );
     let _ = write!(
         json,
-        "  \"ratio_memleak\": {:.3},\n  \"ratio_floor\": {:.3},\n  \"ratio_heaptrack\": {:.3}\n}}\n",
+        "  \"ratio_memleak\": {:.3},\n  \"ratio_floor\": {:.3},\n  \"ratio_heaptrack\": {:.3},\n  \"agent_throughput_ratio\": {agent_ratio:.3},\n  \"agent_after_detach_ratio\": {after_ratio:.3},\n  \"agent_attributed_bytes_20s\": {attributed}\n}}\n",
         ratios[0].1, ratios[1].1, ratios[2].1
     );
     let walls = report_wall_times(setup, 3)?;
@@ -169,11 +200,14 @@ fn run_once(setup: &Setup, tool: Tool) -> Result<Run> {
             std::thread::sleep(Duration::from_secs(1));
             (Some(helper), None)
         }
-        Tool::Leakmon | Tool::LeakmonSampled => {
+        Tool::Leakmon | Tool::LeakmonSampled | Tool::LeakmonAgent => {
             let mut c = Command::new(&setup.leakmon);
             c.args(["report", "--format", "json", "--pid", &pid.to_string()]).env("RUST_LOG", "info");
             if tool == Tool::LeakmonSampled {
                 c.args(["--sample-bytes", "512KiB"]);
+            }
+            if tool == Tool::LeakmonAgent {
+                c.arg("--agent");
             }
             let helper = Helper::start(c, "watching")?;
             let p = helper.pid();
@@ -182,26 +216,76 @@ fn run_once(setup: &Setup, tool: Tool) -> Result<Run> {
     };
     let cpu_before = tracer_pid.map(cpu_seconds);
     let started = Instant::now();
-    let out = Command::new("redis-benchmark")
-        .arg("-s")
-        .arg(&socket)
-        .args(["-t", "set,get,lpush,lpop", "-n", REQUESTS, "-c", "8", "-r", "100000", "-q", "--csv"])
-        .stderr(Stdio::null())
-        .output()
-        .context("run redis-benchmark")?;
+    let rps = load(&socket);
     let elapsed = started.elapsed().as_secs_f64();
     let tool_cpu = tracer_pid.zip(cpu_before).map(|(p, before)| (cpu_seconds(p) - before) / elapsed);
     if let Some(h) = helper {
         h.stop();
     }
+    let rps_after = if tool == Tool::LeakmonAgent { Some(load(&socket)) } else { None };
     server.kill_group();
+    Ok(Run { rps: rps?, rps_after: rps_after.transpose()?, tool_cpu })
+}
+
+/// One redis-benchmark run on `socket`: the mean of its requests per second.
+fn load(socket: &Path) -> Result<f64> {
+    let out = Command::new("redis-benchmark")
+        .arg("-s")
+        .arg(socket)
+        .args(["-t", "set,get,lpush,lpop", "-n", REQUESTS, "-c", "8", "-r", "100000", "-q", "--csv"])
+        .stderr(Stdio::null())
+        .output()
+        .context("run redis-benchmark")?;
     let text = String::from_utf8_lossy(&out.stdout);
     let rates: Vec<f64> =
         text.lines().filter_map(|l| l.split(',').nth(1)?.trim_matches('"').parse().ok()).collect();
     if rates.is_empty() {
         bail!("redis-benchmark printed no rates: {text}");
     }
-    Ok(Run { rps: rates.iter().sum::<f64>() / rates.len() as f64, tool_cpu })
+    Ok(rates.iter().sum::<f64>() / rates.len() as f64)
+}
+
+/// The agent loaded into a running redis-server while random-key SETs fill it for
+/// 20 s: the bytes attributed, and the allocating functions of the largest stacks
+/// (their innermost frame outside the allocator wrappers).
+fn agent_attribution(setup: &Setup) -> Result<(u64, Vec<String>)> {
+    let (server, pid, socket) = start_redis(setup, "redis-agent", false)?;
+    let mut fill = Command::new("redis-benchmark");
+    fill.arg("-s")
+        .arg(&socket)
+        .args(["-t", "set", "-n", "100000000", "-c", "8", "-r", "10000000", "-d", "64", "-q"])
+        .stdout(Stdio::null())
+        .stderr(Stdio::null());
+    let report = Command::new(&setup.leakmon)
+        .args(["report", "--agent", "--format", "json", "--duration", "20", "--pid", &pid.to_string()])
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .spawn()
+        .context("start leakmon report --agent")?;
+    // The load starts once the agent is in: what is attributed is made while watched.
+    std::thread::sleep(Duration::from_secs(1));
+    let mut fill = fill.spawn().context("start redis-benchmark")?;
+    let out = report.wait_with_output().context("wait for leakmon report")?;
+    let _ = fill.kill();
+    let _ = fill.wait();
+    server.kill_group();
+    if !out.status.success() {
+        bail!("leakmon report --agent failed: {}", String::from_utf8_lossy(&out.stderr));
+    }
+    let json: serde_json::Value = serde_json::from_slice(&out.stdout).context("parse the report")?;
+    let process = json["processes"]
+        .as_array()
+        .and_then(|p| p.iter().find(|p| p["pid"] == pid))
+        .context("redis is not in the report")?;
+    let total = process["outstanding_bytes"].as_u64().unwrap_or(0);
+    let top = process["stacks"]
+        .as_array()
+        .into_iter()
+        .flatten()
+        .take(3)
+        .map(|s| s["site"]["function"].as_str().unwrap_or("??").to_owned())
+        .collect();
+    Ok((total, top))
 }
 
 /// A redis-server of its own in `setup.out/NAME`, on a unix socket, under heaptrack if

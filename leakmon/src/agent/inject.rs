@@ -9,11 +9,13 @@
 //!   them could leave the lock we need with one of them).
 //! - The call runs in a trampoline written into a fresh mapping of the process: it
 //!   saves the extended register state, calls the function, stores the result, restores
-//!   every register and jumps back to where the thread was, on its own. leakmon detaches
-//!   before the call runs and only reads the result afterwards, so a leakmon killed at
-//!   any point after that leaves a process that simply goes on. The short window before
-//!   (one `mmap` run in the thread) is the only one in which a SIGKILLed leakmon leaves
-//!   the borrowed thread at the wrong place.
+//!   every register and jumps back to where the thread was, on its own. The caller
+//!   detaches before the call runs and only reads the result afterwards, so a caller
+//!   killed at any point after that leaves a process that simply goes on. The short
+//!   window before (one `mmap` run in the thread) is the only one in which a SIGKILLed
+//!   caller leaves the borrowed thread at the wrong place; that caller is the agent's
+//!   guardian ([`super::session`]), which ignores the signals that stop leakmon and
+//!   outlives a leakmon that is killed.
 //! - A syscall the thread was interrupted in is restarted as the kernel would have.
 
 use std::{

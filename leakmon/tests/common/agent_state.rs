@@ -83,3 +83,49 @@ pub fn wait_restored(pid: u32, slot: u64, original: u64) {
         std::thread::sleep(Duration::from_millis(20));
     }
 }
+
+/// `agent_target.c` started and ready, with `malloc`'s GOT slot and what it holds
+/// before any load.
+pub struct AgentTarget {
+    pub process: super::Reap,
+    pub pid: u32,
+    pub slot: u64,
+    pub original: u64,
+    lines: std::io::Lines<std::io::BufReader<std::process::ChildStdout>>,
+    leaked: u32,
+}
+
+impl AgentTarget {
+    pub fn start() -> Self {
+        use std::io::BufRead as _;
+        let fixture = super::build_fixture("agent_target.c", &[]);
+        let mut process = super::Reap(
+            std::process::Command::new(&fixture)
+                .stdout(std::process::Stdio::piped())
+                .spawn()
+                .expect("start the fixture"),
+        );
+        let pid = process.0.id();
+        let mut lines = std::io::BufReader::new(process.0.stdout.take().expect("stdout")).lines();
+        assert_eq!(lines.next().expect("a line").expect("read"), "ready");
+        let slot = got_slot(pid, &fixture, "malloc");
+        let original = read_u64(pid, slot);
+        Self { process, pid, slot, original, lines, leaked: 0 }
+    }
+
+    /// Makes it leak once more (SIGUSR1) and waits until it has.
+    pub fn leak(&mut self) {
+        nix::sys::signal::kill(
+            nix::unistd::Pid::from_raw(self.pid as i32),
+            nix::sys::signal::Signal::SIGUSR1,
+        )
+        .expect("signal the fixture");
+        self.leaked += 1;
+        assert_eq!(self.lines.next().expect("a line").expect("read"), format!("leaked {}", self.leaked));
+    }
+
+    /// Waits until it is as it was before any load (see [`wait_restored`]).
+    pub fn wait_restored(&self) {
+        wait_restored(self.pid, self.slot, self.original);
+    }
+}

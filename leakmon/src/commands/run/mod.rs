@@ -166,6 +166,7 @@ struct Daemon<'r> {
     web_in_use: Option<Vec<u8>>,
 }
 
+#[expect(clippy::too_many_lines, reason = "the start-up in its order, then the loop: one branch a line")]
 async fn daemon(args: RunArgs, attach: Attach, proc_root: ProcRoot, reload: Reload<'_>) -> Result<()> {
     // From the first request on, /metrics carries leakmon's own families (build info,
     // process_*, its counters at zero) and the JSON endpoints valid empty documents:
