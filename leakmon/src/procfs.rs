@@ -102,6 +102,18 @@ impl ProcRoot {
         Ok(self.read(pid, "maps")?.lines().filter_map(parse_maps_line).collect())
     }
 
+    /// The value of `key` (`AT_ENTRY`, `AT_BASE`, ...) in the process's auxiliary
+    /// vector, if it has one.
+    pub fn auxv(&self, pid: u32, key: u64) -> Result<Option<u64>, ProcError> {
+        let path = self.0.join(pid.to_string()).join("auxv");
+        let auxv = fs::read(&path).map_err(|source| ProcError::Read { path, source })?;
+        Ok(auxv.chunks_exact(16).find_map(|pair| {
+            let (k, v) = pair.split_at(8);
+            (u64::from_ne_bytes(k.try_into().ok()?) == key)
+                .then(|| u64::from_ne_bytes(v.try_into().expect("8 bytes")))
+        }))
+    }
+
     /// The process's short name (`comm`), without the newline.
     pub fn comm(&self, pid: u32) -> Result<String, ProcError> {
         Ok(self.read(pid, "comm")?.trim_end().to_owned())

@@ -235,9 +235,6 @@ impl Tracer {
 
 /// `AT_ENTRY` of a process's auxiliary vector: where its executable starts.
 fn entry_point(pid: Pid) -> Option<u64> {
-    let auxv = std::fs::read(format!("/proc/{pid}/auxv")).ok()?;
-    auxv.chunks_exact(16).find_map(|pair| {
-        let key = u64::from_ne_bytes(pair[..8].try_into().ok()?);
-        (key == libc::AT_ENTRY).then(|| u64::from_ne_bytes(pair[8..].try_into().expect("8 bytes")))
-    })
+    let pid = u32::try_from(pid.as_raw()).ok()?;
+    crate::procfs::ProcRoot::default().auxv(pid, libc::AT_ENTRY).ok().flatten()
 }

@@ -15,17 +15,13 @@ use std::{
 
 use common::{
     agent_state::{agent_mapped, got_slot, guardian_of, read_u64, tracer_of, wait_restored, AgentTarget},
-    build_fixture, by_function, finish_report, leakmon, parse_report, processes, sampling_variance,
-    watch_pid_with, Reap, LEAKS,
+    build_fixture, by_function, finish_report, leakmon, leaks_sigma, parse_report, processes,
+    sampling_variance, signal, watch_pid_with, Reap, LEAKS,
 };
 use nix::{
     sys::{ptrace, signal::Signal, wait::waitpid},
     unistd::Pid,
 };
-
-fn signal(pid: u32, signal: Signal) {
-    nix::sys::signal::kill(Pid::from_raw(pid as i32), signal).expect("signal the fixture");
-}
 
 #[test]
 fn a_running_process_is_sampled_in_process_and_left_as_it_was() {
@@ -80,11 +76,7 @@ fn a_command_with_the_agent_preloaded_reports_leaks_within_the_sampling_spread()
     let rate = 4096.0;
     let fixture = build_fixture("leaks.c", &[]);
     let exact_total: u64 = LEAKS.iter().map(|(_, bytes, _)| bytes).sum();
-    let sigma = LEAKS
-        .iter()
-        .map(|&(_, bytes, n)| sampling_variance(n as f64, bytes as f64 / n as f64, rate))
-        .sum::<f64>()
-        .sqrt();
+    let sigma = leaks_sigma(rate);
     let mut sums: std::collections::BTreeMap<String, f64> = std::collections::BTreeMap::new();
     let mut totals = Vec::new();
     for _ in 0..RUNS {

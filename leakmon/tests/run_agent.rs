@@ -12,14 +12,10 @@ use std::{
 
 use common::{
     agent_state::{agent_mapped, read_u64, tracer_of, AgentTarget},
-    build_fixture, http_get, leakmon, Reap,
+    build_fixture, http_get, leakmon, signal, Reap,
 };
-use nix::{sys::signal::Signal, unistd::Pid};
+use nix::sys::signal::Signal;
 use serde_json::Value;
-
-fn signal(pid: u32, signal: Signal) {
-    nix::sys::signal::kill(Pid::from_raw(pid as i32), signal).expect("signal");
-}
 
 fn wait_up(listen: &str) {
     let up = Instant::now();

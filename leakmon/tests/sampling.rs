@@ -5,7 +5,9 @@
 
 mod common;
 
-use common::{build_fixture, by_function, leakmon, parse_report, processes, sampling_variance, LEAKS};
+use common::{
+    build_fixture, by_function, leakmon, leaks_sigma, parse_report, processes, sampling_variance, LEAKS,
+};
 
 fn sampled_report(rate: u64) -> serde_json::Value {
     let fixture = build_fixture("leaks.c", &[]);
@@ -21,11 +23,7 @@ fn sampled_report(rate: u64) -> serde_json::Value {
 fn sampled_totals_are_unbiased_within_their_predicted_spread() {
     let rate = 4096.0;
     let exact_total: u64 = LEAKS.iter().map(|(_, bytes, _)| bytes).sum();
-    let sigma = LEAKS
-        .iter()
-        .map(|&(_, bytes, n)| sampling_variance(n as f64, bytes as f64 / n as f64, rate))
-        .sum::<f64>()
-        .sqrt();
+    let sigma = leaks_sigma(rate);
     let mut estimates = Vec::new();
     for _ in 0..3 {
         let report = sampled_report(4096);

@@ -522,12 +522,9 @@ pub fn unload(proc_root: &ProcRoot, pid: u32, agent: &Path) -> Result<u64> {
 /// Refuses a process without glibc's dynamic loader: a statically linked program (its
 /// own copy of the C library would meet the agent's), or one of another C library.
 fn glibc_loader(proc_root: &ProcRoot, pid: u32, maps: &[Mapping]) -> Result<()> {
-    let auxv = std::fs::read(proc_root.path().join(pid.to_string()).join("auxv"))
+    let base = proc_root
+        .auxv(pid, libc::AT_BASE)
         .with_context(|| format!("read the auxiliary vector of pid {pid}"))?;
-    let base = auxv.chunks_exact(16).find_map(|pair| {
-        let key = u64::from_ne_bytes(pair[..8].try_into().ok()?);
-        (key == libc::AT_BASE).then(|| u64::from_ne_bytes(pair[8..].try_into().expect("8 bytes")))
-    });
     let Some(base) = base.filter(|b| *b != 0) else {
         bail!("pid {pid} is statically linked: there is no dynamic loader to load the agent with");
     };

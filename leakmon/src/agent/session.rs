@@ -80,9 +80,9 @@ impl Session {
         if let Some(why) = line.strip_prefix("error ") {
             bail!("{why}");
         }
-        line.strip_prefix(word).and_then(|n| n.trim().parse().ok()).ok_or_else(|| {
-            anyhow!("the agent's guardian ended without a word (pid {} untouched or restored)", self.pid)
-        })
+        line.strip_prefix(word)
+            .and_then(|n| n.trim().parse().ok())
+            .ok_or_else(|| anyhow!("the agent's guardian for pid {} ended without answering", self.pid))
     }
 }
 

@@ -148,14 +148,6 @@ pub(crate) fn capture(
     }
 }
 
-/// Attaches to each allocator file of `libraries` (see [`Probes::attach_libraries`]).
-pub(crate) fn attach_all(
-    probes: &mut Probes,
-    libraries: impl IntoIterator<Item = std::path::PathBuf>,
-) -> Result<usize> {
-    probes.attach_libraries(libraries).map_err(|e| anyhow!(e))
-}
-
 static SIGNALS: AtomicUsize = AtomicUsize::new(0);
 
 extern "C" fn on_signal(_: libc::c_int) {

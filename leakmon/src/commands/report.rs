@@ -10,7 +10,7 @@ use std::{
 use anyhow::{bail, Context as _, Result};
 use tracing::{info, warn};
 
-use super::{attach_all, capture, count_signals, load_probes, refresh_unwind, report_of, signals_received};
+use super::{capture, count_signals, load_probes, refresh_unwind, report_of, signals_received};
 use crate::{
     agent::session::Session,
     cli::{Format, ReportArgs},
@@ -49,7 +49,7 @@ pub fn report(args: &ReportArgs) -> Result<()> {
         } else if per_process {
             probes.attach_process(pid, &files)?;
         } else {
-            attach_all(probes, files)?;
+            probes.attach_libraries(files)?;
         }
         Ok(())
     };

@@ -58,12 +58,10 @@ impl Uprobes {
             execed: HashMap::new(),
         };
         if source.shares_probes() {
-            let files = source.files();
-            kernel.attach_libraries(files)?;
-            if let Coverage::Named(named) = &source.coverage {
-                for pid in named.now(proc_root) {
-                    kernel.trace(pid)?;
-                }
+            let named = source.named_now();
+            kernel.attach_libraries(source.files(&named))?;
+            for pid in named {
+                kernel.trace(pid)?;
             }
         }
         Ok(source)
@@ -74,27 +72,30 @@ impl Uprobes {
         !matches!(self.coverage, Coverage::Suspects(_))
     }
 
-    /// The allocator files to attach to: every process's, or the named ones' (those
+    /// The processes named, as /proc shows them now (none unless named).
+    fn named_now(&self) -> Vec<u32> {
+        match &self.coverage {
+            Coverage::Named(named) => named.now(self.discovery.proc_root()),
+            Coverage::All | Coverage::Suspects(_) => Vec::new(),
+        }
+    }
+
+    /// The allocator files to attach to: every process's, or the `named` ones' (those
     /// started later are read after their exec), and the host's. Records each scanned
     /// process's allocator.
-    fn files(&mut self) -> Vec<PathBuf> {
+    fn files(&mut self, named: &[u32]) -> Vec<PathBuf> {
         let mut libs = Vec::new();
-        match &self.coverage {
-            Coverage::All => {
-                let (files, found) = self.discovery.all();
-                libs.extend(files);
-                self.allocators = found;
+        if matches!(self.coverage, Coverage::All) {
+            let (files, found) = self.discovery.all();
+            libs.extend(files);
+            self.allocators = found;
+        }
+        for &pid in named {
+            let found = self.discovery.process(pid);
+            libs.extend(found.files);
+            if let Some(a) = found.allocator {
+                self.allocators.insert(pid, a);
             }
-            Coverage::Named(named) => {
-                for pid in named.now(self.discovery.proc_root()) {
-                    let found = self.discovery.process(pid);
-                    libs.extend(found.files);
-                    if let Some(a) = found.allocator {
-                        self.allocators.insert(pid, a);
-                    }
-                }
-            }
-            Coverage::Suspects(_) => {}
         }
         libs.extend(self.discovery.host_libraries());
         libs
@@ -174,7 +175,8 @@ impl Attribution for Uprobes {
 
     fn rescan(&mut self, kernel: &mut Probes) {
         if self.shares_probes() {
-            let files = self.files();
+            let named = self.named_now();
+            let files = self.files(&named);
             if let Err(e) = kernel.attach_libraries(files) {
                 warn!("attach to new libraries: {e:#}");
             }

@@ -115,11 +115,7 @@ impl AgentTarget {
 
     /// Makes it leak once more (SIGUSR1) and waits until it has.
     pub fn leak(&mut self) {
-        nix::sys::signal::kill(
-            nix::unistd::Pid::from_raw(self.pid as i32),
-            nix::sys::signal::Signal::SIGUSR1,
-        )
-        .expect("signal the fixture");
+        super::signal(self.pid, nix::sys::signal::Signal::SIGUSR1);
         self.leaked += 1;
         assert_eq!(self.lines.next().expect("a line").expect("read"), format!("leaked {}", self.leaked));
     }

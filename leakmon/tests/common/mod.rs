@@ -378,3 +378,18 @@ pub fn sampling_variance(n: f64, s: f64, rate: f64) -> f64 {
     let p = 1.0 - (-s / rate).exp();
     n * s * s * (1.0 - p) / p
 }
+
+/// The standard deviation of a sampled report's total for [`LEAKS`] at one sample per
+/// `rate` bytes.
+pub fn leaks_sigma(rate: f64) -> f64 {
+    LEAKS
+        .iter()
+        .map(|&(_, bytes, n)| sampling_variance(n as f64, bytes as f64 / n as f64, rate))
+        .sum::<f64>()
+        .sqrt()
+}
+
+/// Sends `signal` to `pid`.
+pub fn signal(pid: u32, signal: nix::sys::signal::Signal) {
+    nix::sys::signal::kill(nix::unistd::Pid::from_raw(pid as i32), signal).expect("send a signal");
+}
