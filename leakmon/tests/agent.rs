@@ -285,3 +285,23 @@ fn threads_in_malloc_during_load_and_fork_exec_threads_dlopen_after_it() {
     assert_eq!(ask("churn"), "churning");
     assert!(ask("join").starts_with("joined bad=0 "));
 }
+
+/// A process under a seccomp filter (systemd's SystemCallFilter= puts many there) may be
+/// refused, or killed, for the calls a load makes in it: it is refused in one line
+/// before any, and runs on untouched.
+#[test]
+fn a_process_under_seccomp_is_refused_in_one_line_and_left_alone() {
+    let fixture = build_fixture("seccomp_target.c", &[]);
+    let mut target = Reap(Command::new(&fixture).stdout(Stdio::piped()).spawn().expect("start"));
+    let pid = target.0.id();
+    let mut lines = BufReader::new(target.0.stdout.take().expect("stdout")).lines();
+    assert_eq!(lines.next().expect("a line").expect("read"), "ready");
+    let (ok, stderr, _) = load_into(pid);
+    assert!(!ok);
+    assert_eq!(stderr.trim().lines().count(), 1, "{stderr}");
+    assert!(stderr.contains("seccomp"), "{stderr}");
+    assert!(!agent_mapped(pid));
+    assert_eq!(tracer_of(pid), "0");
+    signal(pid, Signal::SIGUSR1);
+    assert_eq!(lines.next().expect("a line").expect("read"), "alive");
+}

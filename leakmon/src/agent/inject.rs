@@ -482,6 +482,7 @@ fn trampoline(region: u64, function: u64, args: [u64; 3], back: &libc::user_regs
 /// Loads the agent at `agent` into `pid` (unless it is there already) and starts it
 /// sampling every `sample_bytes`; returns the number of call slots it redirected.
 pub fn load(proc_root: &ProcRoot, pid: u32, agent: &Path, sample_bytes: u64) -> Result<u64> {
+    refuse_seccomp(proc_root, pid)?;
     let remote = Remote::new(proc_root, pid)?;
     let root = proc_root.path().join(pid.to_string()).join("root");
     let maps = proc_root.maps(pid).with_context(|| format!("read the mappings of pid {pid}"))?;
@@ -517,6 +518,21 @@ pub fn unload(proc_root: &ProcRoot, pid: u32, agent: &Path) -> Result<u64> {
         .symbol(&maps, &root, "leakmon_agent_stop", Some(agent))
         .ok_or_else(|| anyhow!("the agent is not loaded in pid {pid}"))?;
     remote.call(stop, [0, 0, 0], None)
+}
+
+/// Refuses a process under a seccomp filter: the filter may refuse, or kill the
+/// process for, the calls a load makes in it (an executable mapping, `dlopen`'s), and
+/// nothing outside the process can tell which.
+fn refuse_seccomp(proc_root: &ProcRoot, pid: u32) -> Result<()> {
+    let status = std::fs::read_to_string(proc_root.path().join(pid.to_string()).join("status"))
+        .map_err(|_| anyhow!("no process with pid {pid}"))?;
+    let mode = status.lines().find_map(|l| l.strip_prefix("Seccomp:")).map_or("0", str::trim);
+    if mode != "0" {
+        bail!(
+            "pid {pid} runs under a seccomp filter (mode {mode}), which may refuse or kill it for the calls loading takes: the agent is not loaded"
+        );
+    }
+    Ok(())
 }
 
 /// Refuses a process without glibc's dynamic loader: a statically linked program (its
