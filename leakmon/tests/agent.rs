@@ -231,12 +231,13 @@ fn leakmon_killed_mid_load_or_while_loaded_leaves_the_process_as_it_was() {
     }
 }
 
-/// Loaded while four threads allocate and free without pause; then, with the agent in
-/// place, a new thread, a fork, an exec and a dlopen'd library. The threads' blocks stay
+/// Loaded while four threads allocate and free without pause and a fifth forks and
+/// execs without pause; then, with the agent in place, a new thread, a fork, an exec
+/// and a dlopen'd library. Every child of the busy fork/exec loop exits as it should. The threads' blocks stay
 /// intact, the child and the exec'd program run normally, and the 1 MiB leaks of the
 /// new thread, the child and the library (far above the interval) are reported exactly.
 #[test]
-fn threads_in_malloc_during_load_and_fork_exec_threads_dlopen_after_it() {
+fn threads_in_malloc_and_fork_exec_during_load_and_threads_dlopen_after_it() {
     use std::io::Write as _;
     let fixture = build_fixture("agent_lifecycle.c", &[]);
     let plugin = build_fixture("agent_plugin.c", &["-shared", "-fPIC"]);
@@ -256,6 +257,7 @@ fn threads_in_malloc_during_load_and_fork_exec_threads_dlopen_after_it() {
         lines.next().expect("an answer").expect("read")
     };
     assert_eq!(ask("churn"), "churning");
+    assert_eq!(ask("spawn"), "spawning");
     let slot = got_slot(pid, &fixture, "malloc");
     let original = read_u64(pid, slot);
     std::thread::sleep(Duration::from_millis(200));
@@ -266,6 +268,8 @@ fn threads_in_malloc_during_load_and_fork_exec_threads_dlopen_after_it() {
     assert_eq!(ask("fork"), "forked 0");
     assert_eq!(ask("exec"), "exec 7");
     let json = finish_report(report, stderr);
+    let spawned = ask("unspawn");
+    assert!(spawned.ends_with(" bad=0") && !spawned.starts_with("spawned 0 "), "{spawned}");
     let answer = ask("join");
     let bad = answer.split(['=', ' ']).nth(2).expect("bad=");
     assert_eq!(bad, "0", "{answer}");

@@ -123,7 +123,7 @@ pub fn report(args: &ReportArgs) -> Result<()> {
                 // instruction.
                 Stop::Exec => {
                     if let Err(e) = attach(&mut probes, pid, discovery.image(pid)) {
-                        warn!(pid, "attach to the allocator of a new image: {e:#}");
+                        unless_gone(&proc_root, pid, "attach to the allocator of a new image", &e);
                     }
                 }
                 // Its libraries are mapped, wherever the dynamic linker found them
@@ -131,7 +131,7 @@ pub fn report(args: &ReportArgs) -> Result<()> {
                 // the kernel their unwind tables before its main runs.
                 Stop::Entry => {
                     if let Err(e) = attach(&mut probes, pid, discovery.process(pid).files) {
-                        warn!(pid, "attach to the allocator of a new image: {e:#}");
+                        unless_gone(&proc_root, pid, "attach to the allocator of a new image", &e);
                     }
                     refresh_unwind(&mut probes, &proc_root, pid);
                 }
@@ -139,7 +139,7 @@ pub fn report(args: &ReportArgs) -> Result<()> {
                 // runs (the parent's do not fire in it).
                 Stop::Fork if per_process => {
                     if let Err(e) = attach(&mut probes, pid, discovery.process(pid).files) {
-                        warn!(pid, "attach to a new child: {e:#}");
+                        unless_gone(&proc_root, pid, "attach to a new child", &e);
                     }
                 }
                 Stop::Fork => {}
@@ -164,7 +164,8 @@ pub fn report(args: &ReportArgs) -> Result<()> {
             // Allocator libraries loaded with dlopen, and the images of children's execs.
             last_scan = Instant::now();
             for (pid, state) in probes.traced().unwrap_or_default() {
-                if state.exited() {
+                // A process gone (a zombie its parent has yet to reap) loads nothing more.
+                if state.exited() || !proc_root.running(pid) {
                     continue;
                 }
                 let files = discovery.process(pid).files;
@@ -173,7 +174,7 @@ pub fn report(args: &ReportArgs) -> Result<()> {
                     if pid == root {
                         return Err(e);
                     }
-                    warn!(pid, "attach to the allocator of a new image: {e:#}");
+                    unless_gone(&proc_root, pid, "attach to the allocator of a new image", &e);
                 }
                 refresh_unwind(&mut probes, &proc_root, pid);
             }
@@ -211,6 +212,17 @@ pub fn report(args: &ReportArgs) -> Result<()> {
     };
     std::io::stdout().write_all(&out).context("write report")?;
     Ok(())
+}
+
+/// Says why attaching to `pid` failed, unless the process is gone: a child that exits
+/// right after its fork or exec (a shell's `exit 3`) takes its links' target with it,
+/// which is no news.
+fn unless_gone(proc_root: &ProcRoot, pid: u32, what: &str, e: &anyhow::Error) {
+    if proc_root.running(pid) {
+        warn!(pid, "{what}: {e:#}");
+    } else {
+        tracing::debug!(pid, "{what}: {e:#} (the process is gone)");
+    }
 }
 
 /// Refuses arguments that cannot work, before anything is loaded.

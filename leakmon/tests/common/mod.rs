@@ -314,20 +314,18 @@ pub fn start_wait_then_leak(args: &[&str]) -> Reap {
 
 /// Starts `leakmon report --format json --pid PID --duration DURATION` and waits until
 /// its probes are in place; finish it with [`finish_report`].
-pub fn watch_pid(
-    pid: u32,
-    duration: &str,
-) -> (std::process::Child, std::io::BufReader<std::process::ChildStderr>) {
+pub fn watch_pid(pid: u32, duration: &str) -> (std::process::Child, StderrRest) {
     watch_pid_with(pid, duration, &[])
 }
 
+/// What a watching leakmon writes to stderr after "watching", collected by a thread of
+/// its own: a leakmon whose stderr pipe fills while the test drives its fixture would
+/// block in its next log line, and stop handling the processes it holds.
+pub type StderrRest = std::thread::JoinHandle<String>;
+
 /// [`watch_pid`] with more options of `report` (`--agent`, `--sample-bytes`).
-pub fn watch_pid_with(
-    pid: u32,
-    duration: &str,
-    options: &[&str],
-) -> (std::process::Child, std::io::BufReader<std::process::ChildStderr>) {
-    use std::io::BufRead as _;
+pub fn watch_pid_with(pid: u32, duration: &str, options: &[&str]) -> (std::process::Child, StderrRest) {
+    use std::io::{BufRead as _, Read as _};
     let mut leakmon = leakmon()
         .env("RUST_LOG", "info")
         .args(["report", "--format", "json", "--duration", duration, "--pid", &pid.to_string()])
@@ -345,18 +343,18 @@ pub fn watch_pid_with(
             break;
         }
     }
-    (leakmon, stderr)
+    let rest = std::thread::spawn(move || {
+        let mut rest = String::new();
+        let _ = stderr.read_to_string(&mut rest);
+        rest
+    });
+    (leakmon, rest)
 }
 
 /// Waits for a [`watch_pid`] leakmon to end and parses its report.
-pub fn finish_report(
-    leakmon: std::process::Child,
-    mut stderr: std::io::BufReader<std::process::ChildStderr>,
-) -> Value {
-    use std::io::Read as _;
-    let mut rest = String::new();
-    stderr.read_to_string(&mut rest).expect("drain stderr");
+pub fn finish_report(leakmon: std::process::Child, stderr: StderrRest) -> Value {
     let out = leakmon.wait_with_output().expect("wait leakmon");
+    let rest = stderr.join().expect("the stderr reader");
     assert!(out.status.success(), "leakmon failed: {rest}");
     serde_json::from_slice(&out.stdout).expect("JSON report")
 }
