@@ -76,6 +76,11 @@ fn a_growing_process_gets_probes_for_a_while_and_a_flat_one_never() {
                 && s["stacks"].as_array().is_some_and(|a| !a.is_empty())
         }) {
             heap = Some(s.clone());
+            // Probes went on between the last look at the gauge and this series (one
+            // sample interval can do both): they went on no later than now.
+            if attached_at.is_none() && attached() == Some(1) {
+                attached_at = Some(Instant::now());
+            }
             break;
         }
     }
