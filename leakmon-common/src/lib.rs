@@ -52,6 +52,7 @@ pub const STACK_HASH_SEED: u64 = 0xcbf2_9ce4_8422_2325;
 /// (`strdup`, `strndup`).
 pub const SIZE_FROM_NESTED: u64 = u64::MAX;
 
+pub mod agent;
 pub mod sampling;
 pub mod unwind;
 

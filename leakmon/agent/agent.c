@@ -20,20 +20,29 @@
  *    may still be inside a hook.
  */
 #define _GNU_SOURCE
+#include <stddef.h>
+#include <stdint.h>
+#include <sys/mman.h>
+#ifndef LEAKMON_AGENT_FREESTANDING
 #include <dlfcn.h>
 #include <elf.h>
 #include <link.h>
 #include <pthread.h>
-#include <stdint.h>
 #include <stdlib.h>
 #include <string.h>
-#include <sys/mman.h>
 #include <unistd.h>
+#endif
 
+#include "agent_abi.h"
 #include "sampling_tables.h"
 
+#ifdef LEAKMON_AGENT_FREESTANDING
+/* Nothing is looked up through a dynamic table: leakmon reads the symbol table. */
+#define EXPORT
+#else
 #define EXPORT __attribute__((visibility("default")))
 #define TLS __thread __attribute__((tls_model("initial-exec")))
+#endif
 #define LIKELY(x) __builtin_expect(!!(x), 1)
 #define UNLIKELY(x) __builtin_expect(!!(x), 0)
 
@@ -90,38 +99,81 @@ EXPORT uint64_t leakmon_agent_weight(uint64_t size, uint64_t rate) {
 /* The sampling interval in bytes; 0 while stopped (hooks then pass through). */
 static volatile uint64_t rate;
 
+static inline uint64_t mix(uintptr_t p) {
+    return (uint64_t)(p >> 4) * 0x9e3779b97f4a7c15ull;
+}
+
 struct thread_state {
     uint64_t left; /* bytes to the next sample; 0: draw a new countdown */
     uint64_t rng;  /* xorshift64* state; 0: not seeded yet */
     uint32_t busy; /* inside a hook: nested hooks pass through */
 };
-static TLS struct thread_state ts;
 
-static uint32_t next_random(void) {
-    if (UNLIKELY(ts.rng == 0)) {
+#ifdef LEAKMON_AGENT_FREESTANDING
+/*
+ * Without a dynamic loader there is no TLS of the agent's own. Each thread's state is
+ * found in a table by its thread pointer (%fs:0 holds it, as the x86-64 TLS ABI asks),
+ * claimed on first use without a lock; threads past its capacity share one state,
+ * which only makes their samples a little less independent. By the time a program
+ * calls its allocator its thread pointer is set: the allocator itself uses TLS.
+ */
+#define THREAD_BITS 12
+#define THREAD_SLOTS (1u << THREAD_BITS)
+struct thread_slot {
+    uintptr_t key;
+    struct thread_state state;
+};
+static struct thread_slot *threads;
+static struct thread_state crowd;
+EXPORT volatile uint64_t leakmon_agent_threads_full;
+
+static inline struct thread_state *me(void) {
+    uintptr_t tp;
+    __asm__("mov %%fs:0, %0" : "=r"(tp));
+    uint64_t h = mix(tp) >> (64 - THREAD_BITS);
+    for (unsigned i = 0; i < 16; i++) {
+        struct thread_slot *slot = &threads[(h + i) & (THREAD_SLOTS - 1)];
+        uintptr_t key = __atomic_load_n(&slot->key, __ATOMIC_RELAXED);
+        if (LIKELY(key == tp))
+            return &slot->state;
+        if (key == 0 && __atomic_compare_exchange_n(&slot->key, &key, tp, 0, __ATOMIC_RELAXED, __ATOMIC_RELAXED))
+            return &slot->state;
+    }
+    __atomic_fetch_add(&leakmon_agent_threads_full, 1, __ATOMIC_RELAXED);
+    return &crowd;
+}
+#else
+static TLS struct thread_state ts;
+static inline struct thread_state *me(void) {
+    return &ts;
+}
+#endif
+
+static uint32_t next_random(struct thread_state *t) {
+    if (UNLIKELY(t->rng == 0)) {
         uint32_t lo, hi;
         __asm__ volatile("rdtsc" : "=a"(lo), "=d"(hi));
-        ts.rng = (((uint64_t)hi << 32) | lo) ^ (uint64_t)(uintptr_t)&ts ^ 0x9e3779b97f4a7c15ull;
-        if (ts.rng == 0)
-            ts.rng = 1;
+        t->rng = (((uint64_t)hi << 32) | lo) ^ (uint64_t)(uintptr_t)t ^ 0x9e3779b97f4a7c15ull;
+        if (t->rng == 0)
+            t->rng = 1;
     }
-    uint64_t x = ts.rng;
+    uint64_t x = t->rng;
     x ^= x >> 12;
     x ^= x << 25;
     x ^= x >> 27;
-    ts.rng = x;
+    t->rng = x;
     return (uint32_t)((x * 0x2545f4914f6cdd1dull) >> 32);
 }
 
 /* The bytes a block of `size` stands for if it is sampled, else 0. */
-static inline uint64_t charge(uint64_t size, uint64_t r) {
-    if (UNLIKELY(ts.left == 0))
-        ts.left = leakmon_agent_countdown(next_random(), r);
-    if (LIKELY(size < ts.left)) {
-        ts.left -= size;
+static inline uint64_t charge(struct thread_state *t, uint64_t size, uint64_t r) {
+    if (UNLIKELY(t->left == 0))
+        t->left = leakmon_agent_countdown(next_random(t), r);
+    if (LIKELY(size < t->left)) {
+        t->left -= size;
         return 0;
     }
-    ts.left = leakmon_agent_countdown(next_random(), r);
+    t->left = leakmon_agent_countdown(next_random(t), r);
     return leakmon_agent_weight(size, r);
 }
 
@@ -141,10 +193,6 @@ static inline uint64_t charge(uint64_t size, uint64_t r) {
 static uintptr_t *set;
 static uint8_t *filter;
 EXPORT volatile uint64_t leakmon_agent_set_full;
-
-static inline uint64_t mix(uintptr_t p) {
-    return (uint64_t)(p >> 4) * 0x9e3779b97f4a7c15ull;
-}
 
 static int set_insert(uintptr_t p) {
     uint64_t h = mix(p) >> (64 - SET_BITS);
@@ -189,8 +237,8 @@ static inline int set_remove(uintptr_t p) {
     return 0;
 }
 
-static void sampled(uintptr_t block, uint64_t size, uint64_t r) {
-    uint64_t weight = charge(size, r);
+static void sampled(struct thread_state *t, uintptr_t block, uint64_t size, uint64_t r) {
+    uint64_t weight = charge(t, size, r);
     if (LIKELY(weight == 0) || block == 0)
         return;
     if (set_insert(block))
@@ -204,8 +252,114 @@ static inline void released(uintptr_t block) {
 
 /* ---- hooks --------------------------------------------------------------------- */
 
-enum kind { K_MALLOC, K_CALLOC, K_REALLOC, K_REALLOCARRAY, K_MEMALIGN, K_POSIX_MEMALIGN, K_STRDUP, K_FREE, K_DLOPEN };
+/* The kinds leakmon names for inline hooks come from agent_abi.h; this one is ours. */
+#define K_DLOPEN 100
 
+typedef uintptr_t (*entry_fn)(uintptr_t, uintptr_t, uintptr_t, uintptr_t);
+
+static inline uint64_t product(uint64_t a, uint64_t b) {
+    uint64_t p;
+    return __builtin_mul_overflow(a, b, &p) ? UINT64_MAX : p;
+}
+
+static inline uint64_t length(const char *s) {
+    uint64_t n = 0;
+    while (s[n] != 0)
+        n++;
+    return n;
+}
+
+#ifndef LEAKMON_AGENT_FREESTANDING
+static void patch_all(void);
+#endif
+
+/*
+ * One body for every hook (inlined into each): `fn` is the real function, and the
+ * arguments are passed on untouched, as four integer registers, which is what each of
+ * these functions takes at most.
+ */
+static inline __attribute__((always_inline)) uintptr_t
+hook(entry_fn fn, int kind, uintptr_t a, uintptr_t b, uintptr_t c, uintptr_t d) {
+    uint64_t r = rate;
+#ifndef LEAKMON_AGENT_FREESTANDING
+    if (kind == K_DLOPEN) {
+        uintptr_t handle = fn(a, b, c, d);
+        /* Objects it brought in call the allocator through GOTs of their own. */
+        if (handle != 0 && r != 0)
+            patch_all();
+        return handle;
+    }
+#endif
+    if (r == 0)
+        return fn(a, b, c, d);
+    struct thread_state *t = me();
+    if (t->busy)
+        return fn(a, b, c, d);
+    t->busy = 1;
+    uintptr_t ret;
+    switch (kind) {
+    case K_FREE:
+        released(a);
+        ret = fn(a, b, c, d);
+        break;
+    case K_REALLOC:
+    case K_REALLOCARRAY: {
+        uint64_t size = kind == K_REALLOC ? b : product(b, c);
+        released(a);
+        ret = fn(a, b, c, d);
+        if (ret != 0)
+            sampled(t, ret, size, r);
+        break;
+    }
+    case K_POSIX_MEMALIGN:
+        ret = fn(a, b, c, d);
+        if ((int)ret == 0)
+            sampled(t, *(uintptr_t *)a, c, r);
+        break;
+    case K_STRDUP:
+        ret = fn(a, b, c, d);
+        if (ret != 0)
+            sampled(t, ret, length((const char *)ret) + 1, r);
+        break;
+    case K_CALLOC:
+        ret = fn(a, b, c, d);
+        sampled(t, ret, product(a, b), r);
+        break;
+    case K_MEMALIGN:
+        ret = fn(a, b, c, d);
+        sampled(t, ret, b, r);
+        break;
+    default:
+        ret = fn(a, b, c, d);
+        sampled(t, ret, a, r);
+        break;
+    }
+    t->busy = 0;
+    return ret;
+}
+
+/*
+ * Inline hooks, for allocators called directly (no GOT entry between caller and
+ * callee: a statically linked program, a jemalloc built into the executable). leakmon
+ * writes, for each hooked function, a trampoline that runs its relocated first
+ * instructions and jumps to the rest, fills in the slot's real function and kind, and
+ * only then puts a jump to the slot's hook at the function's entry.
+ */
+EXPORT entry_fn leakmon_agent_inline_real[LEAKMON_INLINE_SLOTS];
+EXPORT uint32_t leakmon_agent_inline_kind[LEAKMON_INLINE_SLOTS];
+
+#define INLINE_HOOK(k)                                                                               \
+    EXPORT __attribute__((noinline)) uintptr_t leakmon_agent_inline_##k(uintptr_t a, uintptr_t b,    \
+                                                                        uintptr_t c, uintptr_t d) {  \
+        return hook(leakmon_agent_inline_real[k], (int)leakmon_agent_inline_kind[k], a, b, c, d);      \
+    }
+/* LEAKMON_INLINE_SLOTS of them: */
+INLINE_HOOK(0) INLINE_HOOK(1) INLINE_HOOK(2) INLINE_HOOK(3) INLINE_HOOK(4) INLINE_HOOK(5) INLINE_HOOK(6) INLINE_HOOK(7)
+INLINE_HOOK(8) INLINE_HOOK(9) INLINE_HOOK(10) INLINE_HOOK(11) INLINE_HOOK(12) INLINE_HOOK(13) INLINE_HOOK(14) INLINE_HOOK(15)
+INLINE_HOOK(16) INLINE_HOOK(17) INLINE_HOOK(18) INLINE_HOOK(19) INLINE_HOOK(20) INLINE_HOOK(21) INLINE_HOOK(22) INLINE_HOOK(23)
+INLINE_HOOK(24) INLINE_HOOK(25) INLINE_HOOK(26) INLINE_HOOK(27) INLINE_HOOK(28) INLINE_HOOK(29) INLINE_HOOK(30) INLINE_HOOK(31)
+_Static_assert(LEAKMON_INLINE_SLOTS == 32, "one hook per inline slot");
+#ifndef LEAKMON_AGENT_FREESTANDING
 /* name, kind: every entry point leakmon's uprobes know, and dlopen. */
 #define HOOKS(X)                                                                                    \
     X(malloc, K_MALLOC) X(calloc, K_CALLOC) X(realloc, K_REALLOC) X(reallocarray, K_REALLOCARRAY)   \
@@ -230,80 +384,13 @@ enum kind { K_MALLOC, K_CALLOC, K_REALLOC, K_REALLOCARRAY, K_MEMALIGN, K_POSIX_M
 #define ENUM(name, kind) H_##name,
 enum { HOOKS(ENUM) N_HOOKS };
 
-typedef uintptr_t (*entry_fn)(uintptr_t, uintptr_t, uintptr_t, uintptr_t);
 /* The real function behind each hook, as the global scope resolves it. */
 static entry_fn real[N_HOOKS];
-static void patch_all(void);
-
-static inline uint64_t product(uint64_t a, uint64_t b) {
-    uint64_t p;
-    return __builtin_mul_overflow(a, b, &p) ? UINT64_MAX : p;
-}
-
-/*
- * One body for every hook (inlined into each): arguments are passed on untouched, as
- * four integer registers, which is what each of these functions takes at most.
- */
-static inline __attribute__((always_inline)) uintptr_t
-hook(int index, enum kind kind, uintptr_t a, uintptr_t b, uintptr_t c, uintptr_t d) {
-    entry_fn fn = real[index];
-    uint64_t r = rate;
-    if (kind == K_DLOPEN) {
-        uintptr_t handle = fn(a, b, c, d);
-        /* Objects it brought in call the allocator through GOTs of their own. */
-        if (handle != 0 && r != 0)
-            patch_all();
-        return handle;
-    }
-    if (ts.busy || r == 0)
-        return fn(a, b, c, d);
-    ts.busy = 1;
-    uintptr_t ret;
-    switch (kind) {
-    case K_FREE:
-        released(a);
-        ret = fn(a, b, c, d);
-        break;
-    case K_REALLOC:
-    case K_REALLOCARRAY: {
-        uint64_t size = kind == K_REALLOC ? b : product(b, c);
-        released(a);
-        ret = fn(a, b, c, d);
-        if (ret != 0)
-            sampled(ret, size, r);
-        break;
-    }
-    case K_POSIX_MEMALIGN:
-        ret = fn(a, b, c, d);
-        if ((int)ret == 0)
-            sampled(*(uintptr_t *)a, c, r);
-        break;
-    case K_STRDUP:
-        ret = fn(a, b, c, d);
-        if (ret != 0)
-            sampled(ret, strlen((const char *)ret) + 1, r);
-        break;
-    case K_CALLOC:
-        ret = fn(a, b, c, d);
-        sampled(ret, product(a, b), r);
-        break;
-    case K_MEMALIGN:
-        ret = fn(a, b, c, d);
-        sampled(ret, b, r);
-        break;
-    default:
-        ret = fn(a, b, c, d);
-        sampled(ret, a, r);
-        break;
-    }
-    ts.busy = 0;
-    return ret;
-}
 
 #define DEFINE(name, kind)                                                                        \
     __attribute__((noinline)) static uintptr_t leakmon_agent_hook_##name(uintptr_t a, uintptr_t b, \
                                                                          uintptr_t c, uintptr_t d) { \
-        return hook(H_##name, kind, a, b, c, d);                                                   \
+        return hook(real[H_##name], kind, a, b, c, d);                                                   \
     }
 HOOKS(DEFINE)
 
@@ -430,8 +517,78 @@ static void patch_all(void) {
     pthread_mutex_unlock(&patch_lock);
 }
 
+#endif /* !LEAKMON_AGENT_FREESTANDING */
+
 /* ---- control --------------------------------------------------------------------- */
 
+/* mmap without the C library (the freestanding agent has none): the address, or -errno. */
+static long sys_mmap(uintptr_t addr, size_t bytes, long prot, long flags) {
+    long ret;
+    register long r10 __asm__("r10") = flags;
+    register long r8 __asm__("r8") = -1;
+    register long r9 __asm__("r9") = 0;
+    __asm__ volatile("syscall"
+                     : "=a"(ret)
+                     : "a"(9L), "D"(addr), "S"(bytes), "d"(prot), "r"(r10), "r"(r8), "r"(r9)
+                     : "rcx", "r11", "memory");
+    return ret;
+}
+
+/*
+ * A mapping of `bytes` for inline-hook trampolines within a rel32 jump (2 GiB) of the
+ * whole executable [lo, hi): below it if there is room (above it lies the heap that
+ * brk grows), else above. leakmon writes the code through /proc/PID/mem, so it is
+ * never writable from inside. Returns its address, or 0.
+ */
+EXPORT uintptr_t leakmon_agent_map_near(uintptr_t lo, uintptr_t hi, uint64_t bytes) {
+    const uintptr_t step = 1u << 20, reach = (uintptr_t)1 << 30;
+    for (uintptr_t d = step; d <= reach; d += step) {
+        uintptr_t hints[2] = {lo > d + bytes + 0x10000 ? lo - d - bytes : 0, hi + (reach >> 2) + d};
+        for (int i = 0; i < 2; i++) {
+            if (hints[i] == 0)
+                continue;
+            long p = sys_mmap(hints[i], bytes, PROT_READ | PROT_EXEC,
+                              MAP_PRIVATE | MAP_ANONYMOUS | MAP_FIXED_NOREPLACE);
+            if (p > 0)
+                return (uintptr_t)p;
+        }
+    }
+    return 0;
+}
+
+#ifdef LEAKMON_AGENT_FREESTANDING
+static void *map_zeroed(size_t bytes) {
+    long p = sys_mmap(0, bytes, PROT_READ | PROT_WRITE, MAP_PRIVATE | MAP_ANONYMOUS | MAP_NORESERVE);
+    return p < 0 ? NULL : (void *)p;
+}
+
+/*
+ * The agent for a program without a dynamic loader, mapped by leakmon itself: only
+ * inline hooks, which leakmon puts on and takes off. Starts (or changes the interval
+ * of) sampling; 0, or -1 for a bad interval, -2 when the tables cannot be mapped.
+ * leakmon calls it from one thread at a time.
+ */
+EXPORT long leakmon_agent_start(uint64_t sample_bytes) {
+    if (sample_bytes == 0 || sample_bytes > LEAKMON_MAX_RATE)
+        return -1;
+    if (set == NULL) {
+        filter = map_zeroed(FILTER_SLOTS);
+        threads = map_zeroed(THREAD_SLOTS * sizeof(struct thread_slot));
+        uintptr_t *table = map_zeroed(SET_SLOTS * sizeof(uintptr_t));
+        if (filter == NULL || threads == NULL || table == NULL)
+            return -2;
+        __atomic_store_n(&set, table, __ATOMIC_RELEASE);
+    }
+    rate = sample_bytes;
+    return 0;
+}
+
+/* Stops sampling (leakmon has taken the inline hooks off already). */
+EXPORT long leakmon_agent_stop(void) {
+    rate = 0;
+    return 0;
+}
+#else
 static void *map_zeroed(size_t bytes) {
     void *p = mmap(NULL, bytes, PROT_READ | PROT_WRITE, MAP_PRIVATE | MAP_ANONYMOUS | MAP_NORESERVE, -1, 0);
     return p == MAP_FAILED ? NULL : p;
@@ -494,3 +651,4 @@ __attribute__((constructor)) static void leakmon_agent_preloaded(void) {
     if (bytes != 0)
         leakmon_agent_start(bytes);
 }
+#endif

@@ -117,11 +117,61 @@ fn load_into(pid: u32) -> (bool, String, Duration) {
     (out.status.success(), String::from_utf8_lossy(&out.stderr).into_owned(), started.elapsed())
 }
 
-/// A statically linked program has no dynamic loader to load the agent with: one
-/// line, and the program goes on untouched.
+/// A statically linked program has no dynamic loader and no GOT: leakmon maps the
+/// freestanding agent itself and puts inline hooks on the program's own allocator.
+/// Leaks come out as from a dynamic one, and afterwards every hooked entry holds its
+/// own bytes again and the program works.
 #[test]
-fn a_static_program_is_refused_in_one_line_and_left_alone() {
-    let fixture = build_fixture("wait_then_leak.c", &["-static"]);
+fn a_static_program_is_sampled_through_inline_hooks_and_left_as_it_was() {
+    let fixture = build_fixture("agent_target.c", &["-static"]);
+    let mut process = Reap(Command::new(&fixture).stdout(Stdio::piped()).spawn().expect("start"));
+    let pid = process.0.id();
+    let mut lines = BufReader::new(process.0.stdout.take().expect("stdout")).lines();
+    assert_eq!(lines.next().expect("a line").expect("read"), "ready");
+    let entries: Vec<(u64, u64)> = ["malloc", "free"]
+        .iter()
+        .map(|f| symbol_address(&fixture, f))
+        .map(|a| (a, read_u64(pid, a)))
+        .collect();
+
+    let (report, stderr) = watch_pid_with(pid, "8", &["--agent", "--sample-bytes", "4KiB"]);
+    assert!(agent_mapped(pid), "the freestanding agent is mapped");
+    for (entry, original) in &entries {
+        let now = read_u64(pid, *entry);
+        assert_ne!(now, *original, "the entry at {entry:#x} is hooked");
+        assert_eq!(now & 0xff, 0xe9, "a jump at {entry:#x}");
+    }
+    signal(pid, Signal::SIGUSR1);
+    assert_eq!(lines.next().expect("a line").expect("read"), "leaked 1");
+    let json = finish_report(report, stderr);
+    assert_eq!(json["method"], "agent");
+    let process_report = processes(&json).iter().find(|p| p["pid"] == pid).expect("the fixture's process");
+    let got = by_function(process_report, "agent_target.c");
+    assert_eq!(got.get("leak_big_block"), Some(&(1_048_576, 1)), "{got:?}");
+    let small = got.get("leak_small_blocks").map_or(0, |(b, _)| *b) as f64;
+    let sigma = sampling_variance(2000.0, 512.0, 4096.0).sqrt();
+    assert!(
+        (small - 1_024_000.0).abs() < 5.0 * sigma,
+        "leak_small_blocks {small} vs 1024000 (sigma {sigma:.0})"
+    );
+    let total: u64 = got.values().map(|(b, _)| b).sum();
+    let churn = got.get("churn").map_or(0, |(b, _)| *b);
+    assert!(churn * 100 < total, "balanced churn kept {churn} of {total} B");
+
+    for (entry, original) in &entries {
+        assert_eq!(read_u64(pid, *entry), *original, "the entry at {entry:#x} holds its own bytes again");
+    }
+    assert_eq!(tracer_of(pid), "0");
+    signal(pid, Signal::SIGUSR1);
+    assert_eq!(lines.next().expect("a line").expect("read"), "leaked 2");
+    eprintln!("static: leak_small_blocks {small} (sigma {sigma:.0}), churn {churn}, {got:?}");
+}
+
+/// A stripped static program names no allocator function to hook: one line, and the
+/// program goes on untouched.
+#[test]
+fn a_stripped_static_program_is_refused_in_one_line_and_left_alone() {
+    let fixture = build_fixture("wait_then_leak.c", &["-static", "-s"]);
     let mut target = Reap(Command::new(&fixture).stdout(Stdio::piped()).spawn().expect("start"));
     let pid = target.0.id();
     let mut ready = String::new();
@@ -134,6 +184,14 @@ fn a_static_program_is_refused_in_one_line_and_left_alone() {
     assert_eq!(tracer_of(pid), "0");
     signal(pid, Signal::SIGUSR1);
     assert!(target.0.wait().expect("wait").success(), "the program ends normally");
+}
+
+/// The address of `symbol` in a non-PIE executable.
+fn symbol_address(exe: &std::path::Path, symbol: &str) -> u64 {
+    use object::{Object as _, ObjectSymbol as _};
+    let data = std::fs::read(exe).expect("read the fixture");
+    let file = object::File::parse(&*data).expect("parse the fixture");
+    file.symbols().find(|s| s.name() == Ok(symbol)).map(|s| s.address()).expect("the symbol")
 }
 
 /// A process that never waits in a syscall (a busy loop) offers no safe point: after a

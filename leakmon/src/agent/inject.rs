@@ -74,6 +74,10 @@ const ERESTARTNOINTR: i64 = 513;
 const ERESTARTNOHAND: i64 = 514;
 const ERESTART_RESTARTBLOCK: i64 = 516;
 const NR_MMAP: u64 = 9;
+const NR_CLOSE: u64 = 3;
+const NR_MUNMAP: u64 = 11;
+const NR_OPENAT: u64 = 257;
+const AT_FDCWD: i64 = -100;
 const NR_RESTART_SYSCALL: u64 = 219;
 
 /// The trampoline's mapping: code, then its data, then the extended state area.
@@ -215,6 +219,139 @@ impl Remote {
             }
             std::thread::sleep(Duration::from_millis(2));
         }
+    }
+
+    /// Maps the shared object at `path` into the process as a dynamic loader would (each
+    /// loadable segment from the file, so that uprobes on it fire there too), for a
+    /// process without one. Its only relocations may be relative ones, which a
+    /// self-contained object built with `-Bsymbolic` has none of. Returns its base.
+    pub fn map_file(&self, path: &Path) -> Result<u64> {
+        use object::read::elf::{ElfFile64, FileHeader as _, ProgramHeader as _, SectionHeader as _};
+        let data = std::fs::read(path).with_context(|| format!("read {}", path.display()))?;
+        let elf = ElfFile64::<object::Endianness>::parse(&*data)
+            .with_context(|| format!("parse {}", path.display()))?;
+        let endian = elf.endian();
+        let loads: Vec<_> = elf
+            .elf_header()
+            .program_headers(endian, &*data)
+            .context("program headers")?
+            .iter()
+            .filter(|ph| ph.p_type(endian) == object::elf::PT_LOAD)
+            .map(|ph| {
+                (
+                    ph.p_vaddr(endian),
+                    ph.p_offset(endian),
+                    ph.p_filesz(endian),
+                    ph.p_memsz(endian),
+                    ph.p_flags(endian),
+                )
+            })
+            .collect();
+        if elf.elf_header().sections(endian, &*data).is_ok_and(|s| {
+            s.iter().any(|s| s.sh_type(endian) == object::elf::SHT_RELA && s.sh_size(endian) > 0)
+        }) {
+            bail!("{} has relocations: it cannot be mapped without a dynamic loader", path.display());
+        }
+        let span = loads
+            .iter()
+            .map(|(v, _, _, m, _)| page_up(v + m))
+            .max()
+            .ok_or_else(|| anyhow!("{} has nothing to load", path.display()))?;
+
+        let tid = Pid::from_raw(self.pid as i32);
+        match ptrace::seize(tid, Options::PTRACE_O_TRACESYSGOOD) {
+            Ok(()) => {}
+            Err(Errno::EPERM) => bail!(
+                "ptrace of pid {} was refused (another tracer, kernel.yama.ptrace_scope, or a missing CAP_SYS_PTRACE)",
+                self.pid
+            ),
+            Err(Errno::ESRCH) => bail!("pid {} exited", self.pid),
+            Err(e) => bail!("ptrace seize pid {}: {e}", self.pid),
+        }
+        let mut held = Held { tid, released: false, pending: None };
+        let (regs, resume) = held.safe_point()?;
+        let result = self.map_segments(&mut held, &regs, resume.syscall_at, path, span, &loads);
+        held.restore(&resume.regs)?;
+        let base = result?;
+        // The rest of the pages of a segment's file part that its memory size claims
+        // (.bss) must read as zeros.
+        for &(vaddr, _, filesz, memsz, _) in &loads {
+            if memsz > filesz {
+                let from = base + vaddr + filesz;
+                let to = (base + page_up(vaddr + filesz)).min(base + vaddr + memsz);
+                self.write(from, &vec![0; (to - from) as usize])?;
+            }
+        }
+        Ok(base)
+    }
+
+    fn map_segments(
+        &self,
+        held: &mut Held,
+        regs: &libc::user_regs_struct,
+        syscall_at: u64,
+        path: &Path,
+        span: u64,
+        loads: &[(u64, u64, u64, u64, u32)],
+    ) -> Result<u64> {
+        let mut sys = |nr: u64, args: [u64; 6]| -> Result<u64> {
+            let mut r = *regs;
+            r.rip = syscall_at;
+            r.rax = nr;
+            r.orig_rax = u64::MAX;
+            (r.rdi, r.rsi, r.rdx, r.r10, r.r8, r.r9) = (args[0], args[1], args[2], args[3], args[4], args[5]);
+            let ret = held.syscall(r)?;
+            if (ret as i64) < 0 && (ret as i64) > -4096 {
+                bail!("syscall {nr} in pid {} failed: {}", self.pid, Errno::from_raw(-(ret as i64) as i32));
+            }
+            Ok(ret)
+        };
+        let anonymous = (libc::MAP_PRIVATE | libc::MAP_ANONYMOUS) as u64;
+        let rw = (libc::PROT_READ | libc::PROT_WRITE) as u64;
+        let scratch = sys(NR_MMAP, [0, 4096, rw, anonymous, u64::MAX, 0])?;
+        let mut name = path.as_os_str().as_encoded_bytes().to_vec();
+        if name.len() >= 4096 {
+            bail!("the path {} is too long", path.display());
+        }
+        name.push(0);
+        self.write(scratch, &name)?;
+        let fd =
+            sys(NR_OPENAT, [AT_FDCWD as u64, scratch, (libc::O_RDONLY | libc::O_CLOEXEC) as u64, 0, 0, 0])?;
+        let mapped = (|| -> Result<u64> {
+            let base = sys(NR_MMAP, [0, span, libc::PROT_NONE as u64, anonymous, u64::MAX, 0])?;
+            for &(vaddr, offset, filesz, memsz, flags) in loads {
+                let prot = [
+                    (object::elf::PF_R, libc::PROT_READ),
+                    (object::elf::PF_W, libc::PROT_WRITE),
+                    (object::elf::PF_X, libc::PROT_EXEC),
+                ]
+                .iter()
+                .filter(|(f, _)| flags & f != 0)
+                .fold(0, |p, (_, b)| p | b) as u64;
+                let start = vaddr & !0xfff;
+                let file_end = page_up(vaddr + filesz);
+                let fixed = (libc::MAP_PRIVATE | libc::MAP_FIXED) as u64;
+                sys(NR_MMAP, [base + start, file_end - start, prot, fixed, fd, offset & !0xfff])?;
+                let mem_end = page_up(vaddr + memsz);
+                if mem_end > file_end {
+                    sys(
+                        NR_MMAP,
+                        [
+                            base + file_end,
+                            mem_end - file_end,
+                            prot,
+                            anonymous | libc::MAP_FIXED as u64,
+                            u64::MAX,
+                            0,
+                        ],
+                    )?;
+                }
+            }
+            Ok(base)
+        })();
+        let _ = sys(NR_CLOSE, [fd, 0, 0, 0, 0, 0]);
+        let _ = sys(NR_MUNMAP, [scratch, 4096, 0, 0, 0, 0]);
+        mapped
     }
 
     fn write(&self, addr: u64, bytes: &[u8]) -> Result<()> {
@@ -390,6 +527,10 @@ fn interrupted_in_wait(regs: &libc::user_regs_struct) -> Option<Resume> {
     Some(Resume { regs: back, syscall_at: regs.rip - 2 })
 }
 
+fn page_up(v: u64) -> u64 {
+    (v + 0xfff) & !0xfff
+}
+
 /// Bytes of the extended register state `xsave` writes here (all enabled features).
 fn xsave_size() -> u32 {
     std::arch::x86_64::__cpuid_count(0xd, 0).ebx
@@ -480,44 +621,96 @@ fn trampoline(region: u64, function: u64, args: [u64; 3], back: &libc::user_regs
 }
 
 /// Loads the agent at `agent` into `pid` (unless it is there already) and starts it
-/// sampling every `sample_bytes`; returns the number of call slots it redirected.
+/// sampling every `sample_bytes`; returns the number of call slots and functions it
+/// redirected. A statically linked program gets the freestanding agent, mapped by
+/// leakmon, and inline hooks only.
 pub fn load(proc_root: &ProcRoot, pid: u32, agent: &Path, sample_bytes: u64) -> Result<u64> {
     refuse_seccomp(proc_root, pid)?;
     let remote = Remote::new(proc_root, pid)?;
     let root = proc_root.path().join(pid.to_string()).join("root");
     let maps = proc_root.maps(pid).with_context(|| format!("read the mappings of pid {pid}"))?;
-    if !maps.iter().any(|m| m.path == agent) {
-        glibc_loader(proc_root, pid, &maps)?;
-        let dlopen = remote
-            .symbol(&maps, &root, "dlopen", None)
-            .ok_or_else(|| anyhow!("pid {pid} has no dlopen to load the agent with"))?;
-        let path = agent.as_os_str().as_encoded_bytes();
-        let handle = remote.call(dlopen, [0, libc::RTLD_NOW as u64, 0], Some(path))?;
-        if handle == 0 {
-            bail!("dlopen of the agent failed in pid {pid}");
+    let statically_linked = !glibc_loader(proc_root, pid, &maps)?;
+    let library = if statically_linked { super::freestanding(agent) } else { agent.to_owned() };
+    if statically_linked && super::inline::targets(proc_root, pid, &maps)?.is_empty() {
+        bail!(
+            "pid {pid} is statically linked and its executable names no allocator function leakmon can hook (stripped?): nothing was changed"
+        );
+    }
+    if !maps.iter().any(|m| m.path == library) {
+        if statically_linked {
+            remote.map_file(&library)?;
+        } else {
+            let dlopen = remote
+                .symbol(&maps, &root, "dlopen", None)
+                .ok_or_else(|| anyhow!("pid {pid} has no dlopen to load the agent with"))?;
+            let path = library.as_os_str().as_encoded_bytes();
+            let handle = remote.call(dlopen, [0, libc::RTLD_NOW as u64, 0], Some(path))?;
+            if handle == 0 {
+                bail!("dlopen of the agent failed in pid {pid}");
+            }
         }
     }
     let maps = proc_root.maps(pid).with_context(|| format!("read the mappings of pid {pid}"))?;
     let start = remote
-        .symbol(&maps, &root, "leakmon_agent_start", Some(agent))
-        .ok_or_else(|| anyhow!("the agent is not mapped in pid {pid} after dlopen"))?;
+        .symbol(&maps, &root, "leakmon_agent_start", Some(&library))
+        .ok_or_else(|| anyhow!("the agent is not mapped in pid {pid} after loading it"))?;
     let slots = remote.call(start, [sample_bytes, 0, 0], None)? as i64;
     if slots < 0 {
         bail!("the agent in pid {pid} refused to start ({slots})");
     }
-    Ok(slots as u64)
+    let hooked = hook_inline(proc_root, &remote, pid, &library, &maps)?;
+    Ok(slots as u64 + hooked)
 }
 
-/// Stops the agent in `pid`: every redirected slot is written back; the library stays
-/// mapped (a thread may be inside it). Returns the number of slots restored.
+/// Puts inline hooks on the executable's own allocator functions; how many.
+fn hook_inline(
+    proc_root: &ProcRoot,
+    remote: &Remote,
+    pid: u32,
+    library: &Path,
+    maps: &[Mapping],
+) -> Result<u64> {
+    use super::inline;
+    let targets = inline::targets(proc_root, pid, maps)?;
+    if targets.is_empty() {
+        return Ok(0);
+    }
+    let root = proc_root.path().join(pid.to_string()).join("root");
+    let exe = inline::executable(proc_root, pid)?;
+    let (lo, hi) = inline::executable_span(maps, &exe)
+        .ok_or_else(|| anyhow!("pid {pid} does not map its executable {}", exe.display()))?;
+    let near = remote
+        .symbol(maps, &root, "leakmon_agent_map_near", Some(library))
+        .ok_or_else(|| anyhow!("the agent in pid {pid} has no leakmon_agent_map_near"))?;
+    let region = remote.call(near, [lo, hi, inline::region_size(&targets)], None)?;
+    if region == 0 {
+        bail!("pid {pid} has no room within a jump of its executable for inline hooks");
+    }
+    let base = maps
+        .iter()
+        .find(|m| m.path == library && m.offset == 0)
+        .map(|m| m.start)
+        .ok_or_else(|| anyhow!("the agent is not mapped in pid {pid}"))?;
+    let symbols = inline::AgentSymbols::new(library, base)?;
+    let hooked = inline::hook(proc_root, pid, &targets, &symbols, region, false)?;
+    tracing::info!(pid, functions = ?hooked, "inline hooks on");
+    Ok(hooked.len() as u64)
+}
+
+/// Stops the agent in `pid`: every inline hook is taken off and every redirected slot
+/// written back; the library stays mapped (a thread may be inside it). Returns the
+/// number of slots and functions restored.
 pub fn unload(proc_root: &ProcRoot, pid: u32, agent: &Path) -> Result<u64> {
     let remote = Remote::new(proc_root, pid)?;
     let root = proc_root.path().join(pid.to_string()).join("root");
     let maps = proc_root.maps(pid).with_context(|| format!("read the mappings of pid {pid}"))?;
+    let twin = super::freestanding(agent);
+    let library = if maps.iter().any(|m| m.path == twin) { twin } else { agent.to_owned() };
+    let unhooked = super::inline::unhook(proc_root, pid, false)?;
     let stop = remote
-        .symbol(&maps, &root, "leakmon_agent_stop", Some(agent))
+        .symbol(&maps, &root, "leakmon_agent_stop", Some(&library))
         .ok_or_else(|| anyhow!("the agent is not loaded in pid {pid}"))?;
-    remote.call(stop, [0, 0, 0], None)
+    Ok(remote.call(stop, [0, 0, 0], None)? + unhooked as u64)
 }
 
 /// Refuses a process under a seccomp filter: the filter may refuse, or kill the
@@ -535,14 +728,14 @@ fn refuse_seccomp(proc_root: &ProcRoot, pid: u32) -> Result<()> {
     Ok(())
 }
 
-/// Refuses a process without glibc's dynamic loader: a statically linked program (its
-/// own copy of the C library would meet the agent's), or one of another C library.
-fn glibc_loader(proc_root: &ProcRoot, pid: u32, maps: &[Mapping]) -> Result<()> {
+/// Whether `pid` runs with glibc's dynamic loader (`false`: statically linked, no
+/// loader at all); refuses one of another C library.
+fn glibc_loader(proc_root: &ProcRoot, pid: u32, maps: &[Mapping]) -> Result<bool> {
     let base = proc_root
         .auxv(pid, libc::AT_BASE)
         .with_context(|| format!("read the auxiliary vector of pid {pid}"))?;
     let Some(base) = base.filter(|b| *b != 0) else {
-        bail!("pid {pid} is statically linked: there is no dynamic loader to load the agent with");
+        return Ok(false);
     };
     let loader = maps.iter().find(|m| m.start == base).map(|m| m.path.clone()).unwrap_or_default();
     let name = loader.file_name().and_then(|n| n.to_str()).unwrap_or("");
@@ -552,5 +745,5 @@ fn glibc_loader(proc_root: &ProcRoot, pid: u32, maps: &[Mapping]) -> Result<()> 
             loader.display()
         );
     }
-    Ok(())
+    Ok(true)
 }

@@ -7,6 +7,7 @@
 //! command at its start (`LD_PRELOAD`), or into a running process ([`inject`]).
 
 pub mod inject;
+pub mod inline;
 pub mod session;
 
 use std::{
@@ -20,6 +21,10 @@ use anyhow::{Context as _, Result};
 
 /// The agent library, as built for this binary.
 pub const LIBRARY: &[u8] = include_bytes!(concat!(env!("OUT_DIR"), "/libleakmon_agent.so"));
+
+/// The same agent without the C library, for programs without a dynamic loader
+/// (statically linked): leakmon maps it itself and it has inline hooks only.
+pub const FREESTANDING: &[u8] = include_bytes!(concat!(env!("OUT_DIR"), "/libleakmon_agent_freestanding.so"));
 
 /// The interval with the agent when none is given: one sample per 512 KiB allocated.
 pub const DEFAULT_SAMPLE_BYTES: u64 = 512 * 1024;
@@ -36,30 +41,47 @@ pub fn is_agent(path: &Path) -> bool {
         .is_some_and(|n| n.starts_with(FILE_PREFIX) && n.ends_with(".so"))
 }
 
-/// Writes the agent to `/run/leakmon` (or the temporary directory where that is not
-/// writable) under a name made from its content, readable by every user (a process
-/// of any user maps it), unless that file is already there. Returns its path.
+/// Writes the agent (and its freestanding twin, beside it: see [`freestanding`]) to
+/// `/run/leakmon` (or the temporary directory where that is not writable) under a name
+/// made from its content, readable by every user (a process of any user maps it),
+/// unless that file is already there. Returns the agent's path.
 pub fn install() -> Result<PathBuf> {
-    let name = format!("{FILE_PREFIX}{:016x}.so", fnv1a(LIBRARY));
     let run = Path::new("/run/leakmon");
     let dir = if std::fs::create_dir_all(run).is_ok() && writable(run) {
         run.to_owned()
     } else {
         std::env::temp_dir()
     };
-    let path = dir.join(&name);
-    if std::fs::read(&path).is_ok_and(|bytes| bytes == LIBRARY) {
-        return Ok(path);
+    let path = dir.join(name(LIBRARY));
+    write_once(&path, LIBRARY)?;
+    write_once(&freestanding(&path), FREESTANDING)?;
+    Ok(path)
+}
+
+/// The freestanding agent installed beside the agent at `agent`.
+pub fn freestanding(agent: &Path) -> PathBuf {
+    agent.with_file_name(name(FREESTANDING))
+}
+
+fn name(bytes: &[u8]) -> String {
+    format!("{FILE_PREFIX}{:016x}.so", fnv1a(bytes))
+}
+
+fn write_once(path: &Path, bytes: &[u8]) -> Result<()> {
+    if std::fs::read(path).is_ok_and(|b| b == bytes) {
+        return Ok(());
     }
+    let dir = path.parent().unwrap_or(Path::new("."));
+    let name = path.file_name().unwrap_or_default().to_string_lossy();
     // Written aside and renamed: a process never maps half a library.
     let partial = dir.join(format!(".{name}.{}", std::process::id()));
     let mut file = std::fs::File::create(&partial)
         .with_context(|| format!("write the agent to {}", partial.display()))?;
-    file.write_all(LIBRARY).with_context(|| format!("write the agent to {}", partial.display()))?;
+    file.write_all(bytes).with_context(|| format!("write the agent to {}", partial.display()))?;
     file.set_permissions(std::fs::Permissions::from_mode(0o644)).context("make the agent readable")?;
     drop(file);
-    std::fs::rename(&partial, &path).with_context(|| format!("put the agent at {}", path.display()))?;
-    Ok(path)
+    std::fs::rename(&partial, path).with_context(|| format!("put the agent at {}", path.display()))?;
+    Ok(())
 }
 
 fn writable(dir: &Path) -> bool {

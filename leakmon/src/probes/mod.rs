@@ -394,6 +394,13 @@ impl Probes {
     /// The agent samples in-process, so the kernel side records every marker hit at the
     /// weight the agent passes. Returns the number of markers probed.
     pub fn attach_agent(&mut self, pid: Option<u32>, path: &Path) -> Result<usize, ProbeError> {
+        // Its freestanding twin, for programs without a dynamic loader, has the same markers.
+        let twin = crate::agent::freestanding(path);
+        let twins = if twin.exists() { self.attach_agent_file(pid, &twin)? } else { 0 };
+        Ok(self.attach_agent_file(pid, path)? + twins)
+    }
+
+    fn attach_agent_file(&mut self, pid: Option<u32>, path: &Path) -> Result<usize, ProbeError> {
         let meta =
             std::fs::metadata(path).map_err(|source| ProbeError::Stat { path: path.to_owned(), source })?;
         let id = FileId { dev: meta.dev(), ino: meta.ino() };
