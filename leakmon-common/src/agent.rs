@@ -6,6 +6,22 @@
 /// have hooked at once (the C family, and a jemalloc's prefixed copies of it).
 pub const INLINE_SLOTS: usize = 32;
 
+/// The agent's set of sampled blocks: 2^SET_BITS addresses.
+pub const SET_BITS: u32 = 20;
+/// The counting filter in front of it: one byte a slot.
+pub const FILTER_SLOTS: u64 = 1 << 16;
+/// The freestanding agent's per-thread states: 2^THREAD_BITS slots.
+pub const THREAD_BITS: u32 = 12;
+/// Bytes of one per-thread slot (key, countdown, random state, busy flag).
+pub const THREAD_SLOT_BYTES: u64 = 32;
+
+/// The freestanding agent's tables, in one mapping leakmon makes for it: the set,
+/// the filter, the per-thread states, in that order.
+#[must_use]
+pub const fn table_bytes() -> [u64; 3] {
+    [8 << SET_BITS, FILTER_SLOTS, THREAD_SLOT_BYTES << THREAD_BITS]
+}
+
 /// How a hooked function takes and returns its block, as the agent's hook reads it.
 #[repr(u32)]
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]

@@ -117,13 +117,18 @@ struct thread_state {
  * which only makes their samples a little less independent. By the time a program
  * calls its allocator its thread pointer is set: the allocator itself uses TLS.
  */
-#define THREAD_BITS 12
 #define THREAD_SLOTS (1u << THREAD_BITS)
 struct thread_slot {
     uintptr_t key;
     struct thread_state state;
 };
-static struct thread_slot *threads;
+_Static_assert(sizeof(struct thread_slot) == THREAD_SLOT_BYTES, "leakmon maps the thread table");
+/*
+ * The tables, the interval: leakmon fills these in itself (it maps the tables for the
+ * agent), so that loading needs no call into the process.
+ */
+/* Not static: nothing in this file writes them in the freestanding build. */
+struct thread_slot *threads;
 static struct thread_state crowd;
 EXPORT volatile uint64_t leakmon_agent_threads_full;
 
@@ -184,14 +189,13 @@ static inline uint64_t charge(struct thread_state *t, uint64_t size, uint64_t r)
  * small enough to stay in cache, so that a free of an unsampled block (nearly all of
  * them) costs one load of a byte. Both mmap'd.
  */
-#define SET_BITS 20
 #define SET_SLOTS (1u << SET_BITS)
 #define PROBES 64
-#define FILTER_SLOTS (1u << 16)
 #define TOMBSTONE ((uintptr_t)1)
 
-static uintptr_t *set;
-static uint8_t *filter;
+/* Not static: in the freestanding build only leakmon writes them. */
+uintptr_t *set;
+uint8_t *filter;
 EXPORT volatile uint64_t leakmon_agent_set_full;
 
 static int set_insert(uintptr_t p) {
@@ -521,74 +525,11 @@ static void patch_all(void) {
 
 /* ---- control --------------------------------------------------------------------- */
 
-/* mmap without the C library (the freestanding agent has none): the address, or -errno. */
-static long sys_mmap(uintptr_t addr, size_t bytes, long prot, long flags) {
-    long ret;
-    register long r10 __asm__("r10") = flags;
-    register long r8 __asm__("r8") = -1;
-    register long r9 __asm__("r9") = 0;
-    __asm__ volatile("syscall"
-                     : "=a"(ret)
-                     : "a"(9L), "D"(addr), "S"(bytes), "d"(prot), "r"(r10), "r"(r8), "r"(r9)
-                     : "rcx", "r11", "memory");
-    return ret;
-}
-
+#ifndef LEAKMON_AGENT_FREESTANDING
 /*
- * A mapping of `bytes` for inline-hook trampolines within a rel32 jump (2 GiB) of the
- * whole executable [lo, hi): below it if there is room (above it lies the heap that
- * brk grows), else above. leakmon writes the code through /proc/PID/mem, so it is
- * never writable from inside. Returns its address, or 0.
+ * (The freestanding agent has no control functions: leakmon maps its tables, writes
+ * their addresses and the interval into it, and puts its inline hooks on and off.)
  */
-EXPORT uintptr_t leakmon_agent_map_near(uintptr_t lo, uintptr_t hi, uint64_t bytes) {
-    const uintptr_t step = 1u << 20, reach = (uintptr_t)1 << 30;
-    for (uintptr_t d = step; d <= reach; d += step) {
-        uintptr_t hints[2] = {lo > d + bytes + 0x10000 ? lo - d - bytes : 0, hi + (reach >> 2) + d};
-        for (int i = 0; i < 2; i++) {
-            if (hints[i] == 0)
-                continue;
-            long p = sys_mmap(hints[i], bytes, PROT_READ | PROT_EXEC,
-                              MAP_PRIVATE | MAP_ANONYMOUS | MAP_FIXED_NOREPLACE);
-            if (p > 0)
-                return (uintptr_t)p;
-        }
-    }
-    return 0;
-}
-
-#ifdef LEAKMON_AGENT_FREESTANDING
-static void *map_zeroed(size_t bytes) {
-    long p = sys_mmap(0, bytes, PROT_READ | PROT_WRITE, MAP_PRIVATE | MAP_ANONYMOUS | MAP_NORESERVE);
-    return p < 0 ? NULL : (void *)p;
-}
-
-/*
- * The agent for a program without a dynamic loader, mapped by leakmon itself: only
- * inline hooks, which leakmon puts on and takes off. Starts (or changes the interval
- * of) sampling; 0, or -1 for a bad interval, -2 when the tables cannot be mapped.
- * leakmon calls it from one thread at a time.
- */
-EXPORT long leakmon_agent_start(uint64_t sample_bytes) {
-    if (sample_bytes == 0 || sample_bytes > LEAKMON_MAX_RATE)
-        return -1;
-    if (set == NULL) {
-        filter = map_zeroed(FILTER_SLOTS);
-        threads = map_zeroed(THREAD_SLOTS * sizeof(struct thread_slot));
-        uintptr_t *table = map_zeroed(SET_SLOTS * sizeof(uintptr_t));
-        if (filter == NULL || threads == NULL || table == NULL)
-            return -2;
-        __atomic_store_n(&set, table, __ATOMIC_RELEASE);
-    }
-    rate = sample_bytes;
-    return 0;
-}
-
-/* Stops sampling (leakmon has taken the inline hooks off already). */
-EXPORT long leakmon_agent_stop(void) {
-    rate = 0;
-    return 0;
-}
-#else
 static void *map_zeroed(size_t bytes) {
     void *p = mmap(NULL, bytes, PROT_READ | PROT_WRITE, MAP_PRIVATE | MAP_ANONYMOUS | MAP_NORESERVE, -1, 0);
     return p == MAP_FAILED ? NULL : p;

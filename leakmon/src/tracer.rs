@@ -76,7 +76,8 @@ pub struct Tracer {
     breakpoints: HashMap<Pid, (u64, i64)>,
 }
 
-const OPTIONS: Options = Options::PTRACE_O_TRACEFORK
+/// The options leakmon traces a command with (the agent's loader puts them back after its own).
+pub const OPTIONS: Options = Options::PTRACE_O_TRACEFORK
     .union(Options::PTRACE_O_TRACEVFORK)
     .union(Options::PTRACE_O_TRACEEXEC)
     .union(Options::PTRACE_O_TRACEEXIT);

@@ -308,6 +308,8 @@ fn setup(pins: &Pins, tests: bool) -> Result<()> {
                 // Allocators other than glibc's, and a server that links one.
                 "musl-tools",
                 "libjemalloc2",
+                // jemalloc built into a program's executable (inline hooks).
+                "libjemalloc-dev",
                 "libtcmalloc-minimal4",
                 "libmimalloc2.0",
                 "redis-server",

@@ -36,6 +36,7 @@ use nix::{
     unistd::Pid,
 };
 
+use super::inline;
 use crate::procfs::{Mapping, ProcRoot};
 
 /// How long a thread may take to reach a syscall that waits.
@@ -156,7 +157,7 @@ impl Remote {
             Err(Errno::ESRCH) => bail!("pid {} exited", self.pid),
             Err(e) => bail!("ptrace seize pid {}: {e}", self.pid),
         }
-        self.call_held(Held { tid, released: false, pending: None }, function, args, string)
+        self.call_held(Held { tid, released: false, pending: None, borrowed: false }, function, args, string)
     }
 
     fn call_held(&self, mut held: Held, function: u64, args: [u64; 3], string: Option<&[u8]>) -> Result<u64> {
@@ -221,18 +222,88 @@ impl Remote {
         }
     }
 
-    /// Maps the shared object at `path` into the process as a dynamic loader would (each
-    /// loadable segment from the file, so that uprobes on it fire there too), for a
-    /// process without one. Its only relocations may be relative ones, which a
-    /// self-contained object built with `-Bsymbolic` has none of. Returns its base.
-    pub fn map_file(&self, path: &Path) -> Result<u64> {
+    /// Borrows the main thread at a safe point to run `f` with syscalls in it, then
+    /// puts it back where it was.
+    fn with_syscalls<T>(&self, f: impl FnOnce(&mut Syscalls) -> Result<T>) -> Result<T> {
+        let tid = Pid::from_raw(self.pid as i32);
+        match ptrace::seize(tid, Options::PTRACE_O_TRACESYSGOOD) {
+            Ok(()) => {}
+            Err(Errno::EPERM) => bail!(
+                "ptrace of pid {} was refused (another tracer, kernel.yama.ptrace_scope, or a missing CAP_SYS_PTRACE)",
+                self.pid
+            ),
+            Err(Errno::ESRCH) => bail!("pid {} exited", self.pid),
+            Err(e) => bail!("ptrace seize pid {}: {e}", self.pid),
+        }
+        let mut held = Held { tid, released: false, pending: None, borrowed: false };
+        let (regs, resume) = held.safe_point()?;
+        let result = f(&mut Syscalls { remote: self, held: &mut held, regs, syscall_at: resume.syscall_at });
+        held.restore(&resume.regs)?;
+        result
+    }
+
+    fn read_u64(&self, addr: u64) -> Result<u64> {
+        let mut bytes = [0u8; 8];
+        self.mem
+            .read_exact_at(&mut bytes, addr)
+            .with_context(|| format!("read the memory of pid {}", self.pid))?;
+        Ok(u64::from_le_bytes(bytes))
+    }
+
+    fn write(&self, addr: u64, bytes: &[u8]) -> Result<()> {
+        self.mem.write_all_at(bytes, addr).with_context(|| format!("write the memory of pid {}", self.pid))
+    }
+}
+
+/// Syscalls run one at a time in a held thread (at a `syscall` instruction it has).
+struct Syscalls<'a> {
+    remote: &'a Remote,
+    held: &'a mut Held,
+    regs: libc::user_regs_struct,
+    syscall_at: u64,
+}
+
+impl Syscalls<'_> {
+    fn run(&mut self, nr: u64, args: [u64; 6]) -> Result<u64> {
+        let mut r = self.regs;
+        r.rip = self.syscall_at;
+        r.rax = nr;
+        r.orig_rax = u64::MAX;
+        (r.rdi, r.rsi, r.rdx, r.r10, r.r8, r.r9) = (args[0], args[1], args[2], args[3], args[4], args[5]);
+        let ret = self.held.syscall(r)?;
+        if (ret as i64) < 0 && (ret as i64) > -4096 {
+            bail!(
+                "syscall {nr} in pid {} failed: {}",
+                self.remote.pid,
+                Errno::from_raw(-(ret as i64) as i32)
+            );
+        }
+        Ok(ret)
+    }
+
+    fn map_anonymous(&mut self, at: u64, bytes: u64, prot: i32, flags: i32) -> Result<u64> {
+        let flags = (libc::MAP_PRIVATE | libc::MAP_ANONYMOUS | flags) as u64;
+        self.run(NR_MMAP, [at, bytes, prot as u64, flags, u64::MAX, 0])
+    }
+
+    /// Maps the shared object at `path` as a dynamic loader would (each loadable
+    /// segment from the file, so that uprobes on it fire here too). It may have no
+    /// relocations: a self-contained object built with `-Bsymbolic` has none. Returns
+    /// its base.
+    fn map_library(&mut self, path: &Path) -> Result<u64> {
         use object::read::elf::{ElfFile64, FileHeader as _, ProgramHeader as _, SectionHeader as _};
         let data = std::fs::read(path).with_context(|| format!("read {}", path.display()))?;
         let elf = ElfFile64::<object::Endianness>::parse(&*data)
             .with_context(|| format!("parse {}", path.display()))?;
         let endian = elf.endian();
-        let loads: Vec<_> = elf
-            .elf_header()
+        let header = elf.elf_header();
+        let relocated = header.sections(endian, &*data).is_ok_and(|sections| {
+            sections.iter().any(|s| s.sh_type(endian) == object::elf::SHT_RELA && s.sh_size(endian) > 0)
+        });
+        if relocated {
+            bail!("{} has relocations: it cannot be mapped without a dynamic loader", path.display());
+        }
+        let loads: Vec<_> = header
             .program_headers(endian, &*data)
             .context("program headers")?
             .iter()
@@ -247,79 +318,23 @@ impl Remote {
                 )
             })
             .collect();
-        if elf.elf_header().sections(endian, &*data).is_ok_and(|s| {
-            s.iter().any(|s| s.sh_type(endian) == object::elf::SHT_RELA && s.sh_size(endian) > 0)
-        }) {
-            bail!("{} has relocations: it cannot be mapped without a dynamic loader", path.display());
-        }
         let span = loads
             .iter()
             .map(|(v, _, _, m, _)| page_up(v + m))
             .max()
             .ok_or_else(|| anyhow!("{} has nothing to load", path.display()))?;
-
-        let tid = Pid::from_raw(self.pid as i32);
-        match ptrace::seize(tid, Options::PTRACE_O_TRACESYSGOOD) {
-            Ok(()) => {}
-            Err(Errno::EPERM) => bail!(
-                "ptrace of pid {} was refused (another tracer, kernel.yama.ptrace_scope, or a missing CAP_SYS_PTRACE)",
-                self.pid
-            ),
-            Err(Errno::ESRCH) => bail!("pid {} exited", self.pid),
-            Err(e) => bail!("ptrace seize pid {}: {e}", self.pid),
-        }
-        let mut held = Held { tid, released: false, pending: None };
-        let (regs, resume) = held.safe_point()?;
-        let result = self.map_segments(&mut held, &regs, resume.syscall_at, path, span, &loads);
-        held.restore(&resume.regs)?;
-        let base = result?;
-        // The rest of the pages of a segment's file part that its memory size claims
-        // (.bss) must read as zeros.
-        for &(vaddr, _, filesz, memsz, _) in &loads {
-            if memsz > filesz {
-                let from = base + vaddr + filesz;
-                let to = (base + page_up(vaddr + filesz)).min(base + vaddr + memsz);
-                self.write(from, &vec![0; (to - from) as usize])?;
-            }
-        }
-        Ok(base)
-    }
-
-    fn map_segments(
-        &self,
-        held: &mut Held,
-        regs: &libc::user_regs_struct,
-        syscall_at: u64,
-        path: &Path,
-        span: u64,
-        loads: &[(u64, u64, u64, u64, u32)],
-    ) -> Result<u64> {
-        let mut sys = |nr: u64, args: [u64; 6]| -> Result<u64> {
-            let mut r = *regs;
-            r.rip = syscall_at;
-            r.rax = nr;
-            r.orig_rax = u64::MAX;
-            (r.rdi, r.rsi, r.rdx, r.r10, r.r8, r.r9) = (args[0], args[1], args[2], args[3], args[4], args[5]);
-            let ret = held.syscall(r)?;
-            if (ret as i64) < 0 && (ret as i64) > -4096 {
-                bail!("syscall {nr} in pid {} failed: {}", self.pid, Errno::from_raw(-(ret as i64) as i32));
-            }
-            Ok(ret)
-        };
-        let anonymous = (libc::MAP_PRIVATE | libc::MAP_ANONYMOUS) as u64;
-        let rw = (libc::PROT_READ | libc::PROT_WRITE) as u64;
-        let scratch = sys(NR_MMAP, [0, 4096, rw, anonymous, u64::MAX, 0])?;
+        let scratch = self.map_anonymous(0, 4096, libc::PROT_READ | libc::PROT_WRITE, 0)?;
         let mut name = path.as_os_str().as_encoded_bytes().to_vec();
         if name.len() >= 4096 {
             bail!("the path {} is too long", path.display());
         }
         name.push(0);
-        self.write(scratch, &name)?;
-        let fd =
-            sys(NR_OPENAT, [AT_FDCWD as u64, scratch, (libc::O_RDONLY | libc::O_CLOEXEC) as u64, 0, 0, 0])?;
+        self.remote.write(scratch, &name)?;
+        let fd = self
+            .run(NR_OPENAT, [AT_FDCWD as u64, scratch, (libc::O_RDONLY | libc::O_CLOEXEC) as u64, 0, 0, 0])?;
         let mapped = (|| -> Result<u64> {
-            let base = sys(NR_MMAP, [0, span, libc::PROT_NONE as u64, anonymous, u64::MAX, 0])?;
-            for &(vaddr, offset, filesz, memsz, flags) in loads {
+            let base = self.map_anonymous(0, span, libc::PROT_NONE, 0)?;
+            for &(vaddr, offset, filesz, memsz, flags) in &loads {
                 let prot = [
                     (object::elf::PF_R, libc::PROT_READ),
                     (object::elf::PF_W, libc::PROT_WRITE),
@@ -327,35 +342,52 @@ impl Remote {
                 ]
                 .iter()
                 .filter(|(f, _)| flags & f != 0)
-                .fold(0, |p, (_, b)| p | b) as u64;
+                .fold(0, |p, (_, b)| p | b);
                 let start = vaddr & !0xfff;
                 let file_end = page_up(vaddr + filesz);
                 let fixed = (libc::MAP_PRIVATE | libc::MAP_FIXED) as u64;
-                sys(NR_MMAP, [base + start, file_end - start, prot, fixed, fd, offset & !0xfff])?;
+                self.run(NR_MMAP, [base + start, file_end - start, prot as u64, fixed, fd, offset & !0xfff])?;
                 let mem_end = page_up(vaddr + memsz);
                 if mem_end > file_end {
-                    sys(
-                        NR_MMAP,
-                        [
-                            base + file_end,
-                            mem_end - file_end,
-                            prot,
-                            anonymous | libc::MAP_FIXED as u64,
-                            u64::MAX,
-                            0,
-                        ],
-                    )?;
+                    self.map_anonymous(base + file_end, mem_end - file_end, prot, libc::MAP_FIXED)?;
                 }
             }
             Ok(base)
         })();
-        let _ = sys(NR_CLOSE, [fd, 0, 0, 0, 0, 0]);
-        let _ = sys(NR_MUNMAP, [scratch, 4096, 0, 0, 0, 0]);
-        mapped
+        let _ = self.run(NR_CLOSE, [fd, 0, 0, 0, 0, 0]);
+        let _ = self.run(NR_MUNMAP, [scratch, 4096, 0, 0, 0, 0]);
+        let base = mapped?;
+        // The rest of the last file page of a segment whose memory is larger (.bss)
+        // must read as zeros.
+        for &(vaddr, _, filesz, memsz, _) in &loads {
+            if memsz > filesz {
+                let from = base + vaddr + filesz;
+                let to = (base + page_up(vaddr + filesz)).min(base + vaddr + memsz);
+                self.remote.write(from, &vec![0; (to - from) as usize])?;
+            }
+        }
+        Ok(base)
     }
 
-    fn write(&self, addr: u64, bytes: &[u8]) -> Result<()> {
-        self.mem.write_all_at(bytes, addr).with_context(|| format!("write the memory of pid {}", self.pid))
+    /// A mapping of `bytes` (read and execute: leakmon writes through /proc/PID/mem)
+    /// within a rel32 jump of all of [lo, hi): below it if there is room (above lies
+    /// the heap brk grows), else above.
+    fn map_near(&mut self, lo: u64, hi: u64, bytes: u64) -> Result<u64> {
+        const STEP: u64 = 1 << 20;
+        const REACH: u64 = 1 << 30;
+        let below = (1..=REACH / STEP)
+            .map(|k| lo.checked_sub(k * STEP + bytes))
+            .take_while(Option::is_some)
+            .flatten();
+        let above = (1..=REACH / STEP).map(|k| hi + REACH / 4 + k * STEP);
+        for at in below.filter(|a| *a >= 0x10000).chain(above).take(64) {
+            match self.map_anonymous(at, bytes, libc::PROT_READ | libc::PROT_EXEC, libc::MAP_FIXED_NOREPLACE)
+            {
+                Ok(region) if region == at => return Ok(region),
+                Ok(_) | Err(_) => {}
+            }
+        }
+        bail!("pid {} has no room within a jump of its executable for inline hooks", self.remote.pid)
     }
 }
 
@@ -363,6 +395,8 @@ impl Remote {
 struct Held {
     tid: Pid,
     released: bool,
+    /// Held by somebody else's ptrace (leakmon's tracer of a command): never detached here.
+    borrowed: bool,
     /// A signal that arrived while it was held, delivered when it is let go.
     pending: Option<Signal>,
 }
@@ -463,6 +497,9 @@ impl Held {
 
     fn release(&mut self) -> Result<()> {
         self.released = true;
+        if self.borrowed {
+            return Ok(());
+        }
         ptrace::detach(self.tid, self.pending.take()).context("detach")
     }
 
@@ -484,7 +521,7 @@ impl Held {
 
 impl Drop for Held {
     fn drop(&mut self) {
-        if self.released {
+        if self.released || self.borrowed {
             return;
         }
         // With its own registers (nothing was set yet, or they were put back): letting
@@ -629,72 +666,182 @@ pub fn load(proc_root: &ProcRoot, pid: u32, agent: &Path, sample_bytes: u64) -> 
     let remote = Remote::new(proc_root, pid)?;
     let root = proc_root.path().join(pid.to_string()).join("root");
     let maps = proc_root.maps(pid).with_context(|| format!("read the mappings of pid {pid}"))?;
-    let statically_linked = !glibc_loader(proc_root, pid, &maps)?;
-    let library = if statically_linked { super::freestanding(agent) } else { agent.to_owned() };
-    if statically_linked && super::inline::targets(proc_root, pid, &maps)?.is_empty() {
-        bail!(
-            "pid {pid} is statically linked and its executable names no allocator function leakmon can hook (stripped?): nothing was changed"
-        );
+    if !glibc_loader(proc_root, pid, &maps)? {
+        return load_freestanding(proc_root, &remote, pid, agent, sample_bytes, &maps, None);
     }
-    if !maps.iter().any(|m| m.path == library) {
-        if statically_linked {
-            remote.map_file(&library)?;
-        } else {
-            let dlopen = remote
-                .symbol(&maps, &root, "dlopen", None)
-                .ok_or_else(|| anyhow!("pid {pid} has no dlopen to load the agent with"))?;
-            let path = library.as_os_str().as_encoded_bytes();
-            let handle = remote.call(dlopen, [0, libc::RTLD_NOW as u64, 0], Some(path))?;
-            if handle == 0 {
-                bail!("dlopen of the agent failed in pid {pid}");
-            }
+    if !maps.iter().any(|m| m.path == agent) {
+        let dlopen = remote
+            .symbol(&maps, &root, "dlopen", None)
+            .ok_or_else(|| anyhow!("pid {pid} has no dlopen to load the agent with"))?;
+        let path = agent.as_os_str().as_encoded_bytes();
+        let handle = remote.call(dlopen, [0, libc::RTLD_NOW as u64, 0], Some(path))?;
+        if handle == 0 {
+            bail!("dlopen of the agent failed in pid {pid}");
         }
     }
     let maps = proc_root.maps(pid).with_context(|| format!("read the mappings of pid {pid}"))?;
     let start = remote
-        .symbol(&maps, &root, "leakmon_agent_start", Some(&library))
-        .ok_or_else(|| anyhow!("the agent is not mapped in pid {pid} after loading it"))?;
+        .symbol(&maps, &root, "leakmon_agent_start", Some(agent))
+        .ok_or_else(|| anyhow!("the agent is not mapped in pid {pid} after dlopen"))?;
     let slots = remote.call(start, [sample_bytes, 0, 0], None)? as i64;
     if slots < 0 {
         bail!("the agent in pid {pid} refused to start ({slots})");
     }
-    let hooked = hook_inline(proc_root, &remote, pid, &library, &maps)?;
+    let targets = inline::targets(proc_root, pid, &maps)?;
+    if targets.is_empty() {
+        return Ok(slots as u64);
+    }
+    let (lo, hi) = executable_span(proc_root, pid, &maps)?;
+    let region = remote.with_syscalls(|sys| sys.map_near(lo, hi, inline::region_size(&targets)))?;
+    let hooked = hook_inline(proc_root, pid, agent, &maps, &targets, region, false)?;
     Ok(slots as u64 + hooked)
 }
 
-/// Puts inline hooks on the executable's own allocator functions; how many.
-fn hook_inline(
+/// Loads the agent into `pid`, a command leakmon started and holds with ptrace at its
+/// entry point, before its first instruction (so with one thread): a statically
+/// linked one gets the freestanding agent; one that preloaded the agent gets inline
+/// hooks on its executable's own allocator functions. `options` are the tracer's
+/// ptrace options, put back afterwards. Returns how many functions were hooked.
+pub fn load_at_entry(
+    proc_root: &ProcRoot,
+    pid: u32,
+    agent: &Path,
+    sample_bytes: u64,
+    options: Options,
+) -> Result<u64> {
+    let maps = proc_root.maps(pid).with_context(|| format!("read the mappings of pid {pid}"))?;
+    let statically_linked = !glibc_loader(proc_root, pid, &maps)?;
+    let targets = inline::targets(proc_root, pid, &maps)?;
+    if !statically_linked && (targets.is_empty() || !maps.iter().any(|m| m.path == agent)) {
+        return Ok(0);
+    }
+    let tid = Pid::from_raw(pid as i32);
+    let remote = Remote { pid, mem: open_mem(proc_root, pid)? };
+    let regs = ptrace::getregs(tid).context("read registers")?;
+    let syscall_at = syscall_instruction(&remote, proc_root, pid, &maps)?;
+    ptrace::setoptions(tid, options | Options::PTRACE_O_TRACESYSGOOD).context("set ptrace options")?;
+    let mut held = Held { tid, released: false, pending: None, borrowed: true };
+    let at_entry = Syscalls { remote: &remote, held: &mut held, regs, syscall_at };
+    let result = if statically_linked {
+        load_freestanding(proc_root, &remote, pid, agent, sample_bytes, &maps, Some(at_entry))
+    } else {
+        (|| {
+            let (lo, hi) = executable_span(proc_root, pid, &maps)?;
+            let mut sys = at_entry;
+            let region = sys.map_near(lo, hi, inline::region_size(&targets))?;
+            hook_inline(proc_root, pid, agent, &maps, &targets, region, true)
+        })()
+    };
+    let put_back = ptrace::setregs(tid, regs).context("restore registers");
+    let _ = ptrace::setoptions(tid, options);
+    let hooked = result?;
+    put_back?;
+    Ok(hooked)
+}
+
+/// The freestanding agent into a statically linked `pid`: mapped, with its tables and
+/// a region for trampolines, by syscalls run in the process (in `at_entry`, or in its
+/// main thread borrowed at a safe point); then its tables and interval are written
+/// into it, and the inline hooks put on. Nothing is called in the process.
+fn load_freestanding(
     proc_root: &ProcRoot,
     remote: &Remote,
     pid: u32,
-    library: &Path,
+    agent: &Path,
+    sample_bytes: u64,
     maps: &[Mapping],
+    at_entry: Option<Syscalls>,
 ) -> Result<u64> {
-    use super::inline;
+    let library = super::freestanding(agent);
     let targets = inline::targets(proc_root, pid, maps)?;
     if targets.is_empty() {
-        return Ok(0);
+        bail!(
+            "pid {pid} is statically linked and its executable names no allocator function leakmon can hook (stripped?): nothing was changed"
+        );
     }
-    let root = proc_root.path().join(pid.to_string()).join("root");
-    let exe = inline::executable(proc_root, pid)?;
-    let (lo, hi) = inline::executable_span(maps, &exe)
-        .ok_or_else(|| anyhow!("pid {pid} does not map its executable {}", exe.display()))?;
-    let near = remote
-        .symbol(maps, &root, "leakmon_agent_map_near", Some(library))
-        .ok_or_else(|| anyhow!("the agent in pid {pid} has no leakmon_agent_map_near"))?;
-    let region = remote.call(near, [lo, hi, inline::region_size(&targets)], None)?;
-    if region == 0 {
-        bail!("pid {pid} has no room within a jump of its executable for inline hooks");
+    let (lo, hi) = executable_span(proc_root, pid, maps)?;
+    let mapped = maps.iter().find(|m| m.path == library && m.offset == 0).map(|m| m.start);
+    let variable = |base: u64, name: &str| inline::agent_symbol(&library, base, name);
+    let tables = leakmon_common::agent::table_bytes();
+    let setup = |sys: &mut Syscalls| -> Result<(u64, Option<u64>, u64)> {
+        let base = match mapped {
+            Some(base) => base,
+            None => sys.map_library(&library)?,
+        };
+        let unset = remote.read_u64(variable(base, "set")?)? == 0;
+        let table = if unset {
+            let rw = libc::PROT_READ | libc::PROT_WRITE;
+            Some(sys.map_anonymous(0, tables.iter().sum(), rw, libc::MAP_NORESERVE)?)
+        } else {
+            None
+        };
+        Ok((base, table, sys.map_near(lo, hi, inline::region_size(&targets))?))
+    };
+    let stopped = at_entry.is_some();
+    let (base, table, region) = match at_entry {
+        Some(mut sys) => setup(&mut sys)?,
+        None => remote.with_syscalls(setup)?,
+    };
+    if let Some(table) = table {
+        // The tables before the interval: a hook reads the interval first.
+        remote.write(variable(base, "set")?, &table.to_le_bytes())?;
+        remote.write(variable(base, "filter")?, &(table + tables[0]).to_le_bytes())?;
+        remote.write(variable(base, "threads")?, &(table + tables[0] + tables[1]).to_le_bytes())?;
     }
+    remote.write(variable(base, "rate")?, &sample_bytes.to_le_bytes())?;
+    let maps = proc_root.maps(pid).with_context(|| format!("read the mappings of pid {pid}"))?;
+    hook_inline(proc_root, pid, &library, &maps, &targets, region, stopped)
+}
+
+/// Puts inline hooks on `targets`, leading to the agent `library`; how many.
+fn hook_inline(
+    proc_root: &ProcRoot,
+    pid: u32,
+    library: &Path,
+    maps: &[Mapping],
+    targets: &[inline::Target],
+    region: u64,
+    stopped: bool,
+) -> Result<u64> {
     let base = maps
         .iter()
         .find(|m| m.path == library && m.offset == 0)
         .map(|m| m.start)
         .ok_or_else(|| anyhow!("the agent is not mapped in pid {pid}"))?;
     let symbols = inline::AgentSymbols::new(library, base)?;
-    let hooked = inline::hook(proc_root, pid, &targets, &symbols, region, false)?;
+    let hooked = inline::hook(proc_root, pid, targets, &symbols, region, stopped)?;
     tracing::info!(pid, functions = ?hooked, "inline hooks on");
     Ok(hooked.len() as u64)
+}
+
+fn executable_span(proc_root: &ProcRoot, pid: u32, maps: &[Mapping]) -> Result<(u64, u64)> {
+    let exe = inline::executable(proc_root, pid)?;
+    inline::executable_span(maps, &exe)
+        .ok_or_else(|| anyhow!("pid {pid} does not map its executable {}", exe.display()))
+}
+
+/// The address of a `syscall` instruction in the executable's code, for a thread
+/// held where there is none.
+fn syscall_instruction(remote: &Remote, proc_root: &ProcRoot, pid: u32, maps: &[Mapping]) -> Result<u64> {
+    let exe = inline::executable(proc_root, pid)?;
+    for m in maps.iter().filter(|m| m.executable && (m.path == exe || m.path.as_os_str() == "[vdso]")) {
+        let mut code = vec![0u8; (m.end - m.start).min(64 << 20) as usize];
+        if remote.mem.read_exact_at(&mut code, m.start).is_err() {
+            continue;
+        }
+        if let Some(i) = code.windows(2).position(|w| w == [0x0f, 0x05]) {
+            return Ok(m.start + i as u64);
+        }
+    }
+    bail!("pid {pid} has no syscall instruction to borrow")
+}
+
+fn open_mem(proc_root: &ProcRoot, pid: u32) -> Result<File> {
+    std::fs::OpenOptions::new()
+        .read(true)
+        .write(true)
+        .open(proc_root.path().join(pid.to_string()).join("mem"))
+        .with_context(|| format!("open the memory of pid {pid}"))
 }
 
 /// Stops the agent in `pid`: every inline hook is taken off and every redirected slot
@@ -704,13 +851,17 @@ pub fn unload(proc_root: &ProcRoot, pid: u32, agent: &Path) -> Result<u64> {
     let remote = Remote::new(proc_root, pid)?;
     let root = proc_root.path().join(pid.to_string()).join("root");
     let maps = proc_root.maps(pid).with_context(|| format!("read the mappings of pid {pid}"))?;
+    let unhooked = inline::unhook(proc_root, pid, false)? as u64;
     let twin = super::freestanding(agent);
-    let library = if maps.iter().any(|m| m.path == twin) { twin } else { agent.to_owned() };
-    let unhooked = super::inline::unhook(proc_root, pid, false)?;
+    if let Some(base) = maps.iter().find(|m| m.path == twin && m.offset == 0).map(|m| m.start) {
+        // The freestanding agent has no slots of its own: sampling simply stops.
+        remote.write(inline::agent_symbol(&twin, base, "rate")?, &0u64.to_le_bytes())?;
+        return Ok(unhooked);
+    }
     let stop = remote
-        .symbol(&maps, &root, "leakmon_agent_stop", Some(&library))
+        .symbol(&maps, &root, "leakmon_agent_stop", Some(agent))
         .ok_or_else(|| anyhow!("the agent is not loaded in pid {pid}"))?;
-    Ok(remote.call(stop, [0, 0, 0], None)? + unhooked as u64)
+    Ok(remote.call(stop, [0, 0, 0], None)? + unhooked)
 }
 
 /// Refuses a process under a seccomp filter: the filter may refuse, or kill the

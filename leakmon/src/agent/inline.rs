@@ -229,6 +229,18 @@ impl AgentSymbols {
     }
 }
 
+/// The address of `name` (a function or variable, local ones too) in the agent file
+/// `agent` mapped at `base`.
+pub fn agent_symbol(agent: &Path, base: u64, name: &str) -> Result<u64> {
+    let data = std::fs::read(agent).with_context(|| format!("read {}", agent.display()))?;
+    let file = object::File::parse(&*data).with_context(|| format!("parse {}", agent.display()))?;
+    file.symbols()
+        .chain(file.dynamic_symbols())
+        .find(|s| s.name() == Ok(name))
+        .map(|s| base + s.address())
+        .ok_or_else(|| anyhow!("the agent at {} has no {name}", agent.display()))
+}
+
 /// Puts inline hooks on `targets` in `pid`: stubs and trampolines go to `region` (a
 /// mapping within a jump's reach of every target, [`region_size`] bytes), the agent's
 /// slots are filled, then the entries are written with every thread stopped (unless

@@ -114,6 +114,8 @@ pub fn report(args: &ReportArgs) -> Result<()> {
     let signals_to_stop = if args.pid.is_some() { 1 } else { 2 };
     loop {
         if let Some(t) = tracer.as_mut() {
+            let root_pid = t.root();
+            let mut entry_error = None;
             t.poll(|pid, stop| match stop {
                 Stop::Exit => {
                     infos.insert(pid, capture(&mut discovery, pid, false));
@@ -133,6 +135,23 @@ pub fn report(args: &ReportArgs) -> Result<()> {
                     if let Err(e) = attach(&mut probes, pid, discovery.process(pid).files) {
                         unless_gone(&proc_root, pid, "attach to the allocator of a new image", &e);
                     }
+                    // A program LD_PRELOAD cannot reach (statically linked), or one with
+                    // its own allocator built in, gets the agent's inline hooks here.
+                    if let Some(agent) = agent.as_deref() {
+                        let loaded = crate::agent::inject::load_at_entry(
+                            &proc_root,
+                            pid,
+                            agent,
+                            sample_bytes,
+                            crate::tracer::OPTIONS,
+                        );
+                        match loaded {
+                            Ok(0) => {}
+                            Ok(functions) => info!(pid, functions, "agent's inline hooks on"),
+                            Err(e) if pid == root_pid => entry_error = Some(e),
+                            Err(e) => unless_gone(&proc_root, pid, "load the agent", &e),
+                        }
+                    }
                     refresh_unwind(&mut probes, &proc_root, pid);
                 }
                 // A child of a process with probes of its own needs its own before it
@@ -144,6 +163,9 @@ pub fn report(args: &ReportArgs) -> Result<()> {
                 }
                 Stop::Fork => {}
             })?;
+            if let Some(e) = entry_error {
+                return Err(e.context(format!("load the agent into pid {root_pid}")));
+            }
             if let Some(exit) = t.root_exit() {
                 match exit {
                     RootExit::Code(code) => info!(code, "command exited"),
