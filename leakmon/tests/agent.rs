@@ -405,6 +405,64 @@ fn threads_in_malloc_and_fork_exec_during_load_and_threads_dlopen_after_it() {
     assert!(ask("join").starts_with("joined bad=0 "));
 }
 
+/// The same for inline hooks, in a statically linked program: threads hammer the
+/// allocator and the process forks and execs while the hooks go on (the entries are
+/// written with every thread stopped and none inside them); a new thread and a forked
+/// child leak after it; nobody gets a corrupt block, and the entries come back.
+#[test]
+fn threads_in_malloc_and_fork_exec_during_inline_hooking_of_a_static_program() {
+    use std::io::Write as _;
+    let fixture = build_fixture("agent_lifecycle.c", &["-static"]);
+    let mut target = Reap(
+        Command::new(&fixture)
+            .stdin(Stdio::piped())
+            .stdout(Stdio::piped())
+            .spawn()
+            .expect("start the fixture"),
+    );
+    let pid = target.0.id();
+    let mut stdin = target.0.stdin.take().expect("stdin");
+    let mut lines = BufReader::new(target.0.stdout.take().expect("stdout")).lines();
+    assert_eq!(lines.next().expect("a line").expect("read"), "ready");
+    let mut ask = |command: &str| -> String {
+        writeln!(stdin, "{command}").expect("write a command");
+        lines.next().expect("an answer").expect("read")
+    };
+    let entries: Vec<(u64, u64)> = ["malloc", "free"]
+        .iter()
+        .map(|f| entry_address(pid, &fixture, f))
+        .map(|a| (a, read_u64(pid, a)))
+        .collect();
+    assert_eq!(ask("churn"), "churning");
+    assert_eq!(ask("spawn"), "spawning");
+    std::thread::sleep(Duration::from_millis(200));
+
+    let (report, stderr) = watch_pid_with(pid, "6", &["--agent", "--sample-bytes", "4KiB"]);
+    assert_eq!(ask("thread"), "thread leaked");
+    assert_eq!(ask("fork"), "forked 0");
+    let json = finish_report(report, stderr);
+    let spawned = ask("unspawn");
+    assert!(spawned.ends_with(" bad=0") && !spawned.starts_with("spawned 0 "), "{spawned}");
+    let answer = ask("join");
+    assert_eq!(answer.split(['=', ' ']).nth(2), Some("0"), "{answer}");
+    assert!(!answer.ends_with("pairs=0"), "{answer}");
+
+    let parent = processes(&json).iter().find(|p| p["pid"] == pid).expect("the fixture's process");
+    let got = by_function(parent, "agent_lifecycle.c");
+    assert_eq!(got.get("leak_in_new_thread"), Some(&(1_048_576, 1)), "{got:?}");
+    let child = processes(&json)
+        .iter()
+        .find(|p| p["pid"] != pid && !by_function(p, "agent_lifecycle.c").is_empty())
+        .expect("the forked child in the report");
+    assert_eq!(by_function(child, "agent_lifecycle.c").get("leak_in_child"), Some(&(1_048_576, 1)));
+    for (entry, original) in &entries {
+        assert_eq!(read_u64(pid, *entry), *original, "the entry at {entry:#x} holds its own bytes again");
+    }
+    assert_eq!(tracer_of(pid), "0");
+    assert_eq!(ask("churn"), "churning");
+    assert!(ask("join").starts_with("joined bad=0 "));
+}
+
 /// A process under a seccomp filter (systemd's SystemCallFilter= puts many there) may be
 /// refused, or killed, for the calls a load makes in it: it is refused in one line
 /// before any, and runs on untouched.
