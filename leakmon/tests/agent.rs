@@ -269,6 +269,34 @@ fn a_busy_process_gets_one_line_never_a_hang() {
     assert!(state.split(' ').nth(2).is_some_and(|s| s == "R" || s == "S"), "{state}");
 }
 
+/// A process leakmon may not ptrace (another user's, with CAP_SYS_PTRACE dropped, as
+/// a hardened unit or a Yama policy would have it) is refused in one line that says
+/// so, and left alone.
+#[test]
+fn a_process_leakmon_may_not_ptrace_is_refused_in_one_line() {
+    let target = Reap(
+        Command::new("setpriv")
+            .args(["--reuid=65534", "--regid=65534", "--clear-groups", "sleep", "30"])
+            .spawn()
+            .expect("start a process of another user"),
+    );
+    let pid = target.0.id();
+    std::thread::sleep(Duration::from_millis(200));
+    let out = Command::new("setpriv")
+        .args(["--inh-caps=-sys_ptrace", "--bounding-set=-sys_ptrace"])
+        .arg(env!("CARGO_BIN_EXE_leakmon"))
+        .env_remove("RUST_LOG")
+        .args(["report", "--agent", "--format", "json", "--duration", "1", "--pid", &pid.to_string()])
+        .output()
+        .expect("run leakmon without CAP_SYS_PTRACE");
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert!(!out.status.success());
+    assert_eq!(stderr.trim().lines().count(), 1, "{stderr}");
+    assert!(stderr.contains("ptrace of pid") && stderr.contains("refused"), "{stderr}");
+    assert!(!agent_mapped(pid));
+    assert_eq!(tracer_of(pid), "0");
+}
+
 /// A process another tracer holds (a debugger) is refused in one line.
 #[test]
 fn a_process_under_a_debugger_is_refused_in_one_line() {

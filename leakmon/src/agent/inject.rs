@@ -104,12 +104,7 @@ impl Remote {
                 bail!("pid {pid} is already traced by pid {tracer} (a debugger?): the agent cannot be loaded into it");
             }
         }
-        let mem = std::fs::OpenOptions::new()
-            .read(true)
-            .write(true)
-            .open(proc_root.path().join(pid.to_string()).join("mem"))
-            .with_context(|| format!("open the memory of pid {pid}"))?;
-        Ok(Self { pid, mem })
+        Ok(Self { pid, mem: open_mem(proc_root, pid)? })
     }
 
     /// The address of `symbol`, a function defined by a file the process maps
@@ -150,10 +145,7 @@ impl Remote {
         }
         match ptrace::seize(tid, Options::PTRACE_O_TRACESYSGOOD) {
             Ok(()) => {}
-            Err(Errno::EPERM) => bail!(
-                "ptrace of pid {} was refused (another tracer, kernel.yama.ptrace_scope, or a missing CAP_SYS_PTRACE)",
-                self.pid
-            ),
+            Err(Errno::EPERM) => return Err(ptrace_refused(self.pid)),
             Err(Errno::ESRCH) => bail!("pid {} exited", self.pid),
             Err(e) => bail!("ptrace seize pid {}: {e}", self.pid),
         }
@@ -228,10 +220,7 @@ impl Remote {
         let tid = Pid::from_raw(self.pid as i32);
         match ptrace::seize(tid, Options::PTRACE_O_TRACESYSGOOD) {
             Ok(()) => {}
-            Err(Errno::EPERM) => bail!(
-                "ptrace of pid {} was refused (another tracer, kernel.yama.ptrace_scope, or a missing CAP_SYS_PTRACE)",
-                self.pid
-            ),
+            Err(Errno::EPERM) => return Err(ptrace_refused(self.pid)),
             Err(Errno::ESRCH) => bail!("pid {} exited", self.pid),
             Err(e) => bail!("ptrace seize pid {}: {e}", self.pid),
         }
@@ -836,12 +825,23 @@ fn syscall_instruction(remote: &Remote, proc_root: &ProcRoot, pid: u32, maps: &[
     bail!("pid {pid} has no syscall instruction to borrow")
 }
 
+/// The memory of `pid`, which the kernel opens only to whoever may ptrace it.
 fn open_mem(proc_root: &ProcRoot, pid: u32) -> Result<File> {
-    std::fs::OpenOptions::new()
+    match std::fs::OpenOptions::new()
         .read(true)
         .write(true)
         .open(proc_root.path().join(pid.to_string()).join("mem"))
-        .with_context(|| format!("open the memory of pid {pid}"))
+    {
+        Ok(mem) => Ok(mem),
+        Err(e) if matches!(e.raw_os_error(), Some(libc::EACCES | libc::EPERM)) => Err(ptrace_refused(pid)),
+        Err(e) => Err(e).with_context(|| format!("open the memory of pid {pid}")),
+    }
+}
+
+fn ptrace_refused(pid: u32) -> anyhow::Error {
+    anyhow!(
+        "ptrace of pid {pid} was refused (another tracer, kernel.yama.ptrace_scope, or a missing CAP_SYS_PTRACE): nothing was changed"
+    )
 }
 
 /// Stops the agent in `pid`: every inline hook is taken off and every redirected slot

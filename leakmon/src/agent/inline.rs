@@ -378,7 +378,9 @@ impl StoppedThreads {
                         held.insert(tid);
                         continue;
                     }
-                    Err(Errno::EPERM) => bail!("ptrace of pid {pid} was refused"),
+                    Err(Errno::EPERM) => bail!(
+                        "ptrace of pid {pid} was refused (kernel.yama.ptrace_scope, or a missing CAP_SYS_PTRACE)"
+                    ),
                     Err(e) => bail!("ptrace seize thread {tid} of pid {pid}: {e}"),
                 }
                 held.insert(tid);
