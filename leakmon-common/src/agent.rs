@@ -6,11 +6,11 @@
 /// have hooked at once (the C family, and a jemalloc's prefixed copies of it).
 pub const INLINE_SLOTS: usize = 32;
 
-/// The agent's set of sampled blocks: 2^SET_BITS addresses.
+/// The agent's set of sampled blocks: `2^SET_BITS` addresses.
 pub const SET_BITS: u32 = 20;
 /// The counting filter in front of it: one byte a slot.
 pub const FILTER_SLOTS: u64 = 1 << 16;
-/// The freestanding agent's per-thread states: 2^THREAD_BITS slots.
+/// The freestanding agent's per-thread states: `2^THREAD_BITS` slots.
 pub const THREAD_BITS: u32 = 12;
 /// Bytes of one per-thread slot (key, countdown, random state, busy flag).
 pub const THREAD_SLOT_BYTES: u64 = 32;
@@ -34,7 +34,7 @@ pub enum HookKind {
     Realloc = 2,
     /// `(count, size)` more than realloc: reallocarray.
     ReallocArray = 3,
-    /// `(alignment, size) -> block`: memalign, aligned_alloc.
+    /// `(alignment, size) -> block`: `memalign`, `aligned_alloc`.
     Memalign = 4,
     /// `(&block, alignment, size) -> 0 on success`.
     PosixMemalign = 5,

@@ -9,10 +9,19 @@
  * later its free, call a marker function on which leakmon has a uprobe: the kernel
  * pays for samples only, and walks the stack and keeps the tables as in exact mode.
  *
+ * Allocators called directly, with no GOT in between (a statically linked program, a
+ * jemalloc built into the executable), get inline hooks: leakmon writes a jump to one
+ * of the LEAKMON_INLINE_SLOTS hooks at the function's entry (see inline.rs).
+ *
+ * Built twice: as a shared library for glibc's loader, and freestanding
+ * (LEAKMON_AGENT_FREESTANDING: no C library, no TLS, no relocations) for programs
+ * without a loader, which leakmon maps and fills in itself.
+ *
  * Rules this file keeps, because it runs inside somebody else's process:
  *  - it never allocates through the allocator it wraps (its tables are mmap'd);
  *  - its thread-local state is initial-exec TLS, which needs no allocation (a dlopened
- *    library's dynamic TLS is allocated with malloc on first use);
+ *    library's dynamic TLS is allocated with malloc on first use), or, freestanding, a
+ *    lock-free table keyed by the thread pointer;
  *  - a hook entered again from inside the real allocator (operator new calling malloc,
  *    strdup calling malloc) passes straight through: one block is counted once, at
  *    the outermost call, as the uprobes count it;

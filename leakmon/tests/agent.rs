@@ -14,7 +14,10 @@ use std::{
 };
 
 use common::{
-    agent_state::{agent_mapped, got_slot, guardian_of, read_u64, tracer_of, wait_restored, AgentTarget},
+    agent_state::{
+        agent_mapped, entry_address, got_slot, guardian_of, read_u64, tracer_of, wait_restored, AgentTarget,
+        Lifecycle,
+    },
     build_fixture, by_function, finish_report, leakmon, leaks_sigma, parse_report, processes,
     sampling_variance, signal, watch_pid_with, Reap, LEAKS,
 };
@@ -232,25 +235,6 @@ fn a_stripped_static_program_is_refused_in_one_line_and_left_alone() {
     assert!(target.0.wait().expect("wait").success(), "the program ends normally");
 }
 
-/// The address of `symbol` of the executable `exe` in `pid`.
-fn entry_address(pid: u32, exe: &std::path::Path, symbol: &str) -> u64 {
-    use object::{Object as _, ObjectSymbol as _};
-    let data = std::fs::read(exe).expect("read the fixture");
-    let file = object::File::parse(&*data).expect("parse the fixture");
-    let address = file.symbols().find(|s| s.name() == Ok(symbol)).map(|s| s.address()).expect("the symbol");
-    if file.kind() != object::ObjectKind::Dynamic {
-        return address;
-    }
-    // A PIE: where its first mapping starts.
-    let maps = std::fs::read_to_string(format!("/proc/{pid}/maps")).expect("maps");
-    let base = maps
-        .lines()
-        .find(|l| l.ends_with(exe.to_str().expect("utf-8 path")))
-        .and_then(|l| u64::from_str_radix(l.split('-').next()?, 16).ok())
-        .expect("the executable's first mapping");
-    base + address
-}
-
 /// A process that never waits in a syscall (a busy loop) offers no safe point: after a
 /// bounded wait, one line, and the process runs on, untraced and unchanged.
 #[test]
@@ -381,24 +365,11 @@ fn leakmon_killed_mid_load_or_while_loaded_leaves_the_process_as_it_was() {
 /// new thread, the child and the library (far above the interval) are reported exactly.
 #[test]
 fn threads_in_malloc_and_fork_exec_during_load_and_threads_dlopen_after_it() {
-    use std::io::Write as _;
     let fixture = build_fixture("agent_lifecycle.c", &[]);
     let plugin = build_fixture("agent_plugin.c", &["-shared", "-fPIC"]);
-    let mut target = Reap(
-        Command::new(&fixture)
-            .stdin(Stdio::piped())
-            .stdout(Stdio::piped())
-            .spawn()
-            .expect("start the fixture"),
-    );
-    let pid = target.0.id();
-    let mut stdin = target.0.stdin.take().expect("stdin");
-    let mut lines = BufReader::new(target.0.stdout.take().expect("stdout")).lines();
-    assert_eq!(lines.next().expect("a line").expect("read"), "ready");
-    let mut ask = |command: &str| -> String {
-        writeln!(stdin, "{command}").expect("write a command");
-        lines.next().expect("an answer").expect("read")
-    };
+    let mut target = Lifecycle::start(&fixture);
+    let pid = target.pid;
+    let mut ask = |command: &str| target.ask(command);
     assert_eq!(ask("churn"), "churning");
     assert_eq!(ask("spawn"), "spawning");
     let slot = got_slot(pid, &fixture, "malloc");
@@ -439,23 +410,10 @@ fn threads_in_malloc_and_fork_exec_during_load_and_threads_dlopen_after_it() {
 /// child leak after it; nobody gets a corrupt block, and the entries come back.
 #[test]
 fn threads_in_malloc_and_fork_exec_during_inline_hooking_of_a_static_program() {
-    use std::io::Write as _;
     let fixture = build_fixture("agent_lifecycle.c", &["-static"]);
-    let mut target = Reap(
-        Command::new(&fixture)
-            .stdin(Stdio::piped())
-            .stdout(Stdio::piped())
-            .spawn()
-            .expect("start the fixture"),
-    );
-    let pid = target.0.id();
-    let mut stdin = target.0.stdin.take().expect("stdin");
-    let mut lines = BufReader::new(target.0.stdout.take().expect("stdout")).lines();
-    assert_eq!(lines.next().expect("a line").expect("read"), "ready");
-    let mut ask = |command: &str| -> String {
-        writeln!(stdin, "{command}").expect("write a command");
-        lines.next().expect("an answer").expect("read")
-    };
+    let mut target = Lifecycle::start(&fixture);
+    let pid = target.pid;
+    let mut ask = |command: &str| target.ask(command);
     let entries: Vec<(u64, u64)> = ["malloc", "free"]
         .iter()
         .map(|f| entry_address(pid, &fixture, f))

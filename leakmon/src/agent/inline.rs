@@ -38,7 +38,7 @@ use nix::{
     },
     unistd::Pid,
 };
-use object::{Object as _, ObjectSection as _, ObjectSymbol as _};
+use object::{Object as _, ObjectSymbol as _};
 
 use crate::procfs::{Mapping, ProcRoot};
 
@@ -82,7 +82,7 @@ pub fn targets(proc_root: &ProcRoot, pid: u32, maps: &[Mapping]) -> Result<Vec<T
         }
         let Ok(name) = symbol.name() else { continue };
         let Some(kind) = HookKind::of_symbol(name) else { continue };
-        let Some((offset, code)) = code_of(&file, &symbol) else { continue };
+        let Some((offset, code)) = crate::probes::targets::code_of(&file, &symbol) else { continue };
         let Some(mapping) = maps.iter().find(|m| {
             m.path == exe && m.executable && offset >= m.offset && offset < m.offset + (m.end - m.start)
         }) else {
@@ -116,17 +116,6 @@ pub fn targets(proc_root: &ProcRoot, pid: u32, maps: &[Mapping]) -> Result<Vec<T
         targets.truncate(INLINE_SLOTS);
     }
     Ok(targets)
-}
-
-fn code_of<'data>(
-    file: &object::File<'data>,
-    symbol: &object::Symbol<'data, '_>,
-) -> Option<(u64, &'data [u8])> {
-    let section = file.section_by_index(symbol.section_index()?).ok()?;
-    let (section_offset, section_size) = section.file_range()?;
-    let start = symbol.address().checked_sub(section.address()).filter(|s| *s < section_size)?;
-    let code = section.data().ok()?.get(usize::try_from(start).ok()?..)?;
-    Some((start.checked_add(section_offset)?, code))
 }
 
 /// The whole instructions at the start of `code` (a function at `entry`, its whole

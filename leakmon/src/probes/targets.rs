@@ -302,7 +302,7 @@ pub fn targets_in(data: &[u8]) -> Result<FileTargets, object::Error> {
 /// A defined function's file offset and its code, to the end of its section; `None`
 /// for a symbol outside its own section (a corrupt or crafted file in some traced
 /// process names no code of that file: never a probe offset).
-fn code_of<'data>(
+pub(crate) fn code_of<'data>(
     file: &object::File<'data>,
     symbol: &object::Symbol<'data, '_>,
 ) -> Option<(u64, &'data [u8])> {

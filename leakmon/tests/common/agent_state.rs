@@ -22,13 +22,62 @@ pub fn got_slot(pid: u32, exe: &std::path::Path, symbol: &str) -> u64 {
         .find(|(_, r)| r.target() == object::RelocationTarget::Symbol(index))
         .map(|(offset, _)| offset)
         .expect("a relocation for the symbol");
+    exe_base(pid, exe) + offset
+}
+
+/// Where the first mapping of the executable `exe` starts in `pid` (a PIE's base).
+pub fn exe_base(pid: u32, exe: &std::path::Path) -> u64 {
     let maps = std::fs::read_to_string(format!("/proc/{pid}/maps")).expect("maps");
-    let base = maps
-        .lines()
+    maps.lines()
         .find(|l| l.ends_with(exe.to_str().expect("utf-8 path")))
         .and_then(|l| u64::from_str_radix(l.split('-').next()?, 16).ok())
-        .expect("the executable's first mapping");
-    base + offset
+        .expect("the executable's first mapping")
+}
+
+/// The address of `symbol` of the executable `exe` in `pid`.
+pub fn entry_address(pid: u32, exe: &std::path::Path, symbol: &str) -> u64 {
+    use object::{Object as _, ObjectSymbol as _};
+    let data = std::fs::read(exe).expect("read the fixture");
+    let file = object::File::parse(&*data).expect("parse the fixture");
+    let address = file.symbols().find(|s| s.name() == Ok(symbol)).map(|s| s.address()).expect("the symbol");
+    if file.kind() == object::ObjectKind::Dynamic {
+        exe_base(pid, exe) + address
+    } else {
+        address
+    }
+}
+
+/// `agent_lifecycle.c` started and ready, answering one command at a time.
+pub struct Lifecycle {
+    pub process: super::Reap,
+    pub pid: u32,
+    stdin: std::process::ChildStdin,
+    lines: std::io::Lines<std::io::BufReader<std::process::ChildStdout>>,
+}
+
+impl Lifecycle {
+    pub fn start(fixture: &std::path::Path) -> Self {
+        use std::io::BufRead as _;
+        let mut process = super::Reap(
+            std::process::Command::new(fixture)
+                .stdin(std::process::Stdio::piped())
+                .stdout(std::process::Stdio::piped())
+                .spawn()
+                .expect("start the fixture"),
+        );
+        let pid = process.0.id();
+        let stdin = process.0.stdin.take().expect("stdin");
+        let mut lines = std::io::BufReader::new(process.0.stdout.take().expect("stdout")).lines();
+        assert_eq!(lines.next().expect("a line").expect("read"), "ready");
+        Self { process, pid, stdin, lines }
+    }
+
+    /// Sends `command` and returns its answer.
+    pub fn ask(&mut self, command: &str) -> String {
+        use std::io::Write as _;
+        writeln!(self.stdin, "{command}").expect("write a command");
+        self.lines.next().expect("an answer").expect("read")
+    }
 }
 
 pub fn read_u64(pid: u32, addr: u64) -> u64 {
