@@ -18,8 +18,8 @@ use common::{
         agent_mapped, entry_address, got_slot, guardian_of, read_u64, tracer_of, wait_restored, AgentTarget,
         Lifecycle,
     },
-    build_fixture, by_function, finish_report, leakmon, leaks_sigma, parse_report, processes,
-    sampling_variance, signal, watch_pid_with, Reap, LEAKS,
+    build_fixture, build_fixture_with, by_function, finish_report, leakmon, leaks_sigma, parse_report,
+    processes, sampling_variance, signal, watch_pid_with, Reap, LEAKS,
 };
 use nix::{
     sys::{ptrace, signal::Signal, wait::waitpid},
@@ -170,6 +170,35 @@ fn a_program_with_its_allocator_built_in_is_sampled_through_inline_hooks() {
         "agent_target.c",
         &[jemalloc, "-lm", "-ldl"],
     ));
+}
+
+/// musl's static programs too: the freestanding agent needs nothing of a C library.
+#[test]
+fn a_static_musl_program_is_sampled_through_inline_hooks() {
+    inline_hooked_process_is_sampled_and_restored(&build_fixture_with(
+        "musl-gcc",
+        "agent_target.c",
+        &["-static"],
+    ));
+}
+
+/// A process of another C library's dynamic loader (musl's): the agent is built for
+/// glibc's, so one line, and the process goes on untouched.
+#[test]
+fn a_program_of_another_dynamic_loader_is_refused_in_one_line() {
+    let fixture = build_fixture_with("musl-gcc", "agent_target.c", &[]);
+    let mut process = Reap(Command::new(&fixture).stdout(Stdio::piped()).spawn().expect("start"));
+    let pid = process.0.id();
+    let mut lines = BufReader::new(process.0.stdout.take().expect("stdout")).lines();
+    assert_eq!(lines.next().expect("a line").expect("read"), "ready");
+    let (ok, stderr, _) = load_into(pid);
+    assert!(!ok);
+    assert_eq!(stderr.trim().lines().count(), 1, "{stderr}");
+    assert!(stderr.contains("not glibc's"), "{stderr}");
+    assert!(!agent_mapped(pid));
+    assert_eq!(tracer_of(pid), "0");
+    signal(pid, Signal::SIGUSR1);
+    assert_eq!(lines.next().expect("a line").expect("read"), "leaked 1");
 }
 
 fn inline_hooked_process_is_sampled_and_restored(fixture: &std::path::Path) {
