@@ -143,13 +143,7 @@ impl Remote {
                 "this CPU's register state ({xsave_size} bytes) is larger than leakmon's trampoline allows"
             );
         }
-        match ptrace::seize(tid, Options::PTRACE_O_TRACESYSGOOD) {
-            Ok(()) => {}
-            Err(Errno::EPERM) => return Err(ptrace_refused(self.pid)),
-            Err(Errno::ESRCH) => bail!("pid {} exited", self.pid),
-            Err(e) => bail!("ptrace seize pid {}: {e}", self.pid),
-        }
-        self.call_held(Held { tid, released: false, pending: None, borrowed: false }, function, args, string)
+        self.call_held(Held::seize(tid)?, function, args, string)
     }
 
     fn call_held(&self, mut held: Held, function: u64, args: [u64; 3], string: Option<&[u8]>) -> Result<u64> {
@@ -217,14 +211,7 @@ impl Remote {
     /// Borrows the main thread at a safe point to run `f` with syscalls in it, then
     /// puts it back where it was.
     fn with_syscalls<T>(&self, f: impl FnOnce(&mut Syscalls) -> Result<T>) -> Result<T> {
-        let tid = Pid::from_raw(self.pid as i32);
-        match ptrace::seize(tid, Options::PTRACE_O_TRACESYSGOOD) {
-            Ok(()) => {}
-            Err(Errno::EPERM) => return Err(ptrace_refused(self.pid)),
-            Err(Errno::ESRCH) => bail!("pid {} exited", self.pid),
-            Err(e) => bail!("ptrace seize pid {}: {e}", self.pid),
-        }
-        let mut held = Held { tid, released: false, pending: None, borrowed: false };
+        let mut held = Held::seize(Pid::from_raw(self.pid as i32))?;
         let (regs, resume) = held.safe_point()?;
         let result = f(&mut Syscalls { remote: self, held: &mut held, regs, syscall_at: resume.syscall_at });
         held.restore(&resume.regs)?;
@@ -397,6 +384,16 @@ struct Resume {
 }
 
 impl Held {
+    /// Seizes `tid`, with syscall stops told apart from signals.
+    fn seize(tid: Pid) -> Result<Self> {
+        match ptrace::seize(tid, Options::PTRACE_O_TRACESYSGOOD) {
+            Ok(()) => Ok(Self { tid, released: false, pending: None, borrowed: false }),
+            Err(Errno::EPERM) => Err(ptrace_refused(tid.as_raw() as u32)),
+            Err(Errno::ESRCH) => bail!("pid {tid} exited"),
+            Err(e) => bail!("ptrace seize pid {tid}: {e}"),
+        }
+    }
+
     /// Stops the thread at a syscall that waits; returns its registers there and the
     /// registers to go back to (the syscall re-issued where the kernel would restart
     /// it).
@@ -656,7 +653,8 @@ pub fn load(proc_root: &ProcRoot, pid: u32, agent: &Path, sample_bytes: u64) -> 
     let root = proc_root.path().join(pid.to_string()).join("root");
     let maps = proc_root.maps(pid).with_context(|| format!("read the mappings of pid {pid}"))?;
     if !glibc_loader(proc_root, pid, &maps)? {
-        return load_freestanding(proc_root, &remote, pid, agent, sample_bytes, &maps, None);
+        let targets = inline::targets(proc_root, pid, &maps)?;
+        return load_freestanding(proc_root, &remote, pid, agent, sample_bytes, &targets, None);
     }
     if !maps.iter().any(|m| m.path == agent) {
         let dlopen = remote
@@ -682,7 +680,8 @@ pub fn load(proc_root: &ProcRoot, pid: u32, agent: &Path, sample_bytes: u64) -> 
     }
     let (lo, hi) = executable_span(proc_root, pid, &maps)?;
     let region = remote.with_syscalls(|sys| sys.map_near(lo, hi, inline::region_size(&targets)))?;
-    let hooked = hook_inline(proc_root, pid, agent, &maps, &targets, region, false)?;
+    let symbols = inline::AgentSymbols::new(agent, mapped_at(&maps, agent, pid)?)?;
+    let hooked = hook_inline(proc_root, pid, &symbols, &targets, region, false)?;
     Ok(slots as u64 + hooked)
 }
 
@@ -712,13 +711,14 @@ pub fn load_at_entry(
     let mut held = Held { tid, released: false, pending: None, borrowed: true };
     let at_entry = Syscalls { remote: &remote, held: &mut held, regs, syscall_at };
     let result = if statically_linked {
-        load_freestanding(proc_root, &remote, pid, agent, sample_bytes, &maps, Some(at_entry))
+        load_freestanding(proc_root, &remote, pid, agent, sample_bytes, &targets, Some(at_entry))
     } else {
         (|| {
             let (lo, hi) = executable_span(proc_root, pid, &maps)?;
             let mut sys = at_entry;
             let region = sys.map_near(lo, hi, inline::region_size(&targets))?;
-            hook_inline(proc_root, pid, agent, &maps, &targets, region, true)
+            let symbols = inline::AgentSymbols::new(agent, mapped_at(&maps, agent, pid)?)?;
+            hook_inline(proc_root, pid, &symbols, &targets, region, true)
         })()
     };
     let put_back = ptrace::setregs(tid, regs).context("restore registers");
@@ -738,69 +738,68 @@ fn load_freestanding(
     pid: u32,
     agent: &Path,
     sample_bytes: u64,
-    maps: &[Mapping],
+    targets: &[inline::Target],
     at_entry: Option<Syscalls>,
 ) -> Result<u64> {
     let library = super::freestanding(agent);
-    let targets = inline::targets(proc_root, pid, maps)?;
     if targets.is_empty() {
         bail!(
             "pid {pid} is statically linked and its executable names no allocator function leakmon can hook (stripped?): nothing was changed"
         );
     }
-    let (lo, hi) = executable_span(proc_root, pid, maps)?;
+    let maps = proc_root.maps(pid).with_context(|| format!("read the mappings of pid {pid}"))?;
+    let (lo, hi) = executable_span(proc_root, pid, &maps)?;
     let mapped = maps.iter().find(|m| m.path == library && m.offset == 0).map(|m| m.start);
-    let variable = |base: u64, name: &str| inline::agent_symbol(&library, base, name);
     let tables = leakmon_common::agent::table_bytes();
-    let setup = |sys: &mut Syscalls| -> Result<(u64, Option<u64>, u64)> {
+    let setup = |sys: &mut Syscalls| -> Result<(inline::AgentSymbols, Option<u64>, u64)> {
         let base = match mapped {
             Some(base) => base,
             None => sys.map_library(&library)?,
         };
-        let unset = remote.read_u64(variable(base, "set")?)? == 0;
-        let table = if unset {
+        let symbols = inline::AgentSymbols::new(&library, base)?;
+        let table = if remote.read_u64(symbols.get("set")?)? == 0 {
             let rw = libc::PROT_READ | libc::PROT_WRITE;
             Some(sys.map_anonymous(0, tables.iter().sum(), rw, libc::MAP_NORESERVE)?)
         } else {
             None
         };
-        Ok((base, table, sys.map_near(lo, hi, inline::region_size(&targets))?))
+        Ok((symbols, table, sys.map_near(lo, hi, inline::region_size(targets))?))
     };
     let stopped = at_entry.is_some();
-    let (base, table, region) = match at_entry {
+    let (symbols, table, region) = match at_entry {
         Some(mut sys) => setup(&mut sys)?,
         None => remote.with_syscalls(setup)?,
     };
     if let Some(table) = table {
         // The tables before the interval: a hook reads the interval first.
-        remote.write(variable(base, "set")?, &table.to_le_bytes())?;
-        remote.write(variable(base, "filter")?, &(table + tables[0]).to_le_bytes())?;
-        remote.write(variable(base, "threads")?, &(table + tables[0] + tables[1]).to_le_bytes())?;
+        remote.write(symbols.get("set")?, &table.to_le_bytes())?;
+        remote.write(symbols.get("filter")?, &(table + tables[0]).to_le_bytes())?;
+        remote.write(symbols.get("threads")?, &(table + tables[0] + tables[1]).to_le_bytes())?;
     }
-    remote.write(variable(base, "rate")?, &sample_bytes.to_le_bytes())?;
-    let maps = proc_root.maps(pid).with_context(|| format!("read the mappings of pid {pid}"))?;
-    hook_inline(proc_root, pid, &library, &maps, &targets, region, stopped)
+    remote.write(symbols.get("rate")?, &sample_bytes.to_le_bytes())?;
+    hook_inline(proc_root, pid, &symbols, targets, region, stopped)
 }
 
-/// Puts inline hooks on `targets`, leading to the agent `library`; how many.
+/// Puts inline hooks on `targets`, leading to the agent at `symbols`; how many.
 fn hook_inline(
     proc_root: &ProcRoot,
     pid: u32,
-    library: &Path,
-    maps: &[Mapping],
+    symbols: &inline::AgentSymbols,
     targets: &[inline::Target],
     region: u64,
     stopped: bool,
 ) -> Result<u64> {
-    let base = maps
-        .iter()
-        .find(|m| m.path == library && m.offset == 0)
-        .map(|m| m.start)
-        .ok_or_else(|| anyhow!("the agent is not mapped in pid {pid}"))?;
-    let symbols = inline::AgentSymbols::new(library, base)?;
-    let hooked = inline::hook(proc_root, pid, targets, &symbols, region, stopped)?;
+    let hooked = inline::hook(proc_root, pid, targets, symbols, region, stopped)?;
     tracing::info!(pid, functions = ?hooked, "inline hooks on");
     Ok(hooked.len() as u64)
+}
+
+/// Where the agent file `library` is mapped in `pid` (its first mapping).
+fn mapped_at(maps: &[Mapping], library: &Path, pid: u32) -> Result<u64> {
+    maps.iter()
+        .find(|m| m.path == library && m.offset == 0)
+        .map(|m| m.start)
+        .ok_or_else(|| anyhow!("the agent is not mapped in pid {pid}"))
 }
 
 fn executable_span(proc_root: &ProcRoot, pid: u32, maps: &[Mapping]) -> Result<(u64, u64)> {
@@ -826,7 +825,7 @@ fn syscall_instruction(remote: &Remote, proc_root: &ProcRoot, pid: u32, maps: &[
 }
 
 /// The memory of `pid`, which the kernel opens only to whoever may ptrace it.
-fn open_mem(proc_root: &ProcRoot, pid: u32) -> Result<File> {
+pub(super) fn open_mem(proc_root: &ProcRoot, pid: u32) -> Result<File> {
     match std::fs::OpenOptions::new()
         .read(true)
         .write(true)
@@ -853,9 +852,9 @@ pub fn unload(proc_root: &ProcRoot, pid: u32, agent: &Path) -> Result<u64> {
     let maps = proc_root.maps(pid).with_context(|| format!("read the mappings of pid {pid}"))?;
     let unhooked = inline::unhook(proc_root, pid, false)? as u64;
     let twin = super::freestanding(agent);
-    if let Some(base) = maps.iter().find(|m| m.path == twin && m.offset == 0).map(|m| m.start) {
+    if let Ok(base) = mapped_at(&maps, &twin, pid) {
         // The freestanding agent has no slots of its own: sampling simply stops.
-        remote.write(inline::agent_symbol(&twin, base, "rate")?, &0u64.to_le_bytes())?;
+        remote.write(inline::AgentSymbols::new(&twin, base)?.get("rate")?, &0u64.to_le_bytes())?;
         return Ok(unhooked);
     }
     let stop = remote

@@ -40,6 +40,7 @@ use nix::{
 };
 use object::{Object as _, ObjectSymbol as _};
 
+use super::inject::open_mem;
 use crate::procfs::{Mapping, ProcRoot};
 
 /// The jump written at a hooked entry: `jmp rel32`.
@@ -68,13 +69,11 @@ pub struct Target {
 /// (glibc's `malloc` and `__libc_malloc` are one function), at most [`INLINE_SLOTS`].
 /// Entries that cannot be hooked safely are skipped with a debug line.
 pub fn targets(proc_root: &ProcRoot, pid: u32, maps: &[Mapping]) -> Result<Vec<Target>> {
-    let exe = std::fs::read_link(proc_root.path().join(pid.to_string()).join("exe"))
-        .with_context(|| format!("read the executable of pid {pid}"))?;
+    let exe = executable(proc_root, pid)?;
     let root = proc_root.path().join(pid.to_string()).join("root");
     let Some(first) = maps.iter().find(|m| m.path == exe) else { return Ok(Vec::new()) };
     let data = std::fs::read(first.open_path(&root)).with_context(|| format!("read {}", exe.display()))?;
     let file = object::File::parse(&*data).with_context(|| format!("parse {}", exe.display()))?;
-    let mut seen = HashSet::new();
     let mut found = BTreeMap::new();
     for symbol in file.dynamic_symbols().chain(file.symbols()) {
         if !symbol.is_definition() || symbol.kind() != object::SymbolKind::Text {
@@ -89,7 +88,7 @@ pub fn targets(proc_root: &ProcRoot, pid: u32, maps: &[Mapping]) -> Result<Vec<T
             continue;
         };
         let entry = mapping.start + (offset - mapping.offset);
-        if !seen.insert(entry) {
+        if found.contains_key(&entry) {
             continue;
         }
         let size = usize::try_from(symbol.size()).unwrap_or(0).min(code.len());
@@ -187,12 +186,11 @@ fn entry_jump(from: u64, to: u64, len: usize) -> Result<Vec<u8>> {
     Ok(j)
 }
 
-/// Where the agent's inline-hook parts are in the process.
+/// Where the agent's symbols (functions and variables, local ones too) are in the
+/// process: its file is read once.
 pub struct AgentSymbols {
-    /// `leakmon_agent_inline_0`, ... in slot order.
-    pub hooks: Vec<u64>,
-    pub real: u64,
-    pub kind: u64,
+    path: PathBuf,
+    addresses: std::collections::HashMap<String, u64>,
 }
 
 impl AgentSymbols {
@@ -200,34 +198,21 @@ impl AgentSymbols {
     pub fn new(agent: &Path, base: u64) -> Result<Self> {
         let data = std::fs::read(agent).with_context(|| format!("read {}", agent.display()))?;
         let file = object::File::parse(&*data).with_context(|| format!("parse {}", agent.display()))?;
-        let address = |name: &str| {
-            file.symbols()
-                .chain(file.dynamic_symbols())
-                .find(|s| s.name() == Ok(name))
-                .map(|s| base + s.address())
-                .ok_or_else(|| anyhow!("the agent at {} has no {name}", agent.display()))
-        };
-        let hooks = (0..INLINE_SLOTS)
-            .map(|k| address(&format!("leakmon_agent_inline_{k}")))
-            .collect::<Result<_>>()?;
-        Ok(Self {
-            hooks,
-            real: address("leakmon_agent_inline_real")?,
-            kind: address("leakmon_agent_inline_kind")?,
-        })
+        let addresses = file
+            .symbols()
+            .chain(file.dynamic_symbols())
+            .filter_map(|s| Some((s.name().ok()?.to_owned(), base + s.address())))
+            .collect();
+        Ok(Self { path: agent.to_owned(), addresses })
     }
-}
 
-/// The address of `name` (a function or variable, local ones too) in the agent file
-/// `agent` mapped at `base`.
-pub fn agent_symbol(agent: &Path, base: u64, name: &str) -> Result<u64> {
-    let data = std::fs::read(agent).with_context(|| format!("read {}", agent.display()))?;
-    let file = object::File::parse(&*data).with_context(|| format!("parse {}", agent.display()))?;
-    file.symbols()
-        .chain(file.dynamic_symbols())
-        .find(|s| s.name() == Ok(name))
-        .map(|s| base + s.address())
-        .ok_or_else(|| anyhow!("the agent at {} has no {name}", agent.display()))
+    /// The address of `name`.
+    pub fn get(&self, name: &str) -> Result<u64> {
+        self.addresses
+            .get(name)
+            .copied()
+            .ok_or_else(|| anyhow!("the agent at {} has no {name}", self.path.display()))
+    }
 }
 
 /// Puts inline hooks on `targets` in `pid`: stubs and trampolines go to `region` (a
@@ -251,16 +236,21 @@ pub fn hook(
         if FAR_JUMP + 2 + code.len() > PER_HOOK as usize {
             bail!("the trampoline of {} is too long", target.symbol);
         }
-        let mut bytes = far_jump(agent.hooks[slot]).to_vec();
+        let mut bytes = far_jump(agent.get(&format!("leakmon_agent_inline_{slot}"))?).to_vec();
         bytes.extend_from_slice(&[0xcc, 0xcc]);
         bytes.extend_from_slice(&code);
         write(&mem, pid, stub, &bytes)?;
-        write(&mem, pid, agent.real + slot as u64 * 8, &at.to_le_bytes())?;
-        write(&mem, pid, agent.kind + slot as u64 * 4, &(target.kind as u32).to_le_bytes())?;
+        write(&mem, pid, agent.get("leakmon_agent_inline_real")? + slot as u64 * 8, &at.to_le_bytes())?;
+        write(
+            &mem,
+            pid,
+            agent.get("leakmon_agent_inline_kind")? + slot as u64 * 4,
+            &(target.kind as u32).to_le_bytes(),
+        )?;
         entries.push((target, entry_jump(target.entry, stub, target.original.len())?));
     }
-    let _all = if stopped { None } else { Some(StoppedThreads::stop(pid)?) };
-    if let Some(all) = &_all {
+    let all = if stopped { None } else { Some(StoppedThreads::stop(proc_root, pid)?) };
+    if let Some(all) = &all {
         all.wait_out_of(&targets.iter().map(|t| (t.entry, t.original.len())).collect::<Vec<_>>())?;
     }
     let mut hooked = Vec::new();
@@ -294,7 +284,7 @@ pub fn unhook(proc_root: &ProcRoot, pid: u32, stopped: bool) -> Result<usize> {
     }
     // A thread may sit at an entry (about to jump) but never inside the jump's bytes,
     // and one in a trampoline comes back to the function's own code: no wait needed.
-    let _all = if stopped { None } else { Some(StoppedThreads::stop(pid)?) };
+    let _all = if stopped { None } else { Some(StoppedThreads::stop(proc_root, pid)?) };
     for t in &hooked {
         write(&mem, pid, t.entry, &t.original)?;
     }
@@ -321,14 +311,6 @@ pub fn executable(proc_root: &ProcRoot, pid: u32) -> Result<PathBuf> {
         .with_context(|| format!("read the executable of pid {pid}"))
 }
 
-fn open_mem(proc_root: &ProcRoot, pid: u32) -> Result<File> {
-    std::fs::OpenOptions::new()
-        .read(true)
-        .write(true)
-        .open(proc_root.path().join(pid.to_string()).join("mem"))
-        .with_context(|| format!("open the memory of pid {pid}"))
-}
-
 fn read(mem: &File, addr: u64, len: usize) -> Result<Vec<u8>> {
     let mut buf = vec![0; len];
     mem.read_exact_at(&mut buf, addr).with_context(|| format!("read {len} bytes at {addr:#x}"))?;
@@ -346,11 +328,11 @@ struct StoppedThreads {
 
 impl StoppedThreads {
     /// Stops every thread, including threads started while stopping the others.
-    fn stop(pid: u32) -> Result<Self> {
+    fn stop(proc_root: &ProcRoot, pid: u32) -> Result<Self> {
         let mut all = Self { tids: Vec::new() };
         let mut held: HashSet<i32> = HashSet::new();
         loop {
-            let tasks: Vec<i32> = std::fs::read_dir(format!("/proc/{pid}/task"))
+            let tasks: Vec<i32> = std::fs::read_dir(proc_root.path().join(pid.to_string()).join("task"))
                 .with_context(|| format!("list the threads of pid {pid}"))?
                 .filter_map(|e| e.ok()?.file_name().to_str()?.parse().ok())
                 .collect();
