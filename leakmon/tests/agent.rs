@@ -37,12 +37,24 @@ fn a_running_process_is_sampled_in_process_and_left_as_it_was() {
     assert_ne!(read_u64(pid, slot), original, "malloc's GOT slot is redirected");
     assert_eq!(tracer_of(pid), report.id().to_string(), "only report's own tracer holds it while watching");
     target.leak();
-    let json = finish_report(report, stderr);
+    let summary = assert_one_leak_sampled(&finish_report(report, stderr), pid);
+
+    // Gone: the slot holds what it held, nobody traces the process, and it works.
+    assert_eq!(read_u64(pid, slot), original, "malloc's GOT slot is restored");
+    assert_eq!(tracer_of(pid), "0");
+    target.leak();
+    eprintln!("{summary}");
+}
+
+/// Asserts what a 4 KiB agent report of `agent_target.c` (`pid`), leaking once, says:
+/// the 1 MiB block (256 times the interval: always sampled, at its own size) exact,
+/// the small blocks within 5 standard deviations, churn under 1%, and no frame of the
+/// agent's own anywhere. Returns the figures, for the log.
+fn assert_one_leak_sampled(json: &serde_json::Value, pid: u32) -> String {
     assert_eq!(json["method"], "agent");
     assert_eq!(json["sample_bytes"], 4096);
-    let process = processes(&json).iter().find(|p| p["pid"] == pid).expect("the fixture's process");
+    let process = processes(json).iter().find(|p| p["pid"] == pid).expect("the fixture's process");
     let got = by_function(process, "agent_target.c");
-    // 1 MiB is 256 times the interval: always sampled, at its own size.
     assert_eq!(got.get("leak_big_block"), Some(&(1_048_576, 1)), "{got:?}");
     let small = got.get("leak_small_blocks").map_or(0, |(b, _)| *b) as f64;
     let sigma = sampling_variance(2000.0, 512.0, 4096.0).sqrt();
@@ -53,18 +65,13 @@ fn a_running_process_is_sampled_in_process_and_left_as_it_was() {
     let total: u64 = got.values().map(|(b, _)| b).sum();
     let churn = got.get("churn").map_or(0, |(b, _)| *b);
     assert!(churn * 100 < total, "balanced churn kept {churn} of {total} B");
-    // No agent frame anywhere: its hook and marker are leakmon's, not the program's.
+    // Its hook and marker are leakmon's, not the program's.
     for stack in process["stacks"].as_array().expect("stacks") {
         for frame in stack["frames"].as_array().expect("frames") {
             assert!(!frame["function"].as_str().unwrap_or("").starts_with("leakmon_agent"), "{frame}");
         }
     }
-
-    // Gone: the slot holds what it held, nobody traces the process, and it works.
-    assert_eq!(read_u64(pid, slot), original, "malloc's GOT slot is restored");
-    assert_eq!(tracer_of(pid), "0");
-    target.leak();
-    eprintln!("leak_small_blocks {small} (sigma {sigma:.0}), churn {churn}, {got:?}");
+    format!("leak_small_blocks {small} (sigma {sigma:.0}), churn {churn}, {got:?}")
 }
 
 /// A command started with the agent: the known-leaks fixture, dynamically linked (the
@@ -141,6 +148,17 @@ fn known_leaks_runs(fixture: &std::path::Path, valgrind: u64) -> Vec<u64> {
     totals
 }
 
+/// Asserts that `report --agent --pid` on `pid` fails with one line containing `why`
+/// and maps nothing into it; returns how long it took.
+fn assert_refused(pid: u32, why: &str) -> Duration {
+    let (ok, stderr, took) = load_into(pid);
+    assert!(!ok);
+    assert_eq!(stderr.trim().lines().count(), 1, "{stderr}");
+    assert!(stderr.contains(why), "{stderr}");
+    assert!(!agent_mapped(pid));
+    took
+}
+
 /// Runs `report --agent --pid` on `pid` and returns its exit status and stderr.
 fn load_into(pid: u32) -> (bool, String, Duration) {
     let started = Instant::now();
@@ -186,31 +204,17 @@ fn a_static_musl_program_is_sampled_through_inline_hooks() {
 /// glibc's, so one line, and the process goes on untouched.
 #[test]
 fn a_program_of_another_dynamic_loader_is_refused_in_one_line() {
-    let fixture = build_fixture_with("musl-gcc", "agent_target.c", &[]);
-    let mut process = Reap(Command::new(&fixture).stdout(Stdio::piped()).spawn().expect("start"));
-    let pid = process.0.id();
-    let mut lines = BufReader::new(process.0.stdout.take().expect("stdout")).lines();
-    assert_eq!(lines.next().expect("a line").expect("read"), "ready");
-    let (ok, stderr, _) = load_into(pid);
-    assert!(!ok);
-    assert_eq!(stderr.trim().lines().count(), 1, "{stderr}");
-    assert!(stderr.contains("not glibc's"), "{stderr}");
-    assert!(!agent_mapped(pid));
-    assert_eq!(tracer_of(pid), "0");
-    signal(pid, Signal::SIGUSR1);
-    assert_eq!(lines.next().expect("a line").expect("read"), "leaked 1");
+    let mut target = AgentTarget::with(&build_fixture_with("musl-gcc", "agent_target.c", &[]));
+    assert_refused(target.pid, "not glibc's");
+    assert_eq!(tracer_of(target.pid), "0");
+    target.leak();
 }
 
 fn inline_hooked_process_is_sampled_and_restored(fixture: &std::path::Path) {
-    let mut process = Reap(Command::new(fixture).stdout(Stdio::piped()).spawn().expect("start"));
-    let pid = process.0.id();
-    let mut lines = BufReader::new(process.0.stdout.take().expect("stdout")).lines();
-    assert_eq!(lines.next().expect("a line").expect("read"), "ready");
-    let entries: Vec<(u64, u64)> = ["malloc", "free"]
-        .iter()
-        .map(|f| entry_address(pid, fixture, f))
-        .map(|a| (a, read_u64(pid, a)))
-        .collect();
+    let mut target = AgentTarget::with(fixture);
+    let pid = target.pid;
+    let free = entry_address(pid, fixture, "free");
+    let entries = [(target.slot, target.original), (free, read_u64(pid, free))];
 
     let (report, stderr) = watch_pid_with(pid, "8", &["--agent", "--sample-bytes", "4KiB"]);
     assert!(agent_mapped(pid), "the agent is mapped");
@@ -219,30 +223,15 @@ fn inline_hooked_process_is_sampled_and_restored(fixture: &std::path::Path) {
         assert_ne!(now, *original, "the entry at {entry:#x} is hooked");
         assert_eq!(now & 0xff, 0xe9, "a jump at {entry:#x}");
     }
-    signal(pid, Signal::SIGUSR1);
-    assert_eq!(lines.next().expect("a line").expect("read"), "leaked 1");
-    let json = finish_report(report, stderr);
-    assert_eq!(json["method"], "agent");
-    let process_report = processes(&json).iter().find(|p| p["pid"] == pid).expect("the fixture's process");
-    let got = by_function(process_report, "agent_target.c");
-    assert_eq!(got.get("leak_big_block"), Some(&(1_048_576, 1)), "{got:?}");
-    let small = got.get("leak_small_blocks").map_or(0, |(b, _)| *b) as f64;
-    let sigma = sampling_variance(2000.0, 512.0, 4096.0).sqrt();
-    assert!(
-        (small - 1_024_000.0).abs() < 5.0 * sigma,
-        "leak_small_blocks {small} vs 1024000 (sigma {sigma:.0})"
-    );
-    let total: u64 = got.values().map(|(b, _)| b).sum();
-    let churn = got.get("churn").map_or(0, |(b, _)| *b);
-    assert!(churn * 100 < total, "balanced churn kept {churn} of {total} B");
+    target.leak();
+    let summary = assert_one_leak_sampled(&finish_report(report, stderr), pid);
 
     for (entry, original) in &entries {
         assert_eq!(read_u64(pid, *entry), *original, "the entry at {entry:#x} holds its own bytes again");
     }
     assert_eq!(tracer_of(pid), "0");
-    signal(pid, Signal::SIGUSR1);
-    assert_eq!(lines.next().expect("a line").expect("read"), "leaked 2");
-    eprintln!("{}: leak_small_blocks {small} (sigma {sigma:.0}), churn {churn}, {got:?}", fixture.display());
+    target.leak();
+    eprintln!("{}: {summary}", fixture.display());
 }
 
 /// A stripped static program names no allocator function to hook: one line, and the
@@ -254,11 +243,7 @@ fn a_stripped_static_program_is_refused_in_one_line_and_left_alone() {
     let pid = target.0.id();
     let mut ready = String::new();
     BufReader::new(target.0.stdout.as_mut().expect("stdout")).read_line(&mut ready).expect("read");
-    let (ok, stderr, _) = load_into(pid);
-    assert!(!ok);
-    assert_eq!(stderr.trim().lines().count(), 1, "{stderr}");
-    assert!(stderr.contains("statically linked"), "{stderr}");
-    assert!(!agent_mapped(pid));
+    assert_refused(pid, "statically linked");
     assert_eq!(tracer_of(pid), "0");
     signal(pid, Signal::SIGUSR1);
     assert!(target.0.wait().expect("wait").success(), "the program ends normally");
@@ -271,12 +256,8 @@ fn a_busy_process_gets_one_line_never_a_hang() {
     let target = Reap(Command::new("bash").args(["-c", "while :; do :; done"]).spawn().expect("start"));
     let pid = target.0.id();
     std::thread::sleep(Duration::from_millis(200));
-    let (ok, stderr, took) = load_into(pid);
-    assert!(!ok);
-    assert_eq!(stderr.trim().lines().count(), 1, "{stderr}");
-    assert!(stderr.contains("did not wait in a syscall"), "{stderr}");
+    let took = assert_refused(pid, "did not wait in a syscall");
     assert!(took < Duration::from_secs(15), "took {took:?}");
-    assert!(!agent_mapped(pid));
     assert_eq!(tracer_of(pid), "0");
     let state = std::fs::read_to_string(format!("/proc/{pid}/stat")).expect("stat");
     assert!(state.split(' ').nth(2).is_some_and(|s| s == "R" || s == "S"), "{state}");
@@ -323,11 +304,7 @@ fn a_process_under_a_debugger_is_refused_in_one_line() {
     let pid = Pid::from_raw(target.0.id() as i32);
     waitpid(pid, None).expect("the exec stop");
     ptrace::cont(pid, None).expect("let it run");
-    let (ok, stderr, _) = load_into(target.0.id());
-    assert!(!ok);
-    assert_eq!(stderr.trim().lines().count(), 1, "{stderr}");
-    assert!(stderr.contains("already traced"), "{stderr}");
-    assert!(!agent_mapped(target.0.id()));
+    assert_refused(target.0.id(), "already traced");
 }
 
 /// leakmon SIGKILLed while the agent is being loaded (its guardian holds the process
@@ -335,7 +312,17 @@ fn a_process_under_a_debugger_is_refused_in_one_line() {
 /// process comes back as it was (every slot restored, untraced, running) and works.
 #[test]
 fn leakmon_killed_mid_load_or_while_loaded_leaves_the_process_as_it_was() {
-    let mut target = AgentTarget::start();
+    killed_at_every_moment(AgentTarget::start());
+}
+
+/// The same for a statically linked program: the freestanding agent mapped and the
+/// inline hooks on, then every entry back.
+#[test]
+fn leakmon_killed_mid_load_or_while_loaded_leaves_a_static_program_as_it_was() {
+    killed_at_every_moment(AgentTarget::with(&build_fixture("agent_target.c", &["-static"])));
+}
+
+fn killed_at_every_moment(mut target: AgentTarget) {
     let (pid, slot, original) = (target.pid, target.slot, target.original);
     for moment in ["mid-load", "while watching", "at once"] {
         let mut report = Reap(
@@ -488,11 +475,7 @@ fn a_process_under_seccomp_is_refused_in_one_line_and_left_alone() {
     let pid = target.0.id();
     let mut lines = BufReader::new(target.0.stdout.take().expect("stdout")).lines();
     assert_eq!(lines.next().expect("a line").expect("read"), "ready");
-    let (ok, stderr, _) = load_into(pid);
-    assert!(!ok);
-    assert_eq!(stderr.trim().lines().count(), 1, "{stderr}");
-    assert!(stderr.contains("seccomp"), "{stderr}");
-    assert!(!agent_mapped(pid));
+    assert_refused(pid, "seccomp");
     assert_eq!(tracer_of(pid), "0");
     signal(pid, Signal::SIGUSR1);
     assert_eq!(lines.next().expect("a line").expect("read"), "alive");

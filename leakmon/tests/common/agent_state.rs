@@ -25,6 +25,29 @@ pub fn got_slot(pid: u32, exe: &std::path::Path, symbol: &str) -> u64 {
     exe_base(pid, exe) + offset
 }
 
+/// Starts `fixture` with its output piped; its lines.
+fn start_ready(
+    fixture: &std::path::Path,
+) -> (super::Reap, std::io::Lines<std::io::BufReader<std::process::ChildStdout>>) {
+    use std::io::BufRead as _;
+    let mut process = super::Reap(
+        std::process::Command::new(fixture)
+            .stdout(std::process::Stdio::piped())
+            .spawn()
+            .expect("start the fixture"),
+    );
+    let lines = std::io::BufReader::new(process.0.stdout.take().expect("stdout")).lines();
+    (process, lines)
+}
+
+/// Whether the executable `exe` imports `symbol` (calls it through its GOT).
+fn imports(exe: &std::path::Path, symbol: &str) -> bool {
+    use object::{Object as _, ObjectSymbol as _};
+    let data = std::fs::read(exe).expect("read the fixture");
+    let file = object::File::parse(&*data).expect("parse the fixture");
+    file.dynamic_symbols().any(|s| s.is_undefined() && s.name() == Ok(symbol))
+}
+
 /// Where the first mapping of the executable `exe` starts in `pid` (a PIE's base).
 pub fn exe_base(pid: u32, exe: &std::path::Path) -> u64 {
     let maps = std::fs::read_to_string(format!("/proc/{pid}/maps")).expect("maps");
@@ -133,8 +156,9 @@ pub fn wait_restored(pid: u32, slot: u64, original: u64) {
     }
 }
 
-/// `agent_target.c` started and ready, with `malloc`'s GOT slot and what it holds
-/// before any load.
+/// `agent_target.c` started and ready, with the word the agent changes to redirect
+/// `malloc` (its GOT slot, or its entry in a program that calls it directly) and what
+/// it holds before any load.
 pub struct AgentTarget {
     pub process: super::Reap,
     pub pid: u32,
@@ -146,18 +170,17 @@ pub struct AgentTarget {
 
 impl AgentTarget {
     pub fn start() -> Self {
-        use std::io::BufRead as _;
-        let fixture = super::build_fixture("agent_target.c", &[]);
-        let mut process = super::Reap(
-            std::process::Command::new(&fixture)
-                .stdout(std::process::Stdio::piped())
-                .spawn()
-                .expect("start the fixture"),
-        );
+        Self::with(&super::build_fixture("agent_target.c", &[]))
+    }
+
+    /// `fixture`, a build of `agent_target.c`.
+    pub fn with(fixture: &std::path::Path) -> Self {
+        let (process, mut lines) = start_ready(fixture);
         let pid = process.0.id();
-        let mut lines = std::io::BufReader::new(process.0.stdout.take().expect("stdout")).lines();
         assert_eq!(lines.next().expect("a line").expect("read"), "ready");
-        let slot = got_slot(pid, &fixture, "malloc");
+        let slot = imports(fixture, "malloc")
+            .then(|| got_slot(pid, fixture, "malloc"))
+            .unwrap_or_else(|| entry_address(pid, fixture, "malloc"));
         let original = read_u64(pid, slot);
         Self { process, pid, slot, original, lines, leaked: 0 }
     }
