@@ -53,6 +53,7 @@ pub const STACK_HASH_SEED: u64 = 0xcbf2_9ce4_8422_2325;
 pub const SIZE_FROM_NESTED: u64 = u64::MAX;
 
 pub mod agent;
+pub mod python;
 pub mod sampling;
 pub mod unwind;
 
@@ -247,6 +248,7 @@ mod pod {
     unsafe impl aya::Pod for super::TracepointOffsets {}
     unsafe impl aya::Pod for super::Stack {}
     unsafe impl aya::Pod for super::unwind::Row {}
+    unsafe impl aya::Pod for super::python::PyLayout {}
     unsafe impl aya::Pod for super::unwind::ProcUnwind {}
 }
 

@@ -20,6 +20,7 @@
 mod lifecycle;
 mod maps;
 mod probes;
+mod python;
 mod unwind;
 
 #[cfg(not(test))]

@@ -43,6 +43,10 @@ pub static STACKS: HashMap<u64, Stack> = HashMap::with_max_entries(16384, BPF_F_
 #[map]
 pub static STACK_SCRATCH: PerCpuArray<Stack> = PerCpuArray::with_max_entries(1, 0);
 
+/// One value per CPU written and read back, so the verifier forgets what it knew of it.
+#[map]
+pub static VALUE_SCRATCH: PerCpuArray<u64> = PerCpuArray::with_max_entries(1, 0);
+
 /// Bytes left before the next sampled allocation on this CPU (sampling mode only).
 #[map]
 pub static SAMPLE_COUNTDOWN: PerCpuArray<u64> = PerCpuArray::with_max_entries(1, 0);

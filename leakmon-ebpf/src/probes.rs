@@ -30,9 +30,9 @@ use leakmon_common::{
 use crate::{
     maps::{
         count, sample_bytes, self_tgid, trace_all, INFLIGHT, LIVE, PROCS, SAMPLE_COUNTDOWN, STACKS,
-        STACK_SCRATCH, TOTALS,
+        STACK_SCRATCH, TOTALS, VALUE_SCRATCH,
     },
-    unwind,
+    python, unwind,
 };
 
 const EEXIST: i32 = 17;
@@ -356,12 +356,12 @@ fn stack_id<C: EbpfContext>(ctx: &C, tgid: u32) -> u64 {
         return NO_STACK;
     };
     let regs = ctx.as_ptr() as *const aya_ebpf::bindings::pt_regs;
-    let (depth, tables) = match unwind::walk(tgid, regs, buf) {
+    let depth = match unwind::walk(tgid, regs, buf) {
         Some(walk) => {
             if walk.stale {
                 unwind::mark_stale(tgid);
             }
-            (walk.depth, true)
+            walk.depth
         }
         None => {
             // SAFETY: the buffer is this CPU's scratch slot, `size_of::<Stack>()` bytes;
@@ -381,27 +381,28 @@ fn stack_id<C: EbpfContext>(ctx: &C, tgid: u32) -> u64 {
         count(counter::STACK_ERROR);
         return NO_STACK;
     }
+    // Each depth the native walk can end at is a state of its own for the verifier, and
+    // each would be walked through the Python frames and the loop below again, past
+    // its instruction limit: forget the value (a round trip through map memory) so
+    // they are verified once.
+    let depth = python::walk(tgid, buf, forget(depth));
+    let depth = forget(depth) as u64;
+    // Every word is hashed, and those past the depth zeroed on the way (the table walk
+    // leaves older frames there; stored stacks end in zeros), without a branch: a
+    // branch on the unknown depth would split the verifier's paths at every word.
     let mut hash = STACK_HASH_SEED;
     for i in 0..MAX_STACK_DEPTH {
-        if i >= depth {
-            break;
-        }
+        let keep = unwind::all_ones_if_le(i as u64 + 1, depth);
         // SAFETY: `i` is below the array length.
-        hash = stack_hash_step(hash, unsafe { (*buf).ips[i] });
+        let word = unsafe { (*buf).ips[i] } & keep;
+        // SAFETY: as above.
+        unsafe { (*buf).ips[i] = word };
+        hash = stack_hash_step(hash, word);
     }
     if hash == NO_STACK {
         hash = 1;
     }
     if STACKS.get_ptr(&hash).is_none() {
-        if tables {
-            // The walk leaves older frames past its depth; stored stacks end in zeros.
-            for i in 0..MAX_STACK_DEPTH {
-                if i >= depth {
-                    // SAFETY: `i` is below the array length.
-                    unsafe { (*buf).ips[i] = 0 };
-                }
-            }
-        }
         // SAFETY: the scratch slot is a valid `Stack`.
         match STACKS.insert(&hash, unsafe { &*buf }, u64::from(BPF_NOEXIST)) {
             Ok(()) => {}
@@ -414,6 +415,17 @@ fn stack_id<C: EbpfContext>(ctx: &C, tgid: u32) -> u64 {
         }
     }
     hash
+}
+
+/// `value`, as a number the verifier knows nothing of.
+#[inline(always)]
+fn forget(value: usize) -> usize {
+    let Some(slot) = VALUE_SCRATCH.get_ptr_mut(0) else { return 0 };
+    // SAFETY: this CPU's slot; programs on one CPU do not preempt each other.
+    unsafe {
+        core::ptr::write_volatile(slot, value as u64);
+        core::ptr::read_volatile(slot) as usize
+    }
 }
 
 /// In sampling mode, whether a block of `size` bytes is sampled, and the bytes it then

@@ -61,7 +61,7 @@ pub struct Walk {
 /// into a select, which the bpf target lowers to a branch: each branch in a search
 /// doubles the states the verifier walks, past its limit over a whole stack.
 #[inline(always)]
-fn all_ones_if_le(a: u64, b: u64) -> u64 {
+pub fn all_ones_if_le(a: u64, b: u64) -> u64 {
     let above = b.wrapping_sub(a) >> 63;
     // SAFETY: a read of a local.
     let above = unsafe { core::ptr::read_volatile(&raw const above) };

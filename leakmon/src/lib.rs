@@ -20,6 +20,7 @@ pub mod monitor;
 pub mod own_memory;
 pub mod probes;
 pub mod procfs;
+pub mod python;
 pub mod report;
 pub mod sources;
 pub mod store;

@@ -356,7 +356,7 @@ impl Monitor {
                 let maps = self.proc_root.maps(pid).unwrap_or_default();
                 let root = self.proc_root.in_root(pid, std::path::Path::new("/"));
                 let frames = stack(s.stack_id)
-                    .map(|ips| self.symbolizer.frames(&maps, Some(&root), &ips))
+                    .map(|ips| self.symbolizer.frames(pid, &maps, Some(&root), &ips))
                     .unwrap_or_default();
                 let known =
                     (stable_id(&frames), frames.into_iter().map(FrameReport::from).collect::<Vec<_>>());

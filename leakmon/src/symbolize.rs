@@ -10,8 +10,10 @@
 use std::{
     collections::HashMap,
     path::{Path, PathBuf},
-    sync::Mutex,
+    sync::{Arc, Mutex},
 };
+
+use leakmon_common::python;
 
 use blazesym::symbolize::{source::Elf, source::Source, Input, Symbolized, Symbolizer as Blaze};
 
@@ -35,9 +37,13 @@ pub struct Frame {
     /// Its GNU build id (hex), when it has one.
     #[serde(skip)]
     pub build_id: Option<String>,
-    /// The file offset of the call instruction (the return address's byte before).
+    /// The file offset of the call instruction (the return address's byte before); a
+    /// Python frame's line.
     #[serde(skip)]
     pub file_offset: u64,
+    /// `python` for a frame of Python code; `None` for native code.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub runtime: Option<&'static str>,
 }
 
 /// A stack's id that does not depend on where things were loaded: a hash of each
@@ -62,6 +68,8 @@ pub struct Symbolizer {
     /// The path each file is symbolized by, by (device, inode); cleared past
     /// [`MAX_BUILD_IDS`].
     paths: Mutex<HashMap<(u64, u64), PathBuf>>,
+    /// CPython processes by pid (`None`: not one, or not one leakmon can name).
+    python: Mutex<HashMap<u32, Option<Arc<crate::python::code::Process>>>>,
 }
 
 /// Binaries whose build id is remembered.
@@ -83,6 +91,7 @@ impl Symbolizer {
             wrappers,
             build_ids: Mutex::new(HashMap::new()),
             paths: Mutex::new(HashMap::new()),
+            python: Mutex::new(HashMap::new()),
         }
     }
 
@@ -135,8 +144,12 @@ impl Symbolizer {
         &self.wrappers
     }
 
-    /// Index of the allocation site in `frames`: the first frame outside the wrappers.
+    /// Index of the allocation site in `frames`: the innermost Python frame, else the
+    /// first frame outside the wrappers.
     pub fn site(&self, frames: &[Frame]) -> usize {
+        if let Some(python) = frames.iter().position(|f| f.runtime.is_some()) {
+            return python;
+        }
         self.wrappers.site(frames.iter().map(|f| f.function.as_deref()))
     }
 
@@ -144,7 +157,51 @@ impl Symbolizer {
     /// first address outside any executable file mapping: past that, frame-pointer
     /// walks through code without frame pointers read garbage. `root` maps the
     /// process's paths into our mount namespace (its `/proc/PID/root`) while it lives.
-    pub fn frames(&self, maps: &[Mapping], root: Option<&Path>, stack: &[u64]) -> Vec<Frame> {
+    ///
+    /// Python frames the kernel appended (see `leakmon_common::python`) are named from
+    /// `pid`'s memory while it lives, and each run of them takes the place of the native
+    /// evaluation frame that ran it; without the process, the native frames stay alone.
+    pub fn frames(&self, pid: u32, maps: &[Mapping], root: Option<&Path>, stack: &[u64]) -> Vec<Frame> {
+        let split = stack.iter().position(|&w| python::decode(w).is_some()).unwrap_or(stack.len());
+        let native = self.native_frames(maps, root, &stack[..split]);
+        if split == stack.len() {
+            return native;
+        }
+        let Some(process) = root.and_then(|root| self.python_process(pid, maps, root)) else {
+            return native;
+        };
+        let Some(python) = python_frames(&process, &stack[split..]) else {
+            return native;
+        };
+        merge(native, python)
+    }
+
+    /// The CPython process `pid`, found and opened once while its interpreter stays
+    /// mapped; `None` when it is not one leakmon can name frames of.
+    pub fn python_process(
+        &self,
+        pid: u32,
+        maps: &[Mapping],
+        root: &Path,
+    ) -> Option<Arc<crate::python::code::Process>> {
+        let mut known = self.python.lock().unwrap_or_else(std::sync::PoisonError::into_inner);
+        if let Some(Some(p)) = known.get(&pid) {
+            if p.interpreter.still_in(maps) {
+                return Some(p.clone());
+            }
+        }
+        if known.len() >= MAX_BUILD_IDS {
+            known.clear();
+        }
+        let process = crate::python::Interpreter::find(maps, root)
+            .and_then(Result::ok)
+            .and_then(|i| crate::python::code::Process::open(pid, i))
+            .map(Arc::new);
+        known.insert(pid, process.clone());
+        process
+    }
+
+    fn native_frames(&self, maps: &[Mapping], root: Option<&Path>, stack: &[u64]) -> Vec<Frame> {
         let mut frames = Vec::with_capacity(stack.len());
         for &address in stack {
             // Every frame is a return address: look up the call instruction before it.
@@ -198,6 +255,55 @@ impl Symbolizer {
         }
         frames
     }
+}
+
+/// The native frame that runs a sequence of Python frames.
+const EVAL_FRAME: &str = "_PyEval_EvalFrameDefault";
+
+/// Named Python frames, innermost first, each with whether it is its evaluation call's
+/// first; `None` when one word is not a code object of this process.
+fn python_frames(process: &crate::python::code::Process, words: &[u64]) -> Option<Vec<(Frame, bool)>> {
+    words
+        .iter()
+        .map(|&w| {
+            let f = python::decode(w)?;
+            let code = process.code(f.code)?;
+            let line = code.line(f.lasti);
+            let frame = Frame {
+                function: Some(code.qualname.clone()),
+                file: Some(code.filename.clone()),
+                line,
+                address: f.code,
+                object: Some(PathBuf::from(&code.filename)),
+                build_id: Some(format!("py:{}", code.qualname)),
+                file_offset: u64::from(line.unwrap_or(0)),
+                runtime: Some("python"),
+            };
+            Some((frame, f.entry))
+        })
+        .collect()
+}
+
+/// Puts each native evaluation frame's Python frames in its place: from the innermost,
+/// each evaluation frame takes the Python frames up to and including the next entry
+/// frame. Python frames left over (the native walk stopped early) go outermost.
+fn merge(native: Vec<Frame>, python: Vec<(Frame, bool)>) -> Vec<Frame> {
+    let mut python = python.into_iter().peekable();
+    let mut out = Vec::with_capacity(native.len() + python.len());
+    for frame in native {
+        if frame.function.as_deref() != Some(EVAL_FRAME) || python.peek().is_none() {
+            out.push(frame);
+            continue;
+        }
+        for (py, entry) in python.by_ref() {
+            out.push(py);
+            if entry {
+                break;
+            }
+        }
+    }
+    out.extend(python.map(|(f, _)| f));
+    out
 }
 
 /// Where distributions install the debug file of the build `id` (hex).
@@ -257,7 +363,7 @@ mod tests {
     fn resolves_a_function_of_this_binary() {
         let address = leakmon_symbolize_probe_target as *const () as u64 + 1;
         let maps = ProcRoot::default().maps(std::process::id()).expect("maps");
-        let frames = Symbolizer::default().frames(&maps, None, &[address, 0x10, address]);
+        let frames = Symbolizer::default().frames(std::process::id(), &maps, None, &[address, 0x10, address]);
         assert_eq!(frames.len(), 1, "the stack ends at the unmapped address: {frames:?}");
         assert_eq!(frames[0].function.as_deref(), Some("leakmon_symbolize_probe_target"));
         assert_eq!(frames[0].address, address);

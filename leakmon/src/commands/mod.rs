@@ -23,6 +23,9 @@ pub(crate) fn refresh_unwind(probes: &mut Probes, proc_root: &ProcRoot, pid: u32
     if let Err(e) = probes.unwind_process(pid, &maps, &root) {
         debug!(pid, "unwind tables: {e:#}");
     }
+    if let Err(e) = probes.python_process(pid, &maps, &root) {
+        debug!(pid, "Python layout: {e:#}");
+    }
 }
 
 /// Checks privileges and kernel features, then loads the programs.

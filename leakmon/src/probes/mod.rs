@@ -27,6 +27,7 @@ use aya::{
 };
 use leakmon_common::{
     counter,
+    python::PyLayout,
     unwind::{Mapping as UnwindMapping, ProcUnwind, Row, MAX_MAPPINGS},
     LiveAlloc, LiveKey, ProcState, Stack, Totals, TotalsKey,
 };
@@ -249,6 +250,9 @@ pub struct Probes {
     /// was unreferenced at two purges in a row, never in that window.
     unreferenced_stacks: HashSet<u64>,
     unwind: unwind::Tables,
+    /// Processes whose Python was looked for, with the inode of the interpreter found
+    /// (0: none that leakmon walks); looked for again when it is no longer mapped.
+    python: StdHashMap<u32, u64>,
 }
 
 impl Probes {
@@ -304,6 +308,7 @@ impl Probes {
             process_kind,
             unreferenced_stacks: HashSet::new(),
             unwind: unwind::Tables::new(settings.unwind_rows),
+            python: StdHashMap::new(),
         })
     }
 
@@ -851,8 +856,45 @@ impl Probes {
         self.unwind.processes.contains_key(&pid)
     }
 
+    /// Gives the kernel the layout of `pid`'s CPython, if it runs one whose frames
+    /// leakmon walks (see [`crate::python`]); says once per process, in a log line, that
+    /// another Python gets native frames only. Returns whether its frames are walked.
+    pub fn python_process(&mut self, pid: u32, maps: &[Mapping], root: &Path) -> Result<bool, ProbeError> {
+        let mapped = |inode: u64| maps.iter().any(|m| m.executable && m.inode == inode);
+        if let Some(&inode) = self.python.get(&pid) {
+            if inode == 0 || mapped(inode) {
+                return Ok(inode != 0);
+            }
+        }
+        let interpreter = match crate::python::Interpreter::find(maps, root) {
+            // Not (yet) a Python process: looked for again at its next refresh.
+            None => return Ok(false),
+            Some(Err(why)) => {
+                warn!(pid, "{why}: its stacks keep native frames only");
+                self.python.insert(pid, 0);
+                return Ok(false);
+            }
+            Some(Ok(interpreter)) => interpreter,
+        };
+        let (major, minor, micro) = interpreter.version;
+        let mut layouts: HashMap<&mut MapData, u32, PyLayout> =
+            HashMap::try_from(self.ebpf.map_mut("PY_PROCS").ok_or_else(|| missing_map("PY_PROCS"))?)
+                .map_err(map_err("open", "PY_PROCS"))?;
+        layouts.insert(&pid, &interpreter.layout, 0).map_err(map_err("insert", "PY_PROCS"))?;
+        info!(pid, "Python {major}.{minor}.{micro}: stacks name Python functions and lines");
+        self.python.insert(pid, interpreter.inode);
+        Ok(true)
+    }
+
     /// Drops `pid`'s unwind tables (its image was replaced, or it is gone).
     pub fn forget_unwind(&mut self, pid: u32) {
+        if self.python.remove(&pid).is_some() {
+            if let Some(map) = self.ebpf.map_mut("PY_PROCS") {
+                if let Ok(mut layouts) = HashMap::<&mut MapData, u32, PyLayout>::try_from(map) {
+                    let _ = layouts.remove(&pid);
+                }
+            }
+        }
         self.unwind.processes.remove(&pid);
         if let Some(map) = self.ebpf.map_mut("UNWIND_PROCS") {
             if let Ok(mut procs) = HashMap::<&mut MapData, u32, ProcUnwind>::try_from(map) {

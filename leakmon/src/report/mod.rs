@@ -99,6 +99,9 @@ pub struct FrameReport {
     pub file: Option<String>,
     pub line: Option<u32>,
     pub address: String,
+    /// `python` for a frame of Python code; absent for native code.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub runtime: Option<String>,
 }
 
 impl From<Frame> for FrameReport {
@@ -108,6 +111,7 @@ impl From<Frame> for FrameReport {
             file: f.file,
             line: f.line,
             address: format!("{:#x}", f.address),
+            runtime: f.runtime.map(str::to_owned),
         }
     }
 }
@@ -132,7 +136,7 @@ impl Report {
                     .iter()
                     .map(|s| {
                         let frames = stack(s.stack_id)
-                            .map(|ips| symbolizer.frames(&pinfo.maps, pinfo.root.as_deref(), &ips))
+                            .map(|ips| symbolizer.frames(p.pid, &pinfo.maps, pinfo.root.as_deref(), &ips))
                             .unwrap_or_default();
                         let site = frames.get(symbolizer.site(&frames)).cloned().map(FrameReport::from);
                         StackReport {

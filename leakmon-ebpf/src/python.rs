@@ -1,0 +1,134 @@
+//! CPython frames, appended to a stack after its native frames (see
+//! `leakmon_common::python` for the scheme and the encoding).
+//!
+//! Maps: `PY_PROCS` (the layout of each traced CPython process, filled by userspace),
+//! `PY_THREADS` (the thread state last found for a thread).
+//! On failure: an unreadable pointer ends the Python frames where it is; a process
+//! without a layout, or a thread without a thread state (one the interpreter does not
+//! know), gets native frames only. Userspace checks every code object before it names
+//! a frame, so a wrong layout costs frames, never invents them.
+
+use aya_ebpf::{
+    cty::c_void,
+    helpers::{bpf_get_current_pid_tgid, bpf_loop, bpf_probe_read_user},
+    macros::map,
+    maps::{HashMap, LruHashMap},
+};
+use leakmon_common::{
+    python::{encode, PyLayout, ENTRY, MAX_FRAMES, MAX_THREADS, NONE, OWNED_BY_CSTACK},
+    Stack, MAX_STACK_DEPTH,
+};
+
+/// The layout of each CPython process leakmon traces.
+#[map]
+pub static PY_PROCS: HashMap<u32, PyLayout> = HashMap::with_max_entries(4096, 0);
+
+/// Thread id → the address of its `PyThreadState`, checked again at each use (its
+/// `native_thread_id` must still be the thread's id). LRU: threads come and go.
+#[map]
+pub static PY_THREADS: LruHashMap<u32, u64> = LruHashMap::with_max_entries(16384, 0);
+
+#[inline(always)]
+fn read<T: Copy>(addr: u64) -> Option<T> {
+    // SAFETY: a user address; the helper checks it.
+    unsafe { bpf_probe_read_user(addr as *const T).ok() }
+}
+
+#[inline(always)]
+fn field(base: u64, offset: u32) -> u64 {
+    base.wrapping_add(u64::from(offset))
+}
+
+/// The current thread's `PyThreadState`: the cached one, else found in the main
+/// interpreter's list of threads.
+#[inline(always)]
+fn thread_state(layout: &PyLayout, tid: u32) -> Option<u64> {
+    let native = layout.tstate_native_thread_id;
+    if let Some(&cached) = unsafe { PY_THREADS.get(&tid) } {
+        if read::<u64>(field(cached, native)) == Some(u64::from(tid)) {
+            return Some(cached);
+        }
+    }
+    let interp: u64 = read(layout.interpreters_head)?;
+    let mut tstate: u64 = read(field(interp, layout.interp_threads_head))?;
+    for _ in 0..MAX_THREADS {
+        if tstate == 0 {
+            break;
+        }
+        if read::<u64>(field(tstate, native)) == Some(u64::from(tid)) {
+            let _ = PY_THREADS.insert(&tid, &tstate, 0);
+            return Some(tstate);
+        }
+        tstate = read(field(tstate, layout.tstate_next))?;
+    }
+    None
+}
+
+/// What one step of the walk reads and writes: `bpf_loop` hands it to [`step`].
+#[repr(C)]
+struct Walk {
+    out: *mut Stack,
+    layout: *const PyLayout,
+    frame: u64,
+    depth: u64,
+    /// The slot of the last Python frame written (a C-stack frame makes it an entry),
+    /// or `MAX_STACK_DEPTH`.
+    last: u64,
+}
+
+/// Appends the current thread's Python frames to `out` after its first `depth` words,
+/// innermost first; returns the new depth. Through `bpf_loop`, so the verifier checks
+/// one step, not every frame of every path.
+#[inline(always)]
+pub fn walk(tgid: u32, out: *mut Stack, depth: usize) -> usize {
+    let Some(layout) = PY_PROCS.get_ptr(&tgid) else { return depth };
+    // SAFETY: pointer into a map value.
+    let l = unsafe { &*layout };
+    let tid = bpf_get_current_pid_tgid() as u32;
+    let Some(tstate) = thread_state(l, tid) else { return depth };
+    let Some(mut frame) = read::<u64>(field(tstate, l.tstate_frame)) else { return depth };
+    if l.cframe_current_frame != NONE {
+        let Some(current) = read::<u64>(field(frame, l.cframe_current_frame)) else { return depth };
+        frame = current;
+    }
+    let mut walk = Walk { out, layout, frame, depth: depth as u64, last: MAX_STACK_DEPTH as u64 };
+    // SAFETY: `step` has the callback's signature and `walk` outlives the call.
+    unsafe {
+        bpf_loop(MAX_FRAMES as u32, step as *mut c_void, (&raw mut walk).cast(), 0);
+    }
+    walk.depth as usize
+}
+
+/// One frame: 0 to go on, 1 to stop.
+extern "C" fn step(_index: u64, ctx: *mut c_void) -> i64 {
+    // SAFETY: `walk` passes its `Walk`.
+    let w = unsafe { &mut *ctx.cast::<Walk>() };
+    // SAFETY: pointer into a map value, kept by `walk`.
+    let layout = unsafe { &*w.layout };
+    let (frame, depth) = (w.frame, w.depth as usize);
+    if frame == 0 || depth >= MAX_STACK_DEPTH {
+        return 1;
+    }
+    let Some(previous) = read::<u64>(field(frame, layout.frame_previous)) else { return 1 };
+    let Some(owner) = read::<u8>(field(frame, layout.frame_owner)) else { return 1 };
+    w.frame = previous;
+    if owner == OWNED_BY_CSTACK {
+        let last = w.last as usize;
+        if last < MAX_STACK_DEPTH {
+            // SAFETY: `last` is below the array length.
+            unsafe { (*w.out).ips[last] |= ENTRY };
+        }
+        return 0;
+    }
+    let Some(code) = read::<u64>(field(frame, layout.frame_code)) else { return 1 };
+    let Some(instr) = read::<u64>(field(frame, layout.frame_instr)) else { return 1 };
+    let start = field(code, layout.code_instructions);
+    let lasti = if instr > start { (instr - start) / 2 } else { 0 };
+    let entry = layout.frame_is_entry != NONE
+        && read::<u8>(field(frame, layout.frame_is_entry)).is_some_and(|e| e != 0);
+    // SAFETY: `depth` is below the array length (checked above).
+    unsafe { (*w.out).ips[depth] = encode(code, lasti, entry) };
+    w.last = depth as u64;
+    w.depth = depth as u64 + 1;
+    0
+}

@@ -1,0 +1,284 @@
+//! CPython processes: the layout the kernel needs to walk their frames
+//! ([`Interpreter::find`]), and the names of the frames it found ([`Process`]).
+//!
+//! In: a process's mappings. The interpreter is the file among them that defines
+//! `_PyRuntime` (the executable, or libpython); its version is its `Py_Version`.
+//! 3.13 describes itself in `_Py_DebugOffsets` at the start of `_PyRuntime`; 3.11 and
+//! 3.12 get the tables below (measured with `offsetof` on their headers; the test
+//! `layouts_match_the_installed_headers` compares them again). Other versions get
+//! native frames and one log line.
+//!
+//! Out: a [`PyLayout`] for the kernel, and for userspace what naming a code object
+//! needs. Every code object is checked (its type must be the interpreter's
+//! `PyCode_Type`) before a frame is named from it, so a layout that does not fit costs
+//! Python frames, never invents them.
+
+pub mod code;
+pub mod lines;
+
+use std::path::{Path, PathBuf};
+
+use leakmon_common::python::{PyLayout, NONE};
+use object::{Object as _, ObjectSection as _, ObjectSegment as _, ObjectSymbol as _};
+
+use crate::procfs::Mapping;
+
+/// Where a code object and a string keep what naming a frame needs.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct Objects {
+    pub code_qualname: u64,
+    pub code_filename: u64,
+    pub code_firstlineno: u64,
+    pub code_linetable: u64,
+    /// `sizeof(PyASCIIObject)`: where an ASCII string's characters start.
+    pub ascii_size: u64,
+    /// `sizeof(PyCompactUnicodeObject)`: where other compact strings' start.
+    pub compact_size: u64,
+    pub unicode_length: u64,
+    pub unicode_state: u64,
+}
+
+/// One CPython found in a process.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct Interpreter {
+    /// Major, minor, micro.
+    pub version: (u32, u32, u32),
+    /// The file defining `_PyRuntime`, as the process names it.
+    pub path: PathBuf,
+    /// Its inode, to tell whether a later look at the process sees the same one.
+    pub inode: u64,
+    pub layout: PyLayout,
+    /// Runtime address of `PyCode_Type`.
+    pub code_type: u64,
+    pub objects: Objects,
+}
+
+/// Why a process's Python gets native frames only.
+#[derive(Debug, thiserror::Error)]
+pub enum Unsupported {
+    #[error("Python {0}.{1} is not one whose frames leakmon walks (3.11 to 3.13)")]
+    Version(u32, u32),
+    #[error("{path}: {why}")]
+    Binary { path: PathBuf, why: String },
+}
+
+impl Interpreter {
+    /// The CPython among `maps` (paths opened through `root`, the process's
+    /// `/proc/PID/root`): `None` when there is none.
+    pub fn find(maps: &[Mapping], root: &Path) -> Option<Result<Self, Unsupported>> {
+        let mut seen = std::collections::HashSet::new();
+        for m in maps.iter().filter(|m| m.executable && m.inode != 0) {
+            let name = m.path.file_name().map(|n| n.to_string_lossy().into_owned()).unwrap_or_default();
+            if !name.contains("python") || !seen.insert(m.inode) {
+                continue;
+            }
+            let path = m.open_path(root);
+            let Ok(data) = std::fs::read(&path) else { continue };
+            let Ok(file) = object::File::parse(&*data) else { continue };
+            let Some(runtime) = symbol(&file, "_PyRuntime") else { continue };
+            return Some(Self::of_file(&file, m, maps, runtime));
+        }
+        None
+    }
+
+    fn of_file(
+        file: &object::File<'_>,
+        m: &Mapping,
+        maps: &[Mapping],
+        runtime: u64,
+    ) -> Result<Self, Unsupported> {
+        let bad = |why: &str| Unsupported::Binary { path: m.path.clone(), why: why.to_owned() };
+        let version = symbol(file, "Py_Version")
+            .and_then(|at| bytes_at(file, at, 4))
+            .map(|b| u32::from_le_bytes(b.try_into().expect("4 bytes")))
+            .ok_or_else(|| bad("no Py_Version (CPython before 3.11)"))?;
+        let (major, minor, micro) = (version >> 24, (version >> 16) & 0xff, (version >> 8) & 0xff);
+        let bias = load_bias(file, m, maps).ok_or_else(|| bad("its mappings do not match its segments"))?;
+        let code_type = symbol(file, "PyCode_Type").ok_or_else(|| bad("no PyCode_Type"))? + bias;
+        let (layout, objects) = match (major, minor) {
+            (3, 11) => v3_11(),
+            (3, 12) => v3_12(),
+            (3, 13) => {
+                let offsets =
+                    bytes_at(file, runtime, DEBUG_OFFSETS_SIZE).ok_or_else(|| bad("no _Py_DebugOffsets"))?;
+                debug_offsets(offsets).ok_or_else(|| bad("_Py_DebugOffsets is not 3.13's"))?
+            }
+            (major, minor) => return Err(Unsupported::Version(major, minor)),
+        };
+        let layout =
+            PyLayout { interpreters_head: runtime + bias + u64::from(layout.interpreters_head), ..layout };
+        Ok(Self {
+            version: (major, minor, micro),
+            path: m.path.clone(),
+            inode: m.inode,
+            layout,
+            code_type,
+            objects,
+        })
+    }
+
+    /// Whether `maps` still hold this interpreter (the same file).
+    pub fn still_in(&self, maps: &[Mapping]) -> bool {
+        maps.iter().any(|m| m.executable && m.inode == self.inode && m.path == self.path)
+    }
+}
+
+fn symbol(file: &object::File<'_>, name: &str) -> Option<u64> {
+    file.dynamic_symbols()
+        .chain(file.symbols())
+        .find(|s| s.is_definition() && s.name() == Ok(name))
+        .map(|s| s.address())
+}
+
+/// `len` bytes of the file's initialized data at the virtual address `at`.
+fn bytes_at<'a>(file: &object::File<'a>, at: u64, len: usize) -> Option<&'a [u8]> {
+    let section = file.sections().find(|s| s.address() <= at && at < s.address() + s.size())?;
+    let data = section.data().ok()?;
+    data.get(usize::try_from(at - section.address()).ok()?..)?.get(..len)
+}
+
+/// Runtime address minus file virtual address, from the mapping of the file's first
+/// segment.
+fn load_bias(file: &object::File<'_>, m: &Mapping, maps: &[Mapping]) -> Option<u64> {
+    let first = file.segments().next()?;
+    let (offset, _) = first.file_range();
+    let mapped = maps.iter().find(|x| x.inode == m.inode && x.path == m.path && x.offset == offset)?;
+    Some(mapped.start.wrapping_sub(first.address()))
+}
+
+/// 3.11 (3.11.2 and 3.11.7 measured alike), offsets relative to `_PyRuntime` for the
+/// interpreters' head.
+fn v3_11() -> (PyLayout, Objects) {
+    (
+        PyLayout {
+            interpreters_head: 40,
+            interp_threads_head: 16,
+            tstate_next: 8,
+            tstate_native_thread_id: 160,
+            tstate_frame: 56,
+            cframe_current_frame: 8,
+            frame_previous: 48,
+            frame_code: 32,
+            frame_instr: 56,
+            frame_owner: 69,
+            frame_is_entry: 68,
+            code_instructions: 184,
+            _pad: 0,
+        },
+        Objects {
+            code_qualname: 128,
+            code_filename: 112,
+            code_firstlineno: 72,
+            code_linetable: 136,
+            ascii_size: 48,
+            compact_size: 72,
+            unicode_length: 16,
+            unicode_state: 32,
+        },
+    )
+}
+
+/// 3.12 (3.12.1 measured).
+fn v3_12() -> (PyLayout, Objects) {
+    (
+        PyLayout {
+            interpreters_head: 40,
+            interp_threads_head: 72,
+            tstate_next: 8,
+            tstate_native_thread_id: 144,
+            tstate_frame: 56,
+            cframe_current_frame: 0,
+            frame_previous: 8,
+            frame_code: 0,
+            frame_instr: 56,
+            frame_owner: 70,
+            frame_is_entry: NONE,
+            code_instructions: 192,
+            _pad: 0,
+        },
+        Objects {
+            code_qualname: 128,
+            code_filename: 112,
+            code_firstlineno: 68,
+            code_linetable: 136,
+            ascii_size: 40,
+            compact_size: 56,
+            unicode_length: 16,
+            unicode_state: 32,
+        },
+    )
+}
+
+/// Bytes of 3.13's `_Py_DebugOffsets` read here: up to the unicode object's fields.
+const DEBUG_OFFSETS_SIZE: usize = 8 * 71;
+
+/// 3.13's `_Py_DebugOffsets`: a cookie, the version, then groups of 64-bit offsets,
+/// each group led by its struct's size.
+fn debug_offsets(raw: &[u8]) -> Option<(PyLayout, Objects)> {
+    if raw.get(..8)? != b"xdebugpy" {
+        return None;
+    }
+    let word =
+        |i: usize| -> Option<u64> { Some(u64::from_le_bytes(raw.get(i * 8..i * 8 + 8)?.try_into().ok()?)) };
+    let small = |i: usize| -> Option<u32> { u32::try_from(word(i)?).ok() };
+    // Words: 0 cookie, 1 version, 2 free_threaded; runtime_state 3..=5; interpreter_state
+    // 6..=18; thread_state 19..=27; interpreter_frame 28..=33; code_object 34..=43;
+    // pyobject 44..=45; type_object 46..=49; tuple 50..=52; list 53..=55; dict 56..=58;
+    // float 59..=60; long 61..=63; bytes 64..=66; unicode 67..=70.
+    if word(2)? != 0 {
+        // The free-threaded build keeps its frames elsewhere.
+        return None;
+    }
+    let layout = PyLayout {
+        interpreters_head: word(5)?,
+        interp_threads_head: small(9)?,
+        tstate_next: small(21)?,
+        tstate_native_thread_id: small(25)?,
+        tstate_frame: small(23)?,
+        cframe_current_frame: NONE,
+        frame_previous: small(29)?,
+        frame_code: small(30)?,
+        frame_instr: small(31)?,
+        frame_owner: small(33)?,
+        frame_is_entry: NONE,
+        code_instructions: small(43)?,
+        _pad: 0,
+    };
+    let objects = Objects {
+        code_qualname: word(37)?,
+        code_filename: word(35)?,
+        code_firstlineno: word(39)?,
+        code_linetable: word(38)?,
+        ascii_size: word(70)?,
+        // 3.13's PyCompactUnicodeObject adds utf8_length and utf8 to PyASCIIObject.
+        compact_size: word(70)? + 16,
+        unicode_length: word(69)?,
+        unicode_state: word(68)?,
+    };
+    Some((layout, objects))
+}
+
+#[cfg(test)]
+pub(crate) mod tests {
+    use super::*;
+
+    /// The CPythons these machines have: Debian's, and pyenv's 3.11 to 3.13.
+    pub fn interpreters() -> Vec<String> {
+        let home = std::env::var("HOME").unwrap_or_else(|_| "/root".into());
+        let mut found = vec!["/usr/bin/python3".to_owned()];
+        for v in ["3.11", "3.12", "3.13"] {
+            let pattern = format!("{home}/.pyenv/versions/{v}.");
+            if let Ok(dir) = std::fs::read_dir(format!("{home}/.pyenv/versions")) {
+                let mut versions: Vec<String> = dir
+                    .filter_map(|e| Some(format!("{home}/.pyenv/versions/{}", e.ok()?.file_name().to_str()?)))
+                    .filter(|p| p.starts_with(&pattern))
+                    .collect();
+                versions.sort();
+                if let Some(last) = versions.pop() {
+                    found.push(format!("{last}/bin/python{v}"));
+                }
+            }
+        }
+        found
+    }
+}
