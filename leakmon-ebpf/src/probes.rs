@@ -374,7 +374,11 @@ fn stack_id<C: EbpfContext>(ctx: &C, tgid: u32) -> u64 {
                     u64::from(BPF_F_USER_STACK),
                 )
             };
-            if len > 0 { len as usize / 8 } else { 0 }
+            if len > 0 {
+                len as usize / 8
+            } else {
+                0
+            }
         }
     };
     if depth == 0 {

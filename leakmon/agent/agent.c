@@ -250,10 +250,17 @@ static inline int set_remove(uintptr_t p) {
     return 0;
 }
 
+#ifndef LEAKMON_AGENT_FREESTANDING
+static void python_wrap_pending(void);
+#endif
+
 static void sampled(struct thread_state *t, uintptr_t block, uint64_t size, uint64_t r) {
     uint64_t weight = charge(t, size, r);
     if (LIKELY(weight == 0) || block == 0)
         return;
+#ifndef LEAKMON_AGENT_FREESTANDING
+    python_wrap_pending();
+#endif
     if (set_insert(block))
         leakmon_agent_sampled_alloc((void *)block, weight);
 }
@@ -530,6 +537,147 @@ static void patch_all(void) {
     pthread_mutex_unlock(&patch_lock);
 }
 
+/* ---- CPython's allocator domains -------------------------------------------------- */
+
+/*
+ * CPython carves its small objects from arenas of its own (pymalloc): no malloc call
+ * to hook. Its allocator API, PyMem_GetAllocator and PyMem_SetAllocator (what
+ * tracemalloc uses), lets the agent wrap each domain: raw memory, PyMem and objects.
+ * A wrapper keeps the domain's ctx and calls the real functions from a table of its
+ * own, so a thread that reads a domain half-swapped (the agent swaps it without the
+ * GIL) calls the old function or the wrapper, with the same ctx: right either way.
+ * The frees of sampled blocks reach leakmon like native ones; the kernel adds the
+ * Python frames to the stack of each sample.
+ */
+typedef struct {
+    void *ctx;
+    void *(*malloc)(void *ctx, size_t size);
+    void *(*calloc)(void *ctx, size_t nelem, size_t elsize);
+    void *(*realloc)(void *ctx, void *ptr, size_t size);
+    void (*free)(void *ctx, void *ptr);
+} py_allocator;
+
+/* PYMEM_DOMAIN_RAW, _MEM and _OBJ. */
+#define PY_DOMAINS 3
+static py_allocator py_real[PY_DOMAINS];
+static int py_wrapped[PY_DOMAINS];
+/* 1 while a Python in this process is to be wrapped once it is initialized. */
+static volatile int py_pending;
+
+static inline __attribute__((always_inline)) void *py_alloc(int d, void *ctx, void *old, size_t a, size_t b,
+                                                            int kind) {
+    const py_allocator *real = &py_real[d];
+#define PY_CALL (kind == K_CALLOC ? real->calloc(ctx, a, b) : kind == K_REALLOC ? real->realloc(ctx, old, a) : real->malloc(ctx, a))
+    uint64_t r = rate;
+    if (r == 0)
+        return PY_CALL;
+    struct thread_state *t = me();
+    if (t->busy)
+        return PY_CALL;
+    t->busy = 1;
+    if (kind == K_REALLOC)
+        released((uintptr_t)old);
+    void *p = PY_CALL;
+    if (p != NULL)
+        sampled(t, (uintptr_t)p, kind == K_CALLOC ? product(a, b) : a, r);
+    t->busy = 0;
+    return p;
+#undef PY_CALL
+}
+
+static inline __attribute__((always_inline)) void py_release(int d, void *ctx, void *p) {
+    if (rate != 0) {
+        struct thread_state *t = me();
+        if (!t->busy) {
+            t->busy = 1;
+            released((uintptr_t)p);
+            py_real[d].free(ctx, p);
+            t->busy = 0;
+            return;
+        }
+    }
+    py_real[d].free(ctx, p);
+}
+
+#define PY_WRAPPERS(d)                                                                             \
+    static void *py_malloc_##d(void *ctx, size_t n) { return py_alloc(d, ctx, NULL, n, 0, K_MALLOC); } \
+    static void *py_calloc_##d(void *ctx, size_t n, size_t e) { return py_alloc(d, ctx, NULL, n, e, K_CALLOC); } \
+    static void *py_realloc_##d(void *ctx, void *p, size_t n) { return py_alloc(d, ctx, p, n, 0, K_REALLOC); } \
+    static void py_free_##d(void *ctx, void *p) { py_release(d, ctx, p); }
+PY_WRAPPERS(0)
+PY_WRAPPERS(1)
+PY_WRAPPERS(2)
+static const py_allocator py_wrappers[PY_DOMAINS] = {
+    {NULL, py_malloc_0, py_calloc_0, py_realloc_0, py_free_0},
+    {NULL, py_malloc_1, py_calloc_1, py_realloc_1, py_free_1},
+    {NULL, py_malloc_2, py_calloc_2, py_realloc_2, py_free_2},
+};
+
+typedef void (*py_allocator_fn)(int domain, py_allocator *allocator);
+
+/*
+ * Wraps the domains of an initialized CPython in this process; leaves py_pending set
+ * while the process has a CPython that is not initialized yet (a preloaded agent
+ * starts before it). Called with patch_lock held.
+ */
+static void python_wrap(void) {
+    py_allocator_fn get = (py_allocator_fn)dlsym(RTLD_DEFAULT, "PyMem_GetAllocator");
+    py_allocator_fn set_ = (py_allocator_fn)dlsym(RTLD_DEFAULT, "PyMem_SetAllocator");
+    int (*initialized)(void) = (int (*)(void))dlsym(RTLD_DEFAULT, "Py_IsInitialized");
+    if (get == NULL || set_ == NULL || initialized == NULL) {
+        py_pending = 0;
+        return;
+    }
+    /* Before initialization CPython sets its allocators up again, over any wrapper. */
+    if (!initialized()) {
+        py_pending = 1;
+        return;
+    }
+    py_pending = 0;
+    for (int d = 0; d < PY_DOMAINS; d++) {
+        if (py_wrapped[d])
+            continue;
+        py_allocator current;
+        get(d, &current);
+        py_real[d] = current;
+        py_allocator wrapper = py_wrappers[d];
+        wrapper.ctx = current.ctx;
+        set_(d, &wrapper);
+        py_wrapped[d] = 1;
+    }
+}
+
+/* From a sample (rare): a preloaded agent wraps CPython once it is initialized. */
+static void python_wrap_pending(void) {
+    if (LIKELY(!py_pending))
+        return;
+    if (pthread_mutex_trylock(&patch_lock) != 0)
+        return;
+    if (py_pending)
+        python_wrap();
+    pthread_mutex_unlock(&patch_lock);
+}
+
+/* Puts back each domain still holding the agent's wrapper (one another wrapper was put
+ * over since is left alone: it passes through while sampling is off). */
+static void python_unwrap(void) {
+    py_allocator_fn get = (py_allocator_fn)dlsym(RTLD_DEFAULT, "PyMem_GetAllocator");
+    py_allocator_fn set_ = (py_allocator_fn)dlsym(RTLD_DEFAULT, "PyMem_SetAllocator");
+    py_pending = 0;
+    if (get == NULL || set_ == NULL)
+        return;
+    for (int d = 0; d < PY_DOMAINS; d++) {
+        if (!py_wrapped[d])
+            continue;
+        py_allocator current;
+        get(d, &current);
+        if (current.malloc == py_wrappers[d].malloc) {
+            set_(d, &py_real[d]);
+            py_wrapped[d] = 0;
+        }
+    }
+}
+
 #endif /* !LEAKMON_AGENT_FREESTANDING */
 
 /* ---- control --------------------------------------------------------------------- */
@@ -542,6 +690,52 @@ static void patch_all(void) {
 static void *map_zeroed(size_t bytes) {
     void *p = mmap(NULL, bytes, PROT_READ | PROT_WRITE, MAP_PRIVATE | MAP_ANONYMOUS | MAP_NORESERVE, -1, 0);
     return p == MAP_FAILED ? NULL : p;
+}
+
+/* Whether `p` is the address of a symbol some object defines (a canonical PLT stub is
+ * the address of an undefined symbol of the program). */
+static int defined_at(void *p) {
+    Dl_info at;
+    const ElfW(Sym) *sym = NULL;
+    return p != NULL && dladdr1(p, &at, (void **)&sym, RTLD_DL_SYMENT) != 0 && sym != NULL &&
+           sym->st_shndx != SHN_UNDEF;
+}
+
+/* Looks `name` up in one loaded library (not the program): the first that defines it. */
+struct lookup {
+    const char *name;
+    void *found;
+};
+static int definition_in(struct dl_phdr_info *info, size_t size, void *data) {
+    (void)size;
+    struct lookup *l = data;
+    if (info->dlpi_name == NULL || info->dlpi_name[0] == 0)
+        return 0;
+    void *handle = dlopen(info->dlpi_name, RTLD_LAZY | RTLD_NOLOAD);
+    if (handle == NULL)
+        return 0;
+    void *p = dlsym(handle, l->name);
+    dlclose(handle);
+    if (!defined_at(p))
+        return 0;
+    l->found = p;
+    return 1;
+}
+
+/*
+ * The function `name` names for every object. The global lookup gives it, except in a
+ * fixed-address program that takes the function's address: there the program's own
+ * PLT stub stands for it (a "canonical PLT", an undefined symbol with a value), a stub
+ * that jumps through the program's GOT slot, that is into the hook. Then the libraries
+ * are asked, in load order.
+ */
+static void *definition(const char *name) {
+    void *p = dlsym(RTLD_DEFAULT, name);
+    if (p == NULL || defined_at(p))
+        return p;
+    struct lookup l = {name, NULL};
+    dl_iterate_phdr(definition_in, &l);
+    return l.found != NULL ? l.found : p;
 }
 
 /*
@@ -566,9 +760,10 @@ EXPORT long leakmon_agent_start(uint64_t sample_bytes) {
         if (dladdr((void *)leakmon_agent_start, &self) != 0)
             self_base = (uintptr_t)self.dli_fbase;
         for (int i = 0; i < N_HOOKS; i++)
-            real[i] = (entry_fn)dlsym(RTLD_DEFAULT, hooks[i].name);
+            real[i] = (entry_fn)definition(hooks[i].name);
     }
     rate = sample_bytes;
+    python_wrap();
     pthread_mutex_unlock(&patch_lock);
     patch_all();
     return (long)n_patched;
@@ -588,6 +783,7 @@ EXPORT long leakmon_agent_stop(void) {
             restored++;
     }
     n_patched = 0;
+    python_unwrap();
     pthread_mutex_unlock(&patch_lock);
     return restored;
 }

@@ -28,7 +28,19 @@ use nix::{
 
 #[test]
 fn a_running_process_is_sampled_in_process_and_left_as_it_was() {
-    let mut target = AgentTarget::start();
+    got_hooked_process_is_sampled_and_restored(AgentTarget::start());
+}
+
+/// Regression: in a non-PIE program that takes malloc's address, the global lookup of
+/// `malloc` is the program's PLT stub, which leads back into the hook; the agent took
+/// it for the real malloc and every call then looped for ever.
+#[test]
+fn a_program_whose_plt_stub_is_mallocs_address_is_sampled() {
+    let fixture = build_fixture("agent_target.c", &["-no-pie", "-fno-pic", "-DTAKE_MALLOC_ADDRESS"]);
+    got_hooked_process_is_sampled_and_restored(AgentTarget::with(&fixture));
+}
+
+fn got_hooked_process_is_sampled_and_restored(mut target: AgentTarget) {
     let (pid, slot, original) = (target.pid, target.slot, target.original);
 
     let (report, stderr) = watch_pid_with(pid, "8", &["--agent", "--sample-bytes", "4KiB"]);

@@ -22,7 +22,13 @@ pub fn got_slot(pid: u32, exe: &std::path::Path, symbol: &str) -> u64 {
         .find(|(_, r)| r.target() == object::RelocationTarget::Symbol(index))
         .map(|(offset, _)| offset)
         .expect("a relocation for the symbol");
-    exe_base(pid, exe) + offset
+    // A position-independent program is loaded at a base of its own; a fixed-address
+    // one (-no-pie) where its headers say.
+    if file.kind() == object::ObjectKind::Dynamic {
+        exe_base(pid, exe) + offset
+    } else {
+        offset
+    }
 }
 
 /// Starts `fixture` with its output piped; its lines.
