@@ -221,6 +221,7 @@ pub fn report(args: &ReportArgs) -> Result<()> {
             }
         }
     }
+    report.add_notes();
     let counters = probes.counters()?;
     for (name, value) in counters.nonzero() {
         warn!(counter = name, value, "allocations not fully accounted");

@@ -48,7 +48,7 @@ mod tests {
     use crate::report::{FrameReport, StackReport};
 
     fn frame(function: &str) -> FrameReport {
-        FrameReport { function: function.into(), file: None, line: None, address: "0x1".into() }
+        FrameReport { function: function.into(), file: None, line: None, address: "0x1".into(), runtime: None }
     }
 
     #[test]
@@ -72,6 +72,8 @@ mod tests {
                 outstanding_allocations: 0,
                 incomplete: false,
                 runtime_internal: crate::report::RuntimeInternal::default(),
+                runtime: None,
+                notes: Vec::new(),
                 stacks: vec![
                     stack(48, &["leak_small", "main"]),
                     stack(2, &["leak_small", "main"]),

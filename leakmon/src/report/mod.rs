@@ -68,6 +68,27 @@ pub struct ProcessReport {
     /// What the runtime keeps for itself by design (see `suppressions`), set apart:
     /// not in the totals above nor in `stacks`.
     pub runtime_internal: RuntimeInternal,
+    /// `python` for a CPython process; absent for others.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub runtime: Option<&'static str>,
+    /// What the figures leave out, a sentence each (see [`Report::add_notes`]).
+    #[serde(skip_serializing_if = "Vec::is_empty")]
+    pub notes: Vec<String>,
+}
+
+/// Said of a CPython process watched through uprobes.
+pub const PYTHON_UNSEEN: &str =
+    "small Python objects come from CPython's own arenas (pymalloc), which uprobes do not see: add --agent to sample them";
+
+/// Whether `maps` run CPython (an executable mapping of `python*` or `libpython*`).
+fn runs_python(maps: &[Mapping]) -> bool {
+    maps.iter().any(|m| {
+        m.executable
+            && m.path.file_name().is_some_and(|n| {
+                let n = n.to_string_lossy();
+                n.starts_with("python") || n.starts_with("libpython")
+            })
+    })
 }
 
 /// Bytes set apart as the runtime's own, and the functions that named them.
@@ -158,10 +179,21 @@ impl Report {
                     incomplete: pinfo.incomplete,
                     stacks,
                     runtime_internal: RuntimeInternal::default(),
+                    runtime: runs_python(&pinfo.maps).then_some("python"),
+                    notes: Vec::new(),
                 }
             })
             .collect();
         Self { method: Method::default(), sample_bytes: 0, processes }
+    }
+
+    /// Says, per process, what its figures cannot hold in this report's method.
+    pub fn add_notes(&mut self) {
+        for p in &mut self.processes {
+            if self.method == Method::Uprobes && p.runtime == Some("python") {
+                p.notes.push(PYTHON_UNSEEN.to_owned());
+            }
+        }
     }
 
     /// Adds processes that were watched but left nothing unfreed, so a clean run
@@ -178,6 +210,8 @@ impl Report {
                     incomplete: info.incomplete,
                     stacks: Vec::new(),
                     runtime_internal: RuntimeInternal::default(),
+                    runtime: runs_python(&info.maps).then_some("python"),
+                    notes: Vec::new(),
                 });
             }
         }

@@ -32,6 +32,9 @@ pub fn render(report: &Report) -> String {
             p.outstanding_allocations,
             if p.incomplete { "  [INCOMPLETE: a table was full, figures are lower bounds]" } else { "" }
         );
+        for note in &p.notes {
+            let _ = writeln!(out, "  note: {note}");
+        }
         let internal = &p.runtime_internal;
         if internal.bytes > 0 {
             let _ = writeln!(
@@ -57,7 +60,8 @@ pub fn render(report: &Report) -> String {
             let at = s.site.as_ref().and_then(|site| s.frames.iter().position(|f| f == site)).unwrap_or(0);
             let mut frames = s.frames.iter().skip(at);
             let mut first = frames.next().map_or_else(|| "[no stack]".to_owned(), frame);
-            if at > 0 {
+            // A Python site names its line; the interpreter's frames under it say nothing.
+            if at > 0 && s.frames[at].runtime.is_none() {
                 let via: Vec<&str> = s.frames[..at].iter().rev().map(|f| f.function.as_str()).collect();
                 first = format!("{first}  via {}", via.join(" > "));
             }
@@ -114,6 +118,7 @@ mod tests {
             file: Some("/src/fixture.c".into()),
             line: Some(line),
             address: "0x1".into(),
+            runtime: None,
         };
         let report = Report {
             method: crate::report::Method::Uprobes,
@@ -126,6 +131,8 @@ mod tests {
                 outstanding_allocations: 1000,
                 incomplete: false,
                 runtime_internal: crate::report::RuntimeInternal::default(),
+                runtime: None,
+                notes: Vec::new(),
                 stacks: vec![StackReport {
                     id: String::new(),
                     bytes: 48_000,
@@ -150,6 +157,56 @@ mod tests {
             "the site past the wrapper: {text}"
         );
         assert!(text.contains("  main (fixture.c:40)\n"), "{text}");
+    }
+
+    #[test]
+    fn a_python_site_names_its_line_and_the_note_has_a_line_of_its_own() {
+        let python = |function: &str, line| FrameReport {
+            function: function.into(),
+            file: Some("/srv/app.py".into()),
+            line: Some(line),
+            address: "0x7f0000001000".into(),
+            runtime: Some("python".into()),
+        };
+        let native = |function: &str| FrameReport {
+            function: function.into(),
+            file: None,
+            line: None,
+            address: "0x4000".into(),
+            runtime: None,
+        };
+        let mut report = Report {
+            method: crate::report::Method::Uprobes,
+            sample_bytes: 0,
+            processes: vec![ProcessReport {
+                pid: 9,
+                comm: "python3".into(),
+                allocator: None,
+                outstanding_bytes: 4129,
+                outstanding_allocations: 1,
+                incomplete: false,
+                runtime_internal: crate::report::RuntimeInternal::default(),
+                runtime: Some("python"),
+                notes: Vec::new(),
+                stacks: vec![StackReport {
+                    id: String::new(),
+                    bytes: 4129,
+                    allocations: 1,
+                    mean_age_seconds: 1.0,
+                    site: Some(python("remember", 10)),
+                    frames: vec![native("PyObject_Malloc"), python("remember", 10), python("<module>", 20)],
+                }],
+            }],
+        };
+        report.add_notes();
+        let text = render(&report);
+        assert!(text.contains("         4129         1 100.0%  remember (app.py:10)\n"), "{text}");
+        assert!(text.contains("  <module> (app.py:20)\n"), "{text}");
+        assert!(text.contains(&format!("\n  note: {}\n", crate::report::PYTHON_UNSEEN)), "{text}");
+        report.processes[0].notes.clear();
+        report.method = crate::report::Method::Agent;
+        report.add_notes();
+        assert!(!render(&report).contains("note:"), "the agent sees Python objects");
     }
 
     #[test]
