@@ -88,10 +88,16 @@ impl Interpreter {
         runtime: u64,
     ) -> Result<Self, Unsupported> {
         let bad = |why: &str| Unsupported::Binary { path: m.path.clone(), why: why.to_owned() };
-        let version = symbol(file, "Py_Version")
+        let Some(version) = symbol(file, "Py_Version")
             .and_then(|at| bytes_at(file, at, 4))
             .map(|b| u32::from_le_bytes(b.try_into().expect("4 bytes")))
-            .ok_or_else(|| bad("no Py_Version (CPython before 3.11)"))?;
+        else {
+            // Before 3.11 there is no Py_Version; the file's name says which it is.
+            return Err(version_in_name(&m.path).map_or_else(
+                || bad("no Py_Version: a CPython before 3.11"),
+                |(major, minor)| Unsupported::Version(major, minor),
+            ));
+        };
         let (major, minor, micro) = (version >> 24, (version >> 16) & 0xff, (version >> 8) & 0xff);
         let bias = load_bias(file, m, maps).ok_or_else(|| bad("its mappings do not match its segments"))?;
         let code_type = symbol(file, "PyCode_Type").ok_or_else(|| bad("no PyCode_Type"))? + bias;
@@ -121,6 +127,14 @@ impl Interpreter {
     pub fn still_in(&self, maps: &[Mapping]) -> bool {
         maps.iter().any(|m| m.executable && m.inode == self.inode && m.path == self.path)
     }
+}
+
+/// `(3, 10)` of `libpython3.10.so.1.0` or `python3.10`.
+fn version_in_name(path: &Path) -> Option<(u32, u32)> {
+    let name = path.file_name()?.to_str()?;
+    let rest = &name[name.find("python")? + "python".len()..];
+    let mut parts = rest.split(|c: char| !c.is_ascii_digit()).filter(|p| !p.is_empty());
+    Some((parts.next()?.parse().ok()?, parts.next()?.parse().ok()?))
 }
 
 fn symbol(file: &object::File<'_>, name: &str) -> Option<u64> {

@@ -48,7 +48,13 @@ mod tests {
     use crate::report::{FrameReport, StackReport};
 
     fn frame(function: &str) -> FrameReport {
-        FrameReport { function: function.into(), file: None, line: None, address: "0x1".into(), runtime: None }
+        FrameReport {
+            function: function.into(),
+            file: None,
+            line: None,
+            address: "0x1".into(),
+            runtime: None,
+        }
     }
 
     #[test]

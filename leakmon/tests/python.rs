@@ -1,0 +1,221 @@
+//! Python frames: real CPython processes (Debian's python3 3.11, stripped; pyenv's 3.12
+//! and 3.13) watched by leakmon through uprobes and through its agent.
+
+mod common;
+
+use std::io::{BufRead as _, Write as _};
+
+use common::{finish_report, processes, watch_pid_with, Reap};
+use serde_json::Value;
+
+/// The interpreters the issue names, each with the version its log line gives.
+fn interpreters() -> Vec<(String, &'static str)> {
+    let home = std::env::var("HOME").unwrap_or_else(|_| "/root".into());
+    let newest = |minor: &str| -> String {
+        let mut found: Vec<String> = std::fs::read_dir(format!("{home}/.pyenv/versions"))
+            .expect("pyenv's versions")
+            .filter_map(|e| e.ok()?.file_name().into_string().ok())
+            .filter(|v| v.starts_with(&format!("{minor}.")))
+            .collect();
+        found.sort();
+        let version = found.pop().unwrap_or_else(|| panic!("pyenv has no CPython {minor}"));
+        format!("{home}/.pyenv/versions/{version}/bin/python{minor}")
+    };
+    vec![("/usr/bin/python3".into(), "3.11"), (newest("3.12"), "3.12"), (newest("3.13"), "3.13")]
+}
+
+fn fixture() -> String {
+    common::fixtures_dir().join("python/cache_leak.py").display().to_string()
+}
+
+/// The line of `needle` in the fixture, 1-based.
+fn line_of(needle: &str) -> u64 {
+    let source = std::fs::read_to_string(fixture()).expect("read the fixture");
+    source.lines().position(|l| l.contains(needle)).expect("the line") as u64 + 1
+}
+
+/// Starts the fixture in `mode` and waits for its "ready".
+fn start(
+    python: &str,
+    mode: &str,
+    arg: &str,
+) -> (Reap, std::io::Lines<std::io::BufReader<std::process::ChildStdout>>) {
+    let mut child = std::process::Command::new(python)
+        .args([fixture().as_str(), mode, arg])
+        .stdin(std::process::Stdio::piped())
+        .stdout(std::process::Stdio::piped())
+        .spawn()
+        .unwrap_or_else(|e| panic!("start {python}: {e}"));
+    let mut lines = std::io::BufReader::new(child.stdout.take().expect("stdout")).lines();
+    assert_eq!(lines.next().expect("a line").expect("read"), "ready", "{python}");
+    (Reap(child), lines)
+}
+
+fn is_python(frame: &Value, function: &str) -> bool {
+    frame["runtime"] == "python" && frame["function"] == function
+}
+
+/// Exact mode: 100 `bytes(4096)` kept from `keep_blocks` are 100 calls of malloc (or
+/// calloc) of 4,129 bytes (33 of header): exactly 412,900 B, in a stack whose site is
+/// the Python line, with the Python callers in order and no garbage frame.
+#[test]
+fn an_exact_report_names_the_python_line_of_each_interpreter() {
+    let keep = line_of("KEPT.append(bytes(4096))");
+    let caller = line_of("        keep_blocks(n)");
+    for (python, version) in interpreters() {
+        let (mut process, mut lines) = start(&python, "blocks", "100");
+        let pid = process.0.id();
+        let (report, stderr) = watch_pid_with(pid, "4", &[]);
+        writeln!(process.0.stdin.as_mut().expect("stdin"), "go").expect("write");
+        assert_eq!(lines.next().expect("a line").expect("read"), "done");
+        let json = finish_report(report, stderr);
+        let p = processes(&json).iter().find(|p| p["pid"] == pid).expect("the fixture");
+        assert_eq!(p["runtime"], "python", "{python}");
+        assert_eq!(p["notes"][0], leakmon::report::PYTHON_UNSEEN, "{python}");
+        let kept: Vec<&Value> = p["stacks"]
+            .as_array()
+            .expect("stacks")
+            .iter()
+            .filter(|s| s["site"]["runtime"] == "python" && s["site"]["line"] == keep)
+            .collect();
+        // The line also grows the list that keeps them (one realloc'd array, 864 B at
+        // the end): a stack of its own, through the list's resize.
+        let (blocks, list): (Vec<&Value>, Vec<&Value>) =
+            kept.into_iter().partition(|s| s["allocations"] != 1);
+        let figures: Vec<(u64, u64)> = blocks
+            .iter()
+            .map(|s| (s["bytes"].as_u64().unwrap(), s["allocations"].as_u64().unwrap()))
+            .collect();
+        assert_eq!(figures, [(412_900, 100)], "{python} {version}: {blocks:#?}");
+        let list: u64 = list.iter().map(|s| s["bytes"].as_u64().unwrap()).sum();
+        assert!(list < 4129, "{python}: only the list's array besides the blocks: {list} B");
+        for s in blocks {
+            let site = &s["site"];
+            assert_eq!(site["function"], "keep_blocks", "{python}");
+            assert_eq!(site["file"], fixture(), "{python}");
+            let frames = s["frames"].as_array().expect("frames");
+            let python_frames: Vec<(&str, u64)> = frames
+                .iter()
+                .filter(|f| f["runtime"] == "python")
+                .map(|f| (f["function"].as_str().unwrap(), f["line"].as_u64().unwrap()))
+                .collect();
+            assert_eq!(
+                python_frames,
+                [("keep_blocks", keep), ("blocks", caller), ("<module>", line_of("[mode](arg)"))],
+                "{python}"
+            );
+            // In place of the evaluation frame: native frames above (the allocator) and
+            // below (the interpreter's main), none of them the evaluation loop itself.
+            let first = frames.iter().position(|f| is_python(f, "keep_blocks")).unwrap();
+            assert!(first > 0, "the allocator's native frames stay above: {frames:#?}");
+            assert!(frames.len() > first + 3, "the interpreter's native frames stay below: {frames:#?}");
+            assert!(
+                !frames.iter().any(|f| f["function"] == "_PyEval_EvalFrameDefault"),
+                "{python}: the evaluation frame is replaced by its Python frames: {frames:#?}"
+            );
+        }
+    }
+}
+
+/// The agent at its default interval, 15 s, on a cache growing by small objects
+/// beside churn that keeps nothing: at least half the resident growth attributed,
+/// ≥ 60% of it in stacks naming the lines that make or keep the entries, ≤ 10% in the
+/// churn.
+#[test]
+fn the_agent_attributes_a_growing_cache_to_its_python_lines() {
+    let (make, keep) = (line_of("return (\"session-%d\""), line_of("CACHE[key] = value"));
+    let mut table = Vec::new();
+    for (python, version) in interpreters() {
+        let (process, _lines) = start(&python, "grow", "10000");
+        let pid = process.0.id();
+        let before = resident(pid);
+        let (report, stderr) = watch_pid_with(pid, "15", &["--agent"]);
+        let json = finish_report(report, stderr);
+        let growth = resident(pid).saturating_sub(before);
+        let p = processes(&json).iter().find(|p| p["pid"] == pid).expect("the fixture");
+        assert_eq!(json["method"], "agent");
+        assert!(p.get("notes").is_none(), "the agent sees Python objects: {p:#?}");
+        let total = p["outstanding_bytes"].as_u64().unwrap();
+        let share = |keep_stack: &dyn Fn(&[Value]) -> bool| -> f64 {
+            let bytes: u64 = p["stacks"]
+                .as_array()
+                .unwrap()
+                .iter()
+                .filter(|s| keep_stack(s["frames"].as_array().unwrap()))
+                .map(|s| s["bytes"].as_u64().unwrap())
+                .sum();
+            bytes as f64 / total.max(1) as f64
+        };
+        let leak = share(&|frames| {
+            frames.iter().any(|f| {
+                (is_python(f, "make_entry") && f["line"] == make)
+                    || (is_python(f, "remember") && f["line"] == keep)
+            })
+        });
+        let churn =
+            share(&|frames| frames.iter().any(|f| is_python(f, "churn") || is_python(f, "<listcomp>")));
+        let attributed = total as f64 / growth.max(1) as f64;
+        table.push(format!(
+            "{version}: resident +{growth} B, attributed {total} B ({attributed:.2}), leak lines {:.0}%, churn {:.1}%",
+            leak * 100.0,
+            churn * 100.0
+        ));
+        assert!(attributed >= 0.5, "{python}: {}", table.last().unwrap());
+        assert!(leak >= 0.6, "{python}: {}", table.last().unwrap());
+        assert!(churn <= 0.1, "{python}: {}", table.last().unwrap());
+    }
+    eprintln!("{}", table.join("\n"));
+}
+
+/// A CPython whose layout leakmon does not know (3.10) gets native frames and one log
+/// line, never garbage frames.
+#[test]
+fn an_unknown_python_gets_native_frames_and_one_line() {
+    let home = std::env::var("HOME").unwrap_or_else(|_| "/root".into());
+    let old = std::fs::read_dir(format!("{home}/.pyenv/versions"))
+        .expect("pyenv's versions")
+        .filter_map(|e| e.ok()?.file_name().into_string().ok())
+        .find(|v| v.starts_with("3.10."))
+        .expect("pyenv has a CPython 3.10");
+    let python = format!("{home}/.pyenv/versions/{old}/bin/python3.10");
+    let (mut process, mut lines) = start(&python, "blocks", "100");
+    let pid = process.0.id();
+    // Its whole log: the line comes when leakmon looks at the process, before it
+    // watches.
+    let mut report = common::leakmon()
+        .env("RUST_LOG", "info")
+        .args(["report", "--format", "json", "--duration", "3", "--pid", &pid.to_string()])
+        .stdout(std::process::Stdio::piped())
+        .stderr(std::process::Stdio::piped())
+        .spawn()
+        .expect("start leakmon");
+    let mut log = std::io::BufReader::new(report.stderr.take().expect("stderr"));
+    let mut rest = String::new();
+    while !rest.contains("watching") {
+        assert!(log.read_line(&mut rest).expect("read") > 0, "leakmon ended: {rest}");
+    }
+    writeln!(process.0.stdin.as_mut().expect("stdin"), "go").expect("write");
+    assert_eq!(lines.next().expect("a line").expect("read"), "done");
+    std::io::Read::read_to_string(&mut log, &mut rest).expect("read");
+    let out = report.wait_with_output().expect("wait leakmon");
+    assert!(out.status.success(), "{rest}");
+    let said: Vec<&str> = rest.lines().filter(|l| l.contains("native frames only")).collect();
+    assert_eq!(said.len(), 1, "one line: {rest}");
+    assert!(said[0].contains("3.10"), "{said:?}");
+    let json: Value = serde_json::from_slice(&out.stdout).expect("JSON");
+    let p = processes(&json).iter().find(|p| p["pid"] == pid).expect("the fixture");
+    let frames: Vec<&Value> =
+        p["stacks"].as_array().unwrap().iter().flat_map(|s| s["frames"].as_array().unwrap()).collect();
+    assert!(!frames.is_empty());
+    assert!(frames.iter().all(|f| f.get("runtime").is_none()), "no Python frame: {frames:#?}");
+}
+
+fn resident(pid: u32) -> u64 {
+    let status = std::fs::read_to_string(format!("/proc/{pid}/status")).expect("status");
+    status
+        .lines()
+        .find_map(|l| l.strip_prefix("VmRSS:"))
+        .and_then(|v| v.trim().trim_end_matches(" kB").trim().parse::<u64>().ok())
+        .expect("VmRSS")
+        * 1024
+}
