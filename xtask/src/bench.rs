@@ -124,7 +124,14 @@ struct DaemonCost {
     peak_rss_kib: u64,
 }
 
-pub fn bench(root: &Path, rounds: usize, pairs: u64, scale: bool, server_only: bool) -> Result<()> {
+/// One section of the benchmark alone.
+#[derive(Clone, Copy)]
+pub enum Only {
+    Server,
+    Python,
+}
+
+pub fn bench(root: &Path, rounds: usize, pairs: u64, scale: bool, only: Option<Only>) -> Result<()> {
     let out = root.join("target/bench");
     std::fs::create_dir_all(&out).context("create target/bench")?;
     let workload_bin = compile(root, "alloc_bench", &out, &["-pthread"])?;
@@ -137,8 +144,10 @@ pub fn bench(root: &Path, rounds: usize, pairs: u64, scale: bool, server_only: b
         probe_points: BTreeMap::new(),
     };
     let setup = Setup { probe_points: probe_points(&setup)?, ..setup };
-    if server_only {
-        return crate::bench_server::server(&setup, rounds);
+    match only {
+        Some(Only::Server) => return crate::bench_server::server(&setup, rounds),
+        Some(Only::Python) => return crate::bench_python::python(root, &setup, rounds),
+        None => {}
     }
 
     let mut samples: BTreeMap<(usize, Condition), Vec<f64>> = BTreeMap::new();
@@ -165,6 +174,7 @@ pub fn bench(root: &Path, rounds: usize, pairs: u64, scale: bool, server_only: b
     report(&setup, &samples, &daemon_costs, rounds, pairs)?;
     crate::bench_sampling::accuracy(root, &setup)?;
     crate::bench_server::server(&setup, rounds.min(3))?;
+    crate::bench_python::python(root, &setup, rounds.min(3))?;
     if scale {
         scale_figures(root, &setup)?;
     }
