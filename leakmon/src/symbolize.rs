@@ -162,12 +162,26 @@ impl Symbolizer {
     /// `pid`'s memory while it lives, and each run of them takes the place of the native
     /// evaluation frame that ran it; without the process, the native frames stay alone.
     pub fn frames(&self, pid: u32, maps: &[Mapping], root: Option<&Path>, stack: &[u64]) -> Vec<Frame> {
+        self.frames_with(pid, maps, root, None, stack)
+    }
+
+    /// [`Symbolizer::frames`], naming Python frames through `python` (read while the
+    /// process lived) when given.
+    pub fn frames_with(
+        &self,
+        pid: u32,
+        maps: &[Mapping],
+        root: Option<&Path>,
+        python: Option<Arc<crate::python::code::Process>>,
+        stack: &[u64],
+    ) -> Vec<Frame> {
         let split = stack.iter().position(|&w| python::decode(w).is_some()).unwrap_or(stack.len());
         let native = self.native_frames(maps, root, &stack[..split]);
         if split == stack.len() {
             return native;
         }
-        let Some(process) = root.and_then(|root| self.python_process(pid, maps, root)) else {
+        let Some(process) = python.or_else(|| root.and_then(|root| self.python_process(pid, maps, root)))
+        else {
             return native;
         };
         let Some(python) = python_frames(&process, &stack[split..]) else {
@@ -273,7 +287,10 @@ fn python_frames(process: &crate::python::code::Process, words: &[u64]) -> Optio
                 function: Some(code.qualname.clone()),
                 file: Some(code.filename.clone()),
                 line,
-                address: f.code,
+                // The instruction's own address: one pprof location per instruction.
+                address: f.code
+                    + u64::from(process.interpreter.layout.code_instructions)
+                    + 2 * u64::from(f.lasti),
                 object: Some(PathBuf::from(&code.filename)),
                 build_id: Some(format!("py:{}", code.qualname)),
                 file_offset: u64::from(line.unwrap_or(0)),

@@ -180,24 +180,11 @@ fn an_unknown_python_gets_native_frames_and_one_line() {
     let python = format!("{home}/.pyenv/versions/{old}/bin/python3.10");
     let (mut process, mut lines) = start(&python, "blocks", "100");
     let pid = process.0.id();
-    // Its whole log: the line comes when leakmon looks at the process, before it
-    // watches.
-    let mut report = common::leakmon()
-        .env("RUST_LOG", "info")
-        .args(["report", "--format", "json", "--duration", "3", "--pid", &pid.to_string()])
-        .stdout(std::process::Stdio::piped())
-        .stderr(std::process::Stdio::piped())
-        .spawn()
-        .expect("start leakmon");
-    let mut log = std::io::BufReader::new(report.stderr.take().expect("stderr"));
-    let mut rest = String::new();
-    while !rest.contains("watching") {
-        assert!(log.read_line(&mut rest).expect("read") > 0, "leakmon ended: {rest}");
-    }
+    let (report, stderr) = watch_pid_with(pid, "3", &[]);
     writeln!(process.0.stdin.as_mut().expect("stdin"), "go").expect("write");
     assert_eq!(lines.next().expect("a line").expect("read"), "done");
-    std::io::Read::read_to_string(&mut log, &mut rest).expect("read");
     let out = report.wait_with_output().expect("wait leakmon");
+    let rest = stderr.join().expect("the stderr reader");
     assert!(out.status.success(), "{rest}");
     let said: Vec<&str> = rest.lines().filter(|l| l.contains("native frames only")).collect();
     assert_eq!(said.len(), 1, "one line: {rest}");
@@ -218,4 +205,64 @@ fn resident(pid: u32) -> u64 {
         .and_then(|v| v.trim().trim_end_matches(" kB").trim().parse::<u64>().ok())
         .expect("VmRSS")
         * 1024
+}
+
+/// `report -- python3 app.py`: the program is gone when the report is made; its
+/// Python frames are named from what leakmon read while it held the process at its
+/// exit.
+#[test]
+fn a_command_that_exits_keeps_its_python_lines() {
+    let keep = line_of("KEPT.append(bytes(4096))");
+    for (python, version) in interpreters() {
+        let out = common::leakmon()
+            .args(["report", "--format", "json", "--", python.as_str(), fixture().as_str(), "exit", "100"])
+            .output()
+            .expect("run leakmon");
+        assert!(out.status.success(), "{python}: {}", String::from_utf8_lossy(&out.stderr));
+        let json: Value = serde_json::from_slice(&out.stdout).expect("JSON");
+        let p = &processes(&json)[0];
+        let blocks: Vec<&Value> = p["stacks"]
+            .as_array()
+            .expect("stacks")
+            .iter()
+            .filter(|s| s["site"]["line"] == keep && s["allocations"] == 100)
+            .collect();
+        assert_eq!(blocks.len(), 1, "{python} {version}: {p:#?}");
+        assert_eq!(blocks[0]["bytes"], 412_900, "{python}");
+        let names: Vec<&str> = blocks[0]["frames"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .filter(|f| f["runtime"] == "python")
+            .map(|f| f["function"].as_str().unwrap())
+            .collect();
+        assert_eq!(names, ["keep_blocks", "exit_after", "<module>"], "{python}");
+    }
+}
+
+/// The daemon, tracing every process: the stack of the kept blocks is named by its
+/// Python function and line in `leakmon_stack_info`.
+#[test]
+fn the_daemon_names_a_python_stack_by_its_line() {
+    const LISTEN: &str = "127.0.0.1:19631";
+    let keep = line_of("KEPT.append(bytes(4096))");
+    let _daemon = common::start_daemon(&["--attach", "all", "--sample-interval", "0.5s"], LISTEN);
+    let (python, _) = interpreters().swap_remove(2);
+    let (mut process, mut lines) = start(&python, "blocks", "100");
+    // Traced from its first allocation; its layout is given at the daemon's next turn.
+    std::thread::sleep(std::time::Duration::from_secs(2));
+    writeln!(process.0.stdin.as_mut().expect("stdin"), "go").expect("write");
+    assert_eq!(lines.next().expect("a line").expect("read"), "done");
+    let wanted = format!("function=\"keep_blocks\",location=\"cache_leak.py:{keep}\"");
+    let until = std::time::Instant::now() + std::time::Duration::from_secs(30);
+    let mut metrics = String::new();
+    while std::time::Instant::now() < until {
+        metrics = common::http_get(LISTEN, "/metrics").unwrap_or_default();
+        if metrics.lines().any(|l| l.starts_with("leakmon_stack_info{") && l.contains(&wanted)) {
+            return;
+        }
+        std::thread::sleep(std::time::Duration::from_millis(500));
+    }
+    let info: Vec<&str> = metrics.lines().filter(|l| l.starts_with("leakmon_stack_info")).collect();
+    panic!("no leakmon_stack_info with {wanted}: {info:#?}");
 }

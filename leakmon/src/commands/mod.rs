@@ -148,7 +148,25 @@ pub(crate) fn capture(
         root: alive.then_some(root),
         incomplete: false,
         held,
+        python: None,
     }
+}
+
+/// Its CPython, with every code object its stacks name so far read now, while the
+/// process is held at its exit; `None` for a process of no CPython leakmon names.
+pub(crate) fn python_at_exit(
+    probes: &Probes,
+    proc_root: &ProcRoot,
+    pid: u32,
+    maps: &[crate::procfs::Mapping],
+) -> Option<std::sync::Arc<crate::python::code::Process>> {
+    let root = proc_root.in_root(pid, std::path::Path::new("/"));
+    let interpreter = crate::python::Interpreter::find(maps, &root)?.ok()?;
+    let process = crate::python::code::Process::open(pid, interpreter)?;
+    let totals = probes.totals(|k| k.tgid == pid).ok()?;
+    let stacks: Vec<Vec<u64>> = totals.iter().filter_map(|(k, _)| probes.stack(k.stack_id)).collect();
+    process.prefetch(stacks.iter().map(Vec::as_slice));
+    Some(std::sync::Arc::new(process))
 }
 
 static SIGNALS: AtomicUsize = AtomicUsize::new(0);

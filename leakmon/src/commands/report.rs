@@ -10,7 +10,9 @@ use std::{
 use anyhow::{bail, Context as _, Result};
 use tracing::{info, warn};
 
-use super::{capture, count_signals, load_probes, refresh_unwind, report_of, signals_received};
+use super::{
+    capture, count_signals, load_probes, python_at_exit, refresh_unwind, report_of, signals_received,
+};
 use crate::{
     agent::session::Session,
     cli::{Format, ReportArgs},
@@ -118,7 +120,9 @@ pub fn report(args: &ReportArgs) -> Result<()> {
             let mut entry_error = None;
             t.poll(|pid, stop| match stop {
                 Stop::Exit => {
-                    infos.insert(pid, capture(&mut discovery, pid, false));
+                    let mut info = capture(&mut discovery, pid, false);
+                    info.python = python_at_exit(&probes, &proc_root, pid, &info.maps);
+                    infos.insert(pid, info);
                 }
                 // A new image may bring its own allocator or preload one (`env
                 // LD_PRELOAD=... cmd`): probe it while it is held, before its first

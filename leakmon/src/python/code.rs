@@ -38,6 +38,7 @@ const MAX_CODES: usize = 65536;
 const MAX_BYTES: u64 = 1 << 20;
 
 /// One CPython process being named.
+#[derive(Debug)]
 pub struct Process {
     pub interpreter: Interpreter,
     mem: File,
@@ -49,6 +50,16 @@ impl Process {
     pub fn open(pid: u32, interpreter: Interpreter) -> Option<Self> {
         let mem = File::open(format!("/proc/{pid}/mem")).ok()?;
         Some(Self { interpreter, mem, codes: Mutex::new(HashMap::new()) })
+    }
+
+    /// Reads, while the process still lives (held at its exit), every code object the
+    /// Python frames of `stacks` name, so they can be named once it is gone.
+    pub fn prefetch<'a>(&self, stacks: impl IntoIterator<Item = &'a [u64]>) {
+        for word in stacks.into_iter().flatten() {
+            if let Some(frame) = leakmon_common::python::decode(*word) {
+                self.code(frame.code);
+            }
+        }
     }
 
     /// The code object at `addr`, read once; `None` when it is not one.

@@ -34,6 +34,9 @@ pub struct ProcessInfo {
     pub incomplete: bool,
     /// The allocator its `malloc` calls reach.
     pub allocator: Option<Allocator>,
+    /// Its CPython, with the code objects its stacks name read while it lived (see
+    /// `python::code::Process::prefetch`); looked up through `root` when absent.
+    pub python: Option<std::sync::Arc<crate::python::code::Process>>,
 }
 
 #[derive(Clone, Debug, PartialEq, Serialize)]
@@ -157,7 +160,15 @@ impl Report {
                     .iter()
                     .map(|s| {
                         let frames = stack(s.stack_id)
-                            .map(|ips| symbolizer.frames(p.pid, &pinfo.maps, pinfo.root.as_deref(), &ips))
+                            .map(|ips| {
+                                symbolizer.frames_with(
+                                    p.pid,
+                                    &pinfo.maps,
+                                    pinfo.root.as_deref(),
+                                    pinfo.python.clone(),
+                                    &ips,
+                                )
+                            })
                             .unwrap_or_default();
                         let site = frames.get(symbolizer.site(&frames)).cloned().map(FrameReport::from);
                         StackReport {

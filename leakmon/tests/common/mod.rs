@@ -318,7 +318,7 @@ pub fn watch_pid(pid: u32, duration: &str) -> (std::process::Child, StderrRest) 
     watch_pid_with(pid, duration, &[])
 }
 
-/// What a watching leakmon writes to stderr after "watching", collected by a thread of
+/// What a watching leakmon writes to stderr, collected after "watching" by a thread of
 /// its own: a leakmon whose stderr pipe fills while the test drives its fixture would
 /// block in its next log line, and stop handling the processes it holds.
 pub type StderrRest = std::thread::JoinHandle<String>;
@@ -335,18 +335,13 @@ pub fn watch_pid_with(pid: u32, duration: &str, options: &[&str]) -> (std::proce
         .spawn()
         .expect("start leakmon");
     let mut stderr = std::io::BufReader::new(leakmon.stderr.take().expect("stderr"));
-    let mut line = String::new();
-    loop {
-        line.clear();
-        assert!(stderr.read_line(&mut line).expect("read stderr") > 0, "leakmon ended before watching");
-        if line.contains("watching") {
-            break;
-        }
+    let mut log = String::new();
+    while !log.contains("watching") {
+        assert!(stderr.read_line(&mut log).expect("read stderr") > 0, "leakmon ended before watching: {log}");
     }
     let rest = std::thread::spawn(move || {
-        let mut rest = String::new();
-        let _ = stderr.read_to_string(&mut rest);
-        rest
+        let _ = stderr.read_to_string(&mut log);
+        log
     });
     (leakmon, rest)
 }
