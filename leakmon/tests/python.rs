@@ -266,3 +266,43 @@ fn the_daemon_names_a_python_stack_by_its_line() {
     let info: Vec<&str> = metrics.lines().filter(|l| l.starts_with("leakmon_stack_info")).collect();
     panic!("no leakmon_stack_info with {wanted}: {info:#?}");
 }
+
+/// Folded stacks and pprof carry the Python frames: outermost first, in the place of
+/// the evaluation frame, with the exact figure (pprof read back by `go tool pprof`).
+#[test]
+fn folded_stacks_and_pprof_carry_the_python_frames() {
+    let (python, _) = interpreters().swap_remove(1);
+    let run = |format: &str| {
+        let out = common::leakmon()
+            .args(["report", "--format", format, "--", python.as_str(), fixture().as_str(), "exit", "100"])
+            .output()
+            .expect("run leakmon");
+        assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+        out.stdout
+    };
+    let folded = String::from_utf8(run("folded")).expect("utf-8");
+    let line = folded
+        .lines()
+        .find(|l| l.contains(";<module>;exit_after;keep_blocks;") && l.ends_with(" 412900"))
+        .unwrap_or_else(|| panic!("{folded}"));
+    assert!(!line.contains("_PyEval_EvalFrameDefault"), "{line}");
+
+    let dir = tempfile::tempdir().expect("tempdir");
+    let file = dir.path().join("python.pb.gz");
+    std::fs::write(&file, run("pprof")).expect("write");
+    let out = std::process::Command::new("go")
+        .args(["tool", "pprof", "-traces", "-unit=B", "-sample_index=inuse_space"])
+        .arg(&file)
+        .env("HOME", std::env::temp_dir())
+        .output()
+        .expect("run go tool pprof");
+    let text = String::from_utf8_lossy(&out.stdout);
+    assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+    // One trace per sample, separated by dashes; the value leads its first line.
+    let trace = text
+        .split("-----------+")
+        .find(|t| t.contains("412900B") && t.contains("keep_blocks"))
+        .unwrap_or_else(|| panic!("{text}"));
+    let keep = trace.find("keep_blocks").expect("keep_blocks");
+    assert!(trace[keep..].contains("exit_after"), "callers below: {trace}");
+}
