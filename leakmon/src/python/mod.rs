@@ -276,22 +276,107 @@ fn debug_offsets(raw: &[u8]) -> Option<(PyLayout, Objects)> {
 pub(crate) mod tests {
     use super::*;
 
+    /// pyenv's newest CPython `minor` (`3.12`): its prefix.
+    fn pyenv(minor: &str) -> PathBuf {
+        let home = std::env::var("HOME").unwrap_or_else(|_| "/root".into());
+        let root = PathBuf::from(home).join(".pyenv/versions");
+        let mut versions: Vec<String> = std::fs::read_dir(&root)
+            .expect("pyenv's versions")
+            .filter_map(|e| e.ok()?.file_name().into_string().ok())
+            .filter(|v| v.starts_with(&format!("{minor}.")))
+            .collect();
+        versions.sort();
+        root.join(versions.pop().unwrap_or_else(|| panic!("pyenv has no CPython {minor}")))
+    }
+
+    /// `offsetof` on the headers of the CPython at `prefix`.
+    fn header_offsets(prefix: &Path, minor: &str) -> std::collections::HashMap<String, u64> {
+        let include = prefix.join(format!("include/python{minor}"));
+        let dir = tempfile::tempdir().expect("tempdir");
+        let bin = dir.path().join("offsets");
+        let status = std::process::Command::new("gcc")
+            .arg("-I")
+            .arg(&include)
+            .arg("-I")
+            .arg(include.join("internal"))
+            .arg(concat!(env!("CARGO_MANIFEST_DIR"), "/src/python/testdata/offsets.c"))
+            .arg("-o")
+            .arg(&bin)
+            .status()
+            .expect("run gcc");
+        assert!(status.success(), "gcc on {}'s headers", include.display());
+        let out = std::process::Command::new(&bin).output().expect("run offsets");
+        String::from_utf8(out.stdout)
+            .expect("utf-8")
+            .lines()
+            .filter_map(|l| {
+                let (name, value) = l.split_once(' ')?;
+                Some((name.to_owned(), value.parse().ok()?))
+            })
+            .collect()
+    }
+
+    fn assert_layout(version: &str, (l, o): (PyLayout, Objects), h: &std::collections::HashMap<String, u64>) {
+        let none = u64::from(NONE);
+        let fields = [
+            ("interpreters_head", l.interpreters_head),
+            ("interp_threads_head", u64::from(l.interp_threads_head)),
+            ("tstate_next", u64::from(l.tstate_next)),
+            ("tstate_native_thread_id", u64::from(l.tstate_native_thread_id)),
+            ("tstate_frame", u64::from(l.tstate_frame)),
+            ("cframe_current_frame", u64::from(l.cframe_current_frame)),
+            ("frame_previous", u64::from(l.frame_previous)),
+            ("frame_code", u64::from(l.frame_code)),
+            ("frame_instr", u64::from(l.frame_instr)),
+            ("frame_owner", u64::from(l.frame_owner)),
+            ("frame_is_entry", u64::from(l.frame_is_entry)),
+            ("code_instructions", u64::from(l.code_instructions)),
+            ("code_qualname", o.code_qualname),
+            ("code_filename", o.code_filename),
+            ("code_firstlineno", o.code_firstlineno),
+            ("code_linetable", o.code_linetable),
+            ("ascii_size", o.ascii_size),
+            ("compact_size", o.compact_size),
+            ("unicode_length", o.unicode_length),
+            ("unicode_state", o.unicode_state),
+        ];
+        for (name, ours) in fields {
+            assert_eq!(h.get(name).copied().unwrap_or(none), ours, "{version}: {name}");
+        }
+        if let Some(&cstack) = h.get("owned_by_cstack") {
+            assert_eq!(cstack, u64::from(leakmon_common::python::OWNED_BY_CSTACK), "{version}");
+        }
+    }
+
+    /// The tables of 3.11 and 3.12, and what 3.13's `_Py_DebugOffsets` says (read from
+    /// its library as leakmon reads it), against `offsetof` on each one's own headers.
+    #[test]
+    fn layouts_match_the_installed_headers() {
+        for (minor, layout) in [("3.11", v3_11()), ("3.12", v3_12())] {
+            let prefix = pyenv(minor);
+            assert_layout(minor, layout, &header_offsets(&prefix, minor));
+        }
+        let prefix = pyenv("3.13");
+        let library = prefix.join("lib/libpython3.13.so.1.0");
+        let data = std::fs::read(&library).expect("read libpython3.13");
+        let file = object::File::parse(&*data).expect("parse libpython3.13");
+        let runtime = symbol(&file, "_PyRuntime").expect("_PyRuntime");
+        let raw = bytes_at(&file, runtime, DEBUG_OFFSETS_SIZE).expect("_Py_DebugOffsets");
+        assert_layout("3.13", debug_offsets(raw).expect("3.13's offsets"), &header_offsets(&prefix, "3.13"));
+    }
+
+    #[test]
+    fn versions_in_file_names() {
+        assert_eq!(version_in_name(Path::new("/usr/lib/libpython3.10.so.1.0")), Some((3, 10)));
+        assert_eq!(version_in_name(Path::new("/usr/bin/python3.9")), Some((3, 9)));
+        assert_eq!(version_in_name(Path::new("/usr/bin/python3")), None);
+    }
+
     /// The CPythons these machines have: Debian's, and pyenv's 3.11 to 3.13.
     pub fn interpreters() -> Vec<String> {
-        let home = std::env::var("HOME").unwrap_or_else(|_| "/root".into());
         let mut found = vec!["/usr/bin/python3".to_owned()];
-        for v in ["3.11", "3.12", "3.13"] {
-            let pattern = format!("{home}/.pyenv/versions/{v}.");
-            if let Ok(dir) = std::fs::read_dir(format!("{home}/.pyenv/versions")) {
-                let mut versions: Vec<String> = dir
-                    .filter_map(|e| Some(format!("{home}/.pyenv/versions/{}", e.ok()?.file_name().to_str()?)))
-                    .filter(|p| p.starts_with(&pattern))
-                    .collect();
-                versions.sort();
-                if let Some(last) = versions.pop() {
-                    found.push(format!("{last}/bin/python{v}"));
-                }
-            }
+        for minor in ["3.11", "3.12", "3.13"] {
+            found.push(pyenv(minor).join(format!("bin/python{minor}")).display().to_string());
         }
         found
     }
