@@ -15,8 +15,9 @@
 /// Python frames walked per stack; deeper ones are cut.
 pub const MAX_FRAMES: usize = 48;
 
-/// Threads of the main interpreter looked at to find the current one.
-pub const MAX_THREADS: usize = 32;
+/// Threads of the main interpreter looked at to find the current one (newest first);
+/// once found, a thread's state is cached.
+pub const MAX_THREADS: usize = 4096;
 
 /// A stack word that is a Python frame, not a return address (user addresses are below
 /// 2^47, so native words never have it).

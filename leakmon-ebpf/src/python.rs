@@ -40,28 +40,59 @@ fn field(base: u64, offset: u32) -> u64 {
 }
 
 /// The current thread's `PyThreadState`: the cached one, else found in the main
-/// interpreter's list of threads.
+/// interpreter's list of threads (newest first), through `bpf_loop`.
 #[inline(always)]
 fn thread_state(layout: &PyLayout, tid: u32) -> Option<u64> {
     let native = layout.tstate_native_thread_id;
+    // SAFETY: a copy out of this map's value.
     if let Some(&cached) = unsafe { PY_THREADS.get(&tid) } {
         if read::<u64>(field(cached, native)) == Some(u64::from(tid)) {
             return Some(cached);
         }
     }
     let interp: u64 = read(layout.interpreters_head)?;
-    let mut tstate: u64 = read(field(interp, layout.interp_threads_head))?;
-    for _ in 0..MAX_THREADS {
-        if tstate == 0 {
-            break;
-        }
-        if read::<u64>(field(tstate, native)) == Some(u64::from(tid)) {
-            let _ = PY_THREADS.insert(&tid, &tstate, 0);
-            return Some(tstate);
-        }
-        tstate = read(field(tstate, layout.tstate_next))?;
+    let first: u64 = read(field(interp, layout.interp_threads_head))?;
+    let mut search = Search { layout, tstate: first, tid: u64::from(tid), found: 0 };
+    // SAFETY: `find_thread` has the callback's signature and `search` outlives the call.
+    unsafe {
+        bpf_loop(MAX_THREADS as u32, find_thread as *mut c_void, (&raw mut search).cast(), 0);
     }
-    None
+    if search.found == 0 {
+        return None;
+    }
+    let _ = PY_THREADS.insert(&tid, &search.found, 0);
+    Some(search.found)
+}
+
+/// The state of the search for a thread: `bpf_loop` hands it to [`find_thread`].
+#[repr(C)]
+struct Search {
+    layout: *const PyLayout,
+    tstate: u64,
+    tid: u64,
+    found: u64,
+}
+
+/// One thread of the list: 0 to go on, 1 to stop.
+extern "C" fn find_thread(_index: u64, ctx: *mut c_void) -> i64 {
+    // SAFETY: `thread_state` passes its `Search`.
+    let s = unsafe { &mut *ctx.cast::<Search>() };
+    // SAFETY: pointer into a map value, kept by `walk`.
+    let layout = unsafe { &*s.layout };
+    if s.tstate == 0 {
+        return 1;
+    }
+    if read::<u64>(field(s.tstate, layout.tstate_native_thread_id)) == Some(s.tid) {
+        s.found = s.tstate;
+        return 1;
+    }
+    match read::<u64>(field(s.tstate, layout.tstate_next)) {
+        Some(next) => {
+            s.tstate = next;
+            0
+        }
+        None => 1,
+    }
 }
 
 /// What one step of the walk reads and writes: `bpf_loop` hands it to [`step`].

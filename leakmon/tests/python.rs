@@ -101,7 +101,7 @@ fn an_exact_report_names_the_python_line_of_each_interpreter() {
                 .collect();
             assert_eq!(
                 python_frames,
-                [("keep_blocks", keep), ("blocks", caller), ("<module>", line_of("[mode](arg)"))],
+                [("keep_blocks", keep), ("blocks", caller), ("<module>", line_of("modes[mode](arg)"))],
                 "{python}"
             );
             // In place of the evaluation frame: native frames above (the allocator) and
@@ -305,4 +305,34 @@ fn folded_stacks_and_pprof_carry_the_python_frames() {
         .unwrap_or_else(|| panic!("{text}"));
     let keep = trace.find("keep_blocks").expect("keep_blocks");
     assert!(trace[keep..].contains("exit_after"), "callers below: {trace}");
+}
+
+/// The main thread is the oldest in the interpreter's list of threads, behind 64 newer
+/// ones: its Python frames are found all the same.
+#[test]
+fn the_main_thread_behind_many_newer_ones_keeps_its_python_frames() {
+    let keep = line_of("KEPT.append(bytes(4096))");
+    let (python, _) = interpreters().swap_remove(1);
+    let (mut process, mut lines) = start(&python, "threads", "64");
+    let pid = process.0.id();
+    let (report, stderr) = watch_pid_with(pid, "4", &[]);
+    writeln!(process.0.stdin.as_mut().expect("stdin"), "go").expect("write");
+    assert_eq!(lines.next().expect("a line").expect("read"), "done");
+    let json = finish_report(report, stderr);
+    let p = processes(&json).iter().find(|p| p["pid"] == pid).expect("the fixture");
+    let blocks = p["stacks"]
+        .as_array()
+        .expect("stacks")
+        .iter()
+        .find(|s| s["site"]["line"] == keep && s["allocations"] == 100)
+        .unwrap_or_else(|| panic!("{p:#?}"));
+    assert_eq!(blocks["bytes"], 412_900);
+    let names: Vec<&str> = blocks["frames"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .filter(|f| f["runtime"] == "python")
+        .map(|f| f["function"].as_str().unwrap())
+        .collect();
+    assert_eq!(names, ["keep_blocks", "blocks", "threads", "<module>"]);
 }
