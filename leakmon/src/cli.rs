@@ -257,6 +257,14 @@ pub struct ReportArgs {
     /// report the agent's redirections are undone in a running process.
     #[arg(long)]
     pub agent: bool,
+    /// Ask the runtime's own sampling heap profiler instead of watching the allocator:
+    /// for Node.js, V8's (through its inspector, opened with SIGUSR1 and closed again
+    /// afterwards), which names the JavaScript functions and lines whose objects the
+    /// window's allocations still hold. Needs --pid and --duration; --sample-bytes sets
+    /// its interval (default 32KiB). A process whose inspector is already open is left
+    /// alone.
+    #[arg(long)]
+    pub runtime: bool,
     #[command(flatten)]
     pub tables: TableArgs,
     /// The command to run, after `--`.

@@ -22,6 +22,7 @@ pub mod probes;
 pub mod procfs;
 pub mod python;
 pub mod report;
+pub mod runtimes;
 pub mod sources;
 pub mod store;
 pub mod suppressions;

@@ -129,6 +129,7 @@ struct DaemonCost {
 pub enum Only {
     Server,
     Python,
+    Node,
 }
 
 pub fn bench(root: &Path, rounds: usize, pairs: u64, scale: bool, only: Option<Only>) -> Result<()> {
@@ -147,6 +148,7 @@ pub fn bench(root: &Path, rounds: usize, pairs: u64, scale: bool, only: Option<O
     match only {
         Some(Only::Server) => return crate::bench_server::server(&setup, rounds),
         Some(Only::Python) => return crate::bench_python::python(root, &setup, rounds),
+        Some(Only::Node) => return crate::bench_node::node(root, &setup, rounds),
         None => {}
     }
 
@@ -175,6 +177,7 @@ pub fn bench(root: &Path, rounds: usize, pairs: u64, scale: bool, only: Option<O
     crate::bench_sampling::accuracy(root, &setup)?;
     crate::bench_server::server(&setup, rounds.min(3))?;
     crate::bench_python::python(root, &setup, rounds.min(3))?;
+    crate::bench_node::node(root, &setup, rounds.min(3))?;
     if scale {
         scale_figures(root, &setup)?;
     }

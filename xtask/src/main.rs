@@ -17,6 +17,7 @@ use anyhow::{bail, Context as _, Result};
 use clap::{Parser, Subcommand};
 
 mod bench;
+mod bench_node;
 mod bench_python;
 mod bench_sampling;
 mod bench_server;
@@ -69,6 +70,9 @@ enum Task {
         /// Only the CPython workload (small objects under the agent and tracemalloc).
         #[arg(long)]
         python_only: bool,
+        /// Only the Node.js workload (its speed while `report --runtime` samples it).
+        #[arg(long)]
+        node_only: bool,
     },
     /// Build the Debian package (cargo-deb, installed at the pinned version if
     /// missing): target/debian/leakmon_VERSION-1_ARCH.deb.
@@ -117,14 +121,15 @@ fn main() -> Result<()> {
             let status = Command::new(root.join("target/release/leakmon")).args(args).status()?;
             std::process::exit(status.code().unwrap_or(1));
         }
-        Task::Bench { rounds, pairs, skip_scale, server_only, python_only } => {
+        Task::Bench { rounds, pairs, skip_scale, server_only, python_only, node_only } => {
             setup(&pins, false)?;
             apt_install(&["bpftrace", "heaptrack", "gcc", "redis-server", "redis-tools"].map(str::to_owned))?;
             build(true)?;
             require_root("the benchmark loads eBPF programs")?;
-            let only = match (server_only, python_only) {
-                (true, _) => Some(bench::Only::Server),
-                (_, true) => Some(bench::Only::Python),
+            let only = match (server_only, python_only, node_only) {
+                (true, _, _) => Some(bench::Only::Server),
+                (_, true, _) => Some(bench::Only::Python),
+                (_, _, true) => Some(bench::Only::Node),
                 _ => None,
             };
             bench::bench(&root, rounds.max(1), pairs.max(1000), !skip_scale, only)

@@ -32,6 +32,9 @@ const RESCAN: Duration = Duration::from_millis(500);
 pub fn report(args: &ReportArgs) -> Result<()> {
     let proc_root = ProcRoot::default();
     check(args, &proc_root)?;
+    if args.runtime {
+        return runtime_report(args);
+    }
     let mut probes = load_probes(&args.tables, false)?;
     let mut discovery = Discovery::new(proc_root.clone());
     // A running process (and the children it forks while watched) gets probes of its
@@ -230,15 +233,39 @@ pub fn report(args: &ReportArgs) -> Result<()> {
     for (name, value) in counters.nonzero() {
         warn!(counter = name, value, "allocations not fully accounted");
     }
-    let out: Vec<u8> = match args.format {
-        Format::Table => table::render(&report).into_bytes(),
+    write(&report, args.format)
+}
+
+/// Prints `report` in `format` on stdout.
+fn write(report: &Report, format: Format) -> Result<()> {
+    let out: Vec<u8> = match format {
+        Format::Table => table::render(report).into_bytes(),
         Format::Json => (report.to_json() + "\n").into_bytes(),
-        Format::Folded => folded::render(&report).into_bytes(),
-        Format::Svg => flamegraph::render(&report, "Unfreed memory").context("draw the flame graph")?,
-        Format::Pprof => pprof::encode(&pprof::profile(&report, crate::unix_nanos())),
+        Format::Folded => folded::render(report).into_bytes(),
+        Format::Svg => flamegraph::render(report, "Unfreed memory").context("draw the flame graph")?,
+        Format::Pprof => pprof::encode(&pprof::profile(report, crate::unix_nanos())),
     };
     std::io::stdout().write_all(&out).context("write report")?;
     Ok(())
+}
+
+/// `report --runtime`: the runtime's own heap profiler, for the window.
+fn runtime_report(args: &ReportArgs) -> Result<()> {
+    let (Some(pid), Some(duration)) = (args.pid, args.duration) else {
+        bail!("--runtime goes with --pid and --duration: it samples a running process for a window");
+    };
+    if args.agent {
+        bail!("--runtime and --agent are two ways of sampling: choose one");
+    }
+    count_signals();
+    let sample_bytes = match args.tables.sample_bytes {
+        0 => crate::runtimes::DEFAULT_SAMPLE_BYTES,
+        bytes => bytes,
+    };
+    let report = crate::runtimes::report(pid, sample_bytes, Duration::from_secs_f64(duration), &|| {
+        signals_received() > 0
+    })?;
+    write(&report, args.format)
 }
 
 /// Says why attaching to `pid` failed, unless the process is gone: a child that exits

@@ -55,6 +55,8 @@ pub enum Method {
     #[default]
     Uprobes,
     Agent,
+    /// The runtime's own sampling heap profiler (`report --runtime`).
+    Runtime,
 }
 
 #[derive(Clone, Debug, PartialEq, Serialize)]

@@ -1,0 +1,195 @@
+//! V8's sampling heap profiler, driven in a running Node.js for a window.
+//!
+//! The profiler samples allocations byte-weighted (every `interval` bytes on average)
+//! and keeps a sample only while its object lives, so the profile at the end of the
+//! window is what the window's allocations still hold, per JavaScript call stack.
+//! leakmon opens the inspector (SIGUSR1), starts sampling, reads the profile when the
+//! window ends, stops sampling and closes the inspector again.
+//!
+//! Refused in one line, leaving the process as it was: a process whose inspector is
+//! already open (someone's debugging session), and one that opens none after SIGUSR1
+//! (`--disable-sigusr1`, or a program that handles SIGUSR1 itself).
+
+use std::{
+    net::SocketAddr,
+    time::{Duration, Instant},
+};
+
+use anyhow::{bail, Result};
+use serde_json::{json, Value};
+use tracing::{info, warn};
+
+use super::inspector::{is_inspector, listening, Session};
+
+/// Closes the inspector once the current session has ended.
+const CLOSE: &str =
+    "(() => { const inspector = require('inspector'); setImmediate(() => { try { inspector.close(); } catch (e) {} }); })()";
+
+/// How long the inspector has to open after SIGUSR1, and to close at the end.
+const OPEN_TIMEOUT: Duration = Duration::from_secs(5);
+
+/// One JavaScript call stack still holding sampled bytes.
+#[derive(Clone, Debug, PartialEq)]
+pub struct Stack {
+    /// Innermost first.
+    pub frames: Vec<Frame>,
+    pub bytes: u64,
+    pub samples: u64,
+}
+
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct Frame {
+    pub function: String,
+    pub url: String,
+    /// 1-based.
+    pub line: u32,
+    pub column: u32,
+}
+
+/// Samples `pid`'s heap for `window` (or until `stop` says so), every `interval` bytes.
+pub fn profile(
+    pid: u32,
+    interval: u64,
+    window: Duration,
+    stop: &(dyn Fn() -> bool + Sync),
+) -> Result<Vec<Stack>> {
+    let before = listening(pid)?;
+    if let Some(open) = before.iter().find(|a| is_inspector(**a)) {
+        bail!(
+            "pid {pid} already has an inspector open on {open} (a debugging session): leakmon leaves it alone"
+        );
+    }
+    nix::sys::signal::kill(nix::unistd::Pid::from_raw(pid as i32), nix::sys::signal::Signal::SIGUSR1)
+        .map_err(|e| anyhow::anyhow!("signal pid {pid} (SIGUSR1) to open its inspector: {e}"))?;
+    let Some(addr) =
+        wait_for(|| listening(pid).ok()?.into_iter().find(|a| !before.contains(a) && is_inspector(*a)))
+    else {
+        bail!(
+            "pid {pid} opened no inspector within {OPEN_TIMEOUT:?} of SIGUSR1 (started with --disable-sigusr1, or the program handles SIGUSR1 itself): nothing was changed"
+        );
+    };
+    info!(pid, %addr, "inspector opened");
+    let result = sample(addr, interval, window, stop);
+    close(pid, addr);
+    result
+}
+
+fn sample(
+    addr: SocketAddr,
+    interval: u64,
+    window: Duration,
+    stop: &(dyn Fn() -> bool + Sync),
+) -> Result<Vec<Stack>> {
+    let mut session = Session::open(addr)?;
+    session.call("HeapProfiler.enable", json!({}))?;
+    session.call("HeapProfiler.startSampling", json!({ "samplingInterval": interval }))?;
+    let deadline = Instant::now() + window;
+    while Instant::now() < deadline && !stop() {
+        std::thread::sleep(Duration::from_millis(50).min(deadline.saturating_duration_since(Instant::now())));
+    }
+    let profile = session.call("HeapProfiler.getSamplingProfile", json!({}));
+    let stopped = session.call("HeapProfiler.stopSampling", json!({}));
+    let _ = session.call("HeapProfiler.disable", json!({}));
+    // inspector.close() waits for every session to end: run it once this one has.
+    // `require` is the console's, there only while the expression runs: take the
+    // module now. Nothing here may throw in the program later.
+    let _ = session.call("Runtime.evaluate", json!({ "expression": CLOSE, "includeCommandLineAPI": true }));
+    session.close();
+    let profile = profile?;
+    stopped?;
+    Ok(stacks(&profile["profile"]))
+}
+
+/// Waits for the inspector at `addr` to close; says so if it stays open.
+fn close(pid: u32, addr: SocketAddr) {
+    if wait_for(|| (!listening(pid).ok()?.contains(&addr)).then_some(())).is_some() {
+        info!(pid, "inspector closed");
+    } else {
+        warn!(pid, %addr, "the inspector stayed open after sampling");
+    }
+}
+
+fn wait_for<T>(mut found: impl FnMut() -> Option<T>) -> Option<T> {
+    let deadline = Instant::now() + OPEN_TIMEOUT;
+    loop {
+        if let Some(v) = found() {
+            return Some(v);
+        }
+        if Instant::now() > deadline {
+            return None;
+        }
+        std::thread::sleep(Duration::from_millis(50));
+    }
+}
+
+/// The stacks of a `SamplingHeapProfile`: a tree of call frames, each node with the
+/// bytes its own live samples hold, and the samples naming their node.
+pub fn stacks(profile: &Value) -> Vec<Stack> {
+    let mut counts = std::collections::HashMap::new();
+    for sample in profile["samples"].as_array().into_iter().flatten() {
+        if let Some(node) = sample["nodeId"].as_u64() {
+            *counts.entry(node).or_insert(0u64) += 1;
+        }
+    }
+    let mut out = Vec::new();
+    let mut path = Vec::new();
+    walk(&profile["head"], &mut path, &counts, &mut out);
+    out.sort_by(|a, b| b.bytes.cmp(&a.bytes));
+    out
+}
+
+fn walk(
+    node: &Value,
+    path: &mut Vec<Frame>,
+    counts: &std::collections::HashMap<u64, u64>,
+    out: &mut Vec<Stack>,
+) {
+    let frame = &node["callFrame"];
+    let function = frame["functionName"].as_str().unwrap_or_default();
+    // The tree's root stands for no code.
+    let root = function == "(root)";
+    if !root {
+        path.push(Frame {
+            function: if function.is_empty() { "(anonymous)".to_owned() } else { function.to_owned() },
+            url: frame["url"].as_str().unwrap_or_default().to_owned(),
+            line: frame["lineNumber"].as_i64().map_or(0, |l| (l + 1).max(0) as u32),
+            column: frame["columnNumber"].as_i64().map_or(0, |c| (c + 1).max(0) as u32),
+        });
+    }
+    let bytes = node["selfSize"].as_u64().unwrap_or(0);
+    if bytes > 0 && !path.is_empty() {
+        let samples = node["id"].as_u64().and_then(|id| counts.get(&id).copied()).unwrap_or(0);
+        out.push(Stack { frames: path.iter().rev().cloned().collect(), bytes, samples });
+    }
+    for child in node["children"].as_array().into_iter().flatten() {
+        walk(child, path, counts, out);
+    }
+    if !root {
+        path.pop();
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn a_profile_tree_becomes_stacks_innermost_first() {
+        let profile = json!({
+            "head": {"callFrame": {"functionName": "(root)", "url": "", "lineNumber": -1, "columnNumber": -1},
+                "selfSize": 0, "id": 1, "children": [
+                {"callFrame": {"functionName": "", "url": "file:///srv/app.js", "lineNumber": 0, "columnNumber": 0},
+                 "selfSize": 0, "id": 2, "children": [
+                    {"callFrame": {"functionName": "remember", "url": "file:///srv/app.js", "lineNumber": 9, "columnNumber": 2},
+                     "selfSize": 65536, "id": 3, "children": []}]}]},
+            "samples": [{"size": 32768, "nodeId": 3, "ordinal": 1}, {"size": 32768, "nodeId": 3, "ordinal": 2}]
+        });
+        let stacks = stacks(&profile);
+        assert_eq!(stacks.len(), 1);
+        assert_eq!(stacks[0].bytes, 65536);
+        assert_eq!(stacks[0].samples, 2);
+        let names: Vec<(&str, u32)> =
+            stacks[0].frames.iter().map(|f| (f.function.as_str(), f.line)).collect();
+        assert_eq!(names, [("remember", 10), ("(anonymous)", 1)]);
+    }
+}

@@ -1,0 +1,157 @@
+//! `report --runtime` on real Node.js processes: V8's sampling heap profiler, driven
+//! through the inspector that SIGUSR1 opens, and closed again.
+
+mod common;
+
+use std::io::{BufRead as _, Write as _};
+
+use common::{leakmon, Reap};
+use serde_json::Value;
+
+fn fixture() -> String {
+    common::fixtures_dir().join("node/cache_leak.js").display().to_string()
+}
+
+type Lines = std::io::Lines<std::io::BufReader<std::process::ChildStdout>>;
+
+/// `node [node_args] cache_leak.js [mode]`, once it says "ready".
+fn start(node_args: &[&str], mode: &str) -> (Reap, Lines) {
+    let mut child = std::process::Command::new("node")
+        .args(node_args)
+        .arg(fixture())
+        .arg(mode)
+        .stdin(std::process::Stdio::piped())
+        .stdout(std::process::Stdio::piped())
+        .stderr(std::process::Stdio::null())
+        .spawn()
+        .expect("start node (Node.js 20)");
+    let mut lines = std::io::BufReader::new(child.stdout.take().expect("stdout")).lines();
+    assert_eq!(lines.next().expect("a line").expect("read"), "ready");
+    (Reap(child), lines)
+}
+
+/// It still answers.
+fn answers(process: &mut Reap, lines: &mut Lines) {
+    writeln!(process.0.stdin.as_mut().expect("stdin"), "ping").expect("write");
+    assert_eq!(lines.next().expect("a line").expect("read"), "pong", "the process still answers");
+}
+
+/// TCP ports the process listens on (its inspector's would be one).
+fn listening(pid: u32) -> usize {
+    let inodes: Vec<String> = std::fs::read_dir(format!("/proc/{pid}/fd"))
+        .expect("fds")
+        .filter_map(|e| std::fs::read_link(e.ok()?.path()).ok())
+        .filter_map(|t| Some(t.to_str()?.strip_prefix("socket:[")?.strip_suffix(']')?.to_owned()))
+        .collect();
+    ["tcp", "tcp6"]
+        .iter()
+        .flat_map(|t| {
+            std::fs::read_to_string(format!("/proc/{pid}/net/{t}"))
+                .unwrap_or_default()
+                .lines()
+                .skip(1)
+                .map(str::to_owned)
+                .collect::<Vec<_>>()
+        })
+        .filter(|l| {
+            let cols: Vec<&str> = l.split_whitespace().collect();
+            cols.len() > 9 && cols[3] == "0A" && inodes.iter().any(|i| i == cols[9])
+        })
+        .count()
+}
+
+fn report(pid: u32, duration: &str) -> std::process::Output {
+    leakmon()
+        .env("RUST_LOG", "info")
+        .args(["report", "--runtime", "--format", "json", "--pid", &pid.to_string(), "--duration", duration])
+        .output()
+        .expect("run leakmon")
+}
+
+/// The seed's cache: at least half the reported bytes in stacks naming the functions
+/// that grow it, at most a tenth in the churn; afterwards no inspector port is open
+/// and the process keeps running.
+#[test]
+fn a_growing_javascript_cache_is_named_by_its_functions() {
+    let (mut process, mut lines) = start(&[], "grow");
+    let pid = process.0.id();
+    assert_eq!(listening(pid), 0, "no port open before");
+    let out = report(pid, "20");
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert!(out.status.success(), "{stderr}");
+    let json: Value = serde_json::from_slice(&out.stdout).expect("JSON");
+    assert_eq!(json["method"], "runtime");
+    let p = &json["processes"][0];
+    assert_eq!(p["pid"], pid);
+    assert_eq!(p["runtime"], "node");
+    let total = p["outstanding_bytes"].as_u64().expect("bytes");
+    assert!(total > 1_000_000, "20 s of growth: {total} B");
+    let share = |names: &[&str]| -> f64 {
+        let bytes: u64 = p["stacks"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .filter(|s| {
+                s["frames"]
+                    .as_array()
+                    .unwrap()
+                    .iter()
+                    .any(|f| f["runtime"] == "node" && names.iter().any(|n| f["function"] == *n))
+            })
+            .map(|s| s["bytes"].as_u64().unwrap())
+            .sum();
+        bytes as f64 / total as f64
+    };
+    let (cache, churn) = (share(&["grow", "remember", "makeEntry"]), share(&["churn"]));
+    eprintln!("node: {total} B held, cache functions {:.0}%, churn {:.1}%", cache * 100.0, churn * 100.0);
+    assert!(cache >= 0.5, "cache {cache:.2}");
+    assert!(churn <= 0.1, "churn {churn:.2}");
+    let site = &p["stacks"][0]["site"];
+    assert!(site["file"].as_str().is_some_and(|f| f.ends_with("cache_leak.js")), "{site}");
+    assert!(site["line"].as_u64().is_some(), "{site}");
+    assert!(stderr.contains("inspector closed"), "{stderr}");
+    assert_eq!(listening(pid), 0, "the inspector is closed again");
+    answers(&mut process, &mut lines);
+}
+
+/// An inspector already open is someone's debugging session: one line, and leakmon
+/// neither takes it over nor closes it.
+#[test]
+fn a_process_with_its_inspector_open_is_refused_in_one_line() {
+    let (mut process, mut lines) = start(&["--inspect=127.0.0.1:0"], "grow");
+    let pid = process.0.id();
+    let ports = listening(pid);
+    assert_eq!(ports, 1, "the inspector listens");
+    let out = report(pid, "2");
+    assert!(!out.status.success());
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    let errors: Vec<&str> = stderr.lines().filter(|l| l.contains("already has an inspector open")).collect();
+    assert_eq!(errors.len(), 1, "{stderr}");
+    assert_eq!(listening(pid), ports, "its inspector is left open");
+    answers(&mut process, &mut lines);
+}
+
+/// A program that handles SIGUSR1 itself (as `--disable-sigusr1` would) opens no
+/// inspector: one line, the process untouched.
+#[test]
+fn a_process_that_opens_no_inspector_on_sigusr1_is_refused_in_one_line() {
+    let (mut process, mut lines) = start(&[], "handles-usr1");
+    let pid = process.0.id();
+    let out = report(pid, "2");
+    assert!(!out.status.success());
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert_eq!(stderr.lines().filter(|l| l.contains("opened no inspector")).count(), 1, "{stderr}");
+    assert_eq!(listening(pid), 0);
+    answers(&mut process, &mut lines);
+}
+
+/// Neither Node.js nor a JVM: one line.
+#[test]
+fn another_process_is_refused_in_one_line() {
+    let process = Reap(std::process::Command::new("sleep").arg("30").spawn().expect("sleep"));
+    let out = report(process.0.id(), "1");
+    assert!(!out.status.success());
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert!(stderr.contains("neither Node.js nor a HotSpot JVM"), "{stderr}");
+    assert_eq!(stderr.trim().lines().count(), 1, "{stderr}");
+}
