@@ -261,7 +261,7 @@ pub struct ReportArgs {
     /// for Node.js, V8's (through its inspector, opened with SIGUSR1 and closed again
     /// afterwards), which names the JavaScript functions and lines whose objects the
     /// window's allocations still hold. Needs --pid and --duration; --sample-bytes sets
-    /// its interval (default 32KiB). A process whose inspector is already open is left
+    /// its interval (default 512KiB). A process whose inspector is already open is left
     /// alone.
     #[arg(long)]
     pub runtime: bool,

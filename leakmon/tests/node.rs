@@ -60,10 +60,11 @@ fn listening(pid: u32) -> usize {
         .count()
 }
 
-fn report(pid: u32, duration: &str) -> std::process::Output {
+fn report(pid: u32, duration: &str, options: &[&str]) -> std::process::Output {
     leakmon()
         .env("RUST_LOG", "info")
         .args(["report", "--runtime", "--format", "json", "--pid", &pid.to_string(), "--duration", duration])
+        .args(options)
         .output()
         .expect("run leakmon")
 }
@@ -76,7 +77,10 @@ fn a_growing_javascript_cache_is_named_by_its_functions() {
     let (mut process, mut lines) = start(&[], "grow");
     let pid = process.0.id();
     assert_eq!(listening(pid), 0, "no port open before");
-    let out = report(pid, "20");
+    // 64 KiB: enough samples that one large object sampled elsewhere (a run at the
+    // default 512 KiB once put half the bytes outside the cache's functions) cannot
+    // swing the shares.
+    let out = report(pid, "20", &["--sample-bytes", "64KiB"]);
     let stderr = String::from_utf8_lossy(&out.stderr);
     assert!(out.status.success(), "{stderr}");
     let json: Value = serde_json::from_slice(&out.stdout).expect("JSON");
@@ -122,7 +126,7 @@ fn a_process_with_its_inspector_open_is_refused_in_one_line() {
     let pid = process.0.id();
     let ports = listening(pid);
     assert_eq!(ports, 1, "the inspector listens");
-    let out = report(pid, "2");
+    let out = report(pid, "2", &[]);
     assert!(!out.status.success());
     let stderr = String::from_utf8_lossy(&out.stderr);
     let errors: Vec<&str> = stderr.lines().filter(|l| l.contains("already has an inspector open")).collect();
@@ -137,7 +141,7 @@ fn a_process_with_its_inspector_open_is_refused_in_one_line() {
 fn a_process_that_opens_no_inspector_on_sigusr1_is_refused_in_one_line() {
     let (mut process, mut lines) = start(&[], "handles-usr1");
     let pid = process.0.id();
-    let out = report(pid, "2");
+    let out = report(pid, "2", &[]);
     assert!(!out.status.success());
     let stderr = String::from_utf8_lossy(&out.stderr);
     assert_eq!(stderr.lines().filter(|l| l.contains("opened no inspector")).count(), 1, "{stderr}");
@@ -149,7 +153,7 @@ fn a_process_that_opens_no_inspector_on_sigusr1_is_refused_in_one_line() {
 #[test]
 fn another_process_is_refused_in_one_line() {
     let process = Reap(std::process::Command::new("sleep").arg("30").spawn().expect("sleep"));
-    let out = report(process.0.id(), "1");
+    let out = report(process.0.id(), "1", &[]);
     assert!(!out.status.success());
     let stderr = String::from_utf8_lossy(&out.stderr);
     assert!(stderr.contains("neither Node.js nor a HotSpot JVM"), "{stderr}");

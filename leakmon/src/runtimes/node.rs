@@ -21,9 +21,11 @@ use tracing::{info, warn};
 
 use super::inspector::{is_inspector, listening, Session};
 
-/// Closes the inspector once the current session has ended.
+/// Closes the inspector once the current session has ended. Not at once
+/// (`setImmediate`): a close while the session was still being torn down crashed
+/// Node.js 20 (SIGSEGV) in about half of the 20 s runs; 250 ms later, none of six.
 const CLOSE: &str =
-    "(() => { const inspector = require('inspector'); setImmediate(() => { try { inspector.close(); } catch (e) {} }); })()";
+    "(() => { const inspector = require('inspector'); setTimeout(() => { try { inspector.close(); } catch (e) {} }, 250); })()";
 
 /// How long the inspector has to open after SIGUSR1, and to close at the end.
 const OPEN_TIMEOUT: Duration = Duration::from_secs(5);
