@@ -35,8 +35,8 @@ impl Condition {
     }
 }
 
-/// Debian's python3 and pyenv's newest 3.12 and 3.13, where present.
-fn interpreters() -> Vec<(String, String)> {
+/// Debian's python3 and pyenv's newest 3.12 and 3.13; a missing one fails the bench.
+fn interpreters() -> Result<Vec<(String, String)>> {
     let home = std::env::var("HOME").unwrap_or_else(|_| "/root".into());
     let mut found = vec![("3.11 (Debian)".to_owned(), "/usr/bin/python3".to_owned())];
     for minor in ["3.12", "3.13"] {
@@ -45,17 +45,18 @@ fn interpreters() -> Vec<(String, String)> {
             .unwrap_or_default();
         versions.retain(|v| v.starts_with(&format!("{minor}.")));
         versions.sort();
-        if let Some(v) = versions.pop() {
-            found.push((v.clone(), format!("{home}/.pyenv/versions/{v}/bin/python{minor}")));
-        }
+        let v = versions
+            .pop()
+            .with_context(|| format!("pyenv has no CPython {minor} under {home}/.pyenv/versions"))?;
+        found.push((v.clone(), format!("{home}/.pyenv/versions/{v}/bin/python{minor}")));
     }
-    found
+    Ok(found)
 }
 
 pub fn python(root: &Path, setup: &Setup, rounds: usize) -> Result<()> {
     let script = root.join("leakmon/tests/fixtures/python/cache_leak.py");
     let mut samples: BTreeMap<(usize, Condition), Vec<f64>> = BTreeMap::new();
-    let pythons = interpreters();
+    let pythons = interpreters()?;
     for round in 0..rounds {
         let mut order = Condition::ALL.to_vec();
         if round % 2 == 1 {

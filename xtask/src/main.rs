@@ -123,7 +123,10 @@ fn main() -> Result<()> {
         }
         Task::Bench { rounds, pairs, skip_scale, server_only, python_only, node_only } => {
             setup(&pins, false)?;
-            apt_install(&["bpftrace", "heaptrack", "gcc", "redis-server", "redis-tools"].map(str::to_owned))?;
+            apt_install(
+                &["bpftrace", "heaptrack", "gcc", "redis-server", "redis-tools", "nodejs", "python3"]
+                    .map(str::to_owned),
+            )?;
             build(true)?;
             require_root("the benchmark loads eBPF programs")?;
             let only = match (server_only, python_only, node_only) {
