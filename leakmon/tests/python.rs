@@ -34,12 +34,21 @@ fn line_of(needle: &str) -> u64 {
     source.lines().position(|l| l.contains(needle)).expect("the line") as u64 + 1
 }
 
+type Lines = std::io::Lines<std::io::BufReader<std::process::ChildStdout>>;
+
+/// The names of a reported stack's Python frames, innermost first.
+fn python_names(stack: &Value) -> Vec<&str> {
+    stack["frames"]
+        .as_array()
+        .expect("frames")
+        .iter()
+        .filter(|f| f["runtime"] == "python")
+        .map(|f| f["function"].as_str().expect("a name"))
+        .collect()
+}
+
 /// Starts the fixture in `mode` and waits for its "ready".
-fn start(
-    python: &str,
-    mode: &str,
-    arg: &str,
-) -> (Reap, std::io::Lines<std::io::BufReader<std::process::ChildStdout>>) {
+fn start(python: &str, mode: &str, arg: &str) -> (Reap, Lines) {
     let mut child = std::process::Command::new(python)
         .args([fixture().as_str(), mode, arg])
         .stdin(std::process::Stdio::piped())
@@ -229,13 +238,7 @@ fn a_command_that_exits_keeps_its_python_lines() {
             .collect();
         assert_eq!(blocks.len(), 1, "{python} {version}: {p:#?}");
         assert_eq!(blocks[0]["bytes"], 412_900, "{python}");
-        let names: Vec<&str> = blocks[0]["frames"]
-            .as_array()
-            .unwrap()
-            .iter()
-            .filter(|f| f["runtime"] == "python")
-            .map(|f| f["function"].as_str().unwrap())
-            .collect();
+        let names = python_names(&blocks[0]);
         assert_eq!(names, ["keep_blocks", "exit_after", "<module>"], "{python}");
     }
 }
@@ -327,12 +330,85 @@ fn the_main_thread_behind_many_newer_ones_keeps_its_python_frames() {
         .find(|s| s["site"]["line"] == keep && s["allocations"] == 100)
         .unwrap_or_else(|| panic!("{p:#?}"));
     assert_eq!(blocks["bytes"], 412_900);
-    let names: Vec<&str> = blocks["frames"]
-        .as_array()
-        .unwrap()
-        .iter()
-        .filter(|f| f["runtime"] == "python")
-        .map(|f| f["function"].as_str().unwrap())
-        .collect();
+    let names = python_names(&blocks);
     assert_eq!(names, ["keep_blocks", "blocks", "threads", "<module>"]);
+}
+
+/// A line the fixture answers to `command`.
+fn ask(process: &mut Reap, lines: &mut Lines, command: &str) -> String {
+    writeln!(process.0.stdin.as_mut().expect("stdin"), "{command}").expect("write");
+    lines.next().expect("a line").expect("read")
+}
+
+/// leakmon SIGKILLed while its agent is being loaded into a Python process whose
+/// threads allocate without pause, while it watches, and at once: each time the guardian
+/// puts CPython's allocator domains back as they were, nobody traces the process, its
+/// threads go on and it keeps blocks correctly.
+#[test]
+fn leakmon_killed_while_wrapping_python_leaves_its_allocators_as_they_were() {
+    use common::agent_state::{guardian_of, tracer_of};
+    use std::time::{Duration, Instant};
+    let (python, _) = interpreters().swap_remove(1);
+    let (mut process, mut lines) = start(&python, "guarded", "4");
+    let pid = process.0.id();
+    let original = ask(&mut process, &mut lines, "allocators");
+    for moment in ["mid-load", "while watching", "at once"] {
+        let mut report = Reap(
+            common::leakmon()
+                .env("RUST_LOG", "info")
+                .args([
+                    "report",
+                    "--agent",
+                    "--format",
+                    "json",
+                    "--duration",
+                    "60",
+                    "--pid",
+                    &pid.to_string(),
+                ])
+                .stdout(std::process::Stdio::null())
+                .stderr(std::process::Stdio::piped())
+                .spawn()
+                .expect("start leakmon"),
+        );
+        match moment {
+            "mid-load" => {
+                let deadline = Instant::now() + Duration::from_secs(20);
+                while guardian_of(pid).is_none() {
+                    assert!(Instant::now() < deadline, "no guardian for pid {pid}");
+                    assert!(report.0.try_wait().expect("poll").is_none(), "leakmon ended early");
+                }
+            }
+            "while watching" => {
+                let mut stderr = std::io::BufReader::new(report.0.stderr.take().expect("stderr"));
+                let mut log = String::new();
+                while !log.contains("watching") {
+                    assert!(stderr.read_line(&mut log).expect("read") > 0, "leakmon ended: {log}");
+                }
+                assert_ne!(
+                    ask(&mut process, &mut lines, "allocators"),
+                    original,
+                    "loaded: the domains are wrapped"
+                );
+            }
+            _ => std::thread::sleep(Duration::from_millis(30)),
+        }
+        common::signal(report.0.id(), nix::sys::signal::Signal::SIGKILL);
+        report.0.wait().expect("reap leakmon");
+        let deadline = Instant::now() + Duration::from_secs(20);
+        while guardian_of(pid).is_some() || tracer_of(pid) != "0" {
+            assert!(Instant::now() < deadline, "{moment}: the guardian did not finish");
+            std::thread::sleep(Duration::from_millis(50));
+        }
+        assert_eq!(
+            ask(&mut process, &mut lines, "allocators"),
+            original,
+            "{moment}: the domains as they were"
+        );
+        let before: u64 = ask(&mut process, &mut lines, "count").parse().expect("a count");
+        std::thread::sleep(Duration::from_millis(200));
+        let after: u64 = ask(&mut process, &mut lines, "count").parse().expect("a count");
+        assert!(after > before, "{moment}: the threads go on");
+        assert_eq!(ask(&mut process, &mut lines, "go"), "done", "{moment}");
+    }
 }
