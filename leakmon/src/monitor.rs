@@ -368,12 +368,11 @@ impl Monitor {
                 m.allocations += s.allocations;
                 continue;
             }
-            // The allocation site, what the metrics name a stack by: the innermost Python
-            // frame (as `Symbolizer::site`), else the first frame past the wrappers.
-            let at = frames.iter().position(|f| f.runtime.is_some()).unwrap_or_else(|| {
-                self.symbolizer.wrappers().site(frames.iter().map(|f| Some(f.function.as_str())))
-            });
-            let site = frames.get(at);
+            // The allocation site, what the metrics name a stack by.
+            let site = frames.get(
+                self.symbolizer
+                    .site_of(frames.iter().map(|f| (Some(f.function.as_str()), f.runtime.is_some()))),
+            );
             merged.push(StackView {
                 stack: hash,
                 bytes: s.bytes,

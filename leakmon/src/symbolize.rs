@@ -147,10 +147,19 @@ impl Symbolizer {
     /// Index of the allocation site in `frames`: the innermost Python frame, else the
     /// first frame outside the wrappers.
     pub fn site(&self, frames: &[Frame]) -> usize {
-        if let Some(python) = frames.iter().position(|f| f.runtime.is_some()) {
-            return python;
+        self.site_of(frames.iter().map(|f| (f.function.as_deref(), f.runtime.is_some())))
+    }
+
+    /// [`Symbolizer::site`] of frames given as (function, whether it is a runtime's
+    /// code, as Python's).
+    pub fn site_of<'a, I>(&self, frames: I) -> usize
+    where
+        I: Iterator<Item = (Option<&'a str>, bool)> + Clone,
+    {
+        if let Some(runtime) = frames.clone().position(|(_, runtime)| runtime) {
+            return runtime;
         }
-        self.wrappers.site(frames.iter().map(|f| f.function.as_deref()))
+        self.wrappers.site(frames.map(|(function, _)| function))
     }
 
     /// Resolves a stack of return addresses, innermost first. The stack ends at the

@@ -68,8 +68,7 @@ impl Interpreter {
     pub fn find(maps: &[Mapping], root: &Path) -> Option<Result<Self, Unsupported>> {
         let mut seen = std::collections::HashSet::new();
         for m in maps.iter().filter(|m| m.executable && m.inode != 0) {
-            let name = m.path.file_name().map(|n| n.to_string_lossy().into_owned()).unwrap_or_default();
-            if !name.contains("python") || !seen.insert(m.inode) {
+            if !is_interpreter_file(&m.path) || !seen.insert(m.inode) {
                 continue;
             }
             let path = m.open_path(root);
@@ -127,6 +126,14 @@ impl Interpreter {
     pub fn still_in(&self, maps: &[Mapping]) -> bool {
         maps.iter().any(|m| m.executable && m.inode == self.inode && m.path == self.path)
     }
+}
+
+/// Whether `path` names a CPython executable or library (`python*`, `libpython*`).
+pub fn is_interpreter_file(path: &Path) -> bool {
+    path.file_name().is_some_and(|n| {
+        let n = n.to_string_lossy();
+        n.starts_with("python") || n.starts_with("libpython")
+    })
 }
 
 /// `(3, 10)` of `libpython3.10.so.1.0` or `python3.10`.

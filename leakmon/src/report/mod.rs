@@ -85,15 +85,9 @@ pub struct ProcessReport {
 pub const PYTHON_UNSEEN: &str =
     "small Python objects come from CPython's own arenas (pymalloc), which uprobes do not see: add --agent to sample them";
 
-/// Whether `maps` run CPython (an executable mapping of `python*` or `libpython*`).
+/// Whether `maps` run CPython (an executable mapping of its executable or library).
 fn runs_python(maps: &[Mapping]) -> bool {
-    maps.iter().any(|m| {
-        m.executable
-            && m.path.file_name().is_some_and(|n| {
-                let n = n.to_string_lossy();
-                n.starts_with("python") || n.starts_with("libpython")
-            })
-    })
+    maps.iter().any(|m| m.executable && crate::python::is_interpreter_file(&m.path))
 }
 
 /// Bytes set apart as the runtime's own, and the functions that named them.
