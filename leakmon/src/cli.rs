@@ -262,7 +262,8 @@ pub struct ReportArgs {
     /// afterwards), which names the JavaScript functions and lines whose objects the
     /// window's allocations still hold. Needs --pid and --duration; --sample-bytes sets
     /// its interval (default 512KiB). A process whose inspector is already open is left
-    /// alone.
+    /// alone. For a HotSpot JVM, JFR's live-object samples with their allocation stacks,
+    /// through the attach protocol jcmd speaks (no JDK needed on the host).
     #[arg(long)]
     pub runtime: bool,
     #[command(flatten)]

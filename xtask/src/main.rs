@@ -333,6 +333,8 @@ fn setup(pins: &Pins, tests: bool) -> Result<()> {
                 "redis-tools",
                 // The trend tests' Node.js workload.
                 "nodejs",
+                // The JVM tests' fixture: javac, and jcmd to check what leakmon left.
+                "openjdk-17-jdk-headless",
                 // The signals test turns swap on in a file of its own.
                 "util-linux",
             ]

@@ -82,6 +82,9 @@ fn frame(f: &FrameReport) -> String {
     match (&f.file, f.line) {
         (Some(file), Some(line)) => format!("{} ({}:{line})", f.function, short(file)),
         (Some(file), None) => format!("{} ({})", f.function, short(file)),
+        // A Java frame: JFR names the method and line, not the source file.
+        (None, Some(line)) if f.runtime.is_some() => format!("{} (line {line})", f.function),
+        (None, None) if f.runtime.is_some() => f.function.clone(),
         _ => format!("{} [{}]", f.function, f.address),
     }
 }

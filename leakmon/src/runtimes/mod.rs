@@ -4,9 +4,12 @@
 //!
 //! In: a pid and a window. Out: a [`Report`] of the bytes the window's sampled
 //! allocations still hold per call stack of the runtime's code, in the shapes of the
-//! native reports (frames carry `"runtime":"node"`).
+//! native reports (frames carry `"runtime":"node"` or `"runtime":"jvm"`).
 
+pub mod attach;
 pub mod inspector;
+pub mod jfr;
+pub mod jvm;
 pub mod node;
 
 use std::time::Duration;
@@ -25,6 +28,38 @@ pub enum Runtime {
     Node,
     Jvm,
 }
+
+impl Runtime {
+    /// As frames and processes name it in reports.
+    pub fn name(self) -> &'static str {
+        match self {
+            Runtime::Node => "node",
+            Runtime::Jvm => "jvm",
+        }
+    }
+}
+
+/// One call stack of the runtime's code still holding sampled bytes.
+#[derive(Clone, Debug, PartialEq)]
+pub struct Stack {
+    /// Innermost first.
+    pub frames: Vec<Frame>,
+    pub bytes: u64,
+    pub samples: u64,
+}
+
+#[derive(Clone, Debug, PartialEq, Eq, Hash)]
+pub struct Frame {
+    pub function: String,
+    /// A script's URL, or empty where the runtime names none (Java's frames).
+    pub file: String,
+    /// 1-based; 0 where unknown.
+    pub line: u32,
+    pub column: u32,
+}
+
+/// Says in a report that the JVM's figures are per class, not per stack.
+pub const JVM_CLASS_HISTOGRAM: &str = "JFR is unavailable in this JVM: the figures are the growth of each class between two class histograms (each a full collection), not allocation stacks";
 
 /// The runtime `pid` runs: Node.js by its executable's name, a HotSpot JVM by its
 /// `libjvm.so`.
@@ -50,16 +85,24 @@ pub fn report(
     stop: &(dyn Fn() -> bool + Sync),
 ) -> Result<Report> {
     let comm = std::fs::read_to_string(format!("/proc/{pid}/comm")).unwrap_or_default().trim().to_owned();
-    let stacks = match detect(pid)? {
+    let runtime = detect(pid)?;
+    let mut notes = Vec::new();
+    let stacks = match runtime {
         Some(Runtime::Node) => in_net_namespace(pid, || node::profile(pid, sample_bytes, window, stop))?,
-        Some(Runtime::Jvm) => bail!(
-            "pid {pid} is a HotSpot JVM: leakmon does not drive its profiler (JFR) yet; its native memory is seen without --runtime"
-        ),
+        Some(Runtime::Jvm) => {
+            let (stacks, source) = jvm::profile(pid, window, stop)?;
+            if let jvm::Source::ClassHistogram = source {
+                notes.push(JVM_CLASS_HISTOGRAM.to_owned());
+            }
+            stacks
+        }
         None => bail!(
             "pid {pid} ({comm}) is neither Node.js nor a HotSpot JVM: --runtime asks those runtimes' own profilers; leave it out to watch its allocator"
         ),
     };
-    let stacks: Vec<StackReport> = stacks.into_iter().map(stack_report).collect();
+    let runtime = runtime.map(Runtime::name);
+    let stacks: Vec<StackReport> =
+        stacks.into_iter().map(|s| stack_report(s, runtime.unwrap_or_default())).collect();
     let process = ProcessReport {
         pid,
         comm,
@@ -69,31 +112,31 @@ pub fn report(
         incomplete: false,
         stacks,
         runtime_internal: RuntimeInternal::default(),
-        runtime: Some("node"),
-        notes: Vec::new(),
+        runtime,
+        notes,
     };
     Ok(Report { method: Method::Runtime, sample_bytes, processes: vec![process] })
 }
 
-fn stack_report(stack: node::Stack) -> StackReport {
+fn stack_report(stack: Stack, runtime: &str) -> StackReport {
     let frames: Vec<FrameReport> = stack
         .frames
         .iter()
         .map(|f| FrameReport {
             function: f.function.clone(),
-            file: (!f.url.is_empty()).then(|| f.url.clone()),
+            file: (!f.file.is_empty()).then(|| f.file.clone()),
             line: (f.line > 0).then_some(f.line),
             // No machine address: one that names the place, for profile readers.
             address: format!(
                 "0x{}",
                 crate::export::stable_hash([
-                    f.url.as_bytes(),
+                    f.file.as_bytes(),
                     f.function.as_bytes(),
                     &f.line.to_le_bytes(),
                     &f.column.to_le_bytes()
                 ])
             ),
-            runtime: Some("node".to_owned()),
+            runtime: Some(runtime.to_owned()),
         })
         .collect();
     StackReport {

@@ -19,7 +19,10 @@ use anyhow::{bail, Result};
 use serde_json::{json, Value};
 use tracing::{info, warn};
 
-use super::inspector::{is_inspector, listening, Session};
+use super::{
+    inspector::{is_inspector, listening, Session},
+    Frame, Stack,
+};
 
 /// Closes the inspector once the current session has ended. Not at once
 /// (`setImmediate`): a close while the session was still being torn down crashed
@@ -29,24 +32,6 @@ const CLOSE: &str =
 
 /// How long the inspector has to open after SIGUSR1, and to close at the end.
 const OPEN_TIMEOUT: Duration = Duration::from_secs(5);
-
-/// One JavaScript call stack still holding sampled bytes.
-#[derive(Clone, Debug, PartialEq)]
-pub struct Stack {
-    /// Innermost first.
-    pub frames: Vec<Frame>,
-    pub bytes: u64,
-    pub samples: u64,
-}
-
-#[derive(Clone, Debug, PartialEq, Eq)]
-pub struct Frame {
-    pub function: String,
-    pub url: String,
-    /// 1-based.
-    pub line: u32,
-    pub column: u32,
-}
 
 /// Samples `pid`'s heap for `window` (or until `stop` says so), every `interval` bytes.
 pub fn profile(
@@ -153,7 +138,7 @@ fn walk(
     if !root {
         path.push(Frame {
             function: if function.is_empty() { "(anonymous)".to_owned() } else { function.to_owned() },
-            url: frame["url"].as_str().unwrap_or_default().to_owned(),
+            file: frame["url"].as_str().unwrap_or_default().to_owned(),
             line: frame["lineNumber"].as_i64().map_or(0, |l| (l + 1).max(0) as u32),
             column: frame["columnNumber"].as_i64().map_or(0, |c| (c + 1).max(0) as u32),
         });

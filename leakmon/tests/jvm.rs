@@ -1,0 +1,212 @@
+//! `report --runtime` on real OpenJDK 17 processes: HotSpot's attach protocol, spoken
+//! by leakmon itself, and JFR's live-object samples (or class histograms without JFR).
+
+mod common;
+
+use std::{
+    io::{BufRead as _, Write as _},
+    path::PathBuf,
+    sync::OnceLock,
+};
+
+use common::{leakmon, Reap};
+use serde_json::Value;
+
+const JDK: &str = "/usr/lib/jvm/java-17-openjdk-amd64/bin";
+
+/// The fixture's classes, compiled once per test binary.
+fn classes() -> PathBuf {
+    static DIR: OnceLock<tempfile::TempDir> = OnceLock::new();
+    DIR.get_or_init(|| {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let status = std::process::Command::new(format!("{JDK}/javac"))
+            .arg("-d")
+            .arg(dir.path())
+            .arg(common::fixtures_dir().join("jvm/CacheLeak.java"))
+            .status()
+            .expect("run javac (openjdk-17-jdk-headless, installed by the tests' set-up)");
+        assert!(status.success(), "javac CacheLeak.java");
+        dir
+    })
+    .path()
+    .to_owned()
+}
+
+type Lines = std::io::Lines<std::io::BufReader<std::process::ChildStdout>>;
+
+/// `java [args] CacheLeak`, once it says "ready".
+fn start(args: &[&str]) -> (Reap, Lines) {
+    let mut child = std::process::Command::new(format!("{JDK}/java"))
+        .args(args)
+        .arg("-cp")
+        .arg(classes())
+        .arg("CacheLeak")
+        .stdin(std::process::Stdio::piped())
+        .stdout(std::process::Stdio::piped())
+        .stderr(std::process::Stdio::null())
+        .spawn()
+        .expect("start java (OpenJDK 17)");
+    let mut lines = std::io::BufReader::new(child.stdout.take().expect("stdout")).lines();
+    assert_eq!(lines.next().expect("a line").expect("read"), "ready");
+    (Reap(child), lines)
+}
+
+/// It still answers, and printed nothing else meanwhile (SIGQUIT without an attach
+/// listener would have printed a thread dump).
+fn answers(process: &mut Reap, lines: &mut Lines) {
+    writeln!(process.0.stdin.as_mut().expect("stdin"), "ping").expect("write");
+    assert_eq!(lines.next().expect("a line").expect("read"), "pong", "the process still answers");
+}
+
+fn report(pid: u32, duration: &str) -> std::process::Output {
+    leakmon()
+        .env("RUST_LOG", "info")
+        .args(["report", "--runtime", "--format", "json", "--pid", &pid.to_string(), "--duration", duration])
+        .output()
+        .expect("run leakmon")
+}
+
+/// What `jcmd PID JFR.check` says: the recordings left running.
+fn recordings(pid: u32) -> String {
+    let out = std::process::Command::new(format!("{JDK}/jcmd"))
+        .args([&pid.to_string(), "JFR.check"])
+        .output()
+        .expect("run jcmd");
+    String::from_utf8_lossy(&out.stdout).into_owned()
+}
+
+/// What leakmon leaves in the JVM's /tmp: trigger files and recordings.
+fn left_in_tmp(pid: u32) -> Vec<String> {
+    std::fs::read_dir("/tmp")
+        .expect("/tmp")
+        .flatten()
+        .map(|e| e.file_name().to_string_lossy().into_owned())
+        .filter(|n| {
+            n == &format!(".attach_pid{pid}")
+                || (n.starts_with("leakmon-") && n.ends_with(&format!("-{pid}.jfr")))
+        })
+        .collect()
+}
+
+fn share(process: &Value, total: u64, names: &[&str]) -> f64 {
+    let bytes: u64 = process["stacks"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .filter(|s| {
+            s["frames"].as_array().unwrap().iter().any(|f| {
+                f["runtime"] == "jvm"
+                    && names.iter().any(|n| f["function"].as_str() == Some(&format!("CacheLeak.{n}")))
+            })
+        })
+        .map(|s| s["bytes"].as_u64().unwrap())
+        .sum();
+    bytes as f64 / total as f64
+}
+
+/// A HashMap cache beside churn: at least half the reported bytes in stacks naming the
+/// functions that grow it, at most a tenth in the churn; the JVM keeps running, with no
+/// recording left and nothing left in its /tmp.
+#[test]
+fn a_growing_java_hashmap_is_named_by_its_functions() {
+    let (mut process, mut lines) = start(&[]);
+    let pid = process.0.id();
+    let out = report(pid, "20");
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert!(out.status.success(), "{stderr}");
+    let json: Value = serde_json::from_slice(&out.stdout).expect("JSON");
+    assert_eq!(json["method"], "runtime");
+    let p = &json["processes"][0];
+    assert_eq!(p["pid"], pid);
+    assert_eq!(p["runtime"], "jvm");
+    assert_eq!(p["notes"].as_array().map_or(0, Vec::len), 0, "JFR, not histograms: {p}");
+    let total = p["outstanding_bytes"].as_u64().expect("bytes");
+    assert!(total > 1_000_000, "20 s of growth: {total} B");
+    let (cache, churn) = (share(p, total, &["grow", "remember", "makeEntry"]), share(p, total, &["churn"]));
+    eprintln!("jvm: {total} B held, cache functions {:.0}%, churn {:.1}%", cache * 100.0, churn * 100.0);
+    assert!(cache >= 0.5, "cache {cache:.2}");
+    assert!(churn <= 0.1, "churn {churn:.2}");
+    let named = p["stacks"][0]["frames"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .any(|f| f["line"].as_u64().is_some_and(|l| l > 0));
+    assert!(named, "frames carry lines: {}", p["stacks"][0]);
+    assert!(recordings(pid).contains("No available recordings"), "{}", recordings(pid));
+    assert_eq!(left_in_tmp(pid), Vec::<String>::new());
+    answers(&mut process, &mut lines);
+}
+
+/// `-XX:+DisableAttachMechanism`: one line, and no signal sent (it would have printed
+/// a thread dump on the process's stdout).
+#[test]
+fn a_jvm_with_attach_disabled_is_refused_in_one_line() {
+    let (mut process, mut lines) = start(&["-XX:+DisableAttachMechanism"]);
+    let out = report(process.0.id(), "2");
+    assert!(!out.status.success());
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert_eq!(stderr.lines().filter(|l| l.contains("-XX:+DisableAttachMechanism")).count(), 1, "{stderr}");
+    assert_eq!(stderr.trim().lines().count(), 1, "{stderr}");
+    answers(&mut process, &mut lines);
+}
+
+/// A process that maps a libjvm.so but does not catch SIGQUIT (a JVM still starting):
+/// SIGQUIT's default action would end it, so nothing is sent.
+#[test]
+fn a_jvm_that_does_not_catch_sigquit_is_refused_and_left_alive() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let lib = dir.path().join("libjvm.so");
+    std::fs::copy(common::system_libc().parent().unwrap().join("libm.so.6"), &lib).expect("copy libm");
+    let mut child = std::process::Command::new("python3")
+        .args([
+            "-c",
+            "import ctypes, sys; ctypes.CDLL(sys.argv[1]); print('ready', flush=True); sys.stdin.read()",
+        ])
+        .arg(&lib)
+        .stdin(std::process::Stdio::piped())
+        .stdout(std::process::Stdio::piped())
+        .spawn()
+        .expect("python3");
+    let mut lines = std::io::BufReader::new(child.stdout.take().unwrap()).lines();
+    assert_eq!(lines.next().unwrap().unwrap(), "ready");
+    let mut process = Reap(child);
+    let out = report(process.0.id(), "2");
+    assert!(!out.status.success());
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert!(stderr.contains("does not catch SIGQUIT"), "{stderr}");
+    assert_eq!(stderr.trim().lines().count(), 1, "{stderr}");
+    assert!(process.0.try_wait().unwrap().is_none(), "it still runs");
+    assert_eq!(left_in_tmp(process.0.id()), Vec::<String>::new());
+}
+
+/// `-Xrs`: the JVM opens its attach socket at start-up instead of on SIGQUIT, so
+/// leakmon finds it listening and sends nothing.
+#[test]
+fn a_jvm_started_with_xrs_is_attached_without_a_signal() {
+    let (mut process, mut lines) = start(&["-Xrs"]);
+    let out = report(process.0.id(), "3");
+    assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+    answers(&mut process, &mut lines);
+}
+
+/// Without JFR: the growth per class between two class histograms, and a note saying so.
+#[test]
+fn a_jvm_without_jfr_reports_growth_per_class() {
+    let (mut process, mut lines) = start(&["-XX:-FlightRecorder"]);
+    let out = report(process.0.id(), "5");
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert!(out.status.success(), "{stderr}");
+    let json: Value = serde_json::from_slice(&out.stdout).expect("JSON");
+    let p = &json["processes"][0];
+    assert!(p["notes"][0].as_str().is_some_and(|n| n.contains("class histograms")), "{p}");
+    // 200 entries every 10 ms: thousands in 5 s, 24 bytes each at least.
+    let entry = p["stacks"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .find(|s| s["frames"][0]["function"] == "CacheLeak$Entry")
+        .unwrap_or_else(|| panic!("CacheLeak$Entry grew: {p}"));
+    assert!(entry["allocations"].as_u64().unwrap() >= 500, "{entry}");
+    assert!(entry["bytes"].as_u64().unwrap() >= 500 * 24, "{entry}");
+    answers(&mut process, &mut lines);
+}
