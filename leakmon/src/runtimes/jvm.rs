@@ -1,103 +1,146 @@
 //! A HotSpot JVM's own view of what it keeps, for a window, through its attach socket.
 //!
-//! With JFR: a recording of live-object samples for the window (see [`super::jfr`]),
-//! written into the JVM's own /tmp, read through `/proc/PID/root` and removed. The
-//! recording is started with a duration a little past the window, so a leakmon that
-//! dies mid-window leaves nothing running.
+//! With JFR: a recording of live-object samples (see [`super::jfr`]); each snapshot is
+//! a dump written into the JVM's own /tmp, read through `/proc/PID/root` and removed.
+//! The recording is started with a duration past the time leakmon wants it, so a
+//! leakmon that dies meanwhile leaves nothing running.
 //!
 //! Without JFR (`-XX:-FlightRecorder`, a JVM built without it): the growth per class
 //! between two class histograms. A histogram counts live objects only, so each one
 //! costs a full collection; the frames then name classes, not code.
 
-use std::{
-    collections::HashMap,
-    time::{Duration, Instant},
-};
+use std::{collections::HashMap, time::Duration};
 
-use anyhow::{Context as _, Result};
+use anyhow::{bail, Context as _, Result};
 use tracing::{info, warn};
 
-use super::{attach::Jvm, jfr, Frame, Stack};
+use super::{attach::Jvm as Attached, jfr, Frame, Profiler, Stack};
 
-/// How the samples were taken, for the report's note.
-pub enum Source {
-    Jfr,
-    ClassHistogram,
+/// JFR (or class histograms) running in a JVM until [`Profiler::close`].
+pub struct Jvm {
+    pid: u32,
+    attached: Attached,
+    how: How,
 }
 
-/// Samples `pid`'s heap for `window` (or until `stop` says so).
-pub fn profile(pid: u32, window: Duration, stop: &(dyn Fn() -> bool + Sync)) -> Result<(Vec<Stack>, Source)> {
-    let jvm = Jvm::attach(pid)?;
-    let name = format!("leakmon-{}-{pid}", std::process::id());
-    // Inside the JVM's mount namespace: its /tmp, which it can write.
-    let file = format!("/tmp/{name}.jfr");
-    // Past the window, the JVM stops the recording itself.
-    let lifetime = window.as_secs() + 120;
-    // Only the events needed; a JDK 17 too old for event settings on the command line
-    // gets the `profile` settings, which include them.
-    let attempts = [
-        format!(
-            "JFR.start name={name} settings=none disk=false duration={lifetime}s filename={file} {}",
-            jfr::SETTINGS.join(" ")
-        ),
-        format!("JFR.start name={name} settings=profile disk=false duration={lifetime}s filename={file}"),
-    ];
-    let mut refused = String::new();
-    for start in &attempts {
-        match jvm.jcmd(start) {
-            Ok(out) if out.contains("Started recording") => {
-                refused.clear();
+enum How {
+    /// The recording's name, and the file it is written to when stopped (the JVM's
+    /// path).
+    Jfr {
+        name: String,
+        file: String,
+        dumps: u32,
+    },
+    /// The histogram at the start.
+    Histograms(HashMap<String, (u64, u64)>),
+    Closed,
+}
+
+impl Jvm {
+    /// Attaches to `pid` and starts a recording that ends by itself after `lifetime`.
+    /// Without JFR, class histograms if `histograms` allows their full collections,
+    /// else an error.
+    pub fn open(pid: u32, lifetime: Duration, histograms: bool) -> Result<Self> {
+        let attached = Attached::attach(pid)?;
+        let name = format!("leakmon-{}-{pid}", std::process::id());
+        // Inside the JVM's mount namespace: its /tmp, which it can write.
+        let file = format!("/tmp/{name}.jfr");
+        let lifetime = lifetime.as_secs().max(1);
+        // Only the events needed; a JDK 17 too old for event settings on the command
+        // line gets the `profile` settings, which include them.
+        let attempts = [
+            format!(
+                "JFR.start name={name} settings=none disk=false duration={lifetime}s filename={file} {}",
+                jfr::SETTINGS.join(" ")
+            ),
+            format!("JFR.start name={name} settings=profile disk=false duration={lifetime}s filename={file}"),
+        ];
+        let mut refused = String::new();
+        for start in &attempts {
+            match attached.jcmd(start) {
+                Ok(out) if out.contains("Started recording") => {
+                    info!(pid, recording = name, "JFR recording started");
+                    return Ok(Self { pid, attached, how: How::Jfr { name, file, dumps: 0 } });
+                }
+                Ok(out) => refused = out.trim().to_owned(),
+                Err(e) => refused = format!("{e:#}"),
+            }
+            if refused.contains("disabled") {
                 break;
             }
-            Ok(out) => refused = out.trim().to_owned(),
-            Err(e) => refused = format!("{e:#}"),
         }
-        if refused.contains("disabled") {
-            break;
+        if !histograms {
+            bail!("pid {pid}: JFR is unavailable ({refused}); class histograms would cost a full collection each");
         }
-    }
-    if !refused.is_empty() {
         info!(pid, answer = refused, "JFR unavailable: diffing class histograms instead");
-        return histograms(&jvm, pid, window, stop).map(|s| (s, Source::ClassHistogram));
+        let first = histogram(&attached.jcmd("GC.class_histogram")?);
+        Ok(Self { pid, attached, how: How::Histograms(first) })
     }
-    info!(pid, recording = name, "JFR recording started");
-    wait(window, stop);
-    let stopped = jvm.jcmd(&format!("JFR.stop name={name}"));
-    let path = format!("/proc/{pid}/root{file}");
-    let recording = std::fs::read(&path);
-    let _ = std::fs::remove_file(&path);
-    stopped?;
-    let recording = recording.with_context(|| format!("read pid {pid}'s recording {file}"))?;
-    Ok((jfr::stacks(&recording).with_context(|| format!("parse pid {pid}'s recording"))?, Source::Jfr))
+
+    /// Whether the figures are per class rather than per stack.
+    pub fn per_class(&self) -> bool {
+        matches!(self.how, How::Histograms(_))
+    }
+
+    fn stop(&mut self) -> Result<()> {
+        if let How::Jfr { name, file, .. } = &self.how {
+            let stopped = self.attached.jcmd(&format!("JFR.stop name={name}"));
+            let _ = std::fs::remove_file(format!("/proc/{}/root{file}", self.pid));
+            stopped?;
+        }
+        Ok(())
+    }
 }
 
-fn wait(window: Duration, stop: &(dyn Fn() -> bool + Sync)) {
-    let deadline = Instant::now() + window;
-    while Instant::now() < deadline && !stop() {
-        std::thread::sleep(Duration::from_millis(50).min(deadline.saturating_duration_since(Instant::now())));
+impl Profiler for Jvm {
+    fn snapshot(&mut self) -> Result<Vec<Stack>> {
+        let pid = self.pid;
+        match &mut self.how {
+            How::Jfr { name, dumps, .. } => {
+                *dumps += 1;
+                let file = format!("/tmp/{name}-{dumps}.jfr");
+                let dumped = self.attached.jcmd(&format!("JFR.dump name={name} filename={file}"));
+                let path = format!("/proc/{pid}/root{file}");
+                let recording = std::fs::read(&path);
+                let _ = std::fs::remove_file(&path);
+                dumped?;
+                let recording = recording.with_context(|| format!("read pid {pid}'s recording {file}"))?;
+                jfr::stacks(&recording).with_context(|| format!("parse pid {pid}'s recording"))
+            }
+            How::Closed => bail!("pid {pid}'s recording is closed"),
+            How::Histograms(before) => {
+                let after = histogram(&self.attached.jcmd("GC.class_histogram")?);
+                if after.is_empty() {
+                    warn!(pid, "the class histogram named no classes");
+                }
+                let mut out: Vec<Stack> = after
+                    .into_iter()
+                    .filter_map(|(class, (count, bytes))| {
+                        let (count0, bytes0) = before.get(&class).copied().unwrap_or_default();
+                        (bytes > bytes0).then(|| Stack {
+                            frames: vec![Frame { function: class, file: String::new(), line: 0, column: 0 }],
+                            bytes: bytes - bytes0,
+                            samples: count.saturating_sub(count0),
+                        })
+                    })
+                    .collect();
+                out.sort_by(|a, b| b.bytes.cmp(&a.bytes));
+                Ok(out)
+            }
+        }
+    }
+
+    fn close(mut self: Box<Self>) -> Result<()> {
+        let stopped = self.stop();
+        self.how = How::Closed;
+        stopped
     }
 }
 
-fn histograms(jvm: &Jvm, pid: u32, window: Duration, stop: &(dyn Fn() -> bool + Sync)) -> Result<Vec<Stack>> {
-    let before = histogram(&jvm.jcmd("GC.class_histogram")?);
-    wait(window, stop);
-    let after = histogram(&jvm.jcmd("GC.class_histogram")?);
-    if after.is_empty() {
-        warn!(pid, "the class histogram named no classes");
+impl Drop for Jvm {
+    fn drop(&mut self) {
+        let _ = self.stop();
     }
-    let mut out: Vec<Stack> = after
-        .into_iter()
-        .filter_map(|(class, (count, bytes))| {
-            let (count0, bytes0) = before.get(&class).copied().unwrap_or_default();
-            (bytes > bytes0).then(|| Stack {
-                frames: vec![Frame { function: class, file: String::new(), line: 0, column: 0 }],
-                bytes: bytes - bytes0,
-                samples: count.saturating_sub(count0),
-            })
-        })
-        .collect();
-    out.sort_by(|a, b| b.bytes.cmp(&a.bytes));
-    Ok(out)
 }
 
 /// `GC.class_histogram`'s rows: `num: #instances #bytes class name (module)`.

@@ -12,7 +12,7 @@ pub mod jfr;
 pub mod jvm;
 pub mod node;
 
-use std::time::Duration;
+use std::time::{Duration, Instant};
 
 use anyhow::{bail, Context as _, Result};
 
@@ -77,6 +77,56 @@ pub fn detect(pid: u32) -> Result<Option<Runtime>> {
     Ok(None)
 }
 
+/// A runtime's sampling heap profiler, running in a process.
+pub trait Profiler {
+    /// What the allocations sampled since the start still hold, per stack.
+    fn snapshot(&mut self) -> Result<Vec<Stack>>;
+    /// Stops sampling and leaves the process as it was (also done on drop, errors
+    /// unreported).
+    fn close(self: Box<Self>) -> Result<()>;
+}
+
+/// What to sample with.
+#[derive(Clone, Copy, Debug)]
+pub struct Options {
+    /// V8's sampling interval.
+    pub sample_bytes: u64,
+    /// How long a JVM keeps its recording if leakmon never stops it.
+    pub lifetime: Duration,
+    /// Whether a JVM without JFR may be asked for class histograms (a full
+    /// collection each).
+    pub histograms: bool,
+}
+
+/// Runs `body` with a profiler started in `pid`, then closes it. Node.js's inspector is
+/// reached in the process's network namespace, on a thread that joins it.
+pub fn with_profiler<T: Send>(
+    pid: u32,
+    runtime: Runtime,
+    options: Options,
+    body: impl FnOnce(&mut dyn Profiler, bool) -> Result<T> + Send,
+) -> Result<T> {
+    let run = || -> Result<T> {
+        let (mut profiler, per_class): (Box<dyn Profiler>, bool) = match runtime {
+            Runtime::Node => (Box::new(node::Node::open(pid, options.sample_bytes)?), false),
+            Runtime::Jvm => {
+                let jvm = jvm::Jvm::open(pid, options.lifetime, options.histograms)?;
+                let per_class = jvm.per_class();
+                (Box::new(jvm), per_class)
+            }
+        };
+        let result = body(profiler.as_mut(), per_class);
+        let closed = profiler.close();
+        let out = result?;
+        closed?;
+        Ok(out)
+    };
+    match runtime {
+        Runtime::Node => in_net_namespace(pid, run),
+        Runtime::Jvm => run(),
+    }
+}
+
 /// Samples `pid`'s runtime heap for `window` and reports what is still held.
 pub fn report(
     pid: u32,
@@ -85,24 +135,24 @@ pub fn report(
     stop: &(dyn Fn() -> bool + Sync),
 ) -> Result<Report> {
     let comm = std::fs::read_to_string(format!("/proc/{pid}/comm")).unwrap_or_default().trim().to_owned();
-    let runtime = detect(pid)?;
-    let mut notes = Vec::new();
-    let stacks = match runtime {
-        Some(Runtime::Node) => in_net_namespace(pid, || node::profile(pid, sample_bytes, window, stop))?,
-        Some(Runtime::Jvm) => {
-            let (stacks, source) = jvm::profile(pid, window, stop)?;
-            if let jvm::Source::ClassHistogram = source {
-                notes.push(JVM_CLASS_HISTOGRAM.to_owned());
-            }
-            stacks
-        }
-        None => bail!(
+    let Some(runtime) = detect(pid)? else {
+        bail!(
             "pid {pid} ({comm}) is neither Node.js nor a HotSpot JVM: --runtime asks those runtimes' own profilers; leave it out to watch its allocator"
-        ),
+        );
     };
-    let runtime = runtime.map(Runtime::name);
-    let stacks: Vec<StackReport> =
-        stacks.into_iter().map(|s| stack_report(s, runtime.unwrap_or_default())).collect();
+    // Past the window, a JVM stops the recording itself.
+    let options = Options { sample_bytes, lifetime: window + Duration::from_secs(120), histograms: true };
+    let (stacks, per_class) = with_profiler(pid, runtime, options, |profiler, per_class| {
+        let deadline = Instant::now() + window;
+        while Instant::now() < deadline && !stop() {
+            std::thread::sleep(
+                Duration::from_millis(50).min(deadline.saturating_duration_since(Instant::now())),
+            );
+        }
+        Ok((profiler.snapshot()?, per_class))
+    })?;
+    let notes = if per_class { vec![JVM_CLASS_HISTOGRAM.to_owned()] } else { Vec::new() };
+    let stacks: Vec<StackReport> = stacks.into_iter().map(|s| stack_report(s, runtime.name())).collect();
     let process = ProcessReport {
         pid,
         comm,
@@ -112,13 +162,14 @@ pub fn report(
         incomplete: false,
         stacks,
         runtime_internal: RuntimeInternal::default(),
-        runtime,
+        runtime: Some(runtime.name()),
         notes,
     };
     Ok(Report { method: Method::Runtime, sample_bytes, processes: vec![process] })
 }
 
-fn stack_report(stack: Stack, runtime: &str) -> StackReport {
+/// A stack as reports and the daemon's series show it.
+pub fn stack_report(stack: Stack, runtime: &str) -> StackReport {
     let frames: Vec<FrameReport> = stack
         .frames
         .iter()

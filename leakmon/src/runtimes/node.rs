@@ -21,7 +21,7 @@ use tracing::{info, warn};
 
 use super::{
     inspector::{is_inspector, listening, Session},
-    Frame, Stack,
+    Frame, Profiler, Stack,
 };
 
 /// Closes the inspector once the current session has ended. Not at once
@@ -33,58 +33,76 @@ const CLOSE: &str =
 /// How long the inspector has to open after SIGUSR1, and to close at the end.
 const OPEN_TIMEOUT: Duration = Duration::from_secs(5);
 
-/// Samples `pid`'s heap for `window` (or until `stop` says so), every `interval` bytes.
-pub fn profile(
+/// V8's sampling heap profiler, running in a Node.js process until [`Profiler::close`].
+pub struct Node {
     pid: u32,
-    interval: u64,
-    window: Duration,
-    stop: &(dyn Fn() -> bool + Sync),
-) -> Result<Vec<Stack>> {
-    let before = listening(pid)?;
-    if let Some(open) = before.iter().find(|a| is_inspector(**a)) {
-        bail!(
-            "pid {pid} already has an inspector open on {open} (a debugging session): leakmon leaves it alone"
-        );
-    }
-    nix::sys::signal::kill(nix::unistd::Pid::from_raw(pid as i32), nix::sys::signal::Signal::SIGUSR1)
-        .map_err(|e| anyhow::anyhow!("signal pid {pid} (SIGUSR1) to open its inspector: {e}"))?;
-    let Some(addr) =
-        wait_for(|| listening(pid).ok()?.into_iter().find(|a| !before.contains(a) && is_inspector(*a)))
-    else {
-        bail!(
-            "pid {pid} opened no inspector within {OPEN_TIMEOUT:?} of SIGUSR1 (started with --disable-sigusr1, or the program handles SIGUSR1 itself): nothing was changed"
-        );
-    };
-    info!(pid, %addr, "inspector opened");
-    let result = sample(addr, interval, window, stop);
-    close(pid, addr);
-    result
+    addr: SocketAddr,
+    session: Option<Session>,
 }
 
-fn sample(
-    addr: SocketAddr,
-    interval: u64,
-    window: Duration,
-    stop: &(dyn Fn() -> bool + Sync),
-) -> Result<Vec<Stack>> {
-    let mut session = Session::open(addr)?;
-    session.call("HeapProfiler.enable", json!({}))?;
-    session.call("HeapProfiler.startSampling", json!({ "samplingInterval": interval }))?;
-    let deadline = Instant::now() + window;
-    while Instant::now() < deadline && !stop() {
-        std::thread::sleep(Duration::from_millis(50).min(deadline.saturating_duration_since(Instant::now())));
+impl Node {
+    /// Opens `pid`'s inspector and starts sampling every `interval` bytes.
+    pub fn open(pid: u32, interval: u64) -> Result<Self> {
+        let before = listening(pid)?;
+        if let Some(open) = before.iter().find(|a| is_inspector(**a)) {
+            bail!(
+                "pid {pid} already has an inspector open on {open} (a debugging session): leakmon leaves it alone"
+            );
+        }
+        nix::sys::signal::kill(nix::unistd::Pid::from_raw(pid as i32), nix::sys::signal::Signal::SIGUSR1)
+            .map_err(|e| anyhow::anyhow!("signal pid {pid} (SIGUSR1) to open its inspector: {e}"))?;
+        let Some(addr) =
+            wait_for(|| listening(pid).ok()?.into_iter().find(|a| !before.contains(a) && is_inspector(*a)))
+        else {
+            bail!(
+                "pid {pid} opened no inspector within {OPEN_TIMEOUT:?} of SIGUSR1 (started with --disable-sigusr1, or the program handles SIGUSR1 itself): nothing was changed"
+            );
+        };
+        info!(pid, %addr, "inspector opened");
+        // From here on the inspector is open: a failure closes it again (on drop).
+        let mut node = Self { pid, addr, session: None };
+        let mut session = Session::open(addr)?;
+        session.call("HeapProfiler.enable", json!({}))?;
+        node.session = Some(session);
+        node.session()?.call("HeapProfiler.startSampling", json!({ "samplingInterval": interval }))?;
+        Ok(node)
     }
-    let profile = session.call("HeapProfiler.getSamplingProfile", json!({}));
-    let stopped = session.call("HeapProfiler.stopSampling", json!({}));
-    let _ = session.call("HeapProfiler.disable", json!({}));
-    // inspector.close() waits for every session to end: run it once this one has.
-    // `require` is the console's, there only while the expression runs: take the
-    // module now. Nothing here may throw in the program later.
-    let _ = session.call("Runtime.evaluate", json!({ "expression": CLOSE, "includeCommandLineAPI": true }));
-    session.close();
-    let profile = profile?;
-    stopped?;
-    Ok(stacks(&profile["profile"]))
+
+    fn session(&mut self) -> Result<&mut Session> {
+        self.session.as_mut().ok_or_else(|| anyhow::anyhow!("pid {}'s inspector session is closed", self.pid))
+    }
+
+    /// Stops sampling and closes the inspector.
+    fn finish(&mut self) -> Result<()> {
+        let Some(mut session) = self.session.take() else { return Ok(()) };
+        let stopped = session.call("HeapProfiler.stopSampling", json!({}));
+        let _ = session.call("HeapProfiler.disable", json!({}));
+        // inspector.close() waits for every session to end: run it once this one has.
+        // `require` is the console's, there only while the expression runs: take the
+        // module now. Nothing here may throw in the program later.
+        let _ =
+            session.call("Runtime.evaluate", json!({ "expression": CLOSE, "includeCommandLineAPI": true }));
+        session.close();
+        close(self.pid, self.addr);
+        stopped.map(drop)
+    }
+}
+
+impl Profiler for Node {
+    fn snapshot(&mut self) -> Result<Vec<Stack>> {
+        let profile = self.session()?.call("HeapProfiler.getSamplingProfile", json!({}))?;
+        Ok(stacks(&profile["profile"]))
+    }
+
+    fn close(mut self: Box<Self>) -> Result<()> {
+        self.finish()
+    }
+}
+
+impl Drop for Node {
+    fn drop(&mut self) {
+        let _ = self.finish();
+    }
 }
 
 /// Waits for the inspector at `addr` to close; says so if it stays open.
