@@ -90,9 +90,18 @@ pub struct RunArgs {
     /// With --attach suspects: how long a suspect's allocations are attributed.
     #[arg(long, default_value = "10m", value_name = "DURATION", value_parser = parse_duration)]
     pub suspect_duration: Duration,
-    /// With --attach suspects: most processes attributed at once.
+    /// With --attach suspects: most processes attributed at once (and, apart, most
+    /// profiled by --runtime-profilers at once).
     #[arg(long, default_value = "4", value_name = "N")]
     pub max_suspects: usize,
+    /// Suspects running these runtimes (`node`, `jvm`, comma-separated) are profiled
+    /// for --suspect-duration by the runtime's own sampling heap profiler, as `report
+    /// --runtime` does: V8's through the inspector (opened with SIGUSR1, closed again),
+    /// JFR's live-object samples through the JVM's attach socket. Their heap series and
+    /// stacks then name JavaScript or Java functions. Off by default: it signals the
+    /// process and runs the runtime's profiler in it.
+    #[arg(long, value_enum, value_delimiter = ',', value_name = "RUNTIMES")]
+    pub runtime_profilers: Vec<crate::runtimes::Runtime>,
     /// A process to attribute allocations for (with --attach pids); repeatable.
     #[arg(long = "pid", value_name = "PID")]
     pub pids: Vec<u32>,
@@ -314,6 +323,9 @@ impl RunArgs {
         }
         if let (true, Some(v)) = (from_file("max_suspects"), file.max_suspects) {
             self.max_suspects = v;
+        }
+        if let (true, Some(v)) = (from_file("runtime_profilers"), file.runtime_profilers) {
+            self.runtime_profilers = v;
         }
         if let (true, Some(v)) = (from_file("pids"), file.pids) {
             self.pids = v;

@@ -23,6 +23,7 @@ pub struct FileConfig {
     pub agent: Option<bool>,
     pub suspect_duration: Option<Duration>,
     pub max_suspects: Option<usize>,
+    pub runtime_profilers: Option<Vec<crate::runtimes::Runtime>>,
     pub pids: Option<Vec<u32>>,
     pub comms: Option<Vec<String>>,
     pub cgroups: Option<Vec<String>>,
@@ -57,6 +58,7 @@ const KEYS: &[&str] = &[
     "agent",
     "suspect-duration",
     "max-suspects",
+    "runtime-profilers",
     "pid",
     "comm",
     "cgroup",
@@ -135,6 +137,20 @@ pub fn check(text: &str) -> (FileConfig, Vec<Problem>) {
                 if config.agent.is_none() {
                     p(item, "agent must be true or false".to_owned());
                 }
+            }
+            "runtime-profilers" => {
+                let list: Option<Vec<crate::runtimes::Runtime>> =
+                    value.and_then(Value::as_array).and_then(|a| {
+                        a.iter().map(|v| v.as_str().and_then(crate::runtimes::Runtime::from_name)).collect()
+                    });
+                if list.is_none() {
+                    p(
+                        item,
+                        "runtime-profilers must be a list of \"node\" and \"jvm\", like [\"node\", \"jvm\"]"
+                            .to_owned(),
+                    );
+                }
+                config.runtime_profilers = list;
             }
             "pid" => {
                 let pids: Option<Vec<u32>> = value.and_then(Value::as_array).and_then(|a| {
@@ -311,6 +327,7 @@ max-totals = 512
 max-stacks = 256
 unwind-rows = 0
 wrappers = ["my_alloc", "pool_*"]
+runtime-profilers = ["node", "jvm"]
 
 [web]
 listen-address = "127.0.0.1:9999"
@@ -330,6 +347,18 @@ pid-label = true
         assert_eq!((c.max_live, c.max_totals, c.max_stacks), (Some(1024), Some(512), Some(256)));
         assert_eq!(c.unwind_rows, Some(0));
         assert_eq!(c.wrappers, Some(vec!["my_alloc".to_owned(), "pool_*".to_owned()]));
+        assert_eq!(
+            c.runtime_profilers,
+            Some(vec![crate::runtimes::Runtime::Node, crate::runtimes::Runtime::Jvm])
+        );
+    }
+
+    #[test]
+    fn an_unknown_runtime_profiler_is_refused_with_its_line() {
+        let (_, problems) = check("top = 3\nruntime-profilers = [\"node\", \"python\"]\n");
+        assert_eq!(problems.len(), 1, "{problems:?}");
+        assert_eq!(problems[0].line, 2);
+        assert!(problems[0].message.contains(r#"list of "node" and "jvm""#), "{problems:?}");
     }
 
     #[test]
@@ -350,7 +379,7 @@ pid-label = true
             vec![
                 (2, "sample-interval must be a duration string, like \"10s\""),
                 (3, "attach must be \"none\", \"suspects\", \"all\" or \"pids\""),
-                (4, "unknown key bogus (known: sample-interval, window, attach, agent, suspect-duration, max-suspects, pid, comm, cgroup, top-stacks, max-series, interval, top, max-live, max-totals, max-stacks, unwind-rows, sample-bytes, wrappers, suppress, web, metrics)"),
+                (4, "unknown key bogus (known: sample-interval, window, attach, agent, suspect-duration, max-suspects, runtime-profilers, pid, comm, cgroup, top-stacks, max-series, interval, top, max-live, max-totals, max-stacks, unwind-rows, sample-bytes, wrappers, suppress, web, metrics)"),
                 (5, "max-live must be between 1 and 4294967295, not 0"),
                 (7, "web.listen-address must be an address and port, like \"127.0.0.1:9473\""),
                 (8, "unknown key web.port (known: web.listen-address, web.config-file)"),

@@ -126,6 +126,12 @@ impl Monitor {
         }
     }
 
+    /// A stack whose frames its runtime's profiler named already (see
+    /// `sources::runtime_profiles`): used as given, for the next tick.
+    pub fn named_stack(&mut self, pid: u32, stack_id: u64, id: String, frames: Vec<FrameReport>) {
+        self.frames.insert((pid, stack_id), (id, frames));
+    }
+
     /// The processes whose heap data is incomplete, for the next tick: their groups'
     /// heap series get no verdict.
     pub fn set_incomplete(&mut self, pids: impl IntoIterator<Item = u32>) {

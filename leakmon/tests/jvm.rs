@@ -3,60 +3,14 @@
 
 mod common;
 
-use std::{
-    io::{BufRead as _, Write as _},
-    path::PathBuf,
-    sync::OnceLock,
+use std::io::BufRead as _;
+
+use common::{
+    leakmon,
+    runtimes::{answers, left_in_tmp, recordings, start_java as start},
+    Reap,
 };
-
-use common::{leakmon, Reap};
 use serde_json::Value;
-
-const JDK: &str = "/usr/lib/jvm/java-17-openjdk-amd64/bin";
-
-/// The fixture's classes, compiled once per test binary.
-fn classes() -> PathBuf {
-    static DIR: OnceLock<tempfile::TempDir> = OnceLock::new();
-    DIR.get_or_init(|| {
-        let dir = tempfile::tempdir().expect("tempdir");
-        let status = std::process::Command::new(format!("{JDK}/javac"))
-            .arg("-d")
-            .arg(dir.path())
-            .arg(common::fixtures_dir().join("jvm/CacheLeak.java"))
-            .status()
-            .expect("run javac (openjdk-17-jdk-headless, installed by the tests' set-up)");
-        assert!(status.success(), "javac CacheLeak.java");
-        dir
-    })
-    .path()
-    .to_owned()
-}
-
-type Lines = std::io::Lines<std::io::BufReader<std::process::ChildStdout>>;
-
-/// `java [args] CacheLeak`, once it says "ready".
-fn start(args: &[&str]) -> (Reap, Lines) {
-    let mut child = std::process::Command::new(format!("{JDK}/java"))
-        .args(args)
-        .arg("-cp")
-        .arg(classes())
-        .arg("CacheLeak")
-        .stdin(std::process::Stdio::piped())
-        .stdout(std::process::Stdio::piped())
-        .stderr(std::process::Stdio::null())
-        .spawn()
-        .expect("start java (OpenJDK 17)");
-    let mut lines = std::io::BufReader::new(child.stdout.take().expect("stdout")).lines();
-    assert_eq!(lines.next().expect("a line").expect("read"), "ready");
-    (Reap(child), lines)
-}
-
-/// It still answers, and printed nothing else meanwhile (SIGQUIT without an attach
-/// listener would have printed a thread dump).
-fn answers(process: &mut Reap, lines: &mut Lines) {
-    writeln!(process.0.stdin.as_mut().expect("stdin"), "ping").expect("write");
-    assert_eq!(lines.next().expect("a line").expect("read"), "pong", "the process still answers");
-}
 
 fn report(pid: u32, duration: &str) -> std::process::Output {
     leakmon()
@@ -64,28 +18,6 @@ fn report(pid: u32, duration: &str) -> std::process::Output {
         .args(["report", "--runtime", "--format", "json", "--pid", &pid.to_string(), "--duration", duration])
         .output()
         .expect("run leakmon")
-}
-
-/// What `jcmd PID JFR.check` says: the recordings left running.
-fn recordings(pid: u32) -> String {
-    let out = std::process::Command::new(format!("{JDK}/jcmd"))
-        .args([&pid.to_string(), "JFR.check"])
-        .output()
-        .expect("run jcmd");
-    String::from_utf8_lossy(&out.stdout).into_owned()
-}
-
-/// What leakmon leaves in the JVM's /tmp: trigger files and recordings.
-fn left_in_tmp(pid: u32) -> Vec<String> {
-    std::fs::read_dir("/tmp")
-        .expect("/tmp")
-        .flatten()
-        .map(|e| e.file_name().to_string_lossy().into_owned())
-        .filter(|n| {
-            n == &format!(".attach_pid{pid}")
-                || (n.starts_with("leakmon-") && n.ends_with(&format!("-{pid}.jfr")))
-        })
-        .collect()
 }
 
 fn share(process: &Value, total: u64, names: &[&str]) -> f64 {

@@ -3,62 +3,12 @@
 
 mod common;
 
-use std::io::{BufRead as _, Write as _};
-
-use common::{leakmon, Reap};
+use common::{
+    leakmon,
+    runtimes::{answers, listening, start_node as start},
+    Reap,
+};
 use serde_json::Value;
-
-fn fixture() -> String {
-    common::fixtures_dir().join("node/cache_leak.js").display().to_string()
-}
-
-type Lines = std::io::Lines<std::io::BufReader<std::process::ChildStdout>>;
-
-/// `node [node_args] cache_leak.js [mode]`, once it says "ready".
-fn start(node_args: &[&str], mode: &str) -> (Reap, Lines) {
-    let mut child = std::process::Command::new("node")
-        .args(node_args)
-        .arg(fixture())
-        .arg(mode)
-        .stdin(std::process::Stdio::piped())
-        .stdout(std::process::Stdio::piped())
-        .stderr(std::process::Stdio::null())
-        .spawn()
-        .expect("start node (Node.js 20)");
-    let mut lines = std::io::BufReader::new(child.stdout.take().expect("stdout")).lines();
-    assert_eq!(lines.next().expect("a line").expect("read"), "ready");
-    (Reap(child), lines)
-}
-
-/// It still answers.
-fn answers(process: &mut Reap, lines: &mut Lines) {
-    writeln!(process.0.stdin.as_mut().expect("stdin"), "ping").expect("write");
-    assert_eq!(lines.next().expect("a line").expect("read"), "pong", "the process still answers");
-}
-
-/// TCP ports the process listens on (its inspector's would be one).
-fn listening(pid: u32) -> usize {
-    let inodes: Vec<String> = std::fs::read_dir(format!("/proc/{pid}/fd"))
-        .expect("fds")
-        .filter_map(|e| std::fs::read_link(e.ok()?.path()).ok())
-        .filter_map(|t| Some(t.to_str()?.strip_prefix("socket:[")?.strip_suffix(']')?.to_owned()))
-        .collect();
-    ["tcp", "tcp6"]
-        .iter()
-        .flat_map(|t| {
-            std::fs::read_to_string(format!("/proc/{pid}/net/{t}"))
-                .unwrap_or_default()
-                .lines()
-                .skip(1)
-                .map(str::to_owned)
-                .collect::<Vec<_>>()
-        })
-        .filter(|l| {
-            let cols: Vec<&str> = l.split_whitespace().collect();
-            cols.len() > 9 && cols[3] == "0A" && inodes.iter().any(|i| i == cols[9])
-        })
-        .count()
-}
 
 fn report(pid: u32, duration: &str, options: &[&str]) -> std::process::Output {
     leakmon()
@@ -108,7 +58,22 @@ fn a_growing_javascript_cache_is_named_by_its_functions() {
     };
     let (cache, churn) = (share(&["grow", "remember", "makeEntry"]), share(&["churn"]));
     eprintln!("node: {total} B held, cache functions {:.0}%, churn {:.1}%", cache * 100.0, churn * 100.0);
-    assert!(cache >= 0.5, "cache {cache:.2}");
+    let top: Vec<String> = p["stacks"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .take(4)
+        .map(|s| {
+            let frames: Vec<String> = s["frames"]
+                .as_array()
+                .unwrap()
+                .iter()
+                .map(|f| format!("{}:{}", f["function"].as_str().unwrap_or("?"), f["line"]))
+                .collect();
+            format!("{} B {}", s["bytes"], frames.join(" < "))
+        })
+        .collect();
+    assert!(cache >= 0.5, "cache {cache:.2}; largest stacks:\n{}", top.join("\n"));
     assert!(churn <= 0.1, "churn {churn:.2}");
     let site = &p["stacks"][0]["site"];
     assert!(site["file"].as_str().is_some_and(|f| f.ends_with("cache_leak.js")), "{site}");

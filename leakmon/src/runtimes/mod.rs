@@ -23,7 +23,7 @@ use crate::report::{FrameReport, Method, ProcessReport, Report, RuntimeInternal,
 pub const DEFAULT_SAMPLE_BYTES: u64 = crate::agent::DEFAULT_SAMPLE_BYTES;
 
 /// A runtime leakmon recognizes.
-#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq, clap::ValueEnum)]
 pub enum Runtime {
     Node,
     Jvm,
@@ -36,6 +36,10 @@ impl Runtime {
             Runtime::Node => "node",
             Runtime::Jvm => "jvm",
         }
+    }
+
+    pub fn from_name(name: &str) -> Option<Self> {
+        [Runtime::Node, Runtime::Jvm].into_iter().find(|r| r.name() == name)
     }
 }
 

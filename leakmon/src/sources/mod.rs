@@ -6,11 +6,16 @@
 //!   every allocator call of those processes; [`agent`] loads the in-process sampler
 //!   into them, so only sampled blocks cost a trap.
 //!
+//! - [`runtime_profiles`]: for suspects running Node.js or a JVM, the runtime's own
+//!   sampling heap profiler (`--runtime-profilers`), whose snapshots stand in for the
+//!   kernel's totals of those processes.
+//!
 //! Which processes are chosen is [`selection`]'s job: the ones named (`--pid`,
 //! `--comm`, `--cgroup`), or the suspects the analysis flags, for a while each.
 
 pub mod agent;
 pub mod proc_sampler;
+pub mod runtime_profiles;
 pub mod selection;
 pub mod uprobes;
 

@@ -11,6 +11,7 @@ use std::{
 use serde_json::Value;
 
 pub mod agent_state;
+pub mod runtimes;
 
 pub fn leakmon() -> Command {
     let mut cmd = Command::new(env!("CARGO_BIN_EXE_leakmon"));

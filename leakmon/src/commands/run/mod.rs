@@ -42,6 +42,7 @@ use crate::{
     sources::{
         agent::{self, Agent},
         proc_sampler,
+        runtime_profiles::RuntimeProfiles,
         selection::{Named, Suspects},
         uprobes::{self, Uprobes},
         Attribution,
@@ -153,6 +154,8 @@ struct Daemon<'r> {
     /// kernel refused them and nothing is attributed.
     probes: Option<Probes>,
     attribution: Option<Box<dyn Attribution + Send>>,
+    /// `--runtime-profilers`: Node.js and JVM suspects profiled by their runtimes.
+    runtime_profiles: Option<RuntimeProfiles>,
     monitor: Monitor,
     metrics: Metrics,
     published: Shared,
@@ -227,11 +230,25 @@ async fn daemon(args: RunArgs, attach: Attach, proc_root: ProcRoot, reload: Relo
     let monitor = Monitor::new(params, args.max_series, args.top_stacks, proc_root.clone())
         .per_process(args.pid_label)
         .wrappers(Wrappers::new(&args.tables.wrappers));
+    let runtime_profiles = (!args.runtime_profilers.is_empty()).then(|| {
+        let sample_bytes = match args.tables.sample_bytes {
+            0 => crate::runtimes::DEFAULT_SAMPLE_BYTES,
+            bytes => bytes,
+        };
+        RuntimeProfiles::new(
+            args.runtime_profilers.clone(),
+            args.suspect_duration,
+            args.max_suspects,
+            sample_bytes,
+            args.sample_interval,
+        )
+    });
     let mut d = Daemon {
         attach,
         reload,
         probes,
         attribution,
+        runtime_profiles,
         monitor,
         metrics,
         published,
@@ -310,6 +327,9 @@ async fn daemon(args: RunArgs, attach: Attach, proc_root: ProcRoot, reload: Relo
     if let (Some(a), Some(p)) = (d.attribution.as_mut(), d.probes.as_mut()) {
         a.shutdown(p);
     }
+    if let Some(r) = d.runtime_profiles.as_mut() {
+        r.shutdown();
+    }
     if let Some(task) = event_reader {
         task.abort();
     }
@@ -346,7 +366,18 @@ impl Daemon<'_> {
             }
         }
         let attributing = self.attribution.is_some();
-        let heap = self.probes.as_ref().filter(|_| attributing).and_then(|p| unfreed(p, &traced).ok());
+        let mut heap = self.probes.as_ref().filter(|_| attributing).and_then(|p| unfreed(p, &traced).ok());
+        if let Some(r) = self.runtime_profiles.as_ref() {
+            // A process its runtime profiles is seen through that profiler only.
+            let runtime = r.totals();
+            for (pid, stack_id, id, frames) in runtime.frames {
+                self.monitor.named_stack(pid, stack_id, id, frames);
+            }
+            let mut all = heap.unwrap_or_default();
+            all.retain(|t| !r.profiles(t.pid));
+            all.extend(runtime.totals);
+            heap = Some(all);
+        }
         self.monitor.set_incomplete(
             traced
                 .iter()
@@ -364,6 +395,9 @@ impl Daemon<'_> {
         log_changes(&changes);
         if let (Some(a), Some(p)) = (self.attribution.as_mut(), self.probes.as_mut()) {
             a.analysed(p, &views);
+        }
+        if let Some(r) = self.runtime_profiles.as_mut() {
+            r.analysed(&views, &self.proc_root);
         }
         if let Some(p) = self.probes.as_ref() {
             let (used, capacity) = p.unwind_rows();
@@ -426,7 +460,17 @@ impl Daemon<'_> {
                 let args = &self.args;
                 let (listen, tables, pid_label) = (args.listen, args.tables.clone(), args.pid_label);
                 let (web_config, attach, agent) = (args.web_config.clone(), args.attach, args.agent);
-                self.args = RunArgs { listen, tables, pid_label, web_config, attach, agent, ..next };
+                let runtime_profilers = args.runtime_profilers.clone();
+                self.args = RunArgs {
+                    listen,
+                    tables,
+                    pid_label,
+                    web_config,
+                    attach,
+                    agent,
+                    runtime_profilers,
+                    ..next
+                };
                 info!(sample_interval = ?self.args.sample_interval, window = ?self.args.window, "configuration reloaded");
             }
             Err(e) => warn!("reload failed, keeping the running configuration: {e}"),
@@ -458,6 +502,9 @@ fn restart_needed(now: &RunArgs, next: &RunArgs, attach: Attach, next_attach: At
     }
     if now.pid_label != next.pid_label {
         out.push("metrics.pid-label");
+    }
+    if now.runtime_profilers != next.runtime_profilers {
+        out.push("runtime-profilers");
     }
     out
 }

@@ -1,0 +1,197 @@
+//! `--runtime-profilers node,jvm`: a suspect running Node.js or a HotSpot JVM is
+//! profiled, for `--suspect-duration`, by the runtime's own sampling heap profiler
+//! (see [`crate::runtimes`]): no allocator hook sees its code.
+//!
+//! Each session runs on a thread of its own and takes a snapshot every sampling turn,
+//! at most one per [`MIN_SNAPSHOT_EVERY`]: what the allocations sampled since it started still hold,
+//! per stack of the runtime's code. Successive snapshots make the process's heap series
+//! and its stacks' series, as the kernel's totals do for native suspects, so the
+//! metrics and `/api/v1/leaks` show them alike.
+
+use std::{
+    collections::HashMap,
+    sync::{
+        atomic::{AtomicBool, Ordering},
+        Arc, Mutex,
+    },
+    thread::JoinHandle,
+    time::{Duration, Instant},
+};
+
+use tracing::{info, warn};
+
+use super::selection::Suspects;
+use crate::{
+    export::SeriesView,
+    procfs::ProcRoot,
+    report::FrameReport,
+    runtimes::{self, Options, Runtime, Stack},
+    store::{ProcessTotals, StackTotals},
+};
+
+/// Shortest time between two snapshots: each is a protocol round trip over the whole
+/// sampled heap (V8), or a dump (JFR). The default sampling turn (10 s) takes fewer.
+pub const MIN_SNAPSHOT_EVERY: Duration = Duration::from_secs(1);
+/// Stack ids of runtime stacks carry this bit: never a kernel stack id's.
+const RUNTIME_STACK: u64 = 1 << 63;
+
+pub struct RuntimeProfiles {
+    enabled: Vec<Runtime>,
+    suspects: Suspects,
+    sessions: HashMap<u32, Session>,
+    /// Sessions told to stop, joined once done.
+    ending: Vec<JoinHandle<()>>,
+    options: Options,
+    every: Duration,
+}
+
+struct Session {
+    runtime: Runtime,
+    stop: Arc<AtomicBool>,
+    latest: Arc<Mutex<Option<Vec<Stack>>>>,
+    thread: JoinHandle<()>,
+}
+
+/// A runtime process's totals for the monitor, and the frames of its stacks.
+pub struct RuntimeTotals {
+    pub totals: Vec<ProcessTotals>,
+    /// (pid, stack id, the stack's id as reports name it, frames).
+    pub frames: Vec<(u32, u64, String, Vec<FrameReport>)>,
+}
+
+impl RuntimeProfiles {
+    pub fn new(
+        enabled: Vec<Runtime>,
+        duration: Duration,
+        max: usize,
+        sample_bytes: u64,
+        every: Duration,
+    ) -> Self {
+        Self {
+            enabled,
+            suspects: Suspects::new(duration, max),
+            sessions: HashMap::new(),
+            ending: Vec::new(),
+            // Past the suspect duration, a JVM ends its recording itself.
+            options: Options {
+                sample_bytes,
+                lifetime: duration + Duration::from_secs(120),
+                histograms: false,
+            },
+            every: every.max(MIN_SNAPSHOT_EVERY),
+        }
+    }
+
+    /// Whether `pid` is being profiled: its runtime's figures replace the allocator's.
+    pub fn profiles(&self, pid: u32) -> bool {
+        self.sessions.contains_key(&pid)
+    }
+
+    /// After the analysis of a turn: sessions whose time is up end, suspects of the
+    /// runtimes enabled start.
+    pub fn analysed(&mut self, views: &[SeriesView], proc_root: &ProcRoot) {
+        for pid in self.suspects.expired(proc_root) {
+            if let Some(s) = self.sessions.remove(&pid) {
+                s.stop.store(true, Ordering::Relaxed);
+                self.ending.push(s.thread);
+            }
+        }
+        let (done, running): (Vec<_>, Vec<_>) = self.ending.drain(..).partition(JoinHandle::is_finished);
+        self.ending = running;
+        for thread in done {
+            let _ = thread.join();
+        }
+        for (pid, view) in self.suspects.candidates(views) {
+            match runtimes::detect(pid) {
+                Ok(Some(runtime)) if self.enabled.contains(&runtime) => {
+                    info!(pid, comm = %view.comm, runtime = runtime.name(), "profiling a suspect with its runtime's heap profiler");
+                    self.sessions.insert(pid, self.start(pid, runtime));
+                    self.suspects.started(pid);
+                }
+                _ => self.suspects.refused(pid),
+            }
+        }
+    }
+
+    fn start(&self, pid: u32, runtime: Runtime) -> Session {
+        let stop = Arc::new(AtomicBool::new(false));
+        let latest = Arc::new(Mutex::new(None));
+        let (options, every) = (self.options, self.every);
+        let thread = {
+            let (stop, latest) = (stop.clone(), latest.clone());
+            std::thread::Builder::new()
+                .name(format!("profile-{pid}"))
+                .spawn(move || session(pid, runtime, options, every, &stop, &latest))
+                .expect("spawn a thread")
+        };
+        Session { runtime, stop, latest, thread }
+    }
+
+    /// The latest snapshot of every session, as the monitor takes the kernel's totals.
+    pub fn totals(&self) -> RuntimeTotals {
+        let mut out = RuntimeTotals { totals: Vec::new(), frames: Vec::new() };
+        for (&pid, s) in &self.sessions {
+            let Some(stacks) = s.latest.lock().unwrap_or_else(std::sync::PoisonError::into_inner).clone()
+            else {
+                continue;
+            };
+            let mut totals = ProcessTotals { pid, gen: 0, bytes: 0, allocations: 0, stacks: Vec::new() };
+            for stack in stacks {
+                let report = runtimes::stack_report(stack, s.runtime.name());
+                let id = u64::from_str_radix(&report.id, 16).unwrap_or(0) | RUNTIME_STACK;
+                totals.bytes += report.bytes;
+                totals.allocations += report.allocations;
+                totals.stacks.push(StackTotals {
+                    stack_id: id,
+                    bytes: report.bytes,
+                    allocations: report.allocations,
+                    ts_ms_sum: 0,
+                });
+                out.frames.push((pid, id, report.id, report.frames));
+            }
+            totals.stacks.sort_by(|a, b| b.bytes.cmp(&a.bytes).then(a.stack_id.cmp(&b.stack_id)));
+            out.totals.push(totals);
+        }
+        out
+    }
+
+    /// The daemon stops: every session closes its profiler (the inspector closed, the
+    /// recording stopped) before this returns.
+    pub fn shutdown(&mut self) {
+        for s in self.sessions.values() {
+            s.stop.store(true, Ordering::Relaxed);
+        }
+        for thread in self.sessions.drain().map(|(_, s)| s.thread).chain(self.ending.drain(..)) {
+            let _ = thread.join();
+        }
+    }
+}
+
+/// One session: the profiler opened, a snapshot every `every` until told to stop, the
+/// profiler closed.
+fn session(
+    pid: u32,
+    runtime: Runtime,
+    options: Options,
+    every: Duration,
+    stop: &AtomicBool,
+    latest: &Mutex<Option<Vec<Stack>>>,
+) {
+    let result = runtimes::with_profiler(pid, runtime, options, |profiler, _| loop {
+        let next = Instant::now() + every;
+        while Instant::now() < next {
+            if stop.load(Ordering::Relaxed) {
+                return Ok(());
+            }
+            std::thread::sleep(Duration::from_millis(100));
+        }
+        let stacks = profiler.snapshot()?;
+        *latest.lock().unwrap_or_else(std::sync::PoisonError::into_inner) = Some(stacks);
+    });
+    match result {
+        Ok(()) => {
+            info!(pid, runtime = runtime.name(), "runtime heap profiling ended; the process is as it was")
+        }
+        Err(e) => warn!(pid, runtime = runtime.name(), "runtime heap profiling stopped: {e:#}"),
+    }
+}

@@ -1,0 +1,122 @@
+//! Node.js and JVM fixtures: started, asked whether they still answer, and checked for
+//! what leakmon may have left in them.
+
+use std::{
+    io::{BufRead as _, Write as _},
+    path::PathBuf,
+    sync::OnceLock,
+};
+
+use super::Reap;
+
+pub fn node_fixture() -> String {
+    super::fixtures_dir().join("node/cache_leak.js").display().to_string()
+}
+
+pub type Lines = std::io::Lines<std::io::BufReader<std::process::ChildStdout>>;
+
+/// `node [node_args] cache_leak.js [mode]`, once it says "ready".
+pub fn start_node(node_args: &[&str], mode: &str) -> (Reap, Lines) {
+    let mut child = std::process::Command::new("node")
+        .args(node_args)
+        .arg(node_fixture())
+        .arg(mode)
+        .stdin(std::process::Stdio::piped())
+        .stdout(std::process::Stdio::piped())
+        .stderr(std::process::Stdio::null())
+        .spawn()
+        .expect("start node (Node.js 20)");
+    let mut lines = std::io::BufReader::new(child.stdout.take().expect("stdout")).lines();
+    assert_eq!(lines.next().expect("a line").expect("read"), "ready");
+    (Reap(child), lines)
+}
+
+/// It still answers, and printed nothing else meanwhile (a JVM sent SIGQUIT without
+/// an attach listener would have printed a thread dump).
+pub fn answers(process: &mut Reap, lines: &mut Lines) {
+    writeln!(process.0.stdin.as_mut().expect("stdin"), "ping").expect("write");
+    assert_eq!(lines.next().expect("a line").expect("read"), "pong", "the process still answers");
+}
+
+/// TCP ports the process listens on (its inspector's would be one).
+pub fn listening(pid: u32) -> usize {
+    let inodes: Vec<String> = std::fs::read_dir(format!("/proc/{pid}/fd"))
+        .expect("fds")
+        .filter_map(|e| std::fs::read_link(e.ok()?.path()).ok())
+        .filter_map(|t| Some(t.to_str()?.strip_prefix("socket:[")?.strip_suffix(']')?.to_owned()))
+        .collect();
+    ["tcp", "tcp6"]
+        .iter()
+        .flat_map(|t| {
+            std::fs::read_to_string(format!("/proc/{pid}/net/{t}"))
+                .unwrap_or_default()
+                .lines()
+                .skip(1)
+                .map(str::to_owned)
+                .collect::<Vec<_>>()
+        })
+        .filter(|l| {
+            let cols: Vec<&str> = l.split_whitespace().collect();
+            cols.len() > 9 && cols[3] == "0A" && inodes.iter().any(|i| i == cols[9])
+        })
+        .count()
+}
+
+pub const JDK: &str = "/usr/lib/jvm/java-17-openjdk-amd64/bin";
+
+/// The fixture's classes, compiled once per test binary.
+pub fn classes() -> PathBuf {
+    static DIR: OnceLock<tempfile::TempDir> = OnceLock::new();
+    DIR.get_or_init(|| {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let status = std::process::Command::new(format!("{JDK}/javac"))
+            .arg("-d")
+            .arg(dir.path())
+            .arg(super::fixtures_dir().join("jvm/CacheLeak.java"))
+            .status()
+            .expect("run javac (openjdk-17-jdk-headless, installed by the tests' set-up)");
+        assert!(status.success(), "javac CacheLeak.java");
+        dir
+    })
+    .path()
+    .to_owned()
+}
+
+/// `java [args] CacheLeak`, once it says "ready".
+pub fn start_java(args: &[&str]) -> (Reap, Lines) {
+    let mut child = std::process::Command::new(format!("{JDK}/java"))
+        .args(args)
+        .arg("-cp")
+        .arg(classes())
+        .arg("CacheLeak")
+        .stdin(std::process::Stdio::piped())
+        .stdout(std::process::Stdio::piped())
+        .stderr(std::process::Stdio::null())
+        .spawn()
+        .expect("start java (OpenJDK 17)");
+    let mut lines = std::io::BufReader::new(child.stdout.take().expect("stdout")).lines();
+    assert_eq!(lines.next().expect("a line").expect("read"), "ready");
+    (Reap(child), lines)
+}
+
+/// What `jcmd PID JFR.check` says: the recordings left running.
+pub fn recordings(pid: u32) -> String {
+    let out = std::process::Command::new(format!("{JDK}/jcmd"))
+        .args([&pid.to_string(), "JFR.check"])
+        .output()
+        .expect("run jcmd");
+    String::from_utf8_lossy(&out.stdout).into_owned()
+}
+
+/// What leakmon leaves in the JVM's /tmp: trigger files and recordings.
+pub fn left_in_tmp(pid: u32) -> Vec<String> {
+    std::fs::read_dir("/tmp")
+        .expect("/tmp")
+        .flatten()
+        .map(|e| e.file_name().to_string_lossy().into_owned())
+        .filter(|n| {
+            n == &format!(".attach_pid{pid}")
+                || (n.starts_with("leakmon-") && n.ends_with(&format!("-{pid}.jfr")))
+        })
+        .collect()
+}
