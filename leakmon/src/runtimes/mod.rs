@@ -102,6 +102,37 @@ pub struct Options {
     pub histograms: bool,
 }
 
+/// Share of the bytes at or above which a report says V8 named Node.js's own code.
+const INLINED_SHARE: f64 = 0.2;
+
+/// V8's sampling heap profiler names the functions of the frames on the stack, and an
+/// optimized frame is one function however much V8 inlined into it. When Node.js's own
+/// JavaScript (its timers, its event emitter) has inlined the program's callbacks, the
+/// program's allocations are named by Node.js's functions: said in a note, since the
+/// table alone would point at Node.js.
+fn inlined_into_node(stacks: &[Stack]) -> Option<String> {
+    let total: u64 = stacks.iter().map(|s| s.bytes).sum();
+    let mut names: Vec<&str> = Vec::new();
+    let mut bytes = 0;
+    for s in stacks {
+        let Some(inner) = s.frames.first() else { continue };
+        if inner.file.starts_with("node:") {
+            bytes += s.bytes;
+            if !names.contains(&inner.function.as_str()) {
+                names.push(&inner.function);
+            }
+        }
+    }
+    let share = bytes as f64 / total.max(1) as f64;
+    (share >= INLINED_SHARE).then(|| {
+        format!(
+            "{:.0}% of the bytes are named by Node.js's own functions ({}): V8 names an optimized frame by its outermost function, and its compiler inlined the program's code that allocated them into those",
+            share * 100.0,
+            names.join(", ")
+        )
+    })
+}
+
 /// Runs `body` with a profiler started in `pid`, then closes it. Node.js's inspector is
 /// reached in the process's network namespace, on a thread that joins it.
 pub fn with_profiler<T: Send>(
@@ -155,7 +186,8 @@ pub fn report(
         }
         Ok((profiler.snapshot()?, per_class))
     })?;
-    let notes = if per_class { vec![JVM_CLASS_HISTOGRAM.to_owned()] } else { Vec::new() };
+    let mut notes = if per_class { vec![JVM_CLASS_HISTOGRAM.to_owned()] } else { Vec::new() };
+    notes.extend(inlined_into_node(&stacks));
     let stacks: Vec<StackReport> = stacks.into_iter().map(|s| stack_report(s, runtime.name())).collect();
     let process = ProcessReport {
         pid,
@@ -222,4 +254,37 @@ fn in_net_namespace<T: Send>(pid: u32, f: impl FnOnce() -> Result<T> + Send) -> 
         .join()
         .map_err(|_| anyhow::anyhow!("the inspector's thread panicked"))?
     })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn stack(functions: &[(&str, &str)], bytes: u64) -> Stack {
+        let frames = functions
+            .iter()
+            .map(|(function, file)| Frame {
+                function: (*function).to_owned(),
+                file: (*file).to_owned(),
+                line: 1,
+                column: 1,
+            })
+            .collect();
+        Stack { frames, bytes, samples: 1 }
+    }
+
+    #[test]
+    fn bytes_named_by_node_s_own_functions_get_a_note() {
+        let program = stack(&[("grow", "file:///srv/app.js"), ("listOnTimeout", "node:internal/timers")], 40);
+        let inlined = stack(
+            &[("listOnTimeout", "node:internal/timers"), ("processTimers", "node:internal/timers")],
+            60,
+        );
+        let note = inlined_into_node(&[program.clone(), inlined]).expect("a note");
+        assert!(
+            note.starts_with("60% of the bytes are named by Node.js's own functions (listOnTimeout)"),
+            "{note}"
+        );
+        assert_eq!(inlined_into_node(&[program]), None);
+    }
 }
