@@ -205,6 +205,10 @@ static inline uint64_t charge(struct thread_state *t, uint64_t size, uint64_t r)
 /* Not static: in the freestanding build only leakmon writes them. */
 uintptr_t *set;
 uint8_t *filter;
+
+static inline uint8_t *filter_slot(uintptr_t p) {
+    return &filter[mix(p) & (FILTER_SLOTS - 1)];
+}
 EXPORT volatile uint64_t leakmon_agent_set_full;
 
 static int set_insert(uintptr_t p) {
@@ -215,7 +219,7 @@ static int set_insert(uintptr_t p) {
         if (seen != 0 && seen != TOMBSTONE)
             continue;
         if (__atomic_compare_exchange_n(slot, &seen, p, 0, __ATOMIC_RELAXED, __ATOMIC_RELAXED)) {
-            uint8_t *f = &filter[mix(p) & (FILTER_SLOTS - 1)];
+            uint8_t *f = filter_slot(p);
             /* Saturates: a filter slot at 255 stays "maybe" for good. */
             uint8_t c = __atomic_load_n(f, __ATOMIC_RELAXED);
             while (c != 255 && !__atomic_compare_exchange_n(f, &c, c + 1, 0, __ATOMIC_RELAXED, __ATOMIC_RELAXED))
@@ -229,7 +233,7 @@ static int set_insert(uintptr_t p) {
 
 /* Takes `p` out of the set; whether it was there. */
 static inline int set_remove(uintptr_t p) {
-    uint8_t *f = &filter[mix(p) & (FILTER_SLOTS - 1)];
+    uint8_t *f = filter_slot(p);
     if (LIKELY(__atomic_load_n(f, __ATOMIC_RELAXED) == 0))
         return 0;
     uint64_t h = mix(p) >> (64 - SET_BITS);
@@ -571,13 +575,15 @@ typedef struct {
 
 /* PYMEM_DOMAIN_RAW, _MEM and _OBJ. */
 #define PY_DOMAINS 3
+/* pymalloc serves requests up to this size from its pools (SMALL_REQUEST_THRESHOLD,
+ * 3.8 and later); larger ones go to the raw domain, which calls malloc. */
+#define PY_SMALL_REQUEST 512
 static py_allocator py_real[PY_DOMAINS];
 static int py_wrapped[PY_DOMAINS];
 /* 1 while a Python in this process is to be wrapped once it is initialized. */
 static volatile int py_pending;
 
-static inline __attribute__((always_inline)) void *py_alloc(int d, void *ctx, void *old, size_t a, size_t b,
-                                                            int kind) {
+static __attribute__((noinline)) void *py_alloc(int d, void *ctx, void *old, size_t a, size_t b, int kind) {
     const py_allocator *real = &py_real[d];
 #define PY_CALL (kind == K_CALLOC ? real->calloc(ctx, a, b) : kind == K_REALLOC ? real->realloc(ctx, old, a) : real->malloc(ctx, a))
     uint64_t r = rate;
@@ -599,17 +605,49 @@ static inline __attribute__((always_inline)) void *py_alloc(int d, void *ctx, vo
 
 /* No per-thread state on a free: a block leaves the set once, so a nested free of the
  * same block (a large object's, through the raw domain and free's hook) finds it gone. */
-static inline __attribute__((always_inline)) void py_release(int d, void *ctx, void *p) {
+static __attribute__((noinline)) void py_release(int d, void *ctx, void *p) {
     if (rate != 0)
         released((uintptr_t)p);
     py_real[d].free(ctx, p);
 }
 
+/*
+ * The wrappers' fast paths end in a jump to the real function, so they need no frame
+ * of their own (the rest, py_alloc and py_release, has one). A free ends there unless
+ * the filter says its block may be sampled. A small request to pymalloc (objects and
+ * PyMem, not raw memory) is served from its pools calling nothing hooked, so when it
+ * is not the one sampled (and, for a realloc, its old block cannot be one) it needs no
+ * guard either. A small realloc of a block pymalloc does not own goes to the raw
+ * domain, whose wrapper then counts it: rare, and it only samples that block early. Measured with cargo xtask bench
+ * --python-only.
+ */
+#define PY_FAST __attribute__((optimize("omit-frame-pointer")))
 #define PY_WRAPPERS(d)                                                                             \
-    static void *py_malloc_##d(void *ctx, size_t n) { return py_alloc(d, ctx, NULL, n, 0, K_MALLOC); } \
+    static PY_FAST void *py_malloc_##d(void *ctx, size_t n) {                                        \
+        struct thread_state *t = me();                                                             \
+        if (d != 0 && n <= PY_SMALL_REQUEST && n < t->left && !t->busy && rate != 0) {             \
+            t->left -= n;                                                                          \
+            return py_real[d].malloc(ctx, n);                                                      \
+        }                                                                                          \
+        return py_alloc(d, ctx, NULL, n, 0, K_MALLOC);                                             \
+    }                                                                                              \
     static void *py_calloc_##d(void *ctx, size_t n, size_t e) { return py_alloc(d, ctx, NULL, n, e, K_CALLOC); } \
-    static void *py_realloc_##d(void *ctx, void *p, size_t n) { return py_alloc(d, ctx, p, n, 0, K_REALLOC); } \
-    static void py_free_##d(void *ctx, void *p) { py_release(d, ctx, p); }
+    static PY_FAST void *py_realloc_##d(void *ctx, void *p, size_t n) {                              \
+        struct thread_state *t = me();                                                             \
+        if (d != 0 && n <= PY_SMALL_REQUEST && n < t->left && !t->busy && rate != 0 &&             \
+            (p == NULL || __atomic_load_n(filter_slot((uintptr_t)p), __ATOMIC_RELAXED) == 0)) {    \
+            t->left -= n;                                                                          \
+            return py_real[d].realloc(ctx, p, n);                                                  \
+        }                                                                                          \
+        return py_alloc(d, ctx, p, n, 0, K_REALLOC);                                               \
+    }                                                                                              \
+    static PY_FAST void py_free_##d(void *ctx, void *p) {                                            \
+        if (UNLIKELY(rate != 0 && p != NULL && __atomic_load_n(filter_slot((uintptr_t)p), __ATOMIC_RELAXED) != 0)) { \
+            py_release(d, ctx, p);                                                                 \
+            return;                                                                                \
+        }                                                                                          \
+        py_real[d].free(ctx, p);                                                                   \
+    }
 PY_WRAPPERS(0)
 PY_WRAPPERS(1)
 PY_WRAPPERS(2)
