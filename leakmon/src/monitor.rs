@@ -375,10 +375,13 @@ impl Monitor {
                 continue;
             }
             // The allocation site, what the metrics name a stack by.
-            let site = frames.get(
+            let at = if crate::runtimes::profiled(&frames) {
+                crate::runtimes::site(&frames)
+            } else {
                 self.symbolizer
-                    .site_of(frames.iter().map(|f| (Some(f.function.as_str()), f.runtime.is_some()))),
-            );
+                    .site_of(frames.iter().map(|f| (Some(f.function.as_str()), f.runtime.is_some())))
+            };
+            let site = frames.get(at);
             merged.push(StackView {
                 stack: hash,
                 bytes: s.bytes,

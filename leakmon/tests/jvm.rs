@@ -64,6 +64,9 @@ fn a_growing_java_hashmap_is_named_by_its_functions() {
         .iter()
         .any(|f| f["line"].as_u64().is_some_and(|l| l > 0));
     assert!(named, "frames carry lines: {}", p["stacks"][0]);
+    // Named past the JDK's own classes (HashMap.newNode), at the program's code.
+    let site = &p["stacks"][0]["site"];
+    assert!(site["function"].as_str().is_some_and(|f| f.starts_with("CacheLeak.")), "{site}");
     assert!(recordings(pid).contains("No available recordings"), "{}", recordings(pid));
     assert_eq!(left_in_tmp(pid), Vec::<String>::new());
     answers(&mut process, &mut lines);

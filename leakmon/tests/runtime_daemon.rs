@@ -93,6 +93,8 @@ fn a_jvm_suspect_is_profiled_by_jfr_and_its_recording_stopped_at_stop() {
         ["CacheLeak.grow", "CacheLeak.remember", "CacheLeak.makeEntry"].contains(&f)
     });
     assert!(!recordings(pid).contains("No available recordings"), "recording while profiling");
+    let site = entry["stacks"][0]["function"].as_str().unwrap_or_default();
+    assert!(site.starts_with("CacheLeak."), "named past the JDK's classes: {entry}");
     stacks_in_metrics(LISTEN, &entry);
     stop(&mut daemon);
     assert!(recordings(pid).contains("No available recordings"), "{}", recordings(pid));

@@ -61,7 +61,9 @@ pub fn render(report: &Report) -> String {
             let mut frames = s.frames.iter().skip(at);
             let mut first = frames.next().map_or_else(|| "[no stack]".to_owned(), frame);
             // A Python site names its line; the interpreter's frames under it say nothing.
-            if at > 0 && s.frames[at].runtime.is_none() {
+            // Past wrappers, or a runtime's library code (the JDK's, Node.js's), the
+            // site says what it called through.
+            if at > 0 && s.frames[at].runtime.as_deref() != Some("python") {
                 let via: Vec<&str> = s.frames[..at].iter().rev().map(|f| f.function.as_str()).collect();
                 first = format!("{first}  via {}", via.join(" > "));
             }

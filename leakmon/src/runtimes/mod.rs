@@ -204,6 +204,30 @@ pub fn report(
     Ok(Report { method: Method::Runtime, sample_bytes, processes: vec![process] })
 }
 
+/// Whether a frame is the runtime's own library code (Node.js's JavaScript, the JDK's
+/// classes), which a site is named past, as past an allocator's wrappers: the
+/// program's frame under it is where its code asked for the memory.
+fn library_code(frame: &FrameReport) -> bool {
+    match frame.runtime.as_deref() {
+        Some("node") => frame.file.as_deref().is_some_and(|f| f.starts_with("node:")),
+        Some("jvm") => {
+            ["java.", "javax.", "jdk.", "sun.", "com.sun."].iter().any(|p| frame.function.starts_with(p))
+        }
+        _ => false,
+    }
+}
+
+/// The site of a stack of a runtime's frames: its innermost frame of the program's
+/// own code, else its innermost frame.
+pub fn site(frames: &[FrameReport]) -> usize {
+    frames.iter().position(|f| !library_code(f)).unwrap_or(0)
+}
+
+/// Whether these are frames of a runtime whose profiler named them (Node.js, a JVM).
+pub fn profiled(frames: &[FrameReport]) -> bool {
+    frames.first().is_some_and(|f| matches!(f.runtime.as_deref(), Some("node" | "jvm")))
+}
+
 /// A stack as reports and the daemon's series show it.
 pub fn stack_report(stack: Stack, runtime: &str) -> StackReport {
     let frames: Vec<FrameReport> = stack
@@ -231,7 +255,7 @@ pub fn stack_report(stack: Stack, runtime: &str) -> StackReport {
         bytes: stack.bytes,
         allocations: stack.samples,
         mean_age_seconds: 0.0,
-        site: frames.first().cloned(),
+        site: frames.get(site(&frames)).cloned(),
         frames,
     }
 }
@@ -271,6 +295,29 @@ mod tests {
             })
             .collect();
         Stack { frames, bytes, samples: 1 }
+    }
+
+    #[test]
+    fn a_site_is_named_past_the_runtime_s_library_code() {
+        let jvm = |function: &str| FrameReport {
+            function: function.to_owned(),
+            file: None,
+            line: Some(1),
+            address: String::new(),
+            runtime: Some("jvm".to_owned()),
+        };
+        let frames =
+            [jvm("java.util.HashMap.newNode"), jvm("java.util.HashMap.put"), jvm("CacheLeak.remember")];
+        assert_eq!(site(&frames), 2);
+        assert_eq!(site(&frames[..2]), 0, "all the JDK's: the innermost");
+        let node = |function: &str, file: &str| FrameReport {
+            function: function.to_owned(),
+            file: Some(file.to_owned()),
+            line: Some(1),
+            address: String::new(),
+            runtime: Some("node".to_owned()),
+        };
+        assert_eq!(site(&[node("push", "node:internal/util"), node("grow", "file:///srv/app.js")]), 1);
     }
 
     #[test]
