@@ -130,6 +130,7 @@ pub enum Only {
     Server,
     Python,
     Node,
+    Jvm,
 }
 
 pub fn bench(root: &Path, rounds: usize, pairs: u64, scale: bool, only: Option<Only>) -> Result<()> {
@@ -149,6 +150,7 @@ pub fn bench(root: &Path, rounds: usize, pairs: u64, scale: bool, only: Option<O
         Some(Only::Server) => return crate::bench_server::server(&setup, rounds),
         Some(Only::Python) => return crate::bench_python::python(root, &setup, rounds),
         Some(Only::Node) => return crate::bench_node::node(root, &setup, rounds),
+        Some(Only::Jvm) => return crate::bench_node::jvm(root, &setup, rounds),
         None => {}
     }
 
@@ -178,6 +180,7 @@ pub fn bench(root: &Path, rounds: usize, pairs: u64, scale: bool, only: Option<O
     crate::bench_server::server(&setup, rounds.min(3))?;
     crate::bench_python::python(root, &setup, rounds.min(3))?;
     crate::bench_node::node(root, &setup, rounds.min(3))?;
+    crate::bench_node::jvm(root, &setup, rounds.min(3))?;
     if scale {
         scale_figures(root, &setup)?;
     }

@@ -73,6 +73,9 @@ enum Task {
         /// Only the Node.js workload (its speed while `report --runtime` samples it).
         #[arg(long)]
         node_only: bool,
+        /// Only the JVM workload (its speed while `report --runtime` records it).
+        #[arg(long)]
+        jvm_only: bool,
     },
     /// Build the Debian package (cargo-deb, installed at the pinned version if
     /// missing): target/debian/leakmon_VERSION-1_ARCH.deb.
@@ -121,18 +124,28 @@ fn main() -> Result<()> {
             let status = Command::new(root.join("target/release/leakmon")).args(args).status()?;
             std::process::exit(status.code().unwrap_or(1));
         }
-        Task::Bench { rounds, pairs, skip_scale, server_only, python_only, node_only } => {
+        Task::Bench { rounds, pairs, skip_scale, server_only, python_only, node_only, jvm_only } => {
             setup(&pins, false)?;
             apt_install(
-                &["bpftrace", "heaptrack", "gcc", "redis-server", "redis-tools", "nodejs", "python3"]
-                    .map(str::to_owned),
+                &[
+                    "bpftrace",
+                    "heaptrack",
+                    "gcc",
+                    "redis-server",
+                    "redis-tools",
+                    "nodejs",
+                    "python3",
+                    "openjdk-17-jdk-headless",
+                ]
+                .map(str::to_owned),
             )?;
             build(true)?;
             require_root("the benchmark loads eBPF programs")?;
-            let only = match (server_only, python_only, node_only) {
-                (true, _, _) => Some(bench::Only::Server),
-                (_, true, _) => Some(bench::Only::Python),
-                (_, _, true) => Some(bench::Only::Node),
+            let only = match (server_only, python_only, node_only, jvm_only) {
+                (true, ..) => Some(bench::Only::Server),
+                (_, true, ..) => Some(bench::Only::Python),
+                (_, _, true, _) => Some(bench::Only::Node),
+                (.., true) => Some(bench::Only::Jvm),
                 _ => None,
             };
             bench::bench(&root, rounds.max(1), pairs.max(1000), !skip_scale, only)

@@ -74,7 +74,16 @@ fn frames(trace: Accessor) -> Vec<Frame> {
     };
     list.map(|frame| {
         let method = frame.get_field("method");
-        let class = method.as_ref().and_then(|m| m.get_field("type")).and_then(|t| symbol(&t, "name"));
+        let class = method.as_ref().and_then(|m| m.get_field("type")).and_then(|t| symbol(&t, "name")).map(
+            |mut c| {
+                // A hidden class (a lambda's, a method handle's) is named with its address
+                // and a number: the same code in every run of the program without them.
+                if let Some(at) = c.find("+0x") {
+                    c.truncate(at);
+                }
+                c
+            },
+        );
         let name = method.as_ref().and_then(|m| symbol(m, "name")).unwrap_or_else(|| "(unknown)".to_owned());
         let line = frame.get_field("lineNumber").and_then(|l| <i32>::try_from(l.value).ok()).unwrap_or(0);
         Frame {
