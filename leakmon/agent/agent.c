@@ -583,6 +583,15 @@ static int py_wrapped[PY_DOMAINS];
 /* 1 while a Python in this process is to be wrapped once it is initialized. */
 static volatile int py_pending;
 
+/*
+ * 1 while objects and PyMem are pymalloc's (see pymalloc_in_charge): a block that may be
+ * sampled is then asked for at more than pymalloc's small-request size, which pymalloc
+ * hands to the raw domain. Its free then reaches the raw domain too (pymalloc frees a
+ * block it does not own there), so the objects' and PyMem's frees need no wrapper: the
+ * domains keep their own free functions, and about half the calls cost nothing.
+ */
+static int py_raw_backed;
+
 static __attribute__((noinline)) void *py_alloc(int d, void *ctx, void *old, size_t a, size_t b, int kind) {
     const py_allocator *real = &py_real[d];
 #define PY_CALL (kind == K_CALLOC ? real->calloc(ctx, a, b) : kind == K_REALLOC ? real->realloc(ctx, old, a) : real->malloc(ctx, a))
@@ -595,9 +604,18 @@ static __attribute__((noinline)) void *py_alloc(int d, void *ctx, void *old, siz
     t->busy = 1;
     if (kind == K_REALLOC)
         released((uintptr_t)old);
-    void *p = PY_CALL;
+    uint64_t size = kind == K_CALLOC ? product(a, b) : a;
+    void *p;
+    if (d != 0 && py_raw_backed && size <= PY_SMALL_REQUEST && size >= t->left) {
+        /* May be the one sampled (the countdown decides after the call, as for every
+         * block): a raw block. Unsampled after all, it is just a little larger. */
+        const size_t raw = PY_SMALL_REQUEST + 1;
+        p = kind == K_CALLOC ? real->calloc(ctx, 1, raw) : kind == K_REALLOC ? real->realloc(ctx, old, raw) : real->malloc(ctx, raw);
+    } else {
+        p = PY_CALL;
+    }
     if (p != NULL)
-        sampled(t, (uintptr_t)p, kind == K_CALLOC ? product(a, b) : a, r);
+        sampled(t, (uintptr_t)p, size, r);
     t->busy = 0;
     return p;
 #undef PY_CALL
@@ -660,6 +678,27 @@ static const py_allocator py_wrappers[PY_DOMAINS] = {
 typedef void (*py_allocator_fn)(int domain, py_allocator *allocator);
 
 /*
+ * Whether objects and PyMem are pymalloc's own, which hands requests over its
+ * small-request size, and frees of blocks it does not own, to the raw domain (3.8 to
+ * 3.13). Told from what the domains hold, without calling them (this may run on a
+ * thread of no interpreter): pymalloc serves both with the same functions and no
+ * context. Debug hooks and tracemalloc have a context; "malloc" is the raw domain's
+ * functions; mimalloc (PYTHONMALLOC=mimalloc, free-threaded builds) keeps large blocks
+ * itself. Where unsure, the frees stay wrapped.
+ */
+static int pymalloc_in_charge(const py_allocator domains[PY_DOMAINS]) {
+    const py_allocator *raw = &domains[0], *mem = &domains[1], *obj = &domains[2];
+    if (mem->ctx != NULL || obj->ctx != NULL || mem->malloc != obj->malloc || mem->free != obj->free ||
+        mem->realloc != obj->realloc || obj->malloc == raw->malloc)
+        return 0;
+    const char *chosen = getenv("PYTHONMALLOC");
+    if (chosen != NULL && chosen[0] != 0 && strcmp(chosen, "pymalloc") != 0)
+        return 0;
+    const char *(*version)(void) = (const char *(*)(void))dlsym(RTLD_DEFAULT, "Py_GetVersion");
+    return version != NULL && strstr(version(), "free-threading") == NULL;
+}
+
+/*
  * Wraps the domains of an initialized CPython in this process; leaves py_pending set
  * while the process has a CPython that is not initialized yet (a preloaded agent
  * starts before it). Called with patch_lock held.
@@ -678,14 +717,21 @@ static void python_wrap(void) {
         return;
     }
     py_pending = 0;
+    py_allocator current[PY_DOMAINS];
+    for (int d = 0; d < PY_DOMAINS; d++)
+        get(d, &current[d]);
+    /* Decided once, before any domain is wrapped: a sampled block must not outlive the
+     * mode its free depends on. */
+    if (!py_wrapped[0] && !py_wrapped[1] && !py_wrapped[2])
+        py_raw_backed = pymalloc_in_charge(current);
     for (int d = 0; d < PY_DOMAINS; d++) {
         if (py_wrapped[d])
             continue;
-        py_allocator current;
-        get(d, &current);
-        py_real[d] = current;
+        py_real[d] = current[d];
         py_allocator wrapper = py_wrappers[d];
-        wrapper.ctx = current.ctx;
+        wrapper.ctx = current[d].ctx;
+        if (d != 0 && py_raw_backed)
+            wrapper.free = current[d].free;
         set_(d, &wrapper);
         py_wrapped[d] = 1;
     }
