@@ -635,7 +635,11 @@ static __attribute__((noinline)) void py_release(int d, void *ctx, void *p) {
  * the filter says its block may be sampled. A small request to pymalloc (objects and
  * PyMem, not raw memory) is served from its pools calling nothing hooked, so when it
  * is not the one sampled (and, for a realloc, its old block cannot be one) it needs no
- * guard either. A small realloc of a block pymalloc does not own goes to the raw
+ * guard either. Nor a check of the guard or of the rate: no hook calls into Python, and
+ * with sampling off the countdown only runs down to the full path, which passes through.
+ * A larger request, pymalloc hands to the raw domain (py_raw_backed): its wrapper counts
+ * it, and releases the old block of a realloc (a sampled block is a raw one there), so
+ * these pass it on uncounted. A small realloc of a block pymalloc does not own goes to the raw
  * domain, whose wrapper then counts it: rare, and it only samples that block early. Measured with cargo xtask bench
  * --python-only.
  */
@@ -643,20 +647,24 @@ static __attribute__((noinline)) void py_release(int d, void *ctx, void *p) {
 #define PY_WRAPPERS(d)                                                                             \
     static PY_FAST void *py_malloc_##d(void *ctx, size_t n) {                                        \
         struct thread_state *t = me();                                                             \
-        if (d != 0 && n <= PY_SMALL_REQUEST && n < t->left && !t->busy && rate != 0) {             \
+        if (d != 0 && n <= PY_SMALL_REQUEST && n < t->left) {                                      \
             t->left -= n;                                                                          \
             return py_real[d].malloc(ctx, n);                                                      \
         }                                                                                          \
+        if (d != 0 && n > PY_SMALL_REQUEST && py_raw_backed)                                       \
+            return py_real[d].malloc(ctx, n);                                                      \
         return py_alloc(d, ctx, NULL, n, 0, K_MALLOC);                                             \
     }                                                                                              \
     static void *py_calloc_##d(void *ctx, size_t n, size_t e) { return py_alloc(d, ctx, NULL, n, e, K_CALLOC); } \
     static PY_FAST void *py_realloc_##d(void *ctx, void *p, size_t n) {                              \
         struct thread_state *t = me();                                                             \
-        if (d != 0 && n <= PY_SMALL_REQUEST && n < t->left && !t->busy && rate != 0 &&             \
+        if (d != 0 && n <= PY_SMALL_REQUEST && n < t->left &&                                      \
             (p == NULL || __atomic_load_n(filter_slot((uintptr_t)p), __ATOMIC_RELAXED) == 0)) {    \
             t->left -= n;                                                                          \
             return py_real[d].realloc(ctx, p, n);                                                  \
         }                                                                                          \
+        if (d != 0 && n > PY_SMALL_REQUEST && py_raw_backed)                                       \
+            return py_real[d].realloc(ctx, p, n);                                                  \
         return py_alloc(d, ctx, p, n, 0, K_REALLOC);                                               \
     }                                                                                              \
     static PY_FAST void py_free_##d(void *ctx, void *p) {                                            \
