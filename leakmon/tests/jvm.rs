@@ -6,19 +6,10 @@ mod common;
 use std::io::BufRead as _;
 
 use common::{
-    leakmon,
-    runtimes::{answers, left_in_tmp, recordings, start_java as start},
+    runtimes::{answers, growing_process, left_in_tmp, recordings, runtime_report, start_java as start},
     Reap,
 };
 use serde_json::Value;
-
-fn report(pid: u32, duration: &str) -> std::process::Output {
-    leakmon()
-        .env("RUST_LOG", "info")
-        .args(["report", "--runtime", "--format", "json", "--pid", &pid.to_string(), "--duration", duration])
-        .output()
-        .expect("run leakmon")
-}
 
 fn share(process: &Value, total: u64, names: &[&str]) -> f64 {
     let bytes: u64 = process["stacks"]
@@ -43,17 +34,9 @@ fn share(process: &Value, total: u64, names: &[&str]) -> f64 {
 fn a_growing_java_hashmap_is_named_by_its_functions() {
     let (mut process, mut lines) = start(&[]);
     let pid = process.0.id();
-    let out = report(pid, "20");
-    let stderr = String::from_utf8_lossy(&out.stderr);
-    assert!(out.status.success(), "{stderr}");
-    let json: Value = serde_json::from_slice(&out.stdout).expect("JSON");
-    assert_eq!(json["method"], "runtime");
-    let p = &json["processes"][0];
-    assert_eq!(p["pid"], pid);
-    assert_eq!(p["runtime"], "jvm");
+    let (p, total, _) = growing_process(pid, "jvm", &[]);
+    let p = &p;
     assert_eq!(p["notes"].as_array().map_or(0, Vec::len), 0, "JFR, not histograms: {p}");
-    let total = p["outstanding_bytes"].as_u64().expect("bytes");
-    assert!(total > 1_000_000, "20 s of growth: {total} B");
     let (cache, churn) = (share(p, total, &["grow", "remember", "makeEntry"]), share(p, total, &["churn"]));
     eprintln!("jvm: {total} B held, cache functions {:.0}%, churn {:.1}%", cache * 100.0, churn * 100.0);
     assert!(cache >= 0.5, "cache {cache:.2}");
@@ -77,7 +60,7 @@ fn a_growing_java_hashmap_is_named_by_its_functions() {
 #[test]
 fn a_jvm_with_attach_disabled_is_refused_in_one_line() {
     let (mut process, mut lines) = start(&["-XX:+DisableAttachMechanism"]);
-    let out = report(process.0.id(), "2");
+    let out = runtime_report(process.0.id(), "2", &[]);
     assert!(!out.status.success());
     let stderr = String::from_utf8_lossy(&out.stderr);
     assert_eq!(stderr.lines().filter(|l| l.contains("-XX:+DisableAttachMechanism")).count(), 1, "{stderr}");
@@ -105,7 +88,7 @@ fn a_jvm_that_does_not_catch_sigquit_is_refused_and_left_alive() {
     let mut lines = std::io::BufReader::new(child.stdout.take().unwrap()).lines();
     assert_eq!(lines.next().unwrap().unwrap(), "ready");
     let mut process = Reap(child);
-    let out = report(process.0.id(), "2");
+    let out = runtime_report(process.0.id(), "2", &[]);
     assert!(!out.status.success());
     let stderr = String::from_utf8_lossy(&out.stderr);
     assert!(stderr.contains("does not catch SIGQUIT"), "{stderr}");
@@ -119,7 +102,7 @@ fn a_jvm_that_does_not_catch_sigquit_is_refused_and_left_alive() {
 #[test]
 fn a_jvm_started_with_xrs_is_attached_without_a_signal() {
     let (mut process, mut lines) = start(&["-Xrs"]);
-    let out = report(process.0.id(), "3");
+    let out = runtime_report(process.0.id(), "3", &[]);
     assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
     answers(&mut process, &mut lines);
 }
@@ -128,7 +111,7 @@ fn a_jvm_started_with_xrs_is_attached_without_a_signal() {
 #[test]
 fn a_jvm_without_jfr_reports_growth_per_class() {
     let (mut process, mut lines) = start(&["-XX:-FlightRecorder"]);
-    let out = report(process.0.id(), "5");
+    let out = runtime_report(process.0.id(), "5", &[]);
     let stderr = String::from_utf8_lossy(&out.stderr);
     assert!(out.status.success(), "{stderr}");
     let json: Value = serde_json::from_slice(&out.stdout).expect("JSON");

@@ -4,20 +4,9 @@
 mod common;
 
 use common::{
-    leakmon,
-    runtimes::{answers, listening, start_node as start},
+    runtimes::{answers, growing_process, listening, runtime_report, start_node as start},
     Reap,
 };
-use serde_json::Value;
-
-fn report(pid: u32, duration: &str, options: &[&str]) -> std::process::Output {
-    leakmon()
-        .env("RUST_LOG", "info")
-        .args(["report", "--runtime", "--format", "json", "--pid", &pid.to_string(), "--duration", duration])
-        .args(options)
-        .output()
-        .expect("run leakmon")
-}
 
 /// The seed's cache: at least half the reported bytes in stacks naming the functions
 /// that grow it, at most a tenth in the churn; afterwards no inspector port is open
@@ -30,16 +19,8 @@ fn a_growing_javascript_cache_is_named_by_its_functions() {
     // 64 KiB: enough samples that one large object sampled elsewhere (a run at the
     // default 512 KiB once put half the bytes outside the cache's functions) cannot
     // swing the shares.
-    let out = report(pid, "20", &["--sample-bytes", "64KiB"]);
-    let stderr = String::from_utf8_lossy(&out.stderr);
-    assert!(out.status.success(), "{stderr}");
-    let json: Value = serde_json::from_slice(&out.stdout).expect("JSON");
-    assert_eq!(json["method"], "runtime");
-    let p = &json["processes"][0];
-    assert_eq!(p["pid"], pid);
-    assert_eq!(p["runtime"], "node");
-    let total = p["outstanding_bytes"].as_u64().expect("bytes");
-    assert!(total > 1_000_000, "20 s of growth: {total} B");
+    let (p, total, stderr) = growing_process(pid, "node", &["--sample-bytes", "64KiB"]);
+    let p = &p;
     let share = |names: &[&str]| -> f64 {
         let bytes: u64 = p["stacks"]
             .as_array()
@@ -113,7 +94,7 @@ fn a_process_with_its_inspector_open_is_refused_in_one_line() {
     let pid = process.0.id();
     let ports = listening(pid);
     assert_eq!(ports, 1, "the inspector listens");
-    let out = report(pid, "2", &[]);
+    let out = runtime_report(pid, "2", &[]);
     assert!(!out.status.success());
     let stderr = String::from_utf8_lossy(&out.stderr);
     let errors: Vec<&str> = stderr.lines().filter(|l| l.contains("already has an inspector open")).collect();
@@ -128,7 +109,7 @@ fn a_process_with_its_inspector_open_is_refused_in_one_line() {
 fn a_process_that_opens_no_inspector_on_sigusr1_is_refused_in_one_line() {
     let (mut process, mut lines) = start(&[], "handles-usr1");
     let pid = process.0.id();
-    let out = report(pid, "2", &[]);
+    let out = runtime_report(pid, "2", &[]);
     assert!(!out.status.success());
     let stderr = String::from_utf8_lossy(&out.stderr);
     assert_eq!(stderr.lines().filter(|l| l.contains("opened no inspector")).count(), 1, "{stderr}");
@@ -140,7 +121,7 @@ fn a_process_that_opens_no_inspector_on_sigusr1_is_refused_in_one_line() {
 #[test]
 fn another_process_is_refused_in_one_line() {
     let process = Reap(std::process::Command::new("sleep").arg("30").spawn().expect("sleep"));
-    let out = report(process.0.id(), "1", &[]);
+    let out = runtime_report(process.0.id(), "1", &[]);
     assert!(!out.status.success());
     let stderr = String::from_utf8_lossy(&out.stderr);
     assert!(stderr.contains("neither Node.js nor a HotSpot JVM"), "{stderr}");

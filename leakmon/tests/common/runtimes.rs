@@ -7,7 +7,35 @@ use std::{
     sync::OnceLock,
 };
 
+use serde_json::Value;
+
 use super::Reap;
+
+/// `leakmon report --runtime --format json --pid PID --duration D [options]`.
+pub fn runtime_report(pid: u32, duration: &str, options: &[&str]) -> std::process::Output {
+    super::leakmon()
+        .env("RUST_LOG", "info")
+        .args(["report", "--runtime", "--format", "json", "--pid", &pid.to_string(), "--duration", duration])
+        .args(options)
+        .output()
+        .expect("run leakmon")
+}
+
+/// A successful runtime report of `pid`'s `runtime` over its window: its one process,
+/// its held bytes (a growing cache's: over 1 MB) and leakmon's log.
+pub fn growing_process(pid: u32, runtime: &str, options: &[&str]) -> (Value, u64, String) {
+    let out = runtime_report(pid, "20", options);
+    let stderr = String::from_utf8_lossy(&out.stderr).into_owned();
+    assert!(out.status.success(), "{stderr}");
+    let json: Value = serde_json::from_slice(&out.stdout).expect("JSON");
+    assert_eq!(json["method"], "runtime");
+    let p = json["processes"][0].clone();
+    assert_eq!(p["pid"], pid);
+    assert_eq!(p["runtime"], runtime);
+    let total = p["outstanding_bytes"].as_u64().expect("bytes");
+    assert!(total > 1_000_000, "20 s of growth: {total} B");
+    (p, total, stderr)
+}
 
 pub fn node_fixture() -> String {
     super::fixtures_dir().join("node/cache_leak.js").display().to_string()
