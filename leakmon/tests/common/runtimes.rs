@@ -144,7 +144,7 @@ pub fn left_in_tmp(pid: u32) -> Vec<String> {
         .map(|e| e.file_name().to_string_lossy().into_owned())
         .filter(|n| {
             n == &format!(".attach_pid{pid}")
-                || (n.starts_with("leakmon-") && n.ends_with(&format!("-{pid}.jfr")))
+                || (n.starts_with("leakmon-") && n.ends_with(".jfr") && n.contains(&format!("-{pid}")))
         })
         .collect()
 }
