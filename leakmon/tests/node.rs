@@ -39,8 +39,8 @@ fn a_growing_javascript_cache_is_named_by_its_functions() {
     };
     let (cache, churn) = (share(&["grow", "remember", "makeEntry"]), share(&["churn"]));
     // V8 names an optimized frame by its outermost function: once its compiler has
-    // inlined the timer callback and `grow` into Node.js's `listOnTimeout` (one run in
-    // three here), the cache's bytes are named by Node.js's function. The report must
+    // inlined the timer callback and `grow` into Node.js's `listOnTimeout` (5 runs of 23
+    // here), the cache's bytes are named by Node.js's function. The report must
     // then say so in a note; those bytes are counted with the cache's only then.
     let inlined: u64 = p["stacks"]
         .as_array()

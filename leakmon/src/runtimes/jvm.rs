@@ -124,7 +124,7 @@ impl Profiler for Jvm {
                         })
                     })
                     .collect();
-                out.sort_by(|a, b| b.bytes.cmp(&a.bytes));
+                out.sort_by_key(|s| std::cmp::Reverse(s.bytes));
                 Ok(out)
             }
         }

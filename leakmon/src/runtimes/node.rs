@@ -139,7 +139,7 @@ pub fn stacks(profile: &Value) -> Vec<Stack> {
     let mut out = Vec::new();
     let mut path = Vec::new();
     walk(&profile["head"], &mut path, &counts, &mut out);
-    out.sort_by(|a, b| b.bytes.cmp(&a.bytes));
+    out.sort_by_key(|s| std::cmp::Reverse(s.bytes));
     out
 }
 
