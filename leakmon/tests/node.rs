@@ -3,6 +3,8 @@
 
 mod common;
 
+use serde_json::Value;
+
 use common::{
     runtimes::{answers, growing_process, listening, runtime_report, start_node as start},
     Reap,
@@ -50,6 +52,11 @@ fn a_growing_javascript_cache_is_named_by_its_functions() {
         .map(|s| s["bytes"].as_u64().unwrap())
         .sum();
     let inlined = inlined as f64 / total as f64;
+    let notes: Vec<&str> = p["notes"].as_array().into_iter().flatten().filter_map(Value::as_str).collect();
+    assert!(
+        notes.iter().any(|n| n.starts_with("V8 names an optimized frame by its outermost function")),
+        "{notes:?}"
+    );
     let noted = p["notes"].as_array().into_iter().flatten().any(|n| {
         n.as_str().is_some_and(|n| n.contains("named by Node.js's own functions") && n.contains("inlined"))
     });

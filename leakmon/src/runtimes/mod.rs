@@ -102,6 +102,11 @@ pub struct Options {
     pub histograms: bool,
 }
 
+/// Said in every Node.js report: which function a V8 profile names depends on what its
+/// optimizing compiler inlined. A small function called from a hot one (a cache's
+/// `remember` from a request handler) often gives its bytes to its caller.
+pub const V8_INLINING: &str = "V8 names an optimized frame by its outermost function: the bytes of a function its compiler inlined are named by the caller it was inlined into";
+
 /// Share of the bytes at or above which a report says V8 named Node.js's own code.
 const INLINED_SHARE: f64 = 0.2;
 
@@ -187,6 +192,9 @@ pub fn report(
         Ok((profiler.snapshot()?, per_class))
     })?;
     let mut notes = if per_class { vec![JVM_CLASS_HISTOGRAM.to_owned()] } else { Vec::new() };
+    if runtime == Runtime::Node {
+        notes.push(V8_INLINING.to_owned());
+    }
     notes.extend(inlined_into_node(&stacks));
     let stacks: Vec<StackReport> = stacks.into_iter().map(|s| stack_report(s, runtime.name())).collect();
     let process = ProcessReport {
