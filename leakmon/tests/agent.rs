@@ -15,8 +15,8 @@ use std::{
 
 use common::{
     agent_state::{
-        agent_mapped, entry_address, got_slot, guardian_of, read_u64, tracer_of, wait_restored, AgentTarget,
-        Lifecycle,
+        agent_mapped, entry_address, got_slot, kill_agent_report_at, read_u64, tracer_of, wait_restored,
+        AgentTarget, Lifecycle, KILL_MOMENTS,
     },
     build_fixture, build_fixture_with, by_function, finish_report, leakmon, leaks_sigma, parse_report,
     processes, sampling_variance, signal, watch_pid_with, Reap, LEAKS,
@@ -336,51 +336,11 @@ fn leakmon_killed_mid_load_or_while_loaded_leaves_a_static_program_as_it_was() {
 
 fn killed_at_every_moment(mut target: AgentTarget) {
     let (pid, slot, original) = (target.pid, target.slot, target.original);
-    for moment in ["mid-load", "while watching", "at once"] {
-        let mut report = Reap(
-            leakmon()
-                .env("RUST_LOG", "info")
-                .args([
-                    "report",
-                    "--agent",
-                    "--format",
-                    "json",
-                    "--duration",
-                    "60",
-                    "--pid",
-                    &pid.to_string(),
-                ])
-                .stdout(Stdio::null())
-                .stderr(Stdio::piped())
-                .spawn()
-                .expect("start leakmon"),
-        );
-        let leakmon_pid = report.0.id();
-        match moment {
-            // The guardian is loading from its start: leakmon dies as soon as it exists.
-            // (Its ptrace holds last a millisecond each, between which the borrowed
-            // thread runs dlopen on its own: watching for them would miss most.)
-            "mid-load" => {
-                let deadline = Instant::now() + Duration::from_secs(20);
-                while guardian_of(pid).is_none() {
-                    assert!(Instant::now() < deadline, "no guardian was started for pid {pid}");
-                    assert!(report.0.try_wait().expect("poll leakmon").is_none(), "leakmon ended early");
-                }
-            }
-            "while watching" => {
-                let mut stderr = BufReader::new(report.0.stderr.take().expect("stderr"));
-                let mut line = String::new();
-                while !line.contains("watching") {
-                    line.clear();
-                    assert!(stderr.read_line(&mut line).expect("read") > 0, "leakmon ended before watching");
-                }
-                assert!(agent_mapped(pid));
-                assert_ne!(read_u64(pid, slot), original, "loaded: the slot is redirected");
-            }
-            _ => std::thread::sleep(Duration::from_millis(30)),
-        }
-        signal(leakmon_pid, Signal::SIGKILL);
-        report.0.wait().expect("reap leakmon");
+    for moment in KILL_MOMENTS {
+        kill_agent_report_at(pid, moment, || {
+            assert!(agent_mapped(pid));
+            assert_ne!(read_u64(pid, slot), original, "loaded: the slot is redirected");
+        });
         target.wait_restored();
         target.leak();
     }

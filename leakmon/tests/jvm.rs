@@ -12,18 +12,12 @@ use common::{
 use serde_json::Value;
 
 fn share(process: &Value, total: u64, names: &[&str]) -> f64 {
-    let bytes: u64 = process["stacks"]
-        .as_array()
-        .unwrap()
-        .iter()
-        .filter(|s| {
-            s["frames"].as_array().unwrap().iter().any(|f| {
-                f["runtime"] == "jvm"
-                    && names.iter().any(|n| f["function"].as_str() == Some(&format!("CacheLeak.{n}")))
-            })
+    let bytes = common::bytes_in_stacks(process, |frames| {
+        frames.iter().any(|f| {
+            f["runtime"] == "jvm"
+                && names.iter().any(|n| f["function"].as_str() == Some(&format!("CacheLeak.{n}")))
         })
-        .map(|s| s["bytes"].as_u64().unwrap())
-        .sum();
+    });
     bytes as f64 / total as f64
 }
 

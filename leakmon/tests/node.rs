@@ -24,19 +24,9 @@ fn a_growing_javascript_cache_is_named_by_its_functions() {
     let (p, total, stderr) = growing_process(pid, "node", &["--sample-bytes", "64KiB"]);
     let p = &p;
     let share = |names: &[&str]| -> f64 {
-        let bytes: u64 = p["stacks"]
-            .as_array()
-            .unwrap()
-            .iter()
-            .filter(|s| {
-                s["frames"]
-                    .as_array()
-                    .unwrap()
-                    .iter()
-                    .any(|f| f["runtime"] == "node" && names.iter().any(|n| f["function"] == *n))
-            })
-            .map(|s| s["bytes"].as_u64().unwrap())
-            .sum();
+        let bytes = common::bytes_in_stacks(p, |frames| {
+            frames.iter().any(|f| f["runtime"] == "node" && names.iter().any(|n| f["function"] == *n))
+        });
         bytes as f64 / total as f64
     };
     let (cache, churn) = (share(&["grow", "remember", "makeEntry"]), share(&["churn"]));
@@ -44,13 +34,9 @@ fn a_growing_javascript_cache_is_named_by_its_functions() {
     // inlined the timer callback and `grow` into Node.js's `listOnTimeout` (5 runs of 23
     // here), the cache's bytes are named by Node.js's function. The report must
     // then say so in a note; those bytes are counted with the cache's only then.
-    let inlined: u64 = p["stacks"]
-        .as_array()
-        .unwrap()
-        .iter()
-        .filter(|s| s["frames"][0]["file"].as_str().is_some_and(|f| f.starts_with("node:")))
-        .map(|s| s["bytes"].as_u64().unwrap())
-        .sum();
+    let inlined = common::bytes_in_stacks(p, |frames| {
+        frames.first().is_some_and(|f| f["file"].as_str().is_some_and(|f| f.starts_with("node:")))
+    });
     let inlined = inlined as f64 / total as f64;
     let notes: Vec<&str> = p["notes"].as_array().into_iter().flatten().filter_map(Value::as_str).collect();
     assert!(

@@ -176,19 +176,9 @@ fn the_agent_sees_the_free_of_every_sampled_python_object() {
         assert!(out.status.success(), "{python}: {stderr}");
         let json: Value = serde_json::from_slice(&out.stdout).expect("JSON");
         let p = &processes(&json)[0];
-        let churn: u64 = p["stacks"]
-            .as_array()
-            .expect("stacks")
-            .iter()
-            .filter(|s| {
-                s["frames"]
-                    .as_array()
-                    .unwrap()
-                    .iter()
-                    .any(|f| is_python(f, "churn") || is_python(f, "<listcomp>"))
-            })
-            .map(|s| s["bytes"].as_u64().unwrap())
-            .sum();
+        let churn = common::bytes_in_stacks(p, |frames| {
+            frames.iter().any(|f| is_python(f, "churn") || is_python(f, "<listcomp>"))
+        });
         eprintln!("{version} {env:?}: {churn} B left in the churn's stacks");
         // Under debug hooks some sampled address is still replaced by a later sample
         // (`live_replaced`), with or without the raw blocks: not yet understood.
@@ -215,14 +205,7 @@ fn growth_attributed(python: &str, version: &str, env: &[(&str, &str)]) -> Strin
     assert!(p.get("notes").is_none(), "the agent sees Python objects: {p:#?}");
     let total = p["outstanding_bytes"].as_u64().unwrap();
     let share = |keep_stack: &dyn Fn(&[Value]) -> bool| -> f64 {
-        let bytes: u64 = p["stacks"]
-            .as_array()
-            .unwrap()
-            .iter()
-            .filter(|s| keep_stack(s["frames"].as_array().unwrap()))
-            .map(|s| s["bytes"].as_u64().unwrap())
-            .sum();
-        bytes as f64 / total.max(1) as f64
+        common::bytes_in_stacks(p, keep_stack) as f64 / total.max(1) as f64
     };
     let leak = share(&|frames| {
         frames.iter().any(|f| {
@@ -414,55 +397,20 @@ fn ask(process: &mut Reap, lines: &mut Lines, command: &str) -> String {
 /// threads go on and it keeps blocks correctly.
 #[test]
 fn leakmon_killed_while_wrapping_python_leaves_its_allocators_as_they_were() {
-    use common::agent_state::{guardian_of, tracer_of};
+    use common::agent_state::{guardian_of, kill_agent_report_at, tracer_of, KILL_MOMENTS};
     use std::time::{Duration, Instant};
     let (python, _) = interpreters().swap_remove(1);
     let (mut process, mut lines) = start(&python, "guarded", "4");
     let pid = process.0.id();
     let original = ask(&mut process, &mut lines, "allocators");
-    for moment in ["mid-load", "while watching", "at once"] {
-        let mut report = Reap(
-            common::leakmon()
-                .env("RUST_LOG", "info")
-                .args([
-                    "report",
-                    "--agent",
-                    "--format",
-                    "json",
-                    "--duration",
-                    "60",
-                    "--pid",
-                    &pid.to_string(),
-                ])
-                .stdout(std::process::Stdio::null())
-                .stderr(std::process::Stdio::piped())
-                .spawn()
-                .expect("start leakmon"),
-        );
-        match moment {
-            "mid-load" => {
-                let deadline = Instant::now() + Duration::from_secs(20);
-                while guardian_of(pid).is_none() {
-                    assert!(Instant::now() < deadline, "no guardian for pid {pid}");
-                    assert!(report.0.try_wait().expect("poll").is_none(), "leakmon ended early");
-                }
-            }
-            "while watching" => {
-                let mut stderr = std::io::BufReader::new(report.0.stderr.take().expect("stderr"));
-                let mut log = String::new();
-                while !log.contains("watching") {
-                    assert!(stderr.read_line(&mut log).expect("read") > 0, "leakmon ended: {log}");
-                }
-                assert_ne!(
-                    ask(&mut process, &mut lines, "allocators"),
-                    original,
-                    "loaded: the domains are wrapped"
-                );
-            }
-            _ => std::thread::sleep(Duration::from_millis(30)),
-        }
-        common::signal(report.0.id(), nix::sys::signal::Signal::SIGKILL);
-        report.0.wait().expect("reap leakmon");
+    for moment in KILL_MOMENTS {
+        kill_agent_report_at(pid, moment, || {
+            assert_ne!(
+                ask(&mut process, &mut lines, "allocators"),
+                original,
+                "loaded: the domains are wrapped"
+            );
+        });
         let deadline = Instant::now() + Duration::from_secs(20);
         while guardian_of(pid).is_some() || tracer_of(pid) != "0" {
             assert!(Instant::now() < deadline, "{moment}: the guardian did not finish");

@@ -203,3 +203,45 @@ impl AgentTarget {
         wait_restored(self.pid, self.slot, self.original);
     }
 }
+
+/// The moments a `leakmon report --agent` is SIGKILLed at: as soon as its guardian
+/// exists (the guardian loads from its start: its ptrace holds last a millisecond each,
+/// between which the borrowed thread runs dlopen on its own, so watching for them would
+/// miss most), once it logs that it is watching, and 30 ms after it starts.
+pub const KILL_MOMENTS: [&str; 3] = ["mid-load", "while watching", "at once"];
+
+/// Starts `leakmon report --agent` on `pid` for 60 s, lets it reach `moment` (calling
+/// `loaded` once it watches), then SIGKILLs and reaps it.
+pub fn kill_agent_report_at(pid: u32, moment: &str, loaded: impl FnOnce()) {
+    use std::io::BufRead as _;
+    let mut report = super::Reap(
+        super::leakmon()
+            .env("RUST_LOG", "info")
+            .args(["report", "--agent", "--format", "json", "--duration", "60", "--pid", &pid.to_string()])
+            .stdout(std::process::Stdio::null())
+            .stderr(std::process::Stdio::piped())
+            .spawn()
+            .expect("start leakmon"),
+    );
+    match moment {
+        "mid-load" => {
+            let deadline = Instant::now() + Duration::from_secs(20);
+            while guardian_of(pid).is_none() {
+                assert!(Instant::now() < deadline, "no guardian was started for pid {pid}");
+                assert!(report.0.try_wait().expect("poll leakmon").is_none(), "leakmon ended early");
+            }
+        }
+        "while watching" => {
+            let mut stderr = std::io::BufReader::new(report.0.stderr.take().expect("stderr"));
+            let mut line = String::new();
+            while !line.contains("watching") {
+                line.clear();
+                assert!(stderr.read_line(&mut line).expect("read") > 0, "leakmon ended before watching");
+            }
+            loaded();
+        }
+        _ => std::thread::sleep(Duration::from_millis(30)),
+    }
+    super::signal(report.0.id(), nix::sys::signal::Signal::SIGKILL);
+    report.0.wait().expect("reap leakmon");
+}

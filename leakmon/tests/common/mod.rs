@@ -117,6 +117,18 @@ pub fn by_function(process: &Value, file: &str) -> BTreeMap<String, (u64, u64)> 
     out
 }
 
+/// The bytes of a reported process's stacks whose frames (innermost first) `stack`
+/// accepts.
+pub fn bytes_in_stacks(process: &Value, stack: impl Fn(&[Value]) -> bool) -> u64 {
+    process["stacks"]
+        .as_array()
+        .expect("stacks")
+        .iter()
+        .filter(|s| stack(s["frames"].as_array().expect("frames")))
+        .map(|s| s["bytes"].as_u64().expect("bytes"))
+        .sum()
+}
+
 pub fn processes(report: &Value) -> &Vec<Value> {
     report["processes"].as_array().expect("processes")
 }

@@ -45,15 +45,19 @@ pub type Lines = std::io::Lines<std::io::BufReader<std::process::ChildStdout>>;
 
 /// `node [node_args] cache_leak.js [mode]`, once it says "ready".
 pub fn start_node(node_args: &[&str], mode: &str) -> (Reap, Lines) {
-    let mut child = std::process::Command::new("node")
-        .args(node_args)
-        .arg(node_fixture())
-        .arg(mode)
+    let mut node = std::process::Command::new("node");
+    node.args(node_args).arg(node_fixture()).arg(mode);
+    start_ready(node, "node (Node.js 20)")
+}
+
+/// Starts a fixture with its stdin and stdout piped, and waits for its "ready".
+fn start_ready(mut command: std::process::Command, what: &str) -> (Reap, Lines) {
+    let mut child = command
         .stdin(std::process::Stdio::piped())
         .stdout(std::process::Stdio::piped())
         .stderr(std::process::Stdio::null())
         .spawn()
-        .expect("start node (Node.js 20)");
+        .unwrap_or_else(|e| panic!("start {what}: {e}"));
     let mut lines = std::io::BufReader::new(child.stdout.take().expect("stdout")).lines();
     assert_eq!(lines.next().expect("a line").expect("read"), "ready");
     (Reap(child), lines)
@@ -112,19 +116,9 @@ pub fn classes() -> PathBuf {
 
 /// `java [args] CacheLeak`, once it says "ready".
 pub fn start_java(args: &[&str]) -> (Reap, Lines) {
-    let mut child = std::process::Command::new(format!("{JDK}/java"))
-        .args(args)
-        .arg("-cp")
-        .arg(classes())
-        .arg("CacheLeak")
-        .stdin(std::process::Stdio::piped())
-        .stdout(std::process::Stdio::piped())
-        .stderr(std::process::Stdio::null())
-        .spawn()
-        .expect("start java (OpenJDK 17)");
-    let mut lines = std::io::BufReader::new(child.stdout.take().expect("stdout")).lines();
-    assert_eq!(lines.next().expect("a line").expect("read"), "ready");
-    (Reap(child), lines)
+    let mut java = std::process::Command::new(format!("{JDK}/java"));
+    java.args(args).arg("-cp").arg(classes()).arg("CacheLeak");
+    start_ready(java, "java (OpenJDK 17)")
 }
 
 /// What `jcmd PID JFR.check` says: the recordings left running.
