@@ -605,15 +605,13 @@ static __attribute__((noinline)) void *py_alloc(int d, void *ctx, void *old, siz
     if (kind == K_REALLOC)
         released((uintptr_t)old);
     uint64_t size = kind == K_CALLOC ? product(a, b) : a;
-    void *p;
     if (d != 0 && py_raw_backed && size <= PY_SMALL_REQUEST && size >= t->left) {
         /* May be the one sampled (the countdown decides after the call, as for every
          * block): a raw block. Unsampled after all, it is just a little larger. */
-        const size_t raw = PY_SMALL_REQUEST + 1;
-        p = kind == K_CALLOC ? real->calloc(ctx, 1, raw) : kind == K_REALLOC ? real->realloc(ctx, old, raw) : real->malloc(ctx, raw);
-    } else {
-        p = PY_CALL;
+        a = kind == K_CALLOC ? 1 : PY_SMALL_REQUEST + 1;
+        b = PY_SMALL_REQUEST + 1;
     }
+    void *p = PY_CALL;
     if (p != NULL)
         sampled(t, (uintptr_t)p, size, r);
     t->busy = 0;

@@ -126,12 +126,6 @@ impl Monitor {
         }
     }
 
-    /// A stack whose frames its runtime's profiler named already (see
-    /// `sources::runtime_profiles`): used as given, for the next tick.
-    pub fn named_stack(&mut self, pid: u32, stack_id: u64, id: String, frames: Vec<FrameReport>) {
-        self.frames.insert((pid, stack_id), (id, frames));
-    }
-
     /// The processes whose heap data is incomplete, for the next tick: their groups'
     /// heap series get no verdict.
     pub fn set_incomplete(&mut self, pids: impl IntoIterator<Item = u32>) {
@@ -351,12 +345,16 @@ impl Monitor {
         totals: &[&ProcessTotals],
         stack: &dyn Fn(u64) -> Option<Vec<u64>>,
     ) -> Vec<StackView> {
-        let mut candidates: Vec<(u32, &crate::store::StackTotals)> =
-            totals.iter().flat_map(|t| t.stacks.iter().map(move |s| (t.pid, s))).collect();
+        let mut candidates: Vec<(&ProcessTotals, &crate::store::StackTotals)> =
+            totals.iter().flat_map(|t| t.stacks.iter().map(move |s| (*t, s))).collect();
         candidates.sort_by_key(|c| std::cmp::Reverse(c.1.bytes));
         let mut merged: Vec<StackView> = Vec::new();
-        for (pid, s) in candidates.into_iter().take(self.top_stacks * 4) {
-            let (hash, frames) = if let Some(known) = self.frames.get(&(pid, s.stack_id)) {
+        for (t, s) in candidates.into_iter().take(self.top_stacks * 4) {
+            let pid = t.pid;
+            let named = t.named.as_ref().and_then(|n| n.get(&s.stack_id));
+            let (hash, frames) = if let Some(known) = named {
+                known.clone()
+            } else if let Some(known) = self.frames.get(&(pid, s.stack_id)) {
                 known.clone()
             } else {
                 let maps = self.proc_root.maps(pid).unwrap_or_default();
@@ -375,12 +373,7 @@ impl Monitor {
                 continue;
             }
             // The allocation site, what the metrics name a stack by.
-            let at = if crate::runtimes::profiled(&frames) {
-                crate::runtimes::site(&frames)
-            } else {
-                self.symbolizer
-                    .site_of(frames.iter().map(|f| (Some(f.function.as_str()), f.runtime.is_some())))
-            };
+            let at = self.symbolizer.site_of(frames.iter().map(FrameReport::site_frame));
             let site = frames.get(at);
             merged.push(StackView {
                 stack: hash,
@@ -537,6 +530,7 @@ mod tests {
                 bytes: 10_000_000 + growing,
                 allocations: 10 + u64::from(i),
                 stacks,
+                named: None,
             }];
             last = m.tick(f64::from(i) * 0.5, &[proc(pid, "svc", 20_000_000)], Some(&heap), &stack).0;
         }

@@ -46,6 +46,34 @@ pub struct Frame {
     pub runtime: Option<&'static str>,
 }
 
+impl Frame {
+    pub fn site_frame(&self) -> SiteFrame<'_> {
+        SiteFrame { function: self.function.as_deref(), file: self.file.as_deref(), runtime: self.runtime }
+    }
+}
+
+/// A frame as the site rule reads it.
+#[derive(Clone, Copy, Debug)]
+pub struct SiteFrame<'a> {
+    pub function: Option<&'a str>,
+    pub file: Option<&'a str>,
+    /// The runtime whose code it is (`python`, `node`, `jvm`); `None` for native code.
+    pub runtime: Option<&'a str>,
+}
+
+/// The site among a stack's frames of a runtime's code: the innermost one outside the
+/// runtime's own library code (Node.js's JavaScript, the JDK's classes, which a site is
+/// named past as past an allocator's wrappers), else the innermost of them; `None`
+/// when no frame is a runtime's.
+pub fn runtime_site<'a>(frames: impl Iterator<Item = SiteFrame<'a>> + Clone) -> Option<usize> {
+    frames
+        .clone()
+        .position(|f| {
+            f.runtime.is_some_and(|r| !crate::runtimes::library_code(r, f.function.unwrap_or(""), f.file))
+        })
+        .or_else(|| frames.into_iter().position(|f| f.runtime.is_some()))
+}
+
 /// A stack's id that does not depend on where things were loaded: a hash of each
 /// frame's binary (its build id, else its path) and file offset. The same call path in
 /// the same build gets the same id in every process, after restarts and on every host;
@@ -144,22 +172,20 @@ impl Symbolizer {
         &self.wrappers
     }
 
-    /// Index of the allocation site in `frames`: the innermost Python frame, else the
-    /// first frame outside the wrappers.
+    /// Index of the allocation site in `frames` (see [`Symbolizer::site_of`]).
     pub fn site(&self, frames: &[Frame]) -> usize {
-        self.site_of(frames.iter().map(|f| (f.function.as_deref(), f.runtime.is_some())))
+        self.site_of(frames.iter().map(Frame::site_frame))
     }
 
-    /// [`Symbolizer::site`] of frames given as (function, whether it is a runtime's
-    /// code, as Python's).
+    /// Index of the allocation site: the innermost frame of the program's own code. In
+    /// a runtime's language (Python, JavaScript, Java) that is its innermost frame past
+    /// the runtime's own library code ([`runtime_site`]); in native code, the first
+    /// frame past the allocator's wrappers.
     pub fn site_of<'a, I>(&self, frames: I) -> usize
     where
-        I: Iterator<Item = (Option<&'a str>, bool)> + Clone,
+        I: Iterator<Item = SiteFrame<'a>> + Clone,
     {
-        if let Some(runtime) = frames.clone().position(|(_, runtime)| runtime) {
-            return runtime;
-        }
-        self.wrappers.site(frames.map(|(function, _)| function))
+        runtime_site(frames.clone()).unwrap_or_else(|| self.wrappers.site(frames.map(|f| f.function)))
     }
 
     /// Resolves a stack of return addresses, innermost first. The stack ends at the

@@ -124,6 +124,16 @@ pub struct FrameReport {
     pub runtime: Option<String>,
 }
 
+impl FrameReport {
+    pub fn site_frame(&self) -> crate::symbolize::SiteFrame<'_> {
+        crate::symbolize::SiteFrame {
+            function: Some(&self.function),
+            file: self.file.as_deref(),
+            runtime: self.runtime.as_deref(),
+        }
+    }
+}
+
 impl From<Frame> for FrameReport {
     fn from(f: Frame) -> Self {
         Self {
@@ -273,6 +283,7 @@ mod tests {
                 allocations: 1000,
                 ts_ms_sum: 1000 * 500,
             }],
+            named: None,
         }];
         let info = HashMap::from([(7, ProcessInfo { comm: "fixture".into(), ..ProcessInfo::default() })]);
         let mut report = Report::build(totals, &info, |_| Some(vec![0x1234]), &Symbolizer::default(), 2500);

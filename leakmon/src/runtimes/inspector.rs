@@ -140,7 +140,7 @@ impl Session {
     }
 
     /// Calls `method` and returns its result; events that come meanwhile are dropped.
-    pub fn call(&mut self, method: &str, params: Value) -> Result<Value> {
+    pub fn call(&mut self, method: &str, params: &Value) -> Result<Value> {
         let id = self.next_id;
         self.next_id += 1;
         let message = json!({ "id": id, "method": method, "params": params });

@@ -196,7 +196,7 @@ pub fn report(
         notes.push(V8_INLINING.to_owned());
     }
     notes.extend(inlined_into_node(&stacks));
-    let stacks: Vec<StackReport> = stacks.into_iter().map(|s| stack_report(s, runtime.name())).collect();
+    let stacks: Vec<StackReport> = stacks.iter().map(|s| stack_report(s, runtime.name())).collect();
     let process = ProcessReport {
         pid,
         comm,
@@ -212,32 +212,20 @@ pub fn report(
     Ok(Report { method: Method::Runtime, sample_bytes, processes: vec![process] })
 }
 
-/// Whether a frame is the runtime's own library code (Node.js's JavaScript, the JDK's
-/// classes), which a site is named past, as past an allocator's wrappers: the
-/// program's frame under it is where its code asked for the memory.
-fn library_code(frame: &FrameReport) -> bool {
-    match frame.runtime.as_deref() {
-        Some("node") => frame.file.as_deref().is_some_and(|f| f.starts_with("node:")),
-        Some("jvm") => {
-            ["java.", "javax.", "jdk.", "sun.", "com.sun."].iter().any(|p| frame.function.starts_with(p))
-        }
+/// Whether a frame of `runtime`'s code is the runtime's own library code (Node.js's
+/// JavaScript, the JDK's classes), which a site is named past (see
+/// [`crate::symbolize::runtime_site`]): the program's frame under it is where its code
+/// asked for the memory.
+pub fn library_code(runtime: &str, function: &str, file: Option<&str>) -> bool {
+    match runtime {
+        "node" => file.is_some_and(|f| f.starts_with("node:")),
+        "jvm" => ["java.", "javax.", "jdk.", "sun.", "com.sun."].iter().any(|p| function.starts_with(p)),
         _ => false,
     }
 }
 
-/// The site of a stack of a runtime's frames: its innermost frame of the program's
-/// own code, else its innermost frame.
-pub fn site(frames: &[FrameReport]) -> usize {
-    frames.iter().position(|f| !library_code(f)).unwrap_or(0)
-}
-
-/// Whether these are frames of a runtime whose profiler named them (Node.js, a JVM).
-pub fn profiled(frames: &[FrameReport]) -> bool {
-    frames.first().is_some_and(|f| matches!(f.runtime.as_deref(), Some("node" | "jvm")))
-}
-
 /// A stack as reports and the daemon's series show it.
-pub fn stack_report(stack: Stack, runtime: &str) -> StackReport {
+pub fn stack_report(stack: &Stack, runtime: &str) -> StackReport {
     let frames: Vec<FrameReport> = stack
         .frames
         .iter()
@@ -263,7 +251,9 @@ pub fn stack_report(stack: Stack, runtime: &str) -> StackReport {
         bytes: stack.bytes,
         allocations: stack.samples,
         mean_age_seconds: 0.0,
-        site: frames.get(site(&frames)).cloned(),
+        site: frames
+            .get(crate::symbolize::runtime_site(frames.iter().map(FrameReport::site_frame)).unwrap_or(0))
+            .cloned(),
         frames,
     }
 }
@@ -316,8 +306,11 @@ mod tests {
         };
         let frames =
             [jvm("java.util.HashMap.newNode"), jvm("java.util.HashMap.put"), jvm("CacheLeak.remember")];
-        assert_eq!(site(&frames), 2);
-        assert_eq!(site(&frames[..2]), 0, "all the JDK's: the innermost");
+        let site = |frames: &[FrameReport]| {
+            crate::symbolize::runtime_site(frames.iter().map(FrameReport::site_frame))
+        };
+        assert_eq!(site(&frames), Some(2));
+        assert_eq!(site(&frames[..2]), Some(0), "all the JDK's: the innermost");
         let node = |function: &str, file: &str| FrameReport {
             function: function.to_owned(),
             file: Some(file.to_owned()),
@@ -325,7 +318,7 @@ mod tests {
             address: String::new(),
             runtime: Some("node".to_owned()),
         };
-        assert_eq!(site(&[node("push", "node:internal/util"), node("grow", "file:///srv/app.js")]), 1);
+        assert_eq!(site(&[node("push", "node:internal/util"), node("grow", "file:///srv/app.js")]), Some(1));
     }
 
     #[test]

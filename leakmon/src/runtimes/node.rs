@@ -62,9 +62,9 @@ impl Node {
         // From here on the inspector is open: a failure closes it again (on drop).
         let mut node = Self { pid, addr, session: None };
         let mut session = Session::open(addr)?;
-        session.call("HeapProfiler.enable", json!({}))?;
+        session.call("HeapProfiler.enable", &json!({}))?;
         node.session = Some(session);
-        node.session()?.call("HeapProfiler.startSampling", json!({ "samplingInterval": interval }))?;
+        node.session()?.call("HeapProfiler.startSampling", &json!({ "samplingInterval": interval }))?;
         Ok(node)
     }
 
@@ -75,13 +75,13 @@ impl Node {
     /// Stops sampling and closes the inspector.
     fn finish(&mut self) -> Result<()> {
         let Some(mut session) = self.session.take() else { return Ok(()) };
-        let stopped = session.call("HeapProfiler.stopSampling", json!({}));
-        let _ = session.call("HeapProfiler.disable", json!({}));
+        let stopped = session.call("HeapProfiler.stopSampling", &json!({}));
+        let _ = session.call("HeapProfiler.disable", &json!({}));
         // inspector.close() waits for every session to end: run it once this one has.
         // `require` is the console's, there only while the expression runs: take the
         // module now. Nothing here may throw in the program later.
         let _ =
-            session.call("Runtime.evaluate", json!({ "expression": CLOSE, "includeCommandLineAPI": true }));
+            session.call("Runtime.evaluate", &json!({ "expression": CLOSE, "includeCommandLineAPI": true }));
         session.close();
         close(self.pid, self.addr);
         stopped.map(drop)
@@ -90,7 +90,7 @@ impl Node {
 
 impl Profiler for Node {
     fn snapshot(&mut self) -> Result<Vec<Stack>> {
-        let profile = self.session()?.call("HeapProfiler.getSamplingProfile", json!({}))?;
+        let profile = self.session()?.call("HeapProfiler.getSamplingProfile", &json!({}))?;
         Ok(stacks(&profile["profile"]))
     }
 

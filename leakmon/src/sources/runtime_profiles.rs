@@ -24,9 +24,8 @@ use super::selection::Suspects;
 use crate::{
     export::SeriesView,
     procfs::ProcRoot,
-    report::FrameReport,
     runtimes::{self, Options, Runtime, Stack},
-    store::{ProcessTotals, StackTotals},
+    store::{NamedStacks, ProcessTotals, StackTotals},
 };
 
 /// Shortest time between two snapshots: each is a protocol round trip over the whole
@@ -46,17 +45,11 @@ pub struct RuntimeProfiles {
 }
 
 struct Session {
-    runtime: Runtime,
     stop: Arc<AtomicBool>,
-    latest: Arc<Mutex<Option<Vec<Stack>>>>,
+    /// The latest snapshot, as the monitor takes it: converted once, on the session's
+    /// thread, and read every sampling turn.
+    latest: Arc<Mutex<Option<ProcessTotals>>>,
     thread: JoinHandle<()>,
-}
-
-/// A runtime process's totals for the monitor, and the frames of its stacks.
-pub struct RuntimeTotals {
-    pub totals: Vec<ProcessTotals>,
-    /// (pid, stack id, the stack's id as reports name it, frames).
-    pub frames: Vec<(u32, u64, String, Vec<FrameReport>)>,
 }
 
 impl RuntimeProfiles {
@@ -124,35 +117,16 @@ impl RuntimeProfiles {
                 .spawn(move || session(pid, runtime, options, every, &stop, &latest))
                 .expect("spawn a thread")
         };
-        Session { runtime, stop, latest, thread }
+        Session { stop, latest, thread }
     }
 
-    /// The latest snapshot of every session, as the monitor takes the kernel's totals.
-    pub fn totals(&self) -> RuntimeTotals {
-        let mut out = RuntimeTotals { totals: Vec::new(), frames: Vec::new() };
-        for (&pid, s) in &self.sessions {
-            let Some(stacks) = s.latest.lock().unwrap_or_else(std::sync::PoisonError::into_inner).clone()
-            else {
-                continue;
-            };
-            let mut totals = ProcessTotals { pid, gen: 0, bytes: 0, allocations: 0, stacks: Vec::new() };
-            for stack in stacks {
-                let report = runtimes::stack_report(stack, s.runtime.name());
-                let id = u64::from_str_radix(&report.id, 16).unwrap_or(0) | RUNTIME_STACK;
-                totals.bytes += report.bytes;
-                totals.allocations += report.allocations;
-                totals.stacks.push(StackTotals {
-                    stack_id: id,
-                    bytes: report.bytes,
-                    allocations: report.allocations,
-                    ts_ms_sum: 0,
-                });
-                out.frames.push((pid, id, report.id, report.frames));
-            }
-            totals.stacks.sort_by(|a, b| b.bytes.cmp(&a.bytes).then(a.stack_id.cmp(&b.stack_id)));
-            out.totals.push(totals);
-        }
-        out
+    /// The latest snapshot of every session, as the monitor takes the kernel's totals;
+    /// the frames of their stacks travel with them.
+    pub fn totals(&self) -> Vec<ProcessTotals> {
+        self.sessions
+            .values()
+            .filter_map(|s| s.latest.lock().unwrap_or_else(std::sync::PoisonError::into_inner).clone())
+            .collect()
     }
 
     /// The daemon stops: every session closes its profiler (the inspector closed, the
@@ -175,7 +149,7 @@ fn session(
     options: Options,
     every: Duration,
     stop: &AtomicBool,
-    latest: &Mutex<Option<Vec<Stack>>>,
+    latest: &Mutex<Option<ProcessTotals>>,
 ) {
     let result = runtimes::with_profiler(pid, runtime, options, |profiler, _| loop {
         let next = Instant::now() + every;
@@ -185,8 +159,8 @@ fn session(
             }
             std::thread::sleep(Duration::from_millis(100));
         }
-        let stacks = profiler.snapshot()?;
-        *latest.lock().unwrap_or_else(std::sync::PoisonError::into_inner) = Some(stacks);
+        let totals = process_totals(pid, runtime, profiler.snapshot()?);
+        *latest.lock().unwrap_or_else(std::sync::PoisonError::into_inner) = Some(totals);
     });
     match result {
         Ok(()) => {
@@ -194,4 +168,27 @@ fn session(
         }
         Err(e) => warn!(pid, runtime = runtime.name(), "runtime heap profiling stopped: {e:#}"),
     }
+}
+
+/// A snapshot as the monitor takes a process's totals from the kernel, with the frames
+/// its profiler gave each stack.
+fn process_totals(pid: u32, runtime: Runtime, stacks: Vec<Stack>) -> ProcessTotals {
+    let mut totals = ProcessTotals { pid, gen: 0, bytes: 0, allocations: 0, stacks: Vec::new(), named: None };
+    let mut named = NamedStacks::new();
+    for stack in stacks {
+        let report = runtimes::stack_report(&stack, runtime.name());
+        let id = u64::from_str_radix(&report.id, 16).unwrap_or(0) | RUNTIME_STACK;
+        totals.bytes += report.bytes;
+        totals.allocations += report.allocations;
+        totals.stacks.push(StackTotals {
+            stack_id: id,
+            bytes: report.bytes,
+            allocations: report.allocations,
+            ts_ms_sum: 0,
+        });
+        named.insert(id, (report.id, report.frames));
+    }
+    totals.stacks.sort_by(|a, b| b.bytes.cmp(&a.bytes).then(a.stack_id.cmp(&b.stack_id)));
+    totals.named = Some(Arc::new(named));
+    totals
 }

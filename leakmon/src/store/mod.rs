@@ -4,7 +4,10 @@
 //! Out: [`ProcessTotals`], one per process, blocks of replaced images (before an exec)
 //! left out, stacks largest first. Pure functions, so they are unit tested without BPF.
 
-use std::collections::BTreeMap;
+use std::{
+    collections::{BTreeMap, HashMap},
+    sync::Arc,
+};
 
 use leakmon_common::{Totals, TotalsKey};
 
@@ -39,7 +42,13 @@ pub struct ProcessTotals {
     pub allocations: u64,
     /// Largest first; ties by stack id for a stable order.
     pub stacks: Vec<StackTotals>,
+    /// Frames of stacks a runtime's own profiler named (Node.js, a JVM), by stack id;
+    /// `None` for stacks the kernel took, which are symbolized from their addresses.
+    pub named: Option<Arc<NamedStacks>>,
 }
+
+/// Stacks named by a runtime's profiler: stack id → (the id reports give it, frames).
+pub type NamedStacks = HashMap<u64, (String, Vec<crate::report::FrameReport>)>;
 
 /// Groups raw entries per process, keeping only each process's current generation
 /// (`current_gen` returns `None` for a process whose generation is unknown, in which
@@ -76,6 +85,7 @@ pub fn group(
                 bytes: stacks.iter().map(|s| s.bytes).sum(),
                 allocations: stacks.iter().map(|s| s.allocations).sum(),
                 stacks,
+                named: None,
             }
         })
         .collect();

@@ -369,13 +369,9 @@ impl Daemon<'_> {
         let mut heap = self.probes.as_ref().filter(|_| attributing).and_then(|p| unfreed(p, &traced).ok());
         if let Some(r) = self.runtime_profiles.as_ref() {
             // A process its runtime profiles is seen through that profiler only.
-            let runtime = r.totals();
-            for (pid, stack_id, id, frames) in runtime.frames {
-                self.monitor.named_stack(pid, stack_id, id, frames);
-            }
             let mut all = heap.unwrap_or_default();
             all.retain(|t| !r.profiles(t.pid));
-            all.extend(runtime.totals);
+            all.extend(r.totals());
             heap = Some(all);
         }
         self.monitor.set_incomplete(
