@@ -599,8 +599,14 @@ static __attribute__((noinline)) void *py_alloc(int d, void *ctx, void *old, siz
     if (r == 0)
         return PY_CALL;
     struct thread_state *t = me();
-    if (t->busy)
+    if (t->busy) {
+        /* Counted by the outer call, but the old block of a realloc is its own: under
+         * debug hooks, PyMem's realloc reallocates the raw block behind its block
+         * (past a header), which the raw domain may have sampled on its own. */
+        if (kind == K_REALLOC)
+            released((uintptr_t)old);
         return PY_CALL;
+    }
     t->busy = 1;
     if (kind == K_REALLOC)
         released((uintptr_t)old);

@@ -146,7 +146,8 @@ fn the_agent_attributes_a_growing_cache_to_its_python_lines() {
 
 /// Every sampled object that is freed is seen freed, whichever way its free goes:
 /// pymalloc's own (a sampled block is given a raw block, whose free reaches the raw
-/// domain's wrapper), and under debug hooks, whose frees stay wrapped. 20 million
+/// domain's wrapper), and under debug hooks, whose frees stay wrapped and free the
+/// block malloc gave from inside the wrapper. 20 million
 /// objects built and dropped are thousands of samples at 512 KiB: a missed free shows
 /// as a block left at exit, or as a later sample at the same address replacing it
 /// (`live_replaced`).
@@ -180,11 +181,11 @@ fn the_agent_sees_the_free_of_every_sampled_python_object() {
             frames.iter().any(|f| is_python(f, "churn") || is_python(f, "<listcomp>"))
         });
         eprintln!("{version} {env:?}: {churn} B left in the churn's stacks");
-        // Under debug hooks some sampled address is still replaced by a later sample
-        // (`live_replaced`), with or without the raw blocks: not yet understood.
-        if env.is_empty() {
-            assert!(!stderr.contains("live_replaced"), "{python}: a free was missed: {stderr}");
-        }
+        // Under debug hooks a block's address in its domain is past a header: the
+        // block malloc gave (which the agent may have sampled before it wrapped the
+        // domains) is freed inside the domain's wrapped free or realloc, and was once
+        // missed there.
+        assert!(!stderr.contains("live_replaced"), "{python} {env:?}: a free was missed: {stderr}");
         assert_eq!(churn, 0, "{python} {env:?}: {p:#?}");
     }
 }
