@@ -58,12 +58,15 @@
 /* ---- markers: the probe sites ------------------------------------------------ */
 
 /*
- * A 5-byte NOP first (a kernel with optimized uprobes turns a probe there into a call
- * instead of a trap), then ret. Written in assembly so that no compiler puts anything
- * before the NOP, with call frame information for the kernel's unwinder. Its frame 0
- * is the marker's own address, which unwinders (taking every frame for a return
- * address) look up one byte early: the int3 before each marker, never executed, is
- * there so that byte has the marker's frame rule too.
+ * A one-byte NOP first, then ret. Not the 5-byte NOP that a kernel with optimized
+ * uprobes (6.18) turns into a call to a trampoline page of the process: that page is
+ * not copied into a child forked from any thread but the main one, whose first sample
+ * then jumps to nothing (SIGSEGV). A trap at a NOP is emulated; measured against the
+ * call with cargo xtask bench --python-only, no difference showed. Written in assembly
+ * so that no compiler puts anything before the NOP, with call frame information for
+ * the kernel's unwinder. Its frame 0 is the marker's own address, which unwinders
+ * (taking every frame for a return address) look up one byte early: the int3 before
+ * each marker, never executed, is there so that byte has the marker's frame rule too.
  */
 #define MARKER(name)                                     \
     ".globl " #name "\n"                                 \
@@ -71,7 +74,7 @@
     ".cfi_startproc\n"                                   \
     "  int3\n"                                           \
     #name ":\n"                                          \
-    "  .byte 0x0f, 0x1f, 0x44, 0x00, 0x00\n"             \
+    "  nop\n"                                            \
     "  ret\n"                                            \
     ".cfi_endproc\n"                                     \
     ".size " #name ", .-" #name "\n"

@@ -347,8 +347,9 @@ fn killed_at_every_moment(mut target: AgentTarget) {
 }
 
 /// Loaded while four threads allocate and free without pause and a fifth forks and
-/// execs without pause; then, with the agent in place, a new thread, a fork, an exec
-/// and a dlopen'd library. Every child of the busy fork/exec loop exits as it should. The threads' blocks stay
+/// execs without pause; then, with the agent in place, a new thread, a fork from the
+/// main thread and one from another thread (whose child once crashed at its first
+/// sample, see agent.c's markers), an exec and a dlopen'd library. Every child of the busy fork/exec loop exits as it should. The threads' blocks stay
 /// intact, the child and the exec'd program run normally, and the 1 MiB leaks of the
 /// new thread, the child and the library (far above the interval) are reported exactly.
 #[test]
@@ -368,6 +369,7 @@ fn threads_in_malloc_and_fork_exec_during_load_and_threads_dlopen_after_it() {
     assert_eq!(ask("thread"), "thread leaked");
     assert_eq!(ask(&format!("dlopen {}", plugin.display())), "plugin leaked");
     assert_eq!(ask("fork"), "forked 0");
+    assert_eq!(ask("threadfork"), "thread forked 0");
     assert_eq!(ask("exec"), "exec 7");
     let json = finish_report(report, stderr);
     let spawned = ask("unspawn");
@@ -382,20 +384,25 @@ fn threads_in_malloc_and_fork_exec_during_load_and_threads_dlopen_after_it() {
     assert_eq!(got.get("leak_in_new_thread"), Some(&(1_048_576, 1)), "{got:?}");
     let got = by_function(parent, "agent_plugin.c");
     assert_eq!(got.get("plugin_leak"), Some(&(1_048_576, 1)), "{got:?}");
-    let child = processes(&json)
-        .iter()
-        .find(|p| p["pid"] != pid && !by_function(p, "agent_lifecycle.c").is_empty())
-        .expect("the forked child in the report");
-    assert_eq!(by_function(child, "agent_lifecycle.c").get("leak_in_child"), Some(&(1_048_576, 1)));
+    assert_children_leaked(&json, pid);
     wait_restored(pid, slot, original);
     assert_eq!(ask("churn"), "churning");
     assert!(ask("join").starts_with("joined bad=0 "));
 }
 
+/// The child forked from the main thread: in the report with the 1 MiB it leaked.
+fn assert_children_leaked(json: &serde_json::Value, parent: u32) {
+    let child = processes(json)
+        .iter()
+        .find(|p| p["pid"] != parent && !by_function(p, "agent_lifecycle.c").is_empty())
+        .expect("the forked child in the report");
+    assert_eq!(by_function(child, "agent_lifecycle.c").get("leak_in_child"), Some(&(1_048_576, 1)));
+}
+
 /// The same for inline hooks, in a statically linked program: threads hammer the
 /// allocator and the process forks and execs while the hooks go on (the entries are
-/// written with every thread stopped and none inside them); a new thread and a forked
-/// child leak after it; nobody gets a corrupt block, and the entries come back.
+/// written with every thread stopped and none inside them); a new thread and children
+/// forked from the main thread and from another leak after it; nobody gets a corrupt block, and the entries come back.
 #[test]
 fn threads_in_malloc_and_fork_exec_during_inline_hooking_of_a_static_program() {
     let fixture = build_fixture("agent_lifecycle.c", &["-static"]);
@@ -414,6 +421,7 @@ fn threads_in_malloc_and_fork_exec_during_inline_hooking_of_a_static_program() {
     let (report, stderr) = watch_pid_with(pid, "6", &["--agent", "--sample-bytes", "4KiB"]);
     assert_eq!(ask("thread"), "thread leaked");
     assert_eq!(ask("fork"), "forked 0");
+    assert_eq!(ask("threadfork"), "thread forked 0");
     let json = finish_report(report, stderr);
     let spawned = ask("unspawn");
     assert!(spawned.ends_with(" bad=0") && !spawned.starts_with("spawned 0 "), "{spawned}");
@@ -424,11 +432,7 @@ fn threads_in_malloc_and_fork_exec_during_inline_hooking_of_a_static_program() {
     let parent = processes(&json).iter().find(|p| p["pid"] == pid).expect("the fixture's process");
     let got = by_function(parent, "agent_lifecycle.c");
     assert_eq!(got.get("leak_in_new_thread"), Some(&(1_048_576, 1)), "{got:?}");
-    let child = processes(&json)
-        .iter()
-        .find(|p| p["pid"] != pid && !by_function(p, "agent_lifecycle.c").is_empty())
-        .expect("the forked child in the report");
-    assert_eq!(by_function(child, "agent_lifecycle.c").get("leak_in_child"), Some(&(1_048_576, 1)));
+    assert_children_leaked(&json, pid);
     for (entry, original) in &entries {
         assert_eq!(read_u64(pid, *entry), *original, "the entry at {entry:#x} holds its own bytes again");
     }

@@ -429,3 +429,49 @@ fn leakmon_killed_while_wrapping_python_leaves_its_allocators_as_they_were() {
         assert_eq!(ask(&mut process, &mut lines, "go"), "done", "{moment}");
     }
 }
+
+/// Children forked from a Python process while its allocator domains are wrapped, and
+/// while they are wrapped and unwrapped, run Python under the allocators they inherit,
+/// then exit or exec; none ends badly, and the parent's domains come back as they were.
+#[test]
+fn python_forks_and_execs_while_its_allocators_are_wrapped() {
+    use std::time::{Duration, Instant};
+    let (python, _) = interpreters().swap_remove(1);
+    let (mut process, mut lines) = start(&python, "forking", "2");
+    let pid = process.0.id();
+    let original = ask(&mut process, &mut lines, "allocators");
+    // (children ended, of which badly), and the whole answer for a failure's message.
+    let forks = |process: &mut Reap, lines: &mut Lines| -> (u64, u64, String) {
+        let answer = ask(process, lines, "forks");
+        let number = |key: &str| -> u64 {
+            let value = answer.split(' ').find_map(|w| w.strip_prefix(key)).expect("a count");
+            value.parse().expect("a number")
+        };
+        (number("forks="), number("bad="), answer)
+    };
+    let (before, ..) = forks(&mut process, &mut lines);
+    let (report, stderr) = watch_pid_with(pid, "4", &["--agent", "--sample-bytes", "64KiB"]);
+    assert_ne!(ask(&mut process, &mut lines, "allocators"), original, "the domains are wrapped");
+    let (wrapped, ..) = forks(&mut process, &mut lines);
+    std::thread::sleep(Duration::from_secs(1));
+    let (later, bad, answer) = forks(&mut process, &mut lines);
+    assert!(later > wrapped, "children forked while wrapped: {wrapped} then {later}");
+    assert_eq!(bad, 0, "a child ended badly: {answer}");
+    finish_report(report, stderr);
+    let deadline = Instant::now() + Duration::from_secs(20);
+    while ask(&mut process, &mut lines, "allocators") != original {
+        assert!(Instant::now() < deadline, "the domains were not put back");
+        std::thread::sleep(Duration::from_millis(50));
+    }
+    std::thread::sleep(Duration::from_millis(500));
+    let (after, bad, answer) = forks(&mut process, &mut lines);
+    assert!(after > later && later > before, "forks went on: {before}, {later}, {after}");
+    assert_eq!(bad, 0, "a child ended badly: {answer}");
+    let rounds: u64 = ask(&mut process, &mut lines, "count").parse().expect("a count");
+    std::thread::sleep(Duration::from_millis(200));
+    assert!(
+        ask(&mut process, &mut lines, "count").parse::<u64>().expect("a count") > rounds,
+        "the threads go on"
+    );
+    assert_eq!(ask(&mut process, &mut lines, "go"), "done");
+}

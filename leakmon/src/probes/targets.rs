@@ -319,8 +319,8 @@ pub(crate) fn code_of<'data>(
 const AGENT_POINTS: [(&str, Handler); 2] =
     [("leakmon_agent_sampled_alloc", Handler::AgentAlloc), ("leakmon_agent_sampled_free", Handler::Free)];
 
-/// The agent's marker functions in the agent file at `path`. Each starts with a 5-byte
-/// NOP, the probe site.
+/// The agent's marker functions in the agent file at `path`. Each starts with a NOP,
+/// the probe site.
 pub fn agent_points(path: &Path) -> Result<Vec<EntryPoint>, TargetError> {
     let display = path.display().to_string();
     let data = fs::read(path).map_err(|source| TargetError::Read { path: display.clone(), source })?;
