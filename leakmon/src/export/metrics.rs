@@ -357,49 +357,6 @@ mod tests {
         export::{StackTrend, StackView},
     };
 
-    fn view(signal: &'static str) -> SeriesView {
-        SeriesView {
-            service: "leaky.service".into(),
-            comm: "leaky".into(),
-            pid: Some(42),
-            signal,
-            pids: vec![1],
-            allocator: Some("jemalloc"),
-            incomplete: signal == "heap",
-            current_bytes: 4096,
-            memory: (signal == "anon").then_some(crate::monitor::Resident {
-                rss: 4096,
-                anon: 3072,
-                swap: 1024,
-                file: 512,
-                shmem: 256,
-            }),
-            allocations: (signal == "heap").then_some(7),
-            growth_bytes_per_second: 4096.5,
-            trend_z: 5.0,
-            verdict: Verdict::SteadyGrowth,
-            suspected: true,
-            suspected_for_seconds: Some(1.0),
-            limit_bytes: Some(1 << 30),
-            time_to_exhaustion_seconds: Some(3600.0),
-            samples: 60,
-            stacks: vec![StackView {
-                stack: "0123456789ab".into(),
-                bytes: 4000,
-                allocations: 7,
-                function: "leak_small".into(),
-                location: "leaks.c:20".into(),
-                frames: Vec::new(),
-                trend: Some(StackTrend {
-                    growth_bytes_per_second: 512.0,
-                    trend_z: 4.0,
-                    verdict: Verdict::SteadyGrowth,
-                    suspected: true,
-                }),
-            }],
-        }
-    }
-
     #[test]
     fn a_restart_counter_lasts_as_long_as_the_monitor_knows_its_group() {
         let mut m = Metrics::new(false);
@@ -425,7 +382,12 @@ mod tests {
     #[test]
     fn renders_the_families_with_their_labels() {
         let mut m = Metrics::new(false);
-        m.update(&[view("anon"), view("heap")], Some(Counters::default()), 3, 2);
+        m.update(
+            &[SeriesView::example("anon"), SeriesView::example("heap")],
+            Some(Counters::default()),
+            3,
+            2,
+        );
         let text = m.render();
         for line in [
             "leakmon_memory_rss_bytes{comm=\"leaky\",service=\"leaky.service\"} 4096",
@@ -455,7 +417,7 @@ mod tests {
         }
         assert!(!text.contains("pid=\"42\""), "no pid label unless configured");
         let mut with_pid = Metrics::new(true);
-        with_pid.update(&[view("anon")], None, 0, 0);
+        with_pid.update(&[SeriesView::example("anon")], None, 0, 0);
         assert!(
             with_pid.render().contains(
                 "leakmon_memory_rss_bytes{comm=\"leaky\",pid=\"42\",service=\"leaky.service\"} 4096"

@@ -48,6 +48,53 @@ pub struct SeriesView {
     pub stacks: Vec<StackView>,
 }
 
+#[cfg(test)]
+impl SeriesView {
+    /// A suspected series of pid 1 with every field set, for tests.
+    pub fn example(signal: &'static str) -> Self {
+        Self {
+            service: "leaky.service".into(),
+            comm: "leaky".into(),
+            pid: Some(42),
+            signal,
+            pids: vec![1],
+            allocator: Some("jemalloc"),
+            incomplete: signal == "heap",
+            current_bytes: 4096,
+            memory: (signal == "anon").then_some(crate::monitor::Resident {
+                rss: 4096,
+                anon: 3072,
+                swap: 1024,
+                file: 512,
+                shmem: 256,
+            }),
+            allocations: (signal == "heap").then_some(7),
+            growth_bytes_per_second: 4096.5,
+            trend_z: 5.0,
+            verdict: Verdict::SteadyGrowth,
+            suspected: true,
+            suspected_for_seconds: Some(1.0),
+            limit_bytes: Some(1 << 30),
+            time_to_exhaustion_seconds: Some(3600.0),
+            samples: 60,
+            stacks: vec![StackView {
+                stack: "0123456789ab".into(),
+                bytes: 4000,
+                allocations: 7,
+                function: "leak_small".into(),
+                location: "leaks.c:20".into(),
+                frames: Vec::new(),
+                trend: Some(StackTrend {
+                    growth_bytes_per_second: 512.0,
+                    trend_z: 4.0,
+                    verdict: Verdict::SteadyGrowth,
+                    suspected: true,
+                }),
+            }],
+        }
+    }
+}
+
 /// One allocation stack of a series.
 #[derive(Clone, Debug, PartialEq, Serialize)]
 pub struct StackView {

@@ -82,12 +82,14 @@ impl Suspects {
 
     /// Processes of series suspected on resident memory that may start now, with
     /// their series, within the budget; each must then be [`Suspects::started`] or
-    /// [`Suspects::refused`].
+    /// [`Suspects::refused`]. Never leakmon itself: probes in it would trap on its
+    /// own allocations, and the kernel side ignores them anyway.
     pub fn candidates<'v>(&self, views: &'v [SeriesView]) -> Vec<(u32, &'v SeriesView)> {
         let mut out = Vec::new();
         for v in views.iter().filter(|v| v.suspected && v.signal == "anon") {
             for &pid in &v.pids {
-                if self.active.len() + out.len() >= self.max
+                if pid == std::process::id()
+                    || self.active.len() + out.len() >= self.max
                     || self.active.contains_key(&pid)
                     || self.done.contains(&pid)
                     || out.iter().any(|(p, _)| *p == pid)
@@ -113,6 +115,15 @@ impl Suspects {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn leakmon_itself_is_never_a_suspect_to_attribute() {
+        let mut ours = SeriesView::example("anon");
+        ours.pids = vec![std::process::id(), 1];
+        let suspects = Suspects::new(Duration::from_secs(60), 4);
+        let picked: Vec<u32> = suspects.candidates(&[ours]).into_iter().map(|(pid, _)| pid).collect();
+        assert_eq!(picked, [1]);
+    }
 
     #[test]
     fn names_and_cgroups_select_among_the_sampled() {
