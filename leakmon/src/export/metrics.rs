@@ -352,10 +352,6 @@ impl Metrics {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::{
-        analysis::trend::Verdict,
-        export::{StackTrend, StackView},
-    };
 
     #[test]
     fn a_restart_counter_lasts_as_long_as_the_monitor_knows_its_group() {
