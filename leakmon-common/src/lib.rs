@@ -137,6 +137,11 @@ pub struct ProcState {
     pub gen: u32,
     /// [`proc_flags`].
     pub flags: u32,
+    /// The process it was forked from while it runs its parent's image (the kernel sets
+    /// it at the fork and clears it at an exec); 0 otherwise. Its parent's mappings then
+    /// name its stacks when it is gone before its own could be read.
+    pub parent: u32,
+    pub _pad: u32,
 }
 
 impl ProcState {
@@ -150,7 +155,12 @@ impl ProcState {
     /// own, nor purged with them.
     #[must_use]
     pub const fn reborn(self) -> Self {
-        Self { gen: self.gen.wrapping_add(1), flags: 0 }
+        Self { gen: self.gen.wrapping_add(1), flags: 0, parent: 0, _pad: 0 }
+    }
+
+    /// A process forked from `parent`.
+    pub const fn child_of(parent: u32) -> Self {
+        Self { gen: 0, flags: 0, parent, _pad: 0 }
     }
 }
 

@@ -49,14 +49,14 @@ pub fn lifecycle_newtask(ctx: TracePointContext) -> u32 {
         return 0;
     };
     let child = child as u32;
-    if PROCS.insert(&child, &ProcState::default(), u64::from(BPF_NOEXIST)).is_err() {
+    if PROCS.insert(&child, &ProcState::child_of(parent), u64::from(BPF_NOEXIST)).is_err() {
         match PROCS.get_ptr_mut(&child) {
             // SAFETY: pointer into the map value; the child has not run yet.
             Some(state) => unsafe {
                 // An exited process's entry at the reused pid: the child is another
                 // process, in a generation of its own.
                 if (*state).exited() {
-                    *state = (*state).reborn();
+                    *state = ProcState { parent, ..(*state).reborn() };
                 }
             },
             None => {
@@ -93,6 +93,8 @@ pub fn lifecycle_exec(_ctx: TracePointContext) -> u32 {
     // SAFETY: pointer into the map value; exec runs on one thread of the process.
     let gen = unsafe {
         (*state).gen += 1;
+        // Its own image now, not its parent's mappings.
+        (*state).parent = 0;
         (*state).gen
     };
     emit(event::EXEC, tgid, 0, gen);

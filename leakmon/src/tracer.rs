@@ -8,9 +8,11 @@
 //! has not run: the moment to read its mappings for stack unwinding). No syscall
 //! tracing, so the cost is nil between those events.
 //!
-//! Every thread is traced, not only each process's first: a child forked from any
-//! thread stops before its first instruction too (a `report --pid` gives it probes of
-//! its own then). A thread's own start costs one stop; its exit, none.
+//! Only each process's first thread is traced: every signal to a traced thread stops it
+//! until the caller next polls, and a program whose threads take per-thread timer
+//! signals ran at a quarter of its speed with all of them traced. A child forked from
+//! another thread is therefore not held; the kernel side still counts it (it follows
+//! forks itself) and a report names its stacks by its parent's mappings.
 //!
 //! All ptrace calls must come from the thread that attached; callers keep the tracer on
 //! one thread.
@@ -41,9 +43,6 @@ pub enum TracerError {
     /// A ptrace or wait call failed.
     #[error("{call} pid {pid}")]
     Ptrace { call: &'static str, pid: i32, source: Errno },
-    /// The threads of a process could not be listed.
-    #[error("list the threads of pid {pid}")]
-    Threads { pid: i32, source: std::io::Error },
 }
 
 fn err(call: &'static str, pid: Pid) -> impl FnOnce(Errno) -> TracerError {
@@ -75,25 +74,19 @@ pub enum RootExit {
 /// The processes of one session.
 pub struct Tracer {
     root: Pid,
-    /// Tasks whose first stop was seen (a new child's first stop is its attach stop, to
-    /// be swallowed, not a signal to deliver): processes and their threads.
+    /// Processes whose first stop was seen (a new child's first stop is its attach
+    /// stop, to be swallowed, not a signal to deliver).
     seen: HashSet<Pid>,
-    /// The tasks of `seen` that are threads of a process, not its first.
-    threads: HashSet<Pid>,
     root_exit: Option<RootExit>,
     /// Entry-point breakpoints in place: the address and the word the int3 replaced.
     breakpoints: HashMap<Pid, (u64, i64)>,
 }
 
 /// The options leakmon traces a command with (the agent's loader puts them back after its own).
-pub const OPTIONS: Options = THREAD_OPTIONS.union(Options::PTRACE_O_TRACEEXIT);
-
-/// A thread's: its forks, execs and new threads; its exit is the process's only when the
-/// process ends, which its first thread's exit stop tells.
-const THREAD_OPTIONS: Options = Options::PTRACE_O_TRACEFORK
+pub const OPTIONS: Options = Options::PTRACE_O_TRACEFORK
     .union(Options::PTRACE_O_TRACEVFORK)
-    .union(Options::PTRACE_O_TRACECLONE)
-    .union(Options::PTRACE_O_TRACEEXEC);
+    .union(Options::PTRACE_O_TRACEEXEC)
+    .union(Options::PTRACE_O_TRACEEXIT);
 
 impl Tracer {
     /// Starts `command` stopped just after its exec, before its first instruction.
@@ -114,49 +107,17 @@ impl Tracer {
         // The exec stop.
         waitpid(root, Some(WaitPidFlag::__WALL)).map_err(err("waitpid", root))?;
         ptrace::setoptions(root, OPTIONS).map_err(err("setoptions", root))?;
-        let mut tracer = Self::new(root);
+        let mut tracer =
+            Self { root, seen: HashSet::from([root]), root_exit: None, breakpoints: HashMap::new() };
         tracer.break_at_entry(root);
         Ok(tracer)
     }
 
-    fn new(root: Pid) -> Self {
-        Self {
-            root,
-            seen: HashSet::from([root]),
-            threads: HashSet::new(),
-            root_exit: None,
-            breakpoints: HashMap::new(),
-        }
-    }
-
-    /// Attaches to a running process and each of its threads, without stopping them.
+    /// Attaches to a running process without stopping it.
     pub fn seize(pid: u32) -> Result<Self, TracerError> {
         let root = Pid::from_raw(i32::try_from(pid).expect("pid fits"));
         ptrace::seize(root, OPTIONS).map_err(err("seize", root))?;
-        let mut tracer = Self::new(root);
-        // Threads the traced ones start from now on are traced by the kernel; a listing
-        // that finds none untraced has them all.
-        loop {
-            let tasks = std::fs::read_dir(format!("/proc/{pid}/task"))
-                .map_err(|source| TracerError::Threads { pid: root.as_raw(), source })?;
-            let mut new = false;
-            for tid in
-                tasks.filter_map(|t| t.ok()?.file_name().to_str()?.parse::<i32>().ok()).map(Pid::from_raw)
-            {
-                if tracer.seen.contains(&tid) {
-                    continue;
-                }
-                // A thread that ends meanwhile is not one to trace.
-                if ptrace::seize(tid, THREAD_OPTIONS).is_ok() {
-                    tracer.seen.insert(tid);
-                    tracer.threads.insert(tid);
-                    new = true;
-                }
-            }
-            if !new {
-                return Ok(tracer);
-            }
-        }
+        Ok(Self { root, seen: HashSet::from([root]), root_exit: None, breakpoints: HashMap::new() })
     }
 
     pub fn root(&self) -> u32 {
@@ -186,7 +147,6 @@ impl Tracer {
                 WaitStatus::PtraceEvent(pid, _, event) => {
                     let first = self.seen.insert(pid);
                     match event {
-                        libc::PTRACE_EVENT_STOP if first && self.new_thread(pid) => {}
                         // A seized tracee's new children start with this stop, not SIGSTOP.
                         libc::PTRACE_EVENT_STOP if first => at_stop(pid.as_raw() as u32, Stop::Fork),
                         libc::PTRACE_EVENT_EXIT => {
@@ -208,7 +168,7 @@ impl Tracer {
                 }
                 WaitStatus::Stopped(pid, signal) => {
                     let first = self.seen.insert(pid);
-                    if first && signal == Signal::SIGSTOP && !self.new_thread(pid) {
+                    if first && signal == Signal::SIGSTOP {
                         at_stop(pid.as_raw() as u32, Stop::Fork);
                     }
                     let deliver = (!(first && signal == Signal::SIGSTOP)).then_some(signal);
@@ -219,9 +179,6 @@ impl Tracer {
                 }
                 WaitStatus::Signaled(pid, signal, _) if pid == self.root => {
                     self.root_exit = Some(RootExit::Signal(signal));
-                }
-                WaitStatus::Exited(pid, _) | WaitStatus::Signaled(pid, ..) if self.threads.remove(&pid) => {
-                    self.seen.remove(&pid);
                 }
                 _ => {}
             }
@@ -255,21 +212,6 @@ impl Tracer {
             }
             let _ = ptrace::detach(pid, signal);
         }
-    }
-
-    /// At a new task's first stop: whether it is a thread of a process (which the kernel
-    /// traced because its creator is), not a process. Each gets its options: a child
-    /// forked from a thread inherits the thread's, without the exit stop.
-    fn new_thread(&mut self, pid: Pid) -> bool {
-        let status = std::fs::read_to_string(format!("/proc/{pid}/status")).unwrap_or_default();
-        let tgid =
-            status.lines().find_map(|l| l.strip_prefix("Tgid:")).and_then(|v| v.trim().parse::<i32>().ok());
-        let thread = tgid.is_some_and(|tgid| tgid != pid.as_raw());
-        if thread {
-            self.threads.insert(pid);
-        }
-        let _ = ptrace::setoptions(pid, if thread { THREAD_OPTIONS } else { OPTIONS });
-        thread
     }
 
     /// Puts an int3 at the entry point of `pid`'s new image (from its auxiliary

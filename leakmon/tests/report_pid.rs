@@ -124,3 +124,36 @@ fn a_process_that_exits_while_leakmon_attaches_gets_an_answer() {
         }
     }
 }
+
+/// The tracer holds the process's first thread only (for its forks, execs and exit):
+/// every signal to a traced thread stops it until leakmon next looks, so a program
+/// whose threads take per-thread CPU-timer signals (profilers, runtimes) ran at a
+/// quarter of its speed while every thread was traced. The others go untraced.
+#[test]
+fn only_the_first_thread_of_a_running_process_is_traced() {
+    let _alone = alone();
+    let fixture = build_fixture("agent_lifecycle.c", &[]);
+    let mut target = common::agent_state::Lifecycle::start(&fixture);
+    let pid = target.pid;
+    assert_eq!(target.ask("churn"), "churning");
+    let (leakmon, stderr) = common::watch_pid(pid, "3");
+    let tracer_of = |tid: u32| -> String {
+        let status = std::fs::read_to_string(format!("/proc/{pid}/task/{tid}/status")).expect("status");
+        status.lines().find_map(|l| l.strip_prefix("TracerPid:")).expect("TracerPid").trim().to_owned()
+    };
+    let tasks: Vec<u32> = std::fs::read_dir(format!("/proc/{pid}/task"))
+        .expect("tasks")
+        .filter_map(|t| t.ok()?.file_name().to_str()?.parse().ok())
+        .collect();
+    assert!(tasks.len() > 1, "the fixture's threads: {tasks:?}");
+    for tid in tasks {
+        let tracer = tracer_of(tid);
+        if tid == pid {
+            assert_eq!(tracer, leakmon.id().to_string(), "the first thread is traced");
+        } else {
+            assert_eq!(tracer, "0", "thread {tid} is not traced");
+        }
+    }
+    common::finish_report(leakmon, stderr);
+    assert!(target.ask("join").starts_with("joined bad=0 "));
+}

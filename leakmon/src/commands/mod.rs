@@ -79,6 +79,19 @@ impl Snapshot {
             let info = infos.entry(pid).or_insert_with(|| capture(discovery, pid, true));
             info.incomplete = state.flags & leakmon_common::proc_flags::INCOMPLETE != 0;
         }
+        // A child gone before its mappings were read (one forked from a thread no tracer
+        // holds) had its parent's, while it ran its parent's image.
+        for (&pid, state) in traced {
+            let parent = infos.get(&state.parent).filter(|_| state.parent != 0 && state.parent != pid);
+            if let (Some(parent), true) = (parent, infos.get(&pid).is_some_and(|i| i.maps.is_empty())) {
+                let inherited = crate::report::ProcessInfo {
+                    root: None,
+                    incomplete: infos[&pid].incomplete,
+                    ..parent.clone()
+                };
+                infos.insert(pid, inherited);
+            }
+        }
         infos.retain(|pid, _| traced.contains_key(pid));
         let totals = unfreed(probes, traced)?;
         let stacks = totals

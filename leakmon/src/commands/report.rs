@@ -50,7 +50,11 @@ pub fn report(args: &ReportArgs) -> Result<()> {
     };
     let attach = |probes: &mut Probes, pid: u32, files: Vec<std::path::PathBuf>| -> Result<()> {
         if let Some(agent) = agent.as_deref() {
-            probes.attach_agent(per_process.then_some(pid), agent)?;
+            // On every process mapping the agent's file: none but those it is loaded
+            // into, here or by another leakmon (whose samples the kernel side skips).
+            // A probe scoped to the process would not fire in a child forked from a
+            // thread no tracer holds, which gets no probes of its own.
+            probes.attach_agent(None, agent)?;
         } else if per_process {
             probes.attach_process(pid, &files)?;
         } else {
