@@ -274,7 +274,7 @@ mod tests {
         assert_eq!(size_of::<LiveAlloc>(), 32);
         assert_eq!(size_of::<TotalsKey>(), 16);
         assert_eq!(size_of::<Totals>(), 24);
-        assert_eq!(size_of::<ProcState>(), 8);
+        assert_eq!(size_of::<ProcState>(), 16);
         assert_eq!(size_of::<LifecycleEvent>(), 32);
         assert_eq!(size_of::<TracepointOffsets>(), 16);
         assert_eq!(size_of::<Stack>(), MAX_STACK_DEPTH * 8);
