@@ -349,9 +349,10 @@ fn killed_at_every_moment(mut target: AgentTarget) {
 /// Loaded while four threads allocate and free without pause and a fifth forks and
 /// execs without pause; then, with the agent in place, a new thread, a fork from the
 /// main thread and one from another thread (whose child once crashed at its first
-/// sample, see agent.c's markers), an exec and a dlopen'd library. Every child of the busy fork/exec loop exits as it should. The threads' blocks stay
-/// intact, the child and the exec'd program run normally, and the 1 MiB leaks of the
-/// new thread, the child and the library (far above the interval) are reported exactly.
+/// sample, see agent.c's markers), an exec and a dlopen'd library. Every child of the
+/// busy fork/exec loop exits as it should. The threads' blocks stay intact, the
+/// children and the exec'd program run normally, and the 1 MiB leaks of the new
+/// thread, the children and the library (far above the interval) are reported exactly.
 #[test]
 fn threads_in_malloc_and_fork_exec_during_load_and_threads_dlopen_after_it() {
     let fixture = build_fixture("agent_lifecycle.c", &[]);
@@ -406,7 +407,8 @@ fn assert_children_leaked(json: &serde_json::Value, parent: u32) {
 /// The same for inline hooks, in a statically linked program: threads hammer the
 /// allocator and the process forks and execs while the hooks go on (the entries are
 /// written with every thread stopped and none inside them); a new thread and children
-/// forked from the main thread and from another leak after it; nobody gets a corrupt block, and the entries come back.
+/// forked from the main thread and from another leak after it; nobody gets a corrupt
+/// block, and the entries come back.
 #[test]
 fn threads_in_malloc_and_fork_exec_during_inline_hooking_of_a_static_program() {
     let fixture = build_fixture("agent_lifecycle.c", &["-static"]);

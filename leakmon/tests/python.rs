@@ -3,9 +3,9 @@
 
 mod common;
 
-use std::io::{BufRead as _, Write as _};
+use std::io::Write as _;
 
-use common::{finish_report, processes, watch_pid_with, Reap};
+use common::{finish_report, processes, watch_pid_with, Lines, Reap};
 use serde_json::Value;
 
 /// The interpreters the issue names, each with the version its log line gives.
@@ -34,8 +34,6 @@ fn line_of(needle: &str) -> u64 {
     source.lines().position(|l| l.contains(needle)).expect("the line") as u64 + 1
 }
 
-type Lines = std::io::Lines<std::io::BufReader<std::process::ChildStdout>>;
-
 /// The names of a reported stack's Python frames, innermost first.
 fn python_names(stack: &Value) -> Vec<&str> {
     stack["frames"]
@@ -53,16 +51,9 @@ fn start(python: &str, mode: &str, arg: &str) -> (Reap, Lines) {
 }
 
 fn start_with(python: &str, mode: &str, arg: &str, env: &[(&str, &str)]) -> (Reap, Lines) {
-    let mut child = std::process::Command::new(python)
-        .args([fixture().as_str(), mode, arg])
-        .envs(env.iter().copied())
-        .stdin(std::process::Stdio::piped())
-        .stdout(std::process::Stdio::piped())
-        .spawn()
-        .unwrap_or_else(|e| panic!("start {python}: {e}"));
-    let mut lines = std::io::BufReader::new(child.stdout.take().expect("stdout")).lines();
-    assert_eq!(lines.next().expect("a line").expect("read"), "ready", "{python}");
-    (Reap(child), lines)
+    let mut command = std::process::Command::new(python);
+    command.args([fixture().as_str(), mode, arg]).envs(env.iter().copied());
+    common::start_ready(command, python)
 }
 
 fn is_python(frame: &Value, function: &str) -> bool {
@@ -392,6 +383,14 @@ fn ask(process: &mut Reap, lines: &mut Lines, command: &str) -> String {
     lines.next().expect("a line").expect("read")
 }
 
+/// The fixture's churning threads made more rounds 200 ms later.
+fn assert_threads_go_on(process: &mut Reap, lines: &mut Lines, when: &str) {
+    let before: u64 = ask(process, lines, "count").parse().expect("a count");
+    std::thread::sleep(std::time::Duration::from_millis(200));
+    let after: u64 = ask(process, lines, "count").parse().expect("a count");
+    assert!(after > before, "{when}: the threads go on");
+}
+
 /// leakmon SIGKILLed while its agent is being loaded into a Python process whose
 /// threads allocate without pause, while it watches, and at once: each time the guardian
 /// puts CPython's allocator domains back as they were, nobody traces the process, its
@@ -422,10 +421,7 @@ fn leakmon_killed_while_wrapping_python_leaves_its_allocators_as_they_were() {
             original,
             "{moment}: the domains as they were"
         );
-        let before: u64 = ask(&mut process, &mut lines, "count").parse().expect("a count");
-        std::thread::sleep(Duration::from_millis(200));
-        let after: u64 = ask(&mut process, &mut lines, "count").parse().expect("a count");
-        assert!(after > before, "{moment}: the threads go on");
+        assert_threads_go_on(&mut process, &mut lines, moment);
         assert_eq!(ask(&mut process, &mut lines, "go"), "done", "{moment}");
     }
 }
@@ -467,11 +463,6 @@ fn python_forks_and_execs_while_its_allocators_are_wrapped() {
     let (after, bad, answer) = forks(&mut process, &mut lines);
     assert!(after > later && later > before, "forks went on: {before}, {later}, {after}");
     assert_eq!(bad, 0, "a child ended badly: {answer}");
-    let rounds: u64 = ask(&mut process, &mut lines, "count").parse().expect("a count");
-    std::thread::sleep(Duration::from_millis(200));
-    assert!(
-        ask(&mut process, &mut lines, "count").parse::<u64>().expect("a count") > rounds,
-        "the threads go on"
-    );
+    assert_threads_go_on(&mut process, &mut lines, "after the report");
     assert_eq!(ask(&mut process, &mut lines, "go"), "done");
 }

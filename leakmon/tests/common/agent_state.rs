@@ -31,21 +31,6 @@ pub fn got_slot(pid: u32, exe: &std::path::Path, symbol: &str) -> u64 {
     }
 }
 
-/// Starts `fixture` with its output piped; its lines.
-fn start_ready(
-    fixture: &std::path::Path,
-) -> (super::Reap, std::io::Lines<std::io::BufReader<std::process::ChildStdout>>) {
-    use std::io::BufRead as _;
-    let mut process = super::Reap(
-        std::process::Command::new(fixture)
-            .stdout(std::process::Stdio::piped())
-            .spawn()
-            .expect("start the fixture"),
-    );
-    let lines = std::io::BufReader::new(process.0.stdout.take().expect("stdout")).lines();
-    (process, lines)
-}
-
 /// Whether the executable `exe` imports `symbol` (calls it through its GOT).
 fn imports(exe: &std::path::Path, symbol: &str) -> bool {
     use object::{Object as _, ObjectSymbol as _};
@@ -81,23 +66,14 @@ pub struct Lifecycle {
     pub process: super::Reap,
     pub pid: u32,
     stdin: std::process::ChildStdin,
-    lines: std::io::Lines<std::io::BufReader<std::process::ChildStdout>>,
+    lines: super::Lines,
 }
 
 impl Lifecycle {
     pub fn start(fixture: &std::path::Path) -> Self {
-        use std::io::BufRead as _;
-        let mut process = super::Reap(
-            std::process::Command::new(fixture)
-                .stdin(std::process::Stdio::piped())
-                .stdout(std::process::Stdio::piped())
-                .spawn()
-                .expect("start the fixture"),
-        );
+        let (mut process, lines) = super::start_ready(std::process::Command::new(fixture), "the fixture");
         let pid = process.0.id();
         let stdin = process.0.stdin.take().expect("stdin");
-        let mut lines = std::io::BufReader::new(process.0.stdout.take().expect("stdout")).lines();
-        assert_eq!(lines.next().expect("a line").expect("read"), "ready");
         Self { process, pid, stdin, lines }
     }
 
@@ -170,7 +146,7 @@ pub struct AgentTarget {
     pub pid: u32,
     pub slot: u64,
     pub original: u64,
-    lines: std::io::Lines<std::io::BufReader<std::process::ChildStdout>>,
+    lines: super::Lines,
     leaked: u32,
 }
 
@@ -181,9 +157,8 @@ impl AgentTarget {
 
     /// `fixture`, a build of `agent_target.c`.
     pub fn with(fixture: &std::path::Path) -> Self {
-        let (process, mut lines) = start_ready(fixture);
+        let (process, lines) = super::start_ready(std::process::Command::new(fixture), "agent_target");
         let pid = process.0.id();
-        assert_eq!(lines.next().expect("a line").expect("read"), "ready");
         let slot = imports(fixture, "malloc")
             .then(|| got_slot(pid, fixture, "malloc"))
             .unwrap_or_else(|| entry_address(pid, fixture, "malloc"));

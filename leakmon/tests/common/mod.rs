@@ -129,6 +129,22 @@ pub fn bytes_in_stacks(process: &Value, stack: impl Fn(&[Value]) -> bool) -> u64
         .sum()
 }
 
+/// A fixture's stdout, a line at a time.
+pub type Lines = std::io::Lines<std::io::BufReader<std::process::ChildStdout>>;
+
+/// Starts a fixture with its stdin and stdout piped, and waits for its "ready".
+pub fn start_ready(mut command: std::process::Command, what: &str) -> (Reap, Lines) {
+    use std::io::BufRead as _;
+    let mut child = command
+        .stdin(std::process::Stdio::piped())
+        .stdout(std::process::Stdio::piped())
+        .spawn()
+        .unwrap_or_else(|e| panic!("start {what}: {e}"));
+    let mut lines = std::io::BufReader::new(child.stdout.take().expect("stdout")).lines();
+    assert_eq!(lines.next().expect("a line").expect("read"), "ready", "{what}");
+    (Reap(child), lines)
+}
+
 pub fn processes(report: &Value) -> &Vec<Value> {
     report["processes"].as_array().expect("processes")
 }

@@ -1,15 +1,11 @@
 //! Node.js and JVM fixtures: started, asked whether they still answer, and checked for
 //! what leakmon may have left in them.
 
-use std::{
-    io::{BufRead as _, Write as _},
-    path::PathBuf,
-    sync::OnceLock,
-};
+use std::{io::Write as _, path::PathBuf, sync::OnceLock};
 
 use serde_json::Value;
 
-use super::Reap;
+use super::{Lines, Reap};
 
 /// `leakmon report --runtime --format json --pid PID --duration D [options]`.
 pub fn runtime_report(pid: u32, duration: &str, options: &[&str]) -> std::process::Output {
@@ -41,26 +37,11 @@ pub fn node_fixture() -> String {
     super::fixtures_dir().join("node/cache_leak.js").display().to_string()
 }
 
-pub type Lines = std::io::Lines<std::io::BufReader<std::process::ChildStdout>>;
-
 /// `node [node_args] cache_leak.js [mode]`, once it says "ready".
 pub fn start_node(node_args: &[&str], mode: &str) -> (Reap, Lines) {
     let mut node = std::process::Command::new("node");
-    node.args(node_args).arg(node_fixture()).arg(mode);
-    start_ready(node, "node (Node.js 20)")
-}
-
-/// Starts a fixture with its stdin and stdout piped, and waits for its "ready".
-fn start_ready(mut command: std::process::Command, what: &str) -> (Reap, Lines) {
-    let mut child = command
-        .stdin(std::process::Stdio::piped())
-        .stdout(std::process::Stdio::piped())
-        .stderr(std::process::Stdio::null())
-        .spawn()
-        .unwrap_or_else(|e| panic!("start {what}: {e}"));
-    let mut lines = std::io::BufReader::new(child.stdout.take().expect("stdout")).lines();
-    assert_eq!(lines.next().expect("a line").expect("read"), "ready");
-    (Reap(child), lines)
+    node.args(node_args).arg(node_fixture()).arg(mode).stderr(std::process::Stdio::null());
+    super::start_ready(node, "node (Node.js 20)")
 }
 
 /// It still answers, and printed nothing else meanwhile (a JVM sent SIGQUIT without
@@ -117,8 +98,8 @@ pub fn classes() -> PathBuf {
 /// `java [args] CacheLeak`, once it says "ready".
 pub fn start_java(args: &[&str]) -> (Reap, Lines) {
     let mut java = std::process::Command::new(format!("{JDK}/java"));
-    java.args(args).arg("-cp").arg(classes()).arg("CacheLeak");
-    start_ready(java, "java (OpenJDK 17)")
+    java.args(args).arg("-cp").arg(classes()).arg("CacheLeak").stderr(std::process::Stdio::null());
+    super::start_ready(java, "java (OpenJDK 17)")
 }
 
 /// What `jcmd PID JFR.check` says: the recordings left running.
