@@ -212,6 +212,11 @@ uint8_t *filter;
 static inline uint8_t *filter_slot(uintptr_t p) {
     return &filter[mix(p) & (FILTER_SLOTS - 1)];
 }
+
+/* Whether `p` may be in the set (never false for one that is): one load of a byte. */
+static inline int maybe_sampled(uintptr_t p) {
+    return __atomic_load_n(filter_slot(p), __ATOMIC_RELAXED) != 0;
+}
 EXPORT volatile uint64_t leakmon_agent_set_full;
 
 static int set_insert(uintptr_t p) {
@@ -646,9 +651,9 @@ static __attribute__((noinline)) void py_release(int d, void *ctx, void *p) {
  * with sampling off the countdown only runs down to the full path, which passes through.
  * A larger request, pymalloc hands to the raw domain (py_raw_backed): its wrapper counts
  * it, and releases the old block of a realloc (a sampled block is a raw one there), so
- * these pass it on uncounted. A small realloc of a block pymalloc does not own goes to the raw
- * domain, whose wrapper then counts it: rare, and it only samples that block early. Measured with cargo xtask bench
- * --python-only.
+ * these pass it on uncounted. A small realloc of a block pymalloc does not own goes to
+ * the raw domain, whose wrapper then counts it: rare, and it only samples that block
+ * early. Measured with cargo xtask bench --python-only.
  */
 #define PY_FAST __attribute__((optimize("omit-frame-pointer")))
 #define PY_WRAPPERS(d)                                                                             \
@@ -666,7 +671,7 @@ static __attribute__((noinline)) void py_release(int d, void *ctx, void *p) {
     static PY_FAST void *py_realloc_##d(void *ctx, void *p, size_t n) {                              \
         struct thread_state *t = me();                                                             \
         if (d != 0 && n <= PY_SMALL_REQUEST && n < t->left &&                                      \
-            (p == NULL || __atomic_load_n(filter_slot((uintptr_t)p), __ATOMIC_RELAXED) == 0)) {    \
+            (p == NULL || !maybe_sampled((uintptr_t)p))) {                                        \
             t->left -= n;                                                                          \
             return py_real[d].realloc(ctx, p, n);                                                  \
         }                                                                                          \
@@ -675,7 +680,7 @@ static __attribute__((noinline)) void py_release(int d, void *ctx, void *p) {
         return py_alloc(d, ctx, p, n, 0, K_REALLOC);                                               \
     }                                                                                              \
     static PY_FAST void py_free_##d(void *ctx, void *p) {                                            \
-        if (UNLIKELY(rate != 0 && p != NULL && __atomic_load_n(filter_slot((uintptr_t)p), __ATOMIC_RELAXED) != 0)) { \
+        if (UNLIKELY(rate != 0 && p != NULL && maybe_sampled((uintptr_t)p))) {                      \
             py_release(d, ctx, p);                                                                 \
             return;                                                                                \
         }                                                                                          \

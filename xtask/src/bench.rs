@@ -149,8 +149,8 @@ pub fn bench(root: &Path, rounds: usize, pairs: u64, scale: bool, only: Option<O
     match only {
         Some(Only::Server) => return crate::bench_server::server(&setup, rounds),
         Some(Only::Python) => return crate::bench_python::python(root, &setup, rounds),
-        Some(Only::Node) => return crate::bench_node::node(root, &setup, rounds),
-        Some(Only::Jvm) => return crate::bench_node::jvm(root, &setup, rounds),
+        Some(Only::Node) => return crate::bench_runtimes::node(root, &setup, rounds),
+        Some(Only::Jvm) => return crate::bench_runtimes::jvm(root, &setup, rounds),
         None => {}
     }
 
@@ -179,8 +179,8 @@ pub fn bench(root: &Path, rounds: usize, pairs: u64, scale: bool, only: Option<O
     crate::bench_sampling::accuracy(root, &setup)?;
     crate::bench_server::server(&setup, rounds.min(3))?;
     crate::bench_python::python(root, &setup, rounds.min(3))?;
-    crate::bench_node::node(root, &setup, rounds.min(3))?;
-    crate::bench_node::jvm(root, &setup, rounds.min(3))?;
+    crate::bench_runtimes::node(root, &setup, rounds.min(3))?;
+    crate::bench_runtimes::jvm(root, &setup, rounds.min(3))?;
     if scale {
         scale_figures(root, &setup)?;
     }

@@ -17,8 +17,8 @@ use anyhow::{bail, Context as _, Result};
 use clap::{Parser, Subcommand};
 
 mod bench;
-mod bench_node;
 mod bench_python;
+mod bench_runtimes;
 mod bench_sampling;
 mod bench_server;
 
