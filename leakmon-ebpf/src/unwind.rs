@@ -13,12 +13,15 @@
 
 use aya_ebpf::{
     bindings::{pt_regs, BPF_F_NO_PREALLOC},
-    helpers::bpf_probe_read_user,
+    cty::c_void,
+    helpers::{bpf_loop, bpf_probe_read_user},
     macros::map,
-    maps::{Array, HashMap, LruHashMap},
+    maps::{Array, HashMap, LruHashMap, PerCpuArray},
 };
 use leakmon_common::{
-    unwind::{cfa, Mapping, ProcUnwind, Row, MAPPING_STEPS, MAX_FRAMES, MAX_MAPPINGS, SEARCH_STEPS},
+    unwind::{
+        cfa, Mapping, ProcUnwind, Row, MAPPING_STEPS, MAX_FRAMES, MAX_MAPPINGS, ROW_CACHE_SLOTS, SEARCH_STEPS,
+    },
     Stack,
 };
 
@@ -38,6 +41,50 @@ pub static UNWIND_PROCS: HashMap<u32, ProcUnwind> = HashMap::with_max_entries(81
 /// so a flood of them can never fail the insert.
 #[map]
 pub static UNWIND_STALE: LruHashMap<u32, u32> = LruHashMap::with_max_entries(1024, 0);
+
+/// A row found for a frame: valid for the same process, return address and entry
+/// generation.
+#[repr(C)]
+#[derive(Clone, Copy)]
+pub struct CachedRow {
+    at: u64,
+    tgid: u32,
+    gen: u32,
+    row: Row,
+}
+
+/// Rows found by the searches below, per CPU, direct-mapped by (process, address). Per
+/// CPU because programs on one CPU do not preempt each other, so an entry is never
+/// read half-written; a slot taken by another frame is a miss, and the searches run.
+#[map]
+pub static ROW_CACHE: PerCpuArray<CachedRow> = PerCpuArray::with_max_entries(ROW_CACHE_SLOTS, 0);
+
+/// The cache slot of `at` in `tgid`.
+#[inline(always)]
+fn cache_slot(tgid: u32, at: u64) -> u32 {
+    ((at ^ (u64::from(tgid) << 40)).wrapping_mul(0x9e37_79b9_7f4a_7c15) >> 32) as u32 & (ROW_CACHE_SLOTS - 1)
+}
+
+/// The row covering `at`: cached, else searched for (and cached). `Err(true)` when `at`
+/// lies outside every mapping with tables, `Err(false)` when no row covers it.
+#[inline(always)]
+fn row_at(procs: &ProcUnwind, tgid: u32, at: u64) -> Result<Row, bool> {
+    let cached = ROW_CACHE.get_ptr_mut(cache_slot(tgid, at));
+    if let Some(c) = cached {
+        // SAFETY: this CPU's slot (see ROW_CACHE).
+        let c = unsafe { &*c };
+        if c.at == at && c.tgid == tgid && c.gen == procs.gen && procs.gen != 0 {
+            return Ok(c.row);
+        }
+    }
+    let m = mapping_of(procs, at).ok_or(true)?;
+    let row = row_of(m, at.wrapping_sub(m.bias)).ok_or(false)?;
+    if let Some(c) = cached {
+        // SAFETY: as above.
+        unsafe { *c = CachedRow { at, tgid, gen: procs.gen, row } };
+    }
+    Ok(row)
+}
 
 /// Marks `tgid` for a refresh of its tables; one lookup once marked.
 #[inline(always)]
@@ -62,7 +109,13 @@ pub struct Walk {
 /// doubles the states the verifier walks, past its limit over a whole stack.
 #[inline(always)]
 pub fn all_ones_if_le(a: u64, b: u64) -> u64 {
-    let above = b.wrapping_sub(a) >> 63;
+    // The difference goes through memory too: where LLVM knows both operands are below
+    // 2^32 (a row's address and a masked one), it sees the sign bit of their difference
+    // as a comparison.
+    let diff = b.wrapping_sub(a);
+    // SAFETY: a read of a local.
+    let diff = unsafe { core::ptr::read_volatile(&raw const diff) };
+    let above = diff >> 63;
     // SAFETY: a read of a local.
     let above = unsafe { core::ptr::read_volatile(&raw const above) };
     above.wrapping_sub(1)
@@ -116,46 +169,75 @@ fn row_of(m: &Mapping, vaddr: u64) -> Option<Row> {
 }
 
 /// Walks the user stack of `tgid` from `regs` into `out`; `None` when the process has
-/// no tables. Slots past `depth` keep whatever they held.
+/// no tables. Slots past `depth` keep whatever they held. Frame by frame through
+/// `bpf_loop`, so the verifier checks one frame (its cache lookup and searches) once, not
+/// every frame of every path.
 #[inline(always)]
 pub fn walk(tgid: u32, regs: *const pt_regs, out: *mut Stack) -> Option<Walk> {
     let procs = UNWIND_PROCS.get_ptr(&tgid)?;
-    // SAFETY: uprobe contexts are the user registers; `procs` points into a map value.
-    let (procs, mut ip, mut sp, mut bp) = unsafe { (&*procs, (*regs).rip, (*regs).rsp, (*regs).rbp) };
-    let mut walk = Walk { depth: 0, stale: false };
-    for i in 0..MAX_FRAMES {
-        if ip == 0 {
-            break;
-        }
-        // SAFETY: `i` is below `MAX_FRAMES`, which is below the array length.
-        unsafe { (*out).ips[i] = ip };
-        walk.depth = i + 1;
-        // Every frame is a return address: its call instruction is the byte before.
-        let at = ip - 1;
-        let Some(m) = mapping_of(procs, at) else {
-            walk.stale = true;
-            break;
-        };
-        let Some(row) = row_of(m, at.wrapping_sub(m.bias)) else { break };
-        let frame = match row.cfa {
-            cfa::RSP => sp.wrapping_add(row.cfa_offset as i64 as u64),
-            cfa::RBP => bp.wrapping_add(row.cfa_offset as i64 as u64),
-            _ => break,
-        };
-        // SAFETY: user addresses; the helper checks them.
-        let Ok(ret) = (unsafe { bpf_probe_read_user((frame - 8) as *const u64) }) else { break };
-        if row.rbp_offset != 0 {
-            let saved = frame.wrapping_add(row.rbp_offset as i64 as u64);
-            // SAFETY: as above.
-            let Ok(saved) = (unsafe { bpf_probe_read_user(saved as *const u64) }) else { break };
-            bp = saved;
-        }
-        // A caller's frame is above its callee's: anything else is a bad rule.
-        if frame <= sp {
-            break;
-        }
-        sp = frame;
-        ip = ret;
+    // SAFETY: uprobe contexts are the user registers.
+    let (ip, sp, bp) = unsafe { ((*regs).rip, (*regs).rsp, (*regs).rbp) };
+    let mut w = Unwinding { procs, out, ip, sp, bp, depth: 0, tgid, stale: 0 };
+    // SAFETY: `frame` has the callback's signature and `w` outlives the call.
+    unsafe {
+        bpf_loop(MAX_FRAMES as u32, frame as *mut c_void, (&raw mut w).cast(), 0);
     }
-    Some(walk)
+    Some(Walk { depth: w.depth as usize, stale: w.stale != 0 })
+}
+
+/// What one frame of the walk reads and writes: `bpf_loop` hands it to [`frame`].
+#[repr(C)]
+struct Unwinding {
+    procs: *const ProcUnwind,
+    out: *mut Stack,
+    ip: u64,
+    sp: u64,
+    bp: u64,
+    depth: u64,
+    tgid: u32,
+    stale: u32,
+}
+
+/// One frame: 0 to go on, 1 to stop.
+extern "C" fn frame(_index: u64, ctx: *mut c_void) -> i64 {
+    // SAFETY: `walk` passes its `Unwinding`.
+    let w = unsafe { &mut *ctx.cast::<Unwinding>() };
+    // SAFETY: pointer into a map value, kept by `walk`.
+    let procs = unsafe { &*w.procs };
+    let (ip, sp, bp, depth) = (w.ip, w.sp, w.bp, w.depth as usize);
+    if ip == 0 || depth >= MAX_FRAMES {
+        return 1;
+    }
+    // SAFETY: `depth` is below `MAX_FRAMES`, which is below the array length.
+    unsafe { (*w.out).ips[depth] = ip };
+    w.depth = depth as u64 + 1;
+    // Every frame is a return address: its call instruction is the byte before.
+    let at = ip - 1;
+    let row = match row_at(procs, w.tgid, at) {
+        Ok(row) => row,
+        Err(outside) => {
+            w.stale = u32::from(outside);
+            return 1;
+        }
+    };
+    let cfa = match row.cfa {
+        cfa::RSP => sp.wrapping_add(row.cfa_offset as i64 as u64),
+        cfa::RBP => bp.wrapping_add(row.cfa_offset as i64 as u64),
+        _ => return 1,
+    };
+    // SAFETY: user addresses; the helper checks them.
+    let Ok(ret) = (unsafe { bpf_probe_read_user((cfa - 8) as *const u64) }) else { return 1 };
+    if row.rbp_offset != 0 {
+        let saved = cfa.wrapping_add(row.rbp_offset as i64 as u64);
+        // SAFETY: as above.
+        let Ok(saved) = (unsafe { bpf_probe_read_user(saved as *const u64) }) else { return 1 };
+        w.bp = saved;
+    }
+    // A caller's frame is above its callee's: anything else is a bad rule.
+    if cfa <= sp {
+        return 1;
+    }
+    w.sp = cfa;
+    w.ip = ret;
+    0
 }

@@ -718,7 +718,7 @@ impl Probes {
         if self.unwind.processes.get(&pid) == Some(&signature) {
             return Ok(0);
         }
-        let entry = match self.unwind_entry(&exec, root)? {
+        let mut entry = match self.unwind_entry(&exec, root)? {
             Some(entry) => entry,
             // The rows are full. Most of them may belong to files no live process maps
             // any more: start over (every process falls back to frame pointers until
@@ -729,6 +729,7 @@ impl Probes {
             }
             None => self.partial_entry(&exec),
         };
+        entry.gen = self.unwind.next_gen();
         let with_tables = entry.count as usize;
         let mut procs: HashMap<&mut MapData, u32, ProcUnwind> =
             HashMap::try_from(self.ebpf.map_mut("UNWIND_PROCS").ok_or_else(|| missing_map("UNWIND_PROCS"))?)

@@ -261,6 +261,8 @@ pub struct Tables {
     pub compacted: Option<std::time::Instant>,
     /// Per process, the executable mappings its tables were built from.
     pub processes: std::collections::HashMap<u32, Vec<(u64, u64, MappedFile)>>,
+    /// The last generation given a process's entry.
+    pub last_gen: u32,
 }
 
 impl Tables {
@@ -285,6 +287,13 @@ impl Tables {
         self.processes.clear();
         self.next_row = 0;
         self.warned_full = false;
+    }
+
+    /// A generation for a process's entry written now: one no entry written before has
+    /// (until 2^32 - 1 writes later), never 0, which no cached row has.
+    pub fn next_gen(&mut self) -> u32 {
+        self.last_gen = self.last_gen.checked_add(1).unwrap_or(1);
+        self.last_gen
     }
 
     /// Rows in the kernel's array.
