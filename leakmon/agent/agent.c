@@ -587,6 +587,8 @@ typedef struct {
  * 3.8 and later); larger ones go to the raw domain, which calls malloc. */
 #define PY_SMALL_REQUEST 512
 static py_allocator py_real[PY_DOMAINS];
+/* The wrapper each domain was given (py_wrappers' or py_guarded's), while wrapped. */
+static py_allocator py_installed[PY_DOMAINS];
 static int py_wrapped[PY_DOMAINS];
 /* 1 while a Python in this process is to be wrapped once it is initialized. */
 static volatile int py_pending;
@@ -771,6 +773,7 @@ static void python_wrap(void) {
         if (d != 0 && py_raw_backed)
             wrapper.free = current[d].free;
         set_(d, &wrapper);
+        py_installed[d] = wrapper;
         py_wrapped[d] = 1;
     }
 }
@@ -799,7 +802,7 @@ static void python_unwrap(void) {
             continue;
         py_allocator current;
         get(d, &current);
-        if (current.malloc == py_wrappers[d].malloc) {
+        if (current.malloc == py_installed[d].malloc) {
             set_(d, &py_real[d]);
             py_wrapped[d] = 0;
         }

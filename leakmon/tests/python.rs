@@ -470,6 +470,33 @@ fn leakmon_killed_while_wrapping_python_leaves_its_allocators_as_they_were() {
     }
 }
 
+/// After a report, CPython's domains are put back as they were whichever allocator
+/// they had: under PYTHONMALLOC=malloc and debug hooks the agent wraps them with its
+/// guarded wrappers, which were once left in place.
+#[test]
+fn the_domains_come_back_after_a_report_whatever_their_allocator() {
+    use std::time::{Duration, Instant};
+    let (python, _) = interpreters().swap_remove(0);
+    for allocator in ["malloc", "pymalloc_debug", "pymalloc"] {
+        let (mut process, mut lines) = start_with(&python, "guarded", "2", &[("PYTHONMALLOC", allocator)]);
+        let pid = process.0.id();
+        let original = ask(&mut process, &mut lines, "allocators");
+        let (report, stderr) = watch_pid_with(pid, "2", &["--agent", "--sample-bytes", "64KiB"]);
+        assert_ne!(
+            ask(&mut process, &mut lines, "allocators"),
+            original,
+            "{allocator}: the domains are wrapped"
+        );
+        finish_report(report, stderr);
+        let deadline = Instant::now() + Duration::from_secs(10);
+        while ask(&mut process, &mut lines, "allocators") != original {
+            assert!(Instant::now() < deadline, "{allocator}: the domains were not put back");
+            std::thread::sleep(Duration::from_millis(50));
+        }
+        assert_threads_go_on(&mut process, &mut lines, allocator);
+    }
+}
+
 /// Children forked from a Python process while its allocator domains are wrapped, and
 /// while they are wrapped and unwrapped, run Python under the allocators they inherit,
 /// then exit or exec; none ends badly, and the parent's domains come back as they were.
