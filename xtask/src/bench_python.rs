@@ -5,7 +5,9 @@
 //! interpreter runs it alone, under `leakmon report --agent` (512 KiB, the agent
 //! preloaded, CPython's allocator domains wrapped once it is initialized), and under
 //! tracemalloc, the peer a Python developer reaches for (`-X tracemalloc=1`). Rounds
-//! alternate the order; medians are printed with the speed ratio to the run alone.
+//! alternate the order. A speed is the median over rounds of the ratio to the run alone
+//! of the same round (paired, so that the machine's slower and faster spells, which
+//! last longer than a round, cancel), with the lowest and highest ratio beside it.
 
 use std::{collections::BTreeMap, fmt::Write as _, path::Path, process::Command};
 
@@ -13,8 +15,8 @@ use anyhow::{Context as _, Result};
 
 use crate::bench::{median, write_json, Setup};
 
-/// Objects made per run: 100 per iteration.
-const ITERATIONS: &str = "50000";
+/// Objects made per run: 100 per iteration (about a second).
+const ITERATIONS: &str = "200000";
 
 #[derive(Clone, Copy, Debug, PartialEq, Eq, PartialOrd, Ord)]
 enum Condition {
@@ -71,33 +73,57 @@ pub fn python(root: &Path, setup: &Setup, rounds: usize) -> Result<()> {
         }
         eprintln!("xtask: python round {}/{rounds} done", round + 1);
     }
-    let mut text = String::from("\nCPython, ns per small object made and dropped (medians)\n");
+    let mut text =
+        String::from("\nCPython, ns per small object made and dropped (medians), speed paired by round\n");
     let _ = writeln!(
         text,
-        "{:<16} {:>10} {:>12} {:>12} {:>14} {:>16}",
-        "interpreter", "alone", "agent", "tracemalloc", "agent speed", "tracemalloc speed"
+        "{:<16} {:>8} {:>8} {:>12} {:>22} {:>22}",
+        "interpreter", "alone", "agent", "tracemalloc", "agent speed (range)", "tracemalloc speed"
     );
     let mut json = String::from("{\n");
     for (i, (name, _)) in pythons.iter().enumerate() {
         let m = |c| median(&samples[&(i, c)]);
         let (alone, agent, trace) = (m(Condition::Alone), m(Condition::Agent), m(Condition::Tracemalloc));
+        let speed = |c| Speed::paired(&samples[&(i, Condition::Alone)], &samples[&(i, c)]);
+        let (agent_speed, trace_speed) = (speed(Condition::Agent), speed(Condition::Tracemalloc));
         let _ = writeln!(
             text,
-            "{name:<16} {alone:>10.1} {agent:>12.1} {trace:>12.1} {:>13.3}x {:>15.3}x",
-            alone / agent,
-            alone / trace
+            "{name:<16} {alone:>8.1} {agent:>8.1} {trace:>12.1} {:>22} {:>22}",
+            agent_speed.to_string(),
+            trace_speed.to_string()
         );
         let _ = writeln!(
             json,
-            "  \"{name}\": {{\"alone_ns\": {alone:.2}, \"agent_ns\": {agent:.2}, \"tracemalloc_ns\": {trace:.2}, \"agent_speed\": {:.3}, \"tracemalloc_speed\": {:.3}}},",
-            alone / agent,
-            alone / trace
+            "  \"{name}\": {{\"alone_ns\": {alone:.2}, \"agent_ns\": {agent:.2}, \"tracemalloc_ns\": {trace:.2}, \"agent_speed\": {:.3}, \"agent_speed_min\": {:.3}, \"agent_speed_max\": {:.3}, \"tracemalloc_speed\": {:.3}}},",
+            agent_speed.median, agent_speed.min, agent_speed.max, trace_speed.median
         );
     }
     let _ = writeln!(text, "(target: agent speed >= 0.9x)");
     print!("{text}");
     let json = json.trim_end_matches(",\n").to_owned() + "\n}\n";
     write_json(&setup.out, "python", &json)
+}
+
+/// Per-round ratios of the time alone to the time under a condition.
+struct Speed {
+    median: f64,
+    min: f64,
+    max: f64,
+}
+
+impl Speed {
+    fn paired(alone: &[f64], under: &[f64]) -> Self {
+        let ratios: Vec<f64> = alone.iter().zip(under).map(|(a, u)| a / u).collect();
+        let min = ratios.iter().copied().fold(f64::INFINITY, f64::min);
+        let max = ratios.iter().copied().fold(0.0, f64::max);
+        Self { median: median(&ratios), min, max }
+    }
+}
+
+impl std::fmt::Display for Speed {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        write!(f, "{:.3}x ({:.3}-{:.3})", self.median, self.min, self.max)
+    }
 }
 
 fn run(setup: &Setup, python: &str, script: &Path, condition: Condition) -> Result<f64> {
