@@ -47,6 +47,18 @@ pub static STACK_SCRATCH: PerCpuArray<Stack> = PerCpuArray::with_max_entries(1, 
 #[map]
 pub static VALUE_SCRATCH: PerCpuArray<u64> = PerCpuArray::with_max_entries(1, 0);
 
+/// `value`, as a number the verifier knows nothing of (a round trip through
+/// [`VALUE_SCRATCH`]).
+#[inline(always)]
+pub fn forget(value: usize) -> usize {
+    let Some(slot) = VALUE_SCRATCH.get_ptr_mut(0) else { return 0 };
+    // SAFETY: this CPU's slot; programs on one CPU do not preempt each other.
+    unsafe {
+        core::ptr::write_volatile(slot, value as u64);
+        core::ptr::read_volatile(slot) as usize
+    }
+}
+
 /// Bytes left before the next sampled allocation on this CPU (sampling mode only).
 #[map]
 pub static SAMPLE_COUNTDOWN: PerCpuArray<u64> = PerCpuArray::with_max_entries(1, 0);

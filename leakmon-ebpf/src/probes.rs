@@ -29,8 +29,8 @@ use leakmon_common::{
 
 use crate::{
     maps::{
-        count, sample_bytes, self_tgid, trace_all, INFLIGHT, LIVE, PROCS, SAMPLE_COUNTDOWN, STACKS,
-        STACK_SCRATCH, TOTALS, VALUE_SCRATCH,
+        count, forget, sample_bytes, self_tgid, trace_all, INFLIGHT, LIVE, PROCS, SAMPLE_COUNTDOWN, STACKS,
+        STACK_SCRATCH, TOTALS,
     },
     python, unwind,
 };
@@ -419,17 +419,6 @@ fn stack_id<C: EbpfContext>(ctx: &C, tgid: u32) -> u64 {
         }
     }
     hash
-}
-
-/// `value`, as a number the verifier knows nothing of.
-#[inline(always)]
-fn forget(value: usize) -> usize {
-    let Some(slot) = VALUE_SCRATCH.get_ptr_mut(0) else { return 0 };
-    // SAFETY: this CPU's slot; programs on one CPU do not preempt each other.
-    unsafe {
-        core::ptr::write_volatile(slot, value as u64);
-        core::ptr::read_volatile(slot) as usize
-    }
 }
 
 /// In sampling mode, whether a block of `size` bytes is sampled, and the bytes it then

@@ -68,22 +68,73 @@ fn cache_slot(tgid: u32, at: u64) -> u32 {
 /// The row covering `at`: cached, else searched for (and cached). `Err(true)` when `at`
 /// lies outside every mapping with tables, `Err(false)` when no row covers it.
 #[inline(always)]
-fn row_at(procs: &ProcUnwind, tgid: u32, at: u64) -> Result<Row, bool> {
+fn row_at(procs: *const ProcUnwind, tgid: u32, at: u64) -> Result<Row, bool> {
+    // SAFETY: a pointer into a map value, kept by the caller.
+    let gen = unsafe { (*procs).gen };
     let cached = ROW_CACHE.get_ptr_mut(cache_slot(tgid, at));
     if let Some(c) = cached {
         // SAFETY: this CPU's slot (see ROW_CACHE).
         let c = unsafe { &*c };
-        if c.at == at && c.tgid == tgid && c.gen == procs.gen && procs.gen != 0 {
+        if c.at == at && c.tgid == tgid && c.gen == gen && gen != 0 {
             return Ok(c.row);
         }
     }
-    let m = mapping_of(procs, at).ok_or(true)?;
-    let row = row_of(m, at.wrapping_sub(m.bias)).ok_or(false)?;
-    if let Some(c) = cached {
-        // SAFETY: as above.
-        unsafe { *c = CachedRow { at, tgid, gen: procs.gen, row } };
+    // The searches in a loop of their own: the verifier then checks them once, apart from
+    // what the walk does with their outcome (together, each exit of a search met every
+    // branch after it, past the verifier's limit).
+    let mut search = Search {
+        procs,
+        at,
+        row: Row { pc: 0, cfa_offset: 0, rbp_offset: 0, cfa: cfa::END, _pad: 0 },
+        outcome: OUTSIDE,
+    };
+    // SAFETY: `search_row` has the callback's signature and `search` outlives the call.
+    unsafe {
+        bpf_loop(1, search_row as *mut c_void, (&raw mut search).cast(), 0);
     }
-    Ok(row)
+    match search.outcome {
+        FOUND => {
+            if let Some(c) = cached {
+                // SAFETY: as above.
+                unsafe { *c = CachedRow { at, tgid, gen, row: search.row } };
+            }
+            Ok(search.row)
+        }
+        OUTSIDE => Err(true),
+        _ => Err(false),
+    }
+}
+
+const FOUND: u32 = 0;
+const OUTSIDE: u32 = 1;
+const NO_ROW: u32 = 2;
+
+/// A search for the row of `at`: `bpf_loop` hands it to [`search_row`].
+#[repr(C)]
+struct Search {
+    procs: *const ProcUnwind,
+    at: u64,
+    row: Row,
+    outcome: u32,
+}
+
+extern "C" fn search_row(_index: u64, ctx: *mut c_void) -> i64 {
+    // SAFETY: `row_at` passes its `Search`.
+    let s = unsafe { &mut *ctx.cast::<Search>() };
+    // SAFETY: a pointer into a map value, kept by the walk.
+    let procs = unsafe { &*s.procs };
+    let Some(m) = mapping_of(procs, s.at) else {
+        s.outcome = OUTSIDE;
+        return 1;
+    };
+    match row_of(m, s.at.wrapping_sub(m.bias)) {
+        Some(row) => {
+            s.row = row;
+            s.outcome = FOUND;
+        }
+        None => s.outcome = NO_ROW,
+    }
+    1
 }
 
 /// Marks `tgid` for a refresh of its tables; one lookup once marked.
@@ -177,7 +228,8 @@ pub fn walk(tgid: u32, regs: *const pt_regs, out: *mut Stack) -> Option<Walk> {
     let procs = UNWIND_PROCS.get_ptr(&tgid)?;
     // SAFETY: uprobe contexts are the user registers.
     let (ip, sp, bp) = unsafe { ((*regs).rip, (*regs).rsp, (*regs).rbp) };
-    let mut w = Unwinding { procs, out, ip, sp, bp, depth: 0, tgid, stale: 0 };
+    let (window, window_len) = read_window(sp);
+    let mut w = Unwinding { procs, out, window, window_len, ip, sp, bp, base: sp, depth: 0, tgid, stale: 0 };
     // SAFETY: `frame` has the callback's signature and `w` outlives the call.
     unsafe {
         bpf_loop(MAX_FRAMES as u32, frame as *mut c_void, (&raw mut w).cast(), 0);
@@ -185,14 +237,82 @@ pub fn walk(tgid: u32, regs: *const pt_regs, out: *mut Stack) -> Option<Walk> {
     Some(Walk { depth: w.depth as usize, stale: w.stale != 0 })
 }
 
+/// Words of the stack read at once from the first frame up (8 KiB): the return
+/// addresses and saved registers of the frames within are read from this copy, not
+/// each with a helper call of its own (those calls were most of a frame's cost once its
+/// row is cached).
+const WINDOW_WORDS: usize = 1024;
+const PAGE: u64 = 4096;
+
+/// This CPU's copy of the top of the stack being walked.
+#[map]
+static STACK_WINDOW: PerCpuArray<[u64; WINDOW_WORDS]> = PerCpuArray::with_max_entries(1, 0);
+
+/// Copies the stack from `sp` to the end of its page and the page after it (where that
+/// is mapped: the end of the stack may be nearer) into [`STACK_WINDOW`]; the copy and
+/// the bytes it holds (0: none, every read then goes to the process).
+#[inline(always)]
+fn read_window(sp: u64) -> (*mut u64, u64) {
+    let Some(window) = STACK_WINDOW.get_ptr_mut(0) else { return (core::ptr::null_mut(), 0) };
+    let window = window.cast::<u8>();
+    // The rest of the first page: 8 to 4096 bytes (sp is 8-aligned in every probe).
+    let first = PAGE - (sp & (PAGE - 1));
+    // SAFETY: `first` is at most a page, within the window; a user address, the helper
+    // checks it.
+    if unsafe { bpf_probe_read_user_buf(window, first as u32, sp as *const u8) } != 0 {
+        return (window.cast(), 0);
+    }
+    let offset = opaque(first) & (PAGE - 1 | PAGE);
+    if offset > PAGE {
+        return (window.cast(), first);
+    }
+    // SAFETY: `offset` is at most a page, so a page from it stays within the window.
+    let second = unsafe {
+        bpf_probe_read_user_buf(window.add(offset as usize), PAGE as u32, (sp + offset) as *const u8)
+    };
+    (window.cast(), if second == 0 { offset + PAGE } else { offset })
+}
+
+/// `value`, as a number LLVM knows nothing of, so a mask after it stays where the
+/// verifier sees it.
+#[inline(always)]
+fn opaque(value: u64) -> u64 {
+    // SAFETY: a read of a local.
+    unsafe { core::ptr::read_volatile(&raw const value) }
+}
+
+/// `bpf_probe_read_user` into bytes: 0 on success.
+#[inline(always)]
+unsafe fn bpf_probe_read_user_buf(dst: *mut u8, len: u32, src: *const u8) -> i64 {
+    // SAFETY: the caller's.
+    unsafe { aya_ebpf::helpers::generated::bpf_probe_read_user(dst.cast(), len, src.cast()) }
+}
+
+/// The word of the process at `addr`: from the window where it holds it.
+#[inline(always)]
+fn stack_word(w: &Unwinding, addr: u64) -> Option<u64> {
+    let offset = addr.wrapping_sub(w.base);
+    if offset < w.window_len && offset % 8 == 0 && !w.window.is_null() {
+        let index = opaque(offset / 8) & (WINDOW_WORDS as u64 - 1);
+        // SAFETY: the index is masked within the window.
+        return Some(unsafe { *w.window.add(index as usize) });
+    }
+    // SAFETY: a user address; the helper checks it.
+    unsafe { bpf_probe_read_user(addr as *const u64) }.ok()
+}
+
 /// What one frame of the walk reads and writes: `bpf_loop` hands it to [`frame`].
 #[repr(C)]
 struct Unwinding {
     procs: *const ProcUnwind,
     out: *mut Stack,
+    /// [`STACK_WINDOW`], holding `window_len` bytes of the stack from `base`.
+    window: *mut u64,
+    window_len: u64,
     ip: u64,
     sp: u64,
     bp: u64,
+    base: u64,
     depth: u64,
     tgid: u32,
     stale: u32,
@@ -202,9 +322,10 @@ struct Unwinding {
 extern "C" fn frame(_index: u64, ctx: *mut c_void) -> i64 {
     // SAFETY: `walk` passes its `Unwinding`.
     let w = unsafe { &mut *ctx.cast::<Unwinding>() };
-    // SAFETY: pointer into a map value, kept by `walk`.
-    let procs = unsafe { &*w.procs };
-    let (ip, sp, bp, depth) = (w.ip, w.sp, w.bp, w.depth as usize);
+    let procs = w.procs;
+    // The depth forgotten: known, each frame's would be a state of its own for the
+    // verifier, which then checks the frame once per depth, past its limit.
+    let (ip, sp, bp, depth) = (w.ip, w.sp, w.bp, crate::maps::forget(w.depth as usize));
     if ip == 0 || depth >= MAX_FRAMES {
         return 1;
     }
@@ -225,12 +346,9 @@ extern "C" fn frame(_index: u64, ctx: *mut c_void) -> i64 {
         cfa::RBP => bp.wrapping_add(row.cfa_offset as i64 as u64),
         _ => return 1,
     };
-    // SAFETY: user addresses; the helper checks them.
-    let Ok(ret) = (unsafe { bpf_probe_read_user((cfa - 8) as *const u64) }) else { return 1 };
+    let Some(ret) = stack_word(w, cfa - 8) else { return 1 };
     if row.rbp_offset != 0 {
-        let saved = cfa.wrapping_add(row.rbp_offset as i64 as u64);
-        // SAFETY: as above.
-        let Ok(saved) = (unsafe { bpf_probe_read_user(saved as *const u64) }) else { return 1 };
+        let Some(saved) = stack_word(w, cfa.wrapping_add(row.rbp_offset as i64 as u64)) else { return 1 };
         w.bp = saved;
     }
     // A caller's frame is above its callee's: anything else is a bad rule.

@@ -43,6 +43,24 @@ fn without_frame_pointers_the_same_leaks_come_out_exactly_with_full_stacks() {
     }
 }
 
+/// A stack deeper than the part the kernel copies at once (8 KiB from the allocation
+/// up): its frames beyond are read one by one, and the walk still reaches main.
+#[test]
+fn a_stack_deeper_than_the_copied_window_is_walked_to_main() {
+    let binary = build_fixture("deep_stack.c", NO_FP);
+    let report = report_json(&[binary.as_os_str()]);
+    let process = &processes(&report)[0];
+    assert_eq!(by_function(process, "deep_stack.c"), expected(&[("leak_deep", 640, 10)]), "{report:#}");
+    let stacks = stack_of(process, "leak_deep");
+    assert_eq!(stacks.len(), 1, "{stacks:#?}");
+    let mut want = vec!["leak_deep"];
+    want.extend(["descend"; 12]);
+    want.push("main");
+    let frames = functions(stacks[0]);
+    assert!(frames.len() > want.len(), "{frames:?}");
+    assert_eq!(&frames[..want.len()], &want[..], "{frames:?}");
+}
+
 #[test]
 fn leaks_through_a_wrapper_are_split_by_their_callers() {
     let binary = build_fixture("wrapped.c", NO_FP);
