@@ -2,7 +2,8 @@
 //!
 //! Maps: `UNWIND_ROWS` (every file's rows, filled by userspace), `UNWIND_PROCS` (per
 //! process: its executable mappings and their rows), `UNWIND_STALE` (processes whose
-//! walk left the mappings with tables). Called from the return probe, whose registers
+//! walk left the mappings with tables), and per CPU `ROW_CACHE` (rows found, by return
+//! address) and `STACK_WINDOW` (the top of the stack being walked, copied at once). Called from the return probe, whose registers
 //! are the caller's at the instruction after the call, so the walk starts at the
 //! allocation site itself. See `leakmon_common::unwind` for the scheme.
 //!
@@ -105,6 +106,7 @@ fn row_at(procs: *const ProcUnwind, tgid: u32, at: u64) -> Result<Row, bool> {
     }
 }
 
+/// What a search found: the row, no mapping with tables, or a mapping without a row.
 const FOUND: u32 = 0;
 const OUTSIDE: u32 = 1;
 const NO_ROW: u32 = 2;
@@ -118,6 +120,7 @@ struct Search {
     outcome: u32,
 }
 
+/// The one turn of the search's loop: always 1 (stop).
 extern "C" fn search_row(_index: u64, ctx: *mut c_void) -> i64 {
     // SAFETY: `row_at` passes its `Search`.
     let s = unsafe { &mut *ctx.cast::<Search>() };
