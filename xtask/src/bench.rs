@@ -125,8 +125,9 @@ struct DaemonCost {
 }
 
 /// One section of the benchmark alone.
-#[derive(Clone, Copy)]
+#[derive(Clone, Copy, PartialEq, Eq)]
 pub enum Only {
+    Pairs,
     Server,
     Python,
     Node,
@@ -151,7 +152,7 @@ pub fn bench(root: &Path, rounds: usize, pairs: u64, scale: bool, only: Option<O
         Some(Only::Python) => return crate::bench_python::python(root, &setup, rounds),
         Some(Only::Node) => return crate::bench_runtimes::node(root, &setup, rounds),
         Some(Only::Jvm) => return crate::bench_runtimes::jvm(root, &setup, rounds),
-        None => {}
+        Some(Only::Pairs) | None => {}
     }
 
     let mut samples: BTreeMap<(usize, Condition), Vec<f64>> = BTreeMap::new();
@@ -176,6 +177,9 @@ pub fn bench(root: &Path, rounds: usize, pairs: u64, scale: bool, only: Option<O
         eprintln!("xtask: bench round {}/{rounds} done after {:.0?}", round + 1, started.elapsed());
     }
     report(&setup, &samples, &daemon_costs, rounds, pairs)?;
+    if only == Some(Only::Pairs) {
+        return Ok(());
+    }
     crate::bench_sampling::accuracy(root, &setup)?;
     crate::bench_server::server(&setup, rounds.min(3))?;
     crate::bench_python::python(root, &setup, rounds.min(3))?;

@@ -64,6 +64,10 @@ enum Task {
         /// 2^17 stacks, scrape latency).
         #[arg(long)]
         skip_scale: bool,
+        /// Only the malloc+free pair workloads (their table, without the sampling,
+        /// server, runtime and host-scale figures).
+        #[arg(long)]
+        pairs_only: bool,
         /// Only the server workload (redis-server under redis-benchmark).
         #[arg(long)]
         server_only: bool,
@@ -124,7 +128,16 @@ fn main() -> Result<()> {
             let status = Command::new(root.join("target/release/leakmon")).args(args).status()?;
             std::process::exit(status.code().unwrap_or(1));
         }
-        Task::Bench { rounds, pairs, skip_scale, server_only, python_only, node_only, jvm_only } => {
+        Task::Bench {
+            rounds,
+            pairs,
+            skip_scale,
+            pairs_only,
+            server_only,
+            python_only,
+            node_only,
+            jvm_only,
+        } => {
             setup(&pins, false)?;
             apt_install(
                 &[
@@ -141,10 +154,11 @@ fn main() -> Result<()> {
             )?;
             build(true)?;
             require_root("the benchmark loads eBPF programs")?;
-            let only = match (server_only, python_only, node_only, jvm_only) {
-                (true, ..) => Some(bench::Only::Server),
-                (_, true, ..) => Some(bench::Only::Python),
-                (_, _, true, _) => Some(bench::Only::Node),
+            let only = match (pairs_only, server_only, python_only, node_only, jvm_only) {
+                (true, ..) => Some(bench::Only::Pairs),
+                (_, true, ..) => Some(bench::Only::Server),
+                (_, _, true, ..) => Some(bench::Only::Python),
+                (_, _, _, true, _) => Some(bench::Only::Node),
                 (.., true) => Some(bench::Only::Jvm),
                 _ => None,
             };
