@@ -230,6 +230,21 @@ mod tests {
         let err = table_of(b"not an elf").expect_err("garbage");
         assert!(matches!(err, UnwindError::NotElf { .. }), "{err}");
     }
+
+    /// The kernel trusts a cached row only for the generation it was found under, and
+    /// an empty cache slot has generation 0: every write gets a new one, never 0, also
+    /// across a reset of the tables and past 2^32.
+    #[test]
+    fn every_write_of_a_process_entry_gets_a_new_nonzero_generation() {
+        let mut tables = Tables::new(16);
+        let first = tables.next_gen();
+        let second = tables.next_gen();
+        assert!(first != 0 && second != 0 && first != second);
+        tables.reset();
+        assert_ne!(tables.next_gen(), second, "a reset keeps counting");
+        tables.last_gen = u32::MAX;
+        assert_eq!(tables.next_gen(), 1, "past 2^32 - 1, never 0");
+    }
 }
 
 /// The shortest time between two rebuilds of the rows.
