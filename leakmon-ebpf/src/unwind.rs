@@ -162,7 +162,7 @@ pub struct Walk {
 /// into a select, which the bpf target lowers to a branch: each branch in a search
 /// doubles the states the verifier walks, past its limit over a whole stack.
 #[inline(always)]
-pub fn all_ones_if_le(a: u64, b: u64) -> u64 {
+fn all_ones_if_le(a: u64, b: u64) -> u64 {
     // The difference goes through memory too: where LLVM knows both operands are below
     // 2^32 (a row's address and a masked one), it sees the sign bit of their difference
     // as a comparison.
