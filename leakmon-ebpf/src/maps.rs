@@ -59,6 +59,16 @@ pub fn forget(value: usize) -> usize {
     }
 }
 
+/// `value`, as a number LLVM knows nothing of (a volatile round trip through a local),
+/// so that a mask or a comparison after it stays where the verifier sees it: LLVM drops
+/// a mask it can prove idle, and turns the sign bit of a difference into a branch.
+/// Unlike [`forget`], the verifier still knows the value.
+#[inline(always)]
+pub fn opaque(value: u64) -> u64 {
+    // SAFETY: a read of a local.
+    unsafe { core::ptr::read_volatile(&raw const value) }
+}
+
 /// Bytes left before the next sampled allocation on this CPU (sampling mode only).
 #[map]
 pub static SAMPLE_COUNTDOWN: PerCpuArray<u64> = PerCpuArray::with_max_entries(1, 0);

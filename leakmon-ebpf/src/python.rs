@@ -19,6 +19,8 @@ use leakmon_common::{
     Stack, MAX_STACK_DEPTH,
 };
 
+use crate::maps::opaque;
+
 /// The layout of each CPython process leakmon traces.
 #[map]
 pub static PY_PROCS: HashMap<u32, PyLayout> = HashMap::with_max_entries(4096, 0);
@@ -148,9 +150,7 @@ fn head(frame: u64) -> Option<[u64; HEAD_WORDS]> {
 /// (LLVM drops a mask it can prove idle, and the verifier then sees an unbounded index).
 #[inline(always)]
 fn index(offset: u32) -> usize {
-    let i = (offset / 8) as usize;
-    // SAFETY: a read of a local.
-    (unsafe { core::ptr::read_volatile(&raw const i) }) & (HEAD_WORDS - 1)
+    opaque(u64::from(offset / 8)) as usize & (HEAD_WORDS - 1)
 }
 
 /// The word at `offset` of the frame, from its head where the head holds it.

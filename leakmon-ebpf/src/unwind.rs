@@ -26,6 +26,8 @@ use leakmon_common::{
     Stack,
 };
 
+use crate::maps::{forget, opaque};
+
 /// Rows of every file with tables, each file's rows contiguous and sorted. An array
 /// because lookups by index are inlined by the verifier (a binary search step costs a
 /// few instructions); sized by userspace at load (`unwind-rows` in the config).
@@ -166,12 +168,7 @@ fn all_ones_if_le(a: u64, b: u64) -> u64 {
     // The difference goes through memory too: where LLVM knows both operands are below
     // 2^32 (a row's address and a masked one), it sees the sign bit of their difference
     // as a comparison.
-    let diff = b.wrapping_sub(a);
-    // SAFETY: a read of a local.
-    let diff = unsafe { core::ptr::read_volatile(&raw const diff) };
-    let above = diff >> 63;
-    // SAFETY: a read of a local.
-    let above = unsafe { core::ptr::read_volatile(&raw const above) };
+    let above = opaque(opaque(b.wrapping_sub(a)) >> 63);
     above.wrapping_sub(1)
 }
 
@@ -276,14 +273,6 @@ fn read_window(sp: u64) -> (*mut u64, u64) {
     (window.cast(), if second == 0 { offset + PAGE } else { offset })
 }
 
-/// `value`, as a number LLVM knows nothing of, so a mask after it stays where the
-/// verifier sees it.
-#[inline(always)]
-fn opaque(value: u64) -> u64 {
-    // SAFETY: a read of a local.
-    unsafe { core::ptr::read_volatile(&raw const value) }
-}
-
 /// `bpf_probe_read_user` into bytes: 0 on success.
 #[inline(always)]
 unsafe fn bpf_probe_read_user_buf(dst: *mut u8, len: u32, src: *const u8) -> i64 {
@@ -328,7 +317,7 @@ extern "C" fn frame(_index: u64, ctx: *mut c_void) -> i64 {
     let procs = w.procs;
     // The depth forgotten: known, each frame's would be a state of its own for the
     // verifier, which then checks the frame once per depth, past its limit.
-    let (ip, sp, bp, depth) = (w.ip, w.sp, w.bp, crate::maps::forget(w.depth as usize));
+    let (ip, sp, bp, depth) = (w.ip, w.sp, w.bp, forget(w.depth as usize));
     if ip == 0 || depth >= MAX_FRAMES {
         return 1;
     }

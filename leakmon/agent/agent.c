@@ -587,7 +587,7 @@ typedef struct {
  * 3.8 and later); larger ones go to the raw domain, which calls malloc. */
 #define PY_SMALL_REQUEST 512
 static py_allocator py_real[PY_DOMAINS];
-/* The wrapper each domain was given (py_wrappers' or py_guarded's), while wrapped. */
+/* The wrapper each domain was given (see python_wrap), while wrapped. */
 static py_allocator py_installed[PY_DOMAINS];
 static int py_wrapped[PY_DOMAINS];
 /* 1 while a Python in this process is to be wrapped once it is initialized. */
@@ -645,19 +645,19 @@ static __attribute__((noinline)) void py_release(int d, void *ctx, void *p) {
 
 /*
  * The wrappers while pymalloc is in charge of objects and PyMem (py_raw_backed; else
- * py_guarded below). Their fast paths end in a jump to the real function, so they need
- * no frame of their own (the rest, py_alloc and py_release, has one). A free ends there
- * unless the filter says its block may be sampled. A small request to pymalloc (objects
- * and PyMem, not raw memory) is served from its pools calling nothing hooked, so when
- * it is not the one sampled it needs no guard. Nor a check of the guard or of the rate:
- * no hook calls into Python, and with sampling off the countdown only runs down to the
- * full path, which passes through. A larger request, pymalloc hands to the raw domain:
- * its wrapper counts it, and releases the old block of a realloc, so these pass it on
- * uncounted. A sampled block is always a raw one (see py_alloc), so the old block of a
- * small realloc needs no check here either: pymalloc does not own it and hands the
- * realloc to the raw domain, whose wrapper releases it (and counts the new block again:
- * rare, and it only samples that block early). Measured with cargo xtask bench
- * --python-only.
+ * malloc and realloc are py_guarded_'s below). Their fast paths end in a jump to the
+ * real function, so they need no frame of their own (the rest, py_alloc and py_release,
+ * has one). A free ends there unless the filter says its block may be sampled. A small
+ * request to pymalloc (objects and PyMem, not raw memory) is served from its pools
+ * calling nothing hooked, so when it is not the one sampled it needs no guard. Nor a
+ * check of the guard or of the rate: no hook calls into Python, and with sampling off
+ * the countdown only runs down to the full path, which passes through. A larger
+ * request, pymalloc hands to the raw domain: its wrapper counts it, and releases the
+ * old block of a realloc, so these pass it on uncounted. A sampled block is always a
+ * raw one (see py_alloc), so the old block of a small realloc needs no check here
+ * either: pymalloc does not own it and hands the realloc to the raw domain, whose
+ * wrapper releases it (and counts the new block again: rare, and it only samples that
+ * block early). Measured with cargo xtask bench --python-only.
  */
 #define PY_FAST __attribute__((optimize("omit-frame-pointer")))
 #define PY_WRAPPERS(d)                                                                             \
@@ -702,18 +702,18 @@ static const py_allocator py_wrappers[PY_DOMAINS] = {
  * For objects and PyMem when pymalloc is not in charge of them (PYTHONMALLOC=malloc,
  * debug hooks, tracemalloc, mimalloc): their functions may call the hooked malloc for
  * any size, so every call takes the guarded path, as raw memory's do; without the
- * guard malloc's hook counted a block a second time.
+ * guard malloc's hook counted a block a second time. python_wrap puts these in place
+ * of py_wrappers' malloc and realloc (raw memory's already take that path).
  */
 #define PY_GUARDED(d)                                                                                \
     static void *py_guarded_malloc_##d(void *ctx, size_t n) { return py_alloc(d, ctx, NULL, n, 0, K_MALLOC); } \
     static void *py_guarded_realloc_##d(void *ctx, void *p, size_t n) { return py_alloc(d, ctx, p, n, 0, K_REALLOC); }
 PY_GUARDED(1)
 PY_GUARDED(2)
-static const py_allocator py_guarded[PY_DOMAINS] = {
-    {NULL, py_malloc_0, py_calloc_0, py_realloc_0, py_free_0},
-    {NULL, py_guarded_malloc_1, py_calloc_1, py_guarded_realloc_1, py_free_1},
-    {NULL, py_guarded_malloc_2, py_calloc_2, py_guarded_realloc_2, py_free_2},
-};
+static void *(*const py_guarded_malloc[PY_DOMAINS])(void *, size_t) = {py_malloc_0, py_guarded_malloc_1,
+                                                                       py_guarded_malloc_2};
+static void *(*const py_guarded_realloc[PY_DOMAINS])(void *, void *, size_t) = {py_realloc_0, py_guarded_realloc_1,
+                                                                                py_guarded_realloc_2};
 
 typedef void (*py_allocator_fn)(int domain, py_allocator *allocator);
 
@@ -768,10 +768,14 @@ static void python_wrap(void) {
         if (py_wrapped[d])
             continue;
         py_real[d] = current[d];
-        py_allocator wrapper = py_raw_backed ? py_wrappers[d] : py_guarded[d];
+        py_allocator wrapper = py_wrappers[d];
         wrapper.ctx = current[d].ctx;
-        if (d != 0 && py_raw_backed)
+        if (!py_raw_backed) {
+            wrapper.malloc = py_guarded_malloc[d];
+            wrapper.realloc = py_guarded_realloc[d];
+        } else if (d != 0) {
             wrapper.free = current[d].free;
+        }
         set_(d, &wrapper);
         py_installed[d] = wrapper;
         py_wrapped[d] = 1;
