@@ -76,6 +76,8 @@ pub struct Monitor {
     proc_root: ProcRoot,
     cgroup_root: PathBuf,
     symbolizer: Symbolizer,
+    /// The symbolizer's parsed binaries are dropped after this long unused.
+    symbolizer_idle: std::time::Duration,
     /// (pid, stack id) → stable id and symbolized frames; cleared past its bound.
     frames: HashMap<(u32, u64), (String, Vec<FrameReport>)>,
     /// Per (service, command): the processes seen last tick, their resident total, and
@@ -103,6 +105,11 @@ struct Incarnation {
 
 const MAX_CACHED_STACKS: usize = 50_000;
 
+/// How long the parsed binaries are kept after the last new stack was named: long
+/// enough to name the stacks of a newly attributed process in one go, short enough
+/// that the daemon's footprint returns to its steady size within minutes.
+const SYMBOLIZER_IDLE: std::time::Duration = std::time::Duration::from_secs(60);
+
 impl Monitor {
     /// Names stacks by their allocation site past these wrappers.
     #[must_use]
@@ -119,6 +126,7 @@ impl Monitor {
             proc_root,
             cgroup_root: PathBuf::from("/sys/fs/cgroup"),
             symbolizer: Symbolizer::default(),
+            symbolizer_idle: SYMBOLIZER_IDLE,
             frames: HashMap::new(),
             incarnations: HashMap::new(),
             last_seen: HashMap::new(),
@@ -335,6 +343,9 @@ impl Monitor {
         if self.frames.len() > MAX_CACHED_STACKS {
             self.frames.clear();
         }
+        if self.symbolizer.release_idle(self.symbolizer_idle) {
+            crate::own_memory::give_back();
+        }
         (views, changes)
     }
 
@@ -505,6 +516,37 @@ mod tests {
     #[inline(never)]
     fn growing_site() -> u64 {
         std::hint::black_box(2)
+    }
+
+    #[test]
+    fn the_parsed_binaries_are_dropped_once_no_new_stack_needs_them() {
+        use crate::store::StackTotals;
+        let pid = std::process::id();
+        let site = flat_site as *const () as u64 + 1;
+        let stack = move |_: u64| Some(vec![site]);
+        let heap = |id: u64| {
+            [ProcessTotals {
+                pid,
+                gen: 0,
+                bytes: 1000,
+                allocations: 1,
+                stacks: vec![StackTotals { stack_id: id, bytes: 1000, allocations: 1, ts_ms_sum: 0 }],
+                named: None,
+            }]
+        };
+        let procs = [proc(pid, "svc", 20_000_000)];
+        let mut m = Monitor::new(Params::default(), 100, 5, ProcRoot::default());
+        m.tick(0.0, &procs, Some(&heap(1)), &stack);
+        assert_eq!(m.symbolizer.parsed_binaries(), 1, "kept for the next new stacks");
+        m.symbolizer_idle = std::time::Duration::from_secs(1);
+        std::thread::sleep(std::time::Duration::from_millis(1100));
+        m.tick(1.0, &procs, Some(&heap(1)), &stack);
+        assert_eq!(m.symbolizer.parsed_binaries(), 0, "dropped after a tick with no new stack");
+        m.tick(2.0, &procs, Some(&heap(2)), &stack);
+        assert_eq!(m.symbolizer.parsed_binaries(), 1, "a new stack parses its binary again");
+        let views = m.tick(3.0, &procs, Some(&heap(2)), &stack).0;
+        let heap = views.iter().find(|v| v.signal == "heap").expect("heap series");
+        assert!(heap.stacks[0].function.contains("flat_site"), "{heap:#?}");
     }
 
     #[test]

@@ -16,6 +16,16 @@ pub fn heap_in_use() -> Option<u64> {
     None
 }
 
+/// Gives the heap's free memory back to the system (glibc keeps it for reuse); called
+/// after a large release, such as the symbolizer's parsed binaries.
+pub fn give_back() {
+    #[cfg(all(target_os = "linux", target_env = "gnu"))]
+    // SAFETY: malloc_trim only works on the allocator's own state, under its locks.
+    unsafe {
+        libc::malloc_trim(0);
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;

@@ -5,12 +5,16 @@
 //! process, so stacks of processes that have exited still resolve as long as their
 //! binaries exist. blazesym caches each parsed binary, so a binary is read once; the
 //! cache starts over past [`MAX_BINARIES`] binaries, and build ids past
-//! [`MAX_BUILD_IDS`], so a long-running daemon's memory stays bounded.
+//! [`MAX_BUILD_IDS`], so a long-running daemon's memory stays bounded. A daemon drops
+//! the cache once no new stack has needed it for a while ([`Symbolizer::release_idle`]):
+//! stacks are named once each, so after a burst of new stacks it would otherwise keep
+//! every binary it parsed mapped, and their parsed debug information on its heap.
 
 use std::{
     collections::HashMap,
     path::{Path, PathBuf},
     sync::{Arc, Mutex},
+    time::{Duration, Instant},
 };
 
 use leakmon_common::python;
@@ -88,8 +92,7 @@ pub fn stable_id(frames: &[Frame]) -> String {
 /// Shared symbolizer with its per-binary cache, and the allocation wrappers that decide
 /// which frame of a stack is its allocation site.
 pub struct Symbolizer {
-    /// blazesym's symbolizer and the binaries its cache holds.
-    blaze: Mutex<(Blaze, usize)>,
+    blaze: Mutex<Parsed>,
     wrappers: Wrappers,
     /// Build ids by binary, read once each; cleared past [`MAX_BUILD_IDS`].
     build_ids: Mutex<HashMap<PathBuf, Option<String>>>,
@@ -98,6 +101,22 @@ pub struct Symbolizer {
     paths: Mutex<HashMap<(u64, u64), PathBuf>>,
     /// CPython processes by pid (`None`: not one, or not one leakmon can name).
     python: Mutex<HashMap<u32, Option<Arc<crate::python::code::Process>>>>,
+}
+
+/// blazesym's symbolizer, with what leakmon knows of its cache.
+struct Parsed {
+    blaze: Blaze,
+    /// Binaries it may hold: counted as their build ids are first read, which is why
+    /// the build ids are forgotten with it.
+    binaries: usize,
+    /// When it last symbolized an address.
+    used: Instant,
+}
+
+impl Parsed {
+    fn new() -> Self {
+        Self { blaze: Blaze::new(), binaries: 0, used: Instant::now() }
+    }
 }
 
 /// Binaries whose build id is remembered.
@@ -115,7 +134,7 @@ impl Default for Symbolizer {
 impl Symbolizer {
     pub fn new(wrappers: Wrappers) -> Self {
         Self {
-            blaze: Mutex::new((Blaze::new(), 0)),
+            blaze: Mutex::new(Parsed::new()),
             wrappers,
             build_ids: Mutex::new(HashMap::new()),
             paths: Mutex::new(HashMap::new()),
@@ -153,9 +172,9 @@ impl Symbolizer {
         // A binary not seen before: blazesym will cache it too.
         {
             let mut blaze = self.blaze.lock().unwrap_or_else(std::sync::PoisonError::into_inner);
-            blaze.1 += 1;
-            if blaze.1 > MAX_BINARIES {
-                *blaze = (Blaze::new(), 1);
+            blaze.binaries += 1;
+            if blaze.binaries > MAX_BINARIES {
+                *blaze = Parsed { binaries: 1, ..Parsed::new() };
             }
         }
         let id = blazesym::helper::read_elf_build_id(&path).ok().flatten().map(|id| {
@@ -166,6 +185,25 @@ impl Symbolizer {
         });
         ids.insert(path.to_owned(), id.clone());
         id
+    }
+
+    /// Drops every parsed binary (their maps and parsed debug information) if none was
+    /// used for `idle`; whether it did. The next stack to name parses its binaries again.
+    pub fn release_idle(&self, idle: Duration) -> bool {
+        let mut blaze = self.blaze.lock().unwrap_or_else(std::sync::PoisonError::into_inner);
+        if blaze.binaries == 0 || blaze.used.elapsed() < idle {
+            return false;
+        }
+        *blaze = Parsed::new();
+        // Lock order as in `build_id`: build ids, then the symbolizer.
+        drop(blaze);
+        self.build_ids.lock().unwrap_or_else(std::sync::PoisonError::into_inner).clear();
+        true
+    }
+
+    /// Binaries the symbolizer may hold parsed.
+    pub fn parsed_binaries(&self) -> usize {
+        self.blaze.lock().unwrap_or_else(std::sync::PoisonError::into_inner).binaries
     }
 
     pub fn wrappers(&self) -> &Wrappers {
@@ -285,11 +323,11 @@ impl Symbolizer {
                 Some((file, Input::VirtOffset(virt_offset(&path, offset)?)))
             })
             .flatten();
-            let blaze = self.blaze.lock().unwrap_or_else(std::sync::PoisonError::into_inner);
+            let mut blaze = self.blaze.lock().unwrap_or_else(std::sync::PoisonError::into_inner);
             let first = (path.clone(), Input::FileOffset(offset));
             for (file, input) in std::iter::once(first).chain(by_build_id) {
                 let src = Source::Elf(Elf::new(&file));
-                let Ok(result) = blaze.0.symbolize_single(&src, input) else { continue };
+                let Ok(result) = blaze.blaze.symbolize_single(&src, input) else { continue };
                 if let Symbolized::Sym(sym) = result {
                     frame.function = Some(sym.name.into_owned());
                     if let Some(info) = sym.code_info {
@@ -299,6 +337,8 @@ impl Symbolizer {
                     break;
                 }
             }
+            // After the lookup, which may have parsed a large binary for a while.
+            blaze.used = Instant::now();
             drop(blaze);
             frames.push(frame);
         }
@@ -392,7 +432,7 @@ fn resolve(root: Option<&Path>, path: &Path) -> PathBuf {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::procfs::ProcRoot;
+    use crate::procfs::{Mapping, ProcRoot};
 
     #[inline(never)]
     #[no_mangle]
@@ -419,5 +459,38 @@ mod tests {
         assert_eq!(frames.len(), 1, "the stack ends at the unmapped address: {frames:?}");
         assert_eq!(frames[0].function.as_deref(), Some("leakmon_symbolize_probe_target"));
         assert_eq!(frames[0].address, address);
+    }
+
+    /// Whether this process maps `path` (blazesym maps each binary it parses).
+    fn mapped(path: &Path) -> bool {
+        ProcRoot::default().maps(std::process::id()).expect("maps").iter().any(|m| m.path == path)
+    }
+
+    #[test]
+    fn parsed_binaries_are_dropped_once_idle_and_kept_while_used() {
+        // A binary this test process has no other reason to map.
+        let file = PathBuf::from("/usr/bin/python3.11");
+        let file = std::fs::canonicalize(&file).unwrap_or(file);
+        assert!(!mapped(&file), "{} is mapped before any symbolizing", file.display());
+        let at = Mapping {
+            start: 0x1000_0000,
+            end: 0x1100_0000,
+            offset: 0,
+            executable: true,
+            dev_major: 0,
+            dev_minor: 0,
+            inode: 0,
+            path: file.clone(),
+            deleted: false,
+        };
+        let symbolizer = Symbolizer::default();
+        let frames = symbolizer.frames(std::process::id(), &[at], None, &[0x1001_0000]);
+        assert_eq!(frames.len(), 1, "{frames:?}");
+        assert!(mapped(&file), "blazesym maps the binary it parsed");
+        assert!(!symbolizer.release_idle(Duration::from_secs(3600)), "used a moment ago");
+        assert!(mapped(&file), "kept while in use");
+        assert!(symbolizer.release_idle(Duration::ZERO));
+        assert!(!mapped(&file), "{} still mapped after the release", file.display());
+        assert!(!symbolizer.release_idle(Duration::ZERO), "nothing left to release");
     }
 }
