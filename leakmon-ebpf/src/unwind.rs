@@ -3,9 +3,9 @@
 //! Maps: `UNWIND_ROWS` (every file's rows, filled by userspace), `UNWIND_PROCS` (per
 //! process: its executable mappings and their rows), `UNWIND_STALE` (processes whose
 //! walk left the mappings with tables), and per CPU `ROW_CACHE` (rows found, by return
-//! address) and `STACK_WINDOW` (the top of the stack being walked, copied at once). Called from the return probe, whose registers
-//! are the caller's at the instruction after the call, so the walk starts at the
-//! allocation site itself. See `leakmon_common::unwind` for the scheme.
+//! address) and `FOUND_SCRATCH` (a search's outcome). Called from the return probe,
+//! whose registers are the caller's at the instruction after the call, so the walk
+//! starts at the allocation site itself. See `leakmon_common::unwind` for the scheme.
 //!
 //! On failure: a process without tables falls back to the kernel's frame-pointer walk
 //! (the caller's job); a frame outside every mapping with tables, or without a rule,
@@ -14,8 +14,7 @@
 
 use aya_ebpf::{
     bindings::{pt_regs, BPF_F_NO_PREALLOC},
-    cty::c_void,
-    helpers::{bpf_loop, bpf_probe_read_user},
+    helpers::bpf_probe_read_user,
     macros::map,
     maps::{Array, HashMap, LruHashMap, PerCpuArray},
 };
@@ -26,7 +25,7 @@ use leakmon_common::{
     Stack,
 };
 
-use crate::maps::{forget, opaque};
+use crate::maps::opaque;
 
 /// Rows of every file with tables, each file's rows contiguous and sorted. An array
 /// because lookups by index are inlined by the verifier (a binary search step costs a
@@ -82,26 +81,24 @@ fn row_at(procs: *const ProcUnwind, tgid: u32, at: u64) -> Result<Row, bool> {
             return Ok(c.row);
         }
     }
-    // The searches in a loop of their own: the verifier then checks them once, apart from
-    // what the walk does with their outcome (together, each exit of a search met every
-    // branch after it, past the verifier's limit).
-    let mut search = Search {
-        procs,
-        at,
-        row: Row { pc: 0, cfa_offset: 0, rbp_offset: 0, cfa: cfa::END, _pad: 0 },
-        outcome: OUTSIDE,
-    };
-    // SAFETY: `search_row` has the callback's signature and `search` outlives the call.
-    unsafe {
-        bpf_loop(1, search_row as *mut c_void, (&raw mut search).cast(), 0);
-    }
-    match search.outcome {
+    // The search's outcome goes through this CPU's scratch map value: read back, it is a
+    // number the verifier knows nothing of, so every exit of the search joins the same
+    // state after it (otherwise each exit met every branch after it, past the verifier's
+    // limit). Not a `bpf_loop` of its own: on kernels that verify a callback until its
+    // states converge, a callback inside the frame walk's callback went past the limit.
+    let Some(found) = FOUND_SCRATCH.get_ptr_mut(0) else { return Err(false) };
+    // SAFETY: this CPU's slot; programs on one CPU do not preempt each other.
+    let found = unsafe { &mut *found };
+    // SAFETY: a pointer into a map value, kept by the walk.
+    search(unsafe { &*procs }, at, found);
+    match found.outcome {
         FOUND => {
+            let row = found.row;
             if let Some(c) = cached {
                 // SAFETY: as above.
-                unsafe { *c = CachedRow { at, tgid, gen, row: search.row } };
+                unsafe { *c = CachedRow { at, tgid, gen, row } };
             }
-            Ok(search.row)
+            Ok(row)
         }
         OUTSIDE => Err(true),
         _ => Err(false),
@@ -113,33 +110,32 @@ const FOUND: u32 = 0;
 const OUTSIDE: u32 = 1;
 const NO_ROW: u32 = 2;
 
-/// A search for the row of `at`: `bpf_loop` hands it to [`search_row`].
+/// A search's outcome, and the row when found.
 #[repr(C)]
-struct Search {
-    procs: *const ProcUnwind,
-    at: u64,
+#[derive(Clone, Copy)]
+pub struct Found {
     row: Row,
     outcome: u32,
 }
 
-/// The one turn of the search's loop: always 1 (stop).
-extern "C" fn search_row(_index: u64, ctx: *mut c_void) -> i64 {
-    // SAFETY: `row_at` passes its `Search`.
-    let s = unsafe { &mut *ctx.cast::<Search>() };
-    // SAFETY: a pointer into a map value, kept by the walk.
-    let procs = unsafe { &*s.procs };
-    let Some(m) = mapping_of(procs, s.at) else {
-        s.outcome = OUTSIDE;
-        return 1;
+/// Where a search leaves its outcome (see `row_at`), per CPU.
+#[map]
+static FOUND_SCRATCH: PerCpuArray<Found> = PerCpuArray::with_max_entries(1, 0);
+
+/// Searches the row of `at` in `procs`' mappings into `out`.
+#[inline(always)]
+fn search(procs: &ProcUnwind, at: u64, out: &mut Found) {
+    let Some(m) = mapping_of(procs, at) else {
+        out.outcome = OUTSIDE;
+        return;
     };
-    match row_of(m, s.at.wrapping_sub(m.bias)) {
+    match row_of(m, at.wrapping_sub(m.bias)) {
         Some(row) => {
-            s.row = row;
-            s.outcome = FOUND;
+            out.row = row;
+            out.outcome = FOUND;
         }
-        None => s.outcome = NO_ROW,
+        None => out.outcome = NO_ROW,
     }
-    1
 }
 
 /// Marks `tgid` for a refresh of its tables; one lookup once marked.
@@ -220,134 +216,53 @@ fn row_of(m: &Mapping, vaddr: u64) -> Option<Row> {
 }
 
 /// Walks the user stack of `tgid` from `regs` into `out`; `None` when the process has
-/// no tables. Slots past `depth` keep whatever they held. Frame by frame through
-/// `bpf_loop`, so the verifier checks one frame (its cache lookup and searches) once, not
-/// every frame of every path.
+/// no tables. Slots past `depth` keep whatever they held. A plain loop the verifier
+/// unrolls: as a `bpf_loop` callback (with the stack copied into a per-CPU window, and
+/// the searches in a callback of their own) it went past the verifier's million
+/// instructions on kernel 6.18.44, which verifies a callback until its states converge
+/// and multiplied the nested one; each frame's search joins one state through
+/// `FOUND_SCRATCH` instead.
 #[inline(always)]
 pub fn walk(tgid: u32, regs: *const pt_regs, out: *mut Stack) -> Option<Walk> {
     let procs = UNWIND_PROCS.get_ptr(&tgid)?;
-    // SAFETY: uprobe contexts are the user registers.
-    let (ip, sp, bp) = unsafe { ((*regs).rip, (*regs).rsp, (*regs).rbp) };
-    let (window, window_len) = read_window(sp);
-    let mut w = Unwinding { procs, out, window, window_len, ip, sp, bp, base: sp, depth: 0, tgid, stale: 0 };
-    // SAFETY: `frame` has the callback's signature and `w` outlives the call.
-    unsafe {
-        bpf_loop(MAX_FRAMES as u32, frame as *mut c_void, (&raw mut w).cast(), 0);
-    }
-    Some(Walk { depth: w.depth as usize, stale: w.stale != 0 })
-}
-
-/// Words of the stack read at once from the first frame up (8 KiB): the return
-/// addresses and saved registers of the frames within are read from this copy, not
-/// each with a helper call of its own (those calls were most of a frame's cost once its
-/// row is cached).
-const WINDOW_WORDS: usize = 1024;
-const PAGE: u64 = 4096;
-
-/// This CPU's copy of the top of the stack being walked.
-#[map]
-static STACK_WINDOW: PerCpuArray<[u64; WINDOW_WORDS]> = PerCpuArray::with_max_entries(1, 0);
-
-/// Copies the stack from `sp` to the end of its page and the page after it (where that
-/// is mapped: the end of the stack may be nearer) into [`STACK_WINDOW`]; the copy and
-/// the bytes it holds (0: none, every read then goes to the process).
-#[inline(always)]
-fn read_window(sp: u64) -> (*mut u64, u64) {
-    let Some(window) = STACK_WINDOW.get_ptr_mut(0) else { return (core::ptr::null_mut(), 0) };
-    let window = window.cast::<u8>();
-    // The rest of the first page: 8 to 4096 bytes (sp is 8-aligned in every probe).
-    let first = PAGE - (sp & (PAGE - 1));
-    // SAFETY: `first` is at most a page, within the window; a user address, the helper
-    // checks it.
-    if unsafe { bpf_probe_read_user_buf(window, first as u32, sp as *const u8) } != 0 {
-        return (window.cast(), 0);
-    }
-    let offset = opaque(first) & (PAGE - 1 | PAGE);
-    if offset > PAGE {
-        return (window.cast(), first);
-    }
-    // SAFETY: `offset` is at most a page, so a page from it stays within the window.
-    let second = unsafe {
-        bpf_probe_read_user_buf(window.add(offset as usize), PAGE as u32, (sp + offset) as *const u8)
-    };
-    (window.cast(), if second == 0 { offset + PAGE } else { offset })
-}
-
-/// `bpf_probe_read_user` into bytes: 0 on success.
-#[inline(always)]
-unsafe fn bpf_probe_read_user_buf(dst: *mut u8, len: u32, src: *const u8) -> i64 {
-    // SAFETY: the caller's.
-    unsafe { aya_ebpf::helpers::generated::bpf_probe_read_user(dst.cast(), len, src.cast()) }
-}
-
-/// The word of the process at `addr`: from the window where it holds it.
-#[inline(always)]
-fn stack_word(w: &Unwinding, addr: u64) -> Option<u64> {
-    let offset = addr.wrapping_sub(w.base);
-    if offset < w.window_len && offset % 8 == 0 && !w.window.is_null() {
-        let index = opaque(offset / 8) & (WINDOW_WORDS as u64 - 1);
-        // SAFETY: the index is masked within the window.
-        return Some(unsafe { *w.window.add(index as usize) });
-    }
-    // SAFETY: a user address; the helper checks it.
-    unsafe { bpf_probe_read_user(addr as *const u64) }.ok()
-}
-
-/// What one frame of the walk reads and writes: `bpf_loop` hands it to [`frame`].
-#[repr(C)]
-struct Unwinding {
-    procs: *const ProcUnwind,
-    out: *mut Stack,
-    /// [`STACK_WINDOW`], holding `window_len` bytes of the stack from `base`.
-    window: *mut u64,
-    window_len: u64,
-    ip: u64,
-    sp: u64,
-    bp: u64,
-    base: u64,
-    depth: u64,
-    tgid: u32,
-    stale: u32,
-}
-
-/// One frame: 0 to go on, 1 to stop.
-extern "C" fn frame(_index: u64, ctx: *mut c_void) -> i64 {
-    // SAFETY: `walk` passes its `Unwinding`.
-    let w = unsafe { &mut *ctx.cast::<Unwinding>() };
-    let procs = w.procs;
-    // The depth forgotten: known, each frame's would be a state of its own for the
-    // verifier, which then checks the frame once per depth, past its limit.
-    let (ip, sp, bp, depth) = (w.ip, w.sp, w.bp, forget(w.depth as usize));
-    if ip == 0 || depth >= MAX_FRAMES {
-        return 1;
-    }
-    // SAFETY: `depth` is below `MAX_FRAMES`, which is below the array length.
-    unsafe { (*w.out).ips[depth] = ip };
-    w.depth = depth as u64 + 1;
-    // Every frame is a return address: its call instruction is the byte before.
-    let at = ip - 1;
-    let row = match row_at(procs, w.tgid, at) {
-        Ok(row) => row,
-        Err(outside) => {
-            w.stale = u32::from(outside);
-            return 1;
+    // SAFETY: uprobe contexts are the user registers; `procs` points into a map value.
+    let (procs, mut ip, mut sp, mut bp) = unsafe { (&*procs, (*regs).rip, (*regs).rsp, (*regs).rbp) };
+    let mut walk = Walk { depth: 0, stale: false };
+    for i in 0..MAX_FRAMES {
+        if ip == 0 {
+            break;
         }
-    };
-    let cfa = match row.cfa {
-        cfa::RSP => sp.wrapping_add(row.cfa_offset as i64 as u64),
-        cfa::RBP => bp.wrapping_add(row.cfa_offset as i64 as u64),
-        _ => return 1,
-    };
-    let Some(ret) = stack_word(w, cfa - 8) else { return 1 };
-    if row.rbp_offset != 0 {
-        let Some(saved) = stack_word(w, cfa.wrapping_add(row.rbp_offset as i64 as u64)) else { return 1 };
-        w.bp = saved;
+        // SAFETY: `i` is below `MAX_FRAMES`, which is below the array length.
+        unsafe { (*out).ips[i] = ip };
+        walk.depth = i + 1;
+        // Every frame is a return address: its call instruction is the byte before.
+        let at = ip - 1;
+        let row = match row_at(procs, tgid, at) {
+            Ok(row) => row,
+            Err(outside) => {
+                walk.stale = outside;
+                break;
+            }
+        };
+        let frame = match row.cfa {
+            cfa::RSP => sp.wrapping_add(row.cfa_offset as i64 as u64),
+            cfa::RBP => bp.wrapping_add(row.cfa_offset as i64 as u64),
+            _ => break,
+        };
+        // SAFETY: user addresses; the helper checks them.
+        let Ok(ret) = (unsafe { bpf_probe_read_user((frame - 8) as *const u64) }) else { break };
+        if row.rbp_offset != 0 {
+            let saved = frame.wrapping_add(row.rbp_offset as i64 as u64);
+            // SAFETY: as above.
+            let Ok(saved) = (unsafe { bpf_probe_read_user(saved as *const u64) }) else { break };
+            bp = saved;
+        }
+        // A caller's frame is above its callee's: anything else is a bad rule.
+        if frame <= sp {
+            break;
+        }
+        sp = frame;
+        ip = ret;
     }
-    // A caller's frame is above its callee's: anything else is a bad rule.
-    if cfa <= sp {
-        return 1;
-    }
-    w.sp = cfa;
-    w.ip = ret;
-    0
+    Some(walk)
 }

@@ -19,6 +19,9 @@ pub enum PreflightError {
 }
 
 const CAP_DAC_READ_SEARCH: u32 = 2;
+const CAP_KILL: u32 = 5;
+const CAP_SETGID: u32 = 6;
+const CAP_SETUID: u32 = 7;
 const CAP_SYS_PTRACE: u32 = 19;
 const CAP_SYS_ADMIN: u32 = 21;
 const CAP_PERFMON: u32 = 38;
@@ -26,8 +29,14 @@ const CAP_BPF: u32 = 39;
 
 /// What leakmon still needs once it runs: attach and detach probes and read their maps
 /// (`CAP_SYS_ADMIN`, `CAP_BPF`, `CAP_PERFMON`), read other users' /proc entries and
-/// binaries (`CAP_SYS_PTRACE`, `CAP_DAC_READ_SEARCH`), hold processes under ptrace.
+/// binaries (`CAP_SYS_PTRACE`, `CAP_DAC_READ_SEARCH`), hold processes under ptrace; ask
+/// another user's runtime to open its profiler (`CAP_KILL`: SIGUSR1 to Node.js, SIGQUIT
+/// to a JVM, each only to a process that catches it) and leave the JVM's attach file
+/// as that user (`CAP_SETUID`, `CAP_SETGID`: the file-system identity of one thread).
 pub const KEPT: u64 = (1 << CAP_DAC_READ_SEARCH)
+    | (1 << CAP_KILL)
+    | (1 << CAP_SETGID)
+    | (1 << CAP_SETUID)
     | (1 << CAP_SYS_PTRACE)
     | (1 << CAP_SYS_ADMIN)
     | (1 << CAP_PERFMON)

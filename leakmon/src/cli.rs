@@ -37,6 +37,16 @@ pub enum Cmd {
     /// started it, and unloads it when that leakmon stops or dies.
     #[command(hide = true)]
     AgentSession(AgentSessionArgs),
+    /// Internal: closes the Node.js inspector a leakmon opened if that leakmon ends
+    /// without closing it.
+    #[command(hide = true)]
+    InspectorGuard(InspectorGuardArgs),
+}
+
+#[derive(Debug, clap::Args)]
+pub struct InspectorGuardArgs {
+    #[arg(long)]
+    pub pid: u32,
 }
 
 #[derive(Debug, clap::Args)]
@@ -107,7 +117,7 @@ pub struct RunArgs {
     pub pids: Vec<u32>,
     /// Attribute the allocations of processes with this name (`comm`), now and later
     /// (with --attach pids); repeatable.
-    #[arg(long = "comm", value_name = "NAME")]
+    #[arg(long = "comm", value_name = "NAME", value_parser = parse_comm)]
     pub comms: Vec<String>,
     /// Attribute the allocations of processes in this cgroup or below it, e.g.
     /// `/system.slice/nginx.service` (with --attach pids); repeatable.
@@ -220,6 +230,19 @@ pub struct TableArgs {
     /// bookkeeping). A trailing star makes a prefix. Repeatable.
     #[arg(long = "suppress", value_name = "NAME", value_parser = parse_wrapper)]
     pub suppress: Vec<String>,
+}
+
+/// A process name as the kernel keeps it (`comm`): at most 15 bytes, so a longer one
+/// would match nothing, ever.
+pub fn parse_comm(text: &str) -> Result<String, String> {
+    match text.len() {
+        0 => Err("comm: an empty process name matches nothing".to_owned()),
+        1..=15 => Ok(text.to_owned()),
+        n => Err(format!(
+            "comm {text:?} is {n} bytes: the kernel keeps only a process name's first 15 (comm), so it would match nothing; give those ({:?})",
+            String::from_utf8_lossy(&text.as_bytes()[..15])
+        )),
+    }
 }
 
 fn parse_wrapper(text: &str) -> Result<String, String> {

@@ -168,6 +168,13 @@ pub fn check(text: &str) -> (FileConfig, Vec<Problem>) {
                 if list.is_none() {
                     p(item, format!("{key} must be a list of strings, like [\"nginx\"]"));
                 }
+                let list = if key == "comm" {
+                    list.and_then(|l| {
+                        l.iter().map(|c| crate::cli::parse_comm(c)).collect::<Result<Vec<_>, _>>().map_err(|m| p(item, m)).ok()
+                    })
+                } else {
+                    list
+                };
                 if key == "comm" {
                     config.comms = list;
                 } else {
@@ -202,8 +209,10 @@ pub fn check(text: &str) -> (FileConfig, Vec<Problem>) {
                     Some(Value::String(s)) => {
                         crate::cli::parse_bytes(s.value()).map_err(|e| format!("sample-bytes: {e}"))
                     }
+                    // Through the flag's parser, whose bound (1 GiB) holds for the file too.
                     Some(v) if v.as_integer().is_some_and(|n| n >= 0) => {
-                        Ok(v.as_integer().expect("an integer") as u64)
+                        crate::cli::parse_bytes(&v.as_integer().expect("an integer").to_string())
+                            .map_err(|e| format!("sample-bytes: {e}"))
                     }
                     _ => Err("sample-bytes must be a size, like \"512KiB\", or 0 for exact".to_owned()),
                 };
@@ -359,6 +368,28 @@ pid-label = true
         assert_eq!(problems.len(), 1, "{problems:?}");
         assert_eq!(problems[0].line, 2);
         assert!(problems[0].message.contains(r#"list of "node" and "jvm""#), "{problems:?}");
+    }
+
+    #[test]
+    fn sample_bytes_in_the_file_has_the_flag_s_bound() {
+        let (c, problems) = check("top = 3\nsample-bytes = 2147483648\n");
+        assert_eq!(problems.len(), 1, "{problems:?}");
+        assert_eq!(problems[0].line, 2);
+        assert!(problems[0].message.contains("above the largest sampling interval, 1GiB"), "{problems:?}");
+        assert_eq!(c.sample_bytes, None);
+        let (c, problems) = check("sample-bytes = 65536\n");
+        assert!(problems.is_empty(), "{problems:?}");
+        assert_eq!(c.sample_bytes, Some(65536));
+    }
+
+    #[test]
+    fn a_comm_longer_than_the_kernel_keeps_is_refused_with_its_line() {
+        let (c, problems) = check("top = 3\ncomm = [\"nginx\", \"a-very-long-service-name\"]\n");
+        assert_eq!(problems.len(), 1, "{problems:?}");
+        assert_eq!(problems[0].line, 2);
+        assert!(problems[0].message.contains("kernel keeps only a process name's first 15"), "{problems:?}");
+        assert!(problems[0].message.contains("\"a-very-long-ser\""), "{problems:?}");
+        assert_eq!(c.comms, None);
     }
 
     #[test]

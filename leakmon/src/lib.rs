@@ -28,6 +28,7 @@ pub mod store;
 pub mod suppressions;
 pub mod symbolize;
 pub mod tracer;
+pub mod untrusted;
 pub mod wrappers;
 
 /// Milliseconds on the monotonic clock, the clock of the kernel's allocation stamps.

@@ -72,7 +72,8 @@ impl ProcRoot {
 
     fn read(&self, pid: u32, file: &str) -> Result<String, ProcError> {
         let path = self.0.join(pid.to_string()).join(file);
-        fs::read_to_string(&path).map_err(|source| match source.kind() {
+        // Bytes, not UTF-8: a process names itself (and its files) with any bytes.
+        crate::untrusted::read_text(&path, crate::untrusted::PROC_TEXT_LIMIT).map_err(|source| match source.kind() {
             io::ErrorKind::NotFound => ProcError::NoSuchProcess { pid },
             _ if source.raw_os_error() == Some(libc::ESRCH) => ProcError::NoSuchProcess { pid },
             _ => ProcError::Read { path, source },
@@ -112,6 +113,32 @@ impl ProcRoot {
             (u64::from_ne_bytes(k.try_into().ok()?) == key)
                 .then(|| u64::from_ne_bytes(v.try_into().expect("8 bytes")))
         }))
+    }
+
+    /// The process a task belongs to (its thread group): `pid` itself for a process,
+    /// another for one of its threads.
+    pub fn thread_group(&self, pid: u32) -> Result<u32, ProcError> {
+        let status = self.read(pid, "status")?;
+        status
+            .lines()
+            .find_map(|l| l.strip_prefix("Tgid:"))
+            .and_then(|v| v.trim().parse().ok())
+            .ok_or_else(|| ProcError::Read {
+                path: self.0.join(pid.to_string()).join("status"),
+                source: io::Error::new(io::ErrorKind::InvalidData, "no Tgid line"),
+            })
+    }
+
+    /// Refuses what is not a running process: no such pid, or a thread's id.
+    pub fn check_process(&self, pid: u32) -> Result<(), String> {
+        match self.thread_group(pid) {
+            Err(_) if !self.exists(pid) => Err(format!("no process with pid {pid}")),
+            Err(e) => Err(format!("pid {pid}: {e}")),
+            Ok(tgid) if tgid != pid => {
+                Err(format!("{pid} is a thread of process {tgid}, not a process: name the process (--pid {tgid})"))
+            }
+            Ok(_) => Ok(()),
+        }
     }
 
     /// The process's short name (`comm`), without the newline.
@@ -220,11 +247,24 @@ mod tests {
         fs::write(pid_dir.join("maps"), LINES).expect("maps");
         fs::write(pid_dir.join("comm"), "fixture\n").expect("comm");
         fs::write(pid_dir.join("stat"), "42 (fixture) S").expect("stat");
+        fs::write(pid_dir.join("status"), b"Name:\tfix\xfeture\nTgid:\t42\n").expect("status");
+        let thread = dir.path().join("43");
+        fs::create_dir_all(&thread).expect("mkdir");
+        fs::write(thread.join("stat"), "43 (fixture) S").expect("stat");
+        fs::write(thread.join("status"), "Name:\tfixture\nTgid:\t42\n").expect("status");
         let root = ProcRoot::new(dir.path());
         assert_eq!(root.maps(42).expect("maps").len(), 4);
         assert_eq!(root.comm(42).expect("comm"), "fixture");
         assert!(root.exists(42));
-        assert!(root.running(42) && !root.running(43));
+        assert!(root.running(42));
+        assert_eq!(root.check_process(42), Ok(()), "a name that is not UTF-8 is read");
+        assert_eq!(
+            root.check_process(43).unwrap_err(),
+            "43 is a thread of process 42, not a process: name the process (--pid 42)"
+        );
+        assert_eq!(root.check_process(45).unwrap_err(), "no process with pid 45");
+        fs::remove_dir_all(&thread).expect("rm");
+        assert!(!root.running(43));
         // A zombie, whose name holds ") Z": the state is read after the last one.
         let zombie = dir.path().join("44");
         fs::create_dir_all(&zombie).expect("mkdir");

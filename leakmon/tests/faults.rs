@@ -130,8 +130,9 @@ fn the_running_daemon_holds_only_the_capabilities_it_needs() {
             .and_then(|v| u64::from_str_radix(v.trim(), 16).ok())
             .unwrap_or_else(|| panic!("{name} in {status}"))
     };
-    // CAP_DAC_READ_SEARCH, CAP_SYS_PTRACE, CAP_SYS_ADMIN, CAP_PERFMON, CAP_BPF.
-    let kept = (1 << 2) | (1 << 19) | (1 << 21) | (1 << 38) | (1 << 39);
+    // CAP_DAC_READ_SEARCH, CAP_KILL, CAP_SETGID, CAP_SETUID, CAP_SYS_PTRACE,
+    // CAP_SYS_ADMIN, CAP_PERFMON, CAP_BPF.
+    let kept = (1 << 2) | (1 << 5) | (1 << 6) | (1 << 7) | (1 << 19) | (1 << 21) | (1 << 38) | (1 << 39);
     assert_eq!(leakmon::capabilities::KEPT, kept);
     for name in ["CapEff:", "CapPrm:", "CapBnd:"] {
         assert_eq!(set(name), kept, "{name} {:#x}", set(name));

@@ -43,10 +43,10 @@ fn without_frame_pointers_the_same_leaks_come_out_exactly_with_full_stacks() {
     }
 }
 
-/// A stack deeper than the part the kernel copies at once (8 KiB from the allocation
-/// up): its frames beyond are read one by one, and the walk still reaches main.
+/// A stack more than 8 KiB deep from the allocation up (frames on several pages, each
+/// read from the process): the walk still reaches main.
 #[test]
-fn a_stack_deeper_than_the_copied_window_is_walked_to_main() {
+fn a_stack_deeper_than_two_pages_is_walked_to_main() {
     let binary = build_fixture("deep_stack.c", NO_FP);
     let report = report_json(&[binary.as_os_str()]);
     let process = &processes(&report)[0];

@@ -72,7 +72,7 @@ pub fn targets(proc_root: &ProcRoot, pid: u32, maps: &[Mapping]) -> Result<Vec<T
     let exe = executable(proc_root, pid)?;
     let root = proc_root.path().join(pid.to_string()).join("root");
     let Some(first) = maps.iter().find(|m| m.path == exe) else { return Ok(Vec::new()) };
-    let data = std::fs::read(first.open_path(&root)).with_context(|| format!("read {}", exe.display()))?;
+    let data = crate::untrusted::read_binary(&first.open_path(&root)).with_context(|| format!("read {}", exe.display()))?;
     let file = object::File::parse(&*data).with_context(|| format!("parse {}", exe.display()))?;
     let mut found = BTreeMap::new();
     for symbol in file.dynamic_symbols().chain(file.symbols()) {

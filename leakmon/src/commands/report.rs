@@ -286,9 +286,7 @@ fn unless_gone(proc_root: &ProcRoot, pid: u32, what: &str, e: &anyhow::Error) {
 /// Refuses arguments that cannot work, before anything is loaded.
 fn check(args: &ReportArgs, proc_root: &ProcRoot) -> Result<()> {
     if let Some(pid) = args.pid {
-        if !proc_root.exists(pid) {
-            bail!("no process with pid {pid}");
-        }
+        proc_root.check_process(pid).map_err(|e| anyhow::anyhow!(e))?;
         if pid == std::process::id() {
             bail!("leakmon does not trace itself");
         }

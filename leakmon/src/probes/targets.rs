@@ -4,7 +4,7 @@
 //! points it defines, each with the program that handles it. Aliases (two names for
 //! one address) get one probe only, or both would fire for one call.
 
-use std::{collections::HashSet, fs, path::Path};
+use std::{collections::HashSet, path::Path};
 
 use object::{Object as _, ObjectSection as _, ObjectSymbol as _};
 
@@ -233,13 +233,12 @@ pub fn entry_points(path: &Path) -> Result<Vec<EntryPoint>, TargetError> {
     Ok(file_targets(path)?.entry_points)
 }
 
-/// What `path` offers to probe. The file is mapped, not read: executables can be large.
+/// What `path` offers to probe.
 pub fn file_targets(path: &Path) -> Result<FileTargets, TargetError> {
     let display = path.display().to_string();
-    let file = fs::File::open(path).map_err(|source| TargetError::Read { path: display.clone(), source })?;
-    // SAFETY: a read-only private mapping; a file changed underneath would only give
-    // wrong symbols, which the parse tolerates.
-    let data = unsafe { memmap2::Mmap::map(&file) }
+    // Read, not mapped: the file is its owner's to truncate, and a mapping would then
+    // fault in leakmon (see `read_binary`).
+    let data = crate::untrusted::read_binary(path)
         .map_err(|source| TargetError::Read { path: display.clone(), source })?;
     targets_in(&data).map_err(|source| TargetError::Parse { path: display, source })
 }
@@ -323,7 +322,8 @@ const AGENT_POINTS: [(&str, Handler); 2] =
 /// the probe site.
 pub fn agent_points(path: &Path) -> Result<Vec<EntryPoint>, TargetError> {
     let display = path.display().to_string();
-    let data = fs::read(path).map_err(|source| TargetError::Read { path: display.clone(), source })?;
+    let data = crate::untrusted::read_binary(path)
+        .map_err(|source| TargetError::Read { path: display.clone(), source })?;
     let file =
         object::File::parse(&*data).map_err(|source| TargetError::Parse { path: display.clone(), source })?;
     let mut points = Vec::new();
@@ -343,9 +343,7 @@ pub fn agent_points(path: &Path) -> Result<Vec<EntryPoint>, TargetError> {
 /// The file offset of the function `symbol` that the file at `path` defines.
 pub fn function_offset(path: &Path, symbol: &str) -> Result<Option<u64>, TargetError> {
     let display = path.display().to_string();
-    let file = fs::File::open(path).map_err(|source| TargetError::Read { path: display.clone(), source })?;
-    // SAFETY: a read-only private mapping, as in `file_targets`.
-    let data = unsafe { memmap2::Mmap::map(&file) }
+    let data = crate::untrusted::read_binary(path)
         .map_err(|source| TargetError::Read { path: display.clone(), source })?;
     let file = object::File::parse(&*data).map_err(|source| TargetError::Parse { path: display, source })?;
     Ok(file
@@ -447,7 +445,7 @@ mod tests {
         let offsets: HashSet<_> = points.iter().map(|p| p.file_offset).collect();
         assert_eq!(offsets.len(), points.len(), "aliases must be probed once");
         // The offset must point at the function's code: an endbr64 or a push in this glibc.
-        let data = fs::read(system_libc()).expect("read libc");
+        let data = std::fs::read(system_libc()).expect("read libc");
         let malloc = points.iter().find(|p| p.symbol == "malloc").expect("malloc");
         let first = data[usize::try_from(malloc.file_offset).expect("fits")];
         assert!(matches!(first, 0xf3 | 0x41 | 0x53 | 0x55 | 0x48), "unexpected first byte {first:#x}");
@@ -457,7 +455,7 @@ mod tests {
     fn free_is_probed_past_its_null_test_on_this_libc() {
         let points = entry_points(&system_libc()).expect("libc parses");
         let free = points.iter().find(|p| p.symbol == "free").expect("free");
-        let data = fs::read(system_libc()).expect("read libc");
+        let data = std::fs::read(system_libc()).expect("read libc");
         // What the file says, not what one glibc build compiled: decoding from free's
         // first byte, the probe lands on an instruction boundary after the test of its
         // argument (rdi) and the conditional jump that returns on NULL.

@@ -8,7 +8,7 @@
 //!
 //! [`Probes`]: super::Probes
 
-use std::{fs, path::Path};
+use std::path::Path;
 
 use gimli::{
     CfaRule, CieOrFde, EhFrame, LittleEndian, RegisterRule, UnwindContext, UnwindSection as _, X86_64,
@@ -61,11 +61,8 @@ impl FileTable {
 /// Reads `path` and builds its tables.
 pub fn file_table(path: &Path) -> Result<FileTable, UnwindError> {
     let shown = || path.display().to_string();
-    let file = fs::File::open(path).map_err(|source| UnwindError::Read { path: shown(), source })?;
-    // SAFETY: read-only mapping of a file we only parse; a concurrent truncation could
-    // fault, the same risk every ELF reader on mapped binaries takes.
-    let data =
-        unsafe { memmap2::Mmap::map(&file) }.map_err(|source| UnwindError::Read { path: shown(), source })?;
+    // Read, not mapped: the file is its owner's to truncate (see `read_binary`).
+    let data = crate::untrusted::read_binary(path).map_err(|source| UnwindError::Read { path: shown(), source })?;
     table_of(&data).map_err(|e| e.with_path(&shown()))
 }
 

@@ -72,7 +72,7 @@ impl Interpreter {
                 continue;
             }
             let path = m.open_path(root);
-            let Ok(data) = std::fs::read(&path) else { continue };
+            let Ok(data) = crate::untrusted::read_binary(&path) else { continue };
             let Ok(file) = object::File::parse(&*data) else { continue };
             let Some(runtime) = symbol(&file, "_PyRuntime") else { continue };
             return Some(Self::of_file(&file, m, maps, runtime));

@@ -12,17 +12,27 @@
 
 use std::{
     io::{Read as _, Write as _},
-    os::unix::{fs::PermissionsExt as _, net::UnixStream},
+    os::{
+        fd::{AsFd as _, AsRawFd as _},
+        unix::net::UnixStream,
+    },
     path::{Path, PathBuf},
     time::{Duration, Instant},
 };
 
 use anyhow::{bail, Context as _, Result};
 
+use crate::untrusted::{create_as, cwd_of, read_text, remove_if_same, Identity, Pinned, TargetRoot, PROC_TEXT_LIMIT};
+
 /// How long the JVM has to open its socket after SIGQUIT.
 const LISTEN_TIMEOUT: Duration = Duration::from_secs(10);
 /// Longest a command may run (a class histogram walks the whole heap).
 const COMMAND_TIMEOUT: Duration = Duration::from_secs(120);
+/// The longest answer read: a class histogram of a heap of a million classes is
+/// about 100 MiB; nothing leakmon asks for comes near.
+const ANSWER_LIMIT: u64 = 128 << 20;
+/// The longest performance-data file read.
+const PERF_DATA_LIMIT: u64 = 16 << 20;
 
 /// A JVM that answers attach requests.
 pub struct Jvm {
@@ -33,10 +43,14 @@ pub struct Jvm {
 impl Jvm {
     /// Asks `pid` to listen for attach requests, unless it already does.
     pub fn attach(pid: u32) -> Result<Self> {
+        let proc_root = Path::new("/proc");
+        // Pinned first: every check below is of this process, and SIGQUIT goes to it
+        // or to none.
+        let process = Pinned::open(pid).with_context(|| format!("no process {pid}"))?;
         let ns_pid = ns_pid(pid)?;
-        let root = PathBuf::from(format!("/proc/{pid}/root"));
-        let socket = root.join(format!("tmp/.java_pid{ns_pid}"));
-        if listens(&socket) {
+        let root = TargetRoot::of(proc_root, pid).with_context(|| format!("open pid {pid}'s root"))?;
+        let socket = PathBuf::from(format!("/proc/{pid}/root/tmp/.java_pid{ns_pid}"));
+        if listens(&socket, pid) {
             return Ok(Self { pid, socket });
         }
         if !attach_enabled(pid, &root, ns_pid) {
@@ -44,33 +58,44 @@ impl Jvm {
                 "pid {pid} runs with -XX:+DisableAttachMechanism: its JVM takes no attach requests, so leakmon cannot ask it for samples"
             );
         }
-        if !catches_sigquit(pid)? {
+        if !process.catches(proc_root, libc::SIGQUIT).with_context(|| format!("no process {pid}"))? {
             bail!(
                 "pid {pid} does not catch SIGQUIT (started with -Xrs, or still starting): the signal that opens its attach socket would end it"
             );
         }
-        // In its working directory first, as jcmd does; /tmp where that is not ours to write.
-        let trigger = [
-            PathBuf::from(format!("/proc/{pid}/cwd/.attach_pid{ns_pid}")),
-            root.join(format!("tmp/.attach_pid{ns_pid}")),
-        ]
-        .into_iter()
-        .find_map(|p| create_trigger(pid, &p).ok().map(|()| p))
-        .with_context(|| format!("create .attach_pid{ns_pid} in pid {pid}'s working directory or /tmp"))?;
-        let signalled =
-            nix::sys::signal::kill(nix::unistd::Pid::from_raw(pid as i32), nix::sys::signal::Signal::SIGQUIT);
+        // The JVM honours a trigger its own user owns; it is made as that user, new,
+        // in its working directory first (as jcmd does), else in its /tmp: never
+        // through a link the JVM's user planted, never over a file that exists.
+        let who = Identity::of(proc_root, pid).with_context(|| format!("no process {pid}"))?;
+        let name = format!(".attach_pid{ns_pid}");
+        let cwd = cwd_of(proc_root, pid);
+        let tmp = root.dir(Path::new("/tmp"));
+        let mut refused = Vec::new();
+        let mut made = None;
+        for (place, dir) in [("working directory", cwd), ("/tmp", tmp)] {
+            match dir.and_then(|dir| create_as(dir.as_fd(), &name, who, 0o600).map(|file| (dir, file))) {
+                Ok(done) => {
+                    made = Some(done);
+                    break;
+                }
+                Err(e) => refused.push(format!("{place}: {e}")),
+            }
+        }
+        let Some((dir, trigger)) = made else {
+            bail!("pid {pid}: could not create {name} as its user ({})", refused.join("; "));
+        };
+        let signalled = process.signal(libc::SIGQUIT);
         let deadline = Instant::now() + LISTEN_TIMEOUT;
         let mut up = false;
         while signalled.is_ok() && Instant::now() < deadline {
-            if listens(&socket) {
+            if listens(&socket, pid) {
                 up = true;
                 break;
             }
             std::thread::sleep(Duration::from_millis(50));
         }
-        let _ = std::fs::remove_file(&trigger);
-        signalled
-            .map_err(|e| anyhow::anyhow!("signal pid {pid} (SIGQUIT) to open its attach socket: {e}"))?;
+        let _ = remove_if_same(dir.as_fd(), &name, &trigger);
+        signalled.map_err(|e| anyhow::anyhow!("signal pid {pid} (SIGQUIT) to open its attach socket: {e}"))?;
         if !up {
             bail!("pid {pid} opened no attach socket within {LISTEN_TIMEOUT:?} of SIGQUIT");
         }
@@ -82,12 +107,20 @@ impl Jvm {
     /// the JVM's words.
     pub fn jcmd(&self, line: &str) -> Result<String> {
         let pid = self.pid;
-        let mut stream = UnixStream::connect(&self.socket)
+        let mut stream = connect(&self.socket, pid)
             .with_context(|| format!("connect to pid {pid}'s attach socket {}", self.socket.display()))?;
         stream.set_read_timeout(Some(COMMAND_TIMEOUT))?;
+        stream.set_write_timeout(Some(COMMAND_TIMEOUT))?;
         stream.write_all(&request("jcmd", [line, "", ""]))?;
         let mut answer = Vec::new();
-        stream.read_to_end(&mut answer).with_context(|| format!("read pid {pid}'s answer to `{line}`"))?;
+        // A JVM's answers are a few KiB (a class histogram of a large heap, a few MiB).
+        (&mut stream)
+            .take(ANSWER_LIMIT + 1)
+            .read_to_end(&mut answer)
+            .with_context(|| format!("read pid {pid}'s answer to `{line}`"))?;
+        if answer.len() as u64 > ANSWER_LIMIT {
+            bail!("pid {pid}'s answer to `{line}` is over {ANSWER_LIMIT} bytes");
+        }
         let (status, output) = answer_of(&answer)?;
         if status != 0 {
             bail!("pid {pid} refused `{line}`: {}", output.trim());
@@ -114,13 +147,24 @@ fn answer_of(answer: &[u8]) -> Result<(i32, String)> {
     Ok((status, rest.to_owned()))
 }
 
-fn listens(socket: &Path) -> bool {
-    UnixStream::connect(socket).is_ok()
+fn listens(socket: &Path, pid: u32) -> bool {
+    connect(socket, pid).is_ok()
+}
+
+/// Connects to the socket at `path` if the JVM `pid` itself listens there: the path is
+/// the JVM user's to plant, and a link there could lead root to any other socket.
+fn connect(path: &Path, pid: u32) -> Result<UnixStream> {
+    let stream = UnixStream::connect(path)?;
+    let peer = nix::sys::socket::getsockopt(&stream, nix::sys::socket::sockopt::PeerCredentials)?;
+    if u32::try_from(peer.pid()).ok() != Some(pid) {
+        bail!("{} is a socket of pid {}, not of the JVM {pid}", path.display(), peer.pid());
+    }
+    Ok(stream)
 }
 
 /// The pid the JVM knows itself by: the innermost of its namespaces'.
 fn ns_pid(pid: u32) -> Result<u32> {
-    let status = std::fs::read_to_string(format!("/proc/{pid}/status"))
+    let status = read_text(Path::new(&format!("/proc/{pid}/status")), PROC_TEXT_LIMIT)
         .with_context(|| format!("no process {pid}"))?;
     status
         .lines()
@@ -131,38 +175,18 @@ fn ns_pid(pid: u32) -> Result<u32> {
         .context("NSpid in /proc/PID/status")
 }
 
-fn catches_sigquit(pid: u32) -> Result<bool> {
-    let status = std::fs::read_to_string(format!("/proc/{pid}/status"))
-        .with_context(|| format!("no process {pid}"))?;
-    let caught = status
-        .lines()
-        .find_map(|l| l.strip_prefix("SigCgt:"))
-        .and_then(|m| u64::from_str_radix(m.trim(), 16).ok())
-        .unwrap_or(0);
-    Ok(caught & (1 << (libc::SIGQUIT - 1)) != 0)
-}
-
-/// The trigger file, owned by the JVM's user (it ignores one a stranger made).
-fn create_trigger(pid: u32, path: &Path) -> Result<()> {
-    use std::os::unix::fs::MetadataExt as _;
-    let owner = std::fs::metadata(format!("/proc/{pid}"))?;
-    std::fs::File::create(path)?;
-    std::fs::set_permissions(path, std::fs::Permissions::from_mode(0o600))?;
-    std::os::unix::fs::chown(path, Some(owner.uid()), Some(owner.gid()))?;
-    Ok(())
-}
-
 /// Whether the JVM takes attach requests: the first of the capabilities it publishes
 /// in its performance data (what jcmd reads), else its command line and the
 /// environment variables the launcher takes options from.
-fn attach_enabled(pid: u32, root: &Path, ns_pid: u32) -> bool {
+fn attach_enabled(pid: u32, root: &TargetRoot, ns_pid: u32) -> bool {
     if let Some(capabilities) =
         perf_data(root, ns_pid).and_then(|d| perf_string(&d, "sun.rt.jvmCapabilities"))
     {
         return capabilities.starts_with('1');
     }
-    let cmdline = std::fs::read(format!("/proc/{pid}/cmdline")).unwrap_or_default();
-    let environ = std::fs::read(format!("/proc/{pid}/environ")).unwrap_or_default();
+    let cmdline = read_text(Path::new(&format!("/proc/{pid}/cmdline")), PROC_TEXT_LIMIT).unwrap_or_default();
+    let environ = read_text(Path::new(&format!("/proc/{pid}/environ")), PROC_TEXT_LIMIT).unwrap_or_default();
+    let (cmdline, environ) = (cmdline.as_bytes(), environ.as_bytes());
     let options = environ.split(|b| *b == 0).filter(|v| {
         [&b"JAVA_TOOL_OPTIONS="[..], b"JDK_JAVA_OPTIONS=", b"_JAVA_OPTIONS="].iter().any(|k| v.starts_with(k))
     });
@@ -177,13 +201,19 @@ fn attach_enabled(pid: u32, root: &Path, ns_pid: u32) -> bool {
     !disabled
 }
 
-/// The JVM's `hsperfdata_<user>/<pid>` file, whichever user it runs as.
-fn perf_data(root: &Path, ns_pid: u32) -> Option<Vec<u8>> {
-    std::fs::read_dir(root.join("tmp"))
-        .ok()?
+/// The JVM's `hsperfdata_<user>/<pid>` file, whichever user it runs as, read inside
+/// its root and bounded (HotSpot's is 64 KiB unless `-XX:PerfDataMemorySize` says more).
+fn perf_data(root: &TargetRoot, ns_pid: u32) -> Option<Vec<u8>> {
+    let tmp = root.dir(Path::new("/tmp")).ok()?;
+    let names = std::fs::read_dir(format!("/proc/self/fd/{}", tmp.as_raw_fd())).ok()?;
+    names
         .flatten()
         .filter(|e| e.file_name().to_string_lossy().starts_with("hsperfdata_"))
-        .find_map(|e| std::fs::read(e.path().join(ns_pid.to_string())).ok())
+        .take(64)
+        .find_map(|e| {
+            let path = Path::new("/tmp").join(e.file_name()).join(ns_pid.to_string());
+            root.read(&path, PERF_DATA_LIMIT).ok()
+        })
 }
 
 /// A string counter from HotSpot's performance data: a prologue naming the byte order

@@ -19,9 +19,15 @@ use serde_json::{json, Value};
 /// while to build).
 const ANSWER_TIMEOUT: Duration = Duration::from_secs(60);
 
-/// The TCP ports `pid` listens on (IPv4 and IPv6), from its network namespace's socket
-/// tables, keeping the sockets its own descriptors hold.
+/// The TCP ports `pid` listens on (IPv4 and IPv6), as addresses to connect to (one
+/// bound to every address is reached through loopback).
 pub fn listening(pid: u32) -> Result<Vec<SocketAddr>> {
+    Ok(listeners(pid)?.into_iter().map(reach).collect())
+}
+
+/// The addresses `pid`'s TCP ports are bound to, from its network namespace's socket
+/// tables, keeping the sockets its own descriptors hold.
+pub fn listeners(pid: u32) -> Result<Vec<SocketAddr>> {
     let mut inodes = std::collections::HashSet::new();
     let fds = std::fs::read_dir(format!("/proc/{pid}/fd")).with_context(|| format!("read /proc/{pid}/fd"))?;
     for fd in fds.flatten() {
@@ -34,7 +40,12 @@ pub fn listening(pid: u32) -> Result<Vec<SocketAddr>> {
     }
     let mut out = Vec::new();
     for table in ["tcp", "tcp6"] {
-        let Ok(text) = std::fs::read_to_string(format!("/proc/{pid}/net/{table}")) else { continue };
+        let Ok(text) = crate::untrusted::read_text(
+            std::path::Path::new(&format!("/proc/{pid}/net/{table}")),
+            crate::untrusted::PROC_TEXT_LIMIT,
+        ) else {
+            continue;
+        };
         for line in text.lines().skip(1) {
             let cols: Vec<&str> = line.split_whitespace().collect();
             // local address, remote, state (0A: LISTEN), ..., inode at 9.
@@ -48,8 +59,7 @@ pub fn listening(pid: u32) -> Result<Vec<SocketAddr>> {
     Ok(out)
 }
 
-/// `0100007F:2405` (the kernel's hex, address bytes in host order) as an address to
-/// connect to; an unspecified one is reached through loopback.
+/// `0100007F:2405` (the kernel's hex, address bytes in host order) as an address.
 fn socket_addr(hex: &str) -> Option<SocketAddr> {
     let (ip, port) = hex.split_once(':')?;
     let port = u16::from_str_radix(port, 16).ok()?;
@@ -65,16 +75,42 @@ fn socket_addr(hex: &str) -> Option<SocketAddr> {
         }
         _ => return None,
     };
-    let ip = if ip.is_unspecified() {
-        if ip.is_ipv4() {
-            std::net::Ipv4Addr::LOCALHOST.into()
-        } else {
-            std::net::Ipv6Addr::LOCALHOST.into()
-        }
-    } else {
-        ip
-    };
     Some(SocketAddr::new(ip, port))
+}
+
+/// Where to connect to a socket bound to `addr`: an unspecified address through
+/// loopback.
+fn reach(addr: SocketAddr) -> SocketAddr {
+    let ip: std::net::IpAddr = match addr.ip() {
+        std::net::IpAddr::V4(ip) if ip.is_unspecified() => std::net::Ipv4Addr::LOCALHOST.into(),
+        std::net::IpAddr::V6(ip) if ip.is_unspecified() => std::net::Ipv6Addr::LOCALHOST.into(),
+        ip => ip,
+    };
+    SocketAddr::new(ip, addr.port())
+}
+
+/// The host a Node.js's inspector would bind to, as its options name it
+/// (`--inspect[-brk|-port]=[HOST:]PORT`, `--debug-port`), on its command line or in
+/// `NODE_OPTIONS`; `None` where they name none (Node.js binds 127.0.0.1).
+pub fn inspector_host<'a>(args: impl IntoIterator<Item = &'a str>) -> Option<String> {
+    let mut host = None;
+    for arg in args {
+        let Some((flag, value)) = arg.split_once('=') else { continue };
+        if !["--inspect", "--inspect-brk", "--inspect-port", "--debug-port", "--inspect-wait"].contains(&flag) {
+            continue;
+        }
+        // The last one given wins, as in Node.js.
+        host = value.rsplit_once(':').map(|(h, _)| h.trim_start_matches('[').trim_end_matches(']').to_owned());
+        if host.is_none() && value.parse::<u16>().is_err() {
+            host = Some(value.to_owned());
+        }
+    }
+    host
+}
+
+/// Whether `host` (as an inspector option names it) is this machine's loopback.
+pub fn loopback(host: &str) -> bool {
+    host == "localhost" || host.parse::<std::net::IpAddr>().is_ok_and(|ip| ip.is_loopback())
 }
 
 /// The body of `GET path` on `addr`, or `None` when nothing answers HTTP there.
@@ -183,8 +219,22 @@ mod tests {
     #[test]
     fn kernel_socket_addresses() {
         assert_eq!(socket_addr("0100007F:2405"), Some("127.0.0.1:9221".parse().unwrap()));
-        assert_eq!(socket_addr("00000000:1F90"), Some("127.0.0.1:8080".parse().unwrap()));
+        assert_eq!(socket_addr("00000000:1F90"), Some("0.0.0.0:8080".parse().unwrap()));
+        assert_eq!(reach("0.0.0.0:8080".parse().unwrap()), "127.0.0.1:8080".parse().unwrap());
+        assert_eq!(reach("[::]:8080".parse().unwrap()), "[::1]:8080".parse().unwrap());
         assert_eq!(socket_addr("00000000000000000000000001000000:2405"), Some("[::1]:9221".parse().unwrap()));
         assert_eq!(socket_addr("junk"), None);
+    }
+
+    #[test]
+    fn the_inspector_s_host_is_read_from_node_s_options() {
+        assert_eq!(inspector_host(["node", "app.js"]), None);
+        assert_eq!(inspector_host(["node", "--inspect-port=9230", "app.js"]), None);
+        assert_eq!(inspector_host(["--inspect-port=0.0.0.0:9229"]).as_deref(), Some("0.0.0.0"));
+        assert_eq!(inspector_host(["--inspect=[::]:9229"]).as_deref(), Some("::"));
+        assert_eq!(inspector_host(["--inspect=example.org"]).as_deref(), Some("example.org"));
+        assert_eq!(inspector_host(["--inspect-port=0.0.0.0:1", "--inspect-port=127.0.0.1:2"]).as_deref(), Some("127.0.0.1"));
+        assert!(loopback("127.0.0.1") && loopback("::1") && loopback("localhost"));
+        assert!(!loopback("0.0.0.0") && !loopback("::") && !loopback("10.0.0.1") && !loopback("example.org"));
     }
 }

@@ -43,21 +43,22 @@ pub fn stacks(recording: &[u8]) -> Result<Vec<Stack>> {
                     *live.entry(frames).or_default() += 1;
                 }
                 "jdk.ObjectAllocationInNewTLAB" => {
-                    allocated += long(&value, "tlabSize");
+                    allocated = allocated.saturating_add(long(&value, "tlabSize"));
                     points += 1;
                 }
                 "jdk.ObjectAllocationOutsideTLAB" => {
-                    allocated += long(&value, "allocationSize");
+                    allocated = allocated.saturating_add(long(&value, "allocationSize"));
                     points += 1;
                 }
                 _ => {}
             }
         }
     }
+    // A recording is the target's to write: sums saturate rather than wrap.
     let per_sample = allocated.checked_div(points).unwrap_or(0);
     let mut out: Vec<Stack> = live
         .into_iter()
-        .map(|(frames, samples)| Stack { frames, bytes: samples * per_sample, samples })
+        .map(|(frames, samples)| Stack { frames, bytes: samples.saturating_mul(per_sample), samples })
         .collect();
     out.sort_by(|a, b| b.bytes.cmp(&a.bytes).then(b.samples.cmp(&a.samples)));
     Ok(out)

@@ -9,12 +9,17 @@
 //! between two class histograms. A histogram counts live objects only, so each one
 //! costs a full collection; the frames then name classes, not code.
 
-use std::{collections::HashMap, time::Duration};
+use std::{collections::HashMap, os::fd::AsFd as _, path::Path, time::Duration};
 
 use anyhow::{bail, Context as _, Result};
 use tracing::{info, warn};
 
 use super::{attach::Jvm as Attached, jfr, Frame, Profiler, Stack};
+use crate::untrusted::{read_regular, remove_owned, Identity, TargetRoot};
+
+/// The largest recording read: old-object samples and allocation samples of a window
+/// are a few MiB.
+const RECORDING_LIMIT: u64 = 512 << 20;
 
 /// JFR (or class histograms) running in a JVM until [`Profiler::close`].
 pub struct Jvm {
@@ -85,10 +90,38 @@ impl Jvm {
     fn stop(&mut self) -> Result<()> {
         if let How::Jfr { name, file, .. } = &self.how {
             let stopped = self.attached.jcmd(&format!("JFR.stop name={name}"));
-            let _ = std::fs::remove_file(format!("/proc/{}/root{file}", self.pid));
+            self.remove(file);
             stopped?;
         }
         Ok(())
+    }
+
+    /// Reads a recording the JVM wrote into its /tmp: inside its root, never through a
+    /// link, a regular file its own user wrote, bounded; then removes it.
+    fn take_recording(&self, file: &str) -> Result<Vec<u8>> {
+        let pid = self.pid;
+        let root = TargetRoot::of(Path::new("/proc"), pid).with_context(|| format!("open pid {pid}'s root"))?;
+        let fd = root.open(Path::new(file), libc::O_RDONLY | libc::O_NONBLOCK);
+        self.remove(file);
+        let fd = fd.with_context(|| format!("open pid {pid}'s recording {file}"))?;
+        let owner = Identity::of(Path::new("/proc"), pid)?.uid;
+        let meta = std::fs::File::from(fd);
+        if std::os::unix::fs::MetadataExt::uid(&meta.metadata()?) != owner {
+            bail!("pid {pid}'s recording {file} is not its user's: not read");
+        }
+        Ok(read_regular(meta, RECORDING_LIMIT, file)?)
+    }
+
+    /// Removes a file the JVM wrote at leakmon's request, if it is still that.
+    fn remove(&self, file: &str) {
+        let path = Path::new(file);
+        let (Some(dir), Some(name)) = (path.parent(), path.file_name().and_then(|n| n.to_str())) else { return };
+        let proc = Path::new("/proc");
+        if let (Ok(root), Ok(who)) = (TargetRoot::of(proc, self.pid), Identity::of(proc, self.pid)) {
+            if let Ok(dir) = root.dir(dir) {
+                let _ = remove_owned(dir.as_fd(), name, who.uid);
+            }
+        }
     }
 }
 
@@ -100,9 +133,7 @@ impl Profiler for Jvm {
                 *dumps += 1;
                 let file = format!("/tmp/{name}-{dumps}.jfr");
                 let dumped = self.attached.jcmd(&format!("JFR.dump name={name} filename={file}"));
-                let path = format!("/proc/{pid}/root{file}");
-                let recording = std::fs::read(&path);
-                let _ = std::fs::remove_file(&path);
+                let recording = self.take_recording(&file);
                 dumped?;
                 let recording = recording.with_context(|| format!("read pid {pid}'s recording {file}"))?;
                 jfr::stacks(&recording).with_context(|| format!("parse pid {pid}'s recording"))

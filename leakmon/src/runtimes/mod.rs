@@ -7,6 +7,7 @@
 //! native reports (frames carry `"runtime":"node"` or `"runtime":"jvm"`).
 
 pub mod attach;
+pub mod guardian;
 pub mod inspector;
 pub mod jfr;
 pub mod jvm;
@@ -74,7 +75,8 @@ pub fn detect(pid: u32) -> Result<Option<Runtime>> {
     if name == "node" || name == "nodejs" {
         return Ok(Some(Runtime::Node));
     }
-    let maps = std::fs::read_to_string(format!("/proc/{pid}/maps")).unwrap_or_default();
+    let maps = crate::untrusted::read_text(std::path::Path::new(&format!("/proc/{pid}/maps")), crate::untrusted::PROC_TEXT_LIMIT)
+        .unwrap_or_default();
     if maps.lines().any(|l| l.ends_with("/libjvm.so")) {
         return Ok(Some(Runtime::Jvm));
     }
@@ -174,7 +176,7 @@ pub fn report(
     window: Duration,
     stop: &(dyn Fn() -> bool + Sync),
 ) -> Result<Report> {
-    let comm = std::fs::read_to_string(format!("/proc/{pid}/comm")).unwrap_or_default().trim().to_owned();
+    let comm = crate::procfs::ProcRoot::default().comm(pid).unwrap_or_default();
     let Some(runtime) = detect(pid)? else {
         bail!(
             "pid {pid} ({comm}) is neither Node.js nor a HotSpot JVM: --runtime asks those runtimes' own profilers; leave it out to watch its allocator"
@@ -261,21 +263,26 @@ pub fn stack_report(stack: &Stack, runtime: &str) -> StackReport {
 /// Runs `f` on a thread of its own in `pid`'s network namespace, where its inspector
 /// listens (a container's loopback is its own).
 fn in_net_namespace<T: Send>(pid: u32, f: impl FnOnce() -> Result<T> + Send) -> Result<T> {
-    let theirs = format!("/proc/{pid}/ns/net");
-    let same = std::fs::metadata(&theirs).ok().map(|m| std::os::unix::fs::MetadataExt::ino(&m))
-        == std::fs::metadata("/proc/self/ns/net").ok().map(|m| std::os::unix::fs::MetadataExt::ino(&m));
     std::thread::scope(|s| {
         s.spawn(|| {
-            if !same {
-                let ns = std::fs::File::open(&theirs).with_context(|| format!("open {theirs}"))?;
-                nix::sched::setns(ns, nix::sched::CloneFlags::CLONE_NEWNET)
-                    .with_context(|| format!("enter pid {pid}'s network namespace"))?;
-            }
+            enter_net_namespace(pid)?;
             f()
         })
         .join()
         .map_err(|_| anyhow::anyhow!("the inspector's thread panicked"))?
     })
+}
+
+/// Moves the calling thread into `pid`'s network namespace, unless it is there.
+pub fn enter_net_namespace(pid: u32) -> Result<()> {
+    let theirs = format!("/proc/{pid}/ns/net");
+    let ns = std::fs::File::open(&theirs).with_context(|| format!("open {theirs}"))?;
+    let ino = |m: std::fs::Metadata| std::os::unix::fs::MetadataExt::ino(&m);
+    if ns.metadata().ok().map(ino) == std::fs::metadata("/proc/thread-self/ns/net").ok().map(ino) {
+        return Ok(());
+    }
+    nix::sched::setns(ns, nix::sched::CloneFlags::CLONE_NEWNET)
+        .with_context(|| format!("enter pid {pid}'s network namespace"))
 }
 
 #[cfg(test)]

@@ -12,22 +12,25 @@
 
 use std::{
     net::SocketAddr,
+    path::Path,
     time::{Duration, Instant},
 };
 
-use anyhow::{bail, Result};
+use anyhow::{bail, Context as _, Result};
 use serde_json::{json, Value};
 use tracing::{info, warn};
 
 use super::{
-    inspector::{is_inspector, listening, Session},
+    guardian::Guard,
+    inspector::{inspector_host, is_inspector, listeners, listening, loopback, Session},
     Frame, Profiler, Stack,
 };
+use crate::untrusted::{read_text, Pinned, PROC_TEXT_LIMIT};
 
 /// Closes the inspector once the current session has ended. Not at once
 /// (`setImmediate`): a close while the session was still being torn down crashed
 /// Node.js 20 (SIGSEGV) in about half of the 20 s runs; 250 ms later, none of six.
-const CLOSE: &str =
+pub const CLOSE: &str =
     "(() => { const inspector = require('inspector'); setTimeout(() => { try { inspector.close(); } catch (e) {} }, 250); })()";
 
 /// How long the inspector has to open after SIGUSR1, and to close at the end.
@@ -38,29 +41,56 @@ pub struct Node {
     pid: u32,
     addr: SocketAddr,
     session: Option<Session>,
+    /// Closes the inspector if this leakmon cannot (see [`super::guardian`]).
+    guard: Option<Guard>,
 }
 
 impl Node {
     /// Opens `pid`'s inspector and starts sampling every `interval` bytes.
     pub fn open(pid: u32, interval: u64) -> Result<Self> {
+        let proc_root = Path::new("/proc");
+        // Pinned: every check is of this process, and SIGUSR1 goes to it or to none.
+        let process = Pinned::open(pid).with_context(|| format!("no process {pid}"))?;
         let before = listening(pid)?;
         if let Some(open) = before.iter().find(|a| is_inspector(**a)) {
             bail!(
                 "pid {pid} already has an inspector open on {open} (a debugging session): leakmon leaves it alone"
             );
         }
-        nix::sys::signal::kill(nix::unistd::Pid::from_raw(pid as i32), nix::sys::signal::Signal::SIGUSR1)
-            .map_err(|e| anyhow::anyhow!("signal pid {pid} (SIGUSR1) to open its inspector: {e}"))?;
+        // A process that does not catch SIGUSR1 dies of it: it is no Node.js whose
+        // inspector the signal opens (a program named node, or --disable-sigusr1).
+        if !process.catches(proc_root, libc::SIGUSR1).with_context(|| format!("no process {pid}"))? {
+            bail!(
+                "pid {pid} does not catch SIGUSR1, which would end it: not a Node.js whose inspector SIGUSR1 opens (or one started with --disable-sigusr1); nothing was sent"
+            );
+        }
+        let args = read_text(Path::new(&format!("/proc/{pid}/cmdline")), PROC_TEXT_LIMIT).unwrap_or_default();
+        let environ = read_text(Path::new(&format!("/proc/{pid}/environ")), PROC_TEXT_LIMIT).unwrap_or_default();
+        let options = environ
+            .split('\0')
+            .filter_map(|v| v.strip_prefix("NODE_OPTIONS="))
+            .flat_map(str::split_whitespace);
+        if let Some(host) = inspector_host(args.split('\0').chain(options)).filter(|h| !loopback(h)) {
+            bail!(
+                "pid {pid}'s inspector would listen on {host}, beyond this machine's loopback, where others could take over the process: leakmon does not open it"
+            );
+        }
+        let mut guard = Guard::start(pid)?;
+        guard.armed()?;
+        process.signal(libc::SIGUSR1).map_err(|e| anyhow::anyhow!("signal pid {pid} (SIGUSR1) to open its inspector: {e}"))?;
         let Some(addr) =
             wait_for(|| listening(pid).ok()?.into_iter().find(|a| !before.contains(a) && is_inspector(*a)))
         else {
             bail!(
-                "pid {pid} opened no inspector within {OPEN_TIMEOUT:?} of SIGUSR1 (started with --disable-sigusr1, or the program handles SIGUSR1 itself): nothing was changed"
+                "pid {pid} opened no inspector within {OPEN_TIMEOUT:?} of SIGUSR1 (the program handles SIGUSR1 itself): nothing was changed"
             );
         };
         info!(pid, %addr, "inspector opened");
         // From here on the inspector is open: a failure closes it again (on drop).
-        let mut node = Self { pid, addr, session: None };
+        let mut node = Self { pid, addr, session: None, guard: Some(guard) };
+        if let Some(bound) = listeners(pid)?.into_iter().find(|a| a.port() == addr.port() && !a.ip().is_loopback()) {
+            bail!("pid {pid}'s inspector opened on {bound}, beyond loopback: closed again at once");
+        }
         let mut session = Session::open(addr)?;
         session.call("HeapProfiler.enable", &json!({}))?;
         node.session = Some(session);
@@ -74,7 +104,14 @@ impl Node {
 
     /// Stops sampling and closes the inspector.
     fn finish(&mut self) -> Result<()> {
-        let Some(mut session) = self.session.take() else { return Ok(()) };
+        if self.guard.is_none() {
+            // Closed already.
+            return Ok(());
+        }
+        let Some(mut session) = self.session.take().map_or_else(|| Session::open(self.addr).ok(), Some) else {
+            // No session to close it through: the guardian tries (on drop).
+            return Ok(());
+        };
         let stopped = session.call("HeapProfiler.stopSampling", &json!({}));
         let _ = session.call("HeapProfiler.disable", &json!({}));
         // inspector.close() waits for every session to end: run it once this one has.
@@ -83,7 +120,11 @@ impl Node {
         let _ =
             session.call("Runtime.evaluate", &json!({ "expression": CLOSE, "includeCommandLineAPI": true }));
         session.close();
-        close(self.pid, self.addr);
+        let guard = self.guard.take();
+        if close(self.pid, self.addr) {
+            guard.map(Guard::closed);
+        }
+        // Else the guard is dropped: its guardian tries again.
         stopped.map(drop)
     }
 }
@@ -106,11 +147,13 @@ impl Drop for Node {
 }
 
 /// Waits for the inspector at `addr` to close; says so if it stays open.
-fn close(pid: u32, addr: SocketAddr) {
+fn close(pid: u32, addr: SocketAddr) -> bool {
     if wait_for(|| (!listening(pid).ok()?.contains(&addr)).then_some(())).is_some() {
         info!(pid, "inspector closed");
+        true
     } else {
         warn!(pid, %addr, "the inspector stayed open after sampling");
+        false
     }
 }
 

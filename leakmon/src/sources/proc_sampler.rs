@@ -49,16 +49,19 @@ pub fn sample_all(root: &ProcRoot) -> Vec<ProcSample> {
 /// Reads one process; `None` if it is gone or a kernel thread.
 pub fn sample(root: &ProcRoot, pid: u32) -> Option<ProcSample> {
     let dir = root.path().join(pid.to_string());
-    let status = fs::read_to_string(dir.join("status")).ok()?;
+    // As bytes: a process's name is any bytes it likes, and one that is not UTF-8
+    // must not vanish from the samples.
+    let text = |name: &str| crate::untrusted::read_text(&dir.join(name), crate::untrusted::PROC_TEXT_LIMIT);
+    let status = text("status").ok()?;
     let rss_bytes = status_kib(&status, "VmRSS:")? * 1024;
     let kib = |key| status_kib(&status, key).unwrap_or(0) * 1024;
     let (anon_bytes, swap_bytes, file_bytes, shmem_bytes) =
         (kib("RssAnon:"), kib("VmSwap:"), kib("RssFile:"), kib("RssShmem:"));
-    let stat_text = fs::read_to_string(dir.join("stat")).ok()?;
+    let stat_text = text("stat").ok()?;
     let (comm, start) = parse_stat(&stat_text)?;
-    let text = fs::read_to_string(dir.join("cgroup")).unwrap_or_default();
-    let cgroup = parse_cgroup(&text);
-    let identity = identity_path(&text);
+    let cgroups = text("cgroup").unwrap_or_default();
+    let cgroup = parse_cgroup(&cgroups);
+    let identity = identity_path(&cgroups);
     let service = service_of(&identity, &comm);
     Some(ProcSample {
         pid,

@@ -2,7 +2,7 @@
 //! or in the config, or the suspects the analysis flags, each for a bounded time.
 
 use std::{
-    collections::{HashMap, HashSet},
+    collections::HashMap,
     time::{Duration, Instant},
 };
 
@@ -55,14 +55,17 @@ impl Named {
 /// their turn. A process is attributed once, for `duration`, and at most `max` at once.
 pub struct Suspects {
     active: HashMap<u32, Instant>,
-    done: HashSet<u32>,
+    /// Processes that had their turn, by pid and start time (read at the next
+    /// [`Suspects::expired`]): forgotten once the process is gone, so the set is bounded
+    /// by the living and a pid taken by a new process gives that one its turn.
+    done: HashMap<u32, Option<u64>>,
     duration: Duration,
     max: usize,
 }
 
 impl Suspects {
     pub fn new(duration: Duration, max: usize) -> Self {
-        Self { active: HashMap::new(), done: HashSet::new(), duration, max }
+        Self { active: HashMap::new(), done: HashMap::new(), duration, max }
     }
 
     /// The attributions that end now: their time is up or the process is gone.
@@ -75,8 +78,20 @@ impl Suspects {
             .collect();
         for pid in &expired {
             self.active.remove(pid);
-            self.done.insert(*pid);
+            self.done.insert(*pid, None);
         }
+        let start_of = |pid: u32| {
+            let stat = crate::untrusted::read_text(&proc_root.path().join(pid.to_string()).join("stat"), 1 << 16).ok()?;
+            proc_sampler::parse_stat(&stat).map(|(_, start)| start)
+        };
+        self.done.retain(|pid, start| match (start_of(*pid), *start) {
+            (None, _) => false,
+            (Some(now), None) => {
+                *start = Some(now);
+                true
+            }
+            (Some(now), Some(then)) => now == then,
+        });
         expired
     }
 
@@ -91,7 +106,7 @@ impl Suspects {
                 if pid == std::process::id()
                     || self.active.len() + out.len() >= self.max
                     || self.active.contains_key(&pid)
-                    || self.done.contains(&pid)
+                    || self.done.contains_key(&pid)
                     || out.iter().any(|(p, _)| *p == pid)
                 {
                     continue;
@@ -108,7 +123,7 @@ impl Suspects {
 
     /// Nothing to attribute in `pid`, or it cannot be: not tried again.
     pub fn refused(&mut self, pid: u32) {
-        self.done.insert(pid);
+        self.done.insert(pid, None);
     }
 }
 
@@ -123,6 +138,35 @@ mod tests {
         let suspects = Suspects::new(Duration::from_secs(60), 4);
         let picked: Vec<u32> = suspects.candidates(&[ours]).into_iter().map(|(pid, _)| pid).collect();
         assert_eq!(picked, [1]);
+    }
+
+    #[test]
+    fn a_turn_is_remembered_while_its_process_lives_and_not_past_a_pid_reuse() {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let stat = |start: u64| format!("42 (leaky) S 1 42 42 0 -1 0 0 0 0 0 0 0 0 0 20 0 1 0 {start} 0 0");
+        std::fs::create_dir_all(dir.path().join("42")).expect("mkdir");
+        std::fs::write(dir.path().join("42/stat"), stat(1000)).expect("stat");
+        let root = ProcRoot::new(dir.path());
+        let mut view = SeriesView::example("anon");
+        view.suspected = true;
+        view.pids = vec![42];
+        let picked = |s: &Suspects| s.candidates(std::slice::from_ref(&view)).len();
+        let mut suspects = Suspects::new(Duration::from_secs(60), 4);
+        assert_eq!(picked(&suspects), 1);
+        suspects.refused(42);
+        suspects.expired(&root);
+        assert_eq!(picked(&suspects), 0, "had its turn");
+        suspects.expired(&root);
+        assert_eq!(picked(&suspects), 0, "still the same process");
+        // The pid now names another process: its turn.
+        std::fs::write(dir.path().join("42/stat"), stat(2000)).expect("stat");
+        suspects.expired(&root);
+        assert_eq!(picked(&suspects), 1);
+        // Gone: forgotten, so the set never grows past the living.
+        suspects.refused(42);
+        std::fs::remove_dir_all(dir.path().join("42")).expect("rm");
+        suspects.expired(&root);
+        assert!(suspects.done.is_empty());
     }
 
     #[test]

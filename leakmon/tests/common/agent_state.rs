@@ -41,10 +41,12 @@ fn imports(exe: &std::path::Path, symbol: &str) -> bool {
 
 /// Where the first mapping of the executable `exe` starts in `pid` (a PIE's base).
 pub fn exe_base(pid: u32, exe: &std::path::Path) -> u64 {
-    let maps = std::fs::read_to_string(format!("/proc/{pid}/maps")).expect("maps");
-    maps.lines()
-        .find(|l| l.ends_with(exe.to_str().expect("utf-8 path")))
-        .and_then(|l| u64::from_str_radix(l.split('-').next()?, 16).ok())
+    use std::os::unix::ffi::OsStrExt as _;
+    // Bytes: a fixture may be named with any.
+    let maps = std::fs::read(format!("/proc/{pid}/maps")).expect("maps");
+    maps.split(|b| *b == b'\n')
+        .find(|l| l.ends_with(exe.as_os_str().as_bytes()))
+        .and_then(|l| u64::from_str_radix(std::str::from_utf8(l.split(|b| *b == b'-').next()?).ok()?, 16).ok())
         .expect("the executable's first mapping")
 }
 

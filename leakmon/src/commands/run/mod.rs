@@ -79,9 +79,7 @@ pub fn run(args: &RunArgs, reload: Reload<'_>) -> Result<()> {
 /// Checks options that clap cannot check alone; returns the attach mode they mean.
 fn validate(args: &RunArgs, proc_root: &ProcRoot) -> Result<Attach> {
     for &pid in &args.pids {
-        if !proc_root.exists(pid) {
-            bail!("no process with pid {pid}");
-        }
+        proc_root.check_process(pid).map_err(|e| anyhow::anyhow!(e))?;
     }
     let attach = args.attach.unwrap_or(if args.selects() { Attach::Pids } else { Attach::None });
     if attach == Attach::Pids && !args.selects() {
@@ -171,6 +169,12 @@ struct Daemon<'r> {
 
 #[expect(clippy::too_many_lines, reason = "the start-up in its order, then the loop: one branch a line")]
 async fn daemon(args: RunArgs, attach: Attach, proc_root: ProcRoot, reload: Reload<'_>) -> Result<()> {
+    // Before anything is served or loaded: a stop asked for from the first moment on
+    // is kept (a background job of a script starts with SIGINT ignored, and a signal
+    // that finds it ignored is lost), and taken at the loop's first turn.
+    let mut sigterm = signal(SignalKind::terminate()).context("install SIGTERM handler")?;
+    let mut sigint = signal(SignalKind::interrupt()).context("install SIGINT handler")?;
+    let mut sighup = signal(SignalKind::hangup()).context("install SIGHUP handler")?;
     // From the first request on, /metrics carries leakmon's own families (build info,
     // process_*, its counters at zero) and the JSON endpoints valid empty documents:
     // an empty 200 would read as a healthy target with no series.
@@ -263,12 +267,10 @@ async fn daemon(args: RunArgs, attach: Attach, proc_root: ProcRoot, reload: Relo
         args,
     };
 
-    let mut sigterm = signal(SignalKind::terminate()).context("install SIGTERM handler")?;
-    let mut sigint = signal(SignalKind::interrupt()).context("install SIGINT handler")?;
-    let mut sighup = signal(SignalKind::hangup()).context("install SIGHUP handler")?;
     // systemd's watchdog: pinged from this loop, so a loop that hangs gets restarted.
     let mut watchdog_usec = 0;
-    let mut watchdog = sd_notify::watchdog_enabled(false, &mut watchdog_usec)
+    // WATCHDOG_USEC=0 means no watchdog (and an interval of 0 cannot tick).
+    let mut watchdog = (sd_notify::watchdog_enabled(false, &mut watchdog_usec) && watchdog_usec > 0)
         .then(|| interval(Duration::from_micros(watchdog_usec) / 2));
     let mut sample = sampling(d.args.sample_interval);
     let mut summary = interval(Duration::from_secs(u64::from(d.args.interval.get())));

@@ -1,0 +1,312 @@
+//! leakmon runs as root beside other users: nothing a target's user controls may turn
+//! it into a weapon, and a process it touches is never harmed. Each test here plays the
+//! attacker (the user `nobody`, or a program that is not what leakmon thinks it is) on
+//! real processes.
+
+mod common;
+
+use std::{
+    ffi::OsStr,
+    os::unix::{ffi::OsStrExt as _, fs::MetadataExt as _, fs::PermissionsExt as _, process::CommandExt as _},
+    path::{Path, PathBuf},
+    process::{Command, Stdio},
+    time::{Duration, Instant},
+};
+
+use common::{
+    agent_state::{kill_agent_report_at, AgentTarget},
+    build_fixture, leakmon,
+    runtimes::{answers, listening, start_java, start_node, JDK},
+    Reap,
+};
+
+const NOBODY: u32 = 65534;
+
+/// A directory under the test's temporary directory that `nobody` owns (mode 0755).
+fn nobodys_dir(name: &str) -> PathBuf {
+    let dir = Path::new(env!("CARGO_TARGET_TMPDIR")).join(name);
+    let _ = std::fs::remove_dir_all(&dir);
+    std::fs::create_dir_all(&dir).expect("mkdir");
+    std::os::unix::fs::chown(&dir, Some(NOBODY), Some(NOBODY)).expect("chown");
+    std::fs::set_permissions(&dir, std::fs::Permissions::from_mode(0o755)).expect("chmod");
+    // Its parents must be passable for nobody.
+    let mut parent = dir.parent();
+    while let Some(p) = parent {
+        let mode = std::fs::metadata(p).expect("stat").mode();
+        if mode & 0o001 == 0 {
+            std::fs::set_permissions(p, std::fs::Permissions::from_mode(mode | 0o011)).expect("chmod parent");
+        }
+        parent = p.parent();
+    }
+    dir
+}
+
+/// Runs `command` as `nobody`.
+fn as_nobody(command: &mut Command) -> &mut Command {
+    command.uid(NOBODY).gid(NOBODY)
+}
+
+/// A root-owned file, mode 0644: what an attacker would like to own or empty.
+fn victim(name: &str) -> (PathBuf, Vec<u8>) {
+    let dir = Path::new(env!("CARGO_TARGET_TMPDIR")).join("root-only");
+    std::fs::create_dir_all(&dir).expect("mkdir");
+    let path = dir.join(name);
+    let content = b"root's own, not nobody's\n".to_vec();
+    std::fs::write(&path, &content).expect("write the victim");
+    std::fs::set_permissions(&path, std::fs::Permissions::from_mode(0o644)).expect("chmod");
+    (path, content)
+}
+
+fn assert_untouched(path: &Path, content: &[u8]) {
+    let meta = std::fs::metadata(path).expect("the victim is still there");
+    assert_eq!(std::fs::read(path).expect("read the victim"), content, "its content");
+    assert_eq!((meta.uid(), meta.gid(), meta.mode() & 0o7777), (0, 0, 0o644), "its owner and mode");
+}
+
+/// Item 1: a JVM's user plants `.attach_pid<pid>` as a link to a root-owned file in the
+/// JVM's working directory (and then in /tmp too). leakmon never follows it: the file
+/// keeps its content, owner and mode; with /tmp free the trigger is made there, as the
+/// JVM's user, and the report works; with both planted leakmon refuses in one line.
+#[test]
+fn a_planted_attach_trigger_link_is_never_followed() {
+    let classes = nobodys_dir("nobody-classes");
+    let status = Command::new(format!("{JDK}/javac"))
+        .arg("-d")
+        .arg(&classes)
+        .arg(common::fixtures_dir().join("jvm/CacheLeak.java"))
+        .status()
+        .expect("run javac");
+    assert!(status.success());
+    for e in std::fs::read_dir(&classes).expect("classes").flatten() {
+        std::fs::set_permissions(e.path(), std::fs::Permissions::from_mode(0o644)).expect("chmod class");
+    }
+    let cwd = nobodys_dir("nobody-jvm-cwd");
+    let mut java = Command::new(format!("{JDK}/java"));
+    as_nobody(&mut java).current_dir(&cwd).arg("-cp").arg(&classes).arg("CacheLeak").arg("grow").env("HOME", &cwd);
+    let (mut jvm, mut lines) = common::start_ready(java, "java as nobody");
+    let pid = jvm.0.id();
+    let (target, content) = victim("attach-victim");
+    let plant = |link: &Path| {
+        let status = as_nobody(Command::new("ln").arg("-s").arg(&target).arg(link)).status().expect("ln");
+        assert!(status.success(), "nobody plants {}", link.display());
+    };
+    let in_cwd = cwd.join(format!(".attach_pid{pid}"));
+    let in_tmp = PathBuf::from(format!("/tmp/.attach_pid{pid}"));
+    plant(&in_cwd);
+    plant(&in_tmp);
+    let out = common::runtimes::runtime_report(pid, "2", &[]);
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert!(!out.status.success(), "both places planted: refused");
+    assert!(stderr.contains(&format!("could not create .attach_pid{pid} as its user")), "{stderr}");
+    assert_eq!(stderr.trim().lines().filter(|l| l.starts_with("leakmon:")).count(), 1, "one line: {stderr}");
+    assert_untouched(&target, &content);
+
+    std::fs::remove_file(&in_tmp).expect("unplant /tmp");
+    let out = common::runtimes::runtime_report(pid, "2", &[]);
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert!(out.status.success(), "/tmp free: the trigger is made there: {stderr}");
+    assert_untouched(&target, &content);
+    assert!(std::fs::symlink_metadata(&in_cwd).expect("the link").file_type().is_symlink(), "theirs, left alone");
+    assert!(!in_tmp.exists(), "leakmon's own trigger is gone");
+    assert!(common::runtimes::left_in_tmp(pid).is_empty(), "{:?}", common::runtimes::left_in_tmp(pid));
+    answers(&mut jvm, &mut lines);
+}
+
+/// Item 2: leakmon SIGKILLed while Node.js's inspector is open for `report --runtime`
+/// on a Node.js run by `nobody`: its guardian closes the inspector, so no local user can
+/// reach the debugger afterwards; the process goes on.
+#[test]
+fn an_inspector_left_by_a_killed_leakmon_is_closed_by_its_guardian() {
+    let dir = nobodys_dir("nobody-node");
+    let script = dir.join("cache_leak.js");
+    std::fs::copy(common::runtimes::node_fixture(), &script).expect("copy the fixture");
+    std::fs::set_permissions(&script, std::fs::Permissions::from_mode(0o644)).expect("chmod");
+    let mut node = Command::new("node");
+    as_nobody(&mut node).current_dir(&dir).arg(&script).arg("grow").stderr(Stdio::null());
+    let (mut process, mut lines) = common::start_ready(node, "node as nobody");
+    let pid = process.0.id();
+    assert_eq!(listening(pid), 0, "no port open before");
+    let mut report = Reap(
+        leakmon()
+            .args(["report", "--runtime", "--format", "json", "--duration", "60", "--pid", &pid.to_string()])
+            .stdout(Stdio::null())
+            .stderr(Stdio::null())
+            .spawn()
+            .expect("start leakmon"),
+    );
+    let deadline = Instant::now() + Duration::from_secs(20);
+    while listening(pid) == 0 {
+        assert!(Instant::now() < deadline, "the inspector never opened");
+        std::thread::sleep(Duration::from_millis(20));
+    }
+    // Sampling under way.
+    std::thread::sleep(Duration::from_millis(500));
+    common::signal(report.0.id(), nix::sys::signal::Signal::SIGKILL);
+    report.0.wait().expect("reap leakmon");
+    let deadline = Instant::now() + Duration::from_secs(15);
+    while listening(pid) != 0 {
+        assert!(Instant::now() < deadline, "the inspector stayed open after leakmon was killed");
+        std::thread::sleep(Duration::from_millis(50));
+    }
+    // What any local user would try.
+    let probe = as_nobody(Command::new("curl").args(["-s", "-m", "2", "http://127.0.0.1:9229/json/list"]))
+        .output()
+        .expect("curl");
+    assert!(!probe.status.success(), "the debugger answers nobody: {}", String::from_utf8_lossy(&probe.stdout));
+    answers(&mut process, &mut lines);
+    // And leakmon can come back later: nothing was left half open.
+    let out = common::runtimes::runtime_report(pid, "2", &[]);
+    assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+    assert_eq!(listening(pid), 0);
+}
+
+/// Item 2, the other half: a Node.js whose options would open its inspector beyond
+/// loopback is refused before anything is sent.
+#[test]
+fn an_inspector_that_would_listen_beyond_loopback_is_never_opened() {
+    let (mut process, mut lines) = start_node(&["--inspect-port=0.0.0.0:9231"], "grow");
+    let pid = process.0.id();
+    let out = common::runtimes::runtime_report(pid, "2", &[]);
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert!(!out.status.success());
+    assert!(stderr.contains("would listen on 0.0.0.0, beyond this machine's loopback"), "{stderr}");
+    assert_eq!(listening(pid), 0, "nothing was opened");
+    answers(&mut process, &mut lines);
+}
+
+/// Item 3: a program named `node` that does not catch SIGUSR1 (a copy of `sleep`) is
+/// never sent it: leakmon refuses in one line and the process lives on.
+#[test]
+fn a_process_named_node_that_does_not_catch_sigusr1_is_never_signalled() {
+    let dir = Path::new(env!("CARGO_TARGET_TMPDIR")).join("fake-node");
+    std::fs::create_dir_all(&dir).expect("mkdir");
+    let fake = dir.join("node");
+    std::fs::copy("/usr/bin/sleep", &fake).expect("copy sleep");
+    let mut sleeper = Reap(Command::new(&fake).arg("60").spawn().expect("start the fake node"));
+    std::thread::sleep(Duration::from_millis(200));
+    let out = common::runtimes::runtime_report(sleeper.0.id(), "2", &[]);
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert!(!out.status.success());
+    assert!(stderr.contains("does not catch SIGUSR1"), "{stderr}");
+    std::thread::sleep(Duration::from_millis(300));
+    assert!(sleeper.0.try_wait().expect("poll").is_none(), "the fake node died");
+}
+
+/// Item 4: `leakmon run` as a background job of a script (SIGINT ignored from its
+/// start) stops on a SIGINT sent right after its first answer.
+#[test]
+fn a_sigint_right_after_the_first_answer_stops_the_daemon() {
+    const LISTEN: &str = "127.0.0.1:19531";
+    let mut daemon = leakmon();
+    daemon.args(["run", "--web.listen-address", LISTEN]).stderr(Stdio::null());
+    // SAFETY: only async-signal-safe calls between fork and exec.
+    unsafe {
+        daemon.pre_exec(|| {
+            libc::signal(libc::SIGINT, libc::SIG_IGN);
+            Ok(())
+        });
+    }
+    let mut daemon = Reap(daemon.spawn().expect("start leakmon run"));
+    let up = Instant::now();
+    // Its first answer, whatever it says (503 while it starts).
+    while common::http_get_raw(LISTEN, "/healthz").is_none() {
+        assert!(up.elapsed() < Duration::from_secs(30), "never answered");
+        assert!(daemon.0.try_wait().expect("poll").is_none(), "ended early");
+        std::thread::sleep(Duration::from_millis(5));
+    }
+    common::signal(daemon.0.id(), nix::sys::signal::Signal::SIGINT);
+    let deadline = Instant::now() + Duration::from_secs(30);
+    loop {
+        if let Some(status) = daemon.0.try_wait().expect("poll") {
+            assert!(status.success(), "stopped cleanly: {status}");
+            break;
+        }
+        assert!(Instant::now() < deadline, "the SIGINT was ignored");
+        std::thread::sleep(Duration::from_millis(50));
+    }
+}
+
+/// `WATCHDOG_USEC=0` (for this process) means no watchdog; it panicked the daemon.
+#[test]
+fn a_watchdog_of_zero_is_no_watchdog() {
+    const LISTEN: &str = "127.0.0.1:19532";
+    let exe = env!("CARGO_BIN_EXE_leakmon");
+    let script = format!("WATCHDOG_PID=$$ WATCHDOG_USEC=0 exec {exe} run --web.listen-address {LISTEN}");
+    let mut daemon = Reap(Command::new("sh").args(["-c", &script]).stderr(Stdio::null()).spawn().expect("sh"));
+    let up = Instant::now();
+    while common::http_get(LISTEN, "/healthz").is_none() {
+        assert!(daemon.0.try_wait().expect("poll").is_none(), "the daemon ended (panicked?)");
+        assert!(up.elapsed() < Duration::from_secs(30), "never answered");
+        std::thread::sleep(Duration::from_millis(50));
+    }
+    std::thread::sleep(Duration::from_secs(1));
+    assert!(daemon.0.try_wait().expect("poll").is_none(), "the daemon ended (panicked?)");
+}
+
+/// A copy of `binary` whose file name (so its `comm`) is `name`, any bytes.
+fn named_bytes(binary: &Path, name: &[u8]) -> PathBuf {
+    let path = binary.with_file_name(OsStr::from_bytes(name));
+    std::fs::copy(binary, &path).expect("copy fixture");
+    path
+}
+
+/// A process whose name is not UTF-8 is sampled like any other (it vanished from the
+/// samples, its series never made).
+#[test]
+fn a_process_named_with_invalid_utf8_is_sampled() {
+    const LISTEN: &str = "127.0.0.1:19533";
+    let grow = named_bytes(&build_fixture("grow.c", &[]), b"grow\xff\xfe");
+    let _grower = Reap(Command::new(&grow).arg("leak1m").stdout(Stdio::null()).spawn().expect("start"));
+    let _daemon = common::start_daemon(&["--sample-interval", "0.5s", "--window", "30s"], LISTEN);
+    let deadline = Instant::now() + Duration::from_secs(20);
+    loop {
+        let body = common::http_get(LISTEN, "/api/v1/processes").unwrap_or_default();
+        if body.contains("grow\u{fffd}\u{fffd}") {
+            break;
+        }
+        assert!(Instant::now() < deadline, "no series of the process: {body}");
+        std::thread::sleep(Duration::from_millis(500));
+    }
+}
+
+/// A process whose name is not UTF-8 gets its agent unloaded when leakmon dies (its
+/// guardian read it as gone and left the redirections in place).
+#[test]
+fn the_agent_leaves_a_process_named_with_invalid_utf8() {
+    let fixture = named_bytes(&build_fixture("agent_target.c", &[]), b"agent\xff");
+    let target = AgentTarget::with(&fixture);
+    kill_agent_report_at(target.pid, "while watching", || {});
+    target.wait_restored();
+}
+
+/// `--pid` names a process: a thread's id is refused, saying whose thread it is.
+#[test]
+fn a_thread_id_is_refused_as_a_pid() {
+    let (mut process, _lines) = start_java(&[]);
+    let pid = process.0.id();
+    let tid: u32 = std::fs::read_dir(format!("/proc/{pid}/task"))
+        .expect("tasks")
+        .filter_map(|e| e.ok()?.file_name().to_str()?.parse().ok())
+        .find(|t| *t != pid)
+        .expect("a second thread");
+    for args in [vec!["report", "--duration", "1", "--pid"], vec!["run", "--pid"]] {
+        let out = leakmon().args(&args).arg(tid.to_string()).output().expect("run leakmon");
+        let stderr = String::from_utf8_lossy(&out.stderr);
+        assert!(!out.status.success());
+        assert_eq!(
+            stderr.trim(),
+            format!("leakmon: {tid} is a thread of process {pid}, not a process: name the process (--pid {pid})")
+        );
+    }
+    let _ = process.0.kill();
+}
+
+/// `--comm` longer than the kernel keeps would match nothing, ever: refused.
+#[test]
+fn a_comm_longer_than_15_bytes_is_refused() {
+    let out = leakmon().args(["run", "--comm", "a-very-long-service-name"]).output().expect("run leakmon");
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert!(!out.status.success());
+    assert!(stderr.contains("the kernel keeps only a process name's first 15"), "{stderr}");
+    assert_eq!(stderr.trim().lines().count(), 1, "{stderr}");
+}
