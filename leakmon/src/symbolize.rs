@@ -33,7 +33,9 @@ pub struct Frame {
     pub function: Option<String>,
     pub file: Option<String>,
     pub line: Option<u32>,
-    /// The address as the process saw it.
+    /// The address as the process saw it: for lookups only, never shown (see
+    /// [`crate::report::FrameReport::address`]).
+    #[serde(skip)]
     pub address: u64,
     /// The binary the address lies in.
     #[serde(skip)]

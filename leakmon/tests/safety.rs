@@ -310,3 +310,56 @@ fn a_comm_longer_than_15_bytes_is_refused() {
     assert!(stderr.contains("the kernel keeps only a process name's first 15"), "{stderr}");
     assert_eq!(stderr.trim().lines().count(), 1, "{stderr}");
 }
+
+/// A client that opens connections and never finishes its headers (slowloris) holds
+/// each for at most the header timeout, and the daemon goes on answering others.
+#[test]
+fn a_client_that_never_finishes_its_headers_is_cut_off() {
+    use std::io::{Read as _, Write as _};
+    const LISTEN: &str = "127.0.0.1:19534";
+    let _daemon = common::start_daemon(&[], LISTEN);
+    let mut slow: Vec<std::net::TcpStream> = (0..32)
+        .map(|_| {
+            let mut s = std::net::TcpStream::connect(LISTEN).expect("connect");
+            s.write_all(b"GET /metrics HTTP/1.1\r\nHost: x\r\n").expect("half a request");
+            s.set_read_timeout(Some(Duration::from_secs(30))).expect("timeout");
+            s
+        })
+        .collect();
+    assert!(common::http_get(LISTEN, "/healthz").is_some(), "others are answered meanwhile");
+    let start = Instant::now();
+    let mut buf = [0u8; 256];
+    let n = slow[0].read(&mut buf).unwrap_or(0);
+    let waited = start.elapsed();
+    assert!(waited < Duration::from_secs(20), "the slow connection was held {waited:?}");
+    let answer = String::from_utf8_lossy(&buf[..n]);
+    assert!(n == 0 || answer.starts_with("HTTP/1.1 408"), "closed or timed out: {answer:?}");
+    slow.clear();
+}
+
+/// This machine's first IPv4 address that is not loopback.
+fn non_loopback_ip() -> String {
+    let out = Command::new("ip").args(["-4", "-o", "addr", "show", "scope", "global"]).output().expect("ip addr");
+    String::from_utf8_lossy(&out.stdout)
+        .split_whitespace()
+        .find_map(|w| w.split_once('/').map(|(ip, _)| ip.to_owned()).filter(|ip| ip.parse::<std::net::Ipv4Addr>().is_ok()))
+        .expect("a global IPv4 address")
+}
+
+/// Listening beyond loopback without users (the DaemonSet as shipped): `/metrics` and
+/// `/healthz` for every scraper, stacks, processes and profiles only for loopback.
+#[test]
+fn stacks_and_profiles_go_beyond_loopback_only_to_users_who_log_in() {
+    let _daemon = common::start_daemon(&[], "0.0.0.0:19535");
+    let remote = format!("{}:19535", non_loopback_ip());
+    for path in ["/metrics", "/healthz"] {
+        let (head, _) = common::http_get_raw(&remote, path).expect("an answer");
+        assert!(head.contains(" 200 "), "{path}: {head}");
+    }
+    for path in ["/api/v1/processes", "/api/v1/leaks", "/debug/pprof/heap?pid=1", "/debug/flamegraph.svg?pid=1"] {
+        let (head, body) = common::http_get_raw(&remote, path).expect("an answer");
+        assert!(head.contains(" 403 "), "{path}: {head}");
+        assert!(body.contains("only to users who log in"), "{body}");
+    }
+    assert!(common::http_get("127.0.0.1:19535", "/api/v1/processes").is_some(), "loopback gets everything");
+}

@@ -6,7 +6,7 @@
 //! A profile is built on request by the daemon's loop (which owns the probes), asked
 //! through a [`ProfileRequest`].
 
-use std::{collections::HashMap, net::SocketAddr, sync::Arc};
+use std::{collections::HashMap, net::SocketAddr, sync::Arc, time::Duration};
 
 use axum::{
     extract::{Query, State},
@@ -155,6 +155,10 @@ pub async fn serve(
         tokio::net::TcpListener::bind(addr).await.map_err(|e| anyhow::anyhow!("listen on {addr}: {e}"))?;
     let mut app = router(state, profiles);
     let web = web.unwrap_or(WebConfig { tls: None, users: None });
+    // Stacks, process names and profiles go over the network only to users who log in:
+    // without users, only loopback clients get them (`/metrics` and `/healthz` are for
+    // every scraper, as node_exporter's).
+    let open_to_all = web.users.is_some();
     if let Some(users) = web.users {
         app = app.layer(axum::middleware::from_fn(
             move |req: axum::extract::Request, next: axum::middleware::Next| {
@@ -175,16 +179,12 @@ pub async fn serve(
             },
         ));
     }
-    let Some(tls) = web.tls else {
-        return Ok(tokio::spawn(async move {
-            if let Err(e) = axum::serve(listener, app).await {
-                tracing::error!("web server stopped: {e}");
-            }
-        }));
-    };
-    let acceptor = tokio_rustls::TlsAcceptor::from(tls);
+    let tls = web.tls.map(tokio_rustls::TlsAcceptor::from);
+    let connections = Arc::new(tokio::sync::Semaphore::new(MAX_CONNECTIONS));
     Ok(tokio::spawn(async move {
         loop {
+            // At the cap, new connections wait in the kernel's backlog, not in memory.
+            let Ok(permit) = connections.clone().acquire_owned().await else { return };
             let (tcp, peer) = match listener.accept().await {
                 Ok(conn) => conn,
                 Err(e) => {
@@ -192,22 +192,66 @@ pub async fn serve(
                     continue;
                 }
             };
-            let (acceptor, app) = (acceptor.clone(), app.clone());
+            let (tls, app) = (tls.clone(), app.clone());
+            let everything = open_to_all || peer.ip().to_canonical().is_loopback();
             tokio::spawn(async move {
-                // A client that fails the handshake is its own problem, not the server's.
-                let Ok(stream) = acceptor.accept(tcp).await else {
-                    tracing::debug!(%peer, "TLS handshake failed");
-                    return;
-                };
-                let service =
-                    hyper::service::service_fn(move |req: hyper::Request<hyper::body::Incoming>| {
-                        use tower::ServiceExt as _;
-                        app.clone().oneshot(req.map(axum::body::Body::new))
-                    });
-                let _ = hyper_util::server::conn::auto::Builder::new(hyper_util::rt::TokioExecutor::new())
-                    .serve_connection(hyper_util::rt::TokioIo::new(stream), service)
-                    .await;
+                let _connection = permit;
+                match tls {
+                    None => serve_connection(tcp, app, everything).await,
+                    // A client that fails (or never finishes) the handshake is its own
+                    // problem, not the server's.
+                    Some(acceptor) => match tokio::time::timeout(HANDSHAKE_TIMEOUT, acceptor.accept(tcp)).await {
+                        Ok(Ok(stream)) => serve_connection(stream, app, everything).await,
+                        Ok(Err(_)) | Err(_) => tracing::debug!(%peer, "TLS handshake failed or timed out"),
+                    },
+                }
             });
         }
     }))
+}
+
+/// Connections served at once; more wait to be accepted.
+pub const MAX_CONNECTIONS: usize = 256;
+/// How long a client has to send a request's headers (a slow client holds a connection
+/// and its memory, not a thread).
+pub const HEADER_TIMEOUT: Duration = Duration::from_secs(10);
+/// How long a client has to finish the TLS handshake.
+pub const HANDSHAKE_TIMEOUT: Duration = Duration::from_secs(10);
+/// The longest a connection lives, kept alive or not.
+pub const CONNECTION_LIFETIME: Duration = Duration::from_secs(300);
+
+/// Whether `path` is only for users who logged in, or for clients on loopback.
+pub fn private_path(path: &str) -> bool {
+    !matches!(path, "/metrics" | "/healthz")
+}
+
+/// Serves HTTP/1 on one connection, within the timeouts above; `everything` false
+/// limits it to the public paths (see [`private_path`]).
+async fn serve_connection<S>(io: S, app: Router, everything: bool)
+where
+    S: tokio::io::AsyncRead + tokio::io::AsyncWrite + Unpin + Send + 'static,
+{
+    let service = hyper::service::service_fn(move |req: hyper::Request<hyper::body::Incoming>| {
+        use tower::ServiceExt as _;
+        let app = app.clone();
+        async move {
+            if !everything && private_path(req.uri().path()) {
+                return Ok::<_, std::convert::Infallible>(
+                    (
+                        StatusCode::FORBIDDEN,
+                        "stacks, processes and profiles are served over the network only to users who log in (basic_auth_users in --web.config.file), or to clients on loopback\n",
+                    )
+                        .into_response(),
+                );
+            }
+            app.oneshot(req.map(axum::body::Body::new)).await
+        }
+    });
+    let mut builder = hyper_util::server::conn::auto::Builder::new(hyper_util::rt::TokioExecutor::new());
+    builder.http1().timer(hyper_util::rt::TokioTimer::new()).header_read_timeout(HEADER_TIMEOUT);
+    let _ = tokio::time::timeout(
+        CONNECTION_LIFETIME,
+        builder.serve_connection(hyper_util::rt::TokioIo::new(io), service),
+    )
+    .await;
 }

@@ -74,10 +74,22 @@ impl WebConfig {
                     )));
                 }
             }
+            // The dearest cost configured: an unknown user is checked against a hash of
+            // that cost, so the answer's delay does not tell who exists.
+            let cost = file
+                .basic_auth_users
+                .values()
+                .filter_map(|h| h.get(4..6)?.parse::<u32>().ok())
+                .max()
+                .unwrap_or(bcrypt::DEFAULT_COST);
+            let decoy = bcrypt::hash(format!("{:x}", crate::unix_nanos()), cost)
+                .map_err(|e| invalid(format!("basic_auth_users: {e}")))?;
             Some(Users {
                 hashes: Arc::new(file.basic_auth_users),
+                decoy: Arc::new(decoy),
                 verified: Arc::new(Mutex::new(HashSet::new())),
                 verifying: Arc::new(tokio::sync::Semaphore::new(1)),
+                waiting: Arc::new(std::sync::atomic::AtomicUsize::new(0)),
             })
         };
         Ok(Self { tls, users })
@@ -106,6 +118,8 @@ fn tls_config(cert: &Path, key: &Path) -> Result<Arc<rustls::ServerConfig>, Stri
 #[derive(Clone)]
 pub struct Users {
     hashes: Arc<BTreeMap<String, String>>,
+    /// What an unknown user's password is checked against (see `load`).
+    decoy: Arc<String>,
     /// Credentials already checked against their hash: bcrypt is slow on purpose, and
     /// Prometheus sends the same ones every scrape. Bounded.
     verified: Arc<Mutex<HashSet<(String, String)>>>,
@@ -113,10 +127,15 @@ pub struct Users {
     /// passwords queues here, and neither holds the lock nor stalls the async threads
     /// that answer everyone else.
     verifying: Arc<tokio::sync::Semaphore>,
+    /// Checks waiting for that turn; past [`MAX_WAITING`] a new one is refused at once,
+    /// so a flood of guesses holds no more memory than that.
+    waiting: Arc<std::sync::atomic::AtomicUsize>,
 }
 
 /// Credentials remembered as verified at most.
 const MAX_VERIFIED: usize = 64;
+/// bcrypt checks waiting at most (remembered credentials, Prometheus' own, never wait).
+pub const MAX_WAITING: usize = 8;
 
 /// What an `Authorization` header asks, once decoded.
 enum Claim {
@@ -124,8 +143,9 @@ enum Claim {
     Refused,
     /// Checked before: yes, without bcrypt.
     Known,
-    /// A user, a password and the hash to verify it against.
-    Unverified { key: (String, String), hash: String },
+    /// A user, a password and the hash to verify it against; for an unknown user the
+    /// decoy, whose answer is no whatever it says.
+    Unverified { key: (String, String), hash: String, known: bool },
 }
 
 impl Users {
@@ -139,13 +159,15 @@ impl Users {
         };
         let Ok(text) = String::from_utf8(decoded) else { return Claim::Refused };
         let Some((user, password)) = text.split_once(':') else { return Claim::Refused };
-        let Some(hash) = self.hashes.get(user) else { return Claim::Refused };
         let key = (user.to_owned(), password.to_owned());
+        let Some(hash) = self.hashes.get(user) else {
+            return Claim::Unverified { key, hash: self.decoy.to_string(), known: false };
+        };
         // The lock is held for a set lookup only, never across bcrypt.
         if self.verified.lock().unwrap_or_else(std::sync::PoisonError::into_inner).contains(&key) {
             return Claim::Known;
         }
-        Claim::Unverified { key, hash: hash.clone() }
+        Claim::Unverified { key, hash: hash.clone(), known: true }
     }
 
     fn remember(&self, key: (String, String)) {
@@ -162,8 +184,8 @@ impl Users {
         match self.claim(authorization) {
             Claim::Refused => false,
             Claim::Known => true,
-            Claim::Unverified { key, hash } => {
-                let ok = bcrypt::verify(&key.1, &hash).unwrap_or(false);
+            Claim::Unverified { key, hash, known } => {
+                let ok = bcrypt::verify(&key.1, &hash).unwrap_or(false) && known;
                 if ok {
                     self.remember(key);
                 }
@@ -177,15 +199,23 @@ impl Users {
         match self.claim(authorization) {
             Claim::Refused => false,
             Claim::Known => true,
-            Claim::Unverified { key, hash } => {
-                let Ok(permit) = self.verifying.clone().acquire_owned().await else { return false };
+            Claim::Unverified { key, hash, known } => {
+                use std::sync::atomic::Ordering;
+                if self.waiting.fetch_add(1, Ordering::AcqRel) >= MAX_WAITING {
+                    self.waiting.fetch_sub(1, Ordering::AcqRel);
+                    return false;
+                }
+                let permit = self.verifying.clone().acquire_owned().await;
+                self.waiting.fetch_sub(1, Ordering::AcqRel);
+                let Ok(permit) = permit else { return false };
                 let password = key.1.clone();
                 let ok = tokio::task::spawn_blocking(move || {
                     let _one_at_a_time = permit;
                     bcrypt::verify(password, &hash).unwrap_or(false)
                 })
                 .await
-                .unwrap_or(false);
+                .unwrap_or(false)
+                    && known;
                 if ok {
                     self.remember(key);
                 }
@@ -222,6 +252,72 @@ mod tests {
         assert!(!users.allows(Some(&header("bob:s3cret"))));
         assert!(!users.allows(None));
         assert!(!users.allows(Some("Bearer x")));
+    }
+
+    /// An unknown user costs a bcrypt check as a known one does: the delay of a no does
+    /// not tell which users exist.
+    #[test]
+    fn an_unknown_user_takes_as_long_to_refuse_as_a_wrong_password() {
+        let dir = tempfile::tempdir().expect("dir");
+        let hash = bcrypt::hash("s3cret", 10).expect("hash");
+        let users = WebConfig::load(&write(dir.path(), &format!("basic_auth_users:\n  alice: '{hash}'\n")))
+            .expect("valid")
+            .users
+            .expect("users");
+        let header =
+            |creds: &str| format!("Basic {}", base64::engine::general_purpose::STANDARD.encode(creds));
+        let time = |creds: &str| {
+            let start = std::time::Instant::now();
+            assert!(!users.allows(Some(&header(creds))));
+            start.elapsed()
+        };
+        let (wrong, unknown) = (time("alice:wrong"), time("mallory:wrong"));
+        assert!(
+            unknown.as_secs_f64() >= 0.5 * wrong.as_secs_f64(),
+            "unknown user refused in {unknown:?}, a wrong password in {wrong:?}"
+        );
+    }
+
+    /// A flood of wrong passwords waits in a bounded queue: past it, refused at once.
+    #[test]
+    fn checks_waiting_for_bcrypt_are_bounded() {
+        let dir = tempfile::tempdir().expect("dir");
+        let hash = bcrypt::hash("s3cret", 10).expect("hash");
+        let users = WebConfig::load(&write(dir.path(), &format!("basic_auth_users:\n  alice: '{hash}'\n")))
+            .expect("valid")
+            .users
+            .expect("users");
+        let runtime = tokio::runtime::Builder::new_multi_thread().worker_threads(2).enable_all().build().unwrap();
+        let header = format!("Basic {}", base64::engine::general_purpose::STANDARD.encode("alice:wrong"));
+        let start = std::time::Instant::now();
+        let one = {
+            let users = users.clone();
+            let header = header.clone();
+            runtime.block_on(async move { users.allows_async(Some(&header)).await })
+        };
+        assert!(!one);
+        let single = start.elapsed();
+        let start = std::time::Instant::now();
+        let answers: Vec<bool> = runtime.block_on(async {
+            let tasks: Vec<_> = (0..64)
+                .map(|_| {
+                    let (users, header) = (users.clone(), header.clone());
+                    tokio::spawn(async move { users.allows_async(Some(&header)).await })
+                })
+                .collect();
+            let mut out = Vec::new();
+            for t in tasks {
+                out.push(t.await.unwrap());
+            }
+            out
+        });
+        assert!(answers.iter().all(|a| !a));
+        let flood = start.elapsed();
+        // At most MAX_WAITING + 1 checks run one after the other; 64 would take 64 times one.
+        assert!(
+            flood.as_secs_f64() < (MAX_WAITING as f64 + 8.0) * single.as_secs_f64(),
+            "64 wrong passwords took {flood:?}, one {single:?}"
+        );
     }
 
     #[test]

@@ -118,6 +118,10 @@ pub struct FrameReport {
     pub function: String,
     pub file: Option<String>,
     pub line: Option<u32>,
+    /// Where the frame's call lies in its file (the offset of the call instruction in
+    /// the binary; a Python frame's line), never where the process has it mapped: a
+    /// runtime address would tell whoever reads a report or a profile where address
+    /// randomization put the process's code.
     pub address: String,
     /// `python` for a frame of Python code; absent for native code.
     #[serde(skip_serializing_if = "Option::is_none")]
@@ -140,7 +144,7 @@ impl From<Frame> for FrameReport {
             function: f.function.unwrap_or_else(|| "??".to_owned()),
             file: f.file,
             line: f.line,
-            address: format!("{:#x}", f.address),
+            address: format!("{:#x}", f.file_offset),
             runtime: f.runtime.map(str::to_owned),
         }
     }
@@ -308,7 +312,7 @@ mod tests {
 
     #[test]
     fn frames_render_hex_addresses_and_unknown_names() {
-        let f = FrameReport::from(Frame { address: 0xdead, ..Frame::default() });
+        let f = FrameReport::from(Frame { address: 0x7f00_dead_beef, file_offset: 0xdead, ..Frame::default() });
         assert_eq!(f.address, "0xdead");
         assert_eq!(f.function, "??");
         assert_eq!(f.file, None);

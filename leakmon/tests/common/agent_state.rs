@@ -95,11 +95,11 @@ pub fn read_u64(pid: u32, addr: u64) -> u64 {
 }
 
 pub fn agent_mapped(pid: u32) -> bool {
-    std::fs::read_to_string(format!("/proc/{pid}/maps")).expect("maps").contains("leakmon-agent-")
+    String::from_utf8_lossy(&std::fs::read(format!("/proc/{pid}/maps")).expect("maps")).contains("leakmon-agent-")
 }
 
 pub fn tracer_of(pid: u32) -> String {
-    let status = std::fs::read_to_string(format!("/proc/{pid}/status")).expect("status");
+    let status = String::from_utf8_lossy(&std::fs::read(format!("/proc/{pid}/status")).expect("status")).into_owned();
     status.lines().find_map(|l| l.strip_prefix("TracerPid:")).expect("TracerPid").trim().to_owned()
 }
 
@@ -120,7 +120,7 @@ pub fn guardian_of(pid: u32) -> Option<u32> {
 pub fn wait_restored(pid: u32, slot: u64, original: u64) {
     let deadline = Instant::now() + Duration::from_secs(20);
     loop {
-        let state = std::fs::read_to_string(format!("/proc/{pid}/stat")).expect("stat");
+        let state = String::from_utf8_lossy(&std::fs::read(format!("/proc/{pid}/stat")).expect("stat")).into_owned();
         let state = state.rsplit(") ").next().and_then(|s| s.split(' ').next()).unwrap_or("?").to_owned();
         let restored = tracer_of(pid) == "0"
             && read_u64(pid, slot) == original
