@@ -12,7 +12,7 @@
 use std::{
     io::{BufRead as _, BufReader, Write as _},
     path::Path,
-    process::{Child, ChildStdin, ChildStdout, Command, ExitCode, Stdio},
+    process::{Child, ChildStdin, Command, ExitCode, Stdio},
     time::{Duration, Instant},
 };
 
@@ -31,13 +31,29 @@ pub struct Session {
     /// Waited for on stop, or by a thread of its own when dropped (no zombie).
     child: Option<Child>,
     stdin: Option<ChildStdin>,
-    stdout: BufReader<ChildStdout>,
+    /// The guardian's lines, read by a thread of its own so that nobody waits on them
+    /// who need not (the daemon's loop polls them).
+    answers: std::sync::mpsc::Receiver<String>,
 }
+
+/// A load under way in its guardian: [`Starting::poll`] says when it is done.
+pub struct Starting(Option<Session>);
 
 impl Session {
     /// Loads `agent` into `pid`, sampling every `sample_bytes`, through a guardian.
     /// Returns the session and the number of call slots the agent redirected.
     pub fn start(pid: u32, agent: &Path, sample_bytes: u64) -> Result<(Self, u64)> {
+        let mut session = Self::spawn(pid, agent, sample_bytes)?;
+        let slots = session.answer("loaded")?;
+        Ok((session, slots))
+    }
+
+    /// Starts the guardian that loads `agent` into `pid`, without waiting for it.
+    pub fn begin(pid: u32, agent: &Path, sample_bytes: u64) -> Result<Starting> {
+        Ok(Starting(Some(Self::spawn(pid, agent, sample_bytes)?)))
+    }
+
+    fn spawn(pid: u32, agent: &Path, sample_bytes: u64) -> Result<Self> {
         let exe = std::env::current_exe().context("find leakmon's own executable")?;
         let mut child = Command::new(exe)
             .args(["agent-session", "--pid", &pid.to_string(), "--sample-bytes", &sample_bytes.to_string()])
@@ -49,9 +65,18 @@ impl Session {
             .context("start the agent's guardian")?;
         let stdin = child.stdin.take();
         let stdout = BufReader::new(child.stdout.take().expect("piped"));
-        let mut session = Self { pid, child: Some(child), stdin, stdout };
-        let slots = session.answer("loaded")?;
-        Ok((session, slots))
+        let (tx, answers) = std::sync::mpsc::channel();
+        std::thread::Builder::new()
+            .name("agent-answers".into())
+            .spawn(move || {
+                for line in stdout.lines().map_while(Result::ok) {
+                    if tx.send(line).is_err() {
+                        break;
+                    }
+                }
+            })
+            .context("start the reader of the agent guardian's answers")?;
+        Ok(Self { pid, child: Some(child), stdin, answers })
     }
 
     pub fn pid(&self) -> u32 {
@@ -61,10 +86,7 @@ impl Session {
     /// Undoes the agent's redirections (its code stays mapped: a thread may be inside
     /// it) and ends the guardian. Returns the number of slots restored.
     pub fn stop(mut self) -> Result<u64> {
-        if let Some(mut stdin) = self.stdin.take() {
-            // A guardian that is gone cannot be told; its answer says what happened.
-            let _ = stdin.write_all(b"stop\n");
-        }
+        self.tell_stop();
         let restored = self.answer("stopped");
         if let Some(mut child) = self.child.take() {
             let _ = child.wait();
@@ -72,17 +94,54 @@ impl Session {
         restored
     }
 
+    /// [`Session::stop`] without waiting: the guardian unloads on its own, and a thread
+    /// of its own logs the outcome (the daemon's loop must not wait for an unload, which
+    /// may take seconds).
+    pub fn stop_in_background(mut self) {
+        self.tell_stop();
+        let pid = self.pid;
+        let _ = std::thread::Builder::new().name("agent-stop".into()).spawn(move || match self.stop() {
+            Ok(slots) => tracing::info!(pid, slots, "agent stopped"),
+            Err(e) => tracing::warn!(pid, "stop the agent: {e:#}"),
+        });
+    }
+
+    fn tell_stop(&mut self) {
+        if let Some(mut stdin) = self.stdin.take() {
+            // A guardian that is gone cannot be told; its answer says what happened.
+            let _ = stdin.write_all(b"stop\n");
+        }
+    }
+
     /// The guardian's next line: `<word> N`, or `error <why>`.
     fn answer(&mut self, word: &str) -> Result<u64> {
-        let mut line = String::new();
-        self.stdout.read_line(&mut line).context("read the agent guardian's answer")?;
-        let line = line.trim_end();
+        let line = self.answers.recv().ok();
+        self.parse(word, line.as_deref())
+    }
+
+    fn parse(&self, word: &str, line: Option<&str>) -> Result<u64> {
+        let line = line.map(str::trim_end).unwrap_or_default();
         if let Some(why) = line.strip_prefix("error ") {
             bail!("{why}");
         }
         line.strip_prefix(word)
             .and_then(|n| n.trim().parse().ok())
             .ok_or_else(|| anyhow!("the agent's guardian for pid {} ended without answering", self.pid))
+    }
+}
+
+impl Starting {
+    /// `None` while the guardian still loads; then the session and the slots the
+    /// agent redirected, or why it could not be loaded (the guardian has undone it).
+    pub fn poll(&mut self) -> Option<Result<(Session, u64)>> {
+        let session = self.0.as_mut()?;
+        let line = match session.answers.try_recv() {
+            Ok(line) => Some(line),
+            Err(std::sync::mpsc::TryRecvError::Empty) => return None,
+            Err(std::sync::mpsc::TryRecvError::Disconnected) => None,
+        };
+        let session = self.0.take().expect("checked above");
+        Some(session.parse("loaded", line.as_deref()).map(|slots| (session, slots)))
     }
 }
 

@@ -20,7 +20,9 @@ use super::{
     selection::{Named, Suspects},
     Attribution,
 };
-use crate::{agent::session::Session, export::SeriesView, probes::Probes, procfs::ProcRoot, report::Method};
+use crate::{
+    agent::session::{Session, Starting},
+    export::SeriesView, probes::Probes, procfs::ProcRoot, report::Method};
 
 /// How long after its exec a named process gets the agent again: its libraries are
 /// mapped and its allocator's slots bound by then.
@@ -37,6 +39,10 @@ pub struct Agent {
     path: PathBuf,
     sample_bytes: u64,
     sessions: HashMap<u32, Session>,
+    /// Loads under way in their guardians, polled each turn: a load takes up to tens
+    /// of seconds (a thread held at a bad place is waited for), which the daemon's loop
+    /// (and systemd's watchdog on it) must not wait out.
+    starting: HashMap<u32, Starting>,
     /// Processes the agent could not be loaded into: said once, not tried again.
     refused: HashSet<u32>,
     /// Named processes that exec'd (the agent went with the old image).
@@ -59,6 +65,7 @@ impl Agent {
             path,
             sample_bytes,
             sessions: HashMap::new(),
+            starting: HashMap::new(),
             refused: HashSet::new(),
             execed: HashMap::new(),
         };
@@ -70,39 +77,67 @@ impl Agent {
         Ok(source)
     }
 
-    /// Traces `pid` and loads the agent into it; a process that cannot take it gets
-    /// one line, is untraced and is not tried again. Whether it is loaded.
+    /// Traces `pid` and starts loading the agent into it; a process that cannot take
+    /// it gets one line (see [`Agent::poll`]), is untraced and is not tried again.
+    /// Whether a load is under way or done.
     fn load(&mut self, kernel: &mut Probes, pid: u32) -> bool {
-        if self.sessions.contains_key(&pid) || self.refused.contains(&pid) {
-            return self.sessions.contains_key(&pid);
+        if self.sessions.contains_key(&pid) || self.starting.contains_key(&pid) {
+            return true;
+        }
+        if self.refused.contains(&pid) {
+            return false;
         }
         // Traced first: no sample may fire unrecorded.
-        let loaded = kernel.trace(pid).map_err(anyhow::Error::from).and_then(|()| {
-            tokio::task::block_in_place(|| Session::start(pid, &self.path, self.sample_bytes))
-        });
-        match loaded {
-            Ok((session, slots)) => {
-                info!(pid, slots, sample_bytes = self.sample_bytes, "agent loaded");
-                self.sessions.insert(pid, session);
+        let started =
+            kernel.trace(pid).map_err(anyhow::Error::from).and_then(|()| Session::begin(pid, &self.path, self.sample_bytes));
+        match started {
+            Ok(starting) => {
+                self.starting.insert(pid, starting);
                 true
             }
             Err(e) => {
-                warn!(pid, "load the agent: {e:#}");
-                self.refused.insert(pid);
-                let _ = kernel.detach_process(pid);
+                self.refuse(kernel, pid, &e);
                 false
             }
         }
     }
 
-    /// Undoes the agent's redirections in `pid` and drops what was counted for it.
-    fn unload(&mut self, kernel: &mut Probes, pid: u32) {
-        if let Some(session) = self.sessions.remove(&pid) {
-            match tokio::task::block_in_place(|| session.stop()) {
-                Ok(slots) => info!(pid, slots, "agent stopped"),
-                Err(e) => warn!(pid, "stop the agent: {e:#}"),
+    fn refuse(&mut self, kernel: &mut Probes, pid: u32, why: &anyhow::Error) {
+        warn!(pid, "load the agent: {why:#}");
+        self.refused.insert(pid);
+        let _ = kernel.detach_process(pid);
+        if let Coverage::Suspects(suspects) = &mut self.coverage {
+            suspects.refused(pid);
+        }
+    }
+
+    /// The loads that ended since the last turn: sessions, or refusals.
+    fn poll(&mut self, kernel: &mut Probes) {
+        let ended: Vec<(u32, Result<(Session, u64)>)> = self
+            .starting
+            .iter_mut()
+            .filter_map(|(pid, starting)| Some((*pid, starting.poll()?)))
+            .collect();
+        for (pid, outcome) in ended {
+            self.starting.remove(&pid);
+            match outcome {
+                Ok((session, slots)) => {
+                    info!(pid, slots, sample_bytes = self.sample_bytes, "agent loaded");
+                    self.sessions.insert(pid, session);
+                }
+                Err(e) => self.refuse(kernel, pid, &e),
             }
         }
+    }
+
+    /// Undoes the agent's redirections in `pid` (its guardian does, in the background)
+    /// and drops what was counted for it.
+    fn unload(&mut self, kernel: &mut Probes, pid: u32) {
+        if let Some(session) = self.sessions.remove(&pid) {
+            session.stop_in_background();
+        }
+        // A load under way: its guardian undoes it once its input closes.
+        self.starting.remove(&pid);
         if let Err(e) = kernel.detach_process(pid) {
             warn!(pid, "stop tracing: {e:#}");
         }
@@ -115,6 +150,7 @@ impl Attribution for Agent {
     }
 
     fn sampled(&mut self, kernel: &mut Probes, procs: &[ProcSample]) {
+        self.poll(kernel);
         let Coverage::Named(named) = &self.coverage else { return };
         let mut due: Vec<u32> =
             self.execed.iter().filter(|(_, at)| at.elapsed() >= AFTER_EXEC).map(|(pid, _)| *pid).collect();
@@ -130,6 +166,7 @@ impl Attribution for Agent {
     }
 
     fn analysed(&mut self, kernel: &mut Probes, views: &[SeriesView]) {
+        self.poll(kernel);
         let Coverage::Suspects(suspects) = &mut self.coverage else { return };
         let expired = suspects.expired(&self.proc_root);
         let candidates: Vec<(u32, String, String)> = suspects
@@ -142,13 +179,12 @@ impl Attribution for Agent {
             info!(pid, "allocation attribution ended");
         }
         for (pid, service, comm) in candidates {
-            let loaded = self.load(kernel, pid);
-            let Coverage::Suspects(suspects) = &mut self.coverage else { unreachable!() };
-            if loaded {
-                info!(pid, service = %service, comm = %comm, "attributing the allocations of a suspect, in-process");
+            // Its turn starts with the load; a load that fails ends it (`refuse`).
+            if let Coverage::Suspects(suspects) = &mut self.coverage {
                 suspects.started(pid);
-            } else {
-                suspects.refused(pid);
+            }
+            if self.load(kernel, pid) {
+                info!(pid, service = %service, comm = %comm, "attributing the allocations of a suspect, in-process");
             }
         }
     }
@@ -184,14 +220,26 @@ impl Attribution for Agent {
     fn forget(&mut self, gone: &dyn Fn(u32) -> bool) {
         // A guardian whose process is gone has nothing to undo and ends.
         self.sessions.retain(|pid, _| !gone(*pid));
+        self.starting.retain(|pid, _| !gone(*pid));
         self.refused.retain(|pid| !gone(*pid));
         self.execed.retain(|pid, _| !gone(*pid));
     }
 
     fn shutdown(&mut self, kernel: &mut Probes) {
-        let pids: Vec<u32> = self.sessions.keys().copied().collect();
-        for pid in pids {
-            self.unload(kernel, pid);
+        // Every guardian told at once, then each waited for: they unload in parallel.
+        let sessions: Vec<(u32, Session)> = self.sessions.drain().collect();
+        let stops: Vec<_> = sessions
+            .into_iter()
+            .map(|(pid, session)| (pid, std::thread::spawn(move || session.stop())))
+            .collect();
+        self.starting.clear();
+        for (pid, stop) in stops {
+            match stop.join() {
+                Ok(Ok(slots)) => info!(pid, slots, "agent stopped"),
+                Ok(Err(e)) => warn!(pid, "stop the agent: {e:#}"),
+                Err(_) => warn!(pid, "stop the agent: the stopping thread panicked"),
+            }
+            let _ = kernel.detach_process(pid);
         }
     }
 }

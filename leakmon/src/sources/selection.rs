@@ -121,8 +121,10 @@ impl Suspects {
         self.active.insert(pid, Instant::now());
     }
 
-    /// Nothing to attribute in `pid`, or it cannot be: not tried again.
+    /// Nothing to attribute in `pid`, or it cannot be (its turn, if started, ends):
+    /// not tried again.
     pub fn refused(&mut self, pid: u32) {
+        self.active.remove(&pid);
         self.done.insert(pid, None);
     }
 }

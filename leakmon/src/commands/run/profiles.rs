@@ -57,12 +57,27 @@ pub(super) fn spawn_profile_renderer(
         .spawn(move || {
             let symbolizer = Symbolizer::new(Wrappers::new(&wrappers));
             let suppressions = crate::suppressions::Suppressions::new(&suppress);
-            for (snapshot, reply) in rx {
-                let _ = reply.send(snapshot.render(&symbolizer, &suppressions));
-            }
+            answer_each(rx, |snapshot: ProfileSnapshot| snapshot.render(&symbolizer, &suppressions));
         })
         .context("start the profile renderer")?;
     Ok(tx)
+}
+
+/// Answers each request with `render`'s result; one that panics (a file the target
+/// changed under the symbolizer, a bug) is answered with an error, and the next is
+/// rendered as usual: a panic must not leave every later profile broken.
+fn answer_each<T>(
+    requests: std::sync::mpsc::Receiver<(T, Reply)>,
+    render: impl Fn(T) -> Result<Vec<u8>, http::ProfileError>,
+) {
+    for (request, reply) in requests {
+        let answer = std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| render(request)))
+            .unwrap_or_else(|_| {
+                tracing::error!("rendering a profile panicked; the next is rendered anew");
+                Err((axum::http::StatusCode::INTERNAL_SERVER_ERROR, "rendering the profile failed".to_owned()))
+            });
+        let _ = reply.send(answer);
+    }
 }
 
 /// The snapshot of a profile of the unfreed memory of the processes `request` selects.
@@ -102,4 +117,26 @@ pub(super) fn profile_snapshot(
     let snapshot = crate::commands::Snapshot::take(probes, discovery, &selected, HashMap::new())
         .map_err(|e| (StatusCode::INTERNAL_SERVER_ERROR, format!("{e:#}")))?;
     Ok(ProfileSnapshot { snapshot, kind: request.kind, title })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn a_render_that_panics_leaves_the_next_one_served() {
+        let (tx, rx) = std::sync::mpsc::channel::<(u32, Reply)>();
+        let worker = std::thread::spawn(move || {
+            answer_each(rx, |n| if n == 1 { panic!("a bad profile") } else { Ok(vec![n as u8]) });
+        });
+        let ask = |n: u32| {
+            let (reply, answer) = tokio::sync::oneshot::channel();
+            tx.send((n, reply)).expect("the renderer is there");
+            answer.blocking_recv().expect("an answer")
+        };
+        assert_eq!(ask(1).unwrap_err().0, axum::http::StatusCode::INTERNAL_SERVER_ERROR);
+        assert_eq!(ask(2).expect("rendered"), vec![2]);
+        drop(tx);
+        worker.join().expect("the renderer ends when asked no more");
+    }
 }
