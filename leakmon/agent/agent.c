@@ -876,13 +876,18 @@ static void *definition(const char *name) {
 /*
  * Starts sampling every `sample_bytes` bytes on average and redirects every loaded
  * object's calls. Returns the number of slots redirected, or a negative number: -1
- * for a bad interval, -2 when the tables cannot be mapped. Calling it again changes
- * the interval and redirects objects loaded since.
+ * for a bad interval, -2 when the tables cannot be mapped, -3 when it samples already
+ * (for another leakmon, whose figures a second start would change and whose stop a
+ * second stop would make: each leakmon's sampling is its own until it stops it).
  */
 EXPORT long leakmon_agent_start(uint64_t sample_bytes) {
     if (sample_bytes == 0 || sample_bytes > LEAKMON_MAX_RATE)
         return -1;
     pthread_mutex_lock(&patch_lock);
+    if (rate != 0) {
+        pthread_mutex_unlock(&patch_lock);
+        return -3;
+    }
     if (set == NULL) {
         set = map_zeroed(SET_SLOTS * sizeof(uintptr_t));
         filter = map_zeroed(FILTER_SLOTS);

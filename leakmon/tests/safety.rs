@@ -363,3 +363,54 @@ fn stacks_and_profiles_go_beyond_loopback_only_to_users_who_log_in() {
     }
     assert!(common::http_get("127.0.0.1:19535", "/api/v1/processes").is_some(), "loopback gets everything");
 }
+
+/// Two leakmons on one process: the daemon samples it with the agent; a `report
+/// --agent` on the same process is refused in one line (it would have changed the
+/// daemon's interval and, at its end, stopped the daemon's sampling), and the daemon
+/// goes on sampling: a leak made afterwards is in its series, exactly.
+#[test]
+fn a_second_leakmon_never_ends_the_first_ones_sampling() {
+    const LISTEN: &str = "127.0.0.1:19536";
+    let mut target = AgentTarget::start();
+    let (pid, slot, original) = (target.pid, target.slot, target.original);
+    let daemon = Reap(
+        leakmon()
+            .args(["run", "--agent", "--pid", &pid.to_string(), "--sample-bytes", "4KiB"])
+            .args(["--sample-interval", "0.5s", "--window", "5s", "--web.listen-address", LISTEN])
+            .stderr(Stdio::null())
+            .spawn()
+            .expect("start leakmon run"),
+    );
+    let start = Instant::now();
+    while !(common::agent_state::agent_mapped(pid) && common::agent_state::read_u64(pid, slot) != original) {
+        assert!(start.elapsed() < Duration::from_secs(40), "the daemon did not load the agent");
+        std::thread::sleep(Duration::from_millis(50));
+    }
+    let second = leakmon()
+        .args(["report", "--agent", "--format", "json", "--duration", "2", "--pid", &pid.to_string()])
+        .output()
+        .expect("run the second leakmon");
+    let stderr = String::from_utf8_lossy(&second.stderr);
+    assert!(!second.status.success(), "the second leakmon was let in: {stderr}");
+    assert!(stderr.contains("already has the agent sampling for another leakmon"), "{stderr}");
+    assert_ne!(common::agent_state::read_u64(pid, slot), original, "still redirected for the daemon");
+    target.leak();
+    let deadline = Instant::now() + Duration::from_secs(20);
+    loop {
+        let body = common::http_get(LISTEN, "/api/v1/processes").unwrap_or_default();
+        let doc: serde_json::Value = serde_json::from_str(&body).unwrap_or_default();
+        let big = doc["series"].as_array().into_iter().flatten().find_map(|s| {
+            (s["comm"] == "agent_target" && s["signal"] == "heap")
+                .then(|| s["stacks"].as_array()?.iter().find(|st| st["function"] == "leak_big_block").cloned())?
+        });
+        if let Some(big) = big {
+            assert_eq!(big["bytes"].as_u64(), Some(1_048_576), "{big:#}");
+            break;
+        }
+        assert!(Instant::now() < deadline, "the daemon no longer samples: {body}");
+        std::thread::sleep(Duration::from_millis(250));
+    }
+    common::signal(daemon.0.id(), nix::sys::signal::Signal::SIGTERM);
+    drop(daemon);
+    target.wait_restored();
+}

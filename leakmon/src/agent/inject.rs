@@ -671,18 +671,36 @@ pub fn load(proc_root: &ProcRoot, pid: u32, agent: &Path, sample_bytes: u64) -> 
         .symbol(&maps, &root, "leakmon_agent_start", Some(agent))
         .ok_or_else(|| anyhow!("the agent is not mapped in pid {pid} after dlopen"))?;
     let slots = remote.call(start, [sample_bytes, 0, 0], None)? as i64;
-    if slots < 0 {
-        bail!("the agent in pid {pid} refused to start ({slots})");
+    match slots {
+        -3 => bail!(
+            "pid {pid} already has the agent sampling for another leakmon: it is left to that one (nothing was changed)"
+        ),
+        ..0 => bail!("the agent in pid {pid} refused to start ({slots})"),
+        _ => {}
     }
-    let targets = inline::targets(proc_root, pid, &maps)?;
-    if targets.is_empty() {
-        return Ok(slots as u64);
+    // All or nothing: a failure past the start takes the redirections back out.
+    let hooked = (|| -> Result<u64> {
+        let targets = inline::targets(proc_root, pid, &maps)?;
+        if targets.is_empty() {
+            return Ok(0);
+        }
+        let (lo, hi) = executable_span(proc_root, pid, &maps)?;
+        let region = remote.with_syscalls(|sys| sys.map_near(lo, hi, inline::region_size(&targets)))?;
+        let symbols = inline::AgentSymbols::new(agent, mapped_at(&maps, agent, pid)?)?;
+        hook_inline(proc_root, pid, &symbols, &targets, region, false)
+    })();
+    match hooked {
+        Ok(hooked) => Ok(slots as u64 + hooked),
+        Err(e) => {
+            let stop = remote.symbol(&maps, &root, "leakmon_agent_stop", Some(agent));
+            let undone = stop.map(|stop| remote.call(stop, [0, 0, 0], None));
+            match undone {
+                Some(Ok(_)) => Err(e.context(format!("pid {pid}: the agent's redirections were taken back"))),
+                Some(Err(u)) => Err(e.context(format!("pid {pid}: and taking the agent's redirections back failed: {u:#}"))),
+                None => Err(e),
+            }
+        }
     }
-    let (lo, hi) = executable_span(proc_root, pid, &maps)?;
-    let region = remote.with_syscalls(|sys| sys.map_near(lo, hi, inline::region_size(&targets)))?;
-    let symbols = inline::AgentSymbols::new(agent, mapped_at(&maps, agent, pid)?)?;
-    let hooked = hook_inline(proc_root, pid, &symbols, &targets, region, false)?;
-    Ok(slots as u64 + hooked)
 }
 
 /// Loads the agent into `pid`, a command leakmon started and holds with ptrace at its
@@ -750,6 +768,14 @@ fn load_freestanding(
     let maps = proc_root.maps(pid).with_context(|| format!("read the mappings of pid {pid}"))?;
     let (lo, hi) = executable_span(proc_root, pid, &maps)?;
     let mapped = maps.iter().find(|m| m.path == library && m.offset == 0).map(|m| m.start);
+    if let Some(base) = mapped {
+        let symbols = inline::AgentSymbols::new(&library, base)?;
+        if remote.read_u64(symbols.get("rate")?)? != 0 {
+            bail!(
+                "pid {pid} already has the agent sampling for another leakmon: it is left to that one (nothing was changed)"
+            );
+        }
+    }
     let tables = leakmon_common::agent::table_bytes();
     let setup = |sys: &mut Syscalls| -> Result<(inline::AgentSymbols, Option<u64>, u64)> {
         let base = match mapped {
@@ -777,7 +803,10 @@ fn load_freestanding(
         remote.write(symbols.get("threads")?, &(table + tables[0] + tables[1]).to_le_bytes())?;
     }
     remote.write(symbols.get("rate")?, &sample_bytes.to_le_bytes())?;
-    hook_inline(proc_root, pid, &symbols, targets, region, stopped)
+    hook_inline(proc_root, pid, &symbols, targets, region, stopped).inspect_err(|_| {
+        // No hook went on: sampling stops again, so a later load finds it free.
+        let _ = symbols.get("rate").and_then(|rate| remote.write(rate, &0u64.to_le_bytes()));
+    })
 }
 
 /// Puts inline hooks on `targets`, leading to the agent at `symbols`; how many.

@@ -217,6 +217,10 @@ impl Attribution for Agent {
         None
     }
 
+    fn loading(&self, pid: u32) -> bool {
+        self.starting.contains_key(&pid)
+    }
+
     fn forget(&mut self, gone: &dyn Fn(u32) -> bool) {
         // A guardian whose process is gone has nothing to undo and ends.
         self.sessions.retain(|pid, _| !gone(*pid));

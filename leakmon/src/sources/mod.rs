@@ -40,6 +40,11 @@ pub trait Attribution {
     fn reselect(&mut self, kernel: &mut Probes, named: selection::Named);
     /// The allocator `pid`'s `malloc` reaches, where known.
     fn allocator(&self, pid: u32) -> Option<&'static str>;
+    /// Whether `pid` is still being made ready (the agent loading into it): its unwind
+    /// tables wait until it is, so that they cover what the load maps.
+    fn loading(&self, _pid: u32) -> bool {
+        false
+    }
     /// Processes that are gone (and purged): forget them.
     fn forget(&mut self, gone: &dyn Fn(u32) -> bool);
     /// The daemon stops: undo in each process what was done to it.

@@ -361,7 +361,9 @@ impl Daemon<'_> {
         if let Some(p) = self.probes.as_mut() {
             // Unwind tables for processes traced since the last turn, and for those
             // whose stacks reached a library loaded since their tables were made.
-            let mut due: Vec<u32> = traced.keys().copied().filter(|pid| !p.has_unwind(*pid)).collect();
+            let loading = |pid: u32| self.attribution.as_ref().is_some_and(|a| a.loading(pid));
+            let mut due: Vec<u32> =
+                traced.keys().copied().filter(|pid| !p.has_unwind(*pid) && !loading(*pid)).collect();
             due.extend(p.unwind_stale());
             for pid in due {
                 refresh_unwind(p, &self.proc_root, pid);
