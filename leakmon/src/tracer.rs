@@ -144,8 +144,17 @@ impl Tracer {
                 Err(e) => return Err(TracerError::Ptrace { call: "waitpid", pid: -1, source: e }),
             };
             match status {
-                WaitStatus::PtraceEvent(pid, _, event) => {
+                WaitStatus::PtraceEvent(pid, signal, event) => {
                     let first = self.seen.insert(pid);
+                    // A group-stop (SIGSTOP, SIGTSTP, ...: someone stopped the process):
+                    // it stays stopped, as it would untraced, until SIGCONT. `cont`
+                    // would resume it; PTRACE_LISTEN keeps it stopped and still tells
+                    // leakmon what comes next.
+                    if event == libc::PTRACE_EVENT_STOP && !first && group_stop(signal) {
+                        // SAFETY: PTRACE_LISTEN takes no pointers.
+                        let _ = unsafe { libc::ptrace(libc::PTRACE_LISTEN, pid.as_raw(), 0, 0) };
+                        continue;
+                    }
                     match event {
                         // A seized tracee's new children start with this stop, not SIGSTOP.
                         libc::PTRACE_EVENT_STOP if first => at_stop(pid.as_raw() as u32, Stop::Fork),
@@ -245,3 +254,11 @@ fn entry_point(pid: Pid) -> Option<u64> {
     let pid = u32::try_from(pid.as_raw()).ok()?;
     crate::procfs::ProcRoot::default().auxv(pid, libc::AT_ENTRY).ok().flatten()
 }
+
+/// Whether a seized tracee's `PTRACE_EVENT_STOP` with `signal` is a group-stop (the
+/// process was stopped by a signal) rather than leakmon's own interrupt or a new
+/// child's first stop (both SIGTRAP).
+fn group_stop(signal: Signal) -> bool {
+    matches!(signal, Signal::SIGSTOP | Signal::SIGTSTP | Signal::SIGTTIN | Signal::SIGTTOU)
+}
+

@@ -414,3 +414,31 @@ fn a_second_leakmon_never_ends_the_first_ones_sampling() {
     drop(daemon);
     target.wait_restored();
 }
+
+/// The state letter of `pid` (`S`, `R`, `T`, `t`, ...).
+fn state_of(pid: u32) -> char {
+    let stat = std::fs::read(format!("/proc/{pid}/stat")).expect("stat");
+    let stat = String::from_utf8_lossy(&stat);
+    stat.rsplit_once(") ").and_then(|(_, rest)| rest.chars().next()).unwrap_or('?')
+}
+
+/// A process someone stops (SIGSTOP) while leakmon watches it stays stopped until
+/// SIGCONT, as it would unwatched: leakmon's tracer used to resume it at once.
+#[test]
+fn a_process_stopped_while_watched_stays_stopped() {
+    let target = AgentTarget::start();
+    let pid = target.pid;
+    let (report, stderr) = common::watch_pid(pid, "4");
+    common::signal(pid, nix::sys::signal::Signal::SIGSTOP);
+    std::thread::sleep(Duration::from_millis(700));
+    let stopped = state_of(pid);
+    assert!(matches!(stopped, 'T' | 't'), "stopped by SIGSTOP, it ran on: state {stopped}");
+    common::signal(pid, nix::sys::signal::Signal::SIGCONT);
+    let deadline = Instant::now() + Duration::from_secs(5);
+    while matches!(state_of(pid), 'T' | 't') {
+        assert!(Instant::now() < deadline, "SIGCONT did not resume it");
+        std::thread::sleep(Duration::from_millis(50));
+    }
+    common::finish_report(report, stderr);
+    assert!(matches!(state_of(pid), 'S' | 'R'), "it runs on after leakmon");
+}
