@@ -171,20 +171,31 @@ impl Remote {
                 return Err(e);
             }
         };
-        let mut args = args;
-        if let Some(s) = string {
-            if s.len() >= (XSAVE - STRING) as usize {
-                held.restore(&resume.regs)?;
-                bail!("the path of the agent is longer than {} bytes", XSAVE - STRING - 1);
+        let prepared = (|| -> Result<()> {
+            let mut args = args;
+            if let Some(s) = string {
+                if s.len() >= (XSAVE - STRING) as usize {
+                    bail!("the path of the agent is longer than {} bytes", XSAVE - STRING - 1);
+                }
+                let mut bytes = s.to_vec();
+                bytes.push(0);
+                self.write(region + STRING, &bytes)?;
+                args[0] = region + STRING;
             }
-            let mut bytes = s.to_vec();
-            bytes.push(0);
-            self.write(region + STRING, &bytes)?;
-            args[0] = region + STRING;
+            let code = trampoline(region, function, args, &resume.regs);
+            self.write(region, &code)?;
+            self.write(region + SAVED, &saved_block(&resume.regs))
+        })();
+        if let Err(e) = prepared {
+            // Nothing ran yet: the mapping goes, and the thread gets its own registers
+            // back (not the mmap's, which it holds now) before it is let go.
+            let mut unmap = regs;
+            unmap.rip = resume.syscall_at;
+            (unmap.rax, unmap.orig_rax, unmap.rdi, unmap.rsi) = (NR_MUNMAP, u64::MAX, region, REGION);
+            let _ = held.syscall(unmap);
+            held.restore(&resume.regs)?;
+            return Err(e);
         }
-        let code = trampoline(region, function, args, &resume.regs);
-        self.write(region, &code)?;
-        self.write(region + SAVED, &saved_block(&resume.regs))?;
         // Off it goes: into the trampoline, which comes back to `resume` by itself.
         let mut call = resume.regs;
         call.rip = region;
@@ -373,8 +384,9 @@ struct Held {
     released: bool,
     /// Held by somebody else's ptrace (leakmon's tracer of a command): never detached here.
     borrowed: bool,
-    /// A signal that arrived while it was held, delivered when it is let go.
-    pending: Option<Signal>,
+    /// Signals that reached the thread while it was held, each once (standard signals
+    /// do not queue): all are delivered when it goes, none is dropped for a later one.
+    pending: Vec<Signal>,
 }
 
 /// Where the borrowed thread goes back to, and the `syscall` instruction it was at.
@@ -387,7 +399,7 @@ impl Held {
     /// Seizes `tid`, with syscall stops told apart from signals.
     fn seize(tid: Pid) -> Result<Self> {
         match ptrace::seize(tid, Options::PTRACE_O_TRACESYSGOOD) {
-            Ok(()) => Ok(Self { tid, released: false, pending: None, borrowed: false }),
+            Ok(()) => Ok(Self { tid, released: false, pending: Vec::new(), borrowed: false }),
             Err(Errno::EPERM) => Err(ptrace_refused(tid.as_raw() as u32)),
             Err(Errno::ESRCH) => bail!("pid {tid} exited"),
             Err(e) => bail!("ptrace seize pid {tid}: {e}"),
@@ -428,7 +440,7 @@ impl Held {
                 }
                 WaitStatus::Stopped(_, signal) => {
                     // A signal on its way: it is delivered when the thread goes.
-                    self.pending = Some(signal);
+                    self.hold(signal);
                 }
                 WaitStatus::Exited(..) | WaitStatus::Signaled(..) => {
                     self.released = true;
@@ -441,7 +453,9 @@ impl Held {
                     "its main thread did not wait in a syscall within {SAFE_POINT_WAIT:?} (busy computing, or inside the allocator): nothing was changed"
                 );
             }
-            ptrace::syscall(tid, self.pending.take()).context("resume to the next syscall")?;
+            // Not borrowed yet: what came is delivered at once.
+            let deliver = (!self.pending.is_empty()).then(|| self.pending.remove(0));
+            ptrace::syscall(tid, deliver).context("resume to the next syscall")?;
         }
     }
 
@@ -466,7 +480,7 @@ impl Held {
                         return Ok(now.rax);
                     }
                 }
-                WaitStatus::Stopped(_, signal) => self.pending = Some(signal),
+                WaitStatus::Stopped(_, signal) => self.hold(signal),
                 WaitStatus::Exited(..) | WaitStatus::Signaled(..) => {
                     self.released = true;
                     bail!("the process exited");
@@ -486,7 +500,26 @@ impl Held {
         if self.borrowed {
             return Ok(());
         }
-        ptrace::detach(self.tid, self.pending.take()).context("detach")
+        let detached = ptrace::detach(self.tid, self.pending.first().copied()).context("detach");
+        self.deliver_the_rest();
+        detached
+    }
+
+    fn hold(&mut self, signal: Signal) {
+        if !self.pending.contains(&signal) {
+            self.pending.push(signal);
+        }
+    }
+
+    /// After a detach that delivered the first held signal: the others, sent to the
+    /// thread again (the kernel delivers them as it would have).
+    fn deliver_the_rest(&mut self) {
+        for signal in self.pending.drain(..).skip(1) {
+            // SAFETY: no pointers; the thread is the main thread of its process.
+            unsafe {
+                libc::syscall(libc::SYS_tgkill, self.tid.as_raw(), self.tid.as_raw(), signal as i32);
+            }
+        }
     }
 
     /// The thread's next stop, or `None` once `deadline` passes.
@@ -513,7 +546,12 @@ impl Drop for Held {
         // With its own registers (nothing was set yet, or they were put back): letting
         // it go leaves it as it was. A running tracee (resumed to look for a syscall)
         // must stop before it can be detached.
-        if ptrace::detach(self.tid, self.pending.take()) == Err(Errno::ESRCH)
+        let first = self.pending.first().copied();
+        let detached = ptrace::detach(self.tid, first);
+        if detached.is_ok() {
+            self.deliver_the_rest();
+        }
+        if detached == Err(Errno::ESRCH)
             && ptrace::interrupt(self.tid).is_ok()
         {
             let deadline = Instant::now() + Duration::from_secs(1);
@@ -726,7 +764,7 @@ pub fn load_at_entry(
     let regs = ptrace::getregs(tid).context("read registers")?;
     let syscall_at = syscall_instruction(&remote, proc_root, pid, &maps)?;
     ptrace::setoptions(tid, options | Options::PTRACE_O_TRACESYSGOOD).context("set ptrace options")?;
-    let mut held = Held { tid, released: false, pending: None, borrowed: true };
+    let mut held = Held { tid, released: false, pending: Vec::new(), borrowed: true };
     let at_entry = Syscalls { remote: &remote, held: &mut held, regs, syscall_at };
     let result = if statically_linked {
         load_freestanding(proc_root, &remote, pid, agent, sample_bytes, &targets, Some(at_entry))
