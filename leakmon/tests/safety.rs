@@ -442,3 +442,73 @@ fn a_process_stopped_while_watched_stays_stopped() {
     common::finish_report(report, stderr);
     assert!(matches!(state_of(pid), 'S' | 'R'), "it runs on after leakmon");
 }
+
+/// A thread that a signal interrupted inside malloc's first instructions, its handler
+/// still running: hooking malloc inline would put a jump over the bytes the handler
+/// returns into, and the process would crash when it does. leakmon refuses in one line
+/// and the process, released, runs on. (The test puts the thread there itself: it
+/// single-steps it to malloc's second instruction and has SIGUSR2 delivered there.)
+#[test]
+fn no_inline_hook_goes_over_bytes_a_signal_handler_returns_into() {
+    use nix::sys::{ptrace, wait::waitpid};
+    use std::io::{BufRead as _, Write as _};
+    let fixture = build_fixture("sigframe_target.c", &["-static"]);
+    let mut child = Reap(
+        Command::new(&fixture).stdin(Stdio::piped()).stdout(Stdio::piped()).spawn().expect("start the fixture"),
+    );
+    let pid = child.0.id();
+    let mut lines = std::io::BufReader::new(child.0.stdout.take().expect("stdout")).lines();
+    let ready = lines.next().expect("a line").expect("read");
+    let tid: i32 = ready.strip_prefix("ready ").and_then(|t| t.parse().ok()).expect("ready TID");
+    let entry = common::agent_state::entry_address(pid, &fixture, "malloc");
+
+    // Single-step the worker into malloc, one instruction past its entry.
+    let t = nix::unistd::Pid::from_raw(tid);
+    ptrace::seize(t, ptrace::Options::empty()).expect("seize the worker");
+    ptrace::interrupt(t).expect("interrupt");
+    waitpid(t, None).expect("wait");
+    let mut steps = 0;
+    let at = loop {
+        ptrace::step(t, None).expect("step");
+        waitpid(t, None).expect("wait");
+        let rip = ptrace::getregs(t).expect("regs").rip;
+        if rip > entry && rip < entry + 5 {
+            break rip;
+        }
+        steps += 1;
+        assert!(steps < 5_000_000, "the worker never reached malloc");
+    };
+    // SIGUSR2 delivered there: the handler runs, and waits, with its frame returning to `at`.
+    ptrace::detach(t, Some(nix::sys::signal::Signal::SIGUSR2)).expect("detach with SIGUSR2");
+    std::thread::sleep(Duration::from_millis(300));
+
+    let mut report = Reap(
+        leakmon()
+            .env("RUST_LOG", "info")
+            .args(["report", "--agent", "--format", "json", "--duration", "3", "--pid", &pid.to_string()])
+            .stdout(Stdio::null())
+            .stderr(Stdio::piped())
+            .spawn()
+            .expect("start leakmon"),
+    );
+    // Let the handler return while leakmon's hooks would be on (or once it has given up).
+    let mut stderr = std::io::BufReader::new(report.0.stderr.take().expect("stderr"));
+    let mut log = String::new();
+    let mut line = String::new();
+    while stderr.read_line(&mut line).expect("read") > 0 {
+        log.push_str(&line);
+        if line.contains("watching") || line.starts_with("leakmon:") {
+            break;
+        }
+        line.clear();
+    }
+    writeln!(child.0.stdin.as_mut().expect("stdin"), "release").expect("write");
+    assert_eq!(lines.next().expect("a line").expect("read"), "released", "the handler returned");
+    std::thread::sleep(Duration::from_millis(300));
+    writeln!(child.0.stdin.as_mut().expect("stdin"), "ping").expect("write");
+    let pong = lines.next().map(|l| l.unwrap_or_default());
+    assert_eq!(pong.as_deref(), Some("pong"), "the process died after its handler returned to {at:#x}: {log}");
+    let status = report.0.wait().expect("wait leakmon");
+    assert!(!status.success(), "leakmon hooked malloc over the handler's return address: {log}");
+    assert!(log.contains("inside an allocator's first instructions (a signal handler interrupted it there)"), "{log}");
+}
