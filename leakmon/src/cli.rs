@@ -37,16 +37,19 @@ pub enum Cmd {
     /// started it, and unloads it when that leakmon stops or dies.
     #[command(hide = true)]
     AgentSession(AgentSessionArgs),
-    /// Internal: closes the Node.js inspector a leakmon opened if that leakmon ends
-    /// without closing it.
+    /// Internal: closes what a leakmon opened in a runtime (Node.js's inspector, a JFR
+    /// recording) if that leakmon ends without closing it.
     #[command(hide = true)]
-    InspectorGuard(InspectorGuardArgs),
+    RuntimeGuard(RuntimeGuardArgs),
 }
 
 #[derive(Debug, clap::Args)]
-pub struct InspectorGuardArgs {
+pub struct RuntimeGuardArgs {
     #[arg(long)]
     pub pid: u32,
+    /// A JFR recording's name; without it, Node.js's inspector.
+    #[arg(long)]
+    pub recording: Option<String>,
 }
 
 #[derive(Debug, clap::Args)]

@@ -15,7 +15,7 @@ fn main() -> ExitCode {
     };
     let default_level = match cli.command {
         Cmd::Run(_) => "info",
-        Cmd::Report(_) | Cmd::Config(_) | Cmd::AgentSession(_) | Cmd::InspectorGuard(_) => "warn",
+        Cmd::Report(_) | Cmd::Config(_) | Cmd::AgentSession(_) | Cmd::RuntimeGuard(_) => "warn",
     };
     tracing_subscriber::fmt()
         .with_env_filter(EnvFilter::try_from_default_env().unwrap_or_else(|_| EnvFilter::new(default_level)))
@@ -39,7 +39,12 @@ fn main() -> ExitCode {
         Cmd::Report(args) => leakmon::commands::report::report(&args),
         Cmd::Config(leakmon::cli::ConfigCmd::Check { file }) => return config_check(&file),
         Cmd::AgentSession(a) => return leakmon::agent::session::guard(a.pid, &a.agent, a.sample_bytes),
-        Cmd::InspectorGuard(a) => return leakmon::runtimes::guardian::guard(a.pid),
+        Cmd::RuntimeGuard(a) => {
+            let guarded = a.recording.map_or(leakmon::runtimes::guardian::Guarded::Inspector, |name| {
+                leakmon::runtimes::guardian::Guarded::Recording(name)
+            });
+            return leakmon::runtimes::guardian::guard(a.pid, &guarded);
+        }
     };
     match result {
         Ok(()) => ExitCode::SUCCESS,

@@ -512,3 +512,37 @@ fn no_inline_hook_goes_over_bytes_a_signal_handler_returns_into() {
     assert!(!status.success(), "leakmon hooked malloc over the handler's return address: {log}");
     assert!(log.contains("inside an allocator's first instructions (a signal handler interrupted it there)"), "{log}");
 }
+
+/// leakmon SIGKILLed while a JVM records for `report --runtime`: its guardian stops the
+/// recording and removes its files from the JVM's /tmp; the JVM runs on.
+#[test]
+fn a_recording_left_by_a_killed_leakmon_is_stopped_by_its_guardian() {
+    let (mut jvm, mut lines) = start_java(&[]);
+    let pid = jvm.0.id();
+    let mut report = Reap(
+        leakmon()
+            .args(["report", "--runtime", "--format", "json", "--duration", "60", "--pid", &pid.to_string()])
+            .stdout(Stdio::null())
+            .stderr(Stdio::null())
+            .spawn()
+            .expect("start leakmon"),
+    );
+    let deadline = Instant::now() + Duration::from_secs(30);
+    while !common::runtimes::recordings(pid).contains("leakmon-") {
+        assert!(Instant::now() < deadline, "no recording started");
+        std::thread::sleep(Duration::from_millis(100));
+    }
+    common::signal(report.0.id(), nix::sys::signal::Signal::SIGKILL);
+    report.0.wait().expect("reap leakmon");
+    let deadline = Instant::now() + Duration::from_secs(20);
+    loop {
+        let running = common::runtimes::recordings(pid);
+        let left = common::runtimes::left_in_tmp(pid);
+        if !running.contains("leakmon-") && left.is_empty() {
+            break;
+        }
+        assert!(Instant::now() < deadline, "left after leakmon was killed: {running} {left:?}");
+        std::thread::sleep(Duration::from_millis(200));
+    }
+    answers(&mut jvm, &mut lines);
+}

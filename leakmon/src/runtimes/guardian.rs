@@ -1,13 +1,15 @@
-//! A guardian for the inspector leakmon opens in a Node.js: a `leakmon inspector-guard`
-//! process of its own that closes the inspector again if the leakmon that opened it is
-//! gone without closing it, however it went (SIGKILL included).
+//! A guardian for what leakmon opens in a runtime: a `leakmon runtime-guard` process of
+//! its own that closes it again if the leakmon that opened it is gone without closing
+//! it, however it went (SIGKILL included): Node.js's inspector, a JVM's JFR recording
+//! (stopped, and its files removed from the JVM's /tmp).
 //!
 //! Why: an open inspector is code execution as the process's user for every local user
-//! who can reach its port. The guardian ignores the signals that stop leakmon, and
-//! learns that leakmon is gone when its standard input closes, which the kernel does
-//! for a leakmon that dies. Protocol on that input: `armed` just before SIGUSR1 is
-//! sent, `closed` once leakmon closed the inspector itself; an end of input after
-//! `armed` and before `closed` makes the guardian close it.
+//! who can reach its port, and a recording left running costs the JVM and fills its
+//! /tmp. The guardian ignores the signals that stop leakmon, and learns that leakmon is
+//! gone when its standard input closes, which the kernel does for a leakmon that dies.
+//! Protocol on that input: `armed` just before SIGUSR1 is sent (or the recording
+//! started), `closed` once leakmon closed it itself; an end of input after `armed` and
+//! before `closed` makes the guardian close it.
 
 use std::{
     io::{BufRead as _, BufReader, Write as _},
@@ -33,12 +35,30 @@ pub struct Guard {
     stdin: Option<ChildStdin>,
 }
 
+/// What a guardian guards.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub enum Guarded {
+    /// The inspector of a Node.js.
+    Inspector,
+    /// A JFR recording of that name in a JVM, written to `/tmp/<name>*.jfr` there.
+    Recording(String),
+}
+
 impl Guard {
     /// Starts the guardian of `pid`'s inspector; returns once it is in place.
     pub fn start(pid: u32) -> Result<Self> {
+        Self::of(pid, &Guarded::Inspector)
+    }
+
+    /// Starts the guardian of what `guarded` names in `pid`; returns once it is in place.
+    pub fn of(pid: u32, guarded: &Guarded) -> Result<Self> {
         let exe = std::env::current_exe().context("find leakmon's own executable")?;
-        let mut child = Command::new(exe)
-            .args(["inspector-guard", "--pid", &pid.to_string()])
+        let mut command = Command::new(exe);
+        command.args(["runtime-guard", "--pid", &pid.to_string()]);
+        if let Guarded::Recording(name) = guarded {
+            command.args(["--recording", name]);
+        }
+        let mut child = command
             .stdin(Stdio::piped())
             .stdout(Stdio::piped())
             .spawn()
@@ -85,8 +105,8 @@ impl Drop for Guard {
     }
 }
 
-/// `leakmon inspector-guard`: the guardian's side.
-pub fn guard(pid: u32) -> ExitCode {
+/// `leakmon runtime-guard`: the guardian's side.
+pub fn guard(pid: u32, guarded: &Guarded) -> ExitCode {
     use nix::sys::signal::{signal, SigHandler, Signal};
     for s in [Signal::SIGINT, Signal::SIGTERM, Signal::SIGHUP, Signal::SIGPIPE, Signal::SIGQUIT] {
         // SAFETY: ignoring a signal installs no handler.
@@ -113,10 +133,14 @@ pub fn guard(pid: u32) -> ExitCode {
     if !armed || closed || process.alive().is_err() {
         return ExitCode::SUCCESS;
     }
-    match close_inspector(pid, &process) {
+    let closed = match guarded {
+        Guarded::Inspector => close_inspector(pid, &process),
+        Guarded::Recording(name) => stop_recording(pid, name),
+    };
+    match closed {
         Ok(()) => ExitCode::SUCCESS,
         Err(e) => {
-            eprintln!("leakmon inspector-guard: pid {pid}: {e:#}");
+            eprintln!("leakmon runtime-guard: pid {pid}: {e:#}");
             ExitCode::FAILURE
         }
     }
@@ -163,4 +187,16 @@ fn close_inspector(pid: u32, process: &Pinned) -> Result<()> {
         Some(e) => Err(e.context(format!("the inspector at {addr} stayed open"))),
         None => bail!("the inspector at {addr} stayed open"),
     }
+}
+
+/// Stops the recording `name` in the JVM `pid` and removes its files from the JVM's
+/// /tmp (those its user wrote, never through a link).
+fn stop_recording(pid: u32, name: &str) -> Result<()> {
+    // A recording name leakmon made: `leakmon-<its pid>-<the JVM's pid>`.
+    if !name.starts_with("leakmon-") || !name.bytes().all(|b| b.is_ascii_alphanumeric() || b == b'-') {
+        bail!("{name:?} is not a recording leakmon names");
+    }
+    let stopped = super::attach::Jvm::attach(pid).and_then(|jvm| jvm.jcmd(&format!("JFR.stop name={name}")));
+    super::jvm::remove_recordings(pid, name);
+    stopped.map(drop)
 }

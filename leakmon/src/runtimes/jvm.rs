@@ -14,7 +14,11 @@ use std::{collections::HashMap, os::fd::AsFd as _, path::Path, time::Duration};
 use anyhow::{bail, Context as _, Result};
 use tracing::{info, warn};
 
-use super::{attach::Jvm as Attached, jfr, Frame, Profiler, Stack};
+use super::{
+    attach::Jvm as Attached,
+    guardian::{Guard, Guarded},
+    jfr, Frame, Profiler, Stack,
+};
 use crate::untrusted::{read_regular, remove_owned, Identity, TargetRoot};
 
 /// The largest recording read: old-object samples and allocation samples of a window
@@ -26,6 +30,8 @@ pub struct Jvm {
     pid: u32,
     attached: Attached,
     how: How,
+    /// Stops the recording if this leakmon cannot (see [`super::guardian`]).
+    guard: Option<Guard>,
 }
 
 enum How {
@@ -61,11 +67,15 @@ impl Jvm {
             format!("JFR.start name={name} settings=profile disk=false duration={lifetime}s filename={file}"),
         ];
         let mut refused = String::new();
+        // In place before the recording starts: a leakmon gone from here on leaves it to
+        // the guardian to stop.
+        let mut guard = Guard::of(pid, &Guarded::Recording(name.clone()))?;
+        guard.armed()?;
         for start in &attempts {
             match attached.jcmd(start) {
                 Ok(out) if out.contains("Started recording") => {
                     info!(pid, recording = name, "JFR recording started");
-                    return Ok(Self { pid, attached, how: How::Jfr { name, file, dumps: 0 } });
+                    return Ok(Self { pid, attached, how: How::Jfr { name, file, dumps: 0 }, guard: Some(guard) });
                 }
                 Ok(out) => refused = out.trim().to_owned(),
                 Err(e) => refused = format!("{e:#}"),
@@ -78,8 +88,9 @@ impl Jvm {
             bail!("pid {pid}: JFR is unavailable ({refused}); class histograms would cost a full collection each");
         }
         info!(pid, answer = refused, "JFR unavailable: diffing class histograms instead");
+        guard.closed();
         let first = histogram(&attached.jcmd("GC.class_histogram")?);
-        Ok(Self { pid, attached, how: How::Histograms(first) })
+        Ok(Self { pid, attached, how: How::Histograms(first), guard: None })
     }
 
     /// Whether the figures are per class rather than per stack.
@@ -91,6 +102,12 @@ impl Jvm {
         if let How::Jfr { name, file, .. } = &self.how {
             let stopped = self.attached.jcmd(&format!("JFR.stop name={name}"));
             self.remove(file);
+            if stopped.is_ok() {
+                if let Some(guard) = self.guard.take() {
+                    guard.closed();
+                }
+            }
+            // Else the guard goes with this value, and its guardian tries again.
             stopped?;
         }
         Ok(())
@@ -171,6 +188,27 @@ impl Profiler for Jvm {
 impl Drop for Jvm {
     fn drop(&mut self) {
         let _ = self.stop();
+    }
+}
+
+/// Removes the files of the recording `name` from the JVM `pid`'s /tmp: `<name>.jfr`
+/// and `<name>-<n>.jfr`, if its user wrote them (regular files, never a link).
+pub fn remove_recordings(pid: u32, name: &str) {
+    let proc = Path::new("/proc");
+    let (Ok(root), Ok(who)) = (TargetRoot::of(proc, pid), Identity::of(proc, pid)) else { return };
+    let Ok(tmp) = root.dir(Path::new("/tmp")) else { return };
+    let Ok(entries) = std::fs::read_dir(format!("/proc/self/fd/{}", std::os::fd::AsRawFd::as_raw_fd(&tmp))) else {
+        return;
+    };
+    for entry in entries.flatten().take(100_000) {
+        let file = entry.file_name();
+        let Some(file) = file.to_str() else { continue };
+        let ours = file.strip_prefix(name).is_some_and(|rest| {
+            rest == ".jfr" || rest.strip_prefix('-').and_then(|n| n.strip_suffix(".jfr")).is_some_and(|n| n.bytes().all(|b| b.is_ascii_digit()))
+        });
+        if ours {
+            let _ = remove_owned(tmp.as_fd(), file, who.uid);
+        }
     }
 }
 
