@@ -170,7 +170,11 @@ pub fn check(text: &str) -> (FileConfig, Vec<Problem>) {
                 }
                 let list = if key == "comm" {
                     list.and_then(|l| {
-                        l.iter().map(|c| crate::cli::parse_comm(c)).collect::<Result<Vec<_>, _>>().map_err(|m| p(item, m)).ok()
+                        l.iter()
+                            .map(|c| crate::cli::parse_comm(c))
+                            .collect::<Result<Vec<_>, _>>()
+                            .map_err(|m| p(item, m))
+                            .ok()
                     })
                 } else {
                     list

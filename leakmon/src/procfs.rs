@@ -73,10 +73,12 @@ impl ProcRoot {
     fn read(&self, pid: u32, file: &str) -> Result<String, ProcError> {
         let path = self.0.join(pid.to_string()).join(file);
         // Bytes, not UTF-8: a process names itself (and its files) with any bytes.
-        crate::untrusted::read_text(&path, crate::untrusted::PROC_TEXT_LIMIT).map_err(|source| match source.kind() {
-            io::ErrorKind::NotFound => ProcError::NoSuchProcess { pid },
-            _ if source.raw_os_error() == Some(libc::ESRCH) => ProcError::NoSuchProcess { pid },
-            _ => ProcError::Read { path, source },
+        crate::untrusted::read_text(&path, crate::untrusted::PROC_TEXT_LIMIT).map_err(|source| {
+            match source.kind() {
+                io::ErrorKind::NotFound => ProcError::NoSuchProcess { pid },
+                _ if source.raw_os_error() == Some(libc::ESRCH) => ProcError::NoSuchProcess { pid },
+                _ => ProcError::Read { path, source },
+            }
         })
     }
 
@@ -131,14 +133,12 @@ impl ProcRoot {
     /// another for one of its threads.
     pub fn thread_group(&self, pid: u32) -> Result<u32, ProcError> {
         let status = self.read(pid, "status")?;
-        status
-            .lines()
-            .find_map(|l| l.strip_prefix("Tgid:"))
-            .and_then(|v| v.trim().parse().ok())
-            .ok_or_else(|| ProcError::Read {
+        status.lines().find_map(|l| l.strip_prefix("Tgid:")).and_then(|v| v.trim().parse().ok()).ok_or_else(
+            || ProcError::Read {
                 path: self.0.join(pid.to_string()).join("status"),
                 source: io::Error::new(io::ErrorKind::InvalidData, "no Tgid line"),
-            })
+            },
+        )
     }
 
     /// Refuses what is not a running process: no such pid, or a thread's id.
@@ -146,9 +146,9 @@ impl ProcRoot {
         match self.thread_group(pid) {
             Err(_) if !self.exists(pid) => Err(format!("no process with pid {pid}")),
             Err(e) => Err(format!("pid {pid}: {e}")),
-            Ok(tgid) if tgid != pid => {
-                Err(format!("{pid} is a thread of process {tgid}, not a process: name the process (--pid {tgid})"))
-            }
+            Ok(tgid) if tgid != pid => Err(format!(
+                "{pid} is a thread of process {tgid}, not a process: name the process (--pid {tgid})"
+            )),
             Ok(_) => Ok(()),
         }
     }

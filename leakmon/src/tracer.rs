@@ -261,4 +261,3 @@ fn entry_point(pid: Pid) -> Option<u64> {
 fn group_stop(signal: Signal) -> bool {
     matches!(signal, Signal::SIGSTOP | Signal::SIGTSTP | Signal::SIGTTIN | Signal::SIGTTOU)
 }
-

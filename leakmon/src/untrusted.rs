@@ -34,7 +34,10 @@ pub fn read_text(path: &Path, limit: u64) -> io::Result<String> {
     let mut out = Vec::new();
     file.take(limit.saturating_add(1)).read_to_end(&mut out)?;
     if out.len() as u64 > limit {
-        return Err(io::Error::new(io::ErrorKind::InvalidData, format!("{} is over {limit} bytes", path.display())));
+        return Err(io::Error::new(
+            io::ErrorKind::InvalidData,
+            format!("{} is over {limit} bytes", path.display()),
+        ));
     }
     Ok(match String::from_utf8(out) {
         Ok(text) => text,
@@ -73,15 +76,14 @@ pub const BINARY_LIMIT: u64 = 2 << 30;
 /// anything else that is not a regular file is refused; a binary over [`BINARY_LIMIT`]
 /// too.
 pub fn read_binary(path: &Path) -> io::Result<Vec<u8>> {
-    let file = std::fs::OpenOptions::new()
-        .read(true)
-        .custom_flags(libc::O_NONBLOCK | libc::O_CLOEXEC)
-        .open(path)?;
+    let file =
+        std::fs::OpenOptions::new().read(true).custom_flags(libc::O_NONBLOCK | libc::O_CLOEXEC).open(path)?;
     read_regular(file, BINARY_LIMIT, &path.display().to_string())
 }
 
 fn c_path(path: &Path) -> io::Result<CString> {
-    CString::new(path.as_os_str().as_bytes()).map_err(|_| io::Error::new(io::ErrorKind::InvalidInput, "a NUL in a path"))
+    CString::new(path.as_os_str().as_bytes())
+        .map_err(|_| io::Error::new(io::ErrorKind::InvalidInput, "a NUL in a path"))
 }
 
 fn check(ret: libc::c_long) -> io::Result<libc::c_long> {
@@ -131,7 +133,9 @@ pub fn cwd_of(proc_root: &Path, pid: u32) -> io::Result<OwnedFd> {
 fn proc_dir(proc_root: &Path, pid: u32, link: &str) -> io::Result<OwnedFd> {
     let path = c_path(&proc_root.join(pid.to_string()).join(link))?;
     // SAFETY: a valid C string; the descriptor returned is ours.
-    let fd = check(unsafe { libc::open(path.as_ptr(), libc::O_PATH | libc::O_DIRECTORY | libc::O_CLOEXEC) }.into())?;
+    let fd = check(
+        unsafe { libc::open(path.as_ptr(), libc::O_PATH | libc::O_DIRECTORY | libc::O_CLOEXEC) }.into(),
+    )?;
     // SAFETY: a descriptor just opened, owned by nobody else.
     Ok(unsafe { OwnedFd::from_raw_fd(fd as i32) })
 }
@@ -173,7 +177,12 @@ impl Identity {
                 .lines()
                 .find_map(|l| l.strip_prefix(key))
                 .and_then(|v| v.split_whitespace().nth(1)?.parse().ok())
-                .ok_or_else(|| io::Error::new(io::ErrorKind::InvalidData, format!("no {key} line in the status of {pid}")))
+                .ok_or_else(|| {
+                    io::Error::new(
+                        io::ErrorKind::InvalidData,
+                        format!("no {key} line in the status of {pid}"),
+                    )
+                })
         };
         Ok(Self { uid: field("Uid:")?, gid: field("Gid:")? })
     }
@@ -201,7 +210,10 @@ pub fn create_as(dir: BorrowedFd, name: &str, who: Identity, mode: u32) -> io::R
                 if libc::syscall(libc::SYS_setfsuid, u32::MAX) != libc::c_long::from(who.uid)
                     || libc::syscall(libc::SYS_setfsgid, u32::MAX) != libc::c_long::from(who.gid)
                 {
-                    return Err(io::Error::new(io::ErrorKind::PermissionDenied, "could not take the target's identity"));
+                    return Err(io::Error::new(
+                        io::ErrorKind::PermissionDenied,
+                        "could not take the target's identity",
+                    ));
                 }
             }
             // SAFETY: a valid C string and directory descriptor; the descriptor is ours.
@@ -249,7 +261,7 @@ fn stat_at(dir: BorrowedFd, name: &str) -> io::Result<Option<libc::stat>> {
     // SAFETY: stat is plain data, filled by the call.
     let mut st: libc::stat = unsafe { std::mem::zeroed() };
     // SAFETY: valid pointers for the call's duration.
-    let ret = unsafe { libc::fstatat(dir.as_raw_fd(), c.as_ptr(), &mut st, libc::AT_SYMLINK_NOFOLLOW) };
+    let ret = unsafe { libc::fstatat(dir.as_raw_fd(), c.as_ptr(), &raw mut st, libc::AT_SYMLINK_NOFOLLOW) };
     if ret < 0 {
         let e = io::Error::last_os_error();
         return if e.kind() == io::ErrorKind::NotFound { Ok(None) } else { Err(e) };
@@ -304,8 +316,10 @@ impl Pinned {
     /// Fails with ESRCH once the process is gone.
     pub fn alive(&self) -> io::Result<()> {
         // SAFETY: signal 0 checks only; no pointers.
-        check(unsafe { libc::syscall(libc::SYS_pidfd_send_signal, self.fd.as_raw_fd(), 0, std::ptr::null::<u8>(), 0) })
-            .map(drop)
+        check(unsafe {
+            libc::syscall(libc::SYS_pidfd_send_signal, self.fd.as_raw_fd(), 0, std::ptr::null::<u8>(), 0)
+        })
+        .map(drop)
     }
 
     /// Sends `signal` to the pinned process only.

@@ -82,7 +82,13 @@ fn a_planted_attach_trigger_link_is_never_followed() {
     }
     let cwd = nobodys_dir("nobody-jvm-cwd");
     let mut java = Command::new(format!("{JDK}/java"));
-    as_nobody(&mut java).current_dir(&cwd).arg("-cp").arg(&classes).arg("CacheLeak").arg("grow").env("HOME", &cwd);
+    as_nobody(&mut java)
+        .current_dir(&cwd)
+        .arg("-cp")
+        .arg(&classes)
+        .arg("CacheLeak")
+        .arg("grow")
+        .env("HOME", &cwd);
     let (mut jvm, mut lines) = common::start_ready(java, "java as nobody");
     let pid = jvm.0.id();
     let (target, content) = victim("attach-victim");
@@ -106,7 +112,10 @@ fn a_planted_attach_trigger_link_is_never_followed() {
     let stderr = String::from_utf8_lossy(&out.stderr);
     assert!(out.status.success(), "/tmp free: the trigger is made there: {stderr}");
     assert_untouched(&target, &content);
-    assert!(std::fs::symlink_metadata(&in_cwd).expect("the link").file_type().is_symlink(), "theirs, left alone");
+    assert!(
+        std::fs::symlink_metadata(&in_cwd).expect("the link").file_type().is_symlink(),
+        "theirs, left alone"
+    );
     assert!(!in_tmp.exists(), "leakmon's own trigger is gone");
     assert!(common::runtimes::left_in_tmp(pid).is_empty(), "{:?}", common::runtimes::left_in_tmp(pid));
     answers(&mut jvm, &mut lines);
@@ -152,7 +161,11 @@ fn an_inspector_left_by_a_killed_leakmon_is_closed_by_its_guardian() {
     let probe = as_nobody(Command::new("curl").args(["-s", "-m", "2", "http://127.0.0.1:9229/json/list"]))
         .output()
         .expect("curl");
-    assert!(!probe.status.success(), "the debugger answers nobody: {}", String::from_utf8_lossy(&probe.stdout));
+    assert!(
+        !probe.status.success(),
+        "the debugger answers nobody: {}",
+        String::from_utf8_lossy(&probe.stdout)
+    );
     answers(&mut process, &mut lines);
     // And leakmon can come back later: nothing was left half open.
     let out = common::runtimes::runtime_report(pid, "2", &[]);
@@ -232,7 +245,8 @@ fn a_watchdog_of_zero_is_no_watchdog() {
     const LISTEN: &str = "127.0.0.1:19532";
     let exe = env!("CARGO_BIN_EXE_leakmon");
     let script = format!("WATCHDOG_PID=$$ WATCHDOG_USEC=0 exec {exe} run --web.listen-address {LISTEN}");
-    let mut daemon = Reap(Command::new("sh").args(["-c", &script]).stderr(Stdio::null()).spawn().expect("sh"));
+    let mut daemon =
+        Reap(Command::new("sh").args(["-c", &script]).stderr(Stdio::null()).spawn().expect("sh"));
     let up = Instant::now();
     while common::http_get(LISTEN, "/healthz").is_none() {
         assert!(daemon.0.try_wait().expect("poll").is_none(), "the daemon ended (panicked?)");
@@ -295,7 +309,9 @@ fn a_thread_id_is_refused_as_a_pid() {
         assert!(!out.status.success());
         assert_eq!(
             stderr.trim(),
-            format!("leakmon: {tid} is a thread of process {pid}, not a process: name the process (--pid {pid})")
+            format!(
+                "leakmon: {tid} is a thread of process {pid}, not a process: name the process (--pid {pid})"
+            )
         );
     }
     let _ = process.0.kill();
@@ -339,10 +355,15 @@ fn a_client_that_never_finishes_its_headers_is_cut_off() {
 
 /// This machine's first IPv4 address that is not loopback.
 fn non_loopback_ip() -> String {
-    let out = Command::new("ip").args(["-4", "-o", "addr", "show", "scope", "global"]).output().expect("ip addr");
+    let out =
+        Command::new("ip").args(["-4", "-o", "addr", "show", "scope", "global"]).output().expect("ip addr");
     String::from_utf8_lossy(&out.stdout)
         .split_whitespace()
-        .find_map(|w| w.split_once('/').map(|(ip, _)| ip.to_owned()).filter(|ip| ip.parse::<std::net::Ipv4Addr>().is_ok()))
+        .find_map(|w| {
+            w.split_once('/')
+                .map(|(ip, _)| ip.to_owned())
+                .filter(|ip| ip.parse::<std::net::Ipv4Addr>().is_ok())
+        })
         .expect("a global IPv4 address")
 }
 
@@ -356,7 +377,9 @@ fn stacks_and_profiles_go_beyond_loopback_only_to_users_who_log_in() {
         let (head, _) = common::http_get_raw(&remote, path).expect("an answer");
         assert!(head.contains(" 200 "), "{path}: {head}");
     }
-    for path in ["/api/v1/processes", "/api/v1/leaks", "/debug/pprof/heap?pid=1", "/debug/flamegraph.svg?pid=1"] {
+    for path in
+        ["/api/v1/processes", "/api/v1/leaks", "/debug/pprof/heap?pid=1", "/debug/flamegraph.svg?pid=1"]
+    {
         let (head, body) = common::http_get_raw(&remote, path).expect("an answer");
         assert!(head.contains(" 403 "), "{path}: {head}");
         assert!(body.contains("only to users who log in"), "{body}");
@@ -400,8 +423,9 @@ fn a_second_leakmon_never_ends_the_first_ones_sampling() {
         let body = common::http_get(LISTEN, "/api/v1/processes").unwrap_or_default();
         let doc: serde_json::Value = serde_json::from_str(&body).unwrap_or_default();
         let big = doc["series"].as_array().into_iter().flatten().find_map(|s| {
-            (s["comm"] == "agent_target" && s["signal"] == "heap")
-                .then(|| s["stacks"].as_array()?.iter().find(|st| st["function"] == "leak_big_block").cloned())?
+            (s["comm"] == "agent_target" && s["signal"] == "heap").then(|| {
+                s["stacks"].as_array()?.iter().find(|st| st["function"] == "leak_big_block").cloned()
+            })?
         });
         if let Some(big) = big {
             assert_eq!(big["bytes"].as_u64(), Some(1_048_576), "{big:#}");
@@ -454,7 +478,11 @@ fn no_inline_hook_goes_over_bytes_a_signal_handler_returns_into() {
     use std::io::{BufRead as _, Write as _};
     let fixture = build_fixture("sigframe_target.c", &["-static"]);
     let mut child = Reap(
-        Command::new(&fixture).stdin(Stdio::piped()).stdout(Stdio::piped()).spawn().expect("start the fixture"),
+        Command::new(&fixture)
+            .stdin(Stdio::piped())
+            .stdout(Stdio::piped())
+            .spawn()
+            .expect("start the fixture"),
     );
     let pid = child.0.id();
     let mut lines = std::io::BufReader::new(child.0.stdout.take().expect("stdout")).lines();
@@ -506,11 +534,18 @@ fn no_inline_hook_goes_over_bytes_a_signal_handler_returns_into() {
     assert_eq!(lines.next().expect("a line").expect("read"), "released", "the handler returned");
     std::thread::sleep(Duration::from_millis(300));
     writeln!(child.0.stdin.as_mut().expect("stdin"), "ping").expect("write");
-    let pong = lines.next().map(|l| l.unwrap_or_default());
-    assert_eq!(pong.as_deref(), Some("pong"), "the process died after its handler returned to {at:#x}: {log}");
+    let pong = lines.next().map(Result::unwrap_or_default);
+    assert_eq!(
+        pong.as_deref(),
+        Some("pong"),
+        "the process died after its handler returned to {at:#x}: {log}"
+    );
     let status = report.0.wait().expect("wait leakmon");
     assert!(!status.success(), "leakmon hooked malloc over the handler's return address: {log}");
-    assert!(log.contains("inside an allocator's first instructions (a signal handler interrupted it there)"), "{log}");
+    assert!(
+        log.contains("inside an allocator's first instructions (a signal handler interrupted it there)"),
+        "{log}"
+    );
 }
 
 /// leakmon SIGKILLed while a JVM records for `report --runtime`: its guardian stops the

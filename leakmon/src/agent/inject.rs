@@ -97,8 +97,11 @@ pub struct Remote {
 
 impl Remote {
     pub fn new(proc_root: &ProcRoot, pid: u32) -> Result<Self> {
-        let status = crate::untrusted::read_text(&proc_root.path().join(pid.to_string()).join("status"), crate::untrusted::PROC_TEXT_LIMIT)
-            .map_err(|_| anyhow!("no process with pid {pid}"))?;
+        let status = crate::untrusted::read_text(
+            &proc_root.path().join(pid.to_string()).join("status"),
+            crate::untrusted::PROC_TEXT_LIMIT,
+        )
+        .map_err(|_| anyhow!("no process with pid {pid}"))?;
         if let Some(tracer) = status.lines().find_map(|l| l.strip_prefix("TracerPid:")).map(str::trim) {
             if tracer != "0" {
                 bail!("pid {pid} is already traced by pid {tracer} (a debugger?): the agent cannot be loaded into it");
@@ -551,9 +554,7 @@ impl Drop for Held {
         if detached.is_ok() {
             self.deliver_the_rest();
         }
-        if detached == Err(Errno::ESRCH)
-            && ptrace::interrupt(self.tid).is_ok()
-        {
+        if detached == Err(Errno::ESRCH) && ptrace::interrupt(self.tid).is_ok() {
             let deadline = Instant::now() + Duration::from_secs(1);
             let mut signal = None;
             if let Ok(Some(WaitStatus::Stopped(_, s))) = self.wait(deadline) {
@@ -734,7 +735,9 @@ pub fn load(proc_root: &ProcRoot, pid: u32, agent: &Path, sample_bytes: u64) -> 
             let undone = stop.map(|stop| remote.call(stop, [0, 0, 0], None));
             match undone {
                 Some(Ok(_)) => Err(e.context(format!("pid {pid}: the agent's redirections were taken back"))),
-                Some(Err(u)) => Err(e.context(format!("pid {pid}: and taking the agent's redirections back failed: {u:#}"))),
+                Some(Err(u)) => Err(
+                    e.context(format!("pid {pid}: and taking the agent's redirections back failed: {u:#}"))
+                ),
                 None => Err(e),
             }
         }
@@ -934,8 +937,11 @@ pub fn unload(proc_root: &ProcRoot, pid: u32, agent: &Path) -> Result<u64> {
 /// process for, the calls a load makes in it (an executable mapping, `dlopen`'s), and
 /// nothing outside the process can tell which.
 fn refuse_seccomp(proc_root: &ProcRoot, pid: u32) -> Result<()> {
-    let status = crate::untrusted::read_text(&proc_root.path().join(pid.to_string()).join("status"), crate::untrusted::PROC_TEXT_LIMIT)
-        .map_err(|_| anyhow!("no process with pid {pid}"))?;
+    let status = crate::untrusted::read_text(
+        &proc_root.path().join(pid.to_string()).join("status"),
+        crate::untrusted::PROC_TEXT_LIMIT,
+    )
+    .map_err(|_| anyhow!("no process with pid {pid}"))?;
     let mode = status.lines().find_map(|l| l.strip_prefix("Seccomp:")).map_or("0", str::trim);
     if mode != "0" {
         bail!(

@@ -72,7 +72,8 @@ pub fn targets(proc_root: &ProcRoot, pid: u32, maps: &[Mapping]) -> Result<Vec<T
     let exe = executable(proc_root, pid)?;
     let root = proc_root.path().join(pid.to_string()).join("root");
     let Some(first) = maps.iter().find(|m| m.path == exe) else { return Ok(Vec::new()) };
-    let data = crate::untrusted::read_binary(&first.open_path(&root)).with_context(|| format!("read {}", exe.display()))?;
+    let data = crate::untrusted::read_binary(&first.open_path(&root))
+        .with_context(|| format!("read {}", exe.display()))?;
     let file = object::File::parse(&*data).with_context(|| format!("parse {}", exe.display()))?;
     let mut found = BTreeMap::new();
     for symbol in file.dynamic_symbols().chain(file.symbols()) {
@@ -391,7 +392,13 @@ impl StoppedThreads {
     /// stack is read from its stack pointer up, [`STACK_SCAN`] bytes at most, for a
     /// word inside any of `ranges` past its first byte; a stray word that happens to
     /// match is a refusal too (harmless), never a crash.
-    fn refuse_returns_into(&self, mem: &File, proc_root: &ProcRoot, pid: u32, ranges: &[(u64, usize)]) -> Result<()> {
+    fn refuse_returns_into(
+        &self,
+        mem: &File,
+        proc_root: &ProcRoot,
+        pid: u32,
+        ranges: &[(u64, usize)],
+    ) -> Result<()> {
         let maps = proc_root.maps_all(pid).with_context(|| format!("read the mappings of pid {pid}"))?;
         for t in &self.tids {
             let Ok(regs) = ptrace::getregs(*t) else { continue };
@@ -403,8 +410,10 @@ impl StoppedThreads {
             let mut stack = vec![0u8; usize::try_from(end.saturating_sub(regs.rsp)).unwrap_or(0)];
             let read = mem.read_at(&mut stack, regs.rsp).unwrap_or(0);
             let inside = |w: u64| ranges.iter().any(|(s, l)| w > *s && w < s + *l as u64);
-            if let Some(word) =
-                stack[..read].chunks_exact(8).map(|c| u64::from_le_bytes(c.try_into().expect("8 bytes"))).find(|w| inside(*w))
+            if let Some(word) = stack[..read]
+                .chunks_exact(8)
+                .map(|c| u64::from_le_bytes(c.try_into().expect("8 bytes")))
+                .find(|w| inside(*w))
             {
                 bail!(
                     "thread {t} would come back to {word:#x}, inside an allocator's first instructions (a signal handler interrupted it there): nothing was hooked"

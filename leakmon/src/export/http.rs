@@ -200,10 +200,15 @@ pub async fn serve(
                     None => serve_connection(tcp, app, everything).await,
                     // A client that fails (or never finishes) the handshake is its own
                     // problem, not the server's.
-                    Some(acceptor) => match tokio::time::timeout(HANDSHAKE_TIMEOUT, acceptor.accept(tcp)).await {
-                        Ok(Ok(stream)) => serve_connection(stream, app, everything).await,
-                        Ok(Err(_)) | Err(_) => tracing::debug!(%peer, "TLS handshake failed or timed out"),
-                    },
+                    Some(acceptor) => {
+                        if let Ok(Ok(stream)) =
+                            tokio::time::timeout(HANDSHAKE_TIMEOUT, acceptor.accept(tcp)).await
+                        {
+                            serve_connection(stream, app, everything).await;
+                        } else {
+                            tracing::debug!(%peer, "TLS handshake failed or timed out");
+                        }
+                    }
                 }
             });
         }

@@ -287,7 +287,8 @@ mod tests {
             .expect("valid")
             .users
             .expect("users");
-        let runtime = tokio::runtime::Builder::new_multi_thread().worker_threads(2).enable_all().build().unwrap();
+        let runtime =
+            tokio::runtime::Builder::new_multi_thread().worker_threads(2).enable_all().build().unwrap();
         let header = format!("Basic {}", base64::engine::general_purpose::STANDARD.encode("alice:wrong"));
         let start = std::time::Instant::now();
         let one = {

@@ -62,7 +62,8 @@ impl FileTable {
 pub fn file_table(path: &Path) -> Result<FileTable, UnwindError> {
     let shown = || path.display().to_string();
     // Read, not mapped: the file is its owner's to truncate (see `read_binary`).
-    let data = crate::untrusted::read_binary(path).map_err(|source| UnwindError::Read { path: shown(), source })?;
+    let data =
+        crate::untrusted::read_binary(path).map_err(|source| UnwindError::Read { path: shown(), source })?;
     table_of(&data).map_err(|e| e.with_path(&shown()))
 }
 

@@ -312,7 +312,8 @@ mod tests {
 
     #[test]
     fn frames_render_hex_addresses_and_unknown_names() {
-        let f = FrameReport::from(Frame { address: 0x7f00_dead_beef, file_offset: 0xdead, ..Frame::default() });
+        let f =
+            FrameReport::from(Frame { address: 0x7f00_dead_beef, file_offset: 0xdead, ..Frame::default() });
         assert_eq!(f.address, "0xdead");
         assert_eq!(f.function, "??");
         assert_eq!(f.file, None);

@@ -22,7 +22,9 @@ use std::{
 
 use anyhow::{bail, Context as _, Result};
 
-use crate::untrusted::{create_as, cwd_of, read_text, remove_if_same, Identity, Pinned, TargetRoot, PROC_TEXT_LIMIT};
+use crate::untrusted::{
+    create_as, cwd_of, read_text, remove_if_same, Identity, Pinned, TargetRoot, PROC_TEXT_LIMIT,
+};
 
 /// How long the JVM has to open its socket after SIGQUIT.
 const LISTEN_TIMEOUT: Duration = Duration::from_secs(10);
@@ -95,7 +97,8 @@ impl Jvm {
             std::thread::sleep(Duration::from_millis(50));
         }
         let _ = remove_if_same(dir.as_fd(), &name, &trigger);
-        signalled.map_err(|e| anyhow::anyhow!("signal pid {pid} (SIGQUIT) to open its attach socket: {e}"))?;
+        signalled
+            .map_err(|e| anyhow::anyhow!("signal pid {pid} (SIGQUIT) to open its attach socket: {e}"))?;
         if !up {
             bail!("pid {pid} opened no attach socket within {LISTEN_TIMEOUT:?} of SIGQUIT");
         }
@@ -206,14 +209,12 @@ fn attach_enabled(pid: u32, root: &TargetRoot, ns_pid: u32) -> bool {
 fn perf_data(root: &TargetRoot, ns_pid: u32) -> Option<Vec<u8>> {
     let tmp = root.dir(Path::new("/tmp")).ok()?;
     let names = std::fs::read_dir(format!("/proc/self/fd/{}", tmp.as_raw_fd())).ok()?;
-    names
-        .flatten()
-        .filter(|e| e.file_name().to_string_lossy().starts_with("hsperfdata_"))
-        .take(64)
-        .find_map(|e| {
+    names.flatten().filter(|e| e.file_name().to_string_lossy().starts_with("hsperfdata_")).take(64).find_map(
+        |e| {
             let path = Path::new("/tmp").join(e.file_name()).join(ns_pid.to_string());
             root.read(&path, PERF_DATA_LIMIT).ok()
-        })
+        },
+    )
 }
 
 /// A string counter from HotSpot's performance data: a prologue naming the byte order

@@ -96,11 +96,13 @@ pub fn inspector_host<'a>(args: impl IntoIterator<Item = &'a str>) -> Option<Str
     let mut host = None;
     for arg in args {
         let Some((flag, value)) = arg.split_once('=') else { continue };
-        if !["--inspect", "--inspect-brk", "--inspect-port", "--debug-port", "--inspect-wait"].contains(&flag) {
+        if !["--inspect", "--inspect-brk", "--inspect-port", "--debug-port", "--inspect-wait"].contains(&flag)
+        {
             continue;
         }
         // The last one given wins, as in Node.js.
-        host = value.rsplit_once(':').map(|(h, _)| h.trim_start_matches('[').trim_end_matches(']').to_owned());
+        host =
+            value.rsplit_once(':').map(|(h, _)| h.trim_start_matches('[').trim_end_matches(']').to_owned());
         if host.is_none() && value.parse::<u16>().is_err() {
             host = Some(value.to_owned());
         }
@@ -233,7 +235,10 @@ mod tests {
         assert_eq!(inspector_host(["--inspect-port=0.0.0.0:9229"]).as_deref(), Some("0.0.0.0"));
         assert_eq!(inspector_host(["--inspect=[::]:9229"]).as_deref(), Some("::"));
         assert_eq!(inspector_host(["--inspect=example.org"]).as_deref(), Some("example.org"));
-        assert_eq!(inspector_host(["--inspect-port=0.0.0.0:1", "--inspect-port=127.0.0.1:2"]).as_deref(), Some("127.0.0.1"));
+        assert_eq!(
+            inspector_host(["--inspect-port=0.0.0.0:1", "--inspect-port=127.0.0.1:2"]).as_deref(),
+            Some("127.0.0.1")
+        );
         assert!(loopback("127.0.0.1") && loopback("::1") && loopback("localhost"));
         assert!(!loopback("0.0.0.0") && !loopback("::") && !loopback("10.0.0.1") && !loopback("example.org"));
     }

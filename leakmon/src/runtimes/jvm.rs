@@ -75,7 +75,12 @@ impl Jvm {
             match attached.jcmd(start) {
                 Ok(out) if out.contains("Started recording") => {
                     info!(pid, recording = name, "JFR recording started");
-                    return Ok(Self { pid, attached, how: How::Jfr { name, file, dumps: 0 }, guard: Some(guard) });
+                    return Ok(Self {
+                        pid,
+                        attached,
+                        how: How::Jfr { name, file, dumps: 0 },
+                        guard: Some(guard),
+                    });
                 }
                 Ok(out) => refused = out.trim().to_owned(),
                 Err(e) => refused = format!("{e:#}"),
@@ -117,7 +122,8 @@ impl Jvm {
     /// link, a regular file its own user wrote, bounded; then removes it.
     fn take_recording(&self, file: &str) -> Result<Vec<u8>> {
         let pid = self.pid;
-        let root = TargetRoot::of(Path::new("/proc"), pid).with_context(|| format!("open pid {pid}'s root"))?;
+        let root =
+            TargetRoot::of(Path::new("/proc"), pid).with_context(|| format!("open pid {pid}'s root"))?;
         let fd = root.open(Path::new(file), libc::O_RDONLY | libc::O_NONBLOCK);
         self.remove(file);
         let fd = fd.with_context(|| format!("open pid {pid}'s recording {file}"))?;
@@ -132,7 +138,9 @@ impl Jvm {
     /// Removes a file the JVM wrote at leakmon's request, if it is still that.
     fn remove(&self, file: &str) {
         let path = Path::new(file);
-        let (Some(dir), Some(name)) = (path.parent(), path.file_name().and_then(|n| n.to_str())) else { return };
+        let (Some(dir), Some(name)) = (path.parent(), path.file_name().and_then(|n| n.to_str())) else {
+            return;
+        };
         let proc = Path::new("/proc");
         if let (Ok(root), Ok(who)) = (TargetRoot::of(proc, self.pid), Identity::of(proc, self.pid)) {
             if let Ok(dir) = root.dir(dir) {
@@ -197,14 +205,19 @@ pub fn remove_recordings(pid: u32, name: &str) {
     let proc = Path::new("/proc");
     let (Ok(root), Ok(who)) = (TargetRoot::of(proc, pid), Identity::of(proc, pid)) else { return };
     let Ok(tmp) = root.dir(Path::new("/tmp")) else { return };
-    let Ok(entries) = std::fs::read_dir(format!("/proc/self/fd/{}", std::os::fd::AsRawFd::as_raw_fd(&tmp))) else {
+    let Ok(entries) = std::fs::read_dir(format!("/proc/self/fd/{}", std::os::fd::AsRawFd::as_raw_fd(&tmp)))
+    else {
         return;
     };
     for entry in entries.flatten().take(100_000) {
         let file = entry.file_name();
         let Some(file) = file.to_str() else { continue };
         let ours = file.strip_prefix(name).is_some_and(|rest| {
-            rest == ".jfr" || rest.strip_prefix('-').and_then(|n| n.strip_suffix(".jfr")).is_some_and(|n| n.bytes().all(|b| b.is_ascii_digit()))
+            rest == ".jfr"
+                || rest
+                    .strip_prefix('-')
+                    .and_then(|n| n.strip_suffix(".jfr"))
+                    .is_some_and(|n| n.bytes().all(|b| b.is_ascii_digit()))
         });
         if ours {
             let _ = remove_owned(tmp.as_fd(), file, who.uid);

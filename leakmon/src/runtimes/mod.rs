@@ -75,8 +75,11 @@ pub fn detect(pid: u32) -> Result<Option<Runtime>> {
     if name == "node" || name == "nodejs" {
         return Ok(Some(Runtime::Node));
     }
-    let maps = crate::untrusted::read_text(std::path::Path::new(&format!("/proc/{pid}/maps")), crate::untrusted::PROC_TEXT_LIMIT)
-        .unwrap_or_default();
+    let maps = crate::untrusted::read_text(
+        std::path::Path::new(&format!("/proc/{pid}/maps")),
+        crate::untrusted::PROC_TEXT_LIMIT,
+    )
+    .unwrap_or_default();
     if maps.lines().any(|l| l.ends_with("/libjvm.so")) {
         return Ok(Some(Runtime::Jvm));
     }

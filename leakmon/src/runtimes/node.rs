@@ -65,7 +65,8 @@ impl Node {
             );
         }
         let args = read_text(Path::new(&format!("/proc/{pid}/cmdline")), PROC_TEXT_LIMIT).unwrap_or_default();
-        let environ = read_text(Path::new(&format!("/proc/{pid}/environ")), PROC_TEXT_LIMIT).unwrap_or_default();
+        let environ =
+            read_text(Path::new(&format!("/proc/{pid}/environ")), PROC_TEXT_LIMIT).unwrap_or_default();
         let options = environ
             .split('\0')
             .filter_map(|v| v.strip_prefix("NODE_OPTIONS="))
@@ -77,7 +78,9 @@ impl Node {
         }
         let mut guard = Guard::start(pid)?;
         guard.armed()?;
-        process.signal(libc::SIGUSR1).map_err(|e| anyhow::anyhow!("signal pid {pid} (SIGUSR1) to open its inspector: {e}"))?;
+        process
+            .signal(libc::SIGUSR1)
+            .map_err(|e| anyhow::anyhow!("signal pid {pid} (SIGUSR1) to open its inspector: {e}"))?;
         let Some(addr) =
             wait_for(|| listening(pid).ok()?.into_iter().find(|a| !before.contains(a) && is_inspector(*a)))
         else {
@@ -88,7 +91,9 @@ impl Node {
         info!(pid, %addr, "inspector opened");
         // From here on the inspector is open: a failure closes it again (on drop).
         let mut node = Self { pid, addr, session: None, guard: Some(guard) };
-        if let Some(bound) = listeners(pid)?.into_iter().find(|a| a.port() == addr.port() && !a.ip().is_loopback()) {
+        if let Some(bound) =
+            listeners(pid)?.into_iter().find(|a| a.port() == addr.port() && !a.ip().is_loopback())
+        {
             bail!("pid {pid}'s inspector opened on {bound}, beyond loopback: closed again at once");
         }
         let mut session = Session::open(addr)?;
@@ -108,7 +113,8 @@ impl Node {
             // Closed already.
             return Ok(());
         }
-        let Some(mut session) = self.session.take().map_or_else(|| Session::open(self.addr).ok(), Some) else {
+        let Some(mut session) = self.session.take().map_or_else(|| Session::open(self.addr).ok(), Some)
+        else {
             // No session to close it through: the guardian tries (on drop).
             return Ok(());
         };

@@ -22,7 +22,11 @@ use super::{
 };
 use crate::{
     agent::session::{Session, Starting},
-    export::SeriesView, probes::Probes, procfs::ProcRoot, report::Method};
+    export::SeriesView,
+    probes::Probes,
+    procfs::ProcRoot,
+    report::Method,
+};
 
 /// How long after its exec a named process gets the agent again: its libraries are
 /// mapped and its allocator's slots bound by then.
@@ -88,8 +92,10 @@ impl Agent {
             return false;
         }
         // Traced first: no sample may fire unrecorded.
-        let started =
-            kernel.trace(pid).map_err(anyhow::Error::from).and_then(|()| Session::begin(pid, &self.path, self.sample_bytes));
+        let started = kernel
+            .trace(pid)
+            .map_err(anyhow::Error::from)
+            .and_then(|()| Session::begin(pid, &self.path, self.sample_bytes));
         match started {
             Ok(starting) => {
                 self.starting.insert(pid, starting);
@@ -113,11 +119,8 @@ impl Agent {
 
     /// The loads that ended since the last turn: sessions, or refusals.
     fn poll(&mut self, kernel: &mut Probes) {
-        let ended: Vec<(u32, Result<(Session, u64)>)> = self
-            .starting
-            .iter_mut()
-            .filter_map(|(pid, starting)| Some((*pid, starting.poll()?)))
-            .collect();
+        let ended: Vec<(u32, Result<(Session, u64)>)> =
+            self.starting.iter_mut().filter_map(|(pid, starting)| Some((*pid, starting.poll()?))).collect();
         for (pid, outcome) in ended {
             self.starting.remove(&pid);
             match outcome {

@@ -81,7 +81,9 @@ impl Suspects {
             self.done.insert(*pid, None);
         }
         let start_of = |pid: u32| {
-            let stat = crate::untrusted::read_text(&proc_root.path().join(pid.to_string()).join("stat"), 1 << 16).ok()?;
+            let stat =
+                crate::untrusted::read_text(&proc_root.path().join(pid.to_string()).join("stat"), 1 << 16)
+                    .ok()?;
             proc_sampler::parse_stat(&stat).map(|(_, start)| start)
         };
         self.done.retain(|pid, start| match (start_of(*pid), *start) {

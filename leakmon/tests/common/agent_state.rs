@@ -46,7 +46,9 @@ pub fn exe_base(pid: u32, exe: &std::path::Path) -> u64 {
     let maps = std::fs::read(format!("/proc/{pid}/maps")).expect("maps");
     maps.split(|b| *b == b'\n')
         .find(|l| l.ends_with(exe.as_os_str().as_bytes()))
-        .and_then(|l| u64::from_str_radix(std::str::from_utf8(l.split(|b| *b == b'-').next()?).ok()?, 16).ok())
+        .and_then(|l| {
+            u64::from_str_radix(std::str::from_utf8(l.split(|b| *b == b'-').next()?).ok()?, 16).ok()
+        })
         .expect("the executable's first mapping")
 }
 
@@ -95,11 +97,13 @@ pub fn read_u64(pid: u32, addr: u64) -> u64 {
 }
 
 pub fn agent_mapped(pid: u32) -> bool {
-    String::from_utf8_lossy(&std::fs::read(format!("/proc/{pid}/maps")).expect("maps")).contains("leakmon-agent-")
+    String::from_utf8_lossy(&std::fs::read(format!("/proc/{pid}/maps")).expect("maps"))
+        .contains("leakmon-agent-")
 }
 
 pub fn tracer_of(pid: u32) -> String {
-    let status = String::from_utf8_lossy(&std::fs::read(format!("/proc/{pid}/status")).expect("status")).into_owned();
+    let status =
+        String::from_utf8_lossy(&std::fs::read(format!("/proc/{pid}/status")).expect("status")).into_owned();
     status.lines().find_map(|l| l.strip_prefix("TracerPid:")).expect("TracerPid").trim().to_owned()
 }
 
@@ -120,7 +124,8 @@ pub fn guardian_of(pid: u32) -> Option<u32> {
 pub fn wait_restored(pid: u32, slot: u64, original: u64) {
     let deadline = Instant::now() + Duration::from_secs(20);
     loop {
-        let state = String::from_utf8_lossy(&std::fs::read(format!("/proc/{pid}/stat")).expect("stat")).into_owned();
+        let state =
+            String::from_utf8_lossy(&std::fs::read(format!("/proc/{pid}/stat")).expect("stat")).into_owned();
         let state = state.rsplit(") ").next().and_then(|s| s.split(' ').next()).unwrap_or("?").to_owned();
         let restored = tracer_of(pid) == "0"
             && read_u64(pid, slot) == original

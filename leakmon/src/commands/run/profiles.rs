@@ -74,7 +74,10 @@ fn answer_each<T>(
         let answer = std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| render(request)))
             .unwrap_or_else(|_| {
                 tracing::error!("rendering a profile panicked; the next is rendered anew");
-                Err((axum::http::StatusCode::INTERNAL_SERVER_ERROR, "rendering the profile failed".to_owned()))
+                Err((
+                    axum::http::StatusCode::INTERNAL_SERVER_ERROR,
+                    "rendering the profile failed".to_owned(),
+                ))
             });
         let _ = reply.send(answer);
     }
