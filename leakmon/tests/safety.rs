@@ -52,6 +52,8 @@ fn victim(name: &str) -> (PathBuf, Vec<u8>) {
     std::fs::create_dir_all(&dir).expect("mkdir");
     let path = dir.join(name);
     let content = b"root's own, not nobody's\n".to_vec();
+    // Made anew: a run that got it (of a leakmon without the fix) leaves it changed.
+    let _ = std::fs::remove_file(&path);
     std::fs::write(&path, &content).expect("write the victim");
     std::fs::set_permissions(&path, std::fs::Permissions::from_mode(0o644)).expect("chmod");
     (path, content)
