@@ -583,3 +583,25 @@ fn a_recording_left_by_a_killed_leakmon_is_stopped_by_its_guardian() {
     }
     answers(&mut jvm, &mut lines);
 }
+
+/// `systemctl stop` sends SIGTERM to leakmon alone and leaves its guardians the time to
+/// undo what they did: the unit says `KillMode=mixed` (the default, control-group,
+/// signals the guardians too, and kills them mid-unload past the timeout) and a stop
+/// timeout longer than an unload's wait for leakmon's hold (10 s) plus the unload.
+#[test]
+fn the_unit_lets_guardians_finish_on_stop() {
+    let unit = std::fs::read_to_string(
+        Path::new(env!("CARGO_MANIFEST_DIR")).join("../deploy/systemd/leakmon.service"),
+    )
+    .expect("read the unit");
+    let value = |key: &str| unit.lines().find_map(|l| l.strip_prefix(key)).map(str::trim);
+    assert_eq!(value("KillMode="), Some("mixed"), "{unit}");
+    let timeout: u64 =
+        value("TimeoutStopSec=").and_then(|v| v.trim_end_matches('s').parse().ok()).expect("TimeoutStopSec");
+    assert!(timeout >= 30, "TimeoutStopSec={timeout}");
+    // Signalling other users' runtimes, and the attach file as the JVM's user.
+    let caps = value("CapabilityBoundingSet=").expect("CapabilityBoundingSet");
+    for cap in ["CAP_KILL", "CAP_SETUID", "CAP_SETGID"] {
+        assert!(caps.split_whitespace().any(|c| c == cap), "{cap} in {caps}");
+    }
+}
