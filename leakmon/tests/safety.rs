@@ -123,6 +123,18 @@ fn a_planted_attach_trigger_link_is_never_followed() {
     answers(&mut jvm, &mut lines);
 }
 
+/// `leakmon report --runtime` on `pid` for 60 s, its output dropped (a test kills it).
+fn runtime_report_for_a_minute(pid: u32) -> Reap {
+    Reap(
+        leakmon()
+            .args(["report", "--runtime", "--format", "json", "--duration", "60", "--pid", &pid.to_string()])
+            .stdout(Stdio::null())
+            .stderr(Stdio::null())
+            .spawn()
+            .expect("start leakmon"),
+    )
+}
+
 /// Item 2: leakmon SIGKILLed while Node.js's inspector is open for `report --runtime`
 /// on a Node.js run by `nobody`: its guardian closes the inspector, so no local user can
 /// reach the debugger afterwards; the process goes on.
@@ -137,14 +149,7 @@ fn an_inspector_left_by_a_killed_leakmon_is_closed_by_its_guardian() {
     let (mut process, mut lines) = common::start_ready(node, "node as nobody");
     let pid = process.0.id();
     assert_eq!(listening(pid), 0, "no port open before");
-    let mut report = Reap(
-        leakmon()
-            .args(["report", "--runtime", "--format", "json", "--duration", "60", "--pid", &pid.to_string()])
-            .stdout(Stdio::null())
-            .stderr(Stdio::null())
-            .spawn()
-            .expect("start leakmon"),
-    );
+    let mut report = runtime_report_for_a_minute(pid);
     let deadline = Instant::now() + Duration::from_secs(20);
     while listening(pid) == 0 {
         assert!(Instant::now() < deadline, "the inspector never opened");
@@ -556,14 +561,7 @@ fn no_inline_hook_goes_over_bytes_a_signal_handler_returns_into() {
 fn a_recording_left_by_a_killed_leakmon_is_stopped_by_its_guardian() {
     let (mut jvm, mut lines) = start_java(&[]);
     let pid = jvm.0.id();
-    let mut report = Reap(
-        leakmon()
-            .args(["report", "--runtime", "--format", "json", "--duration", "60", "--pid", &pid.to_string()])
-            .stdout(Stdio::null())
-            .stderr(Stdio::null())
-            .spawn()
-            .expect("start leakmon"),
-    );
+    let mut report = runtime_report_for_a_minute(pid);
     let deadline = Instant::now() + Duration::from_secs(30);
     while !common::runtimes::recordings(pid).contains("leakmon-") {
         assert!(Instant::now() < deadline, "no recording started");

@@ -254,16 +254,22 @@ mod tests {
         assert!(!users.allows(Some("Bearer x")));
     }
 
+    /// The users of a web configuration with one user, alice, hashed at bcrypt's
+    /// usual cost (10).
+    fn alice_at_cost_10() -> Users {
+        let dir = tempfile::tempdir().expect("dir");
+        let hash = bcrypt::hash("s3cret", 10).expect("hash");
+        WebConfig::load(&write(dir.path(), &format!("basic_auth_users:\n  alice: '{hash}'\n")))
+            .expect("valid")
+            .users
+            .expect("users")
+    }
+
     /// An unknown user costs a bcrypt check as a known one does: the delay of a no does
     /// not tell which users exist.
     #[test]
     fn an_unknown_user_takes_as_long_to_refuse_as_a_wrong_password() {
-        let dir = tempfile::tempdir().expect("dir");
-        let hash = bcrypt::hash("s3cret", 10).expect("hash");
-        let users = WebConfig::load(&write(dir.path(), &format!("basic_auth_users:\n  alice: '{hash}'\n")))
-            .expect("valid")
-            .users
-            .expect("users");
+        let users = alice_at_cost_10();
         let header =
             |creds: &str| format!("Basic {}", base64::engine::general_purpose::STANDARD.encode(creds));
         let time = |creds: &str| {
@@ -281,12 +287,7 @@ mod tests {
     /// A flood of wrong passwords waits in a bounded queue: past it, refused at once.
     #[test]
     fn checks_waiting_for_bcrypt_are_bounded() {
-        let dir = tempfile::tempdir().expect("dir");
-        let hash = bcrypt::hash("s3cret", 10).expect("hash");
-        let users = WebConfig::load(&write(dir.path(), &format!("basic_auth_users:\n  alice: '{hash}'\n")))
-            .expect("valid")
-            .users
-            .expect("users");
+        let users = alice_at_cost_10();
         let runtime =
             tokio::runtime::Builder::new_multi_thread().worker_threads(2).enable_all().build().unwrap();
         let header = format!("Basic {}", base64::engine::general_purpose::STANDARD.encode("alice:wrong"));
