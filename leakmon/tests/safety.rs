@@ -603,3 +603,37 @@ fn the_unit_lets_guardians_finish_on_stop() {
         assert!(caps.split_whitespace().any(|c| c == cap), "{cap} in {caps}");
     }
 }
+
+/// Bytes of anonymous memory that is writable and executable in `pid` (where
+/// leakmon's remote calls run from).
+fn call_pages(pid: u32) -> u64 {
+    let maps = std::fs::read(format!("/proc/{pid}/maps")).expect("maps");
+    String::from_utf8_lossy(&maps)
+        .lines()
+        .filter(|l| {
+            l.split_whitespace().count() == 5
+                && l.split_whitespace().nth(1).is_some_and(|p| p.starts_with("rwx"))
+        })
+        .filter_map(|l| {
+            let (a, b) = l.split_whitespace().next()?.split_once('-')?;
+            Some(u64::from_str_radix(b, 16).ok()? - u64::from_str_radix(a, 16).ok()?)
+        })
+        .sum()
+}
+
+/// Each call leakmon makes in a process (dlopen, start, stop) runs from a page it maps
+/// there: once the call is over, the page goes again, so a load and an unload leave no
+/// writable, executable memory behind (the agent's own code stays, idle).
+#[test]
+fn calls_leave_no_executable_page_behind() {
+    let mut target = AgentTarget::start();
+    let pid = target.pid;
+    let before = call_pages(pid);
+    for _ in 0..2 {
+        let (report, stderr) = common::watch_pid_with(pid, "1", &["--agent", "--sample-bytes", "4KiB"]);
+        target.leak();
+        common::finish_report(report, stderr);
+    }
+    assert_eq!(call_pages(pid), before, "pages left by leakmon's calls");
+    target.wait_restored();
+}

@@ -88,6 +88,9 @@ const STRING: u64 = 0xa00;
 const SAVED: u64 = 0x900;
 const XSAVE: u64 = 0x1000;
 const XSAVE_MAX: u32 = (REGION - XSAVE) as u32;
+/// Bytes of a thread's stack read, from its stack pointer up, for frames returning into
+/// a call's region before it is unmapped.
+const STACK_SCAN: usize = 256 << 10;
 
 /// Where the allocator functions the agent needs live in a process.
 pub struct Remote {
@@ -213,12 +216,39 @@ impl Remote {
                 .read_exact_at(&mut done, region + DATA)
                 .map_err(|_| anyhow!("pid {} exited during the call", self.pid))?;
             if done[8] == 1 {
+                self.unmap_region(region);
                 return Ok(u64::from_le_bytes(done[..8].try_into().expect("8 bytes")));
             }
             if Instant::now() > deadline {
                 bail!("the call in pid {} has not returned after {CALL_WAIT:?}", self.pid);
             }
             std::thread::sleep(Duration::from_millis(2));
+        }
+    }
+
+    /// Unmaps a call's region once its thread has left it for good: held again at a
+    /// safe point (so outside the region), with no word of its stack pointing into the
+    /// region (a signal handler that interrupted the trampoline's last instructions
+    /// returns there). Where either cannot be had, the page stays, mapped and never run
+    /// again; a debug line says so.
+    fn unmap_region(&self, region: u64) {
+        let unmapped = self.with_syscalls(|sys| {
+            let mut stack = vec![0u8; STACK_SCAN];
+            let read = self.mem.read_at(&mut stack, sys.regs.rsp).unwrap_or(0);
+            if read == 0 {
+                bail!("its stack could not be read");
+            }
+            let points_in = stack[..read - read % 8]
+                .chunks_exact(8)
+                .map(|w| u64::from_le_bytes(w.try_into().expect("8 bytes")))
+                .any(|w| (region..region + REGION).contains(&w));
+            if points_in {
+                bail!("a frame of the thread still returns into it");
+            }
+            sys.run(NR_MUNMAP, [region, REGION, 0, 0, 0, 0]).map(drop)
+        });
+        if let Err(e) = unmapped {
+            tracing::debug!(pid = self.pid, "the call's page at {region:#x} stays mapped: {e:#}");
         }
     }
 
