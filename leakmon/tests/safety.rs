@@ -65,7 +65,7 @@ fn assert_untouched(path: &Path, content: &[u8]) {
     assert_eq!((meta.uid(), meta.gid(), meta.mode() & 0o7777), (0, 0, 0o644), "its owner and mode");
 }
 
-/// Item 1: a JVM's user plants `.attach_pid<pid>` as a link to a root-owned file in the
+/// A JVM's user plants `.attach_pid<pid>` as a link to a root-owned file in the
 /// JVM's working directory (and then in /tmp too). leakmon never follows it: the file
 /// keeps its content, owner and mode; with /tmp free the trigger is made there, as the
 /// JVM's user, and the report works; with both planted leakmon refuses in one line.
@@ -135,7 +135,7 @@ fn runtime_report_for_a_minute(pid: u32) -> Reap {
     )
 }
 
-/// Item 2: leakmon SIGKILLed while Node.js's inspector is open for `report --runtime`
+/// leakmon SIGKILLed while Node.js's inspector is open for `report --runtime`
 /// on a Node.js run by `nobody`: its guardian closes the inspector, so no local user can
 /// reach the debugger afterwards; the process goes on.
 #[test]
@@ -180,7 +180,7 @@ fn an_inspector_left_by_a_killed_leakmon_is_closed_by_its_guardian() {
     assert_eq!(listening(pid), 0);
 }
 
-/// Item 2, the other half: a Node.js whose options would open its inspector beyond
+/// A Node.js whose options would open its inspector beyond
 /// loopback is refused before anything is sent.
 #[test]
 fn an_inspector_that_would_listen_beyond_loopback_is_never_opened() {
@@ -194,7 +194,7 @@ fn an_inspector_that_would_listen_beyond_loopback_is_never_opened() {
     answers(&mut process, &mut lines);
 }
 
-/// Item 3: a program named `node` that does not catch SIGUSR1 (a copy of `sleep`) is
+/// A program named `node` that does not catch SIGUSR1 (a copy of `sleep`) is
 /// never sent it: leakmon refuses in one line and the process lives on.
 #[test]
 fn a_process_named_node_that_does_not_catch_sigusr1_is_never_signalled() {
@@ -212,7 +212,7 @@ fn a_process_named_node_that_does_not_catch_sigusr1_is_never_signalled() {
     assert!(sleeper.0.try_wait().expect("poll").is_none(), "the fake node died");
 }
 
-/// Item 4: `leakmon run` as a background job of a script (SIGINT ignored from its
+/// `leakmon run` as a background job of a script (SIGINT ignored from its
 /// start) stops on a SIGINT sent right after its first answer.
 #[test]
 fn a_sigint_right_after_the_first_answer_stops_the_daemon() {
