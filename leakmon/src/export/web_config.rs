@@ -88,6 +88,7 @@ impl WebConfig {
                 hashes: Arc::new(file.basic_auth_users),
                 decoy: Arc::new(decoy),
                 verified: Arc::new(Mutex::new(HashSet::new())),
+                digest_key: std::collections::hash_map::RandomState::new(),
                 verifying: Arc::new(tokio::sync::Semaphore::new(1)),
                 waiting: Arc::new(std::sync::atomic::AtomicUsize::new(0)),
             })
@@ -122,7 +123,10 @@ pub struct Users {
     decoy: Arc<String>,
     /// Credentials already checked against their hash: bcrypt is slow on purpose, and
     /// Prometheus sends the same ones every scrape. Bounded.
-    verified: Arc<Mutex<HashSet<(String, String)>>>,
+    verified: Arc<Mutex<HashSet<u64>>>,
+    /// The key of the digests in `verified`: random per process, so a password is
+    /// never kept in memory, and a digest cannot be matched without it.
+    digest_key: std::collections::hash_map::RandomState,
     /// One bcrypt verification at a time, on a blocking thread: a flood of wrong
     /// passwords queues here, and neither holds the lock nor stalls the async threads
     /// that answer everyone else.
@@ -164,18 +168,31 @@ impl Users {
             return Claim::Unverified { key, hash: self.decoy.to_string(), known: false };
         };
         // The lock is held for a set lookup only, never across bcrypt.
-        if self.verified.lock().unwrap_or_else(std::sync::PoisonError::into_inner).contains(&key) {
+        if self
+            .verified
+            .lock()
+            .unwrap_or_else(std::sync::PoisonError::into_inner)
+            .contains(&self.digest(&key))
+        {
             return Claim::Known;
         }
         Claim::Unverified { key, hash: hash.clone(), known: true }
     }
 
+    /// A keyed digest of a user and password (SipHash, 64 bits, keyed at random): what
+    /// is remembered instead of the password.
+    fn digest(&self, key: &(String, String)) -> u64 {
+        use std::hash::BuildHasher as _;
+        self.digest_key.hash_one(key)
+    }
+
     fn remember(&self, key: (String, String)) {
+        let digest = self.digest(&key);
         let mut verified = self.verified.lock().unwrap_or_else(std::sync::PoisonError::into_inner);
         if verified.len() >= MAX_VERIFIED {
             verified.clear();
         }
-        verified.insert(key);
+        verified.insert(digest);
     }
 
     /// Whether an `Authorization` header value names a user with the right password;
