@@ -105,18 +105,6 @@ impl ProcRoot {
         Ok(self.read(pid, "maps")?.lines().filter_map(parse_maps_line).collect())
     }
 
-    /// Every mapping's address range (anonymous ones and stacks too), in address order.
-    pub fn maps_all(&self, pid: u32) -> Result<Vec<(u64, u64)>, ProcError> {
-        Ok(self
-            .read(pid, "maps")?
-            .lines()
-            .filter_map(|l| {
-                let (start, end) = l.split_once(' ')?.0.split_once('-')?;
-                Some((u64::from_str_radix(start, 16).ok()?, u64::from_str_radix(end, 16).ok()?))
-            })
-            .collect())
-    }
-
     /// The value of `key` (`AT_ENTRY`, `AT_BASE`, ...) in the process's auxiliary
     /// vector, if it has one.
     pub fn auxv(&self, pid: u32, key: u64) -> Result<Option<u64>, ProcError> {

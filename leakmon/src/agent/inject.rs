@@ -88,9 +88,27 @@ const STRING: u64 = 0xa00;
 const SAVED: u64 = 0x900;
 const XSAVE: u64 = 0x1000;
 const XSAVE_MAX: u32 = (REGION - XSAVE) as u32;
-/// Bytes of a thread's stack read, from its stack pointer up, for frames returning into
-/// a call's region before it is unmapped.
+/// Bytes of a thread's stack read, from its stack pointer up, for return addresses and
+/// signal frames (see [`stack_word_in`]).
 const STACK_SCAN: usize = 256 << 10;
+
+/// The first word of a thread's stack, from `rsp` up ([`STACK_SCAN`] bytes at most, or
+/// to the end of its mapping), for which `inside` holds: a return address or a signal
+/// frame's saved instruction pointer that would bring the thread back there (a stray
+/// word that happens to match is a false alarm, never a miss). An error when the stack
+/// cannot be read at all.
+pub(super) fn stack_word_in(mem: &File, rsp: u64, inside: impl Fn(u64) -> bool) -> Result<Option<u64>> {
+    let mut stack = vec![0u8; STACK_SCAN];
+    // /proc/PID/mem reads up to the end of the mapping and stops there.
+    let read = mem.read_at(&mut stack, rsp).unwrap_or(0);
+    if read == 0 {
+        bail!("the stack at {rsp:#x} could not be read");
+    }
+    Ok(stack[..read - read % 8]
+        .chunks_exact(8)
+        .map(|w| u64::from_le_bytes(w.try_into().expect("8 bytes")))
+        .find(|w| inside(*w)))
+}
 
 /// Where the allocator functions the agent needs live in a process.
 pub struct Remote {
@@ -233,16 +251,7 @@ impl Remote {
     /// again; a debug line says so.
     fn unmap_region(&self, region: u64) {
         let unmapped = self.with_syscalls(|sys| {
-            let mut stack = vec![0u8; STACK_SCAN];
-            let read = self.mem.read_at(&mut stack, sys.regs.rsp).unwrap_or(0);
-            if read == 0 {
-                bail!("its stack could not be read");
-            }
-            let points_in = stack[..read - read % 8]
-                .chunks_exact(8)
-                .map(|w| u64::from_le_bytes(w.try_into().expect("8 bytes")))
-                .any(|w| (region..region + REGION).contains(&w));
-            if points_in {
+            if stack_word_in(&self.mem, sys.regs.rsp, |w| (region..region + REGION).contains(&w))?.is_some() {
                 bail!("a frame of the thread still returns into it");
             }
             sys.run(NR_MUNMAP, [region, REGION, 0, 0, 0, 0]).map(drop)

@@ -40,7 +40,7 @@ use nix::{
 };
 use object::{Object as _, ObjectSymbol as _};
 
-use super::inject::open_mem;
+use super::inject::{open_mem, stack_word_in};
 use crate::procfs::{Mapping, ProcRoot};
 
 /// The jump written at a hooked entry: `jmp rel32`.
@@ -254,7 +254,7 @@ pub fn hook(
     if let Some(all) = &all {
         let ranges: Vec<(u64, usize)> = targets.iter().map(|t| (t.entry, t.original.len())).collect();
         all.wait_out_of(&ranges)?;
-        all.refuse_returns_into(&mem, proc_root, pid, &ranges)?;
+        all.refuse_returns_into(&mem, &ranges)?;
     }
     let mut hooked = Vec::new();
     for (target, jump) in entries {
@@ -388,32 +388,15 @@ impl StoppedThreads {
 impl StoppedThreads {
     /// Refuses when a thread would come back into the bytes being replaced: a signal
     /// handler that interrupted it there returns into them (the signal frame holds
-    /// that address), and so would a return address pointing there. Each thread's
-    /// stack is read from its stack pointer up, [`STACK_SCAN`] bytes at most, for a
-    /// word inside any of `ranges` past its first byte; a stray word that happens to
-    /// match is a refusal too (harmless), never a crash.
-    fn refuse_returns_into(
-        &self,
-        mem: &File,
-        proc_root: &ProcRoot,
-        pid: u32,
-        ranges: &[(u64, usize)],
-    ) -> Result<()> {
-        let maps = proc_root.maps_all(pid).with_context(|| format!("read the mappings of pid {pid}"))?;
+    /// that address), and so would a return address pointing there: each thread's
+    /// stack is searched ([`stack_word_in`]) for a word inside any of `ranges` past its
+    /// first byte.
+    fn refuse_returns_into(&self, mem: &File, ranges: &[(u64, usize)]) -> Result<()> {
         for t in &self.tids {
             let Ok(regs) = ptrace::getregs(*t) else { continue };
-            let end = maps
-                .iter()
-                .find(|(start, end)| *start <= regs.rsp && regs.rsp < *end)
-                .map_or(regs.rsp, |(_, end)| *end)
-                .min(regs.rsp.saturating_add(STACK_SCAN));
-            let mut stack = vec![0u8; usize::try_from(end.saturating_sub(regs.rsp)).unwrap_or(0)];
-            let read = mem.read_at(&mut stack, regs.rsp).unwrap_or(0);
             let inside = |w: u64| ranges.iter().any(|(s, l)| w > *s && w < s + *l as u64);
-            if let Some(word) = stack[..read]
-                .chunks_exact(8)
-                .map(|c| u64::from_le_bytes(c.try_into().expect("8 bytes")))
-                .find(|w| inside(*w))
+            if let Some(word) = stack_word_in(mem, regs.rsp, inside)
+                .with_context(|| format!("thread {t}: nothing was hooked"))?
             {
                 bail!(
                     "thread {t} would come back to {word:#x}, inside an allocator's first instructions (a signal handler interrupted it there): nothing was hooked"
@@ -423,10 +406,6 @@ impl StoppedThreads {
         Ok(())
     }
 }
-
-/// The stack read per thread, from its stack pointer up, for return addresses and
-/// signal frames.
-const STACK_SCAN: u64 = 256 << 10;
 
 fn wait_stop(t: Pid) -> Result<()> {
     let deadline = Instant::now() + QUIET_WAIT;
