@@ -117,10 +117,15 @@ impl ProcRoot {
         }))
     }
 
+    /// The process's `status` text (any bytes of its name taken as text).
+    pub fn status(&self, pid: u32) -> Result<String, ProcError> {
+        self.read(pid, "status")
+    }
+
     /// The process a task belongs to (its thread group): `pid` itself for a process,
     /// another for one of its threads.
     pub fn thread_group(&self, pid: u32) -> Result<u32, ProcError> {
-        let status = self.read(pid, "status")?;
+        let status = self.status(pid)?;
         status.lines().find_map(|l| l.strip_prefix("Tgid:")).and_then(|v| v.trim().parse().ok()).ok_or_else(
             || ProcError::Read {
                 path: self.0.join(pid.to_string()).join("status"),

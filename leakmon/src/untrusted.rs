@@ -117,6 +117,18 @@ impl TargetRoot {
         self.open(path, libc::O_PATH | libc::O_DIRECTORY)
     }
 
+    /// A directory inside the target's root, held open, and the names in it (those
+    /// that are UTF-8), at most `limit` of them.
+    pub fn names(&self, path: &Path, limit: usize) -> io::Result<(OwnedFd, Vec<String>)> {
+        let dir = self.dir(path)?;
+        let names = std::fs::read_dir(format!("/proc/self/fd/{}", dir.as_raw_fd()))?
+            .flatten()
+            .filter_map(|e| e.file_name().into_string().ok())
+            .take(limit)
+            .collect();
+        Ok((dir, names))
+    }
+
     /// Reads a regular file inside the target's root, at most `limit` bytes.
     pub fn read(&self, path: &Path, limit: u64) -> io::Result<Vec<u8>> {
         let fd = self.open(path, libc::O_RDONLY | libc::O_NONBLOCK)?;

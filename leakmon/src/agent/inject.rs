@@ -118,11 +118,7 @@ pub struct Remote {
 
 impl Remote {
     pub fn new(proc_root: &ProcRoot, pid: u32) -> Result<Self> {
-        let status = crate::untrusted::read_text(
-            &proc_root.path().join(pid.to_string()).join("status"),
-            crate::untrusted::PROC_TEXT_LIMIT,
-        )
-        .map_err(|_| anyhow!("no process with pid {pid}"))?;
+        let status = proc_root.status(pid).map_err(|_| anyhow!("no process with pid {pid}"))?;
         if let Some(tracer) = status.lines().find_map(|l| l.strip_prefix("TracerPid:")).map(str::trim) {
             if tracer != "0" {
                 bail!("pid {pid} is already traced by pid {tracer} (a debugger?): the agent cannot be loaded into it");
@@ -976,11 +972,7 @@ pub fn unload(proc_root: &ProcRoot, pid: u32, agent: &Path) -> Result<u64> {
 /// process for, the calls a load makes in it (an executable mapping, `dlopen`'s), and
 /// nothing outside the process can tell which.
 fn refuse_seccomp(proc_root: &ProcRoot, pid: u32) -> Result<()> {
-    let status = crate::untrusted::read_text(
-        &proc_root.path().join(pid.to_string()).join("status"),
-        crate::untrusted::PROC_TEXT_LIMIT,
-    )
-    .map_err(|_| anyhow!("no process with pid {pid}"))?;
+    let status = proc_root.status(pid).map_err(|_| anyhow!("no process with pid {pid}"))?;
     let mode = status.lines().find_map(|l| l.strip_prefix("Seccomp:")).map_or("0", str::trim);
     if mode != "0" {
         bail!(

@@ -207,9 +207,7 @@ pub fn guard(pid: u32, agent: &Path, sample_bytes: u64) -> ExitCode {
 }
 
 fn traced_by_another(proc_root: &ProcRoot, pid: u32) -> bool {
-    crate::untrusted::read_text(
-        &proc_root.path().join(pid.to_string()).join("status"),
-        crate::untrusted::PROC_TEXT_LIMIT,
-    )
-    .is_ok_and(|s| s.lines().find_map(|l| l.strip_prefix("TracerPid:")).is_some_and(|t| t.trim() != "0"))
+    proc_root
+        .status(pid)
+        .is_ok_and(|s| s.lines().find_map(|l| l.strip_prefix("TracerPid:")).is_some_and(|t| t.trim() != "0"))
 }

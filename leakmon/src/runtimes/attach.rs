@@ -12,10 +12,7 @@
 
 use std::{
     io::{Read as _, Write as _},
-    os::{
-        fd::{AsFd as _, AsRawFd as _},
-        unix::net::UnixStream,
-    },
+    os::{fd::AsFd as _, unix::net::UnixStream},
     path::{Path, PathBuf},
     time::{Duration, Instant},
 };
@@ -167,8 +164,8 @@ fn connect(path: &Path, pid: u32) -> Result<UnixStream> {
 
 /// The pid the JVM knows itself by: the innermost of its namespaces'.
 fn ns_pid(pid: u32) -> Result<u32> {
-    let status = read_text(Path::new(&format!("/proc/{pid}/status")), PROC_TEXT_LIMIT)
-        .with_context(|| format!("no process {pid}"))?;
+    let status =
+        crate::procfs::ProcRoot::default().status(pid).with_context(|| format!("no process {pid}"))?;
     status
         .lines()
         .find_map(|l| l.strip_prefix("NSpid:"))
@@ -207,14 +204,11 @@ fn attach_enabled(pid: u32, root: &TargetRoot, ns_pid: u32) -> bool {
 /// The JVM's `hsperfdata_<user>/<pid>` file, whichever user it runs as, read inside
 /// its root and bounded (HotSpot's is 64 KiB unless `-XX:PerfDataMemorySize` says more).
 fn perf_data(root: &TargetRoot, ns_pid: u32) -> Option<Vec<u8>> {
-    let tmp = root.dir(Path::new("/tmp")).ok()?;
-    let names = std::fs::read_dir(format!("/proc/self/fd/{}", tmp.as_raw_fd())).ok()?;
-    names.flatten().filter(|e| e.file_name().to_string_lossy().starts_with("hsperfdata_")).take(64).find_map(
-        |e| {
-            let path = Path::new("/tmp").join(e.file_name()).join(ns_pid.to_string());
-            root.read(&path, PERF_DATA_LIMIT).ok()
-        },
-    )
+    let (_, names) = root.names(Path::new("/tmp"), 100_000).ok()?;
+    names.iter().filter(|n| n.starts_with("hsperfdata_")).take(64).find_map(|n| {
+        let path = Path::new("/tmp").join(n).join(ns_pid.to_string());
+        root.read(&path, PERF_DATA_LIMIT).ok()
+    })
 }
 
 /// A string counter from HotSpot's performance data: a prologue naming the byte order

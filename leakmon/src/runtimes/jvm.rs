@@ -35,11 +35,10 @@ pub struct Jvm {
 }
 
 enum How {
-    /// The recording's name, and the file it is written to when stopped (the JVM's
-    /// path).
+    /// The recording's name (its files in the JVM's /tmp are named after it, see
+    /// [`remove_recordings`]), and the dumps taken.
     Jfr {
         name: String,
-        file: String,
         dumps: u32,
     },
     /// The histogram at the start.
@@ -75,12 +74,7 @@ impl Jvm {
             match attached.jcmd(start) {
                 Ok(out) if out.contains("Started recording") => {
                     info!(pid, recording = name, "JFR recording started");
-                    return Ok(Self {
-                        pid,
-                        attached,
-                        how: How::Jfr { name, file, dumps: 0 },
-                        guard: Some(guard),
-                    });
+                    return Ok(Self { pid, attached, how: How::Jfr { name, dumps: 0 }, guard: Some(guard) });
                 }
                 Ok(out) => refused = out.trim().to_owned(),
                 Err(e) => refused = format!("{e:#}"),
@@ -104,9 +98,9 @@ impl Jvm {
     }
 
     fn stop(&mut self) -> Result<()> {
-        if let How::Jfr { name, file, .. } = &self.how {
+        if let How::Jfr { name, .. } = &self.how {
             let stopped = self.attached.jcmd(&format!("JFR.stop name={name}"));
-            self.remove(file);
+            remove_recordings(self.pid, name);
             if stopped.is_ok() {
                 if let Some(guard) = self.guard.take() {
                     guard.closed();
@@ -120,12 +114,12 @@ impl Jvm {
 
     /// Reads a recording the JVM wrote into its /tmp: inside its root, never through a
     /// link, a regular file its own user wrote, bounded; then removes it.
-    fn take_recording(&self, file: &str) -> Result<Vec<u8>> {
+    fn take_recording(&self, name: &str, file: &str) -> Result<Vec<u8>> {
         let pid = self.pid;
         let root =
             TargetRoot::of(Path::new("/proc"), pid).with_context(|| format!("open pid {pid}'s root"))?;
         let fd = root.open(Path::new(file), libc::O_RDONLY | libc::O_NONBLOCK);
-        self.remove(file);
+        remove_recordings(pid, name);
         let fd = fd.with_context(|| format!("open pid {pid}'s recording {file}"))?;
         let owner = Identity::of(Path::new("/proc"), pid)?.uid;
         let meta = std::fs::File::from(fd);
@@ -133,20 +127,6 @@ impl Jvm {
             bail!("pid {pid}'s recording {file} is not its user's: not read");
         }
         Ok(read_regular(meta, RECORDING_LIMIT, file)?)
-    }
-
-    /// Removes a file the JVM wrote at leakmon's request, if it is still that.
-    fn remove(&self, file: &str) {
-        let path = Path::new(file);
-        let (Some(dir), Some(name)) = (path.parent(), path.file_name().and_then(|n| n.to_str())) else {
-            return;
-        };
-        let proc = Path::new("/proc");
-        if let (Ok(root), Ok(who)) = (TargetRoot::of(proc, self.pid), Identity::of(proc, self.pid)) {
-            if let Ok(dir) = root.dir(dir) {
-                let _ = remove_owned(dir.as_fd(), name, who.uid);
-            }
-        }
     }
 }
 
@@ -156,9 +136,9 @@ impl Profiler for Jvm {
         match &mut self.how {
             How::Jfr { name, dumps, .. } => {
                 *dumps += 1;
-                let file = format!("/tmp/{name}-{dumps}.jfr");
+                let (name, file) = (name.clone(), format!("/tmp/{name}-{dumps}.jfr"));
                 let dumped = self.attached.jcmd(&format!("JFR.dump name={name} filename={file}"));
-                let recording = self.take_recording(&file);
+                let recording = self.take_recording(&name, &file);
                 dumped?;
                 let recording = recording.with_context(|| format!("read pid {pid}'s recording {file}"))?;
                 jfr::stacks(&recording).with_context(|| format!("parse pid {pid}'s recording"))
@@ -204,14 +184,8 @@ impl Drop for Jvm {
 pub fn remove_recordings(pid: u32, name: &str) {
     let proc = Path::new("/proc");
     let (Ok(root), Ok(who)) = (TargetRoot::of(proc, pid), Identity::of(proc, pid)) else { return };
-    let Ok(tmp) = root.dir(Path::new("/tmp")) else { return };
-    let Ok(entries) = std::fs::read_dir(format!("/proc/self/fd/{}", std::os::fd::AsRawFd::as_raw_fd(&tmp)))
-    else {
-        return;
-    };
-    for entry in entries.flatten().take(100_000) {
-        let file = entry.file_name();
-        let Some(file) = file.to_str() else { continue };
+    let Ok((tmp, names)) = root.names(Path::new("/tmp"), 100_000) else { return };
+    for file in names {
         let ours = file.strip_prefix(name).is_some_and(|rest| {
             rest == ".jfr"
                 || rest
@@ -220,7 +194,7 @@ pub fn remove_recordings(pid: u32, name: &str) {
                     .is_some_and(|n| n.bytes().all(|b| b.is_ascii_digit()))
         });
         if ours {
-            let _ = remove_owned(tmp.as_fd(), file, who.uid);
+            let _ = remove_owned(tmp.as_fd(), &file, who.uid);
         }
     }
 }
