@@ -3,12 +3,14 @@
 //! In: a process's mappings (captured while it was alive) and the addresses of one
 //! stack. Out: frames. Lookups go by file and file offset, not through the live
 //! process, so stacks of processes that have exited still resolve as long as their
-//! binaries exist. blazesym caches each parsed binary, so a binary is read once; the
-//! cache starts over past [`MAX_BINARIES`] binaries, and build ids past
-//! [`MAX_BUILD_IDS`], so a long-running daemon's memory stays bounded. A daemon drops
+//! binaries exist. Each binary is opened once, as a target's file ([`binaries`]), and
+//! blazesym caches what it parsed of it; both start over past [`MAX_BINARIES`]
+//! binaries, so a long-running daemon's memory stays bounded. A daemon drops
 //! the cache once no new stack has needed it for a while ([`Symbolizer::release_idle`]):
 //! stacks are named once each, so after a burst of new stacks it would otherwise keep
 //! every binary it parsed mapped, and their parsed debug information on its heap.
+
+mod binaries;
 
 use std::{
     collections::HashMap,
@@ -21,6 +23,7 @@ use leakmon_common::python;
 
 use blazesym::symbolize::{source::Elf, source::Source, Input, Symbolized, Symbolizer as Blaze};
 
+use self::binaries::{Binaries, COPIED_LIMIT};
 use crate::{
     procfs::{find_mapping, Mapping},
     wrappers::Wrappers,
@@ -96,33 +99,26 @@ pub fn stable_id(frames: &[Frame]) -> String {
 pub struct Symbolizer {
     blaze: Mutex<Parsed>,
     wrappers: Wrappers,
-    /// Build ids by binary, read once each; cleared past [`MAX_BUILD_IDS`].
-    build_ids: Mutex<HashMap<PathBuf, Option<String>>>,
-    /// The path each file is symbolized by, by (device, inode); cleared past
-    /// [`MAX_BUILD_IDS`].
-    paths: Mutex<HashMap<(u64, u64), PathBuf>>,
     /// CPython processes by pid (`None`: not one, or not one leakmon can name).
     python: Mutex<HashMap<u32, Option<Arc<crate::python::code::Process>>>>,
 }
 
-/// blazesym's symbolizer, with what leakmon knows of its cache.
+/// blazesym's symbolizer and the binaries it reads, which live and go together.
 struct Parsed {
     blaze: Blaze,
-    /// Binaries it may hold: counted as their build ids are first read, which is why
-    /// the build ids are forgotten with it.
-    binaries: usize,
+    binaries: Binaries,
     /// When it last symbolized an address.
     used: Instant,
 }
 
 impl Parsed {
     fn new() -> Self {
-        Self { blaze: Blaze::new(), binaries: 0, used: Instant::now() }
+        Self { blaze: Blaze::new(), binaries: Binaries::default(), used: Instant::now() }
     }
 }
 
-/// Binaries whose build id is remembered.
-pub const MAX_BUILD_IDS: usize = 4096;
+/// CPython processes remembered.
+pub const MAX_PYTHON_PROCESSES: usize = 4096;
 
 /// Binaries whose parsed symbols blazesym keeps.
 pub const MAX_BINARIES: usize = 256;
@@ -135,77 +131,23 @@ impl Default for Symbolizer {
 
 impl Symbolizer {
     pub fn new(wrappers: Wrappers) -> Self {
-        Self {
-            blaze: Mutex::new(Parsed::new()),
-            wrappers,
-            build_ids: Mutex::new(HashMap::new()),
-            paths: Mutex::new(HashMap::new()),
-            python: Mutex::new(HashMap::new()),
-        }
-    }
-
-    /// One path per file (device and inode): the first seen that still reaches it.
-    /// Processes reach their files through their own `/proc/PID/root`, a new path for
-    /// every process; without this each one would be parsed and cached again, and the
-    /// caches would churn through their bounds under process churn.
-    fn canonical(&self, path: PathBuf) -> PathBuf {
-        use std::os::unix::fs::MetadataExt as _;
-        let identity = |p: &Path| std::fs::metadata(p).ok().map(|m| (m.dev(), m.ino()));
-        let Some(file) = identity(&path) else { return path };
-        let mut paths = self.paths.lock().unwrap_or_else(std::sync::PoisonError::into_inner);
-        if let Some(known) = paths.get(&file).filter(|known| identity(known) == Some(file)) {
-            return known.clone();
-        }
-        if paths.len() >= MAX_BUILD_IDS {
-            paths.clear();
-        }
-        paths.insert(file, path.clone());
-        path
-    }
-
-    fn build_id(&self, path: &Path) -> Option<String> {
-        let mut ids = self.build_ids.lock().unwrap_or_else(std::sync::PoisonError::into_inner);
-        if let Some(id) = ids.get(path) {
-            return id.clone();
-        }
-        if ids.len() >= MAX_BUILD_IDS {
-            ids.clear();
-        }
-        // A binary not seen before: blazesym will cache it too.
-        {
-            let mut blaze = self.blaze.lock().unwrap_or_else(std::sync::PoisonError::into_inner);
-            blaze.binaries += 1;
-            if blaze.binaries > MAX_BINARIES {
-                *blaze = Parsed { binaries: 1, ..Parsed::new() };
-            }
-        }
-        let id = blazesym::helper::read_elf_build_id(&path).ok().flatten().map(|id| {
-            id.iter().fold(String::new(), |mut hex, b| {
-                let _ = std::fmt::Write::write_fmt(&mut hex, format_args!("{b:02x}"));
-                hex
-            })
-        });
-        ids.insert(path.to_owned(), id.clone());
-        id
+        Self { blaze: Mutex::new(Parsed::new()), wrappers, python: Mutex::new(HashMap::new()) }
     }
 
     /// Drops every parsed binary (their maps and parsed debug information) if none was
     /// used for `idle`; whether it did. The next stack to name parses its binaries again.
     pub fn release_idle(&self, idle: Duration) -> bool {
         let mut blaze = self.blaze.lock().unwrap_or_else(std::sync::PoisonError::into_inner);
-        if blaze.binaries == 0 || blaze.used.elapsed() < idle {
+        if blaze.binaries.is_empty() || blaze.used.elapsed() < idle {
             return false;
         }
         *blaze = Parsed::new();
-        // Lock order as in `build_id`: build ids, then the symbolizer.
-        drop(blaze);
-        self.build_ids.lock().unwrap_or_else(std::sync::PoisonError::into_inner).clear();
         true
     }
 
     /// Binaries the symbolizer may hold parsed.
     pub fn parsed_binaries(&self) -> usize {
-        self.blaze.lock().unwrap_or_else(std::sync::PoisonError::into_inner).binaries
+        self.blaze.lock().unwrap_or_else(std::sync::PoisonError::into_inner).binaries.len()
     }
 
     pub fn wrappers(&self) -> &Wrappers {
@@ -279,7 +221,7 @@ impl Symbolizer {
                 return Some(p.clone());
             }
         }
-        if known.len() >= MAX_BUILD_IDS {
+        if known.len() >= MAX_PYTHON_PROCESSES {
             known.clear();
         }
         let process = crate::python::Interpreter::find(maps, root)
@@ -302,46 +244,48 @@ impl Symbolizer {
                 continue;
             }
             let offset = mapping.file_offset(address - 1);
-            let path = self.canonical(match root {
-                // Deleted since it was mapped: only /proc/PID/map_files still reaches it.
-                Some(root) if mapping.deleted => mapping.open_path(root),
-                _ => resolve(root, &mapping.path),
-            });
             let mut frame = Frame {
                 address,
                 object: Some(mapping.path.clone()),
-                build_id: self.build_id(&path),
                 file_offset: offset,
                 ..Frame::default()
             };
-            // blazesym follows a .gnu_debuglink itself; a stripped file without one is
-            // found by its build id under /usr/lib/debug, as debuggers do.
-            // Its segments hold no bytes, so it is asked by the address in the file.
-            // Looked for only once the binary itself named nothing: no stat or header
-            // read for the frames that resolve at once.
-            let by_build_id = std::iter::once_with(|| {
-                let file = resolve(root, &build_id_debug_file(frame.build_id.as_deref()?));
-                file.exists().then_some(())?;
-                Some((file, Input::VirtOffset(virt_offset(&path, offset)?)))
-            })
-            .flatten();
-            let mut blaze = self.blaze.lock().unwrap_or_else(std::sync::PoisonError::into_inner);
-            let first = (path.clone(), Input::FileOffset(offset));
-            for (file, input) in std::iter::once(first).chain(by_build_id) {
-                let src = Source::Elf(Elf::new(&file));
-                let Ok(result) = blaze.blaze.symbolize_single(&src, input) else { continue };
-                if let Symbolized::Sym(sym) = result {
-                    frame.function = Some(sym.name.into_owned());
-                    if let Some(info) = sym.code_info {
-                        frame.file = Some(info.to_path().display().to_string());
-                        frame.line = info.line;
-                    }
-                    break;
+            let mut parsed = self.blaze.lock().unwrap_or_else(std::sync::PoisonError::into_inner);
+            if parsed.binaries.len() >= MAX_BINARIES || parsed.binaries.copied() > COPIED_LIMIT {
+                *parsed = Parsed::new();
+            }
+            let Some(binary) = parsed.binaries.mapped(mapping, root) else {
+                drop(parsed);
+                frames.push(frame);
+                continue;
+            };
+            let path = binary.path.clone();
+            frame.build_id = binary.build_id.clone();
+            let mut lookups = vec![(path.clone(), Input::FileOffset(offset))];
+            for attempt in 0..2 {
+                if attempt == 1 {
+                    // blazesym follows a .gnu_debuglink itself; a stripped file without
+                    // one is found by its build id under /usr/lib/debug, as debuggers
+                    // do. Its segments hold no bytes, so it is asked by the address in
+                    // the file. Looked for only once the binary itself named nothing.
+                    let Some(id) = frame.build_id.as_deref() else { break };
+                    let Some(debug) = parsed.binaries.debug_file(id, root) else { break };
+                    let Some(at) = virt_offset(&path, offset) else { break };
+                    lookups.push((debug.path.clone(), Input::VirtOffset(at)));
                 }
+                let (file, input) = &lookups[attempt];
+                let src = Source::Elf(Elf::new(file));
+                let Ok(Symbolized::Sym(sym)) = parsed.blaze.symbolize_single(&src, *input) else { continue };
+                frame.function = Some(sym.name.into_owned());
+                if let Some(info) = sym.code_info {
+                    frame.file = Some(info.to_path().display().to_string());
+                    frame.line = info.line;
+                }
+                break;
             }
             // After the lookup, which may have parsed a large binary for a while.
-            blaze.used = Instant::now();
-            drop(blaze);
+            parsed.used = Instant::now();
+            drop(parsed);
             frames.push(frame);
         }
         frames
@@ -400,12 +344,6 @@ fn merge(native: Vec<Frame>, python: Vec<(Frame, bool)>) -> Vec<Frame> {
     out
 }
 
-/// Where distributions install the debug file of the build `id` (hex).
-fn build_id_debug_file(id: &str) -> PathBuf {
-    let (dir, rest) = id.split_at(id.len().min(2));
-    Path::new("/usr/lib/debug/.build-id").join(dir).join(format!("{rest}.debug"))
-}
-
 /// The address, as laid out in the ELF file `path` (no load bias), of its byte at
 /// `offset`: from its program headers, which lie near the start of the file.
 fn virt_offset(path: &Path, offset: u64) -> Option<u64> {
@@ -422,15 +360,6 @@ fn virt_offset(path: &Path, offset: u64) -> Option<u64> {
     })
 }
 
-fn resolve(root: Option<&Path>, path: &Path) -> PathBuf {
-    match root {
-        Some(root) if root.join(path.strip_prefix("/").unwrap_or(path)).exists() => {
-            root.join(path.strip_prefix("/").unwrap_or(path))
-        }
-        _ => path.to_owned(),
-    }
-}
-
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -440,17 +369,6 @@ mod tests {
     #[no_mangle]
     extern "C" fn leakmon_symbolize_probe_target() -> u64 {
         std::hint::black_box(7)
-    }
-
-    #[test]
-    fn a_file_reached_by_two_paths_is_symbolized_by_one() {
-        let symbolizer = Symbolizer::default();
-        let exe = std::env::current_exe().expect("own path");
-        let via_root = Path::new("/proc/self/root").join(exe.strip_prefix("/").expect("absolute"));
-        assert_eq!(symbolizer.canonical(exe.clone()), exe);
-        assert_eq!(symbolizer.canonical(via_root), exe, "the first path seen serves both");
-        let missing = PathBuf::from("/nonexistent/binary");
-        assert_eq!(symbolizer.canonical(missing.clone()), missing);
     }
 
     #[test]
@@ -494,5 +412,68 @@ mod tests {
         assert!(symbolizer.release_idle(Duration::ZERO));
         assert!(!mapped(&file), "{} still mapped after the release", file.display());
         assert!(!symbolizer.release_idle(Duration::ZERO), "nothing left to release");
+    }
+
+    /// A mapping of `file`'s bytes from `offset` to `end` as a process would have it.
+    fn mapping_of(file: &Path, offset: u64, end: u64) -> Mapping {
+        Mapping {
+            start: 0x1000_0000,
+            end: 0x1000_0000 + end - offset,
+            offset,
+            executable: true,
+            dev_major: 0,
+            dev_minor: 0,
+            inode: 0,
+            path: file.to_owned(),
+            deleted: false,
+        }
+    }
+
+    /// A library's owner truncates and restores it over and over while leakmon names
+    /// addresses in it: leakmon must never touch a page the truncation took away
+    /// (SIGBUS), and it names the library's functions all the while.
+    #[test]
+    fn a_library_its_owner_truncates_while_it_is_named_never_faults_leakmon() {
+        let original = std::fs::read("/usr/lib/x86_64-linux-gnu/libpython3.11.so.1.0").expect("libpython");
+        let dir = tempfile::tempdir().expect("dir");
+        let file = dir.path().join("libvictim.so");
+        std::fs::write(&file, &original).expect("copy");
+        std::os::unix::fs::chown(&file, Some(65534), Some(65534)).expect("chown to nobody");
+        // Its code: the executable segment's bytes from .text's start.
+        let at = mapping_of(&file, 0x10_4e10, 0x3d_3000);
+        let stop = Arc::new(std::sync::atomic::AtomicBool::new(false));
+        let attacker = {
+            let (file, stop) = (file.clone(), stop.clone());
+            std::thread::spawn(move || {
+                use std::io::{Seek as _, Write as _};
+                let mut f = std::fs::OpenOptions::new().write(true).open(&file).expect("open");
+                let mut rounds = 0u32;
+                while !stop.load(std::sync::atomic::Ordering::Relaxed) {
+                    f.set_len(4096).expect("truncate");
+                    std::thread::sleep(Duration::from_micros(200));
+                    f.seek(std::io::SeekFrom::Start(0)).expect("seek");
+                    f.write_all(&original).expect("restore");
+                    std::thread::sleep(Duration::from_millis(2));
+                    rounds += 1;
+                }
+                rounds
+            })
+        };
+        let started = Instant::now();
+        let (mut lookups, mut named) = (0u64, 0u64);
+        while started.elapsed() < Duration::from_secs(4) {
+            let symbolizer = Symbolizer::default();
+            for step in 0..64u64 {
+                let address = at.start + 1 + (step * 104_729 + lookups * 7919) % (at.end - at.start - 1);
+                let frames = symbolizer.frames(1, std::slice::from_ref(&at), None, &[address]);
+                named += u64::from(frames.first().is_some_and(|f| f.function.is_some()));
+                lookups += 1;
+            }
+        }
+        stop.store(true, std::sync::atomic::Ordering::Relaxed);
+        let rounds = attacker.join().expect("attacker");
+        assert!(rounds > 100, "the library was truncated only {rounds} times");
+        // About a sixth of its code is named by exported symbols when left alone.
+        assert!(named > 0, "none of {lookups} lookups named a function");
     }
 }

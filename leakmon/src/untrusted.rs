@@ -105,11 +105,23 @@ impl TargetRoot {
         Ok(Self { fd: proc_dir(proc_root, pid, "root")? })
     }
 
+    /// The root a `/proc/PID/root` path names.
+    pub fn at(root: &Path) -> io::Result<Self> {
+        Ok(Self { fd: open_dir(root)? })
+    }
+
     /// Opens `path` (absolute in the target's view) with `flags`, resolved inside the
     /// target's root; the last component is never a symbolic link.
     pub fn open(&self, path: &Path, flags: libc::c_int) -> io::Result<OwnedFd> {
         let relative = path.strip_prefix("/").unwrap_or(path);
         open_beneath(self.fd.as_fd(), relative, flags | libc::O_NOFOLLOW, libc::RESOLVE_IN_ROOT)
+    }
+
+    /// [`TargetRoot::open`], following a last component that is a symbolic link (still
+    /// inside the root).
+    pub fn open_following(&self, path: &Path, flags: libc::c_int) -> io::Result<OwnedFd> {
+        let relative = path.strip_prefix("/").unwrap_or(path);
+        open_beneath(self.fd.as_fd(), relative, flags, libc::RESOLVE_IN_ROOT)
     }
 
     /// Opens a directory inside the target's root.
@@ -143,7 +155,12 @@ pub fn cwd_of(proc_root: &Path, pid: u32) -> io::Result<OwnedFd> {
 
 /// The directory a `/proc/PID` link (`root`, `cwd`) names, opened through it.
 fn proc_dir(proc_root: &Path, pid: u32, link: &str) -> io::Result<OwnedFd> {
-    let path = c_path(&proc_root.join(pid.to_string()).join(link))?;
+    open_dir(&proc_root.join(pid.to_string()).join(link))
+}
+
+/// A directory held open by an `O_PATH` descriptor.
+fn open_dir(path: &Path) -> io::Result<OwnedFd> {
+    let path = c_path(path)?;
     // SAFETY: a valid C string; the descriptor returned is ours.
     let fd = check(
         unsafe { libc::open(path.as_ptr(), libc::O_PATH | libc::O_DIRECTORY | libc::O_CLOEXEC) }.into(),
