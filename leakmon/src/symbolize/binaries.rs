@@ -38,8 +38,6 @@ pub struct Binary {
     pub path: PathBuf,
     /// Its GNU build id (hex), when it has one.
     pub build_id: Option<String>,
-    /// Whether this is a copy (the file could be changed by someone other than root).
-    pub copied: bool,
     _fd: OwnedFd,
 }
 
@@ -121,7 +119,7 @@ impl Binaries {
             self.copied += meta.st_size as u64;
         }
         tracing::debug!(dev = meta.st_dev, inode = meta.st_ino, copied, "binary opened for naming");
-        self.held.push(Binary { path, build_id, copied, _fd: fd });
+        self.held.push(Binary { path, build_id, _fd: fd });
         self.by_file.insert(file, self.held.len() - 1);
         Some(self.held.len() - 1)
     }
@@ -247,19 +245,21 @@ mod tests {
         std::fs::set_permissions(&file, std::fs::Permissions::from_mode(0o755)).unwrap();
         let mut held = Binaries::default();
         let binary = held.mapped(&mapping(&file), None).expect("opened");
-        assert!(!binary.copied, "root's 0755 file is copied");
         assert!(binary.build_id.is_some(), "no build id read through {}", binary.path.display());
+        assert_eq!(held.copied(), 0, "root's 0755 file is copied");
+        let size = std::fs::metadata(&file).unwrap().len();
 
-        for (name, uid, mode) in [("nobodys.so", 65534, 0o755), ("group_writable.so", 0, 0o775)] {
+        for (copies, (name, uid, mode)) in
+            [("nobodys.so", 65534, 0o755), ("group_writable.so", 0, 0o775)].into_iter().enumerate()
+        {
             let other = dir.path().join(name);
             std::fs::copy("/usr/bin/true", &other).unwrap();
             std::os::unix::fs::chown(&other, Some(uid), None).unwrap();
             std::fs::set_permissions(&other, std::fs::Permissions::from_mode(mode)).unwrap();
             let binary = held.mapped(&mapping(&other), None).expect("opened");
-            assert!(binary.copied, "{name} is read in place");
             assert!(binary.build_id.is_some(), "the copy of {name} has no build id");
+            assert_eq!(held.copied(), (copies as u64 + 1) * size, "{name} is read in place");
         }
-        assert_eq!(held.copied(), 2 * std::fs::metadata(&file).unwrap().len());
     }
 
     #[test]
