@@ -10,7 +10,8 @@ use std::{env, fmt::Write as _, fs, path::PathBuf, process::Command};
 use anyhow::{anyhow, Context as _};
 use aya_build::{Package, Toolchain};
 
-const EBPF_OBJECT: &str = "leakmon-probes";
+/// The eBPF objects: the allocation probes, and the port guard.
+const EBPF_OBJECTS: [&str; 2] = ["leakmon-probes", "leakmon-port-guard"];
 
 fn main() -> anyhow::Result<()> {
     build_agent()?;
@@ -41,8 +42,10 @@ fn main() -> anyhow::Result<()> {
             "cargo:warning=building without the eBPF object ({}); run `cargo xtask build` for a working binary",
             if skip { "LEAKMON_SKIP_EBPF=1" } else { "bpf-linker not on PATH" }
         );
-        let out = PathBuf::from(env::var_os("OUT_DIR").context("OUT_DIR")?).join(EBPF_OBJECT);
-        fs::write(&out, []).with_context(|| format!("write stub {}", out.display()))?;
+        for object in EBPF_OBJECTS {
+            let out = PathBuf::from(env::var_os("OUT_DIR").context("OUT_DIR")?).join(object);
+            fs::write(&out, []).with_context(|| format!("write stub {}", out.display()))?;
+        }
         println!("cargo:rerun-if-changed={root_dir}");
         return Ok(());
     }

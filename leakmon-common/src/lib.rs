@@ -53,6 +53,7 @@ pub const STACK_HASH_SEED: u64 = 0xcbf2_9ce4_8422_2325;
 pub const SIZE_FROM_NESTED: u64 = u64::MAX;
 
 pub mod agent;
+pub mod port_guard;
 pub mod python;
 pub mod sampling;
 pub mod unwind;

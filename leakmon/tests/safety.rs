@@ -180,6 +180,58 @@ fn an_inspector_left_by_a_killed_leakmon_is_closed_by_its_guardian() {
     assert_eq!(listening(pid), 0);
 }
 
+/// While leakmon holds a Node.js's inspector open (a report's window, a daemon's
+/// suspect window), another local user cannot connect to it: only root and the
+/// process's own user can. Once closed, the port is everyone's again.
+#[test]
+fn an_inspector_held_open_by_leakmon_takes_no_other_user() {
+    const PORT: u16 = 9247;
+    let dir = nobodys_dir("nobody-node-guarded");
+    let script = dir.join("cache_leak.js");
+    std::fs::copy(common::runtimes::node_fixture(), &script).expect("copy the fixture");
+    std::fs::set_permissions(&script, std::fs::Permissions::from_mode(0o644)).expect("chmod");
+    let mut node = Command::new("node");
+    as_nobody(&mut node)
+        .current_dir(&dir)
+        .arg(format!("--inspect-port={PORT}"))
+        .arg(&script)
+        .arg("grow")
+        .stderr(Stdio::null());
+    let (mut process, mut lines) = common::start_ready(node, "node as nobody");
+    let pid = process.0.id();
+    let mut report = runtime_report_for_a_minute(pid);
+    let deadline = Instant::now() + Duration::from_secs(20);
+    while listening(pid) == 0 {
+        assert!(Instant::now() < deadline, "the inspector never opened");
+        std::thread::sleep(Duration::from_millis(20));
+    }
+    let list = |uid: u32| {
+        Command::new("curl")
+            .args(["-s", "-m", "2", &format!("http://127.0.0.1:{PORT}/json/list")])
+            .uid(uid)
+            .gid(uid)
+            .output()
+            .expect("curl")
+    };
+    // The user `daemon` (uid 1): anyone on the host but the process's owner.
+    let other = list(1);
+    assert!(
+        !other.status.success() || other.stdout.is_empty(),
+        "another user reached the debugger: {}",
+        String::from_utf8_lossy(&other.stdout)
+    );
+    let owner = list(NOBODY);
+    assert!(
+        String::from_utf8_lossy(&owner.stdout).contains("webSocketDebuggerUrl"),
+        "the process's own user was refused: {:?}",
+        owner
+    );
+    common::signal(report.0.id(), nix::sys::signal::Signal::SIGINT);
+    report.0.wait().expect("reap leakmon");
+    assert_eq!(listening(pid), 0, "the inspector stayed open");
+    answers(&mut process, &mut lines);
+}
+
 /// A Node.js whose options would open its inspector beyond
 /// loopback is refused before anything is sent.
 #[test]

@@ -89,25 +89,43 @@ fn reach(addr: SocketAddr) -> SocketAddr {
     SocketAddr::new(ip, addr.port())
 }
 
-/// The host a Node.js's inspector would bind to, as its options name it
-/// (`--inspect[-brk|-port]=[HOST:]PORT`, `--debug-port`), on its command line or in
-/// `NODE_OPTIONS`; `None` where they name none (Node.js binds 127.0.0.1).
-pub fn inspector_host<'a>(args: impl IntoIterator<Item = &'a str>) -> Option<String> {
-    let mut host = None;
+/// Where a Node.js's inspector would listen, as its options name it.
+#[derive(Debug, PartialEq, Eq)]
+pub struct InspectorAddress {
+    /// `None` where the options name none (Node.js binds 127.0.0.1).
+    pub host: Option<String>,
+    pub port: u16,
+}
+
+/// Node.js's inspector port when its options name none.
+pub const DEFAULT_INSPECTOR_PORT: u16 = 9229;
+
+/// Where a Node.js's inspector would listen, from its options
+/// (`--inspect[-brk|-port|-wait]=[HOST:]PORT` or `=HOST`, `--debug-port`) on its command
+/// line or in `NODE_OPTIONS`. As in Node.js, each option sets what it names and keeps
+/// the rest: `--inspect=0.0.0.0:1 --inspect-port=2` listens on 0.0.0.0:2.
+pub fn inspector_address<'a>(args: impl IntoIterator<Item = &'a str>) -> InspectorAddress {
+    let mut address = InspectorAddress { host: None, port: DEFAULT_INSPECTOR_PORT };
     for arg in args {
         let Some((flag, value)) = arg.split_once('=') else { continue };
         if !["--inspect", "--inspect-brk", "--inspect-port", "--debug-port", "--inspect-wait"].contains(&flag)
         {
             continue;
         }
-        // The last one given wins, as in Node.js.
-        host =
-            value.rsplit_once(':').map(|(h, _)| h.trim_start_matches('[').trim_end_matches(']').to_owned());
-        if host.is_none() && value.parse::<u16>().is_err() {
-            host = Some(value.to_owned());
+        if let Ok(port) = value.parse::<u16>() {
+            address.port = port;
+            continue;
         }
+        let host = match value.rsplit_once(':') {
+            Some((host, port)) if port.parse::<u16>().is_ok() => {
+                address.port = port.parse().unwrap_or(address.port);
+                host
+            }
+            _ => value,
+        };
+        address.host = Some(host.trim_start_matches('[').trim_end_matches(']').to_owned());
     }
-    host
+    address
 }
 
 /// Whether `host` (as an inspector option names it) is this machine's loopback.
@@ -229,16 +247,21 @@ mod tests {
     }
 
     #[test]
-    fn the_inspector_s_host_is_read_from_node_s_options() {
-        assert_eq!(inspector_host(["node", "app.js"]), None);
-        assert_eq!(inspector_host(["node", "--inspect-port=9230", "app.js"]), None);
-        assert_eq!(inspector_host(["--inspect-port=0.0.0.0:9229"]).as_deref(), Some("0.0.0.0"));
-        assert_eq!(inspector_host(["--inspect=[::]:9229"]).as_deref(), Some("::"));
-        assert_eq!(inspector_host(["--inspect=example.org"]).as_deref(), Some("example.org"));
-        assert_eq!(
-            inspector_host(["--inspect-port=0.0.0.0:1", "--inspect-port=127.0.0.1:2"]).as_deref(),
-            Some("127.0.0.1")
-        );
+    fn the_inspector_s_address_is_read_from_node_s_options() {
+        let at = |args: &[&str]| {
+            let a = inspector_address(args.iter().copied());
+            (a.host, a.port)
+        };
+        let host = |h: &str| Some(h.to_owned());
+        assert_eq!(at(&["node", "app.js"]), (None, 9229));
+        assert_eq!(at(&["node", "--inspect-port=9230", "app.js"]), (None, 9230));
+        assert_eq!(at(&["--inspect-port=0.0.0.0:9229"]), (host("0.0.0.0"), 9229));
+        assert_eq!(at(&["--inspect=[::]:9228"]), (host("::"), 9228));
+        assert_eq!(at(&["--inspect=example.org"]), (host("example.org"), 9229));
+        assert_eq!(at(&["--inspect-port=0.0.0.0:1", "--inspect-port=127.0.0.1:2"]), (host("127.0.0.1"), 2));
+        // A later option naming only the port keeps the host named before it.
+        assert_eq!(at(&["--inspect=0.0.0.0:1", "--inspect-port=2"]), (host("0.0.0.0"), 2));
+        assert_eq!(at(&["--inspect=0"]), (None, 0));
         assert!(loopback("127.0.0.1") && loopback("::1") && loopback("localhost"));
         assert!(!loopback("0.0.0.0") && !loopback("::") && !loopback("10.0.0.1") && !loopback("example.org"));
     }

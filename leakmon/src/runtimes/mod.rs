@@ -12,6 +12,7 @@ pub mod inspector;
 pub mod jfr;
 pub mod jvm;
 pub mod node;
+pub mod port_guard;
 
 use std::time::{Duration, Instant};
 

@@ -22,10 +22,11 @@ use tracing::{info, warn};
 
 use super::{
     guardian::Guard,
-    inspector::{inspector_host, is_inspector, listeners, listening, loopback, Session},
+    inspector::{inspector_address, is_inspector, listeners, listening, loopback, Session},
+    port_guard::PortGuard,
     Frame, Profiler, Stack,
 };
-use crate::untrusted::{read_text, Pinned, PROC_TEXT_LIMIT};
+use crate::untrusted::{read_text, Identity, Pinned, PROC_TEXT_LIMIT};
 
 /// Closes the inspector once the current session has ended. Not at once
 /// (`setImmediate`): a close while the session was still being torn down crashed
@@ -43,6 +44,8 @@ pub struct Node {
     session: Option<Session>,
     /// Closes the inspector if this leakmon cannot (see [`super::guardian`]).
     guard: Option<Guard>,
+    /// Keeps the port to root and the process's user while it is open; dropped last.
+    _port: PortGuard,
 }
 
 impl Node {
@@ -71,11 +74,21 @@ impl Node {
             .split('\0')
             .filter_map(|v| v.strip_prefix("NODE_OPTIONS="))
             .flat_map(str::split_whitespace);
-        if let Some(host) = inspector_host(args.split('\0').chain(options)).filter(|h| !loopback(h)) {
+        let address = inspector_address(args.split('\0').chain(options));
+        if let Some(host) = address.host.filter(|h| !loopback(h)) {
             bail!(
                 "pid {pid}'s inspector would listen on {host}, beyond this machine's loopback, where others could take over the process: leakmon does not open it"
             );
         }
+        if address.port == 0 {
+            bail!(
+                "pid {pid}'s inspector would listen on a port chosen when it opens, which leakmon cannot keep from other users beforehand: leakmon does not open it"
+            );
+        }
+        // Before the port opens: from its first moment only root and the process's own
+        // user may connect to it.
+        let owner = Identity::of(proc_root, pid).with_context(|| format!("no process {pid}"))?;
+        let port = PortGuard::hold(address.port, owner.uid)?;
         let mut guard = Guard::start(pid)?;
         guard.armed()?;
         process
@@ -90,7 +103,13 @@ impl Node {
         };
         info!(pid, %addr, "inspector opened");
         // From here on the inspector is open: a failure closes it again (on drop).
-        let mut node = Self { pid, addr, session: None, guard: Some(guard) };
+        let mut node = Self { pid, addr, session: None, guard: Some(guard), _port: port };
+        if addr.port() != address.port {
+            bail!(
+                "pid {pid}'s inspector opened on {addr}, not on the port its options name ({}), which leakmon kept from other users: closed again at once",
+                address.port
+            );
+        }
         if let Some(bound) =
             listeners(pid)?.into_iter().find(|a| a.port() == addr.port() && !a.ip().is_loopback())
         {
