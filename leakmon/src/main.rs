@@ -5,6 +5,8 @@ use leakmon::cli::{Cli, Cmd};
 use tracing_subscriber::EnvFilter;
 
 fn main() -> ExitCode {
+    #[cfg(feature = "failpoints")]
+    let _failpoints = fail::FailScenario::setup();
     let matches = match Cli::command().try_get_matches() {
         Ok(m) => m,
         Err(err) => return usage_error(&err),

@@ -177,8 +177,14 @@ fn main() -> Result<()> {
             let package = deb(&pins)?;
             // The default members: the eBPF crate only builds for the bpf target (build.rs
             // builds it), so `--workspace` would try to compile it for the host.
-            let Outcome { passed, failed, ignored } =
-                run_tests(cargo().args(["test", "--no-fail-fast"]).args(&args).env("LEAKMON_DEB", &package))?;
+            // With the fail points built in: the tests of loads that fail where nothing
+            // outside a process can make them fail force those failures through them.
+            let Outcome { passed, failed, ignored } = run_tests(
+                cargo()
+                    .args(["test", "--no-fail-fast", "--features", "leakmon/failpoints"])
+                    .args(&args)
+                    .env("LEAKMON_DEB", &package),
+            )?;
             eprintln!("xtask: tests finished in {:.0?}", started.elapsed());
             println!("tests: {} run, {passed} passed, {failed} failed, {ignored} skipped", passed + failed);
             if failed > 0 || passed == 0 {

@@ -169,6 +169,8 @@ impl Remote {
     fn call_held(&self, mut held: Held, function: u64, args: [u64; 3], string: Option<&[u8]>) -> Result<u64> {
         let tid = held.tid;
         let (regs, resume) = held.safe_point()?;
+        // Tests hold the thread here while they send it signals.
+        fail::fail_point!("agent-thread-held");
         // One syscall run in the thread itself: a mapping for the trampoline.
         let mut sys = regs;
         sys.rip = resume.syscall_at;
@@ -203,6 +205,10 @@ impl Remote {
                 args[0] = region + STRING;
             }
             let code = trampoline(region, function, args, &resume.regs);
+            fail::fail_point!("agent-call-write", |_| Err(anyhow!(
+                "the write into pid {} failed (injected)",
+                self.pid
+            )));
             self.write(region, &code)?;
             self.write(region + SAVED, &saved_block(&resume.regs))
         })();
@@ -754,6 +760,7 @@ pub fn load(proc_root: &ProcRoot, pid: u32, agent: &Path, sample_bytes: u64) -> 
     }
     // All or nothing: a failure past the start takes the redirections back out.
     let hooked = (|| -> Result<u64> {
+        fail::fail_point!("agent-after-start", |_| Err(anyhow!("pid {pid}: hooking failed (injected)")));
         let targets = inline::targets(proc_root, pid, &maps)?;
         if targets.is_empty() {
             return Ok(0);
