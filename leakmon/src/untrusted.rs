@@ -75,10 +75,30 @@ pub const BINARY_LIMIT: u64 = 2 << 30;
 /// its owner truncates meanwhile faults (SIGBUS) in root's leakmon. A FIFO, a device or
 /// anything else that is not a regular file is refused; a binary over [`BINARY_LIMIT`]
 /// too.
+///
+/// A path through a process's root (`/proc/PID/root/…`) is resolved inside that root,
+/// as the process would resolve it: a link there never leads to leakmon's own files.
 pub fn read_binary(path: &Path) -> io::Result<Vec<u8>> {
-    let file =
-        std::fs::OpenOptions::new().read(true).custom_flags(libc::O_NONBLOCK | libc::O_CLOEXEC).open(path)?;
+    let flags = libc::O_RDONLY | libc::O_NONBLOCK;
+    let file = match in_target_root(path) {
+        Some((root, inside)) => File::from(TargetRoot::at(&root)?.open(inside, flags)?),
+        None => std::fs::OpenOptions::new().read(true).custom_flags(flags | libc::O_CLOEXEC).open(path)?,
+    };
     read_regular(file, BINARY_LIMIT, &path.display().to_string())
+}
+
+/// `/proc/PID/root/rest` as (`/proc/PID/root`, `/rest`).
+fn in_target_root(path: &Path) -> Option<(std::path::PathBuf, &Path)> {
+    let mut parts = path.components();
+    let (Some(std::path::Component::RootDir), Some(proc), Some(pid), Some(root)) =
+        (parts.next(), parts.next(), parts.next(), parts.next())
+    else {
+        return None;
+    };
+    let numeric =
+        pid.as_os_str().to_str().is_some_and(|p| !p.is_empty() && p.bytes().all(|b| b.is_ascii_digit()));
+    (proc.as_os_str() == "proc" && numeric && root.as_os_str() == "root")
+        .then(|| (Path::new("/proc").join(pid).join("root"), parts.as_path()))
 }
 
 fn c_path(path: &Path) -> io::Result<CString> {
@@ -401,6 +421,46 @@ mod tests {
         assert!(target.read(Path::new("/out/secret"), 16).is_err(), "resolved inside the root: no such file");
         assert!(target.read(Path::new("/tmp/link"), 16).is_err(), "a link as the last component");
         assert!(target.read(Path::new("/tmp/../../../../etc/passwd"), 1 << 20).is_err());
+    }
+
+    /// A binary read through a process's `/proc/PID/root` is looked up inside that root:
+    /// an absolute link there names the root's own file, never leakmon's.
+    #[test]
+    fn a_binary_read_through_a_process_root_stays_inside_it() {
+        let root = tempfile::tempdir().unwrap();
+        std::fs::create_dir_all(root.path().join("usr/lib")).unwrap();
+        std::fs::write(root.path().join("usr/lib/own.so"), b"own").unwrap();
+        std::os::unix::fs::symlink("/usr/bin", root.path().join("usr/lib/out")).unwrap();
+        // A process whose root is `root`: forked, it only chroots and waits.
+        let c_root = std::ffi::CString::new(root.path().as_os_str().as_bytes()).unwrap();
+        // SAFETY: the child calls only async-signal-safe functions, then _exit.
+        let child = unsafe { libc::fork() };
+        if child == 0 {
+            // SAFETY: as above.
+            unsafe {
+                if libc::chroot(c_root.as_ptr()) == 0 {
+                    libc::pause();
+                }
+                libc::_exit(1);
+            }
+        }
+        let through = Path::new("/proc").join(child.to_string()).join("root");
+        let deadline = std::time::Instant::now() + std::time::Duration::from_secs(5);
+        while std::fs::read_link(&through).ok().as_deref() != Some(root.path()) {
+            assert!(std::time::Instant::now() < deadline, "the child never chrooted");
+            std::thread::sleep(std::time::Duration::from_millis(5));
+        }
+        let own = read_binary(&through.join("usr/lib/own.so"));
+        let out = read_binary(&through.join("usr/lib/out/true"));
+        // SAFETY: our own child.
+        unsafe {
+            libc::kill(child, libc::SIGKILL);
+            libc::waitpid(child, std::ptr::null_mut(), 0);
+        }
+        assert_eq!(own.unwrap(), b"own");
+        assert!(out.is_err(), "a link in the root led to leakmon's /usr/bin/true");
+        assert!(in_target_root(Path::new("/proc/self/root/x")).is_none());
+        assert!(in_target_root(Path::new("/usr/lib/x")).is_none());
     }
 
     #[test]
