@@ -21,7 +21,7 @@ pub struct Cli {
 pub enum Cmd {
     /// Run as a daemon: sample the memory of every process, flag steady growth, and
     /// serve the verdicts as Prometheus metrics and JSON. Stops cleanly on SIGINT/SIGTERM.
-    Run(RunArgs),
+    Run(Box<RunArgs>),
     /// Report what one command (or a running process) left unfreed, by call stack.
     ///
     /// `leakmon report -- COMMAND [ARGS...]` starts COMMAND with the probes in place

@@ -110,11 +110,13 @@ impl ProcRoot {
     pub fn auxv(&self, pid: u32, key: u64) -> Result<Option<u64>, ProcError> {
         let path = self.0.join(pid.to_string()).join("auxv");
         let auxv = fs::read(&path).map_err(|source| ProcError::Read { path, source })?;
-        Ok(auxv.chunks_exact(16).find_map(|pair| {
-            let (k, v) = pair.split_at(8);
-            (u64::from_ne_bytes(k.try_into().ok()?) == key)
-                .then(|| u64::from_ne_bytes(v.try_into().expect("8 bytes")))
-        }))
+        Ok(auxv
+            .as_chunks::<8>()
+            .0
+            .as_chunks::<2>()
+            .0
+            .iter()
+            .find_map(|[k, v]| (u64::from_ne_bytes(*k) == key).then(|| u64::from_ne_bytes(*v))))
     }
 
     /// The process's `status` text (any bytes of its name taken as text).

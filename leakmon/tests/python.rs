@@ -130,7 +130,7 @@ fn an_exact_report_names_the_python_line_of_each_interpreter() {
 fn the_agent_attributes_a_growing_cache_to_its_python_lines() {
     let table: Vec<String> = interpreters()
         .into_iter()
-        .map(|(python, version)| growth_attributed(&python, &version, &[]))
+        .map(|(python, version)| growth_attributed(&python, version, &[]))
         .collect();
     eprintln!("{}", table.join("\n"));
 }
@@ -144,7 +144,9 @@ fn the_agent_attributes_a_growing_cache_to_its_python_lines() {
 /// (`live_replaced`).
 #[test]
 fn the_agent_sees_the_free_of_every_sampled_python_object() {
-    let mut runs: Vec<(String, &str, Vec<(&str, &str)>)> =
+    /// An interpreter, its version, and the environment it runs with.
+    type Run = (String, &'static str, Vec<(&'static str, &'static str)>);
+    let mut runs: Vec<Run> =
         interpreters().into_iter().map(|(python, version)| (python, version, vec![])).collect();
     let (python, version) = interpreters().swap_remove(1);
     runs.push((python, version, vec![("PYTHONMALLOC", "pymalloc_debug")]));
@@ -325,7 +327,7 @@ fn a_command_that_exits_keeps_its_python_lines() {
             .collect();
         assert_eq!(blocks.len(), 1, "{python} {version}: {p:#?}");
         assert_eq!(blocks[0]["bytes"], 412_900, "{python}");
-        let names = python_names(&blocks[0]);
+        let names = python_names(blocks[0]);
         assert_eq!(names, ["keep_blocks", "exit_after", "<module>"], "{python}");
     }
 }
@@ -417,7 +419,7 @@ fn the_main_thread_behind_many_newer_ones_keeps_its_python_frames() {
         .find(|s| s["site"]["line"] == keep && s["allocations"] == 100)
         .unwrap_or_else(|| panic!("{p:#?}"));
     assert_eq!(blocks["bytes"], 412_900);
-    let names = python_names(&blocks);
+    let names = python_names(blocks);
     assert_eq!(names, ["keep_blocks", "blocks", "threads", "<module>"]);
 }
 

@@ -535,7 +535,7 @@ fn measure(s: &Setup, w: Workload, condition: Condition, pairs: u64) -> Result<(
                 peak_rss_kib: peak_rss_kib(helper.pid()),
             };
             helper.stop();
-            Ok((ns?, Some(cost).filter(|_| condition == Condition::LeakmonAll)))
+            Ok((ns?, (condition == Condition::LeakmonAll).then_some(cost)))
         }
     }
 }

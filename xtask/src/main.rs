@@ -174,6 +174,7 @@ fn main() -> Result<()> {
             setup(&pins, true)?;
             require_root("the tests load real eBPF programs into the kernel")?;
             let started = Instant::now();
+            lint()?;
             let package = deb(&pins)?;
             // The default members: the eBPF crate only builds for the bpf target (build.rs
             // builds it), so `--workspace` would try to compile it for the host.
@@ -272,6 +273,23 @@ fn cargo() -> Command {
     let mut cmd = Command::new("cargo");
     cmd.env("PATH", path_with_cargo_bin());
     cmd
+}
+
+/// The tree is formatted and clean under clippy's default lints, warnings denied (the
+/// pedantic set the workspace turns on stays advice, for editors).
+fn lint() -> Result<()> {
+    run(cargo().args(["fmt", "--all", "--", "--check"]))?;
+    run(cargo().args([
+        "clippy",
+        "--all-targets",
+        "--features",
+        "leakmon/failpoints",
+        "--",
+        "-A",
+        "clippy::pedantic",
+        "-D",
+        "warnings",
+    ]))
 }
 
 fn run(cmd: &mut Command) -> Result<()> {

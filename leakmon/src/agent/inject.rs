@@ -104,10 +104,7 @@ pub(super) fn stack_word_in(mem: &File, rsp: u64, inside: impl Fn(u64) -> bool) 
     if read == 0 {
         bail!("the stack at {rsp:#x} could not be read");
     }
-    Ok(stack[..read - read % 8]
-        .chunks_exact(8)
-        .map(|w| u64::from_le_bytes(w.try_into().expect("8 bytes")))
-        .find(|w| inside(*w)))
+    Ok(stack[..read].as_chunks::<8>().0.iter().map(|w| u64::from_le_bytes(*w)).find(|w| inside(*w)))
 }
 
 /// Where the allocator functions the agent needs live in a process.

@@ -110,8 +110,7 @@ impl Interpreter {
             }
             (major, minor) => return Err(Unsupported::Version(major, minor)),
         };
-        let layout =
-            PyLayout { interpreters_head: runtime + bias + u64::from(layout.interpreters_head), ..layout };
+        let layout = PyLayout { interpreters_head: runtime + bias + layout.interpreters_head, ..layout };
         Ok(Self {
             version: (major, minor, micro),
             path: m.path.clone(),

@@ -147,7 +147,9 @@ impl Node {
         session.close();
         let guard = self.guard.take();
         if close(self.pid, self.addr) {
-            guard.map(Guard::closed);
+            if let Some(guard) = guard {
+                guard.closed();
+            }
         }
         // Else the guard is dropped: its guardian tries again.
         stopped.map(drop)

@@ -166,9 +166,11 @@ impl AgentTarget {
     pub fn with(fixture: &std::path::Path) -> Self {
         let (process, lines) = super::start_ready(std::process::Command::new(fixture), "agent_target");
         let pid = process.0.id();
-        let slot = imports(fixture, "malloc")
-            .then(|| got_slot(pid, fixture, "malloc"))
-            .unwrap_or_else(|| entry_address(pid, fixture, "malloc"));
+        let slot = if imports(fixture, "malloc") {
+            got_slot(pid, fixture, "malloc")
+        } else {
+            entry_address(pid, fixture, "malloc")
+        };
         let original = read_u64(pid, slot);
         Self { process, pid, slot, original, lines, leaked: 0 }
     }
