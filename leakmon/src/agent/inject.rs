@@ -47,39 +47,41 @@ const CALL_WAIT: Duration = Duration::from_secs(30);
 /// Syscalls in which a thread waits without holding a lock of the C library or the
 /// dynamic loader. `futex` is not one: it may be waiting for exactly such a lock.
 const WAITING_SYSCALLS: &[i64] = &[
-    0,   // read
-    7,   // poll
-    23,  // select
-    34,  // pause
-    35,  // nanosleep
-    43,  // accept
-    45,  // recvfrom
-    47,  // recvmsg
-    61,  // wait4
-    128, // rt_sigtimedwait
-    130, // rt_sigsuspend
-    230, // clock_nanosleep
-    232, // epoll_wait
-    247, // waitid
-    270, // pselect6
-    271, // ppoll
-    281, // epoll_pwait
-    288, // accept4
-    441, // epoll_pwait2
+    libc::SYS_read,
+    libc::SYS_poll,
+    libc::SYS_select,
+    libc::SYS_pause,
+    libc::SYS_nanosleep,
+    libc::SYS_accept,
+    libc::SYS_recvfrom,
+    libc::SYS_recvmsg,
+    libc::SYS_wait4,
+    libc::SYS_rt_sigtimedwait,
+    libc::SYS_rt_sigsuspend,
+    libc::SYS_clock_nanosleep,
+    libc::SYS_epoll_wait,
+    libc::SYS_waitid,
+    libc::SYS_pselect6,
+    libc::SYS_ppoll,
+    libc::SYS_epoll_pwait,
+    libc::SYS_accept4,
+    libc::SYS_epoll_pwait2,
 ];
 
-const ENOSYS: i64 = 38;
-const EINTR: i64 = 4;
+const ENOSYS: i64 = libc::ENOSYS as i64;
+const EINTR: i64 = libc::EINTR as i64;
+// The kernel's own restart codes, which a syscall interrupted by a stop leaves in rax;
+// never seen by a program, so in no C header.
 const ERESTARTSYS: i64 = 512;
 const ERESTARTNOINTR: i64 = 513;
 const ERESTARTNOHAND: i64 = 514;
 const ERESTART_RESTARTBLOCK: i64 = 516;
-const NR_MMAP: u64 = 9;
-const NR_CLOSE: u64 = 3;
-const NR_MUNMAP: u64 = 11;
-const NR_OPENAT: u64 = 257;
-const AT_FDCWD: i64 = -100;
-const NR_RESTART_SYSCALL: u64 = 219;
+const NR_MMAP: u64 = libc::SYS_mmap as u64;
+const NR_CLOSE: u64 = libc::SYS_close as u64;
+const NR_MUNMAP: u64 = libc::SYS_munmap as u64;
+const NR_OPENAT: u64 = libc::SYS_openat as u64;
+const AT_FDCWD: i64 = libc::AT_FDCWD as i64;
+const NR_RESTART_SYSCALL: u64 = libc::SYS_restart_syscall as u64;
 
 /// The trampoline's mapping: code, then its data, then the extended state area.
 const REGION: u64 = 0x4000;
