@@ -16,6 +16,7 @@ pub mod config;
 pub mod discovery;
 pub mod export;
 pub mod ingest;
+pub mod model;
 pub mod monitor;
 pub mod own_memory;
 pub mod probes;

@@ -15,9 +15,8 @@ use crate::{
         history::{Change, History, SeriesKey, Signal},
         trend::{time_to_exhaustion, Params},
     },
-    export::{SeriesView, StackTrend, StackView},
+    model::{FrameReport, Resident, SeriesView, StackTrend, StackView},
     procfs::ProcRoot,
-    report::FrameReport,
     sources::proc_sampler::{memory_limit, ProcSample},
     store::ProcessTotals,
     symbolize::{stable_id, Symbolizer},
@@ -32,21 +31,6 @@ struct Group {
     memory: Resident,
     cgroup: crate::sources::proc_sampler::MemCgroup,
     heap: Option<(u64, u64)>,
-}
-
-/// A group's memory as /proc tells it, summed over its processes.
-#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, serde::Serialize)]
-pub struct Resident {
-    /// `VmRSS`: everything resident, file-backed pages included.
-    pub rss: u64,
-    /// `RssAnon`.
-    pub anon: u64,
-    /// `VmSwap`.
-    pub swap: u64,
-    /// `RssFile`: file cache the kernel can drop; shown, never judged.
-    pub file: u64,
-    /// `RssShmem`.
-    pub shmem: u64,
 }
 
 impl Resident {

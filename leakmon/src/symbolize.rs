@@ -25,7 +25,9 @@ use blazesym::symbolize::{source::Elf, source::Source, Input, Symbolized, Symbol
 
 use self::binaries::{Binaries, COPIED_LIMIT};
 use crate::{
+    model::SiteFrame,
     procfs::{find_mapping, Mapping},
+    runtimes::runtime_site,
     wrappers::Wrappers,
 };
 
@@ -37,7 +39,7 @@ pub struct Frame {
     pub file: Option<String>,
     pub line: Option<u32>,
     /// The address as the process saw it: for lookups only, never shown (see
-    /// [`crate::report::FrameReport::address`]).
+    /// [`crate::model::FrameReport::address`]).
     #[serde(skip)]
     pub address: u64,
     /// The binary the address lies in.
@@ -61,37 +63,27 @@ impl Frame {
     }
 }
 
-/// A frame as the site rule reads it.
-#[derive(Clone, Copy, Debug)]
-pub struct SiteFrame<'a> {
-    pub function: Option<&'a str>,
-    pub file: Option<&'a str>,
-    /// The runtime whose code it is (`python`, `node`, `jvm`); `None` for native code.
-    pub runtime: Option<&'a str>,
-}
-
-/// The site among a stack's frames of a runtime's code: the innermost one outside the
-/// runtime's own library code (Node.js's JavaScript, the JDK's classes, which a site is
-/// named past as past an allocator's wrappers), else the innermost of them; `None`
-/// when no frame is a runtime's.
-pub fn runtime_site<'a>(frames: impl Iterator<Item = SiteFrame<'a>> + Clone) -> Option<usize> {
-    frames
-        .clone()
-        .position(|f| {
-            f.runtime.is_some_and(|r| !crate::runtimes::library_code(r, f.function.unwrap_or(""), f.file))
-        })
-        .or_else(|| frames.into_iter().position(|f| f.runtime.is_some()))
-}
-
 /// A stack's id that does not depend on where things were loaded: a hash of each
 /// frame's binary (its build id, else its path) and file offset. The same call path in
 /// the same build gets the same id in every process, after restarts and on every host;
 /// the exporter's `stack` label and the report's `id` are this.
 pub fn stable_id(frames: &[Frame]) -> String {
-    crate::export::stable_hash(frames.iter().map(|f| {
+    crate::model::stable_hash(frames.iter().map(|f| {
         let object = f.build_id.clone().or_else(|| f.object.as_ref().map(|p| p.display().to_string()));
         format!("{}+{:x}", object.unwrap_or_default(), f.file_offset)
     }))
+}
+
+impl From<Frame> for crate::model::FrameReport {
+    fn from(f: Frame) -> Self {
+        Self {
+            function: f.function.unwrap_or_else(|| "??".to_owned()),
+            file: f.file,
+            line: f.line,
+            address: format!("{:#x}", f.file_offset),
+            runtime: f.runtime.map(str::to_owned),
+        }
+    }
 }
 
 /// Shared symbolizer with its per-binary cache, and the allocation wrappers that decide

@@ -219,7 +219,7 @@ pub fn report(args: &ReportArgs) -> Result<()> {
     report.set_apart(&crate::suppressions::Suppressions::new(&args.tables.suppress));
     report.sample_bytes = sample_bytes;
     if agent.is_some() {
-        report.method = crate::report::Method::Agent;
+        report.method = crate::model::Method::Agent;
         if let Some(session) = session.take() {
             // The agent's redirections are undone; its code stays mapped, idle.
             if let Some(t) = tracer.take() {
@@ -266,9 +266,10 @@ fn runtime_report(args: &ReportArgs) -> Result<()> {
         0 => crate::runtimes::DEFAULT_SAMPLE_BYTES,
         bytes => bytes,
     };
-    let report = crate::runtimes::report(pid, sample_bytes, Duration::from_secs_f64(duration), &|| {
-        signals_received() > 0
-    })?;
+    let report =
+        crate::report::runtime::report(pid, sample_bytes, Duration::from_secs_f64(duration), &|| {
+            signals_received() > 0
+        })?;
     write(&report, args.format)
 }
 

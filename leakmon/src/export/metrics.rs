@@ -9,7 +9,7 @@ use prometheus::{
     Registry, TextEncoder,
 };
 
-use super::SeriesView;
+use crate::model::SeriesView;
 use crate::probes::Counters;
 
 /// Every family leakmon exports.

@@ -7,6 +7,7 @@
 pub mod flamegraph;
 pub mod folded;
 pub mod pprof;
+pub mod runtime;
 pub mod table;
 
 use std::{collections::HashMap, path::PathBuf};
@@ -14,10 +15,11 @@ use std::{collections::HashMap, path::PathBuf};
 use serde::Serialize;
 
 use crate::{
+    model::{FrameReport, Method},
     probes::targets::Allocator,
     procfs::Mapping,
     store::ProcessTotals,
-    symbolize::{Frame, Symbolizer},
+    symbolize::Symbolizer,
 };
 
 /// What is known of a process beyond its totals.
@@ -47,16 +49,6 @@ pub struct Report {
     /// The byte-weighted sampling interval; 0 for exact figures.
     pub sample_bytes: u64,
     pub processes: Vec<ProcessReport>,
-}
-
-#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Serialize)]
-#[serde(rename_all = "lowercase")]
-pub enum Method {
-    #[default]
-    Uprobes,
-    Agent,
-    /// The runtime's own sampling heap profiler (`report --runtime`).
-    Runtime,
 }
 
 #[derive(Clone, Debug, PartialEq, Serialize)]
@@ -111,43 +103,6 @@ pub struct StackReport {
     pub site: Option<FrameReport>,
     /// Innermost first, wrappers included.
     pub frames: Vec<FrameReport>,
-}
-
-#[derive(Clone, Debug, PartialEq, Eq, Serialize)]
-pub struct FrameReport {
-    pub function: String,
-    pub file: Option<String>,
-    pub line: Option<u32>,
-    /// Where the frame's call lies in its file (the offset of the call instruction in
-    /// the binary; a Python frame's line), never where the process has it mapped: a
-    /// runtime address would tell whoever reads a report or a profile where address
-    /// randomization put the process's code.
-    pub address: String,
-    /// `python` for a frame of Python code; absent for native code.
-    #[serde(skip_serializing_if = "Option::is_none")]
-    pub runtime: Option<String>,
-}
-
-impl FrameReport {
-    pub fn site_frame(&self) -> crate::symbolize::SiteFrame<'_> {
-        crate::symbolize::SiteFrame {
-            function: Some(&self.function),
-            file: self.file.as_deref(),
-            runtime: self.runtime.as_deref(),
-        }
-    }
-}
-
-impl From<Frame> for FrameReport {
-    fn from(f: Frame) -> Self {
-        Self {
-            function: f.function.unwrap_or_else(|| "??".to_owned()),
-            file: f.file,
-            line: f.line,
-            address: format!("{:#x}", f.file_offset),
-            runtime: f.runtime.map(str::to_owned),
-        }
-    }
 }
 
 impl Report {
@@ -312,6 +267,7 @@ mod tests {
 
     #[test]
     fn frames_render_hex_addresses_and_unknown_names() {
+        use crate::symbolize::Frame;
         let f =
             FrameReport::from(Frame { address: 0x7f00_dead_beef, file_offset: 0xdead, ..Frame::default() });
         assert_eq!(f.address, "0xdead");

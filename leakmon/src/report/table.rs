@@ -3,7 +3,8 @@
 
 use std::fmt::Write as _;
 
-use super::{FrameReport, Report};
+use super::Report;
+use crate::model::FrameReport;
 
 /// Frames shown under each stack; the JSON has them all.
 const MAX_FRAMES: usize = 8;

@@ -22,10 +22,10 @@ use super::{
 };
 use crate::{
     agent::session::{Session, Starting},
-    export::SeriesView,
+    model::Method,
+    model::SeriesView,
     probes::Probes,
     procfs::ProcRoot,
-    report::Method,
 };
 
 /// How long after its exec a named process gets the agent again: its libraries are

@@ -19,7 +19,10 @@ pub mod runtime_profiles;
 pub mod selection;
 pub mod uprobes;
 
-use crate::{export::SeriesView, probes::Probes, report::Method};
+use crate::{
+    model::{Method, SeriesView},
+    probes::Probes,
+};
 use proc_sampler::ProcSample;
 
 /// One way of attributing allocations, as the daemon drives it: at its turns, it

@@ -22,7 +22,7 @@ use tracing::{info, warn};
 
 use super::selection::Suspects;
 use crate::{
-    export::SeriesView,
+    model::SeriesView,
     procfs::ProcRoot,
     runtimes::{self, Options, Runtime, Stack},
     store::{NamedStacks, ProcessTotals, StackTotals},
@@ -176,7 +176,7 @@ fn process_totals(pid: u32, runtime: Runtime, stacks: Vec<Stack>) -> ProcessTota
     let mut totals = ProcessTotals { pid, gen: 0, bytes: 0, allocations: 0, stacks: Vec::new(), named: None };
     let mut named = NamedStacks::new();
     for stack in stacks {
-        let report = runtimes::stack_report(&stack, runtime.name());
+        let report = crate::report::runtime::stack_report(&stack, runtime.name());
         let id = u64::from_str_radix(&report.id, 16).unwrap_or(0) | RUNTIME_STACK;
         totals.bytes += report.bytes;
         totals.allocations += report.allocations;

@@ -7,7 +7,7 @@ use std::{
 };
 
 use super::proc_sampler::{self, ProcSample};
-use crate::{export::SeriesView, procfs::ProcRoot};
+use crate::{model::SeriesView, procfs::ProcRoot};
 
 /// Processes named by pid, by name (`comm`) or by cgroup (that one or below it).
 #[derive(Clone, Debug, Default, PartialEq, Eq)]

@@ -22,10 +22,10 @@ use super::{
 };
 use crate::{
     discovery::Discovery,
-    export::SeriesView,
+    model::Method,
+    model::SeriesView,
     probes::{targets::Allocator, Probes},
     procfs::ProcRoot,
-    report::Method,
 };
 
 /// How long after its exec a process's mappings are read for allocator files: by then

@@ -48,7 +48,7 @@ pub struct ProcessTotals {
 }
 
 /// Stacks named by a runtime's profiler: stack id → (the id reports give it, frames).
-pub type NamedStacks = HashMap<u64, (String, Vec<crate::report::FrameReport>)>;
+pub type NamedStacks = HashMap<u64, (String, Vec<crate::model::FrameReport>)>;
 
 /// Groups raw entries per process, keeping only each process's current generation
 /// (`current_gen` returns `None` for a process whose generation is unknown, in which

@@ -31,9 +31,9 @@ use crate::{
     export::{
         http::{self, ProfileRequest, Published, Shared},
         metrics::Metrics,
-        SeriesView,
     },
     ingest,
+    model::SeriesView,
     monitor::Monitor,
     own_memory,
     probes::Probes,
