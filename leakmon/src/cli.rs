@@ -4,6 +4,8 @@ use std::{ffi::OsString, num::NonZeroU32, time::Duration};
 
 use clap::{Parser, Subcommand, ValueEnum};
 
+use crate::values::{parse_bytes, parse_comm, parse_duration, Attach};
+
 /// leakmon: find memory that processes allocate and never free, with eBPF.
 ///
 /// It probes the allocator functions (`malloc`, `calloc`, `realloc`, `free`, `posix_memalign`,
@@ -157,45 +159,6 @@ pub struct RunArgs {
     pub tables: TableArgs,
 }
 
-#[derive(Clone, Copy, Debug, PartialEq, Eq, ValueEnum)]
-pub enum Attach {
-    None,
-    All,
-    Pids,
-    Suspects,
-}
-
-/// `500ms`, `0.5s`, `30s`, `10m`, `1h`, or a bare number of seconds.
-/// The longest duration any option takes: a year. Longer ones are surely a mistake, and
-/// a bound keeps every product of them (`10 × sample-interval`) far from overflow.
-pub const MAX_DURATION: Duration = Duration::from_hours(365 * 24);
-
-/// A duration from the command line or the configuration: `500ms`, `0.5s`, `10m`, `2h`.
-pub fn parse_duration(text: &str) -> Result<Duration, String> {
-    let text = text.trim();
-    let split = text.find(|c: char| !(c.is_ascii_digit() || c == '.')).unwrap_or(text.len());
-    let (number, unit) = text.split_at(split);
-    let value: f64 =
-        number.parse().map_err(|_| format!("{text:?} is not a duration (try 500ms, 0.5s, 10m)"))?;
-    let seconds = match unit {
-        "ms" => value / 1000.0,
-        "" | "s" => value,
-        "m" => value * 60.0,
-        "h" => value * 3600.0,
-        _ => return Err(format!("unknown unit {unit:?} in {text:?} (use ms, s, m or h)")),
-    };
-    if !(seconds.is_finite() && seconds > 0.0) {
-        return Err(format!("{text:?} must be longer than zero"));
-    }
-    if seconds > MAX_DURATION.as_secs_f64() {
-        return Err(format!("{text:?} is longer than a year"));
-    }
-    match Duration::from_secs_f64(seconds) {
-        d if d.is_zero() => Err(format!("{text:?} is shorter than a nanosecond")),
-        d => Ok(d),
-    }
-}
-
 #[derive(Clone, Debug, PartialEq, Eq, clap::Args)]
 pub struct TableArgs {
     /// Capacity of the live-allocation table (blocks tracked at once, all processes).
@@ -235,42 +198,8 @@ pub struct TableArgs {
     pub suppress: Vec<String>,
 }
 
-/// A process name as the kernel keeps it (`comm`): at most 15 bytes, so a longer one
-/// would match nothing, ever.
-pub fn parse_comm(text: &str) -> Result<String, String> {
-    match text.len() {
-        0 => Err("comm: an empty process name matches nothing".to_owned()),
-        1..=15 => Ok(text.to_owned()),
-        n => Err(format!(
-            "comm {text:?} is {n} bytes: the kernel keeps only a process name's first 15 (comm), so it would match nothing; give those ({:?})",
-            String::from_utf8_lossy(&text.as_bytes()[..15])
-        )),
-    }
-}
-
 fn parse_wrapper(text: &str) -> Result<String, String> {
     crate::wrappers::validate(text).map(|()| text.to_owned())
-}
-
-/// A byte count: a number, optionally with B, KiB, MiB or GiB.
-pub fn parse_bytes(text: &str) -> Result<u64, String> {
-    let t = text.trim();
-    let split = t.find(|c: char| !c.is_ascii_digit()).unwrap_or(t.len());
-    let (number, unit) = t.split_at(split);
-    let number: u64 =
-        number.parse().map_err(|_| format!("{text:?} is not a byte count (like 65536 or 512KiB)"))?;
-    let scale: u64 = match unit.trim() {
-        "" | "B" => 1,
-        "KiB" | "K" | "k" => 1 << 10,
-        "MiB" | "M" => 1 << 20,
-        "GiB" | "G" => 1 << 30,
-        other => return Err(format!("unknown unit {other:?} in {text:?} (use B, KiB, MiB or GiB)")),
-    };
-    let bytes = number.checked_mul(scale).ok_or_else(|| format!("{text:?} is too large"))?;
-    if bytes > leakmon_common::sampling::MAX_RATE {
-        return Err(format!("{text:?} is above the largest sampling interval, 1GiB"));
-    }
-    Ok(bytes)
 }
 
 #[derive(Debug, clap::Args)]
@@ -439,42 +368,6 @@ mod tests {
     #[test]
     fn cli_is_consistent() {
         Cli::command().debug_assert();
-    }
-
-    #[test]
-    fn durations() {
-        assert_eq!(parse_duration("0.5s"), Ok(Duration::from_millis(500)));
-        assert_eq!(parse_duration("500ms"), Ok(Duration::from_millis(500)));
-        assert_eq!(parse_duration("10m"), Ok(Duration::from_mins(10)));
-        assert_eq!(parse_duration("2"), Ok(Duration::from_secs(2)));
-        assert!(parse_duration("0s").is_err());
-        assert!(parse_duration("5 parsecs").is_err());
-        assert!(parse_duration("fast").is_err());
-        // Regressions: these panicked in Duration::from_secs_f64.
-        for huge in ["99999999999999999999s", "1e300s", "9999999999999999h", "400d"] {
-            assert!(parse_duration(huge).is_err(), "{huge}");
-        }
-        assert_eq!(
-            parse_duration("365d"),
-            Err("unknown unit \"d\" in \"365d\" (use ms, s, m or h)".to_owned())
-        );
-        assert_eq!(parse_duration("8760h"), Ok(MAX_DURATION));
-        assert!(parse_duration("8761h").is_err());
-    }
-
-    proptest::proptest! {
-        /// Any number with any unit: an answer, never a panic, and never past the bound.
-        #[test]
-        fn any_duration_text_is_answered(number in proptest::num::f64::ANY, unit in "(ms|s|m|h|)") {
-            if let Ok(d) = parse_duration(&format!("{number}{unit}")) {
-                proptest::prop_assert!(d <= MAX_DURATION && !d.is_zero());
-            }
-        }
-
-        #[test]
-        fn any_digits_are_answered(digits in "[0-9]{1,40}(\\.[0-9]{0,40})?", unit in "(ms|s|m|h|)") {
-            let _ = parse_duration(&format!("{digits}{unit}"));
-        }
     }
 
     #[test]

@@ -12,7 +12,7 @@ use std::{
 
 use toml_edit::{Item, Table, Value};
 
-use crate::cli::{parse_duration, Attach};
+use crate::values::{parse_duration, Attach};
 
 /// Values the file sets; `None` where it is silent.
 #[derive(Clone, Debug, Default, PartialEq)]
@@ -171,7 +171,7 @@ pub fn check(text: &str) -> (FileConfig, Vec<Problem>) {
                 let list = if key == "comm" {
                     list.and_then(|l| {
                         l.iter()
-                            .map(|c| crate::cli::parse_comm(c))
+                            .map(|c| crate::values::parse_comm(c))
                             .collect::<Result<Vec<_>, _>>()
                             .map_err(|m| p(item, m))
                             .ok()
@@ -211,11 +211,11 @@ pub fn check(text: &str) -> (FileConfig, Vec<Problem>) {
             "sample-bytes" => {
                 let parsed = match value {
                     Some(Value::String(s)) => {
-                        crate::cli::parse_bytes(s.value()).map_err(|e| format!("sample-bytes: {e}"))
+                        crate::values::parse_bytes(s.value()).map_err(|e| format!("sample-bytes: {e}"))
                     }
                     // Through the flag's parser, whose bound (1 GiB) holds for the file too.
                     Some(v) if v.as_integer().is_some_and(|n| n >= 0) => {
-                        crate::cli::parse_bytes(&v.as_integer().expect("an integer").to_string())
+                        crate::values::parse_bytes(&v.as_integer().expect("an integer").to_string())
                             .map_err(|e| format!("sample-bytes: {e}"))
                     }
                     _ => Err("sample-bytes must be a size, like \"512KiB\", or 0 for exact".to_owned()),

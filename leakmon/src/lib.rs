@@ -30,6 +30,7 @@ pub mod suppressions;
 pub mod symbolize;
 pub mod tracer;
 pub mod untrusted;
+pub mod values;
 pub mod wrappers;
 
 /// Milliseconds on the monotonic clock, the clock of the kernel's allocation stamps.

@@ -69,7 +69,10 @@ fn run_takes_its_options_from_the_file() {
 /// (command line over file) that `run --config` and its SIGHUP reload call.
 #[test]
 fn every_key_of_the_file_reaches_run() {
-    use leakmon::cli::{Attach, Cli, RunArgs};
+    use leakmon::{
+        cli::{Cli, RunArgs},
+        values::Attach,
+    };
     let dir = tempfile::tempdir().expect("tempdir");
     let file = dir.path().join("leakmon.toml");
     std::fs::write(

@@ -58,6 +58,12 @@ pub fn install() -> Result<PathBuf> {
     Ok(path)
 }
 
+/// The agent at `agent` and its freestanding twin installed beside it: the files whose
+/// markers the kernel side probes.
+pub fn files(agent: &Path) -> Vec<PathBuf> {
+    vec![agent.to_owned(), freestanding(agent)]
+}
+
 /// The freestanding agent installed beside the agent at `agent`.
 pub fn freestanding(agent: &Path) -> PathBuf {
     agent.with_file_name(name(FREESTANDING))

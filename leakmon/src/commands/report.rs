@@ -54,7 +54,7 @@ pub fn report(args: &ReportArgs) -> Result<()> {
             // into, here or by another leakmon (whose samples the kernel side skips).
             // A probe scoped to the process would not fire in a child forked from a
             // thread no tracer holds, which gets no probes of its own.
-            probes.attach_agent(None, agent)?;
+            probes.attach_agent(None, &crate::agent::files(agent))?;
         } else if per_process {
             probes.attach_process(pid, &files)?;
         } else {
@@ -299,7 +299,7 @@ fn check(args: &ReportArgs, proc_root: &ProcRoot) -> Result<()> {
         if !(d.is_finite() && d > 0.0) {
             bail!("--duration must be a positive number of seconds, not {d}");
         }
-        if d > crate::cli::MAX_DURATION.as_secs_f64() {
+        if d > crate::values::MAX_DURATION.as_secs_f64() {
             bail!("--duration {d} is longer than a year");
         }
     }

@@ -62,7 +62,7 @@ impl Agent {
         sample_bytes: u64,
     ) -> Result<Self> {
         let path = crate::agent::install()?;
-        kernel.attach_agent(None, &path).context("probe the agent's markers")?;
+        kernel.attach_agent(None, &crate::agent::files(&path)).context("probe the agent's markers")?;
         let mut source = Self {
             coverage,
             proc_root: proc_root.clone(),

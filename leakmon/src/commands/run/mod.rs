@@ -26,7 +26,7 @@ use tracing::{info, warn};
 use super::{load_probes, refresh_unwind, unfreed};
 use crate::{
     analysis::{history::Change, trend::Params},
-    cli::{Attach, RunArgs},
+    cli::RunArgs,
     discovery::Discovery,
     export::{
         http::{self, ProfileRequest, Published, Shared},
@@ -47,6 +47,7 @@ use crate::{
         uprobes::{self, Uprobes},
         Attribution,
     },
+    values::Attach,
     wrappers::Wrappers,
 };
 use lifecycle::Lifecycle;
