@@ -8,7 +8,10 @@
 
 mod common;
 
-use std::time::{Duration, Instant};
+use std::{
+    os::unix::process::CommandExt as _,
+    time::{Duration, Instant},
+};
 
 use common::{
     runtimes::{answers, left_in_tmp, listening, recordings, start_java, start_node},
@@ -75,6 +78,19 @@ fn a_node_suspect_is_profiled_by_v8_and_its_inspector_closed_at_stop() {
     let mut daemon = start_daemon(&[DAEMON, &["--runtime-profilers", "node"]].concat(), LISTEN);
     let entry = leak_entry(LISTEN, "node", "node", |f| ["grow", "remember", "makeEntry"].contains(&f));
     assert_eq!(listening(pid), 1, "the inspector is open while profiling");
+    // Open for the whole suspect window, and to nobody but root and Node.js's own user
+    // (root here): the user `daemon` gets nothing.
+    let other = std::process::Command::new("curl")
+        .args(["-s", "-m", "2", "http://127.0.0.1:9229/json/list"])
+        .uid(1)
+        .gid(1)
+        .output()
+        .expect("curl");
+    assert!(
+        !other.status.success() || other.stdout.is_empty(),
+        "another user reached the debugger: {}",
+        String::from_utf8_lossy(&other.stdout)
+    );
     let site = entry["stacks"][0]["location"].as_str().unwrap_or_default().to_owned();
     assert!(site.starts_with("cache_leak.js:"), "{entry}");
     stacks_in_metrics(LISTEN, &entry);
