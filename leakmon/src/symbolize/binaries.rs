@@ -126,10 +126,15 @@ impl Binaries {
 }
 
 /// Opens a mapped binary: a deleted one through the kernel's own link to the mapped
-/// file; otherwise inside the process's root, and once the process is gone at the path
-/// it had, with no symbolic link followed (a mapping's path never holds one).
+/// file, or, once its process is gone, through the descriptor leakmon held for it (see
+/// `commands::capture`); otherwise inside the process's root, and once the process is
+/// gone at the path it had, with no symbolic link followed (a mapping's path never
+/// holds one).
 fn open_mapped(mapping: &Mapping, root: Option<&Path>) -> io::Result<OwnedFd> {
     let flags = libc::O_RDONLY | libc::O_NONBLOCK;
+    if root.is_none() && mapping.path.starts_with("/proc/self/fd") {
+        return open_link(&mapping.path, flags);
+    }
     if let Some(root) = root {
         if mapping.deleted {
             return open_link(&mapping.open_path(root), flags);
