@@ -81,7 +81,9 @@ pub const BINARY_LIMIT: u64 = 2 << 30;
 pub fn read_binary(path: &Path) -> io::Result<Vec<u8>> {
     let flags = libc::O_RDONLY | libc::O_NONBLOCK;
     let file = match in_target_root(path) {
-        Some((root, inside)) => File::from(TargetRoot::at(&root)?.open(inside, flags)?),
+        // Links are followed, inside the root: a preloaded library is named by its
+        // soname's link.
+        Some((root, inside)) => File::from(TargetRoot::at(&root)?.open_following(inside, flags)?),
         None => std::fs::OpenOptions::new().read(true).custom_flags(flags | libc::O_CLOEXEC).open(path)?,
     };
     read_regular(file, BINARY_LIMIT, &path.display().to_string())
@@ -431,6 +433,8 @@ mod tests {
         std::fs::create_dir_all(root.path().join("usr/lib")).unwrap();
         std::fs::write(root.path().join("usr/lib/own.so"), b"own").unwrap();
         std::os::unix::fs::symlink("/usr/bin", root.path().join("usr/lib/out")).unwrap();
+        std::os::unix::fs::symlink("/usr/lib/own.so", root.path().join("usr/lib/own.so.1")).unwrap();
+        std::os::unix::fs::symlink("/usr/bin/true", root.path().join("usr/lib/true.so")).unwrap();
         // A process whose root is `root`: forked, it only chroots and waits.
         let c_root = std::ffi::CString::new(root.path().as_os_str().as_bytes()).unwrap();
         // SAFETY: the child calls only async-signal-safe functions, then _exit.
@@ -451,14 +455,18 @@ mod tests {
             std::thread::sleep(std::time::Duration::from_millis(5));
         }
         let own = read_binary(&through.join("usr/lib/own.so"));
+        let own_link = read_binary(&through.join("usr/lib/own.so.1"));
         let out = read_binary(&through.join("usr/lib/out/true"));
+        let out_link = read_binary(&through.join("usr/lib/true.so"));
         // SAFETY: our own child.
         unsafe {
             libc::kill(child, libc::SIGKILL);
             libc::waitpid(child, std::ptr::null_mut(), 0);
         }
         assert_eq!(own.unwrap(), b"own");
+        assert_eq!(own_link.unwrap(), b"own", "a link inside the root is followed there");
         assert!(out.is_err(), "a link in the root led to leakmon's /usr/bin/true");
+        assert!(out_link.is_err(), "a last link in the root led to leakmon's /usr/bin/true");
         assert!(in_target_root(Path::new("/proc/self/root/x")).is_none());
         assert!(in_target_root(Path::new("/usr/lib/x")).is_none());
     }
