@@ -4,6 +4,7 @@
 use std::{
     collections::HashMap,
     io::Write as _,
+    path::PathBuf,
     time::{Duration, Instant},
 };
 
@@ -35,209 +36,303 @@ pub fn report(args: &ReportArgs) -> Result<()> {
     if args.runtime {
         return runtime_report(args);
     }
-    let mut probes = load_probes(&args.tables, false)?;
-    let mut discovery = Discovery::new(proc_root.clone());
-    // A running process (and the children it forks while watched) gets probes of its
-    // own: the kernel puts breakpoints in those processes only, and the rest of the
-    // host pays nothing. A command's process tree, which may fork and exec many
-    // times, shares system-wide probes on its allocator files.
-    let per_process = args.pid.is_some();
-    // With the agent, its two markers are the only probes: the process samples itself.
-    let agent = args.agent.then(crate::agent::install).transpose()?;
-    let sample_bytes = match (&agent, args.tables.sample_bytes) {
-        (Some(_), 0) => crate::agent::DEFAULT_SAMPLE_BYTES,
-        (_, bytes) => bytes,
-    };
-    let attach = |probes: &mut Probes, pid: u32, files: Vec<std::path::PathBuf>| -> Result<()> {
-        if let Some(agent) = agent.as_deref() {
+    let mut watch = Watch::new(args, proc_root)?;
+    let (mut tracer, session) = watch.start()?;
+    let root = args.pid.or(tracer.as_ref().map(Tracer::root)).expect("a pid or a command");
+    info!(pid = root, "watching");
+    watch.until_done(&mut tracer, root)?;
+    let report = watch.finish(tracer, session)?;
+    write(&report, args.format)
+}
+
+/// One `report` on a command or a running process: its probes, what is known of the
+/// processes that exited, and how allocations are seen.
+struct Watch<'a> {
+    args: &'a ReportArgs,
+    proc_root: ProcRoot,
+    probes: Probes,
+    discovery: Discovery,
+    /// A running process (and the children it forks while watched) gets probes of its
+    /// own: the kernel puts breakpoints in those processes only, and the rest of the
+    /// host pays nothing. A command's process tree, which may fork and exec many
+    /// times, shares system-wide probes on its allocator files.
+    per_process: bool,
+    /// With the agent, its two markers are the only probes: the process samples itself.
+    agent: Option<PathBuf>,
+    sample_bytes: u64,
+    /// Processes that exited, captured at their exit.
+    infos: HashMap<u32, ProcessInfo>,
+}
+
+impl<'a> Watch<'a> {
+    fn new(args: &'a ReportArgs, proc_root: ProcRoot) -> Result<Self> {
+        let probes = load_probes(&args.tables, false)?;
+        let agent = args.agent.then(crate::agent::install).transpose()?;
+        let sample_bytes = match (&agent, args.tables.sample_bytes) {
+            (Some(_), 0) => crate::agent::DEFAULT_SAMPLE_BYTES,
+            (_, bytes) => bytes,
+        };
+        Ok(Self {
+            args,
+            discovery: Discovery::new(proc_root.clone()),
+            proc_root,
+            probes,
+            per_process: args.pid.is_some(),
+            agent,
+            sample_bytes,
+            infos: HashMap::new(),
+        })
+    }
+
+    /// Probes `pid`'s allocator `files`, or the agent's markers.
+    fn attach(&mut self, pid: u32, files: Vec<PathBuf>) -> Result<()> {
+        if let Some(agent) = self.agent.as_deref() {
             // On every process mapping the agent's file: none but those it is loaded
             // into, here or by another leakmon (whose samples the kernel side skips).
             // A probe scoped to the process would not fire in a child forked from a
             // thread no tracer holds, which gets no probes of its own.
-            probes.attach_agent(None, &crate::agent::files(agent))?;
-        } else if per_process {
-            probes.attach_process(pid, &files)?;
+            self.probes.attach_agent(None, &crate::agent::files(agent))?;
+        } else if self.per_process {
+            self.probes.attach_process(pid, &files)?;
         } else {
-            probes.attach_libraries(files)?;
+            self.probes.attach_libraries(files)?;
         }
         Ok(())
-    };
-    let exited = |pid: u32| anyhow::anyhow!("pid {pid} exited while leakmon was attaching");
-    if let Some(pid) = args.pid {
-        // A process that ends meanwhile makes the kernel refuse its links: say so.
-        if let Err(e) = attach(&mut probes, pid, discovery.process(pid).files) {
-            return Err(if proc_root.running(pid) { e } else { exited(pid) });
-        }
     }
-    count_signals();
 
-    let mut session = None;
-    let mut tracer = if let Some(pid) = args.pid {
-        probes.trace(pid)?;
-        if let Some(agent) = agent.as_deref() {
+    /// Probes the running process, or starts the command, and holds it; the agent's
+    /// session when one was loaded.
+    fn start(&mut self) -> Result<(Option<Tracer>, Option<Session>)> {
+        let proc_root = self.proc_root.clone();
+        if let Some(pid) = self.args.pid {
+            // A process that ends meanwhile makes the kernel refuse its links: say so.
+            let files = self.discovery.process(pid).files;
+            if let Err(e) = self.attach(pid, files) {
+                return Err(if proc_root.running(pid) { e } else { exited(pid) });
+            }
+        }
+        count_signals();
+        let (tracer, session) = match self.args.pid {
+            Some(pid) => self.hold_running(pid)?,
+            None => (Some(self.spawn()?), None),
+        };
+        if self.probes.attached_files() == 0 {
+            if let Some(pid) = self.args.pid.filter(|pid| !proc_root.running(*pid)) {
+                return Err(exited(pid));
+            }
+            bail!("found no allocator (libc or another malloc) to probe");
+        }
+        Ok((tracer, session))
+    }
+
+    /// Traces the running `pid`, loads the agent into it if asked, and holds it for
+    /// its exit where it can.
+    fn hold_running(&mut self, pid: u32) -> Result<(Option<Tracer>, Option<Session>)> {
+        self.probes.trace(pid)?;
+        let mut session = None;
+        if let Some(agent) = self.agent.as_deref() {
             // Markers first, then the agent: no sample fires unprobed.
-            let (loaded, slots) = Session::start(pid, agent, sample_bytes)
+            let (loaded, slots) = Session::start(pid, agent, self.sample_bytes)
                 .with_context(|| format!("load the agent into pid {pid}"))?;
-            info!(pid, slots, sample_bytes, "agent loaded");
+            info!(pid, slots, sample_bytes = self.sample_bytes, "agent loaded");
             session = Some(loaded);
         }
-        refresh_unwind(&mut probes, &proc_root, pid);
-        match Tracer::seize(pid) {
+        refresh_unwind(&mut self.probes, &self.proc_root, pid);
+        let tracer = match Tracer::seize(pid) {
             Ok(tracer) => Some(tracer),
-            Err(_) if !proc_root.running(pid) => return Err(exited(pid)),
+            Err(_) if !self.proc_root.running(pid) => return Err(exited(pid)),
             Err(e) => {
                 warn!("cannot hold pid {pid} at exit ({e}); its stacks resolve only while it runs");
                 None
             }
-        }
-    } else {
-        let env = match agent.as_deref() {
+        };
+        Ok((tracer, session))
+    }
+
+    /// Starts the command, stopped at its exec before its first instruction: probes its
+    /// executable (a static allocator), the libraries it will load and what LD_PRELOAD
+    /// names, then lets it run.
+    fn spawn(&mut self) -> Result<Tracer> {
+        let env = match self.agent.as_deref() {
             Some(agent) => vec![
                 ("LD_PRELOAD".into(), crate::agent::preload(agent, std::env::var_os("LD_PRELOAD"))),
-                (crate::agent::SAMPLE_BYTES_ENV.into(), sample_bytes.to_string().into()),
+                (crate::agent::SAMPLE_BYTES_ENV.into(), self.sample_bytes.to_string().into()),
             ],
             None => Vec::new(),
         };
-        let mut tracer = Tracer::spawn(&args.command, &env)?;
-        // Stopped at its exec, before its first instruction: probe its executable (a
-        // static allocator), the libraries it will load and what LD_PRELOAD names.
-        attach(&mut probes, tracer.root(), discovery.image(tracer.root()))?;
-        probes.trace(tracer.root())?;
+        let mut tracer = Tracer::spawn(&self.args.command, &env)?;
+        let image = self.discovery.image(tracer.root());
+        self.attach(tracer.root(), image)?;
+        self.probes.trace(tracer.root())?;
         tracer.resume()?;
-        Some(tracer)
-    };
-    if probes.attached_files() == 0 {
-        if let Some(pid) = args.pid.filter(|pid| !proc_root.running(*pid)) {
-            return Err(exited(pid));
-        }
-        bail!("found no allocator (libc or another malloc) to probe");
+        Ok(tracer)
     }
-    let root = args.pid.or(tracer.as_ref().map(Tracer::root)).expect("a pid or a command");
-    info!(pid = root, "watching");
 
-    let mut infos: HashMap<u32, ProcessInfo> = HashMap::new();
-    let mut last_scan = Instant::now();
-    let deadline = args.duration.map(|d| Instant::now() + Duration::from_secs_f64(d));
-    // With a command, the first Ctrl-C reaches it too (same terminal): wait for it to
-    // exit. A second one reports at once.
-    let signals_to_stop = if args.pid.is_some() { 1 } else { 2 };
-    loop {
-        if let Some(t) = tracer.as_mut() {
-            let root_pid = t.root();
-            let mut entry_error = None;
-            t.poll(|pid, stop| match stop {
-                Stop::Exit => {
-                    let mut info = capture(&mut discovery, pid, false);
-                    info.python = python_at_exit(&probes, &proc_root, pid, &info.maps);
-                    infos.insert(pid, info);
+    /// Follows the processes until the command exits, the process is gone, the window
+    /// ends or enough Ctrl-C came.
+    fn until_done(&mut self, tracer: &mut Option<Tracer>, root: u32) -> Result<()> {
+        let mut last_scan = Instant::now();
+        let deadline = self.args.duration.map(|d| Instant::now() + Duration::from_secs_f64(d));
+        // With a command, the first Ctrl-C reaches it too (same terminal): wait for it
+        // to exit. A second one reports at once.
+        let signals_to_stop = if self.args.pid.is_some() { 1 } else { 2 };
+        loop {
+            if let Some(t) = tracer.as_mut() {
+                if self.handle_stops(t)? {
+                    break;
                 }
-                // A new image may bring its own allocator or preload one (`env
-                // LD_PRELOAD=... cmd`): probe it while it is held, before its first
-                // instruction.
-                Stop::Exec => {
-                    if let Err(e) = attach(&mut probes, pid, discovery.image(pid)) {
-                        unless_gone(&proc_root, pid, "attach to the allocator of a new image", &e);
-                    }
-                }
-                // Its libraries are mapped, wherever the dynamic linker found them
-                // (LD_LIBRARY_PATH, rpath): probe the allocators among them and give
-                // the kernel their unwind tables before its main runs.
-                Stop::Entry => {
-                    if let Err(e) = attach(&mut probes, pid, discovery.process(pid).files) {
-                        unless_gone(&proc_root, pid, "attach to the allocator of a new image", &e);
-                    }
-                    // A program LD_PRELOAD cannot reach (statically linked), or one with
-                    // its own allocator built in, gets the agent's inline hooks here.
-                    if let Some(agent) = agent.as_deref() {
-                        let loaded = crate::agent::inject::load_at_entry(
-                            &proc_root,
-                            pid,
-                            agent,
-                            sample_bytes,
-                            crate::tracer::OPTIONS,
-                        );
-                        match loaded {
-                            Ok(0) => {}
-                            Ok(functions) => info!(pid, functions, "agent's inline hooks on"),
-                            Err(e) if pid == root_pid => entry_error = Some(e),
-                            Err(e) => unless_gone(&proc_root, pid, "load the agent", &e),
-                        }
-                    }
-                    refresh_unwind(&mut probes, &proc_root, pid);
-                }
-                // A child of a process with probes of its own needs its own before it
-                // runs (the parent's do not fire in it).
-                Stop::Fork if per_process => {
-                    if let Err(e) = attach(&mut probes, pid, discovery.process(pid).files) {
-                        unless_gone(&proc_root, pid, "attach to a new child", &e);
-                    }
-                }
-                Stop::Fork => {}
-            })?;
-            if let Some(e) = entry_error {
-                return Err(e.context(format!("load the agent into pid {root_pid}")));
-            }
-            if let Some(exit) = t.root_exit() {
-                match exit {
-                    RootExit::Code(code) => info!(code, "command exited"),
-                    RootExit::Signal(signal) => info!(%signal, "command killed by signal"),
-                }
+            } else if !self.proc_root.exists(root) {
                 break;
             }
-        } else if !proc_root.exists(root) {
-            break;
-        }
-        if deadline.is_some_and(|d| Instant::now() >= d) || signals_received() >= signals_to_stop {
-            break;
-        }
-        for pid in probes.unwind_stale() {
-            refresh_unwind(&mut probes, &proc_root, pid);
-        }
-        if last_scan.elapsed() >= RESCAN {
-            // Allocator libraries loaded with dlopen, and the images of children's execs.
-            last_scan = Instant::now();
-            for (pid, state) in probes.traced().unwrap_or_default() {
-                // A process gone (a zombie its parent has yet to reap) loads nothing more.
-                if state.exited() || !proc_root.running(pid) {
-                    continue;
-                }
-                let files = discovery.process(pid).files;
-                // A child may exit between the scan and the attach.
-                if let Err(e) = attach(&mut probes, pid, files) {
-                    if pid == root {
-                        return Err(e);
-                    }
-                    unless_gone(&proc_root, pid, "attach to the allocator of a new image", &e);
-                }
-                refresh_unwind(&mut probes, &proc_root, pid);
+            if deadline.is_some_and(|d| Instant::now() >= d) || signals_received() >= signals_to_stop {
+                break;
             }
+            for pid in self.probes.unwind_stale() {
+                refresh_unwind(&mut self.probes, &self.proc_root, pid);
+            }
+            if last_scan.elapsed() >= RESCAN {
+                last_scan = Instant::now();
+                self.rescan(root)?;
+            }
+            std::thread::sleep(POLL);
         }
-        std::thread::sleep(POLL);
+        Ok(())
     }
 
-    let mut report = build_report(&probes, &mut discovery, infos, &args.tables.wrappers)?;
-    report.set_apart(&crate::suppressions::Suppressions::new(&args.tables.suppress));
-    report.sample_bytes = sample_bytes;
-    if agent.is_some() {
-        report.method = crate::model::Method::Agent;
-        if let Some(session) = session.take() {
-            // The agent's redirections are undone; its code stays mapped, idle.
-            if let Some(t) = tracer.take() {
-                t.release();
+    /// Handles the traced processes' stops; whether the command has exited.
+    fn handle_stops(&mut self, tracer: &mut Tracer) -> Result<bool> {
+        let root_pid = tracer.root();
+        let mut entry_error = None;
+        tracer.poll(|pid, stop| {
+            if let Err(e) = self.on_stop(pid, stop) {
+                if pid == root_pid {
+                    entry_error = Some(e);
+                } else {
+                    unless_gone(&self.proc_root, pid, "load the agent", &e);
+                }
             }
-            let pid = session.pid();
-            match session.stop() {
-                Ok(slots) => info!(pid, slots, "agent stopped"),
-                Err(e) => warn!(pid, "stop the agent: {e:#}"),
+        })?;
+        if let Some(e) = entry_error {
+            return Err(e.context(format!("load the agent into pid {root_pid}")));
+        }
+        let Some(exit) = tracer.root_exit() else { return Ok(false) };
+        match exit {
+            RootExit::Code(code) => info!(code, "command exited"),
+            RootExit::Signal(signal) => info!(%signal, "command killed by signal"),
+        }
+        Ok(true)
+    }
+
+    /// One stop of a traced process, handled while it is held; an error only from
+    /// loading the agent at its entry.
+    fn on_stop(&mut self, pid: u32, stop: Stop) -> Result<()> {
+        let proc_root = self.proc_root.clone();
+        match stop {
+            Stop::Exit => {
+                let mut info = capture(&mut self.discovery, pid, false);
+                info.python = python_at_exit(&self.probes, &proc_root, pid, &info.maps);
+                self.infos.insert(pid, info);
+            }
+            // A new image may bring its own allocator or preload one (`env
+            // LD_PRELOAD=... cmd`): probe it while it is held, before its first
+            // instruction.
+            Stop::Exec => {
+                let image = self.discovery.image(pid);
+                if let Err(e) = self.attach(pid, image) {
+                    unless_gone(&proc_root, pid, "attach to the allocator of a new image", &e);
+                }
+            }
+            // Its libraries are mapped, wherever the dynamic linker found them
+            // (LD_LIBRARY_PATH, rpath): probe the allocators among them and give the
+            // kernel their unwind tables before its main runs.
+            Stop::Entry => {
+                let files = self.discovery.process(pid).files;
+                if let Err(e) = self.attach(pid, files) {
+                    unless_gone(&proc_root, pid, "attach to the allocator of a new image", &e);
+                }
+                // A program LD_PRELOAD cannot reach (statically linked), or one with its
+                // own allocator built in, gets the agent's inline hooks here.
+                let loaded = self.agent.as_deref().map(|agent| {
+                    crate::agent::inject::load_at_entry(
+                        &proc_root,
+                        pid,
+                        agent,
+                        self.sample_bytes,
+                        crate::tracer::OPTIONS,
+                    )
+                });
+                refresh_unwind(&mut self.probes, &proc_root, pid);
+                match loaded {
+                    None | Some(Ok(0)) => {}
+                    Some(Ok(functions)) => info!(pid, functions, "agent's inline hooks on"),
+                    Some(Err(e)) => return Err(e),
+                }
+            }
+            // A child of a process with probes of its own needs its own before it runs
+            // (the parent's do not fire in it).
+            Stop::Fork if self.per_process => {
+                let files = self.discovery.process(pid).files;
+                if let Err(e) = self.attach(pid, files) {
+                    unless_gone(&proc_root, pid, "attach to a new child", &e);
+                }
+            }
+            Stop::Fork => {}
+        }
+        Ok(())
+    }
+
+    /// Probes allocator libraries loaded with dlopen, and the images of children's
+    /// execs.
+    fn rescan(&mut self, root: u32) -> Result<()> {
+        for (pid, state) in self.probes.traced().unwrap_or_default() {
+            // A process gone (a zombie its parent has yet to reap) loads nothing more.
+            if state.exited() || !self.proc_root.running(pid) {
+                continue;
+            }
+            let files = self.discovery.process(pid).files;
+            // A child may exit between the scan and the attach.
+            if let Err(e) = self.attach(pid, files) {
+                if pid == root {
+                    return Err(e);
+                }
+                unless_gone(&self.proc_root, pid, "attach to the allocator of a new image", &e);
+            }
+            refresh_unwind(&mut self.probes, &self.proc_root, pid);
+        }
+        Ok(())
+    }
+
+    /// The report of what is still unfreed; the agent stopped first.
+    fn finish(mut self, tracer: Option<Tracer>, session: Option<Session>) -> Result<Report> {
+        let mut report =
+            build_report(&self.probes, &mut self.discovery, self.infos, &self.args.tables.wrappers)?;
+        report.set_apart(&crate::suppressions::Suppressions::new(&self.args.tables.suppress));
+        report.sample_bytes = self.sample_bytes;
+        if self.agent.is_some() {
+            report.method = crate::model::Method::Agent;
+            if let Some(session) = session {
+                // The agent's redirections are undone; its code stays mapped, idle.
+                if let Some(t) = tracer {
+                    t.release();
+                }
+                let pid = session.pid();
+                match session.stop() {
+                    Ok(slots) => info!(pid, slots, "agent stopped"),
+                    Err(e) => warn!(pid, "stop the agent: {e:#}"),
+                }
             }
         }
+        report.add_notes();
+        let counters = self.probes.counters()?;
+        for (name, value) in counters.nonzero() {
+            warn!(counter = name, value, "allocations not fully accounted");
+        }
+        Ok(report)
     }
-    report.add_notes();
-    let counters = probes.counters()?;
-    for (name, value) in counters.nonzero() {
-        warn!(counter = name, value, "allocations not fully accounted");
-    }
-    write(&report, args.format)
+}
+
+fn exited(pid: u32) -> anyhow::Error {
+    anyhow::anyhow!("pid {pid} exited while leakmon was attaching")
 }
 
 /// Prints `report` in `format` on stdout.
