@@ -96,7 +96,6 @@ pub fn load(path: &Path) -> Result<(FileConfig, Vec<Problem>), std::io::Error> {
 }
 
 /// Parses `text`, collecting every problem rather than stopping at the first.
-#[expect(clippy::too_many_lines, reason = "one match arm per key reads as the file's schema")]
 pub fn check(text: &str) -> (FileConfig, Vec<Problem>) {
     let mut config = FileConfig::default();
     let mut problems = Vec::new();
@@ -120,71 +119,17 @@ pub fn check(text: &str) -> (FileConfig, Vec<Problem>) {
             "window" => config.window = duration(key, value).map_err(|m| p(item, m)).ok(),
             "suspect-duration" => config.suspect_duration = duration(key, value).map_err(|m| p(item, m)).ok(),
             "max-suspects" => config.max_suspects = count(key, value, 1).map_err(|m| p(item, m)).ok(),
-            "attach" => {
-                config.attach = match value.and_then(Value::as_str) {
-                    Some("none") => Some(Attach::None),
-                    Some("all") => Some(Attach::All),
-                    Some("pids") => Some(Attach::Pids),
-                    Some("suspects") => Some(Attach::Suspects),
-                    _ => {
-                        p(item, "attach must be \"none\", \"suspects\", \"all\" or \"pids\"".to_owned());
-                        None
-                    }
-                }
-            }
+            "attach" => config.attach = attach(value).map_err(|m| p(item, m)).ok(),
             "agent" => {
                 config.agent = value.and_then(Value::as_bool);
                 if config.agent.is_none() {
                     p(item, "agent must be true or false".to_owned());
                 }
             }
-            "runtime-profilers" => {
-                let list: Option<Vec<crate::runtimes::Runtime>> =
-                    value.and_then(Value::as_array).and_then(|a| {
-                        a.iter().map(|v| v.as_str().and_then(crate::runtimes::Runtime::from_name)).collect()
-                    });
-                if list.is_none() {
-                    p(
-                        item,
-                        "runtime-profilers must be a list of \"node\" and \"jvm\", like [\"node\", \"jvm\"]"
-                            .to_owned(),
-                    );
-                }
-                config.runtime_profilers = list;
-            }
-            "pid" => {
-                let pids: Option<Vec<u32>> = value.and_then(Value::as_array).and_then(|a| {
-                    a.iter().map(|v| v.as_integer().and_then(|i| u32::try_from(i).ok())).collect()
-                });
-                if pids.is_none() {
-                    p(item, "pid must be a list of process ids, like [1234, 5678]".to_owned());
-                }
-                config.pids = pids;
-            }
-            "comm" | "cgroup" => {
-                let list: Option<Vec<String>> = value
-                    .and_then(Value::as_array)
-                    .and_then(|a| a.iter().map(|v| v.as_str().map(str::to_owned)).collect());
-                if list.is_none() {
-                    p(item, format!("{key} must be a list of strings, like [\"nginx\"]"));
-                }
-                let list = if key == "comm" {
-                    list.and_then(|l| {
-                        l.iter()
-                            .map(|c| crate::values::parse_comm(c))
-                            .collect::<Result<Vec<_>, _>>()
-                            .map_err(|m| p(item, m))
-                            .ok()
-                    })
-                } else {
-                    list
-                };
-                if key == "comm" {
-                    config.comms = list;
-                } else {
-                    config.cgroups = list;
-                }
-            }
+            "runtime-profilers" => config.runtime_profilers = runtimes(value).map_err(|m| p(item, m)).ok(),
+            "pid" => config.pids = pids(value).map_err(|m| p(item, m)).ok(),
+            "comm" => config.comms = comms(value).map_err(|m| p(item, m)).ok(),
+            "cgroup" => config.cgroups = strings(key, value).map_err(|m| p(item, m)).ok(),
             "top-stacks" => config.top_stacks = count(key, value, 0).map_err(|m| p(item, m)).ok(),
             "max-series" => config.max_series = count(key, value, 1).map_err(|m| p(item, m)).ok(),
             "top" => config.top = count(key, value, 0).map_err(|m| p(item, m)).ok(),
@@ -208,72 +153,12 @@ pub fn check(text: &str) -> (FileConfig, Vec<Problem>) {
                 config.suppress =
                     function_names(key, value, r#"["my_pool_init", "arena_*"]"#).map_err(|m| p(item, m)).ok();
             }
-            "sample-bytes" => {
-                let parsed = match value {
-                    Some(Value::String(s)) => {
-                        crate::values::parse_bytes(s.value()).map_err(|e| format!("sample-bytes: {e}"))
-                    }
-                    // Through the flag's parser, whose bound (1 GiB) holds for the file too.
-                    Some(v) if v.as_integer().is_some_and(|n| n >= 0) => {
-                        crate::values::parse_bytes(&v.as_integer().expect("an integer").to_string())
-                            .map_err(|e| format!("sample-bytes: {e}"))
-                    }
-                    _ => Err("sample-bytes must be a size, like \"512KiB\", or 0 for exact".to_owned()),
-                };
-                config.sample_bytes = parsed.map_err(|m| p(item, m)).ok();
-            }
+            "sample-bytes" => config.sample_bytes = sample_bytes(value).map_err(|m| p(item, m)).ok(),
             "unwind-rows" => {
                 config.unwind_rows = count(key, value, 0).map_err(|m| p(item, m)).ok().map(|v| v as u32);
             }
-            "web" => {
-                match item.as_table() {
-                    Some(web) => {
-                        for (k, it) in web {
-                            if k == "listen-address" {
-                                config.listen =
-                                    it.as_value().and_then(Value::as_str).and_then(|a| a.parse().ok());
-                                if config.listen.is_none() {
-                                    p(it, "web.listen-address must be an address and port, like \"127.0.0.1:9473\"".to_owned());
-                                }
-                            } else if k == "config-file" {
-                                config.web_config = it.as_value().and_then(Value::as_str).map(PathBuf::from);
-                                if config.web_config.is_none() {
-                                    p(
-                                        it,
-                                        "web.config-file must be a path, like \"/etc/leakmon/web.yml\""
-                                            .to_owned(),
-                                    );
-                                }
-                            } else {
-                                p(
-                                    it,
-                                    format!(
-                                        "unknown key web.{k} (known: web.listen-address, web.config-file)"
-                                    ),
-                                );
-                            }
-                        }
-                    }
-                    None => {
-                        p(item, "web must be a table: [web] with listen-address = \"ADDR:PORT\"".to_owned());
-                    }
-                }
-            }
-            "metrics" => match item.as_table() {
-                Some(metrics) => {
-                    for (k, it) in metrics {
-                        if k == "pid-label" {
-                            config.pid_label = it.as_value().and_then(Value::as_bool);
-                            if config.pid_label.is_none() {
-                                p(it, "metrics.pid-label must be true or false".to_owned());
-                            }
-                        } else {
-                            p(it, format!("unknown key metrics.{k} (known: metrics.pid-label)"));
-                        }
-                    }
-                }
-                None => p(item, "metrics must be a table: [metrics] with pid-label = true|false".to_owned()),
-            },
+            "web" => web(item, &mut config, &mut p),
+            "metrics" => metrics(item, &mut config, &mut p),
             _ => unknown.push(key),
         }
     }
@@ -292,6 +177,98 @@ pub fn check(text: &str) -> (FileConfig, Vec<Problem>) {
     }
     problems.sort_by_key(|p| p.line);
     (config, problems)
+}
+
+fn attach(value: Option<&Value>) -> Result<Attach, String> {
+    match value.and_then(Value::as_str) {
+        Some("none") => Ok(Attach::None),
+        Some("all") => Ok(Attach::All),
+        Some("pids") => Ok(Attach::Pids),
+        Some("suspects") => Ok(Attach::Suspects),
+        _ => Err("attach must be \"none\", \"suspects\", \"all\" or \"pids\"".to_owned()),
+    }
+}
+
+fn runtimes(value: Option<&Value>) -> Result<Vec<crate::runtimes::Runtime>, String> {
+    value
+        .and_then(Value::as_array)
+        .and_then(|a| a.iter().map(|v| v.as_str().and_then(crate::runtimes::Runtime::from_name)).collect())
+        .ok_or_else(|| {
+            "runtime-profilers must be a list of \"node\" and \"jvm\", like [\"node\", \"jvm\"]".to_owned()
+        })
+}
+
+fn pids(value: Option<&Value>) -> Result<Vec<u32>, String> {
+    value
+        .and_then(Value::as_array)
+        .and_then(|a| a.iter().map(|v| v.as_integer().and_then(|i| u32::try_from(i).ok())).collect())
+        .ok_or_else(|| "pid must be a list of process ids, like [1234, 5678]".to_owned())
+}
+
+fn strings(key: &str, value: Option<&Value>) -> Result<Vec<String>, String> {
+    value
+        .and_then(Value::as_array)
+        .and_then(|a| a.iter().map(|v| v.as_str().map(str::to_owned)).collect())
+        .ok_or_else(|| format!("{key} must be a list of strings, like [\"nginx\"]"))
+}
+
+/// Process names, each as `--comm` takes it.
+fn comms(value: Option<&Value>) -> Result<Vec<String>, String> {
+    strings("comm", value)?.iter().map(|c| crate::values::parse_comm(c)).collect()
+}
+
+/// A size, or a bare count of bytes: through the flag's parser, whose bound (1 GiB)
+/// holds for the file too.
+fn sample_bytes(value: Option<&Value>) -> Result<u64, String> {
+    match value {
+        Some(Value::String(s)) => {
+            crate::values::parse_bytes(s.value()).map_err(|e| format!("sample-bytes: {e}"))
+        }
+        Some(v) if v.as_integer().is_some_and(|n| n >= 0) => {
+            crate::values::parse_bytes(&v.as_integer().expect("an integer").to_string())
+                .map_err(|e| format!("sample-bytes: {e}"))
+        }
+        _ => Err("sample-bytes must be a size, like \"512KiB\", or 0 for exact".to_owned()),
+    }
+}
+
+/// The `[web]` table.
+fn web(item: &Item, config: &mut FileConfig, p: &mut impl FnMut(&Item, String)) {
+    let Some(web) = item.as_table() else {
+        return p(item, "web must be a table: [web] with listen-address = \"ADDR:PORT\"".to_owned());
+    };
+    for (k, it) in web {
+        if k == "listen-address" {
+            config.listen = it.as_value().and_then(Value::as_str).and_then(|a| a.parse().ok());
+            if config.listen.is_none() {
+                p(it, "web.listen-address must be an address and port, like \"127.0.0.1:9473\"".to_owned());
+            }
+        } else if k == "config-file" {
+            config.web_config = it.as_value().and_then(Value::as_str).map(PathBuf::from);
+            if config.web_config.is_none() {
+                p(it, "web.config-file must be a path, like \"/etc/leakmon/web.yml\"".to_owned());
+            }
+        } else {
+            p(it, format!("unknown key web.{k} (known: web.listen-address, web.config-file)"));
+        }
+    }
+}
+
+/// The `[metrics]` table.
+fn metrics(item: &Item, config: &mut FileConfig, p: &mut impl FnMut(&Item, String)) {
+    let Some(metrics) = item.as_table() else {
+        return p(item, "metrics must be a table: [metrics] with pid-label = true|false".to_owned());
+    };
+    for (k, it) in metrics {
+        if k == "pid-label" {
+            config.pid_label = it.as_value().and_then(Value::as_bool);
+            if config.pid_label.is_none() {
+                p(it, "metrics.pid-label must be true or false".to_owned());
+            }
+        } else {
+            p(it, format!("unknown key metrics.{k} (known: metrics.pid-label)"));
+        }
+    }
 }
 
 fn duration(key: &str, value: Option<&Value>) -> Result<Duration, String> {
