@@ -168,24 +168,18 @@ struct Daemon<'r> {
     web_in_use: Option<Vec<u8>>,
 }
 
-#[expect(clippy::too_many_lines, reason = "the start-up in its order, then the loop: one branch a line")]
 async fn daemon(args: RunArgs, attach: Attach, proc_root: ProcRoot, reload: Reload<'_>) -> Result<()> {
     // Before anything is served or loaded: a stop asked for from the first moment on
     // is kept (a background job of a script starts with SIGINT ignored, and a signal
     // that finds it ignored is lost), and taken at the loop's first turn.
-    let mut sigterm = signal(SignalKind::terminate()).context("install SIGTERM handler")?;
-    let mut sigint = signal(SignalKind::interrupt()).context("install SIGINT handler")?;
-    let mut sighup = signal(SignalKind::hangup()).context("install SIGHUP handler")?;
+    let sigterm = signal(SignalKind::terminate()).context("install SIGTERM handler")?;
+    let sigint = signal(SignalKind::interrupt()).context("install SIGINT handler")?;
+    let sighup = signal(SignalKind::hangup()).context("install SIGHUP handler")?;
     // From the first request on, /metrics carries leakmon's own families (build info,
     // process_*, its counters at zero) and the JSON endpoints valid empty documents:
     // an empty 200 would read as a healthy target with no series.
     let metrics = Metrics::new(args.pid_label);
-    let published: Shared = Arc::new(RwLock::new(Published {
-        metrics: metrics.render(),
-        leaks: json!({ "leaks": [] }).to_string(),
-        processes: json!({ "series": [] }).to_string(),
-        ready: false,
-    }));
+    let published = first_documents(&metrics);
     let (profile_tx, mut profile_requests) = tokio::sync::mpsc::channel::<ProfileRequest>(8);
     let web = args.web_config.as_deref().map(crate::export::web_config::WebConfig::load).transpose()?;
     // What the server was started with, to tell a reload that changes it (TLS and users
@@ -194,25 +188,8 @@ async fn daemon(args: RunArgs, attach: Attach, proc_root: ProcRoot, reload: Relo
     let server = http::serve(args.listen, published.clone(), profile_tx, web).await?;
     let profiles = profiles::spawn_profile_renderer(&args.tables.wrappers, &args.tables.suppress)?;
 
-    let mut probes = if attach == Attach::None {
-        load_probes(&args.tables, false).map_err(|e| warn!("OOM kills will not be counted: {e:#}")).ok()
-    } else {
-        Some(load_probes(&args.tables, attach == Attach::All)?)
-    };
-    let attribution = match probes.as_mut() {
-        Some(p) => attribution(&args, attach, p, &proc_root)?,
-        None => None,
-    };
-    let queue_dropped = Arc::new(AtomicU64::new(0));
-    let malformed = Arc::new(AtomicU64::new(0));
-    let (event_reader, mut events) = match probes.as_mut() {
-        Some(p) => {
-            let (task, rx) = ingest::spawn_reader(p.take_events()?, queue_dropped.clone(), malformed.clone())
-                .map_err(|e| anyhow::anyhow!("watch the event ring buffer: {e}"))?;
-            (Some(task), Some(rx))
-        }
-        None => (None, None),
-    };
+    let Kernel { probes, attribution, event_reader, mut events, queue_dropped, malformed } =
+        Kernel::load(&args, attach, &proc_root)?;
     // The listener is bound and the programs loaded: keep only what attaching, reading
     // maps and /proc still need.
     if probes.is_some() {
@@ -235,19 +212,7 @@ async fn daemon(args: RunArgs, attach: Attach, proc_root: ProcRoot, reload: Relo
     let monitor = Monitor::new(params, args.max_series, args.top_stacks, proc_root.clone())
         .per_process(args.pid_label)
         .wrappers(Wrappers::new(&args.tables.wrappers));
-    let runtime_profiles = (!args.runtime_profilers.is_empty()).then(|| {
-        let sample_bytes = match args.tables.sample_bytes {
-            0 => crate::runtimes::DEFAULT_SAMPLE_BYTES,
-            bytes => bytes,
-        };
-        RuntimeProfiles::new(
-            args.runtime_profilers.clone(),
-            args.suspect_duration,
-            args.max_suspects,
-            sample_bytes,
-            args.sample_interval,
-        )
-    });
+    let runtime_profiles = runtime_profiles(&args);
     let mut d = Daemon {
         attach,
         reload,
@@ -268,11 +233,41 @@ async fn daemon(args: RunArgs, attach: Attach, proc_root: ProcRoot, reload: Relo
         args,
     };
 
+    notify(sd_notify::NotifyState::Ready);
+    serve(&mut d, Signals { sigterm, sigint, sighup }, &mut profile_requests, &mut events).await;
+    notify(sd_notify::NotifyState::Stopping);
+    info!("stopping: detaching probes");
+    server.abort();
+    if let (Some(a), Some(p)) = (d.attribution.as_mut(), d.probes.as_mut()) {
+        a.shutdown(p);
+    }
+    if let Some(r) = d.runtime_profiles.as_mut() {
+        r.shutdown();
+    }
+    if let Some(task) = event_reader {
+        task.abort();
+    }
+    drop(events);
+    drop(d);
+    Ok(())
+}
+
+/// The stop and reload signals, handled from before anything is served.
+struct Signals {
+    sigterm: tokio::signal::unix::Signal,
+    sigint: tokio::signal::unix::Signal,
+    sighup: tokio::signal::unix::Signal,
+}
+
+/// The daemon's loop, one branch a line, until SIGINT or SIGTERM.
+async fn serve(
+    d: &mut Daemon<'_>,
+    mut signals: Signals,
+    profile_requests: &mut tokio::sync::mpsc::Receiver<ProfileRequest>,
+    events: &mut Option<tokio::sync::mpsc::Receiver<leakmon_common::LifecycleEvent>>,
+) {
     // systemd's watchdog: pinged from this loop, so a loop that hangs gets restarted.
-    let mut watchdog_usec = 0;
-    // WATCHDOG_USEC=0 means no watchdog (and an interval of 0 cannot tick).
-    let mut watchdog = (sd_notify::watchdog_enabled(false, &mut watchdog_usec) && watchdog_usec > 0)
-        .then(|| interval(Duration::from_micros(watchdog_usec) / 2));
+    let mut watchdog = watchdog();
     let mut sample = sampling(d.args.sample_interval);
     let mut summary = interval(Duration::from_secs(u64::from(d.args.interval.get())));
     let mut purge = interval(PURGE_EVERY);
@@ -280,16 +275,15 @@ async fn daemon(args: RunArgs, attach: Attach, proc_root: ProcRoot, reload: Relo
     let mut batch = Vec::with_capacity(EVENT_BATCH);
     let attributing = d.attribution.is_some();
 
-    notify(sd_notify::NotifyState::Ready);
     loop {
         tokio::select! {
-            _ = sigint.recv() => break,
-            _ = sigterm.recv() => break,
+            _ = signals.sigint.recv() => break,
+            _ = signals.sigterm.recv() => break,
             _ = async { watchdog.as_mut().expect("guarded").tick().await }, if watchdog.is_some() => {
                 notify(sd_notify::NotifyState::Watchdog);
             }
             Some(request) = profile_requests.recv() => d.profile(request),
-            _ = sighup.recv() => {
+            _ = signals.sighup.recv() => {
                 let before = d.args.clone();
                 d.reconfigure();
                 if d.args.sample_interval != before.sample_interval {
@@ -302,7 +296,7 @@ async fn daemon(args: RunArgs, attach: Attach, proc_root: ProcRoot, reload: Relo
             received = async { events.as_mut().expect("guarded").recv_many(&mut batch, EVENT_BATCH).await }, if events.is_some() => {
                 // A reader gone (it panicked) closes the queue: stop polling it.
                 if received == 0 {
-                    events = None;
+                    *events = None;
                 }
                 for ev in batch.drain(..) {
                     d.lifecycle_event(&ev);
@@ -324,21 +318,81 @@ async fn daemon(args: RunArgs, attach: Attach, proc_root: ProcRoot, reload: Relo
             }
         }
     }
-    notify(sd_notify::NotifyState::Stopping);
-    info!("stopping: detaching probes");
-    server.abort();
-    if let (Some(a), Some(p)) = (d.attribution.as_mut(), d.probes.as_mut()) {
-        a.shutdown(p);
+}
+
+/// What the endpoints serve before the first sample: leakmon's own families (build
+/// info, process_*, its counters at zero) and valid empty documents, since an empty
+/// 200 would read as a healthy target with no series.
+fn first_documents(metrics: &Metrics) -> Shared {
+    Arc::new(RwLock::new(Published {
+        metrics: metrics.render(),
+        leaks: json!({ "leaks": [] }).to_string(),
+        processes: json!({ "series": [] }).to_string(),
+        ready: false,
+    }))
+}
+
+/// The kernel side as `run` uses it: the programs (loaded even with `--attach none`, to
+/// count OOM kills, where they load), the attribution of allocations, and the reader of
+/// the lifecycle ring buffer.
+struct Kernel {
+    probes: Option<Probes>,
+    attribution: Option<Box<dyn Attribution + Send>>,
+    event_reader: Option<tokio::task::JoinHandle<()>>,
+    events: Option<tokio::sync::mpsc::Receiver<leakmon_common::LifecycleEvent>>,
+    queue_dropped: Arc<AtomicU64>,
+    malformed: Arc<AtomicU64>,
+}
+
+impl Kernel {
+    fn load(args: &RunArgs, attach: Attach, proc_root: &ProcRoot) -> Result<Self> {
+        let mut probes = if attach == Attach::None {
+            load_probes(&args.tables, false).map_err(|e| warn!("OOM kills will not be counted: {e:#}")).ok()
+        } else {
+            Some(load_probes(&args.tables, attach == Attach::All)?)
+        };
+        let attribution = match probes.as_mut() {
+            Some(p) => attribution(args, attach, p, proc_root)?,
+            None => None,
+        };
+        let queue_dropped = Arc::new(AtomicU64::new(0));
+        let malformed = Arc::new(AtomicU64::new(0));
+        let (event_reader, events) = match probes.as_mut() {
+            Some(p) => {
+                let (task, rx) =
+                    ingest::spawn_reader(p.take_events()?, queue_dropped.clone(), malformed.clone())
+                        .map_err(|e| anyhow::anyhow!("watch the event ring buffer: {e}"))?;
+                (Some(task), Some(rx))
+            }
+            None => (None, None),
+        };
+        Ok(Self { probes, attribution, event_reader, events, queue_dropped, malformed })
     }
-    if let Some(r) = d.runtime_profiles.as_mut() {
-        r.shutdown();
-    }
-    if let Some(task) = event_reader {
-        task.abort();
-    }
-    drop(events);
-    drop(d);
-    Ok(())
+}
+
+/// The runtime profilers asked for, if any.
+fn runtime_profiles(args: &RunArgs) -> Option<RuntimeProfiles> {
+    (!args.runtime_profilers.is_empty()).then(|| {
+        let sample_bytes = match args.tables.sample_bytes {
+            0 => crate::runtimes::DEFAULT_SAMPLE_BYTES,
+            bytes => bytes,
+        };
+        RuntimeProfiles::new(
+            args.runtime_profilers.clone(),
+            args.suspect_duration,
+            args.max_suspects,
+            sample_bytes,
+            args.sample_interval,
+        )
+    })
+}
+
+/// systemd's watchdog, pinged at half its interval; `None` without one
+/// (`WATCHDOG_USEC=0` means none, and an interval of 0 cannot tick).
+fn watchdog() -> Option<Interval> {
+    let mut usec = 0;
+    (sd_notify::watchdog_enabled(false, &mut usec) && usec > 0)
+        .then(|| interval(Duration::from_micros(usec) / 2))
 }
 
 fn sampling(every: Duration) -> Interval {
