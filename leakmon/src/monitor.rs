@@ -22,6 +22,13 @@ use crate::{
     symbolize::{stable_id, Symbolizer},
 };
 
+/// A tick's processes by group, each process's group, and the probes' totals by group.
+struct Grouping<'h> {
+    groups: BTreeMap<GroupKey, Group>,
+    key_of: HashMap<u32, GroupKey>,
+    heap: HashMap<GroupKey, Vec<&'h ProcessTotals>>,
+}
+
 /// Processes of one (service, command) at one tick.
 #[derive(Debug, Default)]
 struct Group {
@@ -162,10 +169,6 @@ impl Monitor {
     /// Records one tick at `now` seconds and returns the views and the changes of
     /// suspicion. `heap` holds the probes' totals per process, `stack` resolves a
     /// stack id.
-    #[expect(
-        clippy::too_many_lines,
-        reason = "group, record, analyse, view: one pass reads best in one place"
-    )]
     pub fn tick(
         &mut self,
         now: f64,
@@ -173,6 +176,30 @@ impl Monitor {
         heap: Option<&[ProcessTotals]>,
         stack: &dyn Fn(u64) -> Option<Vec<u64>>,
     ) -> (Vec<SeriesView>, Vec<Change>) {
+        let Grouping { mut groups, key_of, heap } = self.group(procs, heap);
+        let mut stacks_by_group: HashMap<GroupKey, Vec<StackView>> = HashMap::new();
+        for (gkey, totals) in &heap {
+            stacks_by_group.insert(gkey.clone(), self.top_stacks(totals, stack));
+        }
+        self.record(now, &mut groups, &stacks_by_group);
+        let changes = self.history.analyse(now);
+        self.last_seen = key_of.into_iter().map(|(pid, (service, comm, _))| (pid, (service, comm))).collect();
+        let views = self.views(now, &groups, stacks_by_group);
+        // Stacks of processes gone since: under process churn every new process brings
+        // new entries, which would otherwise pile up to the bound over hours.
+        self.frames.retain(|(pid, _), _| self.last_seen.contains_key(pid));
+        if self.frames.len() > MAX_CACHED_STACKS {
+            self.frames.clear();
+        }
+        if self.symbolizer.release_idle(self.symbolizer_idle) {
+            crate::own_memory::give_back();
+        }
+        (views, changes)
+    }
+
+    /// The processes of this tick by (service, command[, pid]), with the probes'
+    /// totals of each group's processes.
+    fn group<'h>(&self, procs: &[ProcSample], heap: Option<&'h [ProcessTotals]>) -> Grouping<'h> {
         let mut groups: BTreeMap<GroupKey, Group> = BTreeMap::new();
         let mut key_of: HashMap<u32, GroupKey> = HashMap::new();
         for p in procs {
@@ -196,13 +223,20 @@ impl Monitor {
                 heap_by_group.entry(key.clone()).or_default().push(t);
             }
         }
-        let mut stacks_by_group: HashMap<GroupKey, Vec<StackView>> = HashMap::new();
-        for (gkey, totals) in &heap_by_group {
-            stacks_by_group.insert(gkey.clone(), self.top_stacks(totals, stack));
-        }
+        Grouping { groups, key_of, heap: heap_by_group }
+    }
+
+    /// Records each group's signals at `now`: its unreclaimable memory stitched across
+    /// restarts, its shared memory, its heap and its stacks' bytes.
+    fn record(
+        &mut self,
+        now: f64,
+        groups: &mut BTreeMap<GroupKey, Group>,
+        stacks_by_group: &HashMap<GroupKey, Vec<StackView>>,
+    ) {
         let window = self.history.window();
         self.incarnations.retain(|_, i| i.seen >= now - window);
-        for (gkey, g) in &mut groups {
+        for (gkey, g) in groups {
             let (service, comm, pid) = gkey;
             let inc = self.incarnations.entry(gkey.clone()).or_default();
             g.identities.sort_unstable();
@@ -218,6 +252,7 @@ impl Monitor {
             inc.identities.clone_from(&g.identities);
             inc.last_anon = g.memory.unreclaimable();
             inc.seen = now;
+            let offset = inc.offset;
             let key = |signal, stack: Option<&str>| SeriesKey {
                 service: service.clone(),
                 comm: comm.clone(),
@@ -225,7 +260,7 @@ impl Monitor {
                 signal,
                 stack: stack.map(str::to_owned),
             };
-            self.history.record(key(Signal::Anon, None), now, g.memory.unreclaimable() as f64 + inc.offset);
+            self.history.record(key(Signal::Anon, None), now, g.memory.unreclaimable() as f64 + offset);
             // Shared memory often outlives a restart (a segment, a tmpfs file): not
             // stitched. Recorded once a process has some, so most groups have no series.
             if g.memory.shmem > 0 || self.history.get(&key(Signal::Shmem, None)).is_some() {
@@ -245,21 +280,20 @@ impl Monitor {
                 }
             }
         }
-        let changes = self.history.analyse(now);
-        self.last_seen = key_of.into_iter().map(|(pid, (service, comm, _))| (pid, (service, comm))).collect();
+    }
 
+    /// One view per series with a verdict, its stacks with theirs.
+    fn views(
+        &self,
+        now: f64,
+        groups: &BTreeMap<GroupKey, Group>,
+        mut stacks_by_group: HashMap<GroupKey, Vec<StackView>>,
+    ) -> Vec<SeriesView> {
         let meminfo = std::fs::read_to_string(self.proc_root.path().join("meminfo")).unwrap_or_default();
         let mut limits: HashMap<crate::sources::proc_sampler::MemCgroup, Option<u64>> = HashMap::new();
         let mut views = Vec::new();
-        let entries: Vec<(SeriesKey, _, _, _, _)> = self
-            .history
-            .iter()
-            .filter(|(k, _)| k.stack.is_none())
-            .filter_map(|(k, s)| {
-                Some((k.clone(), s.analysis()?, s.latest()?, s.suspected_since(), s.incomplete()))
-            })
-            .collect();
-        for (key, analysis, latest, since, incomplete) in entries {
+        for (key, s) in self.history.iter().filter(|(k, _)| k.stack.is_none()) {
+            let (Some(analysis), Some(latest)) = (s.analysis(), s.latest()) else { continue };
             let gkey = (key.service.clone(), key.comm.clone(), key.pid);
             let group = groups.get(&gkey);
             let cgroup = group.map(|g| g.cgroup.clone()).unwrap_or_default();
@@ -292,13 +326,13 @@ impl Monitor {
                 });
             }
             views.push(SeriesView {
-                service: key.service,
-                comm: key.comm,
+                service: key.service.clone(),
+                comm: key.comm.clone(),
                 pid: key.pid,
                 signal: key.signal.as_str(),
                 pids: group.map(|g| g.pids.clone()).unwrap_or_default(),
                 allocator: None,
-                incomplete,
+                incomplete: s.incomplete(),
                 current_bytes: current,
                 memory: memory.filter(|_| key.signal == Signal::Anon),
                 allocations: if key.signal == Signal::Heap {
@@ -310,7 +344,7 @@ impl Monitor {
                 trend_z: analysis.z,
                 verdict: analysis.verdict,
                 suspected,
-                suspected_for_seconds: since.map(|s| now - s),
+                suspected_for_seconds: s.suspected_since().map(|since| now - since),
                 limit_bytes: limit,
                 time_to_exhaustion_seconds: if suspected {
                     limit.and_then(|l| time_to_exhaustion(current as f64, l as f64, analysis.slope))
@@ -321,16 +355,7 @@ impl Monitor {
                 stacks,
             });
         }
-        // Stacks of processes gone since: under process churn every new process brings
-        // new entries, which would otherwise pile up to the bound over hours.
-        self.frames.retain(|(pid, _), _| self.last_seen.contains_key(pid));
-        if self.frames.len() > MAX_CACHED_STACKS {
-            self.frames.clear();
-        }
-        if self.symbolizer.release_idle(self.symbolizer_idle) {
-            crate::own_memory::give_back();
-        }
-        (views, changes)
+        views
     }
 
     /// The group's largest stacks, merged across its processes by their symbolized
