@@ -194,6 +194,40 @@ pub fn bench(root: &Path, rounds: usize, pairs: u64, scale: bool, only: Option<O
 /// The daemon at host scale: the always-on tier's CPU with 1,000 extra idle
 /// processes, and, attributing everything, its memory with one million live blocks
 /// and 2^17 distinct stacks, and the latency of a /metrics scrape.
+/// The share of one core `pid` uses over `window`.
+fn cpu_share(pid: u32, window: Duration) -> f64 {
+    let before = cpu_seconds(pid);
+    std::thread::sleep(window);
+    (cpu_seconds(pid) - before) / window.as_secs_f64()
+}
+
+/// `count` scrapes of /metrics at `listen`, 100 ms apart: each one's milliseconds, and
+/// the size of the last.
+fn scrapes(listen: &str, count: usize) -> Result<(Vec<f64>, usize)> {
+    let mut latencies = Vec::new();
+    let mut bytes = 0;
+    for _ in 0..count {
+        let started = Instant::now();
+        let body = http_get(listen, "/metrics").context("scrape /metrics")?;
+        latencies.push(started.elapsed().as_secs_f64() * 1000.0);
+        bytes = body.len();
+        std::thread::sleep(Duration::from_millis(100));
+    }
+    Ok((latencies, bytes))
+}
+
+/// Forks `children` processes that each allocate (so each is traced) and exit at once;
+/// the processes a second.
+fn fork_storm(hold: &Path, children: u32) -> Result<f64> {
+    let storm =
+        Command::new(hold).args(["storm", &children.to_string()]).output().context("run the fork storm")?;
+    String::from_utf8_lossy(&storm.stdout)
+        .lines()
+        .find_map(|l| l.strip_prefix("processes_per_second="))
+        .and_then(|v| v.trim().parse().ok())
+        .context("the fork storm printed no rate")
+}
+
 fn scale_figures(root: &Path, s: &Setup) -> Result<()> {
     const LISTEN: &str = "127.0.0.1:19598";
     let hold = compile(root, "hold", &s.out, &["-fno-optimize-sibling-calls"])?;
@@ -216,10 +250,7 @@ fn scale_figures(root: &Path, s: &Setup) -> Result<()> {
     });
     let tier0 = daemon(&["--attach", "none"])?;
     std::thread::sleep(Duration::from_secs(3));
-    let window = Duration::from_secs(20);
-    let before = cpu_seconds(tier0.pid());
-    std::thread::sleep(window);
-    let tier0_cpu = (cpu_seconds(tier0.pid()) - before) / window.as_secs_f64();
+    let tier0_cpu = cpu_share(tier0.pid(), Duration::from_secs(20));
     let tier0_rss = peak_rss_kib(tier0.pid());
     tier0.stop();
 
@@ -237,18 +268,8 @@ fn scale_figures(root: &Path, s: &Setup) -> Result<()> {
     let million = start_hold(&["million"])?;
     let stacks = start_hold(&["stacks"])?;
     std::thread::sleep(Duration::from_secs(5));
-    let mut latencies = Vec::new();
-    let mut metrics_bytes = 0;
-    for _ in 0..20 {
-        let started = Instant::now();
-        let body = http_get(LISTEN, "/metrics").context("scrape /metrics")?;
-        latencies.push(started.elapsed().as_secs_f64() * 1000.0);
-        metrics_bytes = body.len();
-        std::thread::sleep(Duration::from_millis(100));
-    }
-    let before = cpu_seconds(full.pid());
-    std::thread::sleep(Duration::from_secs(10));
-    let full_cpu = (cpu_seconds(full.pid()) - before) / 10.0;
+    let (latencies, metrics_bytes) = scrapes(LISTEN, 20)?;
+    let full_cpu = cpu_share(full.pid(), Duration::from_secs(10));
     // The unwind tables of every traced process on the host, by then.
     let scrape = http_get(LISTEN, "/metrics").unwrap_or_default();
     let gauge = |prefix: &str| {
@@ -261,12 +282,7 @@ fn scale_figures(root: &Path, s: &Setup) -> Result<()> {
     let alloc_events = alloc_event_rate(s)?;
     // A fork storm: every child allocates (so it is traced) and exits at once, a fork
     // and an exit event each.
-    let storm = Command::new(&hold).args(["storm", "20000"]).output().context("run the fork storm")?;
-    let storm_rate: f64 = String::from_utf8_lossy(&storm.stdout)
-        .lines()
-        .find_map(|l| l.strip_prefix("processes_per_second="))
-        .and_then(|v| v.trim().parse().ok())
-        .context("the fork storm printed no rate")?;
+    let storm_rate = fork_storm(&hold, 20_000)?;
     std::thread::sleep(Duration::from_secs(2));
     let lost = losses(LISTEN);
     full.stop();

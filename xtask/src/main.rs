@@ -406,6 +406,13 @@ fn setup(pins: &Pins, tests: bool) -> Result<()> {
         )?;
     }
 
+    rust_toolchains(pins)?;
+    bpf_linker(pins)
+}
+
+/// The pinned host toolchain, with clippy and rustfmt (the tests' lint step), and the
+/// pinned nightly with rust-src for the eBPF side.
+fn rust_toolchains(pins: &Pins) -> Result<()> {
     let toolchains = output(Command::new("rustup").args(["toolchain", "list"])).unwrap_or_default();
     if !toolchains.lines().any(|l| l.starts_with(&pins.host_toolchain)) {
         eprintln!("xtask: installing Rust {}", pins.host_toolchain);
@@ -431,18 +438,28 @@ fn setup(pins: &Pins, tests: bool) -> Result<()> {
             "rust-src",
         ]))?;
     }
-    let components = output(Command::new("rustup").args([
-        "component",
-        "list",
-        "--installed",
-        "--toolchain",
-        &pins.toolchain,
-    ]))
-    .unwrap_or_default();
-    if !components.lines().any(|l| l.starts_with("rust-src")) {
-        run(Command::new("rustup").args(["component", "add", "rust-src", "--toolchain", &pins.toolchain]))?;
+    for (toolchain, component) in
+        [(&pins.toolchain, "rust-src"), (&pins.host_toolchain, "clippy"), (&pins.host_toolchain, "rustfmt")]
+    {
+        let installed = output(Command::new("rustup").args([
+            "component",
+            "list",
+            "--installed",
+            "--toolchain",
+            toolchain,
+        ]))
+        .unwrap_or_default();
+        if !installed.lines().any(|l| l.starts_with(component)) {
+            run(Command::new("rustup").args(["component", "add", component, "--toolchain", toolchain]))?;
+        }
     }
 
+    Ok(())
+}
+
+/// bpf-linker at its pinned version, built against Debian's LLVM.
+fn bpf_linker(pins: &Pins) -> Result<()> {
+    let llvm = &pins.llvm;
     let linker = cargo_bin().join("bpf-linker");
     let have = output(Command::new(&linker).arg("--version")).unwrap_or_default();
     if !have.split_whitespace().any(|w| w == pins.bpf_linker) {

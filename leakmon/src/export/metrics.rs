@@ -174,8 +174,16 @@ impl Metrics {
             last_dropped: 0,
             registry,
         };
+        m.present_from_the_start();
+        m
+    }
+
+    /// leakmon's build, its own process's families, and the counters whose labels are
+    /// known at zero: `increase()` sees their first loss, and dashboards and alerts find
+    /// the series before anything went wrong.
+    fn present_from_the_start(&self) {
         let build = register(
-            &m.registry,
+            &self.registry,
             IntGaugeVec::new(Opts::new("leakmon_build_info", "leakmon's version; always 1."), &["version"])
                 .expect("valid"),
         );
@@ -183,18 +191,17 @@ impl Metrics {
         // Counters with known labels start at 0, so `increase()` sees their first loss
         // and dashboards and alerts find the series before anything went wrong.
         for source in ["lifecycle_ring", "lifecycle_queue", "lifecycle_malformed"] {
-            m.events_lost.with_label_values(&[source]);
+            self.events_lost.with_label_values(&[source]);
         }
         for map in MAP_LABELS {
-            m.map_errors.with_label_values(&[map]);
+            self.map_errors.with_label_values(&[map]);
         }
         #[cfg(target_os = "linux")]
-        m.registry
+        self.registry
             .register(Box::new(prometheus::process_collector::ProcessCollector::for_self()))
             .expect("process collector");
         // Present from the start, so a rate over it works before the first failure.
-        m.errors.with_label_values(&["purge"]);
-        m
+        self.errors.with_label_values(&["purge"]);
     }
 
     /// Replaces every per-series value with those of `views`.
