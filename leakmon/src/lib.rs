@@ -21,7 +21,6 @@ pub mod monitor;
 pub mod own_memory;
 pub mod probes;
 pub mod procfs;
-pub mod python;
 pub mod report;
 pub mod runtimes;
 pub mod sources;

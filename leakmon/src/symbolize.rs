@@ -92,7 +92,7 @@ pub struct Symbolizer {
     blaze: Mutex<Parsed>,
     wrappers: Wrappers,
     /// CPython processes by pid (`None`: not one, or not one leakmon can name).
-    python: Mutex<HashMap<u32, Option<Arc<crate::python::code::Process>>>>,
+    python: Mutex<HashMap<u32, Option<Arc<crate::runtimes::python::code::Process>>>>,
 }
 
 /// blazesym's symbolizer and the binaries it reads, which live and go together.
@@ -181,7 +181,7 @@ impl Symbolizer {
         pid: u32,
         maps: &[Mapping],
         root: Option<&Path>,
-        python: Option<Arc<crate::python::code::Process>>,
+        python: Option<Arc<crate::runtimes::python::code::Process>>,
         stack: &[u64],
     ) -> Vec<Frame> {
         let split = stack.iter().position(|&w| python::decode(w).is_some()).unwrap_or(stack.len());
@@ -206,7 +206,7 @@ impl Symbolizer {
         pid: u32,
         maps: &[Mapping],
         root: &Path,
-    ) -> Option<Arc<crate::python::code::Process>> {
+    ) -> Option<Arc<crate::runtimes::python::code::Process>> {
         let mut known = self.python.lock().unwrap_or_else(std::sync::PoisonError::into_inner);
         if let Some(Some(p)) = known.get(&pid) {
             if p.interpreter.still_in(maps) {
@@ -216,9 +216,9 @@ impl Symbolizer {
         if known.len() >= MAX_PYTHON_PROCESSES {
             known.clear();
         }
-        let process = crate::python::Interpreter::find(maps, root)
+        let process = crate::runtimes::python::Interpreter::find(maps, root)
             .and_then(Result::ok)
-            .and_then(|i| crate::python::code::Process::open(pid, i))
+            .and_then(|i| crate::runtimes::python::code::Process::open(pid, i))
             .map(Arc::new);
         known.insert(pid, process.clone());
         process
@@ -289,7 +289,7 @@ const EVAL_FRAME: &str = "_PyEval_EvalFrameDefault";
 
 /// Named Python frames, innermost first, each with whether it is its evaluation call's
 /// first; `None` when one word is not a code object of this process.
-fn python_frames(process: &crate::python::code::Process, words: &[u64]) -> Option<Vec<(Frame, bool)>> {
+fn python_frames(process: &crate::runtimes::python::code::Process, words: &[u64]) -> Option<Vec<(Frame, bool)>> {
     words
         .iter()
         .map(|&w| {

@@ -14,6 +14,11 @@ pub enum Attach {
     Suspects,
 }
 
+/// The sampling interval when none is given, for the agent and for the runtimes' own
+/// profilers alike: one sample per 512 KiB allocated. (V8's own default, 32 KiB, took a
+/// fifth of an allocation-bound Node.js's speed; see `cargo xtask bench --node-only`.)
+pub const DEFAULT_SAMPLE_BYTES: u64 = 512 * 1024;
+
 /// `500ms`, `0.5s`, `30s`, `10m`, `1h`, or a bare number of seconds.
 /// The longest duration any option takes: a year. Longer ones are surely a mistake, and
 /// a bound keeps every product of them (`10 × sample-interval`) far from overflow.

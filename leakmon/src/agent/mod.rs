@@ -26,8 +26,6 @@ pub const LIBRARY: &[u8] = include_bytes!(concat!(env!("OUT_DIR"), "/libleakmon_
 /// (statically linked): leakmon maps it itself and it has inline hooks only.
 pub const FREESTANDING: &[u8] = include_bytes!(concat!(env!("OUT_DIR"), "/libleakmon_agent_freestanding.so"));
 
-/// The interval with the agent when none is given: one sample per 512 KiB allocated.
-pub const DEFAULT_SAMPLE_BYTES: u64 = 512 * 1024;
 
 /// The environment variable the preloaded agent reads its interval from.
 pub const SAMPLE_BYTES_ENV: &str = "LEAKMON_AGENT_SAMPLE_BYTES";

@@ -172,10 +172,10 @@ pub(crate) fn python_at_exit(
     proc_root: &ProcRoot,
     pid: u32,
     maps: &[crate::procfs::Mapping],
-) -> Option<std::sync::Arc<crate::python::code::Process>> {
+) -> Option<std::sync::Arc<crate::runtimes::python::code::Process>> {
     let root = proc_root.in_root(pid, std::path::Path::new("/"));
-    let interpreter = crate::python::Interpreter::find(maps, &root)?.ok()?;
-    let process = crate::python::code::Process::open(pid, interpreter)?;
+    let interpreter = crate::runtimes::python::Interpreter::find(maps, &root)?.ok()?;
+    let process = crate::runtimes::python::code::Process::open(pid, interpreter)?;
     let totals = probes.totals(|k| k.tgid == pid).ok()?;
     let stacks: Vec<Vec<u64>> = totals.iter().filter_map(|(k, _)| probes.stack(k.stack_id)).collect();
     process.prefetch(stacks.iter().map(Vec::as_slice));

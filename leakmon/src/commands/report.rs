@@ -69,7 +69,7 @@ impl<'a> Watch<'a> {
         let probes = load_probes(&args.tables, false)?;
         let agent = args.agent.then(crate::agent::install).transpose()?;
         let sample_bytes = match (&agent, args.tables.sample_bytes) {
-            (Some(_), 0) => crate::agent::DEFAULT_SAMPLE_BYTES,
+            (Some(_), 0) => crate::values::DEFAULT_SAMPLE_BYTES,
             (_, bytes) => bytes,
         };
         Ok(Self {
@@ -358,7 +358,7 @@ fn runtime_report(args: &ReportArgs) -> Result<()> {
     }
     count_signals();
     let sample_bytes = match args.tables.sample_bytes {
-        0 => crate::runtimes::DEFAULT_SAMPLE_BYTES,
+        0 => crate::values::DEFAULT_SAMPLE_BYTES,
         bytes => bytes,
     };
     let report =

@@ -173,7 +173,7 @@ impl Probes {
                 return Ok(inode != 0);
             }
         }
-        let interpreter = match crate::python::Interpreter::find(maps, root) {
+        let interpreter = match crate::runtimes::python::Interpreter::find(maps, root) {
             // Not (yet) a Python process: looked for again at its next refresh.
             None => return Ok(false),
             Some(Err(why)) => {

@@ -38,7 +38,7 @@ pub struct ProcessInfo {
     pub allocator: Option<Allocator>,
     /// Its CPython, with the code objects its stacks name read while it lived (see
     /// `python::code::Process::prefetch`); looked up through `root` when absent.
-    pub python: Option<std::sync::Arc<crate::python::code::Process>>,
+    pub python: Option<std::sync::Arc<crate::runtimes::python::code::Process>>,
 }
 
 #[derive(Clone, Debug, PartialEq, Serialize)]
@@ -79,7 +79,7 @@ pub const PYTHON_UNSEEN: &str =
 
 /// Whether `maps` run CPython (an executable mapping of its executable or library).
 fn runs_python(maps: &[Mapping]) -> bool {
-    maps.iter().any(|m| m.executable && crate::python::is_interpreter_file(&m.path))
+    maps.iter().any(|m| m.executable && crate::runtimes::python::is_interpreter_file(&m.path))
 }
 
 /// Bytes set apart as the runtime's own, and the functions that named them.

@@ -20,9 +20,9 @@ use std::{
 use anyhow::{bail, Context as _, Result};
 use serde_json::json;
 
-use super::{
+use super::node::{
     inspector::{is_inspector, listening, Session},
-    node::CLOSE,
+    CLOSE,
 };
 use crate::untrusted::Pinned;
 
@@ -196,7 +196,7 @@ fn stop_recording(pid: u32, name: &str) -> Result<()> {
     if !name.starts_with("leakmon-") || !name.bytes().all(|b| b.is_ascii_alphanumeric() || b == b'-') {
         bail!("{name:?} is not a recording leakmon names");
     }
-    let stopped = super::attach::Jvm::attach(pid).and_then(|jvm| jvm.jcmd(&format!("JFR.stop name={name}")));
+    let stopped = super::jvm::attach::Jvm::attach(pid).and_then(|jvm| jvm.jcmd(&format!("JFR.stop name={name}")));
     super::jvm::remove_recordings(pid, name);
     stopped.map(drop)
 }

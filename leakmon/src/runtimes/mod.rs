@@ -6,21 +6,15 @@
 //! allocations still hold per call stack of the runtime's code, in the shapes of the
 //! native reports (frames carry `"runtime":"node"` or `"runtime":"jvm"`).
 
-pub mod attach;
 pub mod guardian;
-pub mod inspector;
-pub mod jfr;
 pub mod jvm;
 pub mod node;
-pub mod port_guard;
+pub mod python;
 
 use std::time::Duration;
 
 use anyhow::{Context as _, Result};
 
-/// The sampling interval: the agent's. (V8's own default, 32 KiB, took a fifth of an
-/// allocation-bound Node.js's speed; see `cargo xtask bench --node-only`.)
-pub const DEFAULT_SAMPLE_BYTES: u64 = crate::agent::DEFAULT_SAMPLE_BYTES;
 
 /// A runtime leakmon recognizes.
 #[derive(Clone, Copy, Debug, PartialEq, Eq, clap::ValueEnum)]

@@ -128,7 +128,7 @@ fn attribution(
             Attach::All | Attach::None => unreachable!("refused by validate"),
         };
         let sample_bytes = match args.tables.sample_bytes {
-            0 => crate::agent::DEFAULT_SAMPLE_BYTES,
+            0 => crate::values::DEFAULT_SAMPLE_BYTES,
             bytes => bytes,
         };
         return Ok(Some(Box::new(Agent::start(probes, coverage, proc_root, sample_bytes)?)));
@@ -374,7 +374,7 @@ impl Kernel {
 fn runtime_profiles(args: &RunArgs) -> Option<RuntimeProfiles> {
     (!args.runtime_profilers.is_empty()).then(|| {
         let sample_bytes = match args.tables.sample_bytes {
-            0 => crate::runtimes::DEFAULT_SAMPLE_BYTES,
+            0 => crate::values::DEFAULT_SAMPLE_BYTES,
             bytes => bytes,
         };
         RuntimeProfiles::new(

@@ -20,12 +20,14 @@ use anyhow::{bail, Context as _, Result};
 use serde_json::{json, Value};
 use tracing::{info, warn};
 
-use super::{
-    guardian::Guard,
+pub mod inspector;
+pub mod port_guard;
+
+use self::{
     inspector::{inspector_address, is_inspector, listeners, listening, loopback, Session},
     port_guard::PortGuard,
-    Frame, Profiler, Stack,
 };
+use super::{guardian::Guard, Frame, Profiler, Stack};
 use crate::untrusted::{read_text, Identity, Pinned, PROC_TEXT_LIMIT};
 
 /// Closes the inspector once the current session has ended. Not at once
@@ -42,7 +44,7 @@ pub struct Node {
     pid: u32,
     addr: SocketAddr,
     session: Option<Session>,
-    /// Closes the inspector if this leakmon cannot (see [`super::guardian`]).
+    /// Closes the inspector if this leakmon cannot (see [`super::super::guardian`]).
     guard: Option<Guard>,
     /// Keeps the port to root and the process's user while it is open; dropped last.
     _port: PortGuard,

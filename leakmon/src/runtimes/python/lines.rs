@@ -94,7 +94,7 @@ print(json.dumps(out))
 "#;
         let source = concat!(env!("CARGO_MANIFEST_DIR"), "/tests/fixtures/python/cache_leak.py");
         let mut checked = 0;
-        for python in crate::python::tests::interpreters() {
+        for python in crate::runtimes::python::tests::interpreters() {
             let out = std::process::Command::new(&python)
                 .args(["-c", script, source])
                 .output()

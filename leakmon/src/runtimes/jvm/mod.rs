@@ -1,6 +1,6 @@
 //! A HotSpot JVM's own view of what it keeps, for a window, through its attach socket.
 //!
-//! With JFR: a recording of live-object samples (see [`super::jfr`]); each snapshot is
+//! With JFR: a recording of live-object samples (see [`jfr`]); each snapshot is
 //! a dump written into the JVM's own /tmp, read through `/proc/PID/root` and removed.
 //! The recording is started with a duration past the time leakmon wants it, so a
 //! leakmon that dies meanwhile leaves nothing running.
@@ -14,10 +14,13 @@ use std::{collections::HashMap, os::fd::AsFd as _, path::Path, time::Duration};
 use anyhow::{bail, Context as _, Result};
 use tracing::{info, warn};
 
+pub mod attach;
+pub mod jfr;
+
+use self::attach::Jvm as Attached;
 use super::{
-    attach::Jvm as Attached,
     guardian::{Guard, Guarded},
-    jfr, Frame, Profiler, Stack,
+    Frame, Profiler, Stack,
 };
 use crate::untrusted::{read_regular, remove_owned, Identity, TargetRoot};
 
@@ -30,7 +33,7 @@ pub struct Jvm {
     pid: u32,
     attached: Attached,
     how: How,
-    /// Stops the recording if this leakmon cannot (see [`super::guardian`]).
+    /// Stops the recording if this leakmon cannot (see [`super::super::guardian`]).
     guard: Option<Guard>,
 }
 

@@ -7,7 +7,7 @@
 //! on loopback from anyone but root and the port's process's user, who can reach the
 //! process already. The port is guarded before the signal that opens it and until it is
 //! closed; the hooks go with leakmon (their link is its descriptor), by which time the
-//! runtime guardian has closed the port (see [`super::guardian`]).
+//! runtime guardian has closed the port (see [`super::super::guardian`]).
 
 use std::{
     collections::HashMap as StdHashMap,

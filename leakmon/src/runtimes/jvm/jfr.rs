@@ -13,7 +13,7 @@ use std::collections::HashMap;
 use anyhow::{Context as _, Result};
 use jfrs::reader::{event::Accessor, JfrReader};
 
-use super::{Frame, Stack};
+use super::super::{Frame, Stack};
 
 /// The events leakmon asks for, as `JFR.start` settings: live-object samples with
 /// their stacks, and the sampling points without (one event per buffer, no stack walk).

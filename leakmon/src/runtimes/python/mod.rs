@@ -305,7 +305,7 @@ pub(crate) mod tests {
             .arg(&include)
             .arg("-I")
             .arg(include.join("internal"))
-            .arg(concat!(env!("CARGO_MANIFEST_DIR"), "/src/python/testdata/offsets.c"))
+            .arg(concat!(env!("CARGO_MANIFEST_DIR"), "/src/runtimes/python/testdata/offsets.c"))
             .arg("-o")
             .arg(&bin)
             .status()
