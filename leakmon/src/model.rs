@@ -4,6 +4,8 @@
 //! sources), read by the ones after (store, report, export); this module imports none
 //! of them.
 
+use std::path::PathBuf;
+
 use serde::Serialize;
 
 use crate::analysis::trend::Verdict;
@@ -39,6 +41,50 @@ impl FrameReport {
             function: Some(&self.function),
             file: self.file.as_deref(),
             runtime: self.runtime.as_deref(),
+        }
+    }
+}
+
+/// One resolved stack frame.
+#[derive(Clone, Debug, Default, PartialEq, Eq, serde::Serialize)]
+pub struct Frame {
+    /// Demangled function name; `None` when no symbol covers the address.
+    pub function: Option<String>,
+    pub file: Option<String>,
+    pub line: Option<u32>,
+    /// The address as the process saw it: for lookups only, never shown (see
+    /// [`FrameReport::address`]).
+    #[serde(skip)]
+    pub address: u64,
+    /// The binary the address lies in.
+    #[serde(skip)]
+    pub object: Option<PathBuf>,
+    /// Its GNU build id (hex), when it has one.
+    #[serde(skip)]
+    pub build_id: Option<String>,
+    /// The file offset of the call instruction (the return address's byte before); a
+    /// Python frame's line.
+    #[serde(skip)]
+    pub file_offset: u64,
+    /// `python` for a frame of Python code; `None` for native code.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub runtime: Option<&'static str>,
+}
+
+impl Frame {
+    pub fn site_frame(&self) -> SiteFrame<'_> {
+        SiteFrame { function: self.function.as_deref(), file: self.file.as_deref(), runtime: self.runtime }
+    }
+}
+
+impl From<Frame> for FrameReport {
+    fn from(f: Frame) -> Self {
+        Self {
+            function: f.function.unwrap_or_else(|| "??".to_owned()),
+            file: f.file,
+            line: f.line,
+            address: format!("{:#x}", f.file_offset),
+            runtime: f.runtime.map(str::to_owned),
         }
     }
 }

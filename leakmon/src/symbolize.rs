@@ -14,7 +14,7 @@ mod binaries;
 
 use std::{
     collections::HashMap,
-    path::{Path, PathBuf},
+    path::Path,
     sync::{Arc, Mutex},
     time::{Duration, Instant},
 };
@@ -24,44 +24,13 @@ use leakmon_common::python;
 use blazesym::symbolize::{source::Elf, source::Source, Input, Symbolized, Symbolizer as Blaze};
 
 use self::binaries::{Binaries, COPIED_LIMIT};
+use crate::runtimes::python::frames;
 use crate::{
-    model::SiteFrame,
+    model::{Frame, SiteFrame},
     procfs::{find_mapping, Mapping},
     runtimes::runtime_site,
     wrappers::Wrappers,
 };
-
-/// One resolved stack frame.
-#[derive(Clone, Debug, Default, PartialEq, Eq, serde::Serialize)]
-pub struct Frame {
-    /// Demangled function name; `None` when no symbol covers the address.
-    pub function: Option<String>,
-    pub file: Option<String>,
-    pub line: Option<u32>,
-    /// The address as the process saw it: for lookups only, never shown (see
-    /// [`crate::model::FrameReport::address`]).
-    #[serde(skip)]
-    pub address: u64,
-    /// The binary the address lies in.
-    #[serde(skip)]
-    pub object: Option<PathBuf>,
-    /// Its GNU build id (hex), when it has one.
-    #[serde(skip)]
-    pub build_id: Option<String>,
-    /// The file offset of the call instruction (the return address's byte before); a
-    /// Python frame's line.
-    #[serde(skip)]
-    pub file_offset: u64,
-    /// `python` for a frame of Python code; `None` for native code.
-    #[serde(skip_serializing_if = "Option::is_none")]
-    pub runtime: Option<&'static str>,
-}
-
-impl Frame {
-    pub fn site_frame(&self) -> SiteFrame<'_> {
-        SiteFrame { function: self.function.as_deref(), file: self.file.as_deref(), runtime: self.runtime }
-    }
-}
 
 /// A stack's id that does not depend on where things were loaded: a hash of each
 /// frame's binary (its build id, else its path) and file offset. The same call path in
@@ -72,18 +41,6 @@ pub fn stable_id(frames: &[Frame]) -> String {
         let object = f.build_id.clone().or_else(|| f.object.as_ref().map(|p| p.display().to_string()));
         format!("{}+{:x}", object.unwrap_or_default(), f.file_offset)
     }))
-}
-
-impl From<Frame> for crate::model::FrameReport {
-    fn from(f: Frame) -> Self {
-        Self {
-            function: f.function.unwrap_or_else(|| "??".to_owned()),
-            file: f.file,
-            line: f.line,
-            address: format!("{:#x}", f.file_offset),
-            runtime: f.runtime.map(str::to_owned),
-        }
-    }
 }
 
 /// Shared symbolizer with its per-binary cache, and the allocation wrappers that decide
@@ -193,10 +150,10 @@ impl Symbolizer {
         else {
             return native;
         };
-        let Some(python) = python_frames(&process, &stack[split..]) else {
+        let Some(python) = frames::named(&process, &stack[split..]) else {
             return native;
         };
-        merge(native, python)
+        frames::merge(native, python)
     }
 
     /// The CPython process `pid`, found and opened once while its interpreter stays
@@ -284,58 +241,6 @@ impl Symbolizer {
     }
 }
 
-/// The native frame that runs a sequence of Python frames.
-const EVAL_FRAME: &str = "_PyEval_EvalFrameDefault";
-
-/// Named Python frames, innermost first, each with whether it is its evaluation call's
-/// first; `None` when one word is not a code object of this process.
-fn python_frames(process: &crate::runtimes::python::code::Process, words: &[u64]) -> Option<Vec<(Frame, bool)>> {
-    words
-        .iter()
-        .map(|&w| {
-            let f = python::decode(w)?;
-            let code = process.code(f.code)?;
-            let line = code.line(f.lasti);
-            let frame = Frame {
-                function: Some(code.qualname.clone()),
-                file: Some(code.filename.clone()),
-                line,
-                // The instruction's own address: one pprof location per instruction.
-                address: f.code
-                    + u64::from(process.interpreter.layout.code_instructions)
-                    + 2 * u64::from(f.lasti),
-                object: Some(PathBuf::from(&code.filename)),
-                build_id: Some(format!("py:{}", code.qualname)),
-                file_offset: u64::from(line.unwrap_or(0)),
-                runtime: Some("python"),
-            };
-            Some((frame, f.entry))
-        })
-        .collect()
-}
-
-/// Puts each native evaluation frame's Python frames in its place: from the innermost,
-/// each evaluation frame takes the Python frames up to and including the next entry
-/// frame. Python frames left over (the native walk stopped early) go outermost.
-fn merge(native: Vec<Frame>, python: Vec<(Frame, bool)>) -> Vec<Frame> {
-    let mut python = python.into_iter().peekable();
-    let mut out = Vec::with_capacity(native.len() + python.len());
-    for frame in native {
-        if frame.function.as_deref() != Some(EVAL_FRAME) || python.peek().is_none() {
-            out.push(frame);
-            continue;
-        }
-        for (py, entry) in python.by_ref() {
-            out.push(py);
-            if entry {
-                break;
-            }
-        }
-    }
-    out.extend(python.map(|(f, _)| f));
-    out
-}
-
 /// The address, as laid out in the ELF file `path` (no load bias), of its byte at
 /// `offset`: from its program headers, which lie near the start of the file.
 fn virt_offset(path: &Path, offset: u64) -> Option<u64> {
@@ -354,6 +259,8 @@ fn virt_offset(path: &Path, offset: u64) -> Option<u64> {
 
 #[cfg(test)]
 mod tests {
+    use std::path::PathBuf;
+
     use super::*;
     use crate::procfs::{Mapping, ProcRoot};
 

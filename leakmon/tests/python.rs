@@ -76,7 +76,7 @@ fn an_exact_report_names_the_python_line_of_each_interpreter() {
         let json = finish_report(report, stderr);
         let p = processes(&json).iter().find(|p| p["pid"] == pid).expect("the fixture");
         assert_eq!(p["runtime"], "python", "{python}");
-        assert_eq!(p["notes"][0], leakmon::report::PYTHON_UNSEEN, "{python}");
+        assert_eq!(p["notes"][0], leakmon::runtimes::python::UNSEEN_BY_UPROBES, "{python}");
         let kept: Vec<&Value> = p["stacks"]
             .as_array()
             .expect("stacks")

@@ -26,7 +26,6 @@ pub const LIBRARY: &[u8] = include_bytes!(concat!(env!("OUT_DIR"), "/libleakmon_
 /// (statically linked): leakmon maps it itself and it has inline hooks only.
 pub const FREESTANDING: &[u8] = include_bytes!(concat!(env!("OUT_DIR"), "/libleakmon_agent_freestanding.so"));
 
-
 /// The environment variable the preloaded agent reads its interval from.
 pub const SAMPLE_BYTES_ENV: &str = "LEAKMON_AGENT_SAMPLE_BYTES";
 

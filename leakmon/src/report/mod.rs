@@ -18,6 +18,7 @@ use crate::{
     model::{FrameReport, Method},
     probes::targets::Allocator,
     procfs::Mapping,
+    runtimes::python,
     store::ProcessTotals,
     symbolize::Symbolizer,
 };
@@ -71,15 +72,6 @@ pub struct ProcessReport {
     /// What the figures leave out, a sentence each (see [`Report::add_notes`]).
     #[serde(skip_serializing_if = "Vec::is_empty")]
     pub notes: Vec<String>,
-}
-
-/// Said of a CPython process watched through uprobes.
-pub const PYTHON_UNSEEN: &str =
-    "small Python objects come from CPython's own arenas (pymalloc), which uprobes do not see: add --agent to sample them";
-
-/// Whether `maps` run CPython (an executable mapping of its executable or library).
-fn runs_python(maps: &[Mapping]) -> bool {
-    maps.iter().any(|m| m.executable && crate::runtimes::python::is_interpreter_file(&m.path))
 }
 
 /// Bytes set apart as the runtime's own, and the functions that named them.
@@ -155,7 +147,7 @@ impl Report {
                     incomplete: pinfo.incomplete,
                     stacks,
                     runtime_internal: RuntimeInternal::default(),
-                    runtime: runs_python(&pinfo.maps).then_some("python"),
+                    runtime: python::runs(&pinfo.maps).then_some(python::NAME),
                     notes: Vec::new(),
                 }
             })
@@ -166,8 +158,8 @@ impl Report {
     /// Says, per process, what its figures cannot hold in this report's method.
     pub fn add_notes(&mut self) {
         for p in &mut self.processes {
-            if self.method == Method::Uprobes && p.runtime == Some("python") {
-                p.notes.push(PYTHON_UNSEEN.to_owned());
+            if self.method == Method::Uprobes && p.runtime == Some(python::NAME) {
+                p.notes.push(python::UNSEEN_BY_UPROBES.to_owned());
             }
         }
     }
@@ -186,7 +178,7 @@ impl Report {
                     incomplete: info.incomplete,
                     stacks: Vec::new(),
                     runtime_internal: RuntimeInternal::default(),
-                    runtime: runs_python(&info.maps).then_some("python"),
+                    runtime: python::runs(&info.maps).then_some(python::NAME),
                     notes: Vec::new(),
                 });
             }
@@ -267,7 +259,7 @@ mod tests {
 
     #[test]
     fn frames_render_hex_addresses_and_unknown_names() {
-        use crate::symbolize::Frame;
+        use crate::model::Frame;
         let f =
             FrameReport::from(Frame { address: 0x7f00_dead_beef, file_offset: 0xdead, ..Frame::default() });
         assert_eq!(f.address, "0xdead");

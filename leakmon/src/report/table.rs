@@ -64,7 +64,7 @@ pub fn render(report: &Report) -> String {
             // A Python site names its line; the interpreter's frames under it say nothing.
             // Past wrappers, or a runtime's library code (the JDK's, Node.js's), the
             // site says what it called through.
-            if at > 0 && s.frames[at].runtime.as_deref() != Some("python") {
+            if at > 0 && s.frames[at].runtime.as_deref() != Some(crate::runtimes::python::NAME) {
                 let via: Vec<&str> = s.frames[..at].iter().rev().map(|f| f.function.as_str()).collect();
                 first = format!("{first}  via {}", via.join(" > "));
             }
@@ -208,7 +208,10 @@ mod tests {
         let text = render(&report);
         assert!(text.contains("         4129         1 100.0%  remember (app.py:10)\n"), "{text}");
         assert!(text.contains("  <module> (app.py:20)\n"), "{text}");
-        assert!(text.contains(&format!("\n  note: {}\n", crate::report::PYTHON_UNSEEN)), "{text}");
+        assert!(
+            text.contains(&format!("\n  note: {}\n", crate::runtimes::python::UNSEEN_BY_UPROBES)),
+            "{text}"
+        );
         report.processes[0].notes.clear();
         report.method = crate::report::Method::Agent;
         report.add_notes();

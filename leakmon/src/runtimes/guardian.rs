@@ -196,7 +196,8 @@ fn stop_recording(pid: u32, name: &str) -> Result<()> {
     if !name.starts_with("leakmon-") || !name.bytes().all(|b| b.is_ascii_alphanumeric() || b == b'-') {
         bail!("{name:?} is not a recording leakmon names");
     }
-    let stopped = super::jvm::attach::Jvm::attach(pid).and_then(|jvm| jvm.jcmd(&format!("JFR.stop name={name}")));
+    let stopped =
+        super::jvm::attach::Jvm::attach(pid).and_then(|jvm| jvm.jcmd(&format!("JFR.stop name={name}")));
     super::jvm::remove_recordings(pid, name);
     stopped.map(drop)
 }

@@ -15,7 +15,6 @@ use std::time::Duration;
 
 use anyhow::{Context as _, Result};
 
-
 /// A runtime leakmon recognizes.
 #[derive(Clone, Copy, Debug, PartialEq, Eq, clap::ValueEnum)]
 pub enum Runtime {

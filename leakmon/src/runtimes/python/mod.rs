@@ -14,6 +14,7 @@
 //! Python frames, never invents them.
 
 pub mod code;
+pub mod frames;
 pub mod lines;
 
 use std::path::{Path, PathBuf};
@@ -22,6 +23,18 @@ use leakmon_common::python::{PyLayout, NONE};
 use object::{Object as _, ObjectSection as _, ObjectSegment as _, ObjectSymbol as _};
 
 use crate::procfs::Mapping;
+
+/// The runtime's name in reports, frames and series.
+pub const NAME: &str = "python";
+
+/// Said of a CPython process watched through uprobes.
+pub const UNSEEN_BY_UPROBES: &str =
+    "small Python objects come from CPython's own arenas (pymalloc), which uprobes do not see: add --agent to sample them";
+
+/// Whether `maps` run CPython (an executable mapping of its executable or library).
+pub fn runs(maps: &[Mapping]) -> bool {
+    maps.iter().any(|m| m.executable && is_interpreter_file(&m.path))
+}
 
 /// Where a code object and a string keep what naming a frame needs.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
