@@ -1,10 +1,9 @@
-//! Runtimes whose objects live in heaps they manage and move (V8, HotSpot): no native
-//! hook sees their code, so leakmon asks their own sampling heap profilers, for a
-//! running process, without a restart (`report --runtime`).
-//!
-//! In: a pid and a window. Out: a [`Report`] of the bytes the window's sampled
-//! allocations still hold per call stack of the runtime's code, in the shapes of the
-//! native reports (frames carry `"runtime":"node"` or `"runtime":"jvm"`).
+//! Language runtimes, one folder each (`python`, `node`, `jvm`), each answering for
+//! itself what the core asks through [`Support`]; [`ALL`] is the one list that wires
+//! them in. CPython's frames are walked in the kernel and named here; V8's and
+//! HotSpot's objects live in heaps they manage and move, so no native hook sees their
+//! code and leakmon asks their own sampling heap profilers, for a running process,
+//! without a restart (`report --runtime`, the daemon's `--runtime-profilers`).
 
 pub mod guardian;
 pub mod jvm;
@@ -15,7 +14,39 @@ use std::time::Duration;
 
 use anyhow::{Context as _, Result};
 
-/// A runtime leakmon recognizes.
+/// What the core asks of a runtime; each runtime's folder answers for its own.
+pub trait Support: Sync {
+    /// As frames, processes and series name it.
+    fn name(&self) -> &'static str;
+    /// Whether a frame of its code (function, file) is the runtime's own library code,
+    /// which a site is named past (see [`runtime_site`]).
+    fn library_code(&self, _function: &str, _file: Option<&str>) -> bool {
+        false
+    }
+    /// Whether a process with the executable named `exe` and the mappings `maps`
+    /// (their text) runs it, for its own heap profiler.
+    fn runs(&self, _exe: &str, _maps: &str) -> bool {
+        false
+    }
+    /// Its own sampling heap profiler started in `pid`; `None` for a runtime without one.
+    fn profiler(&self, _pid: u32, _options: Options) -> Option<Result<Box<dyn Profiler>>> {
+        None
+    }
+    /// Whether its profiler is reached in the process's network namespace.
+    fn in_net_namespace(&self) -> bool {
+        false
+    }
+}
+
+/// Every runtime leakmon knows: adding one is a folder and a line here.
+pub static ALL: [&dyn Support; 3] = [&python::PYTHON, &node::NODE, &jvm::JVM];
+
+/// The runtime named `name` in frames and reports.
+pub fn by_name(name: &str) -> Option<&'static dyn Support> {
+    ALL.iter().copied().find(|s| s.name() == name)
+}
+
+/// A runtime whose own heap profiler can be asked (`--runtime-profilers`).
 #[derive(Clone, Copy, Debug, PartialEq, Eq, clap::ValueEnum)]
 pub enum Runtime {
     Node,
@@ -25,9 +56,13 @@ pub enum Runtime {
 impl Runtime {
     /// As frames and processes name it in reports.
     pub fn name(self) -> &'static str {
+        self.support().name()
+    }
+
+    pub fn support(self) -> &'static dyn Support {
         match self {
-            Runtime::Node => "node",
-            Runtime::Jvm => "jvm",
+            Runtime::Node => &node::NODE,
+            Runtime::Jvm => &jvm::JVM,
         }
     }
 
@@ -55,24 +90,18 @@ pub struct Frame {
     pub column: u32,
 }
 
-/// The runtime `pid` runs: Node.js by its executable's name, a HotSpot JVM by its
-/// `libjvm.so`.
+/// The runtime with a heap profiler that `pid` runs, as each runtime tells it from
+/// the process's executable name and mappings.
 pub fn detect(pid: u32) -> Result<Option<Runtime>> {
     let exe =
         std::fs::read_link(format!("/proc/{pid}/exe")).with_context(|| format!("read /proc/{pid}/exe"))?;
     let name = exe.file_name().map(|n| n.to_string_lossy().into_owned()).unwrap_or_default();
-    if name == "node" || name == "nodejs" {
-        return Ok(Some(Runtime::Node));
-    }
     let maps = crate::untrusted::read_text(
         std::path::Path::new(&format!("/proc/{pid}/maps")),
         crate::untrusted::PROC_TEXT_LIMIT,
     )
     .unwrap_or_default();
-    if maps.lines().any(|l| l.ends_with("/libjvm.so")) {
-        return Ok(Some(Runtime::Jvm));
-    }
-    Ok(None)
+    Ok([Runtime::Node, Runtime::Jvm].into_iter().find(|r| r.support().runs(&name, &maps)))
 }
 
 /// A runtime's sampling heap profiler, running in a process.
@@ -82,6 +111,10 @@ pub trait Profiler {
     /// Stops sampling and leaves the process as it was (also done on drop, errors
     /// unreported).
     fn close(self: Box<Self>) -> Result<()>;
+    /// What a report of `stacks` must say about how the runtime named them.
+    fn notes(&self, _stacks: &[Stack]) -> Vec<String> {
+        Vec::new()
+    }
 }
 
 /// What to sample with.
@@ -102,26 +135,23 @@ pub fn with_profiler<T: Send>(
     pid: u32,
     runtime: Runtime,
     options: Options,
-    body: impl FnOnce(&mut dyn Profiler, bool) -> Result<T> + Send,
+    body: impl FnOnce(&mut dyn Profiler) -> Result<T> + Send,
 ) -> Result<T> {
+    let support = runtime.support();
     let run = || -> Result<T> {
-        let (mut profiler, per_class): (Box<dyn Profiler>, bool) = match runtime {
-            Runtime::Node => (Box::new(node::Node::open(pid, options.sample_bytes)?), false),
-            Runtime::Jvm => {
-                let jvm = jvm::Jvm::open(pid, options.lifetime, options.histograms)?;
-                let per_class = jvm.per_class();
-                (Box::new(jvm), per_class)
-            }
-        };
-        let result = body(profiler.as_mut(), per_class);
+        let mut profiler = support
+            .profiler(pid, options)
+            .ok_or_else(|| anyhow::anyhow!("{} has no heap profiler", support.name()))??;
+        let result = body(profiler.as_mut());
         let closed = profiler.close();
         let out = result?;
         closed?;
         Ok(out)
     };
-    match runtime {
-        Runtime::Node => in_net_namespace(pid, run),
-        Runtime::Jvm => run(),
+    if support.in_net_namespace() {
+        in_net_namespace(pid, run)
+    } else {
+        run()
     }
 }
 
@@ -130,11 +160,7 @@ pub fn with_profiler<T: Send>(
 /// [`crate::runtimes::runtime_site`]): the program's frame under it is where its code
 /// asked for the memory.
 pub fn library_code(runtime: &str, function: &str, file: Option<&str>) -> bool {
-    match runtime {
-        "node" => file.is_some_and(|f| f.starts_with("node:")),
-        "jvm" => ["java.", "javax.", "jdk.", "sun.", "com.sun."].iter().any(|p| function.starts_with(p)),
-        _ => false,
-    }
+    by_name(runtime).is_some_and(|s| s.library_code(function, file))
 }
 
 /// The site among a stack's frames of a runtime's code: the innermost one outside the

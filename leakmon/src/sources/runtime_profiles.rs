@@ -151,7 +151,7 @@ fn session(
     stop: &AtomicBool,
     latest: &Mutex<Option<ProcessTotals>>,
 ) {
-    let result = runtimes::with_profiler(pid, runtime, options, |profiler, _| loop {
+    let result = runtimes::with_profiler(pid, runtime, options, |profiler| loop {
         let next = Instant::now() + every;
         while Instant::now() < next {
             if stop.load(Ordering::Relaxed) {

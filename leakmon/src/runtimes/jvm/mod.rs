@@ -20,7 +20,7 @@ pub mod jfr;
 use self::attach::Jvm as Attached;
 use super::{
     guardian::{Guard, Guarded},
-    Frame, Profiler, Stack,
+    Frame, Options, Profiler, Stack, Support,
 };
 use crate::untrusted::{read_regular, remove_owned, Identity, TargetRoot};
 
@@ -133,6 +133,9 @@ impl Jvm {
     }
 }
 
+/// Says in a report that the JVM's figures are per class, not per stack.
+pub const JVM_CLASS_HISTOGRAM: &str = "JFR is unavailable in this JVM: the figures are the growth of each class between two class histograms (each a full collection), not allocation stacks";
+
 impl Profiler for Jvm {
     fn snapshot(&mut self) -> Result<Vec<Stack>> {
         let pid = self.pid;
@@ -173,6 +176,39 @@ impl Profiler for Jvm {
         let stopped = self.stop();
         self.how = How::Closed;
         stopped
+    }
+
+    fn notes(&self, _stacks: &[Stack]) -> Vec<String> {
+        if self.per_class() {
+            vec![JVM_CLASS_HISTOGRAM.to_owned()]
+        } else {
+            Vec::new()
+        }
+    }
+}
+
+/// HotSpot: the JDK's classes are library code; found by its `libjvm.so`; JFR's
+/// old-object samples (or class histograms where JFR is missing), through the attach
+/// protocol.
+pub struct JvmSupport;
+
+pub static JVM: JvmSupport = JvmSupport;
+
+impl Support for JvmSupport {
+    fn name(&self) -> &'static str {
+        "jvm"
+    }
+
+    fn library_code(&self, function: &str, _file: Option<&str>) -> bool {
+        ["java.", "javax.", "jdk.", "sun.", "com.sun."].iter().any(|p| function.starts_with(p))
+    }
+
+    fn runs(&self, _exe: &str, maps: &str) -> bool {
+        maps.lines().any(|l| l.ends_with("/libjvm.so"))
+    }
+
+    fn profiler(&self, pid: u32, options: Options) -> Option<Result<Box<dyn Profiler>>> {
+        Some(Jvm::open(pid, options.lifetime, options.histograms).map(|j| Box::new(j) as Box<dyn Profiler>))
     }
 }
 

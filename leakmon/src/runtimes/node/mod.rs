@@ -21,13 +21,14 @@ use serde_json::{json, Value};
 use tracing::{info, warn};
 
 pub mod inspector;
+pub mod notes;
 pub mod port_guard;
 
 use self::{
     inspector::{inspector_address, is_inspector, listeners, listening, loopback, Session},
     port_guard::PortGuard,
 };
-use super::{guardian::Guard, Frame, Profiler, Stack};
+use super::{guardian::Guard, Frame, Options, Profiler, Stack, Support};
 use crate::untrusted::{read_text, Identity, Pinned, PROC_TEXT_LIMIT};
 
 /// Closes the inspector once the current session has ended. Not at once
@@ -166,6 +167,39 @@ impl Profiler for Node {
 
     fn close(mut self: Box<Self>) -> Result<()> {
         self.finish()
+    }
+
+    fn notes(&self, stacks: &[Stack]) -> Vec<String> {
+        std::iter::once(notes::V8_INLINING.to_owned()).chain(notes::inlined_into_node(stacks)).collect()
+    }
+}
+
+/// Node.js: its own JavaScript (`node:` URLs) is library code; found by its
+/// executable's name; V8's sampling heap profiler, reached through the inspector in the
+/// process's network namespace.
+pub struct NodeSupport;
+
+pub static NODE: NodeSupport = NodeSupport;
+
+impl Support for NodeSupport {
+    fn name(&self) -> &'static str {
+        "node"
+    }
+
+    fn library_code(&self, _function: &str, file: Option<&str>) -> bool {
+        file.is_some_and(|f| f.starts_with("node:"))
+    }
+
+    fn runs(&self, exe: &str, _maps: &str) -> bool {
+        exe == "node" || exe == "nodejs"
+    }
+
+    fn profiler(&self, pid: u32, options: Options) -> Option<Result<Box<dyn Profiler>>> {
+        Some(Node::open(pid, options.sample_bytes).map(|n| Box::new(n) as Box<dyn Profiler>))
+    }
+
+    fn in_net_namespace(&self) -> bool {
+        true
     }
 }
 

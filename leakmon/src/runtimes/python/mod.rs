@@ -27,6 +27,18 @@ use crate::procfs::Mapping;
 /// The runtime's name in reports, frames and series.
 pub const NAME: &str = "python";
 
+/// CPython: its frames are walked in the kernel (see `leakmon-ebpf`'s python.rs) and
+/// named by [`frames`]; it has no heap profiler leakmon asks.
+pub struct PythonSupport;
+
+pub static PYTHON: PythonSupport = PythonSupport;
+
+impl super::Support for PythonSupport {
+    fn name(&self) -> &'static str {
+        NAME
+    }
+}
+
 /// Said of a CPython process watched through uprobes.
 pub const UNSEEN_BY_UPROBES: &str =
     "small Python objects come from CPython's own arenas (pymalloc), which uprobes do not see: add --agent to sample them";
