@@ -40,7 +40,7 @@ use nix::{
 };
 use object::{Object as _, ObjectSymbol as _};
 
-use super::inject::{open_mem, stack_word_in};
+use super::remote::{open_mem, stack_word_in};
 use crate::procfs::{Mapping, ProcRoot};
 
 /// The jump written at a hooked entry: `jmp rel32`.
