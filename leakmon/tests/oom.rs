@@ -16,7 +16,9 @@ fn oom_kills_are_counted_per_service() {
     let grow = build_fixture("grow.c", &[]);
     let victim = common::named(&grow, "grow_oom");
 
-    let _daemon = common::start_daemon(&["--sample-interval", "0.2s", "--window", "10s"], LISTEN);
+    let log = std::path::Path::new(env!("CARGO_TARGET_TMPDIR")).join("oom-daemon.log");
+    let _daemon =
+        common::start_daemon_logged(&["--sample-interval", "0.2s", "--window", "10s"], LISTEN, &log);
     std::thread::sleep(Duration::from_secs(1));
 
     // The limit is exported while a victim lives (each lives about 1.3 s, growing to
@@ -46,6 +48,7 @@ fn oom_kills_are_counted_per_service() {
         done.store(true, std::sync::atomic::Ordering::Relaxed);
         watcher.join().expect("the watcher")
     });
-    assert!(text.contains(&want), "missing {want:?} in\n{text}");
+    let logged = std::fs::read_to_string(&log).unwrap_or_default();
+    assert!(text.contains(&want), "missing {want:?} in\n{text}\nthe daemon's log:\n{logged}");
     assert!(saw_limit, "the cgroup's memory.max was the limit");
 }

@@ -197,12 +197,23 @@ pub fn http_get_raw(addr: &str, path: &str) -> Option<(String, String)> {
 
 /// Starts `leakmon run ARGS --web.listen-address LISTEN` and waits until it serves.
 pub fn start_daemon(args: &[&str], listen: &str) -> Reap {
+    start_daemon_with(args, listen, std::process::Stdio::null())
+}
+
+/// [`start_daemon`], its log (`run` logs at info) in `log`, for a test to show when it
+/// fails.
+pub fn start_daemon_logged(args: &[&str], listen: &str, log: &Path) -> Reap {
+    let file = std::fs::File::create(log).expect("create the daemon's log");
+    start_daemon_with(args, listen, file.into())
+}
+
+fn start_daemon_with(args: &[&str], listen: &str, stderr: std::process::Stdio) -> Reap {
     let daemon = Reap(
         leakmon()
             .arg("run")
             .args(args)
             .args(["--web.listen-address", listen])
-            .stderr(std::process::Stdio::null())
+            .stderr(stderr)
             .spawn()
             .expect("start leakmon run"),
     );
