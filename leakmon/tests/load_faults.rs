@@ -17,8 +17,14 @@ use common::{
 };
 use nix::sys::signal::Signal;
 
-/// `report --agent --pid` on `pid` for `duration` seconds with `failpoints` set.
+/// `report --agent --pid` on `pid` for `duration` seconds with `failpoints` set. A
+/// leakmon built without its fail points would ignore them and these tests would
+/// prove nothing: that build fails here, it is never skipped.
 fn report_with(pid: u32, duration: &str, failpoints: &str) -> Command {
+    assert!(
+        cfg!(feature = "failpoints"),
+        "leakmon was built without the failpoints feature these tests force failures through: run them with `cargo xtask test` (it builds with `--features leakmon/failpoints`)"
+    );
     let mut command = leakmon();
     command
         .args(["report", "--agent", "--format", "json", "--duration", duration, "--pid", &pid.to_string()])
@@ -40,7 +46,6 @@ fn executable_writable(pid: u32) -> Vec<String> {
 /// slot: the redirections are taken back, and a later load is not refused as if
 /// another leakmon were sampling.
 #[test]
-#[cfg_attr(not(feature = "failpoints"), ignore = "needs the failpoints feature")]
 fn a_load_that_fails_after_the_agent_started_takes_its_redirections_back() {
     let mut target = AgentTarget::start();
     let out = report_with(target.pid, "1", "agent-after-start=return").output().expect("leakmon");
@@ -61,7 +66,6 @@ fn a_load_that_fails_after_the_agent_started_takes_its_redirections_back() {
 /// page goes again and the thread gets its own registers back (not the mmap's), so
 /// the process goes on as if nothing happened.
 #[test]
-#[cfg_attr(not(feature = "failpoints"), ignore = "needs the failpoints feature")]
 fn a_failed_write_into_a_borrowed_thread_leaves_it_as_it_was() {
     let mut target = AgentTarget::start();
     let before = executable_writable(target.pid);
@@ -82,7 +86,6 @@ fn a_failed_write_into_a_borrowed_thread_leaves_it_as_it_was() {
 /// Signals sent to a process while leakmon holds its thread (three kinds, each once)
 /// are every one delivered when the thread goes, none dropped for a later one.
 #[test]
-#[cfg_attr(not(feature = "failpoints"), ignore = "needs the failpoints feature")]
 fn signals_that_reach_a_borrowed_thread_are_all_delivered() {
     let fixture = build_fixture("held_signals.c", &[]);
     let (process, mut lines) = common::start_ready(Command::new(&fixture), "held_signals");
