@@ -328,36 +328,41 @@ mod tests {
         }
     }
 
-    /// A library's owner truncates and restores it over and over while leakmon names
-    /// addresses in it: leakmon must never touch a page the truncation took away
-    /// (SIGBUS), and it names the library's functions all the while.
+    /// A library's owner (`nobody`, in a process of its own) truncates and restores it
+    /// over and over while leakmon names addresses in it: leakmon must never touch a
+    /// page the truncation took away (SIGBUS), and it names the library's functions all
+    /// the while.
     #[test]
     fn a_library_its_owner_truncates_while_it_is_named_never_faults_leakmon() {
-        let original = std::fs::read("/usr/lib/x86_64-linux-gnu/libpython3.11.so.1.0").expect("libpython");
+        use std::os::unix::{fs::PermissionsExt as _, process::CommandExt as _};
         let dir = tempfile::tempdir().expect("dir");
-        let file = dir.path().join("libvictim.so");
-        std::fs::write(&file, &original).expect("copy");
+        std::fs::set_permissions(dir.path(), std::fs::Permissions::from_mode(0o755)).expect("chmod");
+        let (original, file) = (dir.path().join("original.so"), dir.path().join("libvictim.so"));
+        std::fs::copy("/usr/lib/x86_64-linux-gnu/libpython3.11.so.1.0", &original).expect("libpython");
+        std::fs::copy(&original, &file).expect("copy");
         std::os::unix::fs::chown(&file, Some(65534), Some(65534)).expect("chown to nobody");
         // Its code: the executable segment's bytes from .text's start.
         let at = mapping_of(&file, 0x10_4e10, 0x3d_3000);
-        let stop = Arc::new(std::sync::atomic::AtomicBool::new(false));
-        let attacker = {
-            let (file, stop) = (file.clone(), stop.clone());
-            std::thread::spawn(move || {
-                use std::io::{Seek as _, Write as _};
-                let mut f = std::fs::OpenOptions::new().write(true).open(&file).expect("open");
-                let mut rounds = 0u32;
-                while !stop.load(std::sync::atomic::Ordering::Relaxed) {
-                    f.set_len(4096).expect("truncate");
-                    std::thread::sleep(Duration::from_micros(200));
-                    f.seek(std::io::SeekFrom::Start(0)).expect("seek");
-                    f.write_all(&original).expect("restore");
-                    std::thread::sleep(Duration::from_millis(2));
-                    rounds += 1;
-                }
-                rounds
-            })
-        };
+        // The attacker: truncated for 0.2 ms, whole again for 2 ms, for 5 s; it says
+        // how many rounds it made.
+        const ATTACK: &str = "import sys, time
+data = open(sys.argv[1], 'rb').read()
+f = open(sys.argv[2], 'r+b')
+rounds, end = 0, time.monotonic() + 5
+while time.monotonic() < end:
+    f.truncate(4096); f.flush(); time.sleep(0.0002)
+    f.seek(0); f.write(data); f.flush(); time.sleep(0.002)
+    rounds += 1
+print(rounds)";
+        let attacker = std::process::Command::new("/usr/bin/python3")
+            .args(["-c", ATTACK])
+            .arg(&original)
+            .arg(&file)
+            .uid(65534)
+            .gid(65534)
+            .stdout(std::process::Stdio::piped())
+            .spawn()
+            .expect("start the attacker as nobody");
         let started = Instant::now();
         let (mut lookups, mut named) = (0u64, 0u64);
         while started.elapsed() < Duration::from_secs(4) {
@@ -369,8 +374,9 @@ mod tests {
                 lookups += 1;
             }
         }
-        stop.store(true, std::sync::atomic::Ordering::Relaxed);
-        let rounds = attacker.join().expect("attacker");
+        let out = attacker.wait_with_output().expect("the attacker");
+        assert!(out.status.success(), "the attacker failed: {out:?}");
+        let rounds: u32 = String::from_utf8_lossy(&out.stdout).trim().parse().expect("rounds");
         assert!(rounds > 100, "the library was truncated only {rounds} times");
         // About a sixth of its code is named by exported symbols when left alone.
         assert!(named > 0, "none of {lookups} lookups named a function");
