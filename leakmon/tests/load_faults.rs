@@ -21,10 +21,11 @@ use nix::sys::signal::Signal;
 /// leakmon built without its fail points would ignore them and these tests would
 /// prove nothing: that build fails here, it is never skipped.
 fn report_with(pid: u32, duration: &str, failpoints: &str) -> Command {
-    assert!(
-        cfg!(feature = "failpoints"),
-        "leakmon was built without the failpoints feature these tests force failures through: run them with `cargo xtask test` (it builds with `--features leakmon/failpoints`)"
-    );
+    if !cfg!(feature = "failpoints") {
+        panic!(
+            "leakmon was built without the failpoints feature these tests force failures through: run them with `cargo xtask test` (it builds with `--features leakmon/failpoints`)"
+        );
+    }
     let mut command = leakmon();
     command
         .args(["report", "--agent", "--format", "json", "--duration", duration, "--pid", &pid.to_string()])
