@@ -13,7 +13,10 @@ use std::{
     ffi::CStr,
     fs::File,
     io::{self, Read as _},
-    os::fd::{AsRawFd as _, FromRawFd as _, OwnedFd},
+    os::{
+        fd::{AsRawFd as _, FromRawFd as _, OwnedFd},
+        unix::fs::MetadataExt as _,
+    },
     path::{Path, PathBuf},
 };
 
@@ -27,9 +30,6 @@ pub const COPY_LIMIT: u64 = 512 << 20;
 
 /// Bytes of copies kept at most; past this the symbolizer starts its cache over.
 pub const COPIED_LIMIT: u64 = 1 << 30;
-
-/// `FUSE_SUPER_MAGIC`: a file system whose files say whatever their server likes.
-const FUSE_MAGIC: i64 = 0x6573_5546;
 
 /// One binary held open.
 #[derive(Debug)]
@@ -98,16 +98,17 @@ impl Binaries {
     }
 
     fn hold(&mut self, fd: OwnedFd) -> Option<usize> {
-        let meta = fstat(&fd).ok()?;
-        if meta.st_mode & libc::S_IFMT != libc::S_IFREG || meta.st_size as u64 > BINARY_LIMIT {
+        let opened = File::from(fd);
+        let meta = opened.metadata().ok()?;
+        if !meta.is_file() || meta.len() > BINARY_LIMIT {
             return None;
         }
-        let file = (meta.st_dev, meta.st_ino);
+        let file = (meta.dev(), meta.ino());
         if let Some(&known) = self.by_file.get(&file) {
             return Some(known);
         }
-        let copied = !only_root_can_change(&fd, &meta);
-        let fd = if copied { sealed_copy(fd, meta.st_size as u64).ok()? } else { fd };
+        let copied = !only_root_can_change(&opened, &meta);
+        let fd = if copied { sealed_copy(opened.into(), meta.len()).ok()? } else { opened.into() };
         let path = PathBuf::from(format!("/proc/self/fd/{}", fd.as_raw_fd()));
         let build_id = blazesym::helper::read_elf_build_id(&path).ok().flatten().map(|id| {
             id.iter().fold(String::new(), |mut hex, b| {
@@ -116,9 +117,9 @@ impl Binaries {
             })
         });
         if copied {
-            self.copied += meta.st_size as u64;
+            self.copied += meta.len();
         }
-        tracing::debug!(dev = meta.st_dev, inode = meta.st_ino, copied, "binary opened for naming");
+        tracing::debug!(dev = meta.dev(), inode = meta.ino(), copied, "binary opened for naming");
         self.held.push(Binary { path, build_id, _fd: fd });
         self.by_file.insert(file, self.held.len() - 1);
         Some(self.held.len() - 1)
@@ -176,25 +177,13 @@ pub fn debug_path(id: &str) -> PathBuf {
     Path::new("/usr/lib/debug/.build-id").join(dir).join(format!("{rest}.debug"))
 }
 
-fn fstat(fd: &OwnedFd) -> io::Result<libc::stat> {
-    // SAFETY: stat is plain data, filled in by the call.
-    let mut meta: libc::stat = unsafe { std::mem::zeroed() };
-    // SAFETY: a valid descriptor and a valid buffer.
-    if unsafe { libc::fstat(fd.as_raw_fd(), &mut meta) } != 0 {
-        return Err(io::Error::last_os_error());
-    }
-    Ok(meta)
-}
-
 /// Whether only root could change (truncate) the file: owned by root, writable by no
 /// group or other (an ACL granting anyone else writing shows in the group bits), and
 /// not served by FUSE, whose files claim any owner.
-fn only_root_can_change(fd: &OwnedFd, meta: &libc::stat) -> bool {
-    // SAFETY: statfs is plain data, filled in by the call.
-    let mut fs: libc::statfs = unsafe { std::mem::zeroed() };
-    // SAFETY: a valid descriptor and a valid buffer.
-    let on_fuse = unsafe { libc::fstatfs(fd.as_raw_fd(), &mut fs) } != 0 || fs.f_type as i64 == FUSE_MAGIC;
-    meta.st_uid == 0 && meta.st_mode & 0o022 == 0 && !on_fuse
+fn only_root_can_change(file: &File, meta: &std::fs::Metadata) -> bool {
+    use nix::sys::statfs::{fstatfs, FUSE_SUPER_MAGIC};
+    let on_fuse = fstatfs(file).map_or(true, |fs| fs.filesystem_type() == FUSE_SUPER_MAGIC);
+    meta.uid() == 0 && meta.mode() & 0o022 == 0 && !on_fuse
 }
 
 /// The file's bytes in a memory file of ours, sealed so that nobody can shrink it.
