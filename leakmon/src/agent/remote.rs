@@ -40,13 +40,13 @@ use nix::{
 use crate::procfs::{Mapping, ProcRoot};
 
 /// How long a thread may take to reach a syscall that waits.
-pub(super) const SAFE_POINT_WAIT: Duration = Duration::from_secs(3);
+const SAFE_POINT_WAIT: Duration = Duration::from_secs(3);
 /// How long the called function may run (`dlopen` of a small library: milliseconds).
-pub(super) const CALL_WAIT: Duration = Duration::from_secs(30);
+const CALL_WAIT: Duration = Duration::from_secs(30);
 
 /// Syscalls in which a thread waits without holding a lock of the C library or the
 /// dynamic loader. `futex` is not one: it may be waiting for exactly such a lock.
-pub(super) const WAITING_SYSCALLS: &[i64] = &[
+const WAITING_SYSCALLS: &[i64] = &[
     libc::SYS_read,
     libc::SYS_poll,
     libc::SYS_select,
@@ -68,31 +68,31 @@ pub(super) const WAITING_SYSCALLS: &[i64] = &[
     libc::SYS_epoll_pwait2,
 ];
 
-pub(super) const ENOSYS: i64 = libc::ENOSYS as i64;
-pub(super) const EINTR: i64 = libc::EINTR as i64;
+const ENOSYS: i64 = libc::ENOSYS as i64;
+const EINTR: i64 = libc::EINTR as i64;
 // The kernel's own restart codes, which a syscall interrupted by a stop leaves in rax;
 // never seen by a program, so in no C header.
-pub(super) const ERESTARTSYS: i64 = 512;
-pub(super) const ERESTARTNOINTR: i64 = 513;
-pub(super) const ERESTARTNOHAND: i64 = 514;
-pub(super) const ERESTART_RESTARTBLOCK: i64 = 516;
-pub(super) const NR_MMAP: u64 = libc::SYS_mmap as u64;
-pub(super) const NR_CLOSE: u64 = libc::SYS_close as u64;
-pub(super) const NR_MUNMAP: u64 = libc::SYS_munmap as u64;
-pub(super) const NR_OPENAT: u64 = libc::SYS_openat as u64;
-pub(super) const AT_FDCWD: i64 = libc::AT_FDCWD as i64;
-pub(super) const NR_RESTART_SYSCALL: u64 = libc::SYS_restart_syscall as u64;
+const ERESTARTSYS: i64 = 512;
+const ERESTARTNOINTR: i64 = 513;
+const ERESTARTNOHAND: i64 = 514;
+const ERESTART_RESTARTBLOCK: i64 = 516;
+const NR_MMAP: u64 = libc::SYS_mmap as u64;
+const NR_CLOSE: u64 = libc::SYS_close as u64;
+const NR_MUNMAP: u64 = libc::SYS_munmap as u64;
+const NR_OPENAT: u64 = libc::SYS_openat as u64;
+const AT_FDCWD: i64 = libc::AT_FDCWD as i64;
+const NR_RESTART_SYSCALL: u64 = libc::SYS_restart_syscall as u64;
 
 /// The trampoline's mapping: code, then its data, then the extended state area.
-pub(super) const REGION: u64 = 0x4000;
-pub(super) const DATA: u64 = 0x800;
-pub(super) const STRING: u64 = 0xa00;
-pub(super) const SAVED: u64 = 0x900;
-pub(super) const XSAVE: u64 = 0x1000;
-pub(super) const XSAVE_MAX: u32 = (REGION - XSAVE) as u32;
+const REGION: u64 = 0x4000;
+const DATA: u64 = 0x800;
+const STRING: u64 = 0xa00;
+const SAVED: u64 = 0x900;
+const XSAVE: u64 = 0x1000;
+const XSAVE_MAX: u32 = (REGION - XSAVE) as u32;
 /// Bytes of a thread's stack read, from its stack pointer up, for return addresses and
 /// signal frames (see [`stack_word_in`]).
-pub(super) const STACK_SCAN: usize = 256 << 10;
+const STACK_SCAN: usize = 256 << 10;
 
 /// The first word of a thread's stack, from `rsp` up ([`STACK_SCAN`] bytes at most, or
 /// to the end of its mapping), for which `inside` holds: a return address or a signal
@@ -165,13 +165,7 @@ impl Remote {
         self.call_held(Held::seize(tid)?, function, args, string)
     }
 
-    pub(super) fn call_held(
-        &self,
-        mut held: Held,
-        function: u64,
-        args: [u64; 3],
-        string: Option<&[u8]>,
-    ) -> Result<u64> {
+    fn call_held(&self, mut held: Held, function: u64, args: [u64; 3], string: Option<&[u8]>) -> Result<u64> {
         let tid = held.tid;
         let (regs, resume) = held.safe_point()?;
         // Tests hold the thread here while they send it signals.
@@ -256,7 +250,7 @@ impl Remote {
     /// region (a signal handler that interrupted the trampoline's last instructions
     /// returns there). Where either cannot be had, the page stays, mapped and never run
     /// again; a debug line says so.
-    pub(super) fn unmap_region(&self, region: u64) {
+    fn unmap_region(&self, region: u64) {
         let unmapped = self.with_syscalls(|sys| {
             if stack_word_in(&self.mem, sys.regs.rsp, |w| (region..region + REGION).contains(&w))?.is_some() {
                 bail!("a frame of the thread still returns into it");
@@ -300,7 +294,7 @@ pub(super) struct Syscalls<'a> {
 }
 
 impl Syscalls<'_> {
-    pub(super) fn run(&mut self, nr: u64, args: [u64; 6]) -> Result<u64> {
+    fn run(&mut self, nr: u64, args: [u64; 6]) -> Result<u64> {
         let mut r = self.regs;
         r.rip = self.syscall_at;
         r.rax = nr;
@@ -439,14 +433,14 @@ pub(super) struct Held {
 }
 
 /// Where the borrowed thread goes back to, and the `syscall` instruction it was at.
-pub(super) struct Resume {
-    pub(super) regs: libc::user_regs_struct,
-    pub(super) syscall_at: u64,
+struct Resume {
+    regs: libc::user_regs_struct,
+    syscall_at: u64,
 }
 
 impl Held {
     /// Seizes `tid`, with syscall stops told apart from signals.
-    pub(super) fn seize(tid: Pid) -> Result<Self> {
+    fn seize(tid: Pid) -> Result<Self> {
         match ptrace::seize(tid, Options::PTRACE_O_TRACESYSGOOD) {
             Ok(()) => Ok(Self { tid, released: false, pending: Vec::new(), borrowed: false }),
             Err(Errno::EPERM) => Err(ptrace_refused(tid.as_raw() as u32)),
@@ -458,7 +452,7 @@ impl Held {
     /// Stops the thread at a syscall that waits; returns its registers there and the
     /// registers to go back to (the syscall re-issued where the kernel would restart
     /// it).
-    pub(super) fn safe_point(&mut self) -> Result<(libc::user_regs_struct, Resume)> {
+    fn safe_point(&mut self) -> Result<(libc::user_regs_struct, Resume)> {
         let tid = self.tid;
         ptrace::interrupt(tid).context("interrupt")?;
         let deadline = Instant::now() + SAFE_POINT_WAIT;
@@ -510,7 +504,7 @@ impl Held {
 
     /// Runs one syscall set up in `regs` (at a `syscall` instruction) and returns its
     /// result; the thread stays stopped after it.
-    pub(super) fn syscall(&mut self, regs: libc::user_regs_struct) -> Result<u64> {
+    fn syscall(&mut self, regs: libc::user_regs_struct) -> Result<u64> {
         let tid = self.tid;
         ptrace::setregs(tid, regs).context("set registers")?;
         let deadline = Instant::now() + SAFE_POINT_WAIT;
@@ -539,12 +533,12 @@ impl Held {
         }
     }
 
-    pub(super) fn restore(&mut self, regs: &libc::user_regs_struct) -> Result<()> {
+    fn restore(&mut self, regs: &libc::user_regs_struct) -> Result<()> {
         ptrace::setregs(self.tid, *regs).context("restore registers")?;
         self.release()
     }
 
-    pub(super) fn release(&mut self) -> Result<()> {
+    fn release(&mut self) -> Result<()> {
         self.released = true;
         if self.borrowed {
             return Ok(());
@@ -554,7 +548,7 @@ impl Held {
         detached
     }
 
-    pub(super) fn hold(&mut self, signal: Signal) {
+    fn hold(&mut self, signal: Signal) {
         if !self.pending.contains(&signal) {
             self.pending.push(signal);
         }
@@ -562,7 +556,7 @@ impl Held {
 
     /// After a detach that delivered the first held signal: the others, sent to the
     /// thread again (the kernel delivers them as it would have).
-    pub(super) fn deliver_the_rest(&mut self) {
+    fn deliver_the_rest(&mut self) {
         for signal in self.pending.drain(..).skip(1) {
             // SAFETY: no pointers; the thread is the main thread of its process.
             unsafe {
@@ -572,7 +566,7 @@ impl Held {
     }
 
     /// The thread's next stop, or `None` once `deadline` passes.
-    pub(super) fn wait(&mut self, deadline: Instant) -> Result<Option<WaitStatus>> {
+    fn wait(&mut self, deadline: Instant) -> Result<Option<WaitStatus>> {
         loop {
             match waitpid(self.tid, Some(WaitPidFlag::__WALL | WaitPidFlag::WNOHANG)) {
                 Ok(WaitStatus::StillAlive) => {}
@@ -613,7 +607,7 @@ impl Drop for Held {
 
 /// The thread was stopped while blocked in a syscall that waits: the registers to go
 /// back to, with the syscall restarted where the kernel restarts it.
-pub(super) fn interrupted_in_wait(regs: &libc::user_regs_struct) -> Option<Resume> {
+fn interrupted_in_wait(regs: &libc::user_regs_struct) -> Option<Resume> {
     let nr = regs.orig_rax as i64;
     if nr < 0 || !WAITING_SYSCALLS.contains(&nr) {
         return None;
@@ -635,17 +629,17 @@ pub(super) fn interrupted_in_wait(regs: &libc::user_regs_struct) -> Option<Resum
     Some(Resume { regs: back, syscall_at: regs.rip - 2 })
 }
 
-pub(super) fn page_up(v: u64) -> u64 {
+fn page_up(v: u64) -> u64 {
     (v + 0xfff) & !0xfff
 }
 
 /// Bytes of the extended register state `xsave` writes here (all enabled features).
-pub(super) fn xsave_size() -> u32 {
+fn xsave_size() -> u32 {
     std::arch::x86_64::__cpuid_count(0xd, 0).ebx
 }
 
 /// The registers the trampoline pops before it jumps back, in pop order.
-pub(super) fn saved_block(r: &libc::user_regs_struct) -> Vec<u8> {
+fn saved_block(r: &libc::user_regs_struct) -> Vec<u8> {
     [
         r.r15, r.r14, r.r13, r.r12, r.r11, r.r10, r.r9, r.r8, r.rbp, r.rdi, r.rsi, r.rdx, r.rcx, r.rbx,
         r.rax, r.eflags,
@@ -658,12 +652,7 @@ pub(super) fn saved_block(r: &libc::user_regs_struct) -> Vec<u8> {
 /// x86-64 code at `region`: save the extended state, call `function(args)`, store the
 /// result and a done flag, restore everything and jump back to `back.rip` with
 /// `back.rsp`.
-pub(super) fn trampoline(
-    region: u64,
-    function: u64,
-    args: [u64; 3],
-    back: &libc::user_regs_struct,
-) -> Vec<u8> {
+fn trampoline(region: u64, function: u64, args: [u64; 3], back: &libc::user_regs_struct) -> Vec<u8> {
     let mut c: Vec<u8> = Vec::new();
     let mov_imm = |c: &mut Vec<u8>, prefix: &[u8], v: u64| {
         c.extend_from_slice(prefix);
@@ -746,7 +735,7 @@ pub(super) fn open_mem(proc_root: &ProcRoot, pid: u32) -> Result<File> {
     }
 }
 
-pub(super) fn ptrace_refused(pid: u32) -> anyhow::Error {
+fn ptrace_refused(pid: u32) -> anyhow::Error {
     anyhow!(
         "ptrace of pid {pid} was refused (another tracer, kernel.yama.ptrace_scope, or a missing CAP_SYS_PTRACE): nothing was changed"
     )
