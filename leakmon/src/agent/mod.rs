@@ -56,10 +56,12 @@ pub fn install() -> Result<PathBuf> {
     Ok(path)
 }
 
-/// The agent at `agent` and its freestanding twin installed beside it: the files whose
-/// markers the kernel side probes.
+/// The files whose markers the kernel side probes: the agent at `agent`, and its
+/// freestanding twin beside it where one was installed.
 pub fn files(agent: &Path) -> Vec<PathBuf> {
-    vec![agent.to_owned(), freestanding(agent)]
+    let twin = freestanding(agent);
+    let twin = twin.exists().then_some(twin);
+    std::iter::once(agent.to_owned()).chain(twin).collect()
 }
 
 /// The freestanding agent installed beside the agent at `agent`.

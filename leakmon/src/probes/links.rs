@@ -162,15 +162,14 @@ impl Probes {
         Ok(attached)
     }
 
-    /// Attaches to the in-process agent's markers in the agent files at `paths` (the
-    /// agent, and its freestanding twin for programs without a dynamic loader, where it
-    /// exists): for `pid` alone, or for every process that maps one (a command's tree,
-    /// which preloads it). The agent samples in-process, so the kernel side records every
-    /// marker hit at the weight the agent passes. Returns the number of markers probed.
+    /// Attaches to the in-process agent's markers in the agent files at `paths` (see
+    /// `agent::files`): for `pid` alone, or for every process that maps one (a command's
+    /// tree, which preloads it). The agent samples in-process, so the kernel side records
+    /// every marker hit at the weight the agent passes. Returns the number of markers
+    /// probed.
     pub fn attach_agent(&mut self, pid: Option<u32>, paths: &[PathBuf]) -> Result<usize, ProbeError> {
         let mut probed = 0;
-        // The first is the agent itself, which must be there; a twin may not be.
-        for (_, path) in paths.iter().enumerate().filter(|(i, p)| *i == 0 || p.exists()) {
+        for path in paths {
             probed += self.attach_agent_file(pid, path)?;
         }
         Ok(probed)
