@@ -104,9 +104,15 @@ fn install() -> Result<Installed> {
     Ok(Installed { ebpf, holders: StdHashMap::new() })
 }
 
-/// Where the cgroup v2 hierarchy is mounted (its first mount in our namespace).
+/// Where the cgroup v2 hierarchy is mounted (its first mount in our namespace),
+/// read as any kernel text is (`read_text`): other users' mounts (FUSE) are listed there
+/// under paths of any bytes.
 fn cgroup2_root() -> Option<String> {
-    let mounts = std::fs::read_to_string("/proc/self/mountinfo").ok()?;
+    let mounts = crate::untrusted::read_text(
+        std::path::Path::new("/proc/self/mountinfo"),
+        crate::untrusted::PROC_TEXT_LIMIT,
+    )
+    .ok()?;
     mounts.lines().find_map(|line| {
         let (before, after) = line.split_once(" - ")?;
         (after.split_whitespace().next()? == "cgroup2")
