@@ -4,7 +4,7 @@ use std::{ffi::OsString, num::NonZeroU32, time::Duration};
 
 use clap::{Parser, Subcommand, ValueEnum};
 
-use crate::values::{parse_bytes, parse_comm, parse_duration, Attach};
+use crate::values::{parse_bytes, parse_comm, parse_count, parse_duration, Attach};
 
 /// leakmon: find memory that processes allocate and never free, with eBPF.
 ///
@@ -75,16 +75,19 @@ pub enum ConfigCmd {
 
 #[derive(Clone, Debug, PartialEq, clap::Args)]
 pub struct RunArgs {
-    /// A TOML file setting any of these options (keys as the long options, with
-    /// `listen-address` under `[web]`); options given here win over the file.
+    /// A TOML file setting any of these options: keys as the long options (a dotted
+    /// one's last part under its table: `listen-address` under `[web]`), lists for
+    /// repeatable ones. Options given here win over the file.
     #[arg(long, value_name = "FILE")]
     pub config: Option<std::path::PathBuf>,
     /// Time between two memory samples of every process (`500ms`, `0.5s`, `10s`, `1m`).
     #[arg(long, default_value = "10s", value_name = "DURATION", value_parser = parse_duration)]
+    #[arg(help_heading = crate::options::LIVE)]
     pub sample_interval: Duration,
     /// The analysis window: growth must be steady and significant over this long to be
     /// flagged, and a flag clears within one window after growth stops.
     #[arg(long, default_value = "10m", value_name = "DURATION", value_parser = parse_duration)]
+    #[arg(help_heading = crate::options::LIVE)]
     pub window: Duration,
     /// Allocator attribution: `none` (resident memory of every process only; no
     /// per-allocation cost), `suspects` (probe, for --suspect-duration, the processes
@@ -93,6 +96,7 @@ pub struct RunArgs {
     /// per malloc/free), `pids` (only the processes given with --pid, and their
     /// children). Default: `pids` when --pid, --comm or --cgroup is given, else `none`.
     #[arg(long, value_enum, value_name = "MODE")]
+    #[arg(help_heading = crate::options::FIXED)]
     pub attach: Option<Attach>,
     /// Attribute in-process instead of trapping every allocator call: load leakmon's
     /// agent into each attributed process (with --attach pids or suspects; never all),
@@ -101,13 +105,16 @@ pub struct RunArgs {
     /// (default 512KiB). On stop, every redirection the agent made is undone, even if
     /// leakmon is killed.
     #[arg(long)]
+    #[arg(help_heading = crate::options::FIXED)]
     pub agent: bool,
     /// With --attach suspects: how long a suspect's allocations are attributed.
     #[arg(long, default_value = "10m", value_name = "DURATION", value_parser = parse_duration)]
+    #[arg(help_heading = crate::options::LIVE)]
     pub suspect_duration: Duration,
     /// With --attach suspects: most processes attributed at once (and, apart, most
     /// profiled by --runtime-profilers at once).
-    #[arg(long, default_value = "4", value_name = "N")]
+    #[arg(long, default_value = "4", value_name = "N", value_parser = parse_count::<1, usize>)]
+    #[arg(help_heading = crate::options::LIVE)]
     pub max_suspects: usize,
     /// Suspects running these runtimes (`node`, `jvm`, comma-separated) are profiled
     /// for --suspect-duration by the runtime's own sampling heap profiler, as `report
@@ -116,60 +123,71 @@ pub struct RunArgs {
     /// stacks then name JavaScript or Java functions. Off by default: it signals the
     /// process and runs the runtime's profiler in it.
     #[arg(long, value_enum, value_delimiter = ',', value_name = "RUNTIMES")]
+    #[arg(help_heading = crate::options::FIXED)]
     pub runtime_profilers: Vec<crate::runtimes::Runtime>,
     /// A process to attribute allocations for (with --attach pids); repeatable.
     #[arg(long = "pid", value_name = "PID")]
+    #[arg(help_heading = crate::options::LIVE)]
     pub pids: Vec<u32>,
     /// Attribute the allocations of processes with this name (`comm`), now and later
     /// (with --attach pids); repeatable.
     #[arg(long = "comm", value_name = "NAME", value_parser = parse_comm)]
+    #[arg(help_heading = crate::options::LIVE)]
     pub comms: Vec<String>,
     /// Attribute the allocations of processes in this cgroup or below it, e.g.
     /// `/system.slice/nginx.service` (with --attach pids); repeatable.
     #[arg(long = "cgroup", value_name = "PATH")]
+    #[arg(help_heading = crate::options::LIVE)]
     pub cgroups: Vec<String>,
     /// Where to serve /metrics, /api/v1/leaks, /api/v1/processes and /healthz.
     #[arg(long = "web.listen-address", default_value = "127.0.0.1:9473", value_name = "ADDR")]
+    #[arg(help_heading = crate::options::FIXED)]
     pub listen: std::net::SocketAddr,
     /// TLS and basic authentication for the web endpoints, from a Prometheus exporter
     /// web configuration file (`tls_server_config` with `cert_file` and `key_file`;
     /// `basic_auth_users` with bcrypt hashes), as `node_exporter` takes.
-    #[arg(long = "web.config.file", value_name = "FILE")]
+    #[arg(long = "web.config.file", alias = "web.config-file", value_name = "FILE")]
+    #[arg(help_heading = crate::options::FIXED)]
     pub web_config: Option<std::path::PathBuf>,
     /// One series per process, with a `pid` label, instead of one per service and
     /// command. Off by default: pids are unbounded over time, and a restart then starts
     /// a new series (restarts no longer stitch).
     #[arg(long = "metrics.pid-label")]
+    #[arg(help_heading = crate::options::FIXED)]
     pub pid_label: bool,
     /// Allocation stacks exported per service and command (heap signal).
-    #[arg(long, default_value = "5", value_name = "K")]
+    #[arg(long, default_value = "5", value_name = "K", value_parser = parse_count::<0, usize>)]
+    #[arg(help_heading = crate::options::LIVE)]
     pub top_stacks: usize,
     /// Most series kept (service, command and signal); new ones beyond are counted
     /// in `leakmon_series_dropped_total` and not kept.
-    #[arg(long, default_value = "10000", value_name = "N")]
+    #[arg(long, default_value = "10000", value_name = "N", value_parser = parse_count::<1, usize>)]
+    #[arg(help_heading = crate::options::LIVE)]
     pub max_series: usize,
     /// Seconds between two summaries of the largest unfreed totals in the log (with
     /// allocator attribution).
-    #[arg(long, default_value = "60", value_name = "SECONDS")]
+    #[arg(long, default_value = "60", value_name = "SECONDS", value_parser = parse_count::<1, NonZeroU32>)]
+    #[arg(help_heading = crate::options::LIVE)]
     pub interval: NonZeroU32,
     /// Processes listed in each summary.
-    #[arg(long, default_value = "5", value_name = "N")]
+    #[arg(long, default_value = "5", value_name = "N", value_parser = parse_count::<0, usize>)]
+    #[arg(help_heading = crate::options::LIVE)]
     pub top: usize,
-    #[command(flatten)]
+    #[command(flatten, next_help_heading = crate::options::FIXED)]
     pub tables: TableArgs,
 }
 
 #[derive(Clone, Debug, PartialEq, Eq, clap::Args)]
 pub struct TableArgs {
     /// Capacity of the live-allocation table (blocks tracked at once, all processes).
-    #[arg(long, default_value = "262144", value_name = "N")]
+    #[arg(long, default_value = "262144", value_name = "N", value_parser = parse_count::<1, NonZeroU32>)]
     pub max_live: NonZeroU32,
     /// Capacity of the per-stack totals table.
-    #[arg(long, default_value = "65536", value_name = "N")]
+    #[arg(long, default_value = "65536", value_name = "N", value_parser = parse_count::<1, NonZeroU32>)]
     pub max_totals: NonZeroU32,
     /// Capacity of the stack table (distinct call stacks, about 1 KiB each, allocated as
     /// they are first seen).
-    #[arg(long, default_value = "16384", value_name = "N")]
+    #[arg(long, default_value = "16384", value_name = "N", value_parser = parse_count::<1, NonZeroU32>)]
     pub max_stacks: NonZeroU32,
     /// Track a byte-weighted sample of the allocations instead of every one: on average
     /// one sampled block per SIZE bytes allocated (e.g. 512KiB), each standing for the
@@ -182,13 +200,13 @@ pub struct TableArgs {
     /// pointers (rows of each mapped file's call-frame information; 12 bytes each,
     /// allocated at start; a libc takes about 28,000). Stacks stop at a file that does
     /// not fit. 0: frame pointers only.
-    #[arg(long, default_value = "1048576", value_name = "N")]
+    #[arg(long, default_value = "1048576", value_name = "N", value_parser = parse_count::<0, u32>)]
     pub unwind_rows: u32,
     /// A function that only passes allocations on; stacks are named by their first
     /// frame outside such wrappers. Adds to a built-in list (xmalloc, zmalloc, the glib
     /// and python ones, operator new, jemalloc and tcmalloc entry points). A trailing
     /// star makes a prefix. Repeatable.
-    #[arg(long = "wrapper", value_name = "NAME", value_parser = parse_wrapper)]
+    #[arg(long = "wrapper", alias = "wrappers", value_name = "NAME", value_parser = parse_wrapper)]
     pub wrappers: Vec<String>,
     /// A function whose allocations the program keeps by design; stacks through it are
     /// set apart on a "runtime-internal" line of their own, out of the leak table.
@@ -258,105 +276,11 @@ impl RunArgs {
         !(self.pids.is_empty() && self.comms.is_empty() && self.cgroups.is_empty())
     }
 
-    /// Fills every option not given on the command line from the file's values.
-    pub fn merge(&mut self, file: crate::config::FileConfig, matches: &clap::ArgMatches) {
-        let from_file = |id: &str| matches.value_source(id) != Some(clap::parser::ValueSource::CommandLine);
-        if let (true, Some(v)) = (from_file("sample_interval"), file.sample_interval) {
-            self.sample_interval = v;
-        }
-        if let (true, Some(v)) = (from_file("window"), file.window) {
-            self.window = v;
-        }
-        if let (true, Some(v)) = (from_file("attach"), file.attach) {
-            self.attach = Some(v);
-        }
-        if let (true, Some(v)) = (from_file("agent"), file.agent) {
-            self.agent = v;
-        }
-        if let (true, Some(v)) = (from_file("suspect_duration"), file.suspect_duration) {
-            self.suspect_duration = v;
-        }
-        if let (true, Some(v)) = (from_file("max_suspects"), file.max_suspects) {
-            self.max_suspects = v;
-        }
-        if let (true, Some(v)) = (from_file("runtime_profilers"), file.runtime_profilers) {
-            self.runtime_profilers = v;
-        }
-        if let (true, Some(v)) = (from_file("pids"), file.pids) {
-            self.pids = v;
-        }
-        if let (true, Some(v)) = (from_file("comms"), file.comms) {
-            self.comms = v;
-        }
-        if let (true, Some(v)) = (from_file("cgroups"), file.cgroups) {
-            self.cgroups = v;
-        }
-        if let (true, Some(v)) = (from_file("web_config"), file.web_config) {
-            self.web_config = Some(v);
-        }
-        if let (true, Some(v)) = (from_file("listen"), file.listen) {
-            self.listen = v;
-        }
-        if let (true, Some(v)) = (from_file("pid_label"), file.pid_label) {
-            self.pid_label = v;
-        }
-        if let (true, Some(v)) = (from_file("top_stacks"), file.top_stacks) {
-            self.top_stacks = v;
-        }
-        if let (true, Some(v)) = (from_file("max_series"), file.max_series) {
-            self.max_series = v;
-        }
-        if let (true, Some(v)) = (from_file("top"), file.top) {
-            self.top = v;
-        }
-        let nonzero = |v: u32| NonZeroU32::new(v).expect("checked non-zero");
-        if let (true, Some(v)) = (from_file("interval"), file.interval) {
-            self.interval = nonzero(v);
-        }
-        if let (true, Some(v)) = (from_file("max_live"), file.max_live) {
-            self.tables.max_live = nonzero(v);
-        }
-        if let (true, Some(v)) = (from_file("max_totals"), file.max_totals) {
-            self.tables.max_totals = nonzero(v);
-        }
-        if let (true, Some(v)) = (from_file("max_stacks"), file.max_stacks) {
-            self.tables.max_stacks = nonzero(v);
-        }
-        if let (true, Some(v)) = (from_file("unwind_rows"), file.unwind_rows) {
-            self.tables.unwind_rows = v;
-        }
-        if let (true, Some(v)) = (from_file("sample_bytes"), file.sample_bytes) {
-            self.tables.sample_bytes = v;
-        }
-        if let (true, Some(v)) = (from_file("wrappers"), file.wrappers) {
-            self.tables.wrappers = v;
-        }
-        if let (true, Some(v)) = (from_file("suppress"), file.suppress) {
-            self.tables.suppress = v;
-        }
-    }
-}
-
-impl RunArgs {
     /// The options of `run` as given: the command line over the `--config` file.
     /// Read at start and again on SIGHUP; `matches` are the `run` subcommand's. Errors
     /// are one line each (`FILE:LINE: problem` for the file).
     pub fn resolve(matches: &clap::ArgMatches) -> Result<Self, Vec<String>> {
-        use clap::FromArgMatches as _;
-        let mut args = Self::from_arg_matches(matches).map_err(|e| vec![e.to_string()])?;
-        if let Some(path) = args.config.clone() {
-            match crate::config::load(&path) {
-                Ok((file, problems)) if problems.is_empty() => args.merge(file, matches),
-                Ok((_, problems)) => {
-                    return Err(problems
-                        .into_iter()
-                        .map(|p| format!("{}:{}: {}", path.display(), p.line, p.message))
-                        .collect());
-                }
-                Err(e) => return Err(vec![format!("read config {}: {e}", path.display())]),
-            }
-        }
-        Ok(args)
+        crate::options::Given::resolve(matches).map(|(_, args)| args)
     }
 }
 

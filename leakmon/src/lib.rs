@@ -18,6 +18,7 @@ pub mod export;
 pub mod ingest;
 pub mod model;
 pub mod monitor;
+pub mod options;
 pub mod own_memory;
 pub mod probes;
 pub mod procfs;

@@ -27,8 +27,8 @@ fn main() -> ExitCode {
     let result = match cli.command {
         Cmd::Run(_) => {
             let run = matches.subcommand_matches("run").expect("run subcommand");
-            let args = match leakmon::cli::RunArgs::resolve(run) {
-                Ok(args) => args,
+            let (given, args) = match leakmon::options::Given::resolve(run) {
+                Ok(resolved) => resolved,
                 Err(problems) => {
                     for p in problems {
                         eprintln!("leakmon: {p}");
@@ -36,7 +36,7 @@ fn main() -> ExitCode {
                     return ExitCode::FAILURE;
                 }
             };
-            leakmon::commands::run::run(&args, &|| leakmon::cli::RunArgs::resolve(run))
+            leakmon::commands::run::run(given, &args, &|| leakmon::options::Given::resolve(run))
         }
         Cmd::Report(args) => leakmon::commands::report::report(&args),
         Cmd::Config(leakmon::cli::ConfigCmd::Check { file }) => return config_check(&file),

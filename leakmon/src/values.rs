@@ -84,6 +84,17 @@ pub fn parse_bytes(text: &str) -> Result<u64, String> {
     Ok(bytes)
 }
 
+/// A count from `MIN` to `u32::MAX`, as every count option takes (the kernel tables'
+/// sizes are `u32`, and the same bound keeps the others sane).
+pub fn parse_count<const MIN: u32, T: TryFrom<u32>>(text: &str) -> Result<T, String> {
+    let n: i128 = text.trim().parse().map_err(|_| format!("{text:?} is not a whole number"))?;
+    u32::try_from(n)
+        .ok()
+        .filter(|&n| n >= MIN)
+        .and_then(|n| T::try_from(n).ok())
+        .ok_or_else(|| format!("must be between {MIN} and {}, not {n}", u32::MAX))
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -107,6 +118,19 @@ mod tests {
         );
         assert_eq!(parse_duration("8760h"), Ok(MAX_DURATION));
         assert!(parse_duration("8761h").is_err());
+    }
+
+    #[test]
+    fn counts() {
+        assert_eq!(parse_count::<1, usize>("7"), Ok(7));
+        assert_eq!(parse_count::<0, u32>("0"), Ok(0));
+        assert_eq!(parse_count::<1, u32>("0"), Err("must be between 1 and 4294967295, not 0".to_owned()));
+        assert_eq!(
+            parse_count::<1, std::num::NonZeroU32>("-5"),
+            Err("must be between 1 and 4294967295, not -5".to_owned())
+        );
+        assert!(parse_count::<0, u32>("4294967296").is_err());
+        assert_eq!(parse_count::<0, u32>("many"), Err("\"many\" is not a whole number".to_owned()));
     }
 
     proptest::proptest! {

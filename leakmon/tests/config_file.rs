@@ -31,7 +31,7 @@ fn every_problem_is_reported_with_its_line() {
     let err = String::from_utf8_lossy(&out.stderr);
     let lines: Vec<&str> = err.lines().collect();
     assert_eq!(lines.len(), 2, "{err}");
-    assert!(lines[0].ends_with("bad.toml:2: max-live must be between 1 and 4294967295, not -5"), "{err}");
+    assert!(lines[0].ends_with("bad.toml:2: max-live: must be between 1 and 4294967295, not -5"), "{err}");
     assert!(lines[1].contains("bad.toml:3: unknown key frobnicate"), "{err}");
     // `run` refuses it the same way, before doing anything.
     let out = leakmon().args(["run", "--config"]).arg(&file).output().expect("run");

@@ -69,14 +69,16 @@ fn notify_watchdog_and_reload_without_losing_history() {
     // A web configuration next to it (nothing in it but a comment, so plain HTTP).
     let web = dir.path().join("web.yml");
     std::fs::write(&web, "# no TLS, no users\n").expect("write web config");
-    let write_config = |window: &str| {
+    let write_config = |window: &str, max_stacks: u32| {
         std::fs::write(
             &config,
-            format!("sample-interval = \"0.5s\"\nwindow = \"{window}\"\n[web]\nconfig-file = \"web.yml\"\n"),
+            format!(
+                "sample-interval = \"0.5s\"\nwindow = \"{window}\"\nmax-stacks = {max_stacks}\n[web]\nconfig-file = \"web.yml\"\n"
+            ),
         )
         .expect("write");
     };
-    write_config("5s");
+    write_config("5s", 16384);
 
     // As systemd does: WATCHDOG_PID names the daemon itself (the shell's pid, kept
     // across its exec).
@@ -165,13 +167,15 @@ fn notify_watchdog_and_reload_without_losing_history() {
     let before = samples();
     assert!((10..=11).contains(&before), "samples in a 5 s window: {before}");
 
-    write_config("20s");
-    // The web configuration is set when the listener starts: a change is said to need a
-    // restart, never silently ignored.
+    write_config("20s", 1000);
+    // The web configuration is set when the listener starts, the tables' sizes when the
+    // programs load: a change is said to need a restart, never silently ignored.
     std::fs::write(&web, "# still no TLS, but changed\n").expect("change web config");
     kill(pid, Signal::SIGHUP).expect("SIGHUP");
     wait_message("RELOADING=1");
     wait_message("READY=1");
+    let line = wait_log("max-stacks");
+    assert!(line.contains("changes only at restart"), "{line}");
     let line = wait_log("web.config-file");
     assert!(line.contains("changes only at restart"), "{line}");
     let line = wait_log("configuration reloaded");

@@ -35,6 +35,7 @@ use crate::{
     ingest,
     model::SeriesView,
     monitor::Monitor,
+    options::Given,
     own_memory,
     probes::Probes,
     procfs::ProcRoot,
@@ -64,9 +65,10 @@ const RESCAN_EVERY: Duration = Duration::from_secs(30);
 const EVENT_BATCH: usize = 4096;
 
 /// Re-reads the options (command line over config file) on SIGHUP.
-pub type Reload<'a> = &'a dyn Fn() -> Result<RunArgs, Vec<String>>;
+pub type Reload<'a> = &'a dyn Fn() -> Result<(Given, RunArgs), Vec<String>>;
 
-pub fn run(args: &RunArgs, reload: Reload<'_>) -> Result<()> {
+/// The daemon, with the options as `given` and parsed (`args`).
+pub fn run(given: Given, args: &RunArgs, reload: Reload<'_>) -> Result<()> {
     let proc_root = ProcRoot::default();
     let attach = validate(args, &proc_root)?;
     tokio::runtime::Builder::new_multi_thread()
@@ -74,7 +76,7 @@ pub fn run(args: &RunArgs, reload: Reload<'_>) -> Result<()> {
         .enable_all()
         .build()
         .context("start the async runtime")?
-        .block_on(daemon(args.clone(), attach, proc_root, reload))
+        .block_on(daemon((given, args.clone()), attach, proc_root, reload))
 }
 
 /// Checks options that clap cannot check alone; returns the attach mode they mean.
@@ -144,6 +146,8 @@ fn attribution(
 
 /// The daemon's state between the branches of its loop.
 struct Daemon<'r> {
+    /// The options as written (for a reload to tell what it changes), and parsed.
+    given: Given,
     args: RunArgs,
     attach: Attach,
     proc_root: ProcRoot,
@@ -168,7 +172,12 @@ struct Daemon<'r> {
     web_in_use: Option<Vec<u8>>,
 }
 
-async fn daemon(args: RunArgs, attach: Attach, proc_root: ProcRoot, reload: Reload<'_>) -> Result<()> {
+async fn daemon(
+    (given, args): (Given, RunArgs),
+    attach: Attach,
+    proc_root: ProcRoot,
+    reload: Reload<'_>,
+) -> Result<()> {
     // Before anything is served or loaded: a stop asked for from the first moment on
     // is kept (a background job of a script starts with SIGINT ignored, and a signal
     // that finds it ignored is lost), and taken at the loop's first turn.
@@ -214,6 +223,7 @@ async fn daemon(args: RunArgs, attach: Attach, proc_root: ProcRoot, reload: Relo
         .wrappers(Wrappers::new(&args.tables.wrappers));
     let runtime_profiles = runtime_profiles(&args);
     let mut d = Daemon {
+        given,
         attach,
         reload,
         probes,
@@ -491,17 +501,23 @@ impl Daemon<'_> {
     /// SIGHUP: the options read again; what can change while running changes.
     fn reconfigure(&mut self) {
         notify(sd_notify::NotifyState::Reloading);
-        let next = (self.reload)().map_err(|problems| problems.join("; ")).and_then(|next| {
-            validate(&next, &self.proc_root).map(|a| (next, a)).map_err(|e| format!("{e:#}"))
+        let next = (self.reload)().map_err(|problems| problems.join("; ")).and_then(|(given, _)| {
+            let (given, changed) = given.keeping_fixed(&self.given);
+            let next = given.args()?;
+            let next_attach = validate(&next, &self.proc_root).map_err(|e| format!("{e:#}"))?;
+            Ok((given, next, changed, next_attach))
         });
         match next {
-            Ok((next, next_attach)) => {
-                for what in restart_needed(&self.args, &next, self.attach, next_attach) {
+            Ok((given, next, mut changed, next_attach)) => {
+                // Selectors that would change what `attach` means change it only at
+                // restart, as `attach` itself.
+                if next_attach != self.attach && !changed.iter().any(|c| c == "attach") {
+                    changed.push("attach".to_owned());
+                }
+                for what in changed {
                     warn!("{what} changes only at restart; keeping the running value");
                 }
-                if (next.web_config.as_deref(), web_config_text(next.web_config.as_deref()))
-                    != (self.args.web_config.as_deref(), self.web_in_use.clone())
-                {
+                if web_config_text(next.web_config.as_deref()) != self.web_in_use {
                     warn!("web.config-file (TLS, users) changes only at restart; keeping the running one");
                 }
                 self.monitor.reconfigure(
@@ -512,20 +528,7 @@ impl Daemon<'_> {
                 if let (Some(a), Some(p)) = (self.attribution.as_mut(), self.probes.as_mut()) {
                     a.reselect(p, named(&next));
                 }
-                let args = &self.args;
-                let (listen, tables, pid_label) = (args.listen, args.tables.clone(), args.pid_label);
-                let (web_config, attach, agent) = (args.web_config.clone(), args.attach, args.agent);
-                let runtime_profilers = args.runtime_profilers.clone();
-                self.args = RunArgs {
-                    listen,
-                    tables,
-                    pid_label,
-                    web_config,
-                    attach,
-                    agent,
-                    runtime_profilers,
-                    ..next
-                };
+                (self.given, self.args) = (given, next);
                 info!(sample_interval = ?self.args.sample_interval, window = ?self.args.window, "configuration reloaded");
             }
             Err(e) => warn!("reload failed, keeping the running configuration: {e}"),
@@ -534,34 +537,9 @@ impl Daemon<'_> {
     }
 }
 
-/// Options that a reload cannot change while running (they shape the kernel tables,
-/// the listening socket or the metric labels).
 /// The web configuration file's bytes, to tell whether a reload changed it.
 fn web_config_text(path: Option<&std::path::Path>) -> Option<Vec<u8>> {
     std::fs::read(path?).ok()
-}
-
-fn restart_needed(now: &RunArgs, next: &RunArgs, attach: Attach, next_attach: Attach) -> Vec<&'static str> {
-    let mut out = Vec::new();
-    if attach != next_attach {
-        out.push("attach");
-    }
-    if now.agent != next.agent {
-        out.push("agent");
-    }
-    if now.listen != next.listen {
-        out.push("web.listen-address");
-    }
-    if now.tables != next.tables {
-        out.push("max-live/max-totals/max-stacks");
-    }
-    if now.pid_label != next.pid_label {
-        out.push("metrics.pid-label");
-    }
-    if now.runtime_profilers != next.runtime_profilers {
-        out.push("runtime-profilers");
-    }
-    out
 }
 
 fn log_changes(changes: &[Change]) {
