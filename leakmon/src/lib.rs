@@ -3,9 +3,11 @@
 //! The data path, top to bottom: `probes` (the eBPF programs and the only holder of
 //! `aya::Ebpf`) → `store` (per-process, per-stack totals) → `symbolize` → `report`.
 //! `sources` are where the daemon's data comes from: the /proc sampler (every
-//! process's memory) and the two ways of attributing allocations (uprobes, the
-//! in-process agent). `discovery`, `procfs` and `tracer` feed the probes with libraries
-//! and processes; `commands` wire it together for the CLI.
+//! process's memory), the two ways of attributing allocations (uprobes, the in-process
+//! agent) and the runtimes' own profilers. `discovery` and `procfs` feed the probes
+//! with libraries and processes; `ptrace` holds a report's processes and loads the
+//! agent into running ones; `runtimes` holds each language runtime's own code;
+//! `options` and `config` read what to do; `commands` wire it together for the CLI.
 
 pub mod agent;
 pub mod analysis;
@@ -22,13 +24,13 @@ pub mod options;
 pub mod own_memory;
 pub mod probes;
 pub mod procfs;
+pub mod ptrace;
 pub mod report;
 pub mod runtimes;
 pub mod sources;
 pub mod store;
 pub mod suppressions;
 pub mod symbolize;
-pub mod tracer;
 pub mod untrusted;
 pub mod values;
 pub mod wrappers;

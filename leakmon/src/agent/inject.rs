@@ -10,11 +10,11 @@ use nix::{
     unistd::Pid,
 };
 
-use super::{
-    inline,
-    remote::{open_mem, Held, Remote, Syscalls},
+use super::inline;
+use crate::{
+    procfs::{Mapping, ProcRoot},
+    ptrace::remote::{open_mem, Held, Remote, Syscalls},
 };
-use crate::procfs::{Mapping, ProcRoot};
 
 /// Loads the agent at `agent` into `pid` (unless it is there already) and starts it
 /// sampling every `sample_bytes`; returns the number of call slots and functions it
@@ -102,7 +102,7 @@ pub fn load_at_entry(
     let regs = ptrace::getregs(tid).context("read registers")?;
     let syscall_at = syscall_instruction(&remote, proc_root, pid, &maps)?;
     ptrace::setoptions(tid, options | Options::PTRACE_O_TRACESYSGOOD).context("set ptrace options")?;
-    let mut held = Held { tid, released: false, pending: Vec::new(), borrowed: true };
+    let mut held = Held::borrowed(tid);
     let at_entry = Syscalls { remote: &remote, held: &mut held, regs, syscall_at };
     let result = if statically_linked {
         load_freestanding(proc_root, &remote, pid, agent, sample_bytes, &targets, Some(at_entry))

@@ -40,8 +40,8 @@ use nix::{
 };
 use object::{Object as _, ObjectSymbol as _};
 
-use super::remote::{open_mem, stack_word_in};
 use crate::procfs::{Mapping, ProcRoot};
+use crate::ptrace::remote::{open_mem, stack_word_in};
 
 /// The jump written at a hooked entry: `jmp rel32`.
 const ENTRY_JUMP: usize = 5;

@@ -8,7 +8,6 @@
 
 pub mod inject;
 pub mod inline;
-pub mod remote;
 pub mod session;
 
 use std::{

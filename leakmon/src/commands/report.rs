@@ -20,9 +20,9 @@ use crate::{
     discovery::Discovery,
     probes::Probes,
     procfs::ProcRoot,
+    ptrace::tracer::{RootExit, Stop, Tracer},
     report::{flamegraph, folded, pprof, table, ProcessInfo, Report},
     symbolize::Symbolizer,
-    tracer::{RootExit, Stop, Tracer},
     wrappers::Wrappers,
 };
 
@@ -258,7 +258,7 @@ impl<'a> Watch<'a> {
                         pid,
                         agent,
                         self.sample_bytes,
-                        crate::tracer::OPTIONS,
+                        crate::ptrace::tracer::OPTIONS,
                     )
                 });
                 refresh_unwind(&mut self.probes, &proc_root, pid);

@@ -17,8 +17,8 @@ use tracing::{info, warn};
 
 use super::{
     proc_sampler::ProcSample,
-    selection::{Named, Suspects},
-    Attribution,
+    selection::{Named, Suspects, Turn},
+    Source,
 };
 use crate::{
     agent::session::{Session, Starting},
@@ -39,6 +39,11 @@ pub enum Coverage {
 
 pub struct Agent {
     coverage: Coverage,
+    loads: Loads,
+}
+
+/// The agent's loads and sessions, process by process.
+struct Loads {
     proc_root: ProcRoot,
     path: PathBuf,
     sample_bytes: u64,
@@ -63,8 +68,7 @@ impl Agent {
     ) -> Result<Self> {
         let path = crate::agent::install()?;
         kernel.attach_agent(None, &crate::agent::files(&path)).context("probe the agent's markers")?;
-        let mut source = Self {
-            coverage,
+        let mut loads = Loads {
             proc_root: proc_root.clone(),
             path,
             sample_bytes,
@@ -73,14 +77,25 @@ impl Agent {
             refused: HashSet::new(),
             execed: HashMap::new(),
         };
-        if let Coverage::Named(named) = &source.coverage {
+        if let Coverage::Named(named) = &coverage {
             for pid in named.now(proc_root) {
-                source.load(kernel, pid);
+                loads.load(kernel, pid);
             }
         }
-        Ok(source)
+        Ok(Self { coverage, loads })
     }
 
+    /// The loads that ended since the last turn; a suspect whose load failed has had
+    /// its turn.
+    fn poll(&mut self, kernel: &mut Probes) {
+        let refused = self.loads.poll(kernel);
+        if let Coverage::Suspects(suspects) = &mut self.coverage {
+            refused.into_iter().for_each(|pid| suspects.refused(pid));
+        }
+    }
+}
+
+impl Loads {
     /// Traces `pid` and starts loading the agent into it; a process that cannot take
     /// it gets one line (see [`Agent::poll`]), is untraced and is not tried again.
     /// Whether a load is under way or done.
@@ -112,13 +127,11 @@ impl Agent {
         warn!(pid, "load the agent: {why:#}");
         self.refused.insert(pid);
         let _ = kernel.detach_process(pid);
-        if let Coverage::Suspects(suspects) = &mut self.coverage {
-            suspects.refused(pid);
-        }
     }
 
-    /// The loads that ended since the last turn: sessions, or refusals.
-    fn poll(&mut self, kernel: &mut Probes) {
+    /// The loads that ended since the last turn: sessions, or refusals (returned).
+    fn poll(&mut self, kernel: &mut Probes) -> Vec<u32> {
+        let mut refused = Vec::new();
         let ended: Vec<(u32, Result<(Session, u64)>)> =
             self.starting.iter_mut().filter_map(|(pid, starting)| Some((*pid, starting.poll()?))).collect();
         for (pid, outcome) in ended {
@@ -128,9 +141,13 @@ impl Agent {
                     info!(pid, slots, sample_bytes = self.sample_bytes, "agent loaded");
                     self.sessions.insert(pid, session);
                 }
-                Err(e) => self.refuse(kernel, pid, &e),
+                Err(e) => {
+                    self.refuse(kernel, pid, &e);
+                    refused.push(pid);
+                }
             }
         }
+        refused
     }
 
     /// Undoes the agent's redirections in `pid` (its guardian does, in the background)
@@ -147,99 +164,95 @@ impl Agent {
     }
 }
 
-impl Attribution for Agent {
+impl Source for Agent {
     fn method(&self) -> Method {
         Method::Agent
     }
 
-    fn sampled(&mut self, kernel: &mut Probes, procs: &[ProcSample]) {
+    fn sampled(&mut self, kernel: Option<&mut Probes>, procs: &[ProcSample]) {
+        let Some(kernel) = kernel else { return };
         self.poll(kernel);
         let Coverage::Named(named) = &self.coverage else { return };
+        let loads = &mut self.loads;
         let mut due: Vec<u32> =
-            self.execed.iter().filter(|(_, at)| at.elapsed() >= AFTER_EXEC).map(|(pid, _)| *pid).collect();
-        self.execed.retain(|pid, _| !due.contains(pid));
+            loads.execed.iter().filter(|(_, at)| at.elapsed() >= AFTER_EXEC).map(|(pid, _)| *pid).collect();
+        loads.execed.retain(|pid, _| !due.contains(pid));
         if named.open_ended() {
-            due.extend(named.among(procs).into_iter().filter(|pid| !self.sessions.contains_key(pid)));
+            due.extend(named.among(procs).into_iter().filter(|pid| !loads.sessions.contains_key(pid)));
         }
         for pid in due {
-            if self.proc_root.running(pid) {
-                self.load(kernel, pid);
+            if loads.proc_root.running(pid) {
+                loads.load(kernel, pid);
             }
         }
     }
 
-    fn analysed(&mut self, kernel: &mut Probes, views: &[SeriesView]) {
+    fn analysed(&mut self, kernel: Option<&mut Probes>, views: &[SeriesView]) {
+        let Some(kernel) = kernel else { return };
         self.poll(kernel);
         let Coverage::Suspects(suspects) = &mut self.coverage else { return };
-        let expired = suspects.expired(&self.proc_root);
-        let candidates: Vec<(u32, String, String)> = suspects
-            .candidates(views)
-            .into_iter()
-            .map(|(pid, v)| (pid, v.service.clone(), v.comm.clone()))
-            .collect();
-        for pid in expired {
-            self.unload(kernel, pid);
-            info!(pid, "allocation attribution ended");
-        }
-        for (pid, service, comm) in candidates {
-            // Its turn starts with the load; a load that fails ends it (`refuse`).
-            if let Coverage::Suspects(suspects) = &mut self.coverage {
-                suspects.started(pid);
+        let loads = &mut self.loads;
+        suspects.turn(&loads.proc_root.clone(), views, |turn| match turn {
+            Turn::End(pid) => {
+                loads.unload(kernel, pid);
+                info!(pid, "allocation attribution ended");
+                true
             }
-            if self.load(kernel, pid) {
-                info!(pid, service = %service, comm = %comm, "attributing the allocations of a suspect, in-process");
+            // A load that fails later ends the turn then (`poll`).
+            Turn::Begin(pid, v) => {
+                let loading = loads.load(kernel, pid);
+                if loading {
+                    info!(pid, service = %v.service, comm = %v.comm, "attributing the allocations of a suspect, in-process");
+                }
+                loading
             }
-        }
+        });
     }
 
     fn exec(&mut self, pid: u32) {
         // The agent went with the old image; the guardian finds nothing to undo.
-        if self.sessions.remove(&pid).is_some() && matches!(self.coverage, Coverage::Named(_)) {
-            self.execed.insert(pid, Instant::now());
+        if self.loads.sessions.remove(&pid).is_some() && matches!(self.coverage, Coverage::Named(_)) {
+            self.loads.execed.insert(pid, Instant::now());
         }
     }
 
-    fn rescan(&mut self, _kernel: &mut Probes) {}
-
-    fn reselect(&mut self, kernel: &mut Probes, next: Named) {
-        let Coverage::Named(named) = &self.coverage else { return };
+    fn reselect(&mut self, kernel: Option<&mut Probes>, next: Named) {
+        let (Some(kernel), Coverage::Named(named)) = (kernel, &self.coverage) else { return };
         let added: Vec<u32> = next.pids.iter().filter(|pid| !named.pids.contains(pid)).copied().collect();
         let removed: Vec<u32> = named.pids.iter().filter(|pid| !next.pids.contains(pid)).copied().collect();
         self.coverage = Coverage::Named(next);
         for pid in removed {
-            self.unload(kernel, pid);
+            self.loads.unload(kernel, pid);
             info!(pid, "no longer traced");
         }
         for pid in added {
-            self.refused.remove(&pid);
-            self.load(kernel, pid);
+            self.loads.refused.remove(&pid);
+            self.loads.load(kernel, pid);
         }
     }
 
-    fn allocator(&self, _pid: u32) -> Option<&'static str> {
-        None
-    }
-
     fn loading(&self, pid: u32) -> bool {
-        self.starting.contains_key(&pid)
+        self.loads.starting.contains_key(&pid)
     }
 
     fn forget(&mut self, gone: &dyn Fn(u32) -> bool) {
         // A guardian whose process is gone has nothing to undo and ends.
-        self.sessions.retain(|pid, _| !gone(*pid));
-        self.starting.retain(|pid, _| !gone(*pid));
-        self.refused.retain(|pid| !gone(*pid));
-        self.execed.retain(|pid, _| !gone(*pid));
+        let loads = &mut self.loads;
+        loads.sessions.retain(|pid, _| !gone(*pid));
+        loads.starting.retain(|pid, _| !gone(*pid));
+        loads.refused.retain(|pid| !gone(*pid));
+        loads.execed.retain(|pid, _| !gone(*pid));
     }
 
-    fn shutdown(&mut self, kernel: &mut Probes) {
+    fn shutdown(&mut self, kernel: Option<&mut Probes>) {
+        let Some(kernel) = kernel else { return };
         // Every guardian told at once, then each waited for: they unload in parallel.
-        let sessions: Vec<(u32, Session)> = self.sessions.drain().collect();
+        let sessions: Vec<(u32, Session)> = self.loads.sessions.drain().collect();
         let stops: Vec<_> = sessions
             .into_iter()
             .map(|(pid, session)| (pid, std::thread::spawn(move || session.stop())))
             .collect();
-        self.starting.clear();
+        self.loads.starting.clear();
         for (pid, stop) in stops {
             match stop.join() {
                 Ok(Ok(slots)) => info!(pid, slots, "agent stopped"),

@@ -1,14 +1,12 @@
 //! Where the daemon's data comes from.
 //!
 //! - [`proc_sampler`]: every process's memory from /proc, always (tier 0).
-//! - An [`Attribution`]: how the allocations of the processes chosen for it reach the
-//!   kernel's tables of unfreed blocks and stack totals (tier 1). [`uprobes`] traps
-//!   every allocator call of those processes; [`agent`] loads the in-process sampler
-//!   into them, so only sampled blocks cost a trap.
-//!
-//! - [`runtime_profiles`]: for suspects running Node.js or a JVM, the runtime's own
-//!   sampling heap profiler (`--runtime-profilers`), whose snapshots stand in for the
-//!   kernel's totals of those processes.
+//! - [`Source`]s of unfreed totals per stack (tier 1), of the processes chosen for
+//!   them. [`uprobes`] traps every allocator call of those processes; [`agent`] loads
+//!   the in-process sampler into them, so only sampled blocks cost a trap; both record
+//!   into the kernel's tables. [`runtime_profiles`], for suspects running Node.js or a JVM, asks the runtime's
+//!   own sampling heap profiler (`--runtime-profilers`), whose snapshots stand in for
+//!   the kernel's totals of those processes.
 //!
 //! Which processes are chosen is [`selection`]'s job: the ones named (`--pid`,
 //! `--comm`, `--cgroup`), or the suspects the analysis flags, for a while each.
@@ -22,34 +20,53 @@ pub mod uprobes;
 use crate::{
     model::{Method, SeriesView},
     probes::Probes,
+    store::ProcessTotals,
 };
 use proc_sampler::ProcSample;
 
-/// One way of attributing allocations, as the daemon drives it: at its turns, it
-/// starts and ends the attribution of processes. What it records goes to the kernel
-/// tables (`kernel`), which the daemon reads for every attributed process alike.
-pub trait Attribution {
+/// A source of unfreed totals, as the daemon drives it: at its turns, it starts and
+/// ends the attribution of processes. Uprobes and the agent record into the kernel's
+/// tables (`kernel`, absent only where the kernel refused the programs and no such
+/// source runs), which the daemon reads once for them all; a runtime's profiler gives
+/// figures of its own ([`Source::totals`]), which stand in for the kernel's for the
+/// processes it speaks for.
+pub trait Source {
     fn method(&self) -> Method;
+    /// Whether its figures reach the kernel's tables.
+    fn through_kernel(&self) -> bool {
+        true
+    }
     /// At each sampling turn, with the processes just read from /proc: take in newly
     /// selected processes and new images.
-    fn sampled(&mut self, kernel: &mut Probes, procs: &[ProcSample]);
+    fn sampled(&mut self, _kernel: Option<&mut Probes>, _procs: &[ProcSample]) {}
     /// After the analysis of that turn: start and end the attribution of suspects.
-    fn analysed(&mut self, kernel: &mut Probes, views: &[SeriesView]);
+    fn analysed(&mut self, kernel: Option<&mut Probes>, views: &[SeriesView]);
     /// `pid` replaced its image (exec).
-    fn exec(&mut self, pid: u32);
+    fn exec(&mut self, _pid: u32) {}
     /// Now and then: allocator files that appeared since (containers, upgrades).
-    fn rescan(&mut self, kernel: &mut Probes);
+    fn rescan(&mut self, _kernel: Option<&mut Probes>) {}
     /// A reload changed the processes named.
-    fn reselect(&mut self, kernel: &mut Probes, named: selection::Named);
+    fn reselect(&mut self, _kernel: Option<&mut Probes>, _named: selection::Named) {}
     /// The allocator `pid`'s `malloc` reaches, where known.
-    fn allocator(&self, pid: u32) -> Option<&'static str>;
+    fn allocator(&self, _pid: u32) -> Option<&'static str> {
+        None
+    }
     /// Whether `pid` is still being made ready (the agent loading into it): its unwind
     /// tables wait until it is, so that they cover what the load maps.
     fn loading(&self, _pid: u32) -> bool {
         false
     }
+    /// Figures of its own, of the processes it speaks for (see [`Source::speaks_for`]).
+    fn totals(&self) -> Vec<ProcessTotals> {
+        Vec::new()
+    }
+    /// Whether `pid` is seen through this source alone (its kernel totals, if any, set
+    /// aside), from the start of its turn, before its first figures.
+    fn speaks_for(&self, _pid: u32) -> bool {
+        false
+    }
     /// Processes that are gone (and purged): forget them.
-    fn forget(&mut self, gone: &dyn Fn(u32) -> bool);
+    fn forget(&mut self, _gone: &dyn Fn(u32) -> bool) {}
     /// The daemon stops: undo in each process what was done to it.
-    fn shutdown(&mut self, kernel: &mut Probes);
+    fn shutdown(&mut self, kernel: Option<&mut Probes>);
 }

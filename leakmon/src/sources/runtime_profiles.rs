@@ -20,9 +20,13 @@ use std::{
 
 use tracing::{info, warn};
 
-use super::selection::Suspects;
+use super::{
+    selection::{Suspects, Turn},
+    Source,
+};
 use crate::{
-    model::SeriesView,
+    model::{Method, SeriesView},
+    probes::Probes,
     procfs::ProcRoot,
     runtimes::{self, Options, Runtime, Stack},
     store::{NamedStacks, ProcessTotals, StackTotals},
@@ -37,6 +41,7 @@ const RUNTIME_STACK: u64 = 1 << 63;
 pub struct RuntimeProfiles {
     enabled: Vec<Runtime>,
     suspects: Suspects,
+    proc_root: ProcRoot,
     sessions: HashMap<u32, Session>,
     /// Sessions told to stop, joined once done.
     ending: Vec<JoinHandle<()>>,
@@ -59,10 +64,12 @@ impl RuntimeProfiles {
         max: usize,
         sample_bytes: u64,
         every: Duration,
+        proc_root: ProcRoot,
     ) -> Self {
         Self {
             enabled,
             suspects: Suspects::new(duration, max),
+            proc_root,
             sessions: HashMap::new(),
             ending: Vec::new(),
             // Past the suspect duration, a JVM ends its recording itself.
@@ -74,42 +81,12 @@ impl RuntimeProfiles {
             every: every.max(MIN_SNAPSHOT_EVERY),
         }
     }
+}
 
-    /// Whether `pid` is being profiled: its runtime's figures replace the allocator's.
-    pub fn profiles(&self, pid: u32) -> bool {
-        self.sessions.contains_key(&pid)
-    }
-
-    /// After the analysis of a turn: sessions whose time is up end, suspects of the
-    /// runtimes enabled start.
-    pub fn analysed(&mut self, views: &[SeriesView], proc_root: &ProcRoot) {
-        for pid in self.suspects.expired(proc_root) {
-            if let Some(s) = self.sessions.remove(&pid) {
-                s.stop.store(true, Ordering::Relaxed);
-                self.ending.push(s.thread);
-            }
-        }
-        let (done, running): (Vec<_>, Vec<_>) = self.ending.drain(..).partition(JoinHandle::is_finished);
-        self.ending = running;
-        for thread in done {
-            let _ = thread.join();
-        }
-        for (pid, view) in self.suspects.candidates(views) {
-            match runtimes::detect(pid) {
-                Ok(Some(runtime)) if self.enabled.contains(&runtime) => {
-                    info!(pid, comm = %view.comm, runtime = runtime.name(), "profiling a suspect with its runtime's heap profiler");
-                    self.sessions.insert(pid, self.start(pid, runtime));
-                    self.suspects.started(pid);
-                }
-                _ => self.suspects.refused(pid),
-            }
-        }
-    }
-
-    fn start(&self, pid: u32, runtime: Runtime) -> Session {
+impl Session {
+    fn start(pid: u32, runtime: Runtime, options: Options, every: Duration) -> Self {
         let stop = Arc::new(AtomicBool::new(false));
         let latest = Arc::new(Mutex::new(None));
-        let (options, every) = (self.options, self.every);
         let thread = {
             let (stop, latest) = (stop.clone(), latest.clone());
             std::thread::Builder::new()
@@ -117,21 +94,64 @@ impl RuntimeProfiles {
                 .spawn(move || session(pid, runtime, options, every, &stop, &latest))
                 .expect("spawn a thread")
         };
-        Session { stop, latest, thread }
+        Self { stop, latest, thread }
+    }
+}
+
+impl Source for RuntimeProfiles {
+    fn method(&self) -> Method {
+        Method::Runtime
+    }
+
+    fn through_kernel(&self) -> bool {
+        false
+    }
+
+    /// Sessions whose time is up end, suspects of the runtimes enabled start.
+    fn analysed(&mut self, _kernel: Option<&mut Probes>, views: &[SeriesView]) {
+        let (done, running): (Vec<_>, Vec<_>) = self.ending.drain(..).partition(JoinHandle::is_finished);
+        self.ending = running;
+        for thread in done {
+            let _ = thread.join();
+        }
+        let (sessions, ending) = (&mut self.sessions, &mut self.ending);
+        let (enabled, options, every) = (&self.enabled, self.options, self.every);
+        self.suspects.turn(&self.proc_root, views, |turn| match turn {
+            Turn::End(pid) => {
+                if let Some(s) = sessions.remove(&pid) {
+                    s.stop.store(true, Ordering::Relaxed);
+                    ending.push(s.thread);
+                }
+                true
+            }
+            Turn::Begin(pid, view) => match runtimes::detect(pid) {
+                Ok(Some(runtime)) if enabled.contains(&runtime) => {
+                    info!(pid, comm = %view.comm, runtime = runtime.name(), "profiling a suspect with its runtime's heap profiler");
+                    sessions.insert(pid, Session::start(pid, runtime, options, every));
+                    true
+                }
+                _ => false,
+            },
+        });
     }
 
     /// The latest snapshot of every session, as the monitor takes the kernel's totals;
     /// the frames of their stacks travel with them.
-    pub fn totals(&self) -> Vec<ProcessTotals> {
+    fn totals(&self) -> Vec<ProcessTotals> {
         self.sessions
             .values()
             .filter_map(|s| s.latest.lock().unwrap_or_else(std::sync::PoisonError::into_inner).clone())
             .collect()
     }
 
+    /// A process being profiled: its runtime's figures replace the allocator's.
+    fn speaks_for(&self, pid: u32) -> bool {
+        self.sessions.contains_key(&pid)
+    }
+
     /// The daemon stops: every session closes its profiler (the inspector closed, the
     /// recording stopped) before this returns.
-    pub fn shutdown(&mut self) {
+    fn shutdown(&mut self, _kernel: Option<&mut Probes>) {
         for s in self.sessions.values() {
             s.stop.store(true, Ordering::Relaxed);
         }

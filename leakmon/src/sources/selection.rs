@@ -51,6 +51,14 @@ impl Named {
     }
 }
 
+/// A step of a suspect's turn, for its source to take.
+pub enum Turn<'v> {
+    /// Start attributing `pid`, suspected in this series.
+    Begin(u32, &'v SeriesView),
+    /// Stop attributing `pid`: its time is up, or it is gone.
+    End(u32),
+}
+
 /// `--attach suspects`: which processes are attributed, since when, and which had
 /// their turn. A process is attributed once, for `duration`, and at most `max` at once.
 pub struct Suspects {
@@ -117,6 +125,28 @@ impl Suspects {
             }
         }
         out
+    }
+
+    /// One turn of the suspects, the same for every source that takes them: turns
+    /// whose time is up (or whose process is gone) end, then new suspects begin, within
+    /// the budget. `act` does each in its source, and says whether a `Begin` took; one
+    /// that did not is not tried again. A source that learns later that a turn failed
+    /// says [`Suspects::refused`].
+    pub fn turn(
+        &mut self,
+        proc_root: &ProcRoot,
+        views: &[SeriesView],
+        mut act: impl FnMut(Turn<'_>) -> bool,
+    ) {
+        for pid in self.expired(proc_root) {
+            act(Turn::End(pid));
+        }
+        for (pid, view) in self.candidates(views) {
+            self.started(pid);
+            if !act(Turn::Begin(pid, view)) {
+                self.refused(pid);
+            }
+        }
     }
 
     pub fn started(&mut self, pid: u32) {

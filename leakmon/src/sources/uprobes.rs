@@ -17,8 +17,8 @@ use tracing::{info, warn};
 
 use super::{
     proc_sampler::ProcSample,
-    selection::{Named, Suspects},
-    Attribution,
+    selection::{Named, Suspects, Turn},
+    Source,
 };
 use crate::{
     discovery::Discovery,
@@ -102,12 +102,13 @@ impl Uprobes {
     }
 }
 
-impl Attribution for Uprobes {
+impl Source for Uprobes {
     fn method(&self) -> Method {
         Method::Uprobes
     }
 
-    fn sampled(&mut self, kernel: &mut Probes, procs: &[ProcSample]) {
+    fn sampled(&mut self, kernel: Option<&mut Probes>, procs: &[ProcSample]) {
+        let Some(kernel) = kernel else { return };
         if self.shares_probes() {
             // New images: a static allocator in the executable, a preloaded one.
             let due: Vec<u32> = self
@@ -143,28 +144,29 @@ impl Attribution for Uprobes {
         }
     }
 
-    fn analysed(&mut self, kernel: &mut Probes, views: &[SeriesView]) {
-        let Coverage::Suspects(suspects) = &mut self.coverage else { return };
-        for pid in suspects.expired(self.discovery.proc_root()) {
-            match kernel.detach_process(pid) {
-                Ok(()) => info!(pid, "allocation attribution ended"),
-                Err(e) => warn!(pid, "detach: {e:#}"),
+    fn analysed(&mut self, kernel: Option<&mut Probes>, views: &[SeriesView]) {
+        let (Some(kernel), Coverage::Suspects(suspects)) = (kernel, &mut self.coverage) else { return };
+        let discovery = &mut self.discovery;
+        suspects.turn(&discovery.proc_root().clone(), views, |turn| match turn {
+            Turn::End(pid) => {
+                match kernel.detach_process(pid) {
+                    Ok(()) => info!(pid, "allocation attribution ended"),
+                    Err(e) => warn!(pid, "detach: {e:#}"),
+                }
+                true
             }
-        }
-        for (pid, v) in suspects.candidates(views) {
-            let libs = self.discovery.process(pid).files;
-            match kernel.attach_process(pid, &libs) {
+            Turn::Begin(pid, v) => match kernel.attach_process(pid, &discovery.process(pid).files) {
                 Ok(n) if n > 0 => {
                     info!(pid, service = %v.service, comm = %v.comm, probes = n, "attributing the allocations of a suspect");
-                    suspects.started(pid);
+                    true
                 }
-                Ok(_) => suspects.refused(pid),
+                Ok(_) => false,
                 Err(e) => {
                     warn!(pid, "attach to suspect: {e:#}");
-                    suspects.refused(pid);
+                    false
                 }
-            }
-        }
+            },
+        });
     }
 
     fn exec(&mut self, pid: u32) {
@@ -173,7 +175,8 @@ impl Attribution for Uprobes {
         }
     }
 
-    fn rescan(&mut self, kernel: &mut Probes) {
+    fn rescan(&mut self, kernel: Option<&mut Probes>) {
+        let Some(kernel) = kernel else { return };
         if self.shares_probes() {
             let named = self.named_now();
             let files = self.files(&named);
@@ -183,8 +186,8 @@ impl Attribution for Uprobes {
         }
     }
 
-    fn reselect(&mut self, kernel: &mut Probes, next: Named) {
-        let Coverage::Named(named) = &mut self.coverage else { return };
+    fn reselect(&mut self, kernel: Option<&mut Probes>, next: Named) {
+        let (Some(kernel), Coverage::Named(named)) = (kernel, &mut self.coverage) else { return };
         for pid in next.pids.iter().filter(|pid| !named.pids.contains(pid)) {
             if let Err(e) = kernel.trace(*pid) {
                 warn!(pid, "trace: {e:#}");
@@ -210,5 +213,5 @@ impl Attribution for Uprobes {
         self.execed.retain(|pid, _| !gone(*pid));
     }
 
-    fn shutdown(&mut self, _kernel: &mut Probes) {}
+    fn shutdown(&mut self, _kernel: Option<&mut Probes>) {}
 }

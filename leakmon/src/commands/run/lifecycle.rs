@@ -38,8 +38,8 @@ impl Daemon<'_> {
                 if let Some(p) = self.probes.as_mut() {
                     p.forget_unwind(ev.tgid);
                 }
-                if let Some(a) = self.attribution.as_mut() {
-                    a.exec(ev.tgid);
+                for s in &mut self.sources {
+                    s.exec(ev.tgid);
                 }
                 self.lifecycle.names.insert(ev.tgid, ingest::comm(ev));
             }
@@ -101,8 +101,8 @@ impl Daemon<'_> {
             );
             forgotten = purged.forgotten;
             let gone = |pid: u32| exited.contains_key(&pid) && p.proc_state(pid).is_none();
-            if let Some(a) = self.attribution.as_mut() {
-                a.forget(&gone);
+            for s in &mut self.sources {
+                s.forget(&gone);
             }
             life.exited.clear();
             life.replaced.clear();

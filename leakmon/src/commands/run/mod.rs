@@ -46,7 +46,7 @@ use crate::{
         runtime_profiles::RuntimeProfiles,
         selection::{Named, Suspects},
         uprobes::{self, Uprobes},
-        Attribution,
+        Source,
     },
     values::Attach,
     wrappers::Wrappers,
@@ -121,7 +121,7 @@ fn attribution(
     attach: Attach,
     probes: &mut Probes,
     proc_root: &ProcRoot,
-) -> Result<Option<Box<dyn Attribution + Send>>> {
+) -> Result<Option<Box<dyn Source + Send>>> {
     let suspects = || Suspects::new(args.suspect_duration, args.max_suspects);
     if args.agent {
         let coverage = match attach {
@@ -156,9 +156,9 @@ struct Daemon<'r> {
     /// lifecycle tracepoints cost nothing per allocation); absent only where the
     /// kernel refused them and nothing is attributed.
     probes: Option<Probes>,
-    attribution: Option<Box<dyn Attribution + Send>>,
-    /// `--runtime-profilers`: Node.js and JVM suspects profiled by their runtimes.
-    runtime_profiles: Option<RuntimeProfiles>,
+    /// Where unfreed totals come from: the attribution `attach` and `--agent` ask for
+    /// (into the kernel's tables), then `--runtime-profilers` (figures of their own).
+    sources: Vec<Box<dyn Source + Send>>,
     monitor: Monitor,
     metrics: Metrics,
     published: Shared,
@@ -221,14 +221,13 @@ async fn daemon(
     let monitor = Monitor::new(params, args.max_series, args.top_stacks, proc_root.clone())
         .per_process(args.pid_label)
         .wrappers(Wrappers::new(&args.tables.wrappers));
-    let runtime_profiles = runtime_profiles(&args);
+    let sources = attribution.into_iter().chain(runtime_profiles(&args, &proc_root)).collect();
     let mut d = Daemon {
         given,
         attach,
         reload,
         probes,
-        attribution,
-        runtime_profiles,
+        sources,
         monitor,
         metrics,
         published,
@@ -248,11 +247,8 @@ async fn daemon(
     notify(sd_notify::NotifyState::Stopping);
     info!("stopping: detaching probes");
     server.abort();
-    if let (Some(a), Some(p)) = (d.attribution.as_mut(), d.probes.as_mut()) {
-        a.shutdown(p);
-    }
-    if let Some(r) = d.runtime_profiles.as_mut() {
-        r.shutdown();
+    for s in &mut d.sources {
+        s.shutdown(d.probes.as_mut());
     }
     if let Some(task) = event_reader {
         task.abort();
@@ -283,7 +279,7 @@ async fn serve(
     let mut purge = interval(PURGE_EVERY);
     let mut rescan = interval(RESCAN_EVERY);
     let mut batch = Vec::with_capacity(EVENT_BATCH);
-    let attributing = d.attribution.is_some();
+    let attributing = d.through_kernel();
 
     loop {
         tokio::select! {
@@ -322,8 +318,8 @@ async fn serve(
             }
             _ = purge.tick(), if d.probes.is_some() => d.purge(),
             _ = rescan.tick(), if attributing => {
-                if let (Some(a), Some(p)) = (d.attribution.as_mut(), d.probes.as_mut()) {
-                    a.rescan(p);
+                for s in &mut d.sources {
+                    s.rescan(d.probes.as_mut());
                 }
             }
         }
@@ -347,7 +343,7 @@ fn first_documents(metrics: &Metrics) -> Shared {
 /// the lifecycle ring buffer.
 struct Kernel {
     probes: Option<Probes>,
-    attribution: Option<Box<dyn Attribution + Send>>,
+    attribution: Option<Box<dyn Source + Send>>,
     event_reader: Option<tokio::task::JoinHandle<()>>,
     events: Option<tokio::sync::mpsc::Receiver<leakmon_common::LifecycleEvent>>,
     queue_dropped: Arc<AtomicU64>,
@@ -381,19 +377,20 @@ impl Kernel {
 }
 
 /// The runtime profilers asked for, if any.
-fn runtime_profiles(args: &RunArgs) -> Option<RuntimeProfiles> {
-    (!args.runtime_profilers.is_empty()).then(|| {
+fn runtime_profiles(args: &RunArgs, proc_root: &ProcRoot) -> Option<Box<dyn Source + Send>> {
+    (!args.runtime_profilers.is_empty()).then(|| -> Box<dyn Source + Send> {
         let sample_bytes = match args.tables.sample_bytes {
             0 => crate::values::DEFAULT_SAMPLE_BYTES,
             bytes => bytes,
         };
-        RuntimeProfiles::new(
+        Box::new(RuntimeProfiles::new(
             args.runtime_profilers.clone(),
             args.suspect_duration,
             args.max_suspects,
             sample_bytes,
             args.sample_interval,
-        )
+            proc_root.clone(),
+        ))
     })
 }
 
@@ -417,8 +414,8 @@ impl Daemon<'_> {
     async fn sample(&mut self, queued: usize) {
         let now = self.started.elapsed().as_secs_f64();
         let procs = proc_sampler::sample_all(&self.proc_root);
-        if let (Some(a), Some(p)) = (self.attribution.as_mut(), self.probes.as_mut()) {
-            a.sampled(p, &procs);
+        for s in &mut self.sources {
+            s.sampled(self.probes.as_mut(), &procs);
         }
         // One read of the process table serves the heap totals and the count.
         let traced: HashMap<u32, ProcState> =
@@ -426,7 +423,7 @@ impl Daemon<'_> {
         if let Some(p) = self.probes.as_mut() {
             // Unwind tables for processes traced since the last turn, and for those
             // whose stacks reached a library loaded since their tables were made.
-            let loading = |pid: u32| self.attribution.as_ref().is_some_and(|a| a.loading(pid));
+            let loading = |pid: u32| self.sources.iter().any(|s| s.loading(pid));
             let mut due: Vec<u32> =
                 traced.keys().copied().filter(|pid| !p.has_unwind(*pid) && !loading(*pid)).collect();
             due.extend(p.unwind_stale());
@@ -434,15 +431,7 @@ impl Daemon<'_> {
                 refresh_unwind(p, &self.proc_root, pid);
             }
         }
-        let attributing = self.attribution.is_some();
-        let mut heap = self.probes.as_ref().filter(|_| attributing).and_then(|p| unfreed(p, &traced).ok());
-        if let Some(r) = self.runtime_profiles.as_ref() {
-            // A process its runtime profiles is seen through that profiler only.
-            let mut all = heap.unwrap_or_default();
-            all.retain(|t| !r.profiles(t.pid));
-            all.extend(r.totals());
-            heap = Some(all);
-        }
+        let heap = self.heap(&traced);
         self.monitor.set_incomplete(
             traced
                 .iter()
@@ -452,17 +441,12 @@ impl Daemon<'_> {
         let probes = self.probes.as_ref();
         let stack = |id: u64| probes.and_then(|p| p.stack(id));
         let (mut views, changes) = self.monitor.tick(now, &procs, heap.as_deref(), &stack);
-        if let Some(a) = self.attribution.as_ref() {
-            for v in &mut views {
-                v.allocator = v.pids.iter().find_map(|pid| a.allocator(*pid));
-            }
+        for v in &mut views {
+            v.allocator = v.pids.iter().find_map(|pid| self.sources.iter().find_map(|s| s.allocator(*pid)));
         }
         log_changes(&changes);
-        if let (Some(a), Some(p)) = (self.attribution.as_mut(), self.probes.as_mut()) {
-            a.analysed(p, &views);
-        }
-        if let Some(r) = self.runtime_profiles.as_mut() {
-            r.analysed(&views, &self.proc_root);
+        for s in &mut self.sources {
+            s.analysed(self.probes.as_mut(), &views);
         }
         if let Some(p) = self.probes.as_ref() {
             let (used, capacity) = p.unwind_rows();
@@ -482,10 +466,28 @@ impl Daemon<'_> {
         publish(&self.published, &self.metrics, &views).await;
     }
 
+    /// Whether a source records into the kernel's tables (else they hold nothing).
+    fn through_kernel(&self) -> bool {
+        self.sources.iter().any(|s| s.through_kernel())
+    }
+
+    /// The unfreed totals of this turn, if any source gives some: the kernel's, and
+    /// over them each source's own, for the processes it speaks for.
+    fn heap(&self, traced: &HashMap<u32, ProcState>) -> Option<Vec<crate::store::ProcessTotals>> {
+        let kernel =
+            self.probes.as_ref().filter(|_| self.through_kernel()).and_then(|p| unfreed(p, traced).ok());
+        self.sources.iter().filter(|s| !s.through_kernel()).fold(kernel, |heap, s| {
+            let mut all = heap.unwrap_or_default();
+            all.retain(|t| !s.speaks_for(t.pid));
+            all.extend(s.totals());
+            Some(all)
+        })
+    }
+
     /// Only the kernel tables and /proc are read here; symbolizing and rendering, the
     /// slow part, run off the loop, which keeps sampling.
     fn profile(&mut self, request: ProfileRequest) {
-        let probes = self.probes.as_ref().filter(|_| self.attribution.is_some());
+        let probes = self.probes.as_ref().filter(|_| self.through_kernel());
         match profiles::profile_snapshot(probes, &mut self.discovery, &self.monitor, &request) {
             // A renderer gone (it panicked) drops the reply: the client gets its error
             // from the HTTP side.
@@ -525,8 +527,8 @@ impl Daemon<'_> {
                     next.max_series,
                     next.top_stacks,
                 );
-                if let (Some(a), Some(p)) = (self.attribution.as_mut(), self.probes.as_mut()) {
-                    a.reselect(p, named(&next));
+                for s in &mut self.sources {
+                    s.reselect(self.probes.as_mut(), named(&next));
                 }
                 (self.given, self.args) = (given, next);
                 info!(sample_interval = ?self.args.sample_interval, window = ?self.args.window, "configuration reloaded");

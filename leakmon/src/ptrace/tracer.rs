@@ -199,27 +199,13 @@ impl Tracer {
     /// a signal that arrived meanwhile is delivered on the way out.
     pub fn release(mut self) {
         for pid in std::mem::take(&mut self.seen) {
-            if ptrace::interrupt(pid).is_err() {
-                continue;
-            }
-            let deadline = std::time::Instant::now() + std::time::Duration::from_secs(1);
-            let mut signal = None;
-            loop {
-                match waitpid(pid, Some(WaitPidFlag::__WALL | WaitPidFlag::WNOHANG)) {
-                    Ok(WaitStatus::StillAlive) if std::time::Instant::now() < deadline => {
-                        std::thread::sleep(std::time::Duration::from_millis(1));
-                    }
-                    Ok(WaitStatus::Stopped(_, sig)) => {
-                        signal = (!self.at_breakpoint(pid)).then_some(sig);
-                        break;
-                    }
-                    _ => break,
+            super::stop_and_detach(pid, |_| {
+                let own = self.at_breakpoint(pid);
+                if let Some((entry, word)) = self.breakpoints.remove(&pid) {
+                    let _ = ptrace::write(pid, entry as ptrace::AddressType, word);
                 }
-            }
-            if let Some((entry, word)) = self.breakpoints.remove(&pid) {
-                let _ = ptrace::write(pid, entry as ptrace::AddressType, word);
-            }
-            let _ = ptrace::detach(pid, signal);
+                own
+            });
         }
     }
 

@@ -1,6 +1,6 @@
-//! The ptrace engine: calling a function, or running a syscall, inside a running
-//! process, with one of its threads borrowed at a safe point; what the agent's
-//! loading ([`super::inject`]) and inline hooks ([`super::inline`]) are built on.
+//! Calling a function, or running a syscall, inside a running process, with one of its
+//! threads borrowed at a safe point; what the agent's loading
+//! ([`crate::agent::inject`]) and inline hooks ([`crate::agent::inline`]) are built on.
 //!
 //! The process must come out exactly as it went in, whatever happens to leakmon:
 //! - One thread is borrowed, the main one, and only at a point where it holds no
@@ -15,7 +15,7 @@
 //!   killed at any point after that leaves a process that simply goes on. The short
 //!   window before (one `mmap` run in the thread) is the only one in which a SIGKILLed
 //!   caller leaves the borrowed thread at the wrong place; that caller is the agent's
-//!   guardian ([`super::session`]), which ignores the signals that stop leakmon and
+//!   guardian ([`crate::agent::session`]), which ignores the signals that stop leakmon and
 //!   outlives a leakmon that is killed.
 //! - A syscall the thread was interrupted in is restarted as the kernel would have.
 
@@ -32,7 +32,7 @@ use nix::{
     sys::{
         ptrace::{self, Options},
         signal::Signal,
-        wait::{waitpid, WaitPidFlag, WaitStatus},
+        wait::WaitStatus,
     },
     unistd::Pid,
 };
@@ -99,7 +99,7 @@ const STACK_SCAN: usize = 256 << 10;
 /// frame's saved instruction pointer that would bring the thread back there (a stray
 /// word that happens to match is a false alarm, never a miss). An error when the stack
 /// cannot be read at all.
-pub(super) fn stack_word_in(mem: &File, rsp: u64, inside: impl Fn(u64) -> bool) -> Result<Option<u64>> {
+pub(crate) fn stack_word_in(mem: &File, rsp: u64, inside: impl Fn(u64) -> bool) -> Result<Option<u64>> {
     let mut stack = vec![0u8; STACK_SCAN];
     // /proc/PID/mem reads up to the end of the mapping and stops there.
     let read = mem.read_at(&mut stack, rsp).unwrap_or(0);
@@ -111,8 +111,8 @@ pub(super) fn stack_word_in(mem: &File, rsp: u64, inside: impl Fn(u64) -> bool) 
 
 /// Where the allocator functions the agent needs live in a process.
 pub struct Remote {
-    pub(super) pid: u32,
-    pub(super) mem: File,
+    pub(crate) pid: u32,
+    pub(crate) mem: File,
 }
 
 impl Remote {
@@ -264,7 +264,7 @@ impl Remote {
 
     /// Borrows the main thread at a safe point to run `f` with syscalls in it, then
     /// puts it back where it was.
-    pub(super) fn with_syscalls<T>(&self, f: impl FnOnce(&mut Syscalls) -> Result<T>) -> Result<T> {
+    pub(crate) fn with_syscalls<T>(&self, f: impl FnOnce(&mut Syscalls) -> Result<T>) -> Result<T> {
         let mut held = Held::seize(Pid::from_raw(self.pid as i32))?;
         let (regs, resume) = held.safe_point()?;
         let result = f(&mut Syscalls { remote: self, held: &mut held, regs, syscall_at: resume.syscall_at });
@@ -272,7 +272,7 @@ impl Remote {
         result
     }
 
-    pub(super) fn read_u64(&self, addr: u64) -> Result<u64> {
+    pub(crate) fn read_u64(&self, addr: u64) -> Result<u64> {
         let mut bytes = [0u8; 8];
         self.mem
             .read_exact_at(&mut bytes, addr)
@@ -280,17 +280,17 @@ impl Remote {
         Ok(u64::from_le_bytes(bytes))
     }
 
-    pub(super) fn write(&self, addr: u64, bytes: &[u8]) -> Result<()> {
+    pub(crate) fn write(&self, addr: u64, bytes: &[u8]) -> Result<()> {
         self.mem.write_all_at(bytes, addr).with_context(|| format!("write the memory of pid {}", self.pid))
     }
 }
 
 /// Syscalls run one at a time in a held thread (at a `syscall` instruction it has).
-pub(super) struct Syscalls<'a> {
-    pub(super) remote: &'a Remote,
-    pub(super) held: &'a mut Held,
-    pub(super) regs: libc::user_regs_struct,
-    pub(super) syscall_at: u64,
+pub(crate) struct Syscalls<'a> {
+    pub(crate) remote: &'a Remote,
+    pub(crate) held: &'a mut Held,
+    pub(crate) regs: libc::user_regs_struct,
+    pub(crate) syscall_at: u64,
 }
 
 impl Syscalls<'_> {
@@ -311,7 +311,7 @@ impl Syscalls<'_> {
         Ok(ret)
     }
 
-    pub(super) fn map_anonymous(&mut self, at: u64, bytes: u64, prot: i32, flags: i32) -> Result<u64> {
+    pub(crate) fn map_anonymous(&mut self, at: u64, bytes: u64, prot: i32, flags: i32) -> Result<u64> {
         let flags = (libc::MAP_PRIVATE | libc::MAP_ANONYMOUS | flags) as u64;
         self.run(NR_MMAP, [at, bytes, prot as u64, flags, u64::MAX, 0])
     }
@@ -320,7 +320,7 @@ impl Syscalls<'_> {
     /// segment from the file, so that uprobes on it fire here too). It may have no
     /// relocations: a self-contained object built with `-Bsymbolic` has none. Returns
     /// its base.
-    pub(super) fn map_library(&mut self, path: &Path) -> Result<u64> {
+    pub(crate) fn map_library(&mut self, path: &Path) -> Result<u64> {
         use object::read::elf::{ElfFile64, FileHeader as _, ProgramHeader as _, SectionHeader as _};
         let data = std::fs::read(path).with_context(|| format!("read {}", path.display()))?;
         let elf = ElfFile64::<object::Endianness>::parse(&*data)
@@ -402,7 +402,7 @@ impl Syscalls<'_> {
     /// A mapping of `bytes` (read and execute: leakmon writes through /proc/PID/mem)
     /// within a rel32 jump of all of [lo, hi): below it if there is room (above lies
     /// the heap brk grows), else above.
-    pub(super) fn map_near(&mut self, lo: u64, hi: u64, bytes: u64) -> Result<u64> {
+    pub(crate) fn map_near(&mut self, lo: u64, hi: u64, bytes: u64) -> Result<u64> {
         const STEP: u64 = 1 << 20;
         const REACH: u64 = 1 << 30;
         let below = (1..=REACH / STEP)
@@ -422,14 +422,14 @@ impl Syscalls<'_> {
 }
 
 /// A seized thread; detached when dropped, whatever happened.
-pub(super) struct Held {
-    pub(super) tid: Pid,
-    pub(super) released: bool,
+pub(crate) struct Held {
+    pub(crate) tid: Pid,
+    pub(crate) released: bool,
     /// Held by somebody else's ptrace (leakmon's tracer of a command): never detached here.
-    pub(super) borrowed: bool,
+    pub(crate) borrowed: bool,
     /// Signals that reached the thread while it was held, each once (standard signals
     /// do not queue): all are delivered when it goes, none is dropped for a later one.
-    pub(super) pending: Vec<Signal>,
+    pub(crate) pending: Vec<Signal>,
 }
 
 /// Where the borrowed thread goes back to, and the `syscall` instruction it was at.
@@ -439,6 +439,12 @@ struct Resume {
 }
 
 impl Held {
+    /// A thread that leakmon's [`super::tracer::Tracer`] holds stopped (at its entry
+    /// point): used as it is, and never detached here.
+    pub(crate) fn borrowed(tid: Pid) -> Self {
+        Self { tid, released: false, pending: Vec::new(), borrowed: true }
+    }
+
     /// Seizes `tid`, with syscall stops told apart from signals.
     fn seize(tid: Pid) -> Result<Self> {
         match ptrace::seize(tid, Options::PTRACE_O_TRACESYSGOOD) {
@@ -567,17 +573,7 @@ impl Held {
 
     /// The thread's next stop, or `None` once `deadline` passes.
     fn wait(&mut self, deadline: Instant) -> Result<Option<WaitStatus>> {
-        loop {
-            match waitpid(self.tid, Some(WaitPidFlag::__WALL | WaitPidFlag::WNOHANG)) {
-                Ok(WaitStatus::StillAlive) => {}
-                Ok(status) => return Ok(Some(status)),
-                Err(e) => return Err(anyhow!("wait for pid {}: {e}", self.tid)),
-            }
-            if Instant::now() > deadline {
-                return Ok(None);
-            }
-            std::thread::sleep(Duration::from_micros(200));
-        }
+        super::wait_until(self.tid, deadline).map_err(|e| anyhow!("wait for pid {}: {e}", self.tid))
     }
 }
 
@@ -594,13 +590,8 @@ impl Drop for Held {
         if detached.is_ok() {
             self.deliver_the_rest();
         }
-        if detached == Err(Errno::ESRCH) && ptrace::interrupt(self.tid).is_ok() {
-            let deadline = Instant::now() + Duration::from_secs(1);
-            let mut signal = None;
-            if let Ok(Some(WaitStatus::Stopped(_, s))) = self.wait(deadline) {
-                signal = Some(s);
-            }
-            let _ = ptrace::detach(self.tid, signal);
+        if detached == Err(Errno::ESRCH) {
+            super::stop_and_detach(self.tid, |_| false);
         }
     }
 }
@@ -723,7 +714,7 @@ fn trampoline(region: u64, function: u64, args: [u64; 3], back: &libc::user_regs
 }
 
 /// The memory of `pid`, which the kernel opens only to whoever may ptrace it.
-pub(super) fn open_mem(proc_root: &ProcRoot, pid: u32) -> Result<File> {
+pub(crate) fn open_mem(proc_root: &ProcRoot, pid: u32) -> Result<File> {
     match std::fs::OpenOptions::new()
         .read(true)
         .write(true)
