@@ -19,16 +19,13 @@ use std::{
     time::{Duration, Instant},
 };
 
-use leakmon_common::python;
-
 use blazesym::symbolize::{source::Elf, source::Source, Input, Symbolized, Symbolizer as Blaze};
 
 use self::binaries::{Binaries, COPIED_LIMIT};
-use crate::runtimes::python::frames;
 use crate::{
     model::{Frame, SiteFrame},
     procfs::{find_mapping, Mapping},
-    runtimes::runtime_site,
+    runtimes::{runtime_site, Walked, WalkedProcess},
     wrappers::Wrappers,
 };
 
@@ -48,8 +45,9 @@ pub fn stable_id(frames: &[Frame]) -> String {
 pub struct Symbolizer {
     blaze: Mutex<Parsed>,
     wrappers: Wrappers,
-    /// CPython processes by pid (`None`: not one, or not one leakmon can name).
-    python: Mutex<HashMap<u32, Option<Arc<crate::runtimes::python::code::Process>>>>,
+    /// Processes whose frames a runtime's walker in the kernel appended (CPython's), by
+    /// pid (`None`: not one whose frames leakmon can name).
+    walked: Mutex<HashMap<u32, Option<Arc<dyn WalkedProcess>>>>,
 }
 
 /// blazesym's symbolizer and the binaries it reads, which live and go together.
@@ -66,8 +64,8 @@ impl Parsed {
     }
 }
 
-/// CPython processes remembered.
-pub const MAX_PYTHON_PROCESSES: usize = 4096;
+/// Processes of walked frames remembered.
+pub const MAX_WALKED_PROCESSES: usize = 4096;
 
 /// Binaries whose parsed symbols blazesym keeps.
 pub const MAX_BINARIES: usize = 256;
@@ -80,7 +78,7 @@ impl Default for Symbolizer {
 
 impl Symbolizer {
     pub fn new(wrappers: Wrappers) -> Self {
-        Self { blaze: Mutex::new(Parsed::new()), wrappers, python: Mutex::new(HashMap::new()) }
+        Self { blaze: Mutex::new(Parsed::new()), wrappers, walked: Mutex::new(HashMap::new()) }
     }
 
     /// Drops every parsed binary (their maps and parsed debug information) if none was
@@ -124,59 +122,53 @@ impl Symbolizer {
     /// walks through code without frame pointers read garbage. `root` maps the
     /// process's paths into our mount namespace (its `/proc/PID/root`) while it lives.
     ///
-    /// Python frames the kernel appended (see `leakmon_common::python`) are named from
-    /// `pid`'s memory while it lives, and each run of them takes the place of the native
-    /// evaluation frame that ran it; without the process, the native frames stay alone.
+    /// Frames a runtime's walker in the kernel appended (CPython's) are named from
+    /// `pid`'s memory while it lives, by that runtime (see [`crate::runtimes::Walked`]);
+    /// without the process, the native frames stay alone.
     pub fn frames(&self, pid: u32, maps: &[Mapping], root: Option<&Path>, stack: &[u64]) -> Vec<Frame> {
         self.frames_with(pid, maps, root, None, stack)
     }
 
-    /// [`Symbolizer::frames`], naming Python frames through `python` (read while the
+    /// [`Symbolizer::frames`], naming walked frames through `walked` (read while the
     /// process lived) when given.
     pub fn frames_with(
         &self,
         pid: u32,
         maps: &[Mapping],
         root: Option<&Path>,
-        python: Option<Arc<crate::runtimes::python::code::Process>>,
+        walked: Option<Arc<dyn WalkedProcess>>,
         stack: &[u64],
     ) -> Vec<Frame> {
-        let split = stack.iter().position(|&w| python::decode(w).is_some()).unwrap_or(stack.len());
+        let walker = stack.iter().enumerate().find_map(|(i, &w)| Some((i, crate::runtimes::walker_of(w)?)));
+        let Some((split, walker)) = walker else {
+            return self.native_frames(maps, root, stack);
+        };
         let native = self.native_frames(maps, root, &stack[..split]);
-        if split == stack.len() {
-            return native;
+        match walked.or_else(|| root.and_then(|root| self.walked_process(walker, pid, maps, root))) {
+            Some(process) => process.frames(native, &stack[split..]),
+            None => native,
         }
-        let Some(process) = python.or_else(|| root.and_then(|root| self.python_process(pid, maps, root)))
-        else {
-            return native;
-        };
-        let Some(python) = frames::named(&process, &stack[split..]) else {
-            return native;
-        };
-        frames::merge(native, python)
     }
 
-    /// The CPython process `pid`, found and opened once while its interpreter stays
+    /// The process `pid` of `walker`'s runtime, opened once while that runtime stays
     /// mapped; `None` when it is not one leakmon can name frames of.
-    pub fn python_process(
+    fn walked_process(
         &self,
+        walker: &dyn Walked,
         pid: u32,
         maps: &[Mapping],
         root: &Path,
-    ) -> Option<Arc<crate::runtimes::python::code::Process>> {
-        let mut known = self.python.lock().unwrap_or_else(std::sync::PoisonError::into_inner);
+    ) -> Option<Arc<dyn WalkedProcess>> {
+        let mut known = self.walked.lock().unwrap_or_else(std::sync::PoisonError::into_inner);
         if let Some(Some(p)) = known.get(&pid) {
-            if p.interpreter.still_in(maps) {
+            if p.still_in(maps) {
                 return Some(p.clone());
             }
         }
-        if known.len() >= MAX_PYTHON_PROCESSES {
+        if known.len() >= MAX_WALKED_PROCESSES {
             known.clear();
         }
-        let process = crate::runtimes::python::Interpreter::find(maps, root)
-            .and_then(Result::ok)
-            .and_then(|i| crate::runtimes::python::code::Process::open(pid, i))
-            .map(Arc::new);
+        let process = walker.open(pid, maps, root);
         known.insert(pid, process.clone());
         process
     }

@@ -23,9 +23,7 @@ pub(crate) fn refresh_unwind(probes: &mut Probes, proc_root: &ProcRoot, pid: u32
     if let Err(e) = probes.unwind_process(pid, &maps, &root) {
         debug!(pid, "unwind tables: {e:#}");
     }
-    if let Err(e) = probes.python_process(pid, &maps, &root) {
-        debug!(pid, "Python layout: {e:#}");
-    }
+    crate::runtimes::attach_walkers(probes, pid, &maps, &root);
 }
 
 /// Checks privileges and kernel features, then loads the programs.
@@ -161,25 +159,8 @@ pub(crate) fn capture(
         root: alive.then_some(root),
         incomplete: false,
         held,
-        python: None,
+        walked: None,
     }
-}
-
-/// Its CPython, with every code object its stacks name so far read now, while the
-/// process is held at its exit; `None` for a process of no CPython leakmon names.
-pub(crate) fn python_at_exit(
-    probes: &Probes,
-    proc_root: &ProcRoot,
-    pid: u32,
-    maps: &[crate::procfs::Mapping],
-) -> Option<std::sync::Arc<crate::runtimes::python::code::Process>> {
-    let root = proc_root.in_root(pid, std::path::Path::new("/"));
-    let interpreter = crate::runtimes::python::Interpreter::find(maps, &root)?.ok()?;
-    let process = crate::runtimes::python::code::Process::open(pid, interpreter)?;
-    let totals = probes.totals(|k| k.tgid == pid).ok()?;
-    let stacks: Vec<Vec<u64>> = totals.iter().filter_map(|(k, _)| probes.stack(k.stack_id)).collect();
-    process.prefetch(stacks.iter().map(Vec::as_slice));
-    Some(std::sync::Arc::new(process))
 }
 
 static SIGNALS: AtomicUsize = AtomicUsize::new(0);

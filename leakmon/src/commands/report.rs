@@ -11,9 +11,7 @@ use std::{
 use anyhow::{bail, Context as _, Result};
 use tracing::{info, warn};
 
-use super::{
-    capture, count_signals, load_probes, python_at_exit, refresh_unwind, report_of, signals_received,
-};
+use super::{capture, count_signals, load_probes, refresh_unwind, report_of, signals_received};
 use crate::{
     agent::session::Session,
     cli::{Format, ReportArgs},
@@ -230,7 +228,8 @@ impl<'a> Watch<'a> {
         match stop {
             Stop::Exit => {
                 let mut info = capture(&mut self.discovery, pid, false);
-                info.python = python_at_exit(&self.probes, &proc_root, pid, &info.maps);
+                let root = proc_root.in_root(pid, std::path::Path::new("/"));
+                info.walked = crate::runtimes::held_at_exit(&self.probes, pid, &info.maps, &root);
                 self.infos.insert(pid, info);
             }
             // A new image may bring its own allocator or preload one (`env

@@ -37,7 +37,6 @@ use aya::{
 };
 use leakmon_common::{
     counter,
-    python::PyLayout,
     unwind::{Mapping as UnwindMapping, ProcUnwind, Row, MAX_MAPPINGS},
     LiveAlloc, LiveKey, ProcState, Stack, Totals, TotalsKey,
 };
@@ -186,9 +185,9 @@ pub struct Probes {
     /// was unreferenced at two purges in a row, never in that window.
     unreferenced_stacks: HashSet<u64>,
     unwind: unwind::Tables,
-    /// Processes whose Python was looked for, with the inode of the interpreter found
-    /// (0: none that leakmon walks); looked for again when it is no longer mapped.
-    python: StdHashMap<u32, u64>,
+    /// Processes a runtime's frame walker was decided for (see
+    /// [`Probes::walks`]); looked at again when the file is no longer mapped.
+    walked: StdHashMap<u32, unwind_upkeep::Walk>,
 }
 
 impl Probes {
@@ -244,7 +243,7 @@ impl Probes {
             process_kind,
             unreferenced_stacks: HashSet::new(),
             unwind: unwind::Tables::new(settings.unwind_rows),
-            python: StdHashMap::new(),
+            walked: StdHashMap::new(),
         })
     }
 }

@@ -1,5 +1,6 @@
-//! Keeping the kernel's unwind tables and CPython layouts in step with the traced
-//! processes' mappings.
+//! Keeping the kernel's unwind tables, and the layouts the runtimes' frame walkers
+//! read (see [`crate::runtimes::Walked`]), in step with the traced processes'
+//! mappings.
 
 #[allow(clippy::wildcard_imports)]
 use super::*;
@@ -163,50 +164,67 @@ impl Probes {
         self.unwind.processes.contains_key(&pid)
     }
 
-    /// Gives the kernel the layout of `pid`'s CPython, if it runs one whose frames
-    /// leakmon walks (see [`crate::python`]); says once per process, in a log line, that
-    /// another Python gets native frames only. Returns whether its frames are walked.
-    pub fn python_process(&mut self, pid: u32, maps: &[Mapping], root: &Path) -> Result<bool, ProbeError> {
-        let mapped = |inode: u64| maps.iter().any(|m| m.executable && m.inode == inode);
-        if let Some(&inode) = self.python.get(&pid) {
-            if inode == 0 || mapped(inode) {
-                return Ok(inode != 0);
-            }
-        }
-        let interpreter = match crate::runtimes::python::Interpreter::find(maps, root) {
-            // Not (yet) a Python process: looked for again at its next refresh.
-            None => return Ok(false),
-            Some(Err(why)) => {
-                warn!(pid, "{why}: its stacks keep native frames only");
-                self.python.insert(pid, 0);
-                return Ok(false);
-            }
-            Some(Ok(interpreter)) => interpreter,
-        };
-        let (major, minor, micro) = interpreter.version;
-        let mut layouts: HashMap<&mut MapData, u32, PyLayout> =
-            HashMap::try_from(self.ebpf.map_mut("PY_PROCS").ok_or_else(|| missing_map("PY_PROCS"))?)
-                .map_err(map_err("open", "PY_PROCS"))?;
-        layouts.insert(&pid, &interpreter.layout, 0).map_err(map_err("insert", "PY_PROCS"))?;
-        info!(pid, "Python {major}.{minor}.{micro}: stacks name Python functions and lines");
-        self.python.insert(pid, interpreter.inode);
-        Ok(true)
+    /// Whether the kernel walks a runtime's frames in `pid` as last decided (see
+    /// [`crate::runtimes::Walked`]); `None` when not decided, or when the file it was
+    /// decided for is no longer mapped in `maps`.
+    pub fn walks(&self, pid: u32, maps: &[Mapping]) -> Option<bool> {
+        let walk = self.walked.get(&pid)?;
+        let mapped = maps.iter().any(|m| m.executable && m.inode == walk.inode);
+        (walk.table.is_none() || mapped).then_some(walk.table.is_some())
+    }
+
+    /// The kernel's walker whose layouts are in `table` walks `pid` with `layout`, read
+    /// from the file with `inode`.
+    pub fn walk<V: aya::Pod>(
+        &mut self,
+        pid: u32,
+        table: &'static str,
+        layout: &V,
+        inode: u64,
+    ) -> Result<(), ProbeError> {
+        let mut layouts: HashMap<&mut MapData, u32, V> =
+            HashMap::try_from(self.ebpf.map_mut(table).ok_or_else(|| missing_map(table))?)
+                .map_err(map_err("open", table))?;
+        layouts.insert(&pid, layout, 0).map_err(map_err("insert", table))?;
+        self.walked.insert(pid, Walk { inode, table: Some((table, forget_layout::<V>)) });
+        Ok(())
+    }
+
+    /// `pid` runs a runtime whose frames the kernel does not walk (a version not
+    /// known): not looked at again while its image stays.
+    pub fn walk_none(&mut self, pid: u32) {
+        self.walked.insert(pid, Walk { inode: 0, table: None });
     }
 
     /// Drops `pid`'s unwind tables (its image was replaced, or it is gone).
     pub fn forget_unwind(&mut self, pid: u32) {
-        if self.python.remove(&pid).is_some() {
-            if let Some(map) = self.ebpf.map_mut("PY_PROCS") {
-                if let Ok(mut layouts) = HashMap::<&mut MapData, u32, PyLayout>::try_from(map) {
-                    let _ = layouts.remove(&pid);
-                }
-            }
+        if let Some(Walk { table: Some((table, forget)), .. }) = self.walked.remove(&pid) {
+            forget(&mut self.ebpf, table, pid);
         }
         self.unwind.processes.remove(&pid);
         if let Some(map) = self.ebpf.map_mut("UNWIND_PROCS") {
             if let Ok(mut procs) = HashMap::<&mut MapData, u32, ProcUnwind>::try_from(map) {
                 let _ = procs.remove(&pid);
             }
+        }
+    }
+}
+
+/// A runtime walker's decision for a process: the file it was made for, and the table
+/// its layout went into, with how to take it out (the table's value type is the
+/// runtime's).
+pub(super) struct Walk {
+    inode: u64,
+    table: Option<(&'static str, Forget)>,
+}
+
+/// Takes a process's layout out of a walker's table.
+type Forget = fn(&mut Ebpf, &str, u32);
+
+fn forget_layout<V: aya::Pod>(ebpf: &mut Ebpf, table: &str, pid: u32) {
+    if let Some(map) = ebpf.map_mut(table) {
+        if let Ok(mut layouts) = HashMap::<&mut MapData, u32, V>::try_from(map) {
+            let _ = layouts.remove(&pid);
         }
     }
 }

@@ -18,7 +18,7 @@ use crate::{
     model::{FrameReport, Method},
     probes::targets::Allocator,
     procfs::Mapping,
-    runtimes::python,
+    runtimes,
     store::ProcessTotals,
     symbolize::Symbolizer,
 };
@@ -37,9 +37,10 @@ pub struct ProcessInfo {
     pub incomplete: bool,
     /// The allocator its `malloc` calls reach.
     pub allocator: Option<Allocator>,
-    /// Its CPython, with the code objects its stacks name read while it lived (see
-    /// `python::code::Process::prefetch`); looked up through `root` when absent.
-    pub python: Option<std::sync::Arc<crate::runtimes::python::code::Process>>,
+    /// Its runtime whose frames the kernel walked, with what naming them needs read
+    /// while it lived (see [`crate::runtimes::held_at_exit`]); looked up through
+    /// `root` when absent.
+    pub walked: Option<std::sync::Arc<dyn crate::runtimes::WalkedProcess>>,
 }
 
 #[derive(Clone, Debug, PartialEq, Serialize)]
@@ -122,7 +123,7 @@ impl Report {
                                     p.pid,
                                     &pinfo.maps,
                                     pinfo.root.as_deref(),
-                                    pinfo.python.clone(),
+                                    pinfo.walked.clone(),
                                     &ips,
                                 )
                             })
@@ -147,7 +148,7 @@ impl Report {
                     incomplete: pinfo.incomplete,
                     stacks,
                     runtime_internal: RuntimeInternal::default(),
-                    runtime: python::runs(&pinfo.maps).then_some(python::NAME),
+                    runtime: runtimes::running(&pinfo.maps),
                     notes: Vec::new(),
                 }
             })
@@ -158,8 +159,8 @@ impl Report {
     /// Says, per process, what its figures cannot hold in this report's method.
     pub fn add_notes(&mut self) {
         for p in &mut self.processes {
-            if self.method == Method::Uprobes && p.runtime == Some(python::NAME) {
-                p.notes.push(python::UNSEEN_BY_UPROBES.to_owned());
+            if let Some(note) = p.runtime.and_then(runtimes::by_name).and_then(|r| r.note(self.method)) {
+                p.notes.push(note.to_owned());
             }
         }
     }
@@ -178,7 +179,7 @@ impl Report {
                     incomplete: info.incomplete,
                     stacks: Vec::new(),
                     runtime_internal: RuntimeInternal::default(),
-                    runtime: python::runs(&info.maps).then_some(python::NAME),
+                    runtime: runtimes::running(&info.maps),
                     notes: Vec::new(),
                 });
             }

@@ -22,7 +22,8 @@ pub fn report(
     let comm = crate::procfs::ProcRoot::default().comm(pid).unwrap_or_default();
     let Some(runtime) = detect(pid)? else {
         bail!(
-            "pid {pid} ({comm}) is neither Node.js nor a HotSpot JVM: --runtime asks those runtimes' own profilers; leave it out to watch its allocator"
+            "pid {pid} ({comm}) is neither {}: --runtime asks those runtimes' own profilers; leave it out to watch its allocator",
+            crate::runtimes::with_profilers()
         );
     };
     // Past the window, a JVM stops the recording itself.

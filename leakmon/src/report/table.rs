@@ -61,10 +61,12 @@ pub fn render(report: &Report) -> String {
             let at = s.site.as_ref().and_then(|site| s.frames.iter().position(|f| f == site)).unwrap_or(0);
             let mut frames = s.frames.iter().skip(at);
             let mut first = frames.next().map_or_else(|| "[no stack]".to_owned(), frame);
-            // A Python site names its line; the interpreter's frames under it say nothing.
+            // A Python site names its line; the interpreter's frames under it say nothing
+            // (a runtime whose site has its interpreter under it).
             // Past wrappers, or a runtime's library code (the JDK's, Node.js's), the
             // site says what it called through.
-            if at > 0 && s.frames[at].runtime.as_deref() != Some(crate::runtimes::python::NAME) {
+            let interpreter = s.frames[at].runtime.as_deref().and_then(crate::runtimes::by_name);
+            if at > 0 && !interpreter.is_some_and(|r| r.interpreter_under_site()) {
                 let via: Vec<&str> = s.frames[..at].iter().rev().map(|f| f.function.as_str()).collect();
                 first = format!("{first}  via {}", via.join(" > "));
             }

@@ -10,14 +10,23 @@ pub mod jvm;
 pub mod node;
 pub mod python;
 
-use std::time::Duration;
+use std::{path::Path, sync::Arc, time::Duration};
 
 use anyhow::{Context as _, Result};
+use clap::ValueEnum as _;
+
+use crate::{
+    model::Method,
+    probes::{ProbeError, Probes},
+    procfs::Mapping,
+};
 
 /// What the core asks of a runtime; each runtime's folder answers for its own.
 pub trait Support: Sync {
     /// As frames, processes and series name it.
     fn name(&self) -> &'static str;
+    /// As a sentence names it ("Node.js", "a HotSpot JVM").
+    fn title(&self) -> &'static str;
     /// Whether a frame of its code (function, file) is the runtime's own library code,
     /// which a site is named past (see [`runtime_site`]).
     fn library_code(&self, _function: &str, _file: Option<&str>) -> bool {
@@ -36,6 +45,89 @@ pub trait Support: Sync {
     fn in_net_namespace(&self) -> bool {
         false
     }
+    /// Whether a process with the mappings `maps` runs it, as reports say.
+    fn mapped_in(&self, _maps: &[Mapping]) -> bool {
+        false
+    }
+    /// What a report by `method` must say of a process running it, if anything.
+    fn note(&self, _method: Method) -> Option<&'static str> {
+        None
+    }
+    /// Whether the frames under a site of its code are its interpreter's own, which a
+    /// report's table leaves unsaid (no "via").
+    fn interpreter_under_site(&self) -> bool {
+        false
+    }
+    /// Its frames as the kernel walks them, for a runtime whose walker is in the
+    /// kernel (its own file in leakmon-ebpf).
+    fn walked(&self) -> Option<&dyn Walked> {
+        None
+    }
+}
+
+/// A runtime whose frames the kernel walks and appends, tagged, after a stack's native
+/// frames.
+pub trait Walked: Sync {
+    /// Whether a stack word is one of its frames.
+    fn is_frame(&self, word: u64) -> bool;
+    /// Gives the kernel's walker what it needs for `pid` if `pid` runs the runtime;
+    /// whether its frames are walked.
+    fn attach(
+        &self,
+        kernel: &mut Probes,
+        pid: u32,
+        maps: &[Mapping],
+        root: &Path,
+    ) -> Result<bool, ProbeError>;
+    /// The running process, opened to name its frames; `None` when it does not run
+    /// the runtime, or one whose frames leakmon cannot name.
+    fn open(&self, pid: u32, maps: &[Mapping], root: &Path) -> Option<Arc<dyn WalkedProcess>>;
+}
+
+/// A process whose walked frames can be named (from its memory, while it lives).
+pub trait WalkedProcess: Send + Sync + std::fmt::Debug {
+    /// Whether the runtime it was opened for is still mapped as in `maps`.
+    fn still_in(&self, maps: &[Mapping]) -> bool;
+    /// `native` (a stack's native frames, named) with the walked frames in `words`
+    /// named and put in place; `native` alone when a word is not the process's.
+    fn frames(&self, native: Vec<crate::model::Frame>, words: &[u64]) -> Vec<crate::model::Frame>;
+    /// Reads ahead what naming the walked frames of `stacks` needs: the process is
+    /// about to go.
+    fn prefetch(&self, stacks: &mut dyn Iterator<Item = &[u64]>);
+}
+
+/// The runtime whose walked frame `word` is, if any.
+pub fn walker_of(word: u64) -> Option<&'static dyn Walked> {
+    ALL.iter().find_map(|s| s.walked().filter(|w| w.is_frame(word)))
+}
+
+/// The runtime a process with the mappings `maps` runs, as reports name it.
+pub fn running(maps: &[Mapping]) -> Option<&'static str> {
+    ALL.iter().find(|s| s.mapped_in(maps)).map(|s| s.name())
+}
+
+/// Gives the kernel, for `pid`, what each runtime that walks frames in it needs.
+pub fn attach_walkers(kernel: &mut Probes, pid: u32, maps: &[Mapping], root: &Path) {
+    for walked in ALL.iter().filter_map(|s| s.walked()) {
+        if let Err(e) = walked.attach(kernel, pid, maps, root) {
+            tracing::debug!(pid, "runtime frames: {e:#}");
+        }
+    }
+}
+
+/// `pid`, about to exit, opened with what naming the walked frames of its stacks in
+/// the kernel's tables needs read ahead; `None` when no runtime walks its frames.
+pub fn held_at_exit(
+    kernel: &Probes,
+    pid: u32,
+    maps: &[Mapping],
+    root: &Path,
+) -> Option<Arc<dyn WalkedProcess>> {
+    let process = ALL.iter().filter_map(|s| s.walked()).find_map(|w| w.open(pid, maps, root))?;
+    let totals = kernel.totals(|k| k.tgid == pid).ok()?;
+    let stacks: Vec<Vec<u64>> = totals.iter().filter_map(|(k, _)| kernel.stack(k.stack_id)).collect();
+    process.prefetch(&mut stacks.iter().map(Vec::as_slice));
+    Some(process)
 }
 
 /// Every runtime leakmon knows: adding one is a folder and a line here.
@@ -44,6 +136,12 @@ pub static ALL: [&dyn Support; 3] = [&python::PYTHON, &node::NODE, &jvm::JVM];
 /// The runtime named `name` in frames and reports.
 pub fn by_name(name: &str) -> Option<&'static dyn Support> {
     ALL.iter().copied().find(|s| s.name() == name)
+}
+
+/// The runtimes whose own heap profiler leakmon asks, as a sentence names them:
+/// "Node.js nor a HotSpot JVM".
+pub fn with_profilers() -> String {
+    Runtime::value_variants().iter().map(|r| r.support().title()).collect::<Vec<_>>().join(" nor ")
 }
 
 /// A runtime whose own heap profiler can be asked (`--runtime-profilers`).
@@ -67,7 +165,7 @@ impl Runtime {
     }
 
     pub fn from_name(name: &str) -> Option<Self> {
-        [Runtime::Node, Runtime::Jvm].into_iter().find(|r| r.name() == name)
+        Runtime::value_variants().iter().copied().find(|r| r.name() == name)
     }
 }
 
@@ -101,7 +199,7 @@ pub fn detect(pid: u32) -> Result<Option<Runtime>> {
         crate::untrusted::PROC_TEXT_LIMIT,
     )
     .unwrap_or_default();
-    Ok([Runtime::Node, Runtime::Jvm].into_iter().find(|r| r.support().runs(&name, &maps)))
+    Ok(Runtime::value_variants().iter().copied().find(|r| r.support().runs(&name, &maps)))
 }
 
 /// A runtime's sampling heap profiler, running in a process.

@@ -199,6 +199,10 @@ impl Support for JvmSupport {
         "jvm"
     }
 
+    fn title(&self) -> &'static str {
+        "a HotSpot JVM"
+    }
+
     fn library_code(&self, function: &str, _file: Option<&str>) -> bool {
         ["java.", "javax.", "jdk.", "sun.", "com.sun."].iter().any(|p| function.starts_with(p))
     }

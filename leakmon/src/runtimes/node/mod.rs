@@ -186,6 +186,10 @@ impl Support for NodeSupport {
         "node"
     }
 
+    fn title(&self) -> &'static str {
+        "Node.js"
+    }
+
     fn library_code(&self, _function: &str, file: Option<&str>) -> bool {
         file.is_some_and(|f| f.starts_with("node:"))
     }

@@ -16,6 +16,7 @@
 pub mod code;
 pub mod frames;
 pub mod lines;
+pub mod walk;
 
 use std::path::{Path, PathBuf};
 
@@ -36,6 +37,26 @@ pub static PYTHON: PythonSupport = PythonSupport;
 impl super::Support for PythonSupport {
     fn name(&self) -> &'static str {
         NAME
+    }
+
+    fn title(&self) -> &'static str {
+        "CPython"
+    }
+
+    fn mapped_in(&self, maps: &[Mapping]) -> bool {
+        runs(maps)
+    }
+
+    fn note(&self, method: crate::model::Method) -> Option<&'static str> {
+        (method == crate::model::Method::Uprobes).then_some(UNSEEN_BY_UPROBES)
+    }
+
+    fn interpreter_under_site(&self) -> bool {
+        true
+    }
+
+    fn walked(&self) -> Option<&dyn super::Walked> {
+        Some(self)
     }
 }
 
