@@ -73,6 +73,15 @@ pub enum ConfigCmd {
     },
 }
 
+/// The help heading of the options a reload (SIGHUP) applies.
+pub const LIVE: &str = "Options a reload (SIGHUP) applies";
+/// The help heading of the options read at start only: they shape the kernel tables,
+/// the listening socket, the metric labels or what is loaded into processes. A reload
+/// that changes one keeps the running value and says so.
+pub const FIXED: &str = "Options read at start only (a reload keeps them)";
+
+/// `run`'s options: each declared once, here, with its reload rule as its help heading
+/// (see [`crate::options`] for what derives from this).
 #[derive(Clone, Debug, PartialEq, clap::Args)]
 pub struct RunArgs {
     /// A TOML file setting any of these options: keys as the long options (a dotted
@@ -82,12 +91,12 @@ pub struct RunArgs {
     pub config: Option<std::path::PathBuf>,
     /// Time between two memory samples of every process (`500ms`, `0.5s`, `10s`, `1m`).
     #[arg(long, default_value = "10s", value_name = "DURATION", value_parser = parse_duration)]
-    #[arg(help_heading = crate::options::LIVE)]
+    #[arg(help_heading = LIVE)]
     pub sample_interval: Duration,
     /// The analysis window: growth must be steady and significant over this long to be
     /// flagged, and a flag clears within one window after growth stops.
     #[arg(long, default_value = "10m", value_name = "DURATION", value_parser = parse_duration)]
-    #[arg(help_heading = crate::options::LIVE)]
+    #[arg(help_heading = LIVE)]
     pub window: Duration,
     /// Allocator attribution: `none` (resident memory of every process only; no
     /// per-allocation cost), `suspects` (probe, for --suspect-duration, the processes
@@ -96,7 +105,7 @@ pub struct RunArgs {
     /// per malloc/free), `pids` (only the processes given with --pid, and their
     /// children). Default: `pids` when --pid, --comm or --cgroup is given, else `none`.
     #[arg(long, value_enum, value_name = "MODE")]
-    #[arg(help_heading = crate::options::FIXED)]
+    #[arg(help_heading = FIXED)]
     pub attach: Option<Attach>,
     /// Attribute in-process instead of trapping every allocator call: load leakmon's
     /// agent into each attributed process (with --attach pids or suspects; never all),
@@ -105,16 +114,16 @@ pub struct RunArgs {
     /// (default 512KiB). On stop, every redirection the agent made is undone, even if
     /// leakmon is killed.
     #[arg(long)]
-    #[arg(help_heading = crate::options::FIXED)]
+    #[arg(help_heading = FIXED)]
     pub agent: bool,
     /// With --attach suspects: how long a suspect's allocations are attributed.
     #[arg(long, default_value = "10m", value_name = "DURATION", value_parser = parse_duration)]
-    #[arg(help_heading = crate::options::LIVE)]
+    #[arg(help_heading = LIVE)]
     pub suspect_duration: Duration,
     /// With --attach suspects: most processes attributed at once (and, apart, most
     /// profiled by --runtime-profilers at once).
     #[arg(long, default_value = "4", value_name = "N", value_parser = parse_count::<1, usize>)]
-    #[arg(help_heading = crate::options::LIVE)]
+    #[arg(help_heading = LIVE)]
     pub max_suspects: usize,
     /// Suspects running these runtimes (`node`, `jvm`, comma-separated) are profiled
     /// for --suspect-duration by the runtime's own sampling heap profiler, as `report
@@ -123,57 +132,57 @@ pub struct RunArgs {
     /// stacks then name JavaScript or Java functions. Off by default: it signals the
     /// process and runs the runtime's profiler in it.
     #[arg(long, value_enum, value_delimiter = ',', value_name = "RUNTIMES")]
-    #[arg(help_heading = crate::options::FIXED)]
+    #[arg(help_heading = FIXED)]
     pub runtime_profilers: Vec<crate::runtimes::Runtime>,
     /// A process to attribute allocations for (with --attach pids); repeatable.
     #[arg(long = "pid", value_name = "PID")]
-    #[arg(help_heading = crate::options::LIVE)]
+    #[arg(help_heading = LIVE)]
     pub pids: Vec<u32>,
     /// Attribute the allocations of processes with this name (`comm`), now and later
     /// (with --attach pids); repeatable.
     #[arg(long = "comm", value_name = "NAME", value_parser = parse_comm)]
-    #[arg(help_heading = crate::options::LIVE)]
+    #[arg(help_heading = LIVE)]
     pub comms: Vec<String>,
     /// Attribute the allocations of processes in this cgroup or below it, e.g.
     /// `/system.slice/nginx.service` (with --attach pids); repeatable.
     #[arg(long = "cgroup", value_name = "PATH")]
-    #[arg(help_heading = crate::options::LIVE)]
+    #[arg(help_heading = LIVE)]
     pub cgroups: Vec<String>,
     /// Where to serve /metrics, /api/v1/leaks, /api/v1/processes and /healthz.
     #[arg(long = "web.listen-address", default_value = "127.0.0.1:9473", value_name = "ADDR")]
-    #[arg(help_heading = crate::options::FIXED)]
+    #[arg(help_heading = FIXED)]
     pub listen: std::net::SocketAddr,
     /// TLS and basic authentication for the web endpoints, from a Prometheus exporter
     /// web configuration file (`tls_server_config` with `cert_file` and `key_file`;
     /// `basic_auth_users` with bcrypt hashes), as `node_exporter` takes.
     #[arg(long = "web.config.file", alias = "web.config-file", value_name = "FILE")]
-    #[arg(help_heading = crate::options::FIXED)]
+    #[arg(help_heading = FIXED)]
     pub web_config: Option<std::path::PathBuf>,
     /// One series per process, with a `pid` label, instead of one per service and
     /// command. Off by default: pids are unbounded over time, and a restart then starts
     /// a new series (restarts no longer stitch).
     #[arg(long = "metrics.pid-label")]
-    #[arg(help_heading = crate::options::FIXED)]
+    #[arg(help_heading = FIXED)]
     pub pid_label: bool,
     /// Allocation stacks exported per service and command (heap signal).
     #[arg(long, default_value = "5", value_name = "K", value_parser = parse_count::<0, usize>)]
-    #[arg(help_heading = crate::options::LIVE)]
+    #[arg(help_heading = LIVE)]
     pub top_stacks: usize,
     /// Most series kept (service, command and signal); new ones beyond are counted
     /// in `leakmon_series_dropped_total` and not kept.
     #[arg(long, default_value = "10000", value_name = "N", value_parser = parse_count::<1, usize>)]
-    #[arg(help_heading = crate::options::LIVE)]
+    #[arg(help_heading = LIVE)]
     pub max_series: usize,
     /// Seconds between two summaries of the largest unfreed totals in the log (with
     /// allocator attribution).
     #[arg(long, default_value = "60", value_name = "SECONDS", value_parser = parse_count::<1, NonZeroU32>)]
-    #[arg(help_heading = crate::options::LIVE)]
+    #[arg(help_heading = LIVE)]
     pub interval: NonZeroU32,
     /// Processes listed in each summary.
     #[arg(long, default_value = "5", value_name = "N", value_parser = parse_count::<0, usize>)]
-    #[arg(help_heading = crate::options::LIVE)]
+    #[arg(help_heading = LIVE)]
     pub top: usize,
-    #[command(flatten, next_help_heading = crate::options::FIXED)]
+    #[command(flatten, next_help_heading = FIXED)]
     pub tables: TableArgs,
 }
 
@@ -274,13 +283,6 @@ impl RunArgs {
     /// Whether any process selector (--pid, --comm, --cgroup) is given.
     pub fn selects(&self) -> bool {
         !(self.pids.is_empty() && self.comms.is_empty() && self.cgroups.is_empty())
-    }
-
-    /// The options of `run` as given: the command line over the `--config` file.
-    /// Read at start and again on SIGHUP; `matches` are the `run` subcommand's. Errors
-    /// are one line each (`FILE:LINE: problem` for the file).
-    pub fn resolve(matches: &clap::ArgMatches) -> Result<Self, Vec<String>> {
-        crate::options::Given::resolve(matches).map(|(_, args)| args)
     }
 }
 

@@ -49,6 +49,27 @@ pub fn load(path: &Path) -> Result<(Given, Vec<Problem>), std::io::Error> {
     Ok((config, problems))
 }
 
+/// The options of `run` as given: the command line over the `--config` file.
+/// Read at start and again on SIGHUP; `matches` are the `run` subcommand's. Errors
+/// are one line each (`FILE:LINE: problem` for the file).
+pub fn resolve(matches: &clap::ArgMatches) -> Result<(Given, crate::cli::RunArgs), Vec<String>> {
+    let mut given = Given::from_command_line(matches);
+    if let Some(path) = matches.get_one::<std::path::PathBuf>("config") {
+        match load(path) {
+            Ok((file, problems)) if problems.is_empty() => given = given.over(file),
+            Ok((_, problems)) => {
+                return Err(problems
+                    .into_iter()
+                    .map(|p| format!("{}:{}: {}", path.display(), p.line, p.message))
+                    .collect());
+            }
+            Err(e) => return Err(vec![format!("read config {}: {e}", path.display())]),
+        }
+    }
+    let args = given.args().map_err(|e| vec![e])?;
+    Ok((given, args))
+}
+
 /// Parses `text`, collecting every problem rather than stopping at the first.
 pub fn check(text: &str) -> (Given, Vec<Problem>) {
     let mut config = Given::default();

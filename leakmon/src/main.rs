@@ -27,7 +27,7 @@ fn main() -> ExitCode {
     let result = match cli.command {
         Cmd::Run(_) => {
             let run = matches.subcommand_matches("run").expect("run subcommand");
-            let (given, args) = match leakmon::options::Given::resolve(run) {
+            let (given, args) = match leakmon::config::resolve(run) {
                 Ok(resolved) => resolved,
                 Err(problems) => {
                     for p in problems {
@@ -36,7 +36,7 @@ fn main() -> ExitCode {
                     return ExitCode::FAILURE;
                 }
             };
-            leakmon::commands::run::run(given, &args, &|| leakmon::options::Given::resolve(run))
+            leakmon::commands::run::run(given, &args, &|| leakmon::config::resolve(run))
         }
         Cmd::Report(args) => leakmon::commands::report::report(&args),
         Cmd::Config(leakmon::cli::ConfigCmd::Check { file }) => return config_check(&file),

@@ -16,13 +16,7 @@ use std::{
 use clap::{parser::ValueSource, Arg, ArgAction, ArgMatches, Args as _, Command, FromArgMatches as _};
 
 use crate::cli::RunArgs;
-
-/// The help heading of the options a reload (SIGHUP) applies.
-pub const LIVE: &str = "Options a reload (SIGHUP) applies";
-/// The help heading of the options read at start only: they shape the kernel tables,
-/// the listening socket, the metric labels or what is loaded into processes. A reload
-/// that changes one keeps the running value and says so.
-pub const FIXED: &str = "Options read at start only (a reload keeps them)";
+pub use crate::cli::{FIXED, LIVE};
 
 /// The options as written, by id: each set option's raw values (one per occurrence).
 /// An option not set takes its default when parsed.
@@ -162,27 +156,6 @@ impl Given {
             };
         }
         (self, changed)
-    }
-
-    /// The options of `run` as given: the command line over the `--config` file.
-    /// Read at start and again on SIGHUP; `matches` are the `run` subcommand's. Errors
-    /// are one line each (`FILE:LINE: problem` for the file).
-    pub fn resolve(matches: &ArgMatches) -> Result<(Self, RunArgs), Vec<String>> {
-        let mut given = Self::from_command_line(matches);
-        if let Some(path) = matches.get_one::<std::path::PathBuf>("config") {
-            match crate::config::load(path) {
-                Ok((file, problems)) if problems.is_empty() => given = given.over(file),
-                Ok((_, problems)) => {
-                    return Err(problems
-                        .into_iter()
-                        .map(|p| format!("{}:{}: {}", path.display(), p.line, p.message))
-                        .collect());
-                }
-                Err(e) => return Err(vec![format!("read config {}: {e}", path.display())]),
-            }
-        }
-        let args = given.args().map_err(|e| vec![e])?;
-        Ok((given, args))
     }
 }
 

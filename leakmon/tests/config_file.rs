@@ -69,10 +69,7 @@ fn run_takes_its_options_from_the_file() {
 /// (command line over file) that `run --config` and its SIGHUP reload call.
 #[test]
 fn every_key_of_the_file_reaches_run() {
-    use leakmon::{
-        cli::{Cli, RunArgs},
-        values::Attach,
-    };
+    use leakmon::{cli::Cli, values::Attach};
     let dir = tempfile::tempdir().expect("tempdir");
     let file = dir.path().join("leakmon.toml");
     std::fs::write(
@@ -110,7 +107,7 @@ pid-label = true
         .try_get_matches_from(["leakmon", "run", "--window", "8m", "--config", file.to_str().expect("utf-8")])
         .expect("matches");
     let (_, run) = matches.subcommand().expect("run");
-    let args = RunArgs::resolve(run).expect("a valid file");
+    let (_, args) = leakmon::config::resolve(run).expect("a valid file");
     let secs = Duration::from_secs;
     assert_eq!(args.sample_interval, Duration::from_millis(250));
     assert_eq!(args.window, secs(480), "the command line wins over the file");
