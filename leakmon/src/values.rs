@@ -19,6 +19,15 @@ pub enum Attach {
 /// fifth of an allocation-bound Node.js's speed; see `cargo xtask bench --node-only`.)
 pub const DEFAULT_SAMPLE_BYTES: u64 = 512 * 1024;
 
+/// `--sample-bytes` for a sampler that always samples (the agent, a runtime's
+/// profiler): 0 (exact, the tables' default) means [`DEFAULT_SAMPLE_BYTES`] there.
+pub fn sampling_interval(sample_bytes: u64) -> u64 {
+    match sample_bytes {
+        0 => DEFAULT_SAMPLE_BYTES,
+        bytes => bytes,
+    }
+}
+
 /// `500ms`, `0.5s`, `30s`, `10m`, `1h`, or a bare number of seconds.
 /// The longest duration any option takes: a year. Longer ones are surely a mistake, and
 /// a bound keeps every product of them (`10 × sample-interval`) far from overflow.

@@ -20,6 +20,7 @@ use crate::{
     procfs::ProcRoot,
     ptrace::tracer::{RootExit, Stop, Tracer},
     report::{flamegraph, folded, pprof, table, ProcessInfo, Report},
+    sources::probing::Probing,
     symbolize::Symbolizer,
     wrappers::Wrappers,
 };
@@ -50,12 +51,11 @@ struct Watch<'a> {
     proc_root: ProcRoot,
     probes: Probes,
     discovery: Discovery,
-    /// A running process (and the children it forks while watched) gets probes of its
-    /// own: the kernel puts breakpoints in those processes only, and the rest of the
-    /// host pays nothing. A command's process tree, which may fork and exec many
-    /// times, shares system-wide probes on its allocator files.
-    per_process: bool,
-    /// With the agent, its two markers are the only probes: the process samples itself.
+    /// As the daemon's sources choose: a running process (and the children it forks
+    /// while watched) gets probes of its own; a command's process tree, which may fork
+    /// and exec many times, shares probes on its allocator files; with the agent, its
+    /// two markers are the only probes.
+    probing: Probing,
     agent: Option<PathBuf>,
     sample_bytes: u64,
     /// Processes that exited, captured at their exit.
@@ -66,16 +66,20 @@ impl<'a> Watch<'a> {
     fn new(args: &'a ReportArgs, proc_root: ProcRoot) -> Result<Self> {
         let probes = load_probes(&args.tables, false)?;
         let agent = args.agent.then(crate::agent::install).transpose()?;
-        let sample_bytes = match (&agent, args.tables.sample_bytes) {
-            (Some(_), 0) => crate::values::DEFAULT_SAMPLE_BYTES,
-            (_, bytes) => bytes,
+        let sample_bytes = match &agent {
+            Some(_) => crate::values::sampling_interval(args.tables.sample_bytes),
+            None => args.tables.sample_bytes,
         };
         Ok(Self {
             args,
             discovery: Discovery::new(proc_root.clone()),
             proc_root,
             probes,
-            per_process: args.pid.is_some(),
+            probing: match (&agent, args.pid) {
+                (Some(path), _) => Probing::Agent(path.clone()),
+                (None, Some(_)) => Probing::PerProcess,
+                (None, None) => Probing::Shared,
+            },
             agent,
             sample_bytes,
             infos: HashMap::new(),
@@ -84,17 +88,7 @@ impl<'a> Watch<'a> {
 
     /// Probes `pid`'s allocator `files`, or the agent's markers.
     fn attach(&mut self, pid: u32, files: Vec<PathBuf>) -> Result<()> {
-        if let Some(agent) = self.agent.as_deref() {
-            // On every process mapping the agent's file: none but those it is loaded
-            // into, here or by another leakmon (whose samples the kernel side skips).
-            // A probe scoped to the process would not fire in a child forked from a
-            // thread no tracer holds, which gets no probes of its own.
-            self.probes.attach_agent(None, &crate::agent::files(agent))?;
-        } else if self.per_process {
-            self.probes.attach_process(pid, &files)?;
-        } else {
-            self.probes.attach_libraries(files)?;
-        }
+        self.probing.attach(&mut self.probes, pid, files)?;
         Ok(())
     }
 
@@ -269,7 +263,7 @@ impl<'a> Watch<'a> {
             }
             // A child of a process with probes of its own needs its own before it runs
             // (the parent's do not fire in it).
-            Stop::Fork if self.per_process => {
+            Stop::Fork if self.probing == Probing::PerProcess => {
                 let files = self.discovery.process(pid).files;
                 if let Err(e) = self.attach(pid, files) {
                     unless_gone(&proc_root, pid, "attach to a new child", &e);
@@ -356,10 +350,7 @@ fn runtime_report(args: &ReportArgs) -> Result<()> {
         bail!("--runtime and --agent are two ways of sampling: choose one");
     }
     count_signals();
-    let sample_bytes = match args.tables.sample_bytes {
-        0 => crate::values::DEFAULT_SAMPLE_BYTES,
-        bytes => bytes,
-    };
+    let sample_bytes = crate::values::sampling_interval(args.tables.sample_bytes);
     let report =
         crate::report::runtime::report(pid, sample_bytes, Duration::from_secs_f64(duration), &|| {
             signals_received() > 0

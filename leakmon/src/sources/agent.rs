@@ -16,6 +16,7 @@ use anyhow::{Context as _, Result};
 use tracing::{info, warn};
 
 use super::{
+    probing::Probing,
     proc_sampler::ProcSample,
     selection::{Named, Suspects, Turn},
     Source,
@@ -67,7 +68,7 @@ impl Agent {
         sample_bytes: u64,
     ) -> Result<Self> {
         let path = crate::agent::install()?;
-        kernel.attach_agent(None, &crate::agent::files(&path)).context("probe the agent's markers")?;
+        Probing::Agent(path.clone()).attach(kernel, 0, Vec::new()).context("probe the agent's markers")?;
         let mut loads = Loads {
             proc_root: proc_root.clone(),
             path,

@@ -8,10 +8,12 @@
 //!   own sampling heap profiler (`--runtime-profilers`), whose snapshots stand in for
 //!   the kernel's totals of those processes.
 //!
-//! Which processes are chosen is [`selection`]'s job: the ones named (`--pid`,
+//! How a chosen process's allocations reach the kernel is [`probing`]'s choice, the
+//! same for `report`. Which processes are chosen is [`selection`]'s job: the ones named (`--pid`,
 //! `--comm`, `--cgroup`), or the suspects the analysis flags, for a while each.
 
 pub mod agent;
+pub mod probing;
 pub mod proc_sampler;
 pub mod runtime_profiles;
 pub mod selection;

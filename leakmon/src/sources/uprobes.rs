@@ -16,6 +16,7 @@ use anyhow::Result;
 use tracing::{info, warn};
 
 use super::{
+    probing::Probing,
     proc_sampler::ProcSample,
     selection::{Named, Suspects, Turn},
     Source,
@@ -59,7 +60,7 @@ impl Uprobes {
         };
         if source.shares_probes() {
             let named = source.named_now();
-            kernel.attach_libraries(source.files(&named))?;
+            Probing::Shared.attach(kernel, 0, source.files(&named))?;
             for pid in named {
                 kernel.trace(pid)?;
             }
@@ -124,7 +125,7 @@ impl Source for Uprobes {
                     Some(a) => self.allocators.insert(pid, a),
                     None => self.allocators.remove(&pid),
                 };
-                if let Err(e) = kernel.attach_libraries(found.files) {
+                if let Err(e) = Probing::Shared.attach(kernel, pid, found.files) {
                     warn!(pid, "attach to a new image's allocator: {e:#}");
                 }
             }
@@ -155,7 +156,7 @@ impl Source for Uprobes {
                 }
                 true
             }
-            Turn::Begin(pid, v) => match kernel.attach_process(pid, &discovery.process(pid).files) {
+            Turn::Begin(pid, v) => match Probing::PerProcess.attach(kernel, pid, discovery.process(pid).files) {
                 Ok(n) if n > 0 => {
                     info!(pid, service = %v.service, comm = %v.comm, probes = n, "attributing the allocations of a suspect");
                     true
@@ -180,7 +181,7 @@ impl Source for Uprobes {
         if self.shares_probes() {
             let named = self.named_now();
             let files = self.files(&named);
-            if let Err(e) = kernel.attach_libraries(files) {
+            if let Err(e) = Probing::Shared.attach(kernel, 0, files) {
                 warn!("attach to new libraries: {e:#}");
             }
         }

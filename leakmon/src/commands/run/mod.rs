@@ -129,10 +129,7 @@ fn attribution(
             Attach::Suspects => agent::Coverage::Suspects(suspects()),
             Attach::All | Attach::None => unreachable!("refused by validate"),
         };
-        let sample_bytes = match args.tables.sample_bytes {
-            0 => crate::values::DEFAULT_SAMPLE_BYTES,
-            bytes => bytes,
-        };
+        let sample_bytes = crate::values::sampling_interval(args.tables.sample_bytes);
         return Ok(Some(Box::new(Agent::start(probes, coverage, proc_root, sample_bytes)?)));
     }
     let coverage = match attach {
@@ -379,10 +376,7 @@ impl Kernel {
 /// The runtime profilers asked for, if any.
 fn runtime_profiles(args: &RunArgs, proc_root: &ProcRoot) -> Option<Box<dyn Source + Send>> {
     (!args.runtime_profilers.is_empty()).then(|| -> Box<dyn Source + Send> {
-        let sample_bytes = match args.tables.sample_bytes {
-            0 => crate::values::DEFAULT_SAMPLE_BYTES,
-            bytes => bytes,
-        };
+        let sample_bytes = crate::values::sampling_interval(args.tables.sample_bytes);
         Box::new(RuntimeProfiles::new(
             args.runtime_profilers.clone(),
             args.suspect_duration,
