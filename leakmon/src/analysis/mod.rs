@@ -3,3 +3,4 @@
 
 pub mod history;
 pub mod trend;
+pub mod uncertainty;

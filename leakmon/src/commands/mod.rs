@@ -64,14 +64,18 @@ pub(crate) struct Snapshot {
     totals: Vec<crate::store::ProcessTotals>,
     infos: std::collections::HashMap<u32, crate::report::ProcessInfo>,
     stacks: std::collections::HashMap<u64, Vec<u64>>,
+    /// Sampled figures only: what each (process, stack)'s interval is made of.
+    spreads: std::collections::HashMap<(u32, u64), crate::analysis::uncertainty::Spread>,
 }
 
 impl Snapshot {
+    /// `rate` is the sampling interval the figures were taken at (0: exact).
     pub(crate) fn take(
         probes: &Probes,
         discovery: &mut crate::discovery::Discovery,
         traced: &std::collections::HashMap<u32, leakmon_common::ProcState>,
         mut infos: std::collections::HashMap<u32, crate::report::ProcessInfo>,
+        rate: u64,
     ) -> Result<Self> {
         for (&pid, state) in traced {
             let info = infos.entry(pid).or_insert_with(|| capture(discovery, pid, true));
@@ -97,22 +101,43 @@ impl Snapshot {
             .flat_map(|p| &p.stacks)
             .filter_map(|s| Some((s.stack_id, probes.stack(s.stack_id)?)))
             .collect();
-        Ok(Self { totals, infos, stacks })
+        let spreads =
+            if rate == 0 { std::collections::HashMap::new() } else { spreads(probes, traced, rate)? };
+        Ok(Self { totals, infos, stacks, spreads })
     }
 
     /// The report: stacks symbolized, and the clean processes with zero.
     pub(crate) fn into_report(self, symbolizer: &crate::symbolize::Symbolizer) -> crate::report::Report {
-        let Self { totals, infos, stacks } = self;
+        let Self { totals, infos, stacks, spreads } = self;
         let mut report = crate::report::Report::build(
             totals,
             &infos,
             |id| stacks.get(&id).cloned(),
+            &spreads,
             symbolizer,
             crate::monotonic_ms(),
         );
         report.include_clean(&infos);
         report
     }
+}
+
+/// The spread of each (process, stack) of the `traced` processes' current images, from
+/// their live blocks sampled at `rate`.
+fn spreads(
+    probes: &Probes,
+    traced: &std::collections::HashMap<u32, leakmon_common::ProcState>,
+    rate: u64,
+) -> Result<std::collections::HashMap<(u32, u64), crate::analysis::uncertainty::Spread>> {
+    let mut spreads: std::collections::HashMap<(u32, u64), crate::analysis::uncertainty::Spread> =
+        std::collections::HashMap::new();
+    for (key, block) in probes.live(|tgid| traced.contains_key(&tgid))? {
+        if traced.get(&key.tgid).is_some_and(|s| s.gen == block.gen) {
+            *spreads.entry((key.tgid, block.stack_id)).or_default() +=
+                crate::analysis::uncertainty::Spread::block(block.size, rate);
+        }
+    }
+    Ok(spreads)
 }
 
 /// The report of the `traced` processes, symbolized now (see [`Snapshot`]).
@@ -122,8 +147,9 @@ pub(crate) fn report_of(
     traced: &std::collections::HashMap<u32, leakmon_common::ProcState>,
     infos: std::collections::HashMap<u32, crate::report::ProcessInfo>,
     symbolizer: &crate::symbolize::Symbolizer,
+    rate: u64,
 ) -> Result<crate::report::Report> {
-    Ok(Snapshot::take(probes, discovery, traced, infos)?.into_report(symbolizer))
+    Ok(Snapshot::take(probes, discovery, traced, infos, rate)?.into_report(symbolizer))
 }
 
 /// Name, mappings and allocator of a process; `alive` adds its root for symbolizing

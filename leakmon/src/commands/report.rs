@@ -297,8 +297,13 @@ impl<'a> Watch<'a> {
 
     /// The report of what is still unfreed; the agent stopped first.
     fn finish(mut self, tracer: Option<Tracer>, session: Option<Session>) -> Result<Report> {
-        let mut report =
-            build_report(&self.probes, &mut self.discovery, self.infos, &self.args.tables.wrappers)?;
+        let mut report = build_report(
+            &self.probes,
+            &mut self.discovery,
+            self.infos,
+            &self.args.tables.wrappers,
+            self.sample_bytes,
+        )?;
         report.set_apart(&crate::suppressions::Suppressions::new(&self.args.tables.suppress));
         report.sample_bytes = self.sample_bytes;
         if self.agent.is_some() {
@@ -399,7 +404,8 @@ fn build_report(
     discovery: &mut Discovery,
     infos: HashMap<u32, ProcessInfo>,
     wrappers: &[String],
+    rate: u64,
 ) -> Result<Report> {
     let traced: HashMap<u32, _> = probes.traced()?.into_iter().collect();
-    report_of(probes, discovery, &traced, infos, &Symbolizer::new(Wrappers::new(wrappers)))
+    report_of(probes, discovery, &traced, infos, &Symbolizer::new(Wrappers::new(wrappers)), rate)
 }

@@ -28,6 +28,8 @@ pub struct Metrics {
     tte: GaugeVec,
     limit: IntGaugeVec,
     stack_bytes: IntGaugeVec,
+    stack_blocks: IntGaugeVec,
+    sample_bytes: IntGauge,
     stack_info: IntGaugeVec,
     stack_growth: GaugeVec,
     stack_suspected: IntGaugeVec,
@@ -74,6 +76,11 @@ impl Default for Metrics {
 
 impl Metrics {
     /// The unwind tables' fill: rows used and allocated, processes with tables.
+    /// The sampling interval the heap figures are taken at (0: exact).
+    pub fn sampling(&self, sample_bytes: u64) {
+        self.sample_bytes.set(i64::try_from(sample_bytes).unwrap_or(i64::MAX));
+    }
+
     pub fn unwind(&self, rows_used: u32, rows_capacity: u32, processes: usize) {
         self.unwind_rows.with_label_values(&["used"]).set(i64::from(rows_used));
         self.unwind_rows.with_label_values(&["capacity"]).set(i64::from(rows_capacity));
@@ -124,6 +131,11 @@ impl Metrics {
             tte: fgauge("leakmon_time_to_exhaustion_seconds", "Seconds until the memory limit at the current growth rate.", scs),
             limit: gauge("leakmon_memory_limit_bytes", "The limit used for time to exhaustion: cgroup memory.max, else host memory.", sc),
             stack_bytes: gauge("leakmon_stack_live_bytes", "Unfreed bytes of one of the top allocation stacks.", scst),
+            stack_blocks: gauge(
+                "leakmon_stack_live_blocks",
+                "Blocks behind leakmon_stack_live_bytes: the sampled blocks when sampling (leakmon_sample_bytes > 0; a figure from n of them is within about ±1.645/sqrt(n) of the truth, 90%, for blocks much smaller than the interval), every unfreed block when exact.",
+                scst,
+            ),
             stack_info: gauge("leakmon_stack_info", "Allocation site of a stack hash; always 1.", &["stack", "function", "location"]),
             stack_growth: fgauge("leakmon_stack_growth_bytes_per_second", "Robust (Theil-Sen) growth rate of one top stack's unfreed bytes over the window.", scst),
             stack_suspected: gauge("leakmon_stack_leak_suspected", "1 while one top stack's unfreed bytes grow steadily and significantly.", scst),
@@ -145,6 +157,10 @@ impl Metrics {
                 &["state"],
             ),
             unwind_processes: single("leakmon_unwind_processes", "Traced processes whose stacks are walked through unwind tables."),
+            sample_bytes: single(
+                "leakmon_sample_bytes",
+                "The byte-weighted sampling interval of the heap and stack figures (one sampled block per this many bytes allocated, on average); 0 when they are exact.",
+            ),
             queued: single(
                 "leakmon_lifecycle_events_queued",
                 "Fork, exec and exit events received and not yet handled: a backlog that keeps growing means the daemon cannot keep up with process churn.",
@@ -225,6 +241,7 @@ impl Metrics {
             &self.limit,
             &self.suspected,
             &self.stack_bytes,
+            &self.stack_blocks,
             &self.stack_info,
             &self.stack_suspected,
             &self.allocator,
@@ -269,6 +286,7 @@ impl Metrics {
             for s in &v.stacks {
                 let labels = [sc.as_slice(), &[s.stack.as_str()]].concat();
                 self.stack_bytes.with_label_values(&labels).set(s.bytes as i64);
+                self.stack_blocks.with_label_values(&labels).set(s.allocations as i64);
                 self.stack_info
                     .with_label_values(&[s.stack.as_str(), s.function.as_str(), s.location.as_str()])
                     .set(1);
@@ -385,6 +403,7 @@ mod tests {
     #[test]
     fn renders_the_families_with_their_labels() {
         let mut m = Metrics::new(false);
+        m.sampling(16384);
         m.update(
             &[SeriesView::example("anon"), SeriesView::example("heap")],
             Some(Counters::default()),
@@ -404,6 +423,8 @@ mod tests {
             "leakmon_growth_bytes_per_second{comm=\"leaky\",service=\"leaky.service\",signal=\"heap\"} 4096.5",
             "leakmon_time_to_exhaustion_seconds{comm=\"leaky\",service=\"leaky.service\",signal=\"anon\"} 3600",
             "leakmon_stack_live_bytes{comm=\"leaky\",service=\"leaky.service\",stack=\"0123456789ab\"} 4000",
+            "leakmon_stack_live_blocks{comm=\"leaky\",service=\"leaky.service\",stack=\"0123456789ab\"} 7",
+            "leakmon_sample_bytes 16384",
             "leakmon_stack_info{function=\"leak_small\",location=\"leaks.c:20\",stack=\"0123456789ab\"} 1",
             "leakmon_stack_growth_bytes_per_second{comm=\"leaky\",service=\"leaky.service\",stack=\"0123456789ab\"} 512",
             "leakmon_stack_leak_suspected{comm=\"leaky\",service=\"leaky.service\",stack=\"0123456789ab\"} 1",

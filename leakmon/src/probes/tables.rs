@@ -90,6 +90,22 @@ impl Probes {
         Ok(live.keys().filter_map(Result::ok).filter(|k| k.tgid == tgid).count())
     }
 
+    /// The live blocks of the processes `keep` selects. Walks the whole table: once per
+    /// report, for the intervals of sampled figures, never per tick.
+    pub fn live(&self, keep: impl Fn(u32) -> bool) -> Result<Vec<(LiveKey, LiveAlloc)>, ProbeError> {
+        let live: HashMap<&MapData, LiveKey, LiveAlloc> =
+            HashMap::try_from(self.ebpf.map("LIVE").ok_or_else(|| missing_map("LIVE"))?)
+                .map_err(map_err("open", "LIVE"))?;
+        let mut out = Vec::new();
+        for entry in &live {
+            let (key, block) = entry.map_err(map_err("read", "LIVE"))?;
+            if keep(key.tgid) {
+                out.push((key, block));
+            }
+        }
+        Ok(out)
+    }
+
     /// The user stack `id`, innermost frame first.
     pub fn stack(&self, id: u64) -> Option<Vec<u64>> {
         let stacks: HashMap<&MapData, u64, Stack> = HashMap::try_from(self.ebpf.map("STACKS")?).ok()?;

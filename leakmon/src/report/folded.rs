@@ -60,6 +60,9 @@ mod tests {
     #[test]
     fn outermost_first_rooted_at_the_process_and_merged() {
         let stack = |bytes, frames: &[&str]| StackReport {
+            samples: None,
+            bytes_interval: None,
+            spread: None,
             id: String::new(),
             bytes,
             allocations: 1,
@@ -71,6 +74,8 @@ mod tests {
             method: crate::report::Method::Uprobes,
             sample_bytes: 0,
             processes: vec![ProcessReport {
+                samples: None,
+                bytes_interval: None,
                 pid: 7,
                 comm: "leaks".into(),
                 allocator: None,

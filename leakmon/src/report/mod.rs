@@ -15,6 +15,7 @@ use std::{collections::HashMap, path::PathBuf};
 use serde::Serialize;
 
 use crate::{
+    analysis::uncertainty::{Spread, FEW_SAMPLES},
     model::{FrameReport, Method},
     probes::targets::Allocator,
     procfs::Mapping,
@@ -22,6 +23,9 @@ use crate::{
     store::ProcessTotals,
     symbolize::Symbolizer,
 };
+
+/// The stacks of a process a note on few samples looks at: those a reader sees first.
+const TOP_STACKS: usize = 5;
 
 /// What is known of a process beyond its totals.
 #[derive(Clone, Debug, Default)]
@@ -61,6 +65,12 @@ pub struct ProcessReport {
     pub allocator: Option<Allocator>,
     pub outstanding_bytes: u64,
     pub outstanding_allocations: u64,
+    /// Sampled figures only: the blocks sampled, and the 90% interval of
+    /// `outstanding_bytes` (see [`crate::analysis::uncertainty`]).
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub samples: Option<u64>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub bytes_interval: Option<[u64; 2]>,
     /// Some allocations could not be counted (a table was full).
     pub incomplete: bool,
     pub stacks: Vec<StackReport>,
@@ -73,6 +83,18 @@ pub struct ProcessReport {
     /// What the figures leave out, a sentence each (see [`Report::add_notes`]).
     #[serde(skip_serializing_if = "Vec::is_empty")]
     pub notes: Vec<String>,
+}
+
+impl ProcessReport {
+    /// The process's interval: the sum of its stacks' spreads (none for exact figures).
+    pub fn settle_interval(&mut self) {
+        let mut sum: Option<Spread> = None;
+        for spread in self.stacks.iter().filter_map(|s| s.spread) {
+            *sum.get_or_insert_with(Spread::default) += spread;
+        }
+        self.samples = sum.map(|s| s.samples);
+        self.bytes_interval = sum.map(|s| s.interval());
+    }
 }
 
 /// Bytes set apart as the runtime's own, and the functions that named them.
@@ -90,6 +112,14 @@ pub struct StackReport {
     pub id: String,
     pub bytes: u64,
     pub allocations: u64,
+    /// Sampled figures only: the blocks sampled, and the 90% interval of `bytes`.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub samples: Option<u64>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub bytes_interval: Option<[u64; 2]>,
+    /// What the interval is made of, summed into the process's.
+    #[serde(skip)]
+    pub spread: Option<Spread>,
     pub mean_age_seconds: f64,
     /// The allocation site: the first frame outside the allocation wrappers (the
     /// innermost frame when none is a wrapper); null without a stack.
@@ -100,11 +130,13 @@ pub struct StackReport {
 
 impl Report {
     /// Builds the report. `stack` looks up a stack id's addresses; processes without
-    /// info keep their pid with an empty name and unresolved frames.
+    /// info keep their pid with an empty name and unresolved frames. `spreads` holds,
+    /// for sampled figures, the spread of each (process, stack id).
     pub fn build(
         totals: Vec<ProcessTotals>,
         info: &HashMap<u32, ProcessInfo>,
         stack: impl Fn(u64) -> Option<Vec<u64>>,
+        spreads: &HashMap<(u32, u64), Spread>,
         symbolizer: &Symbolizer,
         now_ms: u64,
     ) -> Self {
@@ -129,36 +161,65 @@ impl Report {
                             })
                             .unwrap_or_default();
                         let site = frames.get(symbolizer.site(&frames)).cloned().map(FrameReport::from);
+                        let spread = spreads.get(&(p.pid, s.stack_id)).copied();
                         StackReport {
                             id: crate::symbolize::stable_id(&frames),
                             bytes: s.bytes,
                             allocations: s.allocations,
+                            samples: spread.map(|s| s.samples),
+                            bytes_interval: spread.map(|s| s.interval()),
+                            spread,
                             mean_age_seconds: s.mean_age_seconds(now_ms),
                             site,
                             frames: frames.into_iter().map(FrameReport::from).collect(),
                         }
                     })
                     .collect();
-                ProcessReport {
+                let mut report = ProcessReport {
                     pid: p.pid,
                     comm: pinfo.comm.clone(),
                     allocator: pinfo.allocator,
                     outstanding_bytes: p.bytes,
                     outstanding_allocations: p.allocations,
+                    samples: None,
+                    bytes_interval: None,
                     incomplete: pinfo.incomplete,
                     stacks,
                     runtime_internal: RuntimeInternal::default(),
                     runtime: runtimes::running(&pinfo.maps),
                     notes: Vec::new(),
-                }
+                };
+                report.settle_interval();
+                report
             })
             .collect();
         Self { method: Method::default(), sample_bytes: 0, processes }
     }
 
-    /// Says, per process, what its figures cannot hold in this report's method.
+    /// Says, per process, what its figures cannot hold in this report's method, and
+    /// when its largest sampled stack rests on too few samples to be read closely.
     pub fn add_notes(&mut self) {
         for p in &mut self.processes {
+            if self.sample_bytes > 0 && p.stacks.is_empty() {
+                p.notes.push(format!(
+                    "no block still held was sampled: at one sample per {} allocated, up to about {} left unfreed goes unseen (90%); a longer window, or a smaller --sample-bytes, sees more",
+                    table::rounded(self.sample_bytes),
+                    table::rounded(self.sample_bytes.saturating_mul(3))
+                ));
+            }
+            // The stacks a reader looks at first, where they are estimated from few
+            // samples (a block sampled for certain is exact, however few).
+            let top = p.stacks.iter().take(TOP_STACKS).filter_map(|s| s.spread);
+            let rough: Vec<Spread> = top.filter(|s| s.uncertain > 0 && s.samples < FEW_SAMPLES).collect();
+            if let Some(widest) = rough.iter().map(Spread::relative_width).max_by(f64::total_cmp) {
+                p.notes.push(format!(
+                    "{} of its top {TOP_STACKS} stacks rest{} on fewer than {FEW_SAMPLES} samples (±{:.0}% at worst): a longer window, or a smaller --sample-bytes (now {}), gives more",
+                    rough.len(),
+                    if rough.len() == 1 { "s" } else { "" },
+                    100.0 * widest,
+                    table::rounded(self.sample_bytes)
+                ));
+            }
             if let Some(note) = p.runtime.and_then(runtimes::by_name).and_then(|r| r.note(self.method)) {
                 p.notes.push(note.to_owned());
             }
@@ -176,6 +237,8 @@ impl Report {
                     allocator: info.allocator,
                     outstanding_bytes: 0,
                     outstanding_allocations: 0,
+                    samples: None,
+                    bytes_interval: None,
                     incomplete: info.incomplete,
                     stacks: Vec::new(),
                     runtime_internal: RuntimeInternal::default(),
@@ -208,6 +271,7 @@ impl Report {
                 p.outstanding_allocations -= s.allocations.min(p.outstanding_allocations);
             }
             p.stacks = kept;
+            p.settle_interval();
         }
         self.processes.sort_by(|a, b| b.outstanding_bytes.cmp(&a.outstanding_bytes).then(a.pid.cmp(&b.pid)));
     }
@@ -238,7 +302,14 @@ mod tests {
             named: None,
         }];
         let info = HashMap::from([(7, ProcessInfo { comm: "fixture".into(), ..ProcessInfo::default() })]);
-        let mut report = Report::build(totals, &info, |_| Some(vec![0x1234]), &Symbolizer::default(), 2500);
+        let mut report = Report::build(
+            totals,
+            &info,
+            |_| Some(vec![0x1234]),
+            &HashMap::new(),
+            &Symbolizer::default(),
+            2500,
+        );
         report.include_clean(&HashMap::from([(
             8,
             ProcessInfo { comm: "child".into(), ..ProcessInfo::default() },

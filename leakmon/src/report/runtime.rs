@@ -8,6 +8,7 @@ use anyhow::{bail, Result};
 
 use super::{ProcessReport, Report, RuntimeInternal, StackReport};
 use crate::{
+    analysis::uncertainty::Spread,
     model::{FrameReport, Method},
     runtimes::{detect, runtime_site, with_profiler, Options, Stack},
 };
@@ -40,19 +41,24 @@ pub fn report(
         Ok((stacks, notes))
     })?;
     let stacks: Vec<StackReport> = stacks.iter().map(|s| stack_report(s, runtime.name())).collect();
-    let process = ProcessReport {
+    let mut process = ProcessReport {
         pid,
         comm,
         allocator: None,
         outstanding_bytes: stacks.iter().map(|s| s.bytes).sum(),
         outstanding_allocations: stacks.iter().map(|s| s.allocations).sum(),
+        samples: None,
+        bytes_interval: None,
         incomplete: false,
         stacks,
         runtime_internal: RuntimeInternal::default(),
         runtime: Some(runtime.name()),
         notes,
     };
-    Ok(Report { method: Method::Runtime, sample_bytes, processes: vec![process] })
+    process.settle_interval();
+    let mut report = Report { method: Method::Runtime, sample_bytes, processes: vec![process] };
+    report.add_notes();
+    Ok(report)
 }
 
 /// A stack as reports and the daemon's series show it.
@@ -77,10 +83,14 @@ pub fn stack_report(stack: &Stack, runtime: &str) -> StackReport {
             runtime: Some(runtime.to_owned()),
         })
         .collect();
+    let spread = Spread::counted(stack.bytes, stack.samples);
     StackReport {
         id: crate::model::stable_hash(frames.iter().map(|f| format!("{}@{}", f.function, f.address))),
         bytes: stack.bytes,
         allocations: stack.samples,
+        samples: Some(spread.samples),
+        bytes_interval: Some(spread.interval()),
+        spread: Some(spread),
         mean_age_seconds: 0.0,
         site: frames.get(runtime_site(frames.iter().map(FrameReport::site_frame)).unwrap_or(0)).cloned(),
         frames,

@@ -23,9 +23,20 @@ pub fn render(report: &Report) -> String {
         if report.processes.len() == 1 { "" } else { "es" }
     );
     for p in &report.processes {
+        let interval = match (p.bytes_interval, p.samples) {
+            (Some([low, high]), Some(n)) if low != high => {
+                format!(
+                    " (90%: {} to {}, from {n} sample{})",
+                    rounded(low),
+                    rounded(high),
+                    if n == 1 { "" } else { "s" }
+                )
+            }
+            _ => String::new(),
+        };
         let _ = writeln!(
             out,
-            "\npid {} ({}{}): {} unfreed in {} allocations{}",
+            "\npid {} ({}{}): {} unfreed{interval} in {} allocations{}",
             p.pid,
             if p.comm.is_empty() { "?" } else { &p.comm },
             p.allocator.map(|a| format!(", {}", a.name())).unwrap_or_default(),
@@ -49,7 +60,21 @@ pub fn render(report: &Report) -> String {
         if p.stacks.is_empty() {
             continue;
         }
-        let _ = writeln!(out, "  {:>12} {:>9} {:>6}  allocation site / callers", "bytes", "allocs", "%");
+        // Sampled figures get their interval's half-width beside them.
+        let sampled = p.stacks.iter().any(|s| s.spread.is_some());
+        let spread = |s: &super::StackReport| match s.spread {
+            Some(spread) if spread.uncertain == 0 => format!(" {:>6}", "exact"),
+            Some(spread) => format!(" {:>6}", format!("±{:.0}%", 100.0 * spread.relative_width())),
+            None => String::new(),
+        };
+        let _ = writeln!(
+            out,
+            "  {:>12}{} {:>9} {:>6}  allocation site / callers",
+            "bytes",
+            if sampled { format!(" {:>6}", "90%") } else { String::new() },
+            "allocs",
+            "%"
+        );
         for s in &p.stacks {
             let share = if p.outstanding_bytes == 0 {
                 0.0
@@ -70,13 +95,15 @@ pub fn render(report: &Report) -> String {
                 let via: Vec<&str> = s.frames[..at].iter().rev().map(|f| f.function.as_str()).collect();
                 first = format!("{first}  via {}", via.join(" > "));
             }
-            let _ = writeln!(out, "  {:>12} {:>9} {:>5.1}%  {first}", s.bytes, s.allocations, share);
+            let _ =
+                writeln!(out, "  {:>12}{} {:>9} {:>5.1}%  {first}", s.bytes, spread(s), s.allocations, share);
+            let indent = if sampled { 37 } else { 30 };
             for f in frames.by_ref().take(MAX_FRAMES - 1) {
-                let _ = writeln!(out, "  {:>30}  {}", "", frame(f));
+                let _ = writeln!(out, "  {:>indent$}  {}", "", frame(f));
             }
             let rest = s.frames.len().saturating_sub(at + MAX_FRAMES);
             if rest > 0 {
-                let _ = writeln!(out, "  {:>30}  ... {rest} more", "");
+                let _ = writeln!(out, "  {:>indent$}  ... {rest} more", "");
             }
         }
     }
@@ -96,6 +123,14 @@ fn frame(f: &FrameReport) -> String {
 
 fn short(path: &str) -> &str {
     path.rsplit('/').next().unwrap_or(path)
+}
+
+/// Bytes with binary units, rounded.
+pub fn rounded(n: u64) -> String {
+    match bytes(n).split_once(" (") {
+        Some((rounded, _)) => rounded.to_owned(),
+        None => bytes(n),
+    }
 }
 
 /// Bytes with binary units, exact below 1 KiB.
@@ -132,6 +167,8 @@ mod tests {
             method: crate::report::Method::Uprobes,
             sample_bytes: 0,
             processes: vec![ProcessReport {
+                samples: None,
+                bytes_interval: None,
                 pid: 42,
                 comm: "fixture".into(),
                 allocator: None,
@@ -142,6 +179,9 @@ mod tests {
                 runtime: None,
                 notes: Vec::new(),
                 stacks: vec![StackReport {
+                    samples: None,
+                    bytes_interval: None,
+                    spread: None,
                     id: String::new(),
                     bytes: 48_000,
                     allocations: 1000,
@@ -187,6 +227,8 @@ mod tests {
             method: crate::report::Method::Uprobes,
             sample_bytes: 0,
             processes: vec![ProcessReport {
+                samples: None,
+                bytes_interval: None,
                 pid: 9,
                 comm: "python3".into(),
                 allocator: None,
@@ -197,6 +239,9 @@ mod tests {
                 runtime: Some("python"),
                 notes: Vec::new(),
                 stacks: vec![StackReport {
+                    samples: None,
+                    bytes_interval: None,
+                    spread: None,
                     id: String::new(),
                     bytes: 4129,
                     allocations: 1,

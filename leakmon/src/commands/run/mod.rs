@@ -239,6 +239,7 @@ async fn daemon(
         args,
     };
 
+    d.metrics.sampling(d.sample_rate());
     notify(sd_notify::NotifyState::Ready);
     serve(&mut d, Signals { sigterm, sigint, sighup }, &mut profile_requests, &mut events).await;
     notify(sd_notify::NotifyState::Stopping);
@@ -460,6 +461,16 @@ impl Daemon<'_> {
         publish(&self.published, &self.metrics, &views).await;
     }
 
+    /// The sampling interval of the kernel's figures: the agent's, or the kernel's own
+    /// (0: exact).
+    fn sample_rate(&self) -> u64 {
+        if self.sources.iter().any(|s| s.method() == crate::model::Method::Agent) {
+            crate::values::sampling_interval(self.args.tables.sample_bytes)
+        } else {
+            self.args.tables.sample_bytes
+        }
+    }
+
     /// Whether a source records into the kernel's tables (else they hold nothing).
     fn through_kernel(&self) -> bool {
         self.sources.iter().any(|s| s.through_kernel())
@@ -482,7 +493,8 @@ impl Daemon<'_> {
     /// slow part, run off the loop, which keeps sampling.
     fn profile(&mut self, request: ProfileRequest) {
         let probes = self.probes.as_ref().filter(|_| self.through_kernel());
-        match profiles::profile_snapshot(probes, &mut self.discovery, &self.monitor, &request) {
+        let rate = self.sample_rate();
+        match profiles::profile_snapshot(probes, &mut self.discovery, &self.monitor, &request, rate) {
             // A renderer gone (it panicked) drops the reply: the client gets its error
             // from the HTTP side.
             Ok(snapshot) => {

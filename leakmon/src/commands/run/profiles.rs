@@ -89,6 +89,7 @@ pub(super) fn profile_snapshot(
     discovery: &mut Discovery,
     monitor: &Monitor,
     request: &ProfileRequest,
+    rate: u64,
 ) -> Result<ProfileSnapshot, http::ProfileError> {
     use axum::http::StatusCode;
     let Some(probes) = probes else {
@@ -117,7 +118,7 @@ pub(super) fn profile_snapshot(
         return Err((StatusCode::NOT_FOUND, what));
     }
     let selected: HashMap<u32, ProcState> = pids.iter().map(|p| (*p, traced[p])).collect();
-    let snapshot = crate::commands::Snapshot::take(probes, discovery, &selected, HashMap::new())
+    let snapshot = crate::commands::Snapshot::take(probes, discovery, &selected, HashMap::new(), rate)
         .map_err(|e| (StatusCode::INTERNAL_SERVER_ERROR, format!("{e:#}")))?;
     Ok(ProfileSnapshot { snapshot, kind: request.kind, title })
 }
