@@ -182,6 +182,7 @@ impl SeriesView {
                 stack: "0123456789ab".into(),
                 bytes: 4000,
                 allocations: 7,
+                mean_age_seconds: Some(2.0),
                 function: "leak_small".into(),
                 location: "leaks.c:20".into(),
                 frames: Vec::new(),
@@ -203,6 +204,10 @@ pub struct StackView {
     pub stack: String,
     pub bytes: u64,
     pub allocations: u64,
+    /// Mean age of its unfreed blocks; `None` where the source keeps no ages (a
+    /// runtime's profiler).
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub mean_age_seconds: Option<f64>,
     /// The allocation site (innermost frame).
     pub function: String,
     pub location: String,

@@ -275,6 +275,9 @@ impl Monitor {
             }
             for s in stacks_by_group.get(gkey).into_iter().flatten() {
                 self.history.record(key(Signal::Heap, Some(&s.stack)), now, s.bytes as f64);
+                if let Some(age) = s.mean_age_seconds {
+                    self.history.record_age(&key(Signal::Heap, Some(&s.stack)), now, age);
+                }
                 if incomplete {
                     self.history.mark_incomplete(&key(Signal::Heap, Some(&s.stack)));
                 }
@@ -369,6 +372,9 @@ impl Monitor {
             totals.iter().flat_map(|t| t.stacks.iter().map(move |s| (*t, s))).collect();
         candidates.sort_by_key(|c| std::cmp::Reverse(c.1.bytes));
         let mut merged: Vec<StackView> = Vec::new();
+        // Per merged stack: the sum of its blocks' allocation times and their count,
+        // for their mean age (0: the source keeps no ages).
+        let mut stamps: HashMap<String, (u64, u64)> = HashMap::new();
         for (t, s) in candidates.into_iter().take(self.top_stacks * 4) {
             let pid = t.pid;
             let named = t.named.as_ref().and_then(|n| n.get(&s.stack_id));
@@ -387,6 +393,9 @@ impl Monitor {
                 self.frames.insert((pid, s.stack_id), known.clone());
                 known
             };
+            let stamp = stamps.entry(hash.clone()).or_default();
+            stamp.0 += s.ts_ms_sum;
+            stamp.1 += s.allocations;
             if let Some(m) = merged.iter_mut().find(|m| m.stack == hash) {
                 m.bytes += s.bytes;
                 m.allocations += s.allocations;
@@ -399,6 +408,7 @@ impl Monitor {
                 stack: hash,
                 bytes: s.bytes,
                 allocations: s.allocations,
+                mean_age_seconds: None,
                 function: site.map_or_else(|| "[unknown]".to_owned(), |f| f.function.clone()),
                 location: site
                     .and_then(|f| Some(format!("{}:{}", f.file.as_deref()?.rsplit('/').next()?, f.line?)))
@@ -406,6 +416,15 @@ impl Monitor {
                 frames,
                 trend: None,
             });
+        }
+        let now_ms = crate::monotonic_ms();
+        for m in &mut merged {
+            if let Some(&(ts_ms_sum, allocations)) =
+                stamps.get(&m.stack).filter(|(sum, n)| *sum > 0 && *n > 0)
+            {
+                let mean = crate::store::StackTotals { stack_id: 0, bytes: 0, allocations, ts_ms_sum };
+                m.mean_age_seconds = Some(mean.mean_age_seconds(now_ms));
+            }
         }
         merged.sort_by_key(|m| std::cmp::Reverse(m.bytes));
         merged.truncate(self.top_stacks);

@@ -55,6 +55,9 @@ pub struct SeriesKey {
 #[derive(Clone, Debug, Default)]
 pub struct Series {
     samples: VecDeque<Sample>,
+    /// A stack's series: the mean age of its unfreed blocks at each sample, where the
+    /// source keeps ages.
+    ages: VecDeque<Sample>,
     analysis: Option<Analysis>,
     /// Time the current suspicion started.
     suspected_since: Option<f64>,
@@ -91,6 +94,22 @@ pub struct History {
     max_series: usize,
     series: BTreeMap<SeriesKey, Series>,
     dropped: u64,
+}
+
+/// Seconds a growing stack's mean block age must gain per second of the window: a
+/// leak's blocks stay, so their mean age grows with the clock (by half a second a
+/// second for a steady leak), while a ring's or a cache's, replaced in turn, never
+/// grows older than one turnover however its sampled bytes wander.
+pub const MIN_AGE_GROWTH: f64 = 0.1;
+
+/// Whether a stack's blocks age with the clock over the window; true where the ages
+/// are unknown or too few to say (the bytes alone decide then).
+fn ages_grow(ages: &VecDeque<Sample>, params: &Params) -> bool {
+    if ages.len() < params.min_samples {
+        return true;
+    }
+    let ages: Vec<Sample> = ages.iter().copied().collect();
+    super::trend::theil_sen(&ages).is_none_or(|slope| slope >= MIN_AGE_GROWTH)
 }
 
 /// A change of verdict worth telling.
@@ -130,6 +149,17 @@ impl History {
         }
     }
 
+    /// Adds the mean age of a stack series' blocks at `t` (after its [`History::record`]).
+    pub fn record_age(&mut self, key: &SeriesKey, t: f64, age: f64) {
+        let window = self.params.window;
+        if let Some(series) = self.series.get_mut(key) {
+            series.ages.push_back(Sample { t, v: age });
+            while series.ages.front().is_some_and(|s| s.t < t - window) {
+                series.ages.pop_front();
+            }
+        }
+    }
+
     /// Marks a series' data incomplete: from now on its verdict is withheld.
     pub fn mark_incomplete(&mut self, key: &SeriesKey) {
         if let Some(series) = self.series.get_mut(key) {
@@ -146,6 +176,9 @@ impl History {
         for (key, series) in &mut self.series {
             let samples: Vec<Sample> = series.samples.iter().copied().collect();
             let mut a = analyse(&samples, &self.params);
+            if a.verdict == Verdict::SteadyGrowth && !ages_grow(&series.ages, &self.params) {
+                a.verdict = Verdict::Flat;
+            }
             if series.incomplete {
                 a.verdict = Verdict::Withheld;
             }
@@ -258,6 +291,27 @@ mod tests {
         let series = h.get(&key("leaky")).expect("series");
         assert!(series.incomplete());
         assert_eq!(series.analysis().expect("analysed").verdict, Verdict::Withheld);
+    }
+
+    /// The same growing bytes, twice: blocks that age with the clock (a leak) are
+    /// flagged; blocks whose mean age stays at a few seconds (a ring replaced in turn,
+    /// its sampled estimate wandering up) are not.
+    #[test]
+    fn a_growing_stack_is_a_leak_only_if_its_blocks_age_with_the_clock() {
+        let mut h = History::new(params(), 10);
+        let stack = |name: &str| SeriesKey { signal: Signal::Heap, stack: Some(name.into()), ..key("svc") };
+        for i in 0..40 {
+            let t = f64::from(i) * 0.5;
+            for name in ["leak", "ring"] {
+                h.record(stack(name), t, 1e6 + 100_000.0 * f64::from(i));
+            }
+            h.record_age(&stack("leak"), t, t / 2.0);
+            h.record_age(&stack("ring"), t, 5.0 + 0.3 * (f64::from(i) * 0.7).sin());
+            h.analyse(t);
+        }
+        let verdict = |name: &str| h.get(&stack(name)).and_then(Series::analysis).expect("analysed").verdict;
+        assert_eq!(verdict("leak"), Verdict::SteadyGrowth);
+        assert_eq!(verdict("ring"), Verdict::Flat);
     }
 
     #[test]

@@ -200,7 +200,12 @@ impl Report {
     /// when its largest sampled stack rests on too few samples to be read closely.
     pub fn add_notes(&mut self) {
         for p in &mut self.processes {
-            if self.sample_bytes > 0 && p.stacks.is_empty() {
+            if p.stacks.is_empty() && self.method == Method::Runtime {
+                p.notes.push(
+                    "the runtime's profiler sampled no object still held in this window: what a slow leak keeps takes a longer --duration to reach a sample"
+                        .to_owned(),
+                );
+            } else if p.stacks.is_empty() && self.sample_bytes > 0 {
                 p.notes.push(format!(
                     "no block still held was sampled: at one sample per {} allocated, up to about {} left unfreed goes unseen (90%); a longer window, or a smaller --sample-bytes, sees more",
                     table::rounded(self.sample_bytes),
