@@ -102,7 +102,7 @@ pub struct LiveKey {
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
 pub struct LiveAlloc {
     pub size: u64,
-    /// `bpf_ktime_get_boot_ns() / 1_000_000` at allocation.
+    /// `bpf_ktime_get_ns() / 1_000_000` (the monotonic clock) at allocation.
     pub ts_ms: u64,
     pub stack_id: u64,
     /// Process image generation (bumped on exec) the block belongs to.

@@ -64,8 +64,10 @@ pub(crate) struct Snapshot {
     totals: Vec<crate::store::ProcessTotals>,
     infos: std::collections::HashMap<u32, crate::report::ProcessInfo>,
     stacks: std::collections::HashMap<u64, Vec<u64>>,
-    /// Sampled figures only: what each (process, stack)'s interval is made of.
-    spreads: std::collections::HashMap<(u32, u64), crate::analysis::uncertainty::Spread>,
+    /// What the live blocks say: the spread of sampled figures, and what was in
+    /// flight (set apart from the totals) per process.
+    live: crate::store::live::Live,
+    in_flight: std::collections::HashMap<u32, crate::store::live::InFlight>,
 }
 
 impl Snapshot {
@@ -77,6 +79,8 @@ impl Snapshot {
         mut infos: std::collections::HashMap<u32, crate::report::ProcessInfo>,
         rate: u64,
     ) -> Result<Self> {
+        // Processes captured at their exit; the others still run.
+        let gone: std::collections::HashSet<u32> = infos.keys().copied().collect();
         for (&pid, state) in traced {
             let info = infos.entry(pid).or_insert_with(|| capture(discovery, pid, true));
             info.incomplete = state.flags & leakmon_common::proc_flags::INCOMPLETE != 0;
@@ -95,49 +99,41 @@ impl Snapshot {
             }
         }
         infos.retain(|pid, _| traced.contains_key(pid));
-        let totals = unfreed(probes, traced)?;
+        let mut totals = unfreed(probes, traced)?;
+        let runs = |pid: u32| !gone.contains(&pid);
+        // The live table is walked only where it says something: sampled figures, or a
+        // process still running.
+        let live = if rate > 0 || traced.keys().any(|&pid| runs(pid)) {
+            let blocks = probes.live(|tgid| traced.contains_key(&tgid))?;
+            let gen = |pid: u32| traced.get(&pid).map(|s| s.gen);
+            crate::store::live::read(blocks, gen, runs, crate::monotonic_ms(), rate)
+        } else {
+            crate::store::live::Live::default()
+        };
+        let in_flight = crate::store::live::set_apart(&mut totals, &live.in_flight);
         let stacks = totals
             .iter()
             .flat_map(|p| &p.stacks)
             .filter_map(|s| Some((s.stack_id, probes.stack(s.stack_id)?)))
             .collect();
-        let spreads =
-            if rate == 0 { std::collections::HashMap::new() } else { spreads(probes, traced, rate)? };
-        Ok(Self { totals, infos, stacks, spreads })
+        Ok(Self { totals, infos, stacks, live, in_flight })
     }
 
     /// The report: stacks symbolized, and the clean processes with zero.
     pub(crate) fn into_report(self, symbolizer: &crate::symbolize::Symbolizer) -> crate::report::Report {
-        let Self { totals, infos, stacks, spreads } = self;
+        let Self { totals, infos, stacks, live, in_flight } = self;
         let mut report = crate::report::Report::build(
             totals,
             &infos,
             |id| stacks.get(&id).cloned(),
-            &spreads,
+            &live.spreads,
             symbolizer,
             crate::monotonic_ms(),
         );
         report.include_clean(&infos);
+        report.set_in_flight(&in_flight);
         report
     }
-}
-
-/// The spread of each (process, stack) of the `traced` processes' current images, from
-/// their live blocks sampled at `rate`.
-fn spreads(
-    probes: &Probes,
-    traced: &std::collections::HashMap<u32, leakmon_common::ProcState>,
-    rate: u64,
-) -> Result<std::collections::HashMap<(u32, u64), crate::analysis::uncertainty::Spread>> {
-    let mut spreads: std::collections::HashMap<(u32, u64), crate::analysis::uncertainty::Spread> =
-        std::collections::HashMap::new();
-    for (key, block) in probes.live(|tgid| traced.contains_key(&tgid))? {
-        if traced.get(&key.tgid).is_some_and(|s| s.gen == block.gen) {
-            *spreads.entry((key.tgid, block.stack_id)).or_default() +=
-                crate::analysis::uncertainty::Spread::block(block.size, rate);
-        }
-    }
-    Ok(spreads)
 }
 
 /// The report of the `traced` processes, symbolized now (see [`Snapshot`]).

@@ -83,6 +83,7 @@ mod tests {
                 outstanding_allocations: 0,
                 incomplete: false,
                 runtime_internal: crate::report::RuntimeInternal::default(),
+                in_flight: None,
                 runtime: None,
                 notes: Vec::new(),
                 stacks: vec![

@@ -77,6 +77,11 @@ pub struct ProcessReport {
     /// What the runtime keeps for itself by design (see `suppressions`), set apart:
     /// not in the totals above nor in `stacks`.
     pub runtime_internal: RuntimeInternal,
+    /// Blocks still in flight when a running process's window ended (younger than
+    /// `store::live::IN_FLIGHT_MS`), set apart: not in the totals above nor in
+    /// `stacks`. Absent for a process that exited, and when none was.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub in_flight: Option<InFlight>,
     /// `python` for a CPython process; absent for others.
     #[serde(skip_serializing_if = "Option::is_none")]
     pub runtime: Option<&'static str>,
@@ -95,6 +100,15 @@ impl ProcessReport {
         self.samples = sum.map(|s| s.samples);
         self.bytes_interval = sum.map(|s| s.interval());
     }
+}
+
+/// Blocks set apart as in flight.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Serialize)]
+pub struct InFlight {
+    pub bytes: u64,
+    pub allocations: u64,
+    /// The age under which a block counted as in flight.
+    pub younger_than_seconds: f64,
 }
 
 /// Bytes set apart as the runtime's own, and the functions that named them.
@@ -186,6 +200,7 @@ impl Report {
                     incomplete: pinfo.incomplete,
                     stacks,
                     runtime_internal: RuntimeInternal::default(),
+                    in_flight: None,
                     runtime: runtimes::running(&pinfo.maps),
                     notes: Vec::new(),
                 };
@@ -194,6 +209,17 @@ impl Report {
             })
             .collect();
         Self { method: Method::default(), sample_bytes: 0, processes }
+    }
+
+    /// Puts each process's blocks in flight (taken out of its figures) on their line.
+    pub fn set_in_flight(&mut self, in_flight: &HashMap<u32, crate::store::live::InFlight>) {
+        for p in &mut self.processes {
+            p.in_flight = in_flight.get(&p.pid).filter(|f| f.allocations > 0).map(|f| InFlight {
+                bytes: f.bytes,
+                allocations: f.allocations,
+                younger_than_seconds: crate::store::live::IN_FLIGHT_MS as f64 / 1000.0,
+            });
+        }
     }
 
     /// Says, per process, what its figures cannot hold in this report's method, and
@@ -247,6 +273,7 @@ impl Report {
                     incomplete: info.incomplete,
                     stacks: Vec::new(),
                     runtime_internal: RuntimeInternal::default(),
+                    in_flight: None,
                     runtime: runtimes::running(&info.maps),
                     notes: Vec::new(),
                 });

@@ -52,6 +52,7 @@ pub fn report(
         incomplete: false,
         stacks,
         runtime_internal: RuntimeInternal::default(),
+        in_flight: None,
         runtime: Some(runtime.name()),
         notes,
     };

@@ -57,6 +57,15 @@ pub fn render(report: &Report) -> String {
                 internal.functions.join(", ")
             );
         }
+        if let Some(f) = p.in_flight {
+            let _ = writeln!(
+                out,
+                "  in flight: {} in {} allocations younger than {} s when the window ended (work in progress, most freed soon), not counted above",
+                bytes(f.bytes),
+                f.allocations,
+                f.younger_than_seconds
+            );
+        }
         if p.stacks.is_empty() {
             continue;
         }
@@ -176,6 +185,7 @@ mod tests {
                 outstanding_allocations: 1000,
                 incomplete: false,
                 runtime_internal: crate::report::RuntimeInternal::default(),
+                in_flight: None,
                 runtime: None,
                 notes: Vec::new(),
                 stacks: vec![StackReport {
@@ -236,6 +246,7 @@ mod tests {
                 outstanding_allocations: 1,
                 incomplete: false,
                 runtime_internal: crate::report::RuntimeInternal::default(),
+                in_flight: None,
                 runtime: Some("python"),
                 notes: Vec::new(),
                 stacks: vec![StackReport {

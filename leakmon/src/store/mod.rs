@@ -11,6 +11,8 @@ use std::{
 
 use leakmon_common::{Totals, TotalsKey};
 
+pub mod live;
+
 /// Unfreed memory of one call stack.
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub struct StackTotals {
