@@ -3,7 +3,7 @@
 
 use std::fmt::Write as _;
 
-use super::Report;
+use super::{ProcessReport, Report, StackReport};
 use crate::model::FrameReport;
 
 /// Frames shown under each stack; the JSON has them all.
@@ -23,100 +23,106 @@ pub fn render(report: &Report) -> String {
         if report.processes.len() == 1 { "" } else { "es" }
     );
     for p in &report.processes {
-        let interval = match (p.bytes_interval, p.samples) {
-            (Some([low, high]), Some(n)) if low != high => {
-                format!(
-                    " (90%: {} to {}, from {n} sample{})",
-                    rounded(low),
-                    rounded(high),
-                    if n == 1 { "" } else { "s" }
-                )
-            }
-            _ => String::new(),
-        };
-        let _ = writeln!(
-            out,
-            "\npid {} ({}{}): {} unfreed{interval} in {} allocations{}",
-            p.pid,
-            if p.comm.is_empty() { "?" } else { &p.comm },
-            p.allocator.map(|a| format!(", {}", a.name())).unwrap_or_default(),
-            bytes(p.outstanding_bytes),
-            p.outstanding_allocations,
-            if p.incomplete { "  [INCOMPLETE: a table was full, figures are lower bounds]" } else { "" }
-        );
-        for note in &p.notes {
-            let _ = writeln!(out, "  note: {note}");
-        }
-        let internal = &p.runtime_internal;
-        if internal.bytes > 0 {
-            let _ = writeln!(
-                out,
-                "  runtime-internal: {} in {} allocations, kept by the runtime by design, not counted above ({})",
-                bytes(internal.bytes),
-                internal.allocations,
-                internal.functions.join(", ")
-            );
-        }
-        if let Some(f) = p.in_flight {
-            let _ = writeln!(
-                out,
-                "  in flight: {} in {} allocations younger than {} s when the window ended (work in progress, most freed soon), not counted above",
-                bytes(f.bytes),
-                f.allocations,
-                f.younger_than_seconds
-            );
-        }
-        if p.stacks.is_empty() {
-            continue;
-        }
-        // Sampled figures get their interval's half-width beside them.
-        let sampled = p.stacks.iter().any(|s| s.spread.is_some());
-        let spread = |s: &super::StackReport| match s.spread {
-            Some(spread) if spread.uncertain == 0 => format!(" {:>6}", "exact"),
-            Some(spread) => format!(" {:>6}", format!("±{:.0}%", 100.0 * spread.relative_width())),
-            None => String::new(),
-        };
-        let _ = writeln!(
-            out,
-            "  {:>12}{} {:>9} {:>6}  allocation site / callers",
-            "bytes",
-            if sampled { format!(" {:>6}", "90%") } else { String::new() },
-            "allocs",
-            "%"
-        );
-        for s in &p.stacks {
-            let share = if p.outstanding_bytes == 0 {
-                0.0
-            } else {
-                100.0 * s.bytes as f64 / p.outstanding_bytes as f64
-            };
-            // The allocation site first, naming the wrappers it called through; then its
-            // callers.
-            let at = s.site.as_ref().and_then(|site| s.frames.iter().position(|f| f == site)).unwrap_or(0);
-            let mut frames = s.frames.iter().skip(at);
-            let mut first = frames.next().map_or_else(|| "[no stack]".to_owned(), frame);
-            // A Python site names its line; the interpreter's frames under it say nothing
-            // (a runtime whose site has its interpreter under it).
-            // Past wrappers, or a runtime's library code (the JDK's, Node.js's), the
-            // site says what it called through.
-            let interpreter = s.frames[at].runtime.as_deref().and_then(crate::runtimes::by_name);
-            if at > 0 && !interpreter.is_some_and(|r| r.interpreter_under_site()) {
-                let via: Vec<&str> = s.frames[..at].iter().rev().map(|f| f.function.as_str()).collect();
-                first = format!("{first}  via {}", via.join(" > "));
-            }
-            let _ =
-                writeln!(out, "  {:>12}{} {:>9} {:>5.1}%  {first}", s.bytes, spread(s), s.allocations, share);
-            let indent = if sampled { 37 } else { 30 };
-            for f in frames.by_ref().take(MAX_FRAMES - 1) {
-                let _ = writeln!(out, "  {:>indent$}  {}", "", frame(f));
-            }
-            let rest = s.frames.len().saturating_sub(at + MAX_FRAMES);
-            if rest > 0 {
-                let _ = writeln!(out, "  {:>indent$}  ... {rest} more", "");
-            }
+        header(&mut out, p);
+        if !p.stacks.is_empty() {
+            stacks(&mut out, p);
         }
     }
     out
+}
+
+/// A process's line, its notes and what was set apart from its figures.
+fn header(out: &mut String, p: &ProcessReport) {
+    let interval = match (p.bytes_interval, p.samples) {
+        (Some([low, high]), Some(n)) if low != high => {
+            format!(
+                " (90%: {} to {}, from {n} sample{})",
+                rounded(low),
+                rounded(high),
+                if n == 1 { "" } else { "s" }
+            )
+        }
+        _ => String::new(),
+    };
+    let _ = writeln!(
+        out,
+        "\npid {} ({}{}): {} unfreed{interval} in {} allocations{}",
+        p.pid,
+        if p.comm.is_empty() { "?" } else { &p.comm },
+        p.allocator.map(|a| format!(", {}", a.name())).unwrap_or_default(),
+        bytes(p.outstanding_bytes),
+        p.outstanding_allocations,
+        if p.incomplete { "  [INCOMPLETE: a table was full, figures are lower bounds]" } else { "" }
+    );
+    for note in &p.notes {
+        let _ = writeln!(out, "  note: {note}");
+    }
+    let internal = &p.runtime_internal;
+    if internal.bytes > 0 {
+        let _ = writeln!(
+            out,
+            "  runtime-internal: {} in {} allocations, kept by the runtime by design, not counted above ({})",
+            bytes(internal.bytes),
+            internal.allocations,
+            internal.functions.join(", ")
+        );
+    }
+    if let Some(f) = p.in_flight {
+        let _ = writeln!(
+            out,
+            "  in flight: {} in {} allocations younger than {} s when the window ended (work in progress, most freed soon), not counted above",
+            bytes(f.bytes),
+            f.allocations,
+            f.younger_than_seconds
+        );
+    }
+}
+
+/// A process's stacks, largest first: the site, then its callers.
+fn stacks(out: &mut String, p: &ProcessReport) {
+    // Sampled figures get their interval's half-width beside them.
+    let sampled = p.stacks.iter().any(|s| s.spread.is_some());
+    let spread = |s: &StackReport| match s.spread {
+        Some(spread) if spread.uncertain == 0 => format!(" {:>6}", "exact"),
+        Some(spread) => format!(" {:>6}", format!("±{:.0}%", 100.0 * spread.relative_width())),
+        None => String::new(),
+    };
+    let _ = writeln!(
+        out,
+        "  {:>12}{} {:>9} {:>6}  allocation site / callers",
+        "bytes",
+        if sampled { format!(" {:>6}", "90%") } else { String::new() },
+        "allocs",
+        "%"
+    );
+    for s in &p.stacks {
+        let share =
+            if p.outstanding_bytes == 0 { 0.0 } else { 100.0 * s.bytes as f64 / p.outstanding_bytes as f64 };
+        // The allocation site first, naming the wrappers it called through; then its
+        // callers.
+        let at = s.site.as_ref().and_then(|site| s.frames.iter().position(|f| f == site)).unwrap_or(0);
+        let mut frames = s.frames.iter().skip(at);
+        let mut first = frames.next().map_or_else(|| "[no stack]".to_owned(), frame);
+        // A Python site names its line; the interpreter's frames under it say nothing
+        // (a runtime whose site has its interpreter under it). Past wrappers, or a
+        // runtime's library code (the JDK's, Node.js's), the site says what it called
+        // through.
+        let interpreter =
+            s.frames.get(at).and_then(|f| f.runtime.as_deref()).and_then(crate::runtimes::by_name);
+        if at > 0 && !interpreter.is_some_and(|r| r.interpreter_under_site()) {
+            let via: Vec<&str> = s.frames[..at].iter().rev().map(|f| f.function.as_str()).collect();
+            first = format!("{first}  via {}", via.join(" > "));
+        }
+        let _ = writeln!(out, "  {:>12}{} {:>9} {:>5.1}%  {first}", s.bytes, spread(s), s.allocations, share);
+        let indent = if sampled { 37 } else { 30 };
+        for f in frames.by_ref().take(MAX_FRAMES - 1) {
+            let _ = writeln!(out, "  {:>indent$}  {}", "", frame(f));
+        }
+        let rest = s.frames.len().saturating_sub(at + MAX_FRAMES);
+        if rest > 0 {
+            let _ = writeln!(out, "  {:>indent$}  ... {rest} more", "");
+        }
+    }
 }
 
 fn frame(f: &FrameReport) -> String {
