@@ -361,6 +361,64 @@ mod tests {
         assert_eq!(json["processes"][1]["outstanding_bytes"], 0);
     }
 
+    /// Sampled figures say how sure they are: a top stack from three samples gets one
+    /// line saying so and what would give more; a window that sampled nothing says
+    /// what it could not see, by the allocator and by a runtime's profiler alike.
+    #[test]
+    fn rough_or_empty_sampled_figures_say_so() {
+        let stack = |samples: u64| StackReport {
+            id: "1".into(),
+            bytes: samples * 16384,
+            allocations: samples,
+            samples: Some(samples),
+            bytes_interval: None,
+            spread: Some(Spread::counted(samples * 16384, samples)),
+            mean_age_seconds: 1.0,
+            site: None,
+            frames: Vec::new(),
+        };
+        let process = |stacks: Vec<StackReport>| ProcessReport {
+            pid: 1,
+            comm: "x".into(),
+            allocator: None,
+            outstanding_bytes: 0,
+            outstanding_allocations: 0,
+            samples: None,
+            bytes_interval: None,
+            incomplete: false,
+            stacks,
+            runtime_internal: RuntimeInternal::default(),
+            in_flight: None,
+            runtime: None,
+            notes: Vec::new(),
+        };
+        let mut report = Report {
+            method: Method::Agent,
+            sample_bytes: 16384,
+            processes: vec![process(vec![stack(3), stack(200)]), process(Vec::new())],
+        };
+        report.add_notes();
+        assert_eq!(
+            report.processes[0].notes,
+            ["1 of its top 5 stacks rests on fewer than 10 samples (±158% at worst): a longer window, or a smaller --sample-bytes (now 16.0 KiB), gives more"]
+        );
+        assert!(
+            report.processes[1].notes[0].starts_with(
+                "no block still held was sampled: at one sample per 16.0 KiB allocated, up to about 48.0 KiB"
+            ),
+            "{:?}",
+            report.processes[1].notes
+        );
+        let mut runtime =
+            Report { method: Method::Runtime, sample_bytes: 16384, processes: vec![process(Vec::new())] };
+        runtime.add_notes();
+        assert!(
+            runtime.processes[0].notes[0].starts_with("the runtime's profiler sampled no object still held"),
+            "{:?}",
+            runtime.processes[0].notes
+        );
+    }
+
     #[test]
     fn frames_render_hex_addresses_and_unknown_names() {
         use crate::model::Frame;
