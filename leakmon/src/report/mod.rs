@@ -24,6 +24,14 @@ use crate::{
     symbolize::Symbolizer,
 };
 
+/// A byte count as `--sample-bytes` takes it, rounded down to whole KiB past one.
+fn flag_bytes(bytes: u64) -> String {
+    match bytes {
+        0..1024 => bytes.max(1).to_string(),
+        _ => format!("{}KiB", bytes / 1024),
+    }
+}
+
 /// The stacks of a process a note on few samples looks at: those a reader sees first.
 const TOP_STACKS: usize = 5;
 
@@ -243,11 +251,16 @@ impl Report {
             let top = p.stacks.iter().take(TOP_STACKS).filter_map(|s| s.spread);
             let rough: Vec<Spread> = top.filter(|s| s.uncertain > 0 && s.samples < FEW_SAMPLES).collect();
             if let Some(widest) = rough.iter().map(Spread::relative_width).max_by(f64::total_cmp) {
+                // Samples grow with the window and with the inverse of the interval: what
+                // brings the fewest up to the bar.
+                let fewest = rough.iter().map(|s| s.samples).min().unwrap_or(1).max(1);
+                let factor = FEW_SAMPLES.div_ceil(fewest);
                 p.notes.push(format!(
-                    "{} of its top {TOP_STACKS} stacks rest{} on fewer than {FEW_SAMPLES} samples (±{:.0}% at worst): a longer window, or a smaller --sample-bytes (now {}), gives more",
+                    "{} of its top {TOP_STACKS} stacks rest{} on fewer than {FEW_SAMPLES} samples (±{:.0}% at worst): a window {factor}× as long, or --sample-bytes {} (now {}), gives each {FEW_SAMPLES} or more",
                     rough.len(),
                     if rough.len() == 1 { "s" } else { "" },
                     100.0 * widest,
+                    flag_bytes(self.sample_bytes / factor),
                     table::rounded(self.sample_bytes)
                 ));
             }
@@ -400,7 +413,7 @@ mod tests {
         report.add_notes();
         assert_eq!(
             report.processes[0].notes,
-            ["1 of its top 5 stacks rests on fewer than 10 samples (±158% at worst): a longer window, or a smaller --sample-bytes (now 16.0 KiB), gives more"]
+            ["1 of its top 5 stacks rests on fewer than 10 samples (±158% at worst): a window 4× as long, or --sample-bytes 4KiB (now 16.0 KiB), gives each 10 or more"]
         );
         assert!(
             report.processes[1].notes[0].starts_with(
