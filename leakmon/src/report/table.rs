@@ -46,12 +46,14 @@ fn header(out: &mut String, p: &ProcessReport) {
     };
     let _ = writeln!(
         out,
-        "\npid {} ({}{}): {} unfreed{interval} in {} allocations{}",
+        "\npid {} ({}{}): {} unfreed{interval} in {} {}allocations{}",
         p.pid,
         if p.comm.is_empty() { "?" } else { &p.comm },
         p.allocator.map(|a| format!(", {}", a.name())).unwrap_or_default(),
         bytes(p.outstanding_bytes),
         p.outstanding_allocations,
+        // Sampled figures count the blocks sampled, not every allocation.
+        if p.samples.is_some() { "sampled " } else { "" },
         if p.incomplete { "  [INCOMPLETE: a table was full, figures are lower bounds]" } else { "" }
     );
     for note in &p.notes {
