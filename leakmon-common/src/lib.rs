@@ -107,7 +107,11 @@ pub struct LiveAlloc {
     pub stack_id: u64,
     /// Process image generation (bumped on exec) the block belongs to.
     pub gen: u32,
-    pub _pad: u32,
+    /// The sampling interval the block was sampled at (its `size` is then the bytes it
+    /// stands for); 0 when every block is counted. Per block: the agent's interval may
+    /// change while blocks sampled at the old one live on. At most
+    /// [`sampling::MAX_RATE`], which fits.
+    pub rate: u32,
 }
 
 /// Key of the per-stack totals: one call stack of one process image.
@@ -142,7 +146,10 @@ pub struct ProcState {
     /// it at the fork and clears it at an exec); 0 otherwise. Its parent's mappings then
     /// name its stacks when it is gone before its own could be read.
     pub parent: u32,
-    pub _pad: u32,
+    /// The interval of the agent's latest sample in this process: kept here for the
+    /// walk of its stack, whose stack frame has no room left for it (see
+    /// `LiveAlloc::rate`).
+    pub agent_rate: u32,
 }
 
 impl ProcState {
@@ -156,12 +163,12 @@ impl ProcState {
     /// own, nor purged with them.
     #[must_use]
     pub const fn reborn(self) -> Self {
-        Self { gen: self.gen.wrapping_add(1), flags: 0, parent: 0, _pad: 0 }
+        Self { gen: self.gen.wrapping_add(1), flags: 0, parent: 0, agent_rate: 0 }
     }
 
     /// A process forked from `parent`.
     pub const fn child_of(parent: u32) -> Self {
-        Self { gen: 0, flags: 0, parent, _pad: 0 }
+        Self { gen: 0, flags: 0, parent, agent_rate: 0 }
     }
 }
 

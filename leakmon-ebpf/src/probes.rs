@@ -276,7 +276,12 @@ fn on_agent_alloc(ctx: ProbeContext) -> u32 {
     let Some(state) = traced(tgid, true) else {
         return 0;
     };
-    store(&ctx, tgid, state, block, arg(&ctx, 1));
+    // The agent's interval is below 2^32 (see `LiveAlloc::rate`); kept in the process's
+    // state across the stack walk, which leaves no stack for it.
+    // SAFETY: pointer into the map value.
+    unsafe { (*state).agent_rate = arg(&ctx, 2) as u32 };
+    // SAFETY: as above.
+    store(&ctx, tgid, state, block, arg(&ctx, 1), |_| unsafe { (*state).agent_rate });
     0
 }
 
@@ -497,13 +502,22 @@ fn charge(size: u64) -> Option<u64> {
 #[inline(always)]
 fn record(ctx: &RetProbeContext, tgid: u32, state: *mut ProcState, addr: u64, size: u64) {
     if let Some(size) = charge(size) {
-        store(ctx, tgid, state, addr, size);
+        // Set by leakmon at load, at most `sampling::MAX_RATE`.
+        store(ctx, tgid, state, addr, size, |_| sample_bytes() as u32);
     }
 }
 
-/// Count one new block of `size` bytes: live entry first, totals only once it exists.
+/// Count one new block of `size` bytes (sampled at one per `rate`, 0: counted):
+/// live entry first, totals only once it exists.
 #[inline(always)]
-fn store<C: EbpfContext>(ctx: &C, tgid: u32, state: *mut ProcState, addr: u64, size: u64) {
+fn store<C: EbpfContext>(
+    ctx: &C,
+    tgid: u32,
+    state: *mut ProcState,
+    addr: u64,
+    size: u64,
+    rate: impl FnOnce(&C) -> u32,
+) {
     let stack_id = stack_id(ctx, tgid);
     // SAFETY: pointer into the map value.
     let gen = unsafe { (*state).gen };
@@ -517,7 +531,7 @@ fn store<C: EbpfContext>(ctx: &C, tgid: u32, state: *mut ProcState, addr: u64, s
     let stale = unsafe { LIVE.get(&key).copied() };
     // SAFETY: a helper with no arguments.
     let ts_ms = unsafe { bpf_ktime_get_ns() } / 1_000_000;
-    let block = LiveAlloc { size, ts_ms, stack_id, gen, _pad: 0 };
+    let block = LiveAlloc { size, ts_ms, stack_id, gen, rate: rate(ctx) };
     if LIVE.insert(&key, &block, u64::from(BPF_ANY)).is_err() {
         count(counter::LIVE_FULL);
         mark_incomplete(state);

@@ -80,8 +80,9 @@
     ".size " #name ", .-" #name "\n"
 __asm__(".text\n" MARKER(leakmon_agent_sampled_alloc) MARKER(leakmon_agent_sampled_free));
 
-/* (block, bytes it stands for) */
-EXPORT void leakmon_agent_sampled_alloc(void *block, uint64_t weight);
+/* (block, bytes it stands for, the interval it was sampled at: leakmon's pace may
+ * change the interval while blocks sampled at the old one live on) */
+EXPORT void leakmon_agent_sampled_alloc(void *block, uint64_t weight, uint64_t rate);
 /* (block) */
 EXPORT void leakmon_agent_sampled_free(void *block);
 
@@ -108,8 +109,14 @@ EXPORT uint64_t leakmon_agent_weight(uint64_t size, uint64_t rate) {
     return (size * factor) >> 16;
 }
 
-/* The sampling interval in bytes; 0 while stopped (hooks then pass through). */
+/* The sampling interval in bytes; 0 while stopped (hooks then pass through). Only
+ * below 2^32 (LEAKMON_MAX_RATE): leakmon, pacing the samples, writes it from outside
+ * while threads read it, and a torn write could not make a value of two halves. */
 static volatile uint64_t rate;
+
+/* Blocks sampled since the start: leakmon reads it to measure the process's
+ * allocation rate (each sample stands for about one interval of allocated bytes). */
+EXPORT volatile uint64_t leakmon_agent_samples;
 
 static inline uint64_t mix(uintptr_t p) {
     return (uint64_t)(p >> 4) * 0x9e3779b97f4a7c15ull;
@@ -274,8 +281,10 @@ static __attribute__((noinline)) void sampled_slow(struct thread_state *t, uintp
 #ifndef LEAKMON_AGENT_FREESTANDING
     python_wrap_pending();
 #endif
-    if (set_insert(block))
-        leakmon_agent_sampled_alloc((void *)block, weight);
+    if (set_insert(block)) {
+        __atomic_fetch_add(&leakmon_agent_samples, 1, __ATOMIC_RELAXED);
+        leakmon_agent_sampled_alloc((void *)block, weight, r);
+    }
 }
 
 /* The countdown's common case inline in every hook (a call there cost a Python object

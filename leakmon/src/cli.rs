@@ -62,6 +62,9 @@ pub struct AgentSessionArgs {
     pub agent: std::path::PathBuf,
     #[arg(long)]
     pub sample_bytes: u64,
+    /// Pace the interval to the process's allocation rate, from --sample-bytes.
+    #[arg(long)]
+    pub paced: bool,
 }
 
 #[derive(Debug, Subcommand)]

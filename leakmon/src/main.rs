@@ -40,7 +40,9 @@ fn main() -> ExitCode {
         }
         Cmd::Report(args) => leakmon::commands::report::report(&args),
         Cmd::Config(leakmon::cli::ConfigCmd::Check { file }) => return config_check(&file),
-        Cmd::AgentSession(a) => return leakmon::agent::session::guard(a.pid, &a.agent, a.sample_bytes),
+        Cmd::AgentSession(a) => {
+            return leakmon::agent::session::guard(a.pid, &a.agent, a.sample_bytes, a.paced)
+        }
         Cmd::RuntimeGuard(a) => {
             let guarded = a.recording.map_or(leakmon::runtimes::guardian::Guarded::Inspector, |name| {
                 leakmon::runtimes::guardian::Guarded::Recording(name)

@@ -8,6 +8,7 @@
 
 pub mod inject;
 pub mod inline;
+pub mod pace;
 pub mod session;
 
 use std::{

@@ -11,14 +11,19 @@
 
 use std::{
     io::{BufRead as _, BufReader, Write as _},
+    os::fd::AsFd as _,
     path::Path,
     process::{Child, ChildStdin, Command, ExitCode, Stdio},
+    sync::{
+        atomic::{AtomicU64, Ordering},
+        Arc,
+    },
     time::{Duration, Instant},
 };
 
 use anyhow::{anyhow, bail, Context as _, Result};
 
-use super::inject;
+use super::{inject, pace};
 use crate::procfs::ProcRoot;
 
 /// How long the guardian waits for another tracer (leakmon's hold on the process at
@@ -34,31 +39,70 @@ pub struct Session {
     /// The guardian's lines, read by a thread of its own so that nobody waits on them
     /// who need not (the daemon's loop polls them).
     answers: std::sync::mpsc::Receiver<String>,
+    /// The agent's interval now: the one given, or the last the pace set.
+    rate: Arc<AtomicU64>,
+}
+
+/// How the agent's interval is set.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Interval {
+    /// As given (`--sample-bytes`).
+    Fixed(u64),
+    /// From this one, paced to the process's allocation rate ([`pace`]).
+    Paced(u64),
+}
+
+impl Interval {
+    /// `--sample-bytes` as given (0: none, the agent's interval is paced).
+    pub fn from_option(sample_bytes: u64) -> Self {
+        match sample_bytes {
+            0 => Self::Paced(crate::values::DEFAULT_SAMPLE_BYTES),
+            bytes => Self::Fixed(bytes),
+        }
+    }
+
+    /// The interval the agent starts at.
+    pub fn start(self) -> u64 {
+        match self {
+            Self::Fixed(bytes) | Self::Paced(bytes) => bytes,
+        }
+    }
 }
 
 /// A load under way in its guardian: [`Starting::poll`] says when it is done.
 pub struct Starting(Option<Session>);
 
 impl Session {
-    /// Loads `agent` into `pid`, sampling every `sample_bytes`, through a guardian.
+    /// Loads `agent` into `pid`, sampling at `interval`, through a guardian.
     /// Returns the session and the number of call slots the agent redirected.
-    pub fn start(pid: u32, agent: &Path, sample_bytes: u64) -> Result<(Self, u64)> {
-        let mut session = Self::spawn(pid, agent, sample_bytes)?;
+    pub fn start(pid: u32, agent: &Path, interval: Interval) -> Result<(Self, u64)> {
+        let mut session = Self::spawn(pid, agent, interval)?;
         let slots = session.answer("loaded")?;
         Ok((session, slots))
     }
 
     /// Starts the guardian that loads `agent` into `pid`, without waiting for it.
-    pub fn begin(pid: u32, agent: &Path, sample_bytes: u64) -> Result<Starting> {
-        Ok(Starting(Some(Self::spawn(pid, agent, sample_bytes)?)))
+    pub fn begin(pid: u32, agent: &Path, interval: Interval) -> Result<Starting> {
+        Ok(Starting(Some(Self::spawn(pid, agent, interval)?)))
     }
 
-    fn spawn(pid: u32, agent: &Path, sample_bytes: u64) -> Result<Self> {
+    fn spawn(pid: u32, agent: &Path, interval: Interval) -> Result<Self> {
         let exe = std::env::current_exe().context("find leakmon's own executable")?;
-        let mut child = Command::new(exe)
-            .args(["agent-session", "--pid", &pid.to_string(), "--sample-bytes", &sample_bytes.to_string()])
+        let mut command = Command::new(exe);
+        command
+            .args([
+                "agent-session",
+                "--pid",
+                &pid.to_string(),
+                "--sample-bytes",
+                &interval.start().to_string(),
+            ])
             .arg("--agent")
-            .arg(agent)
+            .arg(agent);
+        if matches!(interval, Interval::Paced(_)) {
+            command.arg("--paced");
+        }
+        let mut child = command
             .stdin(Stdio::piped())
             .stdout(Stdio::piped())
             .spawn()
@@ -66,21 +110,31 @@ impl Session {
         let stdin = child.stdin.take();
         let stdout = BufReader::new(child.stdout.take().expect("piped"));
         let (tx, answers) = std::sync::mpsc::channel();
+        let rate = Arc::new(AtomicU64::new(interval.start()));
+        let paced = rate.clone();
         std::thread::Builder::new()
             .name("agent-answers".into())
             .spawn(move || {
                 for line in stdout.lines().map_while(Result::ok) {
-                    if tx.send(line).is_err() {
+                    // The pace's changes are news, not answers.
+                    if let Some(bytes) = line.strip_prefix("rate ").and_then(|n| n.trim().parse().ok()) {
+                        paced.store(bytes, Ordering::Relaxed);
+                    } else if tx.send(line).is_err() {
                         break;
                     }
                 }
             })
             .context("start the reader of the agent guardian's answers")?;
-        Ok(Self { pid, child: Some(child), stdin, answers })
+        Ok(Self { pid, child: Some(child), stdin, answers, rate })
     }
 
     pub fn pid(&self) -> u32 {
         self.pid
+    }
+
+    /// The agent's sampling interval now.
+    pub fn rate(&self) -> u64 {
+        self.rate.load(Ordering::Relaxed)
     }
 
     /// Undoes the agent's redirections (its code stays mapped: a thread may be inside
@@ -157,8 +211,9 @@ impl Drop for Session {
 }
 
 /// `leakmon agent-session`: the guardian's side. Loads, answers, waits for `stop` or
-/// the end of its input, unloads, answers, ends.
-pub fn guard(pid: u32, agent: &Path, sample_bytes: u64) -> ExitCode {
+/// the end of its input (pacing the agent meanwhile if `paced`, each new interval a
+/// `rate N` line), unloads, answers, ends.
+pub fn guard(pid: u32, agent: &Path, sample_bytes: u64, paced: bool) -> ExitCode {
     use nix::sys::signal::{signal, SigHandler, Signal};
     for s in [Signal::SIGINT, Signal::SIGTERM, Signal::SIGHUP, Signal::SIGPIPE, Signal::SIGQUIT] {
         // SAFETY: ignoring a signal installs no handler.
@@ -177,8 +232,22 @@ pub fn guard(pid: u32, agent: &Path, sample_bytes: u64) -> ExitCode {
             return ExitCode::FAILURE;
         }
     }
+    let mut pace = paced
+        .then(|| pace::Paced::open(&proc_root, pid, agent))
+        .and_then(|p| p.inspect_err(|e| tracing::warn!(pid, "pace the agent: {e:#}")).ok());
     let mut line = String::new();
     loop {
+        if let Some(paced) = pace.as_mut() {
+            if !stdin_ready(pace::TURN) {
+                match paced.turn() {
+                    Ok(Some(rate)) => say(format!("rate {rate}")),
+                    Ok(None) => {}
+                    // Gone, another image, or stopped: nothing of this agent to pace.
+                    Err(_) => pace = None,
+                }
+                continue;
+            }
+        }
         line.clear();
         match std::io::stdin().read_line(&mut line) {
             Ok(0) | Err(_) => break,
@@ -204,6 +273,16 @@ pub fn guard(pid: u32, agent: &Path, sample_bytes: u64) -> ExitCode {
             ExitCode::FAILURE
         }
     }
+}
+
+/// Whether standard input has a line (or its end) within `wait`.
+fn stdin_ready(wait: Duration) -> bool {
+    use nix::poll::{poll, PollFd, PollFlags, PollTimeout};
+    let stdin = std::io::stdin();
+    let mut fds = [PollFd::new(stdin.as_fd(), PollFlags::POLLIN)];
+    let timeout = PollTimeout::try_from(wait.as_millis() as i32).unwrap_or(PollTimeout::NONE);
+    // An interrupted or failed poll reads at once: the stop is never missed.
+    !matches!(poll(&mut fds, timeout), Ok(0))
 }
 
 fn traced_by_another(proc_root: &ProcRoot, pid: u32) -> bool {

@@ -106,7 +106,7 @@ impl Snapshot {
         let live = if rate > 0 || traced.keys().any(|&pid| runs(pid)) {
             let blocks = probes.live(|tgid| traced.contains_key(&tgid))?;
             let gen = |pid: u32| traced.get(&pid).map(|s| s.gen);
-            crate::store::live::read(blocks, gen, runs, crate::monotonic_ms(), rate)
+            crate::store::live::read(blocks, gen, runs, crate::monotonic_ms())
         } else {
             crate::store::live::Live::default()
         };

@@ -9,11 +9,14 @@ use std::{
 };
 
 use anyhow::{bail, Context as _, Result};
-use tracing::{info, warn};
+use tracing::{debug, info, warn};
 
 use super::{capture, count_signals, load_probes, refresh_unwind, report_of, signals_received};
 use crate::{
-    agent::session::Session,
+    agent::{
+        pace::Paced,
+        session::{Interval, Session},
+    },
     cli::{Format, ReportArgs},
     discovery::Discovery,
     probes::Probes,
@@ -57,7 +60,12 @@ struct Watch<'a> {
     /// two markers are the only probes.
     probing: Probing,
     agent: Option<PathBuf>,
+    /// The sampling interval: the kernel's (0: exact), or the agent's.
     sample_bytes: u64,
+    interval: Interval,
+    /// With a command and the agent paced: each process's agent, paced from here (a
+    /// running --pid's is paced by its guardian).
+    paced: HashMap<u32, Paced>,
     /// Processes that exited, captured at their exit.
     infos: HashMap<u32, ProcessInfo>,
 }
@@ -66,8 +74,9 @@ impl<'a> Watch<'a> {
     fn new(args: &'a ReportArgs, proc_root: ProcRoot) -> Result<Self> {
         let probes = load_probes(&args.tables, false)?;
         let agent = args.agent.then(crate::agent::install).transpose()?;
+        let interval = Interval::from_option(args.tables.sample_bytes);
         let sample_bytes = match &agent {
-            Some(_) => crate::values::sampling_interval(args.tables.sample_bytes),
+            Some(_) => interval.start(),
             None => args.tables.sample_bytes,
         };
         Ok(Self {
@@ -82,6 +91,8 @@ impl<'a> Watch<'a> {
             },
             agent,
             sample_bytes,
+            interval,
+            paced: HashMap::new(),
             infos: HashMap::new(),
         })
     }
@@ -124,9 +135,9 @@ impl<'a> Watch<'a> {
         let mut session = None;
         if let Some(agent) = self.agent.as_deref() {
             // Markers first, then the agent: no sample fires unprobed.
-            let (loaded, slots) = Session::start(pid, agent, self.sample_bytes)
+            let (loaded, slots) = Session::start(pid, agent, self.interval)
                 .with_context(|| format!("load the agent into pid {pid}"))?;
-            info!(pid, slots, sample_bytes = self.sample_bytes, "agent loaded");
+            info!(pid, slots, interval = ?self.interval, "agent loaded");
             session = Some(loaded);
         }
         refresh_unwind(&mut self.probes, &self.proc_root, pid);
@@ -164,6 +175,7 @@ impl<'a> Watch<'a> {
     /// ends or enough Ctrl-C came.
     fn until_done(&mut self, tracer: &mut Option<Tracer>, root: u32) -> Result<()> {
         let mut last_scan = Instant::now();
+        let mut last_pace = Instant::now();
         let deadline = self.args.duration.map(|d| Instant::now() + Duration::from_secs_f64(d));
         // With a command, the first Ctrl-C reaches it too (same terminal): wait for it
         // to exit. A second one reports at once.
@@ -185,6 +197,10 @@ impl<'a> Watch<'a> {
             if last_scan.elapsed() >= RESCAN {
                 last_scan = Instant::now();
                 self.rescan(root)?;
+            }
+            if tracer.is_some() && last_pace.elapsed() >= crate::agent::pace::TURN {
+                last_pace = Instant::now();
+                self.pace();
             }
             std::thread::sleep(POLL);
         }
@@ -295,6 +311,35 @@ impl<'a> Watch<'a> {
         Ok(())
     }
 
+    /// Paces the agent of each process of the command that runs one (see
+    /// [`crate::agent::pace`]), once a turn.
+    fn pace(&mut self) {
+        let (Some(agent), Interval::Paced(_)) = (self.agent.as_deref(), self.interval) else { return };
+        for (pid, state) in self.probes.traced().unwrap_or_default() {
+            if state.exited() {
+                self.paced.remove(&pid);
+                continue;
+            }
+            if !self.paced.contains_key(&pid) {
+                // Not yet loaded (or not at all: a child that cleared LD_PRELOAD): again
+                // at the next turn.
+                match Paced::open(&self.proc_root, pid, agent) {
+                    Ok(paced) => self.paced.insert(pid, paced),
+                    Err(_) => continue,
+                };
+            }
+            let paced = self.paced.get_mut(&pid).expect("inserted above");
+            match paced.turn() {
+                Ok(Some(rate)) => debug!(pid, rate, "agent's interval paced"),
+                Ok(None) => {}
+                // Another image, or gone: opened again at its next turn.
+                Err(_) => {
+                    self.paced.remove(&pid);
+                }
+            }
+        }
+    }
+
     /// The report of what is still unfreed; the agent stopped first.
     fn finish(mut self, tracer: Option<Tracer>, session: Option<Session>) -> Result<Report> {
         let mut report = build_report(
@@ -308,6 +353,13 @@ impl<'a> Watch<'a> {
         report.sample_bytes = self.sample_bytes;
         if self.agent.is_some() {
             report.method = crate::model::Method::Agent;
+            // Where the pace moved it, the notes speak of the interval at the end.
+            let root = session.as_ref().map(Session::pid).or(tracer.as_ref().map(Tracer::root));
+            let paced = session.as_ref().map(Session::rate).or_else(|| Some(self.paced.get(&root?)?.rate()));
+            if let Some(rate) = paced.filter(|_| matches!(self.interval, Interval::Paced(_))) {
+                report.sample_bytes = rate;
+                report.paced = true;
+            }
             if let Some(session) = session {
                 // The agent's redirections are undone; its code stays mapped, idle.
                 if let Some(t) = tracer {

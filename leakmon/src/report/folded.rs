@@ -73,6 +73,7 @@ mod tests {
         let report = Report {
             method: crate::report::Method::Uprobes,
             sample_bytes: 0,
+            paced: false,
             processes: vec![ProcessReport {
                 samples: None,
                 bytes_interval: None,

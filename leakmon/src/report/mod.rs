@@ -60,8 +60,13 @@ pub struct Report {
     /// How allocations were seen: `uprobes` (the kernel traps every allocator call)
     /// or `agent` (leakmon's agent in the process samples, the kernel sees samples).
     pub method: Method,
-    /// The byte-weighted sampling interval; 0 for exact figures.
+    /// The byte-weighted sampling interval (at the end, where it was paced); 0 for
+    /// exact figures.
     pub sample_bytes: u64,
+    /// Whether the agent's interval followed the process's allocation rate (no
+    /// --sample-bytes given; see [`crate::agent::pace`]).
+    #[serde(skip_serializing_if = "std::ops::Not::not")]
+    pub paced: bool,
     pub processes: Vec<ProcessReport>,
 }
 
@@ -216,7 +221,7 @@ impl Report {
                 report
             })
             .collect();
-        Self { method: Method::default(), sample_bytes: 0, processes }
+        Self { method: Method::default(), sample_bytes: 0, paced: false, processes }
     }
 
     /// Puts each process's blocks in flight (taken out of its figures) on their line.
@@ -408,6 +413,7 @@ mod tests {
         let mut report = Report {
             method: Method::Agent,
             sample_bytes: 16384,
+            paced: false,
             processes: vec![process(vec![stack(3), stack(200)]), process(Vec::new())],
         };
         report.add_notes();
@@ -422,8 +428,12 @@ mod tests {
             "{:?}",
             report.processes[1].notes
         );
-        let mut runtime =
-            Report { method: Method::Runtime, sample_bytes: 16384, processes: vec![process(Vec::new())] };
+        let mut runtime = Report {
+            method: Method::Runtime,
+            sample_bytes: 16384,
+            paced: false,
+            processes: vec![process(Vec::new())],
+        };
         runtime.add_notes();
         assert!(
             runtime.processes[0].notes[0].starts_with("the runtime's profiler sampled no object still held"),

@@ -57,7 +57,7 @@ pub fn report(
         notes,
     };
     process.settle_interval();
-    let mut report = Report { method: Method::Runtime, sample_bytes, processes: vec![process] };
+    let mut report = Report { method: Method::Runtime, sample_bytes, paced: false, processes: vec![process] };
     report.add_notes();
     Ok(report)
 }

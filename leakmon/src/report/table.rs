@@ -183,6 +183,7 @@ mod tests {
         let report = Report {
             method: crate::report::Method::Uprobes,
             sample_bytes: 0,
+            paced: false,
             processes: vec![ProcessReport {
                 samples: None,
                 bytes_interval: None,
@@ -244,6 +245,7 @@ mod tests {
         let mut report = Report {
             method: crate::report::Method::Uprobes,
             sample_bytes: 0,
+            paced: false,
             processes: vec![ProcessReport {
                 samples: None,
                 bytes_interval: None,

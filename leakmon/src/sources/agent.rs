@@ -22,7 +22,7 @@ use super::{
     Source,
 };
 use crate::{
-    agent::session::{Session, Starting},
+    agent::session::{Interval, Session, Starting},
     model::Method,
     model::SeriesView,
     probes::Probes,
@@ -47,7 +47,7 @@ pub struct Agent {
 struct Loads {
     proc_root: ProcRoot,
     path: PathBuf,
-    sample_bytes: u64,
+    interval: Interval,
     sessions: HashMap<u32, Session>,
     /// Loads under way in their guardians, polled each turn: a load takes up to tens
     /// of seconds (a thread held at a bad place is waited for), which the daemon's loop
@@ -65,14 +65,14 @@ impl Agent {
         kernel: &mut Probes,
         coverage: Coverage,
         proc_root: &ProcRoot,
-        sample_bytes: u64,
+        interval: Interval,
     ) -> Result<Self> {
         let path = crate::agent::install()?;
         Probing::Agent(path.clone()).attach(kernel, 0, Vec::new()).context("probe the agent's markers")?;
         let mut loads = Loads {
             proc_root: proc_root.clone(),
             path,
-            sample_bytes,
+            interval,
             sessions: HashMap::new(),
             starting: HashMap::new(),
             refused: HashSet::new(),
@@ -111,7 +111,7 @@ impl Loads {
         let started = kernel
             .trace(pid)
             .map_err(anyhow::Error::from)
-            .and_then(|()| Session::begin(pid, &self.path, self.sample_bytes));
+            .and_then(|()| Session::begin(pid, &self.path, self.interval));
         match started {
             Ok(starting) => {
                 self.starting.insert(pid, starting);
@@ -139,7 +139,7 @@ impl Loads {
             self.starting.remove(&pid);
             match outcome {
                 Ok((session, slots)) => {
-                    info!(pid, slots, sample_bytes = self.sample_bytes, "agent loaded");
+                    info!(pid, slots, interval = ?self.interval, "agent loaded");
                     self.sessions.insert(pid, session);
                 }
                 Err(e) => {

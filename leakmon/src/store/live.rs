@@ -39,14 +39,14 @@ pub struct Live {
 }
 
 /// Sorts the live `blocks` of each process's current image (`current_gen`): in flight
-/// where the process still `runs` and the block is young at `now_ms`, else into the
-/// spread of its stack when the figures were sampled at `rate` (0: exact).
+/// where the process still `runs` and the block is young at `now_ms`, else, when it was
+/// sampled, into the spread of its stack (at the interval it was sampled at: the
+/// agent's changes as it paces its samples).
 pub fn read(
     blocks: impl IntoIterator<Item = (LiveKey, LiveAlloc)>,
     current_gen: impl Fn(u32) -> Option<u32>,
     runs: impl Fn(u32) -> bool,
     now_ms: u64,
-    rate: u64,
 ) -> Live {
     let mut live = Live::default();
     for (key, block) in blocks {
@@ -59,8 +59,8 @@ pub fn read(
             f.bytes += block.size;
             f.allocations += 1;
             f.ts_ms_sum += block.ts_ms;
-        } else if rate > 0 {
-            *live.spreads.entry(at).or_default() += Spread::block(block.size, rate);
+        } else if block.rate > 0 {
+            *live.spreads.entry(at).or_default() += Spread::block(block.size, u64::from(block.rate));
         }
     }
     live
@@ -104,9 +104,13 @@ mod tests {
     use crate::store::StackTotals;
 
     fn block(tgid: u32, stack_id: u64, size: u64, ts_ms: u64) -> (LiveKey, LiveAlloc) {
+        sampled_block(tgid, stack_id, size, ts_ms, 0)
+    }
+
+    fn sampled_block(tgid: u32, stack_id: u64, size: u64, ts_ms: u64, rate: u32) -> (LiveKey, LiveAlloc) {
         (
             LiveKey { tgid, addr: ts_ms * 1000 + size, ..LiveKey::default() },
-            LiveAlloc { size, ts_ms, stack_id, gen: 0, _pad: 0 },
+            LiveAlloc { size, ts_ms, stack_id, gen: 0, rate },
         )
     }
 
@@ -121,7 +125,7 @@ mod tests {
             block(1, 8, 60, now - 10),
             block(2, 7, 30, now - 10),
         ];
-        let live = read(blocks, |_| Some(0), |pid| pid == 1, now, 0);
+        let live = read(blocks, |_| Some(0), |pid| pid == 1, now);
         assert_eq!(live.in_flight[&(1, 7)], InFlight { bytes: 40, allocations: 1, ts_ms_sum: now - 200 });
         assert_eq!(live.in_flight[&(1, 8)].bytes, 60);
         assert!(!live.in_flight.contains_key(&(2, 7)), "an exited process has nothing in flight");
@@ -142,7 +146,25 @@ mod tests {
         assert_eq!((totals[0].bytes, totals[0].allocations), (100, 1));
         assert_eq!(totals[0].stacks, vec![stack(7, 100, 1, now - 5000)], "the stack all in flight is gone");
 
-        let sampled = read([block(1, 7, 16 << 10, now - 5000)], |_| Some(0), |_| true, now, 4096);
+        let sampled = read([sampled_block(1, 7, 16 << 10, now - 5000, 4096)], |_| Some(0), |_| true, now);
         assert_eq!(sampled.spreads[&(1, 7)].samples, 1);
+    }
+
+    /// Each block's spread is taken at the interval it was sampled at: a 48-byte block
+    /// sampled at 64 KiB stands for 64 KiB, which read at a later 4 KiB interval would
+    /// pass for a block sampled for certain (no spread at all).
+    #[test]
+    fn blocks_keep_the_interval_they_were_sampled_at() {
+        use leakmon_common::sampling::weight;
+        let now = 100_000;
+        let blocks = [
+            sampled_block(1, 7, weight(48, 65536), now - 5000, 65536),
+            sampled_block(1, 7, weight(48, 4096), now - 4000, 4096),
+        ];
+        let spread = read(blocks, |_| Some(0), |_| true, now).spreads[&(1, 7)];
+        assert_eq!(spread.samples, 2);
+        assert_eq!(spread.certain, 0, "both blocks were sampled by chance");
+        assert_eq!(spread.uncertain, weight(48, 65536) + weight(48, 4096));
+        assert!(spread.variance > u128::from(weight(48, 65536)).pow(2) * 99 / 100);
     }
 }

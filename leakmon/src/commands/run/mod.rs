@@ -129,8 +129,8 @@ fn attribution(
             Attach::Suspects => agent::Coverage::Suspects(suspects()),
             Attach::All | Attach::None => unreachable!("refused by validate"),
         };
-        let sample_bytes = crate::values::sampling_interval(args.tables.sample_bytes);
-        return Ok(Some(Box::new(Agent::start(probes, coverage, proc_root, sample_bytes)?)));
+        let interval = crate::agent::session::Interval::from_option(args.tables.sample_bytes);
+        return Ok(Some(Box::new(Agent::start(probes, coverage, proc_root, interval)?)));
     }
     let coverage = match attach {
         Attach::None => return Ok(None),
@@ -461,8 +461,8 @@ impl Daemon<'_> {
         publish(&self.published, &self.metrics, &views).await;
     }
 
-    /// The sampling interval of the kernel's figures: the agent's, or the kernel's own
-    /// (0: exact).
+    /// The sampling interval of the kernel's figures: the agent's (where it is paced,
+    /// the one each process starts at), or the kernel's own (0: exact).
     fn sample_rate(&self) -> u64 {
         if self.sources.iter().any(|s| s.method() == crate::model::Method::Agent) {
             crate::values::sampling_interval(self.args.tables.sample_bytes)

@@ -1,0 +1,250 @@
+//! Pacing the agent's samples when no interval was given: a slow leak beside a busy
+//! allocator needs a small interval to be sampled at all within a window, a process
+//! allocating a gigabyte a second a large one to keep its speed. The interval follows
+//! the process's measured allocation rate so that samples arrive at about
+//! [`TARGET_PER_SECOND`], the number a CPU budget of [`BUDGET`] of one core affords at
+//! [`SAMPLE_COST`] each (a sampled block's trap and its free's, measured by `cargo
+//! xtask bench`).
+//!
+//! Measured how: the agent counts its samples (`leakmon_agent_samples`); each sample
+//! stands for about one interval of allocated bytes, so samples over a second, times
+//! the interval, is the allocation rate. Set how: by writing the agent's interval
+//! (`rate`) in the process, which its hooks read at each sample. Each block carries the
+//! interval it was sampled at (its weight, and `LiveAlloc::rate`), so figures stay
+//! unbiased across changes; only their spread changes.
+//!
+//! Steps are powers of two, taken when the ideal is at least one away: a steady
+//! process keeps one interval. Up at once (cost first), down by at most [`MAX_STEP_DOWN`]
+//! a turn (a process idle for a second may be busy the next). Bounded below by
+//! [`MIN_RATE`], and by the process's anonymous memory over [`MAX_LIVE_SAMPLES`]: the
+//! blocks a process holds, sampled, must fit the kernel's live table beside others'.
+
+use std::{fs::File, os::unix::fs::FileExt as _, path::Path, time::Duration, time::Instant};
+
+use anyhow::{anyhow, Context as _, Result};
+
+use super::inline::AgentSymbols;
+use crate::procfs::ProcRoot;
+
+/// The CPU the samples of one process may take: a thousandth of one core.
+pub const BUDGET: f64 = 0.001;
+/// What one sample costs the process: the trap at its marker, which walks the stack,
+/// and the trap at its free's (`cargo xtask bench --pairs-only` measures a pair of
+/// traps, and the agent's share, per allocation).
+pub const SAMPLE_COST: Duration = Duration::from_nanos(2500);
+/// Samples a second the budget affords.
+pub const TARGET_PER_SECOND: f64 = BUDGET / (SAMPLE_COST.as_nanos() as f64 * 1e-9);
+/// The smallest interval: below it, most blocks are sampled and the agent's set fills.
+pub const MIN_RATE: u64 = 4 << 10;
+/// The largest: the agent's own bound.
+pub const MAX_RATE: u64 = leakmon_common::sampling::MAX_RATE;
+/// The most blocks a process's live memory should hold sampled.
+pub const MAX_LIVE_SAMPLES: u64 = 16 << 10;
+/// How far one turn may lower the interval.
+pub const MAX_STEP_DOWN: u64 = 8;
+/// How often the pace is measured.
+pub const TURN: Duration = Duration::from_secs(1);
+
+/// The controller: from the samples of the last turn, the next interval.
+#[derive(Clone, Debug)]
+pub struct Pace {
+    rate: u64,
+}
+
+impl Pace {
+    pub fn new(rate: u64) -> Self {
+        Self { rate: rate.clamp(MIN_RATE, MAX_RATE) }
+    }
+
+    pub fn rate(&self) -> u64 {
+        self.rate
+    }
+
+    /// `samples` were taken over `elapsed` at the current interval, in a process with
+    /// `anonymous` bytes resident: the interval to change to, if it should change.
+    pub fn next(&mut self, samples: u64, elapsed: Duration, anonymous: u64) -> Option<u64> {
+        let seconds = elapsed.as_secs_f64();
+        if seconds <= 0.0 {
+            return None;
+        }
+        // Half a sample for none: an idle turn lowers the interval by the most a step
+        // may, not to nothing.
+        let per_second = (samples as f64).max(0.5) / seconds;
+        let ideal = self.rate as f64 * per_second / TARGET_PER_SECOND;
+        let floor = MIN_RATE.max(anonymous / MAX_LIVE_SAMPLES).max(self.rate / MAX_STEP_DOWN);
+        let ideal = (ideal.max(1.0) as u64).clamp(floor, MAX_RATE);
+        // Whole powers of two, and only a step of at least one: no dithering between two.
+        let step = (ideal as f64 / self.rate as f64).log2();
+        if step.abs() < 1.0 {
+            return None;
+        }
+        let next = if step > 0.0 {
+            self.rate << (step.floor() as u32).min(30)
+        } else {
+            self.rate >> (-step).floor().min(30.0) as u32
+        };
+        let next = next.clamp(floor.min(MAX_RATE), MAX_RATE);
+        (next != self.rate).then(|| {
+            self.rate = next;
+            next
+        })
+    }
+}
+
+/// The agent in one process, paced from outside: through its memory, never a call.
+pub struct Paced {
+    pid: u32,
+    proc_root: ProcRoot,
+    mem: File,
+    rate_at: u64,
+    samples_at: u64,
+    pace: Pace,
+    last: (u64, Instant),
+}
+
+impl Paced {
+    /// The agent `agent` (or its freestanding twin) mapped in `pid` and sampling.
+    /// The memory is opened once: a process that execs or ends leaves it behind, and
+    /// a pid used again is another process, never written.
+    pub fn open(proc_root: &ProcRoot, pid: u32, agent: &Path) -> Result<Self> {
+        let maps = proc_root.maps(pid).with_context(|| format!("read the mappings of pid {pid}"))?;
+        let twin = super::freestanding(agent);
+        let (file, base) = [agent, twin.as_path()]
+            .into_iter()
+            .find_map(|file| Some((file, maps.iter().find(|m| m.path == file && m.offset == 0)?.start)))
+            .ok_or_else(|| anyhow!("the agent is not mapped in pid {pid}"))?;
+        let symbols = AgentSymbols::new(file, base)?;
+        let mem = crate::ptrace::remote::open_mem(proc_root, pid)?;
+        let mut paced = Self {
+            pid,
+            proc_root: proc_root.clone(),
+            mem,
+            rate_at: symbols.get("rate")?,
+            samples_at: symbols.get("leakmon_agent_samples")?,
+            pace: Pace::new(MIN_RATE),
+            last: (0, Instant::now()),
+        };
+        let rate = paced.read(paced.rate_at)?;
+        if rate == 0 {
+            anyhow::bail!("the agent in pid {pid} is not sampling");
+        }
+        paced.pace = Pace::new(rate);
+        paced.last = (paced.read(paced.samples_at)?, Instant::now());
+        Ok(paced)
+    }
+
+    pub fn rate(&self) -> u64 {
+        self.pace.rate()
+    }
+
+    /// Measures the last turn and sets the next interval if it changes; the new one.
+    /// An error once the agent stopped, or the process is gone or another image.
+    pub fn turn(&mut self) -> Result<Option<u64>> {
+        let now = Instant::now();
+        let (count, at) = self.last;
+        if now.duration_since(at) < TURN {
+            return Ok(None);
+        }
+        let samples = self.read(self.samples_at)?;
+        // The agent stopped (by its own leakmon, or another process's now): hands off.
+        if self.read(self.rate_at)? != self.pace.rate() {
+            anyhow::bail!("the agent in pid {} no longer samples at the paced interval", self.pid);
+        }
+        self.last = (samples, now);
+        let anonymous = self.anonymous();
+        let Some(next) = self.pace.next(samples.saturating_sub(count), now.duration_since(at), anonymous)
+        else {
+            return Ok(None);
+        };
+        self.mem
+            .write_all_at(&next.to_le_bytes(), self.rate_at)
+            .with_context(|| format!("set the agent's interval in pid {}", self.pid))?;
+        Ok(Some(next))
+    }
+
+    fn read(&self, addr: u64) -> Result<u64> {
+        let mut bytes = [0u8; 8];
+        self.mem
+            .read_exact_at(&mut bytes, addr)
+            .with_context(|| format!("read the agent in pid {}", self.pid))?;
+        Ok(u64::from_le_bytes(bytes))
+    }
+
+    /// `RssAnon`: the heap, where sampled blocks live (0 when unknown).
+    fn anonymous(&self) -> u64 {
+        let status = self.proc_root.status(self.pid).unwrap_or_default();
+        status
+            .lines()
+            .find_map(|l| l.strip_prefix("RssAnon:"))
+            .and_then(|v| v.trim().trim_end_matches("kB").trim().parse::<u64>().ok())
+            .map_or(0, |kib| kib * 1024)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    const SECOND: Duration = Duration::from_secs(1);
+
+    /// Drives a pace against a process allocating `bytes_per_second` in small blocks
+    /// (each sample stands for one interval): the interval it settles at.
+    fn settle(start: u64, bytes_per_second: u64, anonymous: u64) -> u64 {
+        let mut pace = Pace::new(start);
+        for _ in 0..40 {
+            let samples = bytes_per_second / pace.rate();
+            pace.next(samples, SECOND, anonymous);
+        }
+        pace.rate()
+    }
+
+    #[test]
+    fn the_interval_follows_the_allocation_rate_to_the_target() {
+        for bytes_per_second in [1u64 << 20, 16 << 20, 256 << 20, 4 << 30] {
+            let rate = settle(512 << 10, bytes_per_second, 0);
+            let per_second = bytes_per_second as f64 / rate as f64;
+            assert!(
+                (TARGET_PER_SECOND / 2.0..=TARGET_PER_SECOND * 2.0).contains(&per_second),
+                "{bytes_per_second} B/s settles at {rate} B, {per_second:.0} samples/s"
+            );
+            assert!(rate.is_power_of_two() || rate == MAX_RATE);
+        }
+    }
+
+    #[test]
+    fn an_idle_process_comes_down_by_steps_to_the_floor() {
+        let mut pace = Pace::new(512 << 10);
+        assert_eq!(pace.next(0, SECOND, 0), Some(64 << 10), "at most an eighth a turn");
+        assert_eq!(pace.next(0, SECOND, 0), Some(8 << 10));
+        assert_eq!(pace.next(0, SECOND, 0), Some(MIN_RATE));
+        assert_eq!(pace.next(0, SECOND, 0), None);
+    }
+
+    #[test]
+    fn a_burst_raises_the_interval_at_once() {
+        let mut pace = Pace::new(MIN_RATE);
+        // A gigabyte a second at 4 KiB: 262,144 samples.
+        let next = pace.next((1 << 30) / MIN_RATE, SECOND, 0).expect("raised");
+        assert!(
+            (1u64 << 30) as f64 / next as f64 <= TARGET_PER_SECOND * 2.0,
+            "one turn reaches the target: {next}"
+        );
+    }
+
+    #[test]
+    fn a_steady_process_keeps_its_interval() {
+        let mut pace = Pace::new(64 << 10);
+        let at_target = TARGET_PER_SECOND as u64;
+        for samples in [at_target, at_target * 3 / 2, at_target * 3 / 4, at_target] {
+            assert_eq!(pace.next(samples, SECOND, 0), None, "{samples} samples");
+        }
+    }
+
+    #[test]
+    fn a_large_heap_keeps_its_samples_within_the_live_table() {
+        // A process of 4 GiB allocating slowly: its live blocks, sampled, stay at most
+        // MAX_LIVE_SAMPLES.
+        let rate = settle(512 << 10, 1 << 20, 4 << 30);
+        assert!(rate >= (4u64 << 30) / MAX_LIVE_SAMPLES, "{rate}");
+    }
+}
