@@ -59,7 +59,8 @@ fn a_commands_processes_are_paced_by_report() {
         .expect("run leakmon");
     let report = parse_report(&out);
     assert_eq!(report["paced"], true);
-    let service = processes(&report).iter().find(|p| p["comm"] == "ring_leak").expect("the service's process");
+    let service =
+        processes(&report).iter().find(|p| p["comm"] == "ring_leak").expect("the service's process");
     let (bytes, samples) = leak(service);
     eprintln!("leak: {samples} samples ({bytes} B), interval at the end {}", report["sample_bytes"]);
     assert!(samples >= 30, "the leak was sampled {samples} times: {report}");

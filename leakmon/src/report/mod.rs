@@ -261,16 +261,20 @@ impl Report {
                 let fewest = rough.iter().map(|s| s.samples).min().unwrap_or(1).max(1);
                 let factor = FEW_SAMPLES.div_ceil(fewest);
                 p.notes.push(format!(
-                    "{} of its top {TOP_STACKS} stacks rest{} on fewer than {FEW_SAMPLES} samples (±{:.0}% at worst): a window {factor}× as long, or --sample-bytes {} (now {}), gives each {FEW_SAMPLES} or more",
+                    "{} of its top {TOP_STACKS} stacks rest{} on fewer than {FEW_SAMPLES} samples (±{:.0}% at worst): a window {factor}× as long, or --sample-bytes {} ({} {}), gives each {FEW_SAMPLES} or more",
                     rough.len(),
                     if rough.len() == 1 { "s" } else { "" },
                     100.0 * widest,
                     flag_bytes(self.sample_bytes / factor),
+                    if self.paced { "paced to" } else { "now" },
                     table::rounded(self.sample_bytes)
                 ));
             }
             if let Some(note) = p.runtime.and_then(runtimes::by_name).and_then(|r| r.note(self.method)) {
                 p.notes.push(note.to_owned());
+            }
+            if let Some(note) = reused_note(p, self.method) {
+                p.notes.push(note);
             }
         }
     }
@@ -329,6 +333,41 @@ impl Report {
     pub fn to_json(&self) -> String {
         serde_json::to_string_pretty(self).expect("report serializes")
     }
+}
+
+/// Where sampled top stacks of `p` make objects its runtime hands out again from a
+/// cache of its own (CPython's free lists): what their figures may hold of other code's.
+fn reused_note(p: &ProcessReport, method: Method) -> Option<String> {
+    let runtime = p.runtime.and_then(runtimes::by_name)?;
+    if method == Method::Uprobes {
+        return None;
+    }
+    let mut kinds: Vec<&str> = Vec::new();
+    let mut sites: Vec<&str> = Vec::new();
+    let mut stacks = 0;
+    for s in p.stacks.iter().take(TOP_STACKS) {
+        // The native frames under the first of the runtime's own code.
+        let functions: Vec<&str> =
+            s.frames.iter().take_while(|f| f.runtime.is_none()).map(|f| f.function.as_str()).collect();
+        if let Some(kind) = runtime.reused_kind(&functions) {
+            stacks += 1;
+            if !kinds.contains(&kind) {
+                kinds.push(kind);
+            }
+            let site = s.site.as_ref().map_or("?", |f| f.function.as_str());
+            if !sites.contains(&site) {
+                sites.push(site);
+            }
+        }
+    }
+    (stacks > 0).then(|| {
+        format!(
+            "{stacks} of its top {TOP_STACKS} stacks ({}) make {}, which {} hands out again from its free lists without calling its allocator: a block sampled when such a stack made an object may since hold one that other code took from the list, so part of their bytes may be other code's",
+            sites.join(", "),
+            kinds.join(" and "),
+            runtime.title()
+        )
+    })
 }
 
 #[cfg(test)]
@@ -440,6 +479,60 @@ mod tests {
             "{:?}",
             runtime.processes[0].notes
         );
+    }
+
+    /// A sampled Python stack that makes tuples (CPython's free lists hand them out
+    /// again unseen) gets a note naming its site; one that makes strings does not.
+    #[test]
+    fn python_stacks_of_free_listed_objects_say_so() {
+        let frame = |function: &str, runtime: Option<&str>| FrameReport {
+            function: function.into(),
+            file: None,
+            line: None,
+            address: String::new(),
+            runtime: runtime.map(str::to_owned),
+        };
+        let stack = |constructor: &str, site: &str| StackReport {
+            id: site.into(),
+            bytes: 1 << 20,
+            allocations: 40,
+            samples: Some(40),
+            bytes_interval: None,
+            spread: Some(Spread::counted(1 << 20, 40)),
+            mean_age_seconds: 8.0,
+            site: Some(frame(site, Some("python"))),
+            frames: vec![
+                frame("_PyObject_GC_NewVar", None),
+                frame(constructor, None),
+                frame(site, Some("python")),
+            ],
+        };
+        let process = ProcessReport {
+            pid: 1,
+            comm: "python3".into(),
+            allocator: None,
+            outstanding_bytes: 2 << 20,
+            outstanding_allocations: 80,
+            samples: Some(80),
+            bytes_interval: None,
+            incomplete: false,
+            stacks: vec![stack("PyUnicode_New", "make_entry"), stack("PyTuple_New", "handle")],
+            runtime_internal: RuntimeInternal::default(),
+            in_flight: None,
+            runtime: Some("python"),
+            notes: Vec::new(),
+        };
+        let mut report =
+            Report { method: Method::Agent, sample_bytes: 16384, paced: true, processes: vec![process] };
+        report.add_notes();
+        assert_eq!(
+            report.processes[0].notes,
+            ["1 of its top 5 stacks (handle) make tuples, which CPython hands out again from its free lists without calling its allocator: a block sampled when such a stack made an object may since hold one that other code took from the list, so part of their bytes may be other code's"]
+        );
+        report.processes[0].stacks.pop();
+        report.processes[0].notes.clear();
+        report.add_notes();
+        assert!(report.processes[0].notes.is_empty(), "{:?}", report.processes[0].notes);
     }
 
     #[test]

@@ -58,6 +58,13 @@ pub trait Support: Sync {
     fn interpreter_under_site(&self) -> bool {
         false
     }
+    /// The kind of object a stack makes (its native functions under its first frame of
+    /// the runtime's code, innermost first), where the runtime hands such objects out
+    /// again from a cache of its own without calling its allocator: a block sampled
+    /// there may since hold an object other code took.
+    fn reused_kind(&self, _native: &[&str]) -> Option<&'static str> {
+        None
+    }
     /// Its frames as the kernel walks them, for a runtime whose walker is in the
     /// kernel (its own file in leakmon-ebpf).
     fn walked(&self) -> Option<&dyn Walked> {

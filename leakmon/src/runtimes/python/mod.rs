@@ -55,10 +55,28 @@ impl super::Support for PythonSupport {
         true
     }
 
+    fn reused_kind(&self, native: &[&str]) -> Option<&'static str> {
+        // The interpreter's constructors (under the first frame of Python code): the
+        // object kinds CPython (3.11 to 3.13) keeps free lists of.
+        native.iter().find_map(|f| {
+            FREE_LISTS.iter().find(|(constructors, _)| constructors.contains(f)).map(|(_, kind)| *kind)
+        })
+    }
+
     fn walked(&self) -> Option<&dyn super::Walked> {
         Some(self)
     }
 }
+
+/// The constructors of the objects CPython keeps free lists of, and their kinds: a
+/// tuple, list, dict or float dropped goes onto its type's list and is handed out
+/// again with no call to the allocator, so the agent hears of neither.
+const FREE_LISTS: &[(&[&str], &str)] = &[
+    (&["PyTuple_New", "tuple_alloc", "_PyTuple_FromArray", "_PyTuple_FromArraySteal"], "tuples"),
+    (&["PyList_New", "list_new_prealloc", "_PyList_FromArraySteal"], "lists"),
+    (&["PyDict_New", "new_dict", "_PyDict_NewPresized", "_PyDict_FromItems"], "dicts"),
+    (&["PyFloat_FromDouble", "_PyFloat_FromDouble"], "floats"),
+];
 
 /// Said of a CPython process watched through uprobes.
 pub const UNSEEN_BY_UPROBES: &str =
