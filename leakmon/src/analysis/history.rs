@@ -102,14 +102,21 @@ pub struct History {
 /// grows older than one turnover however its sampled bytes wander.
 pub const MIN_AGE_GROWTH: f64 = 0.1;
 
-/// Whether a stack's blocks age with the clock over the window; true where the ages
-/// are unknown or too few to say (the bytes alone decide then).
+/// Whether a stack's blocks age with the clock in the later half of the window; true
+/// where the ages are unknown or too few to say (the bytes alone decide then).
+///
+/// The later half: when attribution began (the agent loaded, a suspect's turn), every
+/// stack's estimate ramps up from nothing for one lifetime of its blocks, and its mean
+/// age with it, a ring's as a leak's: no figure tells them apart until the ring's
+/// first turnover. After it, the ring's ages stop growing and a leak's do not; over
+/// the whole window the ramp's rise would still count.
 fn ages_grow(ages: &VecDeque<Sample>, params: &Params) -> bool {
-    if ages.len() < params.min_samples {
+    let Some(last) = ages.back() else { return true };
+    let later: Vec<Sample> = ages.iter().copied().filter(|s| s.t >= last.t - params.window / 2.0).collect();
+    if later.len() < params.min_samples / 2 {
         return true;
     }
-    let ages: Vec<Sample> = ages.iter().copied().collect();
-    super::trend::theil_sen(&ages).is_none_or(|slope| slope >= MIN_AGE_GROWTH)
+    super::trend::theil_sen(&later).is_none_or(|slope| slope >= MIN_AGE_GROWTH)
 }
 
 /// A change of verdict worth telling.
@@ -312,6 +319,32 @@ mod tests {
         let verdict = |name: &str| h.get(&stack(name)).and_then(Series::analysis).expect("analysed").verdict;
         assert_eq!(verdict("leak"), Verdict::SteadyGrowth);
         assert_eq!(verdict("ring"), Verdict::Flat);
+    }
+
+    /// Attribution begins: a ring of 4 s lifetimes ramps up for its first turnover,
+    /// its mean age with it, exactly as a leak's, then holds, while its sampled bytes
+    /// wander up still. From the first verdict on (8 s, the coverage a verdict needs),
+    /// the whole window's ages still rise with the ramp; the later half's do not, and
+    /// the ring is never flagged, while the leak (ages growing throughout) is.
+    #[test]
+    fn the_ramp_after_attribution_begins_is_not_growth() {
+        let mut h = History::new(params(), 10);
+        let stack = |name: &str| SeriesKey { signal: Signal::Heap, stack: Some(name.into()), ..key("svc") };
+        let mut flagged = Vec::new();
+        for i in 0..40 {
+            let t = f64::from(i) * 0.5;
+            for name in ["leak", "ring"] {
+                h.record(stack(name), t, 1e6 + 100_000.0 * f64::from(i));
+            }
+            h.record_age(&stack("leak"), t, t / 2.0);
+            h.record_age(&stack("ring"), t, t.min(4.0) / 2.0 + 0.05 * (f64::from(i) * 0.7).sin());
+            for change in h.analyse(t) {
+                if let Change::Suspected(key, _) = change {
+                    flagged.push((key.stack.unwrap_or_default(), t));
+                }
+            }
+        }
+        assert_eq!(flagged, [("leak".to_owned(), 8.0)]);
     }
 
     #[test]
