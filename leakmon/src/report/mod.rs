@@ -251,24 +251,8 @@ impl Report {
                     table::rounded(self.sample_bytes.saturating_mul(3))
                 ));
             }
-            // The stacks a reader looks at first, where they are estimated from few
-            // samples (a block sampled for certain is exact, however few).
-            let top = p.stacks.iter().take(TOP_STACKS).filter_map(|s| s.spread);
-            let rough: Vec<Spread> = top.filter(|s| s.uncertain > 0 && s.samples < FEW_SAMPLES).collect();
-            if let Some(widest) = rough.iter().map(Spread::relative_width).max_by(f64::total_cmp) {
-                // Samples grow with the window and with the inverse of the interval: what
-                // brings the fewest up to the bar.
-                let fewest = rough.iter().map(|s| s.samples).min().unwrap_or(1).max(1);
-                let factor = FEW_SAMPLES.div_ceil(fewest);
-                p.notes.push(format!(
-                    "{} of its top {TOP_STACKS} stacks rest{} on fewer than {FEW_SAMPLES} samples (±{:.0}% at worst): a window {factor}× as long, or --sample-bytes {} ({} {}), gives each {FEW_SAMPLES} or more",
-                    rough.len(),
-                    if rough.len() == 1 { "s" } else { "" },
-                    100.0 * widest,
-                    flag_bytes(self.sample_bytes / factor),
-                    if self.paced { "paced to" } else { "now" },
-                    table::rounded(self.sample_bytes)
-                ));
+            if let Some(note) = few_samples_note(self.method, self.sample_bytes, self.paced, p) {
+                p.notes.push(note);
             }
             if let Some(note) = p.runtime.and_then(runtimes::by_name).and_then(|r| r.note(self.method)) {
                 p.notes.push(note.to_owned());
@@ -333,6 +317,37 @@ impl Report {
     pub fn to_json(&self) -> String {
         serde_json::to_string_pretty(self).expect("report serializes")
     }
+}
+
+/// When `p`'s top stacks are estimated from few samples (a block sampled for
+/// certain is exact, however few): how rough, and what gives enough, in a report by
+/// `method` at `sample_bytes` (`paced`: the agent's, at the end).
+fn few_samples_note(method: Method, sample_bytes: u64, paced: bool, p: &ProcessReport) -> Option<String> {
+    let top = p.stacks.iter().take(TOP_STACKS).filter_map(|s| s.spread);
+    let rough: Vec<Spread> = top.filter(|s| s.uncertain > 0 && s.samples < FEW_SAMPLES).collect();
+    let widest = rough.iter().map(Spread::relative_width).max_by(f64::total_cmp)?;
+    // Samples grow with the window and with the inverse of the interval: what
+    // brings the fewest up to the bar.
+    let fewest = rough.iter().map(|s| s.samples).min().unwrap_or(1).max(1);
+    let factor = FEW_SAMPLES.div_ceil(fewest);
+    let own_interval = method == Method::Runtime
+        && p.runtime.and_then(runtimes::by_name).is_some_and(|r| r.sets_its_own_interval());
+    let or_interval = if own_interval {
+        String::new()
+    } else {
+        format!(
+            ", or --sample-bytes {} ({} {}),",
+            flag_bytes(sample_bytes / factor),
+            if paced { "paced to" } else { "now" },
+            table::rounded(sample_bytes)
+        )
+    };
+    Some(format!(
+        "{} of its top {TOP_STACKS} stacks rest{} on fewer than {FEW_SAMPLES} samples (±{:.0}% at worst): a window {factor}× as long{or_interval} gives each {FEW_SAMPLES} or more",
+        rough.len(),
+        if rough.len() == 1 { "s" } else { "" },
+        100.0 * widest,
+    ))
 }
 
 /// Where sampled top stacks of `p` make objects its runtime hands out again from a
@@ -478,6 +493,18 @@ mod tests {
             runtime.processes[0].notes[0].starts_with("the runtime's profiler sampled no object still held"),
             "{:?}",
             runtime.processes[0].notes
+        );
+        // JFR sets its own interval: only a longer window is offered.
+        let mut jvm = Report {
+            method: Method::Runtime,
+            sample_bytes: 2 << 20,
+            paced: false,
+            processes: vec![ProcessReport { runtime: Some("jvm"), ..process(vec![stack(3)]) }],
+        };
+        jvm.add_notes();
+        assert_eq!(
+            jvm.processes[0].notes,
+            ["1 of its top 5 stacks rests on fewer than 10 samples (±158% at worst): a window 4× as long gives each 10 or more"]
         );
     }
 

@@ -29,7 +29,7 @@ pub fn report(
     };
     // Past the window, a JVM stops the recording itself.
     let options = Options { sample_bytes, lifetime: window + Duration::from_secs(120), histograms: true };
-    let (stacks, notes) = with_profiler(pid, runtime, options, |profiler| {
+    let (stacks, notes, interval, in_flight) = with_profiler(pid, runtime, options, |profiler| {
         let deadline = Instant::now() + window;
         while Instant::now() < deadline && !stop() {
             std::thread::sleep(
@@ -38,7 +38,7 @@ pub fn report(
         }
         let stacks = profiler.snapshot()?;
         let notes = profiler.notes(&stacks);
-        Ok((stacks, notes))
+        Ok((stacks, notes, profiler.interval(), profiler.in_flight()))
     })?;
     let stacks: Vec<StackReport> = stacks.iter().map(|s| stack_report(s, runtime.name())).collect();
     let mut process = ProcessReport {
@@ -52,11 +52,17 @@ pub fn report(
         incomplete: false,
         stacks,
         runtime_internal: RuntimeInternal::default(),
-        in_flight: None,
+        in_flight: in_flight.map(|(bytes, allocations)| super::InFlight {
+            bytes,
+            allocations,
+            younger_than_seconds: crate::store::live::IN_FLIGHT_MS as f64 / 1000.0,
+        }),
         runtime: Some(runtime.name()),
         notes,
     };
     process.settle_interval();
+    // Where the runtime sets its own interval, the notes speak of that one.
+    let sample_bytes = interval.unwrap_or(sample_bytes);
     let mut report = Report { method: Method::Runtime, sample_bytes, paced: false, processes: vec![process] };
     report.add_notes();
     Ok(report)

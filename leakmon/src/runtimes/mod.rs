@@ -49,6 +49,11 @@ pub trait Support: Sync {
     fn mapped_in(&self, _maps: &[Mapping]) -> bool {
         false
     }
+    /// Whether its own profiler sets the bytes a sample stands for (`--sample-bytes`
+    /// does not).
+    fn sets_its_own_interval(&self) -> bool {
+        false
+    }
     /// What a report by `method` must say of a process running it, if anything.
     fn note(&self, _method: Method) -> Option<&'static str> {
         None
@@ -219,6 +224,15 @@ pub trait Profiler {
     /// What a report of `stacks` must say about how the runtime named them.
     fn notes(&self, _stacks: &[Stack]) -> Vec<String> {
         Vec::new()
+    }
+    /// The bytes each sample of the last snapshot stood for, where the runtime sets
+    /// that itself (JFR: an allocation buffer's worth) rather than `--sample-bytes`.
+    fn interval(&self) -> Option<u64> {
+        None
+    }
+    /// What the last snapshot set apart as too young to call held: (bytes, samples).
+    fn in_flight(&self) -> Option<(u64, u64)> {
+        None
     }
 }
 

@@ -27,18 +27,38 @@ pub const SETTINGS: &[&str] = &[
     "+jdk.ObjectAllocationOutsideTLAB#stackTrace=false",
 ];
 
-/// The live stacks of a recording, most bytes first.
-pub fn stacks(recording: &[u8]) -> Result<Vec<Stack>> {
+/// What a recording says is held.
+#[derive(Debug, Default)]
+pub struct Held {
+    /// Per stack, most bytes first.
+    pub stacks: Vec<Stack>,
+    /// The bytes each sample stands for (0 when the recording has no sampling points).
+    pub per_sample: u64,
+    /// Samples of objects younger than [`crate::store::live::IN_FLIGHT_MS`] when the
+    /// recording was dumped, set apart as the agent's blocks are: most are a request's
+    /// scratch, alive only because the dump came in the middle of it.
+    pub in_flight: u64,
+}
+
+/// What a recording says is held.
+pub fn stacks(recording: &[u8]) -> Result<Held> {
     let mut reader = JfrReader::new(std::io::Cursor::new(recording));
     let mut live: HashMap<Vec<Frame>, u64> = HashMap::new();
-    let (mut allocated, mut points) = (0u64, 0u64);
+    let (mut allocated, mut points, mut in_flight) = (0u64, 0u64, 0u64);
     for chunk in reader.chunks() {
         let (mut chunk_reader, chunk) = chunk.context("a JFR chunk")?;
+        let ticks_per_ms = (chunk.header.ticks_per_second / 1000).max(1) as u64;
         for event in chunk_reader.events(&chunk) {
             let event = event.context("a JFR event")?;
             let value = event.value();
             match event.class.name() {
                 "jdk.OldObjectSample" => {
+                    // An event without an age (an older JDK) counts as held.
+                    let age = value.get_field("objectAge").map_or(u64::MAX, |_| long(&value, "objectAge"));
+                    if age / ticks_per_ms < crate::store::live::IN_FLIGHT_MS {
+                        in_flight += 1;
+                        continue;
+                    }
                     let frames = value.get_field("stackTrace").map(frames).unwrap_or_default();
                     *live.entry(frames).or_default() += 1;
                 }
@@ -61,7 +81,7 @@ pub fn stacks(recording: &[u8]) -> Result<Vec<Stack>> {
         .map(|(frames, samples)| Stack { frames, bytes: samples.saturating_mul(per_sample), samples })
         .collect();
     out.sort_by(|a, b| b.bytes.cmp(&a.bytes).then(b.samples.cmp(&a.samples)));
-    Ok(out)
+    Ok(Held { stacks: out, per_sample, in_flight })
 }
 
 fn long(value: &Accessor, field: &str) -> u64 {

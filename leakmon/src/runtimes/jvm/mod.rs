@@ -43,6 +43,11 @@ enum How {
     Jfr {
         name: String,
         dumps: u32,
+        /// The bytes each live sample of the last dump stood for (one allocation
+        /// buffer's worth, on average): JFR's interval, not leakmon's to set.
+        per_sample: Option<u64>,
+        /// The last dump's samples of objects too young to call held.
+        in_flight: u64,
     },
     /// The histogram at the start.
     Histograms(HashMap<String, (u64, u64)>),
@@ -77,7 +82,12 @@ impl Jvm {
             match attached.jcmd(start) {
                 Ok(out) if out.contains("Started recording") => {
                     info!(pid, recording = name, "JFR recording started");
-                    return Ok(Self { pid, attached, how: How::Jfr { name, dumps: 0 }, guard: Some(guard) });
+                    return Ok(Self {
+                        pid,
+                        attached,
+                        how: How::Jfr { name, dumps: 0, per_sample: None, in_flight: 0 },
+                        guard: Some(guard),
+                    });
                 }
                 Ok(out) => refused = out.trim().to_owned(),
                 Err(e) => refused = format!("{e:#}"),
@@ -147,7 +157,12 @@ impl Profiler for Jvm {
                 let recording = self.take_recording(&name, &file);
                 dumped?;
                 let recording = recording.with_context(|| format!("read pid {pid}'s recording {file}"))?;
-                jfr::stacks(&recording).with_context(|| format!("parse pid {pid}'s recording"))
+                let held = jfr::stacks(&recording).with_context(|| format!("parse pid {pid}'s recording"))?;
+                if let How::Jfr { per_sample, in_flight, .. } = &mut self.how {
+                    *per_sample = (held.per_sample > 0).then_some(held.per_sample);
+                    *in_flight = held.in_flight;
+                }
+                Ok(held.stacks)
             }
             How::Closed => bail!("pid {pid}'s recording is closed"),
             How::Histograms(before) => {
@@ -180,9 +195,31 @@ impl Profiler for Jvm {
 
     fn notes(&self, _stacks: &[Stack]) -> Vec<String> {
         if self.per_class() {
-            vec![JVM_CLASS_HISTOGRAM.to_owned()]
-        } else {
-            Vec::new()
+            return vec![JVM_CLASS_HISTOGRAM.to_owned()];
+        }
+        match self.interval() {
+            Some(bytes) => vec![format!(
+                "JFR keeps one object per allocation buffer (TLAB) a thread fills, {} on average in this window: what code kept below about {} in it may not show, and --sample-bytes does not change that (the JVM sizes its buffers); a longer window does",
+                crate::report::table::rounded(bytes),
+                crate::report::table::rounded(bytes.saturating_mul(3))
+            )],
+            None => Vec::new(),
+        }
+    }
+
+    fn interval(&self) -> Option<u64> {
+        match &self.how {
+            How::Jfr { per_sample, .. } => *per_sample,
+            _ => None,
+        }
+    }
+
+    fn in_flight(&self) -> Option<(u64, u64)> {
+        match &self.how {
+            How::Jfr { per_sample: Some(bytes), in_flight, .. } if *in_flight > 0 => {
+                Some((bytes.saturating_mul(*in_flight), *in_flight))
+            }
+            _ => None,
         }
     }
 }
@@ -201,6 +238,10 @@ impl Support for JvmSupport {
 
     fn title(&self) -> &'static str {
         "a HotSpot JVM"
+    }
+
+    fn sets_its_own_interval(&self) -> bool {
+        true
     }
 
     fn library_code(&self, function: &str, _file: Option<&str>) -> bool {
