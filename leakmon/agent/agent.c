@@ -117,6 +117,15 @@ static volatile uint64_t rate;
 /* Blocks sampled since the start: leakmon reads it to measure the process's
  * allocation rate (each sample stands for about one interval of allocated bytes). */
 EXPORT volatile uint64_t leakmon_agent_samples;
+/* Time-stamp-counter cycles spent in the markers (each a trap in which the kernel
+ * walks the stack: what a sample and its free cost the thread), for leakmon's pace. */
+EXPORT volatile uint64_t leakmon_agent_sample_cycles;
+
+static inline uint64_t cycles(void) {
+    uint32_t lo, hi;
+    __asm__ volatile("rdtsc" : "=a"(lo), "=d"(hi));
+    return ((uint64_t)hi << 32) | lo;
+}
 
 static inline uint64_t mix(uintptr_t p) {
     return (uint64_t)(p >> 4) * 0x9e3779b97f4a7c15ull;
@@ -283,7 +292,9 @@ static __attribute__((noinline)) void sampled_slow(struct thread_state *t, uintp
 #endif
     if (set_insert(block)) {
         __atomic_fetch_add(&leakmon_agent_samples, 1, __ATOMIC_RELAXED);
+        uint64_t start = cycles();
         leakmon_agent_sampled_alloc((void *)block, weight, r);
+        __atomic_fetch_add(&leakmon_agent_sample_cycles, cycles() - start, __ATOMIC_RELAXED);
     }
 }
 
@@ -299,8 +310,11 @@ static inline __attribute__((always_inline)) void sampled(struct thread_state *t
 }
 
 static inline void released(uintptr_t block) {
-    if (block != 0 && set_remove(block))
+    if (block != 0 && set_remove(block)) {
+        uint64_t start = cycles();
         leakmon_agent_sampled_free((void *)block);
+        __atomic_fetch_add(&leakmon_agent_sample_cycles, cycles() - start, __ATOMIC_RELAXED);
+    }
 }
 
 /* ---- hooks --------------------------------------------------------------------- */

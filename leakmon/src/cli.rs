@@ -113,9 +113,10 @@ pub struct RunArgs {
     /// Attribute in-process instead of trapping every allocator call: load leakmon's
     /// agent into each attributed process (with --attach pids or suspects; never all),
     /// without a restart. Only sampled blocks and their frees reach the kernel, so a
-    /// busy server keeps nearly its full speed; --sample-bytes sets the interval
-    /// (default 512KiB). On stop, every redirection the agent made is undone, even if
-    /// leakmon is killed.
+    /// busy server keeps nearly its full speed. The interval follows each process's
+    /// allocation rate (from 512KiB, a second at a time, for about 2,000 samples a
+    /// second: half a percent of a core) unless --sample-bytes fixes it. On stop,
+    /// every redirection the agent made is undone, even if leakmon is killed.
     #[arg(long)]
     #[arg(help_heading = FIXED)]
     pub agent: bool,
@@ -205,7 +206,8 @@ pub struct TableArgs {
     /// one sampled block per SIZE bytes allocated (e.g. 512KiB), each standing for the
     /// bytes it represents, so totals are unbiased estimates (as jemalloc's heap
     /// profiler does). Smaller tables and less work per allocation; the trap of each
-    /// probe remains. 0: exact.
+    /// probe remains. 0: exact (the agent and the runtimes' profilers, which always
+    /// sample, then pace their interval to each process's allocation rate).
     #[arg(long, default_value = "0", value_name = "SIZE", value_parser = parse_bytes)]
     pub sample_bytes: u64,
     /// Capacity of the unwind tables that give full stacks for code built without frame
@@ -247,15 +249,17 @@ pub struct ReportArgs {
     /// leakmon's agent into it (at the command's start through `LD_PRELOAD`, or into the
     /// running --pid through ptrace, without a restart). Only sampled blocks and their
     /// frees reach the kernel, so the process keeps nearly its full speed. Sampling is
-    /// byte-weighted: --sample-bytes, default 512KiB with the agent. On exit of the
-    /// report the agent's redirections are undone in a running process.
+    /// byte-weighted, at an interval that follows the process's allocation rate (from
+    /// 512KiB, for about 2,000 samples a second) unless --sample-bytes fixes it. On
+    /// exit of the report the agent's redirections are undone in a running process.
     #[arg(long)]
     pub agent: bool,
     /// Ask the runtime's own sampling heap profiler instead of watching the allocator:
     /// for Node.js, V8's (through its inspector, opened with SIGUSR1 and closed again
     /// afterwards), which names the JavaScript functions and lines whose objects the
     /// window's allocations still hold. Needs --pid and --duration; --sample-bytes sets
-    /// its interval (default 512KiB). A process whose inspector is already open is left
+    /// its interval (without it, the process's allocation rate, measured for a second
+    /// first, sets it). A process whose inspector is already open is left
     /// alone. For a HotSpot JVM, JFR's live-object samples with their allocation stacks,
     /// through the attach protocol jcmd speaks (no JDK needed on the host).
     #[arg(long)]

@@ -18,11 +18,19 @@ fn a_growing_javascript_cache_is_named_by_its_functions() {
     let (mut process, mut lines) = start(&[], "grow");
     let pid = process.0.id();
     assert_eq!(listening(pid), 0, "no port open before");
-    // 64 KiB: enough samples that one large object sampled elsewhere (a run at the
-    // default 512 KiB once put half the bytes outside the cache's functions) cannot
-    // swing the shares.
-    let (p, total, stderr) = growing_process(pid, "node", &["--sample-bytes", "64KiB"]);
+    // Default settings: V8's interval paced to the allocation rate measured in a
+    // first second (at a fixed 512 KiB a run once put half the bytes outside the
+    // cache's functions: one large object sampled elsewhere swung the shares).
+    let (p, total, stderr) = growing_process(pid, "node", &[]);
     let p = &p;
+    let interval = stderr
+        .lines()
+        .find(|l| l.contains("V8's sampling heap profiler started"))
+        .and_then(|l| l.split("interval=").nth(1))
+        .and_then(|v| v.split_whitespace().next())
+        .and_then(|v| v.parse::<u64>().ok())
+        .unwrap_or_else(|| panic!("the interval in the log: {stderr}"));
+    assert!(interval.is_power_of_two() && interval < 512 << 10, "paced interval {interval}");
     let share = |names: &[&str]| -> f64 {
         let bytes = common::bytes_in_stacks(p, |frames| {
             frames.iter().any(|f| f["runtime"] == "node" && names.iter().any(|n| f["function"] == *n))

@@ -81,7 +81,7 @@ impl Condition {
             Self::LeakmonFramePointers => "leakmon report --unwind-rows 0 (fp)",
             Self::LeakmonSampled => "leakmon report --sample-bytes 512KiB",
             Self::LeakmonAgent4K => "leakmon report --agent --sample-bytes 4KiB",
-            Self::LeakmonAgent => "leakmon report --agent (512KiB)",
+            Self::LeakmonAgent => "leakmon report --agent (paced)",
             Self::LeakmonAll => "leakmon run --attach all",
             Self::LeakmonTier0 => "leakmon run --attach none",
         }

@@ -46,7 +46,7 @@ impl Tool {
             Self::Heaptrack => "heaptrack (LD_PRELOAD, restarted)",
             Self::Leakmon => "leakmon report --pid (exact)",
             Self::LeakmonSampled => "leakmon report --pid --sample-bytes 512KiB",
-            Self::LeakmonAgent => "leakmon report --pid --agent (512KiB)",
+            Self::LeakmonAgent => "leakmon report --pid --agent (paced)",
         }
     }
 }

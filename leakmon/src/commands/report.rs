@@ -407,7 +407,7 @@ fn runtime_report(args: &ReportArgs) -> Result<()> {
         bail!("--runtime and --agent are two ways of sampling: choose one");
     }
     count_signals();
-    let sample_bytes = crate::values::sampling_interval(args.tables.sample_bytes);
+    let sample_bytes = args.tables.sample_bytes;
     let report =
         crate::report::runtime::report(pid, sample_bytes, Duration::from_secs_f64(duration), &|| {
             signals_received() > 0

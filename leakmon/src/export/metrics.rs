@@ -159,7 +159,7 @@ impl Metrics {
             unwind_processes: single("leakmon_unwind_processes", "Traced processes whose stacks are walked through unwind tables."),
             sample_bytes: single(
                 "leakmon_sample_bytes",
-                "The byte-weighted sampling interval of the heap and stack figures (one sampled block per this many bytes allocated, on average); 0 when they are exact.",
+                "The byte-weighted sampling interval of the heap and stack figures (one sampled block per this many bytes allocated, on average); 0 when they are exact. With the agent and no --sample-bytes, the interval each process starts at: its agent then paces it to the process's allocation rate, and each block keeps the interval it was sampled at.",
             ),
             queued: single(
                 "leakmon_lifecycle_events_queued",

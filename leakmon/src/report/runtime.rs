@@ -13,7 +13,8 @@ use crate::{
     runtimes::{detect, runtime_site, with_profiler, Options, Stack},
 };
 
-/// Samples `pid`'s runtime heap for `window` and reports what is still held.
+/// Samples `pid`'s runtime heap for `window` and reports what is still held, every
+/// `sample_bytes` (0: none given, paced where the runtime's interval can be).
 pub fn report(
     pid: u32,
     sample_bytes: u64,
@@ -28,7 +29,10 @@ pub fn report(
         );
     };
     // Past the window, a JVM stops the recording itself.
-    let options = Options { sample_bytes, lifetime: window + Duration::from_secs(120), histograms: true };
+    let paced = sample_bytes == 0;
+    let sample_bytes = crate::values::sampling_interval(sample_bytes);
+    let options =
+        Options { sample_bytes, paced, lifetime: window + Duration::from_secs(120), histograms: true };
     let (stacks, notes, interval, in_flight) = with_profiler(pid, runtime, options, |profiler| {
         let deadline = Instant::now() + window;
         while Instant::now() < deadline && !stop() {
@@ -61,9 +65,11 @@ pub fn report(
         notes,
     };
     process.settle_interval();
-    // Where the runtime sets its own interval, the notes speak of that one.
+    // Where the runtime set its interval (JFR), or leakmon paced it (V8), the notes
+    // speak of that one.
     let sample_bytes = interval.unwrap_or(sample_bytes);
-    let mut report = Report { method: Method::Runtime, sample_bytes, paced: false, processes: vec![process] };
+    let paced = paced && !runtime.support().sets_its_own_interval();
+    let mut report = Report { method: Method::Runtime, sample_bytes, paced, processes: vec![process] };
     report.add_notes();
     Ok(report)
 }

@@ -241,6 +241,9 @@ pub trait Profiler {
 pub struct Options {
     /// V8's sampling interval.
     pub sample_bytes: u64,
+    /// Whether V8's interval follows the process's allocation rate, measured at the
+    /// start, from `sample_bytes` (none was given).
+    pub paced: bool,
     /// How long a JVM keeps its recording if leakmon never stops it.
     pub lifetime: Duration,
     /// Whether a JVM without JFR may be asked for class histograms (a full

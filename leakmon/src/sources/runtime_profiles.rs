@@ -74,7 +74,8 @@ impl RuntimeProfiles {
             ending: Vec::new(),
             // Past the suspect duration, a JVM ends its recording itself.
             options: Options {
-                sample_bytes,
+                sample_bytes: crate::values::sampling_interval(sample_bytes),
+                paced: sample_bytes == 0,
                 lifetime: duration + Duration::from_secs(120),
                 histograms: false,
             },

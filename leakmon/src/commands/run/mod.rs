@@ -377,7 +377,7 @@ impl Kernel {
 /// The runtime profilers asked for, if any.
 fn runtime_profiles(args: &RunArgs, proc_root: &ProcRoot) -> Option<Box<dyn Source + Send>> {
     (!args.runtime_profilers.is_empty()).then(|| -> Box<dyn Source + Send> {
-        let sample_bytes = crate::values::sampling_interval(args.tables.sample_bytes);
+        let sample_bytes = args.tables.sample_bytes;
         Box::new(RuntimeProfiles::new(
             args.runtime_profilers.clone(),
             args.suspect_duration,

@@ -22,6 +22,7 @@ use tracing::{info, warn};
 
 pub mod inspector;
 pub mod notes;
+pub mod pace;
 pub mod port_guard;
 
 use self::{
@@ -45,6 +46,8 @@ pub struct Node {
     pid: u32,
     addr: SocketAddr,
     session: Option<Session>,
+    /// The sampling interval in use.
+    interval: u64,
     /// Closes the inspector if this leakmon cannot (see [`super::super::guardian`]).
     guard: Option<Guard>,
     /// Keeps the port to root and the process's user while it is open; dropped last.
@@ -52,8 +55,9 @@ pub struct Node {
 }
 
 impl Node {
-    /// Opens `pid`'s inspector and starts sampling every `interval` bytes.
-    pub fn open(pid: u32, interval: u64) -> Result<Self> {
+    /// Opens `pid`'s inspector and starts sampling every `interval` bytes, or, `paced`,
+    /// at the interval its allocation rate calls for (see [`pace`]).
+    pub fn open(pid: u32, interval: u64, paced: bool) -> Result<Self> {
         let proc_root = Path::new("/proc");
         // Pinned: every check is of this process, and SIGUSR1 goes to it or to none.
         let process = Pinned::open(pid).with_context(|| format!("no process {pid}"))?;
@@ -106,7 +110,7 @@ impl Node {
         };
         info!(pid, %addr, "inspector opened");
         // From here on the inspector is open: a failure closes it again (on drop).
-        let mut node = Self { pid, addr, session: None, guard: Some(guard), _port: port };
+        let mut node = Self { pid, addr, session: None, interval, guard: Some(guard), _port: port };
         if addr.port() != address.port {
             bail!(
                 "pid {pid}'s inspector opened on {addr}, not on the port its options name ({}), which leakmon kept from other users: closed again at once",
@@ -121,8 +125,31 @@ impl Node {
         let mut session = Session::open(addr)?;
         session.call("HeapProfiler.enable", &json!({}))?;
         node.session = Some(session);
+        let interval = if paced { node.pace(interval)? } else { interval };
+        node.interval = interval;
         node.session()?.call("HeapProfiler.startSampling", &json!({ "samplingInterval": interval }))?;
+        info!(pid, interval, paced, "V8's sampling heap profiler started");
         Ok(node)
+    }
+
+    /// Samples every allocation (collected ones too) at `start` for a second: their
+    /// number, times `start`, is the allocation rate, and [`pace::interval`] the
+    /// interval for it. Those samples are dropped: the window's begin after.
+    fn pace(&mut self, start: u64) -> Result<u64> {
+        let session = self.session()?;
+        session.call(
+            "HeapProfiler.startSampling",
+            &json!({
+                "samplingInterval": start,
+                "includeObjectsCollectedByMajorGC": true,
+                "includeObjectsCollectedByMinorGC": true,
+            }),
+        )?;
+        std::thread::sleep(pace::MEASURED);
+        let profile = session.call("HeapProfiler.getSamplingProfile", &json!({}));
+        session.call("HeapProfiler.stopSampling", &json!({}))?;
+        let samples = profile?["profile"]["samples"].as_array().map_or(0, Vec::len) as u64;
+        Ok(pace::interval(start, samples, pace::MEASURED))
     }
 
     fn session(&mut self) -> Result<&mut Session> {
@@ -172,6 +199,10 @@ impl Profiler for Node {
     fn notes(&self, stacks: &[Stack]) -> Vec<String> {
         std::iter::once(notes::V8_INLINING.to_owned()).chain(notes::inlined_into_node(stacks)).collect()
     }
+
+    fn interval(&self) -> Option<u64> {
+        Some(self.interval)
+    }
 }
 
 /// Node.js: its own JavaScript (`node:` URLs) is library code; found by its
@@ -199,7 +230,7 @@ impl Support for NodeSupport {
     }
 
     fn profiler(&self, pid: u32, options: Options) -> Option<Result<Box<dyn Profiler>>> {
-        Some(Node::open(pid, options.sample_bytes).map(|n| Box::new(n) as Box<dyn Profiler>))
+        Some(Node::open(pid, options.sample_bytes, options.paced).map(|n| Box::new(n) as Box<dyn Profiler>))
     }
 
     fn in_net_namespace(&self) -> bool {
