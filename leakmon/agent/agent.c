@@ -116,10 +116,12 @@ static volatile uint64_t rate;
 
 /* Blocks sampled since the start: leakmon reads it to measure the process's
  * allocation rate (each sample stands for about one interval of allocated bytes). */
-EXPORT volatile uint64_t leakmon_agent_samples;
+EXPORT volatile uint64_t leakmon_agent_samples __attribute__((aligned(64)));
 /* Time-stamp-counter cycles spent in the markers (each a trap in which the kernel
- * walks the stack: what a sample and its free cost the thread), for leakmon's pace. */
-EXPORT volatile uint64_t leakmon_agent_sample_cycles;
+ * walks the stack: what a sample and its free cost the thread), for leakmon's pace.
+ * Both counters on cache lines of their own: every hook of every thread reads the
+ * interval, whose line the samples' writes must not keep taking away from them. */
+EXPORT volatile uint64_t leakmon_agent_sample_cycles __attribute__((aligned(64)));
 
 static inline uint64_t cycles(void) {
     uint32_t lo, hi;
