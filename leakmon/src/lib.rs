@@ -31,6 +31,7 @@ pub mod sources;
 pub mod store;
 pub mod suppressions;
 pub mod symbolize;
+pub mod units;
 pub mod untrusted;
 pub mod values;
 pub mod wrappers;

@@ -716,7 +716,8 @@ fn report(
         }
         let agent = over(Condition::LeakmonAgent) / over(Condition::Heaptrack);
         let agent_4k = over(Condition::LeakmonAgent4K) / over(Condition::Heaptrack);
-        let _ = writeln!(text, "{:<40} {agent:>10.2}   (target <= 1; overheads)", "agent (paced) / heaptrack");
+        let _ =
+            writeln!(text, "{:<40} {agent:>10.2}   (target <= 1; overheads)", "agent (paced) / heaptrack");
         let _ = writeln!(text, "{:<40} {agent_4k:>10.2}   (overheads)", "agent 4KiB / heaptrack");
         let unwind = lm - over(Condition::LeakmonFramePointers);
         let _ = writeln!(

@@ -200,8 +200,8 @@ impl Profiler for Jvm {
         match self.interval() {
             Some(bytes) => vec![format!(
                 "JFR keeps one object per allocation buffer (TLAB) a thread fills, {} on average in this window: what code kept below about {} in it may not show, and --sample-bytes does not change that (the JVM sizes its buffers); a longer window does",
-                crate::report::table::rounded(bytes),
-                crate::report::table::rounded(bytes.saturating_mul(3))
+                crate::units::rounded(bytes),
+                crate::units::rounded(bytes.saturating_mul(3))
             )],
             None => Vec::new(),
         }
