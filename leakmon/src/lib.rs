@@ -17,6 +17,7 @@ pub mod commands;
 pub mod config;
 pub mod discovery;
 pub mod export;
+pub mod holders;
 pub mod ingest;
 pub mod model;
 pub mod monitor;

@@ -1,0 +1,7 @@
+//! Lost, or still held, and by whom (`report --holders`, under way): whether a
+//! running process still reaches each unfreed block, and through which root and chain.
+//!
+//! - [`reach`]: the flood over blocks, roots and memory, and memcheck's classes. Pure:
+//!   the stop of the process, its roots and its memory come from elsewhere.
+
+pub mod reach;
