@@ -200,7 +200,7 @@ fn hook_inline(
 }
 
 /// Where the agent file `library` is mapped in `pid` (its first mapping).
-fn mapped_at(maps: &[Mapping], library: &Path, pid: u32) -> Result<u64> {
+pub(crate) fn mapped_at(maps: &[Mapping], library: &Path, pid: u32) -> Result<u64> {
     maps.iter()
         .find(|m| m.path == library && m.offset == 0)
         .map(|m| m.start)

@@ -22,12 +22,12 @@
 //! [`MIN_RATE`], and by the process's anonymous memory over [`MAX_LIVE_SAMPLES`]: the
 //! blocks a process holds, sampled, must fit the kernel's live table beside others'.
 
-use std::{fs::File, os::unix::fs::FileExt as _, path::Path, time::Duration, time::Instant};
+use std::{path::Path, time::Duration, time::Instant};
 
-use anyhow::{anyhow, Context as _, Result};
+use anyhow::{Context as _, Result};
 
-use super::inline::AgentSymbols;
-use crate::procfs::ProcRoot;
+use super::{inject::mapped_at, inline::AgentSymbols};
+use crate::{procfs::ProcRoot, ptrace::remote::Remote};
 
 /// The CPU the samples of one process may take: half a percent of one core.
 pub const BUDGET: f64 = 0.005;
@@ -111,9 +111,9 @@ impl Pace {
 
 /// The agent in one process, paced from outside: through its memory, never a call.
 pub struct Paced {
-    pid: u32,
     proc_root: ProcRoot,
-    mem: File,
+    /// Its memory, opened once (reads and writes only: nothing is called).
+    remote: Remote,
     rate_at: u64,
     samples_at: u64,
     cycles_at: u64,
@@ -140,28 +140,29 @@ fn tsc() -> u64 {
 
 impl Paced {
     /// The agent `agent` (or its freestanding twin) mapped in `pid` and sampling.
-    /// The memory is opened once: a process that execs or ends leaves it behind, and
-    /// a pid used again is another process, never written.
+    /// The memory is opened once, and before the mappings are read: the mappings are
+    /// then those of the image the descriptor holds (a pid used again after they were
+    /// read would otherwise have its memory written at another image's addresses), and
+    /// a process that execs or ends leaves the descriptor behind, never written again.
     pub fn open(proc_root: &ProcRoot, pid: u32, agent: &Path) -> Result<Self> {
+        let remote = Remote { pid, mem: crate::ptrace::remote::open_mem(proc_root, pid)? };
         let maps = proc_root.maps(pid).with_context(|| format!("read the mappings of pid {pid}"))?;
         let twin = super::freestanding(agent);
-        let (file, base) = [agent, twin.as_path()]
-            .into_iter()
-            .find_map(|file| Some((file, maps.iter().find(|m| m.path == file && m.offset == 0)?.start)))
-            .ok_or_else(|| anyhow!("the agent is not mapped in pid {pid}"))?;
+        let (file, base) = match mapped_at(&maps, agent, pid) {
+            Ok(base) => (agent, base),
+            Err(_) => (twin.as_path(), mapped_at(&maps, &twin, pid)?),
+        };
         let symbols = AgentSymbols::new(file, base)?;
-        let mem = crate::ptrace::remote::open_mem(proc_root, pid)?;
         let mut paced = Self {
-            pid,
             proc_root: proc_root.clone(),
-            mem,
+            remote,
             rate_at: symbols.get("rate")?,
             samples_at: symbols.get("leakmon_agent_samples")?,
             cycles_at: symbols.get("leakmon_agent_sample_cycles")?,
             pace: Pace::new(MIN_RATE),
             last: Turn { samples: 0, cycles: 0, tsc: 0, at: Instant::now() },
         };
-        let rate = paced.read(paced.rate_at)?;
+        let rate = paced.remote.read_u64(paced.rate_at)?;
         if rate == 0 {
             anyhow::bail!("the agent in pid {pid} is not sampling");
         }
@@ -172,8 +173,8 @@ impl Paced {
 
     fn now(&self) -> Result<Turn> {
         Ok(Turn {
-            samples: self.read(self.samples_at)?,
-            cycles: self.read(self.cycles_at)?,
+            samples: self.remote.read_u64(self.samples_at)?,
+            cycles: self.remote.read_u64(self.cycles_at)?,
             tsc: tsc(),
             at: Instant::now(),
         })
@@ -192,8 +193,8 @@ impl Paced {
         }
         let now = self.now()?;
         // The agent stopped (by its own leakmon, or another process's now): hands off.
-        if self.read(self.rate_at)? != self.pace.rate() {
-            anyhow::bail!("the agent in pid {} no longer samples at the paced interval", self.pid);
+        if self.remote.read_u64(self.rate_at)? != self.pace.rate() {
+            anyhow::bail!("the agent in pid {} no longer samples at the paced interval", self.remote.pid);
         }
         self.last = now;
         let elapsed = now.at.duration_since(last.at);
@@ -205,28 +206,14 @@ impl Paced {
         let Some(next) = self.pace.next(samples, spent, elapsed, self.anonymous()) else {
             return Ok(None);
         };
-        self.mem
-            .write_all_at(&next.to_le_bytes(), self.rate_at)
-            .with_context(|| format!("set the agent's interval in pid {}", self.pid))?;
+        self.remote.write(self.rate_at, &next.to_le_bytes())?;
         Ok(Some(next))
-    }
-
-    fn read(&self, addr: u64) -> Result<u64> {
-        let mut bytes = [0u8; 8];
-        self.mem
-            .read_exact_at(&mut bytes, addr)
-            .with_context(|| format!("read the agent in pid {}", self.pid))?;
-        Ok(u64::from_le_bytes(bytes))
     }
 
     /// `RssAnon`: the heap, where sampled blocks live (0 when unknown).
     fn anonymous(&self) -> u64 {
-        let status = self.proc_root.status(self.pid).unwrap_or_default();
-        status
-            .lines()
-            .find_map(|l| l.strip_prefix("RssAnon:"))
-            .and_then(|v| v.trim().trim_end_matches("kB").trim().parse::<u64>().ok())
-            .map_or(0, |kib| kib * 1024)
+        let status = self.proc_root.status(self.remote.pid).unwrap_or_default();
+        crate::sources::proc_sampler::status_kib(&status, "RssAnon:").map_or(0, |kib| kib * 1024)
     }
 }
 

@@ -79,7 +79,7 @@ pub fn sample(root: &ProcRoot, pid: u32) -> Option<ProcSample> {
 }
 
 /// A `Key:   123 kB` line of /proc/PID/status, in KiB.
-fn status_kib(status: &str, key: &str) -> Option<u64> {
+pub(crate) fn status_kib(status: &str, key: &str) -> Option<u64> {
     status.lines().find_map(|l| l.strip_prefix(key))?.split_whitespace().next()?.parse().ok()
 }
 
