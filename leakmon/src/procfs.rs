@@ -196,6 +196,11 @@ pub fn parse_maps_line(line: &str) -> Option<Mapping> {
     })
 }
 
+/// A `Key:   123 kB` line of /proc/PID/status, in KiB.
+pub fn status_kib(status: &str, key: &str) -> Option<u64> {
+    status.lines().find_map(|l| l.strip_prefix(key))?.split_whitespace().next()?.parse().ok()
+}
+
 /// The mapping that contains `addr`, from a list in address order.
 pub fn find_mapping(maps: &[Mapping], addr: u64) -> Option<&Mapping> {
     let i = maps.partition_point(|m| m.start <= addr);

@@ -19,12 +19,35 @@ pub enum Attach {
 /// fifth of an allocation-bound Node.js's speed; see `cargo xtask bench --node-only`.)
 pub const DEFAULT_SAMPLE_BYTES: u64 = 512 * 1024;
 
-/// `--sample-bytes` for a sampler that always samples (the agent, a runtime's
-/// profiler): 0 (exact, the tables' default) means [`DEFAULT_SAMPLE_BYTES`] there.
-pub fn sampling_interval(sample_bytes: u64) -> u64 {
-    match sample_bytes {
-        0 => DEFAULT_SAMPLE_BYTES,
-        bytes => bytes,
+/// The interval of a sampler that always samples (the agent, a runtime's profiler).
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Interval {
+    /// As given (`--sample-bytes`).
+    Fixed(u64),
+    /// From this one, paced to the process's allocation rate (the agent's
+    /// `agent::pace`, V8's `runtimes::node::pace`).
+    Paced(u64),
+}
+
+impl Interval {
+    /// `--sample-bytes` as given: 0 (exact, the tables' default) means none, and the
+    /// interval is paced from [`DEFAULT_SAMPLE_BYTES`].
+    pub fn from_option(sample_bytes: u64) -> Self {
+        match sample_bytes {
+            0 => Self::Paced(DEFAULT_SAMPLE_BYTES),
+            bytes => Self::Fixed(bytes),
+        }
+    }
+
+    /// The interval sampling starts at.
+    pub fn start(self) -> u64 {
+        match self {
+            Self::Fixed(bytes) | Self::Paced(bytes) => bytes,
+        }
+    }
+
+    pub fn paced(self) -> bool {
+        matches!(self, Self::Paced(_))
     }
 }
 

@@ -213,7 +213,7 @@ impl Paced {
     /// `RssAnon`: the heap, where sampled blocks live (0 when unknown).
     fn anonymous(&self) -> u64 {
         let status = self.proc_root.status(self.remote.pid).unwrap_or_default();
-        crate::sources::proc_sampler::status_kib(&status, "RssAnon:").map_or(0, |kib| kib * 1024)
+        crate::procfs::status_kib(&status, "RssAnon:").map_or(0, |kib| kib * 1024)
     }
 }
 

@@ -24,7 +24,7 @@ use std::{
 use anyhow::{anyhow, bail, Context as _, Result};
 
 use super::{inject, pace};
-use crate::procfs::ProcRoot;
+use crate::{procfs::ProcRoot, values::Interval};
 
 /// How long the guardian waits for another tracer (leakmon's hold on the process at
 /// exit) to let go before it unloads.
@@ -41,32 +41,6 @@ pub struct Session {
     answers: std::sync::mpsc::Receiver<String>,
     /// The agent's interval now: the one given, or the last the pace set.
     rate: Arc<AtomicU64>,
-}
-
-/// How the agent's interval is set.
-#[derive(Clone, Copy, Debug, PartialEq, Eq)]
-pub enum Interval {
-    /// As given (`--sample-bytes`).
-    Fixed(u64),
-    /// From this one, paced to the process's allocation rate ([`pace`]).
-    Paced(u64),
-}
-
-impl Interval {
-    /// `--sample-bytes` as given (0: none, the agent's interval is paced).
-    pub fn from_option(sample_bytes: u64) -> Self {
-        match sample_bytes {
-            0 => Self::Paced(crate::values::DEFAULT_SAMPLE_BYTES),
-            bytes => Self::Fixed(bytes),
-        }
-    }
-
-    /// The interval the agent starts at.
-    pub fn start(self) -> u64 {
-        match self {
-            Self::Fixed(bytes) | Self::Paced(bytes) => bytes,
-        }
-    }
 }
 
 /// A load under way in its guardian: [`Starting::poll`] says when it is done.
@@ -99,7 +73,7 @@ impl Session {
             ])
             .arg("--agent")
             .arg(agent);
-        if matches!(interval, Interval::Paced(_)) {
+        if interval.paced() {
             command.arg("--paced");
         }
         let mut child = command

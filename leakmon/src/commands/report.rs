@@ -13,10 +13,7 @@ use tracing::{debug, info, warn};
 
 use super::{capture, count_signals, load_probes, refresh_unwind, report_of, signals_received};
 use crate::{
-    agent::{
-        pace::Paced,
-        session::{Interval, Session},
-    },
+    agent::{pace::Paced, session::Session},
     cli::{Format, ReportArgs},
     discovery::Discovery,
     probes::Probes,
@@ -25,6 +22,7 @@ use crate::{
     report::{flamegraph, folded, pprof, table, ProcessInfo, Report},
     sources::probing::Probing,
     symbolize::Symbolizer,
+    values::Interval,
     wrappers::Wrappers,
 };
 
@@ -356,7 +354,7 @@ impl<'a> Watch<'a> {
             // Where the pace moved it, the notes speak of the interval at the end.
             let root = session.as_ref().map(Session::pid).or(tracer.as_ref().map(Tracer::root));
             let paced = session.as_ref().map(Session::rate).or_else(|| Some(self.paced.get(&root?)?.rate()));
-            if let Some(rate) = paced.filter(|_| matches!(self.interval, Interval::Paced(_))) {
+            if let Some(rate) = paced.filter(|_| self.interval.paced()) {
                 report.sample_bytes = rate;
                 report.paced = true;
             }

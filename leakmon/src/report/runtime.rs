@@ -29,11 +29,9 @@ pub fn report(
         );
     };
     // Past the window, a JVM stops the recording itself.
-    let paced = sample_bytes == 0;
-    let sample_bytes = crate::values::sampling_interval(sample_bytes);
-    let options =
-        Options { sample_bytes, paced, lifetime: window + Duration::from_secs(120), histograms: true };
-    let (stacks, notes, interval, in_flight) = with_profiler(pid, runtime, options, |profiler| {
+    let interval = crate::values::Interval::from_option(sample_bytes);
+    let options = Options { interval, lifetime: window + Duration::from_secs(120), histograms: true };
+    let (stacks, notes, used, in_flight) = with_profiler(pid, runtime, options, |profiler| {
         let deadline = Instant::now() + window;
         while Instant::now() < deadline && !stop() {
             std::thread::sleep(
@@ -67,8 +65,8 @@ pub fn report(
     process.settle_interval();
     // Where the runtime set its interval (JFR), or leakmon paced it (V8), the notes
     // speak of that one.
-    let sample_bytes = interval.unwrap_or(sample_bytes);
-    let paced = paced && !runtime.support().sets_its_own_interval();
+    let sample_bytes = used.unwrap_or(interval.start());
+    let paced = interval.paced() && !runtime.support().sets_its_own_interval();
     let mut report = Report { method: Method::Runtime, sample_bytes, paced, processes: vec![process] };
     report.add_notes();
     Ok(report)

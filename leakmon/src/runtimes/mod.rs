@@ -239,11 +239,8 @@ pub trait Profiler {
 /// What to sample with.
 #[derive(Clone, Copy, Debug)]
 pub struct Options {
-    /// V8's sampling interval.
-    pub sample_bytes: u64,
-    /// Whether V8's interval follows the process's allocation rate, measured at the
-    /// start, from `sample_bytes` (none was given).
-    pub paced: bool,
+    /// V8's sampling interval (paced: from the allocation rate measured at the start).
+    pub interval: crate::values::Interval,
     /// How long a JVM keeps its recording if leakmon never stops it.
     pub lifetime: Duration,
     /// Whether a JVM without JFR may be asked for class histograms (a full

@@ -22,11 +22,12 @@ use super::{
     Source,
 };
 use crate::{
-    agent::session::{Interval, Session, Starting},
+    agent::session::{Session, Starting},
     model::Method,
     model::SeriesView,
     probes::Probes,
     procfs::ProcRoot,
+    values::Interval,
 };
 
 /// How long after its exec a named process gets the agent again: its libraries are

@@ -7,7 +7,7 @@
 
 use std::{fs, path::PathBuf};
 
-use crate::procfs::ProcRoot;
+use crate::procfs::{status_kib, ProcRoot};
 
 /// One process at one instant.
 #[derive(Clone, Debug, PartialEq, Eq)]
@@ -76,11 +76,6 @@ pub fn sample(root: &ProcRoot, pid: u32) -> Option<ProcSample> {
         file_bytes,
         shmem_bytes,
     })
-}
-
-/// A `Key:   123 kB` line of /proc/PID/status, in KiB.
-pub(crate) fn status_kib(status: &str, key: &str) -> Option<u64> {
-    status.lines().find_map(|l| l.strip_prefix(key))?.split_whitespace().next()?.parse().ok()
 }
 
 /// `comm` and start time (field 22) of /proc/PID/stat; the name may hold spaces and

@@ -74,8 +74,7 @@ impl RuntimeProfiles {
             ending: Vec::new(),
             // Past the suspect duration, a JVM ends its recording itself.
             options: Options {
-                sample_bytes: crate::values::sampling_interval(sample_bytes),
-                paced: sample_bytes == 0,
+                interval: crate::values::Interval::from_option(sample_bytes),
                 lifetime: duration + Duration::from_secs(120),
                 histograms: false,
             },

@@ -129,7 +129,7 @@ fn attribution(
             Attach::Suspects => agent::Coverage::Suspects(suspects()),
             Attach::All | Attach::None => unreachable!("refused by validate"),
         };
-        let interval = crate::agent::session::Interval::from_option(args.tables.sample_bytes);
+        let interval = crate::values::Interval::from_option(args.tables.sample_bytes);
         return Ok(Some(Box::new(Agent::start(probes, coverage, proc_root, interval)?)));
     }
     let coverage = match attach {
@@ -465,7 +465,7 @@ impl Daemon<'_> {
     /// the one each process starts at), or the kernel's own (0: exact).
     fn sample_rate(&self) -> u64 {
         if self.sources.iter().any(|s| s.method() == crate::model::Method::Agent) {
-            crate::values::sampling_interval(self.args.tables.sample_bytes)
+            crate::values::Interval::from_option(self.args.tables.sample_bytes).start()
         } else {
             self.args.tables.sample_bytes
         }

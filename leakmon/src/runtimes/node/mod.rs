@@ -30,7 +30,10 @@ use self::{
     port_guard::PortGuard,
 };
 use super::{guardian::Guard, Frame, Options, Profiler, Stack, Support};
-use crate::untrusted::{read_text, Identity, Pinned, PROC_TEXT_LIMIT};
+use crate::{
+    untrusted::{read_text, Identity, Pinned, PROC_TEXT_LIMIT},
+    values::Interval,
+};
 
 /// Closes the inspector once the current session has ended. Not at once
 /// (`setImmediate`): a close while the session was still being torn down crashed
@@ -55,9 +58,9 @@ pub struct Node {
 }
 
 impl Node {
-    /// Opens `pid`'s inspector and starts sampling every `interval` bytes, or, `paced`,
-    /// at the interval its allocation rate calls for (see [`pace`]).
-    pub fn open(pid: u32, interval: u64, paced: bool) -> Result<Self> {
+    /// Opens `pid`'s inspector and starts sampling at `interval`: where it is paced,
+    /// at the one its allocation rate calls for (see [`pace`]).
+    pub fn open(pid: u32, interval: Interval) -> Result<Self> {
         let proc_root = Path::new("/proc");
         // Pinned: every check is of this process, and SIGUSR1 goes to it or to none.
         let process = Pinned::open(pid).with_context(|| format!("no process {pid}"))?;
@@ -110,7 +113,8 @@ impl Node {
         };
         info!(pid, %addr, "inspector opened");
         // From here on the inspector is open: a failure closes it again (on drop).
-        let mut node = Self { pid, addr, session: None, interval, guard: Some(guard), _port: port };
+        let mut node =
+            Self { pid, addr, session: None, interval: interval.start(), guard: Some(guard), _port: port };
         if addr.port() != address.port {
             bail!(
                 "pid {pid}'s inspector opened on {addr}, not on the port its options name ({}), which leakmon kept from other users: closed again at once",
@@ -125,10 +129,13 @@ impl Node {
         let mut session = Session::open(addr)?;
         session.call("HeapProfiler.enable", &json!({}))?;
         node.session = Some(session);
-        let interval = if paced { node.pace(interval)? } else { interval };
-        node.interval = interval;
-        node.session()?.call("HeapProfiler.startSampling", &json!({ "samplingInterval": interval }))?;
-        info!(pid, interval, paced, "V8's sampling heap profiler started");
+        let bytes = match interval {
+            Interval::Paced(start) => node.pace(start)?,
+            Interval::Fixed(bytes) => bytes,
+        };
+        node.interval = bytes;
+        node.session()?.call("HeapProfiler.startSampling", &json!({ "samplingInterval": bytes }))?;
+        info!(pid, interval = bytes, paced = interval.paced(), "V8's sampling heap profiler started");
         Ok(node)
     }
 
@@ -230,7 +237,7 @@ impl Support for NodeSupport {
     }
 
     fn profiler(&self, pid: u32, options: Options) -> Option<Result<Box<dyn Profiler>>> {
-        Some(Node::open(pid, options.sample_bytes, options.paced).map(|n| Box::new(n) as Box<dyn Profiler>))
+        Some(Node::open(pid, options.interval).map(|n| Box::new(n) as Box<dyn Profiler>))
     }
 
     fn in_net_namespace(&self) -> bool {
