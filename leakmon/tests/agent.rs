@@ -15,8 +15,8 @@ use std::{
 
 use common::{
     agent_state::{
-        agent_mapped, entry_address, got_slot, kill_agent_report_at, read_u64, tracer_of, wait_restored,
-        AgentTarget, Lifecycle, KILL_MOMENTS,
+        agent_mapped, agent_rate, entry_address, got_slot, kill_agent_report_at, read_u64, tracer_of,
+        wait_restored, AgentTarget, Lifecycle, KILL_MOMENTS,
     },
     build_fixture, build_fixture_with, by_function, finish_report, leakmon, leaks_sigma, parse_report,
     processes, sampling_variance, signal, watch_pid_with, Reap, LEAKS,
@@ -342,6 +342,12 @@ fn killed_at_every_moment(mut target: AgentTarget) {
             assert_ne!(read_u64(pid, slot), original, "loaded: the slot is redirected");
         });
         target.wait_restored();
+        // Sampling stopped with the redirections (however the pace had left it).
+        let deadline = Instant::now() + Duration::from_secs(10);
+        while agent_rate(pid).is_some_and(|rate| rate != 0) {
+            assert!(Instant::now() < deadline, "after {moment}, the agent in pid {pid} still samples");
+            std::thread::sleep(Duration::from_millis(20));
+        }
         target.leak();
     }
 }

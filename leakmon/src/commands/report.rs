@@ -312,6 +312,10 @@ impl<'a> Watch<'a> {
     /// Paces the agent of each process of the command that runs one (see
     /// [`crate::agent::pace`]), once a turn.
     fn pace(&mut self) {
+        // A running --pid's agent is paced by its guardian: one writer per process.
+        if self.args.pid.is_some() {
+            return;
+        }
         let (Some(agent), Interval::Paced(_)) = (self.agent.as_deref(), self.interval) else { return };
         for (pid, state) in self.probes.traced().unwrap_or_default() {
             if state.exited() {

@@ -101,6 +101,24 @@ pub fn agent_mapped(pid: u32) -> bool {
         .contains("leakmon-agent-")
 }
 
+/// The agent's sampling interval in `pid` (0: stopped), read from its `rate`, or
+/// `None` where no agent is mapped.
+pub fn agent_rate(pid: u32) -> Option<u64> {
+    let maps =
+        String::from_utf8_lossy(&std::fs::read(format!("/proc/{pid}/maps")).expect("maps")).into_owned();
+    let (base, path) = maps.lines().find_map(|l| {
+        let fields: Vec<&str> = l.split_whitespace().collect();
+        let path = *fields.get(5)?;
+        if !path.contains("leakmon-agent-") || fields[2] != "00000000" {
+            return None;
+        }
+        Some((u64::from_str_radix(fields[0].split('-').next()?, 16).ok()?, path.to_owned()))
+    })?;
+    let symbols =
+        leakmon::agent::inline::AgentSymbols::new(std::path::Path::new(&path), base).expect("symbols");
+    Some(read_u64(pid, symbols.get("rate").expect("the agent's rate")))
+}
+
 pub fn tracer_of(pid: u32) -> String {
     let status =
         String::from_utf8_lossy(&std::fs::read(format!("/proc/{pid}/status")).expect("status")).into_owned();
@@ -191,8 +209,10 @@ impl AgentTarget {
 /// The moments a `leakmon report --agent` is SIGKILLed at: as soon as its guardian
 /// exists (the guardian loads from its start: its ptrace holds last a millisecond each,
 /// between which the borrowed thread runs dlopen on its own, so watching for them would
-/// miss most), once it logs that it is watching, and 30 ms after it starts.
-pub const KILL_MOMENTS: [&str; 3] = ["mid-load", "while watching", "at once"];
+/// miss most), once it logs that it is watching, once its guardian's pace has written
+/// the agent's interval in the process (no `--sample-bytes`: an idle target's comes
+/// down from 512 KiB at the first turn), and 30 ms after it starts.
+pub const KILL_MOMENTS: [&str; 4] = ["mid-load", "while watching", "while paced", "at once"];
 
 /// Starts `leakmon report --agent` on `pid` for 60 s, lets it reach `moment` (calling
 /// `loaded` once it watches), then SIGKILLs and reaps it.
@@ -215,7 +235,7 @@ pub fn kill_agent_report_at(pid: u32, moment: &str, loaded: impl FnOnce()) {
                 assert!(report.0.try_wait().expect("poll leakmon").is_none(), "leakmon ended early");
             }
         }
-        "while watching" => {
+        "while watching" | "while paced" => {
             let mut stderr = std::io::BufReader::new(report.0.stderr.take().expect("stderr"));
             let mut line = String::new();
             while !line.contains("watching") {
@@ -223,6 +243,15 @@ pub fn kill_agent_report_at(pid: u32, moment: &str, loaded: impl FnOnce()) {
                 assert!(stderr.read_line(&mut line).expect("read") > 0, "leakmon ended before watching");
             }
             loaded();
+            if moment == "while paced" {
+                let deadline = Instant::now() + Duration::from_secs(10);
+                while agent_rate(pid) == Some(512 << 10) {
+                    assert!(Instant::now() < deadline, "the pace never changed pid {pid}'s interval");
+                    std::thread::sleep(Duration::from_millis(50));
+                }
+                let rate = agent_rate(pid).expect("the agent is mapped");
+                assert!(rate.is_power_of_two() && rate < 512 << 10, "paced to {rate}");
+            }
         }
         _ => std::thread::sleep(Duration::from_millis(30)),
     }
