@@ -230,6 +230,13 @@ pub struct TableArgs {
     pub suppress: Vec<String>,
 }
 
+fn parse_budget(text: &str) -> Result<f64, String> {
+    match text.parse::<f64>() {
+        Ok(ms) if ms.is_finite() && ms > 0.0 && ms <= 3_600_000.0 => Ok(ms),
+        _ => Err(format!("{text:?} is not a number of milliseconds between 0 and an hour")),
+    }
+}
+
 fn parse_wrapper(text: &str) -> Result<String, String> {
     crate::wrappers::validate(text).map(|()| text.to_owned())
 }
@@ -264,6 +271,19 @@ pub struct ReportArgs {
     /// through the attach protocol jcmd speaks (no JDK needed on the host).
     #[arg(long)]
     pub runtime: bool,
+    /// Say whether each stack's unfreed bytes are lost or still held, and by what, as
+    /// valgrind's memcheck classes them (definitely, indirectly or possibly lost, still
+    /// reachable), naming the root that holds the reachable ones (a global, a thread's
+    /// stack frame, its TLS or a register) and the allocation sites along the chain.
+    /// With --pid the process is stopped at the end of the window while its memory is
+    /// read (the pause is measured and printed); a command is scanned at its exit.
+    #[arg(long)]
+    pub holders: bool,
+    /// With --holders: the longest a process may be held still for its scan. A scan
+    /// that needs longer stops, lets the process go and says what it covered, with
+    /// no verdict.
+    #[arg(long, value_name = "MILLISECONDS", default_value = "2000", value_parser = parse_budget)]
+    pub holders_budget: f64,
     #[command(flatten)]
     pub tables: TableArgs,
     /// The command to run, after `--`.

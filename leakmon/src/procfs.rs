@@ -105,6 +105,21 @@ impl ProcRoot {
         Ok(self.read(pid, "maps")?.lines().filter_map(parse_maps_line).collect())
     }
 
+    /// The text of the process's `maps`, anonymous mappings included.
+    pub fn maps_text(&self, pid: u32) -> Result<String, ProcError> {
+        self.read(pid, "maps")
+    }
+
+    /// The ids of the process's threads.
+    pub fn tasks(&self, pid: u32) -> Result<Vec<u32>, ProcError> {
+        let path = self.0.join(pid.to_string()).join("task");
+        let dir = fs::read_dir(&path).map_err(|source| match source.kind() {
+            io::ErrorKind::NotFound => ProcError::NoSuchProcess { pid },
+            _ => ProcError::Read { path, source },
+        })?;
+        Ok(dir.filter_map(|e| e.ok()?.file_name().to_str()?.parse().ok()).collect())
+    }
+
     /// The value of `key` (`AT_ENTRY`, `AT_BASE`, ...) in the process's auxiliary
     /// vector, if it has one.
     pub fn auxv(&self, pid: u32, key: u64) -> Result<Option<u64>, ProcError> {

@@ -129,6 +129,25 @@ impl Symbolizer {
         self.frames_with(pid, maps, root, None, stack)
     }
 
+    /// The variable at `address`, in the data or bss of the object that `maps` maps
+    /// from `object`: its symbol (from the symbol table; a stripped binary has none).
+    pub fn variable(&self, maps: &[Mapping], root: Option<&Path>, object: &Path, address: u64) -> Option<String> {
+        let first = maps.iter().filter(|m| m.path == object).min_by_key(|m| m.start)?;
+        let mut parsed = self.blaze.lock().unwrap_or_else(std::sync::PoisonError::into_inner);
+        let path = parsed.binaries.mapped(first, root)?.path.clone();
+        // The bss has no file bytes: the address goes by the object's layout, the
+        // load bias taken from where its first segment was mapped.
+        let bias = first.start.checked_sub(virt_offset(&path, first.offset)?)?;
+        let at = address.checked_sub(bias)?;
+        let src = Source::Elf(Elf::new(&path));
+        let name = match parsed.blaze.symbolize_single(&src, Input::VirtOffset(at)) {
+            Ok(Symbolized::Sym(sym)) => Some(sym.name.into_owned()),
+            _ => None,
+        };
+        parsed.used = Instant::now();
+        name
+    }
+
     /// [`Symbolizer::frames`], naming walked frames through `walked` (read while the
     /// process lived) when given.
     pub fn frames_with(

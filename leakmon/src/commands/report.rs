@@ -16,6 +16,10 @@ use crate::{
     agent::{pace::Paced, session::Session},
     cli::{Format, ReportArgs},
     discovery::Discovery,
+    holders::{
+        names::Scanned,
+        scan::{Hold, Known},
+    },
     probes::Probes,
     procfs::ProcRoot,
     ptrace::tracer::{RootExit, Stop, Tracer},
@@ -66,6 +70,8 @@ struct Watch<'a> {
     paced: HashMap<u32, Paced>,
     /// Processes that exited, captured at their exit.
     infos: HashMap<u32, ProcessInfo>,
+    /// With --holders: each process's scan.
+    scans: HashMap<u32, Scanned>,
 }
 
 impl<'a> Watch<'a> {
@@ -92,6 +98,7 @@ impl<'a> Watch<'a> {
             interval,
             paced: HashMap::new(),
             infos: HashMap::new(),
+            scans: HashMap::new(),
         })
     }
 
@@ -238,6 +245,9 @@ impl<'a> Watch<'a> {
                 let mut info = capture(&mut self.discovery, pid, false);
                 let root = proc_root.in_root(pid, std::path::Path::new("/"));
                 info.walked = crate::runtimes::held_at_exit(&self.probes, pid, &info.maps, &root);
+                if self.args.holders {
+                    self.scan(pid, Hold::AtExit(pid), &info);
+                }
                 self.infos.insert(pid, info);
             }
             // A new image may bring its own allocator or preload one (`env
@@ -342,15 +352,62 @@ impl<'a> Watch<'a> {
         }
     }
 
+    /// Scans `pid`, held as `hold`, for what holds its unfreed blocks; a failure is
+    /// said and the report goes on without.
+    fn scan(&mut self, pid: u32, hold: Hold, info: &ProcessInfo) {
+        let budget_ms = self.args.holders_budget;
+        let scanned = self.known_blocks(pid, matches!(hold, Hold::Stop)).and_then(|blocks| {
+            crate::holders::scan::scan(&self.proc_root, pid, hold, blocks, Duration::from_secs_f64(budget_ms / 1e3))
+        });
+        match scanned {
+            Ok(outcome) => {
+                info!(pid, pause_ms = outcome.pause.as_secs_f64() * 1e3, complete = outcome.complete, "holders scanned");
+                self.scans.insert(pid, Scanned { outcome, budget_ms, info: info.clone() });
+            }
+            Err(e) => warn!(pid, "holders scan: {e:#}"),
+        }
+    }
+
+    /// The unfreed blocks of `pid`'s current image in the live table; those in flight
+    /// where it still `runs` hold pointers but do not count.
+    fn known_blocks(&self, pid: u32, runs: bool) -> Result<Vec<Known>> {
+        let traced = self.probes.traced()?;
+        let Some(gen) = traced.iter().find(|(p, _)| *p == pid).map(|(_, s)| s.gen) else { return Ok(Vec::new()) };
+        let now = crate::monotonic_ms();
+        let in_flight = crate::store::live::IN_FLIGHT_MS;
+        Ok(self
+            .probes
+            .live(|tgid| tgid == pid)?
+            .into_iter()
+            .filter(|(_, b)| b.gen == gen)
+            .map(|(key, b)| Known {
+                start: key.addr,
+                size: b.size,
+                stack_id: b.stack_id,
+                counted: !runs || now.saturating_sub(b.ts_ms) >= in_flight,
+            })
+            .collect())
+    }
+
     /// The report of what is still unfreed; the agent stopped first.
-    fn finish(mut self, tracer: Option<Tracer>, session: Option<Session>) -> Result<Report> {
-        let mut report = build_report(
-            &self.probes,
-            &mut self.discovery,
-            self.infos,
-            &self.args.tables.wrappers,
-            self.sample_bytes,
-        )?;
+    fn finish(mut self, mut tracer: Option<Tracer>, session: Option<Session>) -> Result<Report> {
+        if let (true, Some(pid)) = (self.args.holders, self.args.pid) {
+            // The scan holds every thread itself: the hold for the exit goes first.
+            if let Some(t) = tracer.take() {
+                t.release();
+            }
+            if self.proc_root.running(pid) {
+                let info = capture(&mut self.discovery, pid, true);
+                self.scan(pid, Hold::Stop, &info);
+            }
+        }
+        let symbolizer = Symbolizer::new(Wrappers::new(&self.args.tables.wrappers));
+        let traced: HashMap<u32, _> = self.probes.traced()?.into_iter().collect();
+        let mut report =
+            report_of(&self.probes, &mut self.discovery, &traced, self.infos, &symbolizer, self.sample_bytes)?;
+        for (pid, scanned) in &self.scans {
+            crate::holders::names::attach(&mut report, *pid, scanned, &symbolizer, &|id| self.probes.stack(id));
+        }
         report.set_apart(&crate::suppressions::Suppressions::new(&self.args.tables.suppress));
         report.sample_bytes = self.sample_bytes;
         if self.agent.is_some() {
@@ -451,15 +508,4 @@ fn check(args: &ReportArgs, proc_root: &ProcRoot) -> Result<()> {
         bail!("--format pprof writes a binary profile: redirect it to a file (> heap.pb.gz)");
     }
     Ok(())
-}
-
-fn build_report(
-    probes: &Probes,
-    discovery: &mut Discovery,
-    infos: HashMap<u32, ProcessInfo>,
-    wrappers: &[String],
-    rate: u64,
-) -> Result<Report> {
-    let traced: HashMap<u32, _> = probes.traced()?.into_iter().collect();
-    report_of(probes, discovery, &traced, infos, &Symbolizer::new(Wrappers::new(wrappers)), rate)
 }

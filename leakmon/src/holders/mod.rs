@@ -1,10 +1,18 @@
-//! Lost, or still held, and by whom (`report --holders`, under way): whether a
-//! running process still reaches each unfreed block, and through which root and chain.
+//! Lost, or still held, and by whom (`report --holders`): whether a running process
+//! still reaches each unfreed block, and through which root and chain.
 //!
-//! - [`reach`]: the flood over blocks, roots and memory, and memcheck's classes. Pure:
-//!   the stop of the process, its roots and its memory come from elsewhere.
+//! - [`stop`]: every thread of a process held still with ptrace, and let go on every
+//!   path (the kernel lets go of a killed tracer's tracees itself).
 //! - [`roots`]: where a stopped process keeps pointers by definition (data, bss,
 //!   thread stacks), from its mappings and its threads' stack pointers.
+//! - [`reach`]: the flood over blocks, roots and memory, and memcheck's classes. Pure.
+//! - [`scan`]: one scan: the stop, the roots (registers and TLS too), the flood within
+//!   a budget, the findings per allocation stack.
+//! - [`names`]: the findings named once the process runs again, as the report shows
+//!   them.
 
+pub mod names;
 pub mod reach;
 pub mod roots;
+pub mod scan;
+pub mod stop;

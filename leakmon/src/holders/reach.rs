@@ -63,6 +63,9 @@ pub struct Reach {
     pub via: Vec<Option<Via>>,
     /// Words read, roots and blocks: the scan's size.
     pub words: u64,
+    /// Whether the flood ran to its end. A flood stopped early (its budget spent) has
+    /// reached too little: what it calls lost may be held, so its classes are no verdict.
+    pub complete: bool,
 }
 
 impl Reach {
@@ -96,18 +99,41 @@ fn target(blocks: &[Block], word: u64) -> Option<(usize, bool)> {
     (word < b.start.saturating_add(b.size.max(1))).then_some((i, word == b.start))
 }
 
-/// The aligned words of `len` bytes at `start` (a tail shorter than a word is none).
-fn words(memory: &dyn Memory, start: u64, len: u64) -> Vec<(u64, u64)> {
+/// Bytes read at once: a block of a GiB is not read into one buffer.
+const CHUNK: u64 = 1 << 20;
+
+/// Calls `f` with each aligned word of `len` bytes at `start` and its address (a tail
+/// shorter than a word is none), while `go_on` says so; whether it got to the end.
+fn each_word(
+    memory: &dyn Memory,
+    start: u64,
+    len: u64,
+    go_on: &mut dyn FnMut() -> bool,
+    mut f: impl FnMut(u64, u64),
+) -> bool {
     let aligned = start.next_multiple_of(8);
-    let skip = aligned - start;
-    let Some(len) = len.checked_sub(skip) else { return Vec::new() };
-    let Some(bytes) = memory.read(aligned, len as usize) else { return Vec::new() };
-    let (chunks, _) = bytes.as_chunks::<8>();
-    chunks.iter().enumerate().map(|(i, w)| (aligned + 8 * i as u64, u64::from_le_bytes(*w))).collect()
+    let Some(len) = len.checked_sub(aligned - start) else { return true };
+    let end = aligned + (len & !7);
+    let mut at = aligned;
+    while at < end {
+        if !go_on() {
+            return false;
+        }
+        let n = (end - at).min(CHUNK);
+        // What cannot be read holds no pointer.
+        if let Some(bytes) = memory.read(at, n as usize) {
+            for (i, w) in bytes.as_chunks::<8>().0.iter().enumerate() {
+                f(at + 8 * i as u64, u64::from_le_bytes(*w));
+            }
+        }
+        at += n;
+    }
+    true
 }
 
-/// Floods `blocks` (sorted by start, not overlapping) from `roots`.
-pub fn flood(blocks: &[Block], roots: &[Root], memory: &dyn Memory) -> Reach {
+/// Floods `blocks` (sorted by start, not overlapping) from `roots`, while `go_on` says
+/// so (asked before each chunk of memory read: the scan's budget).
+pub fn flood(blocks: &[Block], roots: &[Root], memory: &dyn Memory, go_on: &mut dyn FnMut() -> bool) -> Reach {
     debug_assert!(blocks.windows(2).all(|w| w[0].start + w[0].size <= w[1].start), "sorted, apart");
     let n = blocks.len();
     let mut class = vec![Class::DefinitelyLost; n];
@@ -118,10 +144,8 @@ pub fn flood(blocks: &[Block], roots: &[Root], memory: &dyn Memory) -> Reach {
     // Raises block `b` to `to` if that is higher; a raised block is scanned (again).
     let mut raise = |b: usize, to: Class, from: Via, class: &mut Vec<Class>, queue: &mut VecDeque<usize>| {
         if !reached[b] || to > class[b] {
-            if !reached[b] {
-                via[b] = Some(from);
-            } else if to == Class::Reachable {
-                // The holder of a block reachable is on its start-pointer chain.
+            // The holder of a block reachable is on its start-pointer chain.
+            if !reached[b] || to == Class::Reachable {
                 via[b] = Some(from);
             }
             reached[b] = true;
@@ -129,35 +153,52 @@ pub fn flood(blocks: &[Block], roots: &[Root], memory: &dyn Memory) -> Reach {
             queue.push_back(b);
         }
     };
+    let mut complete = true;
     for (r, root) in roots.iter().enumerate() {
-        for (at, word) in words(memory, root.start, root.end.saturating_sub(root.start)) {
+        complete &= each_word(memory, root.start, root.end.saturating_sub(root.start), go_on, |at, word| {
             count += 1;
             if let Some((b, start)) = target(blocks, word) {
                 let to = if start { Class::Reachable } else { Class::PossiblyLost };
                 raise(b, to, Via::Root { root: r, at }, &mut class, &mut queue);
             }
+        });
+        if !complete {
+            break;
         }
     }
-    while let Some(b) = queue.pop_front() {
+    while let Some(b) = queue.pop_front().filter(|_| complete) {
         let holder = class[b];
-        for (_, word) in words(memory, blocks[b].start, blocks[b].size) {
+        complete &= each_word(memory, blocks[b].start, blocks[b].size, go_on, |_, word| {
             count += 1;
             if let Some((t, start)) = target(blocks, word) {
-                if t == b {
-                    continue;
+                if t != b {
+                    let to =
+                        if start && holder == Class::Reachable { Class::Reachable } else { Class::PossiblyLost };
+                    raise(t, to, Via::Block { block: b }, &mut class, &mut queue);
                 }
-                let to =
-                    if start && holder == Class::Reachable { Class::Reachable } else { Class::PossiblyLost };
-                raise(t, to, Via::Block { block: b }, &mut class, &mut queue);
             }
-        }
+        });
     }
     drop(raise);
-    // What no root reaches is lost: each block another lost block points at is
-    // indirectly lost; the rest, the heads of what was dropped, definitely.
+    if complete {
+        complete = lost(blocks, memory, &reached, &mut class, &mut count, go_on);
+    }
+    Reach { class, via, words: count, complete }
+}
+
+/// What no root reaches is lost: each block another lost block points at is
+/// indirectly lost; the rest, the heads of what was dropped, definitely.
+fn lost(
+    blocks: &[Block],
+    memory: &dyn Memory,
+    reached: &[bool],
+    class: &mut [Class],
+    count: &mut u64,
+    go_on: &mut dyn FnMut() -> bool,
+) -> bool {
     // The head whose flood last took each block in (1 + its index; 0: none yet).
-    let mut taken = vec![0usize; n];
-    for b in 0..n {
+    let mut taken = vec![0usize; blocks.len()];
+    for b in 0..blocks.len() {
         // A block an earlier head's flood took in is no head (a lost cycle's first
         // block heads it).
         if reached[b] || class[b] == Class::IndirectlyLost {
@@ -166,8 +207,8 @@ pub fn flood(blocks: &[Block], roots: &[Root], memory: &dyn Memory) -> Reach {
         taken[b] = b + 1;
         let mut stack = vec![b];
         while let Some(l) = stack.pop() {
-            for (_, word) in words(memory, blocks[l].start, blocks[l].size) {
-                count += 1;
+            let done = each_word(memory, blocks[l].start, blocks[l].size, go_on, |_, word| {
+                *count += 1;
                 if let Some((t, _)) = target(blocks, word) {
                     if !reached[t] && taken[t] != b + 1 {
                         class[t] = Class::IndirectlyLost;
@@ -175,10 +216,13 @@ pub fn flood(blocks: &[Block], roots: &[Root], memory: &dyn Memory) -> Reach {
                         stack.push(t);
                     }
                 }
+            });
+            if !done {
+                return false;
             }
         }
     }
-    Reach { class, via, words: count }
+    true
 }
 
 #[cfg(test)]
@@ -233,7 +277,7 @@ mod tests {
         // 8 and 9 point at each other, and nothing else at them.
         m.put(block(8).start, block(9).start);
         m.put(block(9).start, block(8).start);
-        let reach = flood(&blocks, &[Root { start: DATA, end: DATA + 64 }], &m);
+        let reach = flood(&blocks, &[Root { start: DATA, end: DATA + 64 }], &m, &mut || true);
         use Class::*;
         assert_eq!(
             reach.class,
@@ -263,7 +307,7 @@ mod tests {
         let mut m = Words::default();
         m.put(block(0).start, block(1).start);
         m.put(block(2).start, block(0).start);
-        let reach = flood(&blocks, &[], &m);
+        let reach = flood(&blocks, &[], &m, &mut || true);
         assert_eq!(reach.class, [Class::IndirectlyLost, Class::IndirectlyLost, Class::DefinitelyLost]);
     }
 
@@ -277,7 +321,7 @@ mod tests {
         m.put(DATA + 8, block(0).start);
         m.put(block(0).start, block(1).start);
         m.put(block(1).start, block(2).start);
-        let reach = flood(&blocks, &[Root { start: DATA, end: DATA + 16 }], &m);
+        let reach = flood(&blocks, &[Root { start: DATA, end: DATA + 16 }], &m, &mut || true);
         assert_eq!(reach.class, [Class::Reachable; 3]);
         assert_eq!(reach.chain(2), Some((0, DATA + 8, vec![0, 1, 2])));
     }
@@ -289,7 +333,7 @@ mod tests {
         let mut m = Words::default();
         m.put(DATA, block(0).start + 8);
         m.put(block(0).start + 16, block(1).start);
-        let reach = flood(&blocks, &[Root { start: DATA, end: DATA + 8 }], &m);
+        let reach = flood(&blocks, &[Root { start: DATA, end: DATA + 8 }], &m, &mut || true);
         assert_eq!(reach.class, [Class::PossiblyLost; 2]);
     }
 
@@ -304,13 +348,32 @@ mod tests {
             }
         }
         let blocks = [block(0)];
-        let reach = flood(&blocks, &[Root { start: DATA, end: DATA + 64 }], &Nothing);
+        let reach = flood(&blocks, &[Root { start: DATA, end: DATA + 64 }], &Nothing, &mut || true);
         assert_eq!(reach.class, [Class::DefinitelyLost]);
         let mut m = Words::default();
         m.put(DATA, block(0).start + 64);
-        assert_eq!(flood(&blocks, &[Root { start: DATA, end: DATA + 8 }], &m).class, [Class::DefinitelyLost]);
+        assert_eq!(flood(&blocks, &[Root { start: DATA, end: DATA + 8 }], &m, &mut || true).class, [Class::DefinitelyLost]);
         m.put(DATA + 8, block(0).start + 63);
-        let reach = flood(&blocks, &[Root { start: DATA + 3, end: DATA + 16 }], &m);
+        let reach = flood(&blocks, &[Root { start: DATA + 3, end: DATA + 16 }], &m, &mut || true);
         assert_eq!(reach.class, [Class::PossiblyLost], "the word at DATA+8, the first aligned one");
+    }
+
+    /// A flood whose budget runs out says so, and stops reading.
+    #[test]
+    fn a_spent_budget_stops_the_flood_and_says_so() {
+        let blocks: Vec<Block> = (0..3).map(block).collect();
+        let mut m = Words::default();
+        m.put(DATA, block(0).start);
+        m.put(block(0).start, block(1).start);
+        m.put(block(1).start, block(2).start);
+        let roots = [Root { start: DATA, end: DATA + 8 }];
+        let mut asked = 0;
+        let reach = flood(&blocks, &roots, &m, &mut || {
+            asked += 1;
+            asked <= 2
+        });
+        assert!(!reach.complete);
+        assert_eq!(reach.words, 1 + 8, "the root's word and block 0's eight, no more");
+        assert!(flood(&blocks, &roots, &m, &mut || true).complete);
     }
 }

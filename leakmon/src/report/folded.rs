@@ -60,6 +60,7 @@ mod tests {
     #[test]
     fn outermost_first_rooted_at_the_process_and_merged() {
         let stack = |bytes, frames: &[&str]| StackReport {
+held: Default::default(), key: 0,
             samples: None,
             bytes_interval: None,
             spread: None,
@@ -75,6 +76,7 @@ mod tests {
             sample_bytes: 0,
             paced: false,
             processes: vec![ProcessReport {
+pause_ms: None, holders_scan: None,
                 samples: None,
                 bytes_interval: None,
                 pid: 7,

@@ -95,6 +95,12 @@ pub struct ProcessReport {
     /// `stacks`. Absent for a process that exited, and when none was.
     #[serde(skip_serializing_if = "Option::is_none")]
     pub in_flight: Option<InFlight>,
+    /// How long a holders scan held the process still, in milliseconds.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub pause_ms: Option<f64>,
+    /// What the holders scan covered.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub holders_scan: Option<crate::holders::names::ScanSummary>,
     /// `python` for a CPython process; absent for others.
     #[serde(skip_serializing_if = "Option::is_none")]
     pub runtime: Option<&'static str>,
@@ -153,6 +159,12 @@ pub struct StackReport {
     pub site: Option<FrameReport>,
     /// Innermost first, wrappers included.
     pub frames: Vec<FrameReport>,
+    /// After a holders scan: whether its blocks are lost or held, and by what.
+    #[serde(flatten)]
+    pub held: crate::holders::names::StackHeld,
+    /// The kernel's id of the stack (0 where none): what a scan's findings are keyed by.
+    #[serde(skip)]
+    pub key: u64,
 }
 
 impl Report {
@@ -190,6 +202,7 @@ impl Report {
                         let site = frames.get(symbolizer.site(&frames)).cloned().map(FrameReport::from);
                         let spread = spreads.get(&(p.pid, s.stack_id)).copied();
                         StackReport {
+held: Default::default(), key: s.stack_id,
                             id: crate::symbolize::stable_id(&frames),
                             bytes: s.bytes,
                             allocations: s.allocations,
@@ -203,6 +216,7 @@ impl Report {
                     })
                     .collect();
                 let mut report = ProcessReport {
+pause_ms: None, holders_scan: None,
                     pid: p.pid,
                     comm: pinfo.comm.clone(),
                     allocator: pinfo.allocator,
@@ -269,6 +283,7 @@ impl Report {
         for (&pid, info) in watched {
             if !self.processes.iter().any(|p| p.pid == pid) {
                 self.processes.push(ProcessReport {
+pause_ms: None, holders_scan: None,
                     pid,
                     comm: info.comm.clone(),
                     allocator: info.allocator,
@@ -439,6 +454,7 @@ mod tests {
     #[test]
     fn rough_or_empty_sampled_figures_say_so() {
         let stack = |samples: u64| StackReport {
+held: Default::default(), key: 0,
             id: "1".into(),
             bytes: samples * 16384,
             allocations: samples,
@@ -450,6 +466,7 @@ mod tests {
             frames: Vec::new(),
         };
         let process = |stacks: Vec<StackReport>| ProcessReport {
+pause_ms: None, holders_scan: None,
             pid: 1,
             comm: "x".into(),
             allocator: None,
@@ -520,6 +537,7 @@ mod tests {
             runtime: runtime.map(str::to_owned),
         };
         let stack = |constructor: &str, site: &str| StackReport {
+held: Default::default(), key: 0,
             id: site.into(),
             bytes: 1 << 20,
             allocations: 40,
@@ -535,6 +553,7 @@ mod tests {
             ],
         };
         let process = ProcessReport {
+pause_ms: None, holders_scan: None,
             pid: 1,
             comm: "python3".into(),
             allocator: None,

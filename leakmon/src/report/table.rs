@@ -59,6 +59,17 @@ fn header(out: &mut String, p: &ProcessReport) {
     for note in &p.notes {
         let _ = writeln!(out, "  note: {note}");
     }
+    if let (Some(pause), Some(scan)) = (p.pause_ms, &p.holders_scan) {
+        let _ = writeln!(
+            out,
+            "  holders scan: held still {pause} ms, {} threads, {} blocks, {} read ({} GB/s){}",
+            scan.threads,
+            scan.blocks,
+            bytes(scan.scanned_bytes),
+            scan.gb_per_second,
+            if scan.complete { "" } else { ", stopped at its budget" }
+        );
+    }
     let internal = &p.runtime_internal;
     if internal.bytes > 0 {
         let _ = writeln!(
@@ -124,6 +135,9 @@ fn stacks(out: &mut String, p: &ProcessReport) {
         if rest > 0 {
             let _ = writeln!(out, "  {:>indent$}  ... {rest} more", "");
         }
+        if let Some(held) = s.held.line() {
+            let _ = writeln!(out, "  {:>indent$}  => {held}", "");
+        }
     }
 }
 
@@ -163,6 +177,7 @@ mod tests {
             sample_bytes: 0,
             paced: false,
             processes: vec![ProcessReport {
+pause_ms: None, holders_scan: None,
                 samples: None,
                 bytes_interval: None,
                 pid: 42,
@@ -176,6 +191,7 @@ mod tests {
                 runtime: None,
                 notes: Vec::new(),
                 stacks: vec![StackReport {
+held: Default::default(), key: 0,
                     samples: None,
                     bytes_interval: None,
                     spread: None,
@@ -225,6 +241,7 @@ mod tests {
             sample_bytes: 0,
             paced: false,
             processes: vec![ProcessReport {
+pause_ms: None, holders_scan: None,
                 samples: None,
                 bytes_interval: None,
                 pid: 9,
@@ -238,6 +255,7 @@ mod tests {
                 runtime: Some("python"),
                 notes: Vec::new(),
                 stacks: vec![StackReport {
+held: Default::default(), key: 0,
                     samples: None,
                     bytes_interval: None,
                     spread: None,

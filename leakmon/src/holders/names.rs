@@ -1,0 +1,239 @@
+//! The names of what a scan found, given once the process runs again: a global by its
+//! symbol, a stack frame by its function, file and line, a chain by the allocation
+//! sites of its blocks.
+
+use std::path::Path;
+
+use serde::Serialize;
+
+use super::scan::{Outcome, RawHolder, Reachability, RootAt};
+use crate::{procfs::Mapping, symbolize::Symbolizer};
+
+/// Reachable bytes of a stack, the root that holds them and the allocation sites of
+/// the blocks between the root and them.
+#[derive(Clone, Debug, PartialEq, Serialize)]
+pub struct HolderReport {
+    pub bytes: u64,
+    pub root: RootReport,
+    pub path: Vec<String>,
+}
+
+/// A root: `global` (`name`, the variable; `object`, the file it belongs to),
+/// `stack` (`function`, `file`, `line` of the frame; `thread`), `tls` or `register`
+/// (`name`, `thread`).
+#[derive(Clone, Debug, Default, PartialEq, Serialize)]
+pub struct RootReport {
+    pub kind: &'static str,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub name: Option<String>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub function: Option<String>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub file: Option<String>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub line: Option<u32>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub object: Option<String>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub thread: Option<u32>,
+}
+
+impl RootReport {
+    /// One line: "global list_head (fixture)", "stack of holder_thread (fixture.c:40)".
+    pub fn describe(&self) -> String {
+        fn file(f: &Option<String>) -> Option<&str> {
+            Path::new(f.as_deref()?).file_name()?.to_str()
+        }
+        match self.kind {
+            "global" => {
+                let name = self.name.as_deref().unwrap_or("an unnamed global");
+                match file(&self.object) {
+                    Some(object) => format!("global {name} ({object})"),
+                    None => format!("global {name}"),
+                }
+            }
+            "stack" => {
+                let function = self.function.as_deref().unwrap_or("an unnamed function");
+                match (file(&self.file), self.line) {
+                    (Some(f), Some(l)) => format!("the stack of {function} ({f}:{l})"),
+                    _ => format!("the stack of {function}"),
+                }
+            }
+            "tls" => format!("thread-local storage of thread {}", self.thread.unwrap_or(0)),
+            _ => format!("register {} of thread {}", self.name.as_deref().unwrap_or("?"), self.thread.unwrap_or(0)),
+        }
+    }
+}
+
+/// Names for one process's scan: its mappings (file-backed) and root.
+pub struct Namer<'a> {
+    pub symbolizer: &'a Symbolizer,
+    pub pid: u32,
+    pub maps: &'a [Mapping],
+    pub root: Option<&'a Path>,
+}
+
+impl Namer<'_> {
+    fn root(&self, root: &RootAt) -> RootReport {
+        match root {
+            RootAt::Global { object, address } => RootReport {
+                kind: "global",
+                name: self.symbolizer.variable(self.maps, self.root, Path::new(object), *address),
+                object: Some(object.clone()),
+                ..RootReport::default()
+            },
+            RootAt::Stack { tid, pc } => {
+                let frame = self.symbolizer.frames(self.pid, self.maps, self.root, &[*pc]).into_iter().next();
+                let frame = frame.unwrap_or_default();
+                RootReport {
+                    kind: "stack",
+                    function: frame.function,
+                    file: frame.file,
+                    line: frame.line,
+                    thread: Some(*tid),
+                    ..RootReport::default()
+                }
+            }
+            RootAt::Tls { tid } => RootReport { kind: "tls", thread: Some(*tid), ..RootReport::default() },
+            RootAt::Register { tid, name } => RootReport {
+                kind: "register",
+                name: Some((*name).to_owned()),
+                thread: Some(*tid),
+                ..RootReport::default()
+            },
+        }
+    }
+
+    /// The holders of one stack, named, those that name alike merged, the largest
+    /// [`super::scan::MAX_HOLDERS`]; `site` names a stack id by its allocation site.
+    pub fn holders(&self, raw: &[RawHolder], site: &dyn Fn(u64) -> String) -> Vec<HolderReport> {
+        let mut named: Vec<HolderReport> = Vec::new();
+        for h in raw {
+            let root = self.root(&h.root);
+            let path: Vec<String> = h.path.iter().map(|&id| site(id)).collect();
+            match named.iter_mut().find(|n| n.root == root && n.path == path) {
+                Some(n) => n.bytes += h.bytes,
+                None => named.push(HolderReport { bytes: h.bytes, root, path }),
+            }
+        }
+        named.sort_by(|a, b| b.bytes.cmp(&a.bytes));
+        named.truncate(super::scan::MAX_HOLDERS);
+        named
+    }
+}
+
+/// A scan, as a process's report gives it.
+#[derive(Clone, Debug, PartialEq, Serialize)]
+pub struct ScanSummary {
+    /// Whether every root and every block reached was read within the budget; when
+    /// not, no stack is classified.
+    pub complete: bool,
+    pub threads: usize,
+    pub blocks: usize,
+    pub scanned_bytes: u64,
+    /// Bytes read per second of reading them (the pause less the stop), in GB/s.
+    pub gb_per_second: f64,
+    pub budget_ms: f64,
+}
+
+impl ScanSummary {
+    pub fn of(outcome: &Outcome, budget_ms: f64) -> Self {
+        let seconds = outcome.flood.as_secs_f64().max(1e-9);
+        Self {
+            complete: outcome.complete,
+            threads: outcome.threads,
+            blocks: outcome.blocks,
+            scanned_bytes: outcome.scanned_bytes,
+            gb_per_second: (outcome.scanned_bytes as f64 / seconds / 1e9 * 1000.0).round() / 1000.0,
+            budget_ms,
+        }
+    }
+}
+
+/// What a stack's report says of its blocks after a scan.
+#[derive(Clone, Debug, Default, PartialEq, Serialize)]
+pub struct StackHeld {
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub reachability: Option<Reachability>,
+    #[serde(skip_serializing_if = "Vec::is_empty")]
+    pub holders: Vec<HolderReport>,
+}
+
+impl StackHeld {
+    /// The line under a stack in the table: "lost", "held by ...", or both.
+    pub fn line(&self) -> Option<String> {
+        let r = self.reachability?;
+        let lost = r.lost();
+        let mut parts = Vec::new();
+        if lost > 0 {
+            parts.push(format!("{} lost", crate::units::bytes(lost)));
+        }
+        if r.possibly_lost > 0 {
+            parts.push(format!("{} possibly lost (interior pointers only)", crate::units::bytes(r.possibly_lost)));
+        }
+        if let Some(h) = self.holders.first() {
+            let via = if h.path.is_empty() { String::new() } else { format!(" via {}", h.path.join(" → ")) };
+            parts.push(format!("{} held by {}{via}", crate::units::bytes(r.reachable), h.root.describe()));
+        } else if r.reachable > 0 {
+            parts.push(format!("{} reachable", crate::units::bytes(r.reachable)));
+        }
+        Some(parts.join("; "))
+    }
+}
+
+/// A scan of one process, and what naming its findings needs.
+pub struct Scanned {
+    pub outcome: Outcome,
+    pub budget_ms: f64,
+    /// Its mappings and root (as captured for its report).
+    pub info: crate::report::ProcessInfo,
+}
+
+/// Puts a scan of process `pid` into `report`: the pause and coverage on the process,
+/// the classes and named holders on each stack. `stack` gives a stack id's addresses,
+/// for the sites along a chain.
+pub fn attach(
+    report: &mut crate::report::Report,
+    pid: u32,
+    scanned: &Scanned,
+    symbolizer: &Symbolizer,
+    stack: &dyn Fn(u64) -> Option<Vec<u64>>,
+) {
+    let Some(process) = report.processes.iter_mut().find(|p| p.pid == pid) else { return };
+    let outcome = &scanned.outcome;
+    process.pause_ms = Some((outcome.pause.as_secs_f64() * 1e6).round() / 1e3);
+    process.holders_scan = Some(ScanSummary::of(outcome, scanned.budget_ms));
+    if !outcome.complete {
+        process.notes.push(format!(
+            "The holders scan ran out of its {} ms budget after reading {} of memory and let the process go: nothing is classified (a larger --holders-budget covers it)",
+            scanned.budget_ms,
+            crate::units::bytes(outcome.scanned_bytes)
+        ));
+        return;
+    }
+    let namer = Namer {
+        symbolizer,
+        pid,
+        maps: &scanned.info.maps,
+        root: scanned.info.root.as_deref(),
+    };
+    let known: std::collections::HashMap<u64, String> = process
+        .stacks
+        .iter()
+        .map(|s| (s.key, s.site.as_ref().map_or_else(|| "?".into(), |f| f.function.clone())))
+        .collect();
+    let site = |id: u64| -> String {
+        if let Some(name) = known.get(&id) {
+            return name.clone();
+        }
+        let frames = stack(id)
+            .map(|ips| symbolizer.frames(pid, namer.maps, namer.root, &ips))
+            .unwrap_or_default();
+        frames.get(symbolizer.site(&frames)).and_then(|f| f.function.clone()).unwrap_or_else(|| "?".into())
+    };
+    for s in &mut process.stacks {
+        let Some(found) = outcome.stacks.get(&s.key) else { continue };
+        s.held.reachability = Some(found.reachability);
+        s.held.holders = namer.holders(&found.holders, &site);
+    }
+}

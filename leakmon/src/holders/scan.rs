@@ -1,0 +1,455 @@
+//! One scan of a process: its threads held still ([`super::stop`]), or held by the
+//! report's tracer at its exit; its roots taken ([`super::roots`], plus each thread's
+//! registers and TLS); the flood run ([`super::reach`]) within a budget; the process
+//! let go; and what it found summed per allocation stack, with the raw facts that name
+//! each holder (a root's address, a frame's return address), named after the process
+//! runs again ([`super::names`]).
+
+use std::{
+    collections::HashMap,
+    fs::File,
+    os::unix::fs::FileExt as _,
+    time::{Duration, Instant},
+};
+
+use anyhow::{Context as _, Result};
+use serde::Serialize;
+
+use super::{
+    reach::{flood, Block, Class, Memory, Reach, Root},
+    roots::{roots, NamedRoot, RootKind},
+    stop::Stopped,
+};
+use crate::procfs::ProcRoot;
+
+/// An unfreed block as the kernel's live table knows it.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct Known {
+    pub start: u64,
+    pub size: u64,
+    pub stack_id: u64,
+    /// Whether its bytes count in its stack's figures (a block in flight does not; it
+    /// still holds pointers).
+    pub counted: bool,
+}
+
+/// How the process is held for the scan.
+#[derive(Clone, Copy, Debug)]
+pub enum Hold {
+    /// Running: every thread is stopped for the scan, and let go after it.
+    Stop,
+    /// Held by leakmon's tracer at its exit stop (this thread): only it is left.
+    AtExit(u32),
+}
+
+/// Bytes of each of memcheck's classes.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Serialize)]
+pub struct Reachability {
+    pub definitely_lost: u64,
+    pub indirectly_lost: u64,
+    pub possibly_lost: u64,
+    pub reachable: u64,
+}
+
+impl Reachability {
+    fn add(&mut self, class: Class, bytes: u64) {
+        match class {
+            Class::DefinitelyLost => self.definitely_lost += bytes,
+            Class::IndirectlyLost => self.indirectly_lost += bytes,
+            Class::PossiblyLost => self.possibly_lost += bytes,
+            Class::Reachable => self.reachable += bytes,
+        }
+    }
+
+    pub fn lost(&self) -> u64 {
+        self.definitely_lost + self.indirectly_lost
+    }
+}
+
+/// Where a chain starts, before it is named.
+#[derive(Clone, Debug, PartialEq, Eq, Hash, PartialOrd, Ord)]
+pub enum RootAt {
+    /// A word at `address` of the data or bss of the object at `object`.
+    Global { object: String, address: u64 },
+    /// A word of thread `tid`'s stack, in the frame of the function that `pc` is in
+    /// (a return address into it, one past its call; for the innermost frame, one past
+    /// the thread's instruction pointer).
+    Stack { tid: u32, pc: u64 },
+    /// A word of thread `tid`'s thread-local storage.
+    Tls { tid: u32 },
+    /// One of thread `tid`'s registers.
+    Register { tid: u32, name: &'static str },
+}
+
+/// Reachable bytes of one stack that one root holds through one path.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct RawHolder {
+    pub bytes: u64,
+    pub root: RootAt,
+    /// The stack ids of the blocks between the root and the held block, outermost
+    /// first, each run of one stack once.
+    pub path: Vec<u64>,
+}
+
+/// What a scan found for one allocation stack.
+#[derive(Clone, Debug, Default, PartialEq, Eq)]
+pub struct StackFound {
+    pub reachability: Reachability,
+    pub holders: Vec<RawHolder>,
+}
+
+/// What one scan found.
+#[derive(Clone, Debug, Default)]
+pub struct Outcome {
+    /// How long the process was held.
+    pub pause: Duration,
+    /// How long the flood took of it: reading the roots and blocks.
+    pub flood: Duration,
+    pub threads: usize,
+    pub blocks: usize,
+    /// Bytes of roots and blocks read.
+    pub scanned_bytes: u64,
+    /// Whether the flood ran to its end within the budget; when not, no block is
+    /// classified and `stacks` is empty.
+    pub complete: bool,
+    pub stacks: HashMap<u64, StackFound>,
+}
+
+/// Holders kept per stack, the largest.
+pub const MAX_HOLDERS: usize = 5;
+/// How far below the thread pointer a static TLS block may lie.
+const TLS_BELOW: u64 = 1 << 20;
+/// Bytes past the thread pointer: glibc's thread control block.
+const TLS_ABOVE: u64 = 0x700;
+/// Modules' entries read from a thread's dynamic thread vector.
+const MAX_MODULES: u64 = 1024;
+/// Where the registers are put for the flood: above every user address, so they
+/// meet no block; one page per thread.
+const REGISTERS: u64 = 0x8000_0000_0000_0000;
+/// The fields of `user_regs_struct`, in order.
+const REGISTER_NAMES: [&str; 27] = [
+    "r15", "r14", "r13", "r12", "rbp", "rbx", "r11", "r10", "r9", "r8", "rax", "rcx", "rdx", "rsi", "rdi",
+    "orig_rax", "rip", "cs", "eflags", "rsp", "ss", "fs_base", "gs_base", "ds", "es", "fs", "gs",
+];
+
+/// The process's memory through `/proc/PID/mem`, and its threads' registers at
+/// [`REGISTERS`].
+struct ProcessMemory {
+    mem: File,
+    registers: Vec<[u64; 27]>,
+}
+
+impl Memory for ProcessMemory {
+    fn read(&self, start: u64, len: usize) -> Option<Vec<u8>> {
+        if start >= REGISTERS {
+            let thread = ((start - REGISTERS) >> 12) as usize;
+            let regs = self.registers.get(thread)?;
+            return Some(regs.iter().flat_map(|r| r.to_le_bytes()).take(len).collect());
+        }
+        let mut buf = vec![0u8; len];
+        // A mapping may end inside the range: what was read is what there is.
+        let n = self.mem.read_at(&mut buf, start).ok()?;
+        buf.truncate(n);
+        Some(buf)
+    }
+}
+
+fn words_of(regs: &libc::user_regs_struct) -> [u64; 27] {
+    let r = regs;
+    [
+        r.r15, r.r14, r.r13, r.r12, r.rbp, r.rbx, r.r11, r.r10, r.r9, r.r8, r.rax, r.rcx, r.rdx, r.rsi, r.rdi,
+        r.orig_rax, r.rip, r.cs, r.eflags, r.rsp, r.ss, r.fs_base, r.gs_base, r.ds, r.es, r.fs, r.gs,
+    ]
+}
+
+/// Scans process `pid` held as `hold`, its unfreed blocks `known`, within `budget`.
+pub fn scan(proc_root: &ProcRoot, pid: u32, hold: Hold, mut known: Vec<Known>, budget: Duration) -> Result<Outcome> {
+    known.sort_by_key(|k| k.start);
+    // Two entries for one address cannot both be live; the later ones are dropped.
+    known.dedup_by_key(|k| k.start);
+    let mem = File::open(proc_root.path().join(pid.to_string()).join("mem"))
+        .with_context(|| format!("open the memory of pid {pid}"))?;
+    let stopped = match hold {
+        Hold::Stop => Some(Stopped::all(proc_root, pid)?),
+        Hold::AtExit(_) => None,
+    };
+    let started = Instant::now();
+    let threads: Vec<(u32, libc::user_regs_struct)> = match (&stopped, hold) {
+        (Some(s), _) => s.threads.iter().map(|t| (t.tid, t.regs)).collect(),
+        (None, Hold::AtExit(tid)) => {
+            let regs = nix::sys::ptrace::getregs(nix::unistd::Pid::from_raw(tid as i32))
+                .with_context(|| format!("read the registers of pid {pid} at its exit"))?;
+            vec![(tid, regs)]
+        }
+        (None, Hold::Stop) => unreachable!("stopped above"),
+    };
+    let maps = proc_root.maps_text(pid).with_context(|| format!("read the mappings of pid {pid}"))?;
+    let blocks: Vec<Block> = known.iter().map(|k| Block { start: k.start, size: k.size }).collect();
+    let memory = ProcessMemory { mem, registers: threads.iter().map(|(_, r)| words_of(r)).collect() };
+    let (named, ranges) = all_roots(&memory, &maps, &threads, &blocks);
+    let deadline = started + budget;
+    let flooding = Instant::now();
+    let reach = flood(&blocks, &ranges, &memory, &mut || Instant::now() < deadline);
+    let mut outcome = Outcome {
+        flood: flooding.elapsed(),
+        threads: threads.len(),
+        blocks: blocks.len(),
+        scanned_bytes: reach.words * 8,
+        complete: reach.complete,
+        ..Outcome::default()
+    };
+    if reach.complete {
+        // Frames are found while the stacks are as they were.
+        outcome.stacks = per_stack(&known, &reach, &named, &threads, &memory, &maps);
+    }
+    outcome.pause = match &stopped {
+        Some(s) => s.paused(),
+        None => started.elapsed(),
+    };
+    drop(stopped);
+    Ok(outcome)
+}
+
+/// Where each root range comes from.
+#[derive(Clone, Debug)]
+enum Origin {
+    Named(NamedRoot),
+    Tls(usize),
+    Registers(usize),
+}
+
+/// The roots, in the order their words are taken (a block reached by several is held
+/// by the first): the objects' data, each thread's TLS, stacks, then registers.
+fn all_roots(
+    memory: &dyn Memory,
+    maps: &str,
+    threads: &[(u32, libc::user_regs_struct)],
+    blocks: &[Block],
+) -> (Vec<Origin>, Vec<Root>) {
+    let sps: Vec<u64> = threads.iter().map(|(_, r)| r.rsp).collect();
+    let found = roots(maps, &sps);
+    let (globals, stacks): (Vec<_>, Vec<_>) = found.into_iter().partition(|r| matches!(r.kind, RootKind::Global(_)));
+    let mut origins = Vec::new();
+    let mut ranges = Vec::new();
+    for g in globals {
+        ranges.push(Root { start: g.start, end: g.end });
+        origins.push(Origin::Named(g));
+    }
+    for (i, (_, regs)) in threads.iter().enumerate() {
+        let low = static_tls_start(memory, regs.fs_base);
+        if let Some(tls) = tls_range(maps, regs.fs_base, low, blocks) {
+            ranges.push(tls);
+            origins.push(Origin::Tls(i));
+        }
+    }
+    for s in stacks {
+        ranges.push(Root { start: s.start, end: s.end });
+        origins.push(Origin::Named(s));
+    }
+    for i in 0..threads.len() {
+        let start = REGISTERS + ((i as u64) << 12);
+        ranges.push(Root { start, end: start + 27 * 8 });
+        origins.push(Origin::Registers(i));
+    }
+    (origins, ranges)
+}
+
+/// A thread's static TLS and control block, around its thread pointer, within the
+/// mapping that holds it; none where that mapping is the heap or holds a block (the
+/// TLS of a thread whose control block is itself a heap block is reached through it).
+/// `low` is where its static TLS begins ([`static_tls_start`]).
+fn tls_range(maps: &str, fs_base: u64, low: u64, blocks: &[Block]) -> Option<Root> {
+    if fs_base == 0 {
+        return None;
+    }
+    let line = maps.lines().find(|l| {
+        let Some((range, _)) = l.split_once(' ') else { return false };
+        let Some((s, e)) = range.split_once('-') else { return false };
+        let (Ok(s), Ok(e)) = (u64::from_str_radix(s, 16), u64::from_str_radix(e, 16)) else { return false };
+        (s..e).contains(&fs_base)
+    })?;
+    if line.ends_with("[heap]") {
+        return None;
+    }
+    let (range, _) = line.split_once(' ')?;
+    let (s, e) = range.split_once('-')?;
+    let (s, e) = (u64::from_str_radix(s, 16).ok()?, u64::from_str_radix(e, 16).ok()?);
+    let root = Root { start: low.max(s), end: (fs_base + TLS_ABOVE).min(e) };
+    let i = blocks.partition_point(|b| b.start + b.size <= root.start);
+    (blocks.get(i).is_none_or(|b| b.start >= root.end)).then_some(root)
+}
+
+/// Where a thread's static TLS begins, below its thread pointer `fs_base` (x86-64 lays
+/// the modules' blocks out below it): the lowest module block its dynamic thread
+/// vector names, as glibc keeps it (the control block's second word points one entry
+/// into the vector, whose entry before holds its length; 16 bytes an entry). Without
+/// one, the control block alone: a thread's stack lies right below its TLS, and a
+/// guess too low would take stack words for TLS.
+fn static_tls_start(memory: &dyn Memory, fs_base: u64) -> u64 {
+    let word = |at: u64| {
+        let b = memory.read(at, 8)?;
+        Some(u64::from_le_bytes(b.get(..8)?.try_into().ok()?))
+    };
+    let lowest = || -> Option<u64> {
+        let dtv = word(fs_base + 8)?;
+        let len = word(dtv.checked_sub(16)?)?.min(MAX_MODULES);
+        let entries = memory.read(dtv + 16, (len * 16) as usize)?;
+        entries
+            .as_chunks::<16>()
+            .0
+            .iter()
+            .map(|e| u64::from_le_bytes(e[..8].try_into().expect("8 bytes")))
+            .filter(|&v| v < fs_base && v >= fs_base.saturating_sub(TLS_BELOW))
+            .min()
+    };
+    lowest().unwrap_or(fs_base)
+}
+
+/// Sums `reach` per stack id and gathers the holders of the reachable bytes.
+fn per_stack(
+    known: &[Known],
+    reach: &Reach,
+    origins: &[Origin],
+    threads: &[(u32, libc::user_regs_struct)],
+    memory: &ProcessMemory,
+    maps: &str,
+) -> HashMap<u64, StackFound> {
+    let mut out: HashMap<u64, StackFound> = HashMap::new();
+    let mut holders: HashMap<(u64, RootAt, Vec<u64>), u64> = HashMap::new();
+    let mut frames = Frames { memory, code: executable(maps), threads, found: HashMap::new() };
+    for (i, k) in known.iter().enumerate().filter(|(_, k)| k.counted) {
+        let class = reach.class[i];
+        out.entry(k.stack_id).or_default().reachability.add(class, k.size);
+        if class != Class::Reachable {
+            continue;
+        }
+        let Some((root, at, chain)) = reach.chain(i) else { continue };
+        let root = match &origins[root] {
+            Origin::Named(NamedRoot { kind: RootKind::Global(object), .. }) => {
+                RootAt::Global { object: object.clone(), address: at }
+            }
+            Origin::Named(NamedRoot { kind: RootKind::Stack(t), .. }) => {
+                let (tid, _) = threads[*t];
+                RootAt::Stack { tid, pc: frames.pc(*t, at) }
+            }
+            Origin::Tls(t) => RootAt::Tls { tid: threads[*t].0 },
+            Origin::Registers(t) => {
+                let word = ((at - REGISTERS) & 0xfff) / 8;
+                RootAt::Register { tid: threads[*t].0, name: REGISTER_NAMES[word as usize] }
+            }
+        };
+        let mut path: Vec<u64> = chain[..chain.len() - 1].iter().map(|&b| known[b].stack_id).collect();
+        path.dedup();
+        *holders.entry((k.stack_id, root, path)).or_default() += k.size;
+    }
+    for ((stack, root, path), bytes) in holders {
+        out.entry(stack).or_default().holders.push(RawHolder { bytes, root, path });
+    }
+    for found in out.values_mut() {
+        found.holders.sort_by(|a, b| b.bytes.cmp(&a.bytes).then_with(|| a.root.cmp(&b.root)));
+    }
+    out
+}
+
+/// Which function's frame a word of a thread's stack belongs to, found from the
+/// stack itself: a frame lies above the return address its function's next call
+/// pushed, so the nearest return address below the word (a word pointing just past a
+/// call instruction in executable memory) names it; with none, the thread is in that
+/// function now. Read while the process is held.
+struct Frames<'a> {
+    memory: &'a ProcessMemory,
+    /// The executable mappings.
+    code: Vec<(u64, u64)>,
+    threads: &'a [(u32, libc::user_regs_struct)],
+    found: HashMap<(usize, u64), u64>,
+}
+
+impl Frames<'_> {
+    fn pc(&mut self, thread: usize, at: u64) -> u64 {
+        if let Some(&pc) = self.found.get(&(thread, at)) {
+            return pc;
+        }
+        let regs = &self.threads[thread].1;
+        let sp = regs.rsp;
+        let mut pc = regs.rip + 1;
+        if at > sp {
+            let below = self.memory.read(sp, (at - sp) as usize).unwrap_or_default();
+            let words: Vec<u64> = below.as_chunks::<8>().0.iter().map(|w| u64::from_le_bytes(*w)).collect();
+            if let Some(&ret) = words.iter().rev().find(|&&w| self.returns_to(w)) {
+                pc = ret;
+            }
+        }
+        self.found.insert((thread, at), pc);
+        pc
+    }
+
+    /// Whether `word` points just past a call instruction in executable memory.
+    fn returns_to(&self, word: u64) -> bool {
+        let at = word.wrapping_sub(1);
+        if !self.code.iter().any(|(s, e)| (*s..*e).contains(&at)) {
+            return false;
+        }
+        let Some(before) = self.memory.read(word - 7, 7).filter(|b| b.len() == 7) else { return false };
+        let modrm_call = |b: u8| (b >> 3) & 7 == 2;
+        // call rel32; call *reg / *(reg); call *disp8(reg); call *disp32(rip or reg).
+        before[2] == 0xe8
+            || (before[5] == 0xff && modrm_call(before[6]))
+            || (before[4] == 0xff && modrm_call(before[5]))
+            || (before[1] == 0xff && modrm_call(before[2]))
+            || (before[0] == 0xff && modrm_call(before[1]))
+    }
+}
+
+/// The executable mappings of `maps`.
+fn executable(maps: &str) -> Vec<(u64, u64)> {
+    maps.lines()
+        .filter_map(|l| {
+            let mut fields = l.split_ascii_whitespace();
+            let (range, perms) = (fields.next()?, fields.next()?);
+            let (s, e) = range.split_once('-')?;
+            (perms.as_bytes().get(2) == Some(&b'x'))
+                .then(|| Some((u64::from_str_radix(s, 16).ok()?, u64::from_str_radix(e, 16).ok()?)))?
+        })
+        .collect()
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn tls_is_clipped_to_its_mapping_and_never_the_heap_or_a_block() {
+        let maps = "\
+10000-20000 rw-p 00000000 00:00 0
+20000-40000 rw-p 00000000 00:00 0 [heap]
+";
+        let fs = 0x1_8000;
+        assert_eq!(tls_range(maps, fs, 0, &[]), Some(Root { start: 0x1_0000, end: fs + TLS_ABOVE }));
+        assert_eq!(tls_range(maps, fs, 0x1_7000, &[]), Some(Root { start: 0x1_7000, end: fs + TLS_ABOVE }));
+        assert_eq!(tls_range(maps, 0x2_8000, 0, &[]), None, "the heap");
+        assert_eq!(tls_range(maps, fs, 0, &[Block { start: 0x1_7000, size: 16 }]), None);
+        assert!(tls_range(maps, fs, 0, &[Block { start: 0x3_0000, size: 16 }]).is_some());
+        assert_eq!(tls_range(maps, 0, 0, &[]), None);
+    }
+
+    /// glibc's dynamic thread vector names each module's TLS block; the lowest below the
+    /// thread pointer starts the static TLS. Entries elsewhere (a dlopened module's
+    /// block on the heap) are no bound; without a vector, the control block alone.
+    #[test]
+    fn static_tls_starts_at_the_lowest_module_block_below_the_thread_pointer() {
+        struct Sparse(HashMap<u64, u64>);
+        impl Memory for Sparse {
+            fn read(&self, start: u64, len: usize) -> Option<Vec<u8>> {
+                Some((0..len as u64).step_by(8).flat_map(|i| self.0.get(&(start + i)).copied().unwrap_or(0).to_le_bytes()).collect())
+            }
+        }
+        let fs = 0x7000_0000_8000;
+        let dtv = 0x5000_0000;
+        let mut m = HashMap::from([(fs + 8, dtv), (dtv - 16, 3)]);
+        m.insert(dtv + 16, fs - 0x80);
+        m.insert(dtv + 32, fs - 0x900);
+        m.insert(dtv + 48, 0x5000_1000);
+        assert_eq!(static_tls_start(&Sparse(m), fs), fs - 0x900);
+        assert_eq!(static_tls_start(&Sparse(HashMap::new()), fs), fs);
+    }
+}
