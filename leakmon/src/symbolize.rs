@@ -131,7 +131,13 @@ impl Symbolizer {
 
     /// The variable at `address`, in the data or bss of the object that `maps` maps
     /// from `object`: its symbol (from the symbol table; a stripped binary has none).
-    pub fn variable(&self, maps: &[Mapping], root: Option<&Path>, object: &Path, address: u64) -> Option<String> {
+    pub fn variable(
+        &self,
+        maps: &[Mapping],
+        root: Option<&Path>,
+        object: &Path,
+        address: u64,
+    ) -> Option<String> {
         let first = maps.iter().filter(|m| m.path == object).min_by_key(|m| m.start)?;
         let mut parsed = self.blaze.lock().unwrap_or_else(std::sync::PoisonError::into_inner);
         let path = parsed.binaries.mapped(first, root)?.path.clone();

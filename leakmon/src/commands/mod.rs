@@ -68,16 +68,21 @@ pub(crate) struct Snapshot {
     /// flight (set apart from the totals) per process.
     live: crate::store::live::Live,
     in_flight: std::collections::HashMap<u32, crate::store::live::InFlight>,
+    /// The moment the figures are of (the monotonic clock, ms): blocks' ages and what
+    /// is in flight are reckoned at it.
+    now_ms: u64,
 }
 
 impl Snapshot {
-    /// `rate` is the sampling interval the figures were taken at (0: exact).
+    /// `rate` is the sampling interval the figures were taken at (0: exact); `now_ms`
+    /// the moment they are of.
     pub(crate) fn take(
         probes: &Probes,
         discovery: &mut crate::discovery::Discovery,
         traced: &std::collections::HashMap<u32, leakmon_common::ProcState>,
         mut infos: std::collections::HashMap<u32, crate::report::ProcessInfo>,
         rate: u64,
+        now_ms: u64,
     ) -> Result<Self> {
         // Processes captured at their exit; the others still run.
         let gone: std::collections::HashSet<u32> = infos.keys().copied().collect();
@@ -106,7 +111,7 @@ impl Snapshot {
         let live = if rate > 0 || traced.keys().any(|&pid| runs(pid)) {
             let blocks = probes.live(|tgid| traced.contains_key(&tgid))?;
             let gen = |pid: u32| traced.get(&pid).map(|s| s.gen);
-            crate::store::live::read(blocks, gen, runs, crate::monotonic_ms())
+            crate::store::live::read(blocks, gen, runs, now_ms)
         } else {
             crate::store::live::Live::default()
         };
@@ -116,19 +121,19 @@ impl Snapshot {
             .flat_map(|p| &p.stacks)
             .filter_map(|s| Some((s.stack_id, probes.stack(s.stack_id)?)))
             .collect();
-        Ok(Self { totals, infos, stacks, live, in_flight })
+        Ok(Self { totals, infos, stacks, live, in_flight, now_ms })
     }
 
     /// The report: stacks symbolized, and the clean processes with zero.
     pub(crate) fn into_report(self, symbolizer: &crate::symbolize::Symbolizer) -> crate::report::Report {
-        let Self { totals, infos, stacks, live, in_flight } = self;
+        let Self { totals, infos, stacks, live, in_flight, now_ms } = self;
         let mut report = crate::report::Report::build(
             totals,
             &infos,
             |id| stacks.get(&id).cloned(),
             &live.spreads,
             symbolizer,
-            crate::monotonic_ms(),
+            now_ms,
         );
         report.include_clean(&infos);
         report.set_in_flight(&in_flight);
@@ -144,8 +149,9 @@ pub(crate) fn report_of(
     infos: std::collections::HashMap<u32, crate::report::ProcessInfo>,
     symbolizer: &crate::symbolize::Symbolizer,
     rate: u64,
+    now_ms: u64,
 ) -> Result<crate::report::Report> {
-    Ok(Snapshot::take(probes, discovery, traced, infos, rate)?.into_report(symbolizer))
+    Ok(Snapshot::take(probes, discovery, traced, infos, rate, now_ms)?.into_report(symbolizer))
 }
 
 /// Name, mappings and allocator of a process; `alive` adds its root for symbolizing

@@ -72,6 +72,8 @@ struct Watch<'a> {
     infos: HashMap<u32, ProcessInfo>,
     /// With --holders: each process's scan.
     scans: HashMap<u32, Scanned>,
+    /// When the window ended (the monotonic clock, ms).
+    now_ms: u64,
 }
 
 impl<'a> Watch<'a> {
@@ -99,6 +101,7 @@ impl<'a> Watch<'a> {
             paced: HashMap::new(),
             infos: HashMap::new(),
             scans: HashMap::new(),
+            now_ms: 0,
         })
     }
 
@@ -357,11 +360,22 @@ impl<'a> Watch<'a> {
     fn scan(&mut self, pid: u32, hold: Hold, info: &ProcessInfo) {
         let budget_ms = self.args.holders_budget;
         let scanned = self.known_blocks(pid, matches!(hold, Hold::Stop)).and_then(|blocks| {
-            crate::holders::scan::scan(&self.proc_root, pid, hold, blocks, Duration::from_secs_f64(budget_ms / 1e3))
+            crate::holders::scan::scan(
+                &self.proc_root,
+                pid,
+                hold,
+                blocks,
+                Duration::from_secs_f64(budget_ms / 1e3),
+            )
         });
         match scanned {
             Ok(outcome) => {
-                info!(pid, pause_ms = outcome.pause.as_secs_f64() * 1e3, complete = outcome.complete, "holders scanned");
+                info!(
+                    pid,
+                    pause_ms = outcome.pause.as_secs_f64() * 1e3,
+                    complete = outcome.complete,
+                    "holders scanned"
+                );
                 self.scans.insert(pid, Scanned { outcome, budget_ms, info: info.clone() });
             }
             Err(e) => warn!(pid, "holders scan: {e:#}"),
@@ -372,8 +386,10 @@ impl<'a> Watch<'a> {
     /// where it still `runs` hold pointers but do not count.
     fn known_blocks(&self, pid: u32, runs: bool) -> Result<Vec<Known>> {
         let traced = self.probes.traced()?;
-        let Some(gen) = traced.iter().find(|(p, _)| *p == pid).map(|(_, s)| s.gen) else { return Ok(Vec::new()) };
-        let now = crate::monotonic_ms();
+        let Some(gen) = traced.iter().find(|(p, _)| *p == pid).map(|(_, s)| s.gen) else {
+            return Ok(Vec::new());
+        };
+        let now = if runs { self.now_ms } else { crate::monotonic_ms() };
         let in_flight = crate::store::live::IN_FLIGHT_MS;
         Ok(self
             .probes
@@ -391,6 +407,8 @@ impl<'a> Watch<'a> {
 
     /// The report of what is still unfreed; the agent stopped first.
     fn finish(mut self, mut tracer: Option<Tracer>, session: Option<Session>) -> Result<Report> {
+        // The figures are of the window's end, not of after a scan's pause.
+        self.now_ms = crate::monotonic_ms();
         if let (true, Some(pid)) = (self.args.holders, self.args.pid) {
             // The scan holds every thread itself: the hold for the exit goes first.
             if let Some(t) = tracer.take() {
@@ -403,10 +421,19 @@ impl<'a> Watch<'a> {
         }
         let symbolizer = Symbolizer::new(Wrappers::new(&self.args.tables.wrappers));
         let traced: HashMap<u32, _> = self.probes.traced()?.into_iter().collect();
-        let mut report =
-            report_of(&self.probes, &mut self.discovery, &traced, self.infos, &symbolizer, self.sample_bytes)?;
+        let mut report = report_of(
+            &self.probes,
+            &mut self.discovery,
+            &traced,
+            self.infos,
+            &symbolizer,
+            self.sample_bytes,
+            self.now_ms,
+        )?;
         for (pid, scanned) in &self.scans {
-            crate::holders::names::attach(&mut report, *pid, scanned, &symbolizer, &|id| self.probes.stack(id));
+            crate::holders::names::attach(&mut report, *pid, scanned, &symbolizer, &|id| {
+                self.probes.stack(id)
+            });
         }
         report.set_apart(&crate::suppressions::Suppressions::new(&self.args.tables.suppress));
         report.sample_bytes = self.sample_bytes;
@@ -492,6 +519,12 @@ fn check(args: &ReportArgs, proc_root: &ProcRoot) -> Result<()> {
         if pid == std::process::id() {
             bail!("leakmon does not trace itself");
         }
+        if args.holders {
+            crate::holders::stop::refuse_traced(proc_root, pid)?;
+        }
+    }
+    if args.holders && args.runtime {
+        bail!("--holders scans the native heap; --runtime asks the runtime's profiler: choose one");
     }
     if args.duration.is_some() && args.pid.is_none() {
         bail!("--duration goes with --pid; a command is watched until it exits");

@@ -60,7 +60,11 @@ impl RootReport {
                 }
             }
             "tls" => format!("thread-local storage of thread {}", self.thread.unwrap_or(0)),
-            _ => format!("register {} of thread {}", self.name.as_deref().unwrap_or("?"), self.thread.unwrap_or(0)),
+            _ => format!(
+                "register {} of thread {}",
+                self.name.as_deref().unwrap_or("?"),
+                self.thread.unwrap_or(0)
+            ),
         }
     }
 }
@@ -116,7 +120,7 @@ impl Namer<'_> {
                 None => named.push(HolderReport { bytes: h.bytes, root, path }),
             }
         }
-        named.sort_by(|a, b| b.bytes.cmp(&a.bytes));
+        named.sort_by_key(|n| std::cmp::Reverse(n.bytes));
         named.truncate(super::scan::MAX_HOLDERS);
         named
     }
@@ -169,10 +173,14 @@ impl StackHeld {
             parts.push(format!("{} lost", crate::units::bytes(lost)));
         }
         if r.possibly_lost > 0 {
-            parts.push(format!("{} possibly lost (interior pointers only)", crate::units::bytes(r.possibly_lost)));
+            parts.push(format!(
+                "{} possibly lost (interior pointers only)",
+                crate::units::bytes(r.possibly_lost)
+            ));
         }
         if let Some(h) = self.holders.first() {
-            let via = if h.path.is_empty() { String::new() } else { format!(" via {}", h.path.join(" → ")) };
+            let via =
+                if h.path.is_empty() { String::new() } else { format!(" via {}", h.path.join(" → ")) };
             parts.push(format!("{} held by {}{via}", crate::units::bytes(r.reachable), h.root.describe()));
         } else if r.reachable > 0 {
             parts.push(format!("{} reachable", crate::units::bytes(r.reachable)));
@@ -211,12 +219,7 @@ pub fn attach(
         ));
         return;
     }
-    let namer = Namer {
-        symbolizer,
-        pid,
-        maps: &scanned.info.maps,
-        root: scanned.info.root.as_deref(),
-    };
+    let namer = Namer { symbolizer, pid, maps: &scanned.info.maps, root: scanned.info.root.as_deref() };
     let known: std::collections::HashMap<u64, String> = process
         .stacks
         .iter()
@@ -226,9 +229,8 @@ pub fn attach(
         if let Some(name) = known.get(&id) {
             return name.clone();
         }
-        let frames = stack(id)
-            .map(|ips| symbolizer.frames(pid, namer.maps, namer.root, &ips))
-            .unwrap_or_default();
+        let frames =
+            stack(id).map(|ips| symbolizer.frames(pid, namer.maps, namer.root, &ips)).unwrap_or_default();
         frames.get(symbolizer.site(&frames)).and_then(|f| f.function.clone()).unwrap_or_else(|| "?".into())
     };
     for s in &mut process.stacks {

@@ -53,7 +53,15 @@ pub enum Via {
 /// The process's memory, read from outside: `None` where it cannot be read (unmapped,
 /// or gone); what could not be read holds no pointer.
 pub trait Memory {
-    fn read(&self, start: u64, len: usize) -> Option<Vec<u8>>;
+    /// Fills `buf` from `start`: the bytes read (fewer where a mapping ends).
+    fn read_into(&self, start: u64, buf: &mut [u8]) -> Option<usize>;
+
+    fn read(&self, start: u64, len: usize) -> Option<Vec<u8>> {
+        let mut buf = vec![0u8; len];
+        let n = self.read_into(start, &mut buf)?;
+        buf.truncate(n);
+        Some(buf)
+    }
 }
 
 /// The outcome, per block in the order given.
@@ -102,38 +110,54 @@ fn target(blocks: &[Block], word: u64) -> Option<(usize, bool)> {
 /// Bytes read at once: a block of a GiB is not read into one buffer.
 const CHUNK: u64 = 1 << 20;
 
-/// Calls `f` with each aligned word of `len` bytes at `start` and its address (a tail
-/// shorter than a word is none), while `go_on` says so; whether it got to the end.
+/// Calls `f` with each aligned word of `len` bytes at `start` that points into the
+/// span of `blocks` (where any of them lies; the rest can hold no pointer to one) and
+/// its address (a tail shorter than a word is none), while `go_on` says so. Returns
+/// the words read, and whether it got to the end.
 fn each_word(
     memory: &dyn Memory,
-    start: u64,
-    len: u64,
+    buf: &mut [u8],
+    (start, len): (u64, u64),
+    blocks: &[Block],
     go_on: &mut dyn FnMut() -> bool,
     mut f: impl FnMut(u64, u64),
-) -> bool {
+) -> (u64, bool) {
+    let (Some(first), Some(last)) = (blocks.first(), blocks.last()) else { return (0, true) };
+    let span = first.start..last.start.saturating_add(last.size.max(1));
     let aligned = start.next_multiple_of(8);
-    let Some(len) = len.checked_sub(aligned - start) else { return true };
+    let Some(len) = len.checked_sub(aligned - start) else { return (0, true) };
     let end = aligned + (len & !7);
     let mut at = aligned;
+    let mut read = 0;
     while at < end {
         if !go_on() {
-            return false;
+            return (read, false);
         }
         let n = (end - at).min(CHUNK);
         // What cannot be read holds no pointer.
-        if let Some(bytes) = memory.read(at, n as usize) {
-            for (i, w) in bytes.as_chunks::<8>().0.iter().enumerate() {
-                f(at + 8 * i as u64, u64::from_le_bytes(*w));
+        if let Some(got) = memory.read_into(at, &mut buf[..n as usize]) {
+            let words = buf[..got].as_chunks::<8>().0;
+            read += words.len() as u64;
+            for (i, w) in words.iter().enumerate() {
+                let word = u64::from_le_bytes(*w);
+                if span.contains(&word) {
+                    f(at + 8 * i as u64, word);
+                }
             }
         }
         at += n;
     }
-    true
+    (read, true)
 }
 
 /// Floods `blocks` (sorted by start, not overlapping) from `roots`, while `go_on` says
 /// so (asked before each chunk of memory read: the scan's budget).
-pub fn flood(blocks: &[Block], roots: &[Root], memory: &dyn Memory, go_on: &mut dyn FnMut() -> bool) -> Reach {
+pub fn flood(
+    blocks: &[Block],
+    roots: &[Root],
+    memory: &dyn Memory,
+    go_on: &mut dyn FnMut() -> bool,
+) -> Reach {
     debug_assert!(blocks.windows(2).all(|w| w[0].start + w[0].size <= w[1].start), "sorted, apart");
     let n = blocks.len();
     let mut class = vec![Class::DefinitelyLost; n];
@@ -154,34 +178,43 @@ pub fn flood(blocks: &[Block], roots: &[Root], memory: &dyn Memory, go_on: &mut 
         }
     };
     let mut complete = true;
+    // One buffer for every read: a fresh one each time would cost page faults per chunk.
+    let mut buf = vec![0u8; CHUNK as usize];
     for (r, root) in roots.iter().enumerate() {
-        complete &= each_word(memory, root.start, root.end.saturating_sub(root.start), go_on, |at, word| {
-            count += 1;
+        let range = (root.start, root.end.saturating_sub(root.start));
+        let (read, done) = each_word(memory, &mut buf, range, blocks, go_on, |at, word| {
             if let Some((b, start)) = target(blocks, word) {
                 let to = if start { Class::Reachable } else { Class::PossiblyLost };
                 raise(b, to, Via::Root { root: r, at }, &mut class, &mut queue);
             }
         });
+        count += read;
+        complete &= done;
         if !complete {
             break;
         }
     }
     while let Some(b) = queue.pop_front().filter(|_| complete) {
         let holder = class[b];
-        complete &= each_word(memory, blocks[b].start, blocks[b].size, go_on, |_, word| {
-            count += 1;
-            if let Some((t, start)) = target(blocks, word) {
-                if t != b {
-                    let to =
-                        if start && holder == Class::Reachable { Class::Reachable } else { Class::PossiblyLost };
-                    raise(t, to, Via::Block { block: b }, &mut class, &mut queue);
+        let (read, done) =
+            each_word(memory, &mut buf, (blocks[b].start, blocks[b].size), blocks, go_on, |_, word| {
+                if let Some((t, start)) = target(blocks, word) {
+                    if t != b {
+                        let to = if start && holder == Class::Reachable {
+                            Class::Reachable
+                        } else {
+                            Class::PossiblyLost
+                        };
+                        raise(t, to, Via::Block { block: b }, &mut class, &mut queue);
+                    }
                 }
-            }
-        });
+            });
+        count += read;
+        complete &= done;
     }
     drop(raise);
     if complete {
-        complete = lost(blocks, memory, &reached, &mut class, &mut count, go_on);
+        complete = lost(blocks, memory, &mut buf, &reached, &mut class, &mut count, go_on);
     }
     Reach { class, via, words: count, complete }
 }
@@ -191,6 +224,7 @@ pub fn flood(blocks: &[Block], roots: &[Root], memory: &dyn Memory, go_on: &mut 
 fn lost(
     blocks: &[Block],
     memory: &dyn Memory,
+    buf: &mut [u8],
     reached: &[bool],
     class: &mut [Class],
     count: &mut u64,
@@ -207,16 +241,17 @@ fn lost(
         taken[b] = b + 1;
         let mut stack = vec![b];
         while let Some(l) = stack.pop() {
-            let done = each_word(memory, blocks[l].start, blocks[l].size, go_on, |_, word| {
-                *count += 1;
-                if let Some((t, _)) = target(blocks, word) {
-                    if !reached[t] && taken[t] != b + 1 {
-                        class[t] = Class::IndirectlyLost;
-                        taken[t] = b + 1;
-                        stack.push(t);
+            let (read, done) =
+                each_word(memory, buf, (blocks[l].start, blocks[l].size), blocks, go_on, |_, word| {
+                    if let Some((t, _)) = target(blocks, word) {
+                        if !reached[t] && taken[t] != b + 1 {
+                            class[t] = Class::IndirectlyLost;
+                            taken[t] = b + 1;
+                            stack.push(t);
+                        }
                     }
-                }
-            });
+                });
+            *count += read;
             if !done {
                 return false;
             }
@@ -241,13 +276,12 @@ mod tests {
     }
 
     impl Memory for Words {
-        fn read(&self, start: u64, len: usize) -> Option<Vec<u8>> {
-            let mut out = Vec::with_capacity(len);
-            for i in (0..len as u64).step_by(8) {
-                out.extend_from_slice(&self.0.get(&(start + i)).copied().unwrap_or(0).to_le_bytes());
+        fn read_into(&self, start: u64, buf: &mut [u8]) -> Option<usize> {
+            for (i, chunk) in buf.chunks_mut(8).enumerate() {
+                let word = self.0.get(&(start + 8 * i as u64)).copied().unwrap_or(0).to_le_bytes();
+                chunk.copy_from_slice(&word[..chunk.len()]);
             }
-            out.truncate(len);
-            Some(out)
+            Some(buf.len())
         }
     }
 
@@ -343,7 +377,7 @@ mod tests {
     fn only_aligned_readable_words_inside_a_block_count() {
         struct Nothing;
         impl Memory for Nothing {
-            fn read(&self, _: u64, _: usize) -> Option<Vec<u8>> {
+            fn read_into(&self, _: u64, _: &mut [u8]) -> Option<usize> {
                 None
             }
         }
@@ -352,7 +386,10 @@ mod tests {
         assert_eq!(reach.class, [Class::DefinitelyLost]);
         let mut m = Words::default();
         m.put(DATA, block(0).start + 64);
-        assert_eq!(flood(&blocks, &[Root { start: DATA, end: DATA + 8 }], &m, &mut || true).class, [Class::DefinitelyLost]);
+        assert_eq!(
+            flood(&blocks, &[Root { start: DATA, end: DATA + 8 }], &m, &mut || true).class,
+            [Class::DefinitelyLost]
+        );
         m.put(DATA + 8, block(0).start + 63);
         let reach = flood(&blocks, &[Root { start: DATA + 3, end: DATA + 16 }], &m, &mut || true);
         assert_eq!(reach.class, [Class::PossiblyLost], "the word at DATA+8, the first aligned one");

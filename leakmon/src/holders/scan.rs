@@ -135,35 +135,47 @@ const REGISTER_NAMES: [&str; 27] = [
 /// The process's memory through `/proc/PID/mem`, and its threads' registers at
 /// [`REGISTERS`].
 struct ProcessMemory {
+    pid: nix::unistd::Pid,
     mem: File,
     registers: Vec<[u64; 27]>,
 }
 
 impl Memory for ProcessMemory {
-    fn read(&self, start: u64, len: usize) -> Option<Vec<u8>> {
+    fn read_into(&self, start: u64, buf: &mut [u8]) -> Option<usize> {
         if start >= REGISTERS {
             let thread = ((start - REGISTERS) >> 12) as usize;
-            let regs = self.registers.get(thread)?;
-            return Some(regs.iter().flat_map(|r| r.to_le_bytes()).take(len).collect());
+            let regs: Vec<u8> = self.registers.get(thread)?.iter().flat_map(|r| r.to_le_bytes()).collect();
+            let n = buf.len().min(regs.len());
+            buf[..n].copy_from_slice(&regs[..n]);
+            return Some(n);
         }
-        let mut buf = vec![0u8; len];
-        // A mapping may end inside the range: what was read is what there is.
-        let n = self.mem.read_at(&mut buf, start).ok()?;
-        buf.truncate(n);
-        Some(buf)
+        // process_vm_readv copies straight between the two address spaces, faster than
+        // /proc/PID/mem's page at a time; a range it cannot read whole (a mapping
+        // ends inside it) goes through /proc/PID/mem, which reads up to the end.
+        let remote = [nix::sys::uio::RemoteIoVec { base: start as usize, len: buf.len() }];
+        match nix::sys::uio::process_vm_readv(self.pid, &mut [std::io::IoSliceMut::new(buf)], &remote) {
+            Ok(n) if n > 0 => Some(n),
+            _ => self.mem.read_at(buf, start).ok(),
+        }
     }
 }
 
 fn words_of(regs: &libc::user_regs_struct) -> [u64; 27] {
     let r = regs;
     [
-        r.r15, r.r14, r.r13, r.r12, r.rbp, r.rbx, r.r11, r.r10, r.r9, r.r8, r.rax, r.rcx, r.rdx, r.rsi, r.rdi,
-        r.orig_rax, r.rip, r.cs, r.eflags, r.rsp, r.ss, r.fs_base, r.gs_base, r.ds, r.es, r.fs, r.gs,
+        r.r15, r.r14, r.r13, r.r12, r.rbp, r.rbx, r.r11, r.r10, r.r9, r.r8, r.rax, r.rcx, r.rdx, r.rsi,
+        r.rdi, r.orig_rax, r.rip, r.cs, r.eflags, r.rsp, r.ss, r.fs_base, r.gs_base, r.ds, r.es, r.fs, r.gs,
     ]
 }
 
 /// Scans process `pid` held as `hold`, its unfreed blocks `known`, within `budget`.
-pub fn scan(proc_root: &ProcRoot, pid: u32, hold: Hold, mut known: Vec<Known>, budget: Duration) -> Result<Outcome> {
+pub fn scan(
+    proc_root: &ProcRoot,
+    pid: u32,
+    hold: Hold,
+    mut known: Vec<Known>,
+    budget: Duration,
+) -> Result<Outcome> {
     known.sort_by_key(|k| k.start);
     // Two entries for one address cannot both be live; the later ones are dropped.
     known.dedup_by_key(|k| k.start);
@@ -173,6 +185,7 @@ pub fn scan(proc_root: &ProcRoot, pid: u32, hold: Hold, mut known: Vec<Known>, b
         Hold::Stop => Some(Stopped::all(proc_root, pid)?),
         Hold::AtExit(_) => None,
     };
+    fail::fail_point!("holders-stopped");
     let started = Instant::now();
     let threads: Vec<(u32, libc::user_regs_struct)> = match (&stopped, hold) {
         (Some(s), _) => s.threads.iter().map(|t| (t.tid, t.regs)).collect(),
@@ -185,9 +198,14 @@ pub fn scan(proc_root: &ProcRoot, pid: u32, hold: Hold, mut known: Vec<Known>, b
     };
     let maps = proc_root.maps_text(pid).with_context(|| format!("read the mappings of pid {pid}"))?;
     let blocks: Vec<Block> = known.iter().map(|k| Block { start: k.start, size: k.size }).collect();
-    let memory = ProcessMemory { mem, registers: threads.iter().map(|(_, r)| words_of(r)).collect() };
+    let memory = ProcessMemory {
+        pid: nix::unistd::Pid::from_raw(pid as i32),
+        mem,
+        registers: threads.iter().map(|(_, r)| words_of(r)).collect(),
+    };
     let (named, ranges) = all_roots(&memory, &maps, &threads, &blocks);
-    let deadline = started + budget;
+    // The budget is the whole pause's, from the first thread held.
+    let deadline = stopped.as_ref().map_or(started, |s| s.since) + budget;
     let flooding = Instant::now();
     let reach = flood(&blocks, &ranges, &memory, &mut || Instant::now() < deadline);
     let mut outcome = Outcome {
@@ -228,7 +246,8 @@ fn all_roots(
 ) -> (Vec<Origin>, Vec<Root>) {
     let sps: Vec<u64> = threads.iter().map(|(_, r)| r.rsp).collect();
     let found = roots(maps, &sps);
-    let (globals, stacks): (Vec<_>, Vec<_>) = found.into_iter().partition(|r| matches!(r.kind, RootKind::Global(_)));
+    let (globals, stacks): (Vec<_>, Vec<_>) =
+        found.into_iter().partition(|r| matches!(r.kind, RootKind::Global(_)));
     let mut origins = Vec::new();
     let mut ranges = Vec::new();
     for g in globals {
@@ -439,8 +458,12 @@ mod tests {
     fn static_tls_starts_at_the_lowest_module_block_below_the_thread_pointer() {
         struct Sparse(HashMap<u64, u64>);
         impl Memory for Sparse {
-            fn read(&self, start: u64, len: usize) -> Option<Vec<u8>> {
-                Some((0..len as u64).step_by(8).flat_map(|i| self.0.get(&(start + i)).copied().unwrap_or(0).to_le_bytes()).collect())
+            fn read_into(&self, start: u64, buf: &mut [u8]) -> Option<usize> {
+                for (i, chunk) in buf.chunks_mut(8).enumerate() {
+                    let word = self.0.get(&(start + 8 * i as u64)).copied().unwrap_or(0).to_le_bytes();
+                    chunk.copy_from_slice(&word[..chunk.len()]);
+                }
+                Some(buf.len())
             }
         }
         let fs = 0x7000_0000_8000;

@@ -88,7 +88,12 @@ impl Drop for Stopped {
                 for signal in signals {
                     // SAFETY: no pointers.
                     unsafe {
-                        libc::syscall(libc::SYS_tgkill, t.tid as libc::c_int, t.tid as libc::c_int, signal as i32);
+                        libc::syscall(
+                            libc::SYS_tgkill,
+                            t.tid as libc::c_int,
+                            t.tid as libc::c_int,
+                            signal as i32,
+                        );
                     }
                 }
             }
@@ -97,7 +102,7 @@ impl Drop for Stopped {
 }
 
 /// A process held by a tracer (a debugger, strace) is left to it.
-fn refuse_traced(proc_root: &ProcRoot, pid: u32) -> Result<()> {
+pub fn refuse_traced(proc_root: &ProcRoot, pid: u32) -> Result<()> {
     let status = proc_root.status(pid).map_err(|_| anyhow::anyhow!("no process with pid {pid}"))?;
     let tracer = status.lines().find_map(|l| l.strip_prefix("TracerPid:")).map(str::trim).unwrap_or("0");
     if tracer != "0" {
@@ -136,7 +141,9 @@ fn stop(tid: u32) -> Result<Option<Thread>> {
                 }
                 let _ = ptrace::cont(t, None);
             }
-            Ok(Some(WaitStatus::Exited(..) | WaitStatus::Signaled(..))) | Err(Errno::ECHILD) => return Ok(None),
+            Ok(Some(WaitStatus::Exited(..) | WaitStatus::Signaled(..))) | Err(Errno::ECHILD) => {
+                return Ok(None)
+            }
             Ok(Some(_)) => {}
             Ok(None) => {
                 crate::ptrace::stop_and_detach(t, |_| false);

@@ -60,7 +60,8 @@ mod tests {
     #[test]
     fn outermost_first_rooted_at_the_process_and_merged() {
         let stack = |bytes, frames: &[&str]| StackReport {
-held: Default::default(), key: 0,
+            held: Default::default(),
+            key: 0,
             samples: None,
             bytes_interval: None,
             spread: None,
@@ -76,7 +77,8 @@ held: Default::default(), key: 0,
             sample_bytes: 0,
             paced: false,
             processes: vec![ProcessReport {
-pause_ms: None, holders_scan: None,
+                pause_ms: None,
+                holders_scan: None,
                 samples: None,
                 bytes_interval: None,
                 pid: 7,

@@ -202,7 +202,8 @@ impl Report {
                         let site = frames.get(symbolizer.site(&frames)).cloned().map(FrameReport::from);
                         let spread = spreads.get(&(p.pid, s.stack_id)).copied();
                         StackReport {
-held: Default::default(), key: s.stack_id,
+                            held: Default::default(),
+                            key: s.stack_id,
                             id: crate::symbolize::stable_id(&frames),
                             bytes: s.bytes,
                             allocations: s.allocations,
@@ -216,7 +217,8 @@ held: Default::default(), key: s.stack_id,
                     })
                     .collect();
                 let mut report = ProcessReport {
-pause_ms: None, holders_scan: None,
+                    pause_ms: None,
+                    holders_scan: None,
                     pid: p.pid,
                     comm: pinfo.comm.clone(),
                     allocator: pinfo.allocator,
@@ -283,7 +285,8 @@ pause_ms: None, holders_scan: None,
         for (&pid, info) in watched {
             if !self.processes.iter().any(|p| p.pid == pid) {
                 self.processes.push(ProcessReport {
-pause_ms: None, holders_scan: None,
+                    pause_ms: None,
+                    holders_scan: None,
                     pid,
                     comm: info.comm.clone(),
                     allocator: info.allocator,
@@ -454,7 +457,8 @@ mod tests {
     #[test]
     fn rough_or_empty_sampled_figures_say_so() {
         let stack = |samples: u64| StackReport {
-held: Default::default(), key: 0,
+            held: Default::default(),
+            key: 0,
             id: "1".into(),
             bytes: samples * 16384,
             allocations: samples,
@@ -466,7 +470,8 @@ held: Default::default(), key: 0,
             frames: Vec::new(),
         };
         let process = |stacks: Vec<StackReport>| ProcessReport {
-pause_ms: None, holders_scan: None,
+            pause_ms: None,
+            holders_scan: None,
             pid: 1,
             comm: "x".into(),
             allocator: None,
@@ -537,7 +542,8 @@ pause_ms: None, holders_scan: None,
             runtime: runtime.map(str::to_owned),
         };
         let stack = |constructor: &str, site: &str| StackReport {
-held: Default::default(), key: 0,
+            held: Default::default(),
+            key: 0,
             id: site.into(),
             bytes: 1 << 20,
             allocations: 40,
@@ -553,7 +559,8 @@ held: Default::default(), key: 0,
             ],
         };
         let process = ProcessReport {
-pause_ms: None, holders_scan: None,
+            pause_ms: None,
+            holders_scan: None,
             pid: 1,
             comm: "python3".into(),
             allocator: None,

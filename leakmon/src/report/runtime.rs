@@ -44,7 +44,8 @@ pub fn report(
     })?;
     let stacks: Vec<StackReport> = stacks.iter().map(|s| stack_report(s, runtime.name())).collect();
     let mut process = ProcessReport {
-pause_ms: None, holders_scan: None,
+        pause_ms: None,
+        holders_scan: None,
         pid,
         comm,
         allocator: None,
@@ -97,7 +98,8 @@ pub fn stack_report(stack: &Stack, runtime: &str) -> StackReport {
         .collect();
     let spread = Spread::counted(stack.bytes, stack.samples);
     StackReport {
-held: Default::default(), key: 0,
+        held: Default::default(),
+        key: 0,
         id: crate::model::stable_hash(frames.iter().map(|f| format!("{}@{}", f.function, f.address))),
         bytes: stack.bytes,
         allocations: stack.samples,

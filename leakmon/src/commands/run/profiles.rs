@@ -118,8 +118,15 @@ pub(super) fn profile_snapshot(
         return Err((StatusCode::NOT_FOUND, what));
     }
     let selected: HashMap<u32, ProcState> = pids.iter().map(|p| (*p, traced[p])).collect();
-    let snapshot = crate::commands::Snapshot::take(probes, discovery, &selected, HashMap::new(), rate)
-        .map_err(|e| (StatusCode::INTERNAL_SERVER_ERROR, format!("{e:#}")))?;
+    let snapshot = crate::commands::Snapshot::take(
+        probes,
+        discovery,
+        &selected,
+        HashMap::new(),
+        rate,
+        crate::monotonic_ms(),
+    )
+    .map_err(|e| (StatusCode::INTERNAL_SERVER_ERROR, format!("{e:#}")))?;
     Ok(ProfileSnapshot { snapshot, kind: request.kind, title })
 }
 

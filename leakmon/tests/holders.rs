@@ -1,0 +1,351 @@
+//! `report --holders` on real processes: each stack's unfreed bytes classed as valgrind
+//! memcheck classes them on the same program, the reachable ones named by the root that
+//! holds them; the pause measured and bounded; the process let go on every path.
+
+mod common;
+
+use std::{
+    collections::BTreeMap,
+    io::{BufRead as _, BufReader, Write as _},
+    os::unix::process::CommandExt as _,
+    path::Path,
+    process::{ChildStdin, Command, Stdio},
+    time::{Duration, Instant},
+};
+
+use common::{
+    agent_state::tracer_of, build_fixture, finish_report, leakmon, processes, watch_pid_with, Lines, Reap,
+};
+use nix::{
+    sys::{ptrace, wait::waitpid},
+    unistd::Pid,
+};
+use serde_json::Value;
+
+/// A fixture that allocates when told (a line on its stdin), says "ready", and exits
+/// when its stdin closes.
+struct Target {
+    child: Reap,
+    stdin: Option<ChildStdin>,
+    lines: Lines,
+}
+
+impl Target {
+    fn start(fixture: &Path, args: &[&str]) -> Self {
+        let mut child = Command::new(fixture)
+            .args(args)
+            .stdin(Stdio::piped())
+            .stdout(Stdio::piped())
+            .spawn()
+            .expect("start the fixture");
+        let lines = BufReader::new(child.stdout.take().expect("stdout")).lines();
+        Self { stdin: child.stdin.take(), child: Reap(child), lines }
+    }
+
+    fn pid(&self) -> u32 {
+        self.child.id()
+    }
+
+    /// Sends `line` and waits for its "ready".
+    fn go(&mut self, line: &str) {
+        writeln!(self.stdin.as_mut().expect("stdin"), "{line}").expect("tell the fixture");
+        assert_eq!(self.lines.next().expect("a line").expect("read"), "ready");
+    }
+
+    /// Closes its stdin: a process that runs on exits at once, with 0.
+    fn finish(mut self) {
+        drop(self.stdin.take());
+        let deadline = Instant::now() + Duration::from_secs(10);
+        loop {
+            if let Some(status) = self.child.try_wait().expect("wait") {
+                assert!(status.success(), "the fixture ended with {status}");
+                return;
+            }
+            assert!(Instant::now() < deadline, "the fixture did not exit once its stdin closed");
+            std::thread::sleep(Duration::from_millis(20));
+        }
+    }
+}
+
+/// The state letter of each of `pid`'s threads (`t`: stopped by a tracer).
+fn thread_states(pid: u32) -> Vec<char> {
+    std::fs::read_dir(format!("/proc/{pid}/task"))
+        .expect("tasks")
+        .flatten()
+        .filter_map(|t| {
+            let stat = std::fs::read_to_string(t.path().join("stat")).ok()?;
+            stat.rsplit_once(") ")?.1.chars().next()
+        })
+        .collect()
+}
+
+/// Runs on, untraced, none of its threads stopped.
+fn assert_runs_on(pid: u32) {
+    let deadline = Instant::now() + Duration::from_secs(3);
+    while (tracer_of(pid) != "0" || thread_states(pid).contains(&'t')) && Instant::now() < deadline {
+        std::thread::sleep(Duration::from_millis(20));
+    }
+    assert_eq!(tracer_of(pid), "0", "still traced");
+    let states = thread_states(pid);
+    assert!(!states.is_empty() && !states.iter().any(|s| matches!(s, 't' | 'T' | 'Z')), "threads {states:?}");
+}
+
+/// The six allocation sites of holders.c, each in one of memcheck's classes.
+const SITES: [&str; 6] =
+    ["forget_one", "tree_root", "tree_child", "interior_alloc", "list_push", "stack_alloc"];
+
+/// Bytes per class, as leakmon's JSON names the classes.
+type Classes = BTreeMap<String, u64>;
+
+/// valgrind memcheck's classes per allocation site (the first frame in holders.c
+/// under the allocator) on the same fixture, run to its exit.
+fn valgrind_classes(fixture: &Path) -> BTreeMap<String, Classes> {
+    let mut child = Command::new("valgrind")
+        .args(["--leak-check=full", "--show-leak-kinds=all"])
+        .arg(fixture)
+        .stdin(Stdio::piped())
+        .stdout(Stdio::null())
+        .stderr(Stdio::piped())
+        .spawn()
+        .expect("run valgrind");
+    writeln!(child.stdin.take().expect("stdin"), "go").expect("tell the fixture");
+    let out = child.wait_with_output().expect("valgrind");
+    let text = String::from_utf8_lossy(&out.stderr);
+    let mut sites: BTreeMap<String, Classes> = BTreeMap::new();
+    let mut record: Option<(String, u64)> = None;
+    for line in text.lines() {
+        let line = line.split_once("== ").map_or(line, |(_, rest)| rest).trim();
+        if let Some((head, rest)) = line.split_once(" bytes in ") {
+            let class = ["definitely lost", "indirectly lost", "possibly lost", "still reachable"]
+                .into_iter()
+                .find(|c| rest.contains(&format!("are {c} in loss record")));
+            // "192 (64 direct, 128 indirect) bytes": the block's own are the direct.
+            let bytes = head.split_once("(").map_or(head, |(_, d)| d.split(' ').next().unwrap_or(""));
+            record = class.map(|c| {
+                let name = if c == "still reachable" { "reachable".to_owned() } else { c.replace(' ', "_") };
+                (name, bytes.trim().replace(',', "").parse().expect("bytes"))
+            });
+        } else if let Some((class, bytes)) = record.as_ref() {
+            let Some(function) = line.split_once(": ").and_then(|(_, f)| f.strip_suffix(')')) else {
+                continue;
+            };
+            if let Some((function, _)) = function.split_once(" (holders.c:") {
+                *sites.entry(function.to_owned()).or_default().entry(class.clone()).or_default() += bytes;
+                record = None;
+            }
+        }
+    }
+    sites
+}
+
+/// leakmon's classes per allocation site (zero classes left out, as valgrind's are).
+fn leakmon_classes(process: &Value) -> BTreeMap<String, Classes> {
+    let mut sites: BTreeMap<String, Classes> = BTreeMap::new();
+    for s in process["stacks"].as_array().expect("stacks") {
+        let Some(function) = s["site"]["function"].as_str() else { continue };
+        let Some(reach) = s["reachability"].as_object() else { continue };
+        for (class, bytes) in reach {
+            let bytes = bytes.as_u64().expect("bytes");
+            if bytes > 0 {
+                *sites.entry(function.to_owned()).or_default().entry(class.clone()).or_default() += bytes;
+            }
+        }
+    }
+    sites
+}
+
+fn stack<'a>(process: &'a Value, site: &str) -> &'a Value {
+    process["stacks"]
+        .as_array()
+        .expect("stacks")
+        .iter()
+        .find(|s| s["site"]["function"] == site)
+        .unwrap_or_else(|| panic!("no stack at {site}: {process}"))
+}
+
+/// On the fixture with one forgotten free, a dropped tree, a block kept through an
+/// interior pointer, a global list and an array on a thread's stack: the classes per
+/// site equal memcheck's, the list is held by its global and the array by its
+/// thread's frame, the pause is measured, and the process runs on.
+#[test]
+fn classes_equal_memchecks_and_holders_are_named() {
+    let fixture = build_fixture("holders.c", &[]);
+    let expected = valgrind_classes(&fixture);
+    let mut target = Target::start(&fixture, &[]);
+    let (watch, log) = watch_pid_with(target.pid(), "3", &["--holders"]);
+    target.go("go");
+    let report = finish_report(watch, log);
+    let process = &processes(&report)[0];
+    let found = leakmon_classes(process);
+    for site in SITES {
+        assert_eq!(found.get(site), expected.get(site), "{site}: leakmon {found:?}, valgrind {expected:?}");
+    }
+    // And the figures themselves, which the fixture fixes.
+    let bytes = |site: &str, class: &str| found[site][class];
+    assert_eq!(bytes("forget_one", "definitely_lost"), 1000);
+    assert_eq!(bytes("tree_root", "definitely_lost"), 64);
+    assert_eq!(bytes("tree_child", "indirectly_lost"), 128);
+    assert_eq!(bytes("interior_alloc", "possibly_lost"), 256);
+    assert_eq!(bytes("list_push", "reachable"), 48_000);
+    assert_eq!(bytes("stack_alloc", "reachable"), 4000);
+
+    let list = stack(process, "list_push");
+    let holders = list["holders"].as_array().expect("holders");
+    let held: u64 = holders.iter().map(|h| h["bytes"].as_u64().expect("bytes")).sum();
+    assert_eq!(held, 48_000, "{list}");
+    for h in holders {
+        assert_eq!(h["root"]["kind"], "global", "{h}");
+        assert_eq!(h["root"]["name"], "list_head", "{h}");
+    }
+    // The list's first node is held by the global itself, the others through nodes.
+    assert!(holders.iter().any(|h| h["path"] == serde_json::json!(["list_push"]) && h["bytes"] == 47_952));
+    let array = &stack(process, "stack_alloc")["holders"][0];
+    assert_eq!(array["bytes"], 4000, "{array}");
+    assert_eq!(array["root"]["kind"], "stack", "{array}");
+    assert_eq!(array["root"]["function"], "stack_holder", "{array}");
+    assert!(array["root"]["file"].as_str().is_some_and(|f| f.ends_with("holders.c")), "{array}");
+    assert!(stack(process, "forget_one")["holders"].is_null(), "nothing holds a lost block");
+
+    let pause = process["pause_ms"].as_f64().expect("pause_ms");
+    let scan = &process["holders_scan"];
+    eprintln!("pause {pause} ms; scan {scan}");
+    assert!(pause > 0.0 && pause < 2000.0);
+    assert_eq!(scan["complete"], true);
+    assert_eq!(scan["threads"], 2);
+    assert_runs_on(target.pid());
+    target.finish();
+}
+
+/// Starts the big-heap fixture and has it allocate `mib` MiB while `options` watch it.
+fn big_heap_scan(target: &mut Target, mib: u64, options: &[&str]) -> Value {
+    let (watch, log) = watch_pid_with(target.pid(), "10", options);
+    target.go(&mib.to_string());
+    finish_report(watch, log)
+}
+
+/// A process of several GiB: the pause and the scan rate are measured and printed; a
+/// budget smaller than the scan needs stops it early, lets the process go and says so.
+#[test]
+fn a_large_heap_is_scanned_within_its_budget_or_let_go_at_it() {
+    const MIB: u64 = 3072;
+    let fixture = build_fixture("big_heap.c", &[]);
+    let mut target = Target::start(&fixture, &[]);
+    let report = big_heap_scan(&mut target, MIB, &["--holders", "--holders-budget", "60000"]);
+    let process = &processes(&report)[0];
+    let scan = &process["holders_scan"];
+    let pause = process["pause_ms"].as_f64().expect("pause_ms");
+    eprintln!(
+        "{MIB} MiB heap: pause {pause} ms, {} GB/s, {} bytes read",
+        scan["gb_per_second"], scan["scanned_bytes"]
+    );
+    assert_eq!(scan["complete"], true, "{scan}");
+    assert!(scan["scanned_bytes"].as_u64().expect("bytes") >= MIB << 20);
+    let heap = stack(process, "big_alloc");
+    assert_eq!(heap["reachability"]["reachable"], MIB << 20, "{heap}");
+    assert_eq!(heap["holders"][0]["root"]["name"], "big_list");
+    assert_runs_on(target.pid());
+
+    // Another GiB, with a tenth of the time reading it takes.
+    let budget = (pause / 3.0 / 10.0).max(1.0);
+    let report = big_heap_scan(&mut target, 1024, &["--holders", "--holders-budget", &budget.to_string()]);
+    let process = &processes(&report)[0];
+    assert_eq!(process["holders_scan"]["complete"], false, "{}", process["holders_scan"]);
+    let note =
+        process["notes"].as_array().expect("notes").iter().filter_map(Value::as_str).collect::<Vec<_>>();
+    assert!(
+        note.iter().any(|n| n.contains("ran out of its") && n.contains("nothing is classified")),
+        "{note:?}"
+    );
+    assert!(process["stacks"].as_array().expect("stacks").iter().all(|s| s["reachability"].is_null()));
+    let pause = process["pause_ms"].as_f64().expect("pause_ms");
+    assert!(pause < budget + 500.0, "held {pause} ms on a budget of {budget}");
+    assert_runs_on(target.pid());
+    target.finish();
+}
+
+/// leakmon SIGKILLed while it holds every thread for a scan: the kernel lets them go,
+/// the process runs on, untraced, and works.
+#[test]
+fn leakmon_killed_mid_scan_leaves_the_process_running_untraced() {
+    if !cfg!(feature = "failpoints") {
+        panic!("leakmon was built without the fail point this test holds the scan at: run it with `cargo xtask test`");
+    }
+    let fixture = build_fixture("holders.c", &[]);
+    let mut target = Target::start(&fixture, &[]);
+    let pid = target.pid();
+    let mut watch = leakmon()
+        .env("RUST_LOG", "info")
+        .env("FAILPOINTS", "holders-stopped=sleep(30000)")
+        .args(["report", "--holders", "--format", "json", "--duration", "2", "--pid", &pid.to_string()])
+        .stdout(Stdio::null())
+        .stderr(Stdio::piped())
+        .spawn()
+        .expect("start leakmon");
+    let mut stderr = BufReader::new(watch.stderr.take().expect("stderr"));
+    let mut log = String::new();
+    while !log.contains("watching") {
+        assert!(stderr.read_line(&mut log).expect("read") > 0, "{log}");
+    }
+    target.go("go");
+    // Held: every thread in a tracing stop, traced by that leakmon.
+    let deadline = Instant::now() + Duration::from_secs(10);
+    while !(tracer_of(pid) == watch.id().to_string() && thread_states(pid).iter().all(|s| *s == 't')) {
+        assert!(Instant::now() < deadline, "the scan never held the process: {:?}", thread_states(pid));
+        std::thread::sleep(Duration::from_millis(20));
+    }
+    assert_eq!(thread_states(pid).len(), 2);
+    watch.kill().expect("SIGKILL leakmon");
+    watch.wait().expect("reap leakmon");
+    assert_runs_on(pid);
+    target.finish();
+}
+
+/// Threads inside the allocator when the process is stopped: the scan reads, calls
+/// nothing in the process, so nothing deadlocks; the held list is found whole, and the
+/// process goes on allocating afterwards.
+#[test]
+fn threads_busy_in_the_allocator_are_stopped_and_go_on() {
+    let fixture = build_fixture("holders_busy.c", &[]);
+    let mut target = Target::start(&fixture, &[]);
+    let (watch, log) = watch_pid_with(target.pid(), "3", &["--holders"]);
+    target.go("go");
+    let report = finish_report(watch, log);
+    let process = &processes(&report)[0];
+    let list = stack(process, "keep_one");
+    assert_eq!(list["reachability"]["reachable"], 100 * 48, "{list}");
+    assert_eq!(list["holders"][0]["root"]["name"], "kept", "{list}");
+    assert_eq!(process["holders_scan"]["threads"], 5);
+    assert_runs_on(target.pid());
+    // Still allocating: its count of pairs moves on.
+    target.go("count");
+    let before: u64 = target.lines.next().expect("count").expect("read").parse().expect("a number");
+    std::thread::sleep(Duration::from_millis(300));
+    target.go("count");
+    let after: u64 = target.lines.next().expect("count").expect("read").parse().expect("a number");
+    assert!(after > before, "the threads stopped allocating: {before} then {after}");
+    target.finish();
+}
+
+/// A process another tracer holds (a debugger) is refused in one line, before any
+/// probe is loaded.
+#[test]
+fn a_process_under_a_debugger_is_refused_in_one_line() {
+    let mut cmd = Command::new("sleep");
+    cmd.arg("30");
+    // SAFETY: traceme is a single syscall, async-signal-safe.
+    unsafe {
+        cmd.pre_exec(|| ptrace::traceme().map_err(std::io::Error::from));
+    }
+    let target = Reap(cmd.spawn().expect("start"));
+    let pid = Pid::from_raw(target.0.id() as i32);
+    waitpid(pid, None).expect("the exec stop");
+    ptrace::cont(pid, None).expect("let it run");
+    let out = leakmon()
+        .args(["report", "--holders", "--duration", "1", "--pid", &target.0.id().to_string()])
+        .output()
+        .expect("run leakmon");
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert!(!out.status.success());
+    assert_eq!(stderr.trim().lines().count(), 1, "{stderr}");
+    assert!(stderr.contains("is traced by pid") && stderr.contains("not stopped"), "{stderr}");
+}
