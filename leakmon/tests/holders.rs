@@ -216,6 +216,70 @@ fn classes_equal_memchecks_and_holders_are_named() {
     target.finish();
 }
 
+/// With the agent only sampled blocks are known: the list's sampled nodes are still
+/// rooted at its global, through the nodes not sampled (bounded by glibc's chunk
+/// headers), and the forgotten blocks sampled are lost.
+#[test]
+fn sampled_list_nodes_are_rooted_at_the_global() {
+    let fixture = build_fixture("holders.c", &[]);
+    let mut target = Target::start(&fixture, &[]);
+    let (watch, log) = watch_pid_with(target.pid(), "3", &["--agent", "--sample-bytes", "1024", "--holders"]);
+    target.go("go");
+    let report = finish_report(watch, log);
+    let process = &processes(&report)[0];
+    let list = stack(process, "list_push");
+    let samples = list["samples"].as_u64().expect("samples");
+    assert!(samples >= 10, "{samples} samples of the list: {list}");
+    assert_eq!(list["reachability"]["reachable"], list["bytes"], "{list}");
+    let holders = list["holders"].as_array().expect("holders");
+    assert!(holders.iter().all(|h| h["root"]["name"] == "list_head"), "{list}");
+    assert!(
+        holders.iter().any(|h| h["path"]
+            .as_array()
+            .is_some_and(|p| p.contains(&"(a block not seen allocated)".into()))),
+        "chains pass through nodes not sampled: {list}"
+    );
+    let scan = &process["holders_scan"];
+    assert!(scan["unseen_blocks"].as_u64().expect("unseen") >= 900, "the list's other nodes: {scan}");
+    if let Some(forgotten) =
+        process["stacks"].as_array().expect("stacks").iter().find(|s| s["site"]["function"] == "forget_one")
+    {
+        assert_eq!(forgotten["reachability"]["reachable"], 0, "{forgotten}");
+    }
+    assert_runs_on(target.pid());
+    target.finish();
+}
+
+/// A command is scanned at its exit, as memcheck scans it: every class but the array
+/// on the thread's stack (that thread has ended by then, and says so) equals memcheck's.
+#[test]
+fn a_command_is_scanned_at_its_exit() {
+    let fixture = build_fixture("holders.c", &[]);
+    let expected = valgrind_classes(&fixture);
+    let mut run = leakmon()
+        .args(["report", "--holders", "--format", "json", "--"])
+        .arg(&fixture)
+        .stdin(Stdio::piped())
+        .stdout(Stdio::piped())
+        .spawn()
+        .expect("run leakmon");
+    writeln!(run.stdin.take().expect("stdin"), "go").expect("tell the fixture");
+    let out = run.wait_with_output().expect("leakmon");
+    assert!(out.status.success());
+    // The fixture's "ready" shares the standard output.
+    let text = String::from_utf8_lossy(&out.stdout);
+    let report: Value = serde_json::from_str(&text[text.find('{').expect("JSON")..]).expect("JSON report");
+    let process = &processes(&report)[0];
+    let found = leakmon_classes(process);
+    for site in SITES.iter().filter(|s| **s != "stack_alloc") {
+        assert_eq!(found.get(*site), expected.get(*site), "{site}: leakmon {found:?}, valgrind {expected:?}");
+    }
+    assert_eq!(found["stack_alloc"]["definitely_lost"], 4000);
+    let notes = process["notes"].to_string();
+    assert!(notes.contains("Scanned at its exit"), "{notes}");
+    assert_eq!(process["holders_scan"]["unseen_blocks"], 0, "a command's blocks were all seen");
+}
+
 /// Starts the big-heap fixture and has it allocate `mib` MiB while `options` watch it.
 fn big_heap_scan(target: &mut Target, mib: u64, options: &[&str]) -> Value {
     let (watch, log) = watch_pid_with(target.pid(), "10", options);

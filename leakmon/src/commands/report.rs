@@ -18,7 +18,7 @@ use crate::{
     discovery::Discovery,
     holders::{
         names::Scanned,
-        scan::{Hold, Known},
+        scan::{Hold, Known, Plan},
     },
     probes::Probes,
     procfs::ProcRoot,
@@ -355,19 +355,26 @@ impl<'a> Watch<'a> {
         }
     }
 
-    /// Scans `pid`, held as `hold`, for what holds its unfreed blocks; a failure is
-    /// said and the report goes on without.
+    /// Scans `pid`, held as `hold`, for what holds its unfreed blocks; a failure, or a
+    /// combination not supported yet, is said and the report goes on without.
     fn scan(&mut self, pid: u32, hold: Hold, info: &ProcessInfo) {
         let budget_ms = self.args.holders_budget;
-        let scanned = self.known_blocks(pid, matches!(hold, Hold::Stop)).and_then(|blocks| {
-            crate::holders::scan::scan(
-                &self.proc_root,
-                pid,
-                hold,
-                blocks,
-                Duration::from_secs_f64(budget_ms / 1e3),
-            )
-        });
+        let glibc = info.allocator == Some(crate::probes::targets::Allocator::Glibc);
+        let sampled = self.agent.is_some();
+        if sampled && !glibc {
+            let allocator = info.allocator.map_or("an unknown allocator", |a| a.name());
+            warn!(pid, "holders scan: sampled blocks are sized, and the blocks between them found, from glibc malloc's chunk headers; not supported yet for {allocator} (scan it without --agent)");
+            return;
+        }
+        let plan = Plan {
+            hold,
+            budget: Duration::from_secs_f64(budget_ms / 1e3),
+            // A command's blocks were all seen from its start, unless sampled.
+            glibc_chunks: glibc && (sampled || self.args.pid.is_some()),
+        };
+        let scanned = self
+            .known_blocks(pid, matches!(hold, Hold::Stop))
+            .and_then(|blocks| crate::holders::scan::scan(&self.proc_root, pid, plan, blocks));
         match scanned {
             Ok(outcome) => {
                 info!(
@@ -398,7 +405,9 @@ impl<'a> Watch<'a> {
             .filter(|(_, b)| b.gen == gen)
             .map(|(key, b)| Known {
                 start: key.addr,
-                size: b.size,
+                // A sampled block's entry holds the bytes it stands for.
+                size: (b.rate == 0).then_some(b.size),
+                weight: b.size,
                 stack_id: b.stack_id,
                 counted: !runs || now.saturating_sub(b.ts_ms) >= in_flight,
             })

@@ -5,12 +5,15 @@
 //!   path (the kernel lets go of a killed tracer's tracees itself).
 //! - [`roots`]: where a stopped process keeps pointers by definition (data, bss,
 //!   thread stacks), from its mappings and its threads' stack pointers.
+//! - [`chunks`]: the bounds of blocks leakmon did not see allocated, from glibc
+//!   malloc's chunk headers.
 //! - [`reach`]: the flood over blocks, roots and memory, and memcheck's classes. Pure.
 //! - [`scan`]: one scan: the stop, the roots (registers and TLS too), the flood within
 //!   a budget, the findings per allocation stack.
 //! - [`names`]: the findings named once the process runs again, as the report shows
 //!   them.
 
+pub mod chunks;
 pub mod names;
 pub mod reach;
 pub mod roots;

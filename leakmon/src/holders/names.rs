@@ -114,7 +114,12 @@ impl Namer<'_> {
         let mut named: Vec<HolderReport> = Vec::new();
         for h in raw {
             let root = self.root(&h.root);
-            let path: Vec<String> = h.path.iter().map(|&id| site(id)).collect();
+            let mut path: Vec<String> = Vec::with_capacity(h.path.len());
+            for name in h.path.iter().map(|&id| site(id)) {
+                if !path.contains(&name) {
+                    path.push(name);
+                }
+            }
             match named.iter_mut().find(|n| n.root == root && n.path == path) {
                 Some(n) => n.bytes += h.bytes,
                 None => named.push(HolderReport { bytes: h.bytes, root, path }),
@@ -133,7 +138,13 @@ pub struct ScanSummary {
     /// not, no stack is classified.
     pub complete: bool,
     pub threads: usize,
+    /// Blocks leakmon saw allocated, and blocks between them taken from glibc's chunk
+    /// headers.
     pub blocks: usize,
+    pub unseen_blocks: usize,
+    /// Sampled blocks left out: the allocator's header gave no size.
+    #[serde(skip_serializing_if = "is_zero")]
+    pub unsized_blocks: usize,
     pub scanned_bytes: u64,
     /// Bytes read per second of reading them (the pause less the stop), in GB/s.
     pub gb_per_second: f64,
@@ -147,11 +158,17 @@ impl ScanSummary {
             complete: outcome.complete,
             threads: outcome.threads,
             blocks: outcome.blocks,
+            unseen_blocks: outcome.unseen_blocks,
+            unsized_blocks: outcome.no_size,
             scanned_bytes: outcome.scanned_bytes,
             gb_per_second: (outcome.scanned_bytes as f64 / seconds / 1e9 * 1000.0).round() / 1000.0,
             budget_ms,
         }
     }
+}
+
+fn is_zero(n: &usize) -> bool {
+    *n == 0
 }
 
 /// What a stack's report says of its blocks after a scan.
@@ -219,6 +236,11 @@ pub fn attach(
         ));
         return;
     }
+    if outcome.at_exit {
+        process.notes.push(
+            "Scanned at its exit: only the exiting thread's stack and registers were roots (other threads had ended), so blocks only they held count as lost; --pid scans it running".to_owned(),
+        );
+    }
     let namer = Namer { symbolizer, pid, maps: &scanned.info.maps, root: scanned.info.root.as_deref() };
     let known: std::collections::HashMap<u64, String> = process
         .stacks
@@ -226,6 +248,9 @@ pub fn attach(
         .map(|s| (s.key, s.site.as_ref().map_or_else(|| "?".into(), |f| f.function.clone())))
         .collect();
     let site = |id: u64| -> String {
+        if id == super::scan::UNSEEN {
+            return "(a block not seen allocated)".to_owned();
+        }
         if let Some(name) = known.get(&id) {
             return name.clone();
         }

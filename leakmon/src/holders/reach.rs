@@ -32,6 +32,11 @@ pub enum Class {
 pub struct Block {
     pub start: u64,
     pub size: u64,
+    /// Seen allocated (and not freed), rather than taken from the allocator's headers
+    /// (see [`super::chunks`]), which may be a freed chunk's: such a block carries
+    /// reach from a root onward, but heads no lost clique, so it never makes a block
+    /// indirectly lost.
+    pub known: bool,
 }
 
 /// A range of the process's memory that holds pointers by definition.
@@ -234,8 +239,8 @@ fn lost(
     let mut taken = vec![0usize; blocks.len()];
     for b in 0..blocks.len() {
         // A block an earlier head's flood took in is no head (a lost cycle's first
-        // block heads it).
-        if reached[b] || class[b] == Class::IndirectlyLost {
+        // block heads it); nor is one not known to be allocated.
+        if reached[b] || class[b] == Class::IndirectlyLost || !blocks[b].known {
             continue;
         }
         taken[b] = b + 1;
@@ -289,7 +294,7 @@ mod tests {
     const DATA: u64 = 0x1000;
 
     fn block(i: u64) -> Block {
-        Block { start: HEAP + i * 0x100, size: 64 }
+        Block { start: HEAP + i * 0x100, size: 64, known: true }
     }
 
     /// The shapes of memcheck's manual: a global list, a forgotten block, a dropped
@@ -412,5 +417,23 @@ mod tests {
         assert!(!reach.complete);
         assert_eq!(reach.words, 1 + 8, "the root's word and block 0's eight, no more");
         assert!(flood(&blocks, &roots, &m, &mut || true).complete);
+    }
+
+    /// Blocks taken from the allocator's headers carry reach from a root (a list's
+    /// older nodes), but one that nothing reaches (a freed chunk's stale bytes) makes
+    /// no block indirectly lost.
+    #[test]
+    fn unknown_blocks_carry_reach_but_head_nothing() {
+        let mut blocks: Vec<Block> = (0..4).map(block).collect();
+        blocks[1].known = false;
+        blocks[3].known = false;
+        let mut m = Words::default();
+        m.put(DATA, block(1).start);
+        m.put(block(1).start, block(0).start);
+        m.put(block(3).start, block(2).start);
+        let reach = flood(&blocks, &[Root { start: DATA, end: DATA + 8 }], &m, &mut || true);
+        assert_eq!(reach.class[0], Class::Reachable);
+        assert_eq!(reach.chain(0), Some((0, DATA, vec![1, 0])));
+        assert_eq!(reach.class[2], Class::DefinitelyLost, "a stale pointer in an unknown block is none");
     }
 }

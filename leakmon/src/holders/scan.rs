@@ -26,12 +26,31 @@ use crate::procfs::ProcRoot;
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub struct Known {
     pub start: u64,
-    pub size: u64,
+    /// Its size; `None` for a sampled block, whose table entry holds the bytes it
+    /// stands for: then the allocator's header gives it ([`super::chunks::usable`]).
+    pub size: Option<u64>,
+    /// The bytes it counts for in its stack's figures.
+    pub weight: u64,
     pub stack_id: u64,
     /// Whether its bytes count in its stack's figures (a block in flight does not; it
     /// still holds pointers).
     pub counted: bool,
 }
+
+/// How one scan goes.
+#[derive(Clone, Copy, Debug)]
+pub struct Plan {
+    pub hold: Hold,
+    /// The longest the process may be held.
+    pub budget: Duration,
+    /// Whether blocks leakmon did not see allocated are taken from glibc's chunk
+    /// headers (a running process watched for a window, or sampled; see
+    /// [`super::chunks`]).
+    pub glibc_chunks: bool,
+}
+
+/// The stack id a chain's block leakmon did not see allocated goes by.
+pub const UNSEEN: u64 = u64::MAX;
 
 /// How the process is held for the scan.
 #[derive(Clone, Copy, Debug)]
@@ -87,7 +106,7 @@ pub struct RawHolder {
     pub bytes: u64,
     pub root: RootAt,
     /// The stack ids of the blocks between the root and the held block, outermost
-    /// first, each run of one stack once.
+    /// first, each once.
     pub path: Vec<u64>,
 }
 
@@ -106,7 +125,14 @@ pub struct Outcome {
     /// How long the flood took of it: reading the roots and blocks.
     pub flood: Duration,
     pub threads: usize,
+    /// Blocks known to leakmon, and blocks taken from the allocator's headers.
     pub blocks: usize,
+    pub unseen_blocks: usize,
+    /// Scanned at a command's exit, where only the exiting thread is left: other
+    /// threads' stacks and registers were no roots.
+    pub at_exit: bool,
+    /// Sampled blocks whose size the allocator's header did not give: left out.
+    pub no_size: usize,
     /// Bytes of roots and blocks read.
     pub scanned_bytes: u64,
     /// Whether the flood ran to its end within the budget; when not, no block is
@@ -168,26 +194,20 @@ fn words_of(regs: &libc::user_regs_struct) -> [u64; 27] {
     ]
 }
 
-/// Scans process `pid` held as `hold`, its unfreed blocks `known`, within `budget`.
-pub fn scan(
-    proc_root: &ProcRoot,
-    pid: u32,
-    hold: Hold,
-    mut known: Vec<Known>,
-    budget: Duration,
-) -> Result<Outcome> {
+/// Scans process `pid` as `plan` says, its unfreed blocks `known`.
+pub fn scan(proc_root: &ProcRoot, pid: u32, plan: Plan, mut known: Vec<Known>) -> Result<Outcome> {
     known.sort_by_key(|k| k.start);
     // Two entries for one address cannot both be live; the later ones are dropped.
     known.dedup_by_key(|k| k.start);
     let mem = File::open(proc_root.path().join(pid.to_string()).join("mem"))
         .with_context(|| format!("open the memory of pid {pid}"))?;
-    let stopped = match hold {
+    let stopped = match plan.hold {
         Hold::Stop => Some(Stopped::all(proc_root, pid)?),
         Hold::AtExit(_) => None,
     };
     fail::fail_point!("holders-stopped");
     let started = Instant::now();
-    let threads: Vec<(u32, libc::user_regs_struct)> = match (&stopped, hold) {
+    let threads: Vec<(u32, libc::user_regs_struct)> = match (&stopped, plan.hold) {
         (Some(s), _) => s.threads.iter().map(|t| (t.tid, t.regs)).collect(),
         (None, Hold::AtExit(tid)) => {
             let regs = nix::sys::ptrace::getregs(nix::unistd::Pid::from_raw(tid as i32))
@@ -197,28 +217,32 @@ pub fn scan(
         (None, Hold::Stop) => unreachable!("stopped above"),
     };
     let maps = proc_root.maps_text(pid).with_context(|| format!("read the mappings of pid {pid}"))?;
-    let blocks: Vec<Block> = known.iter().map(|k| Block { start: k.start, size: k.size }).collect();
     let memory = ProcessMemory {
         pid: nix::unistd::Pid::from_raw(pid as i32),
         mem,
         registers: threads.iter().map(|(_, r)| words_of(r)).collect(),
     };
+    let (blocks, owner, no_size) = blocks_of(&memory, &maps, &known, plan.glibc_chunks);
     let (named, ranges) = all_roots(&memory, &maps, &threads, &blocks);
     // The budget is the whole pause's, from the first thread held.
-    let deadline = stopped.as_ref().map_or(started, |s| s.since) + budget;
+    let deadline = stopped.as_ref().map_or(started, |s| s.since) + plan.budget;
     let flooding = Instant::now();
     let reach = flood(&blocks, &ranges, &memory, &mut || Instant::now() < deadline);
     let mut outcome = Outcome {
         flood: flooding.elapsed(),
         threads: threads.len(),
-        blocks: blocks.len(),
+        blocks: blocks.iter().filter(|b| b.known).count(),
+        unseen_blocks: blocks.iter().filter(|b| !b.known).count(),
+        no_size,
+        at_exit: matches!(plan.hold, Hold::AtExit(_)),
         scanned_bytes: reach.words * 8,
         complete: reach.complete,
         ..Outcome::default()
     };
     if reach.complete {
         // Frames are found while the stacks are as they were.
-        outcome.stacks = per_stack(&known, &reach, &named, &threads, &memory, &maps);
+        let held = Held { known: &known, owner: &owner, reach: &reach, origins: &named };
+        outcome.stacks = held.per_stack(&threads, &memory, &maps);
     }
     outcome.pause = match &stopped {
         Some(s) => s.paused(),
@@ -226,6 +250,54 @@ pub fn scan(
     };
     drop(stopped);
     Ok(outcome)
+}
+
+/// The blocks to flood, in address order: the known ones (a sampled block sized by
+/// its chunk header), and with `glibc_chunks` the other chunks glibc's headers give.
+/// Also which known block each is (`None`: one from the headers), and how many sampled
+/// blocks had no size to be found.
+fn blocks_of(
+    memory: &dyn Memory,
+    maps: &str,
+    known: &[Known],
+    glibc_chunks: bool,
+) -> (Vec<Block>, Vec<Option<usize>>, usize) {
+    let mut no_size = 0;
+    let mut all: Vec<(Block, Option<usize>)> = Vec::with_capacity(known.len());
+    for (i, k) in known.iter().enumerate() {
+        match k.size.or_else(|| super::chunks::usable(memory, k.start)) {
+            Some(size) => all.push((Block { start: k.start, size, known: true }, Some(i))),
+            None => no_size += 1,
+        }
+    }
+    if glibc_chunks {
+        let seen: std::collections::HashSet<u64> = known.iter().map(|k| k.start).collect();
+        all.extend(
+            super::chunks::glibc_blocks(memory, maps)
+                .into_iter()
+                .filter(|b| !seen.contains(&b.start))
+                .map(|b| (b, None)),
+        );
+    }
+    // Known blocks first where two start together; then none may overlap the one
+    // before it (a header misread is what gives way).
+    all.sort_by_key(|(b, owner)| (b.start, owner.is_none()));
+    let mut kept: Vec<(Block, Option<usize>)> = Vec::with_capacity(all.len());
+    for (b, owner) in all {
+        match kept.last() {
+            Some((last, _)) if last.start + last.size > b.start => {
+                if owner.is_some() && kept.last().is_some_and(|(_, o)| o.is_none()) {
+                    kept.pop();
+                    kept.push((b, owner));
+                } else if owner.is_some() {
+                    no_size += 1;
+                }
+            }
+            _ => kept.push((b, owner)),
+        }
+    }
+    let (blocks, owner) = kept.into_iter().unzip();
+    (blocks, owner, no_size)
 }
 
 /// Where each root range comes from.
@@ -324,50 +396,67 @@ fn static_tls_start(memory: &dyn Memory, fs_base: u64) -> u64 {
     lowest().unwrap_or(fs_base)
 }
 
-/// Sums `reach` per stack id and gathers the holders of the reachable bytes.
-fn per_stack(
-    known: &[Known],
-    reach: &Reach,
-    origins: &[Origin],
-    threads: &[(u32, libc::user_regs_struct)],
-    memory: &ProcessMemory,
-    maps: &str,
-) -> HashMap<u64, StackFound> {
-    let mut out: HashMap<u64, StackFound> = HashMap::new();
-    let mut holders: HashMap<(u64, RootAt, Vec<u64>), u64> = HashMap::new();
-    let mut frames = Frames { memory, code: executable(maps), threads, found: HashMap::new() };
-    for (i, k) in known.iter().enumerate().filter(|(_, k)| k.counted) {
-        let class = reach.class[i];
-        out.entry(k.stack_id).or_default().reachability.add(class, k.size);
-        if class != Class::Reachable {
-            continue;
+/// A complete flood, read per known block.
+struct Held<'a> {
+    known: &'a [Known],
+    /// Per block flooded: which known block it is.
+    owner: &'a [Option<usize>],
+    reach: &'a Reach,
+    origins: &'a [Origin],
+}
+
+impl Held<'_> {
+    /// Sums the flood per stack id and gathers the holders of the reachable bytes.
+    fn per_stack(
+        &self,
+        threads: &[(u32, libc::user_regs_struct)],
+        memory: &ProcessMemory,
+        maps: &str,
+    ) -> HashMap<u64, StackFound> {
+        let mut out: HashMap<u64, StackFound> = HashMap::new();
+        let mut holders: HashMap<(u64, RootAt, Vec<u64>), u64> = HashMap::new();
+        let mut frames = Frames { memory, code: executable(maps), threads, found: HashMap::new() };
+        for (b, owner) in self.owner.iter().enumerate() {
+            let Some(k) = owner.map(|i| &self.known[i]).filter(|k| k.counted) else { continue };
+            let class = self.reach.class[b];
+            out.entry(k.stack_id).or_default().reachability.add(class, k.weight);
+            if class != Class::Reachable {
+                continue;
+            }
+            let Some((root, at, chain)) = self.reach.chain(b) else { continue };
+            let root = match &self.origins[root] {
+                Origin::Named(NamedRoot { kind: RootKind::Global(object), .. }) => {
+                    RootAt::Global { object: object.clone(), address: at }
+                }
+                Origin::Named(NamedRoot { kind: RootKind::Stack(t), .. }) => {
+                    let (tid, _) = threads[*t];
+                    RootAt::Stack { tid, pc: frames.pc(*t, at) }
+                }
+                Origin::Tls(t) => RootAt::Tls { tid: threads[*t].0 },
+                Origin::Registers(t) => {
+                    let word = ((at - REGISTERS) & 0xfff) / 8;
+                    RootAt::Register { tid: threads[*t].0, name: REGISTER_NAMES[word as usize] }
+                }
+            };
+            // Each site once, in the order the chain first meets it: a list's thousand
+            // nodes are one site.
+            let mut path: Vec<u64> = Vec::new();
+            for &c in &chain[..chain.len() - 1] {
+                let site = self.owner[c].map_or(UNSEEN, |i| self.known[i].stack_id);
+                if !path.contains(&site) {
+                    path.push(site);
+                }
+            }
+            *holders.entry((k.stack_id, root, path)).or_default() += k.weight;
         }
-        let Some((root, at, chain)) = reach.chain(i) else { continue };
-        let root = match &origins[root] {
-            Origin::Named(NamedRoot { kind: RootKind::Global(object), .. }) => {
-                RootAt::Global { object: object.clone(), address: at }
-            }
-            Origin::Named(NamedRoot { kind: RootKind::Stack(t), .. }) => {
-                let (tid, _) = threads[*t];
-                RootAt::Stack { tid, pc: frames.pc(*t, at) }
-            }
-            Origin::Tls(t) => RootAt::Tls { tid: threads[*t].0 },
-            Origin::Registers(t) => {
-                let word = ((at - REGISTERS) & 0xfff) / 8;
-                RootAt::Register { tid: threads[*t].0, name: REGISTER_NAMES[word as usize] }
-            }
-        };
-        let mut path: Vec<u64> = chain[..chain.len() - 1].iter().map(|&b| known[b].stack_id).collect();
-        path.dedup();
-        *holders.entry((k.stack_id, root, path)).or_default() += k.size;
+        for ((stack, root, path), bytes) in holders {
+            out.entry(stack).or_default().holders.push(RawHolder { bytes, root, path });
+        }
+        for found in out.values_mut() {
+            found.holders.sort_by(|a, b| b.bytes.cmp(&a.bytes).then_with(|| a.root.cmp(&b.root)));
+        }
+        out
     }
-    for ((stack, root, path), bytes) in holders {
-        out.entry(stack).or_default().holders.push(RawHolder { bytes, root, path });
-    }
-    for found in out.values_mut() {
-        found.holders.sort_by(|a, b| b.bytes.cmp(&a.bytes).then_with(|| a.root.cmp(&b.root)));
-    }
-    out
 }
 
 /// Which function's frame a word of a thread's stack belongs to, found from the
@@ -446,8 +535,8 @@ mod tests {
         assert_eq!(tls_range(maps, fs, 0, &[]), Some(Root { start: 0x1_0000, end: fs + TLS_ABOVE }));
         assert_eq!(tls_range(maps, fs, 0x1_7000, &[]), Some(Root { start: 0x1_7000, end: fs + TLS_ABOVE }));
         assert_eq!(tls_range(maps, 0x2_8000, 0, &[]), None, "the heap");
-        assert_eq!(tls_range(maps, fs, 0, &[Block { start: 0x1_7000, size: 16 }]), None);
-        assert!(tls_range(maps, fs, 0, &[Block { start: 0x3_0000, size: 16 }]).is_some());
+        assert_eq!(tls_range(maps, fs, 0, &[Block { start: 0x1_7000, size: 16, known: true }]), None);
+        assert!(tls_range(maps, fs, 0, &[Block { start: 0x3_0000, size: 16, known: true }]).is_some());
         assert_eq!(tls_range(maps, 0, 0, &[]), None);
     }
 
