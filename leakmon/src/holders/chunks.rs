@@ -33,7 +33,7 @@ const WINDOW: usize = 1 << 20;
 pub fn usable(memory: &dyn Memory, start: u64) -> Option<u64> {
     let header = word(memory, start.checked_sub(WORD)?)?;
     let size = header & !FLAGS;
-    if size < MIN_CHUNK || size % 16 != 0 {
+    if size < MIN_CHUNK || !size.is_multiple_of(16) {
         return None;
     }
     // A mapped chunk has no next chunk to lend its first word.
@@ -89,7 +89,7 @@ fn walk_heap(memory: &dyn Memory, start: u64, end: u64, out: &mut Vec<Block>) {
     while chunk + 2 * WORD <= end {
         let Some(h) = header(chunk + WORD) else { break };
         let size = h & !FLAGS;
-        if size < MIN_CHUNK || size % 16 != 0 || chunk + size > end || h & IS_MMAPPED != 0 {
+        if size < MIN_CHUNK || !size.is_multiple_of(16) || chunk + size > end || h & IS_MMAPPED != 0 {
             break;
         }
         // The previous chunk was in use if this one says so.
@@ -111,7 +111,7 @@ fn mapped_chunks(memory: &dyn Memory, start: u64, end: u64, out: &mut Vec<Block>
     while chunk + 2 * WORD <= end {
         let Some(h) = word(memory, chunk + WORD) else { return };
         let size = h & !FLAGS;
-        if h & IS_MMAPPED == 0 || size == 0 || size % 4096 != 0 || chunk + size > end {
+        if h & IS_MMAPPED == 0 || size == 0 || !size.is_multiple_of(4096) || chunk + size > end {
             return;
         }
         out.push(Block { start: chunk + 2 * WORD, size: size - 2 * WORD, known: false });
