@@ -14,20 +14,8 @@ use std::{
 
 use common::{
     build_fixture, build_fixture_with, by_function, expected, http_get, leakmon, parse_report, processes,
-    report_json, Reap, LEAKS,
+    report_json, system_library, Reap, LEAKS,
 };
-
-fn system_library(name: &str) -> PathBuf {
-    let out = Command::new("ldconfig").arg("-p").output().expect("run ldconfig");
-    String::from_utf8_lossy(&out.stdout)
-        .lines()
-        .filter(|l| l.contains("x86-64"))
-        .find_map(|l| {
-            let (left, path) = l.split_once(" => ")?;
-            (left.trim_start().starts_with(name)).then(|| PathBuf::from(path.trim()))
-        })
-        .unwrap_or_else(|| panic!("{name} is not installed (cargo xtask setup --tests installs it)"))
-}
 
 fn the_process(report: &serde_json::Value) -> &serde_json::Value {
     let procs = processes(report);

@@ -363,7 +363,9 @@ impl<'a> Watch<'a> {
         let sampled = self.agent.is_some();
         if sampled && !glibc {
             let allocator = info.allocator.map_or("an unknown allocator", |a| a.name());
-            warn!(pid, "holders scan: sampled blocks are sized, and the blocks between them found, from glibc malloc's chunk headers; not supported yet for {allocator} (scan it without --agent)");
+            let why = format!("sampled blocks are sized, and the blocks between them found, from glibc malloc's chunk headers: not supported yet for {allocator} (scan it without --agent)");
+            warn!(pid, "holders scan: {why}");
+            self.scans.insert(pid, Scanned { outcome: Err(why), budget_ms, info: info.clone() });
             return;
         }
         let plan = Plan {
@@ -371,22 +373,23 @@ impl<'a> Watch<'a> {
             budget: Duration::from_secs_f64(budget_ms / 1e3),
             // A command's blocks were all seen from its start, unless sampled.
             glibc_chunks: glibc && (sampled || self.args.pid.is_some()),
+            window: self.args.pid.is_some(),
         };
         let scanned = self
             .known_blocks(pid, matches!(hold, Hold::Stop))
             .and_then(|blocks| crate::holders::scan::scan(&self.proc_root, pid, plan, blocks));
-        match scanned {
+        let outcome = match scanned {
             Ok(outcome) => {
-                info!(
-                    pid,
-                    pause_ms = outcome.pause.as_secs_f64() * 1e3,
-                    complete = outcome.complete,
-                    "holders scanned"
-                );
-                self.scans.insert(pid, Scanned { outcome, budget_ms, info: info.clone() });
+                let pause_ms = outcome.pause.as_secs_f64() * 1e3;
+                info!(pid, pause_ms, complete = outcome.complete, "holders scanned");
+                Ok(outcome)
             }
-            Err(e) => warn!(pid, "holders scan: {e:#}"),
-        }
+            Err(e) => {
+                warn!(pid, "holders scan: {e:#}");
+                Err(format!("{e:#}"))
+            }
+        };
+        self.scans.insert(pid, Scanned { outcome, budget_ms, info: info.clone() });
     }
 
     /// The unfreed blocks of `pid`'s current image in the live table; those in flight

@@ -25,7 +25,7 @@ const FLAGS: u64 = 7;
 const WORD: u64 = 8;
 /// The smallest chunk.
 const MIN_CHUNK: u64 = 32;
-/// Chunk headers read at once while walking.
+/// Bytes of chunk headers read at once while walking.
 const WINDOW: usize = 1 << 20;
 
 /// The bytes a block at `start` may hold, from its chunk's header: glibc's usable size.
@@ -47,8 +47,10 @@ fn word(memory: &dyn Memory, at: u64) -> Option<u64> {
 
 /// The blocks glibc's chunk headers give in the mappings of `maps` (the text of
 /// `/proc/PID/maps`): the main arena's `[heap]`, and anonymous mappings that are
-/// mapped chunks. Unknown blocks ([`Block::known`] false), in address order.
-pub fn glibc_blocks(memory: &dyn Memory, maps: &str) -> Vec<Block> {
+/// mapped chunks. Unknown blocks ([`Block::known`] false), in address order; `None`
+/// when `go_on` stopped the walk (the headers are the process's to forge: a walk is
+/// bounded by the scan's budget).
+pub fn glibc_blocks(memory: &dyn Memory, maps: &str, go_on: &mut dyn FnMut() -> bool) -> Option<Vec<Block>> {
     let mut out = Vec::new();
     for line in maps.lines() {
         let mut fields = line.split_ascii_whitespace();
@@ -59,64 +61,147 @@ pub fn glibc_blocks(memory: &dyn Memory, maps: &str) -> Vec<Block> {
         if !perms.starts_with("rw") {
             continue;
         }
-        match name {
-            "[heap]" => walk_heap(memory, s, e, &mut out),
-            "" => mapped_chunks(memory, s, e, &mut out),
-            _ => {}
+        let done = match name {
+            "[heap]" => walk_heap(memory, s, e, &mut out, go_on),
+            "" => mapped_chunks(memory, s, e, &mut out, go_on),
+            _ => true,
+        };
+        if !done {
+            return None;
         }
     }
-    out
+    Some(out)
 }
 
-/// The main arena's chunks, end to end from the heap's start; a chunk is in use when
-/// the next one says so. Stops at the top chunk, or at a header that is no chunk's.
-fn walk_heap(memory: &dyn Memory, start: u64, end: u64, out: &mut Vec<Block>) {
-    let mut window = vec![0u8; WINDOW];
-    let mut window_at = 0u64;
-    let mut window_len = 0usize;
-    let mut header = |at: u64| -> Option<u64> {
-        if at < window_at || at + 8 > window_at + window_len as u64 {
-            window_at = at;
-            let len = (end - at).min(WINDOW as u64) as usize;
-            window_len = memory.read_into(at, &mut window[..len])?;
-        }
-        let i = (at - window_at) as usize;
-        Some(u64::from_le_bytes(window.get(i..i + 8)?.try_into().ok()?))
-    };
-    // The first chunk is aligned so that its block is: 16 bytes.
-    let mut chunk = start.next_multiple_of(16);
-    let mut previous: Option<(u64, u64)> = None;
-    while chunk + 2 * WORD <= end {
-        let Some(h) = header(chunk + WORD) else { break };
-        let size = h & !FLAGS;
-        if size < MIN_CHUNK || !size.is_multiple_of(16) || chunk + size > end || h & IS_MMAPPED != 0 {
-            break;
-        }
-        // The previous chunk was in use if this one says so.
-        if let Some((p, psize)) = previous.take() {
-            if h & PREV_INUSE != 0 {
-                out.push(Block { start: p + 2 * WORD, size: psize - WORD, known: false });
+/// How a walk of chunks ended.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+enum Walk {
+    /// At the top chunk, which ends the heap.
+    Top,
+    /// At a header that is no chunk's.
+    Broken,
+    /// Out of time.
+    Stopped,
+}
+
+/// Chunks walked between two looks at the budget.
+const STEPS: u32 = 4096;
+
+/// The main arena's chunks, end to end from its first chunk; a chunk is in use when
+/// the next one says so. The first chunk is the first place from which chunks lead
+/// to the heap's end: a static program keeps its main thread's TLS at the heap's
+/// start, before malloc's first chunk.
+fn walk_heap(
+    memory: &dyn Memory,
+    start: u64,
+    end: u64,
+    out: &mut Vec<Block>,
+    go_on: &mut dyn FnMut() -> bool,
+) -> bool {
+    let mut headers = Headers { memory, end, window: vec![0u8; WINDOW], at: 0, len: 0 };
+    let first = start.next_multiple_of(16);
+    for c in (0..MAX_PREFIX / 16).map(|i| first + 16 * i).take_while(|c| c + 2 * WORD <= end) {
+        match headers.walk(c, go_on, &mut |_, _| {}) {
+            Walk::Broken => continue,
+            Walk::Stopped => return false,
+            Walk::Top => {
+                let walked = headers.walk(c, go_on, &mut |chunk, size| {
+                    out.push(Block { start: chunk + 2 * WORD, size: size - WORD, known: false });
+                });
+                return walked != Walk::Stopped;
             }
         }
-        previous = Some((chunk, size));
-        chunk += size;
     }
-    // The last chunk walked is the top, free.
+    true
+}
+
+/// Bytes before malloc's first chunk in `[heap]` looked through for it.
+const MAX_PREFIX: u64 = 64 << 10;
+
+/// Chunk headers of one heap, read a window at a time.
+struct Headers<'a> {
+    memory: &'a dyn Memory,
+    end: u64,
+    window: Vec<u8>,
+    at: u64,
+    len: usize,
+}
+
+impl Headers<'_> {
+    fn header(&mut self, at: u64) -> Option<u64> {
+        if at < self.at || at + 8 > self.at + self.len as u64 {
+            self.at = at;
+            let len = (self.end - at).min(WINDOW as u64) as usize;
+            self.len = self.memory.read_into(at, &mut self.window[..len])?;
+        }
+        let i = (at - self.at) as usize;
+        Some(u64::from_le_bytes(self.window.get(i..i + 8)?.try_into().ok()?))
+    }
+
+    /// Walks chunks from `chunk`, calling `in_use` with each chunk in use and its size;
+    /// whether the walk ended with the top chunk at the heap's end.
+    fn walk(
+        &mut self,
+        mut chunk: u64,
+        go_on: &mut dyn FnMut() -> bool,
+        in_use: &mut dyn FnMut(u64, u64),
+    ) -> Walk {
+        let mut previous: Option<(u64, u64)> = None;
+        let mut steps = 0u32;
+        while chunk + 2 * WORD <= self.end {
+            steps += 1;
+            if steps.is_multiple_of(STEPS) && !go_on() {
+                return Walk::Stopped;
+            }
+            let Some(h) = self.header(chunk + WORD) else { return Walk::Broken };
+            let size = h & !FLAGS;
+            if size < MIN_CHUNK || !size.is_multiple_of(16) || size > self.end - chunk || h & IS_MMAPPED != 0
+            {
+                return Walk::Broken;
+            }
+            // The previous chunk was in use if this one says so.
+            if let Some((p, psize)) = previous.take() {
+                if h & PREV_INUSE != 0 {
+                    in_use(p, psize);
+                }
+            }
+            // The chunk that ends the heap is the top, free (glibc keeps the break
+            // on a page, the heap's end).
+            if chunk + size == self.end {
+                return Walk::Top;
+            }
+            previous = Some((chunk, size));
+            chunk += size;
+        }
+        Walk::Broken
+    }
 }
 
 /// Mapped chunks laid end to end in one anonymous mapping (the kernel merges
 /// neighbouring mappings): each headed by a size with the mapped flag, page sized.
-fn mapped_chunks(memory: &dyn Memory, start: u64, end: u64, out: &mut Vec<Block>) {
+fn mapped_chunks(
+    memory: &dyn Memory,
+    start: u64,
+    end: u64,
+    out: &mut Vec<Block>,
+    go_on: &mut dyn FnMut() -> bool,
+) -> bool {
     let mut chunk = start;
+    let mut steps = 0u32;
     while chunk + 2 * WORD <= end {
-        let Some(h) = word(memory, chunk + WORD) else { return };
+        steps += 1;
+        if steps.is_multiple_of(STEPS) && !go_on() {
+            return false;
+        }
+        let Some(h) = word(memory, chunk + WORD) else { return true };
         let size = h & !FLAGS;
-        if h & IS_MMAPPED == 0 || size == 0 || !size.is_multiple_of(4096) || chunk + size > end {
-            return;
+        if h & IS_MMAPPED == 0 || size == 0 || !size.is_multiple_of(4096) || size > end - chunk {
+            return true;
         }
         out.push(Block { start: chunk + 2 * WORD, size: size - 2 * WORD, known: false });
         chunk += size;
     }
+    true
 }
 
 #[cfg(test)]
@@ -146,7 +231,7 @@ mod tests {
         m.insert(heap + 0x70 + 8, 0x20);
         m.insert(heap + 0x90 + 8, (0x1000 - 0x90) | PREV_INUSE);
         let maps = format!("{:x}-{:x} rw-p 00000000 00:00 0 [heap]\n", heap, heap + 0x1000);
-        let blocks = glibc_blocks(&Sparse(m), &maps);
+        let blocks = glibc_blocks(&Sparse(m), &maps, &mut || true).expect("walked");
         assert_eq!(
             blocks,
             [
@@ -164,7 +249,7 @@ mod tests {
         m.insert(at + 0x2000 + 8, 0x1000 | IS_MMAPPED);
         let maps = format!("{:x}-{:x} rw-p 00000000 00:00 0\n", at, at + 0x4000);
         let memory = Sparse(m);
-        let blocks = glibc_blocks(&memory, &maps);
+        let blocks = glibc_blocks(&memory, &maps, &mut || true).expect("walked");
         assert_eq!(
             blocks,
             [
@@ -178,5 +263,43 @@ mod tests {
         m.insert(0x1008, 0x40 | PREV_INUSE);
         assert_eq!(usable(&Sparse(m), 0x1010), Some(0x38));
         assert_eq!(usable(&Sparse(HashMap::new()), 0x1010), None);
+    }
+
+    /// A static program's TLS at the heap's start comes before malloc's first chunk:
+    /// the walk starts where chunks lead to the heap's end.
+    #[test]
+    fn the_heap_walk_finds_the_first_chunk_past_a_prefix() {
+        let heap = 0x55_0000_0000u64;
+        let mut m = HashMap::new();
+        // 0x120 bytes of TLS and thread control block, with words that look like sizes.
+        m.insert(heap + 8, 0x7777);
+        m.insert(heap + 0x48, 0x40);
+        let first = heap + 0x120;
+        m.insert(first + 8, 0x30 | PREV_INUSE);
+        m.insert(first + 0x30 + 8, (0x1000 - 0x150) | PREV_INUSE);
+        let maps = format!("{:x}-{:x} rw-p 00000000 00:00 0 [heap]\n", heap, heap + 0x1000);
+        assert_eq!(
+            glibc_blocks(&Sparse(m), &maps, &mut || true).expect("walked"),
+            [Block { start: first + 16, size: 0x28, known: false }]
+        );
+    }
+
+    /// The headers are the process's to forge: sizes that would wrap the address
+    /// space end the walk, and a walk runs only while the budget lasts.
+    #[test]
+    fn forged_headers_end_the_walk_or_the_budget_does() {
+        let heap = 0x55_0000_0000u64;
+        let mut m = HashMap::new();
+        m.insert(heap + 8, !FLAGS);
+        let maps = format!("{:x}-{:x} rw-p 00000000 00:00 0 [heap]\n", heap, heap + 0x1000);
+        assert_eq!(glibc_blocks(&Sparse(m), &maps, &mut || true), Some(vec![]));
+        let at = 0x7f00_0000_0000u64;
+        let m = HashMap::from([(at + 8, !0xfff | IS_MMAPPED)]);
+        let maps = format!("{:x}-{:x} rw-p 00000000 00:00 0\n", at, at + 0x4000);
+        assert_eq!(glibc_blocks(&Sparse(m), &maps, &mut || true), Some(vec![]));
+        // A heap of 10,000 smallest chunks, walked with no time left.
+        let m: HashMap<u64, u64> = (0..10_000u64).map(|i| (heap + 32 * i + 8, 32 | PREV_INUSE)).collect();
+        let maps = format!("{:x}-{:x} rw-p 00000000 00:00 0 [heap]\n", heap, heap + 32 * 10_000);
+        assert_eq!(glibc_blocks(&Sparse(m), &maps, &mut || false), None);
     }
 }

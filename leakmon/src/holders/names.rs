@@ -208,7 +208,8 @@ impl StackHeld {
 
 /// A scan of one process, and what naming its findings needs.
 pub struct Scanned {
-    pub outcome: Outcome,
+    /// What it found, or why there was no scan (one line, for the process's notes).
+    pub outcome: Result<Outcome, String>,
     pub budget_ms: f64,
     /// Its mappings and root (as captured for its report).
     pub info: crate::report::ProcessInfo,
@@ -225,7 +226,13 @@ pub fn attach(
     stack: &dyn Fn(u64) -> Option<Vec<u64>>,
 ) {
     let Some(process) = report.processes.iter_mut().find(|p| p.pid == pid) else { return };
-    let outcome = &scanned.outcome;
+    let outcome = match &scanned.outcome {
+        Ok(outcome) => outcome,
+        Err(why) => {
+            process.notes.push(format!("No holders scan: {why}"));
+            return;
+        }
+    };
     process.pause_ms = Some((outcome.pause.as_secs_f64() * 1e6).round() / 1e3);
     process.holders_scan = Some(ScanSummary::of(outcome, scanned.budget_ms));
     if !outcome.complete {
@@ -235,6 +242,12 @@ pub fn attach(
             crate::units::bytes(outcome.scanned_bytes)
         ));
         return;
+    }
+    if outcome.unbounded {
+        process.notes.push(format!(
+            "Blocks allocated before the window are unknown to leakmon, and {}'s own records of them are not read yet: a block held only through one counts as lost",
+            scanned.info.allocator.map_or("this allocator", |a| a.name())
+        ));
     }
     if outcome.at_exit {
         process.notes.push(

@@ -163,7 +163,10 @@ pub fn flood(
     memory: &dyn Memory,
     go_on: &mut dyn FnMut() -> bool,
 ) -> Reach {
-    debug_assert!(blocks.windows(2).all(|w| w[0].start + w[0].size <= w[1].start), "sorted, apart");
+    debug_assert!(
+        blocks.windows(2).all(|w| w[0].start.saturating_add(w[0].size) <= w[1].start),
+        "sorted, apart"
+    );
     let n = blocks.len();
     let mut class = vec![Class::DefinitelyLost; n];
     let mut reached = vec![false; n];

@@ -47,6 +47,9 @@ pub struct Plan {
     /// headers (a running process watched for a window, or sampled; see
     /// [`super::chunks`]).
     pub glibc_chunks: bool,
+    /// Whether the process ran before leakmon watched it (blocks it did not see may
+    /// be in the way).
+    pub window: bool,
 }
 
 /// The stack id a chain's block leakmon did not see allocated goes by.
@@ -128,6 +131,9 @@ pub struct Outcome {
     /// Blocks known to leakmon, and blocks taken from the allocator's headers.
     pub blocks: usize,
     pub unseen_blocks: usize,
+    /// Blocks not seen allocated could be in the way, and none was bounded (a window
+    /// on a process whose allocator's headers are not read).
+    pub unbounded: bool,
     /// Scanned at a command's exit, where only the exiting thread is left: other
     /// threads' stacks and registers were no roots.
     pub at_exit: bool,
@@ -222,12 +228,14 @@ pub fn scan(proc_root: &ProcRoot, pid: u32, plan: Plan, mut known: Vec<Known>) -
         mem,
         registers: threads.iter().map(|(_, r)| words_of(r)).collect(),
     };
-    let (blocks, owner, no_size) = blocks_of(&memory, &maps, &known, plan.glibc_chunks);
-    let (named, ranges) = all_roots(&memory, &maps, &threads, &blocks);
     // The budget is the whole pause's, from the first thread held.
     let deadline = stopped.as_ref().map_or(started, |s| s.since) + plan.budget;
+    let mut go_on = || Instant::now() < deadline;
     let flooding = Instant::now();
-    let reach = flood(&blocks, &ranges, &memory, &mut || Instant::now() < deadline);
+    let (blocks, owner, no_size, walked) = blocks_of(&memory, &maps, &known, plan.glibc_chunks, &mut go_on);
+    let (named, ranges) = all_roots(&memory, &maps, &threads, &blocks);
+    let mut reach = flood(&blocks, &ranges, &memory, &mut go_on);
+    reach.complete &= walked;
     let mut outcome = Outcome {
         flood: flooding.elapsed(),
         threads: threads.len(),
@@ -235,6 +243,7 @@ pub fn scan(proc_root: &ProcRoot, pid: u32, plan: Plan, mut known: Vec<Known>) -
         unseen_blocks: blocks.iter().filter(|b| !b.known).count(),
         no_size,
         at_exit: matches!(plan.hold, Hold::AtExit(_)),
+        unbounded: plan.window && !plan.glibc_chunks,
         scanned_bytes: reach.words * 8,
         complete: reach.complete,
         ..Outcome::default()
@@ -254,30 +263,40 @@ pub fn scan(proc_root: &ProcRoot, pid: u32, plan: Plan, mut known: Vec<Known>) -
 
 /// The blocks to flood, in address order: the known ones (a sampled block sized by
 /// its chunk header), and with `glibc_chunks` the other chunks glibc's headers give.
-/// Also which known block each is (`None`: one from the headers), and how many sampled
-/// blocks had no size to be found.
+/// Also which known block each is (`None`: one from the headers), how many sampled
+/// blocks had no size to be found (a header is the process's to forge: a size must
+/// keep the block inside the mapping it starts in), and whether the headers' walk
+/// ended within the budget `go_on` keeps.
 fn blocks_of(
     memory: &dyn Memory,
     maps: &str,
     known: &[Known],
     glibc_chunks: bool,
-) -> (Vec<Block>, Vec<Option<usize>>, usize) {
+    go_on: &mut dyn FnMut() -> bool,
+) -> (Vec<Block>, Vec<Option<usize>>, usize, bool) {
+    let mappings = writable(maps);
+    let fits = |start: u64, size: u64| {
+        let i = mappings.partition_point(|(_, e)| *e <= start);
+        mappings.get(i).is_some_and(|(s, e)| *s <= start && size <= e - start)
+    };
     let mut no_size = 0;
     let mut all: Vec<(Block, Option<usize>)> = Vec::with_capacity(known.len());
     for (i, k) in known.iter().enumerate() {
-        match k.size.or_else(|| super::chunks::usable(memory, k.start)) {
+        let size = k.size.or_else(|| super::chunks::usable(memory, k.start).filter(|s| fits(k.start, *s)));
+        match size {
             Some(size) => all.push((Block { start: k.start, size, known: true }, Some(i))),
             None => no_size += 1,
         }
     }
+    let mut walked = true;
     if glibc_chunks {
         let seen: std::collections::HashSet<u64> = known.iter().map(|k| k.start).collect();
-        all.extend(
-            super::chunks::glibc_blocks(memory, maps)
-                .into_iter()
-                .filter(|b| !seen.contains(&b.start))
-                .map(|b| (b, None)),
-        );
+        match super::chunks::glibc_blocks(memory, maps, go_on) {
+            Some(found) => {
+                all.extend(found.into_iter().filter(|b| !seen.contains(&b.start)).map(|b| (b, None)))
+            }
+            None => walked = false,
+        }
     }
     // Known blocks first where two start together; then none may overlap the one
     // before it (a header misread is what gives way).
@@ -285,7 +304,7 @@ fn blocks_of(
     let mut kept: Vec<(Block, Option<usize>)> = Vec::with_capacity(all.len());
     for (b, owner) in all {
         match kept.last() {
-            Some((last, _)) if last.start + last.size > b.start => {
+            Some((last, _)) if last.start.saturating_add(last.size) > b.start => {
                 if owner.is_some() && kept.last().is_some_and(|(_, o)| o.is_none()) {
                     kept.pop();
                     kept.push((b, owner));
@@ -297,7 +316,20 @@ fn blocks_of(
         }
     }
     let (blocks, owner) = kept.into_iter().unzip();
-    (blocks, owner, no_size)
+    (blocks, owner, no_size, walked)
+}
+
+/// The writable mappings of `maps`, in address order.
+fn writable(maps: &str) -> Vec<(u64, u64)> {
+    maps.lines()
+        .filter_map(|l| {
+            let mut fields = l.split_ascii_whitespace();
+            let (range, perms) = (fields.next()?, fields.next()?);
+            let (s, e) = range.split_once('-')?;
+            (perms.as_bytes().get(1) == Some(&b'w'))
+                .then(|| Some((u64::from_str_radix(s, 16).ok()?, u64::from_str_radix(e, 16).ok()?)))?
+        })
+        .collect()
 }
 
 /// Where each root range comes from.
@@ -346,28 +378,38 @@ fn all_roots(
 }
 
 /// A thread's static TLS and control block, around its thread pointer, within the
-/// mapping that holds it; none where that mapping is the heap or holds a block (the
-/// TLS of a thread whose control block is itself a heap block is reached through it).
-/// `low` is where its static TLS begins ([`static_tls_start`]).
+/// mapping that holds it, short of the blocks: a static program keeps its main
+/// thread's at the start of its heap, before malloc's first chunk. `low` is where its
+/// static TLS begins ([`static_tls_start`]); none where a block covers the thread
+/// pointer (the TLS of a thread whose control block is itself a heap block is reached
+/// through it).
 fn tls_range(maps: &str, fs_base: u64, low: u64, blocks: &[Block]) -> Option<Root> {
     if fs_base == 0 {
         return None;
     }
-    let line = maps.lines().find(|l| {
-        let Some((range, _)) = l.split_once(' ') else { return false };
-        let Some((s, e)) = range.split_once('-') else { return false };
-        let (Ok(s), Ok(e)) = (u64::from_str_radix(s, 16), u64::from_str_radix(e, 16)) else { return false };
-        (s..e).contains(&fs_base)
+    let (s, e) = maps.lines().find_map(|l| {
+        let (range, _) = l.split_once(' ')?;
+        let (s, e) = range.split_once('-')?;
+        let (s, e) = (u64::from_str_radix(s, 16).ok()?, u64::from_str_radix(e, 16).ok()?);
+        (s..e).contains(&fs_base).then_some((s, e))
     })?;
-    if line.ends_with("[heap]") {
-        return None;
+    let mut root = Root { start: low.max(s), end: fs_base.saturating_add(TLS_ABOVE).min(e) };
+    // The blocks that end after the root starts, from the first.
+    let from = blocks.partition_point(|b| b.start.saturating_add(b.size) <= root.start);
+    for b in &blocks[from..] {
+        if b.start >= root.end {
+            break;
+        }
+        if b.start <= fs_base {
+            if b.start.saturating_add(b.size) > fs_base {
+                return None;
+            }
+            root.start = root.start.max(b.start.saturating_add(b.size));
+        } else {
+            root.end = b.start;
+        }
     }
-    let (range, _) = line.split_once(' ')?;
-    let (s, e) = range.split_once('-')?;
-    let (s, e) = (u64::from_str_radix(s, 16).ok()?, u64::from_str_radix(e, 16).ok()?);
-    let root = Root { start: low.max(s), end: (fs_base + TLS_ABOVE).min(e) };
-    let i = blocks.partition_point(|b| b.start + b.size <= root.start);
-    (blocks.get(i).is_none_or(|b| b.start >= root.end)).then_some(root)
+    Some(root)
 }
 
 /// Where a thread's static TLS begins, below its thread pointer `fs_base` (x86-64 lays
@@ -382,9 +424,10 @@ fn static_tls_start(memory: &dyn Memory, fs_base: u64) -> u64 {
         Some(u64::from_le_bytes(b.get(..8)?.try_into().ok()?))
     };
     let lowest = || -> Option<u64> {
-        let dtv = word(fs_base + 8)?;
+        // The thread pointer and what it points at are the process's to set.
+        let dtv = word(fs_base.checked_add(8)?)?;
         let len = word(dtv.checked_sub(16)?)?.min(MAX_MODULES);
-        let entries = memory.read(dtv + 16, (len * 16) as usize)?;
+        let entries = memory.read(dtv.checked_add(16)?, (len * 16) as usize)?;
         entries
             .as_chunks::<16>()
             .0
@@ -526,17 +569,26 @@ mod tests {
     use super::*;
 
     #[test]
-    fn tls_is_clipped_to_its_mapping_and_never_the_heap_or_a_block() {
+    fn tls_is_clipped_to_its_mapping_and_short_of_the_blocks() {
         let maps = "\
 10000-20000 rw-p 00000000 00:00 0
 20000-40000 rw-p 00000000 00:00 0 [heap]
 ";
         let fs = 0x1_8000;
+        let block = |start, size| Block { start, size, known: true };
         assert_eq!(tls_range(maps, fs, 0, &[]), Some(Root { start: 0x1_0000, end: fs + TLS_ABOVE }));
         assert_eq!(tls_range(maps, fs, 0x1_7000, &[]), Some(Root { start: 0x1_7000, end: fs + TLS_ABOVE }));
-        assert_eq!(tls_range(maps, 0x2_8000, 0, &[]), None, "the heap");
-        assert_eq!(tls_range(maps, fs, 0, &[Block { start: 0x1_7000, size: 16, known: true }]), None);
-        assert!(tls_range(maps, fs, 0, &[Block { start: 0x3_0000, size: 16, known: true }]).is_some());
+        assert_eq!(tls_range(maps, fs, 0, &[block(fs - 0x10, 0x20)]), None, "a block covers it");
+        assert_eq!(
+            tls_range(maps, fs, 0, &[block(0x1_7000, 16), block(fs + 0x100, 16), block(0x3_0000, 16)]),
+            Some(Root { start: 0x1_7010, end: fs + 0x100 }),
+            "short of the blocks around it"
+        );
+        // A static program's: at the heap's start.
+        assert_eq!(
+            tls_range(maps, 0x2_0400, 0x2_0100, &[block(0x2_0800, 64)]),
+            Some(Root { start: 0x2_0100, end: 0x2_0800 })
+        );
         assert_eq!(tls_range(maps, 0, 0, &[]), None);
     }
 

@@ -426,3 +426,16 @@ pub fn leaks_sigma(rate: f64) -> f64 {
 pub fn signal(pid: u32, signal: nix::sys::signal::Signal) {
     nix::sys::signal::kill(nix::unistd::Pid::from_raw(pid as i32), signal).expect("send a signal");
 }
+
+/// The path of a system library, from the loader's cache (`libjemalloc.so.2`).
+pub fn system_library(name: &str) -> PathBuf {
+    let out = Command::new("ldconfig").arg("-p").output().expect("run ldconfig");
+    String::from_utf8_lossy(&out.stdout)
+        .lines()
+        .filter(|l| l.contains("x86-64"))
+        .find_map(|l| {
+            let (left, path) = l.split_once(" => ")?;
+            (left.trim_start().starts_with(name)).then(|| PathBuf::from(path.trim()))
+        })
+        .unwrap_or_else(|| panic!("{name} is not installed (cargo xtask setup --tests installs it)"))
+}
