@@ -503,3 +503,74 @@ fn a_process_under_a_debugger_is_refused_in_one_line() {
     assert_eq!(stderr.trim().lines().count(), 1, "{stderr}");
     assert!(stderr.contains("is traced by pid") && stderr.contains("not stopped"), "{stderr}");
 }
+
+const LISTEN: &str = "127.0.0.1:19551";
+
+/// A metric's value on the line that has every one of `labels`.
+fn metric(text: &str, name: &str, labels: &[&str]) -> Option<u64> {
+    text.lines()
+        .filter(|l| l.starts_with(&format!("{name}{{")))
+        .find(|l| labels.iter().all(|label| l.contains(label)))
+        .and_then(|l| l.rsplit(' ').next()?.parse().ok())
+}
+
+/// The daemon scans a process it watches when asked (a POST, with a budget), answers
+/// with its report, and exports each top stack's lost and reachable bytes from then on;
+/// bad requests say what is wrong.
+#[test]
+fn the_daemon_scans_on_demand_and_exports_lost_and_reachable_bytes() {
+    let fixture = common::named(&build_fixture("holders.c", &[]), "holders_d");
+    let _daemon = common::start_daemon(&["--comm", "holders_d", "--sample-interval", "0.5s"], LISTEN);
+    let mut target = Target::start(&fixture, &[]);
+    let pid = target.pid();
+    let start = Instant::now();
+    while !common::http_get(LISTEN, "/metrics").is_some_and(|m| m.contains("leakmon_attached_processes 1")) {
+        assert!(start.elapsed() < Duration::from_secs(30), "the daemon never traced the fixture");
+        std::thread::sleep(Duration::from_millis(200));
+    }
+    target.go("go");
+    // Every block older than the in-flight second.
+    std::thread::sleep(Duration::from_millis(1500));
+    let (head, body) =
+        common::http_post_raw(LISTEN, &format!("/api/v1/holders?pid={pid}&budget_ms=5000")).expect("answer");
+    assert!(head.contains(" 200 ") && head.contains("application/json"), "{head}\n{body}");
+    let report: Value = serde_json::from_str(&body).expect("JSON");
+    let process = &processes(&report)[0];
+    assert_eq!(process["holders_scan"]["complete"], true, "{process}");
+    assert_eq!(process["holders_scan"]["budget_ms"], 5000.0);
+    let found = leakmon_classes(process);
+    assert_eq!(found["forget_one"]["definitely_lost"], 1000, "{found:?}");
+    assert_eq!(found["list_push"]["reachable"], 48_000, "{found:?}");
+    assert_eq!(found["stack_alloc"]["reachable"], 4000, "{found:?}");
+    assert_eq!(stack(process, "list_push")["holders"][0]["root"]["name"], "list_head");
+    assert_runs_on(pid);
+
+    let id = |site: &str| format!("stack=\"{}\"", stack(process, site)["id"].as_str().expect("id"));
+    let (forgotten, list) = (id("forget_one"), id("list_push"));
+    let start = Instant::now();
+    let metrics = loop {
+        let text = common::http_get(LISTEN, "/metrics").unwrap_or_default();
+        if text.contains("leakmon_stack_lost_bytes{") {
+            break text;
+        }
+        assert!(start.elapsed() < Duration::from_secs(10), "no leakmon_stack_lost_bytes after the scan");
+        std::thread::sleep(Duration::from_millis(200));
+    };
+    assert_eq!(metric(&metrics, "leakmon_stack_lost_bytes", &[&forgotten]), Some(1000), "{metrics}");
+    assert_eq!(metric(&metrics, "leakmon_stack_reachable_bytes", &[&forgotten]), Some(0));
+    assert_eq!(metric(&metrics, "leakmon_stack_reachable_bytes", &[&list]), Some(48_000));
+    assert_eq!(metric(&metrics, "leakmon_stack_lost_bytes", &[&list]), Some(0));
+
+    for (path, status, says) in [
+        ("/api/v1/holders".to_owned(), " 400 ", "give ?pid=N"),
+        (format!("/api/v1/holders?pid={pid}&budget_ms=0"), " 400 ", "budget_ms must be"),
+        ("/api/v1/holders?pid=1".to_owned(), " 404 ", "pid 1 is not traced"),
+        (format!("/api/v1/holders?pid={pid}&depth=3"), " 400 ", "unknown parameter"),
+    ] {
+        let (head, body) = common::http_post_raw(LISTEN, &path).expect("answer");
+        assert!(head.contains(status) && body.contains(says), "{path}: {head}\n{body}");
+    }
+    let (head, _) = common::http_get_raw(LISTEN, &format!("/api/v1/holders?pid={pid}")).expect("answer");
+    assert!(head.contains(" 405 "), "a GET sets off no scan: {head}");
+    target.finish();
+}

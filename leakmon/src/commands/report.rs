@@ -392,29 +392,11 @@ impl<'a> Watch<'a> {
         self.scans.insert(pid, Scanned { outcome, budget_ms, info: info.clone() });
     }
 
-    /// The unfreed blocks of `pid`'s current image in the live table; those in flight
-    /// where it still `runs` hold pointers but do not count.
+    /// The unfreed blocks of `pid` in the live table, reckoned at the window's end
+    /// where it still `runs`.
     fn known_blocks(&self, pid: u32, runs: bool) -> Result<Vec<Known>> {
-        let traced = self.probes.traced()?;
-        let Some(gen) = traced.iter().find(|(p, _)| *p == pid).map(|(_, s)| s.gen) else {
-            return Ok(Vec::new());
-        };
         let now = if runs { self.now_ms } else { crate::monotonic_ms() };
-        let in_flight = crate::store::live::IN_FLIGHT_MS;
-        Ok(self
-            .probes
-            .live(|tgid| tgid == pid)?
-            .into_iter()
-            .filter(|(_, b)| b.gen == gen)
-            .map(|(key, b)| Known {
-                start: key.addr,
-                // A sampled block's entry holds the bytes it stands for.
-                size: (b.rate == 0).then_some(b.size),
-                weight: b.size,
-                stack_id: b.stack_id,
-                counted: !runs || now.saturating_sub(b.ts_ms) >= in_flight,
-            })
-            .collect())
+        Ok(crate::holders::scan::known_blocks(&self.probes, pid, now, runs)?)
     }
 
     /// The report of what is still unfreed; the agent stopped first.

@@ -1,5 +1,8 @@
 //! The web endpoints: `/metrics`, `/api/v1/leaks`, `/api/v1/processes`, `/healthz`,
-//! and the profiles `/debug/pprof/heap` and `/debug/flamegraph.svg`.
+//! the profiles `/debug/pprof/heap` and `/debug/flamegraph.svg`, and `POST
+//! /api/v1/holders?pid=N`, which holds a process still for a scan of what holds its
+//! unfreed blocks (a POST: it does something to the process, and no crawler or
+//! scraper that only reads should set it off).
 //!
 //! Everything but the profiles is rendered once per sampling tick into a [`Published`]
 //! snapshot; handlers only clone it, so scrapes cost nothing however often they come.
@@ -12,7 +15,7 @@ use axum::{
     extract::{Query, State},
     http::{header, StatusCode},
     response::{IntoResponse, Response},
-    routing::get,
+    routing::{get, post},
     Router,
 };
 use tokio::sync::{mpsc, oneshot, RwLock};
@@ -42,7 +45,14 @@ pub enum Selector {
 pub enum ProfileKind {
     Pprof,
     FlameGraph,
+    /// The process's report with its holders scan, as JSON; the longest pause allowed.
+    Holders {
+        budget_ms: u32,
+    },
 }
+
+/// The pause a holders scan may take unless `budget_ms` says otherwise.
+pub const HOLDERS_BUDGET_MS: u32 = 2000;
 
 /// Why a profile cannot be given: the HTTP status and a one-line reason.
 pub type ProfileError = (StatusCode, String);
@@ -79,6 +89,12 @@ pub fn router(state: Shared, profiles: mpsc::Sender<ProfileRequest>) -> Router {
             "/debug/flamegraph.svg",
             get(|State(app): State<AppState>, Query(q): Query<HashMap<String, String>>| async move {
                 profile(&app, &q, ProfileKind::FlameGraph).await
+            }),
+        )
+        .route(
+            "/api/v1/holders",
+            post(|State(app): State<AppState>, Query(q): Query<HashMap<String, String>>| async move {
+                holders(&app, &q).await
             }),
         )
         .route(
@@ -133,10 +149,39 @@ async fn profile(app: &AppState, query: &HashMap<String, String>, kind: ProfileK
             )
                 .into_response(),
             ProfileKind::FlameGraph => ([(header::CONTENT_TYPE, "image/svg+xml")], body).into_response(),
+            ProfileKind::Holders { .. } => {
+                ([(header::CONTENT_TYPE, "application/json")], body).into_response()
+            }
         },
         Ok(Err((status, why))) => (status, format!("{why}\n")).into_response(),
         Err(_) => (StatusCode::INTERNAL_SERVER_ERROR, "the profile was not built\n").into_response(),
     }
+}
+
+/// `?pid=N[&budget_ms=MS]`: one process, scanned by the daemon's loop.
+async fn holders(app: &AppState, query: &HashMap<String, String>) -> Response {
+    if let Some(other) = query.keys().find(|k| !matches!(k.as_str(), "pid" | "budget_ms")) {
+        return (
+            StatusCode::BAD_REQUEST,
+            format!("unknown parameter {other:?}: give ?pid=N[&budget_ms=MS]\n"),
+        )
+            .into_response();
+    }
+    if !query.contains_key("pid") {
+        return (StatusCode::BAD_REQUEST, "a holders scan is of one process: give ?pid=N\n").into_response();
+    }
+    let budget_ms = match query.get("budget_ms").map(|b| b.parse::<u32>()) {
+        None => HOLDERS_BUDGET_MS,
+        Some(Ok(ms)) if (1..=600_000).contains(&ms) => ms,
+        Some(_) => {
+            return (
+                StatusCode::BAD_REQUEST,
+                "budget_ms must be a whole number of milliseconds from 1 to 600000\n",
+            )
+                .into_response()
+        }
+    };
+    profile(app, query, ProfileKind::Holders { budget_ms }).await
 }
 
 fn json(body: String) -> impl IntoResponse {

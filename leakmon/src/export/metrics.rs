@@ -33,6 +33,8 @@ pub struct Metrics {
     stack_info: IntGaugeVec,
     stack_growth: GaugeVec,
     stack_suspected: IntGaugeVec,
+    stack_lost: IntGaugeVec,
+    stack_reachable: IntGaugeVec,
     allocator: IntGaugeVec,
     events_lost: IntCounterVec,
     map_errors: IntCounterVec,
@@ -139,6 +141,16 @@ impl Metrics {
             stack_info: gauge("leakmon_stack_info", "Allocation site of a stack hash; always 1.", &["stack", "function", "location"]),
             stack_growth: fgauge("leakmon_stack_growth_bytes_per_second", "Robust (Theil-Sen) growth rate of one top stack's unfreed bytes over the window.", scst),
             stack_suspected: gauge("leakmon_stack_leak_suspected", "1 while one top stack's unfreed bytes grow steadily and significantly.", scst),
+            stack_lost: gauge(
+                "leakmon_stack_lost_bytes",
+                "Unfreed bytes of one of the top stacks that nothing in the process points at any more (definitely or indirectly lost, as valgrind memcheck says), at the last holders scan (POST /api/v1/holders): a forgotten free.",
+                scst,
+            ),
+            stack_reachable: gauge(
+                "leakmon_stack_reachable_bytes",
+                "Unfreed bytes of one of the top stacks still held from a global, a stack, TLS or a register, at the last holders scan: a growing cache or collection, not a forgotten free.",
+                scst,
+            ),
             allocator: gauge(
                 "leakmon_allocator_info",
                 "The allocator (glibc, musl, jemalloc, tcmalloc, mimalloc, other) that a service and command's malloc calls reach; always 1.",
@@ -314,6 +326,40 @@ impl Metrics {
         self.attached.set(attached as i64);
         self.series_dropped.inc_by(dropped.saturating_sub(self.last_dropped));
         self.last_dropped = dropped;
+    }
+
+    /// The classes of each process's last holders scan (`last`, by pid and stable stack
+    /// id) on the top stacks of `views`.
+    pub fn holders(
+        &self,
+        views: &[SeriesView],
+        last: &std::collections::HashMap<
+            u32,
+            std::collections::HashMap<String, crate::holders::scan::Reachability>,
+        >,
+    ) {
+        self.stack_lost.reset();
+        self.stack_reachable.reset();
+        for v in views.iter().filter(|v| v.signal == "heap") {
+            let pid = v.pid.map(|p| p.to_string()).unwrap_or_default();
+            let mut sc = vec![v.service.as_str(), v.comm.as_str()];
+            if self.pid_label {
+                sc.push(pid.as_str());
+            }
+            let scans: Vec<_> = v.pids.iter().filter_map(|p| last.get(p)).collect();
+            for s in &v.stacks {
+                let classes = scans.iter().filter_map(|scan| scan.get(&s.stack));
+                let (lost, reachable) =
+                    classes.fold((0u64, 0u64), |(l, r), c| (l + c.lost(), r + c.reachable));
+                if scans.iter().any(|scan| scan.contains_key(&s.stack)) {
+                    let labels = [sc.as_slice(), &[s.stack.as_str()]].concat();
+                    self.stack_lost.with_label_values(&labels).set(i64::try_from(lost).unwrap_or(i64::MAX));
+                    self.stack_reachable
+                        .with_label_values(&labels)
+                        .set(i64::try_from(reachable).unwrap_or(i64::MAX));
+                }
+            }
+        }
     }
 
     /// One failed operation of the daemon, which goes on.

@@ -37,6 +37,32 @@ pub struct Known {
     pub counted: bool,
 }
 
+/// The unfreed blocks of `pid`'s current image in the kernel's live table; those in
+/// flight at `now_ms` where it still `runs` hold pointers but do not count.
+pub fn known_blocks(
+    probes: &crate::probes::Probes,
+    pid: u32,
+    now_ms: u64,
+    runs: bool,
+) -> Result<Vec<Known>, crate::probes::ProbeError> {
+    let traced = probes.traced()?;
+    let Some(gen) = traced.iter().find(|(p, _)| *p == pid).map(|(_, s)| s.gen) else { return Ok(Vec::new()) };
+    let in_flight = crate::store::live::IN_FLIGHT_MS;
+    Ok(probes
+        .live(|tgid| tgid == pid)?
+        .into_iter()
+        .filter(|(_, b)| b.gen == gen)
+        .map(|(key, b)| Known {
+            start: key.addr,
+            // A sampled block's entry holds the bytes it stands for.
+            size: (b.rate == 0).then_some(b.size),
+            weight: b.size,
+            stack_id: b.stack_id,
+            counted: !runs || now_ms.saturating_sub(b.ts_ms) >= in_flight,
+        })
+        .collect())
+}
+
 /// How one scan goes.
 #[derive(Clone, Copy, Debug)]
 pub struct Plan {

@@ -195,6 +195,18 @@ pub fn http_get_raw(addr: &str, path: &str) -> Option<(String, String)> {
     Some((head.to_owned(), body.to_owned()))
 }
 
+/// POST `path` to `addr` over plain HTTP/1.0 with no body: the head and the body.
+pub fn http_post_raw(addr: &str, path: &str) -> Option<(String, String)> {
+    use std::io::{Read as _, Write as _};
+    let mut s = std::net::TcpStream::connect(addr).ok()?;
+    s.set_read_timeout(Some(std::time::Duration::from_secs(30))).ok()?;
+    write!(s, "POST {path} HTTP/1.0\r\nHost: {addr}\r\nContent-Length: 0\r\n\r\n").ok()?;
+    let mut out = String::new();
+    s.read_to_string(&mut out).ok()?;
+    let (head, body) = out.split_once("\r\n\r\n")?;
+    Some((head.to_owned(), body.to_owned()))
+}
+
 /// Starts `leakmon run ARGS --web.listen-address LISTEN` and waits until it serves.
 pub fn start_daemon(args: &[&str], listen: &str) -> Reap {
     start_daemon_with(args, listen, std::process::Stdio::null())

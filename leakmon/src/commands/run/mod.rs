@@ -3,6 +3,7 @@
 //! lifecycle events) → store (the kernel tables, the [`Monitor`]'s series) → analysis
 //! → export (metrics, JSON, profiles). Each branch of its loop is one method below.
 
+mod holders;
 mod lifecycle;
 mod notify;
 mod profiles;
@@ -163,6 +164,8 @@ struct Daemon<'r> {
     /// For profiles: process names, mappings and allocators.
     discovery: Discovery,
     profiles: std::sync::mpsc::Sender<(profiles::ProfileSnapshot, profiles::Reply)>,
+    /// Each process's last holders scan, for the metrics.
+    last_scans: holders::LastScans,
     queue_dropped: Arc<AtomicU64>,
     malformed: Arc<AtomicU64>,
     started: Instant,
@@ -192,7 +195,9 @@ async fn daemon(
     // are set when the listener starts).
     let web_in_use = web_config_text(args.web_config.as_deref());
     let server = http::serve(args.listen, published.clone(), profile_tx, web).await?;
-    let profiles = profiles::spawn_profile_renderer(&args.tables.wrappers, &args.tables.suppress)?;
+    let last_scans = holders::LastScans::default();
+    let profiles =
+        profiles::spawn_profile_renderer(&args.tables.wrappers, &args.tables.suppress, last_scans.clone())?;
 
     let Kernel { probes, attribution, event_reader, mut events, queue_dropped, malformed } =
         Kernel::load(&args, attach, &proc_root)?;
@@ -232,6 +237,7 @@ async fn daemon(
         discovery: Discovery::new(proc_root.clone()),
         proc_root,
         profiles,
+        last_scans,
         queue_dropped,
         malformed,
         started: Instant::now(),
@@ -449,6 +455,12 @@ impl Daemon<'_> {
         }
         let counters = self.probes.as_ref().and_then(|p| p.counters().ok());
         self.metrics.update(&views, counters, traced.len(), self.monitor.series_dropped());
+        {
+            // A scan of a process that is gone says nothing any more.
+            let mut last = self.last_scans.lock().unwrap_or_else(std::sync::PoisonError::into_inner);
+            last.retain(|pid, _| traced.contains_key(pid));
+            self.metrics.holders(&views, &last);
+        }
         self.metrics.queue_losses(
             self.queue_dropped.load(std::sync::atomic::Ordering::Relaxed),
             self.malformed.load(std::sync::atomic::Ordering::Relaxed),

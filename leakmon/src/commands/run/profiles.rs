@@ -23,6 +23,8 @@ pub(super) struct ProfileSnapshot {
     snapshot: crate::commands::Snapshot,
     kind: ProfileKind,
     title: String,
+    /// A holders scan to run first.
+    holders: Option<super::holders::Ask>,
 }
 
 impl ProfileSnapshot {
@@ -30,11 +32,16 @@ impl ProfileSnapshot {
         self,
         symbolizer: &Symbolizer,
         suppressions: &crate::suppressions::Suppressions,
+        last: &super::holders::LastScans,
     ) -> Result<Vec<u8>, http::ProfileError> {
         use axum::http::StatusCode;
         let mut report = self.snapshot.into_report(symbolizer);
         report.set_apart(suppressions);
+        if let Some(ask) = self.holders {
+            report = ask.run(report, symbolizer, last)?;
+        }
         match self.kind {
+            ProfileKind::Holders { .. } => Ok((report.to_json() + "\n").into_bytes()),
             ProfileKind::Pprof => Ok(pprof::encode(&pprof::profile(&report, crate::unix_nanos()))),
             ProfileKind::FlameGraph => flamegraph::render(&report, &self.title)
                 .map_err(|e| (StatusCode::INTERNAL_SERVER_ERROR, format!("draw the flame graph: {e}"))),
@@ -49,6 +56,7 @@ pub(super) type Reply = tokio::sync::oneshot::Sender<Result<Vec<u8>, http::Profi
 pub(super) fn spawn_profile_renderer(
     wrappers: &[String],
     suppress: &[String],
+    last: super::holders::LastScans,
 ) -> Result<std::sync::mpsc::Sender<(ProfileSnapshot, Reply)>> {
     let (tx, rx) = std::sync::mpsc::channel::<(ProfileSnapshot, Reply)>();
     let (wrappers, suppress) = (wrappers.to_vec(), suppress.to_vec());
@@ -57,7 +65,7 @@ pub(super) fn spawn_profile_renderer(
         .spawn(move || {
             let symbolizer = Symbolizer::new(Wrappers::new(&wrappers));
             let suppressions = crate::suppressions::Suppressions::new(&suppress);
-            answer_each(rx, |snapshot: ProfileSnapshot| snapshot.render(&symbolizer, &suppressions));
+            answer_each(rx, |snapshot: ProfileSnapshot| snapshot.render(&symbolizer, &suppressions, &last));
         })
         .context("start the profile renderer")?;
     Ok(tx)
@@ -118,6 +126,19 @@ pub(super) fn profile_snapshot(
         return Err((StatusCode::NOT_FOUND, what));
     }
     let selected: HashMap<u32, ProcState> = pids.iter().map(|p| (*p, traced[p])).collect();
+    let holders = match (request.kind, &request.selector) {
+        (ProfileKind::Holders { budget_ms }, Selector::Pid(pid)) => {
+            let info = crate::commands::capture(discovery, *pid, true);
+            Some(super::holders::ask(probes, discovery.proc_root(), info, *pid, budget_ms)?)
+        }
+        (ProfileKind::Holders { .. }, Selector::Service(_)) => {
+            return Err((
+                StatusCode::BAD_REQUEST,
+                "a holders scan is of one process: give ?pid=N".to_owned(),
+            ));
+        }
+        _ => None,
+    };
     let snapshot = crate::commands::Snapshot::take(
         probes,
         discovery,
@@ -127,7 +148,7 @@ pub(super) fn profile_snapshot(
         crate::monotonic_ms(),
     )
     .map_err(|e| (StatusCode::INTERNAL_SERVER_ERROR, format!("{e:#}")))?;
-    Ok(ProfileSnapshot { snapshot, kind: request.kind, title })
+    Ok(ProfileSnapshot { snapshot, kind: request.kind, title, holders })
 }
 
 #[cfg(test)]
