@@ -11,6 +11,7 @@
 //! every binary it parsed mapped, and their parsed debug information on its heap.
 
 mod binaries;
+pub mod variables;
 
 use std::{
     collections::HashMap,
@@ -54,13 +55,20 @@ pub struct Symbolizer {
 struct Parsed {
     blaze: Blaze,
     binaries: Binaries,
+    /// Each binary's variables' declarations (by its path), read once.
+    declared: HashMap<std::path::PathBuf, Arc<HashMap<u64, variables::Declared>>>,
     /// When it last symbolized an address.
     used: Instant,
 }
 
 impl Parsed {
     fn new() -> Self {
-        Self { blaze: Blaze::new(), binaries: Binaries::default(), used: Instant::now() }
+        Self {
+            blaze: Blaze::new(),
+            binaries: Binaries::default(),
+            declared: HashMap::new(),
+            used: Instant::now(),
+        }
     }
 }
 
@@ -130,14 +138,15 @@ impl Symbolizer {
     }
 
     /// The variable at `address`, in the data or bss of the object that `maps` maps
-    /// from `object`: its symbol (from the symbol table; a stripped binary has none).
+    /// from `object`: its symbol (from the symbol table; a stripped binary has none),
+    /// and where its DWARF says it is declared.
     pub fn variable(
         &self,
         maps: &[Mapping],
         root: Option<&Path>,
         object: &Path,
         address: u64,
-    ) -> Option<String> {
+    ) -> Option<(String, Option<variables::Declared>)> {
         let first = maps.iter().filter(|m| m.path == object).min_by_key(|m| m.start)?;
         let mut parsed = self.blaze.lock().unwrap_or_else(std::sync::PoisonError::into_inner);
         let path = parsed.binaries.mapped(first, root)?.path.clone();
@@ -146,12 +155,24 @@ impl Symbolizer {
         let bias = first.start.checked_sub(virt_offset(&path, first.offset)?)?;
         let at = address.checked_sub(bias)?;
         let src = Source::Elf(Elf::new(&path));
-        let name = match parsed.blaze.symbolize_single(&src, Input::VirtOffset(at)) {
-            Ok(Symbolized::Sym(sym)) => Some(sym.name.into_owned()),
-            _ => None,
+        let (name, start) = match parsed.blaze.symbolize_single(&src, Input::VirtOffset(at)) {
+            Ok(Symbolized::Sym(sym)) => (sym.name.into_owned(), sym.addr),
+            _ => return None,
+        };
+        let declared = match parsed.declared.get(&path) {
+            Some(d) => d.clone(),
+            None => {
+                let d = Arc::new(
+                    crate::untrusted::read_binary(&path)
+                        .map(|elf| variables::declarations(&elf))
+                        .unwrap_or_default(),
+                );
+                parsed.declared.insert(path.clone(), d.clone());
+                d
+            }
         };
         parsed.used = Instant::now();
-        name
+        Some((name, declared.get(&start).cloned()))
     }
 
     /// [`Symbolizer::frames`], naming walked frames through `walked` (read while the

@@ -123,3 +123,19 @@ fn duration_without_pid() {
     let err = one_line_error(&out, 1);
     assert!(err.contains("--duration goes with --pid"), "{err}");
 }
+
+#[test]
+fn bad_holders_options() {
+    let out =
+        leakmon().args(["report", "--holders", "--holders-budget", "0", "--", "true"]).output().expect("run");
+    let err = one_line_error(&out, 2);
+    assert!(err.contains("\"0\" is not a number of milliseconds between 0 and an hour"), "{err}");
+    let out = leakmon()
+        .args(["report", "--holders", "--runtime", "--pid", "1", "--duration", "1"])
+        .output()
+        .expect("run");
+    assert_eq!(
+        one_line_error(&out, 1),
+        "leakmon: --holders scans the native heap; --runtime asks the runtime's profiler: choose one\n"
+    );
+}

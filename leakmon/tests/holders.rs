@@ -194,9 +194,14 @@ fn classes_equal_memchecks_and_holders_are_named() {
     let holders = list["holders"].as_array().expect("holders");
     let held: u64 = holders.iter().map(|h| h["bytes"].as_u64().expect("bytes")).sum();
     assert_eq!(held, 48_000, "{list}");
+    // Declared where the fixture's source says.
+    let source = std::fs::read_to_string(common::fixtures_dir().join("holders.c")).expect("source");
+    let line = source.lines().position(|l| l.starts_with("struct node *list_head;")).expect("declared") + 1;
     for h in holders {
         assert_eq!(h["root"]["kind"], "global", "{h}");
         assert_eq!(h["root"]["name"], "list_head", "{h}");
+        assert_eq!(h["root"]["line"], line, "{h}");
+        assert!(h["root"]["file"].as_str().is_some_and(|f| f.ends_with("holders.c")), "{h}");
     }
     // The list's first node is held by the global itself, the others through nodes.
     assert!(holders.iter().any(|h| h["path"] == serde_json::json!(["list_push"]) && h["bytes"] == 47_952));

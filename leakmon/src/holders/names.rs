@@ -47,9 +47,10 @@ impl RootReport {
         match self.kind {
             "global" => {
                 let name = self.name.as_deref().unwrap_or("an unnamed global");
-                match file(&self.object) {
-                    Some(object) => format!("global {name} ({object})"),
-                    None => format!("global {name}"),
+                match (file(&self.file), self.line, file(&self.object)) {
+                    (Some(f), Some(l), _) => format!("global {name} ({f}:{l})"),
+                    (_, _, Some(object)) => format!("global {name} ({object})"),
+                    _ => format!("global {name}"),
                 }
             }
             "stack" => {
@@ -80,12 +81,18 @@ pub struct Namer<'a> {
 impl Namer<'_> {
     fn root(&self, root: &RootAt) -> RootReport {
         match root {
-            RootAt::Global { object, address } => RootReport {
-                kind: "global",
-                name: self.symbolizer.variable(self.maps, self.root, Path::new(object), *address),
-                object: Some(object.clone()),
-                ..RootReport::default()
-            },
+            RootAt::Global { object, address } => {
+                let variable = self.symbolizer.variable(self.maps, self.root, Path::new(object), *address);
+                let (name, declared) = variable.map_or((None, None), |(n, d)| (Some(n), d));
+                RootReport {
+                    kind: "global",
+                    name,
+                    file: declared.as_ref().map(|d| d.file.clone()),
+                    line: declared.map(|d| d.line),
+                    object: Some(object.clone()),
+                    ..RootReport::default()
+                }
+            }
             RootAt::Stack { tid, pc } => {
                 let frame = self.symbolizer.frames(self.pid, self.maps, self.root, &[*pc]).into_iter().next();
                 let frame = frame.unwrap_or_default();
@@ -275,5 +282,50 @@ pub fn attach(
         let Some(found) = outcome.stacks.get(&s.key) else { continue };
         s.held.reachability = Some(found.reachability);
         s.held.holders = namer.holders(&found.holders, &site);
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn held(reachability: Reachability, holders: Vec<HolderReport>) -> StackHeld {
+        StackHeld { reachability: Some(reachability), holders }
+    }
+
+    /// The line under a stack says what is lost and who holds the rest, in words.
+    #[test]
+    fn the_table_line_says_lost_or_held_by_whom() {
+        let lost = Reachability { definitely_lost: 1000, indirectly_lost: 24, ..Reachability::default() };
+        assert_eq!(held(lost, vec![]).line().as_deref(), Some("1.0 KiB (1024 B) lost"));
+        let root = RootReport {
+            kind: "global",
+            name: Some("cache".into()),
+            file: Some("/src/app.c".into()),
+            line: Some(12),
+            object: Some("/usr/bin/app".into()),
+            ..RootReport::default()
+        };
+        let holder = HolderReport { bytes: 4096, root, path: vec!["table_grow".into(), "entry_new".into()] };
+        let reachable = Reachability { reachable: 4096, possibly_lost: 64, ..Reachability::default() };
+        assert_eq!(
+            held(reachable, vec![holder]).line().as_deref(),
+            Some("64 B possibly lost (interior pointers only); 4.0 KiB (4096 B) held by global cache (app.c:12) via table_grow → entry_new")
+        );
+        let stack = RootReport {
+            kind: "stack",
+            function: Some("worker".into()),
+            thread: Some(7),
+            ..RootReport::default()
+        };
+        assert_eq!(stack.describe(), "the stack of worker");
+        let register = RootReport {
+            kind: "register",
+            name: Some("rbx".into()),
+            thread: Some(7),
+            ..RootReport::default()
+        };
+        assert_eq!(register.describe(), "register rbx of thread 7");
+        assert_eq!(StackHeld::default().line(), None, "no scan, no line");
     }
 }
