@@ -375,6 +375,41 @@ fn other_allocators_and_static_programs() {
     }
 }
 
+/// A process of another user that lies to whoever reads its memory (its heap's top
+/// chunk claims more than the address space, a thread's pointer points at the top of
+/// it): the scan ends, leakmon neither panics nor follows the lies, the blocks it saw
+/// are classed as they are, and the process runs on.
+#[test]
+fn a_process_that_forges_its_heap_and_thread_pointer_is_scanned_safely() {
+    use std::os::unix::fs::PermissionsExt as _;
+    let built = build_fixture("hostile_heap.c", &[]);
+    // Where another user can run it.
+    let dir = tempfile::tempdir().expect("temp dir");
+    std::fs::set_permissions(dir.path(), std::fs::Permissions::from_mode(0o755)).expect("chmod");
+    let fixture = dir.path().join("hostile_heap");
+    std::fs::copy(&built, &fixture).expect("copy");
+    let mut child = Command::new("setpriv")
+        .args(["--reuid=65534", "--regid=65534", "--clear-groups"])
+        .arg(&fixture)
+        .stdin(Stdio::piped())
+        .stdout(Stdio::piped())
+        .spawn()
+        .expect("start as nobody");
+    let lines = BufReader::new(child.stdout.take().expect("stdout")).lines();
+    let mut target = Target { stdin: child.stdin.take(), child: Reap(child), lines };
+    let (watch, log) = watch_pid_with(target.pid(), "3", &["--holders"]);
+    target.go("go");
+    let report = finish_report(watch, log);
+    let process = &processes(&report)[0];
+    assert_eq!(process["holders_scan"]["complete"], true, "{process}");
+    assert_eq!(process["holders_scan"]["unseen_blocks"], 0, "no block taken from the forged headers");
+    let list = stack(process, "keep_one");
+    assert_eq!(list["reachability"]["reachable"], 48_000, "{list}");
+    assert_eq!(list["holders"][0]["root"]["name"], "hostile_list", "{list}");
+    assert_runs_on(target.pid());
+    target.finish();
+}
+
 /// Starts the big-heap fixture and has it allocate `mib` MiB while `options` watch it.
 fn big_heap_scan(target: &mut Target, mib: u64, options: &[&str]) -> Value {
     let (watch, log) = watch_pid_with(target.pid(), "10", options);

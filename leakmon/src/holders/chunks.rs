@@ -48,8 +48,8 @@ fn word(memory: &dyn Memory, at: u64) -> Option<u64> {
 /// The blocks glibc's chunk headers give in the mappings of `maps` (the text of
 /// `/proc/PID/maps`): the main arena's `[heap]`, and anonymous mappings that are
 /// mapped chunks. Unknown blocks ([`Block::known`] false), in address order; `None`
-/// when `go_on` stopped the walk (the headers are the process's to forge: a walk is
-/// bounded by the scan's budget).
+/// when `go_on` stopped the walk, or past [`MAX_BLOCKS`] (the headers are the
+/// process's to forge: a walk is bounded by the scan's budget and leakmon's memory).
 pub fn glibc_blocks(memory: &dyn Memory, maps: &str, go_on: &mut dyn FnMut() -> bool) -> Option<Vec<Block>> {
     let mut out = Vec::new();
     for line in maps.lines() {
@@ -66,7 +66,7 @@ pub fn glibc_blocks(memory: &dyn Memory, maps: &str, go_on: &mut dyn FnMut() -> 
             "" => mapped_chunks(memory, s, e, &mut out, go_on),
             _ => true,
         };
-        if !done {
+        if !done || out.len() > MAX_BLOCKS {
             return None;
         }
     }
@@ -83,6 +83,10 @@ enum Walk {
     /// Out of time.
     Stopped,
 }
+
+/// Blocks taken from the headers at most (24 bytes each in leakmon): a process of tens
+/// of millions of small chunks, or one that forges them, is not followed past it.
+pub const MAX_BLOCKS: usize = 1 << 22;
 
 /// Chunks walked between two looks at the budget.
 const STEPS: u32 = 4096;
@@ -105,8 +109,10 @@ fn walk_heap(
             Walk::Broken => continue,
             Walk::Stopped => return false,
             Walk::Top => {
-                let walked = headers.walk(c, go_on, &mut |chunk, size| {
+                let room = std::cell::Cell::new(true);
+                let walked = headers.walk(c, &mut || room.get() && go_on(), &mut |chunk, size| {
                     out.push(Block { start: chunk + 2 * WORD, size: size - WORD, known: false });
+                    room.set(out.len() <= MAX_BLOCKS);
                 });
                 return walked != Walk::Stopped;
             }

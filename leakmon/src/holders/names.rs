@@ -244,8 +244,9 @@ pub fn attach(
     process.holders_scan = Some(ScanSummary::of(outcome, scanned.budget_ms));
     if !outcome.complete {
         process.notes.push(format!(
-            "The holders scan ran out of its {} ms budget after reading {} of memory and let the process go: nothing is classified (a larger --holders-budget covers it)",
+            "The holders scan ran out of its {} ms budget (or found more than {} blocks in glibc's heap to follow) after reading {} of memory and let the process go: nothing is classified (a larger --holders-budget covers a larger heap)",
             scanned.budget_ms,
+            super::chunks::MAX_BLOCKS,
             crate::units::bytes(outcome.scanned_bytes)
         ));
         return;

@@ -179,6 +179,8 @@ pub const MAX_HOLDERS: usize = 5;
 const TLS_BELOW: u64 = 1 << 20;
 /// Bytes past the thread pointer: glibc's thread control block.
 const TLS_ABOVE: u64 = 0x700;
+/// Bytes below a stack word searched for the return address that names its frame.
+const FRAME_SEARCH: u64 = 1 << 20;
 /// Modules' entries read from a thread's dynamic thread vector.
 const MAX_MODULES: u64 = 1024;
 /// Where the registers are put for the flood: above every user address, so they
@@ -547,8 +549,10 @@ impl Frames<'_> {
             return pc;
         }
         let regs = &self.threads[thread].1;
-        let sp = regs.rsp;
-        let mut pc = regs.rip + 1;
+        // The frame is looked for within a bound below the word: a thread's stack is
+        // the process's to size.
+        let sp = regs.rsp.max(at.saturating_sub(FRAME_SEARCH));
+        let mut pc = regs.rip.wrapping_add(1);
         if at > sp {
             let below = self.memory.read(sp, (at - sp) as usize).unwrap_or_default();
             let words: Vec<u64> = below.as_chunks::<8>().0.iter().map(|w| u64::from_le_bytes(*w)).collect();
