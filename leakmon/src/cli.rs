@@ -276,14 +276,19 @@ pub struct ReportArgs {
     /// reachable), naming the root that holds the reachable ones (a global, a thread's
     /// stack frame, its TLS or a register) and the allocation sites along the chain.
     /// With --pid the process is stopped at the end of the window while its memory is
-    /// read (the pause is measured and printed); a command is scanned at its exit.
+    /// read (the pause is measured and printed); a command is scanned at its exit. For
+    /// a Node.js process (--pid and --duration), the objects the window left alive,
+    /// grouped by the variable that holds them, from heap snapshots taken through its
+    /// inspector at the window's start and end.
     #[arg(long)]
     pub holders: bool,
-    /// With --holders: the longest a process may be held still for its scan. A scan
-    /// that needs longer stops, lets the process go and says what it covered, with
-    /// no verdict.
-    #[arg(long, value_name = "MILLISECONDS", default_value = "2000", value_parser = parse_budget)]
-    pub holders_budget: f64,
+    /// With --holders: the longest a process may be held still for its scan (default
+    /// 2000 for a native scan, 30000 for a Node.js heap snapshot, which holds it about
+    /// 11 s per 100 MB of heap). A native scan that needs longer stops, lets the process
+    /// go and says what it covered, with no verdict; a snapshot estimated to need longer
+    /// is not taken.
+    #[arg(long, value_name = "MILLISECONDS", value_parser = parse_budget)]
+    pub holders_budget: Option<f64>,
     #[command(flatten)]
     pub tables: TableArgs,
     /// The command to run, after `--`.

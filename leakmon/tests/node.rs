@@ -128,3 +128,92 @@ fn another_process_is_refused_in_one_line() {
     assert!(stderr.contains("neither Node.js nor a HotSpot JVM"), "{stderr}");
     assert_eq!(stderr.trim().lines().count(), 1, "{stderr}");
 }
+
+/// `report --holders --pid PID --duration 20`: the window's surviving objects by the
+/// variable that holds them.
+fn holders_report(pid: u32, options: &[&str]) -> (Value, String) {
+    let out = common::leakmon()
+        .env("RUST_LOG", "info")
+        .args(["report", "--holders", "--format", "json", "--duration", "20", "--pid", &pid.to_string()])
+        .args(options)
+        .output()
+        .expect("run leakmon");
+    let stderr = String::from_utf8_lossy(&out.stderr).into_owned();
+    assert!(out.status.success(), "{stderr}");
+    (serde_json::from_slice(&out.stdout).expect("JSON"), stderr)
+}
+
+/// The seed's cache beside churn 50 times its objects, default settings: most held
+/// bytes are held through the variable `cache`, next to none through anything of the
+/// churn; the pause is measured; afterwards no inspector is open and it answers.
+#[test]
+fn the_window_s_objects_are_named_by_the_variable_that_holds_them() {
+    let mut node = std::process::Command::new("node");
+    // A port of its own: other tests open inspectors on the default one meanwhile.
+    node.env("CHURN", "20000")
+        .args(["--inspect-port=127.0.0.1:9341", &common::runtimes::node_fixture(), "grow"])
+        .stderr(std::process::Stdio::null());
+    let (mut process, mut lines) = common::start_ready(node, "node (Node.js 20)");
+    let pid = process.0.id();
+    let (report, stderr) = holders_report(pid, &[]);
+    let p = &report["processes"][0];
+    assert_eq!(p["runtime"], "node", "{p}");
+    let total = p["outstanding_bytes"].as_u64().expect("bytes");
+    assert!(total > 1_000_000, "20 s of growth: {total} B");
+    let holders = p["holders"].as_array().expect("holders");
+    let through = |held: &dyn Fn(&Value) -> bool| -> f64 {
+        holders.iter().filter(|h| held(h)).map(|h| h["bytes"].as_u64().unwrap_or(0)).sum::<u64>() as f64
+            / total as f64
+    };
+    let cache = through(&|h| h["root"]["name"] == "cache");
+    let churn = through(&|h| {
+        let named = |v: &Value| v.as_str().is_some_and(|n| n.contains("scratch") || n.contains("churn"));
+        named(&h["root"]["name"]) || h["path"].as_array().into_iter().flatten().any(|s| named(&s["name"]))
+    });
+    let pause = p["pause_ms"].as_f64().expect("pause_ms");
+    eprintln!(
+        "node holders: {total} B held, through cache {:.0}%, churn {:.1}%, pause {pause} ms",
+        cache * 100.0,
+        churn * 100.0
+    );
+    let top: Vec<String> = holders.iter().take(5).map(|h| h.to_string()).collect();
+    assert!(cache >= 0.6, "through cache {cache:.2}:\n{}", top.join("\n"));
+    assert!(churn <= 0.1, "through the churn {churn:.2}");
+    assert_eq!(holders[0]["root"], serde_json::json!({"kind": "closure", "name": "cache"}), "{}", holders[0]);
+    assert!(pause > 0.0);
+    assert!(stderr.contains("inspector closed"), "{stderr}");
+    assert_eq!(listening(pid), 0, "the inspector is closed again");
+    answers(&mut process, &mut lines);
+}
+
+/// leakmon SIGKILLed in the middle of the window: its guardian closes the inspector,
+/// and the process answers.
+#[test]
+fn leakmon_killed_mid_window_leaves_no_inspector_open() {
+    let mut node = std::process::Command::new("node");
+    node.args(["--inspect-port=127.0.0.1:9342", &common::runtimes::node_fixture(), "grow"])
+        .stderr(std::process::Stdio::null());
+    let (mut process, mut lines) = common::start_ready(node, "node (Node.js 20)");
+    let pid = process.0.id();
+    let mut watch = common::leakmon()
+        .env("RUST_LOG", "info")
+        .args(["report", "--holders", "--format", "json", "--duration", "30", "--pid", &pid.to_string()])
+        .stdout(std::process::Stdio::null())
+        .stderr(std::process::Stdio::piped())
+        .spawn()
+        .expect("start leakmon");
+    let mut stderr = std::io::BufReader::new(watch.stderr.take().expect("stderr"));
+    let mut log = String::new();
+    while !log.contains("first heap snapshot taken") {
+        assert!(std::io::BufRead::read_line(&mut stderr, &mut log).expect("read") > 0, "{log}");
+    }
+    assert_eq!(listening(pid), 1, "the inspector is open mid-window");
+    watch.kill().expect("SIGKILL leakmon");
+    watch.wait().expect("reap");
+    let start = std::time::Instant::now();
+    while listening(pid) > 0 {
+        assert!(start.elapsed() < std::time::Duration::from_secs(15), "the inspector stayed open");
+        std::thread::sleep(std::time::Duration::from_millis(200));
+    }
+    answers(&mut process, &mut lines);
+}

@@ -31,6 +31,9 @@ use crate::{
 };
 
 const POLL: Duration = Duration::from_millis(10);
+/// `--holders-budget` unless given: a native scan's, and a Node.js heap snapshot's.
+const NATIVE_BUDGET_MS: f64 = 2000.0;
+const SNAPSHOT_BUDGET_MS: f64 = 30_000.0;
 /// How often the traced processes' mappings are read again for new allocator files.
 const RESCAN: Duration = Duration::from_millis(500);
 
@@ -39,6 +42,11 @@ pub fn report(args: &ReportArgs) -> Result<()> {
     check(args, &proc_root)?;
     if args.runtime {
         return runtime_report(args);
+    }
+    if let (true, Some(pid)) = (args.holders, args.pid) {
+        if crate::runtimes::detect(pid)? == Some(crate::runtimes::Runtime::Node) {
+            return node_holders(args, pid);
+        }
     }
     let mut watch = Watch::new(args, proc_root)?;
     let (mut tracer, session) = watch.start()?;
@@ -358,7 +366,7 @@ impl<'a> Watch<'a> {
     /// Scans `pid`, held as `hold`, for what holds its unfreed blocks; a failure, or a
     /// combination not supported yet, is said and the report goes on without.
     fn scan(&mut self, pid: u32, hold: Hold, info: &ProcessInfo) {
-        let budget_ms = self.args.holders_budget;
+        let budget_ms = self.args.holders_budget.unwrap_or(NATIVE_BUDGET_MS);
         let glibc = info.allocator == Some(crate::probes::targets::Allocator::Glibc);
         let sampled = self.agent.is_some();
         if sampled && !glibc {
@@ -492,6 +500,25 @@ fn runtime_report(args: &ReportArgs) -> Result<()> {
         crate::report::runtime::report(pid, sample_bytes, Duration::from_secs_f64(duration), &|| {
             signals_received() > 0
         })?;
+    write(&report, args.format)
+}
+
+/// `report --holders --pid` on a Node.js process: its window's surviving objects by
+/// what holds them, from heap snapshots at the window's start and end.
+fn node_holders(args: &ReportArgs, pid: u32) -> Result<()> {
+    let Some(duration) = args.duration else {
+        bail!("--holders on a Node.js process takes --duration: the window whose surviving objects it names");
+    };
+    if args.agent {
+        bail!("--holders on a Node.js process reads V8's heap snapshots; --agent samples the native heap: choose one");
+    }
+    count_signals();
+    let budget = Duration::from_secs_f64(args.holders_budget.unwrap_or(SNAPSHOT_BUDGET_MS) / 1e3);
+    let found =
+        crate::runtimes::node::holders::holders(pid, Duration::from_secs_f64(duration), budget, &|| {
+            signals_received() > 0
+        })?;
+    let report = crate::report::runtime::holders_report(pid, "node", found);
     write(&report, args.format)
 }
 

@@ -79,6 +79,7 @@ mod tests {
             processes: vec![ProcessReport {
                 pause_ms: None,
                 holders_scan: None,
+                holders: Vec::new(),
                 samples: None,
                 bytes_interval: None,
                 pid: 7,

@@ -101,6 +101,10 @@ pub struct ProcessReport {
     /// What the holders scan covered.
     #[serde(skip_serializing_if = "Option::is_none")]
     pub holders_scan: Option<crate::holders::names::ScanSummary>,
+    /// A runtime's objects of the window still alive at its end, by what holds them
+    /// (the variable and the path from it), largest first.
+    #[serde(skip_serializing_if = "Vec::is_empty")]
+    pub holders: Vec<crate::runtimes::node::held::Holder>,
     /// `python` for a CPython process; absent for others.
     #[serde(skip_serializing_if = "Option::is_none")]
     pub runtime: Option<&'static str>,
@@ -219,6 +223,7 @@ impl Report {
                 let mut report = ProcessReport {
                     pause_ms: None,
                     holders_scan: None,
+                    holders: Vec::new(),
                     pid: p.pid,
                     comm: pinfo.comm.clone(),
                     allocator: pinfo.allocator,
@@ -287,6 +292,7 @@ impl Report {
                 self.processes.push(ProcessReport {
                     pause_ms: None,
                     holders_scan: None,
+                    holders: Vec::new(),
                     pid,
                     comm: info.comm.clone(),
                     allocator: info.allocator,
@@ -472,6 +478,7 @@ mod tests {
         let process = |stacks: Vec<StackReport>| ProcessReport {
             pause_ms: None,
             holders_scan: None,
+            holders: Vec::new(),
             pid: 1,
             comm: "x".into(),
             allocator: None,
@@ -561,6 +568,7 @@ mod tests {
         let process = ProcessReport {
             pause_ms: None,
             holders_scan: None,
+            holders: Vec::new(),
             pid: 1,
             comm: "python3".into(),
             allocator: None,

@@ -46,6 +46,7 @@ pub fn report(
     let mut process = ProcessReport {
         pause_ms: None,
         holders_scan: None,
+        holders: Vec::new(),
         pid,
         comm,
         allocator: None,
@@ -110,4 +111,37 @@ pub fn stack_report(stack: &Stack, runtime: &str) -> StackReport {
         site: frames.get(runtime_site(frames.iter().map(FrameReport::site_frame)).unwrap_or(0)).cloned(),
         frames,
     }
+}
+
+/// A report of what holds the objects a runtime's window left alive (`report --holders`
+/// on a Node.js process).
+pub fn holders_report(
+    pid: u32,
+    runtime: &'static str,
+    found: crate::runtimes::node::holders::Found,
+) -> Report {
+    let comm = crate::procfs::ProcRoot::default().comm(pid).unwrap_or_default();
+    let pause_ms = (found.pause.as_secs_f64() * 1e6).round() / 1e3;
+    let process = ProcessReport {
+        pause_ms: Some(pause_ms),
+        holders_scan: None,
+        holders: found.holders,
+        pid,
+        comm,
+        allocator: None,
+        outstanding_bytes: found.bytes,
+        outstanding_allocations: found.objects,
+        samples: None,
+        bytes_interval: None,
+        incomplete: false,
+        stacks: Vec::new(),
+        runtime_internal: RuntimeInternal::default(),
+        in_flight: None,
+        runtime: Some(runtime),
+        notes: vec![format!(
+            "The objects allocated in the window (after its first heap snapshot) and alive at its end, by the variable that holds them; each snapshot held the process still, the longer for {pause_ms} ms ({} MB of heap before the last)",
+            found.heap_used / 1_000_000
+        )],
+    };
+    Report { method: Method::Runtime, sample_bytes: 0, paced: false, processes: vec![process] }
 }

@@ -27,8 +27,30 @@ pub fn render(report: &Report) -> String {
         if !p.stacks.is_empty() {
             stacks(&mut out, p);
         }
+        if !p.holders.is_empty() {
+            holders(&mut out, p);
+        }
     }
     out
+}
+
+/// A runtime's held objects, by the variable that holds them, largest first.
+fn holders(out: &mut String, p: &ProcessReport) {
+    let _ = writeln!(out, "  {:>12} {:>9} {:>6}  held by / type / path", "bytes", "objects", "%");
+    for h in &p.holders {
+        let share =
+            if p.outstanding_bytes == 0 { 0.0 } else { 100.0 * h.bytes as f64 / p.outstanding_bytes as f64 };
+        let root = if h.root.name.is_empty() {
+            h.root.kind.to_owned()
+        } else {
+            format!("{} {}", h.root.kind, h.root.name)
+        };
+        let _ = writeln!(out, "  {:>12} {:>9} {:>5.1}%  {root}: {}", h.bytes, h.objects, share, h.kind);
+        if !h.path.is_empty() {
+            let path: Vec<&str> = h.path.iter().map(|s| s.name.as_str()).collect();
+            let _ = writeln!(out, "  {:>30}  via {}", "", path.join(" > "));
+        }
+    }
 }
 
 /// A process's line, its notes and what was set apart from its figures.
@@ -179,6 +201,7 @@ mod tests {
             processes: vec![ProcessReport {
                 pause_ms: None,
                 holders_scan: None,
+                holders: Vec::new(),
                 samples: None,
                 bytes_interval: None,
                 pid: 42,
@@ -245,6 +268,7 @@ mod tests {
             processes: vec![ProcessReport {
                 pause_ms: None,
                 holders_scan: None,
+                holders: Vec::new(),
                 samples: None,
                 bytes_interval: None,
                 pid: 9,

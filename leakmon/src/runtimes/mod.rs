@@ -295,7 +295,7 @@ pub fn runtime_site<'a>(frames: impl Iterator<Item = crate::model::SiteFrame<'a>
 
 /// Runs `f` on a thread of its own in `pid`'s network namespace, where its inspector
 /// listens (a container's loopback is its own).
-fn in_net_namespace<T: Send>(pid: u32, f: impl FnOnce() -> Result<T> + Send) -> Result<T> {
+pub(crate) fn in_net_namespace<T: Send>(pid: u32, f: impl FnOnce() -> Result<T> + Send) -> Result<T> {
     std::thread::scope(|s| {
         s.spawn(|| {
             enter_net_namespace(pid)?;

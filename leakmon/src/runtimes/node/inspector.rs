@@ -197,21 +197,38 @@ impl Session {
 
     /// Calls `method` and returns its result; events that come meanwhile are dropped.
     pub fn call(&mut self, method: &str, params: &Value) -> Result<Value> {
+        self.call_with(method, params, ANSWER_TIMEOUT, &mut |_, _| Ok(()))
+    }
+
+    /// Calls `method` and returns its result, within `timeout`; each event that comes
+    /// meanwhile goes to `on_event` (its method and parameters), which may end the call
+    /// with an error.
+    pub fn call_with(
+        &mut self,
+        method: &str,
+        params: &Value,
+        timeout: Duration,
+        on_event: &mut dyn FnMut(&str, &Value) -> Result<()>,
+    ) -> Result<Value> {
         let id = self.next_id;
         self.next_id += 1;
         let message = json!({ "id": id, "method": method, "params": params });
         self.socket
             .send(tungstenite::Message::text(message.to_string()))
             .map_err(|e| anyhow!("send {method} to the inspector: {e}"))?;
-        let deadline = Instant::now() + ANSWER_TIMEOUT;
+        let deadline = Instant::now() + timeout;
         loop {
             if Instant::now() > deadline {
-                bail!("the inspector did not answer {method} within {ANSWER_TIMEOUT:?}");
+                bail!("the inspector did not answer {method} within {timeout:?}");
             }
             let message =
                 self.socket.read().map_err(|e| anyhow!("read the inspector's answer to {method}: {e}"))?;
             let tungstenite::Message::Text(text) = message else { continue };
             let answer: Value = serde_json::from_str(text.as_str()).context("parse an inspector message")?;
+            if let Some(event) = answer["method"].as_str() {
+                on_event(event, &answer["params"])?;
+                continue;
+            }
             if answer["id"] != id {
                 continue;
             }

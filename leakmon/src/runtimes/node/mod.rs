@@ -20,10 +20,13 @@ use anyhow::{bail, Context as _, Result};
 use serde_json::{json, Value};
 use tracing::{info, warn};
 
+pub mod held;
+pub mod holders;
 pub mod inspector;
 pub mod notes;
 pub mod pace;
 pub mod port_guard;
+pub mod snapshot;
 
 use self::{
     inspector::{inspector_address, is_inspector, listeners, listening, loopback, Session},
@@ -51,6 +54,8 @@ pub struct Node {
     session: Option<Session>,
     /// The sampling interval in use.
     interval: u64,
+    /// Whether V8's sampling heap profiler was started (a holders snapshot runs none).
+    sampling: bool,
     /// Closes the inspector if this leakmon cannot (see [`super::super::guardian`]).
     guard: Option<Guard>,
     /// Keeps the port to root and the process's user while it is open; dropped last.
@@ -61,6 +66,21 @@ impl Node {
     /// Opens `pid`'s inspector and starts sampling at `interval`: where it is paced,
     /// at the one its allocation rate calls for (see [`pace`]).
     pub fn open(pid: u32, interval: Interval) -> Result<Self> {
+        let mut node = Self::open_inspector(pid)?;
+        let bytes = match interval {
+            Interval::Paced(start) => node.pace(start)?,
+            Interval::Fixed(bytes) => bytes,
+        };
+        node.interval = bytes;
+        node.sampling = true;
+        node.session()?.call("HeapProfiler.startSampling", &json!({ "samplingInterval": bytes }))?;
+        info!(pid, interval = bytes, paced = interval.paced(), "V8's sampling heap profiler started");
+        Ok(node)
+    }
+
+    /// Opens `pid`'s inspector, with a session whose heap profiler is enabled; closed
+    /// again on [`Profiler::close`] or drop.
+    pub fn open_inspector(pid: u32) -> Result<Self> {
         let proc_root = Path::new("/proc");
         // Pinned: every check is of this process, and SIGUSR1 goes to it or to none.
         let process = Pinned::open(pid).with_context(|| format!("no process {pid}"))?;
@@ -114,7 +134,7 @@ impl Node {
         info!(pid, %addr, "inspector opened");
         // From here on the inspector is open: a failure closes it again (on drop).
         let mut node =
-            Self { pid, addr, session: None, interval: interval.start(), guard: Some(guard), _port: port };
+            Self { pid, addr, session: None, interval: 0, sampling: false, guard: Some(guard), _port: port };
         if addr.port() != address.port {
             bail!(
                 "pid {pid}'s inspector opened on {addr}, not on the port its options name ({}), which leakmon kept from other users: closed again at once",
@@ -129,13 +149,6 @@ impl Node {
         let mut session = Session::open(addr)?;
         session.call("HeapProfiler.enable", &json!({}))?;
         node.session = Some(session);
-        let bytes = match interval {
-            Interval::Paced(start) => node.pace(start)?,
-            Interval::Fixed(bytes) => bytes,
-        };
-        node.interval = bytes;
-        node.session()?.call("HeapProfiler.startSampling", &json!({ "samplingInterval": bytes }))?;
-        info!(pid, interval = bytes, paced = interval.paced(), "V8's sampling heap profiler started");
         Ok(node)
     }
 
@@ -174,7 +187,11 @@ impl Node {
             // No session to close it through: the guardian tries (on drop).
             return Ok(());
         };
-        let stopped = session.call("HeapProfiler.stopSampling", &json!({}));
+        let stopped = if self.sampling {
+            session.call("HeapProfiler.stopSampling", &json!({})).map(drop)
+        } else {
+            Ok(())
+        };
         let _ = session.call("HeapProfiler.disable", &json!({}));
         // inspector.close() waits for every session to end: run it once this one has.
         // `require` is the console's, there only while the expression runs: take the
@@ -189,7 +206,7 @@ impl Node {
             }
         }
         // Else the guard is dropped: its guardian tries again.
-        stopped.map(drop)
+        stopped
     }
 }
 

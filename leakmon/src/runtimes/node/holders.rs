@@ -1,0 +1,123 @@
+//! What holds the objects a window left alive in a Node.js process, through its
+//! inspector: a heap snapshot when the window begins and one when it ends. V8 gives
+//! each object it has seen an id, in order, and keeps it while the object lives (moves
+//! included); the objects of the second snapshot with ids past the first's are the
+//! window's, and [`super::held`] finds their holders.
+//!
+//! A snapshot stops the process while V8 writes it, about 11 s per 100 MB of heap on
+//! current Node.js (published measurements), and takes up to twice the heap: the pause
+//! is estimated from the heap's size first, and a snapshot that would hold the process
+//! longer than the budget is not taken.
+
+use std::time::{Duration, Instant};
+
+use anyhow::{bail, Context as _, Result};
+use serde_json::json;
+use tracing::info;
+
+use super::{held::Holder, snapshot::Parser, Node};
+
+/// Seconds a snapshot holds the process per byte of heap (11 s per 100 MB).
+const SECONDS_PER_BYTE: f64 = 11.0 / 100e6;
+/// The most snapshot text read (its numbers are kept, not its text).
+const SNAPSHOT_LIMIT: u64 = 16 << 30;
+
+/// What the window's surviving objects are held by.
+#[derive(Debug)]
+pub struct Found {
+    pub holders: Vec<Holder>,
+    pub bytes: u64,
+    pub objects: u64,
+    /// The longer of the two snapshots' pauses.
+    pub pause: Duration,
+    /// The heap's size before the last snapshot.
+    pub heap_used: u64,
+}
+
+/// Holds `pid`'s objects of a `window` to their holders, each snapshot within
+/// `budget`; `stop` ends the window early. Runs in the process's network namespace.
+pub fn holders(
+    pid: u32,
+    window: Duration,
+    budget: Duration,
+    stop: &(dyn Fn() -> bool + Sync),
+) -> Result<Found> {
+    crate::runtimes::in_net_namespace(pid, || {
+        let mut node = Node::open_inspector(pid)?;
+        let found = window_of(&mut node, window, budget, stop);
+        let closed = node.finish();
+        let found = found?;
+        closed?;
+        Ok(found)
+    })
+}
+
+fn window_of(
+    node: &mut Node,
+    window: Duration,
+    budget: Duration,
+    stop: &(dyn Fn() -> bool + Sync),
+) -> Result<Found> {
+    let pid = node.pid;
+    let (first, _) = snapshot(node, budget, false)?;
+    let baseline = watermark(node)?;
+    info!(pid, baseline, pause_ms = first.as_secs_f64() * 1e3, "first heap snapshot taken");
+    let deadline = Instant::now() + window;
+    while Instant::now() < deadline && !stop() {
+        std::thread::sleep(Duration::from_millis(50).min(deadline.saturating_duration_since(Instant::now())));
+    }
+    let (last, parsed) = snapshot(node, budget, true)?;
+    let (heap_used, parser) = parsed.context("the last snapshot's text")?;
+    let snapshot = parser.finish().context("parse the heap snapshot")?;
+    let (holders, bytes, objects) = super::held::held(&snapshot, baseline);
+    info!(pid, pause_ms = last.as_secs_f64() * 1e3, objects, bytes, "last heap snapshot read");
+    Ok(Found { holders, bytes, objects, pause: first.max(last), heap_used })
+}
+
+/// The first id V8 will give an object not yet seen: that of a fresh one, asked for
+/// right after a snapshot gave every live object its id. The object is let go.
+fn watermark(node: &mut Node) -> Result<u64> {
+    let session = node.session()?;
+    let made =
+        session.call("Runtime.evaluate", &json!({ "expression": "({})", "objectGroup": "leakmon" }))?;
+    let object = made["result"]["objectId"].as_str().context("no object to take an id from")?.to_owned();
+    let id = session.call("HeapProfiler.getHeapObjectId", &json!({ "objectId": object }));
+    let _ = session.call("Runtime.releaseObjectGroup", &json!({ "objectGroup": "leakmon" }));
+    id?["heapSnapshotObjectId"].as_str().and_then(|v| v.parse().ok()).context("V8 gave the object no id")
+}
+
+/// Takes a heap snapshot unless the heap's size says it would take longer than
+/// `budget`; its pause, and with `keep` its text parsed (and the heap's size).
+fn snapshot(node: &mut Node, budget: Duration, keep: bool) -> Result<(Duration, Option<(u64, Parser)>)> {
+    let pid = node.pid;
+    let session = node.session()?;
+    let usage = session.call("Runtime.getHeapUsage", &json!({}))?;
+    let used = usage["usedSize"].as_f64().unwrap_or(0.0);
+    let estimate = Duration::from_secs_f64(used * SECONDS_PER_BYTE);
+    if estimate > budget {
+        bail!(
+            "a heap snapshot of pid {pid} would hold it still for about {:.1} s (its heap holds {:.0} MB; about 11 s per 100 MB), past the budget of {:.1} s: none was taken (--holders-budget allows more)",
+            estimate.as_secs_f64(),
+            used / 1e6,
+            budget.as_secs_f64()
+        );
+    }
+    let mut parser = Parser::default();
+    let started = Instant::now();
+    session.call_with(
+        "HeapProfiler.takeHeapSnapshot",
+        &json!({ "reportProgress": false }),
+        (budget * 4).max(Duration::from_secs(60)),
+        &mut |event, params| {
+            if event == "HeapProfiler.addHeapSnapshotChunk" && keep {
+                parser.feed(params["chunk"].as_str().unwrap_or(""))?;
+                if parser.read > SNAPSHOT_LIMIT {
+                    bail!("pid {pid}'s heap snapshot is past {} GiB of text: not read", SNAPSHOT_LIMIT >> 30);
+                }
+            }
+            Ok(())
+        },
+    )?;
+    let pause = started.elapsed();
+    Ok((pause, keep.then_some((used as u64, parser))))
+}
