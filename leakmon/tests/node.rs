@@ -217,3 +217,28 @@ fn leakmon_killed_mid_window_leaves_no_inspector_open() {
     }
     answers(&mut process, &mut lines);
 }
+
+/// The daemon names a Node.js process's holders on demand (a POST, with its window),
+/// on a thread of its own, and closes the inspector after.
+#[test]
+fn the_daemon_names_a_node_process_s_holders_on_demand() {
+    const LISTEN: &str = "127.0.0.1:19552";
+    let _daemon = common::start_daemon(&["--attach", "none"], LISTEN);
+    let mut node = std::process::Command::new("node");
+    node.args(["--inspect-port=127.0.0.1:9343", &common::runtimes::node_fixture(), "grow"])
+        .stderr(std::process::Stdio::null());
+    let (mut process, mut lines) = common::start_ready(node, "node (Node.js 20)");
+    let pid = process.0.id();
+    let (head, body) =
+        common::http_post_raw(LISTEN, &format!("/api/v1/holders?pid={pid}&duration_s=5")).expect("answer");
+    assert!(head.contains(" 200 ") && head.contains("application/json"), "{head}\n{body}");
+    let report: Value = serde_json::from_str(&body).expect("JSON");
+    let p = &report["processes"][0];
+    assert_eq!(p["holders"][0]["root"], serde_json::json!({"kind": "closure", "name": "cache"}), "{p}");
+    assert!(p["pause_ms"].as_f64().is_some_and(|ms| ms > 0.0), "{p}");
+    let (head, body) =
+        common::http_post_raw(LISTEN, &format!("/api/v1/holders?pid={pid}&duration_s=0")).expect("answer");
+    assert!(head.contains(" 400 ") && body.contains("duration_s must be"), "{head}\n{body}");
+    assert_eq!(listening(pid), 0, "the inspector is closed again");
+    answers(&mut process, &mut lines);
+}

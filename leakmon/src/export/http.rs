@@ -45,14 +45,17 @@ pub enum Selector {
 pub enum ProfileKind {
     Pprof,
     FlameGraph,
-    /// The process's report with its holders scan, as JSON; the longest pause allowed.
+    /// The process's report with its holders scan, as JSON: the longest pause allowed
+    /// (`None`: the method's own default), and for a Node.js process the window whose
+    /// surviving objects are named, in seconds.
     Holders {
-        budget_ms: u32,
+        budget_ms: Option<u32>,
+        window_s: u32,
     },
 }
 
-/// The pause a holders scan may take unless `budget_ms` says otherwise.
-pub const HOLDERS_BUDGET_MS: u32 = 2000;
+/// The window of a Node.js process's holders unless `duration_s` says otherwise.
+pub const HOLDERS_WINDOW_S: u32 = 20;
 
 /// Why a profile cannot be given: the HTTP status and a one-line reason.
 pub type ProfileError = (StatusCode, String);
@@ -160,28 +163,26 @@ async fn profile(app: &AppState, query: &HashMap<String, String>, kind: ProfileK
 
 /// `?pid=N[&budget_ms=MS]`: one process, scanned by the daemon's loop.
 async fn holders(app: &AppState, query: &HashMap<String, String>) -> Response {
-    if let Some(other) = query.keys().find(|k| !matches!(k.as_str(), "pid" | "budget_ms")) {
-        return (
-            StatusCode::BAD_REQUEST,
-            format!("unknown parameter {other:?}: give ?pid=N[&budget_ms=MS]\n"),
-        )
-            .into_response();
+    let bad = |why: String| (StatusCode::BAD_REQUEST, why).into_response();
+    if let Some(other) = query.keys().find(|k| !matches!(k.as_str(), "pid" | "budget_ms" | "duration_s")) {
+        return bad(format!("unknown parameter {other:?}: give ?pid=N[&budget_ms=MS][&duration_s=S]\n"));
     }
     if !query.contains_key("pid") {
-        return (StatusCode::BAD_REQUEST, "a holders scan is of one process: give ?pid=N\n").into_response();
+        return bad("a holders scan is of one process: give ?pid=N\n".to_owned());
     }
     let budget_ms = match query.get("budget_ms").map(|b| b.parse::<u32>()) {
-        None => HOLDERS_BUDGET_MS,
-        Some(Ok(ms)) if (1..=600_000).contains(&ms) => ms,
+        None => None,
+        Some(Ok(ms)) if (1..=600_000).contains(&ms) => Some(ms),
         Some(_) => {
-            return (
-                StatusCode::BAD_REQUEST,
-                "budget_ms must be a whole number of milliseconds from 1 to 600000\n",
-            )
-                .into_response()
+            return bad("budget_ms must be a whole number of milliseconds from 1 to 600000\n".to_owned())
         }
     };
-    profile(app, query, ProfileKind::Holders { budget_ms }).await
+    let window_s = match query.get("duration_s").map(|d| d.parse::<u32>()) {
+        None => HOLDERS_WINDOW_S,
+        Some(Ok(s)) if (1..=3600).contains(&s) => s,
+        Some(_) => return bad("duration_s must be a whole number of seconds from 1 to 3600\n".to_owned()),
+    };
+    profile(app, query, ProfileKind::Holders { budget_ms, window_s }).await
 }
 
 fn json(body: String) -> impl IntoResponse {

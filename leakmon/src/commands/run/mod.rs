@@ -504,6 +504,15 @@ impl Daemon<'_> {
     /// Only the kernel tables and /proc are read here; symbolizing and rendering, the
     /// slow part, run off the loop, which keeps sampling.
     fn profile(&mut self, request: ProfileRequest) {
+        use crate::export::http::{ProfileKind, Selector};
+        if let (Selector::Pid(pid), ProfileKind::Holders { budget_ms, window_s }) =
+            (&request.selector, request.kind)
+        {
+            if crate::runtimes::detect(*pid).ok().flatten() == Some(crate::runtimes::Runtime::Node) {
+                holders::run_node(*pid, budget_ms, window_s, request.reply);
+                return;
+            }
+        }
         let probes = self.probes.as_ref().filter(|_| self.through_kernel());
         let rate = self.sample_rate();
         match profiles::profile_snapshot(probes, &mut self.discovery, &self.monitor, &request, rate) {

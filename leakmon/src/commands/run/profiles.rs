@@ -127,8 +127,9 @@ pub(super) fn profile_snapshot(
     }
     let selected: HashMap<u32, ProcState> = pids.iter().map(|p| (*p, traced[p])).collect();
     let holders = match (request.kind, &request.selector) {
-        (ProfileKind::Holders { budget_ms }, Selector::Pid(pid)) => {
+        (ProfileKind::Holders { budget_ms, .. }, Selector::Pid(pid)) => {
             let info = crate::commands::capture(discovery, *pid, true);
+            let budget_ms = budget_ms.unwrap_or(super::holders::NATIVE_BUDGET_MS);
             Some(super::holders::ask(probes, discovery.proc_root(), info, *pid, budget_ms)?)
         }
         (ProfileKind::Holders { .. }, Selector::Service(_)) => {
