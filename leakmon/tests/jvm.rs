@@ -127,3 +127,47 @@ fn a_jvm_without_jfr_reports_growth_per_class() {
     assert!(entry["bytes"].as_u64().unwrap() >= 500 * 24, "{entry}");
     answers(&mut process, &mut lines);
 }
+
+/// `report --holders` on the seed's cache beside churn 50 times its objects, default
+/// settings: most held bytes are held through the static field `CacheLeak.CACHE`,
+/// next to none through the churn; the pause is said; afterwards the JVM records
+/// nothing of leakmon's, keeps nothing of it in its /tmp, and answers.
+#[test]
+fn the_window_s_objects_are_named_by_the_static_field_that_holds_them() {
+    let (mut process, mut lines) = start(&["-Dchurn=10000"]);
+    let pid = process.0.id();
+    let out = common::leakmon()
+        .env("RUST_LOG", "info")
+        .args(["report", "--holders", "--format", "json", "--duration", "20", "--pid", &pid.to_string()])
+        .output()
+        .expect("run leakmon");
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert!(out.status.success(), "{stderr}");
+    let report: Value = serde_json::from_slice(&out.stdout).expect("JSON");
+    let p = &report["processes"][0];
+    assert_eq!(p["runtime"], "jvm", "{p}");
+    let holders = p["holders"].as_array().expect("holders");
+    let objects: u64 = holders.iter().map(|h| h["objects"].as_u64().unwrap_or(0)).sum();
+    assert!(objects >= 20, "{objects} samples in 20 s: {p}");
+    let through = |held: &dyn Fn(&Value) -> bool| -> f64 {
+        holders.iter().filter(|h| held(h)).map(|h| h["objects"].as_u64().unwrap_or(0)).sum::<u64>() as f64
+            / objects as f64
+    };
+    let cache = through(&|h| h["root"]["name"] == "CacheLeak.CACHE");
+    let churn = through(&|h| {
+        let named = |v: &Value| v.as_str().is_some_and(|n| n.contains("scratch") || n.contains("churn"));
+        named(&h["root"]["name"]) || h["path"].as_array().into_iter().flatten().any(|s| named(&s["name"]))
+    });
+    let pause = p["pause_ms"].as_f64().expect("pause_ms");
+    eprintln!(
+        "jvm holders: {objects} samples, through CACHE {:.0}%, churn {:.1}%, pause {pause} ms",
+        cache * 100.0,
+        churn * 100.0
+    );
+    assert!(cache >= 0.6, "through CACHE {cache:.2}: {p}");
+    assert!(churn <= 0.1, "through the churn {churn:.2}");
+    assert_eq!(holders[0]["root"]["kind"], "static", "{}", holders[0]);
+    assert!(!recordings(pid).contains("leakmon"), "{}", recordings(pid));
+    assert!(left_in_tmp(pid).is_empty(), "{:?}", left_in_tmp(pid));
+    answers(&mut process, &mut lines);
+}

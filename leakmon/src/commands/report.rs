@@ -44,8 +44,8 @@ pub fn report(args: &ReportArgs) -> Result<()> {
         return runtime_report(args);
     }
     if let (true, Some(pid)) = (args.holders, args.pid) {
-        if crate::runtimes::detect(pid)? == Some(crate::runtimes::Runtime::Node) {
-            return node_holders(args, pid);
+        if let Some(runtime) = crate::runtimes::detect(pid)? {
+            return runtime_holders(args, pid, runtime);
         }
     }
     let mut watch = Watch::new(args, proc_root)?;
@@ -503,22 +503,28 @@ fn runtime_report(args: &ReportArgs) -> Result<()> {
     write(&report, args.format)
 }
 
-/// `report --holders --pid` on a Node.js process: its window's surviving objects by
-/// what holds them, from heap snapshots at the window's start and end.
-fn node_holders(args: &ReportArgs, pid: u32) -> Result<()> {
+/// `report --holders --pid` on a Node.js process or a JVM: its window's surviving
+/// objects by what holds them, from the runtime's own means (heap snapshots at the
+/// window's start and end; JFR's paths from GC roots at its end).
+fn runtime_holders(args: &ReportArgs, pid: u32, runtime: crate::runtimes::Runtime) -> Result<()> {
+    let title = runtime.support().title();
     let Some(duration) = args.duration else {
-        bail!("--holders on a Node.js process takes --duration: the window whose surviving objects it names");
+        bail!("--holders on {title} takes --duration: the window whose surviving objects it names");
     };
     if args.agent {
-        bail!("--holders on a Node.js process reads V8's heap snapshots; --agent samples the native heap: choose one");
+        bail!("--holders on {title} asks the runtime what holds its objects; --agent samples the native heap: choose one");
     }
     count_signals();
     let budget = Duration::from_secs_f64(args.holders_budget.unwrap_or(SNAPSHOT_BUDGET_MS) / 1e3);
-    let found =
-        crate::runtimes::node::holders::holders(pid, Duration::from_secs_f64(duration), budget, &|| {
-            signals_received() > 0
-        })?;
-    let report = crate::report::runtime::holders_report(pid, "node", found);
+    let window = Duration::from_secs_f64(duration);
+    let stop = || signals_received() > 0;
+    let found = match runtime {
+        crate::runtimes::Runtime::Node => {
+            crate::runtimes::node::holders::holders(pid, window, budget, &stop)?
+        }
+        crate::runtimes::Runtime::Jvm => crate::runtimes::jvm::holders(pid, window, budget, &stop)?,
+    };
+    let report = crate::report::runtime::holders_report(pid, runtime.name(), found);
     write(&report, args.format)
 }
 

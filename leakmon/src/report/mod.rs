@@ -104,7 +104,7 @@ pub struct ProcessReport {
     /// A runtime's objects of the window still alive at its end, by what holds them
     /// (the variable and the path from it), largest first.
     #[serde(skip_serializing_if = "Vec::is_empty")]
-    pub holders: Vec<crate::runtimes::node::held::Holder>,
+    pub holders: Vec<crate::runtimes::held_by::Holder>,
     /// `python` for a CPython process; absent for others.
     #[serde(skip_serializing_if = "Option::is_none")]
     pub runtime: Option<&'static str>,

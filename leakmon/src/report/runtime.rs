@@ -138,10 +138,7 @@ pub fn holders_report(
         runtime_internal: RuntimeInternal::default(),
         in_flight: None,
         runtime: Some(runtime),
-        notes: vec![format!(
-            "The objects allocated in the window (after its first heap snapshot) and alive at its end, by the variable that holds them; each snapshot held the process still, the longer for {pause_ms} ms ({} MB of heap before the last)",
-            found.heap_used / 1_000_000
-        )],
+        notes: vec![found.how],
     };
     Report { method: Method::Runtime, sample_bytes: 0, paced: false, processes: vec![process] }
 }

@@ -6,6 +6,7 @@
 //! without a restart (`report --runtime`, the daemon's `--runtime-profilers`).
 
 pub mod guardian;
+pub mod held_by;
 pub mod jvm;
 pub mod node;
 pub mod python;

@@ -59,6 +59,17 @@ impl Jvm {
     /// Without JFR, class histograms if `histograms` allows their full collections,
     /// else an error.
     pub fn open(pid: u32, lifetime: Duration, histograms: bool) -> Result<Self> {
+        Self::open_with(pid, lifetime, histograms, None)
+    }
+
+    /// [`Jvm::open`], with `paths` the time JFR may spend finding the paths from GC
+    /// roots to its samples when they are dumped (none: no paths).
+    pub fn open_with(
+        pid: u32,
+        lifetime: Duration,
+        histograms: bool,
+        paths: Option<Duration>,
+    ) -> Result<Self> {
         let attached = Attached::attach(pid)?;
         let name = format!("leakmon-{}-{pid}", std::process::id());
         // Inside the JVM's mount namespace: its /tmp, which it can write.
@@ -69,7 +80,7 @@ impl Jvm {
         let attempts = [
             format!(
                 "JFR.start name={name} settings=none disk=false duration={lifetime}s filename={file} {}",
-                jfr::SETTINGS.join(" ")
+                jfr::settings(paths).join(" ")
             ),
             format!("JFR.start name={name} settings=profile disk=false duration={lifetime}s filename={file}"),
         ];
@@ -141,6 +152,50 @@ impl Jvm {
         }
         Ok(read_regular(meta, RECORDING_LIMIT, file)?)
     }
+}
+
+/// What holds the objects a `window` left alive in the JVM `pid`: JFR's old-object
+/// samples, dumped at the window's end with their paths from GC roots (the JVM holds
+/// still while it finds them, for at most `budget`). `stop` ends the window early.
+pub fn holders(
+    pid: u32,
+    window: Duration,
+    budget: Duration,
+    stop: &(dyn Fn() -> bool + Sync),
+) -> Result<super::held_by::Found> {
+    let mut jvm = Jvm::open_with(pid, window + Duration::from_secs(120), false, Some(budget))?;
+    let deadline = std::time::Instant::now() + window;
+    while std::time::Instant::now() < deadline && !stop() {
+        std::thread::sleep(
+            Duration::from_millis(50).min(deadline.saturating_duration_since(std::time::Instant::now())),
+        );
+    }
+    let How::Jfr { name, .. } = &jvm.how else { bail!("pid {pid} records no JFR") };
+    // Named as the recording's dumps are, so that whoever removes those removes it.
+    let (name, file) = (name.clone(), format!("/tmp/{name}-0.jfr"));
+    let started = std::time::Instant::now();
+    let dumped = jvm.attached.jcmd(&format!("JFR.dump name={name} filename={file} path-to-gc-roots=true"));
+    let pause = started.elapsed();
+    let recording = jvm.take_recording(&name, &file);
+    let stopped = jvm.stop();
+    dumped?;
+    let recording = recording.with_context(|| format!("read pid {pid}'s recording {file}"))?;
+    stopped?;
+    let (holders, per_sample, objects) =
+        jfr::holders(&recording).with_context(|| format!("parse pid {pid}'s recording"))?;
+    let how = format!(
+        "JFR's old-object samples alive at the window's end (one per allocation buffer, {} each on average), by the static field nearest the GC root on the path JFR found to each (else the root it names: a thread's stack, JNI); dumping them with their paths held the JVM for {:.0} ms. JFR keeps one path per object, the first it finds: a map a thread also holds in a local is named by that thread",
+        crate::units::rounded(per_sample),
+        pause.as_secs_f64() * 1e3
+    );
+    Ok(super::held_by::Found {
+        holders,
+        bytes: objects.saturating_mul(per_sample),
+        objects,
+        pause,
+        heap_used: 0,
+        how,
+    })
 }
 
 /// Says in a report that the JVM's figures are per class, not per stack.

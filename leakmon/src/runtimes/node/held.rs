@@ -9,41 +9,10 @@
 
 use std::collections::{HashMap, VecDeque};
 
-use serde::Serialize;
-
 use super::snapshot::Snapshot;
+pub use crate::runtimes::held_by::{Holder, Root, Step};
 
-/// Objects one variable keeps, of one type.
-#[derive(Clone, Debug, PartialEq, Serialize)]
-pub struct Holder {
-    pub bytes: u64,
-    pub objects: u64,
-    /// The objects' type: a constructor's name (`Object`, `Array`, `Map`), or
-    /// `(string)`, `(closure)`, ... for V8's other kinds.
-    #[serde(rename = "type")]
-    pub kind: String,
-    pub root: Root,
-    /// The edges from the variable to one of the objects (the first found), by name.
-    pub path: Vec<Step>,
-}
-
-/// The variable.
-#[derive(Clone, Debug, PartialEq, Eq, Hash, Serialize)]
-pub struct Root {
-    /// `closure` (a context slot: a closure's or module's variable), `global` (a
-    /// property of the global object), `property` (the outermost named property on
-    /// the path, where no variable is), or `gc-root`.
-    pub kind: &'static str,
-    pub name: String,
-}
-
-#[derive(Clone, Debug, PartialEq, Eq, Serialize)]
-pub struct Step {
-    pub name: String,
-}
-
-/// Holders kept, the largest.
-pub const MAX_HOLDERS: usize = 20;
+pub use crate::runtimes::held_by::MAX_HOLDERS;
 /// Steps kept of a path.
 const MAX_STEPS: usize = 12;
 

@@ -15,24 +15,13 @@ use anyhow::{bail, Context as _, Result};
 use serde_json::json;
 use tracing::info;
 
-use super::{held::Holder, snapshot::Parser, Node};
+use super::{snapshot::Parser, Node};
+pub use crate::runtimes::held_by::Found;
 
 /// Seconds a snapshot holds the process per byte of heap (11 s per 100 MB).
 const SECONDS_PER_BYTE: f64 = 11.0 / 100e6;
 /// The most snapshot text read (its numbers are kept, not its text).
 const SNAPSHOT_LIMIT: u64 = 16 << 30;
-
-/// What the window's surviving objects are held by.
-#[derive(Debug)]
-pub struct Found {
-    pub holders: Vec<Holder>,
-    pub bytes: u64,
-    pub objects: u64,
-    /// The longer of the two snapshots' pauses.
-    pub pause: Duration,
-    /// The heap's size before the last snapshot.
-    pub heap_used: u64,
-}
 
 /// Holds `pid`'s objects of a `window` to their holders, each snapshot within
 /// `budget`; `stop` ends the window early. Runs in the process's network namespace.
@@ -71,7 +60,13 @@ fn window_of(
     let snapshot = parser.finish().context("parse the heap snapshot")?;
     let (holders, bytes, objects) = super::held::held(&snapshot, baseline);
     info!(pid, pause_ms = last.as_secs_f64() * 1e3, objects, bytes, "last heap snapshot read");
-    Ok(Found { holders, bytes, objects, pause: first.max(last), heap_used })
+    let pause = first.max(last);
+    let how = format!(
+        "The objects allocated in the window (after its first heap snapshot) and alive at its end, by the variable that holds them; each snapshot held the process still, the longer for {:.0} ms ({} MB of heap before the last)",
+        pause.as_secs_f64() * 1e3,
+        heap_used / 1_000_000
+    );
+    Ok(Found { holders, bytes, objects, pause, heap_used, how })
 }
 
 /// The first id V8 will give an object not yet seen: that of a fresh one, asked for
