@@ -171,3 +171,32 @@ fn the_window_s_objects_are_named_by_the_static_field_that_holds_them() {
     assert!(left_in_tmp(pid).is_empty(), "{:?}", left_in_tmp(pid));
     answers(&mut process, &mut lines);
 }
+
+/// leakmon SIGKILLed in the middle of a holders window: its guardian stops the
+/// recording and removes its files; the JVM answers.
+#[test]
+fn leakmon_killed_mid_window_leaves_no_recording() {
+    let (mut process, mut lines) = start(&[]);
+    let pid = process.0.id();
+    let mut watch = common::leakmon()
+        .env("RUST_LOG", "info")
+        .args(["report", "--holders", "--format", "json", "--duration", "30", "--pid", &pid.to_string()])
+        .stdout(std::process::Stdio::null())
+        .stderr(std::process::Stdio::piped())
+        .spawn()
+        .expect("start leakmon");
+    let mut stderr = std::io::BufReader::new(watch.stderr.take().expect("stderr"));
+    let mut log = String::new();
+    while !log.contains("JFR recording started") {
+        assert!(stderr.read_line(&mut log).expect("read") > 0, "{log}");
+    }
+    assert!(recordings(pid).contains("leakmon"), "recording mid-window");
+    watch.kill().expect("SIGKILL leakmon");
+    watch.wait().expect("reap");
+    let start = std::time::Instant::now();
+    while recordings(pid).contains("leakmon") || !left_in_tmp(pid).is_empty() {
+        assert!(start.elapsed() < std::time::Duration::from_secs(30), "left: {}", recordings(pid));
+        std::thread::sleep(std::time::Duration::from_millis(500));
+    }
+    answers(&mut process, &mut lines);
+}

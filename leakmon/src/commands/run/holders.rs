@@ -28,17 +28,30 @@ use crate::{
 pub const NATIVE_BUDGET_MS: u32 = 2000;
 pub const SNAPSHOT_BUDGET_MS: u32 = 30_000;
 
-/// Runs a Node.js process's holders window (heap snapshots at its start and end
-/// through its inspector) on a thread of its own, and sends its report through
-/// `reply`: the window lasts seconds, and neither the loop nor the profile renderer
-/// may wait for it.
-pub fn run_node(pid: u32, budget_ms: Option<u32>, window_s: u32, reply: super::profiles::Reply) {
-    let spawned = std::thread::Builder::new().name("node-holders".into()).spawn(move || {
+/// Runs a runtime's holders window (a Node.js process's heap snapshots at its start
+/// and end through its inspector; a JVM's JFR samples with their paths from GC roots)
+/// on a thread of its own, and sends its report through `reply`: the window lasts
+/// seconds, and neither the loop nor the profile renderer may wait for it.
+pub fn run_runtime(
+    pid: u32,
+    runtime: crate::runtimes::Runtime,
+    budget_ms: Option<u32>,
+    window_s: u32,
+    reply: super::profiles::Reply,
+) {
+    let spawned = std::thread::Builder::new().name("runtime-holders".into()).spawn(move || {
         let budget = Duration::from_millis(u64::from(budget_ms.unwrap_or(SNAPSHOT_BUDGET_MS)));
         let window = Duration::from_secs(u64::from(window_s));
-        let answer = crate::runtimes::node::holders::holders(pid, window, budget, &|| false)
+        let found = match runtime {
+            crate::runtimes::Runtime::Node => {
+                crate::runtimes::node::holders::holders(pid, window, budget, &|| false)
+            }
+            crate::runtimes::Runtime::Jvm => crate::runtimes::jvm::holders(pid, window, budget, &|| false),
+        };
+        let answer = found
             .map(|found| {
-                (crate::report::runtime::holders_report(pid, "node", found).to_json() + "\n").into_bytes()
+                (crate::report::runtime::holders_report(pid, runtime.name(), found).to_json() + "\n")
+                    .into_bytes()
             })
             .map_err(|e| (StatusCode::CONFLICT, format!("{e:#}")));
         let _ = reply.send(answer);

@@ -508,8 +508,8 @@ impl Daemon<'_> {
         if let (Selector::Pid(pid), ProfileKind::Holders { budget_ms, window_s }) =
             (&request.selector, request.kind)
         {
-            if crate::runtimes::detect(*pid).ok().flatten() == Some(crate::runtimes::Runtime::Node) {
-                holders::run_node(*pid, budget_ms, window_s, request.reply);
+            if let Some(runtime) = crate::runtimes::detect(*pid).ok().flatten() {
+                holders::run_runtime(*pid, runtime, budget_ms, window_s, request.reply);
                 return;
             }
         }
