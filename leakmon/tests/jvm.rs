@@ -134,7 +134,7 @@ fn a_jvm_without_jfr_reports_growth_per_class() {
 /// nothing of leakmon's, keeps nothing of it in its /tmp, and answers.
 #[test]
 fn the_window_s_objects_are_named_by_the_static_field_that_holds_them() {
-    let (mut process, mut lines) = start(&["-Dchurn=10000"]);
+    let (mut process, mut lines) = start(&["-Dchurn=20000"]);
     let pid = process.0.id();
     let out = common::leakmon()
         .env("RUST_LOG", "info")

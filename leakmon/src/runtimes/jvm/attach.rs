@@ -106,18 +106,29 @@ impl Jvm {
     /// LINE` does, and returns its output. A command the JVM refuses is an error with
     /// the JVM's words.
     pub fn jcmd(&self, line: &str) -> Result<String> {
+        self.jcmd_within(line, COMMAND_TIMEOUT)
+    }
+
+    /// [`Jvm::jcmd`], for a command that may take up to `timeout` (a dump whose paths
+    /// to GC roots JFR searches for as long as it is let).
+    pub fn jcmd_within(&self, line: &str, timeout: Duration) -> Result<String> {
         let pid = self.pid;
         let mut stream = connect(&self.socket, pid)
             .with_context(|| format!("connect to pid {pid}'s attach socket {}", self.socket.display()))?;
-        stream.set_read_timeout(Some(COMMAND_TIMEOUT))?;
+        let deadline = std::time::Instant::now() + timeout;
+        stream.set_read_timeout(Some(timeout))?;
         stream.set_write_timeout(Some(COMMAND_TIMEOUT))?;
         stream.write_all(&request("jcmd", [line, "", ""]))?;
         let mut answer = Vec::new();
         // A JVM's answers are a few KiB (a class histogram of a large heap, a few MiB).
-        (&mut stream)
-            .take(ANSWER_LIMIT + 1)
-            .read_to_end(&mut answer)
-            .with_context(|| format!("read pid {pid}'s answer to `{line}`"))?;
+        (&mut stream).take(ANSWER_LIMIT + 1).read_to_end(&mut answer).with_context(|| {
+            let late = if std::time::Instant::now() >= deadline {
+                format!(" (none within {timeout:?})")
+            } else {
+                String::new()
+            };
+            format!("read pid {pid}'s answer to `{line}`{late}")
+        })?;
         if answer.len() as u64 > ANSWER_LIMIT {
             bail!("pid {pid}'s answer to `{line}` is over {ANSWER_LIMIT} bytes");
         }

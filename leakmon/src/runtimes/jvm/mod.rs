@@ -174,7 +174,10 @@ pub fn holders(
     // Named as the recording's dumps are, so that whoever removes those removes it.
     let (name, file) = (name.clone(), format!("/tmp/{name}-0.jfr"));
     let started = std::time::Instant::now();
-    let dumped = jvm.attached.jcmd(&format!("JFR.dump name={name} filename={file} path-to-gc-roots=true"));
+    let dumped = jvm.attached.jcmd_within(
+        &format!("JFR.dump name={name} filename={file} path-to-gc-roots=true"),
+        budget + Duration::from_secs(120),
+    );
     let pause = started.elapsed();
     let recording = jvm.take_recording(&name, &file);
     let stopped = jvm.stop();
