@@ -242,3 +242,31 @@ fn the_daemon_names_a_node_process_s_holders_on_demand() {
     assert_eq!(listening(pid), 0, "the inspector is closed again");
     answers(&mut process, &mut lines);
 }
+
+/// A snapshot estimated to hold the process past the budget is not taken: one line,
+/// the inspector closed again, the process answering.
+#[test]
+fn a_snapshot_past_the_budget_is_refused_in_one_line() {
+    let mut node = std::process::Command::new("node");
+    node.args(["--inspect-port=127.0.0.1:9344", &common::runtimes::node_fixture(), "grow"])
+        .stderr(std::process::Stdio::null());
+    let (mut process, mut lines) = common::start_ready(node, "node (Node.js 20)");
+    let pid = process.0.id();
+    let out = common::leakmon()
+        .args(["report", "--holders", "--holders-budget", "1", "--duration", "2", "--pid", &pid.to_string()])
+        .output()
+        .expect("run leakmon");
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert!(!out.status.success());
+    assert_eq!(stderr.trim().lines().count(), 1, "{stderr}");
+    assert!(
+        stderr.contains("would hold it still for about") && stderr.contains("none was taken"),
+        "{stderr}"
+    );
+    let start = std::time::Instant::now();
+    while listening(pid) > 0 {
+        assert!(start.elapsed() < std::time::Duration::from_secs(10), "the inspector stayed open");
+        std::thread::sleep(std::time::Duration::from_millis(200));
+    }
+    answers(&mut process, &mut lines);
+}
