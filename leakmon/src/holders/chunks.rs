@@ -52,16 +52,12 @@ fn word(memory: &dyn Memory, at: u64) -> Option<u64> {
 /// process's to forge: a walk is bounded by the scan's budget and leakmon's memory).
 pub fn glibc_blocks(memory: &dyn Memory, maps: &str, go_on: &mut dyn FnMut() -> bool) -> Option<Vec<Block>> {
     let mut out = Vec::new();
-    for line in maps.lines() {
-        let mut fields = line.split_ascii_whitespace();
-        let (Some(range), Some(perms)) = (fields.next(), fields.next()) else { continue };
-        let name = fields.nth(3).unwrap_or("");
-        let Some((s, e)) = range.split_once('-') else { continue };
-        let (Ok(s), Ok(e)) = (u64::from_str_radix(s, 16), u64::from_str_radix(e, 16)) else { continue };
-        if !perms.starts_with("rw") {
+    for r in super::roots::regions(maps) {
+        if !r.writable {
             continue;
         }
-        let done = match name {
+        let (s, e) = (r.start, r.end);
+        let done = match r.name.as_str() {
             "[heap]" => walk_heap(memory, s, e, &mut out, go_on),
             "" => mapped_chunks(memory, s, e, &mut out, go_on),
             _ => true,
@@ -213,18 +209,8 @@ fn mapped_chunks(
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::holders::reach::tests::Words;
     use std::collections::HashMap;
-
-    struct Sparse(HashMap<u64, u64>);
-    impl Memory for Sparse {
-        fn read_into(&self, start: u64, buf: &mut [u8]) -> Option<usize> {
-            for (i, chunk) in buf.chunks_mut(8).enumerate() {
-                let word = self.0.get(&(start + 8 * i as u64)).copied().unwrap_or(0).to_le_bytes();
-                chunk.copy_from_slice(&word[..chunk.len()]);
-            }
-            Some(buf.len())
-        }
-    }
 
     /// A heap of three chunks and the top: the first in use, the second free (the
     /// third says so), the third in use (the top says so).
@@ -237,7 +223,7 @@ mod tests {
         m.insert(heap + 0x70 + 8, 0x20);
         m.insert(heap + 0x90 + 8, (0x1000 - 0x90) | PREV_INUSE);
         let maps = format!("{:x}-{:x} rw-p 00000000 00:00 0 [heap]\n", heap, heap + 0x1000);
-        let blocks = glibc_blocks(&Sparse(m), &maps, &mut || true).expect("walked");
+        let blocks = glibc_blocks(&Words::from(m), &maps, &mut || true).expect("walked");
         assert_eq!(
             blocks,
             [
@@ -254,7 +240,7 @@ mod tests {
         m.insert(at + 8, 0x2000 | IS_MMAPPED);
         m.insert(at + 0x2000 + 8, 0x1000 | IS_MMAPPED);
         let maps = format!("{:x}-{:x} rw-p 00000000 00:00 0\n", at, at + 0x4000);
-        let memory = Sparse(m);
+        let memory = Words::from(m);
         let blocks = glibc_blocks(&memory, &maps, &mut || true).expect("walked");
         assert_eq!(
             blocks,
@@ -267,8 +253,8 @@ mod tests {
         assert_eq!(usable(&memory, at + 16), Some(0x2000 - 16));
         let mut m = HashMap::new();
         m.insert(0x1008, 0x40 | PREV_INUSE);
-        assert_eq!(usable(&Sparse(m), 0x1010), Some(0x38));
-        assert_eq!(usable(&Sparse(HashMap::new()), 0x1010), None);
+        assert_eq!(usable(&Words::from(m), 0x1010), Some(0x38));
+        assert_eq!(usable(&Words::default(), 0x1010), None);
     }
 
     /// A static program's TLS at the heap's start comes before malloc's first chunk:
@@ -285,7 +271,7 @@ mod tests {
         m.insert(first + 0x30 + 8, (0x1000 - 0x150) | PREV_INUSE);
         let maps = format!("{:x}-{:x} rw-p 00000000 00:00 0 [heap]\n", heap, heap + 0x1000);
         assert_eq!(
-            glibc_blocks(&Sparse(m), &maps, &mut || true).expect("walked"),
+            glibc_blocks(&Words::from(m), &maps, &mut || true).expect("walked"),
             [Block { start: first + 16, size: 0x28, known: false }]
         );
     }
@@ -298,14 +284,14 @@ mod tests {
         let mut m = HashMap::new();
         m.insert(heap + 8, !FLAGS);
         let maps = format!("{:x}-{:x} rw-p 00000000 00:00 0 [heap]\n", heap, heap + 0x1000);
-        assert_eq!(glibc_blocks(&Sparse(m), &maps, &mut || true), Some(vec![]));
+        assert_eq!(glibc_blocks(&Words::from(m), &maps, &mut || true), Some(vec![]));
         let at = 0x7f00_0000_0000u64;
         let m = HashMap::from([(at + 8, !0xfff | IS_MMAPPED)]);
         let maps = format!("{:x}-{:x} rw-p 00000000 00:00 0\n", at, at + 0x4000);
-        assert_eq!(glibc_blocks(&Sparse(m), &maps, &mut || true), Some(vec![]));
+        assert_eq!(glibc_blocks(&Words::from(m), &maps, &mut || true), Some(vec![]));
         // A heap of 10,000 smallest chunks, walked with no time left.
         let m: HashMap<u64, u64> = (0..10_000u64).map(|i| (heap + 32 * i + 8, 32 | PREV_INUSE)).collect();
         let maps = format!("{:x}-{:x} rw-p 00000000 00:00 0 [heap]\n", heap, heap + 32 * 10_000);
-        assert_eq!(glibc_blocks(&Sparse(m), &maps, &mut || false), None);
+        assert_eq!(glibc_blocks(&Words::from(m), &maps, &mut || false), None);
     }
 }

@@ -269,17 +269,23 @@ fn lost(
 }
 
 #[cfg(test)]
-mod tests {
+pub(crate) mod tests {
     use super::*;
     use std::collections::BTreeMap;
 
-    /// A sparse memory of words.
+    /// A sparse memory of words, zero elsewhere.
     #[derive(Default)]
-    struct Words(BTreeMap<u64, u64>);
+    pub(crate) struct Words(BTreeMap<u64, u64>);
 
     impl Words {
-        fn put(&mut self, at: u64, value: u64) {
+        pub(crate) fn put(&mut self, at: u64, value: u64) {
             self.0.insert(at, value);
+        }
+    }
+
+    impl<I: IntoIterator<Item = (u64, u64)>> From<I> for Words {
+        fn from(words: I) -> Self {
+            Self(words.into_iter().collect())
         }
     }
 

@@ -33,12 +33,18 @@ pub enum RootKind {
 
 /// One line of `/proc/PID/maps`.
 #[derive(Clone, Debug, PartialEq, Eq)]
-struct Region {
-    start: u64,
-    end: u64,
-    writable: bool,
+pub(crate) struct Region {
+    pub start: u64,
+    pub end: u64,
+    pub writable: bool,
+    pub executable: bool,
     /// The file's path, `[stack]`-like pseudo names, or empty (anonymous).
-    name: String,
+    pub name: String,
+}
+
+/// The lines of `maps` (the text of `/proc/PID/maps`) that parse, in order.
+pub(crate) fn regions(maps: &str) -> Vec<Region> {
+    maps.lines().filter_map(region).collect()
 }
 
 fn region(line: &str) -> Option<Region> {
@@ -52,6 +58,7 @@ fn region(line: &str) -> Option<Region> {
         start: u64::from_str_radix(start, 16).ok()?,
         end: u64::from_str_radix(end, 16).ok()?,
         writable: perms.as_bytes().get(1) == Some(&b'w'),
+        executable: perms.as_bytes().get(2) == Some(&b'x'),
         name,
     })
 }
@@ -59,7 +66,7 @@ fn region(line: &str) -> Option<Region> {
 /// The roots of a process whose mappings are `maps` (the text of `/proc/PID/maps`) and
 /// whose threads' stack pointers are `stack_pointers`.
 pub fn roots(maps: &str, stack_pointers: &[u64]) -> Vec<NamedRoot> {
-    let regions: Vec<Region> = maps.lines().filter_map(region).collect();
+    let regions = regions(maps);
     let mut out = Vec::new();
     let mut last_file: Option<(&str, u64)> = None;
     for r in &regions {

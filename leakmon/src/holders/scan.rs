@@ -349,15 +349,7 @@ fn blocks_of(
 
 /// The writable mappings of `maps`, in address order.
 fn writable(maps: &str) -> Vec<(u64, u64)> {
-    maps.lines()
-        .filter_map(|l| {
-            let mut fields = l.split_ascii_whitespace();
-            let (range, perms) = (fields.next()?, fields.next()?);
-            let (s, e) = range.split_once('-')?;
-            (perms.as_bytes().get(1) == Some(&b'w'))
-                .then(|| Some((u64::from_str_radix(s, 16).ok()?, u64::from_str_radix(e, 16).ok()?)))?
-        })
-        .collect()
+    super::roots::regions(maps).into_iter().filter(|r| r.writable).map(|r| (r.start, r.end)).collect()
 }
 
 /// Where each root range comes from.
@@ -415,12 +407,10 @@ fn tls_range(maps: &str, fs_base: u64, low: u64, blocks: &[Block]) -> Option<Roo
     if fs_base == 0 {
         return None;
     }
-    let (s, e) = maps.lines().find_map(|l| {
-        let (range, _) = l.split_once(' ')?;
-        let (s, e) = range.split_once('-')?;
-        let (s, e) = (u64::from_str_radix(s, 16).ok()?, u64::from_str_radix(e, 16).ok()?);
-        (s..e).contains(&fs_base).then_some((s, e))
-    })?;
+    let (s, e) = super::roots::regions(maps)
+        .into_iter()
+        .find(|r| (r.start..r.end).contains(&fs_base))
+        .map(|r| (r.start, r.end))?;
     let mut root = Root { start: low.max(s), end: fs_base.saturating_add(TLS_ABOVE).min(e) };
     // The blocks that end after the root starts, from the first.
     let from = blocks.partition_point(|b| b.start.saturating_add(b.size) <= root.start);
@@ -583,20 +573,13 @@ impl Frames<'_> {
 
 /// The executable mappings of `maps`.
 fn executable(maps: &str) -> Vec<(u64, u64)> {
-    maps.lines()
-        .filter_map(|l| {
-            let mut fields = l.split_ascii_whitespace();
-            let (range, perms) = (fields.next()?, fields.next()?);
-            let (s, e) = range.split_once('-')?;
-            (perms.as_bytes().get(2) == Some(&b'x'))
-                .then(|| Some((u64::from_str_radix(s, 16).ok()?, u64::from_str_radix(e, 16).ok()?)))?
-        })
-        .collect()
+    super::roots::regions(maps).into_iter().filter(|r| r.executable).map(|r| (r.start, r.end)).collect()
 }
 
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::holders::reach::tests::Words;
 
     #[test]
     fn tls_is_clipped_to_its_mapping_and_short_of_the_blocks() {
@@ -627,23 +610,13 @@ mod tests {
     /// block on the heap) are no bound; without a vector, the control block alone.
     #[test]
     fn static_tls_starts_at_the_lowest_module_block_below_the_thread_pointer() {
-        struct Sparse(HashMap<u64, u64>);
-        impl Memory for Sparse {
-            fn read_into(&self, start: u64, buf: &mut [u8]) -> Option<usize> {
-                for (i, chunk) in buf.chunks_mut(8).enumerate() {
-                    let word = self.0.get(&(start + 8 * i as u64)).copied().unwrap_or(0).to_le_bytes();
-                    chunk.copy_from_slice(&word[..chunk.len()]);
-                }
-                Some(buf.len())
-            }
-        }
         let fs = 0x7000_0000_8000;
         let dtv = 0x5000_0000;
         let mut m = HashMap::from([(fs + 8, dtv), (dtv - 16, 3)]);
         m.insert(dtv + 16, fs - 0x80);
         m.insert(dtv + 32, fs - 0x900);
         m.insert(dtv + 48, 0x5000_1000);
-        assert_eq!(static_tls_start(&Sparse(m), fs), fs - 0x900);
-        assert_eq!(static_tls_start(&Sparse(HashMap::new()), fs), fs);
+        assert_eq!(static_tls_start(&Words::from(m), fs), fs - 0x900);
+        assert_eq!(static_tls_start(&Words::default(), fs), fs);
     }
 }

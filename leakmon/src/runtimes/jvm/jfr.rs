@@ -57,8 +57,24 @@ pub struct Held {
 
 /// What a recording says is held.
 pub fn stacks(recording: &[u8]) -> Result<Held> {
-    let mut reader = JfrReader::new(std::io::Cursor::new(recording));
     let mut live: HashMap<Vec<Frame>, u64> = HashMap::new();
+    let (per_sample, in_flight) = live_samples(recording, &mut |sample| {
+        let frames = sample.get_field("stackTrace").map(frames).unwrap_or_default();
+        *live.entry(frames).or_default() += 1;
+    })?;
+    let mut out: Vec<Stack> = live
+        .into_iter()
+        .map(|(frames, samples)| Stack { frames, bytes: samples.saturating_mul(per_sample), samples })
+        .collect();
+    out.sort_by(|a, b| b.bytes.cmp(&a.bytes).then(b.samples.cmp(&a.samples)));
+    Ok(Held { stacks: out, per_sample, in_flight })
+}
+
+/// Gives `sample` each old-object sample of `recording` old enough to call held;
+/// returns the bytes each stands for (the sampling points' allocation over their
+/// number) and how many were too young (in flight).
+fn live_samples(recording: &[u8], sample: &mut dyn FnMut(&Accessor)) -> Result<(u64, u64)> {
+    let mut reader = JfrReader::new(std::io::Cursor::new(recording));
     let (mut allocated, mut points, mut in_flight) = (0u64, 0u64, 0u64);
     for chunk in reader.chunks() {
         let (mut chunk_reader, chunk) = chunk.context("a JFR chunk")?;
@@ -72,10 +88,9 @@ pub fn stacks(recording: &[u8]) -> Result<Held> {
                     let age = value.get_field("objectAge").map_or(u64::MAX, |_| long(&value, "objectAge"));
                     if age / ticks_per_ms < crate::store::live::IN_FLIGHT_MS {
                         in_flight += 1;
-                        continue;
+                    } else {
+                        sample(&value);
                     }
-                    let frames = value.get_field("stackTrace").map(frames).unwrap_or_default();
-                    *live.entry(frames).or_default() += 1;
                 }
                 "jdk.ObjectAllocationInNewTLAB" => {
                     allocated = allocated.saturating_add(long(&value, "tlabSize"));
@@ -90,13 +105,7 @@ pub fn stacks(recording: &[u8]) -> Result<Held> {
         }
     }
     // A recording is the target's to write: sums saturate rather than wrap.
-    let per_sample = allocated.checked_div(points).unwrap_or(0);
-    let mut out: Vec<Stack> = live
-        .into_iter()
-        .map(|(frames, samples)| Stack { frames, bytes: samples.saturating_mul(per_sample), samples })
-        .collect();
-    out.sort_by(|a, b| b.bytes.cmp(&a.bytes).then(b.samples.cmp(&a.samples)));
-    Ok(Held { stacks: out, per_sample, in_flight })
+    Ok((allocated.checked_div(points).unwrap_or(0), in_flight))
 }
 
 fn long(value: &Accessor, field: &str) -> u64 {
@@ -149,38 +158,11 @@ fn symbol(value: &Accessor, field: &str) -> Option<String> {
 /// type; each stands for `per_sample` bytes. The objects younger than
 /// [`crate::store::live::IN_FLIGHT_MS`] are left out, as in [`stacks`].
 pub fn holders(recording: &[u8]) -> Result<(Vec<Holder>, u64, u64)> {
-    let mut reader = JfrReader::new(std::io::Cursor::new(recording));
     let mut groups: HashMap<(Root, String), (u64, Vec<Step>)> = HashMap::new();
-    let (mut allocated, mut points) = (0u64, 0u64);
-    for chunk in reader.chunks() {
-        let (mut chunk_reader, chunk) = chunk.context("a JFR chunk")?;
-        let ticks_per_ms = (chunk.header.ticks_per_second / 1000).max(1) as u64;
-        for event in chunk_reader.events(&chunk) {
-            let event = event.context("a JFR event")?;
-            let value = event.value();
-            match event.class.name() {
-                "jdk.OldObjectSample" => {
-                    let age = value.get_field("objectAge").map_or(u64::MAX, |_| long(&value, "objectAge"));
-                    if age / ticks_per_ms < crate::store::live::IN_FLIGHT_MS {
-                        continue;
-                    }
-                    let (kind, root, path) = chain(&value);
-                    let group = groups.entry((root, kind)).or_insert_with(|| (0, path));
-                    group.0 += 1;
-                }
-                "jdk.ObjectAllocationInNewTLAB" => {
-                    allocated = allocated.saturating_add(long(&value, "tlabSize"));
-                    points += 1;
-                }
-                "jdk.ObjectAllocationOutsideTLAB" => {
-                    allocated = allocated.saturating_add(long(&value, "allocationSize"));
-                    points += 1;
-                }
-                _ => {}
-            }
-        }
-    }
-    let per_sample = allocated.checked_div(points).unwrap_or(0);
+    let (per_sample, _) = live_samples(recording, &mut |sample| {
+        let (kind, root, path) = chain(sample);
+        groups.entry((root, kind)).or_insert_with(|| (0, path)).0 += 1;
+    })?;
     let samples: u64 = groups.values().map(|(n, _)| n).sum();
     let mut out: Vec<Holder> = groups
         .into_iter()
