@@ -277,16 +277,17 @@ pub struct ReportArgs {
     /// stack frame, its TLS or a register) and the allocation sites along the chain.
     /// With --pid the process is stopped at the end of the window while its memory is
     /// read (the pause is measured and printed); a command is scanned at its exit. For
-    /// a Node.js process (--pid and --duration), the objects the window left alive,
-    /// grouped by the variable that holds them, from heap snapshots taken through its
-    /// inspector at the window's start and end.
+    /// a Node.js process or a HotSpot JVM (--pid and --duration), the objects the window
+    /// left alive, grouped by the variable or static field that holds them: from heap
+    /// snapshots taken through Node.js's inspector at the window's start and end, or
+    /// from JFR's paths from GC roots to its live samples at the window's end.
     #[arg(long)]
     pub holders: bool,
     /// With --holders: the longest a process may be held still for its scan (default
-    /// 2000 for a native scan, 30000 for a Node.js heap snapshot, which holds it about
-    /// 11 s per 100 MB of heap). A native scan that needs longer stops, lets the process
-    /// go and says what it covered, with no verdict; a snapshot estimated to need longer
-    /// is not taken.
+    /// 2000 for a native scan; 30000 for a Node.js heap snapshot, which holds it up to
+    /// about 11 s per 100 MB of heap, and for JFR's search for paths). A native scan that
+    /// needs longer stops, lets the process go and says what it covered, with no
+    /// verdict; a snapshot estimated to need longer is not taken; JFR stops searching.
     #[arg(long, value_name = "MILLISECONDS", value_parser = parse_budget)]
     pub holders_budget: Option<f64>,
     #[command(flatten)]
