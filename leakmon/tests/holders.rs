@@ -412,8 +412,12 @@ fn a_process_that_forges_its_heap_and_thread_pointer_is_scanned_safely() {
 
 /// Starts the big-heap fixture and has it allocate `mib` MiB while `options` watch it.
 fn big_heap_scan(target: &mut Target, mib: u64, options: &[&str]) -> Value {
-    let (watch, log) = watch_pid_with(target.pid(), "10", options);
+    // The window ends (Ctrl-C) once every block is in place and past the in-flight
+    // second, however long allocating took on a loaded machine.
+    let (watch, log) = watch_pid_with(target.pid(), "600", options);
     target.go(&mib.to_string());
+    std::thread::sleep(Duration::from_millis(1500));
+    common::signal(watch.id(), nix::sys::signal::Signal::SIGINT);
     finish_report(watch, log)
 }
 
