@@ -134,6 +134,15 @@ impl ProcRoot {
             .find_map(|[k, v]| (u64::from_ne_bytes(*k) == key).then(|| u64::from_ne_bytes(*v))))
     }
 
+    /// The pid of the process's tracer (a debugger, strace, leakmon's own hold), from
+    /// its `status`; `None` when nothing traces it.
+    pub fn tracer(&self, pid: u32) -> Result<Option<u32>, ProcError> {
+        let status = self.status(pid)?;
+        let tracer =
+            status.lines().find_map(|l| l.strip_prefix("TracerPid:")).and_then(|t| t.trim().parse().ok());
+        Ok(tracer.filter(|t| *t != 0))
+    }
+
     /// The process's `status` text (any bytes of its name taken as text).
     pub fn status(&self, pid: u32) -> Result<String, ProcError> {
         self.read(pid, "status")

@@ -260,7 +260,5 @@ fn stdin_ready(wait: Duration) -> bool {
 }
 
 fn traced_by_another(proc_root: &ProcRoot, pid: u32) -> bool {
-    proc_root
-        .status(pid)
-        .is_ok_and(|s| s.lines().find_map(|l| l.strip_prefix("TracerPid:")).is_some_and(|t| t.trim() != "0"))
+    proc_root.tracer(pid).is_ok_and(|t| t.is_some())
 }

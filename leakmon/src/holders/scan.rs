@@ -233,8 +233,8 @@ pub fn scan(proc_root: &ProcRoot, pid: u32, plan: Plan, mut known: Vec<Known>) -
     known.sort_by_key(|k| k.start);
     // Two entries for one address cannot both be live; the later ones are dropped.
     known.dedup_by_key(|k| k.start);
-    let mem = File::open(proc_root.path().join(pid.to_string()).join("mem"))
-        .with_context(|| format!("open the memory of pid {pid}"))?;
+    // Read only: a scan writes nothing into the process.
+    let mem = crate::ptrace::remote::open_mem_for(proc_root, pid, false)?;
     let stopped = match plan.hold {
         Hold::Stop => Some(Stopped::all(proc_root, pid)?),
         Hold::AtExit(_) => None,

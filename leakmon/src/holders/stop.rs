@@ -103,9 +103,7 @@ impl Drop for Stopped {
 
 /// A process held by a tracer (a debugger, strace) is left to it.
 pub fn refuse_traced(proc_root: &ProcRoot, pid: u32) -> Result<()> {
-    let status = proc_root.status(pid).map_err(|_| anyhow::anyhow!("no process with pid {pid}"))?;
-    let tracer = status.lines().find_map(|l| l.strip_prefix("TracerPid:")).map(str::trim).unwrap_or("0");
-    if tracer != "0" {
+    if let Some(tracer) = proc_root.tracer(pid).map_err(|_| anyhow::anyhow!("no process with pid {pid}"))? {
         bail!("pid {pid} is traced by pid {tracer} (a debugger?): it was not stopped for a scan");
     }
     Ok(())
@@ -118,9 +116,7 @@ fn stop(tid: u32) -> Result<Option<Thread>> {
     match ptrace::seize(t, ptrace::Options::empty()) {
         Ok(()) => {}
         Err(Errno::ESRCH) => return Ok(None),
-        Err(Errno::EPERM) => bail!(
-            "ptrace of thread {tid} was refused (another tracer, kernel.yama.ptrace_scope, or a missing CAP_SYS_PTRACE): nothing was stopped"
-        ),
+        Err(Errno::EPERM) => return Err(crate::ptrace::remote::ptrace_refused(tid)),
         Err(e) => bail!("ptrace seize thread {tid}: {e}"),
     }
     // From here on, a failure lets this thread go (the others go with `Stopped`).

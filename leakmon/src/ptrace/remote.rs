@@ -117,11 +117,8 @@ pub struct Remote {
 
 impl Remote {
     pub fn new(proc_root: &ProcRoot, pid: u32) -> Result<Self> {
-        let status = proc_root.status(pid).map_err(|_| anyhow!("no process with pid {pid}"))?;
-        if let Some(tracer) = status.lines().find_map(|l| l.strip_prefix("TracerPid:")).map(str::trim) {
-            if tracer != "0" {
-                bail!("pid {pid} is already traced by pid {tracer} (a debugger?): the agent cannot be loaded into it");
-            }
+        if let Some(tracer) = proc_root.tracer(pid).map_err(|_| anyhow!("no process with pid {pid}"))? {
+            bail!("pid {pid} is already traced by pid {tracer} (a debugger?): the agent cannot be loaded into it");
         }
         Ok(Self { pid, mem: open_mem(proc_root, pid)? })
     }
@@ -715,9 +712,14 @@ fn trampoline(region: u64, function: u64, args: [u64; 3], back: &libc::user_regs
 
 /// The memory of `pid`, which the kernel opens only to whoever may ptrace it.
 pub(crate) fn open_mem(proc_root: &ProcRoot, pid: u32) -> Result<File> {
+    open_mem_for(proc_root, pid, true)
+}
+
+/// [`open_mem`], for reading only unless `write`.
+pub(crate) fn open_mem_for(proc_root: &ProcRoot, pid: u32, write: bool) -> Result<File> {
     match std::fs::OpenOptions::new()
         .read(true)
-        .write(true)
+        .write(write)
         .open(proc_root.path().join(pid.to_string()).join("mem"))
     {
         Ok(mem) => Ok(mem),
@@ -726,7 +728,7 @@ pub(crate) fn open_mem(proc_root: &ProcRoot, pid: u32) -> Result<File> {
     }
 }
 
-fn ptrace_refused(pid: u32) -> anyhow::Error {
+pub(crate) fn ptrace_refused(pid: u32) -> anyhow::Error {
     anyhow!(
         "ptrace of pid {pid} was refused (another tracer, kernel.yama.ptrace_scope, or a missing CAP_SYS_PTRACE): nothing was changed"
     )
