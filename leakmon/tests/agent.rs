@@ -8,7 +8,6 @@ mod common;
 
 use std::{
     io::{BufRead as _, BufReader},
-    os::unix::process::CommandExt as _,
     process::{Command, Stdio},
     time::{Duration, Instant},
 };
@@ -21,10 +20,7 @@ use common::{
     build_fixture, build_fixture_with, by_function, finish_report, leakmon, leaks_sigma, parse_report,
     processes, sampling_variance, signal, watch_pid_with, Reap, LEAKS,
 };
-use nix::{
-    sys::{ptrace, signal::Signal, wait::waitpid},
-    unistd::Pid,
-};
+use nix::sys::signal::Signal;
 
 #[test]
 fn a_running_process_is_sampled_in_process_and_left_as_it_was() {
@@ -306,16 +302,7 @@ fn a_process_leakmon_may_not_ptrace_is_refused_in_one_line() {
 /// A process another tracer holds (a debugger) is refused in one line.
 #[test]
 fn a_process_under_a_debugger_is_refused_in_one_line() {
-    let mut cmd = Command::new("sleep");
-    cmd.arg("30");
-    // SAFETY: traceme is a single syscall, async-signal-safe.
-    unsafe {
-        cmd.pre_exec(|| ptrace::traceme().map_err(std::io::Error::from));
-    }
-    let target = Reap(cmd.spawn().expect("start"));
-    let pid = Pid::from_raw(target.0.id() as i32);
-    waitpid(pid, None).expect("the exec stop");
-    ptrace::cont(pid, None).expect("let it run");
+    let target = common::under_a_debugger();
     assert_refused(target.0.id(), "already traced");
 }
 

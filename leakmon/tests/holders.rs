@@ -7,7 +7,6 @@ mod common;
 use std::{
     collections::BTreeMap,
     io::{BufRead as _, BufReader, Write as _},
-    os::unix::process::CommandExt as _,
     path::Path,
     process::{ChildStdin, Command, Stdio},
     time::{Duration, Instant},
@@ -16,10 +15,6 @@ use std::{
 use common::{
     agent_state::tracer_of, build_fixture, finish_report, leakmon, processes, system_library, watch_pid_with,
     Lines, Reap,
-};
-use nix::{
-    sys::{ptrace, wait::waitpid},
-    unistd::Pid,
 };
 use serde_json::Value;
 
@@ -33,12 +28,15 @@ struct Target {
 
 impl Target {
     fn start(fixture: &Path, args: &[&str]) -> Self {
-        let mut child = Command::new(fixture)
-            .args(args)
-            .stdin(Stdio::piped())
-            .stdout(Stdio::piped())
-            .spawn()
-            .expect("start the fixture");
+        let mut command = Command::new(fixture);
+        command.args(args);
+        Self::spawn(command)
+    }
+
+    /// `command`, with its stdin and stdout piped.
+    fn spawn(mut command: Command) -> Self {
+        let mut child =
+            command.stdin(Stdio::piped()).stdout(Stdio::piped()).spawn().expect("start the fixture");
         let lines = BufReader::new(child.stdout.take().expect("stdout")).lines();
         Self { stdin: child.stdin.take(), child: Reap(child), lines }
     }
@@ -359,9 +357,7 @@ fn other_allocators_and_static_programs() {
     ] {
         let mut command = Command::new(&fixture);
         command.env("LD_PRELOAD", &jemalloc);
-        let mut child = command.stdin(Stdio::piped()).stdout(Stdio::piped()).spawn().expect("start");
-        let lines = BufReader::new(child.stdout.take().expect("stdout")).lines();
-        let mut target = Target { stdin: child.stdin.take(), child: Reap(child), lines };
+        let mut target = Target::spawn(command);
         let (watch, log) = watch_pid_with(target.pid(), "2", options);
         target.go("go");
         let report = finish_report(watch, log);
@@ -388,15 +384,9 @@ fn a_process_that_forges_its_heap_and_thread_pointer_is_scanned_safely() {
     std::fs::set_permissions(dir.path(), std::fs::Permissions::from_mode(0o755)).expect("chmod");
     let fixture = dir.path().join("hostile_heap");
     std::fs::copy(&built, &fixture).expect("copy");
-    let mut child = Command::new("setpriv")
-        .args(["--reuid=65534", "--regid=65534", "--clear-groups"])
-        .arg(&fixture)
-        .stdin(Stdio::piped())
-        .stdout(Stdio::piped())
-        .spawn()
-        .expect("start as nobody");
-    let lines = BufReader::new(child.stdout.take().expect("stdout")).lines();
-    let mut target = Target { stdin: child.stdin.take(), child: Reap(child), lines };
+    let mut command = Command::new("setpriv");
+    command.args(["--reuid=65534", "--regid=65534", "--clear-groups"]).arg(&fixture);
+    let mut target = Target::spawn(command);
     let (watch, log) = watch_pid_with(target.pid(), "3", &["--holders"]);
     target.go("go");
     let report = finish_report(watch, log);
@@ -528,16 +518,7 @@ fn threads_busy_in_the_allocator_are_stopped_and_go_on() {
 /// probe is loaded.
 #[test]
 fn a_process_under_a_debugger_is_refused_in_one_line() {
-    let mut cmd = Command::new("sleep");
-    cmd.arg("30");
-    // SAFETY: traceme is a single syscall, async-signal-safe.
-    unsafe {
-        cmd.pre_exec(|| ptrace::traceme().map_err(std::io::Error::from));
-    }
-    let target = Reap(cmd.spawn().expect("start"));
-    let pid = Pid::from_raw(target.0.id() as i32);
-    waitpid(pid, None).expect("the exec stop");
-    ptrace::cont(pid, None).expect("let it run");
+    let target = common::under_a_debugger();
     let out = leakmon()
         .args(["report", "--holders", "--duration", "1", "--pid", &target.0.id().to_string()])
         .output()
@@ -616,5 +597,58 @@ fn the_daemon_scans_on_demand_and_exports_lost_and_reachable_bytes() {
     }
     let (head, _) = common::http_get_raw(LISTEN, &format!("/api/v1/holders?pid={pid}")).expect("answer");
     assert!(head.contains(" 405 "), "a GET sets off no scan: {head}");
+    target.finish();
+}
+
+/// A leakmon that may not ptrace the process (another user's, CAP_SYS_PTRACE dropped)
+/// is refused in one line before anything is loaded, and the process runs on,
+/// untraced. (Before, it loaded probes, held nothing, and ended on an unrelated line
+/// about allocators, after a warning.)
+#[test]
+fn a_process_leakmon_may_not_ptrace_is_refused_in_one_line() {
+    use std::os::unix::fs::PermissionsExt as _;
+    let built = build_fixture("holders.c", &[]);
+    let dir = tempfile::tempdir().expect("temp dir");
+    std::fs::set_permissions(dir.path(), std::fs::Permissions::from_mode(0o755)).expect("chmod");
+    let fixture = dir.path().join("holders");
+    std::fs::copy(&built, &fixture).expect("copy");
+    let mut command = Command::new("setpriv");
+    command.args(["--reuid=65534", "--regid=65534", "--clear-groups"]).arg(&fixture);
+    let target = Target::spawn(command);
+    let out = Command::new("setpriv")
+        .args(["--inh-caps=-sys_ptrace", "--bounding-set=-sys_ptrace"])
+        .arg(env!("CARGO_BIN_EXE_leakmon"))
+        .env_remove("RUST_LOG")
+        .args(["report", "--holders", "--duration", "1", "--pid", &target.pid().to_string()])
+        .output()
+        .expect("run leakmon without CAP_SYS_PTRACE");
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert!(!out.status.success());
+    assert_eq!(stderr.trim().lines().count(), 1, "{stderr}");
+    assert!(stderr.contains("ptrace of pid") && stderr.contains("refused"), "{stderr}");
+    assert_runs_on(target.pid());
+}
+
+/// A process forking and running children while it is held: the scan completes, the
+/// children are never leakmon's, and the process goes on forking afterwards.
+#[test]
+fn a_process_forking_children_is_scanned_and_goes_on() {
+    let fixture = build_fixture("holders_fork.c", &[]);
+    let mut target = Target::start(&fixture, &[]);
+    let (watch, log) = watch_pid_with(target.pid(), "3", &["--holders"]);
+    target.go("go");
+    let report = finish_report(watch, log);
+    let process = &processes(&report)[0];
+    assert_eq!(process["holders_scan"]["complete"], true, "{process}");
+    let list = stack(process, "keep_one");
+    assert_eq!(list["reachability"]["reachable"], 100 * 48, "{list}");
+    assert_runs_on(target.pid());
+    let forks = |t: &mut Target| -> u64 {
+        t.go("count");
+        t.lines.next().expect("count").expect("read").parse().expect("a number")
+    };
+    let before = forks(&mut target);
+    std::thread::sleep(Duration::from_millis(300));
+    assert!(forks(&mut target) > before, "it stopped forking");
     target.finish();
 }

@@ -443,6 +443,9 @@ fn stacks_and_profiles_go_beyond_loopback_only_to_users_who_log_in() {
         assert!(head.contains(" 403 "), "{path}: {head}");
         assert!(body.contains("only to users who log in"), "{body}");
     }
+    // Nor does a holders scan, which holds a process still.
+    let (head, body) = common::http_post_raw(&remote, "/api/v1/holders?pid=1").expect("an answer");
+    assert!(head.contains(" 403 ") && body.contains("only to users who log in"), "{head}\n{body}");
     assert!(common::http_get("127.0.0.1:19535", "/api/v1/processes").is_some(), "loopback gets everything");
 }
 

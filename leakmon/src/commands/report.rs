@@ -44,7 +44,8 @@ pub fn report(args: &ReportArgs) -> Result<()> {
         return runtime_report(args);
     }
     if let (true, Some(pid)) = (args.holders, args.pid) {
-        if let Some(runtime) = crate::runtimes::detect(pid)? {
+        // A process leakmon may not look into says so on the path every report takes.
+        if let Some(runtime) = crate::runtimes::detect(pid).ok().flatten() {
             return runtime_holders(args, pid, runtime);
         }
     }
@@ -548,6 +549,9 @@ fn check(args: &ReportArgs, proc_root: &ProcRoot) -> Result<()> {
         }
         if args.holders {
             crate::holders::stop::refuse_traced(proc_root, pid)?;
+            // Whoever may read its memory may ptrace it: known now, before anything
+            // is loaded, not at the window's end.
+            crate::ptrace::remote::open_mem_for(proc_root, pid, false)?;
         }
     }
     if args.holders && args.runtime {

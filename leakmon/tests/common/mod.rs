@@ -451,3 +451,20 @@ pub fn system_library(name: &str) -> PathBuf {
         })
         .unwrap_or_else(|| panic!("{name} is not installed (cargo xtask setup --tests installs it)"))
 }
+
+/// `sleep 30` under a tracer of its own (this test, as a debugger would be): running,
+/// with `TracerPid` set.
+pub fn under_a_debugger() -> Reap {
+    use std::os::unix::process::CommandExt as _;
+    let mut cmd = Command::new("sleep");
+    cmd.arg("30");
+    // SAFETY: traceme is a single syscall, async-signal-safe.
+    unsafe {
+        cmd.pre_exec(|| nix::sys::ptrace::traceme().map_err(std::io::Error::from));
+    }
+    let target = Reap(cmd.spawn().expect("start"));
+    let pid = nix::unistd::Pid::from_raw(target.0.id() as i32);
+    nix::sys::wait::waitpid(pid, None).expect("the exec stop");
+    nix::sys::ptrace::cont(pid, None).expect("let it run");
+    target
+}
