@@ -149,15 +149,10 @@ fn the_window_s_objects_are_named_by_the_static_field_that_holds_them() {
     let holders = p["holders"].as_array().expect("holders");
     let objects: u64 = holders.iter().map(|h| h["objects"].as_u64().unwrap_or(0)).sum();
     assert!(objects >= 20, "{objects} samples in 20 s: {p}");
-    let through = |held: &dyn Fn(&Value) -> bool| -> f64 {
-        holders.iter().filter(|h| held(h)).map(|h| h["objects"].as_u64().unwrap_or(0)).sum::<u64>() as f64
-            / objects as f64
-    };
+    let through =
+        |held: &dyn Fn(&Value) -> bool| common::runtimes::held_share(holders, "objects", objects, held);
     let cache = through(&|h| h["root"]["name"] == "CacheLeak.CACHE");
-    let churn = through(&|h| {
-        let named = |v: &Value| v.as_str().is_some_and(|n| n.contains("scratch") || n.contains("churn"));
-        named(&h["root"]["name"]) || h["path"].as_array().into_iter().flatten().any(|s| named(&s["name"]))
-    });
+    let churn = through(&common::runtimes::through_churn);
     let pause = p["pause_ms"].as_f64().expect("pause_ms");
     eprintln!(
         "jvm holders: {objects} samples, through CACHE {:.0}%, churn {:.1}%, pause {pause} ms",

@@ -161,15 +161,9 @@ fn the_window_s_objects_are_named_by_the_variable_that_holds_them() {
     let total = p["outstanding_bytes"].as_u64().expect("bytes");
     assert!(total > 1_000_000, "20 s of growth: {total} B");
     let holders = p["holders"].as_array().expect("holders");
-    let through = |held: &dyn Fn(&Value) -> bool| -> f64 {
-        holders.iter().filter(|h| held(h)).map(|h| h["bytes"].as_u64().unwrap_or(0)).sum::<u64>() as f64
-            / total as f64
-    };
+    let through = |held: &dyn Fn(&Value) -> bool| common::runtimes::held_share(holders, "bytes", total, held);
     let cache = through(&|h| h["root"]["name"] == "cache");
-    let churn = through(&|h| {
-        let named = |v: &Value| v.as_str().is_some_and(|n| n.contains("scratch") || n.contains("churn"));
-        named(&h["root"]["name"]) || h["path"].as_array().into_iter().flatten().any(|s| named(&s["name"]))
-    });
+    let churn = through(&common::runtimes::through_churn);
     let pause = p["pause_ms"].as_f64().expect("pause_ms");
     eprintln!(
         "node holders: {total} B held, through cache {:.0}%, churn {:.1}%, pause {pause} ms",

@@ -123,3 +123,18 @@ pub fn left_in_tmp(pid: u32) -> Vec<String> {
         })
         .collect()
 }
+
+/// The share of a holders report's `unit` (`bytes` or `objects`) out of `total` that
+/// the holders `held` selects hold.
+pub fn held_share(holders: &[Value], unit: &str, total: u64, held: impl Fn(&Value) -> bool) -> f64 {
+    holders.iter().filter(|h| held(h)).map(|h| h[unit].as_u64().unwrap_or(0)).sum::<u64>() as f64
+        / total as f64
+}
+
+/// Whether a holder is anything of the fixtures' churn: its root or a step of its path
+/// names `churn` or its `scratch`.
+pub fn through_churn(holder: &Value) -> bool {
+    let named = |v: &Value| v.as_str().is_some_and(|n| n.contains("scratch") || n.contains("churn"));
+    named(&holder["root"]["name"])
+        || holder["path"].as_array().into_iter().flatten().any(|s| named(&s["name"]))
+}
