@@ -31,9 +31,6 @@ use crate::{
 };
 
 const POLL: Duration = Duration::from_millis(10);
-/// `--holders-budget` unless given: a native scan's, and a Node.js heap snapshot's.
-const NATIVE_BUDGET_MS: f64 = 2000.0;
-const SNAPSHOT_BUDGET_MS: f64 = 30_000.0;
 /// How often the traced processes' mappings are read again for new allocator files.
 const RESCAN: Duration = Duration::from_millis(500);
 
@@ -367,7 +364,7 @@ impl<'a> Watch<'a> {
     /// Scans `pid`, held as `hold`, for what holds its unfreed blocks; a failure, or a
     /// combination not supported yet, is said and the report goes on without.
     fn scan(&mut self, pid: u32, hold: Hold, info: &ProcessInfo) {
-        let budget_ms = self.args.holders_budget.unwrap_or(NATIVE_BUDGET_MS);
+        let budget_ms = self.args.holders_budget.unwrap_or(f64::from(crate::holders::NATIVE_BUDGET_MS));
         let glibc = info.allocator == Some(crate::probes::targets::Allocator::Glibc);
         let sampled = self.agent.is_some();
         if sampled && !glibc {
@@ -516,7 +513,9 @@ fn runtime_holders(args: &ReportArgs, pid: u32, runtime: crate::runtimes::Runtim
         bail!("--holders on {title} asks the runtime what holds its objects; --agent samples the native heap: choose one");
     }
     count_signals();
-    let budget = Duration::from_secs_f64(args.holders_budget.unwrap_or(SNAPSHOT_BUDGET_MS) / 1e3);
+    let budget = Duration::from_secs_f64(
+        args.holders_budget.unwrap_or(f64::from(crate::holders::RUNTIME_BUDGET_MS)) / 1e3,
+    );
     let window = Duration::from_secs_f64(duration);
     let stop = || signals_received() > 0;
     let found = match runtime {

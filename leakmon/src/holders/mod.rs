@@ -19,3 +19,9 @@ pub mod reach;
 pub mod roots;
 pub mod scan;
 pub mod stop;
+
+/// The longest pause a holders scan takes unless told otherwise: a native scan's, and
+/// a runtime's (a Node.js heap snapshot, JFR's search for paths), for the report and
+/// the daemon alike.
+pub const NATIVE_BUDGET_MS: u32 = 2000;
+pub const RUNTIME_BUDGET_MS: u32 = 30_000;

@@ -24,10 +24,6 @@ use crate::{
     symbolize::Symbolizer,
 };
 
-/// A native scan's pause unless the request gives one; a Node.js heap snapshot's.
-pub const NATIVE_BUDGET_MS: u32 = 2000;
-pub const SNAPSHOT_BUDGET_MS: u32 = 30_000;
-
 /// Runs a runtime's holders window (a Node.js process's heap snapshots at its start
 /// and end through its inspector; a JVM's JFR samples with their paths from GC roots)
 /// on a thread of its own, and sends its report through `reply`: the window lasts
@@ -40,7 +36,7 @@ pub fn run_runtime(
     reply: super::profiles::Reply,
 ) {
     let spawned = std::thread::Builder::new().name("runtime-holders".into()).spawn(move || {
-        let budget = Duration::from_millis(u64::from(budget_ms.unwrap_or(SNAPSHOT_BUDGET_MS)));
+        let budget = Duration::from_millis(u64::from(budget_ms.unwrap_or(crate::holders::RUNTIME_BUDGET_MS)));
         let window = Duration::from_secs(u64::from(window_s));
         let found = match runtime {
             crate::runtimes::Runtime::Node => {

@@ -129,7 +129,7 @@ pub(super) fn profile_snapshot(
     let holders = match (request.kind, &request.selector) {
         (ProfileKind::Holders { budget_ms, .. }, Selector::Pid(pid)) => {
             let info = crate::commands::capture(discovery, *pid, true);
-            let budget_ms = budget_ms.unwrap_or(super::holders::NATIVE_BUDGET_MS);
+            let budget_ms = budget_ms.unwrap_or(crate::holders::NATIVE_BUDGET_MS);
             Some(super::holders::ask(probes, discovery.proc_root(), info, *pid, budget_ms)?)
         }
         (ProfileKind::Holders { .. }, Selector::Service(_)) => {
