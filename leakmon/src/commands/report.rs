@@ -541,6 +541,10 @@ fn unless_gone(proc_root: &ProcRoot, pid: u32, what: &str, e: &anyhow::Error) {
 
 /// Refuses arguments that cannot work, before anything is loaded.
 fn check(args: &ReportArgs, proc_root: &ProcRoot) -> Result<()> {
+    // Options that cannot go together are said before any process is looked at.
+    if args.holders && args.runtime {
+        bail!("--holders scans the native heap; --runtime asks the runtime's profiler: choose one");
+    }
     if let Some(pid) = args.pid {
         proc_root.check_process(pid).map_err(|e| anyhow::anyhow!(e))?;
         if pid == std::process::id() {
@@ -552,9 +556,6 @@ fn check(args: &ReportArgs, proc_root: &ProcRoot) -> Result<()> {
             // is loaded, not at the window's end.
             crate::ptrace::remote::open_mem_for(proc_root, pid, false)?;
         }
-    }
-    if args.holders && args.runtime {
-        bail!("--holders scans the native heap; --runtime asks the runtime's profiler: choose one");
     }
     if args.duration.is_some() && args.pid.is_none() {
         bail!("--duration goes with --pid; a command is watched until it exits");
