@@ -13,8 +13,8 @@ use std::{
 };
 
 use common::{
-    agent_state::tracer_of, build_fixture, finish_report, leakmon, processes, system_library, watch_pid_with,
-    Lines, Reap,
+    agent_state::{assert_runs_on, thread_states, tracer_of},
+    build_fixture, finish_report, leakmon, processes, system_library, watch_pid_with, Lines, Reap,
 };
 use serde_json::Value;
 
@@ -64,29 +64,6 @@ impl Target {
             std::thread::sleep(Duration::from_millis(20));
         }
     }
-}
-
-/// The state letter of each of `pid`'s threads (`t`: stopped by a tracer).
-fn thread_states(pid: u32) -> Vec<char> {
-    std::fs::read_dir(format!("/proc/{pid}/task"))
-        .expect("tasks")
-        .flatten()
-        .filter_map(|t| {
-            let stat = std::fs::read_to_string(t.path().join("stat")).ok()?;
-            stat.rsplit_once(") ")?.1.chars().next()
-        })
-        .collect()
-}
-
-/// Runs on, untraced, none of its threads stopped.
-fn assert_runs_on(pid: u32) {
-    let deadline = Instant::now() + Duration::from_secs(3);
-    while (tracer_of(pid) != "0" || thread_states(pid).contains(&'t')) && Instant::now() < deadline {
-        std::thread::sleep(Duration::from_millis(20));
-    }
-    assert_eq!(tracer_of(pid), "0", "still traced");
-    let states = thread_states(pid);
-    assert!(!states.is_empty() && !states.iter().any(|s| matches!(s, 't' | 'T' | 'Z')), "threads {states:?}");
 }
 
 /// The six allocation sites of holders.c, each in one of memcheck's classes.

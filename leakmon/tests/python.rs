@@ -231,7 +231,7 @@ fn the_agent_counts_each_python_object_once_whatever_the_domains_allocator() {
 /// attributed, at least 60% of it to the lines that make and keep the entries, at most
 /// a tenth to the churn (whose blocks are freed: their frees must reach leakmon).
 fn growth_attributed(python: &str, version: &str, env: &[(&str, &str)]) -> String {
-    let (make, keep) = (line_of("return (\"session-%d\""), line_of("CACHE[key] = value"));
+    let (make, keep) = (line_of("return (\"session-%d\""), line_of("cache[key] = value"));
     let (process, _lines) = start_with(python, "grow", "10000", env);
     let pid = process.0.id();
     let before = resident(pid);

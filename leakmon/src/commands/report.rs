@@ -46,7 +46,12 @@ pub fn report(args: &ReportArgs) -> Result<()> {
             return runtime_holders(args, pid, runtime);
         }
     }
-    let mut watch = Watch::new(args, proc_root)?;
+    // CPython's small objects come from its own arenas: only the agent samples them.
+    let python_holders = args.holders && args.pid.is_some_and(|pid| python_runs(&proc_root, pid));
+    if python_holders && !args.agent {
+        info!("CPython: the agent samples its objects for the window; then what holds them is walked");
+    }
+    let mut watch = Watch::new(args, proc_root, args.agent || python_holders)?;
     let (mut tracer, session) = watch.start()?;
     let root = args.pid.or(tracer.as_ref().map(Tracer::root)).expect("a pid or a command");
     info!(pid = root, "watching");
@@ -78,14 +83,17 @@ struct Watch<'a> {
     infos: HashMap<u32, ProcessInfo>,
     /// With --holders: each process's scan.
     scans: HashMap<u32, Scanned>,
+    /// With --holders: what holds each CPython process's objects.
+    python: HashMap<u32, Result<crate::runtimes::held_by::Found, String>>,
     /// When the window ended (the monotonic clock, ms).
     now_ms: u64,
 }
 
 impl<'a> Watch<'a> {
-    fn new(args: &'a ReportArgs, proc_root: ProcRoot) -> Result<Self> {
+    /// Watches as `args` say, with the agent where `agent`.
+    fn new(args: &'a ReportArgs, proc_root: ProcRoot, agent: bool) -> Result<Self> {
         let probes = load_probes(&args.tables, false)?;
-        let agent = args.agent.then(crate::agent::install).transpose()?;
+        let agent = agent.then(crate::agent::install).transpose()?;
         let interval = Interval::from_option(args.tables.sample_bytes);
         let sample_bytes = match &agent {
             Some(_) => interval.start(),
@@ -107,6 +115,7 @@ impl<'a> Watch<'a> {
             paced: HashMap::new(),
             infos: HashMap::new(),
             scans: HashMap::new(),
+            python: HashMap::new(),
             now_ms: 0,
         })
     }
@@ -364,6 +373,9 @@ impl<'a> Watch<'a> {
     /// Scans `pid`, held as `hold`, for what holds its unfreed blocks; a failure, or a
     /// combination not supported yet, is said and the report goes on without.
     fn scan(&mut self, pid: u32, hold: Hold, info: &ProcessInfo) {
+        if crate::runtimes::python::runs(&info.maps) {
+            return self.scan_python(pid, hold, info);
+        }
         let budget_ms = self.args.holders_budget.unwrap_or(f64::from(crate::holders::NATIVE_BUDGET_MS));
         let glibc = info.allocator == Some(crate::probes::targets::Allocator::Glibc);
         let sampled = self.agent.is_some();
@@ -396,6 +408,35 @@ impl<'a> Watch<'a> {
             }
         };
         self.scans.insert(pid, Scanned { outcome, budget_ms, info: info.clone() });
+    }
+
+    /// What holds the sampled objects of CPython process `pid`, walked from its
+    /// globals and frames (see [`crate::runtimes::python::holders`]).
+    fn scan_python(&mut self, pid: u32, hold: Hold, info: &ProcessInfo) {
+        let budget_ms = self.args.holders_budget.unwrap_or(f64::from(crate::holders::RUNTIME_BUDGET_MS));
+        let budget = Duration::from_secs_f64(budget_ms / 1e3);
+        let root =
+            info.root.clone().unwrap_or_else(|| self.proc_root.in_root(pid, std::path::Path::new("/")));
+        let walked = match crate::runtimes::python::Interpreter::find(&info.maps, &root) {
+            Some(Ok(py)) => self.known_blocks(pid, matches!(hold, Hold::Stop)).and_then(|known| {
+                let held = matches!(hold, Hold::Stop);
+                crate::runtimes::python::holders::holders(&self.proc_root, pid, &py, &known, budget, held)
+            }),
+            Some(Err(why)) => Err(anyhow::anyhow!("{why}")),
+            None => Err(anyhow::anyhow!("no CPython leakmon knows was found in it")),
+        };
+        let outcome = match walked {
+            Ok(found) => {
+                let pause_ms = found.pause.as_secs_f64() * 1e3;
+                info!(pid, pause_ms, "Python's objects walked");
+                Ok(found)
+            }
+            Err(e) => {
+                warn!(pid, "what holds Python's objects: {e:#}");
+                Err(format!("{e:#}"))
+            }
+        };
+        self.python.insert(pid, outcome);
     }
 
     /// The unfreed blocks of `pid` in the live table, reckoned at the window's end
@@ -434,6 +475,19 @@ impl<'a> Watch<'a> {
             crate::holders::names::attach(&mut report, *pid, scanned, &symbolizer, &|id| {
                 self.probes.stack(id)
             });
+        }
+        for (pid, found) in std::mem::take(&mut self.python) {
+            let Some(process) = report.processes.iter_mut().find(|p| p.pid == pid) else { continue };
+            match found {
+                Ok(found) => {
+                    process.pause_ms = Some((found.pause.as_secs_f64() * 1e6).round() / 1e3);
+                    process.holders = found.holders;
+                    process.notes.push(found.how);
+                }
+                Err(why) => {
+                    process.notes.push(format!("What holds its Python objects was not walked: {why}"))
+                }
+            }
         }
         report.set_apart(&crate::suppressions::Suppressions::new(&self.args.tables.suppress));
         report.sample_bytes = self.sample_bytes;
@@ -526,6 +580,11 @@ fn runtime_holders(args: &ReportArgs, pid: u32, runtime: crate::runtimes::Runtim
     };
     let report = crate::report::runtime::holders_report(pid, runtime.name(), found);
     write(&report, args.format)
+}
+
+/// Whether `pid` runs CPython (mapped: its executable or libpython).
+fn python_runs(proc_root: &ProcRoot, pid: u32) -> bool {
+    proc_root.maps(pid).is_ok_and(|maps| crate::runtimes::python::runs(&maps))
 }
 
 /// Says why attaching to `pid` failed, unless the process is gone: a child that exits

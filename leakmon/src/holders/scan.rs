@@ -194,10 +194,17 @@ const REGISTER_NAMES: [&str; 27] = [
 
 /// The process's memory through `/proc/PID/mem`, and its threads' registers at
 /// [`REGISTERS`].
-struct ProcessMemory {
+pub(crate) struct ProcessMemory {
     pid: nix::unistd::Pid,
     mem: File,
     registers: Vec<[u64; 27]>,
+}
+
+impl ProcessMemory {
+    /// `pid`'s memory, `mem` its `/proc/PID/mem` (read where `process_vm_readv` cannot).
+    pub(crate) fn new(pid: u32, mem: File) -> Self {
+        Self { pid: nix::unistd::Pid::from_raw(pid as i32), mem, registers: Vec::new() }
+    }
 }
 
 impl Memory for ProcessMemory {

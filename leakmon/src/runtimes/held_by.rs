@@ -27,9 +27,13 @@ pub struct Root {
     /// property of the global object), `property` (the outermost named property on
     /// the path, where no variable is), `gc-root` (V8's own roots); `static` (a
     /// class's static field, `Class.FIELD`), `thread` (a thread's stack, where JFR's
-    /// path starts at a local) or the JVM's other roots.
+    /// path starts at a local) or the JVM's other roots; in CPython `global` (a
+    /// module's variable), `class` (`Class.attr`) or `local` (a frame's variable).
     pub kind: &'static str,
     pub name: String,
+    /// Where the variable is: a Python global's module, a Python local's function.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub scope: Option<String>,
 }
 
 #[derive(Clone, Debug, PartialEq, Eq, Serialize)]

@@ -260,3 +260,26 @@ pub fn kill_agent_report_at(pid: u32, moment: &str, loaded: impl FnOnce()) {
     super::signal(report.0.id(), nix::sys::signal::Signal::SIGKILL);
     report.0.wait().expect("reap leakmon");
 }
+
+/// The state letter of each of `pid`'s threads (`t`: stopped by a tracer).
+pub fn thread_states(pid: u32) -> Vec<char> {
+    std::fs::read_dir(format!("/proc/{pid}/task"))
+        .expect("tasks")
+        .flatten()
+        .filter_map(|t| {
+            let stat = std::fs::read_to_string(t.path().join("stat")).ok()?;
+            stat.rsplit_once(") ")?.1.chars().next()
+        })
+        .collect()
+}
+
+/// Runs on, untraced, none of its threads stopped.
+pub fn assert_runs_on(pid: u32) {
+    let deadline = Instant::now() + Duration::from_secs(3);
+    while (tracer_of(pid) != "0" || thread_states(pid).contains(&'t')) && Instant::now() < deadline {
+        std::thread::sleep(Duration::from_millis(20));
+    }
+    assert_eq!(tracer_of(pid), "0", "still traced");
+    let states = thread_states(pid);
+    assert!(!states.is_empty() && !states.iter().any(|s| matches!(s, 't' | 'T' | 'Z')), "threads {states:?}");
+}

@@ -186,7 +186,11 @@ const MAX_LINKS: usize = 256;
 /// A sample's type, its holder and the path from the holder to it.
 fn chain(sample: &Accessor) -> (String, Root, Vec<Step>) {
     let Some(object) = sample.get_field("object") else {
-        return ("(unknown)".to_owned(), Root { kind: "unknown", name: String::new() }, Vec::new());
+        return (
+            "(unknown)".to_owned(),
+            Root { kind: "unknown", name: String::new(), scope: None },
+            Vec::new(),
+        );
     };
     let kind = class_name(&object).unwrap_or_else(|| "(unknown)".to_owned());
     // From the sample up: each link's name (field or index), and the referrer's class
@@ -218,7 +222,7 @@ fn chain(sample: &Accessor) -> (String, Root, Vec<Step>) {
                 .to_owned();
             let field = &links[i].0;
             let name = if class.is_empty() { field.clone() } else { format!("{class}.{field}") };
-            (Root { kind: "static", name }, i)
+            (Root { kind: "static", name, scope: None }, i)
         }
         None => (gc_root(sample), links.len()),
     };
@@ -228,7 +232,9 @@ fn chain(sample: &Accessor) -> (String, Root, Vec<Step>) {
 
 /// JFR's root of a sample's path: a thread's stack, JNI, ... by its description.
 fn gc_root(sample: &Accessor) -> Root {
-    let Some(root) = sample.get_field("root") else { return Root { kind: "unknown", name: String::new() } };
+    let Some(root) = sample.get_field("root") else {
+        return Root { kind: "unknown", name: String::new(), scope: None };
+    };
     let description = text(&root, "description").unwrap_or_default();
     let system = root.get_field("system").and_then(|s| text(&s, "system")).unwrap_or_default();
     let kind = match system.as_str() {
@@ -237,7 +243,7 @@ fn gc_root(sample: &Accessor) -> Root {
         "Class Loader Data" | "Universe" | "System Dictionary" => "class-loader",
         _ => "gc-root",
     };
-    Root { kind, name: description }
+    Root { kind, name: description, scope: None }
 }
 
 /// An `OldObject`'s class name.

@@ -106,12 +106,12 @@ pub fn held(s: &Snapshot, baseline: u64) -> (Vec<Holder>, u64, u64) {
             let e = e as usize;
             match edge_type(e) {
                 "context" => {
-                    root = Some(Root { kind: "closure", name: edge_name(e) });
+                    root = Some(Root { kind: "closure", name: edge_name(e), scope: None });
                     scope = from;
                     break;
                 }
                 "property" if global(from as usize) => {
-                    root = Some(Root { kind: "global", name: edge_name(e) });
+                    root = Some(Root { kind: "global", name: edge_name(e), scope: None });
                     scope = from;
                     break;
                 }
@@ -122,8 +122,10 @@ pub fn held(s: &Snapshot, baseline: u64) -> (Vec<Holder>, u64, u64) {
             at = from as usize;
         }
         let root = root
-            .or_else(|| outermost_property.map(|(e, _)| Root { kind: "property", name: edge_name(e) }))
-            .unwrap_or(Root { kind: "gc-root", name: String::new() });
+            .or_else(|| {
+                outermost_property.map(|(e, _)| Root { kind: "property", name: edge_name(e), scope: None })
+            })
+            .unwrap_or(Root { kind: "gc-root", name: String::new(), scope: None });
         let kind = match node_type(n) {
             "object" | "native" => string(field(n, m.node_name)).to_owned(),
             other => format!("({other})"),
@@ -158,7 +160,7 @@ mod tests {
         let snapshot = parser.finish().expect("parses");
         let (holders, bytes, objects) = held(&snapshot, 100);
         assert_eq!((bytes, objects), (56 + 24, 2));
-        let cache = Root { kind: "closure", name: "cache".into() };
+        let cache = Root { kind: "closure", name: "cache".into(), scope: None };
         assert_eq!(holders.len(), 2);
         assert_eq!(holders[0].root, cache);
         assert_eq!((holders[0].kind.as_str(), holders[0].bytes), ("Object", 56));

@@ -102,30 +102,7 @@ impl Process {
 
     /// A compact `str` object's text.
     fn string(&self, addr: u64) -> Option<String> {
-        let o = &self.interpreter.objects;
-        let len = self.word(addr + o.unicode_length)?;
-        let state = u32::from_le_bytes(self.read(addr + o.unicode_state, 4)?.try_into().ok()?);
-        let (kind, compact, ascii) = ((state >> 2) & 7, state >> 5 & 1 == 1, state >> 6 & 1 == 1);
-        if !compact || len > MAX_BYTES {
-            return None;
-        }
-        if ascii {
-            return String::from_utf8(self.read(addr + o.ascii_size, len as usize)?).ok();
-        }
-        let width = match kind {
-            1 | 2 | 4 => u64::from(kind),
-            _ => return None,
-        };
-        let raw = self.read(addr + o.compact_size, (len * width) as usize)?;
-        Some(
-            raw.chunks(width as usize)
-                .map(|c| {
-                    let mut unit = [0u8; 4];
-                    unit[..c.len()].copy_from_slice(c);
-                    char::from_u32(u32::from_le_bytes(unit)).unwrap_or(char::REPLACEMENT_CHARACTER)
-                })
-                .collect(),
-        )
+        text(&|at, len| self.read(at, len), &self.interpreter.objects, addr)
     }
 
     fn word(&self, addr: u64) -> Option<u64> {
@@ -137,4 +114,31 @@ impl Process {
         self.mem.read_exact_at(&mut buf, addr).ok()?;
         Some(buf)
     }
+}
+
+/// A compact `str` object's text, read through `read` (address, length).
+pub fn text(read: &dyn Fn(u64, usize) -> Option<Vec<u8>>, o: &super::Objects, addr: u64) -> Option<String> {
+    let len = u64::from_le_bytes(read(addr + o.unicode_length, 8)?.try_into().ok()?);
+    let state = u32::from_le_bytes(read(addr + o.unicode_state, 4)?.try_into().ok()?);
+    let (kind, compact, ascii) = ((state >> 2) & 7, state >> 5 & 1 == 1, state >> 6 & 1 == 1);
+    if !compact || len > MAX_BYTES {
+        return None;
+    }
+    if ascii {
+        return String::from_utf8(read(addr + o.ascii_size, len as usize)?).ok();
+    }
+    let width = match kind {
+        1 | 2 | 4 => u64::from(kind),
+        _ => return None,
+    };
+    let raw = read(addr + o.compact_size, (len * width) as usize)?;
+    Some(
+        raw.chunks(width as usize)
+            .map(|c| {
+                let mut unit = [0u8; 4];
+                unit[..c.len()].copy_from_slice(c);
+                char::from_u32(u32::from_le_bytes(unit)).unwrap_or(char::REPLACEMENT_CHARACTER)
+            })
+            .collect(),
+    )
 }

@@ -15,6 +15,8 @@
 
 pub mod code;
 pub mod frames;
+pub mod heap;
+pub mod holders;
 pub mod lines;
 pub mod walk;
 
@@ -115,6 +117,9 @@ pub struct Interpreter {
     /// Runtime address of `PyCode_Type`.
     pub code_type: u64,
     pub objects: Objects,
+    /// What a walk of its objects reads ([`holders`]).
+    pub heap: heap::HeapLayout,
+    pub types: heap::Types,
 }
 
 /// Why a process's Python gets native frames only.
@@ -164,16 +169,20 @@ impl Interpreter {
         let (major, minor, micro) = (version >> 24, (version >> 16) & 0xff, (version >> 8) & 0xff);
         let bias = load_bias(file, m, maps).ok_or_else(|| bad("its mappings do not match its segments"))?;
         let code_type = symbol(file, "PyCode_Type").ok_or_else(|| bad("no PyCode_Type"))? + bias;
-        let (layout, objects) = match (major, minor) {
-            (3, 11) => v3_11(),
-            (3, 12) => v3_12(),
+        let ((layout, objects), heap) = match (major, minor) {
+            (3, 11) => (v3_11(), heap::HeapLayout::v3_11()),
+            (3, 12) => (v3_12(), heap::HeapLayout::v3_12()),
             (3, 13) => {
                 let offsets =
                     bytes_at(file, runtime, DEBUG_OFFSETS_SIZE).ok_or_else(|| bad("no _Py_DebugOffsets"))?;
-                debug_offsets(offsets).ok_or_else(|| bad("_Py_DebugOffsets is not 3.13's"))?
+                let not_3_13 = || bad("_Py_DebugOffsets is not 3.13's");
+                let modules = modules_in_debug_offsets(offsets).ok_or_else(not_3_13)?;
+                (debug_offsets(offsets).ok_or_else(not_3_13)?, heap::HeapLayout::v3_13(modules))
             }
             (major, minor) => return Err(Unsupported::Version(major, minor)),
         };
+        let types =
+            heap::Types::of_file(file, bias).ok_or_else(|| bad("its built-in types are not exported"))?;
         let layout = PyLayout { interpreters_head: runtime + bias + layout.interpreters_head, ..layout };
         Ok(Self {
             version: (major, minor, micro),
@@ -182,6 +191,8 @@ impl Interpreter {
             layout,
             code_type,
             objects,
+            heap,
+            types,
         })
     }
 
@@ -296,6 +307,13 @@ fn v3_12() -> (PyLayout, Objects) {
 /// Bytes of 3.13's `_Py_DebugOffsets` read here: up to the unicode object's fields.
 const DEBUG_OFFSETS_SIZE: usize = 8 * 71;
 
+/// `interpreter_state.imports_modules` of 3.13's `_Py_DebugOffsets` (see
+/// [`debug_offsets`] for its words).
+fn modules_in_debug_offsets(raw: &[u8]) -> Option<u64> {
+    (raw.get(..8)? == b"xdebugpy").then_some(())?;
+    Some(u64::from_le_bytes(raw.get(11 * 8..12 * 8)?.try_into().ok()?))
+}
+
 /// 3.13's `_Py_DebugOffsets`: a cookie, the version, then groups of 64-bit offsets,
 /// each group led by its struct's size.
 fn debug_offsets(raw: &[u8]) -> Option<(PyLayout, Objects)> {
@@ -347,7 +365,7 @@ pub(crate) mod tests {
     use super::*;
 
     /// pyenv's newest CPython `minor` (`3.12`): its prefix.
-    fn pyenv(minor: &str) -> PathBuf {
+    pub(crate) fn pyenv(minor: &str) -> PathBuf {
         let home = std::env::var("HOME").unwrap_or_else(|_| "/root".into());
         let root = PathBuf::from(home).join(".pyenv/versions");
         let mut versions: Vec<String> = std::fs::read_dir(&root)
@@ -360,7 +378,7 @@ pub(crate) mod tests {
     }
 
     /// `offsetof` on the headers of the CPython at `prefix`.
-    fn header_offsets(prefix: &Path, minor: &str) -> std::collections::HashMap<String, u64> {
+    pub(crate) fn header_offsets(prefix: &Path, minor: &str) -> std::collections::HashMap<String, u64> {
         let include = prefix.join(format!("include/python{minor}"));
         let dir = tempfile::tempdir().expect("tempdir");
         let bin = dir.path().join("offsets");

@@ -1,0 +1,834 @@
+//! What holds a CPython process's objects: the module global, class attribute or
+//! frame's local variable from which each object the agent sampled in a window is
+//! reached, and the path from it.
+//!
+//! The walk runs from outside, with every thread held still (the holders scan's stop):
+//! nothing runs in the process and nothing is written there, so there is nothing to
+//! undo and a leakmon killed mid-walk leaves the process as it was (the kernel lets a
+//! tracer's threads go). It reads the interpreter's objects as CPython lays them out
+//! ([`super::heap`]): first from every module's globals (`sys.modules`), breadth first,
+//! so an object is named by the shortest path from a variable; then from each thread's
+//! frames (their locals and evaluation stacks) for what no global holds. Containers it
+//! knows (dict and its subclasses, list, tuple, set, a module, a class, an instance's
+//! attributes, a function's closure and defaults, a cell, a bound method) are followed;
+//! other objects (C extensions' among them) are leaves.
+//!
+//! Every value read is the process's: a pointer is followed only once its target's
+//! type checks out, counts are capped, and the walk ends at its budget.
+
+use std::{
+    cell::RefCell,
+    collections::{HashMap, VecDeque},
+    time::{Duration, Instant},
+};
+
+use anyhow::{bail, Context as _, Result};
+
+use super::{
+    heap::{self, flags, Managed},
+    Interpreter,
+};
+use crate::{
+    holders::{reach::Memory, scan::Known, stop::Stopped},
+    procfs::ProcRoot,
+    runtimes::held_by::{Found, Holder, Root, Step, MAX_HOLDERS},
+};
+
+/// Bytes read from the process at once, and kept.
+const PAGE: u64 = 64 << 10;
+/// Pages kept: 128 MiB.
+const MAX_PAGES: usize = 2048;
+/// Objects a walk visits at most (its tables grow about 40 bytes an object).
+const MAX_NODES: usize = 64 << 20;
+/// Items read of one container at most.
+const MAX_ITEMS: u64 = 1 << 26;
+/// Frames walked per thread, threads per interpreter.
+const MAX_FRAMES: usize = 4096;
+const MAX_THREADS: usize = 4096;
+/// Items of a frame (locals and stack) looked at.
+const MAX_FRAME_ITEMS: u64 = 1 << 16;
+/// Steps of a path given.
+const MAX_PATH: usize = 24;
+
+/// Walks the objects of `pid` (running `py`), held still for at most `budget`, and
+/// names what holds each of the window's sampled objects `known` that counts. With
+/// `stop`, every thread is stopped for it; otherwise the process is already held (at
+/// its exit, by the report's tracer).
+pub fn holders(
+    proc_root: &ProcRoot,
+    pid: u32,
+    py: &Interpreter,
+    known: &[Known],
+    budget: Duration,
+    stop: bool,
+) -> Result<Found> {
+    let mem = crate::ptrace::remote::open_mem_for(proc_root, pid, false)?;
+    let memory = crate::holders::scan::ProcessMemory::new(pid, mem);
+    let pages = Pages { mem: &memory, pages: RefCell::new(HashMap::new()) };
+    let stopped = if stop { Some(Stopped::all(proc_root, pid)?) } else { None };
+    fail::fail_point!("python-holders-stopped");
+    let since = stopped.as_ref().map_or_else(Instant::now, |s| s.since);
+    let deadline = since + budget;
+    let mut walk = Walk::new(&pages, py);
+    let complete = walk.run(&mut || Instant::now() < deadline);
+    // Names are read while the objects are as they were.
+    let mut found = walk.place(known);
+    found.pause = since.elapsed();
+    drop(stopped);
+    let (major, minor, micro) = py.version;
+    let pause_ms = found.pause.as_secs_f64() * 1e3;
+    let mut how = format!(
+        "CPython {major}.{minor}.{micro}'s objects were walked from its modules' globals, then its threads' frames, with the process held still for {pause_ms:.0} ms ({} objects); the agent's sampled objects of the window were found on the paths",
+        walk.nodes.len()
+    );
+    if !complete {
+        how.push_str(&format!(
+            ". The walk ran out of its {} ms budget and let the process go: objects it did not reach count as unreached (a larger --holders-budget walks further)",
+            budget.as_millis()
+        ));
+    }
+    let unreached: u64 = found.holders.iter().filter(|h| h.root.kind == UNREACHED).map(|h| h.bytes).sum();
+    if unreached > 0 {
+        how.push_str(&format!(
+            ". {} of them were reached from no global or frame: held by C code or by a container leakmon does not follow (a deque, an extension's object), or garbage in a cycle the collector has not freed yet",
+            crate::units::bytes(unreached)
+        ));
+    }
+    found.how = how;
+    Ok(found)
+}
+
+/// The root of objects no walk reached.
+pub const UNREACHED: &str = "unreached";
+
+/// The process's memory, read a page at a time and kept: a walk reads objects near
+/// each other.
+struct Pages<'a> {
+    mem: &'a dyn Memory,
+    pages: RefCell<HashMap<u64, Box<[u8]>>>,
+}
+
+impl Memory for Pages<'_> {
+    fn read_into(&self, start: u64, buf: &mut [u8]) -> Option<usize> {
+        let page = start & !(PAGE - 1);
+        let end = start.checked_add(buf.len() as u64)?;
+        if end > page + PAGE {
+            return self.mem.read_into(start, buf);
+        }
+        let mut pages = self.pages.borrow_mut();
+        if !pages.contains_key(&page) {
+            if pages.len() >= MAX_PAGES {
+                pages.clear();
+            }
+            let mut data = vec![0u8; PAGE as usize];
+            let got = self.mem.read_into(page, &mut data).unwrap_or(0);
+            data.truncate(got);
+            pages.insert(page, data.into_boxed_slice());
+        }
+        let data = &pages[&page];
+        let at = (start - page) as usize;
+        if let Some(bytes) = data.get(at..at + buf.len()) {
+            buf.copy_from_slice(bytes);
+            return Some(buf.len());
+        }
+        // A page read in part (a mapping starts or ends inside it).
+        drop(pages);
+        self.mem.read_into(start, buf)
+    }
+}
+
+fn word(mem: &dyn Memory, at: u64) -> Option<u64> {
+    let mut b = [0u8; 8];
+    (mem.read_into(at, &mut b)? == 8).then(|| u64::from_le_bytes(b))
+}
+
+fn byte(mem: &dyn Memory, at: u64) -> Option<u8> {
+    let mut b = [0u8; 1];
+    (mem.read_into(at, &mut b)? == 1).then_some(b[0])
+}
+
+fn int32(mem: &dyn Memory, at: u64) -> Option<i32> {
+    let mut b = [0u8; 4];
+    (mem.read_into(at, &mut b)? == 4).then(|| i32::from_le_bytes(b))
+}
+
+/// `n` words from `at`, read a page's worth at a time; `None` past the first
+/// unreadable one.
+fn words(mem: &dyn Memory, at: u64, n: u64) -> Vec<u64> {
+    let mut out = Vec::with_capacity(n.min(8192) as usize);
+    let mut buf = vec![0u8; PAGE as usize];
+    let mut done = 0;
+    while done < n {
+        let count = (n - done).min(PAGE / 8);
+        let chunk = &mut buf[..(count * 8) as usize];
+        let Some(got) = mem.read_into(at + done * 8, chunk) else { break };
+        out.extend(chunk[..got - got % 8].as_chunks::<8>().0.iter().map(|w| u64::from_le_bytes(*w)));
+        if got < chunk.len() {
+            break;
+        }
+        done += count;
+    }
+    out
+}
+
+/// Whether `p` may point at an object: a user address, 8-byte aligned.
+fn plausible(p: u64) -> bool {
+    p != 0 && p.trailing_zeros() >= 3 && p < 1 << 47
+}
+
+/// How a walk follows one type's objects.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+enum Kind {
+    Dict,
+    List,
+    Tuple,
+    Set,
+    Module,
+    Function,
+    Cell,
+    Method,
+    /// A class: its attributes.
+    Type,
+    Leaf,
+}
+
+#[derive(Clone, Debug)]
+struct TypeInfo {
+    kind: Kind,
+    flags: u64,
+    basicsize: u64,
+    dictoffset: i64,
+    cached_keys: u64,
+    name: std::rc::Rc<str>,
+}
+
+/// How a node was reached from its parent.
+#[derive(Clone, Copy, Debug)]
+enum Edge {
+    Root,
+    /// A dict's value under this key object.
+    Value(u64),
+    /// A dict's key object itself.
+    Key(u64),
+    /// An attribute (an instance's or a class's), by its name object.
+    Attr(u64),
+    Index(u32),
+    /// A set's member.
+    Member,
+    /// A closure's cell, by its variable's name object.
+    Free(u64),
+    Field(&'static str),
+    /// Memory an object owns that is no object: a dict's table, a list's items.
+    Table(&'static str),
+}
+
+#[derive(Clone, Copy, Debug)]
+struct Node {
+    addr: u64,
+    parent: u32,
+    edge: Edge,
+    root: u32,
+}
+
+/// Seen as a module, a module's dict or `sys.modules`: roots are taken from them, no
+/// path goes through them.
+const CONTAINER: u32 = u32::MAX;
+const NO_PARENT: u32 = u32::MAX;
+
+struct Walk<'a> {
+    mem: &'a dyn Memory,
+    py: &'a Interpreter,
+    nodes: Vec<Node>,
+    seen: HashMap<u64, u32>,
+    queue: VecDeque<u32>,
+    types: HashMap<u64, Option<TypeInfo>>,
+    roots: Vec<Root>,
+}
+
+impl<'a> Walk<'a> {
+    fn new(mem: &'a dyn Memory, py: &'a Interpreter) -> Self {
+        Self {
+            mem,
+            py,
+            nodes: Vec::new(),
+            seen: HashMap::new(),
+            queue: VecDeque::new(),
+            types: HashMap::new(),
+            roots: Vec::new(),
+        }
+    }
+
+    /// The whole walk: modules' globals, then frames; whether it ended within `go_on`.
+    fn run(&mut self, go_on: &mut dyn FnMut() -> bool) -> bool {
+        self.globals();
+        if !self.flood(go_on) {
+            return false;
+        }
+        self.frames();
+        self.flood(go_on)
+    }
+
+    fn flood(&mut self, go_on: &mut dyn FnMut() -> bool) -> bool {
+        let mut turns = 0u32;
+        while let Some(i) = self.queue.pop_front() {
+            turns += 1;
+            if turns.is_multiple_of(1024) && !go_on() {
+                return false;
+            }
+            self.expand(i);
+        }
+        true
+    }
+
+    /// A new node for the object (or table) at `addr`, unless seen; objects are queued.
+    fn visit(&mut self, addr: u64, parent: u32, edge: Edge, root: u32) {
+        if !plausible(addr) || self.nodes.len() >= MAX_NODES {
+            return;
+        }
+        let next = self.nodes.len() as u32;
+        if let std::collections::hash_map::Entry::Vacant(e) = self.seen.entry(addr) {
+            e.insert(next);
+            self.nodes.push(Node { addr, parent, edge, root });
+            if !matches!(edge, Edge::Table(_)) {
+                self.queue.push_back(next);
+            }
+        }
+    }
+
+    fn type_of(&mut self, obj: u64) -> Option<TypeInfo> {
+        let t = word(self.mem, obj + heap::OB_TYPE)?;
+        if !plausible(t) {
+            return None;
+        }
+        if let Some(known) = self.types.get(&t) {
+            return known.clone();
+        }
+        let info = self.read_type(t);
+        self.types.insert(t, info.clone());
+        info
+    }
+
+    /// The type at `t`, if it is one: its own type is `type` or a metaclass.
+    fn read_type(&self, t: u64) -> Option<TypeInfo> {
+        let ty = &self.py.types;
+        let meta = word(self.mem, t + heap::OB_TYPE)?;
+        if meta != ty.type_ && word(self.mem, meta + heap::TYPE_FLAGS)? & flags::TYPE_SUBCLASS == 0 {
+            return None;
+        }
+        let type_flags = word(self.mem, t + heap::TYPE_FLAGS)?;
+        let kind = if t == ty.dict {
+            Kind::Dict
+        } else if t == ty.list {
+            Kind::List
+        } else if t == ty.tuple {
+            Kind::Tuple
+        } else if t == ty.set || t == ty.frozenset {
+            Kind::Set
+        } else if t == ty.module {
+            Kind::Module
+        } else if t == ty.function {
+            Kind::Function
+        } else if t == ty.cell {
+            Kind::Cell
+        } else if t == ty.method {
+            Kind::Method
+        } else if type_flags & flags::TYPE_SUBCLASS != 0 {
+            Kind::Type
+        } else if type_flags & flags::DICT_SUBCLASS != 0 {
+            Kind::Dict
+        } else if type_flags & flags::LIST_SUBCLASS != 0 {
+            Kind::List
+        } else if type_flags & flags::TUPLE_SUBCLASS != 0 {
+            Kind::Tuple
+        } else {
+            Kind::Leaf
+        };
+        let heap_type = type_flags & flags::HEAPTYPE != 0;
+        let name = word(self.mem, t + heap::TYPE_NAME).and_then(|p| c_string(self.mem, p));
+        Some(TypeInfo {
+            kind,
+            flags: type_flags,
+            basicsize: word(self.mem, t + heap::TYPE_BASICSIZE)?,
+            dictoffset: word(self.mem, t + heap::TYPE_DICTOFFSET)? as i64,
+            cached_keys: if heap_type {
+                word(self.mem, t + self.py.heap.type_cached_keys).unwrap_or(0)
+            } else {
+                0
+            },
+            name: name.unwrap_or_else(|| "?".into()).into(),
+        })
+    }
+
+    fn expand(&mut self, i: u32) {
+        let Node { addr, root, .. } = self.nodes[i as usize];
+        let Some(t) = self.type_of(addr) else { return };
+        let field = |off: u64| word(self.mem, addr + off).unwrap_or(0);
+        match t.kind {
+            Kind::Dict => {
+                for (key, value) in self.dict(addr, i, root) {
+                    self.visit(key, i, Edge::Key(key), root);
+                    self.visit(value, i, Edge::Value(key), root);
+                }
+            }
+            Kind::List => {
+                let (n, items) = (field(heap::OB_SIZE), field(heap::LIST_ITEMS));
+                if plausible(items) {
+                    self.visit(items, i, Edge::Table("list (items)"), root);
+                    self.array(items, n, i, root);
+                }
+            }
+            Kind::Tuple => self.array(addr + heap::TUPLE_ITEMS, field(heap::OB_SIZE), i, root),
+            Kind::Set => {
+                let (mask, table) = (field(heap::SET_MASK), field(heap::SET_TABLE));
+                if table != addr + heap::SET_SMALLTABLE {
+                    self.visit(table, i, Edge::Table("set (table)"), root);
+                }
+                let slots = mask.saturating_add(1).min(MAX_ITEMS);
+                let entries = words(self.mem, table, slots * 2);
+                for key in entries.as_chunks::<2>().0.iter().map(|e| e[0]) {
+                    self.visit(key, i, Edge::Member, root);
+                }
+            }
+            Kind::Module => self.visit(field(heap::MODULE_DICT), i, Edge::Field("__dict__"), root),
+            Kind::Function => {
+                self.closure(field(heap::FUNC_CLOSURE), field(heap::FUNC_CODE), i, root);
+                for (off, name) in [
+                    (heap::FUNC_DEFAULTS, "__defaults__"),
+                    (heap::FUNC_KWDEFAULTS, "__kwdefaults__"),
+                    (heap::FUNC_DICT, "__dict__"),
+                ] {
+                    self.visit(field(off), i, Edge::Field(name), root);
+                }
+            }
+            Kind::Cell => self.visit(field(heap::CELL_REF), i, Edge::Field("cell_contents"), root),
+            Kind::Method => {
+                self.visit(field(heap::METHOD_FUNC), i, Edge::Field("__func__"), root);
+                self.visit(field(heap::METHOD_SELF), i, Edge::Field("__self__"), root);
+            }
+            Kind::Type => {
+                // A class's own attributes (a built-in type's are not ones a program sets).
+                let own = word(self.mem, addr + heap::TYPE_FLAGS).unwrap_or(0) & flags::HEAPTYPE != 0;
+                let dict = field(heap::TYPE_DICT);
+                if own && plausible(dict) {
+                    self.attributes(dict, i, root);
+                }
+            }
+            Kind::Leaf => {}
+        }
+        if t.flags & flags::HEAPTYPE != 0 && t.kind != Kind::Type {
+            self.instance(addr, &t, i, root);
+        }
+    }
+
+    /// A function's closure: its cells, each by the variable it is (the code's last
+    /// names are its free variables, in the closure's order).
+    fn closure(&mut self, cells: u64, code: u64, i: u32, root: u32) {
+        if !plausible(cells) || word(self.mem, cells + heap::OB_TYPE) != Some(self.py.types.tuple) {
+            return;
+        }
+        self.visit(cells, i, Edge::Table("__closure__"), root);
+        let n = word(self.mem, cells + heap::OB_SIZE).unwrap_or(0).min(MAX_FRAME_ITEMS);
+        let names = (word(self.mem, code + heap::OB_TYPE) == Some(self.py.code_type))
+            .then(|| {
+                let count = int32(self.mem, code + self.py.heap.code_nlocalsplus)?.max(0) as u64;
+                let names = word(self.mem, code + heap::CODE_LOCALSPLUSNAMES)?;
+                Some(
+                    words(self.mem, names + heap::TUPLE_ITEMS, count)
+                        .split_off(count.saturating_sub(n) as usize),
+                )
+            })
+            .flatten()
+            .filter(|names| names.len() as u64 == n)
+            .unwrap_or_default();
+        for (j, cell) in words(self.mem, cells + heap::TUPLE_ITEMS, n).into_iter().enumerate() {
+            match names.get(j) {
+                Some(&name) => self.visit(cell, i, Edge::Free(name), root),
+                None => self.visit(cell, i, Edge::Index(j as u32), root),
+            }
+        }
+    }
+
+    /// The items of an array of `n` object pointers at `at`.
+    fn array(&mut self, at: u64, n: u64, parent: u32, root: u32) {
+        for (j, item) in words(self.mem, at, n.min(MAX_ITEMS)).into_iter().enumerate() {
+            self.visit(item, parent, Edge::Index(j as u32), root);
+        }
+    }
+
+    /// An instance's attributes, wherever its version keeps them.
+    fn instance(&mut self, addr: u64, t: &TypeInfo, i: u32, root: u32) {
+        let ptr = |at: u64| word(self.mem, at).unwrap_or(0);
+        if t.flags & flags::MANAGED_DICT != 0 {
+            let before = addr.wrapping_sub(24);
+            match self.py.heap.managed {
+                Managed::Pointers => {
+                    let dict = ptr(before);
+                    if plausible(dict) {
+                        self.attributes(dict, i, root);
+                    } else {
+                        self.values(ptr(addr.wrapping_sub(32)), t.cached_keys, true, i, root);
+                    }
+                }
+                Managed::Tagged => {
+                    let slot = ptr(before);
+                    if slot & 1 == 1 {
+                        // Tagged one byte short of the values (`dorv.values + 1`).
+                        self.values(slot + 1, t.cached_keys, true, i, root);
+                    } else if plausible(slot) {
+                        self.attributes(slot, i, root);
+                    }
+                }
+                Managed::Inline => {
+                    let dict = ptr(before);
+                    if plausible(dict) {
+                        self.attributes(dict, i, root);
+                    } else if t.flags & flags::INLINE_VALUES != 0 {
+                        let values = addr + t.basicsize;
+                        // `valid`: the values are the instance's (no dict took them over).
+                        if byte(self.mem, values + 3) == Some(1) {
+                            self.values(values, t.cached_keys, false, i, root);
+                        }
+                    }
+                }
+            }
+        } else if t.dictoffset > 0 {
+            let dict = ptr(addr + t.dictoffset as u64);
+            if plausible(dict) {
+                self.attributes(dict, i, root);
+            }
+        }
+    }
+
+    /// A dict of attributes (an instance's, a class's): the dict and its tables are
+    /// the owner's, its values its attributes.
+    fn attributes(&mut self, dict: u64, owner: u32, root: u32) {
+        if self.seen.contains_key(&dict) || word(self.mem, dict + heap::OB_TYPE) != Some(self.py.types.dict) {
+            return;
+        }
+        self.visit(dict, owner, Edge::Table("__dict__"), root);
+        for (key, value) in self.dict(dict, owner, root) {
+            self.visit(value, owner, Edge::Attr(key), root);
+        }
+    }
+
+    /// Values kept apart from a dict, their keys in the class (`keys`); `owned` where
+    /// they are a block of their own.
+    fn values(&mut self, values: u64, keys: u64, owned: bool, owner: u32, root: u32) {
+        if !plausible(values) || !plausible(keys) {
+            return;
+        }
+        if owned {
+            self.visit(values, owner, Edge::Table("(attribute values)"), root);
+        }
+        for (key, value) in self.entries(keys, values) {
+            self.visit(value, owner, Edge::Attr(key), root);
+        }
+    }
+
+    /// A dict's (key, value) pairs; its tables are the dict's (`i`).
+    fn dict(&mut self, addr: u64, i: u32, root: u32) -> Vec<(u64, u64)> {
+        let keys = word(self.mem, addr + heap::DICT_KEYS).unwrap_or(0);
+        let values = word(self.mem, addr + heap::DICT_VALUES).unwrap_or(0);
+        if !plausible(keys) {
+            return Vec::new();
+        }
+        if plausible(values) {
+            // Keys shared with its class's other instances: the class's.
+            self.visit(values, i, Edge::Table("dict (values)"), root);
+        } else {
+            self.visit(keys, i, Edge::Table("dict (table)"), root);
+        }
+        self.entries(keys, values)
+    }
+
+    /// The (key, value) pairs of the keys table `keys`, the values in `values` where
+    /// they are kept apart (a split table).
+    fn entries(&self, keys: u64, values: u64) -> Vec<(u64, u64)> {
+        let (Some(log2_index_bytes), Some(kind), Some(log2_size), Some(n)) = (
+            byte(self.mem, keys + heap::KEYS_LOG2_INDEX_BYTES),
+            byte(self.mem, keys + heap::KEYS_KIND),
+            byte(self.mem, keys + heap::KEYS_LOG2_SIZE),
+            word(self.mem, keys + heap::KEYS_NENTRIES),
+        ) else {
+            return Vec::new();
+        };
+        if log2_index_bytes > 40 || log2_size > 40 {
+            return Vec::new();
+        }
+        let n = n.min(1 << log2_size).min(MAX_ITEMS);
+        let at = keys + heap::KEYS_INDICES + (1u64 << log2_index_bytes);
+        let width = if kind == heap::KEYS_GENERAL { 3 } else { 2 };
+        let raw = words(self.mem, at, n * width);
+        let split = if plausible(values) {
+            words(self.mem, values + self.py.heap.values_values, n)
+        } else {
+            Vec::new()
+        };
+        raw.chunks_exact(width as usize)
+            .enumerate()
+            .filter_map(|(j, e)| {
+                let key = e[width as usize - 2];
+                let value = if plausible(values) { *split.get(j)? } else { e[width as usize - 1] };
+                (key != 0).then_some((key, value))
+            })
+            .collect()
+    }
+
+    /// Roots of every module's globals, `__main__`'s first; modules and their dicts
+    /// are marked so no path runs through them.
+    fn globals(&mut self) {
+        let ty = self.py.types;
+        let Some(interp) = word(self.mem, self.py.layout.interpreters_head) else { return };
+        let Some(modules) = word(self.mem, interp + self.py.heap.interp_modules) else { return };
+        if word(self.mem, modules + heap::OB_TYPE) != Some(ty.dict) {
+            return;
+        }
+        self.seen.insert(modules, CONTAINER);
+        let mut all: Vec<(String, u64)> = Vec::new();
+        for (name, module) in self.entries_of(modules) {
+            let Some(t) = self.type_of(module) else { continue };
+            if t.kind != Kind::Module {
+                continue;
+            }
+            let dict = word(self.mem, module + heap::MODULE_DICT).unwrap_or(0);
+            if word(self.mem, dict + heap::OB_TYPE) != Some(ty.dict) {
+                continue;
+            }
+            self.seen.insert(module, CONTAINER);
+            self.seen.insert(dict, CONTAINER);
+            all.push((self.text(name).unwrap_or_else(|| "?".into()), dict));
+        }
+        all.sort_by_key(|(name, _)| name != "__main__");
+        for (module, dict) in all {
+            for (key, value) in self.entries_of(dict) {
+                if !plausible(value) || self.seen.contains_key(&value) {
+                    continue;
+                }
+                let root = self.roots.len() as u32;
+                let name = self.text(key).unwrap_or_else(|| "?".into());
+                self.roots.push(Root { kind: "global", name, scope: Some(module.clone()) });
+                self.visit(value, NO_PARENT, Edge::Root, root);
+            }
+        }
+    }
+
+    fn entries_of(&self, dict: u64) -> Vec<(u64, u64)> {
+        let keys = word(self.mem, dict + heap::DICT_KEYS).unwrap_or(0);
+        let values = word(self.mem, dict + heap::DICT_VALUES).unwrap_or(0);
+        if plausible(keys) {
+            self.entries(keys, values)
+        } else {
+            Vec::new()
+        }
+    }
+
+    /// Roots of each thread's frames: their local variables and evaluation stacks.
+    fn frames(&mut self) {
+        let l = self.py.layout;
+        let Some(interp) = word(self.mem, l.interpreters_head) else { return };
+        let mut tstate = word(self.mem, interp + u64::from(l.interp_threads_head)).unwrap_or(0);
+        for _ in 0..MAX_THREADS {
+            if !plausible(tstate) {
+                break;
+            }
+            let mut frame = word(self.mem, tstate + u64::from(l.tstate_frame)).unwrap_or(0);
+            if l.cframe_current_frame != leakmon_common::python::NONE && plausible(frame) {
+                frame = word(self.mem, frame + u64::from(l.cframe_current_frame)).unwrap_or(0);
+            }
+            for _ in 0..MAX_FRAMES {
+                if !plausible(frame) {
+                    break;
+                }
+                self.frame(frame);
+                frame = word(self.mem, frame + u64::from(l.frame_previous)).unwrap_or(0);
+            }
+            tstate = word(self.mem, tstate + u64::from(l.tstate_next)).unwrap_or(0);
+        }
+    }
+
+    fn frame(&mut self, frame: u64) {
+        let (l, o) = (self.py.layout, self.py.objects);
+        let Some(code) = word(self.mem, frame + u64::from(l.frame_code)) else { return };
+        if word(self.mem, code + heap::OB_TYPE) != Some(self.py.code_type) {
+            return;
+        }
+        let function =
+            word(self.mem, code + o.code_qualname).and_then(|q| self.text(q)).unwrap_or_else(|| "?".into());
+        let nlocals = int32(self.mem, code + self.py.heap.code_nlocalsplus).unwrap_or(0).max(0) as u64;
+        let top = int32(self.mem, frame + heap::FRAME_STACKTOP).unwrap_or(0).max(0) as u64;
+        let names = word(self.mem, code + heap::CODE_LOCALSPLUSNAMES).unwrap_or(0);
+        let items = words(self.mem, frame + heap::FRAME_LOCALSPLUS, top.max(nlocals).min(MAX_FRAME_ITEMS));
+        for (j, item) in items.into_iter().enumerate() {
+            if !plausible(item) || self.seen.contains_key(&item) {
+                continue;
+            }
+            let j = j as u64;
+            let name = if j < nlocals && j < top.max(nlocals) {
+                word(self.mem, names + heap::TUPLE_ITEMS + 8 * j).and_then(|n| self.text(n))
+            } else {
+                Some("(evaluation stack)".to_owned())
+            };
+            let root = self.roots.len() as u32;
+            self.roots.push(Root {
+                kind: "local",
+                name: name.unwrap_or_else(|| "?".into()),
+                scope: Some(function.clone()),
+            });
+            self.visit(item, NO_PARENT, Edge::Root, root);
+        }
+    }
+
+    fn text(&self, addr: u64) -> Option<String> {
+        if word(self.mem, addr + heap::OB_TYPE)? != self.py.types.str_ {
+            return None;
+        }
+        super::code::text(
+            &|at, len| self.mem.read(at, len).filter(|b| b.len() == len),
+            &self.py.objects,
+            addr,
+        )
+    }
+
+    /// An int's value, where it fits a word (3.11's sign in `ob_size`; 3.12 and later
+    /// keep it in `lv_tag`).
+    fn int(&self, addr: u64) -> Option<i64> {
+        let tag = word(self.mem, addr + heap::OB_SIZE)? as i64;
+        let (digits, negative) = if self.py.version.1 >= 12 {
+            ((tag as u64 >> 3) as i64, tag & 3 == 2)
+        } else {
+            (tag.abs(), tag < 0)
+        };
+        if digits > 2 {
+            return None;
+        }
+        let d = words(self.mem, addr + 24, 1).first().copied()?;
+        let (low, high) = (d & 0x3fff_ffff, (d >> 32) & 0x3fff_ffff);
+        let value = (low + if digits == 2 { high << 30 } else { 0 }) as i64;
+        Some(if negative { -value } else { value })
+    }
+
+    /// A key as Python writes it: `'name'`, `42`, or its type.
+    fn key(&mut self, key: u64) -> String {
+        if let Some(s) = self.text(key) {
+            let short: String = s.chars().take(40).collect();
+            return format!("'{short}{}'", if short.len() < s.len() { "…" } else { "" });
+        }
+        if word(self.mem, key + heap::OB_TYPE) == Some(self.py.types.int) {
+            if let Some(n) = self.int(key) {
+                return n.to_string();
+            }
+        }
+        format!("<{}>", self.type_of(key).map_or_else(|| "?".into(), |t| t.name.to_string()))
+    }
+
+    fn step(&mut self, edge: Edge) -> Option<String> {
+        Some(match edge {
+            Edge::Root => return None,
+            Edge::Value(k) => format!("[{}]", self.key(k)),
+            Edge::Key(k) => format!("(key {})", self.key(k)),
+            Edge::Attr(k) => format!(".{}", self.text(k).unwrap_or_else(|| "?".into())),
+            Edge::Index(j) => format!("[{j}]"),
+            Edge::Member => "{member}".to_owned(),
+            Edge::Free(name) => format!("(closure {})", self.text(name).unwrap_or_else(|| "?".into())),
+            Edge::Field(f) => format!(".{f}"),
+            Edge::Table(t) => format!("({t})"),
+        })
+    }
+
+    /// The known blocks that count, each placed on the node its block holds (an
+    /// object, past its collector's header, or a table), grouped by root and type.
+    fn place(&mut self, known: &[Known]) -> Found {
+        let mut groups: HashMap<(u32, String), (u64, u64, u32)> = HashMap::new();
+        let (mut bytes, mut objects) = (0, 0);
+        let mut unreached = (0u64, 0u64);
+        for k in known.iter().filter(|k| k.counted) {
+            bytes += k.weight;
+            objects += 1;
+            let size = k.size.or_else(|| crate::holders::chunks::usable(self.mem, k.start)).unwrap_or(16);
+            let node = (0..size.min(64))
+                .step_by(8)
+                .find_map(|off| self.seen.get(&(k.start + off)).copied().filter(|n| *n != CONTAINER));
+            let Some(n) = node else {
+                unreached.0 += k.weight;
+                unreached.1 += 1;
+                continue;
+            };
+            let Node { addr, edge, root, .. } = self.nodes[n as usize];
+            let kind = match edge {
+                Edge::Table(t) => t.to_owned(),
+                _ => self.type_of(addr).map_or_else(|| "?".into(), |t| t.name.to_string()),
+            };
+            let g = groups.entry((root, kind)).or_insert((0, 0, n));
+            g.0 += k.weight;
+            g.1 += 1;
+        }
+        let mut holders: Vec<Holder> = Vec::new();
+        let mut groups: Vec<_> = groups.into_iter().collect();
+        groups.sort_by_key(|g| std::cmp::Reverse(g.1 .0));
+        for ((root, kind), (bytes, objects, first)) in groups.into_iter().take(MAX_HOLDERS) {
+            let (root, path) = self.path(root, first);
+            holders.push(Holder { bytes, objects, kind, root, path });
+        }
+        if unreached.1 > 0 {
+            holders.push(Holder {
+                bytes: unreached.0,
+                objects: unreached.1,
+                kind: "(any)".into(),
+                root: Root { kind: UNREACHED, name: String::new(), scope: None },
+                path: Vec::new(),
+            });
+        }
+        Found { holders, bytes, objects, pause: Duration::ZERO, heap_used: 0, how: String::new() }
+    }
+
+    /// The root (a class's attribute named as one) and the steps from it to `node`.
+    fn path(&mut self, root: u32, node: u32) -> (Root, Vec<Step>) {
+        let mut edges = Vec::new();
+        let (mut at, mut first) = (node, node);
+        while at != NO_PARENT && edges.len() < 4 * MAX_PATH {
+            let n = self.nodes[at as usize];
+            edges.push(n.edge);
+            (first, at) = (at, n.parent);
+        }
+        let of_class = self.type_of(self.nodes[first as usize].addr).is_some_and(|t| t.kind == Kind::Type);
+        edges.reverse();
+        let mut root = self.roots[root as usize].clone();
+        let mut steps: Vec<Step> =
+            edges.into_iter().filter_map(|e| self.step(e)).map(|name| Step { name }).collect();
+        let first = steps.first().map(|s| s.name.clone()).unwrap_or_default();
+        if root.kind == "global" && of_class && first.starts_with('.') {
+            // A global class's attribute: `Class.attr`.
+            root = Root { kind: "class", name: format!("{}{first}", root.name), scope: root.scope };
+            steps.remove(0);
+        } else if let Some(variable) = first.strip_prefix("(closure ").and_then(|v| v.strip_suffix(')')) {
+            // A closure's variable, the function that keeps it its scope.
+            root = Root { kind: "closure", name: variable.to_owned(), scope: Some(root.name) };
+            steps.remove(0);
+            // The cell's contents: the variable's value.
+            if steps.first().is_some_and(|s| s.name == ".cell_contents") {
+                steps.remove(0);
+            }
+        }
+        steps.truncate(MAX_PATH);
+        (root, steps)
+    }
+}
+
+/// A C string of at most 128 bytes (a type's name).
+fn c_string(mem: &dyn Memory, at: u64) -> Option<String> {
+    let mut buf = [0u8; 128];
+    let n = mem.read_into(at, &mut buf)?;
+    let end = buf[..n].iter().position(|b| *b == 0)?;
+    std::str::from_utf8(&buf[..end]).ok().map(str::to_owned)
+}
+
+/// Refuses what cannot be walked, in one line.
+pub fn interpreter(proc_root: &ProcRoot, pid: u32) -> Result<Interpreter> {
+    let maps = proc_root.maps(pid).with_context(|| format!("read the mappings of pid {pid}"))?;
+    let root = proc_root.in_root(pid, std::path::Path::new("/"));
+    match Interpreter::find(&maps, &root) {
+        Some(Ok(py)) => Ok(py),
+        Some(Err(why)) => bail!("pid {pid}: {why}: what holds its objects is not walked"),
+        None => bail!("pid {pid} runs no CPython leakmon knows"),
+    }
+}
