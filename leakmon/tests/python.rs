@@ -546,11 +546,11 @@ fn python_forks_and_execs_while_its_allocators_are_wrapped() {
 }
 
 /// `report --holders --pid PID --duration S` on a CPython process, JSON.
-fn holders_report(pid: u32, duration: &str, env: &[(&str, &str)]) -> Value {
+fn holders_report(pid: u32, duration: &str, options: &[&str]) -> Value {
     let out = common::leakmon()
         .env("RUST_LOG", "info")
-        .envs(env.iter().copied())
         .args(["report", "--holders", "--format", "json", "--duration", duration, "--pid", &pid.to_string()])
+        .args(options)
         .output()
         .expect("run leakmon");
     let stderr = String::from_utf8_lossy(&out.stderr);
@@ -593,8 +593,11 @@ fn what_holds_python_objects_is_named_by_the_variable() {
         let total = p["outstanding_bytes"].as_u64().expect("bytes");
         assert!(total > 1_000_000, "{version}: 20 s of growth: {total} B");
         let holders = p["holders"].as_array().expect("holders");
-        let through = |held: &dyn Fn(&Value) -> bool| common::runtimes::held_share(holders, "bytes", total, held);
-        let cache = through(&|h| h["root"] == serde_json::json!({"kind": "global", "name": "cache", "scope": "__main__"}));
+        let through =
+            |held: &dyn Fn(&Value) -> bool| common::runtimes::held_share(holders, "bytes", total, held);
+        let cache = through(&|h| {
+            h["root"] == serde_json::json!({"kind": "global", "name": "cache", "scope": "__main__"})
+        });
         let churn = through(&common::runtimes::through_churn);
         let pause = p["pause_ms"].as_f64().expect("pause_ms");
         eprintln!(
@@ -623,7 +626,8 @@ fn what_holds_python_objects_is_named_by_the_variable() {
 fn each_kind_of_python_holder_is_named() {
     for (python, version) in interpreters() {
         let (_process, _lines) = start(&python, "kinds", "10");
-        let report = holders_report(_process.0.id(), "4", &[]);
+        // Samples enough for each fourth to be near its share.
+        let report = holders_report(_process.0.id(), "4", &["--sample-bytes", "16KiB"]);
         let p = &processes(&report)[0];
         let total = p["outstanding_bytes"].as_u64().expect("bytes");
         let holders = p["holders"].as_array().expect("holders");

@@ -355,7 +355,7 @@ fn blocks_of(
 }
 
 /// The writable mappings of `maps`, in address order.
-fn writable(maps: &str) -> Vec<(u64, u64)> {
+pub(crate) fn writable(maps: &str) -> Vec<(u64, u64)> {
     super::roots::regions(maps).into_iter().filter(|r| r.writable).map(|r| (r.start, r.end)).collect()
 }
 

@@ -18,9 +18,11 @@
 
 use std::{
     cell::RefCell,
-    collections::{HashMap, VecDeque},
+    collections::VecDeque,
     time::{Duration, Instant},
 };
+
+use rustc_hash::{FxHashMap, FxHashSet};
 
 use anyhow::{bail, Context as _, Result};
 
@@ -36,10 +38,10 @@ use crate::{
 
 /// Bytes read from the process at once, and kept.
 const PAGE: u64 = 64 << 10;
-/// Pages kept: 128 MiB.
-const MAX_PAGES: usize = 2048;
-/// Objects a walk visits at most (its tables grow about 40 bytes an object).
-const MAX_NODES: usize = 64 << 20;
+/// Pages kept: 64 MiB.
+const MAX_PAGES: usize = 1024;
+/// Objects that refer to others a walk keeps at most (16 bytes each).
+const MAX_LINKS: usize = 64 << 20;
 /// Items read of one container at most.
 const MAX_ITEMS: u64 = 1 << 26;
 /// Frames walked per thread, threads per interpreter.
@@ -64,22 +66,30 @@ pub fn holders(
 ) -> Result<Found> {
     let mem = crate::ptrace::remote::open_mem_for(proc_root, pid, false)?;
     let memory = crate::holders::scan::ProcessMemory::new(pid, mem);
-    let pages = Pages { mem: &memory, pages: RefCell::new(HashMap::new()) };
+    let pages = Pages { mem: &memory, pages: RefCell::new(FxHashMap::default()) };
     let stopped = if stop { Some(Stopped::all(proc_root, pid)?) } else { None };
     fail::fail_point!("python-holders-stopped");
     let since = stopped.as_ref().map_or_else(Instant::now, |s| s.since);
     let deadline = since + budget;
-    let mut walk = Walk::new(&pages, py);
+    let maps = proc_root.maps_text(pid).with_context(|| format!("read the mappings of pid {pid}"))?;
+    // Only the blocks that count are looked for; each sized by its chunk's header
+    // (a sampled block's entry holds the bytes it stands for).
+    let known: Vec<(Known, u64)> = known
+        .iter()
+        .filter(|k| k.counted)
+        .map(|k| (*k, k.size.or_else(|| crate::holders::chunks::usable(&pages, k.start)).unwrap_or(16)))
+        .collect();
+    let mut walk = Walk::new(&pages, py, &crate::holders::scan::writable(&maps), &known);
     let complete = walk.run(&mut || Instant::now() < deadline);
     // Names are read while the objects are as they were.
-    let mut found = walk.place(known);
+    let mut found = walk.place(&known);
     found.pause = since.elapsed();
     drop(stopped);
     let (major, minor, micro) = py.version;
     let pause_ms = found.pause.as_secs_f64() * 1e3;
     let mut how = format!(
-        "CPython {major}.{minor}.{micro}'s objects were walked from its modules' globals, then its threads' frames, with the process held still for {pause_ms:.0} ms ({} objects); the agent's sampled objects of the window were found on the paths",
-        walk.nodes.len()
+        "CPython {major}.{minor}.{micro}'s objects were walked from its modules' globals, then its threads' frames, with the process held still for {pause_ms:.0} ms ({} objects reached); the agent's sampled objects of the window were found on the paths",
+        walk.reached
     );
     if !complete {
         how.push_str(&format!(
@@ -105,7 +115,7 @@ pub const UNREACHED: &str = "unreached";
 /// each other.
 struct Pages<'a> {
     mem: &'a dyn Memory,
-    pages: RefCell<HashMap<u64, Box<[u8]>>>,
+    pages: RefCell<FxHashMap<u64, Box<[u8]>>>,
 }
 
 impl Memory for Pages<'_> {
@@ -222,39 +232,144 @@ enum Edge {
     Table(&'static str),
 }
 
+/// An object the walk reached that refers to others: where it is, the object it was
+/// reached from (an index of these; [`NO_PARENT`] for a root's value) and its root.
+/// Objects that refer to nothing (strings, numbers) get none: most of a heap's are
+/// leaves, and a reached one is only marked [`Seen`].
 #[derive(Clone, Copy, Debug)]
-struct Node {
+struct Link {
     addr: u64,
     parent: u32,
-    edge: Edge,
     root: u32,
 }
 
-/// Seen as a module, a module's dict or `sys.modules`: roots are taken from them, no
-/// path goes through them.
-const CONTAINER: u32 = u32::MAX;
 const NO_PARENT: u32 = u32::MAX;
+
+/// Where [`Walk::emit`] sends what an object refers to.
+#[derive(Clone, Copy, Debug)]
+enum To {
+    Nowhere,
+    /// Reached from link `parent`; `any` once something was.
+    Reach {
+        parent: u32,
+        root: u32,
+        any: bool,
+    },
+    /// Only the edge to `child` is wanted.
+    Find {
+        child: u64,
+        edge: Option<Edge>,
+    },
+}
+
+/// What is done with each (key, value) of a dict.
+type Each = fn(&mut Walk<'_>, u64, u64);
+
+/// Entries of a dict read at once.
+const ENTRIES_AT_ONCE: u64 = 4096;
+
+/// The objects reached: a bit per word of the process's writable memory, where
+/// objects are (a hash set for anything else).
+struct Seen {
+    /// (start, end, first bit), in address order.
+    regions: Vec<(u64, u64, u64)>,
+    bits: Vec<u64>,
+    other: FxHashSet<u64>,
+}
+
+impl Seen {
+    fn new(writable: &[(u64, u64)]) -> Self {
+        let mut regions = Vec::new();
+        let mut total = 0u64;
+        for &(start, end) in writable {
+            let words = (end - start) / 8;
+            if total + words > MAX_SEEN_BITS {
+                break;
+            }
+            regions.push((start, end, total));
+            total += words;
+        }
+        Self { regions, bits: vec![0; total.div_ceil(64) as usize], other: FxHashSet::default() }
+    }
+
+    /// Marks `addr`; whether it was not marked before.
+    fn insert(&mut self, addr: u64) -> bool {
+        let i = self.regions.partition_point(|r| r.1 <= addr);
+        match self.regions.get(i) {
+            Some(&(start, _, first)) if start <= addr => {
+                let bit = first + (addr - start) / 8;
+                let (word, mask) = ((bit / 64) as usize, 1u64 << (bit % 64));
+                let new = self.bits[word] & mask == 0;
+                self.bits[word] |= mask;
+                new
+            }
+            _ => self.other.insert(addr),
+        }
+    }
+
+    fn contains(&self, addr: u64) -> bool {
+        let i = self.regions.partition_point(|r| r.1 <= addr);
+        match self.regions.get(i) {
+            Some(&(start, _, first)) if start <= addr => {
+                let bit = first + (addr - start) / 8;
+                self.bits[(bit / 64) as usize] & (1u64 << (bit % 64)) != 0
+            }
+            _ => self.other.contains(&addr),
+        }
+    }
+}
+
+/// Bits of [`Seen`] at most: 1 GiB of them covers 64 GiB of writable memory.
+const MAX_SEEN_BITS: u64 = 8 << 30;
 
 struct Walk<'a> {
     mem: &'a dyn Memory,
     py: &'a Interpreter,
-    nodes: Vec<Node>,
-    seen: HashMap<u64, u32>,
-    queue: VecDeque<u32>,
-    types: HashMap<u64, Option<TypeInfo>>,
+    seen: Seen,
+    links: Vec<Link>,
+    queue: VecDeque<Link>,
+    types: FxHashMap<u64, Option<TypeInfo>>,
     roots: Vec<Root>,
+    /// Where what the object being expanded refers to goes: reached from this link
+    /// (and root), or, looking for one child, the edge to it.
+    to: To,
+    /// Pairs of a dict read whole.
+    pairs: Vec<(u64, u64)>,
+    /// Where the sampled objects may be: each block's first words.
+    targets: FxHashSet<u64>,
+    /// Each target reached: the link it was reached from, its root, and the table's
+    /// name where it is one.
+    hits: FxHashMap<u64, (u32, u32, Option<&'static str>)>,
+    /// Objects (and tables) reached.
+    reached: u64,
 }
 
 impl<'a> Walk<'a> {
-    fn new(mem: &'a dyn Memory, py: &'a Interpreter) -> Self {
+    /// A walk of the process's memory `mem` (its writable ranges `writable`), looking
+    /// for the blocks `known` (each `size`d).
+    fn new(
+        mem: &'a dyn Memory,
+        py: &'a Interpreter,
+        writable: &[(u64, u64)],
+        known: &[(Known, u64)],
+    ) -> Self {
+        let targets = known
+            .iter()
+            .flat_map(|(k, size)| (0..(*size).min(64)).step_by(8).map(|off| k.start + off))
+            .collect();
         Self {
             mem,
             py,
-            nodes: Vec::new(),
-            seen: HashMap::new(),
+            seen: Seen::new(writable),
+            links: Vec::new(),
             queue: VecDeque::new(),
-            types: HashMap::new(),
+            types: FxHashMap::default(),
             roots: Vec::new(),
+            to: To::Nowhere,
+            pairs: Vec::new(),
+            targets,
+            hits: FxHashMap::default(),
+            reached: 0,
         }
     }
 
@@ -270,29 +385,82 @@ impl<'a> Walk<'a> {
 
     fn flood(&mut self, go_on: &mut dyn FnMut() -> bool) -> bool {
         let mut turns = 0u32;
-        while let Some(i) = self.queue.pop_front() {
+        while let Some(link) = self.queue.pop_front() {
             turns += 1;
             if turns.is_multiple_of(1024) && !go_on() {
                 return false;
             }
-            self.expand(i);
+            if self.links.len() >= MAX_LINKS {
+                return false;
+            }
+            // Kept only if it refers to something.
+            let parent = self.links.len() as u32;
+            self.links.push(link);
+            self.to = To::Reach { parent, root: link.root, any: false };
+            self.refers(link.addr);
+            if let To::Reach { any: false, .. } = std::mem::replace(&mut self.to, To::Nowhere) {
+                self.links.pop();
+            }
         }
         true
     }
 
-    /// A new node for the object (or table) at `addr`, unless seen; objects are queued.
-    fn visit(&mut self, addr: u64, parent: u32, edge: Edge, root: u32) {
-        if !plausible(addr) || self.nodes.len() >= MAX_NODES {
+    /// Marks the object (or table) at `addr` reached, unless it was; queues an object.
+    fn reach(&mut self, addr: u64, parent: u32, root: u32, edge: Edge) {
+        if !plausible(addr) || !self.seen.insert(addr) {
             return;
         }
-        let next = self.nodes.len() as u32;
-        if let std::collections::hash_map::Entry::Vacant(e) = self.seen.entry(addr) {
-            e.insert(next);
-            self.nodes.push(Node { addr, parent, edge, root });
-            if !matches!(edge, Edge::Table(_)) {
-                self.queue.push_back(next);
-            }
+        self.reached += 1;
+        if self.targets.contains(&addr) {
+            let table = match edge {
+                Edge::Table(t) => Some(t),
+                _ => None,
+            };
+            self.hits.insert(addr, (parent, root, table));
         }
+        if !matches!(edge, Edge::Table(_)) {
+            self.queue.push_back(Link { addr, parent, root });
+        }
+    }
+
+    /// What the object being expanded refers to at `addr`, by `edge`.
+    fn emit(&mut self, addr: u64, edge: Edge) {
+        if !plausible(addr) {
+            return;
+        }
+        match &mut self.to {
+            To::Reach { parent, root, any } => {
+                let (parent, root) = (*parent, *root);
+                *any = true;
+                self.reach(addr, parent, root, edge);
+            }
+            To::Find { child, edge: found } => {
+                if *child == addr && found.is_none() {
+                    *found = Some(edge);
+                }
+            }
+            To::Nowhere => {}
+        }
+    }
+
+    /// The edge from the object at `parent` to `child`, where it still refers to it.
+    fn edge(&mut self, parent: u64, child: u64) -> Option<Edge> {
+        self.to = To::Find { child, edge: None };
+        self.refers(parent);
+        match std::mem::replace(&mut self.to, To::Nowhere) {
+            To::Find { edge, .. } => edge,
+            _ => None,
+        }
+    }
+
+    /// A root's value, unless it was reached before.
+    fn source(&mut self, value: u64, root: Root) {
+        if !plausible(value) || self.seen.contains(value) {
+            return;
+        }
+        let index = self.roots.len() as u32;
+        self.roots.push(root);
+        self.reach(value, NO_PARENT, index, Edge::Root);
     }
 
     fn type_of(&mut self, obj: u64) -> Option<TypeInfo> {
@@ -359,74 +527,72 @@ impl<'a> Walk<'a> {
         })
     }
 
-    fn expand(&mut self, i: u32) {
-        let Node { addr, root, .. } = self.nodes[i as usize];
+    /// Gives what the object at `addr` refers to, each by its edge, to [`Self::emit`].
+    fn refers(&mut self, addr: u64) {
         let Some(t) = self.type_of(addr) else { return };
         let field = |off: u64| word(self.mem, addr + off).unwrap_or(0);
         match t.kind {
-            Kind::Dict => {
-                for (key, value) in self.dict(addr, i, root) {
-                    self.visit(key, i, Edge::Key(key), root);
-                    self.visit(value, i, Edge::Value(key), root);
-                }
-            }
+            Kind::Dict => self.dict(addr, |w, key, value| {
+                w.emit(key, Edge::Key(key));
+                w.emit(value, Edge::Value(key));
+            }),
             Kind::List => {
                 let (n, items) = (field(heap::OB_SIZE), field(heap::LIST_ITEMS));
                 if plausible(items) {
-                    self.visit(items, i, Edge::Table("list (items)"), root);
-                    self.array(items, n, i, root);
+                    self.emit(items, Edge::Table("list (items)"));
+                    self.array(items, n);
                 }
             }
-            Kind::Tuple => self.array(addr + heap::TUPLE_ITEMS, field(heap::OB_SIZE), i, root),
+            Kind::Tuple => self.array(addr + heap::TUPLE_ITEMS, field(heap::OB_SIZE)),
             Kind::Set => {
                 let (mask, table) = (field(heap::SET_MASK), field(heap::SET_TABLE));
                 if table != addr + heap::SET_SMALLTABLE {
-                    self.visit(table, i, Edge::Table("set (table)"), root);
+                    self.emit(table, Edge::Table("set (table)"));
                 }
                 let slots = mask.saturating_add(1).min(MAX_ITEMS);
                 let entries = words(self.mem, table, slots * 2);
                 for key in entries.as_chunks::<2>().0.iter().map(|e| e[0]) {
-                    self.visit(key, i, Edge::Member, root);
+                    self.emit(key, Edge::Member);
                 }
             }
-            Kind::Module => self.visit(field(heap::MODULE_DICT), i, Edge::Field("__dict__"), root),
+            Kind::Module => self.emit(field(heap::MODULE_DICT), Edge::Field("__dict__")),
             Kind::Function => {
-                self.closure(field(heap::FUNC_CLOSURE), field(heap::FUNC_CODE), i, root);
+                self.closure(field(heap::FUNC_CLOSURE), field(heap::FUNC_CODE));
                 for (off, name) in [
                     (heap::FUNC_DEFAULTS, "__defaults__"),
                     (heap::FUNC_KWDEFAULTS, "__kwdefaults__"),
                     (heap::FUNC_DICT, "__dict__"),
                 ] {
-                    self.visit(field(off), i, Edge::Field(name), root);
+                    self.emit(field(off), Edge::Field(name));
                 }
             }
-            Kind::Cell => self.visit(field(heap::CELL_REF), i, Edge::Field("cell_contents"), root),
+            Kind::Cell => self.emit(field(heap::CELL_REF), Edge::Field("cell_contents")),
             Kind::Method => {
-                self.visit(field(heap::METHOD_FUNC), i, Edge::Field("__func__"), root);
-                self.visit(field(heap::METHOD_SELF), i, Edge::Field("__self__"), root);
+                self.emit(field(heap::METHOD_FUNC), Edge::Field("__func__"));
+                self.emit(field(heap::METHOD_SELF), Edge::Field("__self__"));
             }
             Kind::Type => {
                 // A class's own attributes (a built-in type's are not ones a program sets).
                 let own = word(self.mem, addr + heap::TYPE_FLAGS).unwrap_or(0) & flags::HEAPTYPE != 0;
                 let dict = field(heap::TYPE_DICT);
                 if own && plausible(dict) {
-                    self.attributes(dict, i, root);
+                    self.attributes(dict);
                 }
             }
             Kind::Leaf => {}
         }
         if t.flags & flags::HEAPTYPE != 0 && t.kind != Kind::Type {
-            self.instance(addr, &t, i, root);
+            self.instance(addr, &t);
         }
     }
 
     /// A function's closure: its cells, each by the variable it is (the code's last
     /// names are its free variables, in the closure's order).
-    fn closure(&mut self, cells: u64, code: u64, i: u32, root: u32) {
+    fn closure(&mut self, cells: u64, code: u64) {
         if !plausible(cells) || word(self.mem, cells + heap::OB_TYPE) != Some(self.py.types.tuple) {
             return;
         }
-        self.visit(cells, i, Edge::Table("__closure__"), root);
+        self.emit(cells, Edge::Table("__closure__"));
         let n = word(self.mem, cells + heap::OB_SIZE).unwrap_or(0).min(MAX_FRAME_ITEMS);
         let names = (word(self.mem, code + heap::OB_TYPE) == Some(self.py.code_type))
             .then(|| {
@@ -442,21 +608,21 @@ impl<'a> Walk<'a> {
             .unwrap_or_default();
         for (j, cell) in words(self.mem, cells + heap::TUPLE_ITEMS, n).into_iter().enumerate() {
             match names.get(j) {
-                Some(&name) => self.visit(cell, i, Edge::Free(name), root),
-                None => self.visit(cell, i, Edge::Index(j as u32), root),
+                Some(&name) => self.emit(cell, Edge::Free(name)),
+                None => self.emit(cell, Edge::Index(j as u32)),
             }
         }
     }
 
     /// The items of an array of `n` object pointers at `at`.
-    fn array(&mut self, at: u64, n: u64, parent: u32, root: u32) {
+    fn array(&mut self, at: u64, n: u64) {
         for (j, item) in words(self.mem, at, n.min(MAX_ITEMS)).into_iter().enumerate() {
-            self.visit(item, parent, Edge::Index(j as u32), root);
+            self.emit(item, Edge::Index(j as u32));
         }
     }
 
     /// An instance's attributes, wherever its version keeps them.
-    fn instance(&mut self, addr: u64, t: &TypeInfo, i: u32, root: u32) {
+    fn instance(&mut self, addr: u64, t: &TypeInfo) {
         let ptr = |at: u64| word(self.mem, at).unwrap_or(0);
         if t.flags & flags::MANAGED_DICT != 0 {
             let before = addr.wrapping_sub(24);
@@ -464,29 +630,29 @@ impl<'a> Walk<'a> {
                 Managed::Pointers => {
                     let dict = ptr(before);
                     if plausible(dict) {
-                        self.attributes(dict, i, root);
+                        self.attributes(dict);
                     } else {
-                        self.values(ptr(addr.wrapping_sub(32)), t.cached_keys, true, i, root);
+                        self.values(ptr(addr.wrapping_sub(32)), t.cached_keys, true);
                     }
                 }
                 Managed::Tagged => {
                     let slot = ptr(before);
                     if slot & 1 == 1 {
                         // Tagged one byte short of the values (`dorv.values + 1`).
-                        self.values(slot + 1, t.cached_keys, true, i, root);
+                        self.values(slot + 1, t.cached_keys, true);
                     } else if plausible(slot) {
-                        self.attributes(slot, i, root);
+                        self.attributes(slot);
                     }
                 }
                 Managed::Inline => {
                     let dict = ptr(before);
                     if plausible(dict) {
-                        self.attributes(dict, i, root);
+                        self.attributes(dict);
                     } else if t.flags & flags::INLINE_VALUES != 0 {
                         let values = addr + t.basicsize;
                         // `valid`: the values are the instance's (no dict took them over).
                         if byte(self.mem, values + 3) == Some(1) {
-                            self.values(values, t.cached_keys, false, i, root);
+                            self.values(values, t.cached_keys, false);
                         }
                     }
                 }
@@ -494,84 +660,88 @@ impl<'a> Walk<'a> {
         } else if t.dictoffset > 0 {
             let dict = ptr(addr + t.dictoffset as u64);
             if plausible(dict) {
-                self.attributes(dict, i, root);
+                self.attributes(dict);
             }
         }
     }
 
     /// A dict of attributes (an instance's, a class's): the dict and its tables are
     /// the owner's, its values its attributes.
-    fn attributes(&mut self, dict: u64, owner: u32, root: u32) {
-        if self.seen.contains_key(&dict) || word(self.mem, dict + heap::OB_TYPE) != Some(self.py.types.dict) {
+    fn attributes(&mut self, dict: u64) {
+        if word(self.mem, dict + heap::OB_TYPE) != Some(self.py.types.dict) {
             return;
         }
-        self.visit(dict, owner, Edge::Table("__dict__"), root);
-        for (key, value) in self.dict(dict, owner, root) {
-            self.visit(value, owner, Edge::Attr(key), root);
-        }
+        self.emit(dict, Edge::Table("__dict__"));
+        self.dict(dict, |w, key, value| w.emit(value, Edge::Attr(key)));
     }
 
     /// Values kept apart from a dict, their keys in the class (`keys`); `owned` where
     /// they are a block of their own.
-    fn values(&mut self, values: u64, keys: u64, owned: bool, owner: u32, root: u32) {
+    fn values(&mut self, values: u64, keys: u64, owned: bool) {
         if !plausible(values) || !plausible(keys) {
             return;
         }
         if owned {
-            self.visit(values, owner, Edge::Table("(attribute values)"), root);
+            self.emit(values, Edge::Table("(attribute values)"));
         }
-        for (key, value) in self.entries(keys, values) {
-            self.visit(value, owner, Edge::Attr(key), root);
-        }
+        self.entries(keys, values, |w, key, value| w.emit(value, Edge::Attr(key)));
     }
 
-    /// A dict's (key, value) pairs; its tables are the dict's (`i`).
-    fn dict(&mut self, addr: u64, i: u32, root: u32) -> Vec<(u64, u64)> {
+    /// Each of a dict's (key, value) pairs given to `each`; its tables are the dict's.
+    fn dict(&mut self, addr: u64, each: Each) {
         let keys = word(self.mem, addr + heap::DICT_KEYS).unwrap_or(0);
         let values = word(self.mem, addr + heap::DICT_VALUES).unwrap_or(0);
         if !plausible(keys) {
-            return Vec::new();
+            return;
         }
         if plausible(values) {
             // Keys shared with its class's other instances: the class's.
-            self.visit(values, i, Edge::Table("dict (values)"), root);
+            self.emit(values, Edge::Table("dict (values)"));
         } else {
-            self.visit(keys, i, Edge::Table("dict (table)"), root);
+            self.emit(keys, Edge::Table("dict (table)"));
         }
-        self.entries(keys, values)
+        self.entries(keys, values, each);
     }
 
-    /// The (key, value) pairs of the keys table `keys`, the values in `values` where
-    /// they are kept apart (a split table).
-    fn entries(&self, keys: u64, values: u64) -> Vec<(u64, u64)> {
+    /// Each (key, value) pair of the keys table `keys` given to `each`, the values
+    /// in `values` where they are kept apart (a split table); read a page at a time.
+    fn entries(&mut self, keys: u64, values: u64, each: Each) {
         let (Some(log2_index_bytes), Some(kind), Some(log2_size), Some(n)) = (
             byte(self.mem, keys + heap::KEYS_LOG2_INDEX_BYTES),
             byte(self.mem, keys + heap::KEYS_KIND),
             byte(self.mem, keys + heap::KEYS_LOG2_SIZE),
             word(self.mem, keys + heap::KEYS_NENTRIES),
         ) else {
-            return Vec::new();
+            return;
         };
         if log2_index_bytes > 40 || log2_size > 40 {
-            return Vec::new();
+            return;
         }
         let n = n.min(1 << log2_size).min(MAX_ITEMS);
         let at = keys + heap::KEYS_INDICES + (1u64 << log2_index_bytes);
         let width = if kind == heap::KEYS_GENERAL { 3 } else { 2 };
-        let raw = words(self.mem, at, n * width);
-        let split = if plausible(values) {
-            words(self.mem, values + self.py.heap.values_values, n)
-        } else {
-            Vec::new()
-        };
-        raw.chunks_exact(width as usize)
-            .enumerate()
-            .filter_map(|(j, e)| {
+        let split = plausible(values);
+        let mut from = 0;
+        while from < n {
+            let count = (n - from).min(ENTRIES_AT_ONCE);
+            let raw = words(self.mem, at + from * width * 8, count * width);
+            let kept = if split {
+                words(self.mem, values + self.py.heap.values_values + from * 8, count)
+            } else {
+                Vec::new()
+            };
+            for (j, e) in raw.chunks_exact(width as usize).enumerate() {
                 let key = e[width as usize - 2];
-                let value = if plausible(values) { *split.get(j)? } else { e[width as usize - 1] };
-                (key != 0).then_some((key, value))
-            })
-            .collect()
+                let value = if split { kept.get(j).copied().unwrap_or(0) } else { e[width as usize - 1] };
+                if key != 0 {
+                    each(self, key, value);
+                }
+            }
+            if (raw.len() as u64) < count * width {
+                return;
+            }
+            from += count;
+        }
     }
 
     /// Roots of every module's globals, `__main__`'s first; modules and their dicts
@@ -583,7 +753,7 @@ impl<'a> Walk<'a> {
         if word(self.mem, modules + heap::OB_TYPE) != Some(ty.dict) {
             return;
         }
-        self.seen.insert(modules, CONTAINER);
+        self.seen.insert(modules);
         let mut all: Vec<(String, u64)> = Vec::new();
         for (name, module) in self.entries_of(modules) {
             let Some(t) = self.type_of(module) else { continue };
@@ -594,32 +764,32 @@ impl<'a> Walk<'a> {
             if word(self.mem, dict + heap::OB_TYPE) != Some(ty.dict) {
                 continue;
             }
-            self.seen.insert(module, CONTAINER);
-            self.seen.insert(dict, CONTAINER);
+            // Roots are taken from them; no path runs through them.
+            self.seen.insert(module);
+            self.seen.insert(dict);
             all.push((self.text(name).unwrap_or_else(|| "?".into()), dict));
         }
         all.sort_by_key(|(name, _)| name != "__main__");
         for (module, dict) in all {
             for (key, value) in self.entries_of(dict) {
-                if !plausible(value) || self.seen.contains_key(&value) {
+                if !plausible(value) || self.seen.contains(value) {
                     continue;
                 }
-                let root = self.roots.len() as u32;
                 let name = self.text(key).unwrap_or_else(|| "?".into());
-                self.roots.push(Root { kind: "global", name, scope: Some(module.clone()) });
-                self.visit(value, NO_PARENT, Edge::Root, root);
+                self.source(value, Root { kind: "global", name, scope: Some(module.clone()) });
             }
         }
     }
 
-    fn entries_of(&self, dict: u64) -> Vec<(u64, u64)> {
+    /// A dict's pairs (a module's globals, `sys.modules`).
+    fn entries_of(&mut self, dict: u64) -> Vec<(u64, u64)> {
         let keys = word(self.mem, dict + heap::DICT_KEYS).unwrap_or(0);
         let values = word(self.mem, dict + heap::DICT_VALUES).unwrap_or(0);
+        self.pairs.clear();
         if plausible(keys) {
-            self.entries(keys, values)
-        } else {
-            Vec::new()
+            self.entries(keys, values, |w, key, value| w.pairs.push((key, value)));
         }
+        std::mem::take(&mut self.pairs)
     }
 
     /// Roots of each thread's frames: their local variables and evaluation stacks.
@@ -659,22 +829,17 @@ impl<'a> Walk<'a> {
         let names = word(self.mem, code + heap::CODE_LOCALSPLUSNAMES).unwrap_or(0);
         let items = words(self.mem, frame + heap::FRAME_LOCALSPLUS, top.max(nlocals).min(MAX_FRAME_ITEMS));
         for (j, item) in items.into_iter().enumerate() {
-            if !plausible(item) || self.seen.contains_key(&item) {
+            if !plausible(item) || self.seen.contains(item) {
                 continue;
             }
             let j = j as u64;
-            let name = if j < nlocals && j < top.max(nlocals) {
+            let name = if j < nlocals {
                 word(self.mem, names + heap::TUPLE_ITEMS + 8 * j).and_then(|n| self.text(n))
             } else {
                 Some("(evaluation stack)".to_owned())
             };
-            let root = self.roots.len() as u32;
-            self.roots.push(Root {
-                kind: "local",
-                name: name.unwrap_or_else(|| "?".into()),
-                scope: Some(function.clone()),
-            });
-            self.visit(item, NO_PARENT, Edge::Root, root);
+            let name = name.unwrap_or_else(|| "?".into());
+            self.source(item, Root { kind: "local", name, scope: Some(function.clone()) });
         }
     }
 
@@ -735,38 +900,38 @@ impl<'a> Walk<'a> {
         })
     }
 
-    /// The known blocks that count, each placed on the node its block holds (an
-    /// object, past its collector's header, or a table), grouped by root and type.
-    fn place(&mut self, known: &[Known]) -> Found {
-        let mut groups: HashMap<(u32, String), (u64, u64, u32)> = HashMap::new();
+    /// The known blocks that count (each with its size), each placed on what its
+    /// block holds (an object, past its collector's header, or a table), grouped by
+    /// root and type.
+    fn place(&mut self, known: &[(Known, u64)]) -> Found {
+        // (root, type): bytes, objects, and one object's (address, link).
+        let mut groups: FxHashMap<(u32, String), (u64, u64, u64, u32)> = FxHashMap::default();
         let (mut bytes, mut objects) = (0, 0);
         let mut unreached = (0u64, 0u64);
-        for k in known.iter().filter(|k| k.counted) {
+        for (k, size) in known {
             bytes += k.weight;
             objects += 1;
-            let size = k.size.or_else(|| crate::holders::chunks::usable(self.mem, k.start)).unwrap_or(16);
-            let node = (0..size.min(64))
+            let hit = (0..(*size).min(64))
                 .step_by(8)
-                .find_map(|off| self.seen.get(&(k.start + off)).copied().filter(|n| *n != CONTAINER));
-            let Some(n) = node else {
+                .find_map(|off| self.hits.get(&(k.start + off)).map(|h| (k.start + off, *h)));
+            let Some((addr, (parent, root, table))) = hit else {
                 unreached.0 += k.weight;
                 unreached.1 += 1;
                 continue;
             };
-            let Node { addr, edge, root, .. } = self.nodes[n as usize];
-            let kind = match edge {
-                Edge::Table(t) => t.to_owned(),
-                _ => self.type_of(addr).map_or_else(|| "?".into(), |t| t.name.to_string()),
+            let kind = match table {
+                Some(table) => table.to_owned(),
+                None => self.type_of(addr).map_or_else(|| "?".into(), |t| t.name.to_string()),
             };
-            let g = groups.entry((root, kind)).or_insert((0, 0, n));
+            let g = groups.entry((root, kind)).or_insert((0, 0, addr, parent));
             g.0 += k.weight;
             g.1 += 1;
         }
         let mut holders: Vec<Holder> = Vec::new();
         let mut groups: Vec<_> = groups.into_iter().collect();
         groups.sort_by_key(|g| std::cmp::Reverse(g.1 .0));
-        for ((root, kind), (bytes, objects, first)) in groups.into_iter().take(MAX_HOLDERS) {
-            let (root, path) = self.path(root, first);
+        for ((root, kind), (bytes, objects, addr, parent)) in groups.into_iter().take(MAX_HOLDERS) {
+            let (root, path) = self.path(root, addr, parent);
             holders.push(Holder { bytes, objects, kind, root, path });
         }
         if unreached.1 > 0 {
@@ -781,20 +946,25 @@ impl<'a> Walk<'a> {
         Found { holders, bytes, objects, pause: Duration::ZERO, heap_used: 0, how: String::new() }
     }
 
-    /// The root (a class's attribute named as one) and the steps from it to `node`.
-    fn path(&mut self, root: u32, node: u32) -> (Root, Vec<Step>) {
-        let mut edges = Vec::new();
-        let (mut at, mut first) = (node, node);
-        while at != NO_PARENT && edges.len() < 4 * MAX_PATH {
-            let n = self.nodes[at as usize];
-            edges.push(n.edge);
-            (first, at) = (at, n.parent);
+    /// The root (a class's attribute, a closure's variable named as one) and the
+    /// steps from it to the object at `addr`, reached from link `parent`.
+    fn path(&mut self, root: u32, addr: u64, parent: u32) -> (Root, Vec<Step>) {
+        let mut chain = vec![addr];
+        let mut at = parent;
+        while at != NO_PARENT && chain.len() < 4 * MAX_PATH {
+            let link = self.links[at as usize];
+            chain.push(link.addr);
+            at = link.parent;
         }
-        let of_class = self.type_of(self.nodes[first as usize].addr).is_some_and(|t| t.kind == Kind::Type);
-        edges.reverse();
+        chain.reverse();
+        let of_class = self.type_of(chain[0]).is_some_and(|t| t.kind == Kind::Type);
+        let mut steps = Vec::new();
+        for pair in chain.windows(2) {
+            let edge = self.edge(pair[0], pair[1]);
+            let name = edge.and_then(|e| self.step(e)).unwrap_or_else(|| "?".into());
+            steps.push(Step { name });
+        }
         let mut root = self.roots[root as usize].clone();
-        let mut steps: Vec<Step> =
-            edges.into_iter().filter_map(|e| self.step(e)).map(|name| Step { name }).collect();
         let first = steps.first().map(|s| s.name.clone()).unwrap_or_default();
         if root.kind == "global" && of_class && first.starts_with('.') {
             // A global class's attribute: `Class.attr`.
