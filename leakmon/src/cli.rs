@@ -280,14 +280,20 @@ pub struct ReportArgs {
     /// a Node.js process or a HotSpot JVM (--pid and --duration), the objects the window
     /// left alive, grouped by the variable or static field that holds them: from heap
     /// snapshots taken through Node.js's inspector at the window's start and end, or
-    /// from JFR's paths from GC roots to its live samples at the window's end.
+    /// from JFR's paths from GC roots to its live samples at the window's end. For a
+    /// CPython process (3.11 to 3.13), the objects the agent sampled in the window (it is
+    /// loaded for it), grouped by the module global, class attribute, closure variable
+    /// or frame local that holds them: its objects are walked from outside at the
+    /// window's end, the process held still, nothing run or written in it.
     #[arg(long)]
     pub holders: bool,
     /// With --holders: the longest a process may be held still for its scan (default
     /// 2000 for a native scan; 30000 for a Node.js heap snapshot, which holds it up to
-    /// about 11 s per 100 MB of heap, and for JFR's search for paths). A native scan that
-    /// needs longer stops, lets the process go and says what it covered, with no
-    /// verdict; a snapshot estimated to need longer is not taken; JFR stops searching.
+    /// about 11 s per 100 MB of heap, for JFR's search for paths, and for a walk of
+    /// CPython's objects, about 7 s per GB). A native scan that needs longer stops, lets
+    /// the process go and says what it covered, with no verdict; a snapshot estimated to
+    /// need longer is not taken; JFR stops searching; a Python walk stops, and what it
+    /// did not reach counts as unreached.
     #[arg(long, value_name = "MILLISECONDS", value_parser = parse_budget)]
     pub holders_budget: Option<f64>,
     #[command(flatten)]

@@ -696,3 +696,44 @@ fn leakmon_killed_mid_walk_leaves_python_as_it_was() {
     assert_domains_back(&mut process, &mut lines, &original, "leakmon killed mid-walk");
     assert_cache_grows(&mut process, &mut lines, "leakmon killed mid-walk");
 }
+
+/// The daemon on demand (`POST /api/v1/holders?pid=N`) on a CPython process it traces
+/// through uprobes: the 100 `bytes(4096)` objects kept in its window are named held by
+/// the global `KEPT`, exactly (100 blocks of 4,129 B); the pause is given, and the
+/// process goes on.
+#[test]
+fn the_daemon_names_what_holds_python_objects_on_demand() {
+    use std::time::{Duration, Instant};
+    const LISTEN: &str = "127.0.0.1:19633";
+    let _daemon = common::start_daemon(&["--attach", "all", "--sample-interval", "0.5s"], LISTEN);
+    let (python, _) = interpreters().swap_remove(2);
+    let (mut process, mut lines) = start(&python, "blocks", "100");
+    let pid = process.0.id();
+    // Traced from its first allocation; the blocks then age out of flight.
+    std::thread::sleep(Duration::from_secs(2));
+    assert_eq!(ask(&mut process, &mut lines, "go"), "done");
+    std::thread::sleep(Duration::from_millis(1500));
+    let deadline = Instant::now() + Duration::from_secs(30);
+    let report: Value = loop {
+        let (head, body) =
+            common::http_post_raw(LISTEN, &format!("/api/v1/holders?pid={pid}")).expect("an answer");
+        if head.contains(" 200 ") {
+            break serde_json::from_str(&body).expect("JSON");
+        }
+        assert!(Instant::now() < deadline, "{head}\n{body}");
+        std::thread::sleep(Duration::from_millis(500));
+    };
+    let p = processes(&report).iter().find(|p| p["pid"] == pid).expect("the fixture");
+    let kept: Vec<&Value> = p["holders"]
+        .as_array()
+        .expect("holders")
+        .iter()
+        .filter(|h| h["root"] == serde_json::json!({"kind": "global", "name": "KEPT", "scope": "__main__"}))
+        .filter(|h| h["type"] == "bytes")
+        .collect();
+    assert_eq!(kept.len(), 1, "{p:#}");
+    assert_eq!((kept[0]["bytes"].as_u64(), kept[0]["objects"].as_u64()), (Some(412_900), Some(100)), "{p:#}");
+    assert!(p["pause_ms"].as_f64().expect("pause_ms") > 0.0);
+    common::agent_state::assert_runs_on(pid);
+    assert_eq!(ask(&mut process, &mut lines, "go"), "done");
+}

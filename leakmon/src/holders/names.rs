@@ -257,11 +257,6 @@ pub fn attach(
             scanned.info.allocator.map_or("this allocator", |a| a.name())
         ));
     }
-    if process.runtime == Some("python") {
-        process.notes.push(
-            "What holds Python's objects (a module's global, a class attribute) is not named yet: this scan follows the native heap's pointers, where CPython's objects and dicts lie".to_owned(),
-        );
-    }
     if outcome.at_exit {
         process.notes.push(
             "Scanned at its exit: only the exiting thread's stack and registers were roots (other threads had ended), so blocks only they held count as lost; --pid scans it running".to_owned(),

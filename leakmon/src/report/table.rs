@@ -40,11 +40,14 @@ fn holders(out: &mut String, p: &ProcessReport) {
     for h in &p.holders {
         let share =
             if p.outstanding_bytes == 0 { 0.0 } else { 100.0 * h.bytes as f64 / p.outstanding_bytes as f64 };
-        let root = if h.root.name.is_empty() {
+        let mut root = if h.root.name.is_empty() {
             h.root.kind.to_owned()
         } else {
             format!("{} {}", h.root.kind, h.root.name)
         };
+        if let Some(scope) = &h.root.scope {
+            root.push_str(&format!(" (in {scope})"));
+        }
         let _ = writeln!(out, "  {:>12} {:>9} {:>5.1}%  {root}: {}", h.bytes, h.objects, share, h.kind);
         if !h.path.is_empty() {
             let path: Vec<&str> = h.path.iter().map(|s| s.name.as_str()).collect();
@@ -308,5 +311,23 @@ mod tests {
         report.method = crate::report::Method::Agent;
         report.add_notes();
         assert!(!render(&report).contains("note:"), "the agent sees Python objects");
+        // What holds them: the variable, where it is, the type, the path.
+        report.processes[0].holders = vec![crate::runtimes::held_by::Holder {
+            bytes: 4129,
+            objects: 1,
+            kind: "bytes".into(),
+            root: crate::runtimes::held_by::Root {
+                kind: "global",
+                name: "cache".into(),
+                scope: Some("__main__".into()),
+            },
+            path: vec![crate::runtimes::held_by::Step { name: "['a']".into() }],
+        }];
+        let text = render(&report);
+        assert!(
+            text.contains("         4129         1 100.0%  global cache (in __main__): bytes\n"),
+            "{text}"
+        );
+        assert!(text.contains("  via ['a']\n"), "{text}");
     }
 }

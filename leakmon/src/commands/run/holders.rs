@@ -69,6 +69,8 @@ pub struct Ask {
     budget_ms: u32,
     /// The addresses of the blocks' stacks, for the sites along a chain.
     stacks: HashMap<u64, Vec<u64>>,
+    /// It runs CPython: what holds its objects is walked instead.
+    python: bool,
 }
 
 /// What the loop reads for a scan of `pid`: its blocks and mappings; refuses in one
@@ -86,7 +88,8 @@ pub fn ask(
         (StatusCode::INTERNAL_SERVER_ERROR, format!("read the live blocks of pid {pid}: {e}"))
     })?;
     let glibc = info.allocator == Some(Allocator::Glibc);
-    if !glibc && known.iter().any(|k| k.size.is_none()) {
+    let python = crate::runtimes::python::runs(&info.maps);
+    if !glibc && !python && known.iter().any(|k| k.size.is_none()) {
         let allocator = info.allocator.map_or("an unknown allocator", |a| a.name());
         return Err((
             StatusCode::UNPROCESSABLE_ENTITY,
@@ -107,7 +110,7 @@ pub fn ask(
             }
         }
     }
-    Ok(Ask { pid, known, info, plan, budget_ms, stacks })
+    Ok(Ask { pid, known, info, plan, budget_ms, stacks, python })
 }
 
 impl Ask {
@@ -119,7 +122,10 @@ impl Ask {
         symbolizer: &Symbolizer,
         last: &LastScans,
     ) -> Result<Report, ProfileError> {
-        let Self { pid, known, info, plan, budget_ms, stacks } = self;
+        let Self { pid, known, info, plan, budget_ms, stacks, python } = self;
+        if python {
+            return python_holders(report, pid, &known, &info, plan.budget);
+        }
         let outcome = scan(&ProcRoot::default(), pid, plan, known)
             .map_err(|e| (StatusCode::CONFLICT, format!("holders scan of pid {pid}: {e:#}")))?;
         let scanned = Scanned { outcome: Ok(outcome), budget_ms: f64::from(budget_ms), info };
@@ -139,4 +145,35 @@ impl Ask {
         }
         Ok(report)
     }
+}
+
+/// What holds the objects of CPython process `pid` (its blocks `known`), put into
+/// `report`: walked from its globals and frames, every thread held still.
+fn python_holders(
+    mut report: Report,
+    pid: u32,
+    known: &[Known],
+    info: &ProcessInfo,
+    budget: Duration,
+) -> Result<Report, ProfileError> {
+    let proc_root = ProcRoot::default();
+    let root = info.root.clone().unwrap_or_else(|| proc_root.in_root(pid, std::path::Path::new("/")));
+    let py = match crate::runtimes::python::Interpreter::find(&info.maps, &root) {
+        Some(Ok(py)) => py,
+        Some(Err(why)) => return Err((StatusCode::UNPROCESSABLE_ENTITY, format!("pid {pid}: {why}"))),
+        None => {
+            return Err((
+                StatusCode::UNPROCESSABLE_ENTITY,
+                format!("pid {pid} runs no CPython leakmon knows"),
+            ))
+        }
+    };
+    let found = crate::runtimes::python::holders::holders(&proc_root, pid, &py, known, budget, true)
+        .map_err(|e| (StatusCode::CONFLICT, format!("what holds the objects of pid {pid}: {e:#}")))?;
+    if let Some(p) = report.processes.iter_mut().find(|p| p.pid == pid) {
+        p.pause_ms = Some((found.pause.as_secs_f64() * 1e6).round() / 1e3);
+        p.holders = found.holders;
+        p.notes.push(found.how);
+    }
+    Ok(report)
 }

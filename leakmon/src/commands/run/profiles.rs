@@ -129,7 +129,14 @@ pub(super) fn profile_snapshot(
     let holders = match (request.kind, &request.selector) {
         (ProfileKind::Holders { budget_ms, .. }, Selector::Pid(pid)) => {
             let info = crate::commands::capture(discovery, *pid, true);
-            let budget_ms = budget_ms.unwrap_or(crate::holders::NATIVE_BUDGET_MS);
+            // A CPython process's objects are walked (see runtimes::python::holders),
+            // held longer than a native heap's flood.
+            let default = if crate::runtimes::python::runs(&info.maps) {
+                crate::holders::RUNTIME_BUDGET_MS
+            } else {
+                crate::holders::NATIVE_BUDGET_MS
+            };
+            let budget_ms = budget_ms.unwrap_or(default);
             Some(super::holders::ask(probes, discovery.proc_root(), info, *pid, budget_ms)?)
         }
         (ProfileKind::Holders { .. }, Selector::Service(_)) => {
