@@ -388,6 +388,8 @@ fn setup(pins: &Pins, tests: bool) -> Result<()> {
                 "openjdk-17-jdk-headless",
                 // The signals test turns swap on in a file of its own.
                 "util-linux",
+                // The seccomp test traces the calls a load makes.
+                "bpftrace",
             ]
             .map(str::to_owned),
         );

@@ -21,7 +21,7 @@ use crate::{
 /// redirected. A statically linked program gets the freestanding agent, mapped by
 /// leakmon, and inline hooks only.
 pub fn load(proc_root: &ProcRoot, pid: u32, agent: &Path, sample_bytes: u64) -> Result<u64> {
-    refuse_seccomp(proc_root, pid)?;
+    super::seccomp::check(proc_root, pid)?;
     let remote = Remote::new(proc_root, pid)?;
     let root = proc_root.path().join(pid.to_string()).join("root");
     let maps = proc_root.maps(pid).with_context(|| format!("read the mappings of pid {pid}"))?;
@@ -247,20 +247,6 @@ pub fn unload(proc_root: &ProcRoot, pid: u32, agent: &Path) -> Result<u64> {
         .symbol(&maps, &root, "leakmon_agent_stop", Some(agent))
         .ok_or_else(|| anyhow!("the agent is not loaded in pid {pid}"))?;
     Ok(remote.call(stop, [0, 0, 0], None)? + unhooked)
-}
-
-/// Refuses a process under a seccomp filter: the filter may refuse, or kill the
-/// process for, the calls a load makes in it (an executable mapping, `dlopen`'s), and
-/// nothing outside the process can tell which.
-fn refuse_seccomp(proc_root: &ProcRoot, pid: u32) -> Result<()> {
-    let status = proc_root.status(pid).map_err(|_| anyhow!("no process with pid {pid}"))?;
-    let mode = status.lines().find_map(|l| l.strip_prefix("Seccomp:")).map_or("0", str::trim);
-    if mode != "0" {
-        bail!(
-            "pid {pid} runs under a seccomp filter (mode {mode}), which may refuse or kill it for the calls loading takes: the agent is not loaded"
-        );
-    }
-    Ok(())
 }
 
 /// Whether `pid` runs with glibc's dynamic loader (`false`: statically linked, no

@@ -9,6 +9,7 @@
 pub mod inject;
 pub mod inline;
 pub mod pace;
+pub mod seccomp;
 pub mod session;
 
 use std::{

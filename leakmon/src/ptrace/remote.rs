@@ -427,6 +427,11 @@ pub(crate) struct Held {
     /// Signals that reached the thread while it was held, each once (standard signals
     /// do not queue): all are delivered when it goes, none is dropped for a later one.
     pub(crate) pending: Vec<Signal>,
+    /// Held entering a syscall (its address past the `syscall` instruction): the next
+    /// syscall run takes that one's place. Skipping it instead (number -1) runs the
+    /// process's seccomp filters on -1, and an allowlist refuses it, writing its errno
+    /// over the number set up for the next.
+    pub(crate) entering: Option<u64>,
 }
 
 /// Where the borrowed thread goes back to, and the `syscall` instruction it was at.
@@ -439,13 +444,13 @@ impl Held {
     /// A thread that leakmon's [`super::tracer::Tracer`] holds stopped (at its entry
     /// point): used as it is, and never detached here.
     pub(crate) fn borrowed(tid: Pid) -> Self {
-        Self { tid, released: false, pending: Vec::new(), borrowed: true }
+        Self { tid, released: false, pending: Vec::new(), borrowed: true, entering: None }
     }
 
     /// Seizes `tid`, with syscall stops told apart from signals.
     fn seize(tid: Pid) -> Result<Self> {
         match ptrace::seize(tid, Options::PTRACE_O_TRACESYSGOOD) {
-            Ok(()) => Ok(Self { tid, released: false, pending: Vec::new(), borrowed: false }),
+            Ok(()) => Ok(Self { tid, released: false, pending: Vec::new(), borrowed: false, entering: None }),
             Err(Errno::EPERM) => Err(ptrace_refused(tid.as_raw() as u32)),
             Err(Errno::ESRCH) => bail!("pid {tid} exited"),
             Err(e) => bail!("ptrace seize pid {tid}: {e}"),
@@ -481,6 +486,7 @@ impl Held {
                         back.rip -= 2;
                         back.rax = regs.orig_rax;
                         back.orig_rax = u64::MAX;
+                        self.entering = Some(regs.rip);
                         return Ok((regs, Resume { regs: back, syscall_at: regs.rip - 2 }));
                     }
                 }
@@ -509,6 +515,11 @@ impl Held {
     /// result; the thread stays stopped after it.
     fn syscall(&mut self, regs: libc::user_regs_struct) -> Result<u64> {
         let tid = self.tid;
+        let mut regs = regs;
+        if let Some(past) = self.entering.take() {
+            // In place of the syscall it is entering: its exit stop gives the result.
+            (regs.orig_rax, regs.rip) = (regs.rax, past);
+        }
         ptrace::setregs(tid, regs).context("set registers")?;
         let deadline = Instant::now() + SAFE_POINT_WAIT;
         let nr = regs.rax;
