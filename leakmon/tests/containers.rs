@@ -38,3 +38,112 @@ fn a_namespaced_process_with_a_bind_mounted_libc_is_accounted_exactly() {
     let frames = small.expect("leak_small")["frames"].as_array().expect("frames");
     assert_eq!(frames.last().expect("frames")["function"], "_start", "{frames:#?}");
 }
+
+/// `report --agent --pid` on a C service in a real container (podman, runc, its own
+/// mount, pid and network namespaces, podman's default seccomp profile): the filter is
+/// read and lets the load through, the agent's file (not in the container's file
+/// system) is copied into a memory file of the process and loaded from there, and the
+/// leaking function is named with its bytes; afterwards the container's process has
+/// no descriptor, tracer or file of leakmon's and works.
+#[test]
+fn the_agent_names_a_leak_in_a_container_under_its_default_seccomp_profile() {
+    use common::podman::{image, Container};
+    let fixture = build_fixture("seccomp_target.c", &[]);
+    let image = image(std::slice::from_ref(&fixture));
+    let inside = fixture.display().to_string();
+    let container = Container::run("leakmon-test-agent-c", &image, &[], &[&inside, "default"]);
+    container.wait_for("ready", 1);
+    let pid = container.pid;
+    let fds_before = fds(pid);
+    let mut watch = common::leakmon()
+        .args(["report", "--agent", "--sample-bytes", "16KiB", "--format", "json", "--duration", "3"])
+        .args(["--pid", &pid.to_string()])
+        .stdout(std::process::Stdio::piped())
+        .stderr(std::process::Stdio::piped())
+        .spawn()
+        .expect("run leakmon");
+    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(20);
+    while !common::agent_state::agent_mapped(pid) {
+        assert!(std::time::Instant::now() < deadline, "the agent was not loaded");
+        std::thread::sleep(std::time::Duration::from_millis(20));
+    }
+    // Its copy's markers are probed just after the load.
+    std::thread::sleep(std::time::Duration::from_millis(500));
+    for i in 1..=30 {
+        common::signal(pid, nix::sys::signal::Signal::SIGUSR1);
+        container.wait_for("alive", i);
+    }
+    let out = std::io::read_to_string(watch.stdout.take().expect("stdout")).expect("read the report");
+    let status = watch.wait().expect("wait for leakmon");
+    let stderr = std::io::read_to_string(watch.stderr.take().expect("stderr")).unwrap_or_default();
+    assert!(status.success(), "{stderr}");
+    let report: serde_json::Value = serde_json::from_str(&out).expect("JSON");
+    let p = &processes(&report)[0];
+    let leaked: u64 = p["stacks"]
+        .as_array()
+        .expect("stacks")
+        .iter()
+        .filter(|s| s["site"]["function"] == "leak_page")
+        .map(|s| s["bytes"].as_u64().unwrap_or(0))
+        .sum();
+    let kept = 30 * 100 * 4096;
+    assert!(
+        (leaked as f64 - kept as f64).abs() < 0.2 * kept as f64,
+        "{leaked} B of {kept} in leak_page: {p:#}"
+    );
+    // Nothing of leakmon's left: no descriptor (the memory file's was closed), no
+    // tracer, no file in its root; it works.
+    assert_eq!(fds(pid), fds_before);
+    assert_eq!(common::agent_state::tracer_of(pid), "0");
+    let root = std::fs::read_dir(format!("/proc/{pid}/root/tmp")).expect("its /tmp").count();
+    assert_eq!(root, 0, "files in the container's /tmp");
+    common::signal(pid, nix::sys::signal::Signal::SIGUSR1);
+    container.wait_for("alive", 31);
+}
+
+/// A container whose seccomp profile refuses a mapping both writable and executable
+/// (a profile of its own) is refused in one line naming the call, before any is
+/// made: nothing is mapped into it, nobody traces it, and it works.
+#[test]
+fn a_container_whose_profile_refuses_a_load_s_mmap_is_refused_naming_it() {
+    use common::podman::{image, profile_without_wx_mmap, Container};
+    let fixture = build_fixture("seccomp_target.c", &[]);
+    let image = image(std::slice::from_ref(&fixture));
+    let dir = tempfile::tempdir().expect("temp dir");
+    let profile = format!("seccomp={}", profile_without_wx_mmap(dir.path()).display());
+    let inside = fixture.display().to_string();
+    let container =
+        Container::run("leakmon-test-no-wx", &image, &["--security-opt", &profile], &[&inside, "default"]);
+    container.wait_for("ready", 1);
+    let pid = container.pid;
+    let maps_before = std::fs::read_to_string(format!("/proc/{pid}/maps")).expect("maps");
+    let out = common::leakmon()
+        .args(["report", "--agent", "--format", "json", "--duration", "1", "--pid", &pid.to_string()])
+        .output()
+        .expect("run leakmon");
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert!(!out.status.success());
+    assert_eq!(stderr.trim().lines().count(), 1, "{stderr}");
+    assert!(
+        stderr.contains("its seccomp filter would refuse (Operation not permitted) mmap (mapping of leakmon's scratch page (read, write, execute))"),
+        "{stderr}"
+    );
+    assert_eq!(std::fs::read_to_string(format!("/proc/{pid}/maps")).expect("maps"), maps_before);
+    assert_eq!(common::agent_state::tracer_of(pid), "0");
+    common::signal(pid, nix::sys::signal::Signal::SIGUSR1);
+    container.wait_for("alive", 1);
+}
+
+/// The descriptors `pid` has open, by number and target.
+fn fds(pid: u32) -> Vec<(String, String)> {
+    let mut all: Vec<(String, String)> = std::fs::read_dir(format!("/proc/{pid}/fd"))
+        .expect("fds")
+        .flatten()
+        .map(|e| {
+            let target = std::fs::read_link(e.path()).map(|t| t.display().to_string()).unwrap_or_default();
+            (e.file_name().to_string_lossy().into_owned(), target)
+        })
+        .collect();
+    all.sort();
+    all
+}

@@ -390,6 +390,9 @@ fn setup(pins: &Pins, tests: bool) -> Result<()> {
                 "util-linux",
                 // The seccomp test traces the calls a load makes.
                 "bpftrace",
+                // Real containers (their images are built here, never pulled).
+                "podman",
+                "runc",
             ]
             .map(str::to_owned),
         );

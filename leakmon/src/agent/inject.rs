@@ -29,19 +29,32 @@ pub fn load(proc_root: &ProcRoot, pid: u32, agent: &Path, sample_bytes: u64) -> 
         let targets = inline::targets(proc_root, pid, &maps)?;
         return load_freestanding(proc_root, &remote, pid, agent, sample_bytes, &targets, None);
     }
-    if !maps.iter().any(|m| m.path == agent) {
+    if !maps.iter().any(|m| super::maps_agent(m, agent)) {
         let dlopen = remote
             .symbol(&maps, &root, "dlopen", None)
             .ok_or_else(|| anyhow!("pid {pid} has no dlopen to load the agent with"))?;
-        let path = agent.as_os_str().as_encoded_bytes();
-        let handle = remote.call(dlopen, [0, libc::RTLD_NOW as u64, 0], Some(path))?;
-        if handle == 0 {
+        // Its own mount namespace (a container's) may not reach the agent's file: a
+        // copy in a memory file of its own, opened through its /proc/self/fd.
+        let copy = if reaches(&root, agent) { None } else { Some(memfd_copy(&remote, pid, agent)?) };
+        let path = match copy {
+            Some(fd) => format!("/proc/self/fd/{fd}").into_bytes(),
+            None => agent.as_os_str().as_encoded_bytes().to_vec(),
+        };
+        let handle = remote.call(dlopen, [0, libc::RTLD_NOW as u64, 0], Some(&path));
+        if let Some(fd) = copy {
+            // The mapping keeps the copy; the descriptor goes.
+            remote
+                .with_syscalls(|sys| sys.close(fd))
+                .with_context(|| format!("close the agent's memory file in pid {pid}"))?;
+        }
+        if handle? == 0 {
             bail!("dlopen of the agent failed in pid {pid}");
         }
     }
     let maps = proc_root.maps(pid).with_context(|| format!("read the mappings of pid {pid}"))?;
+    let in_file = maps.iter().find(|m| super::maps_agent(m, agent)).map(|m| m.path.clone());
     let start = remote
-        .symbol(&maps, &root, "leakmon_agent_start", Some(agent))
+        .symbol(&maps, &root, "leakmon_agent_start", in_file.as_deref())
         .ok_or_else(|| anyhow!("the agent is not mapped in pid {pid} after dlopen"))?;
     let slots = remote.call(start, [sample_bytes, 0, 0], None)? as i64;
     match slots {
@@ -66,7 +79,7 @@ pub fn load(proc_root: &ProcRoot, pid: u32, agent: &Path, sample_bytes: u64) -> 
     match hooked {
         Ok(hooked) => Ok(slots as u64 + hooked),
         Err(e) => {
-            let stop = remote.symbol(&maps, &root, "leakmon_agent_stop", Some(agent));
+            let stop = remote.symbol(&maps, &root, "leakmon_agent_stop", in_file.as_deref());
             let undone = stop.map(|stop| remote.call(stop, [0, 0, 0], None));
             match undone {
                 Some(Ok(_)) => Err(e.context(format!("pid {pid}: the agent's redirections were taken back"))),
@@ -94,7 +107,7 @@ pub fn load_at_entry(
     let maps = proc_root.maps(pid).with_context(|| format!("read the mappings of pid {pid}"))?;
     let statically_linked = !glibc_loader(proc_root, pid, &maps)?;
     let targets = inline::targets(proc_root, pid, &maps)?;
-    if !statically_linked && (targets.is_empty() || !maps.iter().any(|m| m.path == agent)) {
+    if !statically_linked && (targets.is_empty() || !maps.iter().any(|m| super::maps_agent(m, agent))) {
         return Ok(0);
     }
     let tid = Pid::from_raw(pid as i32);
@@ -199,10 +212,11 @@ fn hook_inline(
     Ok(hooked.len() as u64)
 }
 
-/// Where the agent file `library` is mapped in `pid` (its first mapping).
+/// Where the agent file `library` (or its copy in a memory file) is mapped in `pid`
+/// (its first mapping).
 pub(crate) fn mapped_at(maps: &[Mapping], library: &Path, pid: u32) -> Result<u64> {
     maps.iter()
-        .find(|m| m.path == library && m.offset == 0)
+        .find(|m| super::maps_agent(m, library) && m.offset == 0)
         .map(|m| m.start)
         .ok_or_else(|| anyhow!("the agent is not mapped in pid {pid}"))
 }
@@ -243,10 +257,70 @@ pub fn unload(proc_root: &ProcRoot, pid: u32, agent: &Path) -> Result<u64> {
         remote.write(inline::AgentSymbols::new(&twin, base)?.get("rate")?, &0u64.to_le_bytes())?;
         return Ok(unhooked);
     }
+    let in_file = maps.iter().find(|m| super::maps_agent(m, agent)).map(|m| m.path.clone());
     let stop = remote
-        .symbol(&maps, &root, "leakmon_agent_stop", Some(agent))
+        .symbol(&maps, &root, "leakmon_agent_stop", in_file.as_deref())
+        .filter(|_| in_file.is_some())
         .ok_or_else(|| anyhow!("the agent is not loaded in pid {pid}"))?;
     Ok(remote.call(stop, [0, 0, 0], None)? + unhooked)
+}
+
+/// Whether the process whose root is `root` reaches the agent's file at its path: the
+/// same file (device and inode) there as here. Only looked at, never opened: the
+/// process's root is its own.
+fn reaches(root: &Path, agent: &Path) -> bool {
+    use std::os::unix::fs::MetadataExt as _;
+    let inside = root.join(agent.strip_prefix("/").unwrap_or(agent));
+    match (std::fs::metadata(&inside), std::fs::metadata(agent)) {
+        (Ok(a), Ok(b)) => (a.dev(), a.ino()) == (b.dev(), b.ino()),
+        _ => false,
+    }
+}
+
+/// A memory file in `pid` holding a copy of the agent: made there (`memfd_create`),
+/// filled from here through a duplicate of its descriptor, sealed. Returns the
+/// descriptor's number in `pid`.
+fn memfd_copy(remote: &Remote, pid: u32, agent: &Path) -> Result<u64> {
+    let fd = remote.with_syscalls(|sys| sys.memfd(&super::memfd_name(agent)))?;
+    let filled = fill_memfd(pid, fd, agent);
+    if let Err(e) = filled {
+        let _ = remote.with_syscalls(|sys| sys.close(fd));
+        return Err(e.context(format!("copy the agent into a memory file of pid {pid}")));
+    }
+    Ok(fd)
+}
+
+/// Writes the agent into descriptor `fd` of `pid`, which must be a memory file: the
+/// descriptor table is the process's to change meanwhile, so the duplicate taken here
+/// (`pidfd_getfd`: the same open file, with the rights the process has on it) is
+/// checked to be one before a byte is written.
+fn fill_memfd(pid: u32, fd: u64, agent: &Path) -> Result<()> {
+    use std::os::fd::{FromRawFd as _, OwnedFd};
+    let bytes = std::fs::read(agent).with_context(|| format!("read {}", agent.display()))?;
+    // SAFETY: plain syscalls; each descriptor returned is owned once.
+    let pidfd = unsafe { libc::syscall(libc::SYS_pidfd_open, pid as libc::pid_t, 0) };
+    if pidfd < 0 {
+        bail!("pidfd_open: {}", std::io::Error::last_os_error());
+    }
+    let pidfd = unsafe { OwnedFd::from_raw_fd(pidfd as i32) };
+    let ours = unsafe {
+        libc::syscall(libc::SYS_pidfd_getfd, std::os::fd::AsRawFd::as_raw_fd(&pidfd), fd as i32, 0)
+    };
+    if ours < 0 {
+        bail!("pidfd_getfd: {}", std::io::Error::last_os_error());
+    }
+    let file = std::fs::File::from(unsafe { OwnedFd::from_raw_fd(ours as i32) });
+    let raw = std::os::fd::AsRawFd::as_raw_fd(&file);
+    // Only a memory file answers F_GET_SEALS.
+    if unsafe { libc::fcntl(raw, libc::F_GET_SEALS) } < 0 {
+        bail!("descriptor {fd} of pid {pid} is no longer the memory file leakmon made");
+    }
+    file.write_all_at(&bytes, 0).context("write the agent")?;
+    let seals = libc::F_SEAL_SHRINK | libc::F_SEAL_GROW | libc::F_SEAL_WRITE | libc::F_SEAL_SEAL;
+    if unsafe { libc::fcntl(raw, libc::F_ADD_SEALS, seals) } < 0 {
+        bail!("seal the agent's memory file: {}", std::io::Error::last_os_error());
+    }
+    Ok(())
 }
 
 /// Whether `pid` runs with glibc's dynamic loader (`false`: statically linked, no

@@ -33,11 +33,46 @@ pub const SAMPLE_BYTES_ENV: &str = "LEAKMON_AGENT_SAMPLE_BYTES";
 
 const FILE_PREFIX: &str = "leakmon-agent-";
 
-/// Whether `path` names a copy of the agent (its frames are leakmon's own, never shown).
+/// Whether `path` names a copy of the agent (its frames are leakmon's own, never
+/// shown): its file, or its copy in a memory file (`/memfd:NAME`).
 pub fn is_agent(path: &Path) -> bool {
     path.file_name()
         .and_then(|n| n.to_str())
+        .map(|n| n.strip_prefix(MEMFD_PREFIX).unwrap_or(n))
         .is_some_and(|n| n.starts_with(FILE_PREFIX) && n.ends_with(".so"))
+}
+
+/// How a memory file's mapping is named in /proc/PID/maps (`/memfd:NAME (deleted)`).
+const MEMFD_PREFIX: &str = "memfd:";
+
+/// Whether mapping `m` is of the agent file `agent`: the file itself, or its copy in a
+/// memory file, where the process's mount namespace (a container's) does not reach the
+/// file (see [`inject`]).
+pub fn maps_agent(m: &crate::procfs::Mapping, agent: &Path) -> bool {
+    m.path == agent
+        || (m.deleted
+            && agent.file_name().is_some_and(|name| {
+                m.path.as_os_str().as_encoded_bytes().strip_prefix(b"/memfd:")
+                    == Some(name.as_encoded_bytes())
+            }))
+}
+
+/// The name of the memory file a copy of `agent` is put in.
+pub fn memfd_name(agent: &Path) -> String {
+    agent.file_name().map(|n| n.to_string_lossy().into_owned()).unwrap_or_default()
+}
+
+/// Where leakmon reaches each copy of the agent (or its twin) that `pid` maps from a
+/// memory file: `/proc/PID/map_files/RANGE`, for the markers' probes.
+pub fn copies_in(proc_root: &crate::procfs::ProcRoot, pid: u32, agent: &Path) -> Vec<PathBuf> {
+    let Ok(maps) = proc_root.maps(pid) else { return Vec::new() };
+    let root = proc_root.in_root(pid, Path::new("/"));
+    let mut seen = std::collections::HashSet::new();
+    maps.iter()
+        .filter(|m| m.deleted && m.offset == 0 && files(agent).iter().any(|f| maps_agent(m, f)))
+        .filter(|m| seen.insert(m.inode))
+        .map(|m| m.open_path(&root))
+        .collect()
 }
 
 /// Writes the agent (and its freestanding twin, beside it: see [`freestanding`]) to

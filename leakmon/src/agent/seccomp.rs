@@ -243,6 +243,7 @@ fn name(nr: i64) -> &'static str {
         libc::SYS_close => "close",
         libc::SYS_mprotect => "mprotect",
         libc::SYS_munmap => "munmap",
+        libc::SYS_memfd_create => "memfd_create",
         _ => "a syscall",
     }
 }

@@ -161,6 +161,12 @@ impl<'a> Watch<'a> {
             let (loaded, slots) = Session::start(pid, agent, self.interval)
                 .with_context(|| format!("load the agent into pid {pid}"))?;
             info!(pid, slots, interval = ?self.interval, "agent loaded");
+            // A copy in a memory file (a container's) is another file: its markers
+            // are probed once it exists.
+            let copies = crate::agent::copies_in(&self.proc_root, pid, agent);
+            if !copies.is_empty() {
+                self.probes.attach_agent(None, &copies).context("probe the markers of the agent's copy")?;
+            }
             session = Some(loaded);
         }
         refresh_unwind(&mut self.probes, &self.proc_root, pid);

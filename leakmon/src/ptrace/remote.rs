@@ -308,6 +308,26 @@ impl Syscalls<'_> {
         Ok(ret)
     }
 
+    /// A memory file named `name` (close-on-exec, sealable); its descriptor.
+    pub(crate) fn memfd(&mut self, name: &str) -> Result<u64> {
+        let scratch = self.map_anonymous(0, 4096, libc::PROT_READ | libc::PROT_WRITE, 0)?;
+        let mut bytes = name.as_bytes().to_vec();
+        bytes.truncate(200);
+        bytes.push(0);
+        let made = self.remote.write(scratch, &bytes).and_then(|()| {
+            self.run(
+                libc::SYS_memfd_create as u64,
+                [scratch, u64::from(libc::MFD_CLOEXEC | libc::MFD_ALLOW_SEALING), 0, 0, 0, 0],
+            )
+        });
+        let _ = self.run(NR_MUNMAP, [scratch, 4096, 0, 0, 0, 0]);
+        made
+    }
+
+    pub(crate) fn close(&mut self, fd: u64) -> Result<()> {
+        self.run(NR_CLOSE, [fd, 0, 0, 0, 0, 0]).map(drop)
+    }
+
     pub(crate) fn map_anonymous(&mut self, at: u64, bytes: u64, prot: i32, flags: i32) -> Result<u64> {
         let flags = (libc::MAP_PRIVATE | libc::MAP_ANONYMOUS | flags) as u64;
         self.run(NR_MMAP, [at, bytes, prot as u64, flags, u64::MAX, 0])

@@ -141,6 +141,12 @@ impl Loads {
             match outcome {
                 Ok((session, slots)) => {
                     info!(pid, slots, interval = ?self.interval, "agent loaded");
+                    // A copy in a memory file (a container's): its markers probed now.
+                    let copies =
+                        crate::agent::copies_in(&crate::procfs::ProcRoot::default(), pid, &self.path);
+                    if let Err(e) = kernel.attach_agent(None, &copies) {
+                        warn!(pid, "probe the markers of the agent's copy: {e}");
+                    }
                     self.sessions.insert(pid, session);
                 }
                 Err(e) => {

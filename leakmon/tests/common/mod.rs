@@ -11,6 +11,7 @@ use std::{
 use serde_json::Value;
 
 pub mod agent_state;
+pub mod podman;
 pub mod runtimes;
 
 pub fn leakmon() -> Command {
