@@ -99,4 +99,9 @@ pub struct PyLayout {
     /// `co_code_adaptive`: where the instructions start in the code object.
     pub code_instructions: u32,
     pub _pad: u32,
+    /// The process's pid namespace (device and inode of its `/proc/PID/ns/pid`) where
+    /// it is not leakmon's (a container's), else 0: CPython keeps each thread's id as
+    /// its own namespace numbers it, which the kernel side asks for then.
+    pub pidns_dev: u64,
+    pub pidns_ino: u64,
 }

@@ -9,8 +9,9 @@
 //! a frame, so a wrong layout costs frames, never invents them.
 
 use aya_ebpf::{
+    bindings::bpf_pidns_info,
     cty::c_void,
-    helpers::{bpf_get_current_pid_tgid, bpf_loop, bpf_probe_read_user},
+    helpers::{bpf_get_current_pid_tgid, bpf_get_ns_current_pid_tgid, bpf_loop, bpf_probe_read_user},
     macros::map,
     maps::{HashMap, LruHashMap},
 };
@@ -44,17 +45,17 @@ fn field(base: u64, offset: u32) -> u64 {
 /// The current thread's `PyThreadState`: the cached one, else found in the main
 /// interpreter's list of threads (newest first), through `bpf_loop`.
 #[inline(always)]
-fn thread_state(layout: &PyLayout, tid: u32) -> Option<u64> {
+fn thread_state(layout: &PyLayout, tid: u32, own: u32) -> Option<u64> {
     let native = layout.tstate_native_thread_id;
     // SAFETY: a copy out of this map's value.
     if let Some(&cached) = unsafe { PY_THREADS.get(&tid) } {
-        if read::<u64>(field(cached, native)) == Some(u64::from(tid)) {
+        if read::<u64>(field(cached, native)) == Some(u64::from(own)) {
             return Some(cached);
         }
     }
     let interp: u64 = read(layout.interpreters_head)?;
     let first: u64 = read(field(interp, layout.interp_threads_head))?;
-    let mut search = Search { layout, tstate: first, tid: u64::from(tid), found: 0 };
+    let mut search = Search { layout, tstate: first, tid: u64::from(own), found: 0 };
     // SAFETY: `find_thread` has the callback's signature and `search` outlives the call.
     unsafe {
         bpf_loop(MAX_THREADS as u32, find_thread as *mut c_void, (&raw mut search).cast(), 0);
@@ -118,7 +119,26 @@ pub fn walk(tgid: u32, out: *mut Stack, depth: usize) -> usize {
     // SAFETY: pointer into a map value.
     let l = unsafe { &*layout };
     let tid = bpf_get_current_pid_tgid() as u32;
-    let Some(tstate) = thread_state(l, tid) else { return depth };
+    // CPython keeps the thread's id as its pid namespace numbers it.
+    let own = if l.pidns_ino == 0 {
+        tid
+    } else {
+        let mut ns = bpf_pidns_info { pid: 0, tgid: 0 };
+        // SAFETY: `ns` is the size given.
+        let failed = unsafe {
+            bpf_get_ns_current_pid_tgid(
+                l.pidns_dev,
+                l.pidns_ino,
+                &raw mut ns,
+                core::mem::size_of::<bpf_pidns_info>() as u32,
+            )
+        };
+        if failed != 0 {
+            return depth;
+        }
+        ns.pid
+    };
+    let Some(tstate) = thread_state(l, tid, own) else { return depth };
     let Some(mut frame) = read::<u64>(field(tstate, l.tstate_frame)) else { return depth };
     if l.cframe_current_frame != NONE {
         let Some(current) = read::<u64>(field(frame, l.cframe_current_frame)) else { return depth };

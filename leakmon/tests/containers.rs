@@ -147,3 +147,53 @@ fn fds(pid: u32) -> Vec<(String, String)> {
     all.sort();
     all
 }
+
+/// A Python service in a real container (Debian's python3.11 in an image of its own,
+/// podman's default seccomp profile): the agent is loaded from its memory-file copy,
+/// the kernel walks the interpreter's frames read through the container's root, and
+/// the growing cache's bytes are named by its Python lines; `report --holders` then
+/// names the global `cache` that holds them. Afterwards the container works.
+#[test]
+fn a_python_service_in_a_container_is_named_by_its_lines_and_its_holder() {
+    use common::podman::{image, python_files, Container};
+    let fixture = common::fixtures_dir().join("python/cache_leak.py");
+    let mut files = python_files();
+    files.push(fixture.clone());
+    let image = image(&files);
+    let script = fixture.display().to_string();
+    let container =
+        Container::run("leakmon-test-python", &image, &[], &["/usr/bin/python3.11", &script, "grow", "2000"]);
+    container.wait_for("ready", 1);
+    let pid = container.pid;
+    let source = std::fs::read_to_string(&fixture).expect("the fixture");
+    let line = |needle: &str| source.lines().position(|l| l.contains(needle)).expect("the line") as u64 + 1;
+    let (make, keep) = (line("return (\"session-%d\""), line("cache[key] = value"));
+    let out = common::leakmon()
+        .args(["report", "--holders", "--format", "json", "--duration", "8", "--pid", &pid.to_string()])
+        .output()
+        .expect("run leakmon");
+    assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+    let report: serde_json::Value = serde_json::from_slice(&out.stdout).expect("JSON");
+    let p = &processes(&report)[0];
+    assert_eq!(report["method"], "agent", "{p:#}");
+    let total = p["outstanding_bytes"].as_u64().expect("bytes");
+    let of_lines = common::bytes_in_stacks(p, |frames| {
+        frames.iter().any(|f| {
+            f["runtime"] == "python"
+                && ((f["function"] == "make_entry" && f["line"] == make)
+                    || (f["function"] == "remember" && f["line"] == keep))
+        })
+    });
+    let holders = p["holders"].as_array().expect("holders");
+    let cache = common::runtimes::held_share(holders, "bytes", total, |h| {
+        h["root"] == serde_json::json!({"kind": "global", "name": "cache", "scope": "__main__"})
+    });
+    eprintln!(
+        "python in a container: {total} B, {of_lines} B in the cache's lines, {:.0}% held by cache",
+        cache * 100.0
+    );
+    assert!(of_lines as f64 >= 0.6 * total as f64, "{of_lines} of {total} B in the cache's lines: {p:#}");
+    assert!(cache >= 0.6, "held by cache: {cache:.2}");
+    assert_eq!(common::agent_state::tracer_of(pid), "0");
+    assert!(container.running());
+}

@@ -9,10 +9,14 @@ use std::{
     process::Command,
 };
 
-/// An image holding `files` (host paths, each put at the same path inside) and the
-/// C library with its loader; its name is made from what it holds, so it is built once.
+/// An image holding `files` (host paths, each put at the same path inside; a
+/// directory with what it holds, but its tests and byte-code caches) and the C library
+/// with its loader; its name is made from what it holds, so it is built once.
 pub fn image(files: &[PathBuf]) -> String {
-    let mut all: Vec<PathBuf> = files.to_vec();
+    let mut all: Vec<PathBuf> = Vec::new();
+    for f in files {
+        walk(f, &mut all);
+    }
     all.extend(["/lib/x86_64-linux-gnu/libc.so.6", "/lib64/ld-linux-x86-64.so.2"].map(PathBuf::from));
     let mut hash: u64 = 0xcbf2_9ce4_8422_2325;
     for f in &all {
@@ -47,6 +51,35 @@ pub fn image(files: &[PathBuf]) -> String {
     let _ = std::fs::remove_file(&tar);
     assert!(out.status.success(), "podman import: {}", String::from_utf8_lossy(&out.stderr));
     name
+}
+
+fn walk(path: &Path, into: &mut Vec<PathBuf>) {
+    if !path.is_dir() {
+        into.push(path.to_owned());
+        return;
+    }
+    let mut entries: Vec<PathBuf> =
+        std::fs::read_dir(path).expect("read a directory").flatten().map(|e| e.path()).collect();
+    entries.sort();
+    for e in entries {
+        let name = e.file_name().unwrap_or_default();
+        if name != "test" && name != "__pycache__" && !e.is_symlink() {
+            walk(&e, into);
+        }
+    }
+}
+
+/// Debian's python3.11 with its standard library and the libraries it links.
+pub fn python_files() -> Vec<PathBuf> {
+    [
+        "/usr/bin/python3.11",
+        "/usr/lib/python3.11",
+        "/lib/x86_64-linux-gnu/libm.so.6",
+        "/lib/x86_64-linux-gnu/libz.so.1",
+        "/lib/x86_64-linux-gnu/libexpat.so.1",
+    ]
+    .map(PathBuf::from)
+    .to_vec()
 }
 
 /// A running container, removed when dropped.

@@ -259,6 +259,8 @@ fn v3_11() -> (PyLayout, Objects) {
             frame_is_entry: 68,
             code_instructions: 184,
             _pad: 0,
+            pidns_dev: 0,
+            pidns_ino: 0,
         },
         Objects {
             code_qualname: 128,
@@ -290,6 +292,8 @@ fn v3_12() -> (PyLayout, Objects) {
             frame_is_entry: NONE,
             code_instructions: 192,
             _pad: 0,
+            pidns_dev: 0,
+            pidns_ino: 0,
         },
         Objects {
             code_qualname: 128,
@@ -345,6 +349,8 @@ fn debug_offsets(raw: &[u8]) -> Option<(PyLayout, Objects)> {
         frame_is_entry: NONE,
         code_instructions: small(43)?,
         _pad: 0,
+        pidns_dev: 0,
+        pidns_ino: 0,
     };
     let objects = Objects {
         code_qualname: word(37)?,

@@ -45,7 +45,9 @@ impl Walked for PythonSupport {
                 Ok(false)
             }
             Some(Ok(interpreter)) => {
-                kernel.walk(pid, TABLE, &interpreter.layout, interpreter.inode)?;
+                let (pidns_dev, pidns_ino) = pid_namespace(pid).unwrap_or_default();
+                let layout = python::PyLayout { pidns_dev, pidns_ino, ..interpreter.layout };
+                kernel.walk(pid, TABLE, &layout, interpreter.inode)?;
                 let (major, minor, micro) = interpreter.version;
                 info!(pid, "Python {major}.{minor}.{micro}: stacks name Python functions and lines");
                 Ok(true)
@@ -57,6 +59,15 @@ impl Walked for PythonSupport {
         let interpreter = Interpreter::find(maps, root)?.ok()?;
         Some(Arc::new(Process::open(pid, interpreter)?))
     }
+}
+
+/// `pid`'s pid namespace (device, inode) where it is not leakmon's own: a
+/// container's, whose thread ids CPython keeps as that namespace numbers them.
+fn pid_namespace(pid: u32) -> Option<(u64, u64)> {
+    use std::os::unix::fs::MetadataExt as _;
+    let theirs = std::fs::metadata(format!("/proc/{pid}/ns/pid")).ok()?;
+    let ours = std::fs::metadata("/proc/self/ns/pid").ok()?;
+    ((theirs.dev(), theirs.ino()) != (ours.dev(), ours.ino())).then(|| (theirs.dev(), theirs.ino()))
 }
 
 impl WalkedProcess for Process {
