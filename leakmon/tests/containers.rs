@@ -197,3 +197,102 @@ fn a_python_service_in_a_container_is_named_by_its_lines_and_its_holder() {
     assert_eq!(common::agent_state::tracer_of(pid), "0");
     assert!(container.running());
 }
+
+/// Two Node.js services in real containers at once, each in its own network namespace
+/// with its inspector on the same port (9229): `report --holders` on each, at the same
+/// time, reaches each one's own inspector (in its namespace) and names its `cache`;
+/// afterwards neither listens on any port.
+#[test]
+fn two_node_services_in_containers_each_get_their_own_inspector() {
+    use common::podman::{image, node_files, Container};
+    let fixture = common::fixtures_dir().join("node/cache_leak.js");
+    let mut files = node_files();
+    files.push(fixture.clone());
+    let image = image(&files);
+    let script = fixture.display().to_string();
+    let containers: Vec<Container> = ["leakmon-test-node-a", "leakmon-test-node-b"]
+        .iter()
+        .map(|name| Container::run(name, &image, &[], &["/usr/bin/node", &script, "grow"]))
+        .collect();
+    for c in &containers {
+        c.wait_for("ready", 1);
+    }
+    let reports: Vec<std::process::Child> = containers
+        .iter()
+        .map(|c| {
+            common::leakmon()
+                .args([
+                    "report",
+                    "--holders",
+                    "--format",
+                    "json",
+                    "--duration",
+                    "6",
+                    "--pid",
+                    &c.pid.to_string(),
+                ])
+                .stdout(std::process::Stdio::piped())
+                .stderr(std::process::Stdio::piped())
+                .spawn()
+                .expect("run leakmon")
+        })
+        .collect();
+    for (c, report) in containers.iter().zip(reports) {
+        let out = report.wait_with_output().expect("wait for leakmon");
+        assert!(out.status.success(), "{}: {}", c.name, String::from_utf8_lossy(&out.stderr));
+        let report: serde_json::Value = serde_json::from_slice(&out.stdout).expect("JSON");
+        let p = &processes(&report)[0];
+        assert_eq!(p["pid"], c.pid);
+        let total = p["outstanding_bytes"].as_u64().expect("bytes");
+        let holders = p["holders"].as_array().expect("holders");
+        let cache = common::runtimes::held_share(holders, "bytes", total, |h| h["root"]["name"] == "cache");
+        eprintln!("{}: {total} B, {:.0}% through cache", c.name, cache * 100.0);
+        assert!(cache >= 0.6, "{}: {cache:.2} through cache", c.name);
+        assert_eq!(common::runtimes::listening(c.pid), 0, "{}: a port left open", c.name);
+        assert!(c.running());
+    }
+}
+
+/// A JVM in a real container (OpenJDK 17 in an image of its own): HotSpot's attach
+/// protocol is spoken through the container's root and its pid namespace's number of
+/// the process, and `report --holders` names the static field `CacheLeak.CACHE`;
+/// afterwards nothing of leakmon's is in the container's /tmp and it runs.
+#[test]
+fn a_jvm_in_a_container_is_asked_through_its_namespaces() {
+    use common::podman::{image, jvm_files, Container};
+    // The classes at a path of their own, the same each run (one image).
+    let classes = std::path::PathBuf::from(env!("CARGO_TARGET_TMPDIR")).join("container-classes");
+    std::fs::create_dir_all(&classes).expect("a directory for the classes");
+    for e in std::fs::read_dir(common::runtimes::classes()).expect("the classes").flatten() {
+        std::fs::copy(e.path(), classes.join(e.file_name())).expect("copy a class");
+    }
+    let mut files = jvm_files();
+    files.push(classes.clone());
+    let image = image(&files);
+    let cp = classes.display().to_string();
+    let java = "/usr/lib/jvm/java-17-openjdk-amd64/bin/java";
+    let container = Container::run("leakmon-test-jvm", &image, &[], &[java, "-cp", &cp, "CacheLeak"]);
+    container.wait_for("ready", 1);
+    let pid = container.pid;
+    let out = common::leakmon()
+        .args(["report", "--holders", "--format", "json", "--duration", "8", "--pid", &pid.to_string()])
+        .output()
+        .expect("run leakmon");
+    assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+    let report: serde_json::Value = serde_json::from_slice(&out.stdout).expect("JSON");
+    let p = &processes(&report)[0];
+    let objects = p["outstanding_allocations"].as_u64().expect("objects");
+    let holders = p["holders"].as_array().expect("holders");
+    let cache =
+        common::runtimes::held_share(holders, "objects", objects, |h| h["root"]["name"] == "CacheLeak.CACHE");
+    eprintln!("jvm in a container: {objects} samples, {:.0}% through CacheLeak.CACHE", cache * 100.0);
+    assert!(cache >= 0.6, "{cache:.2} through CacheLeak.CACHE: {p:#}");
+    let left: Vec<String> = std::fs::read_dir(format!("/proc/{pid}/root/tmp"))
+        .expect("its /tmp")
+        .flatten()
+        .map(|e| e.file_name().to_string_lossy().into_owned())
+        .filter(|n| n.starts_with(".attach_pid") || n.ends_with(".jfr"))
+        .collect();
+    assert!(left.is_empty(), "left in the container's /tmp: {left:?}");
+    assert!(container.running());
+}

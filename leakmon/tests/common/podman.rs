@@ -18,9 +18,16 @@ pub fn image(files: &[PathBuf]) -> String {
         walk(f, &mut all);
     }
     all.extend(["/lib/x86_64-linux-gnu/libc.so.6", "/lib64/ld-linux-x86-64.so.2"].map(PathBuf::from));
+    // Small files by their bytes, large ones (a runtime's) by their size and time.
     let mut hash: u64 = 0xcbf2_9ce4_8422_2325;
     for f in &all {
-        let bytes = std::fs::read(f).unwrap_or_else(|e| panic!("read {}: {e}", f.display()));
+        let meta = std::fs::metadata(f).unwrap_or_else(|e| panic!("{}: {e}", f.display()));
+        let bytes = if meta.len() < 1 << 20 {
+            std::fs::read(f).unwrap_or_else(|e| panic!("read {}: {e}", f.display()))
+        } else {
+            let modified = meta.modified().ok().and_then(|t| t.duration_since(std::time::UNIX_EPOCH).ok());
+            format!("{} {modified:?}", meta.len()).into_bytes()
+        };
         for b in f.as_os_str().as_encoded_bytes().iter().chain(&bytes) {
             hash = (hash ^ u64::from(*b)).wrapping_mul(0x0100_0000_01b3);
         }
@@ -63,7 +70,9 @@ fn walk(path: &Path, into: &mut Vec<PathBuf>) {
     entries.sort();
     for e in entries {
         let name = e.file_name().unwrap_or_default();
-        if name != "test" && name != "__pycache__" && !e.is_symlink() {
+        // A link is taken as what it leads to (Debian's JDK links its configuration
+        // from /etc); one that leads nowhere is left out.
+        if name != "test" && name != "__pycache__" && e.exists() {
             walk(&e, into);
         }
     }
@@ -80,6 +89,40 @@ pub fn python_files() -> Vec<PathBuf> {
     ]
     .map(PathBuf::from)
     .to_vec()
+}
+
+/// Node.js (its one binary) and the libraries it links.
+pub fn node_files() -> Vec<PathBuf> {
+    let mut files = vec![PathBuf::from("/usr/bin/node")];
+    let out = Command::new("ldd").arg("/usr/bin/node").output().expect("run ldd");
+    files.extend(
+        String::from_utf8_lossy(&out.stdout)
+            .lines()
+            .filter_map(|l| l.split("=> ").nth(1)?.split(' ').next().map(PathBuf::from))
+            .filter(|p| p.is_absolute()),
+    );
+    files
+}
+
+/// OpenJDK 17's runtime (its `java`, libraries and configuration) and what it links.
+pub fn jvm_files() -> Vec<PathBuf> {
+    let home = Path::new("/usr/lib/jvm/java-17-openjdk-amd64");
+    let mut files: Vec<PathBuf> =
+        ["bin/java", "lib", "conf", "release"].iter().map(|p| home.join(p)).collect();
+    files.extend(
+        [
+            "libz.so.1",
+            "libstdc++.so.6",
+            "libgcc_s.so.1",
+            "libm.so.6",
+            "libdl.so.2",
+            "libpthread.so.0",
+            "librt.so.1",
+        ]
+        .iter()
+        .map(|l| Path::new("/lib/x86_64-linux-gnu").join(l)),
+    );
+    files
 }
 
 /// A running container, removed when dropped.
