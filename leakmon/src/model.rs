@@ -122,6 +122,9 @@ pub struct SeriesView {
     pub pid: Option<u32>,
     pub signal: &'static str,
     pub pids: Vec<u32>,
+    /// The container the processes run in, from their memory cgroup's path.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub container: Option<crate::sources::container::Container>,
     /// The allocator the processes' malloc calls reach (glibc, jemalloc, ...), when
     /// their mappings were read (allocation attribution on).
     pub allocator: Option<&'static str>,
@@ -159,6 +162,11 @@ impl SeriesView {
             pid: Some(42),
             signal,
             pids: vec![1],
+            container: Some(crate::sources::container::Container {
+                runtime: "podman",
+                id: "bbdf01ed86b1fc90cebe7dccf8c111ed095e2077c6096045a230d800942aeb13".into(),
+                pod_uid: None,
+            }),
             allocator: Some("jemalloc"),
             incomplete: signal == "heap",
             current_bytes: 4096,

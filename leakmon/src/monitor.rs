@@ -334,6 +334,7 @@ impl Monitor {
                 pid: key.pid,
                 signal: key.signal.as_str(),
                 pids: group.map(|g| g.pids.clone()).unwrap_or_default(),
+                container: crate::sources::container::of_cgroup(&cgroup.path),
                 allocator: None,
                 incomplete: s.incomplete(),
                 current_bytes: current,

@@ -296,3 +296,37 @@ fn a_jvm_in_a_container_is_asked_through_its_namespaces() {
     assert!(left.is_empty(), "left in the container's /tmp: {left:?}");
     assert!(container.running());
 }
+
+/// The daemon's series for a service in a real container carry its container:
+/// `leakmon_container_info` names podman and the container's full id for the service
+/// and command, read from the process's cgroup path.
+#[test]
+fn the_daemon_names_the_container_of_a_containerized_service() {
+    use common::podman::{image, Container};
+    const LISTEN: &str = "127.0.0.1:19634";
+    let fixture = build_fixture("seccomp_target.c", &[]);
+    let image = image(std::slice::from_ref(&fixture));
+    let inside = fixture.display().to_string();
+    let container = Container::run("leakmon-test-daemon-c", &image, &[], &[&inside, "default"]);
+    container.wait_for("ready", 1);
+    let _daemon = common::start_daemon(&["--comm", "seccomp_target", "--sample-interval", "0.5s"], LISTEN);
+    let wanted = format!("container=\"{}\"", container.id());
+    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(30);
+    let mut metrics = String::new();
+    while std::time::Instant::now() < deadline {
+        metrics = common::http_get(LISTEN, "/metrics").unwrap_or_default();
+        if let Some(line) =
+            metrics.lines().find(|l| l.starts_with("leakmon_container_info{") && l.contains(&wanted))
+        {
+            assert!(
+                line.contains("runtime=\"podman\"") && line.contains("pod_uid=\"\"") && line.ends_with(" 1"),
+                "{line}"
+            );
+            assert!(line.contains("comm=\"seccomp_target\""), "{line}");
+            return;
+        }
+        std::thread::sleep(std::time::Duration::from_millis(500));
+    }
+    let info: Vec<&str> = metrics.lines().filter(|l| l.contains("container_info")).collect();
+    panic!("no leakmon_container_info with {wanted}: {info:#?}");
+}

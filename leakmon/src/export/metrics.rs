@@ -36,6 +36,7 @@ pub struct Metrics {
     stack_lost: IntGaugeVec,
     stack_reachable: IntGaugeVec,
     allocator: IntGaugeVec,
+    container: IntGaugeVec,
     events_lost: IntCounterVec,
     map_errors: IntCounterVec,
     attached: IntGauge,
@@ -151,6 +152,11 @@ impl Metrics {
                 "Unfreed bytes of one of the top stacks still held from a global, a stack, TLS or a register, at the last holders scan: a growing cache or collection, not a forgotten free.",
                 scst,
             ),
+            container: gauge(
+                "leakmon_container_info",
+                "The container a service and command's processes run in, from their cgroup path: its runtime (podman, docker, containerd, cri-o, kubernetes), id and Kubernetes pod UID (empty outside a pod); always 1.",
+                &[sc, &["runtime", "container", "pod_uid"]].concat(),
+            ),
             allocator: gauge(
                 "leakmon_allocator_info",
                 "The allocator (glibc, musl, jemalloc, tcmalloc, mimalloc, other) that a service and command's malloc calls reach; always 1.",
@@ -257,6 +263,7 @@ impl Metrics {
             &self.stack_info,
             &self.stack_suspected,
             &self.allocator,
+            &self.container,
         ] {
             g.reset();
         }
@@ -271,6 +278,12 @@ impl Metrics {
             }
             let scs = [sc.as_slice(), &[v.signal]].concat();
             let bytes = i64::try_from(v.current_bytes).unwrap_or(i64::MAX);
+            if let Some(c) = v.container.as_ref().filter(|_| v.signal == "anon") {
+                let pod = c.pod_uid.as_deref().unwrap_or("");
+                self.container
+                    .with_label_values(&[sc.as_slice(), &[c.runtime, c.id.as_str(), pod]].concat())
+                    .set(1);
+            }
             if let Some(allocator) = v.allocator.filter(|_| v.signal == "anon") {
                 self.allocator.with_label_values(&[sc.as_slice(), &[allocator]].concat()).set(1);
             }
@@ -475,6 +488,7 @@ mod tests {
             "leakmon_stack_growth_bytes_per_second{comm=\"leaky\",service=\"leaky.service\",stack=\"0123456789ab\"} 512",
             "leakmon_stack_leak_suspected{comm=\"leaky\",service=\"leaky.service\",stack=\"0123456789ab\"} 1",
             "leakmon_allocator_info{allocator=\"jemalloc\",comm=\"leaky\",service=\"leaky.service\"} 1",
+            "leakmon_container_info{comm=\"leaky\",container=\"bbdf01ed86b1fc90cebe7dccf8c111ed095e2077c6096045a230d800942aeb13\",pod_uid=\"\",runtime=\"podman\",service=\"leaky.service\"} 1",
             "leakmon_attached_processes 3",
             "leakmon_bpf_map_errors_total{map=\"stacks\"} 0",
             "leakmon_events_lost_total{source=\"lifecycle_ring\"} 0",

@@ -13,6 +13,7 @@
 //! `--comm`, `--cgroup`), or the suspects the analysis flags, for a while each.
 
 pub mod agent;
+pub mod container;
 pub mod probing;
 pub mod proc_sampler;
 pub mod runtime_profiles;
