@@ -156,7 +156,9 @@ fn load_freestanding(
     }
     let maps = proc_root.maps(pid).with_context(|| format!("read the mappings of pid {pid}"))?;
     let (lo, hi) = executable_span(proc_root, pid, &maps)?;
-    let mapped = maps.iter().find(|m| m.path == library && m.offset == 0).map(|m| m.start);
+    let mapped = maps.iter().find(|m| super::maps_agent(m, &library) && m.offset == 0).map(|m| m.start);
+    let root = proc_root.path().join(pid.to_string()).join("root");
+    let copy = !reaches(&root, &library);
     if let Some(base) = mapped {
         let symbols = inline::AgentSymbols::new(&library, base)?;
         if remote.read_u64(symbols.get("rate")?)? != 0 {
@@ -169,7 +171,15 @@ fn load_freestanding(
     let setup = |sys: &mut Syscalls| -> Result<(inline::AgentSymbols, Option<u64>, u64)> {
         let base = match mapped {
             Some(base) => base,
-            None => sys.map_library(&library)?,
+            None if copy => {
+                // Not reached from its mount namespace (a container's): a copy in a
+                // memory file of its own, mapped from there.
+                let fd = sys.memfd(&super::memfd_name(&library))?;
+                let base = fill_memfd(pid, fd, &library).and_then(|()| sys.map_library(&library, Some(fd)));
+                sys.close(fd)?;
+                base?
+            }
+            None => sys.map_library(&library, None)?,
         };
         let symbols = inline::AgentSymbols::new(&library, base)?;
         let table = if remote.read_u64(symbols.get("set")?)? == 0 {

@@ -96,8 +96,23 @@ pub const CALLS: &[Call] = &[
     ),
     call(
         libc::SYS_mmap,
+        [0, 32 * PAGE, libc::PROT_NONE as u64, ANON, u64::MAX, 0],
+        "reservation for the freestanding agent (a static program)",
+    ),
+    call(
+        libc::SYS_mmap,
         [ADDR, 16 * PAGE, RX, (libc::MAP_PRIVATE | libc::MAP_FIXED) as u64, FD, 0],
         "mapping of the freestanding agent's code (a static program)",
+    ),
+    call(
+        libc::SYS_mmap,
+        [ADDR, 4 * PAGE, R, (libc::MAP_PRIVATE | libc::MAP_FIXED) as u64, FD, 16 * PAGE],
+        "mapping of the freestanding agent's constants",
+    ),
+    call(
+        libc::SYS_mmap,
+        [ADDR, 2 * PAGE, RW, (libc::MAP_PRIVATE | libc::MAP_FIXED) as u64, FD, 20 * PAGE],
+        "mapping of the freestanding agent's data",
     ),
     call(libc::SYS_munmap, [ADDR, 4 * PAGE, 0, 0, 0, 0], "unmapping of leakmon's scratch page"),
 ];

@@ -337,7 +337,9 @@ impl Syscalls<'_> {
     /// segment from the file, so that uprobes on it fire here too). It may have no
     /// relocations: a self-contained object built with `-Bsymbolic` has none. Returns
     /// its base.
-    pub(crate) fn map_library(&mut self, path: &Path) -> Result<u64> {
+    /// `opened`: the file's descriptor in the process already (a copy in a memory
+    /// file), else it is opened there by `path`; only what is opened here is closed.
+    pub(crate) fn map_library(&mut self, path: &Path, opened: Option<u64>) -> Result<u64> {
         use object::read::elf::{ElfFile64, FileHeader as _, ProgramHeader as _, SectionHeader as _};
         let data = std::fs::read(path).with_context(|| format!("read {}", path.display()))?;
         let elf = ElfFile64::<object::Endianness>::parse(&*data)
@@ -370,15 +372,20 @@ impl Syscalls<'_> {
             .map(|(v, _, _, m, _)| page_up(v + m))
             .max()
             .ok_or_else(|| anyhow!("{} has nothing to load", path.display()))?;
-        let scratch = self.map_anonymous(0, 4096, libc::PROT_READ | libc::PROT_WRITE, 0)?;
-        let mut name = path.as_os_str().as_encoded_bytes().to_vec();
-        if name.len() >= 4096 {
-            bail!("the path {} is too long", path.display());
-        }
-        name.push(0);
-        self.remote.write(scratch, &name)?;
-        let fd = self
-            .run(NR_OPENAT, [AT_FDCWD as u64, scratch, (libc::O_RDONLY | libc::O_CLOEXEC) as u64, 0, 0, 0])?;
+        let (fd, scratch) = match opened {
+            Some(fd) => (fd, None),
+            None => {
+                let scratch = self.map_anonymous(0, 4096, libc::PROT_READ | libc::PROT_WRITE, 0)?;
+                let mut name = path.as_os_str().as_encoded_bytes().to_vec();
+                if name.len() >= 4096 {
+                    bail!("the path {} is too long", path.display());
+                }
+                name.push(0);
+                self.remote.write(scratch, &name)?;
+                let flags = (libc::O_RDONLY | libc::O_CLOEXEC) as u64;
+                (self.run(NR_OPENAT, [AT_FDCWD as u64, scratch, flags, 0, 0, 0])?, Some(scratch))
+            }
+        };
         let mapped = (|| -> Result<u64> {
             let base = self.map_anonymous(0, span, libc::PROT_NONE, 0)?;
             for &(vaddr, offset, filesz, memsz, flags) in &loads {
@@ -401,8 +408,10 @@ impl Syscalls<'_> {
             }
             Ok(base)
         })();
-        let _ = self.run(NR_CLOSE, [fd, 0, 0, 0, 0, 0]);
-        let _ = self.run(NR_MUNMAP, [scratch, 4096, 0, 0, 0, 0]);
+        if let Some(scratch) = scratch {
+            let _ = self.run(NR_CLOSE, [fd, 0, 0, 0, 0, 0]);
+            let _ = self.run(NR_MUNMAP, [scratch, 4096, 0, 0, 0, 0]);
+        }
         let base = mapped?;
         // The rest of the last file page of a segment whose memory is larger (.bss)
         // must read as zeros.
