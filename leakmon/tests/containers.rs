@@ -355,3 +355,98 @@ fn the_daemon_names_the_container_of_a_containerized_service() {
     let info: Vec<&str> = metrics.lines().filter(|l| l.contains("container_info")).collect();
     panic!("no leakmon_container_info with {wanted}: {info:#?}");
 }
+
+/// leakmon itself in a container, run as the shipped DaemonSet runs it: the host's pid
+/// namespace, only the capabilities the manifest adds (read from it), a read-only root
+/// with the manifest's in-memory volume at /run/leakmon, no seccomp or AppArmor
+/// profile, the kernel's file systems mounted in. `report --agent` from there on a
+/// process of the host (another mount namespace, seen from the container) copies the
+/// agent into it and names its leak.
+#[test]
+fn leakmon_in_a_container_as_the_daemonset_runs_it_names_a_host_process_s_leak() {
+    use common::podman::image;
+    let manifest = std::fs::read_to_string(
+        std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("../deploy/kubernetes/leakmon.yaml"),
+    )
+    .expect("the manifest");
+    for setting in
+        ["hostPID: true", "readOnlyRootFilesystem: true", "mountPath: /run/leakmon", "medium: Memory"]
+    {
+        assert!(manifest.contains(setting), "the manifest no longer says {setting:?}: this test follows it");
+    }
+    let caps = manifest
+        .lines()
+        .find_map(|l| l.trim().strip_prefix("add: [")?.strip_suffix(']').map(str::to_owned))
+        .expect("the capabilities the manifest adds");
+    let caps: Vec<String> = caps.split(',').map(|c| c.trim().trim_matches('"').to_owned()).collect();
+    let leakmon = std::path::PathBuf::from(env!("CARGO_BIN_EXE_leakmon"));
+    let mut files = vec![leakmon.clone()];
+    files.extend(
+        ["libgcc_s.so.1", "libm.so.6"].map(|l| std::path::Path::new("/lib/x86_64-linux-gnu").join(l)),
+    );
+    let image = image(&files);
+    let fixture = build_fixture("seccomp_target.c", &[]);
+    let mut target = common::Reap(
+        std::process::Command::new(&fixture)
+            .arg("default")
+            .stdout(std::process::Stdio::piped())
+            .spawn()
+            .expect("start"),
+    );
+    let pid = target.0.id();
+    let mut lines = std::io::BufRead::lines(std::io::BufReader::new(target.0.stdout.take().expect("stdout")));
+    assert_eq!(lines.next().expect("a line").expect("read"), "ready");
+    let mut podman = std::process::Command::new("podman");
+    podman
+        .args(["run", "--rm", "--runtime", "runc", "--pid=host", "--network", "none", "--read-only"])
+        .args(["--tmpfs", "/run/leakmon", "--cap-drop=ALL", &format!("--cap-add={}", caps.join(","))])
+        .args(["--security-opt", "seccomp=unconfined", "--security-opt", "apparmor=unconfined"])
+        .args(["--ulimit", "nofile=4096:4096", "--ulimit", "nproc=4096:4096", "-e", "RUST_LOG=info"])
+        .args([
+            "-v",
+            "/sys/kernel/tracing:/sys/kernel/tracing:ro",
+            "-v",
+            "/sys/kernel/debug:/sys/kernel/debug:ro",
+        ])
+        .args(["-v", "/sys/fs/bpf:/sys/fs/bpf", "-v", "/sys/fs/cgroup:/sys/fs/cgroup:ro"])
+        .arg(&image)
+        .arg(&leakmon)
+        .args(["report", "--agent", "--sample-bytes", "16KiB", "--format", "json", "--duration", "4"])
+        .args(["--pid", &pid.to_string()])
+        .stdout(std::process::Stdio::piped())
+        .stderr(std::process::Stdio::piped());
+    let mut watch = podman.spawn().expect("run podman");
+    let mut log = std::io::BufReader::new(watch.stderr.take().expect("stderr"));
+    let mut seen = String::new();
+    while !seen.contains("watching") {
+        let mut line = String::new();
+        assert!(std::io::BufRead::read_line(&mut log, &mut line).expect("read the log") > 0, "{seen}");
+        seen.push_str(&line);
+    }
+    let rest = std::thread::spawn(move || std::io::read_to_string(log).unwrap_or_default());
+    for _ in 0..20 {
+        common::signal(pid, nix::sys::signal::Signal::SIGUSR1);
+        assert_eq!(lines.next().expect("a line").expect("read"), "alive");
+    }
+    let out = std::io::read_to_string(watch.stdout.take().expect("stdout")).expect("read the report");
+    let status = watch.wait().expect("wait for podman");
+    let stderr = rest.join().unwrap_or_default();
+    assert!(status.success(), "{seen}{stderr}");
+    let report: serde_json::Value = serde_json::from_str(&out).expect("JSON");
+    let p = &processes(&report)[0];
+    let leaked: u64 = p["stacks"]
+        .as_array()
+        .expect("stacks")
+        .iter()
+        .filter(|s| s["site"]["function"] == "leak_page")
+        .map(|s| s["bytes"].as_u64().unwrap_or(0))
+        .sum();
+    let kept = 20 * 100 * 4096;
+    assert!(
+        (leaked as f64 - kept as f64).abs() < 0.2 * kept as f64,
+        "{leaked} B of {kept} in leak_page: {p:#}"
+    );
+    assert_eq!(common::agent_state::tracer_of(pid), "0");
+    common::signal(pid, nix::sys::signal::Signal::SIGUSR1);
+    assert_eq!(lines.next().expect("a line").expect("read"), "alive");
+}
