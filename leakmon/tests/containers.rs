@@ -450,3 +450,37 @@ fn leakmon_in_a_container_as_the_daemonset_runs_it_names_a_host_process_s_leak()
     common::signal(pid, nix::sys::signal::Signal::SIGUSR1);
     assert_eq!(lines.next().expect("a line").expect("read"), "alive");
 }
+
+/// leakmon SIGKILLed mid-load, while watching, while pacing and at once, on a C
+/// service in a real container: each time its guardian puts the process back (no
+/// tracer, no descriptor of leakmon's left: the memory file's is closed on every path),
+/// it works, and a later report loads the agent again (nothing was left sampling).
+#[test]
+fn leakmon_killed_while_loading_into_a_container_leaves_it_as_it_was() {
+    use common::agent_state::{guardian_of, kill_agent_report_at, tracer_of, KILL_MOMENTS};
+    use common::podman::{image, Container};
+    let fixture = build_fixture("seccomp_target.c", &[]);
+    let image = image(std::slice::from_ref(&fixture));
+    let inside = fixture.display().to_string();
+    let container = Container::run("leakmon-test-killed", &image, &[], &[&inside, "default"]);
+    container.wait_for("ready", 1);
+    let pid = container.pid;
+    let fds_before = fds(pid);
+    for (i, moment) in KILL_MOMENTS.iter().enumerate() {
+        kill_agent_report_at(pid, moment, || {});
+        let deadline = std::time::Instant::now() + std::time::Duration::from_secs(20);
+        while guardian_of(pid).is_some() || tracer_of(pid) != "0" {
+            assert!(std::time::Instant::now() < deadline, "{moment}: the guardian did not finish");
+            std::thread::sleep(std::time::Duration::from_millis(50));
+        }
+        assert_eq!(fds(pid), fds_before, "{moment}");
+        common::signal(pid, nix::sys::signal::Signal::SIGUSR1);
+        container.wait_for("alive", i + 1);
+    }
+    let out = common::leakmon()
+        .args(["report", "--agent", "--format", "json", "--duration", "1", "--pid", &pid.to_string()])
+        .output()
+        .expect("run leakmon");
+    assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+    assert_eq!(fds(pid), fds_before);
+}

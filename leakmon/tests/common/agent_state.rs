@@ -114,6 +114,14 @@ pub fn agent_rate(pid: u32) -> Option<u64> {
         }
         Some((u64::from_str_radix(fields[0].split('-').next()?, 16).ok()?, path.to_owned()))
     })?;
+    // A copy in a memory file (a container's) is read through the process.
+    let path = if path.starts_with("/memfd:") {
+        let range =
+            maps.lines().find(|l| l.contains(&path) && l.split_whitespace().nth(2) == Some("00000000"))?;
+        format!("/proc/{pid}/map_files/{}", range.split_whitespace().next()?)
+    } else {
+        path
+    };
     let symbols =
         leakmon::agent::inline::AgentSymbols::new(std::path::Path::new(&path), base).expect("symbols");
     Some(read_u64(pid, symbols.get("rate").expect("the agent's rate")))
