@@ -484,3 +484,118 @@ fn leakmon_killed_while_loading_into_a_container_leaves_it_as_it_was() {
     assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
     assert_eq!(fds(pid), fds_before);
 }
+
+/// A Node.js container and a JVM container started for the runtime tests.
+fn runtime_containers(node: &str, jvm: &str) -> (common::podman::Container, common::podman::Container) {
+    use common::podman::{image, jvm_files, node_files, Container};
+    let script = common::fixtures_dir().join("node/cache_leak.js");
+    let mut files = node_files();
+    files.push(script.clone());
+    let node_image = image(&files);
+    let script = script.display().to_string();
+    let node = Container::run(node, &node_image, &[], &["/usr/bin/node", &script, "grow"]);
+    let classes = std::path::PathBuf::from(env!("CARGO_TARGET_TMPDIR")).join("container-classes");
+    std::fs::create_dir_all(&classes).expect("a directory for the classes");
+    for e in std::fs::read_dir(common::runtimes::classes()).expect("the classes").flatten() {
+        std::fs::copy(e.path(), classes.join(e.file_name())).expect("copy a class");
+    }
+    let mut files = jvm_files();
+    files.push(classes.clone());
+    let jvm_image = image(&files);
+    let cp = classes.display().to_string();
+    let java = "/usr/lib/jvm/java-17-openjdk-amd64/bin/java";
+    let jvm = Container::run(jvm, &jvm_image, &[], &[java, "-cp", &cp, "CacheLeak"]);
+    node.wait_for("ready", 1);
+    jvm.wait_for("ready", 1);
+    (node, jvm)
+}
+
+/// What leakmon may leave in a JVM's container: trigger files and recordings in its
+/// /tmp, and recordings `jcmd JFR.check` lists.
+fn left_in_jvm(pid: u32) -> Vec<String> {
+    let mut left: Vec<String> = std::fs::read_dir(format!("/proc/{pid}/root/tmp"))
+        .expect("its /tmp")
+        .flatten()
+        .map(|e| e.file_name().to_string_lossy().into_owned())
+        .filter(|n| n.starts_with(".attach_pid") || n.ends_with(".jfr"))
+        .collect();
+    if common::runtimes::recordings(pid).contains("leakmon") {
+        left.push("a recording".into());
+    }
+    left
+}
+
+/// The runtimes' own profilers in real containers (`report --runtime`): V8's sampling
+/// heap profiler through the Node.js inspector in its network namespace, and JFR
+/// through HotSpot's attach protocol; each names the script's or the program's
+/// growing cache, and afterwards no port is open and no recording or file is left.
+#[test]
+fn the_runtime_profilers_work_in_containers() {
+    let (node, jvm) = runtime_containers("leakmon-test-runtime-node", "leakmon-test-runtime-jvm");
+    // Node.js names a frame's script; JFR a method by its class (`CacheLeak.remember`).
+    let in_node = |f: &serde_json::Value| f["file"].as_str().is_some_and(|f| f.ends_with("cache_leak.js"));
+    let in_jvm = |f: &serde_json::Value| f["function"].as_str().is_some_and(|f| f.starts_with("CacheLeak."));
+    let cases: [(&common::podman::Container, &str, &dyn Fn(&serde_json::Value) -> bool); 2] =
+        [(&node, "node", &in_node), (&jvm, "jvm", &in_jvm)];
+    for (c, runtime, ours) in cases {
+        let out = common::runtimes::runtime_report(c.pid, "8", &[]);
+        assert!(out.status.success(), "{runtime}: {}", String::from_utf8_lossy(&out.stderr));
+        let report: serde_json::Value = serde_json::from_slice(&out.stdout).expect("JSON");
+        let p = &processes(&report)[0];
+        assert_eq!(p["runtime"], runtime, "{p:#}");
+        let total = p["outstanding_bytes"].as_u64().expect("bytes");
+        let named = common::bytes_in_stacks(p, |frames| frames.iter().any(ours));
+        eprintln!("{runtime} in a container: {total} B, {named} B in the fixture's frames");
+        assert!(
+            total > 0 && named as f64 >= 0.5 * total as f64,
+            "{runtime}: {named} of {total} B in the fixture"
+        );
+    }
+    assert_eq!(common::runtimes::listening(node.pid), 0, "the inspector is closed");
+    assert_eq!(left_in_jvm(jvm.pid), Vec::<String>::new());
+    assert!(node.running() && jvm.running());
+}
+
+/// leakmon SIGKILLed in the middle of a runtime's window in a real container: its
+/// guardian closes the Node.js inspector (in the container's network namespace) and
+/// stops and removes the JVM's recording; both run on.
+#[test]
+fn leakmon_killed_mid_window_leaves_containerized_runtimes_as_they_were() {
+    let (node, jvm) = runtime_containers("leakmon-test-killed-node", "leakmon-test-killed-jvm");
+    for (c, mid_window) in [(&node, "first heap snapshot taken"), (&jvm, "JFR recording started")] {
+        let mut watch = common::leakmon()
+            .env("RUST_LOG", "info")
+            .args([
+                "report",
+                "--holders",
+                "--format",
+                "json",
+                "--duration",
+                "60",
+                "--pid",
+                &c.pid.to_string(),
+            ])
+            .stdout(std::process::Stdio::null())
+            .stderr(std::process::Stdio::piped())
+            .spawn()
+            .expect("start leakmon");
+        let mut stderr = std::io::BufReader::new(watch.stderr.take().expect("stderr"));
+        let mut log = String::new();
+        while !log.contains(mid_window) {
+            assert!(std::io::BufRead::read_line(&mut stderr, &mut log).expect("read") > 0, "{log}");
+        }
+        watch.kill().expect("SIGKILL leakmon");
+        watch.wait().expect("reap");
+    }
+    let start = std::time::Instant::now();
+    while common::runtimes::listening(node.pid) > 0 || !left_in_jvm(jvm.pid).is_empty() {
+        assert!(
+            start.elapsed() < std::time::Duration::from_secs(30),
+            "left: {} ports, {:?}",
+            common::runtimes::listening(node.pid),
+            left_in_jvm(jvm.pid)
+        );
+        std::thread::sleep(std::time::Duration::from_millis(500));
+    }
+    assert!(node.running() && jvm.running());
+}
