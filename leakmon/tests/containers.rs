@@ -525,6 +525,9 @@ fn left_in_jvm(pid: u32) -> Vec<String> {
     left
 }
 
+/// Whether a frame is one of the fixture's own.
+type Ours = dyn Fn(&serde_json::Value) -> bool;
+
 /// The runtimes' own profilers in real containers (`report --runtime`): V8's sampling
 /// heap profiler through the Node.js inspector in its network namespace, and JFR
 /// through HotSpot's attach protocol; each names the script's or the program's
@@ -535,7 +538,7 @@ fn the_runtime_profilers_work_in_containers() {
     // Node.js names a frame's script; JFR a method by its class (`CacheLeak.remember`).
     let in_node = |f: &serde_json::Value| f["file"].as_str().is_some_and(|f| f.ends_with("cache_leak.js"));
     let in_jvm = |f: &serde_json::Value| f["function"].as_str().is_some_and(|f| f.starts_with("CacheLeak."));
-    let cases: [(&common::podman::Container, &str, &dyn Fn(&serde_json::Value) -> bool); 2] =
+    let cases: [(&common::podman::Container, &str, &Ours); 2] =
         [(&node, "node", &in_node), (&jvm, "jvm", &in_jvm)];
     for (c, runtime, ours) in cases {
         let out = common::runtimes::runtime_report(c.pid, "8", &[]);
