@@ -463,38 +463,68 @@ fn leakmon_in_a_container_as_the_daemonset_runs_it_names_a_host_process_s_leak()
     assert_eq!(lines.next().expect("a line").expect("read"), "alive");
 }
 
-/// leakmon SIGKILLed mid-load, while watching, while pacing and at once, on a C
-/// service in a real container: each time its guardian puts the process back (no
-/// tracer, no descriptor of leakmon's left: the memory file's is closed on every path),
-/// it works, and a later report loads the agent again (nothing was left sampling).
+/// leakmon SIGKILLed mid-load, while watching, while pacing and at once, on services
+/// in real containers (a C program, dynamic and static, and a Python one): each time
+/// its guardian puts the process back (no tracer, no descriptor of leakmon's left: the
+/// memory file's is closed on every path), it works, and a later report loads the
+/// agent again (nothing was left sampling).
 #[test]
 fn leakmon_killed_while_loading_into_a_container_leaves_it_as_it_was() {
+    use common::podman::{image, python_files, Container};
+    for (name, flags) in
+        [("leakmon-test-killed-c", &[][..]), ("leakmon-test-killed-static", &["-static"][..])]
+    {
+        let fixture = build_fixture("seccomp_target.c", flags);
+        let image = image(std::slice::from_ref(&fixture));
+        let inside = fixture.display().to_string();
+        let container = Container::run(name, &image, &[], &[&inside, "default"]);
+        container.wait_for("ready", 1);
+        killed_at_each_moment(&container, &|round| {
+            common::signal(container.pid, nix::sys::signal::Signal::SIGUSR1);
+            container.wait_for("alive", round);
+        });
+    }
+    let script = common::fixtures_dir().join("python/cache_leak.py");
+    let mut files = python_files();
+    files.push(script.clone());
+    let image = image(&files);
+    let script = script.display().to_string();
+    let python = Container::run(
+        "leakmon-test-killed-python",
+        &image,
+        &[],
+        &["/usr/bin/python3.11", &script, "grow", "500"],
+    );
+    python.wait_for("ready", 1);
+    killed_at_each_moment(&python, &|_| assert!(python.running(), "the Python service ended"));
+}
+
+/// leakmon's `report --agent` on the container's process SIGKILLed at each moment;
+/// after each, `works(round)` (1, 2, ...) checks it works.
+fn killed_at_each_moment(container: &common::podman::Container, works: &dyn Fn(usize)) {
     use common::agent_state::{guardian_of, kill_agent_report_at, tracer_of, KILL_MOMENTS};
-    use common::podman::{image, Container};
-    let fixture = build_fixture("seccomp_target.c", &[]);
-    let image = image(std::slice::from_ref(&fixture));
-    let inside = fixture.display().to_string();
-    let container = Container::run("leakmon-test-killed", &image, &[], &[&inside, "default"]);
-    container.wait_for("ready", 1);
     let pid = container.pid;
     let fds_before = fds(pid);
     for (i, moment) in KILL_MOMENTS.iter().enumerate() {
         kill_agent_report_at(pid, moment, || {});
         let deadline = std::time::Instant::now() + std::time::Duration::from_secs(20);
         while guardian_of(pid).is_some() || tracer_of(pid) != "0" {
-            assert!(std::time::Instant::now() < deadline, "{moment}: the guardian did not finish");
+            assert!(
+                std::time::Instant::now() < deadline,
+                "{}: {moment}: the guardian did not finish",
+                container.name
+            );
             std::thread::sleep(std::time::Duration::from_millis(50));
         }
-        assert_eq!(fds(pid), fds_before, "{moment}");
-        common::signal(pid, nix::sys::signal::Signal::SIGUSR1);
-        container.wait_for("alive", i + 1);
+        assert_eq!(fds(pid), fds_before, "{}: {moment}", container.name);
+        works(i + 1);
     }
     let out = common::leakmon()
         .args(["report", "--agent", "--format", "json", "--duration", "1", "--pid", &pid.to_string()])
         .output()
         .expect("run leakmon");
-    assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
-    assert_eq!(fds(pid), fds_before);
+    assert!(out.status.success(), "{}: {}", container.name, String::from_utf8_lossy(&out.stderr));
+    assert_eq!(fds(pid), fds_before, "{}", container.name);
 }
 
 /// A Node.js container and a JVM container started for the runtime tests.
