@@ -9,6 +9,7 @@
 //! `tables`: reading and purging the kernel's tables. `unwind_upkeep`: keeping the
 //! unwind tables and CPython layouts in step with the processes' mappings.
 
+mod batch;
 mod links;
 pub use links::AttachKind;
 use links::{attach_kinds, Link, ProcessLinks};

@@ -66,8 +66,27 @@ impl Probes {
         procs.iter().collect::<Result<_, _>>().map_err(map_err("read", "PROCS"))
     }
 
-    /// Per-stack totals of the processes `keep` selects, with non-zero allocations.
+    /// Per-stack totals of the processes `keep` selects, with non-zero allocations: the
+    /// table read in batches where the kernel can ([`super::batch`]), else entry by entry.
     pub fn totals(&self, keep: impl Fn(&TotalsKey) -> bool) -> Result<Vec<(TotalsKey, Totals)>, ProbeError> {
+        if let Some(aya::maps::Map::HashMap(data)) = self.ebpf.map("TOTALS") {
+            match super::batch::entries::<TotalsKey, Totals>(data) {
+                Ok(Some(all)) => {
+                    return Ok(all.into_iter().filter(|(k, v)| keep(k) && v.allocs != 0).collect())
+                }
+                Ok(None) => {}
+                Err(e) => tracing::debug!("read TOTALS in batches: {e}; entry by entry"),
+            }
+        }
+        self.totals_by_entry(keep)
+    }
+
+    /// [`Self::totals`], each entry read with its own calls (aya's iterator): where the
+    /// kernel has no batched lookup, and to compare against.
+    pub fn totals_by_entry(
+        &self,
+        keep: impl Fn(&TotalsKey) -> bool,
+    ) -> Result<Vec<(TotalsKey, Totals)>, ProbeError> {
         let totals: HashMap<&MapData, TotalsKey, Totals> =
             HashMap::try_from(self.ebpf.map("TOTALS").ok_or_else(|| missing_map("TOTALS"))?)
                 .map_err(map_err("open", "TOTALS"))?;
