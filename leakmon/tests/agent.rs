@@ -478,6 +478,7 @@ fn under_a_container_s_filter(mode: &str) {
     let mut lines = BufReader::new(target.0.stdout.take().expect("stdout")).lines();
     assert_eq!(lines.next().expect("a line").expect("read"), "ready");
     let mut watch = leakmon()
+        .env("RUST_LOG", "info")
         .args([
             "report",
             "--agent",
@@ -494,12 +495,16 @@ fn under_a_container_s_filter(mode: &str) {
         .stderr(Stdio::piped())
         .spawn()
         .expect("run leakmon");
-    // Loaded (its window begun), then the leaks: 40 rounds of 100 pages.
-    let deadline = Instant::now() + Duration::from_secs(20);
-    while !agent_mapped(pid) {
-        assert!(Instant::now() < deadline, "the agent was not loaded");
-        std::thread::sleep(Duration::from_millis(20));
+    // Loaded and started (its log says "watching": mapped is not yet sampling), then
+    // the leaks: 40 rounds of 100 pages. The rest of its log is read on.
+    let mut log = BufReader::new(watch.stderr.take().expect("stderr"));
+    let mut seen = String::new();
+    while !seen.contains("watching") {
+        let mut line = String::new();
+        assert!(log.read_line(&mut line).expect("read the log") > 0, "{seen}");
+        seen.push_str(&line);
     }
+    let rest = std::thread::spawn(move || std::io::read_to_string(log).unwrap_or_default());
     for _ in 0..40 {
         signal(pid, Signal::SIGUSR1);
         assert_eq!(lines.next().expect("a line").expect("read"), "alive");
@@ -507,11 +512,7 @@ fn under_a_container_s_filter(mode: &str) {
     let stdout = watch.stdout.take().expect("stdout");
     let out = std::io::read_to_string(stdout).expect("read the report");
     let status = watch.wait().expect("wait for leakmon");
-    assert!(
-        status.success(),
-        "{}",
-        std::io::read_to_string(watch.stderr.take().expect("stderr")).unwrap_or_default()
-    );
+    assert!(status.success(), "{seen}{}", rest.join().unwrap_or_default());
     let report: serde_json::Value = serde_json::from_str(&out).expect("JSON");
     let p = &processes(&report)[0];
     let leaked: u64 = p["stacks"]
