@@ -497,14 +497,7 @@ fn under_a_container_s_filter(mode: &str) {
         .expect("run leakmon");
     // Loaded and started (its log says "watching": mapped is not yet sampling), then
     // the leaks: 40 rounds of 100 pages. The rest of its log is read on.
-    let mut log = BufReader::new(watch.stderr.take().expect("stderr"));
-    let mut seen = String::new();
-    while !seen.contains("watching") {
-        let mut line = String::new();
-        assert!(log.read_line(&mut line).expect("read the log") > 0, "{seen}");
-        seen.push_str(&line);
-    }
-    let rest = std::thread::spawn(move || std::io::read_to_string(log).unwrap_or_default());
+    let (seen, rest) = common::logged_until(&mut watch, "watching");
     for _ in 0..40 {
         signal(pid, Signal::SIGUSR1);
         assert_eq!(lines.next().expect("a line").expect("read"), "alive");

@@ -88,14 +88,7 @@ fn agent_names_the_leak(container: &common::podman::Container) {
         .expect("run leakmon");
     // Loaded, and its copy's markers probed (just after the load): its log says
     // "watching" then. The rest of the log is read on, so leakmon never blocks on it.
-    let mut log = std::io::BufReader::new(watch.stderr.take().expect("stderr"));
-    let mut seen = String::new();
-    while !seen.contains("watching") {
-        let mut line = String::new();
-        assert!(std::io::BufRead::read_line(&mut log, &mut line).expect("read the log") > 0, "{seen}");
-        seen.push_str(&line);
-    }
-    let rest = std::thread::spawn(move || std::io::read_to_string(log).unwrap_or_default());
+    let (seen, rest) = common::logged_until(&mut watch, "watching");
     let before = container.logs().lines().filter(|l| *l == "alive").count();
     for i in 1..=30 {
         common::signal(pid, nix::sys::signal::Signal::SIGUSR1);
@@ -428,14 +421,7 @@ fn leakmon_in_a_container_as_the_daemonset_runs_it_names_a_host_process_s_leak()
         .stdout(std::process::Stdio::piped())
         .stderr(std::process::Stdio::piped());
     let mut watch = podman.spawn().expect("run podman");
-    let mut log = std::io::BufReader::new(watch.stderr.take().expect("stderr"));
-    let mut seen = String::new();
-    while !seen.contains("watching") {
-        let mut line = String::new();
-        assert!(std::io::BufRead::read_line(&mut log, &mut line).expect("read the log") > 0, "{seen}");
-        seen.push_str(&line);
-    }
-    let rest = std::thread::spawn(move || std::io::read_to_string(log).unwrap_or_default());
+    let (seen, rest) = common::logged_until(&mut watch, "watching");
     for _ in 0..20 {
         common::signal(pid, nix::sys::signal::Signal::SIGUSR1);
         assert_eq!(lines.next().expect("a line").expect("read"), "alive");

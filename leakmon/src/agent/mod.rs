@@ -67,9 +67,10 @@ pub fn memfd_name(agent: &Path) -> String {
 pub fn copies_in(proc_root: &crate::procfs::ProcRoot, pid: u32, agent: &Path) -> Vec<PathBuf> {
     let Ok(maps) = proc_root.maps(pid) else { return Vec::new() };
     let root = proc_root.in_root(pid, Path::new("/"));
+    let files = files(agent);
     let mut seen = std::collections::HashSet::new();
     maps.iter()
-        .filter(|m| m.deleted && m.offset == 0 && files(agent).iter().any(|f| maps_agent(m, f)))
+        .filter(|m| m.deleted && m.offset == 0 && files.iter().any(|f| maps_agent(m, f)))
         .filter(|m| seen.insert(m.inode))
         .map(|m| m.open_path(&root))
         .collect()

@@ -423,14 +423,11 @@ impl<'a> Watch<'a> {
         let budget = Duration::from_secs_f64(budget_ms / 1e3);
         let root =
             info.root.clone().unwrap_or_else(|| self.proc_root.in_root(pid, std::path::Path::new("/")));
-        let walked = match crate::runtimes::python::Interpreter::find(&info.maps, &root) {
-            Some(Ok(py)) => self.known_blocks(pid, matches!(hold, Hold::Stop)).and_then(|known| {
-                let held = matches!(hold, Hold::Stop);
-                crate::runtimes::python::holders::holders(&self.proc_root, pid, &py, &known, budget, held)
-            }),
-            Some(Err(why)) => Err(anyhow::anyhow!("{why}")),
-            None => Err(anyhow::anyhow!("no CPython leakmon knows was found in it")),
-        };
+        let running = matches!(hold, Hold::Stop);
+        let walked = crate::runtimes::python::holders::interpreter(pid, &info.maps, &root).and_then(|py| {
+            let known = self.known_blocks(pid, running)?;
+            crate::runtimes::python::holders::holders(&self.proc_root, pid, &py, &known, budget, running)
+        });
         let outcome = match walked {
             Ok(found) => {
                 let pause_ms = found.pause.as_secs_f64() * 1e3;
@@ -485,11 +482,7 @@ impl<'a> Watch<'a> {
         for (pid, found) in std::mem::take(&mut self.python) {
             let Some(process) = report.processes.iter_mut().find(|p| p.pid == pid) else { continue };
             match found {
-                Ok(found) => {
-                    process.pause_ms = Some((found.pause.as_secs_f64() * 1e6).round() / 1e3);
-                    process.holders = found.holders;
-                    process.notes.push(found.how);
-                }
+                Ok(found) => process.set_holders(found),
                 Err(why) => {
                     process.notes.push(format!("What holds its Python objects was not walked: {why}"))
                 }

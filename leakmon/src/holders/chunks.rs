@@ -16,7 +16,7 @@
 //! root onward (see [`super::reach::Block::known`]): a block is never called lost
 //! because of them.
 
-use super::reach::{Block, Memory};
+use super::reach::{word, Block, Memory};
 
 const PREV_INUSE: u64 = 1;
 const IS_MMAPPED: u64 = 2;
@@ -38,11 +38,6 @@ pub fn usable(memory: &dyn Memory, start: u64) -> Option<u64> {
     }
     // A mapped chunk has no next chunk to lend its first word.
     Some(if header & IS_MMAPPED != 0 { size - 2 * WORD } else { size - WORD })
-}
-
-fn word(memory: &dyn Memory, at: u64) -> Option<u64> {
-    let mut b = [0u8; 8];
-    (memory.read_into(at, &mut b)? == 8).then(|| u64::from_le_bytes(b))
 }
 
 /// The blocks glibc's chunk headers give in the mappings of `maps` (the text of

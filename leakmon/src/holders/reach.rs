@@ -69,6 +69,12 @@ pub trait Memory {
     }
 }
 
+/// The word at `at`, where all 8 bytes read.
+pub fn word(memory: &dyn Memory, at: u64) -> Option<u64> {
+    let mut b = [0u8; 8];
+    (memory.read_into(at, &mut b)? == 8).then(|| u64::from_le_bytes(b))
+}
+
 /// The outcome, per block in the order given.
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub struct Reach {

@@ -114,6 +114,14 @@ pub struct ProcessReport {
 }
 
 impl ProcessReport {
+    /// What holds the process's objects, as its runtime's method `found` it: the
+    /// holders, the pause (ms, to the microsecond) and how they were found, as a note.
+    pub fn set_holders(&mut self, found: crate::runtimes::held_by::Found) {
+        self.pause_ms = Some((found.pause.as_secs_f64() * 1e6).round() / 1e3);
+        self.holders = found.holders;
+        self.notes.push(found.how);
+    }
+
     /// The process's interval: the sum of its stacks' spreads (none for exact figures).
     pub fn settle_interval(&mut self) {
         let mut sum: Option<Spread> = None;

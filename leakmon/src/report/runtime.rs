@@ -121,11 +121,10 @@ pub fn holders_report(
     found: crate::runtimes::node::holders::Found,
 ) -> Report {
     let comm = crate::procfs::ProcRoot::default().comm(pid).unwrap_or_default();
-    let pause_ms = (found.pause.as_secs_f64() * 1e6).round() / 1e3;
-    let process = ProcessReport {
-        pause_ms: Some(pause_ms),
+    let mut process = ProcessReport {
+        pause_ms: None,
         holders_scan: None,
-        holders: found.holders,
+        holders: Vec::new(),
         pid,
         comm,
         allocator: None,
@@ -138,7 +137,8 @@ pub fn holders_report(
         runtime_internal: RuntimeInternal::default(),
         in_flight: None,
         runtime: Some(runtime),
-        notes: vec![found.how],
+        notes: Vec::new(),
     };
+    process.set_holders(found);
     Report { method: Method::Runtime, sample_bytes: 0, paced: false, processes: vec![process] }
 }

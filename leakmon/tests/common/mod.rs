@@ -469,3 +469,21 @@ pub fn under_a_debugger() -> Reap {
     nix::sys::ptrace::cont(pid, None).expect("let it run");
     target
 }
+
+/// Reads `child`'s piped stderr until a line holds `needle` (leakmon's log: "watching"
+/// once a load is done and probed); returns what it read, and a thread reading the
+/// rest, so the child never blocks on a full pipe.
+pub fn logged_until(
+    child: &mut std::process::Child,
+    needle: &str,
+) -> (String, std::thread::JoinHandle<String>) {
+    use std::io::BufRead as _;
+    let mut log = std::io::BufReader::new(child.stderr.take().expect("a piped stderr"));
+    let mut seen = String::new();
+    while !seen.contains(needle) {
+        let mut line = String::new();
+        assert!(log.read_line(&mut line).expect("read the log") > 0, "{seen}");
+        seen.push_str(&line);
+    }
+    (seen, std::thread::spawn(move || std::io::read_to_string(log).unwrap_or_default()))
+}

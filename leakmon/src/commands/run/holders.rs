@@ -158,22 +158,12 @@ fn python_holders(
 ) -> Result<Report, ProfileError> {
     let proc_root = ProcRoot::default();
     let root = info.root.clone().unwrap_or_else(|| proc_root.in_root(pid, std::path::Path::new("/")));
-    let py = match crate::runtimes::python::Interpreter::find(&info.maps, &root) {
-        Some(Ok(py)) => py,
-        Some(Err(why)) => return Err((StatusCode::UNPROCESSABLE_ENTITY, format!("pid {pid}: {why}"))),
-        None => {
-            return Err((
-                StatusCode::UNPROCESSABLE_ENTITY,
-                format!("pid {pid} runs no CPython leakmon knows"),
-            ))
-        }
-    };
+    let py = crate::runtimes::python::holders::interpreter(pid, &info.maps, &root)
+        .map_err(|e| (StatusCode::UNPROCESSABLE_ENTITY, format!("{e:#}")))?;
     let found = crate::runtimes::python::holders::holders(&proc_root, pid, &py, known, budget, true)
         .map_err(|e| (StatusCode::CONFLICT, format!("what holds the objects of pid {pid}: {e:#}")))?;
     if let Some(p) = report.processes.iter_mut().find(|p| p.pid == pid) {
-        p.pause_ms = Some((found.pause.as_secs_f64() * 1e6).round() / 1e3);
-        p.holders = found.holders;
-        p.notes.push(found.how);
+        p.set_holders(found);
     }
     Ok(report)
 }

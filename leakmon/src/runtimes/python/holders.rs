@@ -31,7 +31,11 @@ use super::{
     Interpreter,
 };
 use crate::{
-    holders::{reach::Memory, scan::Known, stop::Stopped},
+    holders::{
+        reach::{word, Memory},
+        scan::Known,
+        stop::Stopped,
+    },
     procfs::ProcRoot,
     runtimes::held_by::{Found, Holder, Root, Step, MAX_HOLDERS},
 };
@@ -145,11 +149,6 @@ impl Memory for Pages<'_> {
         drop(pages);
         self.mem.read_into(start, buf)
     }
-}
-
-fn word(mem: &dyn Memory, at: u64) -> Option<u64> {
-    let mut b = [0u8; 8];
-    (mem.read_into(at, &mut b)? == 8).then(|| u64::from_le_bytes(b))
 }
 
 fn byte(mem: &dyn Memory, at: u64) -> Option<u8> {
@@ -1000,4 +999,14 @@ fn c_string(mem: &dyn Memory, at: u64) -> Option<String> {
     let n = mem.read_into(at, &mut buf)?;
     let end = buf[..n].iter().position(|b| *b == 0)?;
     std::str::from_utf8(&buf[..end]).ok().map(str::to_owned)
+}
+
+/// The CPython `pid` runs (its mappings `maps`, opened through its `root`), or why none
+/// can be walked, in one line.
+pub fn interpreter(pid: u32, maps: &[crate::procfs::Mapping], root: &std::path::Path) -> Result<Interpreter> {
+    match Interpreter::find(maps, root) {
+        Some(Ok(py)) => Ok(py),
+        Some(Err(why)) => anyhow::bail!("pid {pid}: {why}"),
+        None => anyhow::bail!("pid {pid} runs no CPython leakmon knows"),
+    }
 }
