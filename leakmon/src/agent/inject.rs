@@ -352,3 +352,55 @@ fn glibc_loader(proc_root: &ProcRoot, pid: u32, maps: &[Mapping]) -> Result<bool
     }
     Ok(true)
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// A process of `nobody` running `argv`, once its descriptor 3 is a file whose
+    /// name starts with `named`.
+    fn nobody_with_fd3(argv: &[&str], named: &str) -> std::process::Child {
+        let child = std::process::Command::new("setpriv")
+            .args(["--reuid=65534", "--regid=65534", "--clear-groups"])
+            .args(argv)
+            .spawn()
+            .expect("run setpriv");
+        let fd3 = format!("/proc/{}/fd/3", child.id());
+        let deadline = std::time::Instant::now() + std::time::Duration::from_secs(5);
+        while !std::fs::read_link(&fd3).is_ok_and(|t| t.to_string_lossy().starts_with(named)) {
+            assert!(std::time::Instant::now() < deadline, "no {named} at descriptor 3");
+            std::thread::sleep(std::time::Duration::from_millis(10));
+        }
+        child
+    }
+
+    /// The process owns its descriptor table: one that put a file of its own (writable
+    /// by it) at the number leakmon made its memory file gets nothing written there, in
+    /// one line; a memory file there is filled.
+    #[test]
+    fn only_a_memory_file_at_the_descriptor_is_written() {
+        let dir = tempfile::tempdir().expect("temp dir");
+        let agent = dir.path().join("agent.so");
+        std::fs::write(&agent, b"the agent's bytes").expect("write");
+        let own = dir.path().join("own");
+        std::fs::write(&own, b"its own bytes").expect("write");
+        std::os::unix::fs::chown(dir.path(), Some(65534), Some(65534)).expect("chown");
+        std::os::unix::fs::chown(&own, Some(65534), Some(65534)).expect("chown");
+        let script = format!("exec 3<>{}; exec sleep 30", own.display());
+        let mut swapped = nobody_with_fd3(&["sh", "-c", &script], &own.display().to_string());
+        let e = fill_memfd(swapped.id(), 3, &agent).expect_err("not a memory file");
+        assert!(e.to_string().contains("is no longer the memory file leakmon made"), "{e}");
+        assert_eq!(std::fs::read(&own).expect("read"), b"its own bytes");
+        let _ = swapped.kill();
+        let _ = swapped.wait();
+        // A memory file of its own at 3 (through /proc/self/fd of a memfd): filled.
+        let python =
+            "import os, time; os.dup2(os.memfd_create('x', os.MFD_ALLOW_SEALING), 3); time.sleep(30)";
+        let mut memfd = nobody_with_fd3(&["/usr/bin/python3", "-c", python], "/memfd:");
+        let fd3 = format!("/proc/{}/fd/3", memfd.id());
+        fill_memfd(memfd.id(), 3, &agent).expect("a memory file is filled");
+        assert_eq!(std::fs::read(&fd3).expect("read it back"), b"the agent's bytes");
+        let _ = memfd.kill();
+        let _ = memfd.wait();
+    }
+}
