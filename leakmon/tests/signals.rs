@@ -24,6 +24,8 @@ struct Swap(PathBuf);
 
 impl Swap {
     fn on(path: &Path, mib: u64) -> Self {
+        // A swap file left on by a killed run can be neither removed nor rewritten.
+        let _ = Command::new("swapoff").arg(path).stderr(Stdio::null()).status();
         let _ = std::fs::remove_file(path);
         let run = |cmd: &mut Command| {
             let out = cmd.output().expect("run swap set-up");

@@ -293,6 +293,8 @@ impl Cgroup {
             (PathBuf::from("/sys/fs/cgroup/memory"), "memory.limit_in_bytes")
         };
         let cgroup = Self(dir.join(name));
+        // One left by a run that was killed would make the create fail.
+        cgroup.remove();
         std::fs::create_dir(&cgroup.0).unwrap_or_else(|e| panic!("create {}: {e}", cgroup.0.display()));
         std::fs::write(cgroup.0.join(limit_file), bytes.to_string()).expect("set the memory limit");
         let _ = std::fs::write(cgroup.0.join("memory.swap.max"), "0");
@@ -310,9 +312,32 @@ impl Cgroup {
     }
 }
 
+impl Cgroup {
+    /// Kills what is still inside and removes the directory: a task that is exiting
+    /// keeps it busy for a moment, so removal is tried for a while.
+    fn remove(&self) {
+        let deadline = std::time::Instant::now() + std::time::Duration::from_secs(10);
+        loop {
+            if let Ok(procs) = std::fs::read_to_string(self.0.join("cgroup.procs")) {
+                for pid in procs.lines().filter_map(|l| l.trim().parse::<i32>().ok()) {
+                    unsafe { libc::kill(pid, libc::SIGKILL) };
+                }
+            }
+            match std::fs::remove_dir(&self.0) {
+                Err(e)
+                    if e.kind() != std::io::ErrorKind::NotFound && std::time::Instant::now() < deadline =>
+                {
+                    std::thread::sleep(std::time::Duration::from_millis(50));
+                }
+                _ => return,
+            }
+        }
+    }
+}
+
 impl Drop for Cgroup {
     fn drop(&mut self) {
-        let _ = std::fs::remove_dir(&self.0);
+        self.remove();
     }
 }
 
