@@ -10,8 +10,8 @@ use std::{env, fmt::Write as _, fs, path::PathBuf, process::Command};
 use anyhow::{anyhow, Context as _};
 use aya_build::{Package, Toolchain};
 
-/// The eBPF objects: the allocation probes, and the port guard.
-const EBPF_OBJECTS: [&str; 2] = ["leakmon-probes", "leakmon-port-guard"];
+/// The eBPF objects: the allocation probes, the port guard, the task iterator.
+const EBPF_OBJECTS: [&str; 3] = ["leakmon-probes", "leakmon-port-guard", "leakmon-tasks"];
 
 fn main() -> anyhow::Result<()> {
     build_agent()?;

@@ -56,6 +56,7 @@ pub mod agent;
 pub mod port_guard;
 pub mod python;
 pub mod sampling;
+pub mod task_memory;
 pub mod unwind;
 
 /// Which allocator entry point a thread is inside; decides how the return probe reads
@@ -268,6 +269,8 @@ mod pod {
     unsafe impl aya::Pod for super::unwind::Row {}
     unsafe impl aya::Pod for super::python::PyLayout {}
     unsafe impl aya::Pod for super::unwind::ProcUnwind {}
+    unsafe impl aya::Pod for super::task_memory::TaskLayout {}
+    unsafe impl aya::Pod for super::task_memory::TaskMemory {}
 }
 
 #[cfg(test)]
@@ -287,6 +290,8 @@ mod tests {
         assert_eq!(size_of::<TracepointOffsets>(), 16);
         assert_eq!(size_of::<Stack>(), MAX_STACK_DEPTH * 8);
         assert_eq!(size_of::<unwind::Row>(), 12);
+        assert_eq!(size_of::<task_memory::TaskLayout>(), 64);
+        assert_eq!(size_of::<task_memory::TaskMemory>(), 72);
         assert_eq!(size_of::<unwind::Mapping>(), 32);
         assert_eq!(size_of::<unwind::ProcUnwind>(), 8 + 32 * unwind::MAX_MAPPINGS);
     }

@@ -10,6 +10,7 @@
 //! unwind tables and CPython layouts in step with the processes' mappings.
 
 mod batch;
+pub mod kernel_btf;
 mod links;
 pub use links::AttachKind;
 use links::{attach_kinds, Link, ProcessLinks};
@@ -17,6 +18,7 @@ pub mod placement;
 mod tables;
 pub use tables::{Counters, Purged};
 pub mod targets;
+pub mod task_iter;
 pub mod tracefs;
 pub mod unwind;
 mod unwind_upkeep;
