@@ -14,6 +14,18 @@ pub enum Attach {
     Suspects,
 }
 
+/// Where the always-on tier reads every process's memory counters.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, ValueEnum)]
+pub enum MemorySource {
+    /// The task iterator where the kernel has what it needs, else /proc.
+    #[default]
+    Auto,
+    /// The task iterator, or refuse to start.
+    Iterator,
+    /// /proc alone.
+    Proc,
+}
+
 /// The sampling interval when none is given, for the agent and for the runtimes' own
 /// profilers alike: one sample per 512 KiB allocated. (V8's own default, 32 KiB, took a
 /// fifth of an allocation-bound Node.js's speed; see `cargo xtask bench --node-only`.)

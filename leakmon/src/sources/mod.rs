@@ -1,6 +1,7 @@
 //! Where the daemon's data comes from.
 //!
-//! - [`proc_sampler`]: every process's memory from /proc, always (tier 0).
+//! - [`process_memory`]: every process's memory, always (tier 0): from the kernel's
+//!   task iterator in one pass, or from /proc ([`proc_sampler`]).
 //! - [`Source`]s of unfreed totals per stack (tier 1), of the processes chosen for
 //!   them. [`uprobes`] traps every allocator call of those processes; [`agent`] loads
 //!   the in-process sampler into them, so only sampled blocks cost a trap; both record
@@ -16,6 +17,7 @@ pub mod agent;
 pub mod container;
 pub mod probing;
 pub mod proc_sampler;
+pub mod process_memory;
 pub mod runtime_profiles;
 pub mod selection;
 pub mod uprobes;

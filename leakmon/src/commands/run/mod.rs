@@ -43,7 +43,7 @@ use crate::{
     report::table::bytes,
     sources::{
         agent::{self, Agent},
-        proc_sampler,
+        process_memory::ProcessMemory,
         runtime_profiles::RuntimeProfiles,
         selection::{Named, Suspects},
         uprobes::{self, Uprobes},
@@ -163,6 +163,8 @@ struct Daemon<'r> {
     lifecycle: Lifecycle,
     /// For profiles: process names, mappings and allocators.
     discovery: Discovery,
+    /// Tier 0: every process's memory, each tick.
+    memory: ProcessMemory,
     profiles: std::sync::mpsc::Sender<(profiles::ProfileSnapshot, profiles::Reply)>,
     /// Each process's last holders scan, for the metrics.
     last_scans: holders::LastScans,
@@ -199,6 +201,8 @@ async fn daemon(
     let profiles =
         profiles::spawn_profile_renderer(&args.tables.wrappers, &args.tables.suppress, last_scans.clone())?;
 
+    // Before capabilities are dropped: loading the iterator needs them, reading it not.
+    let memory = ProcessMemory::new(args.memory_source, proc_root.clone())?;
     let Kernel { probes, attribution, event_reader, mut events, queue_dropped, malformed } =
         Kernel::load(&args, attach, &proc_root)?;
     // The listener is bound and the programs loaded: keep only what attaching, reading
@@ -216,6 +220,7 @@ async fn daemon(
         libraries = probes.as_ref().map_or(0, Probes::attached_files),
         sample_interval = ?args.sample_interval,
         window = ?args.window,
+        memory_source = memory.source(),
         "leakmon running"
     );
 
@@ -235,6 +240,7 @@ async fn daemon(
         published,
         lifecycle: Lifecycle::default(),
         discovery: Discovery::new(proc_root.clone()),
+        memory,
         proc_root,
         profiles,
         last_scans,
@@ -414,7 +420,7 @@ impl Daemon<'_> {
     /// series analysed, the results published.
     async fn sample(&mut self, queued: usize) {
         let now = self.started.elapsed().as_secs_f64();
-        let procs = proc_sampler::sample_all(&self.proc_root);
+        let procs = self.memory.sample_all();
         for s in &mut self.sources {
             s.sampled(self.probes.as_mut(), &procs);
         }
