@@ -236,6 +236,10 @@ pub struct TableArgs {
     /// bookkeeping). A trailing star makes a prefix. Repeatable.
     #[arg(long = "suppress", value_name = "NAME", value_parser = parse_wrapper)]
     pub suppress: Vec<String>,
+    /// Read the kernel's per-stack totals entry by entry (two calls each) instead of in
+    /// batches: the way before batches, kept for `cargo xtask bench` to compare.
+    #[arg(long, hide = true)]
+    pub read_tables_by_entry: bool,
 }
 
 fn parse_budget(text: &str) -> Result<f64, String> {

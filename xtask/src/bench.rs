@@ -132,6 +132,7 @@ pub enum Only {
     Python,
     Node,
     Jvm,
+    Scale,
 }
 
 pub fn bench(root: &Path, rounds: usize, pairs: u64, scale: bool, only: Option<Only>) -> Result<()> {
@@ -152,6 +153,7 @@ pub fn bench(root: &Path, rounds: usize, pairs: u64, scale: bool, only: Option<O
         Some(Only::Python) => return crate::bench_python::python(root, &setup, rounds),
         Some(Only::Node) => return crate::bench_runtimes::node(root, &setup, rounds),
         Some(Only::Jvm) => return crate::bench_runtimes::jvm(root, &setup, rounds),
+        Some(Only::Scale) => return scale_figures(root, &setup),
         Some(Only::Pairs) | None => {}
     }
 
@@ -191,9 +193,6 @@ pub fn bench(root: &Path, rounds: usize, pairs: u64, scale: bool, only: Option<O
     Ok(())
 }
 
-/// The daemon at host scale: the always-on tier's CPU with 1,000 extra idle
-/// processes, and, attributing everything, its memory with one million live blocks
-/// and 2^17 distinct stacks, and the latency of a /metrics scrape.
 /// The share of one core `pid` uses over `window`.
 fn cpu_share(pid: u32, window: Duration) -> f64 {
     let before = cpu_seconds(pid);
@@ -228,6 +227,39 @@ fn fork_storm(hold: &Path, children: u32) -> Result<f64> {
         .context("the fork storm printed no rate")
 }
 
+/// The processes on the host now.
+fn process_count() -> usize {
+    std::fs::read_dir("/proc").map_or(0, |d| {
+        d.filter_map(Result::ok).filter(|e| e.file_name().to_string_lossy().parse::<u32>().is_ok()).count()
+    })
+}
+
+/// What reading /proc costs at all, the floor of a /proc-based tier: one read of every
+/// process's `statm` (the smallest file with its resident size), as a share of one core
+/// at one pass a second; the median of five passes.
+fn proc_floor() -> f64 {
+    let mut passes = Vec::new();
+    for _ in 0..5 {
+        let started = Instant::now();
+        let mut buffer = String::new();
+        for entry in std::fs::read_dir("/proc").into_iter().flatten().filter_map(Result::ok) {
+            if entry.file_name().to_string_lossy().parse::<u32>().is_ok() {
+                buffer.clear();
+                if let Ok(mut f) = std::fs::File::open(entry.path().join("statm")) {
+                    let _ = std::io::Read::read_to_string(&mut f, &mut buffer);
+                }
+            }
+        }
+        passes.push(started.elapsed().as_secs_f64());
+        std::thread::sleep(Duration::from_millis(200));
+    }
+    median(&passes)
+}
+
+/// The daemon at host scale: the always-on tier's CPU with 1,000 and 10,000 extra idle
+/// processes through each reader, beside the /proc floor; attributing everything, its
+/// memory with one million live blocks and 2^17 distinct stacks, and the latency of a
+/// /metrics scrape.
 fn scale_figures(root: &Path, s: &Setup) -> Result<()> {
     const LISTEN: &str = "127.0.0.1:19598";
     let hold = compile(root, "hold", &s.out, &["-fno-optimize-sibling-calls"])?;
@@ -242,17 +274,37 @@ fn scale_figures(root: &Path, s: &Setup) -> Result<()> {
         cmd.env("RUST_LOG", "info");
         Helper::start(cmd, "leakmon running")
     };
-    // Always-on tier: resident memory of every process, sampled each second.
-    let idle = start_hold(&["idle", "1000"])?;
-    // Counted with the idle helpers, which the tier samples too.
-    let processes = std::fs::read_dir("/proc").map_or(0, |d| {
-        d.filter_map(Result::ok).filter(|e| e.file_name().to_string_lossy().parse::<u32>().is_ok()).count()
-    });
-    let tier0 = daemon(&["--attach", "none"])?;
-    std::thread::sleep(Duration::from_secs(3));
-    let tier0_cpu = cpu_share(tier0.pid(), Duration::from_secs(20));
-    let tier0_rss = peak_rss_kib(tier0.pid());
-    tier0.stop();
+    // Always-on tier: the memory of every process, sampled each second, through the
+    // task iterator and through /proc, beside the floor of reading /proc at all.
+    let mut tiers = Vec::new();
+    for extra in [1_000, 10_000] {
+        let idle = start_hold(&["idle", &extra.to_string()])?;
+        let processes = process_count();
+        let mut shares = Vec::new();
+        for source in ["iterator", "proc"] {
+            let tier0 = daemon(&["--attach", "none", "--memory-source", source])?;
+            std::thread::sleep(Duration::from_secs(3));
+            let cpu = cpu_share(tier0.pid(), Duration::from_secs(30));
+            shares.push((cpu, peak_rss_kib(tier0.pid())));
+            tier0.stop();
+        }
+        let floor = proc_floor();
+        idle.kill_group();
+        tiers.push((extra, processes, shares, floor));
+    }
+
+    // Per-stack totals of 2^17 stacks, read each second in batches and entry by entry.
+    let mut table_reads = Vec::new();
+    for extra in [&[][..], &["--read-tables-by-entry"][..]] {
+        let mut args = vec!["--attach", "all", "--max-totals", "400000", "--max-stacks", "200000"];
+        args.extend_from_slice(extra);
+        let reader = daemon(&args)?;
+        let stacks = start_hold(&["stacks"])?;
+        std::thread::sleep(Duration::from_secs(5));
+        table_reads.push(cpu_share(reader.pid(), Duration::from_secs(20)));
+        reader.stop();
+        stacks.kill_group();
+    }
 
     // Attribution of everything, with a million live blocks and 2^17 stacks.
     let full = daemon(&[
@@ -288,19 +340,42 @@ fn scale_figures(root: &Path, s: &Setup) -> Result<()> {
     full.stop();
     million.kill_group();
     stacks.kill_group();
-    idle.kill_group();
 
+    for (extra, processes, shares, floor) in &tiers {
+        let [(iter_cpu, iter_rss), (proc_cpu, proc_rss)] = shares[..] else { unreachable!("two sources") };
+        println!(
+            "\nalways-on tier, 1 s samples, {processes} processes ({extra} of them idle helpers):\n\
+             task iterator (--memory-source iterator): {:.2}% of one core, peak RSS {:.1} MiB\n\
+             /proc (--memory-source proc):             {:.2}% of one core, peak RSS {:.1} MiB\n\
+             /proc floor (one read of every statm):    {:.2}% of one core\n\
+             iterator / proc {:.3}, iterator / floor {:.3}   (target: iterator <= 1% of a core at 10,000)",
+            iter_cpu * 100.0,
+            iter_rss as f64 / 1024.0,
+            proc_cpu * 100.0,
+            proc_rss as f64 / 1024.0,
+            floor * 100.0,
+            iter_cpu / proc_cpu,
+            iter_cpu / floor,
+        );
+    }
     println!(
-        "\nhost scale ({processes} processes on the host, 1,000 of them idle helpers):\n\
-         always-on tier, 1 s samples:          {:.2}% of one core, peak RSS {:.1} MiB\n\
+        "\nthe daemon attributing all with 131,072 stacks, their totals read each second:\n\
+         in batches (BPF_MAP_LOOKUP_BATCH): {:.2}% of one core\n\
+         entry by entry (aya's iterator):   {:.2}% of one core\n\
+         batches / entry by entry {:.3}; the reads' saving {:.2}% of one core (tests/tables.rs times the reads alone)",
+        table_reads[0] * 100.0,
+        table_reads[1] * 100.0,
+        table_reads[0] / table_reads[1],
+        (table_reads[1] - table_reads[0]) * 100.0,
+    );
+    println!(
+        "\nhost scale:\n\
          attributing all, 1M live blocks and 131,072 stacks: RSS {:.1} MiB (peak {:.1} MiB), {:.2}% of one core\n\
          unwind tables for {unwind_processes} traced processes: {unwind_rows} rows, {:.1} MiB of kernel memory\n\
          /metrics scrape: median {:.2} ms, max {:.2} ms ({} bytes)\n\
          allocation events: {:.0}/s (2 threads of malloc+free pairs, each call probed)\n\
          fork storm: 20,000 traced processes at {:.0}/s ({:.0} lifecycle events/s)\n\
          losses: {}",
-        tier0_cpu * 100.0,
-        tier0_rss as f64 / 1024.0,
         rss as f64 / 1024.0,
         peak as f64 / 1024.0,
         full_cpu * 100.0,

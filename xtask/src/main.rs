@@ -80,6 +80,11 @@ enum Task {
         /// Only the JVM workload (its speed while `report --runtime` records it).
         #[arg(long)]
         jvm_only: bool,
+        /// Only the host-scale figures (the always-on tier at 1,000 and 10,000 idle
+        /// processes through each reader beside the /proc floor, a million live blocks,
+        /// 2^17 stacks read in batches and entry by entry, scrape latency).
+        #[arg(long)]
+        scale_only: bool,
     },
     /// Build the Debian package (cargo-deb, installed at the pinned version if
     /// missing): target/debian/leakmon_VERSION-1_ARCH.deb.
@@ -137,6 +142,7 @@ fn main() -> Result<()> {
             python_only,
             node_only,
             jvm_only,
+            scale_only,
         } => {
             setup(&pins, false)?;
             apt_install(
@@ -155,6 +161,7 @@ fn main() -> Result<()> {
             build(true)?;
             require_root("the benchmark loads eBPF programs")?;
             let only = match (pairs_only, server_only, python_only, node_only, jvm_only) {
+                _ if scale_only => Some(bench::Only::Scale),
                 (true, ..) => Some(bench::Only::Pairs),
                 (_, true, ..) => Some(bench::Only::Server),
                 (_, _, true, ..) => Some(bench::Only::Python),

@@ -36,6 +36,7 @@ pub(crate) fn load_probes(tables: &TableArgs, trace_all: bool) -> Result<Probes>
         max_stacks: tables.max_stacks.get(),
         sample_bytes: tables.sample_bytes,
         unwind_rows: tables.unwind_rows,
+        read_by_entry: tables.read_tables_by_entry,
     };
     Probes::load(&settings).map_err(|e| {
         if e.is_permission() {

@@ -121,6 +121,8 @@ pub struct Settings {
     pub sample_bytes: u64,
     /// Unwind-table rows, all files together (12 bytes each, allocated at load).
     pub unwind_rows: u32,
+    /// Per-stack totals read entry by entry, not in batches (to compare the two).
+    pub read_by_entry: bool,
 }
 
 impl Default for Settings {
@@ -132,6 +134,7 @@ impl Default for Settings {
             max_stacks: 16_384,
             sample_bytes: 0,
             unwind_rows: DEFAULT_UNWIND_ROWS,
+            read_by_entry: false,
         }
     }
 }
@@ -191,6 +194,7 @@ pub struct Probes {
     /// Processes a runtime's frame walker was decided for (see
     /// [`Probes::walks`]); looked at again when the file is no longer mapped.
     walked: StdHashMap<u32, unwind_upkeep::Walk>,
+    read_by_entry: bool,
 }
 
 impl Probes {
@@ -247,6 +251,7 @@ impl Probes {
             unreferenced_stacks: HashSet::new(),
             unwind: unwind::Tables::new(settings.unwind_rows),
             walked: StdHashMap::new(),
+            read_by_entry: settings.read_by_entry,
         })
     }
 }

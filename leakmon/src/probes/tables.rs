@@ -69,7 +69,7 @@ impl Probes {
     /// Per-stack totals of the processes `keep` selects, with non-zero allocations: the
     /// table read in batches where the kernel can ([`super::batch`]), else entry by entry.
     pub fn totals(&self, keep: impl Fn(&TotalsKey) -> bool) -> Result<Vec<(TotalsKey, Totals)>, ProbeError> {
-        if let Some(aya::maps::Map::HashMap(data)) = self.ebpf.map("TOTALS") {
+        if let (false, Some(aya::maps::Map::HashMap(data))) = (self.read_by_entry, self.ebpf.map("TOTALS")) {
             match super::batch::entries::<TotalsKey, Totals>(data) {
                 Ok(Some(all)) => {
                     return Ok(all.into_iter().filter(|(k, v)| keep(k) && v.allocs != 0).collect())
