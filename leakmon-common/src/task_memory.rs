@@ -8,7 +8,7 @@
 
 /// Program and map names in the `leakmon-tasks` object.
 pub const PROGRAM: &str = "task_memory";
-pub const LAYOUT_MAP: &str = "TASK_LAYOUT";
+pub const LAYOUT_GLOBAL: &str = "TASK_LAYOUT";
 
 /// CPUs whose per-CPU counter parts are summed; a host with more falls back to /proc.
 pub const MAX_CPUS: usize = 512;

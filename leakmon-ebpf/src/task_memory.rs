@@ -21,8 +21,25 @@ use aya_ebpf::{
 };
 use leakmon_common::task_memory::{TaskLayout, TaskMemory, COUNTERS, MAX_CPUS};
 
-#[map]
-static TASK_LAYOUT: Array<TaskLayout> = Array::with_max_entries(1, 0);
+/// The running kernel's offsets, filled in by the user side before load. A read-only
+/// global: the verifier knows each field as a constant, so the task's fields are read
+/// with plain loads it checks against the kernel's types (no helper call each).
+#[unsafe(no_mangle)]
+static TASK_LAYOUT: TaskLayout = TaskLayout {
+    task_pid: 0,
+    task_mm: 0,
+    task_start_boottime: 0,
+    task_comm: 0,
+    task_cgroups: 0,
+    mm_rss_stat: 0,
+    counter_size: 0,
+    counter_count: 0,
+    counter_counters: 0,
+    array_pptrs: 0,
+    cpus: 0,
+    counter: [0; COUNTERS],
+    _pad: 0,
+};
 
 /// Each CPU's per-CPU offset (what `per_cpu_ptr` adds), found on the first pass.
 #[repr(C)]
@@ -44,6 +61,20 @@ static PROBE: PerCpuArray<u64> = PerCpuArray::with_max_entries(1, 0);
 pub fn task_memory(ctx: *mut c_void) -> i32 {
     let _ = try_task_memory(ctx);
     0
+}
+
+#[inline(always)]
+fn layout() -> TaskLayout {
+    // SAFETY: a plain read of a global the user side fills in before load.
+    unsafe { core::ptr::read_volatile(&raw const TASK_LAYOUT) }
+}
+
+/// A field of a kernel object the verifier knows the type of, at a constant offset:
+/// a plain load, made fault-safe by the kernel.
+#[inline(always)]
+unsafe fn field<T: Copy>(object: *const u8, offset: u32) -> T {
+    // SAFETY: the caller passes a typed kernel pointer; the verifier checks the access.
+    unsafe { core::ptr::read(object.add(offset as usize).cast::<T>()) }
 }
 
 /// Reads `size_of::<T>()` bytes at `addr` into `out` (zeros where it cannot) and
@@ -100,45 +131,56 @@ fn find_offsets(layout: &TaskLayout, found: &mut CpuOffsets) -> Option<()> {
 }
 
 fn try_task_memory(ctx: *mut c_void) -> Option<()> {
+    let layout = layout();
     // The context: the iterator's meta (with the output file), then the task, NULL
     // once past the last one.
-    // SAFETY: the kernel hands a valid context; both loads are checked by the verifier.
-    let seq = unsafe {
+    // SAFETY: the kernel hands a valid context; the loads are checked by the verifier.
+    let (seq, task) = unsafe {
         let meta = *(ctx as *const *const *mut seq_file);
-        *meta
+        (*meta, *(ctx as *const *const u8).add(1))
     };
-    let task: u64 = read(ctx as u64 + 8)?;
-    if task == 0 {
+    if task.is_null() {
         return None;
     }
-    let layout = TASK_LAYOUT.get(0)?;
-    let ids: [u32; 2] = read(task + u64::from(layout.task_pid))?;
+    // SAFETY (each `field`): `task` is the iterator's task; the offsets are its fields'.
+    let (pid, tgid): (u32, u32) = unsafe { (field(task, layout.task_pid), field(task, layout.task_pid + 4)) };
     // Threads share their leader's memory: one record per process.
-    if ids[0] != ids[1] {
+    if pid != tgid {
         return None;
     }
-    let mm: u64 = read(task + u64::from(layout.task_mm))?;
+    let mm: *const u8 = unsafe { field(task, layout.task_mm) };
     // Kernel threads and zombies have no memory of their own (/proc prints none).
-    if mm == 0 {
+    if mm.is_null() {
         return None;
     }
     let offsets = CPU_OFFSETS.get_ptr_mut(0)?;
     // SAFETY: our own map's value, used by this program alone.
     let offsets = unsafe { &mut *offsets };
     if offsets.found == 0 {
-        find_offsets(layout, offsets)?;
+        find_offsets(&layout, offsets)?;
     }
     // Each counter as `percpu_counter_sum_positive` adds it up: the shared count plus
     // every CPU's part.
     let mut sums = [0i64; COUNTERS];
     let mut parts = [0u64; COUNTERS];
-    let mut failed = 0i64;
-    let rss_stat = mm + u64::from(layout.mm_rss_stat);
     let mut i = 0;
     while i < COUNTERS {
-        let counter = rss_stat + u64::from(layout.counter[i]) * u64::from(layout.counter_size);
-        failed |= read_into(&mut sums[i], counter + u64::from(layout.counter_count));
-        failed |= read_into(&mut parts[i], counter + u64::from(layout.counter_counters));
+        let counter = layout.mm_rss_stat + layout.counter[i] * layout.counter_size;
+        // SAFETY: `mm` is the task's mm_struct; these are its counters' fields.
+        unsafe {
+            sums[i] = field(mm, counter + layout.counter_count);
+            parts[i] = field(mm, counter + layout.counter_counters);
+        }
+        i += 1;
+    }
+    let mut failed = 0i64;
+    // Since 6.7 a process's counters keep their per-CPU parts side by side, in `MM_*`
+    // order: one read a CPU gets all of them.
+    let first = parts[0].wrapping_sub(u64::from(layout.counter[0]) * 4);
+    let mut together = true;
+    let mut i = 0;
+    while i < COUNTERS {
+        together &= parts[i] == first.wrapping_add(u64::from(layout.counter[i]) * 4);
         i += 1;
     }
     let mut cpu = 0usize;
@@ -147,24 +189,40 @@ fn try_task_memory(ctx: *mut c_void) -> Option<()> {
             break;
         }
         let offset = offsets.offsets[cpu];
-        let mut i = 0;
-        while i < COUNTERS {
-            let mut part = 0i32;
-            failed |= read_into(&mut part, parts[i].wrapping_add(offset));
-            sums[i] += i64::from(part);
-            i += 1;
+        if together {
+            let mut all = [0i32; COUNTERS];
+            failed |= read_into(&mut all, first.wrapping_add(offset));
+            let mut i = 0;
+            while i < COUNTERS {
+                sums[i] += i64::from(all[layout.counter[i] as usize % COUNTERS]);
+                i += 1;
+            }
+        } else {
+            let mut i = 0;
+            while i < COUNTERS {
+                let mut part = 0i32;
+                failed |= read_into(&mut part, parts[i].wrapping_add(offset));
+                sums[i] += i64::from(part);
+                i += 1;
+            }
         }
         cpu += 1;
     }
-    let mut out = TaskMemory { pid: ids[1], partial: u32::from(failed != 0), ..TaskMemory::default() };
+    let mut out = TaskMemory { pid: tgid, partial: u32::from(failed != 0), ..TaskMemory::default() };
     let mut i = 0;
     while i < COUNTERS {
         out.pages[i] = sums[i].max(0) as u64;
         i += 1;
     }
-    out.start_ns = read(task + u64::from(layout.task_start_boottime))?;
-    out.comm = read(task + u64::from(layout.task_comm))?;
-    out.css_set = read(task + u64::from(layout.task_cgroups))?;
+    // SAFETY: as above.
+    unsafe {
+        out.start_ns = field(task, layout.task_start_boottime);
+        out.comm = [field::<[u8; 8]>(task, layout.task_comm), field::<[u8; 8]>(task, layout.task_comm + 8)]
+            .as_flattened()
+            .try_into()
+            .unwrap_or_default();
+        out.css_set = field::<*const u8>(task, layout.task_cgroups) as u64;
+    }
     // SAFETY: the verifier checked `seq` is the iterator's file; the record is ours.
     unsafe {
         bpf_seq_write(seq, core::ptr::addr_of!(out).cast(), core::mem::size_of::<TaskMemory>() as u32);

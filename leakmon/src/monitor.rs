@@ -8,6 +8,7 @@
 use std::{
     collections::{BTreeMap, HashMap},
     path::PathBuf,
+    sync::Arc,
 };
 
 use crate::{
@@ -25,7 +26,7 @@ use crate::{
 /// A tick's processes by group, each process's group, and the probes' totals by group.
 struct Grouping<'h> {
     groups: BTreeMap<GroupKey, Group>,
-    key_of: HashMap<u32, GroupKey>,
+    key_of: HashMap<u32, Arc<GroupKey>>,
     heap: HashMap<GroupKey, Vec<&'h ProcessTotals>>,
 }
 
@@ -74,8 +75,9 @@ pub struct Monitor {
     /// Per (service, command): the processes seen last tick, their resident total, and
     /// the offset that stitches incarnations together.
     incarnations: HashMap<GroupKey, Incarnation>,
-    /// pid → (service, command) at the last tick: who a process was, even once gone.
-    last_seen: HashMap<u32, (String, String)>,
+    /// pid → (service, command[, pid]) at the last tick: who a process was, even once
+    /// gone. A group's key is shared by its processes.
+    last_seen: HashMap<u32, Arc<GroupKey>>,
     /// Processes whose allocations could not all be counted (a kernel table was full).
     incomplete: std::collections::HashSet<u32>,
 }
@@ -145,14 +147,14 @@ impl Monitor {
     }
 
     /// The (service, command) a pid had at the last tick.
-    pub fn identity_of(&self, pid: u32) -> Option<&(String, String)> {
-        self.last_seen.get(&pid)
+    pub fn identity_of(&self, pid: u32) -> Option<(&str, &str)> {
+        self.last_seen.get(&pid).map(|k| (k.0.as_str(), k.1.as_str()))
     }
 
     /// The processes of `service` at the last tick.
     pub fn pids_of_service(&self, service: &str) -> Vec<u32> {
         let mut pids: Vec<u32> =
-            self.last_seen.iter().filter(|(_, (s, _))| s == service).map(|(pid, _)| *pid).collect();
+            self.last_seen.iter().filter(|(_, k)| k.0 == service).map(|(pid, _)| *pid).collect();
         pids.sort_unstable();
         pids
     }
@@ -183,7 +185,7 @@ impl Monitor {
         }
         self.record(now, &mut groups, &stacks_by_group);
         let changes = self.history.analyse(now);
-        self.last_seen = key_of.into_iter().map(|(pid, (service, comm, _))| (pid, (service, comm))).collect();
+        self.last_seen = key_of;
         let views = self.views(now, &groups, stacks_by_group);
         // Stacks of processes gone since: under process churn every new process brings
         // new entries, which would otherwise pile up to the bound over hours.
@@ -200,27 +202,36 @@ impl Monitor {
     /// The processes of this tick by (service, command[, pid]), with the probes'
     /// totals of each group's processes.
     fn group<'h>(&self, procs: &[ProcSample], heap: Option<&'h [ProcessTotals]>) -> Grouping<'h> {
-        let mut groups: BTreeMap<GroupKey, Group> = BTreeMap::new();
-        let mut key_of: HashMap<u32, GroupKey> = HashMap::new();
+        // Keyed by borrowed names first: a host's thousands of processes fall into far
+        // fewer groups, and only a group's key is copied.
+        let mut index: HashMap<(&str, &str, Option<u32>), usize> = HashMap::new();
+        let mut list: Vec<(Arc<GroupKey>, Group)> = Vec::new();
+        let mut key_of: HashMap<u32, Arc<GroupKey>> = HashMap::with_capacity(procs.len());
         for p in procs {
-            let key = (p.service.clone(), p.comm.clone(), self.by_pid.then_some(p.pid));
-            let g = groups.entry(key.clone()).or_default();
+            let pid = self.by_pid.then_some(p.pid);
+            let at = *index.entry((p.service.as_str(), p.comm.as_str(), pid)).or_insert_with(|| {
+                list.push((Arc::new((p.service.clone(), p.comm.clone(), pid)), Group::default()));
+                list.len() - 1
+            });
+            let (key, g) = &mut list[at];
             g.pids.push(p.pid);
             g.identities.push((p.pid, p.start));
             g.memory.add(p);
             if g.pids.len() == 1 {
                 g.cgroup.clone_from(&p.cgroup);
             }
-            key_of.insert(p.pid, key);
+            key_of.insert(p.pid, Arc::clone(key));
         }
+        let mut groups: BTreeMap<GroupKey, Group> =
+            list.into_iter().map(|(k, g)| ((*k).clone(), g)).collect();
         let mut heap_by_group: HashMap<GroupKey, Vec<&ProcessTotals>> = HashMap::new();
         for t in heap.unwrap_or_default() {
             if let Some(key) = key_of.get(&t.pid) {
-                let g = groups.get_mut(key).expect("grouped above");
+                let g = groups.get_mut(&**key).expect("grouped above");
                 let (b, a) = g.heap.get_or_insert((0, 0));
                 *b += t.bytes;
                 *a += t.allocations;
-                heap_by_group.entry(key.clone()).or_default().push(t);
+                heap_by_group.entry((**key).clone()).or_default().push(t);
             }
         }
         Grouping { groups, key_of, heap: heap_by_group }

@@ -14,11 +14,10 @@ use std::{
 
 use anyhow::{anyhow, bail, Context as _, Result};
 use aya::{
-    maps::Array,
     programs::{Iter, ProgramFd},
-    Btf, Ebpf,
+    Btf, Ebpf, EbpfLoader,
 };
-use leakmon_common::task_memory::{TaskLayout, TaskMemory, COUNTERS, LAYOUT_MAP, MAX_CPUS, PROGRAM};
+use leakmon_common::task_memory::{TaskLayout, TaskMemory, COUNTERS, LAYOUT_GLOBAL, MAX_CPUS, PROGRAM};
 
 use super::kernel_btf::KernelBtf;
 
@@ -45,11 +44,10 @@ impl TaskIter {
             bail!("leakmon was built without its eBPF objects");
         }
         let layout = layout(&KernelBtf::from_sys_fs().context("read the kernel's BTF")?, possible_cpus()?)?;
-        let mut ebpf = Ebpf::load(OBJECT).context("load the task iterator's object")?;
-        let mut layouts: Array<_, TaskLayout> = Array::try_from(
-            ebpf.map_mut(LAYOUT_MAP).ok_or_else(|| anyhow!("the task iterator has no {LAYOUT_MAP} map"))?,
-        )?;
-        layouts.set(0, &layout, 0).context("hand the kernel offsets to the task iterator")?;
+        let mut ebpf = EbpfLoader::new()
+            .override_global(LAYOUT_GLOBAL, &layout, true)
+            .load(OBJECT)
+            .context("load the task iterator's object")?;
         let btf = Btf::from_sys_fs().context("read the kernel's BTF")?;
         let program: &mut Iter = ebpf
             .program_mut(PROGRAM)

@@ -7,8 +7,6 @@
 //! name, and at least every [`CGROUP_REFRESH`] ticks: an unchanged process costs no
 //! file at all.
 
-use std::collections::{HashMap, HashSet};
-
 use anyhow::Result;
 use leakmon_common::task_memory::{page, TaskMemory};
 use tracing::warn;
@@ -20,19 +18,25 @@ use crate::{probes::task_iter::TaskIter, procfs::ProcRoot, values::MemorySource}
 /// (a `css_set` freed and another made at the same address in between).
 pub const CGROUP_REFRESH: u64 = 60;
 
-/// What the last /proc read said of a process.
-struct Known {
+/// What a process's names were read under: when any of it changes, they are read again.
+#[derive(Clone, Copy)]
+struct Read {
+    pid: u32,
     start: u64,
     css_set: u64,
     comm: [u8; 16],
-    read_at: u64,
-    sample: ProcSample,
+    at_tick: u64,
 }
 
 pub struct ProcessMemory {
     root: ProcRoot,
     iter: Option<TaskIter>,
-    known: HashMap<u32, Known>,
+    /// Last tick's samples, handed back ([`ProcessMemory::recycle`]), and what each one's
+    /// names were read under; both in pid order, as the iterator writes them.
+    parked: Vec<ProcSample>,
+    parked_reads: Vec<Read>,
+    /// This tick's, in the order of the samples returned.
+    reads: Vec<Read>,
     tick: u64,
     /// Nanoseconds per clock tick: /proc's start times are in ticks.
     ns_per_tick: u64,
@@ -63,7 +67,9 @@ impl ProcessMemory {
         Ok(Self {
             root,
             iter,
-            known: HashMap::new(),
+            parked: Vec::new(),
+            parked_reads: Vec::new(),
+            reads: Vec::new(),
             tick: 0,
             ns_per_tick,
             page_size: u64::try_from(page_size).ok().filter(|p| *p > 0).unwrap_or(4096),
@@ -79,59 +85,80 @@ impl ProcessMemory {
         }
     }
 
-    /// Every user-space process now.
+    /// Every user-space process now, in pid order.
     pub fn sample_all(&mut self) -> Vec<ProcSample> {
         self.tick += 1;
         let Some(iter) = self.iter.as_mut() else { return proc_sampler::sample_all(&self.root) };
-        let records = match iter.pass() {
+        let mut records = match iter.pass() {
             Ok(records) => records,
             Err(e) => {
                 warn!("reading process memory from /proc from now on: {e:#}");
                 self.iter = None;
-                self.known.clear();
                 return proc_sampler::sample_all(&self.root);
             }
         };
+        if !records.is_sorted_by_key(|r| r.pid) {
+            records.sort_unstable_by_key(|r| r.pid);
+        }
+        // Walked beside last tick's samples, both in pid order: a process still there
+        // with nothing changed keeps its names, moved rather than copied.
+        let mut parked = std::mem::take(&mut self.parked)
+            .into_iter()
+            .zip(std::mem::take(&mut self.parked_reads))
+            .peekable();
         let mut out = Vec::with_capacity(records.len());
-        let mut seen = HashSet::with_capacity(records.len());
+        self.reads.clear();
         for r in &records {
-            if let Some(sample) = self.sample_of(r) {
-                seen.insert(r.pid);
+            while parked.next_if(|(_, read)| read.pid < r.pid).is_some() {}
+            let last = parked.next_if(|(_, read)| read.pid == r.pid);
+            if let Some((sample, read)) = self.sample_of(r, last) {
                 out.push(sample);
+                self.reads.push(read);
             }
         }
-        self.known.retain(|pid, _| seen.contains(pid));
         out
     }
 
-    fn sample_of(&mut self, r: &TaskMemory) -> Option<ProcSample> {
+    /// Gives back a tick's samples once used, for the next tick to keep their names.
+    /// Without it every process's cgroup is read again next tick: slower, not wrong.
+    pub fn recycle(&mut self, samples: Vec<ProcSample>) {
+        let same =
+            samples.len() == self.reads.len() && samples.iter().zip(&self.reads).all(|(s, r)| s.pid == r.pid);
+        if same {
+            self.parked = samples;
+            self.parked_reads = std::mem::take(&mut self.reads);
+        }
+    }
+
+    fn sample_of(&self, r: &TaskMemory, last: Option<(ProcSample, Read)>) -> Option<(ProcSample, Read)> {
+        let start = r.start_ns / self.ns_per_tick;
         if r.partial != 0 {
             // A part could not be read: this one from /proc, exact as ever.
-            return proc_sampler::sample(&self.root, r.pid);
+            let sample = proc_sampler::sample(&self.root, r.pid)?;
+            let read = Read { pid: r.pid, start: sample.start, css_set: 0, comm: [0; 16], at_tick: 0 };
+            return Some((sample, read));
         }
-        let start = r.start_ns / self.ns_per_tick;
+        let unchanged = |read: &Read| {
+            read.start == start
+                && read.css_set == r.css_set
+                && read.comm == r.comm
+                && self.tick.saturating_sub(read.at_tick) < CGROUP_REFRESH
+        };
+        let (mut sample, read) = match last {
+            Some((sample, read)) if unchanged(&read) => (sample, read),
+            _ => (
+                self.read_names(r.pid, start, &r.comm)?,
+                Read { pid: r.pid, start, css_set: r.css_set, comm: r.comm, at_tick: self.tick },
+            ),
+        };
         let bytes = |i: usize| r.pages[i] * self.page_size;
-        let fresh = self.known.get(&r.pid).is_some_and(|k| {
-            k.start == start
-                && k.css_set == r.css_set
-                && k.comm == r.comm
-                && self.tick.saturating_sub(k.read_at) < CGROUP_REFRESH
-        });
-        if !fresh {
-            let sample = self.read_names(r.pid, start, &r.comm)?;
-            self.known
-                .insert(r.pid, Known { start, css_set: r.css_set, comm: r.comm, read_at: self.tick, sample });
-        }
-        let known = self.known.get(&r.pid)?;
         let (anon, file, shmem) = (bytes(page::ANON), bytes(page::FILE), bytes(page::SHMEM));
-        Some(ProcSample {
-            rss_bytes: anon + file + shmem,
-            anon_bytes: anon,
-            swap_bytes: bytes(page::SWAP),
-            file_bytes: file,
-            shmem_bytes: shmem,
-            ..known.sample.clone()
-        })
+        sample.rss_bytes = anon + file + shmem;
+        sample.anon_bytes = anon;
+        sample.swap_bytes = bytes(page::SWAP);
+        sample.file_bytes = file;
+        sample.shmem_bytes = shmem;
+        Some((sample, read))
     }
 
     /// The names of a process: its command from the record, its cgroups from /proc.
@@ -169,6 +196,7 @@ mod tests {
         let mut iter = ProcessMemory::new(MemorySource::Iterator, ProcRoot::default()).expect("iterator");
         assert_eq!(iter.source(), "iterator");
         let before = iter.sample_all();
+        iter.recycle(before.clone());
         let proc = proc_sampler::sample_all(&ProcRoot::default());
         let after = iter.sample_all();
         let still: Vec<&ProcSample> = before.iter().filter(|b| after.contains(b)).collect();

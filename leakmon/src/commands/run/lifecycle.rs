@@ -51,7 +51,7 @@ impl Daemon<'_> {
                 let (service, comm) = self
                     .monitor
                     .identity_of(ev.tgid)
-                    .cloned()
+                    .map(|(service, comm)| (service.to_owned(), comm.to_owned()))
                     .or_else(|| proc_sampler::sample(&self.proc_root, ev.tgid).map(|v| (v.service, v.comm)))
                     .unwrap_or_else(|| ("unknown".to_owned(), ingest::comm(ev)));
                 warn!(pid = ev.tgid, service = %service, comm = %comm, "OOM kill");

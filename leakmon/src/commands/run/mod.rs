@@ -448,6 +448,7 @@ impl Daemon<'_> {
         let probes = self.probes.as_ref();
         let stack = |id: u64| probes.and_then(|p| p.stack(id));
         let (mut views, changes) = self.monitor.tick(now, &procs, heap.as_deref(), &stack);
+        self.memory.recycle(procs);
         for v in &mut views {
             v.allocator = v.pids.iter().find_map(|pid| self.sources.iter().find_map(|s| s.allocator(*pid)));
         }
