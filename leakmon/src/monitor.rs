@@ -11,6 +11,8 @@ use std::{
     sync::Arc,
 };
 
+use rustc_hash::FxHashMap;
+
 use crate::{
     analysis::{
         history::{Change, History, SeriesKey, Signal},
@@ -26,7 +28,7 @@ use crate::{
 /// A tick's processes by group, each process's group, and the probes' totals by group.
 struct Grouping<'h> {
     groups: BTreeMap<GroupKey, Group>,
-    key_of: HashMap<u32, Arc<GroupKey>>,
+    key_of: FxHashMap<u32, Arc<GroupKey>>,
     heap: HashMap<GroupKey, Vec<&'h ProcessTotals>>,
 }
 
@@ -77,7 +79,7 @@ pub struct Monitor {
     incarnations: HashMap<GroupKey, Incarnation>,
     /// pid → (service, command[, pid]) at the last tick: who a process was, even once
     /// gone. A group's key is shared by its processes.
-    last_seen: HashMap<u32, Arc<GroupKey>>,
+    last_seen: FxHashMap<u32, Arc<GroupKey>>,
     /// Processes whose allocations could not all be counted (a kernel table was full).
     incomplete: std::collections::HashSet<u32>,
 }
@@ -122,7 +124,7 @@ impl Monitor {
             symbolizer_idle: SYMBOLIZER_IDLE,
             frames: HashMap::new(),
             incarnations: HashMap::new(),
-            last_seen: HashMap::new(),
+            last_seen: FxHashMap::default(),
             incomplete: std::collections::HashSet::new(),
         }
     }
@@ -206,7 +208,8 @@ impl Monitor {
         // fewer groups, and only a group's key is copied.
         let mut index: HashMap<(&str, &str, Option<u32>), usize> = HashMap::new();
         let mut list: Vec<(Arc<GroupKey>, Group)> = Vec::new();
-        let mut key_of: HashMap<u32, Arc<GroupKey>> = HashMap::with_capacity(procs.len());
+        let mut key_of: FxHashMap<u32, Arc<GroupKey>> = FxHashMap::default();
+        key_of.reserve(procs.len());
         for p in procs {
             let pid = self.by_pid.then_some(p.pid);
             let at = *index.entry((p.service.as_str(), p.comm.as_str(), pid)).or_insert_with(|| {

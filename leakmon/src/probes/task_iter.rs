@@ -33,7 +33,9 @@ pub struct TaskIter {
     // Kept for the program's and maps' lifetime.
     _ebpf: Ebpf,
     link: OwnedFd,
+    /// Kept from pass to pass: a pass is a few hundred KiB at 10,000 processes.
     buffer: Vec<u8>,
+    records: Vec<TaskMemory>,
 }
 
 impl TaskIter {
@@ -55,11 +57,11 @@ impl TaskIter {
             .try_into()?;
         program.load("task", &btf).context("load the task iterator (Linux 5.8+ with BTF)")?;
         let link = link_create(program.fd()?)?;
-        Ok(Self { _ebpf: ebpf, link, buffer: Vec::new() })
+        Ok(Self { _ebpf: ebpf, link, buffer: Vec::new(), records: Vec::new() })
     }
 
     /// One record per process with memory of its own, in pid order.
-    pub fn pass(&mut self) -> Result<Vec<TaskMemory>> {
+    pub fn pass(&mut self) -> Result<&mut [TaskMemory]> {
         let mut attr = [0u32; 2];
         attr[0] = self.link.as_raw_fd() as u32;
         // SAFETY: `attr` is the `iter_create` member of `union bpf_attr`.
@@ -75,12 +77,14 @@ impl TaskIter {
         if !self.buffer.len().is_multiple_of(size) {
             bail!("the task iterator wrote {} bytes, not whole records", self.buffer.len());
         }
-        Ok(self
-            .buffer
-            .chunks_exact(size)
-            // SAFETY: whole records of a Pod type.
-            .map(|c| unsafe { std::ptr::read_unaligned(c.as_ptr().cast::<TaskMemory>()) })
-            .collect())
+        self.records.clear();
+        self.records.extend(
+            self.buffer
+                .chunks_exact(size)
+                // SAFETY: whole records of a Pod type.
+                .map(|c| unsafe { std::ptr::read_unaligned(c.as_ptr().cast::<TaskMemory>()) }),
+        );
+        Ok(&mut self.records)
     }
 }
 
@@ -175,7 +179,7 @@ mod tests {
         std::thread::sleep(std::time::Duration::from_millis(200));
         let pid = child.id();
         let mut iter = TaskIter::load().expect("load the task iterator");
-        let records = iter.pass().expect("a pass");
+        let records = iter.pass().expect("a pass").to_vec();
         let me = *records.iter().find(|r| r.pid == pid).expect("the sleeping child is in the pass");
         let stat = std::fs::read_to_string(format!("/proc/{pid}/stat")).expect("stat");
         let (comm, start) = crate::sources::proc_sampler::parse_stat(&stat).expect("parse stat");

@@ -37,6 +37,8 @@ pub struct ProcessMemory {
     parked_reads: Vec<Read>,
     /// This tick's, in the order of the samples returned.
     reads: Vec<Read>,
+    /// An empty vector with room for a tick's samples, for the next tick's.
+    spare: Vec<ProcSample>,
     tick: u64,
     /// Nanoseconds per clock tick: /proc's start times are in ticks.
     ns_per_tick: u64,
@@ -70,6 +72,7 @@ impl ProcessMemory {
             parked: Vec::new(),
             parked_reads: Vec::new(),
             reads: Vec::new(),
+            spare: Vec::new(),
             tick: 0,
             ns_per_tick,
             page_size: u64::try_from(page_size).ok().filter(|p| *p > 0).unwrap_or(4096),
@@ -89,7 +92,7 @@ impl ProcessMemory {
     pub fn sample_all(&mut self) -> Vec<ProcSample> {
         self.tick += 1;
         let Some(iter) = self.iter.as_mut() else { return proc_sampler::sample_all(&self.root) };
-        let mut records = match iter.pass() {
+        let records = match iter.pass() {
             Ok(records) => records,
             Err(e) => {
                 warn!("reading process memory from /proc from now on: {e:#}");
@@ -102,20 +105,30 @@ impl ProcessMemory {
         }
         // Walked beside last tick's samples, both in pid order: a process still there
         // with nothing changed keeps its names, moved rather than copied.
-        let mut parked = std::mem::take(&mut self.parked)
-            .into_iter()
-            .zip(std::mem::take(&mut self.parked_reads))
-            .peekable();
-        let mut out = Vec::with_capacity(records.len());
+        let mut parked = std::mem::take(&mut self.parked);
+        let mut parked_reads = std::mem::take(&mut self.parked_reads);
+        let mut last = parked.drain(..).zip(parked_reads.drain(..)).peekable();
+        let mut out = std::mem::take(&mut self.spare);
+        out.clear();
+        out.reserve(records.len());
         self.reads.clear();
-        for r in &records {
-            while parked.next_if(|(_, read)| read.pid < r.pid).is_some() {}
-            let last = parked.next_if(|(_, read)| read.pid == r.pid);
-            if let Some((sample, read)) = self.sample_of(r, last) {
+        let ctx = Context {
+            root: &self.root,
+            tick: self.tick,
+            ns_per_tick: self.ns_per_tick,
+            page_size: self.page_size,
+        };
+        for r in records.iter() {
+            while last.next_if(|(_, read)| read.pid < r.pid).is_some() {}
+            let before = last.next_if(|(_, read)| read.pid == r.pid);
+            if let Some((sample, read)) = ctx.sample_of(r, before) {
                 out.push(sample);
                 self.reads.push(read);
             }
         }
+        drop(last);
+        self.spare = parked;
+        self.parked_reads = parked_reads;
         out
     }
 
@@ -126,15 +139,25 @@ impl ProcessMemory {
             samples.len() == self.reads.len() && samples.iter().zip(&self.reads).all(|(s, r)| s.pid == r.pid);
         if same {
             self.parked = samples;
-            self.parked_reads = std::mem::take(&mut self.reads);
+            std::mem::swap(&mut self.parked_reads, &mut self.reads);
         }
     }
+}
 
+/// What a tick's samples are made with.
+struct Context<'a> {
+    root: &'a ProcRoot,
+    tick: u64,
+    ns_per_tick: u64,
+    page_size: u64,
+}
+
+impl Context<'_> {
     fn sample_of(&self, r: &TaskMemory, last: Option<(ProcSample, Read)>) -> Option<(ProcSample, Read)> {
         let start = r.start_ns / self.ns_per_tick;
         if r.partial != 0 {
             // A part could not be read: this one from /proc, exact as ever.
-            let sample = proc_sampler::sample(&self.root, r.pid)?;
+            let sample = proc_sampler::sample(self.root, r.pid)?;
             let read = Read { pid: r.pid, start: sample.start, css_set: 0, comm: [0; 16], at_tick: 0 };
             return Some((sample, read));
         }
@@ -193,6 +216,11 @@ mod tests {
     /// names and all.
     #[test]
     fn the_iterator_and_proc_agree_on_every_still_process() {
+        // Still processes of our own, whatever else the host runs.
+        let mut sleepers: Vec<std::process::Child> = (0..20)
+            .map(|_| std::process::Command::new("sleep").arg("60").spawn().expect("start sleep"))
+            .collect();
+        std::thread::sleep(std::time::Duration::from_millis(300));
         let mut iter = ProcessMemory::new(MemorySource::Iterator, ProcRoot::default()).expect("iterator");
         assert_eq!(iter.source(), "iterator");
         let before = iter.sample_all();
@@ -200,7 +228,7 @@ mod tests {
         let proc = proc_sampler::sample_all(&ProcRoot::default());
         let after = iter.sample_all();
         let still: Vec<&ProcSample> = before.iter().filter(|b| after.contains(b)).collect();
-        assert!(still.len() > 10, "{} still processes of {}", still.len(), before.len());
+        assert!(still.len() >= 20, "{} still processes of {}", still.len(), before.len());
         let mut compared = 0;
         for s in still {
             // Gone in between, or moved: nothing to compare.
@@ -208,7 +236,11 @@ mod tests {
             assert_eq!(p, s);
             compared += 1;
         }
-        assert!(compared > 10, "{compared} compared");
+        assert!(compared >= 20, "{compared} compared");
+        for s in &mut sleepers {
+            let _ = s.kill();
+            let _ = s.wait();
+        }
         let proc_pids: std::collections::BTreeSet<u32> = proc.iter().map(|p| p.pid).collect();
         let iter_pids: std::collections::BTreeSet<u32> = before.iter().map(|p| p.pid).collect();
         // Processes that came or went between the reads aside, both see the same ones.
