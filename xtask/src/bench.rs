@@ -279,11 +279,13 @@ fn scale_figures(root: &Path, s: &Setup) -> Result<()> {
     let mut tiers = Vec::new();
     for extra in [1_000, 10_000] {
         let idle = start_hold(&["idle", &extra.to_string()])?;
-        let processes = process_count();
+        let mut processes = 0;
         let mut shares = Vec::new();
         for source in ["iterator", "proc"] {
             let tier0 = daemon(&["--attach", "none", "--memory-source", source])?;
             std::thread::sleep(Duration::from_secs(3));
+            // Counted now: the last helpers killed are gone by then.
+            processes = process_count();
             let cpu = cpu_share(tier0.pid(), Duration::from_secs(30));
             shares.push((cpu, peak_rss_kib(tier0.pid())));
             tier0.stop();
