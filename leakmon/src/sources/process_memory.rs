@@ -62,6 +62,11 @@ impl ProcessMemory {
                 }
             },
         };
+        // The kernel's BTF, parsed to load the iterator, is freed by now: give its pages
+        // back rather than keep them for a daemon that will not need them again.
+        if iter.is_some() {
+            crate::own_memory::give_back();
+        }
         // SAFETY: sysconf has no preconditions.
         let (ticks, page_size) =
             unsafe { (libc::sysconf(libc::_SC_CLK_TCK), libc::sysconf(libc::_SC_PAGESIZE)) };
