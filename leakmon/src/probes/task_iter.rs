@@ -46,11 +46,14 @@ impl TaskIter {
             bail!("leakmon was built without its eBPF objects");
         }
         let layout = layout(&KernelBtf::from_sys_fs().context("read the kernel's BTF")?, possible_cpus()?)?;
+        // One parse of aya's serves the loader and the program (the loader would make
+        // its own otherwise).
+        let btf = Btf::from_sys_fs().context("read the kernel's BTF")?;
         let mut ebpf = EbpfLoader::new()
+            .btf(&btf)
             .override_global(LAYOUT_GLOBAL, &layout, true)
             .load(OBJECT)
             .context("load the task iterator's object")?;
-        let btf = Btf::from_sys_fs().context("read the kernel's BTF")?;
         let program: &mut Iter = ebpf
             .program_mut(PROGRAM)
             .ok_or_else(|| anyhow!("the task iterator has no program {PROGRAM}"))?
