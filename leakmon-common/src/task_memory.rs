@@ -1,14 +1,24 @@
-//! The always-on tier's one pass over the kernel's tasks: a task iterator that writes,
-//! per process, the memory counters `/proc/PID/status` prints, its start time, its name
-//! and its cgroup set, so a sample of every process is one read instead of three files
-//! a process.
+//! The always-on tier's one pass over the kernel's processes: a program that walks the
+//! kernel's list of processes and writes, per process, the memory counters
+//! `/proc/PID/status` prints, its start time, its name and its cgroup set into a map the
+//! daemon has mapped, so a sample of every process is one read instead of three files a
+//! process.
+//!
+//! The program is a task iterator run over one task (the daemon's own) that walks the
+//! whole list itself: the kernel's per-task iteration (a pid lookup, a reference taken
+//! and dropped, a program run, for every thread) cost as much as the program's own work.
 //!
 //! Kernel structures move between versions: the user side finds every offset in the
 //! running kernel's BTF and hands them over in [`TaskLayout`].
 
-/// Program and map names in the `leakmon-tasks` object.
+/// Program, map and global names in the `leakmon-tasks` object.
 pub const PROGRAM: &str = "task_memory";
 pub const LAYOUT_GLOBAL: &str = "TASK_LAYOUT";
+/// The records, an array the daemon maps (`BPF_F_MMAPABLE`): its size is set at load.
+pub const RECORDS_MAP: &str = "RECORDS";
+
+/// Processes a walk visits at most: the kernel's largest `pid_max`, and its idle task.
+pub const MAX_PROCESSES: u32 = (1 << 22) + 1;
 
 /// CPUs whose per-CPU counter parts are summed; a host with more falls back to /proc.
 pub const MAX_CPUS: usize = 512;
@@ -23,6 +33,9 @@ pub const COUNTERS: usize = 4;
 pub struct TaskLayout {
     /// `task_struct.pid`; `tgid` follows it.
     pub task_pid: u32,
+    /// `task_struct.tasks`: the list of every process (thread group leaders) runs
+    /// through it.
+    pub task_tasks: u32,
     pub task_mm: u32,
     pub task_start_boottime: u32,
     pub task_comm: u32,
@@ -39,7 +52,6 @@ pub struct TaskLayout {
     pub cpus: u32,
     /// For each of [`TaskMemory::pages`], the `MM_*` counter it holds.
     pub counter: [u32; COUNTERS],
-    pub _pad: u32,
 }
 
 /// One process, as the iterator writes it.
@@ -58,6 +70,20 @@ pub struct TaskMemory {
     /// The task's `css_set`: it changes whenever the process moves between cgroups.
     pub css_set: u64,
     pub comm: [u8; 16],
+}
+
+/// What a pass writes to the iterator's file once the walk is over.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct PassSummary {
+    /// Records written, from index 0 of [`RECORDS_MAP`].
+    pub written: u32,
+    /// Processes with memory of their own seen: more than `written` when the map was
+    /// too small for them all.
+    pub seen: u32,
+    /// 1 when the walk came back to where it started: it saw every process.
+    pub complete: u32,
+    pub _pad: u32,
 }
 
 /// Indexes into [`TaskMemory::pages`].

@@ -1,32 +1,34 @@
-//! The always-on tier's task iterator (see `leakmon_common::task_memory`): one record
-//! per process, written into the reader's buffer, with the memory counters summed over
-//! their per-CPU parts exactly as `/proc/PID/status` sums them.
+//! The always-on tier's walk over every process (see `leakmon_common::task_memory`): one
+//! record per process, written into a map the daemon has mapped, with the memory
+//! counters summed over their per-CPU parts exactly as `/proc/PID/status` sums them.
 //!
 //! A program of its own, apart from the allocation probes: the always-on tier loads
 //! only this. Every kernel field is read with `bpf_probe_read_kernel` at an offset the
-//! user side found in the kernel's BTF, so one object serves every kernel version.
+//! user side found in the kernel's BTF, so one object serves every kernel version: the
+//! walk follows plain addresses, which the verifier lets no plain load use.
 #![no_std]
 #![no_main]
 
 use core::ffi::c_void;
 
 use aya_ebpf::{
-    bindings::seq_file,
+    bindings::{seq_file, BPF_F_MMAPABLE},
     helpers::{
-        bpf_probe_read_kernel,
+        bpf_loop, bpf_probe_read_kernel,
         generated::{bpf_map_lookup_percpu_elem, bpf_probe_read_kernel as raw_read, bpf_seq_write},
     },
     macros::map,
     maps::{Array, PerCpuArray},
 };
-use leakmon_common::task_memory::{TaskLayout, TaskMemory, COUNTERS, MAX_CPUS};
+use leakmon_common::task_memory::{PassSummary, TaskLayout, TaskMemory, COUNTERS, MAX_CPUS, MAX_PROCESSES};
 
 /// The running kernel's offsets, filled in by the user side before load. A read-only
-/// global: the verifier knows each field as a constant, so the task's fields are read
-/// with plain loads it checks against the kernel's types (no helper call each).
+/// global: the verifier knows each field as a constant, so the sizes and bounds made of
+/// them are checked once.
 #[unsafe(no_mangle)]
 static TASK_LAYOUT: TaskLayout = TaskLayout {
     task_pid: 0,
+    task_tasks: 0,
     task_mm: 0,
     task_start_boottime: 0,
     task_comm: 0,
@@ -38,8 +40,34 @@ static TASK_LAYOUT: TaskLayout = TaskLayout {
     array_pptrs: 0,
     cpus: 0,
     counter: [0; COUNTERS],
-    _pad: 0,
 };
+
+/// Where a pass's walk is, in map memory rather than on the stack: to the verifier each
+/// visit's values are then unknown, and the callback is checked once, not once a count.
+#[repr(C)]
+struct Walk {
+    /// `tasks` of the process the walk started from, and of the last one visited.
+    head: u64,
+    at: u64,
+    written: u32,
+    seen: u32,
+    complete: u32,
+    _pad: u32,
+    /// The counters of the process being visited, read at once: too big for the
+    /// callback's stack beside the caller's.
+    block: [u64; BLOCK_WORDS],
+}
+
+#[map]
+static WALK: Array<Walk> = Array::with_max_entries(1, 0);
+
+/// The records: as many as the daemon made room for at load.
+#[map]
+static RECORDS: Array<TaskMemory> = Array::with_max_entries(1, BPF_F_MMAPABLE);
+
+/// Room for the four `percpu_counter`s of `mm_struct.rss_stat` (40 bytes each today).
+const BLOCK_WORDS: usize = 32;
+const _: () = assert!((BLOCK_WORDS * 8).is_power_of_two());
 
 /// Each CPU's per-CPU offset (what `per_cpu_ptr` adds), found on the first pass.
 #[repr(C)]
@@ -67,14 +95,6 @@ pub fn task_memory(ctx: *mut c_void) -> i32 {
 fn layout() -> TaskLayout {
     // SAFETY: a plain read of a global the user side fills in before load.
     unsafe { core::ptr::read_volatile(&raw const TASK_LAYOUT) }
-}
-
-/// A field of a kernel object the verifier knows the type of, at a constant offset:
-/// a plain load, made fault-safe by the kernel.
-#[inline(always)]
-unsafe fn field<T: Copy>(object: *const u8, offset: u32) -> T {
-    // SAFETY: the caller passes a typed kernel pointer; the verifier checks the access.
-    unsafe { core::ptr::read(object.add(offset as usize).cast::<T>()) }
 }
 
 /// Reads `size_of::<T>()` bytes at `addr` into `out` (zeros where it cannot) and
@@ -133,47 +153,113 @@ fn find_offsets(layout: &TaskLayout, found: &mut CpuOffsets) -> Option<()> {
 fn try_task_memory(ctx: *mut c_void) -> Option<()> {
     let layout = layout();
     // The context: the iterator's meta (with the output file), then the task, NULL
-    // once past the last one.
+    // once past the last one. The link visits one task, the daemon's own.
     // SAFETY: the kernel hands a valid context; the loads are checked by the verifier.
     let (seq, task) = unsafe {
         let meta = *(ctx as *const *const *mut seq_file);
-        (*meta, *(ctx as *const *const u8).add(1))
+        (*meta, *(ctx as *const *const c_void).add(1))
     };
     if task.is_null() {
         return None;
     }
-    // SAFETY (each `field`): `task` is the iterator's task; the offsets are its fields'.
-    let (pid, tgid): (u32, u32) = unsafe { (field(task, layout.task_pid), field(task, layout.task_pid + 4)) };
-    // Threads share their leader's memory: one record per process.
-    if pid != tgid {
-        return None;
-    }
-    let mm: *const u8 = unsafe { field(task, layout.task_mm) };
-    // Kernel threads and zombies have no memory of their own (/proc prints none).
-    if mm.is_null() {
-        return None;
-    }
     let offsets = CPU_OFFSETS.get_ptr_mut(0)?;
     // SAFETY: our own map's value, used by this program alone.
-    let offsets = unsafe { &mut *offsets };
-    if offsets.found == 0 {
-        find_offsets(&layout, offsets)?;
+    if unsafe { (*offsets).found } == 0 {
+        find_offsets(&layout, unsafe { &mut *offsets })?;
     }
-    // Each counter as `percpu_counter_sum_positive` adds it up: the shared count plus
-    // every CPU's part.
+    let walk = WALK.get_ptr_mut(0)?;
+    // SAFETY: as above (one pass at a time: the daemon reads its passes in turn).
+    let walk = unsafe { &mut *walk };
+    let head = address(task).wrapping_add(u64::from(layout.task_tasks));
+    walk.head = head;
+    walk.at = head;
+    walk.written = 0;
+    walk.seen = 0;
+    walk.complete = 0;
+    // The list is walked under the RCU read lock the kernel holds for the program: a
+    // process leaving it meanwhile keeps its link to the next, as `for_each_process`
+    // relies on.
+    // SAFETY: `visit` has the callback's signature and takes no context.
+    unsafe { bpf_loop(MAX_PROCESSES, visit as *mut c_void, core::ptr::null_mut(), 0) };
+    let summary = PassSummary { written: walk.written, seen: walk.seen, complete: walk.complete, _pad: 0 };
+    // SAFETY: the verifier checked `seq` is the iterator's file; the summary is ours.
+    unsafe {
+        bpf_seq_write(seq, core::ptr::addr_of!(summary).cast(), core::mem::size_of::<PassSummary>() as u32);
+    }
+    Some(())
+}
+
+/// Visits the process after `walk.at`: 0 to go on, 1 once back at the start.
+extern "C" fn visit(_index: u64, _ctx: *mut c_void) -> i64 {
+    let Some(walk) = WALK.get_ptr_mut(0) else { return 1 };
+    // SAFETY: our own map's value, set up by the pass that runs this loop.
+    let walk = unsafe { &mut *walk };
+    let Some(next) = read::<u64>(walk.at) else { return 1 };
+    if next == walk.head {
+        walk.complete = 1;
+        return 1;
+    }
+    walk.at = next;
+    let layout = layout();
+    let task = next.wrapping_sub(u64::from(layout.task_tasks));
+    let Some(ids) = read::<u64>(task + u64::from(layout.task_pid)) else { return 0 };
+    let mm = read::<u64>(task + u64::from(layout.task_mm)).unwrap_or(0);
+    // Kernel threads and exiting processes have no memory of their own (/proc prints
+    // none).
+    if mm == 0 {
+        return 0;
+    }
+    walk.seen += 1;
+    // Past the map's end the walk still counts, for the daemon to make room.
+    let Some(out) = RECORDS.get_ptr_mut(walk.written) else { return 0 };
+    walk.written += 1;
+    // SAFETY: an element of our own map, written by this pass alone.
+    let out = unsafe { &mut *out };
+    let failed = counters(&layout, mm, &mut walk.block, &mut out.pages);
+    out.pid = (ids >> 32) as u32;
+    let mut other = 0;
+    other |= read_into(&mut out.start_ns, task + u64::from(layout.task_start_boottime));
+    other |= read_into(&mut out.comm, task + u64::from(layout.task_comm));
+    other |= read_into(&mut out.css_set, task + u64::from(layout.task_cgroups));
+    out.partial = u32::from(failed != 0 || other != 0);
+    0
+}
+
+/// A process's memory counters as `percpu_counter_sum_positive` adds them up: the
+/// shared count plus every CPU's part. Non-zero when something could not be read.
+#[inline(always)]
+fn counters(
+    layout: &TaskLayout,
+    mm: u64,
+    block: &mut [u64; BLOCK_WORDS],
+    pages: &mut [u64; COUNTERS],
+) -> i64 {
+    // The counters side by side (40 bytes each): one read for all.
+    let size = layout.counter_size.wrapping_mul(COUNTERS as u32);
+    if size as usize >= core::mem::size_of_val(block) || size == 0 {
+        return -1;
+    }
+    // The bound above, said again for the verifier: through memory, or the compiler
+    // drops the mask as redundant and tests a copy the verifier does not connect.
+    // SAFETY: a read of a local.
+    let size = unsafe { core::ptr::read_volatile(&raw const size) } & (BLOCK_WORDS as u32 * 8 - 1);
+    // SAFETY: a checked kernel read into our own stack, at most its size.
+    let mut failed = unsafe {
+        raw_read(block.as_mut_ptr().cast(), size, (mm + u64::from(layout.mm_rss_stat)) as *const c_void)
+    };
+    let word = |at: u32| block.get(at as usize / 8).copied().unwrap_or(0);
     let mut sums = [0i64; COUNTERS];
     let mut parts = [0u64; COUNTERS];
     let mut i = 0;
     while i < COUNTERS {
-        let counter = layout.mm_rss_stat + layout.counter[i] * layout.counter_size;
-        // SAFETY: `mm` is the task's mm_struct; these are its counters' fields.
-        unsafe {
-            sums[i] = field(mm, counter + layout.counter_count);
-            parts[i] = field(mm, counter + layout.counter_counters);
-        }
+        let counter = layout.counter[i] * layout.counter_size;
+        sums[i] = word(counter + layout.counter_count) as i64;
+        parts[i] = word(counter + layout.counter_counters);
         i += 1;
     }
-    let mut failed = 0i64;
+    let Some(offsets) = CPU_OFFSETS.get_ptr(0) else { return -1 };
+    // SAFETY: our own map's value, filled before the walk.
+    let offsets = unsafe { &*offsets };
     // Since 6.7 a process's counters keep their per-CPU parts side by side, in `MM_*`
     // order: one read a CPU gets all of them.
     let first = parts[0].wrapping_sub(u64::from(layout.counter[0]) * 4);
@@ -208,26 +294,12 @@ fn try_task_memory(ctx: *mut c_void) -> Option<()> {
         }
         cpu += 1;
     }
-    let mut out = TaskMemory { pid: tgid, partial: u32::from(failed != 0), ..TaskMemory::default() };
     let mut i = 0;
     while i < COUNTERS {
-        out.pages[i] = sums[i].max(0) as u64;
+        pages[i] = sums[i].max(0) as u64;
         i += 1;
     }
-    // SAFETY: as above.
-    unsafe {
-        out.start_ns = field(task, layout.task_start_boottime);
-        out.comm = [field::<[u8; 8]>(task, layout.task_comm), field::<[u8; 8]>(task, layout.task_comm + 8)]
-            .as_flattened()
-            .try_into()
-            .unwrap_or_default();
-        out.css_set = field::<*const u8>(task, layout.task_cgroups) as u64;
-    }
-    // SAFETY: the verifier checked `seq` is the iterator's file; the record is ours.
-    unsafe {
-        bpf_seq_write(seq, core::ptr::addr_of!(out).cast(), core::mem::size_of::<TaskMemory>() as u32);
-    }
-    Some(())
+    failed
 }
 
 #[cfg(not(test))]

@@ -206,7 +206,7 @@ impl Monitor {
     fn group<'h>(&self, procs: &[ProcSample], heap: Option<&'h [ProcessTotals]>) -> Grouping<'h> {
         // Keyed by borrowed names first: a host's thousands of processes fall into far
         // fewer groups, and only a group's key is copied.
-        let mut index: HashMap<(&str, &str, Option<u32>), usize> = HashMap::new();
+        let mut index: FxHashMap<(&str, &str, Option<u32>), usize> = FxHashMap::default();
         let mut list: Vec<(Arc<GroupKey>, Group)> = Vec::new();
         let mut key_of: FxHashMap<u32, Arc<GroupKey>> = FxHashMap::default();
         key_of.reserve(procs.len());
