@@ -52,7 +52,8 @@ struct Walk {
     written: u32,
     seen: u32,
     complete: u32,
-    _pad: u32,
+    /// Set once the process the walk starts from is visited.
+    started: u32,
     /// The counters of the process being visited, read at once: too big for the
     /// callback's stack beside the caller's.
     block: [u64; BLOCK_WORDS],
@@ -176,6 +177,7 @@ fn try_task_memory(ctx: *mut c_void) -> Option<()> {
     walk.written = 0;
     walk.seen = 0;
     walk.complete = 0;
+    walk.started = 0;
     // The list is walked under the RCU read lock the kernel holds for the program: a
     // process leaving it meanwhile keeps its link to the next, as `for_each_process`
     // relies on.
@@ -194,11 +196,19 @@ extern "C" fn visit(_index: u64, _ctx: *mut c_void) -> i64 {
     let Some(walk) = WALK.get_ptr_mut(0) else { return 1 };
     // SAFETY: our own map's value, set up by the pass that runs this loop.
     let walk = unsafe { &mut *walk };
-    let Some(next) = read::<u64>(walk.at) else { return 1 };
-    if next == walk.head {
-        walk.complete = 1;
-        return 1;
-    }
+    // The first visit is the process the walk starts from; each next one follows the
+    // link, until it leads back there.
+    let next = if walk.started == 0 {
+        walk.started = 1;
+        walk.head
+    } else {
+        let Some(next) = read::<u64>(walk.at) else { return 1 };
+        if next == walk.head {
+            walk.complete = 1;
+            return 1;
+        }
+        next
+    };
     walk.at = next;
     let layout = layout();
     let task = next.wrapping_sub(u64::from(layout.task_tasks));

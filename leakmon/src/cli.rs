@@ -101,11 +101,12 @@ pub struct RunArgs {
     #[arg(long, default_value = "10m", value_name = "DURATION", value_parser = parse_duration)]
     #[arg(help_heading = LIVE)]
     pub window: Duration,
-    /// Where every process's memory counters are read each sample: `auto` (a BPF task
-    /// iterator, one pass over the kernel's tasks, where the kernel has one (5.8+, with
-    /// per-CPU RSS counters: 6.2+), else /proc), `iterator` (refuse to start without
-    /// it), `proc` (three /proc files a process, each sample: a fifth of a core at one
-    /// sample a second with 10,000 processes). Both give the same figures.
+    /// Where every process's memory counters are read each sample: `auto` (a BPF
+    /// iterator program that walks the kernel's list of processes in one run, where the
+    /// kernel has what it needs (6.2+: per-CPU RSS counters), else /proc), `iterator`
+    /// (refuse to start without it), `proc` (three /proc files a process, each sample:
+    /// a fifth of a core at one sample a second with 10,000 processes). Both give the
+    /// same figures.
     #[arg(long, value_enum, default_value = "auto", value_name = "SOURCE")]
     #[arg(help_heading = FIXED)]
     pub memory_source: MemorySource,

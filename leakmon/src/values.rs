@@ -17,10 +17,11 @@ pub enum Attach {
 /// Where the always-on tier reads every process's memory counters.
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq, ValueEnum)]
 pub enum MemorySource {
-    /// The task iterator where the kernel has what it needs, else /proc.
+    /// The walk over the kernel's processes where the kernel has what it needs, else
+    /// /proc.
     #[default]
     Auto,
-    /// The task iterator, or refuse to start.
+    /// The walk over the kernel's processes, or refuse to start.
     Iterator,
     /// /proc alone.
     Proc,

@@ -284,6 +284,8 @@ mod tests {
         for c in &children {
             assert_eq!(records.iter().filter(|r| r.pid == c.id()).count(), 1, "child {}", c.id());
         }
+        // The process the walk starts from is in it too.
+        assert_eq!(records.iter().filter(|r| r.pid == std::process::id()).count(), 1, "this process");
         let proc_pids = std::fs::read_dir("/proc")
             .expect("/proc")
             .filter_map(|e| e.ok()?.file_name().to_str()?.parse::<u32>().ok())
