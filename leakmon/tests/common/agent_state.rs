@@ -253,9 +253,14 @@ pub fn kill_agent_report_at(pid: u32, moment: &str, loaded: impl FnOnce()) {
             }
             loaded();
             if moment == "while paced" {
+                // The pace turns once a second and writes the interval when the ideal is a
+                // power of two or more from the one in place. Where the ideal lies depends
+                // on how fast this machine runs the fixture (a busy CPython's ideal sat
+                // near the start's 512 KiB on a fast day): killed after ten turns even if
+                // none wrote, the kill still lands while the pace works on the process
+                // (tests/paced.rs checks what the pace chooses).
                 let deadline = Instant::now() + Duration::from_secs(10);
-                while agent_rate(pid) == Some(512 << 10) {
-                    assert!(Instant::now() < deadline, "the pace never changed pid {pid}'s interval");
+                while agent_rate(pid) == Some(512 << 10) && Instant::now() < deadline {
                     std::thread::sleep(Duration::from_millis(50));
                 }
                 // Down for an idle process, up for a busy one: a power of two either way.
