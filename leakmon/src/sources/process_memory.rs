@@ -105,9 +105,8 @@ impl ProcessMemory {
                 return proc_sampler::sample_all(&self.root);
             }
         };
-        if !records.is_sorted_by_key(|r| r.pid) {
-            records.sort_unstable_by_key(|r| r.pid);
-        }
+        // `TaskIter::pass` sorts them: the merge walk below relies on it.
+        debug_assert!(records.is_sorted_by_key(|r| r.pid));
         // Walked beside last tick's samples, both in pid order: a process still there
         // with nothing changed keeps its names, moved rather than copied.
         let mut parked = std::mem::take(&mut self.parked);
